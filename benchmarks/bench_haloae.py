@@ -1,0 +1,282 @@
+"""Speed and memory of the HaloAE model core (random weights, synthetic 256×256 inputs).
+
+Measures, in one run:
+
+- inference images/s: VGG19 features (to relu3_4) + HaloNet encoder/decoder + scoring math,
+  i.e. exactly :func:`wsi_anomaly.models.scoring.score_batch`;
+- training images/s: one Adam step on ``B`` originals → ``3B`` images with Cut&Paste (the
+  augmentation on the CPU is included), all losses, backward;
+- the "released-style" inference path for comparison: full VGG19 through conv5, naive tap
+  aggregation (nearest-upsample every tap to 256×256, then average-pool back to 64×64) and blocks
+  D and E run although scoring does not need them;
+- trainable parameters, FLOPs per image (``torch.utils.flop_counter``) and peak memory.
+
+Prints a Markdown table; ``--json`` also writes the numbers. Example::
+
+    python benchmarks/bench_haloae.py --device cuda --precision bf16 --channels-last
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import platform
+import resource
+import time
+from collections.abc import Callable
+
+import torch
+import torchvision
+from torch import nn
+from torch.utils.flop_counter import FlopCounterMode
+
+from wsi_anomaly.models import (
+    HaloAE,
+    aggregate_reference,
+    anomaly_map,
+    ews_weights,
+    haloae_loss,
+    make_cutpaste_batch,
+    normalise,
+    score_batch,
+)
+
+IMAGE_SIZE = 256
+_TAPS = (1, 6, 11, 17)  # relu1_1, relu2_1, relu3_1, relu3_4 in vgg19().features
+
+
+class ReleasedStyleInference(nn.Module):
+    """What the authors' inference computes for the same result (speed comparison only)."""
+
+    def __init__(self, model: HaloAE) -> None:
+        super().__init__()
+        cfg = torchvision.models.vgg.cfgs["E"]
+        self.vgg = torchvision.models.vgg.make_layers(cfg)  # all of vgg19().features
+        for m in self.vgg.modules():
+            if isinstance(m, nn.Conv2d):
+                m.padding_mode = "reflect"
+        self.vgg.requires_grad_(False)
+        self.model = model
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        taps = []
+        for i, layer in enumerate(self.vgg):  # through conv5/pool5: wasted work
+            x = layer(x)
+            if i in _TAPS:
+                taps.append(x)
+        fm = aggregate_reference(taps)  # materialises 704×256×256 per image
+        fm_hat = self.model.reconstruct_features(fm)
+        self.model.classifier(self.model.image_reconstructor(fm_hat))  # D and E, unused
+        return anomaly_map(fm, fm_hat)
+
+
+def _peak_rss_mib() -> float:
+    # Linux reports ru_maxrss in KiB (macOS in bytes).
+    scale = 1 / 1024 if platform.system() == "Linux" else 1 / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * scale
+
+
+def _cpu_name() -> str:
+    with contextlib.suppress(OSError):
+        with open("/proc/cpuinfo") as fh:
+            for line in fh:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    return platform.processor() or "unknown CPU"
+
+
+def _timed(step: Callable[[], object], iters: int, warmup: int, device: torch.device) -> float:
+    """Seconds per call of ``step`` after ``warmup`` untimed calls."""
+    for _ in range(warmup):
+        step()
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    start = time.perf_counter()
+    for _ in range(iters):
+        step()
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    return (time.perf_counter() - start) / iters
+
+
+def _flops(fn: Callable[[], object]) -> int:
+    counter = FlopCounterMode(display=False)
+    with counter:
+        fn()
+    return counter.get_total_flops()
+
+
+def main(argv: list[str] | None = None) -> dict[str, object]:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--batch-size", type=int, default=32, help="inference batch")
+    parser.add_argument("--train-batch-size", type=int, default=4,
+                        help="originals per training step (3× images with Cut&Paste); paper: 4")
+    parser.add_argument("--released-batch-size", type=int, default=8)
+    parser.add_argument("--iters", type=int, default=3, help="timed iterations per measurement")
+    parser.add_argument("--warmup", type=int, default=1, help="untimed iterations first")
+    parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
+    parser.add_argument("--precision", choices=("fp32", "bf16"), default="fp32")
+    parser.add_argument("--channels-last", action="store_true")
+    parser.add_argument("--compile", action="store_true", help="torch.compile the model paths")
+    parser.add_argument("--skip-released", action="store_true")
+    parser.add_argument("--json", metavar="PATH", help="also write the results as JSON")
+    args = parser.parse_args(argv)
+
+    if args.device == "cuda" and not torch.cuda.is_available():
+        parser.error("--device cuda: no CUDA device is available")
+    device = torch.device(args.device)
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    torch.set_num_threads(cores or 1)
+    torch.manual_seed(0)
+    memory_format = torch.channels_last if args.channels_last else torch.contiguous_format
+    autocast = (
+        (lambda: torch.autocast(device.type, dtype=torch.bfloat16))
+        if args.precision == "bf16"
+        else contextlib.nullcontext
+    )
+
+    def reset_peak() -> None:
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats()
+
+    def peak_memory() -> str:
+        rss = f"{_peak_rss_mib():.0f} MiB RSS (process peak so far)"
+        if device.type == "cuda":
+            return f"{torch.cuda.max_memory_allocated() / 2**20:.0f} MiB CUDA, {rss}"
+        return rss
+
+    model = HaloAE(backbone_weights="random").to(device, memory_format=memory_format).eval()
+    trainable = sum(p.numel() for p in model.trainable_parameters())
+    mean_map = torch.zeros(IMAGE_SIZE // 4, IMAGE_SIZE // 4, device=device)
+    rows: list[tuple[str, str]] = []
+    results: dict[str, object] = {
+        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else _cpu_name(),
+        "threads": torch.get_num_threads(),
+        "torch": torch.__version__,
+        "precision": args.precision,
+        "channels_last": args.channels_last,
+        "compile": args.compile,
+        "trainable_parameters": trainable,
+    }
+
+    def images(n: int) -> torch.Tensor:
+        x = torch.randn(n, 3, IMAGE_SIZE, IMAGE_SIZE, device=device)
+        return x.contiguous(memory_format=memory_format)
+
+    # FLOPs of one image (fp32 on the chosen device; counted, not timed).
+    one = images(1)
+    with torch.no_grad():
+        results["gflops_inference_per_image"] = _flops(
+            lambda: model.reconstruct_features(model.features(one))
+        ) / 1e9
+        if not args.skip_released:
+            released = ReleasedStyleInference(model).to(device, memory_format=memory_format).eval()
+            results["gflops_released_per_image"] = _flops(lambda: released(one)) / 1e9
+
+    # Inference: B + C + scoring math.
+    infer_model: nn.Module = torch.compile(model) if args.compile else model
+    x = images(args.batch_size)
+
+    def infer() -> None:
+        with torch.inference_mode(), autocast():
+            score_batch(infer_model, x, mean_map)
+
+    reset_peak()
+    seconds = _timed(infer, args.iters, args.warmup, device)
+    results["inference_images_per_s"] = args.batch_size / seconds
+    results["inference_peak_memory"] = peak_memory()
+
+    # Released-style inference for comparison.
+    if not args.skip_released:
+        released_fn: nn.Module = torch.compile(released) if args.compile else released
+        xr = images(args.released_batch_size)
+
+        def infer_released() -> None:
+            with torch.inference_mode(), autocast():
+                released_fn(xr)
+
+        reset_peak()
+        seconds = _timed(infer_released, args.iters, args.warmup, device)
+        results["released_images_per_s"] = args.released_batch_size / seconds
+        results["released_peak_memory"] = peak_memory()
+
+    # Training: Cut&Paste on the CPU, forward of 3B images, EWS loss, backward, Adam step.
+    model.train()
+    train_model: nn.Module = torch.compile(model) if args.compile else model
+    optimiser = torch.optim.Adam(model.trainable_parameters(), lr=1e-4, weight_decay=1e-5)
+    generator = torch.Generator().manual_seed(0)
+    originals = torch.rand(args.train_batch_size, 3, IMAGE_SIZE, IMAGE_SIZE, generator=generator)
+    weights = ews_weights(100)
+
+    def train_step() -> None:
+        batch, labels = make_cutpaste_batch(originals, generator)
+        xt = normalise(batch).to(device).contiguous(memory_format=memory_format)
+        with autocast():
+            out = train_model(xt)
+            loss, _ = haloae_loss(out, xt, labels.to(device), weights)
+        optimiser.zero_grad(set_to_none=True)
+        loss.backward()
+        optimiser.step()
+
+    reset_peak()
+    seconds = _timed(train_step, args.iters, args.warmup, device)
+    results["train_originals_per_s"] = args.train_batch_size / seconds
+    results["train_images_per_s"] = 3 * args.train_batch_size / seconds
+    results["train_peak_memory"] = peak_memory()
+
+    # Training FLOPs: forward + backward of one original with its two copies.
+    batch, labels = make_cutpaste_batch(originals[:1], generator)
+    xt = normalise(batch).to(device)
+
+    def one_step() -> None:
+        loss, _ = haloae_loss(model(xt), xt, labels.to(device), weights)
+        loss.backward()
+
+    results["gflops_train_per_original"] = _flops(one_step) / 1e9
+    model.zero_grad(set_to_none=True)
+
+    setup = (
+        f"{results['device']}, {results['threads']} threads, torch {torch.__version__}, "
+        f"{args.precision}{', channels-last' if args.channels_last else ''}"
+        f"{', compiled' if args.compile else ''}, random weights, 256×256 inputs, "
+        f"{args.iters} timed iter(s) after {args.warmup} warm-up"
+    )
+    rows += [
+        ("trainable parameters", f"{trainable:,}"),
+        (f"inference images/s (batch {args.batch_size}, B+C+scoring)",
+         f"{results['inference_images_per_s']:.2f}"),
+        ("inference GFLOP/image", f"{results['gflops_inference_per_image']:.1f}"),
+        ("inference peak memory", str(results["inference_peak_memory"])),
+    ]
+    if not args.skip_released:
+        speedup = results["inference_images_per_s"] / results["released_images_per_s"]
+        results["speedup_vs_released"] = speedup
+        rows += [
+            (f"released-style images/s (batch {args.released_batch_size}, VGG to conv5, "
+             "naive aggregation, runs D+E)", f"{results['released_images_per_s']:.2f}"),
+            ("released-style GFLOP/image", f"{results['gflops_released_per_image']:.1f}"),
+            ("released-style peak memory", str(results["released_peak_memory"])),
+            ("inference speed-up vs released-style", f"{speedup:.2f}×"),
+        ]
+    rows += [
+        (f"training originals/s (batch {args.train_batch_size} → "
+         f"{3 * args.train_batch_size} with Cut&Paste)",
+         f"{results['train_originals_per_s']:.2f} ({results['train_images_per_s']:.2f} images/s)"),
+        ("training GFLOP/original (fwd+bwd, 3 images)",
+         f"{results['gflops_train_per_original']:.1f}"),
+        ("training peak memory", str(results["train_peak_memory"])),
+    ]
+    print(f"HaloAE benchmark: {setup}\n")
+    print("| metric | value |\n|---|---|")
+    for name, value in rows:
+        print(f"| {name} | {value} |")
+    if args.json:
+        with open(args.json, "w") as fh:
+            json.dump(results, fh, indent=2)
+    return results
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,38 @@
+"""Shared fixtures: small synthetic slides written once per test session."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from wsi_anomaly.slide.synthetic import write_synthetic_slide
+
+SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+CMU_SVS = SHARED_DATA / "slides" / "CMU-1-Small-Region.svs"
+HAZELNUT = SHARED_DATA / "mvtec" / "hazelnut"
+
+needs_cmu = pytest.mark.skipif(not CMU_SVS.is_file(), reason=f"real slide not present: {CMU_SVS}")
+
+
+@pytest.fixture(scope="session")
+def slide_dir(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("slides")
+
+
+@pytest.fixture(scope="session")
+def small_slide(slide_dir):
+    """A 2048×1536 px synthetic slide at 0.5 µm/px with a pyramid (levels 1 and 4 ds)."""
+    return write_synthetic_slide(slide_dir / "small.tif", width=2048, height=1536, mpp=0.5, seed=1)
+
+
+@pytest.fixture(scope="session")
+def blank_slide(slide_dir):
+    return write_synthetic_slide(slide_dir / "blank.tif", width=1024, height=768, mpp=0.5,
+                                 all_background=True)
+
+
+@pytest.fixture(scope="session")
+def no_mpp_slide(slide_dir):
+    return write_synthetic_slide(slide_dir / "nompp.tif", width=1024, height=768, mpp=0.5,
+                                 with_resolution=False, seed=2)

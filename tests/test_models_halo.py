@@ -1,0 +1,95 @@
+import pytest
+import torch
+
+from wsi_anomaly.errors import InvalidInputError
+from wsi_anomaly.models.halo import HaloAttention
+
+
+def _brute_force(layer: HaloAttention, x: torch.Tensor) -> torch.Tensor:
+    """Per-pixel attention over the in-image keys of the pixel's block window."""
+    batch, dim, height, width = x.shape
+    b, h, heads, d = layer.block, layer.halo, layer.heads, layer.dim_head
+    centre = (layer.rel_height.shape[0] - 1) // 2  # table row of displacement 0
+    w_q = layer.to_q.weight.view(heads * d, dim)
+    w_k, w_v = layer.to_kv.weight.view(2 * heads * d, dim).split(heads * d)
+    q = torch.einsum("oc,bchw->bohw", w_q, x)
+    k = torch.einsum("oc,bchw->bohw", w_k, x)
+    v = torch.einsum("oc,bchw->bohw", w_v, x)
+    inner = torch.zeros(batch, heads * d, height, width, dtype=x.dtype)
+    for n in range(batch):
+        for y in range(height):
+            rows = [r for r in range(y // b * b - h, y // b * b + b + h) if 0 <= r < height]
+            for xx in range(width):
+                cols = [c for c in range(xx // b * b - h, xx // b * b + b + h) if 0 <= c < width]
+                ry, rx = torch.tensor(rows), torch.tensor(cols)
+                for head in range(heads):
+                    sl = slice(head * d, (head + 1) * d)
+                    qp = q[n, sl, y, xx] * layer.scale
+                    keys = k[n, sl][:, ry][:, :, rx]  # d × R × C
+                    vals = v[n, sl][:, ry][:, :, rx]
+                    rel = (
+                        layer.rel_height[ry - y + centre][:, None, :]
+                        + layer.rel_width[rx - xx + centre][None, :, :]
+                    )  # R × C × d
+                    logits = torch.einsum("d,drc->rc", qp, keys) + rel @ qp
+                    attn = logits.flatten().softmax(0).view_as(logits)
+                    inner[n, sl, y, xx] = torch.einsum("rc,drc->d", attn, vals)
+    out = torch.einsum("oc,bchw->bohw", layer.to_out.weight.view(dim, -1), inner)
+    return out + layer.to_out.bias.view(1, -1, 1, 1)
+
+
+@pytest.mark.parametrize("shape", [(1, 8, 24, 24), (2, 8, 24, 36)])
+def test_blocked_matches_brute_force(shape):
+    torch.manual_seed(0)
+    layer = HaloAttention(shape[1], heads=2, dim_head=16, block=12, halo=2).double()
+    x = torch.randn(*shape, dtype=torch.float64)
+    with torch.no_grad():
+        expected = _brute_force(layer, x)
+        actual = layer(x)
+    assert actual.shape == x.shape
+    torch.testing.assert_close(actual, expected, atol=1e-5, rtol=1e-5)
+
+
+def test_position_tables_have_spec_shape_and_get_gradient():
+    layer = HaloAttention(29, heads=8)
+    assert layer.rel_height.shape == layer.rel_width.shape == (2 * (12 + 2 * 2) - 1, 16)
+    assert layer.to_q.bias is None and layer.to_kv.bias is None and layer.to_out.bias is not None
+    layer(torch.randn(1, 29, 24, 24)).sum().backward()
+    assert layer.rel_height.grad.abs().sum() > 0 and layer.rel_width.grad.abs().sum() > 0
+
+
+def test_released_mask_makes_blocks_constant():
+    torch.manual_seed(0)
+    layer = HaloAttention(8, heads=2, released_mask=True).double()
+    x = torch.randn(1, 8, 36, 36, dtype=torch.float64, requires_grad=True)
+    out = layer(x)
+    blocks = out.detach().reshape(1, 8, 3, 12, 3, 12)
+    spread = blocks.amax(dim=(3, 5)) - blocks.amin(dim=(3, 5))
+    assert spread.max() < 1e-9, "each 12×12 block must be constant"
+
+    bias = layer.to_out.bias.detach().view(8)
+    for by in range(3):
+        for bx in range(3):
+            if (by, bx) != (1, 1):  # border block: only zero-valued padding keys survive
+                torch.testing.assert_close(blocks[0, :, by, 0, bx, 0], bias)
+    # Interior block: uniform attention over its 16×16 window, i.e. the window mean of v.
+    with torch.no_grad():
+        v = layer.to_kv(x)[:, 2 * 16 :]
+        mean_v = v[:, :, 10:26, 10:26].mean(dim=(2, 3), keepdim=True)
+        expected = layer.to_out(mean_v).view(8)
+    torch.testing.assert_close(blocks[0, :, 1, 0, 1, 0], expected)
+
+    out.sum().backward()
+    assert layer.rel_height.grad.abs().max() == 0 and layer.rel_width.grad.abs().max() == 0
+
+
+def test_correct_mask_is_not_blockwise_constant():
+    torch.manual_seed(0)
+    layer = HaloAttention(8, heads=2)
+    out = layer(torch.randn(1, 8, 36, 36)).detach().reshape(1, 8, 3, 12, 3, 12)
+    assert (out.amax(dim=(3, 5)) - out.amin(dim=(3, 5))).min() > 1e-3
+
+
+def test_rejects_sizes_not_divisible_by_block():
+    with pytest.raises(InvalidInputError, match="divisible"):
+        HaloAttention(8, heads=2)(torch.randn(1, 8, 20, 24))

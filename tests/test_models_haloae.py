@@ -1,0 +1,88 @@
+import pytest
+import torch
+
+from wsi_anomaly.models.halo import HaloAttention
+from wsi_anomaly.models.haloae import HaloAE
+from wsi_anomaly.models.scoring import score_batch
+
+# Blocks C + D + E without the released code's dead stride-2 convs; the spec says "about
+# 11.9 M". Pinned so that an accidental architecture change is caught.
+TRAINABLE_PARAMETERS = 11_857_337
+BACKBONE_PARAMETERS = 2_325_568  # VGG19 conv1_1 … conv3_4
+
+
+@pytest.fixture(scope="module")
+def model() -> HaloAE:
+    torch.manual_seed(0)
+    return HaloAE(backbone_weights="random").eval()
+
+
+def test_parameter_counts(model):
+    trainable = list(model.trainable_parameters())
+    assert sum(p.numel() for p in trainable) == TRAINABLE_PARAMETERS
+    assert sum(p.numel() for p in model.backbone.parameters()) == BACKBONE_PARAMETERS
+    # The optimiser's list is exactly the parameters that require grad.
+    assert {id(p) for p in trainable} == {id(p) for p in model.parameters() if p.requires_grad}
+    assert model.backbone_identity == "vgg19-random"
+
+
+def test_encoder_decoder_shapes(model):
+    with torch.no_grad():
+        fm = torch.randn(1, 704, 64, 64)
+        z = model.encoder(fm)
+        assert z.shape == (1, 29, 60, 60)
+        assert model.decoder(z).shape == (1, 704, 64, 64)
+
+
+def test_full_forward_runs_all_blocks_but_scoring_only_b_and_c(model):
+    calls = []
+    hooks = [
+        model.backbone.register_forward_hook(lambda *a: calls.append("B")),
+        model.decoder.register_forward_hook(lambda *a: calls.append("C")),
+        model.image_reconstructor.register_forward_hook(lambda *a: calls.append("D")),
+        model.classifier.register_forward_hook(lambda *a: calls.append("E")),
+    ]
+    try:
+        # 64×64 inputs give a 16×16 fm, the smallest size the 12-pixel blocks allow.
+        result = score_batch(model, torch.randn(2, 3, 64, 64), mean_map=torch.zeros(16, 16))
+        assert calls == ["B", "C"]
+        calls.clear()
+        with torch.no_grad():
+            out = model(torch.randn(1, 3, 256, 256))
+        assert calls == ["B", "C", "D", "E"]
+    finally:
+        for hook in hooks:
+            hook.remove()
+    assert result["map"].shape == (2, 16, 16) and result["mean"].shape == (2,)
+    assert out["fm"].shape == out["fm_hat"].shape == (1, 704, 64, 64)
+    assert out["im_hat"].shape == (1, 3, 256, 256)
+    assert out["logits"].shape == (1, 2)
+
+
+def test_train_mode_keeps_backbone_frozen(model):
+    model.train()
+    try:
+        assert not model.backbone.training and model.encoder.training
+        fm = model.features(torch.randn(2, 3, 64, 64))
+        model.reconstruct_features(fm).square().mean().backward()
+    finally:
+        model.eval()
+    assert model.encoder.head[0].weight.grad is not None
+    assert model.decoder.stages[-1].attention.rel_height.grad is not None
+    assert all(p.grad is None for p in model.backbone.parameters())
+    model.zero_grad(set_to_none=True)
+
+
+def test_attention_options():
+    released = HaloAE(backbone_weights="random", released_mask=True)
+    layers = [m for m in released.modules() if isinstance(m, HaloAttention)]
+    assert len(layers) == 9 and all(m.released_mask for m in layers)
+
+    conv = HaloAE(backbone_weights="random", attention="conv").eval()
+    assert not any(isinstance(m, HaloAttention) for m in conv.modules())
+    with torch.no_grad():
+        fm = torch.randn(1, 704, 16, 16)
+        assert conv.reconstruct_features(fm).shape == fm.shape
+    with pytest.raises(ValueError, match="attention"):
+        HaloAE(backbone_weights="random", attention="swin")
+

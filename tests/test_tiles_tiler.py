@@ -1,0 +1,133 @@
+import json
+
+import numpy as np
+import openslide
+import pytest
+
+from conftest import CMU_SVS, needs_cmu
+from wsi_anomaly.errors import InvalidInputError, NoTissueError, OutputExistsError, WsiAnomalyError
+from wsi_anomaly.slide import Slide
+from wsi_anomaly.tiles import TileStore, TilingSettings, tile_slide
+from wsi_anomaly.tiles.dataset import ZarrTileDataset
+
+
+def test_tiles_are_tissue_and_match_slide(small_slide, tmp_path):
+    out = tmp_path / "t.zarr"
+    res = tile_slide(small_slide.path, out, TilingSettings(target_mpp=0.5), progress=False)
+    store = TileStore(out)
+    assert len(store) == res.n_tiles > 0
+    assert res.n_grid == (2048 // 256) * (1536 // 256)
+    assert (store.tissue_fraction >= 0.5).all()
+    a = store.attrs
+    assert a["complete"] and a["level"] == 0 and a["actual_mpp"] == pytest.approx(0.5, rel=1e-3)
+    assert a["slide_fingerprint"] and a["software_version"] and a["mpp_source"]
+    # pixel-identical to OpenSlide at native mpp
+    osr = openslide.OpenSlide(str(small_slide.path))
+    for i in (0, len(store) - 1):
+        x, y = (int(v) for v in store.coords[i])
+        ref = np.asarray(osr.read_region((x, y), 0, (256, 256)))[..., :3]
+        np.testing.assert_array_equal(store.read(i, i + 1)[0], ref)
+    # kept tiles are where the synthetic layout put tissue
+    truth = small_slide.layout.labels(0, 0, 2048, 1536, downsample=16.0) > 0
+    for x, y in store.coords:
+        assert truth[y // 16:(y + 256) // 16, x // 16:(x + 256) // 16].mean() > 0.3
+
+
+def test_coarser_target_reads_pyramid_and_resizes(small_slide, tmp_path):
+    res = tile_slide(small_slide.path, tmp_path / "t.zarr", TilingSettings(target_mpp=1.0, tile_px=128),
+                     progress=False)
+    store = TileStore(res.store)
+    assert store.tiles.shape[1:] == (128, 128, 3)
+    assert store.attrs["read_px"] == 256 and store.attrs["tile_size_l0"] == 256
+    assert store.mpp == pytest.approx(1.0, rel=1e-3)
+
+
+def test_stride_gives_overlap(small_slide, tmp_path):
+    res = tile_slide(small_slide.path, tmp_path / "t.zarr",
+                     TilingSettings(target_mpp=0.5, stride_px=128, min_tissue=0.0), progress=False)
+    assert res.n_grid == 15 * 11 and res.n_tiles == res.n_grid
+
+
+def test_no_tissue_is_explicit(blank_slide, tmp_path):
+    out = tmp_path / "t.zarr"
+    with pytest.raises(NoTissueError, match="no tissue"):
+        tile_slide(blank_slide.path, out, progress=False)
+    assert not out.exists() and not any(tmp_path.iterdir())
+
+
+def test_existing_output_refused_unless_overwrite(small_slide, tmp_path):
+    out = tmp_path / "t.zarr"
+    tile_slide(small_slide.path, out, progress=False)
+    with pytest.raises(OutputExistsError, match="--overwrite"):
+        tile_slide(small_slide.path, out, progress=False)
+    tile_slide(small_slide.path, out, overwrite=True, progress=False)
+    assert TileStore(out).attrs["complete"]
+
+
+def test_interrupted_run_leaves_nothing_that_looks_complete(small_slide, tmp_path, monkeypatch):
+    import wsi_anomaly.tiles.tiler as tiler
+
+    calls = {"n": 0}
+    real = tiler.read_tile
+
+    def flaky(slide, grid, i):
+        calls["n"] += 1
+        if calls["n"] > 5:
+            raise KeyboardInterrupt
+        return real(slide, grid, i)
+
+    monkeypatch.setattr(tiler, "read_tile", flaky)
+    out = tmp_path / "t.zarr"
+    with pytest.raises(KeyboardInterrupt):
+        tile_slide(small_slide.path, out, TilingSettings(workers=1), progress=False)
+    assert not out.exists()
+    with pytest.raises(WsiAnomalyError):
+        TileStore(out)
+    monkeypatch.setattr(tiler, "read_tile", real)
+    tile_slide(small_slide.path, out, progress=False)  # a re-run completes cleanly
+    assert TileStore(out).attrs["complete"]
+
+
+def test_annotations_keep_only_tiles_inside(small_slide, tmp_path):
+    geo = {"type": "FeatureCollection", "features": [
+        {"type": "Feature", "id": "a", "geometry": {"type": "Polygon", "coordinates": [
+            [[0, 0], [1024, 0], [1024, 1536], [0, 1536], [0, 0]]]},
+         "properties": {"objectType": "annotation", "classification": {"name": "Tumor", "color": [200, 0, 0]}}},
+        {"type": "Feature", "id": "b", "geometry": {"type": "Polygon", "coordinates": [
+            [[1024, 0], [2048, 0], [2048, 1536], [1024, 1536], [1024, 0]]]},
+         "properties": {"objectType": "annotation", "classification": {"name": "Stroma", "color": [0, 200, 0]}}},
+    ]}
+    path = tmp_path / "regions.geojson"
+    path.write_text(json.dumps(geo))
+    res = tile_slide(small_slide.path, tmp_path / "a.zarr",
+                     TilingSettings(min_tissue=0.0, annotations=str(path), annotation_class="Tumor"),
+                     progress=False)
+    store = TileStore(res.store)
+    assert len(store) == 4 * 6 and (store.coords[:, 0] + 256 <= 1024).all()
+    with pytest.raises(InvalidInputError, match="no Polygon"):
+        tile_slide(small_slide.path, tmp_path / "b.zarr",
+                   TilingSettings(annotations=str(path), annotation_class="Necrosis"), progress=False)
+
+
+def test_export_png_and_dataset(small_slide, tmp_path):
+    out, pngs = tmp_path / "t.zarr", tmp_path / "pngs"
+    res = tile_slide(small_slide.path, out, export_png=pngs, progress=False)
+    files = sorted(pngs.glob("*.png"))
+    assert len(files) == res.n_tiles
+    ds = ZarrTileDataset(out)
+    assert len(ds) == res.n_tiles
+    img = ds[3]
+    assert img.shape == (3, 256, 256) and img.dtype.is_floating_point
+    assert 0.0 <= float(img.min()) and float(img.max()) <= 1.0
+
+
+@needs_cmu
+def test_cmu_tiles_equal_openslide(tmp_path):
+    res = tile_slide(CMU_SVS, tmp_path / "cmu.zarr", TilingSettings(target_mpp=0.499), progress=False)
+    store = TileStore(res.store)
+    assert store.attrs["mpp_source"] == "openslide" and not store.attrs["read_px"] != 256
+    osr = openslide.OpenSlide(str(CMU_SVS))
+    for i in range(0, len(store), 5):
+        x, y = (int(v) for v in store.coords[i])
+        ref = np.asarray(osr.read_region((x, y), 0, (256, 256)))[..., :3]
+        np.testing.assert_array_equal(store.read(i, i + 1)[0], ref)

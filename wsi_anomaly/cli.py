@@ -1,0 +1,264 @@
+"""The ``wsi-anomaly`` command line: argument parsing only; the work is done by the package.
+
+Every user error (a :class:`~wsi_anomaly.errors.WsiAnomalyError`) becomes one line on stderr and
+a non-zero exit code; tracebacks are kept for bugs (and shown for everything with ``--debug``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from pathlib import Path
+from typing import Sequence
+
+from . import __version__
+from .errors import InvalidInputError, WsiAnomalyError
+
+log = logging.getLogger("wsi_anomaly")
+
+
+def _positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"{text} must be positive")
+    return value
+
+
+def _fraction(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not 0.0 <= value <= 1.0:
+        raise argparse.ArgumentTypeError(f"{text} must be between 0 and 1")
+    return value
+
+
+def _add_slide_mpp_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--slide-mpp", type=_positive_float, metavar="MPP",
+                   help="level-0 microns per pixel of the slide, overriding its metadata "
+                        "(needed when the slide has none)")
+    p.add_argument("--mpp-csv", metavar="CSV",
+                   help="cohort overrides: a CSV with columns slide,mpp (slide = file name, "
+                        "stem or path)")
+
+
+def _slide_override(args: argparse.Namespace, slide: str) -> float | None:
+    if args.slide_mpp is not None:
+        return args.slide_mpp
+    if args.mpp_csv:
+        from .slide.resolution import load_mpp_csv, lookup_mpp
+
+        return lookup_mpp(load_mpp_csv(args.mpp_csv), slide)
+    return None
+
+
+# -- info --------------------------------------------------------------------------------------
+def cmd_info(args: argparse.Namespace) -> int:
+    from .slide import Slide
+
+    with Slide(args.slide, override_mpp=_slide_override(args, args.slide)) as slide:
+        w, h = slide.dimensions
+        info = {
+            "path": str(slide.path),
+            "format": slide.format,
+            "reader": slide.backend,
+            "dimensions": [w, h],
+            "mpp": round(slide.mpp, 6),
+            "mpp_x": round(slide.resolution.mpp_x, 6),
+            "mpp_y": round(slide.resolution.mpp_y, 6),
+            "mpp_source": slide.resolution.source,
+            "objective_power": slide.objective_power,
+            "levels": [
+                {"level": lv.index, "width": lv.width, "height": lv.height,
+                 "downsample": round(lv.downsample, 4), "mpp": round(lv.mpp, 4)}
+                for lv in slide.levels
+            ],
+            "associated_images": list(slide.associated_images),
+        }
+    if args.json:
+        print(json.dumps(info, indent=2))
+        return 0
+    power = f"{info['objective_power']:g}x" if info["objective_power"] else "unknown"
+    print(f"{slide.name}")
+    print(f"  format          {info['format']} (read with {info['reader']})")
+    print(f"  dimensions      {w} × {h} px")
+    print(f"  resolution      {info['mpp']:.4f} µm/px (source: {info['mpp_source']})")
+    print(f"  objective       {power}")
+    print(f"  levels          {len(info['levels'])}")
+    for lv in info["levels"]:
+        print(f"    {lv['level']:>2}  {lv['width']:>7} × {lv['height']:<7}  "
+              f"downsample {lv['downsample']:<8g}  {lv['mpp']:.4f} µm/px")
+    print(f"  associated      {', '.join(info['associated_images']) or 'none'}")
+    return 0
+
+
+# -- tile --------------------------------------------------------------------------------------
+def _tiling_settings(args: argparse.Namespace):
+    from .slide.tissue import TissueSettings
+    from .tiles import TilingSettings
+
+    return TilingSettings(
+        target_mpp=args.mpp, tile_px=args.tile_px, stride_px=args.stride,
+        min_tissue=args.min_tissue, tissue=TissueSettings(),
+        annotations=args.annotations, annotation_class=args.annotation_class,
+        workers=args.workers)
+
+
+def cmd_tile(args: argparse.Namespace) -> int:
+    from .tiles import tile_slide
+
+    result = tile_slide(args.slide, args.out, _tiling_settings(args),
+                        slide_mpp=_slide_override(args, args.slide), overwrite=args.overwrite,
+                        export_png=args.export_png, progress=not args.quiet)
+    plan = result.plan
+    print(f"{Path(args.slide).name}: kept {result.n_tiles} of {result.n_grid} tiles "
+          f"(mean tissue fraction {result.tissue_fraction:.2f}) at {plan['actual_mpp']:.3f} mpp "
+          f"(requested {plan['target_mpp']:g}, level {plan['level']}) in {result.seconds:.1f} s, "
+          f"{result.tiles_per_s:.0f} tiles/s → {result.store}")
+    if args.export_png:
+        print(f"tiles also written as PNG files to {args.export_png}")
+    return 0
+
+
+# -- synth -------------------------------------------------------------------------------------
+def cmd_synth(args: argparse.Namespace) -> int:
+    from .slide.synthetic import write_synthetic_slide
+
+    out = Path(args.out)
+    if out.exists() and not args.overwrite:
+        raise InvalidInputError(f"{out} already exists; pass --overwrite to replace it")
+    slide = write_synthetic_slide(out, width=args.width, height=args.height or args.width,
+                                  mpp=args.slide_mpp, seed=args.seed, progress=not args.quiet)
+    print(f"wrote synthetic slide {slide.path} ({slide.width} × {slide.height} px, "
+          f"{slide.mpp:g} µm/px)")
+    return 0
+
+
+# -- demo --------------------------------------------------------------------------------------
+def cmd_demo(args: argparse.Namespace) -> int:
+    from .slide.synthetic import write_synthetic_slide
+    from .tiles import TilingSettings, tile_slide
+
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    slide_path = out / "synthetic_slide.tif"
+    if not slide_path.exists() or args.overwrite:
+        print(f"[1/2] writing a {args.size} × {args.size} px synthetic slide → {slide_path}")
+        write_synthetic_slide(slide_path, width=args.size, height=args.size, mpp=0.5,
+                              seed=args.seed, progress=not args.quiet)
+    else:
+        print(f"[1/2] reusing {slide_path}")
+    store = out / "synthetic_slide.tiles.zarr"
+    print(f"[2/2] tiling the tissue at 0.5 µm/px → {store}")
+    result = tile_slide(slide_path, store, TilingSettings(target_mpp=0.5), overwrite=True,
+                        progress=not args.quiet)
+    print(f"kept {result.n_tiles} of {result.n_grid} tiles in {result.seconds:.1f} s "
+          f"({result.tiles_per_s:.0f} tiles/s)")
+    print(f"done: slide {slide_path}, tile store {store}")
+    return 0
+
+
+# -- parser ------------------------------------------------------------------------------------
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="wsi-anomaly",
+        description="Find anomalous tissue in whole-slide images: tile slides, train HaloAE on "
+                    "normal tissue, score every tile and draw slide heatmaps.")
+    parser.add_argument("--version", action="version", version=f"wsi-anomaly {__version__}")
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("-v", "--verbose", action="store_true", help="log more detail")
+    common.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
+    common.add_argument("--debug", action="store_true", help="show tracebacks for every error")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+
+    p = sub.add_parser("info", parents=[common], help="describe a slide: format, levels, mpp",
+                       description="Print a slide's format, dimensions, pyramid levels with "
+                                   "downsample and mpp, where the mpp came from, objective power "
+                                   "and associated images.")
+    p.add_argument("slide", help="slide file (SVS, NDPI, MRXS, SCN, DICOM, TIFF, OME-TIFF…)")
+    p.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    _add_slide_mpp_options(p)
+    p.set_defaults(func=cmd_info)
+
+    p = sub.add_parser("tile", parents=[common], help="cut a slide's tissue into tiles (zarr)",
+                       description="Stream the tissue tiles of a slide into a zarr v3 store at a "
+                                   "chosen resolution. Tiles with less tissue than --min-tissue "
+                                   "are dropped.")
+    p.add_argument("slide", help="slide file")
+    p.add_argument("--out", required=True, help="output tile store, e.g. tiles.zarr")
+    p.add_argument("--mpp", type=_positive_float, default=0.5,
+                   help="target microns per pixel of the tiles (default 0.5 ≈ 20x)")
+    p.add_argument("--tile-px", type=int, default=256, help="tile side in pixels (default 256)")
+    p.add_argument("--stride", type=int, default=None, metavar="PX",
+                   help="step between tiles in pixels at the target mpp (default: tile size, "
+                        "no overlap; smaller overlaps)")
+    p.add_argument("--min-tissue", type=_fraction, default=0.5,
+                   help="keep tiles with at least this tissue fraction (default 0.5)")
+    p.add_argument("--annotations", metavar="GEOJSON",
+                   help="keep only tiles inside these polygons (QuPath GeoJSON, level-0 px)")
+    p.add_argument("--annotation-class", metavar="NAME",
+                   help="use only annotations of this QuPath class (e.g. Tumor)")
+    p.add_argument("--export-png", metavar="DIR",
+                   help="also write the tiles as PNG files (the input form of train --tiles)")
+    p.add_argument("--workers", type=int, default=0, help="decoding threads (default: CPU cores)")
+    p.add_argument("--overwrite", action="store_true", help="replace existing outputs")
+    _add_slide_mpp_options(p)
+    p.set_defaults(func=cmd_tile)
+
+    p = sub.add_parser("synth", parents=[common], help="write a synthetic slide",
+                       description="Write a pyramidal JPEG TIFF with stroma and tumour-like "
+                                   "textures, for trying the pipeline and for benchmarks.")
+    p.add_argument("out", help="output .tif path")
+    p.add_argument("--width", type=int, default=8192, help="level-0 width in px (default 8192)")
+    p.add_argument("--height", type=int, default=None, help="level-0 height (default: width)")
+    p.add_argument("--slide-mpp", type=_positive_float, default=0.5,
+                   help="level-0 microns per pixel written to the file (default 0.5)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--overwrite", action="store_true")
+    p.set_defaults(func=cmd_synth)
+
+    p = sub.add_parser("demo", parents=[common], help="run the pipeline on a synthetic slide",
+                       description="Write a synthetic slide and run the pipeline on it end to end.")
+    p.add_argument("--out", default="demo_out", help="output folder (default demo_out/)")
+    p.add_argument("--size", type=int, default=6144, help="synthetic slide side in px")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--overwrite", action="store_true", help="rewrite the synthetic slide")
+    p.set_defaults(func=cmd_demo)
+    return parser
+
+
+def _setup_logging(args: argparse.Namespace) -> None:
+    level = logging.DEBUG if getattr(args, "verbose", False) else logging.WARNING
+    logging.basicConfig(level=level, format="%(levelname)s: %(message)s", stream=sys.stderr)
+    logging.getLogger("wsi_anomaly").setLevel(
+        logging.DEBUG if getattr(args, "verbose", False) else logging.INFO)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not getattr(args, "func", None):
+        parser.print_help()
+        return 2
+    _setup_logging(args)
+    try:
+        return int(args.func(args) or 0)
+    except WsiAnomalyError as exc:
+        if args.debug:
+            raise
+        print(f"wsi-anomaly {args.command}: error: {exc}", file=sys.stderr)
+        return exc.exit_code
+    except KeyboardInterrupt:
+        print(f"wsi-anomaly {args.command}: interrupted; partial outputs were not kept",
+              file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

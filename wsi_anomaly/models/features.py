@@ -1,0 +1,239 @@
+"""Block B of HaloAE: multi-scale VGG19 features (frozen).
+
+The extractor keeps torchvision's ``vgg19().features`` only up to ``relu3_4``; nothing deeper is
+used by HaloAE, so computing conv4/conv5 would be wasted time. Every conv pads by reflection, as
+the authors' code does. The four taps are brought to a common quarter resolution and
+concatenated into the 704-channel feature map ``fm``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from wsi_anomaly.errors import InvalidInputError, WeightsUnavailableError
+
+logger = logging.getLogger(__name__)
+
+__all__ = [
+    "FEATURE_CHANNELS",
+    "VGG19Features",
+    "aggregate_reference",
+    "aggregate_taps",
+    "load_vgg19",
+]
+
+# torchvision's VGG19 ("E") configuration truncated after conv3_4. Building the layers in the
+# same order keeps torchvision's indices, so its state-dict keys ("features.<i>.weight") map 1:1.
+_CFG: tuple[int | str, ...] = (64, 64, "M", 128, 128, "M", 256, 256, 256, 256)
+#: indices of relu1_1, relu2_1, relu3_1, relu3_4 in ``vgg19().features``.
+_TAP_INDICES: tuple[int, ...] = (1, 6, 11, 17)
+_TAP_CHANNELS: tuple[int, ...] = (64, 128, 256, 256)
+#: channels of the aggregated feature map ``fm``.
+FEATURE_CHANNELS: int = sum(_TAP_CHANNELS)  # 704
+#: spatial down-sampling of ``fm`` with respect to the input image.
+POOL: int = 4
+
+_WEIGHTS_HELP = (
+    "run once on a machine with internet to fill the torch hub cache "
+    "(python -c \"import torchvision; torchvision.models.vgg19(weights='IMAGENET1K_V1')\"), "
+    "or pass --backbone-weights /path/to/vgg19.pth (a torchvision VGG19 state dict), "
+    "or --backbone-weights random for tests"
+)
+
+
+def _make_layers() -> nn.Sequential:
+    layers: list[nn.Module] = []
+    in_ch = 3
+    for v in _CFG:
+        if v == "M":
+            layers.append(nn.MaxPool2d(kernel_size=2, stride=2))
+        else:
+            # Reflection instead of zero padding, as in the authors' code: no dark frame at the
+            # tile border, which would otherwise leak into the anomaly map's edge.
+            layers.append(nn.Conv2d(in_ch, int(v), 3, padding=1, padding_mode="reflect"))
+            layers.append(nn.ReLU(inplace=True))
+            in_ch = int(v)
+    return nn.Sequential(*layers)
+
+
+def aggregate_taps(taps: Sequence[torch.Tensor]) -> torch.Tensor:
+    """Bring the VGG taps to 1/4 of the input resolution and concatenate them (fast path).
+
+    The definition is "nearest-resize every tap to the input size, then 4×4 average pooling with
+    stride 4". Nearest up-sampling by an integer factor ``f`` (which divides 4) repeats each pixel
+    in an ``f×f`` square, so each 4×4 pooling cell covers ``(4/f)×(4/f)`` source pixels, each
+    repeated ``f²`` times: the result is exactly ``avg_pool2d`` with kernel ``4/f`` on the tap
+    itself, without ever materialising the up-sampled maps (16× less memory for relu3_x).
+
+    Args:
+        taps: feature maps ``B×C_i×(H/f_i)×(W/f_i)`` with ``f_i`` in {1, 2, 4}; ``taps[0]`` is at
+            the input resolution ``H×W`` (``H`` and ``W`` divisible by 4).
+
+    Returns:
+        ``B×ΣC_i×(H/4)×(W/4)``.
+    """
+    height, width = taps[0].shape[-2:]
+    out = []
+    for t in taps:
+        kh = POOL * t.shape[-2] // height
+        kw = POOL * t.shape[-1] // width
+        out.append(t if kh == kw == 1 else F.avg_pool2d(t, (kh, kw)))
+    return torch.cat(out, dim=1)
+
+
+def aggregate_reference(taps: Sequence[torch.Tensor]) -> torch.Tensor:
+    """Literal (slow) definition of :func:`aggregate_taps`, kept for testing it.
+
+    Nearest-resize every tap to the input size (that of ``taps[0]``), 4×4 average pooling with
+    stride 4, concatenate along channels.
+    """
+    size = taps[0].shape[-2:]
+    return torch.cat(
+        [F.avg_pool2d(F.interpolate(t, size=size, mode="nearest"), POOL) for t in taps], dim=1
+    )
+
+
+class VGG19Features(nn.Module):
+    """Frozen VGG19 up to relu3_4 with reflection padding; returns the 704-channel ``fm``.
+
+    Input ``B×3×H×W`` (ImageNet-normalised, ``H`` and ``W`` divisible by 4; 256×256 in HaloAE),
+    output ``B×704×(H/4)×(W/4)``: relu1_1 (64 ch), relu2_1 (128), relu3_1 (256), relu3_4 (256),
+    in that order, each aggregated by :func:`aggregate_taps`.
+
+    The module is always in eval mode and has no trainable parameters: ``train()`` is a no-op, so
+    calling ``train()`` on a parent model cannot switch it.
+
+    Args:
+        state_dict: weights with torchvision's ``features`` indices as keys (``"0.weight"``,
+            ``"0.bias"``, ... ``"16.bias"``). ``None`` initialises randomly (as torchvision does).
+        backbone_identity: where the weights came from, recorded in checkpoints so that models
+            trained on different features are never mixed.
+    """
+
+    def __init__(
+        self,
+        state_dict: Mapping[str, torch.Tensor] | None = None,
+        backbone_identity: str = "vgg19-random",
+    ) -> None:
+        super().__init__()
+        self.layers = _make_layers()
+        self.backbone_identity = backbone_identity
+        if state_dict is None:
+            for m in self.layers.modules():
+                if isinstance(m, nn.Conv2d):  # torchvision's VGG initialisation
+                    nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+                    nn.init.zeros_(m.bias)
+        else:
+            self.layers.load_state_dict(state_dict, strict=True)
+        self.requires_grad_(False)
+        super().train(False)
+
+    def train(self, mode: bool = True) -> VGG19Features:
+        """Stay in eval mode whatever ``mode`` is (the backbone is frozen)."""
+        return super().train(False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.ndim != 4 or x.shape[1] != 3 or x.shape[-2] % POOL or x.shape[-1] % POOL:
+            raise InvalidInputError(
+                f"VGG19 features need B×3×H×W images with H and W divisible by {POOL}, "
+                f"got shape {tuple(x.shape)}; resize tiles to 256×256"
+            )
+        taps = []
+        for i, layer in enumerate(self.layers):
+            x = layer(x)
+            if i in _TAP_INDICES:
+                taps.append(x)
+        return aggregate_taps(taps)
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _select_feature_weights(state: Mapping[str, torch.Tensor], source: str) -> dict[str, torch.Tensor]:
+    """Keep the conv weights up to conv3_4 from a full-VGG19 or a features-only state dict."""
+    reference = _make_layers().state_dict()
+    prefix = "features." if any(k.startswith("features.") for k in state) else ""
+    selected: dict[str, torch.Tensor] = {}
+    for key, ref in reference.items():
+        value = state.get(prefix + key)
+        if not isinstance(value, torch.Tensor) or value.shape != ref.shape:
+            found = "missing" if value is None else f"shape {tuple(getattr(value, 'shape', ()))}"
+            raise WeightsUnavailableError(
+                f"{source} is not a torchvision VGG19 state dict ({prefix + key}: expected "
+                f"shape {tuple(ref.shape)}, {found}); {_WEIGHTS_HELP}"
+            )
+        selected[key] = value.float()
+    return selected
+
+
+def load_vgg19(weights: str = "imagenet") -> VGG19Features:
+    """Build the frozen feature extractor with weights from one of three sources.
+
+    Args:
+        weights: ``"imagenet"`` for torchvision's ``VGG19_Weights.IMAGENET1K_V1`` (downloaded
+            once into the torch hub cache); ``"random"`` for random initialisation (tests,
+            demos; a warning is logged and the identity says so); anything else is the path of a
+            local torchvision state-dict file, either the full ``vgg19()`` state dict or the
+            ``features`` keys only.
+
+    Returns:
+        A :class:`VGG19Features` whose ``backbone_identity`` is ``"vgg19-imagenet1k-v1"``,
+        ``"vgg19-random"`` or ``"vgg19-file:<sha256 prefix>"``.
+
+    Raises:
+        WeightsUnavailableError: the weights cannot be downloaded, read or matched.
+    """
+    if weights == "random":
+        logger.warning(
+            "VGG19 backbone uses RANDOM weights: features are meaningless for anomaly detection; "
+            "use this only for tests and demos"
+        )
+        return VGG19Features(None, backbone_identity="vgg19-random")
+
+    if weights == "imagenet":
+        from torchvision.models import VGG19_Weights
+
+        try:
+            # The weights API alone: no need to build the 143 M-parameter classifier head.
+            state = VGG19_Weights.IMAGENET1K_V1.get_state_dict(progress=False)
+        except Exception as exc:  # URLError, OSError, RuntimeError from a truncated file, ...
+            raise WeightsUnavailableError(
+                f"cannot load ImageNet VGG19 weights ({type(exc).__name__}: {exc}); {_WEIGHTS_HELP}"
+            ) from exc
+        return VGG19Features(
+            _select_feature_weights(state, "torchvision IMAGENET1K_V1"),
+            backbone_identity="vgg19-imagenet1k-v1",
+        )
+
+    path = Path(weights).expanduser()
+    if not path.is_file():
+        raise WeightsUnavailableError(
+            f"backbone weights {weights!r} are neither 'imagenet', 'random' nor an existing file; "
+            f"{_WEIGHTS_HELP}"
+        )
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # pickle errors, zip errors, permission errors
+        raise WeightsUnavailableError(
+            f"cannot read backbone weights {str(path)!r} ({type(exc).__name__}); {_WEIGHTS_HELP}"
+        ) from exc
+    if not isinstance(state, Mapping):
+        raise WeightsUnavailableError(
+            f"{str(path)!r} does not hold a state dict (got {type(state).__name__}); {_WEIGHTS_HELP}"
+        )
+    return VGG19Features(
+        _select_feature_weights(state, repr(str(path))),
+        backbone_identity=f"vgg19-file:{_sha256(path)[:12]}",
+    )

@@ -1,0 +1,98 @@
+"""Block-local self-attention with a halo (HaloNet, Vaswani et al. 2021), as used by HaloAE."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from wsi_anomaly.errors import InvalidInputError
+
+__all__ = ["HaloAttention"]
+
+
+class HaloAttention(nn.Module):
+    """Multi-head self-attention where each ``block×block`` query block attends to the
+    ``(block + 2·halo)²`` window around it.
+
+    Queries, keys and values are bias-free linear maps (1×1 convs) to ``heads·dim_head`` channels,
+    independent of ``dim`` (so odd widths such as 29 or 703 work); an output projection with bias
+    maps back to ``dim``. Relative-position logits come from separate height and width tables of
+    shape ``(2·(block + 2·halo) − 1, dim_head)`` indexed by the key−query displacement (row
+    ``window − 1`` is displacement 0); they are dotted with the scaled query and added to the
+    content logits. Halo keys that fall outside the feature map are masked out of the softmax.
+
+    ``released_mask=True`` reproduces the inverted mask of the layer the authors vendored: the
+    *valid* keys are filled with ``−finfo.max`` instead of the padding. Every output block is then
+    constant: the window mean of the values in the interior (all logits equal) and the output bias
+    alone at the border (only zero-valued padding keys survive), and the position tables never
+    receive gradient. Kept only to measure what the paper's numbers were produced with.
+
+    Shapes:
+        input ``B×dim×H×W`` with ``H`` and ``W`` divisible by ``block``; output ``B×dim×H×W``.
+    """
+
+    def __init__(
+        self,
+        dim: int,
+        heads: int,
+        dim_head: int = 16,
+        block: int = 12,
+        halo: int = 2,
+        released_mask: bool = False,
+    ) -> None:
+        super().__init__()
+        self.heads, self.dim_head, self.block, self.halo = heads, dim_head, block, halo
+        self.released_mask = released_mask
+        self.scale = dim_head**-0.5
+        inner = heads * dim_head
+        window = block + 2 * halo
+        self.to_q = nn.Conv2d(dim, inner, 1, bias=False)
+        self.to_kv = nn.Conv2d(dim, 2 * inner, 1, bias=False)
+        self.to_out = nn.Conv2d(inner, dim, 1)
+        self.rel_height = nn.Parameter(torch.randn(2 * window - 1, dim_head) * self.scale)
+        self.rel_width = nn.Parameter(torch.randn(2 * window - 1, dim_head) * self.scale)
+        # Table row for (query offset in its block, key offset in its window) along one axis.
+        displacement = torch.arange(window)[None, :] - halo - torch.arange(block)[:, None]
+        self.register_buffer("rel_index", displacement + window - 1, persistent=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        batch, _, height, width = x.shape
+        b, n, d = self.block, self.heads, self.dim_head
+        if height % b or width % b:
+            raise InvalidInputError(
+                f"halo attention needs H and W divisible by the block size {b}, got {height}×{width}"
+            )
+        nh, nw, win = height // b, width // b, b + 2 * self.halo
+        blocks = batch * nh * nw
+
+        # Queries: one row of b² pixels per block and head -> (blocks, n, b², d).
+        q = (self.to_q(x) * self.scale).reshape(batch, n, d, nh, b, nw, b)
+        q = q.permute(0, 3, 5, 1, 4, 6, 2).reshape(blocks, n, b * b, d)
+        # Keys/values are computed once on the map and then windowed: to_kv has no bias, so
+        # zero-padding its output equals zero-padding x first, without recomputing the overlaps.
+        kv = F.pad(self.to_kv(x), (self.halo,) * 4).unfold(2, win, b).unfold(3, win, b)
+        kv = kv.reshape(batch, 2, n, d, nh, nw, win * win).permute(1, 0, 4, 5, 2, 6, 3)
+        k, v = kv.reshape(2, blocks, n, win * win, d).unbind(0)
+
+        sim = (q @ k.transpose(-1, -2)).view(batch, nh * nw, n, b, b, win, win)
+        # Relative-position logits, factorised: q·(R_h[dy] + R_w[dx]) = q·R_h[dy] + q·R_w[dx],
+        # each added in place by broadcasting over the other key axis (no extra b²·win² tensor).
+        qb = q.reshape(blocks, n, b, b, d)
+        logit_h = torch.einsum("znxyd,xkd->znxyk", qb, self.rel_height[self.rel_index])
+        logit_w = torch.einsum("znxyd,ykd->znxyk", qb, self.rel_width[self.rel_index])
+        sim.add_(logit_h.reshape(batch, nh * nw, n, b, b, win, 1))
+        sim.add_(logit_w.reshape(batch, nh * nw, n, b, b, 1, win))
+
+        # Which window positions lie inside the map, per block: (1, nh·nw, 1, 1, 1, win, win).
+        ones = F.pad(x.new_ones(1, 1, height, width), (self.halo,) * 4)
+        valid = ones.unfold(2, win, b).unfold(3, win, b).reshape(1, nh * nw, 1, 1, 1, win, win) > 0
+        if self.released_mask:
+            sim.masked_fill_(valid, -torch.finfo(sim.dtype).max)  # the upstream inversion
+        else:
+            # Every query sees its own block, so no softmax row is fully masked.
+            sim.masked_fill_(~valid, float("-inf"))
+        out = sim.view(blocks, n, b * b, win * win).softmax(dim=-1) @ v
+
+        out = out.reshape(batch, nh, nw, n, b, b, d).permute(0, 3, 6, 1, 4, 2, 5)
+        return self.to_out(out.reshape(batch, n * d, height, width))
