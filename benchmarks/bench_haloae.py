@@ -20,10 +20,13 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import ctypes
+import gc
 import json
 import os
 import platform
 import resource
+import threading
 import time
 from collections.abc import Callable
 
@@ -72,10 +75,54 @@ class ReleasedStyleInference(nn.Module):
         return anomaly_map(fm, fm_hat)
 
 
-def _peak_rss_mib() -> float:
-    # Linux reports ru_maxrss in KiB (macOS in bytes).
-    scale = 1 / 1024 if platform.system() == "Linux" else 1 / 2**20
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * scale
+class PeakRSS:
+    """Peak resident memory of this process during a phase, in MiB.
+
+    Samples psutil's RSS from a background thread (the kernel's ``ru_maxrss`` is a
+    process-lifetime maximum and cannot be reset between phases); falls back to ``ru_maxrss``
+    when psutil is not installed.
+    """
+
+    def __init__(self, interval_s: float = 0.01) -> None:
+        self.interval_s = interval_s
+        self.peak_mib = 0.0
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        try:
+            import psutil
+
+            self._process = psutil.Process()
+        except ImportError:
+            self._process = None
+
+    def _rss_mib(self) -> float:
+        if self._process is not None:
+            return self._process.memory_info().rss / 2**20
+        # Linux reports ru_maxrss in KiB (macOS in bytes).
+        scale = 1 / 1024 if platform.system() == "Linux" else 1 / 2**20
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * scale
+
+    def _sample(self) -> None:
+        while not self._stop.wait(self.interval_s):
+            self.peak_mib = max(self.peak_mib, self._rss_mib())
+
+    def __enter__(self) -> PeakRSS:
+        # Hand memory freed by earlier phases back to the OS, so it does not count here.
+        gc.collect()
+        if platform.system() == "Linux":
+            with contextlib.suppress(OSError, AttributeError):
+                ctypes.CDLL("libc.so.6").malloc_trim(0)
+        self.peak_mib = self._rss_mib()
+        self._stop.clear()
+        self._thread = threading.Thread(target=self._sample, daemon=True)
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        assert self._thread is not None
+        self._thread.join()
+        self.peak_mib = max(self.peak_mib, self._rss_mib())
 
 
 def _cpu_name() -> str:
@@ -137,17 +184,19 @@ def main(argv: list[str] | None = None) -> dict[str, object]:
         else contextlib.nullcontext
     )
 
-    def reset_peak() -> None:
+    def measure(step: Callable[[], object], batch_size: int) -> tuple[float, str]:
+        """(images/s, peak memory) of ``step`` processing ``batch_size`` images per call."""
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats()
-
-    def peak_memory() -> str:
-        rss = f"{_peak_rss_mib():.0f} MiB RSS (process peak so far)"
+        with PeakRSS() as rss:
+            seconds = _timed(step, args.iters, args.warmup, device)
+        memory = f"{rss.peak_mib:.0f} MiB RSS"
         if device.type == "cuda":
-            return f"{torch.cuda.max_memory_allocated() / 2**20:.0f} MiB CUDA, {rss}"
-        return rss
+            memory = f"{torch.cuda.max_memory_allocated() / 2**20:.0f} MiB CUDA, " + memory
+        return batch_size / seconds, memory
 
     model = HaloAE(backbone_weights="random").to(device, memory_format=memory_format).eval()
+    released = ReleasedStyleInference(model).to(device, memory_format=memory_format).eval()
     trainable = sum(p.numel() for p in model.trainable_parameters())
     mean_map = torch.zeros(IMAGE_SIZE // 4, IMAGE_SIZE // 4, device=device)
     rows: list[tuple[str, str]] = []
@@ -172,70 +221,70 @@ def main(argv: list[str] | None = None) -> dict[str, object]:
             lambda: model.reconstruct_features(model.features(one))
         ) / 1e9
         if not args.skip_released:
-            released = ReleasedStyleInference(model).to(device, memory_format=memory_format).eval()
             results["gflops_released_per_image"] = _flops(lambda: released(one)) / 1e9
 
+    # Training FLOPs: forward + backward of one original with its two copies.
+    weights = ews_weights(100)
+    generator = torch.Generator().manual_seed(0)
+    batch, labels = make_cutpaste_batch(torch.rand(1, 3, IMAGE_SIZE, IMAGE_SIZE), generator)
+    xt = normalise(batch).to(device)
+
+    def one_step() -> None:
+        loss, _ = haloae_loss(model.train()(xt), xt, labels.to(device), weights)
+        loss.backward()
+
+    results["gflops_train_per_original"] = _flops(one_step) / 1e9
+    model.zero_grad(set_to_none=True)
+    model.eval()
+
+    if args.compile:
+        # Compile every block in place, so that features(), reconstruct_features() and forward()
+        # all run compiled code (torch.compile(model) would only wrap forward()).
+        for block in (*model.children(), released.vgg):
+            block.compile()
+
     # Inference: B + C + scoring math.
-    infer_model: nn.Module = torch.compile(model) if args.compile else model
     x = images(args.batch_size)
 
     def infer() -> None:
         with torch.inference_mode(), autocast():
-            score_batch(infer_model, x, mean_map)
+            score_batch(model, x, mean_map)
 
-    reset_peak()
-    seconds = _timed(infer, args.iters, args.warmup, device)
-    results["inference_images_per_s"] = args.batch_size / seconds
-    results["inference_peak_memory"] = peak_memory()
+    results["inference_images_per_s"], results["inference_peak_memory"] = measure(
+        infer, args.batch_size
+    )
 
     # Released-style inference for comparison.
     if not args.skip_released:
-        released_fn: nn.Module = torch.compile(released) if args.compile else released
         xr = images(args.released_batch_size)
 
         def infer_released() -> None:
             with torch.inference_mode(), autocast():
-                released_fn(xr)
+                released(xr)
 
-        reset_peak()
-        seconds = _timed(infer_released, args.iters, args.warmup, device)
-        results["released_images_per_s"] = args.released_batch_size / seconds
-        results["released_peak_memory"] = peak_memory()
+        results["released_images_per_s"], results["released_peak_memory"] = measure(
+            infer_released, args.released_batch_size
+        )
 
     # Training: Cut&Paste on the CPU, forward of 3B images, EWS loss, backward, Adam step.
     model.train()
-    train_model: nn.Module = torch.compile(model) if args.compile else model
     optimiser = torch.optim.Adam(model.trainable_parameters(), lr=1e-4, weight_decay=1e-5)
-    generator = torch.Generator().manual_seed(0)
     originals = torch.rand(args.train_batch_size, 3, IMAGE_SIZE, IMAGE_SIZE, generator=generator)
-    weights = ews_weights(100)
 
     def train_step() -> None:
         batch, labels = make_cutpaste_batch(originals, generator)
         xt = normalise(batch).to(device).contiguous(memory_format=memory_format)
         with autocast():
-            out = train_model(xt)
+            out = model(xt)
             loss, _ = haloae_loss(out, xt, labels.to(device), weights)
         optimiser.zero_grad(set_to_none=True)
         loss.backward()
         optimiser.step()
 
-    reset_peak()
-    seconds = _timed(train_step, args.iters, args.warmup, device)
-    results["train_originals_per_s"] = args.train_batch_size / seconds
-    results["train_images_per_s"] = 3 * args.train_batch_size / seconds
-    results["train_peak_memory"] = peak_memory()
-
-    # Training FLOPs: forward + backward of one original with its two copies.
-    batch, labels = make_cutpaste_batch(originals[:1], generator)
-    xt = normalise(batch).to(device)
-
-    def one_step() -> None:
-        loss, _ = haloae_loss(model(xt), xt, labels.to(device), weights)
-        loss.backward()
-
-    results["gflops_train_per_original"] = _flops(one_step) / 1e9
-    model.zero_grad(set_to_none=True)
+    results["train_originals_per_s"], results["train_peak_memory"] = measure(
+        train_step, args.train_batch_size
+    )
+    results["train_images_per_s"] = 3 * results["train_originals_per_s"]
 
     setup = (
         f"{results['device']}, {results['threads']} threads, torch {torch.__version__}, "

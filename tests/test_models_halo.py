@@ -58,6 +58,21 @@ def test_position_tables_have_spec_shape_and_get_gradient():
     assert layer.rel_height.grad.abs().sum() > 0 and layer.rel_width.grad.abs().sum() > 0
 
 
+def test_gradients_match_finite_differences():
+    torch.manual_seed(0)
+    layer = HaloAttention(4, heads=2, dim_head=4, block=4, halo=1).double()
+    x = torch.randn(1, 4, 8, 8, dtype=torch.float64, requires_grad=True)
+    params = (layer.rel_height, layer.rel_width, layer.to_q.weight)
+
+    # In-place logit updates must not break autograd; check input and parameter gradients.
+    assert torch.autograd.gradcheck(
+        lambda x, rh, rw, wq: torch.func.functional_call(
+            layer, {"rel_height": rh, "rel_width": rw, "to_q.weight": wq}, (x,)
+        ),
+        (x, *(p.detach().clone().requires_grad_() for p in params)),
+    )
+
+
 def test_released_mask_makes_blocks_constant():
     torch.manual_seed(0)
     layer = HaloAttention(8, heads=2, released_mask=True).double()

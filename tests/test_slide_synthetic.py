@@ -104,8 +104,9 @@ def test_pyramid_levels_are_main_ifds_openslide_reads(pyramid):
 
 def test_pyramid_level_rule():
     assert [size for _, size in pyramid_levels(1024, 768)] == [(1024, 768)]
+    assert [size for _, size in pyramid_levels(2048, 1536)] == [(2048, 1536), (512, 384)]
     assert [d for d, _ in pyramid_levels(40_000, 40_000)] == [1, 4, 16, 64]
-    assert pyramid_levels(70_000, 30_000, level_downsample=2)[-1][1][0] <= 2048
+    assert pyramid_levels(70_000, 30_000, level_downsample=2)[-1][1][0] <= 1024
 
 
 def test_non_round_mpp_round_trips_through_openslide(tmp_path):

@@ -133,7 +133,7 @@ class VGG19Features(nn.Module):
         else:
             self.layers.load_state_dict(state_dict, strict=True)
         self.requires_grad_(False)
-        super().train(False)
+        self.eval()
 
     def train(self, mode: bool = True) -> VGG19Features:
         """Stay in eval mode whatever ``mode`` is (the backbone is frozen)."""
@@ -161,7 +161,9 @@ def _sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
-def _select_feature_weights(state: Mapping[str, torch.Tensor], source: str) -> dict[str, torch.Tensor]:
+def _select_feature_weights(
+    state: Mapping[str, torch.Tensor], source: str
+) -> dict[str, torch.Tensor]:
     """Keep the conv weights up to conv3_4 from a full-VGG19 or a features-only state dict."""
     reference = _make_layers().state_dict()
     prefix = "features." if any(k.startswith("features.") for k in state) else ""
@@ -231,7 +233,8 @@ def load_vgg19(weights: str = "imagenet") -> VGG19Features:
         ) from exc
     if not isinstance(state, Mapping):
         raise WeightsUnavailableError(
-            f"{str(path)!r} does not hold a state dict (got {type(state).__name__}); {_WEIGHTS_HELP}"
+            f"{str(path)!r} does not hold a state dict (got {type(state).__name__}); "
+            f"{_WEIGHTS_HELP}"
         )
     return VGG19Features(
         _select_feature_weights(state, repr(str(path))),

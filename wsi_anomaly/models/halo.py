@@ -61,7 +61,8 @@ class HaloAttention(nn.Module):
         b, n, d = self.block, self.heads, self.dim_head
         if height % b or width % b:
             raise InvalidInputError(
-                f"halo attention needs H and W divisible by the block size {b}, got {height}×{width}"
+                f"halo attention needs H and W divisible by the block size {b}, "
+                f"got {height}×{width}"
             )
         nh, nw, win = height // b, width // b, b + 2 * self.halo
         blocks = batch * nh * nw

@@ -118,8 +118,8 @@ def haloae_loss(
     """``L = α_cls·L_cls + α_fm·L_fm + α_im·L_im`` over the enabled ``terms``.
 
     Args:
-        out: :meth:`HaloAE.forward` output for ``N = 3B`` images (``fm``, ``fm_hat`` ``N×704×64×64``,
-            ``im_hat`` ``N×3×256×256``, ``logits`` ``N×2``).
+        out: :meth:`HaloAE.forward` output for ``N = 3B`` images (``fm``, ``fm_hat``
+            ``N×704×64×64``, ``im_hat`` ``N×3×256×256``, ``logits`` ``N×2``).
         images_norm: the ``N×3×256×256`` normalised inputs that produced ``out``.
         labels: ``N`` int64, 0 for originals and 1 for Cut&Paste copies. Cross-entropy uses all
             ``N`` images; the reconstruction terms (MSE + 1 − SSIM) use the originals only.

@@ -61,7 +61,8 @@ def tile_scores(maps: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 def upsample_map(maps: torch.Tensor, size: int | tuple[int, int]) -> torch.Tensor:
     """Bilinear up-sampling of ``B×h×w`` maps to ``B×H×W`` (``size`` = ``H`` or ``(H, W)``)."""
-    return F.interpolate(maps.unsqueeze(1), size=size, mode="bilinear", align_corners=False).squeeze(1)
+    maps = F.interpolate(maps.unsqueeze(1), size=size, mode="bilinear", align_corners=False)
+    return maps.squeeze(1)
 
 
 @torch.no_grad()

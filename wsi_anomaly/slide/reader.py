@@ -354,21 +354,25 @@ class Slide:
         ds = self._downsamples[level]
         return self.read_level(level, int(math.floor(x0 / ds)), int(math.floor(y0 / ds)), w, h)
 
-    def thumbnail(self, max_px: int = 2048, block_px: int = 4096) -> tuple[np.ndarray, float]:
+    def thumbnail(self, max_px: int = 2048, mpp: float | None = None, block_px: int = 4096
+                  ) -> tuple[np.ndarray, float]:
         """A thumbnail whose longer side is at most ``max_px``, streamed block by block.
+
+        With ``mpp`` (µm per thumbnail pixel), the thumbnail is no finer than that either.
 
         Returns ``(image, downsample)``: thumbnail pixel (i, j) covers level-0 pixels
         [j·d, (j+1)·d) × [i·d, (i+1)·d) with ``d = downsample`` (box average of those pixels).
         Memory is bounded by one block of ``block_px``² pixels, whatever the slide size.
         """
-        w0, h0 = self.dimensions
         # Coarsest level that is still at least as detailed as the thumbnail.
+        w0, h0 = self.dimensions
+        min_downsample = max(max(w0, h0) / max_px, (mpp / self.mpp) if mpp else 1.0)
         level = 0
         for lv in self.levels:
-            if max(lv.width, lv.height) >= max_px and lv.downsample == round(lv.downsample):
+            if lv.downsample <= min_downsample and lv.downsample == round(lv.downsample):
                 level = lv.index
         lw, lh = self._dims[level]
-        factor = max(1, math.ceil(max(lw, lh) / max_px))
+        factor = max(1, math.ceil(min_downsample / self._downsamples[level] - 1e-6))
         step = max(factor, (block_px // factor) * factor)
         tw, th = math.ceil(lw / factor), math.ceil(lh / factor)
         thumb = np.empty((th, tw, 3), np.uint8)

@@ -63,7 +63,7 @@ class TissueLabel(IntEnum):
 N_LABELS = len(TissueLabel)
 
 # Pyramid levels are added until the smallest one is at most this many pixels on its longer side.
-_LOWEST_LEVEL_MAX_PX = 2048
+_LOWEST_LEVEL_MAX_PX = 1024
 # Period of the texture patches, in pixels of the level they are drawn for. Not a multiple of the
 # usual 256-px tile stride, so neighbouring tiles of one class show different texture crops.
 _TEXTURE_PERIOD_PX = 1000
@@ -537,7 +537,7 @@ def pyramid_levels(
     """Downsample and ``(width, height)`` of every pyramid level, level 0 first.
 
     Levels are added, each ``level_downsample`` times smaller (sizes rounded up), until the
-    longer side is at most 2048 px.
+    longer side is at most 1024 px.
     """
     levels = [(1, (int(width), int(height)))]
     while max(levels[-1][1]) > _LOWEST_LEVEL_MAX_PX:

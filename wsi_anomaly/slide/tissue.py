@@ -18,6 +18,8 @@ class TissueSettings:
     """Tissue-detection knobs. Sizes are in µm so they mean the same at any thumbnail scale."""
 
     thumbnail_max_px: int = 2048
+    #: Thumbnail resolution, µm/px: a few µm resolve tissue edges; finer only costs time.
+    thumbnail_mpp: float = 4.0
     #: Saturation below this is never tissue, whatever Otsu says (white glass has ~0.02).
     min_saturation: float = 0.07
     closing_radius_um: float = 16.0

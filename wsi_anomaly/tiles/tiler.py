@@ -67,7 +67,7 @@ class TilingResult:
 
 def tissue_mask(slide: Slide, settings: TissueSettings) -> TissueMask:
     """Tissue mask on a streamed thumbnail of the slide."""
-    thumb, downsample = slide.thumbnail(settings.thumbnail_max_px)
+    thumb, downsample = slide.thumbnail(settings.thumbnail_max_px, settings.thumbnail_mpp)
     mask, threshold = detect_tissue(thumb, slide.mpp * downsample, settings)
     return TissueMask(mask, downsample, threshold)
 
