@@ -36,3 +36,34 @@ def blank_slide(slide_dir):
 def no_mpp_slide(slide_dir):
     return write_synthetic_slide(slide_dir / "nompp.tif", width=1024, height=768, mpp=0.5,
                                  with_resolution=False, seed=2)
+
+
+@pytest.fixture(scope="session")
+def small_store(small_slide, tmp_path_factory):
+    """The tissue tiles of ``small_slide`` at 0.5 µm/px."""
+    from wsi_anomaly.tiles import tile_slide
+
+    out = tmp_path_factory.mktemp("stores") / "small.zarr"
+    tile_slide(small_slide.path, out, progress=False)
+    return out
+
+
+def tiny_config(**train):
+    """The fast preset shrunk to seconds: random backbone, a couple of single-tile steps."""
+    from wsi_anomaly.config import load_config
+
+    settings = {"epochs": 1, "samples_per_epoch": 2, "batch_size": 1, "workers": 0,
+                "calibration_tiles": 4, "checkpoint_every": 1, **train}
+    return load_config("haloae_fast", {"model": {"backbone_weights": "random"}, "train": settings})
+
+
+@pytest.fixture(scope="session")
+def tiny_model(small_store, tmp_path_factory):
+    """A checkpoint trained for two steps on ``small_store`` (random VGG19 weights)."""
+    from wsi_anomaly.tiles.dataset import ZarrTileDataset
+    from wsi_anomaly.train import train_model
+
+    out = tmp_path_factory.mktemp("models") / "tiny.pt"
+    train_model(ZarrTileDataset(small_store), tiny_config(), out, device="cpu", tile_mpp=0.5,
+                progress=False)
+    return out

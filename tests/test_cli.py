@@ -87,3 +87,39 @@ def test_console_script_exit_code_without_traceback(tmp_path):
                           capture_output=True, text=True)
     assert proc.returncode == 2
     assert "Traceback" not in proc.stderr and "not found" in proc.stderr
+
+
+def test_train_and_score_commands(capsys, tmp_path, small_store, tiny_model):
+    model = tmp_path / "m.pt"
+    code, out, err = run(capsys, "train", "--tiles", str(small_store), "--out", str(model),
+                         "--config", "haloae_fast", "--backbone-weights", "random",
+                         "--epochs", "1", "--samples-per-epoch", "1", "--batch-size", "1", "-q")
+    assert code == 0, err
+    assert "trained 1 epochs" in out and model.is_file()
+    code, out, err = run(capsys, "score", "--model", str(tiny_model), str(small_store.parent),
+                         "--out", str(tmp_path / "s.csv"), "-q")
+    assert_one_error_line(code, err, "no images")
+
+
+def test_train_and_score_bad_inputs(capsys, tmp_path, tiny_model):
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    code, _, err = run(capsys, "train", "--tiles", str(empty), "--out", str(tmp_path / "m.pt"))
+    assert_one_error_line(code, err, "no images")
+    code, _, err = run(capsys, "train", "--tiles", str(tmp_path / "nope"), "--out", "m.pt")
+    assert_one_error_line(code, err, "not found")
+    other = tmp_path / "other.pt"
+    other.write_bytes(b"junk")
+    img = tmp_path / "imgs"
+    img.mkdir()
+    from PIL import Image
+    Image.new("RGB", (256, 256), (200, 100, 150)).save(img / "a.png")
+    code, _, err = run(capsys, "score", "--model", str(other), str(img), "--out", str(tmp_path / "s.csv"))
+    assert_one_error_line(code, err, "checkpoint")
+    code, _, err = run(capsys, "score", "--model", str(tiny_model), str(img), "--device", "cuda",
+                       "--out", str(tmp_path / "s.csv"))
+    if not __import__("torch").cuda.is_available():
+        assert_one_error_line(code, err, "CUDA")
+    code, _, err = run(capsys, "train", "--tiles", str(img), "--out", str(tmp_path / "m.pt"),
+                       "--config", "nonexistent")
+    assert_one_error_line(code, err, "not found")

@@ -6,34 +6,33 @@ from wsi_anomaly.models.halo import HaloAttention
 
 
 def _brute_force(layer: HaloAttention, x: torch.Tensor) -> torch.Tensor:
-    """Per-pixel attention over the in-image keys of the pixel's block window."""
+    """Dense per-pixel attention: every pixel attends to all pixels of the image, masked to the
+    ones inside its block's (block + 2·halo)² window. Shares no code with the blocked layer."""
     batch, dim, height, width = x.shape
     b, h, heads, d = layer.block, layer.halo, layer.heads, layer.dim_head
     centre = (layer.rel_height.shape[0] - 1) // 2  # table row of displacement 0
-    w_q = layer.to_q.weight.view(heads * d, dim)
-    w_k, w_v = layer.to_kv.weight.view(2 * heads * d, dim).split(heads * d)
-    q = torch.einsum("oc,bchw->bohw", w_q, x)
-    k = torch.einsum("oc,bchw->bohw", w_k, x)
-    v = torch.einsum("oc,bchw->bohw", w_v, x)
-    inner = torch.zeros(batch, heads * d, height, width, dtype=x.dtype)
-    for n in range(batch):
-        for y in range(height):
-            rows = [r for r in range(y // b * b - h, y // b * b + b + h) if 0 <= r < height]
-            for xx in range(width):
-                cols = [c for c in range(xx // b * b - h, xx // b * b + b + h) if 0 <= c < width]
-                ry, rx = torch.tensor(rows), torch.tensor(cols)
-                for head in range(heads):
-                    sl = slice(head * d, (head + 1) * d)
-                    qp = q[n, sl, y, xx] * layer.scale
-                    keys = k[n, sl][:, ry][:, :, rx]  # d × R × C
-                    vals = v[n, sl][:, ry][:, :, rx]
-                    rel = (
-                        layer.rel_height[ry - y + centre][:, None, :]
-                        + layer.rel_width[rx - xx + centre][None, :, :]
-                    )  # R × C × d
-                    logits = torch.einsum("d,drc->rc", qp, keys) + rel @ qp
-                    attn = logits.flatten().softmax(0).view_as(logits)
-                    inner[n, sl, y, xx] = torch.einsum("rc,drc->d", attn, vals)
+    ys, xs = torch.meshgrid(torch.arange(height), torch.arange(width), indexing="ij")
+    ys, xs = ys.flatten(), xs.flatten()  # P pixels, row-major
+
+    def in_window(coord: torch.Tensor) -> torch.Tensor:  # P×P: key within query's window
+        start = coord[:, None] // b * b - h
+        return (coord[None, :] >= start) & (coord[None, :] < start + b + 2 * h)
+
+    mask = in_window(ys) & in_window(xs)
+    idx_h = (ys[None, :] - ys[:, None] + centre).clamp(0, 2 * centre)  # key − query
+    idx_w = (xs[None, :] - xs[:, None] + centre).clamp(0, 2 * centre)
+
+    w_q = layer.to_q.weight.view(heads, d, dim)
+    w_k, w_v = layer.to_kv.weight.view(2, heads, d, dim)
+    pixels = x.flatten(2)  # B×C×P
+    q = torch.einsum("ndc,bcp->bnpd", w_q, pixels) * layer.scale
+    k = torch.einsum("ndc,bcp->bnpd", w_k, pixels)
+    v = torch.einsum("ndc,bcp->bnpd", w_v, pixels)
+    logits = q @ k.transpose(-1, -2)
+    logits = logits + torch.gather(q @ layer.rel_height.T, -1, idx_h.expand_as(logits))
+    logits = logits + torch.gather(q @ layer.rel_width.T, -1, idx_w.expand_as(logits))
+    attn = logits.masked_fill(~mask, float("-inf")).softmax(dim=-1)
+    inner = (attn @ v).permute(0, 1, 3, 2).reshape(batch, heads * d, height, width)
     out = torch.einsum("oc,bchw->bohw", layer.to_out.weight.view(dim, -1), inner)
     return out + layer.to_out.bias.view(1, -1, 1, 1)
 
@@ -70,6 +69,7 @@ def test_gradients_match_finite_differences():
             layer, {"rel_height": rh, "rel_width": rw, "to_q.weight": wq}, (x,)
         ),
         (x, *(p.detach().clone().requires_grad_() for p in params)),
+        fast_mode=True,
     )
 
 

@@ -1,6 +1,7 @@
 import pytest
 import torch
 
+from wsi_anomaly.errors import InvalidInputError
 from wsi_anomaly.models.halo import HaloAttention
 from wsi_anomaly.models.haloae import HaloAE
 from wsi_anomaly.models.scoring import score_batch
@@ -83,6 +84,6 @@ def test_attention_options():
     with torch.no_grad():
         fm = torch.randn(1, 704, 16, 16)
         assert conv.reconstruct_features(fm).shape == fm.shape
-    with pytest.raises(ValueError, match="attention"):
+    with pytest.raises(InvalidInputError, match="attention"):
         HaloAE(backbone_weights="random", attention="swin")
 

@@ -126,6 +126,86 @@ def cmd_tile(args: argparse.Namespace) -> int:
     return 0
 
 
+# -- train -------------------------------------------------------------------------------------
+def _training_data(paths: list[str], tile_px: int, mpp: float | None):
+    """A dataset over tile stores and/or image folders, and the tiles' mpp."""
+    from torch.utils.data import ConcatDataset
+
+    from .tiles.dataset import ZarrTileDataset, open_tiles
+
+    parts = [open_tiles(p, tile_px) for p in paths]
+    store_mpps = [d.mpp for d in parts if isinstance(d, ZarrTileDataset)]
+    if store_mpps and max(store_mpps) > 1.05 * min(store_mpps):
+        raise InvalidInputError(f"tile stores at different resolutions ({', '.join(f'{m:.3f}' for m in store_mpps)} "
+                                "µm/px); train on tiles of one resolution")
+    tile_mpp = mpp if mpp is not None else (store_mpps[0] if store_mpps else None)
+    if tile_mpp is None:
+        log.warning("tile resolution unknown: pass --mpp so heatmaps tile slides at the training "
+                    "resolution (assuming nothing for now)")
+    dataset = parts[0] if len(parts) == 1 else ConcatDataset(parts)
+    return dataset, tile_mpp
+
+
+def _config_overrides(args: argparse.Namespace) -> dict:
+    model, train = {}, {}
+    if getattr(args, "backbone_weights", None):
+        model["backbone_weights"] = args.backbone_weights
+    for name in ("epochs", "batch_size", "lr", "workers", "samples_per_epoch"):
+        value = getattr(args, name, None)
+        if value is not None:
+            train[name] = value
+    out: dict = {}
+    if model:
+        out["model"] = model
+    if train:
+        out["train"] = train
+    if getattr(args, "seed", None) is not None:
+        out["seed"] = args.seed
+    return out
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from .config import load_config
+    from .train import train_model
+
+    config = load_config(args.config, _config_overrides(args))
+    dataset, tile_mpp = _training_data(args.tiles, config.tile_px, args.mpp)
+    print(f"training {config.model.name} on {len(dataset)} tiles "
+          f"({config.train.epochs} epochs × {config.train.samples_per_epoch} samples, "
+          f"batch {config.train.batch_size}, backbone {config.model.backbone_weights})")
+    result = train_model(dataset, config, args.out, device=args.device, resume=args.resume,
+                         overwrite=args.overwrite, tile_mpp=tile_mpp,
+                         source=", ".join(args.tiles), progress=not args.quiet)
+    last = result.history[-1] if result.history else {}
+    q = result.score_quantiles
+    print(f"trained {result.epochs} epochs in {result.seconds:.0f} s "
+          f"({result.images_per_s:.1f} images/s); final loss {last.get('loss', float('nan')):.4f} "
+          f"(cls {last.get('cls', float('nan')):.3f}, fm {last.get('fm', float('nan')):.3f}, "
+          f"im {last.get('im', float('nan')):.3f})")
+    print(f"training scores: median {q.get('0.5', float('nan')):.4g}, "
+          f"99th percentile {q.get('0.99', float('nan')):.4g} → {result.checkpoint}")
+    return 0
+
+
+# -- score -------------------------------------------------------------------------------------
+def cmd_score(args: argparse.Namespace) -> int:
+    from .score import score_images
+
+    out = Path(args.out)
+    if out.exists() and not args.overwrite:
+        raise InvalidInputError(f"{out} already exists; pass --overwrite to replace it")
+    summary = score_images(args.model, args.paths, out, maps_dir=args.maps, device=args.device,
+                           batch_size=args.batch_size, workers=args.workers,
+                           progress=not args.quiet)
+    skipped = summary["skipped"]
+    extra = ""
+    if skipped["unreadable"] or skipped["too_small"]:
+        extra = (f" (skipped {skipped['unreadable']} unreadable, {skipped['too_small']} too small)")
+    print(f"scored {summary['scored']} images{extra} → {summary['csv']}"
+          + (f"; maps in {summary['maps']}" if summary["maps"] else ""))
+    return 0
+
+
 # -- synth -------------------------------------------------------------------------------------
 def cmd_synth(args: argparse.Namespace) -> int:
     from .slide.synthetic import write_synthetic_slide
@@ -210,6 +290,45 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--overwrite", action="store_true", help="replace existing outputs")
     _add_slide_mpp_options(p)
     p.set_defaults(func=cmd_tile)
+
+    p = sub.add_parser("train", parents=[common], help="train HaloAE on normal tiles",
+                       description="Train a model on tiles of normal (reference) tissue: tile "
+                                   "stores written by `tile`, or folders of images (png/jpg/tif, "
+                                   "searched recursively). Writes one checkpoint with the model, "
+                                   "its training-score calibration and the resolved config.")
+    p.add_argument("--tiles", nargs="+", required=True, metavar="DIR|ZARR",
+                   help="training tiles: folders of images and/or tile stores")
+    p.add_argument("--out", required=True, help="checkpoint to write, e.g. model.pt")
+    p.add_argument("--config", default="haloae_paper",
+                   help="preset name (haloae_paper, haloae_fast) or YAML file (default haloae_paper)")
+    p.add_argument("--epochs", type=int, help="override train.epochs")
+    p.add_argument("--samples-per-epoch", type=int, help="override train.samples_per_epoch")
+    p.add_argument("--batch-size", type=int, help="override train.batch_size (originals per step)")
+    p.add_argument("--lr", type=_positive_float, help="override train.lr")
+    p.add_argument("--workers", type=int, help="data-loading processes")
+    p.add_argument("--backbone-weights", metavar="imagenet|random|FILE",
+                   help="VGG19 weights: imagenet (torchvision, default), a local state-dict file, "
+                        "or random (tests only)")
+    p.add_argument("--device", default="auto", help="auto (CUDA if present), cpu or cuda")
+    p.add_argument("--seed", type=int, help="seed for everything (default from the config: 0)")
+    p.add_argument("--mpp", type=_positive_float,
+                   help="µm/px of image-folder tiles (tile stores record their own)")
+    p.add_argument("--resume", action="store_true", help="continue an interrupted training run")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing checkpoint")
+    p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("score", parents=[common], help="score images or folders of tiles",
+                       description="Score image files with a trained model: a CSV of per-image "
+                                   "mean and max anomaly scores, and optionally anomaly-map PNGs.")
+    p.add_argument("paths", nargs="+", help="image files and/or folders (searched recursively)")
+    p.add_argument("--model", required=True, help="checkpoint written by `train`")
+    p.add_argument("--out", default="scores.csv", help="CSV to write (default scores.csv)")
+    p.add_argument("--maps", metavar="DIR", help="also write anomaly-map PNGs here")
+    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--workers", type=int, default=0, help="data-loading processes")
+    p.add_argument("--device", default="auto", help="auto, cpu or cuda")
+    p.add_argument("--overwrite", action="store_true")
+    p.set_defaults(func=cmd_score)
 
     p = sub.add_parser("synth", parents=[common], help="write a synthetic slide",
                        description="Write a pyramidal JPEG TIFF with stroma and tumour-like "

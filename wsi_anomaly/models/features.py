@@ -3,7 +3,9 @@
 The extractor keeps torchvision's ``vgg19().features`` only up to ``relu3_4``; nothing deeper is
 used by HaloAE, so computing conv4/conv5 would be wasted time. Every conv pads by reflection, as
 the authors' code does. The four taps are brought to a common quarter resolution and
-concatenated into the 704-channel feature map ``fm``.
+concatenated into the 704-channel feature map ``fm``. (The released code hands three of the taps
+on with their 1-pixel reflection border still attached, 258/130/66 px; we use the unpadded maps,
+a documented and harmless simplification.)
 """
 
 from __future__ import annotations
@@ -197,6 +199,10 @@ def load_vgg19(weights: str = "imagenet") -> VGG19Features:
     Raises:
         WeightsUnavailableError: the weights cannot be downloaded, read or matched.
     """
+    if weights == "checkpoint":
+        # Weights follow from a checkpoint's state dict: nothing to download, nothing to warn.
+        return VGG19Features(None, backbone_identity="vgg19-from-checkpoint")
+
     if weights == "random":
         logger.warning(
             "VGG19 backbone uses RANDOM weights: features are meaningless for anomaly detection; "

@@ -55,6 +55,10 @@ class HaloAttention(nn.Module):
         # Table row for (query offset in its block, key offset in its window) along one axis.
         displacement = torch.arange(window)[None, :] - halo - torch.arange(block)[:, None]
         self.register_buffer("rel_index", displacement + window - 1, persistent=False)
+        # One-hot (key row, key column) of each of the window² keys: (window², 2·window).
+        eye = torch.eye(window)
+        key_onehot = torch.cat([eye.repeat_interleave(window, 0), eye.repeat(window, 1)], dim=1)
+        self.register_buffer("key_onehot", key_onehot, persistent=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         batch, _, height, width = x.shape
@@ -76,24 +80,31 @@ class HaloAttention(nn.Module):
         kv = kv.reshape(batch, 2, n, d, nh, nw, win * win).permute(1, 0, 4, 5, 2, 6, 3)
         k, v = kv.reshape(2, blocks, n, win * win, d).unbind(0)
 
-        sim = (q @ k.transpose(-1, -2)).view(batch, nh * nw, n, b, b, win, win)
         # Relative-position logits, factorised: q·(R_h[dy] + R_w[dx]) = q·R_h[dy] + q·R_w[dx],
-        # each added in place by broadcasting over the other key axis (no extra b²·win² tensor).
+        # one (blocks, n, b², win) table per axis, indexed by the key's row and column.
         qb = q.reshape(blocks, n, b, b, d)
         logit_h = torch.einsum("znxyd,xkd->znxyk", qb, self.rel_height[self.rel_index])
         logit_w = torch.einsum("znxyd,ykd->znxyk", qb, self.rel_width[self.rel_index])
-        sim.add_(logit_h.reshape(batch, nh * nw, n, b, b, win, 1))
-        sim.add_(logit_w.reshape(batch, nh * nw, n, b, b, 1, win))
+        # Fold them into the content dot product: queries get [q, logit_h, logit_w], keys get
+        # [k, onehot(row), onehot(col)], so q'·k' = q·k + logit_h[row] + logit_w[col]. No
+        # b²×win² bias tensor is ever built, which lets the fused attention kernels run.
+        rel_shape = (blocks, n, b * b, win)
+        q = torch.cat([q, logit_h.reshape(rel_shape), logit_w.reshape(rel_shape)], dim=-1)
+        k = torch.cat([k, self.key_onehot.to(k.dtype).expand(blocks, n, win * win, 2 * win)], -1)
 
-        # Which window positions lie inside the map, per block: (1, nh·nw, 1, 1, 1, win, win).
+        # Which window positions lie inside the map, per block: (blocks, 1, 1, win²).
         ones = F.pad(x.new_ones(1, 1, height, width), (self.halo,) * 4)
-        valid = ones.unfold(2, win, b).unfold(3, win, b).reshape(1, nh * nw, 1, 1, 1, win, win) > 0
+        valid = ones.unfold(2, win, b).unfold(3, win, b).reshape(1, nh * nw, win * win) > 0
+        valid = valid.expand(batch, -1, -1).reshape(blocks, 1, 1, win * win)
         if self.released_mask:
+            sim = q @ k.transpose(-1, -2)
             sim.masked_fill_(valid, -torch.finfo(sim.dtype).max)  # the upstream inversion
+            out = sim.softmax(dim=-1) @ v
         else:
-            # Every query sees its own block, so no softmax row is fully masked.
-            sim.masked_fill_(~valid, float("-inf"))
-        out = sim.view(blocks, n, b * b, win * win).softmax(dim=-1) @ v
+            # Every query sees its own block, so no softmax row is fully masked. The fused CPU
+            # kernel wants equal head sizes for q, k and v: pad v with zeros and drop them after.
+            v = F.pad(v, (0, 2 * win))
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=valid, scale=1.0)[..., :d]
 
         out = out.reshape(batch, nh, nw, n, b, b, d).permute(0, 3, 6, 1, 4, 2, 5)
         return self.to_out(out.reshape(batch, n * d, height, width))

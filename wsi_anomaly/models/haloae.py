@@ -18,6 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from wsi_anomaly.errors import InvalidInputError
 from wsi_anomaly.models.features import FEATURE_CHANNELS, load_vgg19
 from wsi_anomaly.models.halo import HaloAttention
 
@@ -94,7 +95,7 @@ class Bottleneck(nn.Module):
             # not followed by BN, so it keeps its bias.
             self.attention = nn.Conv2d(width, width, 3, padding=1)
         else:
-            raise ValueError(f"attention must be 'halo' or 'conv', got {attention!r}")
+            raise InvalidInputError(f"attention must be 'halo' or 'conv', got {attention!r}")
         self.expand = nn.Sequential(
             nn.Conv2d(width, out_channels, kernel_size, padding=kernel_size // 2, bias=False),
             nn.BatchNorm2d(out_channels),

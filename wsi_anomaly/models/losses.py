@@ -32,7 +32,9 @@ _EWS_PARAMS: tuple[tuple[float, float, float, float], ...] = (
 )
 
 
-def _gaussian_window(window: int, sigma: float, dtype: torch.dtype, device: torch.device):
+def _gaussian_window(
+    window: int, sigma: float, dtype: torch.dtype, device: torch.device
+) -> torch.Tensor:
     x = torch.arange(window, dtype=dtype, device=device) - (window - 1) / 2
     g = torch.exp(-(x**2) / (2 * sigma**2))
     return g / g.sum()

@@ -24,7 +24,10 @@ IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp")
 
 def to_tensor(rgb: np.ndarray) -> torch.Tensor:
     """(H, W, 3) uint8 → (3, H, W) float32 in [0, 1]."""
-    return torch.from_numpy(np.ascontiguousarray(rgb)).permute(2, 0, 1).float().div_(255.0)
+    rgb = np.ascontiguousarray(rgb)
+    if not rgb.flags.writeable:  # PIL hands out read-only buffers; torch wants to own memory
+        rgb = rgb.copy()
+    return torch.from_numpy(rgb).permute(2, 0, 1).float().div_(255.0)
 
 
 class ZarrTileDataset(Dataset):
@@ -64,16 +67,20 @@ def find_images(root: str | Path) -> list[Path]:
 
 
 class ImageFolderDataset(Dataset):
-    """Image files found recursively under a folder, resized to ``tile_px`` square.
+    """Image files found recursively under a folder (or given as a list), resized to ``tile_px``.
 
     Unreadable files and files smaller than ``tile_px`` on either side are skipped with a
     warning that counts them; an error is raised when nothing usable remains.
     """
 
-    def __init__(self, root: str | Path, tile_px: int = 256):
-        self.root = Path(root)
+    def __init__(self, root: str | Path | list[Path], tile_px: int = 256):
+        if isinstance(root, list):  # an explicit list of files
+            candidates = [Path(p) for p in root]
+            self.root = candidates[0].parent if candidates else Path(".")
+        else:
+            self.root = Path(root)
+            candidates = find_images(self.root)
         self.tile_px = tile_px
-        candidates = find_images(self.root)
         if not candidates:
             raise InvalidInputError(
                 f"no images in {self.root} (looked for {', '.join(IMAGE_SUFFIXES)}, recursively)")

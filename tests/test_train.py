@@ -1,0 +1,106 @@
+import pytest
+import torch
+
+from conftest import tiny_config
+from wsi_anomaly.checkpoint import load_checkpoint, save_checkpoint
+from wsi_anomaly.errors import CheckpointError, DeviceUnavailableError, OutputExistsError
+from wsi_anomaly.models import HaloAE, haloae_loss, make_cutpaste_batch, normalise
+from wsi_anomaly.tiles.dataset import ZarrTileDataset
+from wsi_anomaly.train import resolve_device, resume_path, train_model
+
+
+def test_a_few_steps_lower_the_loss(small_store):
+    torch.manual_seed(0)
+    ds = ZarrTileDataset(small_store)
+    images = ds[0].unsqueeze(0)
+    batch, labels = make_cutpaste_batch(images, torch.Generator().manual_seed(0))
+    x = normalise(batch)
+    model = HaloAE(backbone_weights="random").train()
+    opt = torch.optim.Adam(model.trainable_parameters(), lr=1e-4)
+    losses = []
+    for _ in range(5):
+        loss, _ = haloae_loss(model(x), x, labels, (1 / 3, 1 / 3, 1 / 3))
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(float(loss.detach()))
+    assert losses[-1] < losses[0], losses
+
+
+def test_checkpoint_is_complete_and_calibrated(tiny_model):
+    ckpt = load_checkpoint(tiny_model)
+    assert ckpt["model_name"] == "haloae" and ckpt["complete"]
+    assert ckpt["backbone"] == "vgg19-random" and ckpt["tile_mpp"] == 0.5
+    assert ckpt["config"]["model"]["backbone_weights"] == "random"
+    cal = ckpt["calibration"]
+    assert cal["mean_map"].shape == (64, 64) and cal["n_tiles"] == 4
+    q = [cal["score_quantiles"][k] for k in ("0", "0.5", "0.99", "1")]
+    assert q == sorted(q) and q[0] >= 0
+    assert ckpt["software_version"]
+    assert tiny_model.with_name("tiny.config.yaml").is_file()
+    assert not resume_path(tiny_model).exists()
+    assert len(ckpt["history"]) == 1
+
+
+def test_resume_continues_exactly(small_store, tmp_path, monkeypatch):
+    ds = ZarrTileDataset(small_store)
+    cfg = tiny_config(epochs=2, calibration_tiles=2)
+    straight = tmp_path / "straight.pt"
+    train_model(ds, cfg, straight, device="cpu", progress=False)
+
+    import wsi_anomaly.train as train_mod
+
+    calls = {"n": 0}
+    real = train_mod.make_cutpaste_batch
+
+    def crash_in_second_epoch(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] > 2:  # two single-tile steps per epoch
+            raise KeyboardInterrupt
+        return real(*args, **kwargs)
+
+    resumed = tmp_path / "resumed.pt"
+    monkeypatch.setattr(train_mod, "make_cutpaste_batch", crash_in_second_epoch)
+    with pytest.raises(KeyboardInterrupt):
+        train_model(ds, cfg, resumed, device="cpu", progress=False)
+    assert not resumed.exists() and resume_path(resumed).exists()
+    with pytest.raises(CheckpointError, match="unfinished"):
+        load_checkpoint(resume_path(resumed))
+    monkeypatch.setattr(train_mod, "make_cutpaste_batch", real)
+    train_model(ds, cfg, resumed, device="cpu", resume=True, progress=False)
+
+    a, b = load_checkpoint(straight), load_checkpoint(resumed)
+    for key, value in a["state_dict"].items():
+        assert torch.equal(value, b["state_dict"][key]), key
+    assert [h["loss"] for h in a["history"]] == [h["loss"] for h in b["history"]]
+
+
+def test_existing_checkpoint_refused(tiny_model, small_store):
+    with pytest.raises(OutputExistsError, match="--overwrite"):
+        train_model(ZarrTileDataset(small_store), tiny_config(), tiny_model, device="cpu",
+                    progress=False)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has CUDA")
+def test_cuda_request_without_cuda():
+    with pytest.raises(DeviceUnavailableError, match="no usable CUDA"):
+        resolve_device("cuda")
+    assert resolve_device("auto").type == "cpu"
+
+
+def test_foreign_and_old_checkpoints(tmp_path, tiny_model):
+    other = tmp_path / "other.pt"
+    torch.save({"state_dict": {}}, other)
+    with pytest.raises(CheckpointError, match="not a wsi-anomaly checkpoint"):
+        load_checkpoint(other)
+    ckpt = load_checkpoint(tiny_model)
+    old = tmp_path / "old.pt"
+    save_checkpoint({**ckpt, "format_version": 0}, old)
+    with pytest.raises(CheckpointError, match="format 0"):
+        load_checkpoint(old)
+    with pytest.raises(CheckpointError, match="not 'atacnet'"):
+        load_checkpoint(tiny_model, expect_model="atacnet")
+    junk = tmp_path / "junk.pt"
+    junk.write_bytes(b"not a checkpoint")
+    with pytest.raises(CheckpointError, match="not a readable"):
+        load_checkpoint(junk)

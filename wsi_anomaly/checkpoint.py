@@ -1,0 +1,86 @@
+"""One checkpoint format for every model the project has.
+
+A checkpoint is a ``torch.save`` dict::
+
+    format            "wsi-anomaly-checkpoint"
+    format_version    CHECKPOINT_VERSION
+    software_version  wsi_anomaly.__version__ that wrote it
+    model_name        "haloae", …
+    config            the resolved Config as a dict (model knobs, training settings, seed)
+    state_dict        the model's weights (the frozen backbone included, so scoring needs no
+                      download)
+    backbone          where the backbone weights came from ("vgg19-imagenet1k-v1", "vgg19-random")
+    tile_mpp          µm/px of the training tiles (None when unknown)
+    calibration       {"mean_map": 64×64 tensor, "score_quantiles": {q: value}, …} — what makes
+                      scores comparable across slides; absent in intermediate checkpoints
+    train_state       {"epoch", "optimizer", …} for ``--resume``
+    complete          True once training finished and calibration is in
+
+Written to a temporary name and renamed, so a crash never leaves a truncated checkpoint.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from . import __version__
+from .errors import CheckpointError, InputNotFoundError
+
+FORMAT = "wsi-anomaly-checkpoint"
+CHECKPOINT_VERSION = 1
+
+
+def save_checkpoint(payload: dict[str, Any], path: str | Path) -> None:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    data = {"format": FORMAT, "format_version": CHECKPOINT_VERSION,
+            "software_version": __version__, **payload}
+    tmp = path.with_name(f".{path.name}.partial")
+    torch.save(data, tmp)
+    os.replace(tmp, path)
+
+
+def load_checkpoint(path: str | Path, expect_model: str | None = None,
+                    require_complete: bool = True) -> dict[str, Any]:
+    """Load and validate a checkpoint.
+
+    Raises:
+        InputNotFoundError; CheckpointError for a file that is not ours, of another format
+        version, of another model than ``expect_model``, or unfinished when
+        ``require_complete``.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise InputNotFoundError(f"model checkpoint not found: {path}")
+    try:
+        data = torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as exc:
+        raise CheckpointError(f"{path} is not a readable checkpoint ({exc.__class__.__name__})") from exc
+    if not isinstance(data, dict) or data.get("format") != FORMAT:
+        raise CheckpointError(f"{path} is not a wsi-anomaly checkpoint (train one with "
+                              "`wsi-anomaly train`)")
+    if data.get("format_version") != CHECKPOINT_VERSION:
+        raise CheckpointError(
+            f"{path} has checkpoint format {data.get('format_version')} (written by wsi-anomaly "
+            f"{data.get('software_version')}); this version reads format {CHECKPOINT_VERSION} — "
+            "retrain, or use the version that wrote it")
+    if expect_model is not None and data.get("model_name") != expect_model:
+        raise CheckpointError(f"{path} holds a {data.get('model_name')!r} model, not {expect_model!r}")
+    if require_complete and not data.get("complete"):
+        raise CheckpointError(f"{path} is an unfinished training checkpoint; finish it with "
+                              "`wsi-anomaly train ... --resume`")
+    return data
+
+
+def file_hash(path: str | Path) -> str:
+    """sha256 of a checkpoint file: the model identity recorded next to scores."""
+    h = hashlib.sha256()
+    with Path(path).open("rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()

@@ -1,0 +1,242 @@
+"""Training loops and checkpoints.
+
+Determinism: every epoch's randomness (which tiles are drawn, the Cut&Paste copies) comes from
+generators seeded with ``(seed, epoch)``, so a run resumed from a checkpoint continues exactly as
+if it had never stopped, whatever the number of data-loading workers.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import math
+import random
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset, RandomSampler, Subset
+from tqdm.auto import tqdm
+
+from .checkpoint import load_checkpoint, save_checkpoint
+from .config import Config, config_from_dict, save_config
+from .errors import DeviceUnavailableError, InvalidInputError, OutputExistsError
+from .models.cutpaste import make_cutpaste_batch
+from .models.losses import haloae_loss, loss_weights
+from .models.registry import build_model
+from .models.scoring import anomaly_map, normalise_map, smooth_map, tile_scores
+from .models.transforms import normalise
+
+log = logging.getLogger(__name__)
+
+SCORE_QUANTILES = (0.0, 0.01, 0.05, 0.25, 0.5, 0.75, 0.95, 0.99, 1.0)
+
+
+def resolve_device(name: str = "auto") -> torch.device:
+    """``auto`` → CUDA when present, else CPU; ``cuda`` without CUDA is an error."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise DeviceUnavailableError(
+            f"--device {name} was requested but this machine has no usable CUDA GPU "
+            "(torch.cuda.is_available() is False); use --device cpu or auto")
+    if name not in ("cpu",) and not name.startswith("cuda"):
+        raise InvalidInputError(f"--device must be auto, cpu or cuda[:N], got {name!r}")
+    return torch.device(name)
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % (2**32))
+    torch.manual_seed(seed)
+
+
+def _epoch_generator(seed: int, epoch: int, stream: int) -> torch.Generator:
+    # Distinct, reproducible streams per (seed, epoch, purpose).
+    return torch.Generator().manual_seed(((seed * 1_000_003 + epoch) * 7 + stream) % (2**63))
+
+
+def resume_path(out: Path) -> Path:
+    """Where periodic, resumable checkpoints go (the final name is written only at the end)."""
+    return out.with_name(out.stem + ".resume" + out.suffix)
+
+
+@dataclass
+class TrainResult:
+    checkpoint: Path
+    epochs: int
+    seconds: float
+    images_per_s: float
+    history: list[dict[str, float]] = field(default_factory=list)
+    score_quantiles: dict[str, float] = field(default_factory=dict)
+
+
+def _autocast(device: torch.device):
+    if device.type == "cuda":
+        return torch.autocast("cuda", dtype=torch.bfloat16)
+    return torch.autocast("cpu", enabled=False)
+
+
+def _loader(dataset: Dataset, config: Config, epoch: int) -> DataLoader:
+    t = config.train
+    sampler = RandomSampler(dataset, replacement=True, num_samples=t.samples_per_epoch,
+                            generator=_epoch_generator(config.seed, epoch, 0))
+    return DataLoader(dataset, batch_size=t.batch_size, sampler=sampler, num_workers=t.workers,
+                      drop_last=False, persistent_workers=False,
+                      pin_memory=torch.cuda.is_available())
+
+
+@torch.no_grad()
+def calibrate(model: torch.nn.Module, dataset: Dataset, device: torch.device, n_tiles: int,
+              batch_size: int = 16, workers: int = 0, progress: bool = True) -> dict[str, Any]:
+    """The training-normal mean anomaly map and the distribution of training tile scores.
+
+    Uses up to ``n_tiles`` tiles spread evenly over ``dataset`` (no augmentation).
+    """
+    model.eval()
+    idx = np.unique(np.linspace(0, len(dataset) - 1, num=min(n_tiles, len(dataset))).astype(int))
+    loader = DataLoader(Subset(dataset, idx.tolist()), batch_size=batch_size, num_workers=workers)
+    raw_maps = []
+    for images in tqdm(loader, desc="calibrating", unit="batch", disable=not progress, leave=False):
+        x = normalise(images.to(device))
+        if device.type == "cuda":
+            x = x.contiguous(memory_format=torch.channels_last)
+        with _autocast(device):
+            fm = model.features(x)
+            raw = anomaly_map(fm, model.reconstruct_features(fm))
+        raw_maps.append(raw.float().cpu())
+    raw = torch.cat(raw_maps)
+    mean_map = raw.mean(dim=0)
+    maps = smooth_map(normalise_map(raw, mean_map))
+    mean_scores, max_scores = (s.numpy().astype(np.float64) for s in tile_scores(maps))
+    return {
+        "mean_map": mean_map,
+        "n_tiles": int(len(raw)),
+        "score_quantiles": {f"{q:g}": float(np.quantile(mean_scores, q)) for q in SCORE_QUANTILES},
+        "max_score_quantiles": {f"{q:g}": float(np.quantile(max_scores, q)) for q in SCORE_QUANTILES},
+        "score_mean": float(mean_scores.mean()),
+        "score_std": float(mean_scores.std()),
+    }
+
+
+def train_model(dataset: Dataset, config: Config, out: str | Path, device: str = "auto",
+                resume: bool = False, overwrite: bool = False, tile_mpp: float | None = None,
+                source: str | None = None, progress: bool = True) -> TrainResult:
+    """Train the configured model on ``dataset`` (float tensors 3×256×256 in [0, 1]).
+
+    Periodic checkpoints go to :func:`resume_path`; the final checkpoint, with the calibration
+    (mean map, score quantiles), is written to ``out`` only when training is complete.
+    """
+    out = Path(out)
+    config.validate()
+    if config.model.name != "haloae":
+        raise InvalidInputError(f"training for model {config.model.name!r} is not available")
+    if len(dataset) == 0:
+        raise InvalidInputError("no training tiles")
+    if out.exists() and not (overwrite or resume):
+        raise OutputExistsError(f"{out} already exists; pass --overwrite to replace it")
+    dev = resolve_device(device)
+    partial = resume_path(out)
+
+    start_epoch, history, state = 0, [], None
+    if resume:
+        if not partial.exists():
+            raise InvalidInputError(f"nothing to resume: {partial} does not exist "
+                                    "(start without --resume)")
+        state = load_checkpoint(partial, expect_model=config.model.name, require_complete=False)
+        saved = config_from_dict(state["config"])
+        if saved.model != config.model or saved.seed != config.seed:
+            raise InvalidInputError(f"{partial} was trained with another model config or seed; "
+                                    "resume with the same --config and --seed")
+        # The saved settings win; only the schedule length may be extended on resume.
+        config = dataclasses.replace(saved, train=dataclasses.replace(
+            saved.train, epochs=config.train.epochs))
+        start_epoch = int(state["train_state"]["epoch"]) + 1
+        history = list(state.get("history", []))
+        log.info("resuming %s from epoch %d", partial, start_epoch)
+
+    seed_everything(config.seed)
+    knobs = {"backbone_weights": config.model.backbone_weights, "attention": config.model.attention,
+             "released_mask": config.model.released_mask}
+    if state is not None:  # the backbone weights come from the checkpoint: no download
+        knobs["backbone_weights"] = "checkpoint"
+    model = build_model(config.model.name, **knobs)
+    backbone = state["backbone"] if state is not None else model.backbone_identity
+    if state is not None:
+        model.load_state_dict(state["state_dict"])
+    model.to(dev)
+    if dev.type == "cuda":
+        model = model.to(memory_format=torch.channels_last)
+    optimiser = torch.optim.Adam(model.trainable_parameters(), lr=config.train.lr,
+                                 weight_decay=config.train.weight_decay)
+    if state is not None:
+        optimiser.load_state_dict(state["train_state"]["optimizer"])
+
+    def payload(epoch: int) -> dict[str, Any]:
+        return {"model_name": config.model.name, "config": config.to_dict(),
+                "state_dict": {k: v.detach().cpu() for k, v in model.state_dict().items()},
+                "backbone": backbone, "tile_mpp": tile_mpp, "training_source": source,
+                "history": history,
+                "train_state": {"epoch": epoch, "optimizer": optimiser.state_dict()}}
+
+    t = config.train
+    total_epochs = t.epochs
+    seen, t0 = 0, time.perf_counter()
+    for epoch in range(start_epoch, total_epochs):
+        model.train()
+        weights = loss_weights(t.loss_weighting, epoch, total_epochs)
+        aug = _epoch_generator(config.seed, epoch, 1)
+        sums: dict[str, float] = {"loss": 0.0, "cls": 0.0, "fm": 0.0, "im": 0.0}
+        steps = 0
+        loader = _loader(dataset, config, epoch)
+        bar = tqdm(loader, desc=f"epoch {epoch + 1}/{total_epochs}", unit="batch",
+                   disable=not progress, leave=False)
+        for images in bar:
+            batch, labels = make_cutpaste_batch(images, aug, image_jitter=t.image_jitter,
+                                                patch_jitter=t.patch_jitter)
+            x = normalise(batch).to(dev, non_blocking=True)
+            labels = labels.to(dev)
+            if dev.type == "cuda":
+                x = x.contiguous(memory_format=torch.channels_last)
+            with _autocast(dev):
+                outputs = model(x)
+                loss, parts = haloae_loss(outputs, x, labels, weights, t.loss_terms)
+            if not torch.isfinite(loss):
+                raise InvalidInputError(f"training diverged at epoch {epoch + 1} (loss {loss.item()}); "
+                                        "lower train.lr")
+            optimiser.zero_grad(set_to_none=True)
+            loss.backward()
+            optimiser.step()
+            steps += 1
+            seen += len(x)
+            loss_value = float(loss.detach())
+            sums["loss"] += loss_value
+            for k in ("cls", "fm", "im"):
+                sums[k] += float(parts[k])
+            bar.set_postfix(loss=f"{loss_value:.3f}", cls=f"{float(parts['cls']):.3f}",
+                            fm=f"{float(parts['fm']):.3f}", im=f"{float(parts['im']):.3f}",
+                            w="/".join(f"{w:.2f}" for w in weights))
+        bar.close()
+        record = {"epoch": epoch, **{k: v / max(steps, 1) for k, v in sums.items()},
+                  "w_cls": weights[0], "w_fm": weights[1], "w_im": weights[2]}
+        history.append(record)
+        log.info("epoch %d/%d  loss %.4f  cls %.4f  fm %.4f  im %.4f  weights %.2f/%.2f/%.2f",
+                 epoch + 1, total_epochs, record["loss"], record["cls"], record["fm"],
+                 record["im"], *weights)
+        if (epoch + 1) % t.checkpoint_every == 0 and epoch + 1 < total_epochs:
+            save_checkpoint({**payload(epoch), "complete": False}, partial)
+    seconds = time.perf_counter() - t0
+
+    calibration = calibrate(model, dataset, dev, t.calibration_tiles, workers=t.workers,
+                            progress=progress)
+    final = {**payload(total_epochs - 1), "complete": True, "calibration": calibration,
+             "train_seconds": seconds}
+    save_checkpoint(final, out)
+    save_config(config, out.with_name(out.stem + ".config.yaml"))
+    if partial.exists():
+        partial.unlink()
+    return TrainResult(out, total_epochs, seconds, seen / seconds if seconds > 0 else math.nan,
+                       history, calibration["score_quantiles"])
