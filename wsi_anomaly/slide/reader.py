@@ -106,11 +106,17 @@ class _TiledPage:
                 self._cache.popitem(last=False)
         return tile
 
-    def read(self, x: int, y: int, w: int, h: int) -> np.ndarray:
-        """Pixels [y, y+h) × [x, x+w) of this page as (h, w, 3) uint8; outside is background."""
-        out = np.full((h, w, 3), BACKGROUND_RGB, np.uint8)
+    def read(self, x: int, y: int, w: int, h: int, out: np.ndarray | None = None) -> np.ndarray:
+        """Pixels [y, y+h) × [x, x+w) of this page as (h, w, 3) uint8; outside is background.
+
+        ``out``, if given, is filled in place and returned.
+        """
         x0, y0 = max(x, 0), max(y, 0)
         x1, y1 = min(x + w, self.width), min(y + h, self.height)
+        if out is None:
+            out = np.empty((h, w, 3), np.uint8)
+        if not (x0 == x and y0 == y and x1 == x + w and y1 == y + h):
+            out[...] = BACKGROUND_RGB  # only regions reaching outside the image need a fill
         if x0 >= x1 or y0 >= y1:
             return out
         for ty in range(y0 // self.tile_h, (y1 - 1) // self.tile_h + 1):
@@ -121,6 +127,13 @@ class _TiledPage:
                 sx1, sy1 = min(x1, ox + self.tile_w), min(y1, oy + self.tile_h)
                 out[sy0 - y:sy1 - y, sx0 - x:sx1 - x] = tile[sy0 - oy:sy1 - oy, sx0 - ox:sx1 - ox]
         return out
+
+
+def _into(out: np.ndarray | None, pixels: np.ndarray) -> np.ndarray:
+    if out is None:
+        return pixels
+    out[...] = pixels
+    return out
 
 
 def _to_rgb(arr: np.ndarray) -> np.ndarray:
@@ -322,22 +335,26 @@ class Slide:
         return h.hexdigest()
 
     # -- pixels ------------------------------------------------------------------------------
-    def read_level(self, level: int, x: int, y: int, w: int, h: int) -> np.ndarray:
-        """Pixels of ``level`` at *level* coordinates [y, y+h) × [x, x+w): (h, w, 3) uint8 RGB."""
+    def read_level(self, level: int, x: int, y: int, w: int, h: int,
+                   out: np.ndarray | None = None) -> np.ndarray:
+        """Pixels of ``level`` at *level* coordinates [y, y+h) × [x, x+w): (h, w, 3) uint8 RGB.
+
+        ``out``, an (h, w, 3) uint8 array, receives the pixels when given (saves a copy).
+        """
         try:
             if level in self._pages:
-                return self._pages[level].read(x, y, w, h)
+                return self._pages[level].read(x, y, w, h, out)
             if level in self._zarr_levels:
                 arr = self._zarr_levels[level]
-                out = np.full((h, w, 3), BACKGROUND_RGB, np.uint8)
+                region = np.full((h, w, 3), BACKGROUND_RGB, np.uint8)
                 lw, lh = self._dims[level]
                 x0, y0, x1, y1 = max(x, 0), max(y, 0), min(x + w, lw), min(y + h, lh)
                 if x0 < x1 and y0 < y1:
-                    out[y0 - y:y1 - y, x0 - x:x1 - x] = _to_rgb(np.asarray(arr[y0:y1, x0:x1]))
-                return out
+                    region[y0 - y:y1 - y, x0 - x:x1 - x] = _to_rgb(np.asarray(arr[y0:y1, x0:x1]))
+                return _into(out, region)
             ds = self._downsamples[level]
             region = self._osr.read_region((int(round(x * ds)), int(round(y * ds))), level, (w, h))
-            return _to_rgb(np.asarray(region))
+            return _into(out, _to_rgb(np.asarray(region)))
         except CorruptSlideError as exc:
             raise CorruptSlideError(f"{self.path}: level {level} at ({x}, {y}): {exc}") from exc
         except Exception as exc:

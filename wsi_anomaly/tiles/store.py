@@ -37,7 +37,7 @@ ATTRS_KEY = "wsi_anomaly"
 STORE_FORMAT = 1
 #: Tiles per inner chunk and per shard file: a 70k×70k slide (~30 000 tissue tiles at 0.25 mpp)
 #: becomes ~120 shard files, and reading one tile decodes at most CHUNK_TILES tiles.
-CHUNK_TILES = 4
+CHUNK_TILES = 16
 SHARD_TILES = 256
 
 
@@ -97,7 +97,9 @@ class TileStoreWriter:
         self.tiles = root.create_array(
             "tiles", shape=(n_tiles, tile_px, tile_px, 3), dtype="uint8",
             chunks=(chunk, tile_px, tile_px, 3), shards=(shard, tile_px, tile_px, 3),
-            compressors=_compressor(), dimension_names=("tile", "y", "x", "rgb"))
+            compressors=_compressor(), dimension_names=("tile", "y", "x", "rgb"),
+            # Tiles are never all-zero: skip zarr's per-chunk "is it empty?" comparison.
+            config={"write_empty_chunks": True})
         root.create_array("coords", data=np.asarray(coords, np.int64).reshape(-1, 2),
                           chunks=(max(1, n_tiles), 2))
         root.create_array("grid_index", data=np.asarray(grid_index, np.int32).reshape(-1, 2),
