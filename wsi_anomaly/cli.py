@@ -220,27 +220,45 @@ def cmd_synth(args: argparse.Namespace) -> int:
     return 0
 
 
+# -- heatmap -----------------------------------------------------------------------------------
+def cmd_heatmap(args: argparse.Namespace) -> int:
+    from .pipeline import HeatmapSettings, run_cohort
+
+    settings = HeatmapSettings(
+        target_mpp=args.mpp, min_tissue=args.min_tissue, batch_size=args.batch_size,
+        device=args.device, keep_maps=args.keep_maps, top_k=args.top_k, cmap=args.cmap,
+        slide_mpp=args.slide_mpp, mpp_csv=args.mpp_csv, overwrite=args.overwrite,
+        progress=not args.quiet, read_workers=args.read_threads)
+    rows = run_cohort(args.slides, args.out, args.model, settings, scheduler=args.scheduler,
+                      workers=args.workers, skip_errors=args.skip_errors)
+    for row in rows:
+        if row["status"] in ("ok", "skipped (done)"):
+            print(f"{row['slide']}: {row['status']}, {row['n_tiles']} tiles, "
+                  f"{float(row['fraction_anomalous'] or 0):.1%} above the training 99th "
+                  f"percentile → {row['output']}")
+        else:
+            print(f"{row['slide']}: {row['status']}: {row['error']}")
+    failed = [r for r in rows if r["status"] not in ("ok", "skipped (done)")]
+    print(f"{len(rows) - len(failed)} of {len(rows)} slides done; cohort table "
+          f"{Path(args.out) / 'summary.csv'}")
+    return 1 if failed and len(failed) == len(rows) else 0
+
+
 # -- demo --------------------------------------------------------------------------------------
 def cmd_demo(args: argparse.Namespace) -> int:
-    from .slide.synthetic import write_synthetic_slide
-    from .tiles import TilingSettings, tile_slide
+    from .demo import run_demo
 
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    slide_path = out / "synthetic_slide.tif"
-    if not slide_path.exists() or args.overwrite:
-        print(f"[1/2] writing a {args.size} × {args.size} px synthetic slide → {slide_path}")
-        write_synthetic_slide(slide_path, width=args.size, height=args.size, mpp=0.5,
-                              seed=args.seed, progress=not args.quiet)
-    else:
-        print(f"[1/2] reusing {slide_path}")
-    store = out / "synthetic_slide.tiles.zarr"
-    print(f"[2/2] tiling the tissue at 0.5 µm/px → {store}")
-    result = tile_slide(slide_path, store, TilingSettings(target_mpp=0.5), overwrite=True,
-                        progress=not args.quiet)
-    print(f"kept {result.n_tiles} of {result.n_grid} tiles in {result.seconds:.1f} s "
-          f"({result.tiles_per_s:.0f} tiles/s)")
-    print(f"done: slide {slide_path}, tile store {store}")
+    result = run_demo(args.out, size_px=args.size, seed=args.seed,
+                      backbone_weights=args.backbone_weights, device=args.device,
+                      progress=not args.quiet)
+    outputs = result.summary["outputs"]
+    print(f"\nAUROC of tile scores, tumour (like the training tiles) vs the rest of the tissue: "
+          f"{result.auroc:.3f} over {result.n_tiles} tiles")
+    print("pictures:")
+    for name in ("heatmap", "overlay", "thumbnail", "top_tiles"):
+        print(f"  {result.results / Path(outputs[name]).name}")
+    print(f"for viewers: {result.results / Path(outputs['ngff']).name} (NGFF: napari…), "
+          f"{result.results / Path(outputs['geojson']).name} (QuPath)")
     return 0
 
 
@@ -342,12 +360,50 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--overwrite", action="store_true")
     p.set_defaults(func=cmd_synth)
 
-    p = sub.add_parser("demo", parents=[common], help="run the pipeline on a synthetic slide",
-                       description="Write a synthetic slide and run the pipeline on it end to end.")
+    p = sub.add_parser("heatmap", parents=[common], help="score slides and draw heatmaps",
+                       description="Tile each slide at the model's resolution, score every tissue "
+                                   "tile, and write heatmap.png, overlay.png, thumbnail.png, "
+                                   "heatmap.ome.zarr, tiles.geojson, top_tiles.png and "
+                                   "summary.json to OUT/<slide name>/, plus OUT/summary.csv.")
+    p.add_argument("slides", nargs="+", help="slide files, folders of slides, or glob patterns")
+    p.add_argument("--model", required=True, help="checkpoint written by `train`")
+    p.add_argument("--out", default="results", help="output folder (default results/)")
+    p.add_argument("--mpp", type=_positive_float,
+                   help="tile resolution, µm/px (default: the model's training resolution)")
+    p.add_argument("--min-tissue", type=_fraction, default=0.5,
+                   help="score tiles with at least this tissue fraction (default 0.5)")
+    p.add_argument("--batch-size", type=int, default=32, help="tiles per model batch (default 32)")
+    p.add_argument("--device", default="auto", help="auto (CUDA if present), cpu or cuda")
+    p.add_argument("--keep-maps", action="store_true",
+                   help="also store each tile's 64×64 anomaly map in the tile store")
+    p.add_argument("--top-k", type=int, default=16, help="tiles in top_tiles.png (default 16)")
+    p.add_argument("--cmap", default="coolwarm",
+                   help="matplotlib colour map (coolwarm as in the paper; viridis, inferno…)")
+    p.add_argument("--workers", type=int, default=None,
+                   help="start a local dask cluster of N processes, one slide per task")
+    p.add_argument("--scheduler", metavar="ADDRESS",
+                   help="use an existing dask.distributed scheduler (e.g. tcp://host:8786); GPU "
+                        "workers should be started with --resources GPU=1")
+    p.add_argument("--read-threads", type=int, default=0,
+                   help="tile-decoding threads per slide (default: CPU cores)")
+    p.add_argument("--skip-errors", action="store_true",
+                   help="record a failing slide in summary.csv and go on")
+    p.add_argument("--overwrite", action="store_true", help="redo slides that are already done")
+    _add_slide_mpp_options(p)
+    p.set_defaults(func=cmd_heatmap)
+
+    p = sub.add_parser("demo", parents=[common], help="the whole pipeline on a synthetic slide",
+                       description="Write a synthetic slide with known tumour and stroma, train "
+                                   "HaloAE on its tumour tiles (fast preset), draw the heatmap "
+                                   "of the whole slide and report how well tile scores separate "
+                                   "tumour from the rest (AUROC).")
     p.add_argument("--out", default="demo_out", help="output folder (default demo_out/)")
-    p.add_argument("--size", type=int, default=6144, help="synthetic slide side in px")
+    p.add_argument("--size", type=int, default=8192, help="synthetic slide side in px (default 8192)")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--overwrite", action="store_true", help="rewrite the synthetic slide")
+    p.add_argument("--backbone-weights", default="random",
+                   help="VGG19 weights for the demo: random (default: works offline), imagenet "
+                        "or a state-dict file")
+    p.add_argument("--device", default="auto", help="auto, cpu or cuda")
     p.set_defaults(func=cmd_demo)
     return parser
 

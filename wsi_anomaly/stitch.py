@@ -5,11 +5,17 @@ checkpoint), never from the scores being drawn, so the same score has the same c
 slide and in every run. Diverging ``coolwarm`` by default, as in the HaloAE paper: blue at the
 training median (tissue like the training tissue), white at the training 99th percentile, red at
 twice that distance above it (anomalous).
+
+:func:`write_slide_outputs` writes a slide's pictures and files (wsi.md §6) on one display canvas
+(:func:`display_geometry`) that lines up with the slide to the pixel.
 """
 
 from __future__ import annotations
 
+import json
+import math
 import os
+import uuid
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping
@@ -68,3 +74,380 @@ def save_map_png(score_map: np.ndarray, scale: ColourScale, path: str | Path, si
     tmp = path.with_name(f".{path.stem}.partial.png")
     Image.fromarray(heat).save(tmp)
     os.replace(tmp, path)
+
+
+# --------------------------------------------------------------------------------------------
+# Per-slide outputs (wsi.md §6)
+# --------------------------------------------------------------------------------------------
+
+#: Width of the colour-bar/legend panel appended to the right of heatmap.png and overlay.png,
+#: and its minimum height (a tiny canvas gets a taller panel; the canvas stays top-left).
+LEGEND_PANEL_PX = (260, 360)
+CONTOUR_RGB = (0, 200, 0)
+
+
+@dataclass(frozen=True)
+class SlideGeometry:
+    """Where tiles lie on the slide. All lengths in level-0 pixels unless named otherwise."""
+
+    width: int               # level-0 width
+    height: int              # level-0 height
+    mpp: float               # level-0 µm per pixel
+    tile_size_l0: float      # side of one tile
+    stride_l0: float         # step between grid cells (== tile_size_l0 by default)
+    grid_cols: int
+    grid_rows: int
+
+
+def display_geometry(geometry: SlideGeometry, max_px: int = 2048
+                     ) -> tuple[float, tuple[int, int]]:
+    """The display downsample ``d`` (level-0 px per PNG px) and canvas size ``(w, h)`` in px.
+
+    The canvas covers the whole slide: ``(ceil(width / d), ceil(height / d))``, longest side at
+    most ``max_px``. When a grid cell can be a whole number ``k`` of pixels (``d = stride_l0 /
+    k``) it is, so cells are crisp squares of equal size; ``d`` never goes below 1 (no upsampling
+    of the slide). Otherwise ``d = max(width, height) / max_px``.
+    """
+    if max_px < 1:
+        raise ValueError(f"max_px must be positive, got {max_px}")
+    longest = max(geometry.width, geometry.height)
+    stride = float(geometry.stride_l0)
+    d = max(longest / max_px, 1.0)
+    for k in range(min(math.floor(stride * max_px / longest), math.floor(stride)), 0, -1):
+        if math.ceil(longest * k / stride) <= max_px:  # guards float fuzz at the bound
+            d = stride / k
+            break
+    return d, (math.ceil(geometry.width / d), math.ceil(geometry.height / d))
+
+
+def write_slide_outputs(
+    out_dir: Path,
+    *,
+    slide_name: str,
+    geometry: SlideGeometry,
+    coords: np.ndarray,
+    grid_index: np.ndarray,
+    scores: np.ndarray,
+    max_scores: np.ndarray,
+    thumbnail: np.ndarray,
+    thumbnail_downsample: float,
+    tissue_mask: np.ndarray,
+    mask_downsample: float,
+    scale: ColourScale,
+    top_tiles: list[tuple[int, np.ndarray]],
+    max_px: int = 2048,
+) -> dict[str, str]:
+    """Write heatmap/overlay/thumbnail PNGs, the NGFF score grid, QuPath GeoJSON and a gallery.
+
+    Args:
+        coords: (N, 2) int64 level-0 top-left (x, y) of the scored tiles.
+        grid_index: (N, 2) int32 (col, row) of each tile in the grid.
+        scores, max_scores: (N,) float32 tile mean / max anomaly score.
+        thumbnail: (h, w, 3) uint8; pixel (i, j) covers level-0 [j·d, (j+1)·d) × [i·d, (i+1)·d)
+            with d = ``thumbnail_downsample``. ``tissue_mask``: (hm, wm) bool, likewise with
+            ``mask_downsample``.
+        scale: the model's fixed colour scale (never derived from these scores).
+        top_tiles: (index into coords, (T, T, 3) uint8 RGB), most anomalous first.
+        max_px: longest side of the aligned canvas of the PNGs (see :func:`display_geometry`).
+    Returns:
+        Output name (``heatmap``, ``overlay``, ``thumbnail``, ``ngff``, ``geojson``,
+        ``top_tiles``) → path written. Every file is written under a temporary name and renamed.
+
+    The PNGs share one canvas: their top-left ``display_geometry(geometry, max_px)[1]`` pixels
+    line up with the slide (canvas pixel (i, j) covers level-0 [j·d, (j+1)·d) × [i·d, (i+1)·d));
+    heatmap and overlay carry a legend panel to the right of it. ``d`` and the canvas size are
+    also stored as PNG text chunks (``display_downsample``, ``canvas_px``).
+    """
+    from skimage.segmentation import find_boundaries
+
+    out_dir = Path(out_dir)
+    coords = np.asarray(coords, np.int64).reshape(-1, 2)
+    grid_index = np.asarray(grid_index, np.int64).reshape(-1, 2)
+    scores = np.asarray(scores, np.float32).reshape(-1)
+    max_scores = np.asarray(max_scores, np.float32).reshape(-1)
+    if not len(coords) == len(grid_index) == len(scores) == len(max_scores):
+        raise ValueError("coords, grid_index, scores and max_scores must have the same length")
+
+    d, canvas = display_geometry(geometry, max_px)
+    heat = _heat_canvas(geometry, d, canvas, coords, scores, scale)
+    slide_rgb = _resample_to_canvas(np.asarray(thumbnail)[..., :3], thumbnail_downsample, d,
+                                    canvas, fill=255)
+    tissue = _resample_to_canvas(np.asarray(tissue_mask, np.uint8) * 255, mask_downsample, d,
+                                 canvas, fill=0) > 127
+    panel = _legend_panel(scale, geometry, canvas[1])
+    info = {"display_downsample": repr(d), "canvas_px": f"{canvas[0]}x{canvas[1]}"}
+
+    painted = heat[..., 3:] > 0
+    blended = np.where(painted, 0.5 * heat[..., :3] + 0.5 * slide_rgb, slide_rgb)
+    overlay = np.dstack([(blended + 0.5).astype(np.uint8), np.full(canvas[::-1], 255, np.uint8)])
+    contoured = slide_rgb.copy()
+    contoured[find_boundaries(tissue, mode="thick")] = CONTOUR_RGB
+
+    paths = {
+        "heatmap": out_dir / "heatmap.png",
+        "overlay": out_dir / "overlay.png",
+        "thumbnail": out_dir / "thumbnail.png",
+        "ngff": out_dir / "heatmap.ome.zarr",
+        "geojson": out_dir / "tiles.geojson",
+        "top_tiles": out_dir / "top_tiles.png",
+    }
+    _save_png(_with_panel(heat, panel), paths["heatmap"], info)
+    _save_png(_with_panel(overlay, panel), paths["overlay"], info)
+    _save_png(contoured, paths["thumbnail"], info)
+    _write_ngff(paths["ngff"], slide_name, geometry, coords, grid_index, scores)
+    _write_geojson(paths["geojson"], slide_name, geometry, coords, scores, max_scores, scale)
+    _write_gallery(paths["top_tiles"], top_tiles, coords, scores, max_scores, geometry)
+    return {name: str(p) for name, p in paths.items()}
+
+
+def _heat_canvas(geometry: SlideGeometry, d: float, canvas: tuple[int, int], coords: np.ndarray,
+                 scores: np.ndarray, scale: ColourScale) -> np.ndarray:
+    """(h, w, 4) uint8: each scored cell [x, x+stride) × [y, y+stride) filled with its colour.
+
+    Cell edges sit at round(x / d); a cell is at least one pixel so no tile disappears.
+    """
+    w, h = canvas
+    rgba = np.zeros((h, w, 4), np.uint8)
+    ok = np.isfinite(scores)
+    if not ok.any():
+        return rgba
+    xy, colours = coords[ok], scale.to_rgb(scores[ok])
+    start = np.rint(xy / d).astype(np.int64)
+    end = np.maximum(np.rint((xy + geometry.stride_l0) / d).astype(np.int64), start + 1)
+    start = np.clip(start, 0, [w, h])
+    end = np.clip(end, 0, [w, h])
+    for (x0, y0), (x1, y1), c in zip(start.tolist(), end.tolist(), colours):
+        rgba[y0:y1, x0:x1, :3] = c
+        rgba[y0:y1, x0:x1, 3] = 255
+    return rgba
+
+
+def _resample_to_canvas(image: np.ndarray, src_downsample: float, d: float,
+                        canvas: tuple[int, int], fill: int) -> np.ndarray:
+    """Resample an image at ``src_downsample`` onto the display canvas, exactly.
+
+    Canvas pixel j covers source pixels [j·d/s, (j+1)·d/s); the source is padded with ``fill``
+    where the canvas reaches beyond it (the canvas covers the whole slide, a thumbnail may stop a
+    fraction of a pixel short).
+    """
+    w, h = canvas
+    box_w, box_h = w * d / src_downsample, h * d / src_downsample
+    need_w, need_h = math.ceil(box_w - 1e-9), math.ceil(box_h - 1e-9)
+    src_h, src_w = image.shape[:2]
+    if need_w > src_w or need_h > src_h:
+        pad = [(0, max(0, need_h - src_h)), (0, max(0, need_w - src_w))]
+        pad += [(0, 0)] * (image.ndim - 2)
+        image = np.pad(image, pad, constant_values=fill)
+    pil = Image.fromarray(np.ascontiguousarray(image))
+    box = (0.0, 0.0, min(box_w, pil.width), min(box_h, pil.height))
+    return np.asarray(pil.resize((w, h), Image.Resampling.BILINEAR, box=box))
+
+
+def _legend_panel(scale: ColourScale, geometry: SlideGeometry, canvas_h: int) -> np.ndarray:
+    """(H, LEGEND_PANEL_PX[0], 4) uint8: colour bar on the fixed training scale and a legend."""
+    from matplotlib import colormaps
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    width, min_h = LEGEND_PANEL_PX
+    height = max(canvas_h, min_h)
+    fig = Figure(figsize=(width / 100, height / 100), dpi=100, facecolor="white")
+    FigureCanvasAgg(fig)
+    # Fixed pixel margins so the text keeps its size whatever the canvas height.
+    top, bottom = 1 - 40 / height, 120 / height
+    ax = fig.add_axes((14 / width, bottom, 22 / width, top - bottom))
+    gradient = colormaps[scale.cmap](np.linspace(1.0, 0.0, 256))[:, None, :3]
+    ax.imshow(gradient, aspect="auto", extent=(0, 1, 0, 1), interpolation="nearest")
+    ax.set_xticks([])
+    ax.yaxis.tick_right()
+    ax.set_yticks([0.0, 0.5, 1.0])
+    ax.set_yticklabels([f"{scale.vmin:.3g}  training median\n(like training tissue)",
+                        f"{scale.vcenter:.3g}  training\n99th percentile",
+                        f"{scale.vmax:.3g}+  anomalous"], fontsize=8)
+    fig.text(14 / width, 1 - 14 / height, "tile anomaly score (fixed scale)", fontsize=8,
+             va="top")
+    tile_um = geometry.tile_size_l0 * geometry.mpp
+    fig.text(14 / width, 12 / height,
+             f"one cell = one tile, {tile_um:.0f} µm\n"
+             f"({geometry.tile_size_l0:.0f} level-0 px)\n"
+             "transparent: no tile scored\n(background or no tissue)",
+             fontsize=8, va="bottom")
+    fig.canvas.draw()
+    return np.asarray(fig.canvas.buffer_rgba()).copy()
+
+
+def _with_panel(canvas_rgba: np.ndarray, panel: np.ndarray) -> np.ndarray:
+    """The aligned canvas top-left, the legend panel to its right (transparent padding)."""
+    h = max(canvas_rgba.shape[0], panel.shape[0])
+    w = canvas_rgba.shape[1] + panel.shape[1]
+    out = np.zeros((h, w, 4), np.uint8)
+    out[:canvas_rgba.shape[0], :canvas_rgba.shape[1]] = canvas_rgba
+    out[:panel.shape[0], canvas_rgba.shape[1]:] = panel
+    return out
+
+
+def _partial(path: Path) -> Path:
+    """A hidden temporary sibling of ``path`` (same suffix, so writers infer the format)."""
+    return path.with_name(f".{path.name}.partial{path.suffix}")
+
+
+def _save_png(array: np.ndarray, path: Path, text: Mapping[str, str]) -> None:
+    from PIL.PngImagePlugin import PngInfo
+
+    meta = PngInfo()
+    for key, value in text.items():
+        meta.add_text(key, value)
+    tmp = _partial(path)
+    try:
+        Image.fromarray(array).save(tmp, format="PNG", pnginfo=meta)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def _nan_downsample2(grid: np.ndarray) -> np.ndarray:
+    """2× coarser grid, each cell the mean of its finite children (NaN when none)."""
+    rows, cols = grid.shape
+    padded = np.full((rows + rows % 2, cols + cols % 2), np.nan, np.float32)
+    padded[:rows, :cols] = grid
+    blocks = padded.reshape(padded.shape[0] // 2, 2, padded.shape[1] // 2, 2)
+    finite = np.isfinite(blocks)
+    count = finite.sum(axis=(1, 3))
+    total = np.where(finite, blocks, 0).sum(axis=(1, 3), dtype=np.float64)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return np.where(count > 0, total / count, np.nan).astype(np.float32)
+
+
+def _write_ngff(path: Path, slide_name: str, geometry: SlideGeometry, coords: np.ndarray,
+                grid_index: np.ndarray, scores: np.ndarray) -> None:
+    """The score grid as an OME-NGFF 0.5 (zarr v3) image: level "0" one pixel per cell.
+
+    Physical units are slide micrometres; a pixel centre lies at ``index·scale + translation``
+    (napari's convention), i.e. level-0 cell c is centred on [x, x+stride)'s middle. Level "1"
+    (2× nan-mean) is added when the grid is at least 2×2.
+    """
+    import shutil
+
+    import zarr
+
+    grid = np.full((geometry.grid_rows, geometry.grid_cols), np.nan, np.float32)
+    inside = ((grid_index[:, 0] >= 0) & (grid_index[:, 0] < geometry.grid_cols)
+              & (grid_index[:, 1] >= 0) & (grid_index[:, 1] < geometry.grid_rows))
+    grid[grid_index[inside, 1], grid_index[inside, 0]] = scores[inside]
+    stride = float(geometry.stride_l0)
+    # Grid origin in level-0 px (0 for the grids we lay; derived so an offset grid still fits).
+    origin = ((coords - grid_index * stride).mean(axis=0) if len(coords) else np.zeros(2))
+    levels = [grid]
+    if min(grid.shape) >= 2:
+        levels.append(_nan_downsample2(grid))
+    datasets = []
+    for i, _ in enumerate(levels):
+        cell_l0 = stride * 2 ** i
+        datasets.append({"path": str(i), "coordinateTransformations": [
+            {"type": "scale", "scale": [cell_l0 * geometry.mpp] * 2},
+            {"type": "translation",
+             "translation": [float((origin[1] + cell_l0 / 2) * geometry.mpp),
+                             float((origin[0] + cell_l0 / 2) * geometry.mpp)]},
+        ]})
+    ome = {"version": "0.5", "multiscales": [{
+        "name": f"{slide_name} tile anomaly score",
+        "axes": [{"name": "y", "type": "space", "unit": "micrometer"},
+                 {"name": "x", "type": "space", "unit": "micrometer"}],
+        "datasets": datasets,
+        "type": "mean",
+        "metadata": {"description": "level 1: mean of the 2x2 cells that have a tile"},
+    }]}
+
+    tmp = _partial(path)
+    shutil.rmtree(tmp, ignore_errors=True)
+    try:
+        group = zarr.open_group(str(tmp), mode="w", zarr_format=3)
+        group.attrs["ome"] = ome
+        for i, level in enumerate(levels):
+            chunks = tuple(max(1, min(n, 512)) for n in level.shape)
+            array = group.create_array(str(i), shape=level.shape, chunks=chunks,
+                                       dtype="float32", fill_value=np.nan,
+                                       dimension_names=["y", "x"])
+            array[...] = level
+        if path.exists():  # a directory cannot be os.replace'd onto a non-empty one
+            old = path.with_name(f".{path.name}.old")
+            shutil.rmtree(old, ignore_errors=True)
+            os.replace(path, old)
+            os.replace(tmp, path)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, path)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def tile_uuid(slide_name: str, x: int, y: int) -> str:
+    """The deterministic id of a tile: the same slide and coordinates give the same UUID."""
+    return str(uuid.uuid5(uuid.NAMESPACE_URL, f"wsi-anomaly:{slide_name}:{int(x)}:{int(y)}"))
+
+
+def _write_geojson(path: Path, slide_name: str, geometry: SlideGeometry, coords: np.ndarray,
+                   scores: np.ndarray, max_scores: np.ndarray, scale: ColourScale) -> None:
+    """QuPath-ready tiles: level-0 square polygons, scores as measurements.
+
+    Tiles at or above the training 99th percentile (``scale.vcenter``) are classified
+    "Anomalous"; a non-finite score is left out of the measurements (JSON has no NaN).
+    """
+    side = float(geometry.tile_size_l0)
+    side = int(side) if side.is_integer() else side
+    red = [int(v) for v in scale.to_rgb(np.array([scale.vmax]))[0]]
+    features = []
+    for (x, y), score, top in zip(coords.tolist(), scores.tolist(), max_scores.tolist()):
+        measurements = {name: float(v) for name, v in
+                        (("anomaly_score", score), ("anomaly_max", top)) if math.isfinite(v)}
+        properties: dict[str, Any] = {"objectType": "tile", "measurements": measurements}
+        if math.isfinite(score) and score >= scale.vcenter:
+            properties["classification"] = {"name": "Anomalous", "color": red}
+        features.append({
+            "type": "Feature",
+            "id": tile_uuid(slide_name, x, y),
+            "geometry": {"type": "Polygon", "coordinates": [
+                [[x, y], [x + side, y], [x + side, y + side], [x, y + side], [x, y]]]},
+            "properties": properties,
+        })
+    tmp = _partial(path)
+    try:
+        with open(tmp, "w", encoding="utf-8") as f:
+            json.dump({"type": "FeatureCollection", "features": features}, f,
+                      allow_nan=False, separators=(",", ":"))
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def _write_gallery(path: Path, top_tiles: list[tuple[int, np.ndarray]], coords: np.ndarray,
+                   scores: np.ndarray, max_scores: np.ndarray, geometry: SlideGeometry) -> None:
+    """The most anomalous tiles in a grid, captioned with level-0 (x, y) and scores."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    n = len(top_tiles)
+    cols = min(5, max(n, 1))
+    rows = max(1, math.ceil(n / cols))
+    fig = Figure(figsize=(2.4 * cols, 2.8 * rows + 0.3), dpi=100, facecolor="white",
+                 layout="constrained")
+    FigureCanvasAgg(fig)
+    if n == 0:
+        fig.text(0.5, 0.5, "no tiles scored", ha="center", va="center")
+    for rank, (index, tile) in enumerate(top_tiles):
+        ax = fig.add_subplot(rows, cols, rank + 1)
+        ax.imshow(np.asarray(tile)[..., :3], interpolation="nearest")
+        ax.set_xticks([])
+        ax.set_yticks([])
+        x, y = (int(v) for v in coords[index])
+        ax.set_title(f"#{rank + 1}  x={x}, y={y}\nscore {scores[index]:.3g}"
+                     f" · max {max_scores[index]:.3g}", fontsize=8)
+    tile_um = geometry.tile_size_l0 * geometry.mpp
+    fig.suptitle(f"most anomalous tiles ({tile_um:.0f} µm; level-0 px coordinates)",
+                 fontsize=9)
+    tmp = _partial(path)
+    try:
+        fig.savefig(tmp, format="png")
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)

@@ -111,6 +111,14 @@ class TileStoreWriter:
         root.attrs[ATTRS_KEY] = self.attrs
         self.root = root
 
+    def create_scores(self, keep_maps: bool = False, map_px: int = 64) -> None:
+        """Add the arrays the scorer fills: ``scores``/``max_scores`` (N,), ``maps`` (N, 64, 64)."""
+        create_score_arrays(self.root, self.n_tiles, self.shard_tiles, keep_maps, map_px)
+
+    def write_scores(self, start: int, mean: np.ndarray, peak: np.ndarray,
+                     maps: np.ndarray | None = None) -> None:
+        write_score_arrays(self.root, start, mean, peak, maps)
+
     def write(self, start: int, tiles: np.ndarray) -> None:
         """Write tiles [start, start + len(tiles)); callers pass whole shards for speed."""
         self.tiles[start:start + len(tiles)] = tiles
@@ -129,6 +137,28 @@ class TileStoreWriter:
     def __exit__(self, exc_type, exc, tb) -> None:
         if exc_type is not None:
             self.abort()
+
+
+def create_score_arrays(root: zarr.Group, n_tiles: int, chunk: int, keep_maps: bool,
+                        map_px: int = 64) -> None:
+    """(Re)create the score arrays of a store, filled with NaN until scored."""
+    chunk = max(1, min(chunk, n_tiles))
+    for name in ("scores", "max_scores"):
+        root.create_array(name, shape=(n_tiles,), dtype="float32", chunks=(chunk,),
+                          fill_value=float("nan"), overwrite=True)
+    if keep_maps:
+        root.create_array("maps", shape=(n_tiles, map_px, map_px), dtype="float16",
+                          chunks=(min(chunk, 64), map_px, map_px), fill_value=float("nan"),
+                          compressors=_compressor(), overwrite=True)
+
+
+def write_score_arrays(root: zarr.Group, start: int, mean: np.ndarray, peak: np.ndarray,
+                       maps: np.ndarray | None = None) -> None:
+    stop = start + len(mean)
+    root["scores"][start:stop] = np.asarray(mean, np.float32)
+    root["max_scores"][start:stop] = np.asarray(peak, np.float32)
+    if maps is not None and "maps" in root:
+        root["maps"][start:stop] = np.asarray(maps, np.float16)
 
 
 class TileStore:
@@ -173,6 +203,15 @@ class TileStore:
     def read(self, start: int, stop: int) -> np.ndarray:
         """Tiles [start, stop) as (n, T, T, 3) uint8."""
         return np.asarray(self.tiles[start:stop])
+
+    @property
+    def scores(self) -> np.ndarray | None:
+        """Per-tile mean anomaly scores (N,) when the store has been scored."""
+        return np.asarray(self.root["scores"][:]) if "scores" in self.root else None
+
+    @property
+    def max_scores(self) -> np.ndarray | None:
+        return np.asarray(self.root["max_scores"][:]) if "max_scores" in self.root else None
 
     @staticmethod
     def is_store(path: str | Path) -> bool:

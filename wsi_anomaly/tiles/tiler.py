@@ -169,6 +169,32 @@ def _export_png(tiles: np.ndarray, coords: np.ndarray, folder: Path, stem: str) 
         Image.fromarray(tile).save(folder / f"{stem}_x{int(x)}_y{int(y)}.png", compress_level=1)
 
 
+def store_attributes(slide_path: str | Path, slide: Slide, grid: TileGrid,
+                     settings: TilingSettings, tissue: TissueMask) -> dict:
+    """Provenance recorded in a tile store: the slide, its resolution, the grid and settings."""
+    plan = grid.plan
+    return {
+        "slide_path": str(Path(slide_path).resolve()),
+        "slide_name": slide.name,
+        "slide_format": slide.format,
+        "slide_reader": slide.backend,
+        "slide_size_bytes": Path(slide_path).stat().st_size,
+        "slide_fingerprint": slide.fingerprint(),
+        "slide_dimensions": list(slide.dimensions),
+        "level0_mpp": slide.mpp,
+        "mpp_source": slide.resolution.source,
+        **plan.to_dict(),
+        "tile_size_l0": plan.tile_size_l0,
+        "stride_l0": plan.stride_l0,
+        "grid_cols": grid.cols,
+        "grid_rows": grid.rows,
+        "n_grid_tiles": len(grid),
+        "settings": settings.to_dict(),
+        "tissue_threshold": tissue.threshold,
+        "tissue_fraction_slide": tissue.tissue_fraction,
+    }
+
+
 def tile_slide(slide_path: str | Path, out: str | Path, settings: TilingSettings = TilingSettings(),
                slide_mpp: float | None = None, overwrite: bool = False,
                export_png: str | Path | None = None, progress: bool = True) -> TilingResult:
@@ -204,26 +230,7 @@ def _tile_slide(slide_path, out, settings, slide_mpp, overwrite, png_dir, png_tm
                 f"{settings.min_tissue:.0%} tissue at {plan.actual_mpp:.3f} mpp (all background?)")
         log.info("%s: %d of %d grid tiles kept (level %d, %.3f mpp)", slide.name, len(kept),
                  len(grid), plan.level, plan.actual_mpp)
-        attrs = {
-            "slide_path": str(Path(slide_path).resolve()),
-            "slide_name": slide.name,
-            "slide_format": slide.format,
-            "slide_reader": slide.backend,
-            "slide_size_bytes": Path(slide_path).stat().st_size,
-            "slide_fingerprint": slide.fingerprint(),
-            "slide_dimensions": list(slide.dimensions),
-            "level0_mpp": slide.mpp,
-            "mpp_source": slide.resolution.source,
-            **plan.to_dict(),
-            "tile_size_l0": plan.tile_size_l0,
-            "stride_l0": plan.stride_l0,
-            "grid_cols": grid.cols,
-            "grid_rows": grid.rows,
-            "n_grid_tiles": len(grid),
-            "settings": settings.to_dict(),
-            "tissue_threshold": tissue.threshold,
-            "tissue_fraction_slide": tissue.tissue_fraction,
-        }
+        attrs = store_attributes(slide_path, slide, grid, settings, tissue)
         if png_tmp is not None:
             png_tmp.mkdir(parents=True)
         stem = Path(slide.name).stem

@@ -1,0 +1,133 @@
+"""`heatmap` end to end: outputs, skip/overwrite, crash recovery, --skip-errors, dask cluster."""
+
+import csv
+import json
+
+import numpy as np
+import pytest
+
+from conftest import CMU_SVS, needs_cmu
+from wsi_anomaly.cli import main
+from wsi_anomaly.errors import CorruptSlideError
+from wsi_anomaly.pipeline import HeatmapSettings, find_slides, process_slide, run_cohort
+from wsi_anomaly.slide.synthetic import write_synthetic_slide
+from wsi_anomaly.tiles import TileStore
+
+OUTPUTS = ("heatmap.png", "overlay.png", "thumbnail.png", "heatmap.ome.zarr", "tiles.geojson",
+           "top_tiles.png", "summary.json", "tiles.zarr")
+
+
+@pytest.fixture(scope="module")
+def mini_slides(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("cohort")
+    a = write_synthetic_slide(folder / "a.tif", width=1280, height=1024, mpp=0.5, seed=5)
+    b = write_synthetic_slide(folder / "b.tif", width=1024, height=1280, mpp=0.5, seed=6)
+    return folder, a, b
+
+
+def settings(**kw):
+    return HeatmapSettings(device="cpu", batch_size=8, progress=False, **kw)
+
+
+def test_one_slide_all_outputs(mini_slides, tiny_model, tmp_path):
+    _, a, _ = mini_slides
+    summary = process_slide(a.path, tmp_path, tiny_model, settings())
+    out = tmp_path / "a.tif"
+    for name in OUTPUTS:
+        assert (out / name).exists(), name
+    assert not list(tmp_path.glob(".*partial*"))
+    store = TileStore(out / "tiles.zarr")
+    assert np.isfinite(store.scores).all() and len(store.scores) == summary["n_tiles"] > 0
+    assert (store.max_scores >= store.scores).all()
+    assert store.attrs["model"]["model_sha256"] == summary["model"]["model_sha256"]
+    saved = json.loads((out / "summary.json").read_text())
+    for key in ("actual_mpp", "mpp_source", "level", "n_tiles", "score_quantiles", "timings_s",
+                "tiles_per_s", "model", "software_version", "tissue_fraction_slide"):
+        assert key in saved, key
+    assert saved["actual_mpp"] == pytest.approx(0.5, rel=1e-3)
+    features = json.loads((out / "tiles.geojson").read_text())["features"]
+    assert len(features) == summary["n_tiles"]
+
+
+def test_rerun_skips_and_overwrite_redoes(mini_slides, tiny_model, tmp_path):
+    _, a, _ = mini_slides
+    first = process_slide(a.path, tmp_path, tiny_model, settings())
+    again = process_slide(a.path, tmp_path, tiny_model, settings())
+    assert again["status"] == "skipped (done)"
+    redone = process_slide(a.path, tmp_path, tiny_model, settings(overwrite=True))
+    assert redone["status"] == "ok"
+    np.testing.assert_allclose(redone["score_mean"], first["score_mean"], rtol=1e-5)
+
+
+def test_crash_then_rerun_completes_with_same_scores(mini_slides, tiny_model, tmp_path,
+                                                     monkeypatch):
+    _, a, _ = mini_slides
+    clean = process_slide(a.path, tmp_path / "clean", tiny_model, settings())
+
+    import wsi_anomaly.pipeline as pipeline
+
+    def crash(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(pipeline, "write_slide_outputs", crash)
+    with pytest.raises(KeyboardInterrupt):
+        process_slide(a.path, tmp_path / "run", tiny_model, settings())
+    assert not (tmp_path / "run" / "a.tif").exists()  # nothing that looks finished
+    monkeypatch.undo()
+    resumed = process_slide(a.path, tmp_path / "run", tiny_model, settings())
+    np.testing.assert_allclose(TileStore(tmp_path / "run" / "a.tif" / "tiles.zarr").scores,
+                               TileStore(tmp_path / "clean" / "a.tif" / "tiles.zarr").scores,
+                               rtol=1e-5)
+    assert resumed["n_tiles"] == clean["n_tiles"]
+
+
+def test_skip_errors_records_corrupt_slide(mini_slides, tiny_model, tmp_path):
+    folder, a, _ = mini_slides
+    cohort = tmp_path / "slides"
+    cohort.mkdir()
+    (cohort / "a.tif").write_bytes(a.path.read_bytes())
+    (cohort / "broken.tif").write_bytes(a.path.read_bytes()[:5000])
+    out = tmp_path / "results"
+    with pytest.raises(CorruptSlideError):
+        run_cohort([cohort], out, tiny_model, settings())
+    rows = run_cohort([cohort], out, tiny_model, settings(), skip_errors=True)
+    status = {r["slide"]: r["status"] for r in rows}
+    assert status == {"a.tif": "skipped (done)", "broken.tif": "failed"} or \
+        status == {"a.tif": "ok", "broken.tif": "failed"}
+    table = {r["slide"]: r for r in csv.DictReader((out / "summary.csv").open())}
+    assert table["broken.tif"]["status"] == "failed" and table["broken.tif"]["error"]
+    assert table["a.tif"]["status"] in ("ok", "skipped (done)")
+    assert (out / "a.tif" / "summary.json").is_file() and not (out / "broken.tif").exists()
+
+
+def test_local_dask_cluster_one_task_per_slide(mini_slides, tiny_model, tmp_path):
+    folder, _, _ = mini_slides
+    rows = run_cohort([str(folder / "*.tif")], tmp_path, tiny_model, settings(), workers=2)
+    assert sorted(r["slide"] for r in rows) == ["a.tif", "b.tif"]
+    assert all(r["status"] == "ok" for r in rows)
+    assert (tmp_path / "b.tif" / "heatmap.png").is_file()
+
+
+def test_find_slides_inputs(mini_slides, tmp_path):
+    folder, a, b = mini_slides
+    assert find_slides([folder]) == [a.path, b.path]
+    assert find_slides([str(folder / "a*.tif"), a.path]) == [a.path]
+
+
+def test_cli_heatmap_and_bad_input(mini_slides, tiny_model, tmp_path, capsys):
+    _, a, _ = mini_slides
+    code = main(["heatmap", str(a.path), "--model", str(tiny_model), "--out", str(tmp_path),
+                 "--device", "cpu", "-q"])
+    out, err = capsys.readouterr()
+    assert code == 0 and "1 of 1 slides done" in out
+    code = main(["heatmap", str(a.path), "--model", str(tmp_path / "none.pt"), "--out",
+                 str(tmp_path)])
+    out, err = capsys.readouterr()
+    assert code != 0 and "not found" in err and "Traceback" not in err
+
+
+@needs_cmu
+def test_heatmap_on_real_svs(tiny_model, tmp_path):
+    summary = process_slide(CMU_SVS, tmp_path, tiny_model, settings())
+    assert summary["mpp_source"] == "openslide" and summary["n_tiles"] > 10
+    assert (tmp_path / CMU_SVS.name / "overlay.png").is_file()

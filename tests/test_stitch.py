@@ -1,0 +1,280 @@
+"""Per-slide outputs: pixel alignment, QuPath GeoJSON, OME-NGFF, fixed colours, atomic writes."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import uuid
+
+import numpy as np
+import pytest
+import zarr
+from PIL import Image
+
+from wsi_anomaly.stitch import (ColourScale, SlideGeometry, display_geometry,
+                                write_slide_outputs)
+
+SCALE = ColourScale(vmin=0.2, vcenter=0.5, vmax=0.9)
+OUTPUTS = {"heatmap.png", "overlay.png", "thumbnail.png", "heatmap.ome.zarr", "tiles.geojson",
+           "top_tiles.png"}
+HOT = {(3, 2), (4, 2), (3, 3), (4, 3)}      # (col, row): the anomalous square
+SKIPPED = {(0, 0), (10, 7), (6, 5)}         # cells without a scored tile
+TISSUE_L0 = (640, 320, 2560, 1600)          # x0, y0, x1, y1 of the tissue rectangle
+
+
+def synthetic_slide(width=3000, height=2200, stride=256.0, hot_score=1.5, seed=0,
+                    shared=None):
+    """Inputs for write_slide_outputs: every grid cell but SKIPPED scored, HOT ones high.
+
+    ``shared`` = ((col, row), score) forces one cell's score (for cross-slide colour checks).
+    """
+    rng = np.random.default_rng(seed)
+    cols, rows = int((width - stride) // stride + 1), int((height - stride) // stride + 1)
+    geometry = SlideGeometry(width, height, mpp=0.5, tile_size_l0=stride, stride_l0=stride,
+                             grid_cols=cols, grid_rows=rows)
+    cells = [(c, r) for r in range(rows) for c in range(cols) if (c, r) not in SKIPPED]
+    grid_index = np.array(cells, np.int32)
+    coords = np.rint(grid_index * stride).astype(np.int64)  # as slide/grid.py lays them
+    scores = rng.uniform(0.1, 0.3, len(cells)).astype(np.float32)
+    for i, cell in enumerate(cells):
+        if cell in HOT:
+            scores[i] = hot_score
+        if shared is not None and cell == shared[0]:
+            scores[i] = shared[1]
+    # Thumbnail and mask a fraction of a pixel short of the slide, as OpenSlide returns them.
+    thumbnail = np.full((height // 16, width // 16, 3), 235, np.uint8)
+    x0, y0, x1, y1 = TISSUE_L0
+    thumbnail[y0 // 16:y1 // 16, x0 // 16:x1 // 16] = (200, 120, 180)
+    mask = np.zeros((height // 32, width // 32), bool)
+    mask[y0 // 32:y1 // 32, x0 // 32:x1 // 32] = True
+    order = np.argsort(-scores)[:6]
+    top = [(int(i), rng.integers(0, 255, (64, 64, 3), dtype=np.uint8)) for i in order]
+    return dict(slide_name=f"slide{seed}", geometry=geometry, coords=coords,
+                grid_index=grid_index, scores=scores, max_scores=scores * 2 + 0.1,
+                thumbnail=thumbnail, thumbnail_downsample=16.0, tissue_mask=mask,
+                mask_downsample=32.0, scale=SCALE, top_tiles=top)
+
+
+def read_png(path) -> np.ndarray:
+    return np.asarray(Image.open(path).convert("RGBA"))
+
+
+@pytest.fixture(scope="module")
+def written(tmp_path_factory):
+    out = tmp_path_factory.mktemp("slide")
+    inputs = synthetic_slide()
+    paths = write_slide_outputs(out, max_px=512, **inputs)
+    return out, inputs, paths
+
+
+def test_display_geometry_rule():
+    # 70k slide, 512 px cells at level 0: 14 px per cell, canvas ≤ 2048, whole slide covered
+    big = SlideGeometry(70000, 60000, 0.25, 512.0, 512.0, 136, 117)
+    d, (w, h) = display_geometry(big, 2048)
+    assert d == pytest.approx(512 / 14) and max(w, h) <= 2048
+    assert (w - 1) * d < 70000 <= w * d and (h - 1) * d < 60000 <= h * d
+    # a small slide is never upsampled
+    small = SlideGeometry(1000, 800, 0.5, 256.0, 256.0, 3, 3)
+    assert display_geometry(small, 2048) == (1.0, (1000, 800))
+    # cells below one pixel: d = longest side / max_px
+    assert display_geometry(big, 100) == (700.0, (100, 86))
+
+
+def test_heatmap_lines_up_with_slide(written):
+    out, inputs, paths = written
+    geometry, coords, grid_index = inputs["geometry"], inputs["coords"], inputs["grid_index"]
+    d, (w, h) = display_geometry(geometry, 512)
+    k = geometry.stride_l0 / d
+    assert k == round(k) and max(w, h) <= 512
+    # bottom-right canvas pixel contains the slide's bottom-right level-0 pixel
+    assert (w - 1) * d < geometry.width <= w * d and (h - 1) * d < geometry.height <= h * d
+
+    heat = read_png(paths["heatmap"])
+    assert Image.open(paths["heatmap"]).text == {"display_downsample": repr(d),
+                                                 "canvas_px": f"{w}x{h}"}
+    canvas = heat[:h, :w]
+    hot = (canvas[..., 3] == 255) & (canvas[..., 0] > 150) & (canvas[..., 2] < 100)
+    ys, xs = np.nonzero(hot)
+    # every hot pixel maps back (via d) into the level-0 cell of a hot tile ...
+    cells = {(int(c), int(r)) for c, r in zip((xs + 0.5) * d // geometry.stride_l0,
+                                              (ys + 0.5) * d // geometry.stride_l0)}
+    assert cells == HOT
+    # ... and the hot cells are filled completely: crisp k×k squares at round(x / d)
+    assert hot.sum() == len(HOT) * k * k
+    hot_xy = coords[[tuple(c) in HOT for c in grid_index.tolist()]]
+    assert xs.min() == round(hot_xy[:, 0].min() / d) and ys.min() == round(hot_xy[:, 1].min() / d)
+    assert xs.max() + 1 == round((hot_xy[:, 0].max() + geometry.stride_l0) / d)
+    assert ys.max() + 1 == round((hot_xy[:, 1].max() + geometry.stride_l0) / d)
+    # cells without a tile, and the strip right of the grid, are transparent
+    for col, row in SKIPPED:
+        assert canvas[int((row + 0.5) * k), int((col + 0.5) * k), 3] == 0
+    assert (canvas[:, math.ceil(geometry.grid_cols * k):, 3] == 0).all()
+    # legend panel to the right, not over the aligned canvas
+    assert heat.shape[1] > w and (heat[:, w:, 3] == 255).all()
+
+
+def test_overlay_and_thumbnail_share_the_canvas(written):
+    out, inputs, paths = written
+    d, (w, h) = display_geometry(inputs["geometry"], 512)
+    thumb = read_png(paths["thumbnail"])
+    overlay = read_png(paths["overlay"])
+    assert thumb.shape[:2] == (h, w)
+    assert overlay.shape == read_png(paths["heatmap"]).shape and overlay.shape[1] > w
+    assert Image.open(paths["overlay"]).text == Image.open(paths["thumbnail"]).text
+    k = round(inputs["geometry"].stride_l0 / d)
+    hot_px = (int(2.5 * k), int(3.5 * k))              # centre of cell (3, 2)
+    skipped_px = (int(0.5 * k), int(0.5 * k))          # centre of cell (0, 0), no tile
+    assert (overlay[skipped_px][:3] == thumb[skipped_px][:3]).all()     # background clear
+    assert overlay[hot_px][0] > thumb[hot_px][0] - 60 and overlay[hot_px][2] < thumb[hot_px][2]
+
+    # the tissue contour sits on the tissue rectangle's edges (level-0 → canvas via d)
+    green = (thumb[..., 1] > 150) & (thumb[..., 0] < 60) & (thumb[..., 2] < 60)
+    ys, xs = np.nonzero(green)
+    assert len(xs) > 0
+    x0, y0, x1, y1 = (v / d for v in TISSUE_L0)
+    near_edge = ((np.abs(xs + 0.5 - x0) <= 2) | (np.abs(xs + 0.5 - x1) <= 2)
+                 | (np.abs(ys + 0.5 - y0) <= 2) | (np.abs(ys + 0.5 - y1) <= 2))
+    assert near_edge.all()
+    for edge, values in ((x0, xs), (x1, xs), (y0, ys), (y1, ys)):
+        assert (np.abs(values + 0.5 - edge) <= 2).any()
+    # the thumbnail's own tissue colour lands in the same place
+    cy, cx = int((y0 + y1) / 2), int((x0 + x1) / 2)
+    assert tuple(thumb[cy, cx, :3]) == (200, 120, 180)
+    assert tuple(thumb[int(y0) - 4, cx, :3]) == (235, 235, 235)
+
+
+def test_hot_tiles_geojson_at_their_coords(written):
+    out, inputs, paths = written
+    features = json.loads(open(paths["geojson"]).read())["features"]
+    s = inputs["geometry"].tile_size_l0
+    anomalous = {}
+    for f in features:
+        if "classification" in f["properties"]:
+            assert f["properties"]["classification"]["name"] == "Anomalous"
+            anomalous[tuple(f["geometry"]["coordinates"][0][0])] = f
+    expected = {tuple(xy) for xy, cell in zip(inputs["coords"].tolist(),
+                                              inputs["grid_index"].tolist())
+                if tuple(cell) in HOT}
+    assert set(anomalous) == expected
+    for (x, y), f in anomalous.items():
+        assert f["geometry"]["coordinates"] == [[[x, y], [x + s, y], [x + s, y + s],
+                                                 [x, y + s], [x, y]]]
+        assert f["properties"]["measurements"]["anomaly_score"] == pytest.approx(1.5)
+
+
+def test_geojson_follows_qupath_rules(tmp_path):
+    inputs = synthetic_slide(seed=3)
+    inputs["scores"][5] = np.nan            # a failed tile must not produce NaN in JSON
+    paths = write_slide_outputs(tmp_path, max_px=256, **inputs)
+
+    def no_constants(name):
+        raise AssertionError(f"non-JSON constant {name}")
+
+    doc = json.loads(open(paths["geojson"]).read(), parse_constant=no_constants)
+    assert doc["type"] == "FeatureCollection"
+    features = doc["features"]
+    assert len(features) == len(inputs["coords"])
+    ids = [f["id"] for f in features]
+    assert len(set(ids)) == len(ids)
+    for f in features:
+        assert f["type"] == "Feature" and str(uuid.UUID(f["id"])) == f["id"]
+        assert f["geometry"]["type"] == "Polygon"
+        ring = f["geometry"]["coordinates"][0]
+        assert len(ring) == 5 and ring[0] == ring[-1]
+        props = f["properties"]
+        assert props["objectType"] == "tile"
+        assert isinstance(props["measurements"], dict)
+        assert all(isinstance(v, float) and math.isfinite(v)
+                   for v in props["measurements"].values())
+        if "classification" in props:
+            cls = props["classification"]
+            assert cls["name"] and len(cls["color"]) == 3
+            assert all(isinstance(c, int) and 0 <= c <= 255 for c in cls["color"])
+    assert "anomaly_score" not in features[5]["properties"]["measurements"]
+    # ids are deterministic: the same slide written again gives the same ids
+    again = write_slide_outputs(tmp_path, max_px=256, **inputs)
+    assert [f["id"] for f in json.loads(open(again["geojson"]).read())["features"]] == ids
+
+
+def test_ngff_score_grid(written):
+    out, inputs, paths = written
+    geometry = inputs["geometry"]
+    group = zarr.open_group(paths["ngff"], mode="r")
+    ome = group.attrs["ome"]
+    assert ome["version"] == "0.5"
+    (ms,) = ome["multiscales"]
+    assert [(a["name"], a["type"], a["unit"]) for a in ms["axes"]] == [
+        ("y", "space", "micrometer"), ("x", "space", "micrometer")]
+    cell_um = geometry.stride_l0 * geometry.mpp
+    level0 = ms["datasets"][0]
+    assert level0["path"] == "0"
+    scale_t, translation_t = level0["coordinateTransformations"]
+    assert scale_t == {"type": "scale", "scale": [cell_um, cell_um]}
+    # pixel centre = index·scale + translation = the cell centre in slide micrometres
+    assert translation_t == {"type": "translation", "translation": [cell_um / 2, cell_um / 2]}
+
+    grid = group["0"][...]
+    assert grid.shape == (geometry.grid_rows, geometry.grid_cols) and grid.dtype == np.float32
+    assert tuple(group["0"].metadata.dimension_names) == ("y", "x")
+    for col, row in SKIPPED:
+        assert np.isnan(grid[row, col])
+    cols, rows = inputs["grid_index"].T
+    np.testing.assert_array_equal(grid[rows, cols], inputs["scores"])
+    assert np.isfinite(grid).sum() == len(inputs["scores"])
+
+    # level 1: 2× coarser, mean over the cells that have a tile, centres shifted accordingly
+    level1 = ms["datasets"][1]
+    assert level1["coordinateTransformations"][0]["scale"] == [2 * cell_um, 2 * cell_um]
+    assert level1["coordinateTransformations"][1]["translation"] == [cell_um, cell_um]
+    coarse = group["1"][...]
+    assert coarse.shape == (math.ceil(geometry.grid_rows / 2), math.ceil(geometry.grid_cols / 2))
+    assert coarse[0, 0] == pytest.approx(np.nanmean(grid[:2, :2]))   # (0, 0) has no tile
+    assert coarse[1, 1] == pytest.approx(grid[2:4, 2:4].mean())
+    assert coarse[3, 5] == pytest.approx(grid[6, 10])  # odd edge; (10, 7) has no tile
+
+
+def test_same_score_same_colour_on_two_slides(tmp_path):
+    shared = ((7, 1), 0.7)
+    a = synthetic_slide(seed=1, shared=shared)
+    b = synthetic_slide(width=5000, height=1800, stride=512.0, hot_score=4.0, seed=2,
+                        shared=shared)
+    colours = []
+    for name, inputs, max_px in (("a", a, 512), ("b", b, 300)):
+        out = tmp_path / name
+        out.mkdir()
+        paths = write_slide_outputs(out, max_px=max_px, **inputs)
+        d, _ = display_geometry(inputs["geometry"], max_px)
+        stride = inputs["geometry"].stride_l0
+        px = (int((1.5 * stride) / d), int((7.5 * stride) / d))
+        colours.append(read_png(paths["heatmap"])[px])
+    assert (colours[0] == colours[1]).all() and colours[0][3] == 255
+    assert (colours[0][:3] == SCALE.to_rgb(np.array([0.7], np.float32))[0]).all()
+
+
+def test_no_temporary_files_left_and_rewrite(tmp_path):
+    inputs = synthetic_slide(seed=4)
+    paths = write_slide_outputs(tmp_path, max_px=128, **inputs)
+    assert set(os.listdir(tmp_path)) == OUTPUTS
+    assert {os.path.basename(p) for p in paths.values()} == OUTPUTS
+    inputs["scores"][:] = 0.25  # a re-run replaces every output, the zarr directory included
+    write_slide_outputs(tmp_path, max_px=128, **inputs)
+    assert set(os.listdir(tmp_path)) == OUTPUTS
+    grid = zarr.open_group(str(tmp_path / "heatmap.ome.zarr"), mode="r")["0"][...]
+    assert np.nanmax(grid) == pytest.approx(0.25)
+
+
+def test_no_tissue_slide_still_writes_every_output(tmp_path):
+    inputs = synthetic_slide(seed=5)
+    for key in ("coords", "grid_index"):
+        inputs[key] = inputs[key][:0]
+    for key in ("scores", "max_scores"):
+        inputs[key] = inputs[key][:0]
+    inputs["top_tiles"] = []
+    paths = write_slide_outputs(tmp_path, max_px=128, **inputs)
+    assert set(os.listdir(tmp_path)) == OUTPUTS
+    _, (w, h) = display_geometry(inputs["geometry"], 128)
+    assert (read_png(paths["heatmap"])[:h, :w, 3] == 0).all()
+    assert json.loads(open(paths["geojson"]).read()) == {"type": "FeatureCollection",
+                                                         "features": []}
+    assert np.isnan(zarr.open_group(paths["ngff"], mode="r")["0"][...]).all()

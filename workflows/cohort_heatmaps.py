@@ -1,0 +1,78 @@
+"""Heatmaps for a whole cohort on a dask cluster: one task per slide.
+
+Three ways to get workers, all ending in ``wsi_anomaly.pipeline.run_cohort``:
+
+* ``--local N`` — a local cluster of N worker processes on this machine (tested);
+* ``--scheduler tcp://host:8786`` — an existing dask.distributed cluster. Start GPU workers with
+  ``dask worker tcp://host:8786 --nthreads 1 --resources GPU=1`` so that each holds one slide at
+  a time on its GPU;
+* ``--slurm N`` — N SLURM jobs through dask-jobqueue (``pip install dask-jobqueue``), each job
+  one GPU worker. Adapt ``slurm_cluster`` to your site (partition, account, modules)::
+
+      python workflows/cohort_heatmaps.py /data/cohort/ --model model.pt --out results/ \\
+          --slurm 8 --partition gpu --walltime 04:00:00
+
+Finished slides are skipped on re-run, failures are recorded in ``results/summary.csv`` and the
+cohort goes on.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from wsi_anomaly.errors import WsiAnomalyError
+from wsi_anomaly.pipeline import HeatmapSettings, run_cohort
+
+
+def slurm_cluster(jobs: int, partition: str, walltime: str, memory: str = "64GB", cores: int = 8):
+    """A dask-jobqueue SLURMCluster of ``jobs`` single-GPU workers."""
+    from dask_jobqueue import SLURMCluster  # optional dependency: pip install dask-jobqueue
+
+    cluster = SLURMCluster(
+        queue=partition, cores=cores, processes=1, memory=memory, walltime=walltime,
+        job_extra_directives=["--gres=gpu:1"],
+        worker_extra_args=["--resources", "GPU=1"],
+    )
+    cluster.scale(jobs=jobs)
+    return cluster
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("slides", nargs="+", help="slide files, folders or globs")
+    ap.add_argument("--model", required=True)
+    ap.add_argument("--out", default="results")
+    where = ap.add_mutually_exclusive_group()
+    where.add_argument("--local", type=int, metavar="N", help="local cluster of N processes")
+    where.add_argument("--scheduler", metavar="ADDRESS", help="existing dask scheduler")
+    where.add_argument("--slurm", type=int, metavar="JOBS", help="SLURM jobs via dask-jobqueue")
+    ap.add_argument("--partition", default="gpu")
+    ap.add_argument("--walltime", default="04:00:00")
+    ap.add_argument("--batch-size", type=int, default=64)
+    ap.add_argument("--overwrite", action="store_true")
+    args = ap.parse_args(argv)
+
+    settings = HeatmapSettings(batch_size=args.batch_size, overwrite=args.overwrite,
+                               progress=False)
+    cluster = None
+    scheduler = args.scheduler
+    try:
+        if args.slurm:
+            cluster = slurm_cluster(args.slurm, args.partition, args.walltime)
+            scheduler = cluster.scheduler_address
+        rows = run_cohort(args.slides, args.out, args.model, settings, scheduler=scheduler,
+                          workers=args.local, skip_errors=True)
+    except WsiAnomalyError as exc:
+        print(f"cohort_heatmaps: error: {exc}", file=sys.stderr)
+        return 2
+    finally:
+        if cluster is not None:
+            cluster.close()
+    failed = [r for r in rows if r["status"] not in ("ok", "skipped (done)")]
+    print(f"{len(rows) - len(failed)} of {len(rows)} slides done; see {args.out}/summary.csv")
+    return 0 if not failed else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
