@@ -29,7 +29,7 @@ log = logging.getLogger(__name__)
 #: The demo's tiles: 1 µm/px keeps the tile count (and CPU time) small while the textures stay
 #: recognisable; its training schedule is the fast preset shortened to about a minute on 2 cores.
 DEMO_MPP = 1.0
-DEMO_TRAIN = {"epochs": 4, "samples_per_epoch": 8, "batch_size": 2, "calibration_tiles": 24}
+DEMO_TRAIN = {"epochs": 3, "samples_per_epoch": 8, "batch_size": 2, "calibration_tiles": 24}
 
 
 @dataclass

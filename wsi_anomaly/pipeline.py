@@ -165,7 +165,9 @@ def process_slide(slide_path: str | Path, out_root: str | Path, model: str | Pat
             work.mkdir(parents=True)
         plan_seconds = time.perf_counter() - t0
 
-        timing = {"plan_s": plan_seconds, "read_s": 0.0, "model_s": 0.0, "write_s": 0.0}
+        # read_s: decoding threads' busy time; read_wait_s: time the model waited for tiles.
+        timing = {"plan_s": plan_seconds, "read_s": 0.0, "read_wait_s": 0.0, "model_s": 0.0,
+                  "write_s": 0.0}
         if reusable is not None:
             log.info("%s: reusing tile store %s", slide.name, reusable)
             n_scored = _score_store(reusable, scorer, settings, timing, slide.name)
@@ -251,10 +253,11 @@ def _tile_and_score(slide: Slide, kept, store_path: Path, attrs: dict, scorer: S
                    disable=not settings.progress, leave=False)
         with ThreadPoolExecutor(max_workers=1, thread_name_prefix="store-write") as io:
             pending: Future | None = None
+            busy = [0.0]
             t_wait = time.perf_counter()
             for start, tiles in iter_tile_batches(slide, kept, writer.shard_tiles,
-                                                  settings.read_workers):
-                timing["read_s"] += time.perf_counter() - t_wait
+                                                  settings.read_workers, busy):
+                timing["read_wait_s"] += time.perf_counter() - t_wait
                 if pending is not None:
                     pending.result()
                 pending = io.submit(_timed, timing, "write_s", writer.write, start, tiles)
@@ -263,6 +266,7 @@ def _tile_and_score(slide: Slide, kept, store_path: Path, attrs: dict, scorer: S
                 t_wait = time.perf_counter()
             if pending is not None:
                 pending.result()
+        timing["read_s"] = busy[0]
         bar.close()
         writer.close({"model": scorer.identity})
     return len(kept)
@@ -286,7 +290,7 @@ def _score_store(store_path: Path, scorer: Scorer, settings: HeatmapSettings, ti
         for start in range(0, n, shard):
             t0 = time.perf_counter()
             tiles = futures.pop(start).result()
-            timing["read_s"] += time.perf_counter() - t0
+            timing["read_wait_s"] += time.perf_counter() - t0
             nxt = start + 2 * shard
             if nxt < n:
                 futures[nxt] = pool.submit(store.read, nxt, min(nxt + shard, n))
