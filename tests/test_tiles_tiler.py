@@ -6,7 +6,6 @@ import pytest
 
 from conftest import CMU_SVS, needs_cmu
 from wsi_anomaly.errors import InvalidInputError, NoTissueError, OutputExistsError, WsiAnomalyError
-from wsi_anomaly.slide import Slide
 from wsi_anomaly.tiles import TileStore, TilingSettings, tile_slide
 from wsi_anomaly.tiles.dataset import ZarrTileDataset
 

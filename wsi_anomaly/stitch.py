@@ -23,6 +23,8 @@ from typing import Any, Mapping
 import numpy as np
 from PIL import Image
 
+from .tiles.store import commit_output
+
 
 @dataclass(frozen=True)
 class ColourScale:
@@ -369,14 +371,7 @@ def _write_ngff(path: Path, slide_name: str, geometry: SlideGeometry, coords: np
                                        dtype="float32", fill_value=np.nan,
                                        dimension_names=["y", "x"])
             array[...] = level
-        if path.exists():  # a directory cannot be os.replace'd onto a non-empty one
-            old = path.with_name(f".{path.name}.old")
-            shutil.rmtree(old, ignore_errors=True)
-            os.replace(path, old)
-            os.replace(tmp, path)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, path)
+        commit_output(tmp, path)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 
