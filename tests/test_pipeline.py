@@ -131,3 +131,24 @@ def test_heatmap_on_real_svs(tiny_model, tmp_path):
     summary = process_slide(CMU_SVS, tmp_path, tiny_model, settings())
     assert summary["mpp_source"] == "openslide" and summary["n_tiles"] > 10
     assert (tmp_path / CMU_SVS.name / "overlay.png").is_file()
+
+
+def test_keep_maps_gives_pixel_level_ngff(mini_slides, tiny_model, tmp_path):
+    import zarr
+
+    _, a, _ = mini_slides
+    summary = process_slide(a.path, tmp_path, tiny_model, settings(keep_maps=True))
+    out = tmp_path / "a.tif"
+    store = TileStore(out / "tiles.zarr")
+    maps = np.asarray(store.root["maps"][:], np.float32)
+    assert maps.shape == (summary["n_tiles"], 64, 64) and np.isfinite(maps).all()
+    np.testing.assert_allclose(maps.mean(axis=(1, 2)), store.scores, rtol=1e-2, atol=1e-4)
+    ngff = zarr.open_group(str(out / "heatmap.ome.zarr"), mode="r")
+    pixel = ngff["pixel"]
+    assert pixel.attrs["ome"]["version"] == "0.5"
+    fine = np.asarray(pixel["0"][:])
+    coarse = np.asarray(ngff["0"][:])
+    assert fine.shape == (coarse.shape[0] * 16, coarse.shape[1] * 16)
+    col, row = (int(v) for v in store.grid_index[0])
+    np.testing.assert_allclose(np.nanmean(fine[row * 16:(row + 1) * 16, col * 16:(col + 1) * 16]),
+                               coarse[row, col], rtol=1e-2, atol=1e-4)

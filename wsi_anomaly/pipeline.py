@@ -193,7 +193,8 @@ def process_slide(slide_path: str | Path, out_root: str | Path, model: str | Pat
             grid_index=store.grid_index, scores=scores, max_scores=max_scores, thumbnail=thumb,
             thumbnail_downsample=thumb_ds, tissue_mask=tissue.mask,
             mask_downsample=tissue.downsample, scale=scale, top_tiles=top,
-            max_px=settings.max_px)
+            max_px=settings.max_px,
+            maps=np.asarray(store.root["maps"][:]) if settings.keep_maps else None)
         timing["stitch_s"] = time.perf_counter() - t_stitch
         timing["total_s"] = time.perf_counter() - t_start
         summary = {

@@ -138,6 +138,7 @@ def write_slide_outputs(
     scale: ColourScale,
     top_tiles: list[tuple[int, np.ndarray]],
     max_px: int = 2048,
+    maps: np.ndarray | None = None,
 ) -> dict[str, str]:
     """Write heatmap/overlay/thumbnail PNGs, the NGFF score grid, QuPath GeoJSON and a gallery.
 
@@ -151,6 +152,8 @@ def write_slide_outputs(
         scale: the model's fixed colour scale (never derived from these scores).
         top_tiles: (index into coords, (T, T, 3) uint8 RGB), most anomalous first.
         max_px: longest side of the aligned canvas of the PNGs (see :func:`display_geometry`).
+        maps: optional (N, h, w) per-tile anomaly maps; when given (and tiles do not overlap)
+            the NGFF output also holds a finer, pixel-level map (see :func:`_write_ngff`).
     Returns:
         Output name (``heatmap``, ``overlay``, ``thumbnail``, ``ngff``, ``geojson``,
         ``top_tiles``) → path written. Every file is written under a temporary name and renamed.
@@ -196,7 +199,7 @@ def write_slide_outputs(
     _save_png(_with_panel(heat, panel), paths["heatmap"], info)
     _save_png(_with_panel(overlay, panel), paths["overlay"], info)
     _save_png(contoured, paths["thumbnail"], info)
-    _write_ngff(paths["ngff"], slide_name, geometry, coords, grid_index, scores)
+    _write_ngff(paths["ngff"], slide_name, geometry, coords, grid_index, scores, maps)
     _write_geojson(paths["geojson"], slide_name, geometry, coords, scores, max_scores, scale)
     _write_gallery(paths["top_tiles"], top_tiles, coords, scores, max_scores, geometry)
     return {name: str(p) for name, p in paths.items()}
@@ -320,13 +323,31 @@ def _nan_downsample2(grid: np.ndarray) -> np.ndarray:
         return np.where(count > 0, total / count, np.nan).astype(np.float32)
 
 
+#: Pixels per tile side in the NGFF pixel-level map (each 64×64 tile map is area-averaged).
+PIXEL_MAP_PX = 16
+
+
+def _pixel_grid(geometry: SlideGeometry, grid_index: np.ndarray, maps: np.ndarray) -> np.ndarray:
+    """Tile maps (N, h, w) laid side by side: (rows·f, cols·f) float32, NaN where no tile."""
+    n, h, w = maps.shape
+    f = PIXEL_MAP_PX
+    small = maps.astype(np.float32).reshape(n, f, h // f, f, w // f).mean(axis=(2, 4))
+    grid = np.full((geometry.grid_rows * f, geometry.grid_cols * f), np.nan, np.float32)
+    for (col, row), tile in zip(grid_index, small):
+        grid[row * f:(row + 1) * f, col * f:(col + 1) * f] = tile
+    return grid
+
+
 def _write_ngff(path: Path, slide_name: str, geometry: SlideGeometry, coords: np.ndarray,
-                grid_index: np.ndarray, scores: np.ndarray) -> None:
+                grid_index: np.ndarray, scores: np.ndarray, maps: np.ndarray | None = None
+                ) -> None:
     """The score grid as an OME-NGFF 0.5 (zarr v3) image: level "0" one pixel per cell.
 
     Physical units are slide micrometres; a pixel centre lies at ``index·scale + translation``
     (napari's convention), i.e. level-0 cell c is centred on [x, x+stride)'s middle. Level "1"
-    (2× nan-mean) is added when the grid is at least 2×2.
+    (2× nan-mean) is added when the grid is at least 2×2. With ``maps`` (N, 64, 64) and
+    non-overlapping tiles, a sub-image ``pixel/`` (its own NGFF multiscales) holds the finer
+    anomaly map, PIXEL_MAP_PX pixels per tile side.
     """
     import shutil
 
@@ -371,6 +392,25 @@ def _write_ngff(path: Path, slide_name: str, geometry: SlideGeometry, coords: np
                                        dtype="float32", fill_value=np.nan,
                                        dimension_names=["y", "x"])
             array[...] = level
+        fine = (maps is not None and len(maps) == len(grid_index)
+                and abs(geometry.stride_l0 - geometry.tile_size_l0) < 1e-6
+                and maps.shape[1] % PIXEL_MAP_PX == 0 and maps.shape[2] % PIXEL_MAP_PX == 0)
+        if fine:
+            pixel = _pixel_grid(geometry, grid_index, np.asarray(maps))
+            px_l0 = stride / PIXEL_MAP_PX
+            sub = group.create_group("pixel")
+            sub.attrs["ome"] = {"version": "0.5", "multiscales": [{
+                "name": f"{slide_name} pixel anomaly map",
+                "axes": ome["multiscales"][0]["axes"],
+                "datasets": [{"path": "0", "coordinateTransformations": [
+                    {"type": "scale", "scale": [px_l0 * geometry.mpp] * 2},
+                    {"type": "translation",
+                     "translation": [float((origin[1] + px_l0 / 2) * geometry.mpp),
+                                     float((origin[0] + px_l0 / 2) * geometry.mpp)]}]}],
+            }]}
+            sub.create_array("0", shape=pixel.shape, dtype="float32", fill_value=np.nan,
+                             chunks=tuple(max(1, min(n, 1024)) for n in pixel.shape),
+                             dimension_names=["y", "x"])[...] = pixel
         commit_output(tmp, path)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
