@@ -48,9 +48,38 @@ class TrainConfig:
 
 
 @dataclass
+class AtacNetConfig:
+    """ATAC-Net knobs and its training recipe (used when ``model.name`` is ``atacnet``).
+
+    Where the seed is silent the values follow DevNet's public code (see spec/atacnet.md).
+    ``train.workers`` and ``train.calibration_tiles`` are shared with HaloAE.
+    """
+
+    variant: str = "atacnet"            # cutmix_bce | weighted_ce | devnet | atacnet
+    crop_threshold: float = 0.5         # ω of Algorithm 1 (seed silent)
+    topk_ratio: float = 0.1
+    margin: float = 5.0
+    min_box_px: int = 32
+    box_pad_px: int = 8
+    image_px: int = 224
+    clahe: bool = True
+    epochs: int = 50
+    steps_per_epoch: int = 20
+    batch_size: int = 48                # half normal, half anomalous pool
+    lr: float = 2e-4
+    weight_decay: float = 1e-5
+    lr_step_epochs: int = 10
+    lr_gamma: float = 0.1
+    grad_clip_norm: float = 1.0
+    rotation_degrees: float = 180.0
+    real_anomaly_fraction: float = 0.5  # share of the anomalous half drawn from the labelled ones
+
+
+@dataclass
 class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    atacnet: AtacNetConfig = field(default_factory=AtacNetConfig)
     tile_px: int = 256
     seed: int = 0
 
@@ -70,10 +99,23 @@ class Config:
         bad = set(t.loss_terms) - {"cls", "fm", "im"}
         if bad or not t.loss_terms:
             raise InvalidInputError(f"train.loss_terms must be a non-empty subset of cls, fm, im; got {t.loss_terms}")
+        if self.model.name not in ("haloae", "atacnet"):
+            raise InvalidInputError(f"model.name must be haloae or atacnet, got {self.model.name!r}")
         if self.model.attention not in ("halo", "conv"):
             raise InvalidInputError(f"model.attention must be halo or conv, got {self.model.attention!r}")
         if self.tile_px != 256:
-            raise InvalidInputError("HaloAE works on 256×256 tiles (tile_px must be 256)")
+            raise InvalidInputError("tiles are 256×256 (tile_px must be 256)")
+        a = self.atacnet
+        if a.variant not in ("cutmix_bce", "weighted_ce", "devnet", "atacnet"):
+            raise InvalidInputError("atacnet.variant must be cutmix_bce, weighted_ce, devnet or "
+                                    f"atacnet, got {a.variant!r}")
+        for name in ("epochs", "steps_per_epoch", "lr_step_epochs", "image_px"):
+            if getattr(a, name) < 1:
+                raise InvalidInputError(f"atacnet.{name} must be at least 1")
+        if a.batch_size < 2:
+            raise InvalidInputError("atacnet.batch_size must be at least 2 (half normal, half anomalous)")
+        if not 0.0 < a.crop_threshold < 1.0:
+            raise InvalidInputError("atacnet.crop_threshold must be between 0 and 1")
         return self
 
 

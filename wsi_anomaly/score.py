@@ -16,17 +16,17 @@ from typing import Any, Iterator, Sequence
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
 from .checkpoint import file_hash, load_checkpoint
 from .config import config_from_dict
 from .errors import InvalidInputError
-from .models.registry import build_model
 from .models.scoring import score_batch
 from .models.transforms import normalise
 from .tiles.dataset import IMAGE_SUFFIXES, ImageFolderDataset, find_images
-from .train import resolve_device
+from .train import build_from_config, resolve_device
 
 log = logging.getLogger(__name__)
 
@@ -65,14 +65,16 @@ class Scorer:
         if batch_size < 1:
             raise InvalidInputError("--batch-size must be at least 1")
         self.batch_size = batch_size
-        model = build_model(ckpt["model_name"], **_knobs_for_loading(self.config))
+        self.model_name: str = ckpt["model_name"]
+        model = build_from_config(self.config, "checkpoint")
         model.load_state_dict(ckpt["state_dict"])
         model.eval().to(self.device)
         if self.device.type == "cuda":
             model = model.to(memory_format=torch.channels_last)
         self.model = model
         self.calibration: dict[str, Any] = ckpt["calibration"]
-        self.mean_map = self.calibration["mean_map"].to(self.device)
+        mean_map = self.calibration.get("mean_map")
+        self.mean_map = mean_map.to(self.device) if mean_map is not None else None
         self.tile_mpp: float | None = ckpt.get("tile_mpp")
         self.backbone: str = ckpt.get("backbone", "unknown")
         self.model_hash = file_hash(self.path)
@@ -88,6 +90,8 @@ class Scorer:
     @torch.no_grad()
     def score(self, images: torch.Tensor, keep_maps: bool = True) -> ScoreBatch:
         """Score ``B×3×256×256`` float images in [0, 1] (any device)."""
+        if self.model_name == "atacnet":
+            return self._score_atacnet(images, keep_maps)
         x = normalise(images.to(self.device, non_blocking=True).float())
         if self.device.type == "cuda":
             x = x.contiguous(memory_format=torch.channels_last)
@@ -95,6 +99,23 @@ class Scorer:
             out = score_batch(self.model, x, self.mean_map)
         maps = out["map"].float().cpu().numpy() if keep_maps else None
         return ScoreBatch(out["mean"].float().cpu().numpy(), out["max"].float().cpu().numpy(), maps)
+
+    def _score_atacnet(self, images: torch.Tensor, keep_maps: bool) -> ScoreBatch:
+        """ATAC-Net: seed preprocessing, then the Algorithm 2 score; maps are its 7×7 cells."""
+        from .models.atacnet_data import preprocess
+
+        a = self.config.atacnet
+        x = torch.stack([preprocess(img.cpu(), size=a.image_px, clahe=a.clahe) for img in images])
+        x = x.to(self.device, non_blocking=True)
+        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.precision == "bf16"):
+            score = self.model.score(x).float()
+            maps = None
+            if keep_maps:
+                cells = self.model.anomaly_map(x).float()
+                maps = F.interpolate(cells.unsqueeze(1), size=(64, 64), mode="bilinear",
+                                     align_corners=False).squeeze(1).cpu().numpy()
+        values = score.cpu().numpy()
+        return ScoreBatch(values, values.copy(), maps)
 
     def score_dataset(self, dataset: Dataset, workers: int = 0, keep_maps: bool = False,
                       progress: bool = True, desc: str = "scoring") -> Iterator[tuple[int, ScoreBatch]]:
@@ -108,12 +129,6 @@ class Scorer:
                 yield start, result
                 start += len(images)
                 bar.update(len(images))
-
-
-def _knobs_for_loading(config) -> dict[str, Any]:
-    # The checkpoint carries the backbone weights: build it empty instead of downloading.
-    return {"backbone_weights": "checkpoint", "attention": config.model.attention,
-            "released_mask": config.model.released_mask}
 
 
 def collect_image_paths(paths: Sequence[str | Path]) -> list[Path]:

@@ -64,6 +64,18 @@ def resume_path(out: Path) -> Path:
     return out.with_name(out.stem + ".resume" + out.suffix)
 
 
+def build_from_config(config: Config, backbone_weights: str | None = None) -> torch.nn.Module:
+    """The configured model; ``backbone_weights`` overrides the config's (e.g. "checkpoint")."""
+    weights = backbone_weights or config.model.backbone_weights
+    if config.model.name == "atacnet":
+        a = config.atacnet
+        return build_model("atacnet", variant=a.variant, backbone_weights=weights,
+                           crop_threshold=a.crop_threshold, topk_ratio=a.topk_ratio,
+                           margin=a.margin, min_box_px=a.min_box_px, box_pad_px=a.box_pad_px)
+    return build_model(config.model.name, backbone_weights=weights,
+                       attention=config.model.attention, released_mask=config.model.released_mask)
+
+
 @dataclass
 class TrainResult:
     checkpoint: Path
@@ -122,48 +134,60 @@ def calibrate(model: torch.nn.Module, dataset: Dataset, device: torch.device, n_
     }
 
 
+def _prepare_run(out: Path, config: Config, resume: bool, overwrite: bool
+                 ) -> tuple[Config, dict[str, Any] | None]:
+    """Refuse to clobber ``out``; load the resumable checkpoint when resuming."""
+    if out.exists() and not (overwrite or resume):
+        raise OutputExistsError(f"{out} already exists; pass --overwrite to replace it")
+    if not resume:
+        return config, None
+    partial = resume_path(out)
+    if not partial.exists():
+        raise InvalidInputError(f"nothing to resume: {partial} does not exist "
+                                "(start without --resume)")
+    state = load_checkpoint(partial, expect_model=config.model.name, require_complete=False)
+    saved = config_from_dict(state["config"])
+    if (saved.model != config.model or saved.seed != config.seed
+            or dataclasses.replace(saved.atacnet, epochs=0) != dataclasses.replace(config.atacnet, epochs=0)):
+        raise InvalidInputError(f"{partial} was trained with another model config or seed; "
+                                "resume with the same --config and --seed")
+    # The saved settings win; only the schedule length may be extended on resume.
+    config = dataclasses.replace(
+        saved, train=dataclasses.replace(saved.train, epochs=config.train.epochs),
+        atacnet=dataclasses.replace(saved.atacnet, epochs=config.atacnet.epochs))
+    log.info("resuming %s from epoch %d", partial, int(state["train_state"]["epoch"]) + 1)
+    return config, state
+
+
 def train_model(dataset: Dataset, config: Config, out: str | Path, device: str = "auto",
                 resume: bool = False, overwrite: bool = False, tile_mpp: float | None = None,
-                source: str | None = None, progress: bool = True) -> TrainResult:
+                source: str | None = None, progress: bool = True,
+                anomalies: Dataset | None = None) -> TrainResult:
     """Train the configured model on ``dataset`` (float tensors 3×256×256 in [0, 1]).
 
+    ``anomalies``: the few labelled anomalous tiles, for ATAC-Net (``model.name: atacnet``).
     Periodic checkpoints go to :func:`resume_path`; the final checkpoint, with the calibration
     (mean map, score quantiles), is written to ``out`` only when training is complete.
     """
     out = Path(out)
     config.validate()
-    if config.model.name != "haloae":
-        raise InvalidInputError(f"training for model {config.model.name!r} is not available")
     if len(dataset) == 0:
         raise InvalidInputError("no training tiles")
-    if out.exists() and not (overwrite or resume):
-        raise OutputExistsError(f"{out} already exists; pass --overwrite to replace it")
+    if config.model.name == "atacnet":
+        return _train_atacnet(dataset, anomalies, config, out, device, resume, overwrite,
+                              tile_mpp, source, progress)
+    if anomalies is not None:
+        raise InvalidInputError("labelled anomalies are used by ATAC-Net only "
+                                "(pass --model atacnet); HaloAE trains on normal tiles")
     dev = resolve_device(device)
     partial = resume_path(out)
-
-    start_epoch, history, state = 0, [], None
-    if resume:
-        if not partial.exists():
-            raise InvalidInputError(f"nothing to resume: {partial} does not exist "
-                                    "(start without --resume)")
-        state = load_checkpoint(partial, expect_model=config.model.name, require_complete=False)
-        saved = config_from_dict(state["config"])
-        if saved.model != config.model or saved.seed != config.seed:
-            raise InvalidInputError(f"{partial} was trained with another model config or seed; "
-                                    "resume with the same --config and --seed")
-        # The saved settings win; only the schedule length may be extended on resume.
-        config = dataclasses.replace(saved, train=dataclasses.replace(
-            saved.train, epochs=config.train.epochs))
-        start_epoch = int(state["train_state"]["epoch"]) + 1
-        history = list(state.get("history", []))
-        log.info("resuming %s from epoch %d", partial, start_epoch)
+    config, state = _prepare_run(out, config, resume, overwrite)
+    start_epoch = int(state["train_state"]["epoch"]) + 1 if state is not None else 0
+    history = list(state.get("history", [])) if state is not None else []
 
     seed_everything(config.seed)
-    knobs = {"backbone_weights": config.model.backbone_weights, "attention": config.model.attention,
-             "released_mask": config.model.released_mask}
-    if state is not None:  # the backbone weights come from the checkpoint: no download
-        knobs["backbone_weights"] = "checkpoint"
-    model = build_model(config.model.name, **knobs)
+    # With a checkpoint the backbone weights come from its state dict: no download.
+    model = build_from_config(config, "checkpoint" if state is not None else None)
     backbone = state["backbone"] if state is not None else model.backbone_identity
     if state is not None:
         model.load_state_dict(state["state_dict"])
@@ -232,11 +256,134 @@ def train_model(dataset: Dataset, config: Config, out: str | Path, device: str =
 
     calibration = calibrate(model, dataset, dev, t.calibration_tiles, workers=t.workers,
                             progress=progress)
-    final = {**payload(total_epochs - 1), "complete": True, "calibration": calibration,
-             "train_seconds": seconds}
-    save_checkpoint(final, out)
+    return _finish(out, config, {**payload(total_epochs - 1), "train_seconds": seconds},
+                   calibration, total_epochs, seconds, seen, history)
+
+
+def _finish(out: Path, config: Config, payload: dict[str, Any], calibration: dict[str, Any],
+            epochs: int, seconds: float, seen: int, history: list[dict[str, float]]
+            ) -> TrainResult:
+    """Write the final checkpoint and the resolved config; drop the resumable checkpoint."""
+    save_checkpoint({**payload, "complete": True, "calibration": calibration}, out)
     save_config(config, out.with_name(out.stem + ".config.yaml"))
-    if partial.exists():
-        partial.unlink()
-    return TrainResult(out, total_epochs, seconds, seen / seconds if seconds > 0 else math.nan,
+    resume_path(out).unlink(missing_ok=True)
+    return TrainResult(out, epochs, seconds, seen / seconds if seconds > 0 else math.nan,
                        history, calibration["score_quantiles"])
+
+
+# -- ATAC-Net ----------------------------------------------------------------------------------
+class AtacNetData(Dataset):
+    """Normal tiles then labelled anomalies, preprocessed as the seed states: ``(x, label)``.
+
+    ``x`` is 3×P×P standardised (CLAHE on lightness, bicubic resize to P = ``image_px``).
+    """
+
+    def __init__(self, normals: Dataset, anomalies: Dataset | None, image_px: int, clahe: bool):
+        self.normals, self.anomalies = normals, anomalies
+        self.image_px, self.clahe = image_px, clahe
+        self.labels = [0] * len(normals) + [1] * (len(anomalies) if anomalies is not None else 0)
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
+        from .models.atacnet_data import preprocess
+
+        n = len(self.normals)
+        image = self.normals[index] if index < n else self.anomalies[index - n]
+        return preprocess(image, size=self.image_px, clahe=self.clahe), self.labels[index]
+
+
+@torch.no_grad()
+def calibrate_scores(model: torch.nn.Module, dataset: Dataset, device: torch.device,
+                     n_tiles: int, batch_size: int = 16, workers: int = 0,
+                     progress: bool = True) -> dict[str, Any]:
+    """Score quantiles of up to ``n_tiles`` normal training tiles (models with image scores)."""
+    model.eval()
+    idx = np.unique(np.linspace(0, len(dataset) - 1, num=min(n_tiles, len(dataset))).astype(int))
+    loader = DataLoader(Subset(dataset, idx.tolist()), batch_size=batch_size, num_workers=workers)
+    scores = []
+    for x, _ in tqdm(loader, desc="calibrating", unit="batch", disable=not progress, leave=False):
+        with _autocast(device):
+            scores.append(model.score(x.to(device)).float().cpu())
+    values = torch.cat(scores).numpy().astype(np.float64)
+    quantiles = {f"{q:g}": float(np.quantile(values, q)) for q in SCORE_QUANTILES}
+    return {"mean_map": None, "n_tiles": int(len(values)), "score_quantiles": quantiles,
+            "max_score_quantiles": dict(quantiles), "score_mean": float(values.mean()),
+            "score_std": float(values.std())}
+
+
+def _train_atacnet(normals: Dataset, anomalies: Dataset | None, config: Config, out: Path,
+                   device: str, resume: bool, overwrite: bool, tile_mpp: float | None,
+                   source: str | None, progress: bool) -> TrainResult:
+    """Seed Algorithm 2 training on balanced batches (normals vs. labelled anomalies ∪ CutMix)."""
+    from .models.atacnet import make_optimiser, make_scheduler, train_step
+    from .models.atacnet_data import BalancedBatchSampler, cutmix_anomalous_half, random_rotation
+
+    dev = resolve_device(device)
+    partial = resume_path(out)
+    config, state = _prepare_run(out, config, resume, overwrite)
+    a, t = config.atacnet, config.train
+    data = AtacNetData(normals, anomalies, a.image_px, a.clahe)
+    seed_everything(config.seed)
+    model = build_from_config(config, "checkpoint" if state is not None else None)
+    backbone = state["backbone"] if state is not None else model.backbone_identity
+    if state is not None:
+        model.load_state_dict(state["state_dict"])
+    model.to(dev)
+    optimiser = make_optimiser(model, a)
+    scheduler = make_scheduler(optimiser, a)
+    start_epoch, history = 0, []
+    if state is not None:
+        optimiser.load_state_dict(state["train_state"]["optimizer"])
+        scheduler.load_state_dict(state["train_state"]["scheduler"])
+        start_epoch = int(state["train_state"]["epoch"]) + 1
+        history = list(state.get("history", []))
+
+    def payload(epoch: int) -> dict[str, Any]:
+        return {"model_name": config.model.name, "config": config.to_dict(),
+                "state_dict": {k: v.detach().cpu() for k, v in model.state_dict().items()},
+                "backbone": backbone, "tile_mpp": tile_mpp, "training_source": source,
+                "n_labelled_anomalies": len(data) - len(normals), "history": history,
+                "train_state": {"epoch": epoch, "optimizer": optimiser.state_dict(),
+                                "scheduler": scheduler.state_dict()}}
+
+    precision = "bf16" if dev.type == "cuda" else "fp32"
+    seen, t0 = 0, time.perf_counter()
+    for epoch in range(start_epoch, a.epochs):
+        sampler = BalancedBatchSampler(data.labels, a.batch_size, a.steps_per_epoch,
+                                       _epoch_generator(config.seed, epoch, 2),
+                                       a.real_anomaly_fraction)
+        aug = _epoch_generator(config.seed, epoch, 3)
+        loader = DataLoader(data, batch_sampler=sampler, num_workers=t.workers,
+                            pin_memory=dev.type == "cuda")
+        sums = {"loss": 0.0, "score_normal": 0.0, "score_anomalous": 0.0}
+        bar = tqdm(loader, desc=f"epoch {epoch + 1}/{a.epochs}", unit="batch",
+                   disable=not progress, leave=False)
+        for images, labels in bar:
+            images, targets = cutmix_anomalous_half(images, labels, aug)
+            images = random_rotation(images, aug, a.rotation_degrees)
+            stats = train_step(model, optimiser, images.to(dev, non_blocking=True), targets,
+                               grad_clip_norm=a.grad_clip_norm, precision=precision)
+            if not math.isfinite(stats["loss"]):
+                raise InvalidInputError(f"training diverged at epoch {epoch + 1}; lower atacnet.lr")
+            seen += len(images)
+            for k in sums:
+                sums[k] += stats[k]
+            bar.set_postfix(loss=f"{stats['loss']:.3f}", normal=f"{stats['score_normal']:.2f}",
+                            anomalous=f"{stats['score_anomalous']:.2f}")
+        bar.close()
+        scheduler.step()
+        record = {"epoch": epoch, **{k: v / a.steps_per_epoch for k, v in sums.items()},
+                  "lr": optimiser.param_groups[0]["lr"]}
+        history.append(record)
+        log.info("epoch %d/%d  loss %.4f  score normal %.3f  anomalous %.3f", epoch + 1,
+                 a.epochs, record["loss"], record["score_normal"], record["score_anomalous"])
+        if (epoch + 1) % t.checkpoint_every == 0 and epoch + 1 < a.epochs:
+            save_checkpoint({**payload(epoch), "complete": False}, partial)
+    seconds = time.perf_counter() - t0
+    normal_only = AtacNetData(normals, None, a.image_px, a.clahe)
+    calibration = calibrate_scores(model, normal_only, dev, t.calibration_tiles,
+                                   workers=t.workers, progress=progress)
+    return _finish(out, config, {**payload(a.epochs - 1), "train_seconds": seconds},
+                   calibration, a.epochs, seconds, seen, history)
