@@ -176,8 +176,8 @@ def test_bad_input_gives_one_line(capsys, data_root, tmp_path):
     assert_one_error_line(code, err, "not found")
     code, _, err = run(capsys, "mvtec", "--root", str(data_root), "--category", "carpet")
     assert_one_error_line(code, err, "'carpet' not found", "available: widget")
-    code, _, err = run(capsys, "mvtec", "--root", str(data_root), "--model", "atacnet")
-    assert_one_error_line(code, err, "available: haloae")
+    code, _, err = run(capsys, "mvtec", "--root", str(data_root), "--model", "nosuch")
+    assert_one_error_line(code, err, "available: atacnet, haloae")
     code, _, err = run(capsys, "mvtec", "--root", str(data_root), "--checkpoint-dir",
                        str(tmp_path), "--out", str(tmp_path / "o"))
     assert_one_error_line(code, err, "no checkpoint for category 'widget'")

@@ -146,19 +146,33 @@ def _training_data(paths: list[str], tile_px: int, mpp: float | None):
     return dataset, tile_mpp
 
 
+def _default_config(args: argparse.Namespace) -> str:
+    """The preset of the chosen model family when --config is not given."""
+    if getattr(args, "config", None):
+        return args.config
+    return "atacnet" if getattr(args, "model", "haloae") == "atacnet" else "haloae_paper"
+
+
 def _config_overrides(args: argparse.Namespace) -> dict:
-    model, train = {}, {}
+    """Command-line values into the config: schedule knobs go to the chosen model's section."""
+    model, train, atacnet = {}, {}, {}
+    if getattr(args, "model", None):
+        model["name"] = args.model
     if getattr(args, "backbone_weights", None):
         model["backbone_weights"] = args.backbone_weights
-    for name in ("epochs", "batch_size", "lr", "workers", "samples_per_epoch"):
+    schedule = atacnet if getattr(args, "model", None) == "atacnet" else train
+    for name in ("epochs", "batch_size", "lr"):
         value = getattr(args, name, None)
         if value is not None:
-            train[name] = value
+            schedule[name] = value
+    if getattr(args, "samples_per_epoch", None) is not None:
+        train["samples_per_epoch"] = args.samples_per_epoch
+    if getattr(args, "workers", None) is not None:
+        train["workers"] = args.workers
     out: dict = {}
-    if model:
-        out["model"] = model
-    if train:
-        out["train"] = train
+    for key, section in (("model", model), ("train", train), ("atacnet", atacnet)):
+        if section:
+            out[key] = section
     if getattr(args, "seed", None) is not None:
         out["seed"] = args.seed
     return out
@@ -168,20 +182,35 @@ def cmd_train(args: argparse.Namespace) -> int:
     from .config import load_config
     from .train import train_model
 
-    config = load_config(args.config, _config_overrides(args))
+    config = load_config(_default_config(args), _config_overrides(args))
     dataset, tile_mpp = _training_data(args.tiles, config.tile_px, args.mpp)
-    print(f"training {config.model.name} on {len(dataset)} tiles "
-          f"({config.train.epochs} epochs × {config.train.samples_per_epoch} samples, "
-          f"batch {config.train.batch_size}, backbone {config.model.backbone_weights})")
+    anomalies = None
+    if args.anomalies:
+        if config.model.name != "atacnet":
+            raise InvalidInputError("--anomalies is for ATAC-Net: add --model atacnet")
+        anomalies, _ = _training_data(args.anomalies, config.tile_px, args.mpp)
+    if config.model.name == "atacnet":
+        a = config.atacnet
+        print(f"training atacnet ({a.variant}) on {len(dataset)} normal tiles and "
+              f"{len(anomalies) if anomalies is not None else 0} labelled anomalies "
+              f"({a.epochs} epochs × {a.steps_per_epoch} steps, batch {a.batch_size}, "
+              f"backbone {config.model.backbone_weights})")
+    else:
+        print(f"training {config.model.name} on {len(dataset)} tiles "
+              f"({config.train.epochs} epochs × {config.train.samples_per_epoch} samples, "
+              f"batch {config.train.batch_size}, backbone {config.model.backbone_weights})")
     result = train_model(dataset, config, args.out, device=args.device, resume=args.resume,
                          overwrite=args.overwrite, tile_mpp=tile_mpp,
-                         source=", ".join(args.tiles), progress=not args.quiet)
+                         source=", ".join(args.tiles), progress=not args.quiet,
+                         anomalies=anomalies)
     last = result.history[-1] if result.history else {}
     q = result.score_quantiles
+    terms = ("cls", "fm", "im") if config.model.name == "haloae" else ("score_normal",
+                                                                       "score_anomalous")
+    detail = ", ".join(f"{k} {last.get(k, float('nan')):.3f}" for k in terms)
     print(f"trained {result.epochs} epochs in {result.seconds:.0f} s "
           f"({result.images_per_s:.1f} images/s); final loss {last.get('loss', float('nan')):.4f} "
-          f"(cls {last.get('cls', float('nan')):.3f}, fm {last.get('fm', float('nan')):.3f}, "
-          f"im {last.get('im', float('nan')):.3f})")
+          f"({detail})")
     print(f"training scores: median {q.get('0.5', float('nan')):.4g}, "
           f"99th percentile {q.get('0.99', float('nan')):.4g} → {result.checkpoint}")
     return 0
@@ -217,13 +246,20 @@ def cmd_mvtec(args: argparse.Namespace) -> int:
     from .mvtec.benchmark import BenchmarkSettings, run_benchmark
 
     check_model_name(args.model)
+    weak = args.model == "atacnet"
+    if not weak:
+        for flag, value in (("--anomalies", args.anomalies), ("--setting", args.setting),
+                            ("--known-type", args.known_type), ("--seeds", args.seeds)):
+            if value is not None:
+                raise InvalidInputError(f"{flag} is for the weakly supervised protocol of "
+                                        "ATAC-Net: add --model atacnet")
     if args.eval_batch_size < 1:
         raise InvalidInputError("--eval-batch-size must be at least 1")
     if args.figures < 0:
         raise InvalidInputError("--figures must be 0 or more")
     overrides = _config_overrides(args)
     overrides.setdefault("model", {})["name"] = args.model
-    config = load_config(args.config, overrides)
+    config = load_config(_default_config(args), overrides)
     settings = BenchmarkSettings(
         device=args.device, eval_batch_size=args.eval_batch_size, workers=config.train.workers,
         n_figures=args.figures, overwrite=args.overwrite, progress=not args.quiet,
@@ -240,8 +276,29 @@ def cmd_mvtec(args: argparse.Namespace) -> int:
               f"AUPRO@{m['aupro_fpr_limit']:g} % {_percent(m['aupro'])}; "
               f"eval {record['timing']['eval_images_per_s']:.1f} images/s")
 
-    result = run_benchmark(args.root, args.category, config, args.out, settings,
-                           on_category=report)
+    if weak:
+        from .mvtec.weak import WeakProtocol, run_weak_benchmark
+
+        protocol = WeakProtocol(
+            n=10 if args.anomalies is None else args.anomalies,
+            setting=args.setting or "general", known_type=args.known_type,
+            n_seeds=3 if args.seeds is None else args.seeds, first_seed=config.seed)
+
+        def report_run(record: dict) -> None:
+            if "metrics" not in record:
+                print(f"{record['category']} seed {record['seed']}: {record['status']}")
+                return
+            auroc = next(iter(record["metrics"]["image_auroc"].values()))
+            print(f"{record['category']} seed {record['seed']}: {record['status']}; "
+                  f"image AUROC {'n/a' if auroc is None else f'{auroc:.3f}'} "
+                  f"({record['n_test']} test images, {record['n_labelled_anomalies']} labelled "
+                  "anomalies in training)")
+
+        result = run_weak_benchmark(args.root, args.category, config, args.out, settings,
+                                    protocol, on_run=report_run)
+    else:
+        result = run_benchmark(args.root, args.category, config, args.out, settings,
+                               on_category=report)
     print()
     print(result.markdown, end="")
     print(f"\ntables: {result.table_csv}, {result.table_md}")
@@ -351,16 +408,22 @@ def build_parser() -> argparse.ArgumentParser:
     _add_slide_mpp_options(p)
     p.set_defaults(func=cmd_tile)
 
-    p = sub.add_parser("train", parents=[common], help="train HaloAE on normal tiles",
+    p = sub.add_parser("train", parents=[common], help="train HaloAE (or ATAC-Net) on tiles",
                        description="Train a model on tiles of normal (reference) tissue: tile "
                                    "stores written by `tile`, or folders of images (png/jpg/tif, "
                                    "searched recursively). Writes one checkpoint with the model, "
                                    "its training-score calibration and the resolved config.")
     p.add_argument("--tiles", nargs="+", required=True, metavar="DIR|ZARR",
-                   help="training tiles: folders of images and/or tile stores")
+                   help="training tiles (normal tissue): folders of images and/or tile stores")
     p.add_argument("--out", required=True, help="checkpoint to write, e.g. model.pt")
-    p.add_argument("--config", default="haloae_paper",
-                   help="preset name (haloae_paper, haloae_fast) or YAML file (default haloae_paper)")
+    p.add_argument("--model", choices=("haloae", "atacnet"), default="haloae",
+                   help="haloae (normal tiles only, default) or atacnet (normal tiles plus a few "
+                        "labelled anomalies: --anomalies)")
+    p.add_argument("--anomalies", nargs="+", metavar="DIR|ZARR",
+                   help="ATAC-Net: a few labelled anomalous tiles (folders and/or tile stores)")
+    p.add_argument("--config",
+                   help="preset name (haloae_paper, haloae_fast, atacnet, atacnet_fast) or YAML "
+                        "file (default: haloae_paper, or atacnet with --model atacnet)")
     p.add_argument("--epochs", type=int, help="override train.epochs")
     p.add_argument("--samples-per-epoch", type=int, help="override train.samples_per_epoch")
     p.add_argument("--batch-size", type=int, help="override train.batch_size (originals per step)")
@@ -404,14 +467,27 @@ def build_parser() -> argparse.ArgumentParser:
                         "ground_truth/<type>), or a single category folder")
     p.add_argument("--category", nargs="+", default=["all"], metavar="C",
                    help="categories to run, or all (default: every category found)")
-    p.add_argument("--model", default="haloae", help="model family (available: haloae)")
-    p.add_argument("--config", default="haloae_paper",
-                   help="preset name (haloae_paper, haloae_fast) or YAML file (default haloae_paper)")
+    p.add_argument("--model", default="haloae",
+                   help="model family: haloae, or atacnet (weakly supervised protocol)")
+    p.add_argument("--config", default=None,
+                   help="preset name (haloae_paper, haloae_fast, atacnet, atacnet_fast) or YAML "
+                        "file (default: haloae_paper, or atacnet with --model atacnet)")
     p.add_argument("--out", default="mvtec_results", help="output folder (default mvtec_results/)")
     p.add_argument("--backbone-weights", metavar="imagenet|random|FILE",
-                   help="VGG19 weights: imagenet (default), a local state-dict file, or random "
-                        "(tests only)")
-    p.add_argument("--epochs", type=int, help="override train.epochs")
+                   help="backbone weights (VGG19 for HaloAE, ResNet-50 for ATAC-Net): imagenet "
+                        "(default), a local state-dict file, or random (tests only)")
+    p.add_argument("--epochs", type=int, help="override train.epochs (atacnet.epochs for atacnet)")
+    p.add_argument("--anomalies", type=int, metavar="N",
+                   help="ATAC-Net: labelled anomalies drawn (with the seed) from each category's "
+                        "test anomalies and removed from its test set (default 10)")
+    p.add_argument("--setting", choices=("general", "hard"),
+                   help="ATAC-Net: general (anomalies of all defect types; default) or hard (one "
+                        "--known-type only; all its anomalies leave the test set)")
+    p.add_argument("--known-type", metavar="TYPE", help="ATAC-Net, --setting hard: the defect "
+                   "type the labelled anomalies come from")
+    p.add_argument("--seeds", type=int, metavar="N",
+                   help="ATAC-Net: repeat with seeds seed … seed+N-1, report mean ± std "
+                        "(default 3)")
     p.add_argument("--seed", type=int, help="seed for everything (default from the config: 0)")
     p.add_argument("--device", default="auto", help="auto (CUDA if present), cpu or cuda")
     p.add_argument("--checkpoint-dir", metavar="DIR",

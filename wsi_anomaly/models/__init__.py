@@ -1,6 +1,30 @@
-"""Pure ``nn.Module`` model core: features, halo attention, HaloAE, losses, augmentation and the
-shared scoring math. No file I/O beyond loading backbone weights, no printing."""
+"""Pure ``nn.Module`` model core: features, halo attention, HaloAE, ATAC-Net, losses, augmentation
+and the shared scoring math. No file I/O beyond loading backbone weights, no printing."""
 
+from wsi_anomaly.models.atacnet import (
+    ATACNet,
+    ATACNetTrainSettings,
+    ResNet50Trunk,
+    SelfAttentionBlock,
+    atacnet_loss,
+    attention_crop_boxes,
+    crop_and_resize,
+    deviation_loss,
+    load_resnet50,
+    topk_score,
+    train_step,
+    weighted_ce_loss,
+)
+from wsi_anomaly.models.atacnet_data import (
+    ATACNET_MEAN,
+    ATACNET_STD,
+    BalancedBatchSampler,
+    cutmix,
+    cutmix_anomalous_half,
+    preprocess,
+    random_rotation,
+    standardise,
+)
 from wsi_anomaly.models.cutpaste import (
     color_jitter,
     cutpaste_normal,
@@ -41,9 +65,14 @@ from wsi_anomaly.models.scoring import (
 from wsi_anomaly.models.transforms import IMAGENET_MEAN, IMAGENET_STD, denormalise, normalise
 
 __all__ = [
+    "ATACNET_MEAN",
+    "ATACNET_STD",
     "FEATURE_CHANNELS",
     "IMAGENET_MEAN",
     "IMAGENET_STD",
+    "ATACNet",
+    "ATACNetTrainSettings",
+    "BalancedBatchSampler",
     "Bottleneck",
     "CutPasteClassifier",
     "HaloAE",
@@ -51,25 +80,40 @@ __all__ = [
     "HaloDecoder",
     "HaloEncoder",
     "ImageReconstructor",
+    "ResNet50Trunk",
+    "SelfAttentionBlock",
     "VGG19Features",
     "aggregate_reference",
     "aggregate_taps",
     "anomaly_map",
+    "atacnet_loss",
+    "attention_crop_boxes",
     "color_jitter",
+    "crop_and_resize",
+    "cutmix",
+    "cutmix_anomalous_half",
     "cutpaste_normal",
     "cutpaste_scar",
     "denormalise",
+    "deviation_loss",
     "equal_weights",
     "ews_weights",
     "haloae_loss",
+    "load_resnet50",
     "load_vgg19",
     "loss_weights",
     "make_cutpaste_batch",
     "normalise",
     "normalise_map",
+    "preprocess",
+    "random_rotation",
     "score_batch",
     "smooth_map",
     "ssim",
+    "standardise",
     "tile_scores",
+    "topk_score",
+    "train_step",
     "upsample_map",
+    "weighted_ce_loss",
 ]

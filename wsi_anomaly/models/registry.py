@@ -7,9 +7,10 @@ from typing import Any, Callable
 from torch import nn
 
 from ..errors import InvalidInputError
+from .atacnet import ATACNet
 from .haloae import HaloAE
 
-MODELS: dict[str, Callable[..., nn.Module]] = {"haloae": HaloAE}
+MODELS: dict[str, Callable[..., nn.Module]] = {"atacnet": ATACNet, "haloae": HaloAE}
 
 
 def build_model(name: str, **knobs: Any) -> nn.Module:

@@ -91,8 +91,39 @@ class HaloAEAdapter:
         return AdapterOutput({"mean": result.mean, "max": result.max}, result.maps)
 
 
+class ATACNetAdapter:
+    """ATAC-Net through :class:`wsi_anomaly.score.Scorer`: one image score, ``score`` (the seed's
+    Algorithm 2 score). Image-level only: the benchmark reports no pixel metrics for it."""
+
+    name = "atacnet"
+    score_names = ("score",)
+    has_maps = False
+
+    def __init__(self, checkpoint: str | Path, device: str = "auto", precision: str = "auto",
+                 batch_size: int = 16):
+        from ..score import Scorer
+
+        self.scorer = Scorer(checkpoint, device=device, precision=precision, batch_size=batch_size)
+        self.batch_size = batch_size
+        self.device = self.scorer.device
+        self.precision = self.scorer.precision
+
+    @property
+    def identity(self) -> dict[str, Any]:
+        return self.scorer.identity
+
+    @property
+    def config(self):
+        return self.scorer.config
+
+    def __call__(self, images: torch.Tensor) -> AdapterOutput:
+        result = self.scorer.score(images, keep_maps=False)
+        return AdapterOutput({"score": np.asarray(result.mean)}, None)
+
+
 #: checkpoint ``model_name`` → adapter constructor ``(checkpoint, device, precision, batch_size)``.
-ADAPTERS: dict[str, Callable[..., ModelAdapter]] = {"haloae": HaloAEAdapter}
+ADAPTERS: dict[str, Callable[..., ModelAdapter]] = {"haloae": HaloAEAdapter,
+                                                    "atacnet": ATACNetAdapter}
 
 
 def available_models() -> list[str]:

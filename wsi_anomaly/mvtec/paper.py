@@ -76,3 +76,72 @@ def paper_reference(config: Any) -> tuple[str, tuple[float, float]] | None:
     key = (config.train.loss_weighting, tuple(sorted(config.train.loss_terms)),
            config.model.attention)
     return ABLATIONS.get(key)
+
+
+# -- ATAC-Net (seed document ``000``), weakly supervised protocol; AUROC as fractions --------------
+#: The seed's Table 1 column names for each ``atacnet.variant``.
+ATACNET_VARIANT_COLUMNS: dict[str, str] = {
+    "cutmix_bce": "CutMix", "weighted_ce": "Weighted CE", "devnet": "Deviation Loss",
+    "atacnet": "ATAC-Net",
+}
+
+#: Seed Table 1 (general setting): category → (No. of anomalies as printed, CutMix, Weighted CE,
+#: Deviation Loss, ATAC-Net) image AUROC.
+ATACNET_TABLE1: dict[str, tuple[int, float, float, float, float]] = {
+    "carpet": (5, 0.764, 0.803, 0.852, 0.924),
+    "grid": (5, 0.729, 0.931, 0.947, 0.988),
+    "leather": (5, 0.941, 0.984, 0.993, 1.000),
+    "tile": (5, 0.902, 0.935, 0.987, 1.000),
+    "wood": (5, 0.944, 0.988, 0.985, 0.996),
+    "bottle": (3, 0.985, 0.991, 0.994, 1.000),
+    "capsule": (5, 0.777, 0.914, 0.911, 0.934),
+    "pill": (7, 0.824, 0.852, 0.866, 0.921),
+    "transistor": (4, 0.815, 0.903, 0.923, 0.969),
+    "zipper": (7, 0.927, 0.989, 0.990, 1.000),
+    "cable": (8, 0.870, 0.864, 0.892, 0.983),
+    "hazelnut": (4, 0.984, 1.000, 1.000, 1.000),
+    "metal_nut": (4, 0.763, 0.952, 0.989, 1.000),
+    "screw": (5, 0.855, 0.966, 0.970, 0.997),
+    "toothbrush": (1, 0.863, 0.901, 0.861, 0.879),
+}
+#: Seed Table 1 "MVTec-AD" row as printed (CutMix, Weighted CE, Deviation Loss, ATAC-Net).
+ATACNET_TABLE1_MEAN = (0.862, 0.932, 0.944, 0.973)
+
+#: Seed Table 2 (hard setting: train on one known defect type): (category, type) →
+#: {n labelled: (DevNet, DRA, ATAC-Net)} for one and ten anomalies. Rows "mean" as printed.
+ATACNET_TABLE2: dict[tuple[str, str], dict[int, tuple[float, float, float]]] = {
+    ("tile", "crack"): {1: (0.926, 0.975, 0.969), 10: (0.947, 0.986, 0.973)},
+    ("tile", "glue_strip"): {1: (0.763, 0.872, 0.904), 10: (0.879, 0.942, 0.953)},
+    ("tile", "gray_stroke"): {1: (0.621, 0.905, 0.913), 10: (0.884, 0.947, 0.943)},
+    ("tile", "oil"): {1: (0.794, 0.891, 0.909), 10: (0.863, 0.933, 0.941)},
+    ("tile", "rough"): {1: (0.752, 0.970, 0.968), 10: (0.932, 0.959, 0.984)},
+    ("tile", "mean"): {1: (0.771, 0.923, 0.933), 10: (0.901, 0.935, 0.959)},
+    ("metal_nut", "bent"): {1: (0.797, 0.952, 0.954), 10: (0.904, 0.990, 0.993)},
+    ("metal_nut", "color"): {1: (0.909, 0.946, 0.961), 10: (0.978, 0.967, 0.982)},
+    ("metal_nut", "flip"): {1: (0.764, 0.921, 0.945), 10: (0.987, 0.913, 0.991)},
+    ("metal_nut", "scratch"): {1: (0.952, 0.909, 0.964), 10: (0.991, 0.911, 0.982)},
+    ("metal_nut", "mean"): {1: (0.855, 0.932, 0.956), 10: (0.965, 0.945, 0.987)},
+}
+
+
+def atacnet_paper_columns(category: str, variant: str, setting: str, known_type: str | None,
+                          n_anomalies: int) -> dict[str, float | None]:
+    """The seed's numbers to print beside one category of a weakly supervised run.
+
+    General: Table 1's column for ``variant`` (and ATAC-Net's when the variant is an ablation).
+    Hard: Table 2's DevNet / DRA / ATAC-Net for the known type at 1 and 10 anomalies.
+    """
+    if setting == "general":
+        row = ATACNET_TABLE1.get(category)
+        names = list(ATACNET_VARIANT_COLUMNS)
+        columns = [variant] + ([] if variant == "atacnet" else ["atacnet"])
+        out: dict[str, float | None] = {"paper n anomalies": row[0] if row else None}
+        for v in columns:
+            out[f"paper {ATACNET_VARIANT_COLUMNS[v]}"] = row[1 + names.index(v)] if row else None
+        return out
+    row2 = ATACNET_TABLE2.get((category, known_type or ""))
+    out = {}
+    for n in (1, 10):
+        for i, method in enumerate(("DevNet", "DRA", "ATAC-Net")):
+            out[f"paper {method} ({n})"] = row2[n][i] if row2 else None
+    return out

@@ -1,0 +1,160 @@
+"""The weakly supervised MVTec protocol for ATAC-Net: splits (general and hard), split.json, the
+`mvtec --model atacnet --anomalies` command end to end, and one-line errors for bad input."""
+
+import csv
+import json
+import math
+
+import pytest
+from test_cli import assert_one_error_line, run
+
+from wsi_anomaly.config import load_config, save_config
+from wsi_anomaly.errors import InvalidInputError
+from wsi_anomaly.mvtec import MVTecCategory, write_synthetic_category
+from wsi_anomaly.mvtec.paper import ATACNET_TABLE1, ATACNET_TABLE1_MEAN, ATACNET_TABLE2
+from wsi_anomaly.mvtec.weak import draw_split
+
+
+@pytest.fixture(scope="module")
+def data_root(tmp_path_factory):
+    """Two tiny categories: ``widget`` (2 anomalies per type, for training) and ``many`` (6 per
+    type, for split checks only)."""
+    root = tmp_path_factory.mktemp("mvtec_weak")
+    write_synthetic_category(root, "widget", size_px=64)
+    write_synthetic_category(root, "many", size_px=32, n_per_defect=6, n_good=3)
+    return root
+
+
+@pytest.fixture(scope="module")
+def atac_yaml(tmp_path_factory):
+    config = load_config("atacnet_fast", {
+        "model": {"backbone_weights": "random"},
+        "atacnet": {"epochs": 1, "steps_per_epoch": 1, "batch_size": 4},
+        "train": {"calibration_tiles": 4, "workers": 0}})
+    path = tmp_path_factory.mktemp("config") / "atac_tiny.yaml"
+    save_config(config, path)
+    return path
+
+
+def names(samples):
+    return {s.image.as_posix() for s in samples}
+
+
+@pytest.mark.parametrize("setting,known", [("general", None), ("hard", "spot")])
+def test_no_training_anomaly_in_the_test_split(data_root, setting, known):
+    category = MVTecCategory(data_root / "many")
+    for seed in range(5):
+        split = draw_split(category, 3, setting, known, seed)
+        assert len(split.train_anomalies) == 3 and not names(split.train_anomalies) & names(split.test)
+        assert all(s.label == 1 for s in split.train_anomalies)
+        assert names(split.train_anomalies) | names(split.test) <= names(category.test_samples)
+        if setting == "hard":
+            assert {s.defect_type for s in split.train_anomalies} == {"spot"}
+            assert not any(s.defect_type == "spot" for s in split.test)  # all of it left
+            assert len(split.test) == len(category.test_samples) - 6
+        else:
+            assert len(split.test) == len(category.test_samples) - 3
+        assert any(s.label == 0 for s in split.test) and any(s.label == 1 for s in split.test)
+
+
+def test_split_is_deterministic_per_seed_and_differs_across_seeds(data_root):
+    category = MVTecCategory(data_root / "many")
+    a, b = draw_split(category, 4, seed=0), draw_split(category, 4, seed=0)
+    assert a.to_dict() == b.to_dict()
+    drawn = {tuple(draw_split(category, 4, seed=s).to_dict()["train_anomalies"]) for s in range(4)}
+    assert len(drawn) > 1
+    hard = {tuple(draw_split(category, 2, "hard", "scratch", s).to_dict()["train_anomalies"])
+            for s in range(4)}
+    assert len(hard) > 1
+
+
+def test_split_errors(data_root):
+    category = MVTecCategory(data_root / "many")
+    with pytest.raises(InvalidInputError, match="only 6"):
+        draw_split(category, 7, "hard", "spot")
+    with pytest.raises(InvalidInputError, match="available: scratch, spot"):
+        draw_split(category, 1, "hard", "crack")
+    with pytest.raises(InvalidInputError, match="--known-type"):
+        draw_split(category, 1, "hard")
+    with pytest.raises(InvalidInputError, match="leaves a test set"):
+        draw_split(category, 12)
+
+
+def test_paper_tables_transcribed():
+    assert len(ATACNET_TABLE1) == 15
+    for i, printed in enumerate(ATACNET_TABLE1_MEAN):
+        mean = sum(row[1 + i] for row in ATACNET_TABLE1.values()) / 15
+        assert abs(mean - printed) < 0.002, (i, mean, printed)
+    for cls, types in (("tile", 5), ("metal_nut", 4)):
+        rows = [v for (c, t), v in ATACNET_TABLE2.items() if c == cls and t != "mean"]
+        assert len(rows) == types
+        for n in (1, 10):
+            mean = sum(r[n][2] for r in rows) / types
+            assert abs(mean - ATACNET_TABLE2[cls, "mean"][n][2]) < 0.002
+
+
+@pytest.fixture(scope="module")
+def weak_run(data_root, atac_yaml, tmp_path_factory):
+    from wsi_anomaly.cli import main
+
+    out = tmp_path_factory.mktemp("weak_results")
+    code = main(["mvtec", "--model", "atacnet", "--anomalies", "2", "--seeds", "2", "--root",
+                 str(data_root), "--category", "widget", "--config", str(atac_yaml), "--out",
+                 str(out), "--device", "cpu", "--backbone-weights", "random", "--seed", "5",
+                 "--eval-batch-size", "8", "-q"])
+    assert code == 0
+    return out
+
+
+def test_weak_command_end_to_end(weak_run, data_root):
+    for seed in (5, 6):
+        folder = weak_run / "widget" / f"seed{seed}"
+        split = json.loads((folder / "split.json").read_text())
+        assert split["seed"] == seed and split["n"] == 2 and split["setting"] == "general"
+        assert split["known_type"] is None and len(split["train_anomalies"]) == 2
+        assert not set(split["train_anomalies"]) & set(split["test"]) and len(split["test"]) == 4
+        assert all((data_root / "widget" / p).is_file() for p in split["test"])
+        record = json.loads((folder / "metrics.json").read_text())
+        assert record["status"] == "ok" and record["model"] == "atacnet"
+        assert record["config"]["seed"] == seed and record["n_test"] == 4
+        auroc = record["metrics"]["image_auroc"]["score"]
+        assert math.isfinite(auroc) and 0.0 <= auroc <= 1.0
+        assert record["metrics"]["pixel_auroc"] is None
+        scored = [r["image"] for r in csv.DictReader((folder / "scores.csv").open())]
+        assert scored == split["test"]
+    rows = list(csv.DictReader((weak_run / "results.csv").open()))
+    assert [r["category"] for r in rows] == ["widget", "mean (1)"]
+    for row in rows:
+        assert math.isfinite(float(row["image AUROC mean"]))
+        assert math.isfinite(float(row["image AUROC std"]))
+    assert "paper ATAC-Net" in rows[0] and rows[0]["paper ATAC-Net"] == ""  # not MVTec
+    table = (weak_run / "results.md").read_text()
+    assert "| widget |" in table and "Table 1" in table
+
+
+def test_weak_rerun_skips_done_seeds(capsys, weak_run, data_root, atac_yaml):
+    model = weak_run / "widget" / "seed5" / "model.pt"
+    before = model.stat().st_mtime_ns
+    code, out, _ = run(capsys, "mvtec", "--model", "atacnet", "--anomalies", "2", "--seeds", "2",
+                       "--root", str(data_root), "--category", "widget", "--config",
+                       str(atac_yaml), "--out", str(weak_run), "--device", "cpu", "--seed", "5",
+                       "-q")
+    assert code == 0 and "widget seed 5: skipped (done)" in out
+    assert model.stat().st_mtime_ns == before
+
+
+@pytest.mark.parametrize("extra,needles", [
+    (["--model", "atacnet", "--anomalies", "5"], ["only 4", "--anomalies"]),
+    (["--model", "atacnet", "--anomalies", "3", "--setting", "hard", "--known-type", "spot"],
+     ["only 2", "'spot'"]),
+    (["--anomalies", "2"], ["--anomalies", "--model atacnet"]),
+    (["--model", "atacnet", "--anomalies", "1", "--setting", "hard", "--known-type", "crack"],
+     ["'crack'", "available: scratch, spot"]),
+    (["--model", "atacnet", "--anomalies", "1", "--setting", "hard"], ["--known-type"]),
+])
+def test_bad_input_is_one_line(capsys, data_root, atac_yaml, tmp_path, extra, needles):
+    code, _, err = run(capsys, "mvtec", "--root", str(data_root), "--category", "widget",
+                       "--config", str(atac_yaml), "--out", str(tmp_path / "out"),
+                       "--device", "cpu", "-q", *extra)
+    assert_one_error_line(code, err, *needles)
+    assert not (tmp_path / "out").exists()  # nothing trained or written

@@ -1,0 +1,340 @@
+"""The weakly supervised MVTec AD protocol (DevNet/DRA, as used by the ATAC-Net seed).
+
+A few labelled anomalies are drawn, with a fixed seed, from a category's **test** anomalies (the
+sorted file list, shuffled with the seed) and removed from the test set. The model trains on
+train/good plus those anomalies and is evaluated (image AUROC) on what is left of the test set.
+
+- ``general``: the anomalies are drawn across every defect type.
+- ``hard``: they are drawn from one known defect type, and *every* anomaly of that type leaves
+  the test set (the test anomalies are all of unseen types).
+
+Per category and seed, ``<out>/<category>/seed<s>/`` holds ``split.json`` (the split, so runs
+are comparable), ``model.pt``, ``scores.csv`` and ``metrics.json`` (written last: a re-run skips
+finished runs). ``<out>/results.csv`` and ``<out>/results.md`` give per-category mean ± std over
+seeds beside the seed's Table 1 (general) or Table 2 (hard).
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import logging
+import math
+import os
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from .. import __version__
+from ..checkpoint import load_checkpoint
+from ..config import Config, config_from_dict, save_config
+from ..errors import InvalidInputError, OutputExistsError, WsiAnomalyError
+from .adapters import check_model_name, load_adapter
+from .benchmark import (
+    CHECKPOINT_NAME,
+    METRICS_NAME,
+    BenchmarkResult,
+    BenchmarkSettings,
+    _write_json,
+    _write_scores_csv,
+    compute_metrics,
+    evaluate,
+)
+from .data import GOOD, MVTecCategory, MVTecDataset, MVTecSample, resolve_categories
+from .paper import ATACNET_TABLE1_MEAN, ATACNET_VARIANT_COLUMNS, atacnet_paper_columns
+
+log = logging.getLogger(__name__)
+
+SETTINGS = ("general", "hard")
+SPLIT_NAME = "split.json"
+#: The headline score of image-only models in the weak protocol (ATAC-Net's adapter).
+SCORE = "score"
+
+
+@dataclass(frozen=True)
+class WeakSplit:
+    """Labelled training anomalies and the remaining test set of one category and seed."""
+
+    category: MVTecCategory = field(repr=False)
+    setting: str
+    known_type: str | None
+    seed: int
+    n: int
+    train_anomalies: list[MVTecSample]
+    test: list[MVTecSample]
+
+    def _relative(self, samples: list[MVTecSample]) -> list[str]:
+        return [s.image.relative_to(self.category.path).as_posix() for s in samples]
+
+    def to_dict(self) -> dict[str, Any]:
+        """The ``split.json`` record: image paths relative to the category folder."""
+        return {"category": self.category.name, "category_path": str(self.category.path),
+                "setting": self.setting, "known_type": self.known_type, "seed": self.seed,
+                "n": self.n, "train_anomalies": self._relative(self.train_anomalies),
+                "test": self._relative(self.test)}
+
+
+def draw_split(category: MVTecCategory, n: int, setting: str = "general",
+               known_type: str | None = None, seed: int = 0) -> WeakSplit:
+    """Draw ``n`` labelled anomalies from ``category``'s test anomalies and remove them from its
+    test set (``hard``: remove every anomaly of ``known_type``).
+
+    Raises:
+        InvalidInputError: a bad setting, a missing or unknown known type, ``n`` < 1, fewer
+            anomalies available than asked for, or no anomaly left to evaluate on.
+    """
+    if setting not in SETTINGS:
+        raise InvalidInputError(f"--setting must be one of {', '.join(SETTINGS)}, got {setting!r}")
+    if n < 1:
+        raise InvalidInputError(f"--anomalies must be at least 1, got {n}")
+    if setting == "hard":
+        if not known_type:
+            raise InvalidInputError("--setting hard needs --known-type (the one defect type to "
+                                    "train on)")
+        if known_type not in category.defect_types:
+            raise InvalidInputError(f"{category.name}: defect type {known_type!r} not found "
+                                    f"(available: {', '.join(category.defect_types)})")
+    elif known_type:
+        raise InvalidInputError("--known-type is for --setting hard")
+
+    def key(s: MVTecSample) -> str:
+        return s.image.relative_to(category.path).as_posix()
+
+    anomalies = sorted((s for s in category.test_samples if s.defect_type != GOOD), key=key)
+    pool = [s for s in anomalies if s.defect_type == known_type] if setting == "hard" else anomalies
+    where = f"of type {known_type!r} " if setting == "hard" else ""
+    if len(pool) < n:
+        raise InvalidInputError(f"{category.name}: {n} labelled anomalies asked for but only "
+                                f"{len(pool)} test anomalies {where}are available; lower "
+                                "--anomalies")
+    order = np.random.default_rng(seed).permutation(len(pool))
+    drawn = [pool[i] for i in order[:n]]
+    removed = {key(s) for s in (pool if setting == "hard" else drawn)}
+    test = [s for s in category.test_samples if key(s) not in removed]
+    if not any(s.label for s in test) or all(s.label for s in test):
+        raise InvalidInputError(f"{category.name}: drawing {n} anomalies {where}leaves a test set "
+                                "without both good and defective images; lower --anomalies")
+    return WeakSplit(category, setting, known_type if setting == "hard" else None, seed, n,
+                     drawn, test)
+
+
+@dataclass
+class WeakProtocol:
+    """What the weak protocol draws: ``n`` anomalies, the setting and its known type, and the
+    split/training seeds ``first_seed``, …, ``first_seed + n_seeds - 1``."""
+
+    n: int = 10
+    setting: str = "general"
+    known_type: str | None = None
+    n_seeds: int = 3
+    first_seed: int = 0
+
+    @property
+    def seeds(self) -> list[int]:
+        return list(range(self.first_seed, self.first_seed + self.n_seeds))
+
+
+def _train(split: WeakSplit, config: Config, checkpoint: Path,
+           settings: BenchmarkSettings) -> dict[str, Any]:
+    from ..train import resume_path, train_model
+
+    if checkpoint.exists() and not settings.overwrite:
+        if config_from_dict(load_checkpoint(checkpoint)["config"]) != config:
+            raise OutputExistsError(f"{checkpoint} was trained with another configuration; pass "
+                                    "--overwrite to retrain it, or choose another --out")
+        return {"trained": False}
+    resume = resume_path(checkpoint).exists() and not settings.overwrite
+    category = split.category
+    anomalies = MVTecDataset(split.train_anomalies, config.tile_px,
+                             name=f"{category.name}/labelled-anomalies")
+    result = train_model(category.dataset("train", config.tile_px), config, checkpoint,
+                         device=settings.device, resume=resume, overwrite=True,
+                         source=str(category.path / "train" / GOOD), progress=settings.progress,
+                         anomalies=anomalies)
+    return {"trained": True, "resumed": resume, "train_seconds": result.seconds,
+            "train_images_per_s": result.images_per_s}
+
+
+def run_weak_seed(split: WeakSplit, config: Config, out_dir: str | Path,
+                  settings: BenchmarkSettings) -> dict[str, Any]:
+    """Train on train/good + the split's anomalies, evaluate on its test set, write the folder."""
+    out_dir = Path(out_dir)
+    split_path, metrics_path = out_dir / SPLIT_NAME, out_dir / METRICS_NAME
+    if split_path.exists() and not settings.overwrite:
+        if json.loads(split_path.read_text()) != split.to_dict():
+            raise OutputExistsError(f"{split_path} holds another split (different --anomalies, "
+                                    "--setting or data); pass --overwrite or choose another --out")
+        if metrics_path.exists():
+            record = json.loads(metrics_path.read_text())
+            record["status"] = "skipped (done)"
+            return record
+    t0 = time.perf_counter()
+    out_dir.mkdir(parents=True, exist_ok=True)
+    _write_json(split_path, split.to_dict())
+    checkpoint = out_dir / CHECKPOINT_NAME
+    training = _train(split, config, checkpoint, settings)
+    adapter = load_adapter(checkpoint, device=settings.device, precision=settings.precision,
+                           batch_size=settings.eval_batch_size, expect_model=config.model.name)
+    dataset = MVTecDataset(split.test, config.tile_px, name=f"{split.category.name}/test-weak")
+    evaluation = evaluate(adapter, dataset, workers=settings.workers, progress=settings.progress)
+    metrics = compute_metrics(evaluation, dataset)
+    _write_scores_csv(out_dir / "scores.csv", split.category, dataset, evaluation)
+    record = {
+        "category": split.category.name, "status": "ok", "model": adapter.name,
+        "variant": config.atacnet.variant, "seed": split.seed, "setting": split.setting,
+        "known_type": split.known_type, "n_labelled_anomalies": split.n,
+        "score_names": list(adapter.score_names), "metrics": metrics,
+        "n_train": len(split.category.train_files), "n_test": len(dataset),
+        "n_defective": int(evaluation.labels.sum()),
+        "timing": {"train_seconds": training.get("train_seconds"),
+                   "train_images_per_s": training.get("train_images_per_s"),
+                   "eval_images_per_s": evaluation.images_per_s,
+                   "total_seconds": time.perf_counter() - t0},
+        "trained_here": training["trained"], "checkpoint": str(checkpoint.resolve()),
+        "model_identity": adapter.identity, "device": str(adapter.device),
+        "config": load_checkpoint(checkpoint)["config"], "software_version": __version__,
+    }
+    _write_json(metrics_path, record)
+    return record
+
+
+def _headline(record: dict[str, Any]) -> float | None:
+    values = record.get("metrics", {}).get("image_auroc", {})
+    return values.get(SCORE, next(iter(values.values()), None)) if values else None
+
+
+def _mean_std(values: list[float]) -> tuple[float | None, float | None]:
+    if not values or any(v is None or not math.isfinite(v) for v in values):
+        return None, None
+    std = float(np.std(values, ddof=1)) if len(values) > 1 else 0.0
+    return float(np.mean(values)), std
+
+
+def run_weak_benchmark(root: str | Path, categories: list[str] | None, config: Config,
+                       out: str | Path, settings: BenchmarkSettings, protocol: WeakProtocol,
+                       on_run: Callable[[dict[str, Any]], None] | None = None) -> BenchmarkResult:
+    """Every requested category × seed of the weak protocol, then the tables.
+
+    Every split is drawn (and so checked) before any training starts. Returns the per-category
+    summaries (``image_auroc_mean``, ``image_auroc_std``, ``per_seed``…) as ``records``.
+    """
+    check_model_name(config.model.name)
+    config.validate()
+    if protocol.n_seeds < 1:
+        raise InvalidInputError(f"--seeds must be at least 1, got {protocol.n_seeds}")
+    if settings.checkpoint_dir is not None:
+        raise InvalidInputError("--checkpoint-dir is not supported with --anomalies (each split "
+                                "trains its own model)")
+    selected = resolve_categories(root, categories)
+    splits = {(c.name, s): draw_split(c, protocol.n, protocol.setting, protocol.known_type, s)
+              for c in selected for s in protocol.seeds}
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    save_config(config, out / "config.yaml")
+    summaries = []
+    for category in selected:
+        runs = []
+        for seed in protocol.seeds:
+            try:
+                record = run_weak_seed(splits[category.name, seed], replace(config, seed=seed),
+                                       out / category.name / f"seed{seed}", settings)
+            except WsiAnomalyError as exc:
+                if not settings.skip_errors:
+                    raise
+                log.error("%s seed %d: %s", category.name, seed, exc)
+                record = {"category": category.name, "seed": seed, "status": f"error: {exc}"}
+            runs.append(record)
+            if on_run is not None:
+                on_run(record)
+        per_seed = [_headline(r) for r in runs]
+        mean, std = _mean_std(per_seed)
+        failed = [r["status"] for r in runs if r["status"].startswith("error")]
+        summaries.append({
+            "category": category.name, "status": failed[0] if failed else "ok",
+            "seeds": protocol.seeds, "per_seed": per_seed,
+            "image_auroc_mean": mean, "image_auroc_std": std,
+            "n_test": runs[0].get("n_test"), "n_defective": runs[0].get("n_defective"),
+            "paper": atacnet_paper_columns(category.name, config.atacnet.variant,
+                                           protocol.setting, protocol.known_type, protocol.n),
+        })
+    csv_path, md_path, markdown = write_weak_tables(summaries, out, config, protocol)
+    return BenchmarkResult(summaries, csv_path, md_path, markdown)
+
+
+# -- tables ------------------------------------------------------------------------------------
+def weak_table_rows(summaries: list[dict[str, Any]],
+                    protocol: WeakProtocol) -> tuple[list[str], list[list[Any]]]:
+    """Header and rows: one per category, then the mean over categories (its ± is the std over
+    seeds of the per-seed category mean)."""
+    paper_keys = list(summaries[0]["paper"]) if summaries else []
+    header = ["category", "image AUROC mean", "image AUROC std", *(f"seed {s}" for s in
+              protocol.seeds), "n test", "n defective", *paper_keys, "status"]
+    rows = [[s["category"], s["image_auroc_mean"], s["image_auroc_std"], *s["per_seed"],
+             s["n_test"], s["n_defective"], *(s["paper"][k] for k in paper_keys), s["status"]]
+            for s in summaries]
+    if summaries:
+        by_seed = [[s["per_seed"][i] for s in summaries] for i in range(len(protocol.seeds))]
+        seed_means = [_mean_std(v)[0] for v in by_seed]
+        mean, std = _mean_std(seed_means)
+
+        def paper_mean(key):
+            values = [s["paper"][key] for s in summaries]
+            return _mean_std(values)[0] if all(v is not None for v in values) else None
+
+        rows.append([f"mean ({len(summaries)})", mean, std, *seed_means, None, None,
+                     *(paper_mean(k) for k in paper_keys), ""])
+    return header, rows
+
+
+def _fmt(value: Any) -> str:
+    if value is None:
+        return "n/a"
+    if isinstance(value, float):
+        return f"{value:.3f}"
+    return str(value)
+
+
+def write_weak_tables(summaries: list[dict[str, Any]], out: str | Path, config: Config,
+                      protocol: WeakProtocol) -> tuple[Path, Path, str]:
+    """``<out>/results.csv`` and ``<out>/results.md`` (image AUROC as fractions, as the seed)."""
+    out = Path(out)
+    header, rows = weak_table_rows(summaries, protocol)
+    csv_path, md_path = out / "results.csv", out / "results.md"
+    tmp = csv_path.with_name(f".{csv_path.name}.partial")
+    with tmp.open("w", newline="") as fh:
+        writer = csv.writer(fh)
+        writer.writerow(header)
+        for row in rows:
+            writer.writerow(["" if v is None else (f"{v:.4f}" if isinstance(v, float) else v)
+                             for v in row])
+    os.replace(tmp, csv_path)
+    lines = ["| " + " | ".join(header) + " |",
+             "|" + "|".join(["---"] + ["---:"] * (len(header) - 2) + ["---"]) + "|"]
+    lines += ["| " + " | ".join(_fmt(v) for v in row) + " |" for row in rows]
+    variant = config.atacnet.variant
+    what = (f"of known type {protocol.known_type!r} only; every anomaly of that type left the "
+            "test set" if protocol.setting == "hard"
+            else "drawn across all defect types and removed from the test set")
+    notes = [
+        "",
+        (f"Weakly supervised protocol ({protocol.setting}): {protocol.n} labelled test anomalies "
+         f"per category, {what}; seeds {', '.join(map(str, protocol.seeds))} "
+         "(std: sample std over seeds). Image AUROC on raw scores, as fractions."),
+        (f"Model: {config.model.name}, variant {variant} "
+         f"(seed Table 1 column \"{ATACNET_VARIANT_COLUMNS.get(variant, variant)}\")."),
+    ]
+    if protocol.setting == "general":
+        printed = ", ".join(f"{ATACNET_VARIANT_COLUMNS[v]} {m}" for v, m in
+                            zip(ATACNET_VARIANT_COLUMNS, ATACNET_TABLE1_MEAN))
+        notes.append(f"Paper: ATAC-Net seed, Table 1 (its own per-category anomaly counts, "
+                     f"\"paper n anomalies\"); printed MVTec mean: {printed}.")
+    else:
+        notes.append("Paper: ATAC-Net seed, Table 2 (hard setting; (1)/(10): one/ten labelled "
+                     "anomalies of the known type); only tile and metal_nut were reported.")
+    markdown = "\n".join(lines + notes) + "\n"
+    md_path.write_text(markdown)
+    return csv_path, md_path, markdown
