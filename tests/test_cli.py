@@ -123,3 +123,29 @@ def test_train_and_score_bad_inputs(capsys, tmp_path, tiny_model):
     code, _, err = run(capsys, "train", "--tiles", str(img), "--out", str(tmp_path / "m.pt"),
                        "--config", "nonexistent")
     assert_one_error_line(code, err, "not found")
+
+
+def test_train_atacnet_command(capsys, tmp_path, small_store):
+    from PIL import Image
+    from wsi_anomaly.checkpoint import load_checkpoint
+
+    anomalies = tmp_path / "abnormal"
+    anomalies.mkdir()
+    for i in range(2):
+        Image.new("RGB", (256, 256), (30 + 40 * i, 160, 40)).save(anomalies / f"a{i}.png")
+    model = tmp_path / "atac.pt"
+    code, out, err = run(capsys, "train", "--model", "atacnet", "--tiles", str(small_store),
+                         "--anomalies", str(anomalies), "--out", str(model),
+                         "--config", "atacnet_fast", "--backbone-weights", "random",
+                         "--epochs", "1", "--batch-size", "4", "-q")
+    assert code == 0, err
+    assert "2 labelled anomalies" in out and model.is_file()
+    assert load_checkpoint(model, expect_model="atacnet")["n_labelled_anomalies"] == 2
+    code, _, err = run(capsys, "train", "--tiles", str(small_store), "--anomalies", str(anomalies),
+                       "--out", str(tmp_path / "h.pt"))
+    assert_one_error_line(code, err, "--model atacnet")
+    empty = tmp_path / "none"
+    empty.mkdir()
+    code, _, err = run(capsys, "train", "--model", "atacnet", "--tiles", str(small_store),
+                       "--anomalies", str(empty), "--out", str(tmp_path / "x.pt"))
+    assert_one_error_line(code, err, "no images")
