@@ -18,12 +18,9 @@ Scoring (Algorithm 2): ``a1`` on the image, a crop around the attention (Algorit
 from __future__ import annotations
 
 import contextlib
-import hashlib
-import logging
 import math
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -31,8 +28,8 @@ import torchvision
 from torch import nn
 
 from wsi_anomaly.errors import InvalidInputError, WeightsUnavailableError
+from wsi_anomaly.models.weights import backbone_state
 
-logger = logging.getLogger(__name__)
 
 __all__ = [
     "BACKBONE_CHANNELS",
@@ -115,14 +112,6 @@ class ResNet50Trunk(nn.Module):
         return self.layer4(self.layer3(self.layer2(self.layer1(x))))
 
 
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
 def _select_trunk_weights(
     state: Mapping[str, torch.Tensor], source: str
 ) -> dict[str, torch.Tensor]:
@@ -160,52 +149,12 @@ def load_resnet50(weights: str = "imagenet") -> ResNet50Trunk:
     Raises:
         WeightsUnavailableError: the weights cannot be downloaded, read or matched.
     """
-    if weights == "checkpoint":
-        return ResNet50Trunk(None, backbone_identity="resnet50-from-checkpoint")
+    from torchvision.models import ResNet50_Weights
 
-    if weights == "random":
-        logger.warning(
-            "ResNet-50 backbone uses RANDOM weights: features are meaningless for anomaly "
-            "detection until trained; use this only for tests and demos"
-        )
-        return ResNet50Trunk(None, backbone_identity="resnet50-random")
-
-    if weights == "imagenet":
-        from torchvision.models import ResNet50_Weights
-
-        try:
-            state = ResNet50_Weights.IMAGENET1K_V1.get_state_dict(progress=False)
-        except Exception as exc:  # URLError, OSError, RuntimeError from a truncated file, ...
-            raise WeightsUnavailableError(
-                f"cannot load ImageNet ResNet-50 weights ({type(exc).__name__}: {exc}); "
-                f"{_WEIGHTS_HELP}"
-            ) from exc
-        return ResNet50Trunk(
-            _select_trunk_weights(state, "torchvision IMAGENET1K_V1"),
-            backbone_identity="resnet50-imagenet1k-v1",
-        )
-
-    path = Path(weights).expanduser()
-    if not path.is_file():
-        raise WeightsUnavailableError(
-            f"backbone weights {weights!r} are neither 'imagenet', 'random' nor an existing "
-            f"file; {_WEIGHTS_HELP}"
-        )
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # pickle errors, zip errors, permission errors
-        raise WeightsUnavailableError(
-            f"cannot read backbone weights {str(path)!r} ({type(exc).__name__}); {_WEIGHTS_HELP}"
-        ) from exc
-    if not isinstance(state, Mapping):
-        raise WeightsUnavailableError(
-            f"{str(path)!r} does not hold a state dict (got {type(state).__name__}); "
-            f"{_WEIGHTS_HELP}"
-        )
-    return ResNet50Trunk(
-        _select_trunk_weights(state, repr(str(path))),
-        backbone_identity=f"resnet50-file:{_sha256(path)[:12]}",
-    )
+    state, identity, source = backbone_state(
+        weights, "resnet50", "ResNet-50", lambda: ResNet50_Weights.IMAGENET1K_V1.get_state_dict(progress=False),
+        _WEIGHTS_HELP)
+    return ResNet50Trunk(None if state is None else _select_trunk_weights(state, source), backbone_identity=identity)
 
 
 # --------------------------------------------------------------------------------------------

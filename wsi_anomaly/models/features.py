@@ -10,18 +10,15 @@ a documented and harmless simplification.)
 
 from __future__ import annotations
 
-import hashlib
-import logging
 from collections.abc import Mapping, Sequence
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from wsi_anomaly.errors import InvalidInputError, WeightsUnavailableError
+from wsi_anomaly.models.weights import backbone_state
 
-logger = logging.getLogger(__name__)
 
 __all__ = [
     "FEATURE_CHANNELS",
@@ -155,14 +152,6 @@ class VGG19Features(nn.Module):
         return aggregate_taps(taps)
 
 
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
 def _select_feature_weights(
     state: Mapping[str, torch.Tensor], source: str
 ) -> dict[str, torch.Tensor]:
@@ -199,50 +188,9 @@ def load_vgg19(weights: str = "imagenet") -> VGG19Features:
     Raises:
         WeightsUnavailableError: the weights cannot be downloaded, read or matched.
     """
-    if weights == "checkpoint":
-        # Weights follow from a checkpoint's state dict: nothing to download, nothing to warn.
-        return VGG19Features(None, backbone_identity="vgg19-from-checkpoint")
+    from torchvision.models import VGG19_Weights
 
-    if weights == "random":
-        logger.warning(
-            "VGG19 backbone uses RANDOM weights: features are meaningless for anomaly detection; "
-            "use this only for tests and demos"
-        )
-        return VGG19Features(None, backbone_identity="vgg19-random")
-
-    if weights == "imagenet":
-        from torchvision.models import VGG19_Weights
-
-        try:
-            # The weights API alone: no need to build the 143 M-parameter classifier head.
-            state = VGG19_Weights.IMAGENET1K_V1.get_state_dict(progress=False)
-        except Exception as exc:  # URLError, OSError, RuntimeError from a truncated file, ...
-            raise WeightsUnavailableError(
-                f"cannot load ImageNet VGG19 weights ({type(exc).__name__}: {exc}); {_WEIGHTS_HELP}"
-            ) from exc
-        return VGG19Features(
-            _select_feature_weights(state, "torchvision IMAGENET1K_V1"),
-            backbone_identity="vgg19-imagenet1k-v1",
-        )
-
-    path = Path(weights).expanduser()
-    if not path.is_file():
-        raise WeightsUnavailableError(
-            f"backbone weights {weights!r} are neither 'imagenet', 'random' nor an existing file; "
-            f"{_WEIGHTS_HELP}"
-        )
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # pickle errors, zip errors, permission errors
-        raise WeightsUnavailableError(
-            f"cannot read backbone weights {str(path)!r} ({type(exc).__name__}); {_WEIGHTS_HELP}"
-        ) from exc
-    if not isinstance(state, Mapping):
-        raise WeightsUnavailableError(
-            f"{str(path)!r} does not hold a state dict (got {type(state).__name__}); "
-            f"{_WEIGHTS_HELP}"
-        )
-    return VGG19Features(
-        _select_feature_weights(state, repr(str(path))),
-        backbone_identity=f"vgg19-file:{_sha256(path)[:12]}",
-    )
+    state, identity, source = backbone_state(
+        weights, "vgg19", "VGG19", lambda: VGG19_Weights.IMAGENET1K_V1.get_state_dict(progress=False),
+        _WEIGHTS_HELP)
+    return VGG19Features(None if state is None else _select_feature_weights(state, source), backbone_identity=identity)
