@@ -109,15 +109,18 @@ def read_tile(slide: Slide, grid: TileGrid, i: int, out: np.ndarray | None = Non
     return out
 
 
-#: Batch arrays in circulation: two being decoded ahead, two held by the consumer.
-RING_BUFFERS = 4
+#: Batch arrays in circulation: two being decoded ahead, up to four held by the consumer
+#: (the batch in hand and up to two still being written, see ``tile_slide``).
+RING_BUFFERS = 6
+#: Shard writes in flight in the tiler (each holds one batch array until written).
+WRITE_THREADS = 2
 
 
 def iter_tile_batches(slide: Slide, grid: TileGrid, batch: int, workers: int = 0,
                       busy: list[float] | None = None) -> Iterator[tuple[int, np.ndarray]]:
     """Yield ``(start, tiles)`` in order, decoding the next batches while the caller works.
 
-    ``tiles`` is reused for a later batch once two more batches have been yielded: copy it to
+    ``tiles`` is reused for a later batch once four more batches have been yielded: copy it to
     keep it longer. ``busy``, a one-element list, accumulates the decoding threads' busy seconds.
     """
     n = len(grid)
@@ -128,7 +131,7 @@ def iter_tile_batches(slide: Slide, grid: TileGrid, batch: int, workers: int = 0
     # batch array in place, so no copy is made when parts are joined.
     #
     # Batch arrays are recycled from a ring of RING_BUFFERS: fresh 50 MB arrays cost more in page
-    # faults than decoding the tiles. A yielded array stays valid until two more were yielded.
+    # faults than decoding the tiles. A yielded array stays valid until four more were yielded.
     tile_px = grid.plan.tile_px
     ring: list[np.ndarray] = []
     with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="tile-read") as pool:
@@ -241,19 +244,20 @@ def _tile_slide(slide_path, out, settings, slide_mpp, overwrite, png_dir, png_tm
                              kept.tissue_fraction, attrs, overwrite=overwrite) as writer:
             bar = tqdm(total=len(kept), unit="tile", desc=f"tiling {slide.name}",
                        disable=not progress, leave=False)
-            # One shard is compressed and written in the background while the next is decoded.
-            with ThreadPoolExecutor(max_workers=1, thread_name_prefix="tile-write") as io:
-                pending: Future | None = None
+            # Shards are compressed and written in the background (two at a time: zarr's write
+            # path is partly serial) while the next ones are decoded.
+            with ThreadPoolExecutor(max_workers=WRITE_THREADS, thread_name_prefix="tile-write") as io:
+                pending: list[Future] = []
                 for start, tiles in iter_tile_batches(slide, kept, writer.shard_tiles,
                                                       settings.workers):
-                    if pending is not None:
-                        pending.result()
-                    pending = io.submit(writer.write, start, tiles)
+                    while len(pending) >= WRITE_THREADS:
+                        pending.pop(0).result()
+                    pending.append(io.submit(writer.write, start, tiles))
                     if png_tmp is not None:
                         _export_png(tiles, kept.coords[start:start + len(tiles)], png_tmp, stem)
                     bar.update(len(tiles))
-                if pending is not None:
-                    pending.result()
+                for future in pending:
+                    future.result()
             bar.close()
             seconds = time.perf_counter() - t_start
             writer.close({"tiling_seconds": seconds})
