@@ -61,13 +61,9 @@ class ModelAdapter(Protocol):
         ...
 
 
-class HaloAEAdapter:
-    """HaloAE through :class:`wsi_anomaly.score.Scorer`: image scores ``mean`` (the paper's
-    headline) and ``max`` of the normalised, smoothed 64×64 map, which is returned too."""
-
-    name = "haloae"
-    score_names = ("mean", "max")
-    has_maps = True
+class _ScorerAdapter:
+    """What every adapter over :class:`wsi_anomaly.score.Scorer` shares: loading the checkpoint,
+    device, precision, batch size and identity. Subclasses name their scores in ``__call__``."""
 
     def __init__(self, checkpoint: str | Path, device: str = "auto", precision: str = "auto",
                  batch_size: int = 16):
@@ -85,36 +81,28 @@ class HaloAEAdapter:
     @property
     def config(self):
         return self.scorer.config
+
+
+class HaloAEAdapter(_ScorerAdapter):
+    """HaloAE: image scores ``mean`` (the paper's headline) and ``max`` of the normalised,
+    smoothed 64×64 map, which is returned too."""
+
+    name = "haloae"
+    score_names = ("mean", "max")
+    has_maps = True
 
     def __call__(self, images: torch.Tensor) -> AdapterOutput:
         result = self.scorer.score(images, keep_maps=True)
         return AdapterOutput({"mean": result.mean, "max": result.max}, result.maps)
 
 
-class ATACNetAdapter:
-    """ATAC-Net through :class:`wsi_anomaly.score.Scorer`: one image score, ``score`` (the seed's
-    Algorithm 2 score). Image-level only: the benchmark reports no pixel metrics for it."""
+class ATACNetAdapter(_ScorerAdapter):
+    """ATAC-Net: one image score, ``score`` (the seed's Algorithm 2 score). Image-level only:
+    the benchmark reports no pixel metrics for it."""
 
     name = "atacnet"
     score_names = ("score",)
     has_maps = False
-
-    def __init__(self, checkpoint: str | Path, device: str = "auto", precision: str = "auto",
-                 batch_size: int = 16):
-        from ..score import Scorer
-
-        self.scorer = Scorer(checkpoint, device=device, precision=precision, batch_size=batch_size)
-        self.batch_size = batch_size
-        self.device = self.scorer.device
-        self.precision = self.scorer.precision
-
-    @property
-    def identity(self) -> dict[str, Any]:
-        return self.scorer.identity
-
-    @property
-    def config(self):
-        return self.scorer.config
 
     def __call__(self, images: torch.Tensor) -> AdapterOutput:
         result = self.scorer.score(images, keep_maps=False)

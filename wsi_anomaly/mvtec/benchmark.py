@@ -438,20 +438,25 @@ def markdown_table(records: list[dict[str, Any]], config: Config | None = None) 
     return "\n".join(lines + notes) + "\n"
 
 
+def write_csv(path: Path, header: list[str], rows: list[list[Any]], float_format: str) -> None:
+    """A results table as CSV (floats with ``float_format``, None empty), written atomically."""
+    tmp = path.with_name(f".{path.name}.partial")
+    with tmp.open("w", newline="") as fh:
+        writer = csv.writer(fh)
+        writer.writerow(header)
+        for row in rows:
+            writer.writerow(["" if v is None else (float_format.format(v) if isinstance(v, float)
+                                                   else v) for v in row])
+    os.replace(tmp, path)
+
+
 def write_tables(records: list[dict[str, Any]], out: str | Path,
                  config: Config | None = None) -> tuple[Path, Path, str]:
     """``<out>/results.csv`` (percent, 3 decimals) and ``<out>/results.md``."""
     out = Path(out)
     header, rows = table_rows(records)
     csv_path, md_path = out / "results.csv", out / "results.md"
-    tmp = csv_path.with_name(f".{csv_path.name}.partial")
-    with tmp.open("w", newline="") as fh:
-        writer = csv.writer(fh)
-        writer.writerow(header)
-        for row in rows:
-            writer.writerow(["" if v is None else (f"{v:.3f}" if isinstance(v, float) else v)
-                             for v in row])
-    os.replace(tmp, csv_path)
+    write_csv(csv_path, header, rows, "{:.3f}")
     markdown = markdown_table(records, config)
     md_path.write_text(markdown)
     return csv_path, md_path, markdown

@@ -16,11 +16,9 @@ seeds beside the seed's Table 1 (general) or Table 2 (hard).
 
 from __future__ import annotations
 
-import csv
 import json
 import logging
 import math
-import os
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
@@ -43,6 +41,7 @@ from .benchmark import (
     _write_scores_csv,
     compute_metrics,
     evaluate,
+    write_csv,
 )
 from .data import GOOD, MVTecCategory, MVTecDataset, MVTecSample, resolve_categories
 from .paper import ATACNET_TABLE1_MEAN, ATACNET_VARIANT_COLUMNS, atacnet_paper_columns
@@ -304,14 +303,7 @@ def write_weak_tables(summaries: list[dict[str, Any]], out: str | Path, config: 
     out = Path(out)
     header, rows = weak_table_rows(summaries, protocol)
     csv_path, md_path = out / "results.csv", out / "results.md"
-    tmp = csv_path.with_name(f".{csv_path.name}.partial")
-    with tmp.open("w", newline="") as fh:
-        writer = csv.writer(fh)
-        writer.writerow(header)
-        for row in rows:
-            writer.writerow(["" if v is None else (f"{v:.4f}" if isinstance(v, float) else v)
-                             for v in row])
-    os.replace(tmp, csv_path)
+    write_csv(csv_path, header, rows, "{:.4f}")
     lines = ["| " + " | ".join(header) + " |",
              "|" + "|".join(["---"] + ["---:"] * (len(header) - 2) + ["---"]) + "|"]
     lines += ["| " + " | ".join(_fmt(v) for v in row) + " |" for row in rows]
