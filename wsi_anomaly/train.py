@@ -200,11 +200,8 @@ def train_model(dataset: Dataset, config: Config, out: str | Path, device: str =
         optimiser.load_state_dict(state["train_state"]["optimizer"])
 
     def payload(epoch: int) -> dict[str, Any]:
-        return {"model_name": config.model.name, "config": config.to_dict(),
-                "state_dict": {k: v.detach().cpu() for k, v in model.state_dict().items()},
-                "backbone": backbone, "tile_mpp": tile_mpp, "training_source": source,
-                "history": history,
-                "train_state": {"epoch": epoch, "optimizer": optimiser.state_dict()}}
+        return _payload(config, model, backbone, tile_mpp, source, history,
+                        {"epoch": epoch, "optimizer": optimiser.state_dict()})
 
     t = config.train
     total_epochs = t.epochs
@@ -258,6 +255,16 @@ def train_model(dataset: Dataset, config: Config, out: str | Path, device: str =
                             progress=progress)
     return _finish(out, config, {**payload(total_epochs - 1), "train_seconds": seconds},
                    calibration, total_epochs, seconds, seen, history)
+
+
+def _payload(config: Config, model: torch.nn.Module, backbone: str, tile_mpp: float | None,
+             source: str | None, history: list[dict[str, float]], train_state: dict[str, Any]
+             ) -> dict[str, Any]:
+    """The checkpoint fields every model family writes (see :mod:`wsi_anomaly.checkpoint`)."""
+    return {"model_name": config.model.name, "config": config.to_dict(),
+            "state_dict": {k: v.detach().cpu() for k, v in model.state_dict().items()},
+            "backbone": backbone, "tile_mpp": tile_mpp, "training_source": source,
+            "history": history, "train_state": train_state}
 
 
 def _finish(out: Path, config: Config, payload: dict[str, Any], calibration: dict[str, Any],
@@ -341,12 +348,10 @@ def _train_atacnet(normals: Dataset, anomalies: Dataset | None, config: Config, 
         history = list(state.get("history", []))
 
     def payload(epoch: int) -> dict[str, Any]:
-        return {"model_name": config.model.name, "config": config.to_dict(),
-                "state_dict": {k: v.detach().cpu() for k, v in model.state_dict().items()},
-                "backbone": backbone, "tile_mpp": tile_mpp, "training_source": source,
-                "n_labelled_anomalies": len(data) - len(normals), "history": history,
-                "train_state": {"epoch": epoch, "optimizer": optimiser.state_dict(),
-                                "scheduler": scheduler.state_dict()}}
+        return {**_payload(config, model, backbone, tile_mpp, source, history,
+                           {"epoch": epoch, "optimizer": optimiser.state_dict(),
+                            "scheduler": scheduler.state_dict()}),
+                "n_labelled_anomalies": len(data) - len(normals)}
 
     precision = "bf16" if dev.type == "cuda" else "fp32"
     seen, t0 = 0, time.perf_counter()
