@@ -48,6 +48,10 @@ class LevelInfo:
 class _TiledPage:
     """Decode the tiles of one tiled TIFF page directly, with a small LRU cache.
 
+    A request for exactly one whole RGB JPEG tile with an output array given (the tiler at a
+    level's native resolution when its grid falls on the TIFF tiles) is decoded straight into
+    that array: no cache, no copy.
+
     Thread-safe: file reads use ``os.pread`` on a shared descriptor; imagecodecs releases the GIL.
     """
 
@@ -66,6 +70,7 @@ class _TiledPage:
         self._cache: OrderedDict[int, np.ndarray] = OrderedDict()
         self._cache_tiles = cache_tiles
         self._lock = threading.Lock()
+        self._jpeg_args = _direct_jpeg_args(page)
         ends = [o + c for o, c in zip(self.offsets, self.counts) if c]
         if ends and max(ends) > file_size:
             raise CorruptSlideError("tile data runs past the end of the file (truncated slide?)")
@@ -106,11 +111,33 @@ class _TiledPage:
                 self._cache.popitem(last=False)
         return tile
 
+    def _decode_into(self, index: int, out: np.ndarray) -> np.ndarray:
+        count = int(self.counts[index])
+        if count == 0:
+            out[...] = BACKGROUND_RGB
+            return out
+        data = os.pread(self.fd, count, int(self.offsets[index]))
+        if len(data) != count:
+            raise CorruptSlideError(f"tile {index} is cut short (truncated slide?)")
+        import imagecodecs
+
+        try:
+            imagecodecs.jpeg_decode(data, out=out, **self._jpeg_args)
+        except Exception as exc:  # imagecodecs raises its own error types
+            raise CorruptSlideError(f"tile {index} cannot be decoded: {exc}") from exc
+        return out
+
     def read(self, x: int, y: int, w: int, h: int, out: np.ndarray | None = None) -> np.ndarray:
         """Pixels [y, y+h) × [x, x+w) of this page as (h, w, 3) uint8; outside is background.
 
         ``out``, if given, is filled in place and returned.
         """
+        if (out is not None and self._jpeg_args is not None and w == self.tile_w
+                and h == self.tile_h and x % w == 0 and y % h == 0 and x >= 0 and y >= 0
+                and x + w <= self.width and y + h <= self.height
+                and out.shape == (h, w, 3) and out.dtype == np.uint8
+                and out.flags.c_contiguous):
+            return self._decode_into((y // h) * self.tiles_across + x // w, out)
         x0, y0 = max(x, 0), max(y, 0)
         x1, y1 = min(x + w, self.width), min(y + h, self.height)
         if out is None:
@@ -127,6 +154,23 @@ class _TiledPage:
                 sx1, sy1 = min(x1, ox + self.tile_w), min(y1, oy + self.tile_h)
                 out[sy0 - y:sy1 - y, sx0 - x:sx1 - x] = tile[sy0 - oy:sy1 - oy, sx0 - ox:sx1 - ox]
         return out
+
+
+def _direct_jpeg_args(page: Any) -> dict | None:
+    """``imagecodecs.jpeg_decode`` arguments that decode one tile of ``page`` exactly as tifffile
+    does, or None when the page is not 8-bit 3-sample JPEG (then tiles go through tifffile)."""
+    try:
+        from tifffile.tifffile import jpeg_decode_colorspace
+
+        if (int(page.compression) != 7 or page.samplesperpixel != 3 or page.extrasamples
+                or int(page.planarconfig) != 1 or page.bitspersample != 8):
+            return None
+        colorspace, outcolorspace = jpeg_decode_colorspace(
+            int(page.photometric), int(page.planarconfig), page.extrasamples, page.is_jfif)
+    except Exception:  # an older or newer tifffile without this helper: use its decode
+        return None
+    return {"tables": page.jpegtables, "colorspace": colorspace, "outcolorspace": outcolorspace,
+            "shape": (int(page.tilelength), int(page.tilewidth))}
 
 
 def _into(out: np.ndarray | None, pixels: np.ndarray) -> np.ndarray:
@@ -239,11 +283,15 @@ class Slide:
             w, h = min(page.tile_w, page.width - x), min(page.tile_h, page.height - y)
             ds = self._downsamples[level]
             try:
-                ref = np.asarray(self._osr.read_region((int(x * ds), int(y * ds)), level, (w, h)))
+                ref = _to_rgb(np.asarray(self._osr.read_region((int(x * ds), int(y * ds)), level,
+                                                               (w, h))))
                 ours = page.read(x, y, w, h)
+                # The same tile through the decode-into-the-caller's-array path.
+                direct = page.read(x, y, w, h, np.empty((h, w, 3), np.uint8))
             except Exception as exc:
                 raise CorruptSlideError(f"{self.path}: pixel data cannot be decoded ({exc})") from exc
-            if ds != round(ds) or not np.array_equal(_to_rgb(ref), ours):
+            if (ds != round(ds) or not np.array_equal(ref, ours)
+                    or not np.array_equal(ref, direct)):
                 log.debug("level %d of %s: direct decode differs from OpenSlide; not used", level, self.path)
                 del self._pages[level]
 

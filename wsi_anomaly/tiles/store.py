@@ -21,6 +21,8 @@ from __future__ import annotations
 import logging
 import os
 import shutil
+import uuid
+from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
@@ -45,6 +47,79 @@ def _compressor() -> BloscCodec:
     # lz4 at a low level: RGB tissue compresses only modestly whatever the codec, and the tiler
     # must keep up with direct JPEG decoding (thousands of tiles/s), so speed wins over ratio.
     return BloscCodec(cname="lz4", clevel=1, shuffle="noshuffle")
+
+
+def _create_tiles_array(root: zarr.Group, n_tiles: int, tile_px: int, chunk: int, shard: int
+                        ) -> zarr.Array:
+    return root.create_array(
+        "tiles", shape=(n_tiles, tile_px, tile_px, 3), dtype="uint8",
+        chunks=(chunk, tile_px, tile_px, 3), shards=(shard, tile_px, tile_px, 3),
+        compressors=_compressor(), dimension_names=("tile", "y", "x", "rgb"),
+        # Tiles are never all-zero: skip zarr's per-chunk "is it empty?" comparison.
+        config={"write_empty_chunks": True})
+
+
+class ShardEncoder:
+    """Encodes whole shards of a ``tiles`` array byte for byte as zarr does, minus its copies.
+
+    zarr's sharded write copies every inner chunk into a fresh array and then joins the
+    compressed chunks into one more buffer; for 50 MB of tiles that costs as much CPU as the
+    compression itself. A complete shard is simple to lay out (zarr v3 sharding, index at the
+    end): the compressed inner chunks one after another, then per chunk (offset, length) as
+    little-endian uint64, then the crc32c of that index. :func:`shard_encoder` checks once per
+    process, on a small array, that this gives exactly zarr's bytes before it is used.
+    """
+
+    def __init__(self, chunk_tiles: int):
+        import google_crc32c
+        from numcodecs import Blosc
+
+        codec = _compressor()
+        shuffle = {"noshuffle": Blosc.NOSHUFFLE, "shuffle": Blosc.SHUFFLE,
+                   "bitshuffle": Blosc.BITSHUFFLE}[codec.shuffle.value]
+        self.blosc = Blosc(cname=codec.cname.value, clevel=codec.clevel, shuffle=shuffle,
+                           blocksize=codec.blocksize, typesize=1)
+        self.crc32c = google_crc32c.value
+        self.chunk_tiles = chunk_tiles
+
+    def encode(self, shard: np.ndarray) -> list[bytes]:
+        """The shard's bytes as a list of parts, to be written one after another."""
+        shard = np.ascontiguousarray(shard)
+        n_chunks, rest = divmod(len(shard), self.chunk_tiles)
+        if rest:
+            raise ValueError("a shard must hold a whole number of chunks")
+        parts: list[bytes] = []
+        index = np.empty((n_chunks, 2), "<u8")
+        offset = 0
+        for k in range(n_chunks):
+            part = self.blosc.encode(shard[k * self.chunk_tiles:(k + 1) * self.chunk_tiles])
+            index[k] = (offset, len(part))
+            offset += len(part)
+            parts.append(part)
+        index_bytes = index.tobytes()
+        parts += [index_bytes, np.array([self.crc32c(index_bytes)], "<u4").tobytes()]
+        return parts
+
+
+@lru_cache(maxsize=None)
+def shard_encoder(chunk_tiles: int) -> ShardEncoder | None:
+    """A :class:`ShardEncoder` when its bytes equal zarr's here (checked once), else None."""
+    try:
+        encoder = ShardEncoder(chunk_tiles)
+        tile_px, shard = 8, 4 * chunk_tiles
+        tiles = np.random.default_rng(0).integers(0, 256, (shard, tile_px, tile_px, 3), np.uint8)
+        tiles[: shard // 2] //= 16  # some compressible, some not
+        written: dict = {}
+        root = zarr.open_group(zarr.storage.MemoryStore(written), mode="w", zarr_format=3)
+        array = _create_tiles_array(root, shard, tile_px, chunk_tiles, shard)
+        array[:] = tiles
+        expected = written[f"tiles/{array.metadata.encode_chunk_key((0, 0, 0, 0))}"].to_bytes()
+        if b"".join(encoder.encode(tiles)) == expected:
+            return encoder
+        log.debug("direct shard encoding differs from zarr's; zarr writes every shard")
+    except Exception as exc:  # another zarr or numcodecs: zarr's own write path still works
+        log.debug("direct shard encoding unavailable: %s", exc)
+    return None
 
 
 def temporary_path(final: Path) -> Path:
@@ -94,12 +169,8 @@ class TileStoreWriter:
         chunk = min(CHUNK_TILES, shard)
         shard -= shard % chunk
         self.shard_tiles = shard
-        self.tiles = root.create_array(
-            "tiles", shape=(n_tiles, tile_px, tile_px, 3), dtype="uint8",
-            chunks=(chunk, tile_px, tile_px, 3), shards=(shard, tile_px, tile_px, 3),
-            compressors=_compressor(), dimension_names=("tile", "y", "x", "rgb"),
-            # Tiles are never all-zero: skip zarr's per-chunk "is it empty?" comparison.
-            config={"write_empty_chunks": True})
+        self.tiles = _create_tiles_array(root, n_tiles, tile_px, chunk, shard)
+        self._encoder = shard_encoder(chunk)
         root.create_array("coords", data=np.asarray(coords, np.int64).reshape(-1, 2),
                           chunks=(max(1, n_tiles), 2))
         root.create_array("grid_index", data=np.asarray(grid_index, np.int32).reshape(-1, 2),
@@ -120,8 +191,30 @@ class TileStoreWriter:
         write_score_arrays(self.root, start, mean, peak, maps)
 
     def write(self, start: int, tiles: np.ndarray) -> None:
-        """Write tiles [start, start + len(tiles)); callers pass whole shards for speed."""
-        self.tiles[start:start + len(tiles)] = tiles
+        """Write tiles [start, start + len(tiles)); callers pass whole shards for speed.
+
+        A whole shard is encoded here and written as one file (under a temporary name, then
+        renamed, as zarr does); anything else goes through zarr.
+        """
+        shard = self.shard_tiles
+        if (self._encoder is None or start % shard or len(tiles) != shard
+                or tiles.shape[1:] != self.tiles.shape[1:]):
+            self.tiles[start:start + len(tiles)] = tiles
+            return
+        key = self.tiles.metadata.encode_chunk_key((start // shard, 0, 0, 0))
+        path = self.tmp / "tiles" / key
+        path.parent.mkdir(parents=True, exist_ok=True)
+        part = path.with_name(f"{path.name}.{uuid.uuid4().hex}.partial")
+        try:
+            with open(part, "wb", buffering=0) as fh:
+                for data in self._encoder.encode(tiles):
+                    view = memoryview(data)
+                    while view:
+                        view = view[fh.write(view):]
+            os.replace(part, path)
+        except BaseException:
+            part.unlink(missing_ok=True)
+            raise
 
     def close(self, extra_attrs: dict[str, Any] | None = None) -> None:
         attrs = {**self.attrs, **(extra_attrs or {}), "complete": True}
