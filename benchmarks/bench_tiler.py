@@ -10,7 +10,7 @@ subprocess each:
 
 Prints a Markdown table (tiles/s, peak RSS) and optionally writes JSON.
 
-    python benchmarks/bench_tiler.py --sizes 20000 40000 --workdir /tmp/wsi-bench
+    python benchmarks/bench_tiler.py --sizes 20000 40000 70000 --workdir /tmp/wsi-bench
 """
 
 from __future__ import annotations
@@ -90,7 +90,7 @@ def run_child(*args: str) -> dict:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--sizes", type=int, nargs="+", default=[20000, 40000],
+    ap.add_argument("--sizes", type=int, nargs="+", default=[20000, 40000, 70000],
                     help="slide sides in px (level 0, 0.25 µm/px)")
     ap.add_argument("--mpps", type=float, nargs="+", default=[0.25, 0.5])
     ap.add_argument("--workdir", default="/tmp/wsi-anomaly-bench")
