@@ -36,28 +36,34 @@ def test_fast_path_is_pixel_identical_to_openslide(small_slide):
 def test_whole_tiles_decode_straight_into_the_callers_array(small_slide, monkeypatch):
     from wsi_anomaly.slide import reader
 
-    calls = []
+    targets = []  # the arrays decoded into
     original = reader._TiledPage._decode_into
     monkeypatch.setattr(reader._TiledPage, "_decode_into",
-                        lambda self, i, out: calls.append(i) or original(self, i, out))
+                        lambda self, i, out: targets.append(out) or original(self, i, out))
     osr = openslide.OpenSlide(str(small_slide.path))
     with Slide(small_slide.path) as s:
-        assert calls, "the check at open must cover the direct decode too"
+        assert targets, "the check at open must cover the direct decode too"
         page = s._pages[0]
         tw, th = page.tile_w, page.tile_h
-        calls.clear()
         for tx, ty in [(0, 0), (1, 2), (3, 1)]:
             x, y = tx * tw, ty * th
             ref = np.asarray(osr.read_region((x, y), 0, (tw, th)))[..., :3]
             out = np.zeros((th, tw, 3), np.uint8)
+            targets.clear()
             got = s.read_level(0, x, y, tw, th, out)
-            assert got is out
+            assert got is out and [t is out for t in targets] == [True]  # no cache, no copy
             np.testing.assert_array_equal(out, ref)
-            np.testing.assert_array_equal(s.read_level(0, x, y, tw, th), ref)  # cached path
-        assert len(calls) == 3
-        # A region off the TIFF tile grid goes through the cache, not the direct decode.
-        s.read_level(0, 7, 0, tw, th, np.zeros((th, tw, 3), np.uint8))
-        assert len(calls) == 3
+            cached = len(page._cache)
+            np.testing.assert_array_equal(s.read_level(0, x, y, tw, th), ref)  # the cached path
+            assert len(page._cache) == cached + 1
+        # A region off the TIFF tile grid goes through the cache (decoded tiles are kept for the
+        # neighbouring regions), never into the caller's array.
+        out = np.zeros((th, tw, 3), np.uint8)
+        targets.clear()
+        x, y = 5 * tw + 7, 4 * th  # straddles two tiles not read before
+        s.read_level(0, x, y, tw, th, out)
+        assert len(targets) == 2 and not any(t is out for t in targets)
+        np.testing.assert_array_equal(out, np.asarray(osr.read_region((x, y), 0, (tw, th)))[..., :3])
 
 
 def test_thumbnail_is_bounded_and_scaled(small_slide):

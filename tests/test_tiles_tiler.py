@@ -41,6 +41,29 @@ def test_coarser_target_reads_pyramid_and_resizes(small_slide, tmp_path):
     assert store.mpp == pytest.approx(1.0, rel=1e-3)
 
 
+@pytest.mark.parametrize("target_mpp", [1.0, 0.75])
+def test_coarser_tiles_are_area_averages_of_the_slide(small_slide, tmp_path, target_mpp):
+    from PIL import Image
+
+    res = tile_slide(small_slide.path, tmp_path / "t.zarr",
+                     TilingSettings(target_mpp=target_mpp, tile_px=64), progress=False)
+    store = TileStore(res.store)
+    read_px = store.attrs["read_px"]
+    assert store.attrs["level"] == 0 and read_px == round(64 * target_mpp / 0.5)
+    osr = openslide.OpenSlide(str(small_slide.path))
+    for i in (0, len(store) // 2, len(store) - 1):
+        x, y = (int(v) for v in store.coords[i])
+        region = np.asarray(osr.read_region((x, y), 0, (read_px, read_px)))[..., :3]
+        tile = store.read(i, i + 1)[0].astype(int)
+        if read_px % 64 == 0:  # an integer factor: the exact k×k mean, rounded half up
+            k = read_px // 64
+            mean = region.reshape(64, k, 64, k, 3).astype(float).mean(axis=(1, 3))
+            np.testing.assert_array_equal(tile, np.floor(mean + 0.5))
+        else:  # any other factor: Pillow's area-averaging (BOX) resize
+            box = Image.fromarray(region).resize((64, 64), Image.Resampling.BOX)
+            np.testing.assert_array_equal(tile, np.asarray(box))
+
+
 def test_stride_gives_overlap(small_slide, tmp_path):
     res = tile_slide(small_slide.path, tmp_path / "t.zarr",
                      TilingSettings(target_mpp=0.5, stride_px=128, min_tissue=0.0), progress=False)

@@ -48,9 +48,11 @@ class LevelInfo:
 class _TiledPage:
     """Decode the tiles of one tiled TIFF page directly, with a small LRU cache.
 
-    A request for exactly one whole RGB JPEG tile with an output array given (the tiler at a
-    level's native resolution when its grid falls on the TIFF tiles) is decoded straight into
-    that array: no cache, no copy.
+    RGB JPEG tiles are decoded by libjpeg-turbo through imagecodecs with the arguments tifffile
+    would use (``_direct_jpeg_args``); other compressions go through tifffile. A request for
+    exactly one whole RGB JPEG tile with an output array given (the tiler at a level's native
+    resolution when its grid falls on the TIFF tiles) is decoded straight into that array: no
+    cache, no copy.
 
     Thread-safe: file reads use ``os.pread`` on a shared descriptor; imagecodecs releases the GIL.
     """
@@ -92,7 +94,9 @@ class _TiledPage:
                 self._cache.move_to_end(index)
                 return cached
         count = int(self.counts[index])
-        if count == 0:  # sparse TIFF: a tile that was never written is background
+        if self._jpeg_args is not None:  # RGB JPEG: libjpeg-turbo directly, as in _decode_into
+            tile = self._decode_into(index, np.empty((self.tile_h, self.tile_w, 3), np.uint8))
+        elif count == 0:  # sparse TIFF: a tile that was never written is background
             tile = np.full((self.tile_h, self.tile_w, 3), BACKGROUND_RGB, np.uint8)
         else:
             data = os.pread(self.fd, count, int(self.offsets[index]))
