@@ -82,6 +82,18 @@ def test_bad_inputs_give_one_line(capsys, tmp_path, small_slide, blank_slide, no
     assert_one_error_line(code, err, "--overwrite")
 
 
+@pytest.mark.parametrize("argv,needles", [
+    (["tile", "slide.svs", "--out", "t.zarr", "--mpp", "abc"], ["--mpp", "'abc'", "tile --help"]),
+    (["tile", "slide.svs"], ["--out", "tile --help"]),
+    (["frobnicate"], ["'frobnicate'", "wsi-anomaly --help"]),
+    (["heatmap", "s.svs", "--model", "m.pt", "--batch-size", "many"], ["--batch-size"]),
+])
+def test_usage_errors_are_one_line(capsys, argv, needles):
+    code, _, err = run(capsys, *argv)
+    assert code == 2
+    assert_one_error_line(code, err, *needles)
+
+
 def test_console_script_exit_code_without_traceback(tmp_path):
     proc = subprocess.run([sys.executable, "-m", "wsi_anomaly.cli", "info", str(tmp_path / "x.svs")],
                           capture_output=True, text=True)

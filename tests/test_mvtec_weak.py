@@ -2,8 +2,10 @@
 `mvtec --model atacnet --anomalies` command end to end, and one-line errors for bad input."""
 
 import csv
+import importlib.util
 import json
 import math
+from pathlib import Path
 
 import pytest
 from test_cli import assert_one_error_line, run
@@ -12,7 +14,7 @@ from wsi_anomaly.config import load_config, save_config
 from wsi_anomaly.errors import InvalidInputError
 from wsi_anomaly.mvtec import MVTecCategory, write_synthetic_category
 from wsi_anomaly.mvtec.paper import ATACNET_TABLE1, ATACNET_TABLE1_MEAN, ATACNET_TABLE2
-from wsi_anomaly.mvtec.weak import draw_split
+from wsi_anomaly.mvtec.weak import WeakProtocol, draw_split
 
 
 @pytest.fixture(scope="module")
@@ -151,6 +153,10 @@ def test_weak_rerun_skips_done_seeds(capsys, weak_run, data_root, atac_yaml):
     (["--model", "atacnet", "--anomalies", "1", "--setting", "hard", "--known-type", "crack"],
      ["'crack'", "available: scratch, spot"]),
     (["--model", "atacnet", "--anomalies", "1", "--setting", "hard"], ["--known-type"]),
+    (["--model", "atacnet", "--anomalies", "paper"], ["widget", "--anomalies N"]),
+    (["--model", "atacnet", "--anomalies", "paper", "--setting", "hard", "--known-type", "spot"],
+     ["--anomalies paper", "--setting general"]),
+    (["--model", "atacnet", "--anomalies", "many"], ["--anomalies", "'paper'", "'many'"]),
 ])
 def test_bad_input_is_one_line(capsys, data_root, atac_yaml, tmp_path, extra, needles):
     code, _, err = run(capsys, "mvtec", "--root", str(data_root), "--category", "widget",
@@ -158,3 +164,37 @@ def test_bad_input_is_one_line(capsys, data_root, atac_yaml, tmp_path, extra, ne
                        "--device", "cpu", "-q", *extra)
     assert_one_error_line(code, err, *needles)
     assert not (tmp_path / "out").exists()  # nothing trained or written
+
+
+def test_paper_counts_follow_the_seeds_table1():
+    paper = WeakProtocol(n="paper")
+    assert [paper.n_for(c) for c in ("bottle", "toothbrush", "cable", "carpet")] == [3, 1, 8, 5]
+    assert {paper.n_for(c) for c in ATACNET_TABLE1} == {row[0] for row in ATACNET_TABLE1.values()}
+    assert WeakProtocol(n=10).n_for("bottle") == 10
+    with pytest.raises(InvalidInputError, match="--anomalies N"):
+        paper.n_for("widget")
+    with pytest.raises(InvalidInputError, match="--setting general"):
+        WeakProtocol(n="paper", setting="hard", known_type="crack").n_for("tile")
+
+
+def test_workflow_runs_the_weak_protocol_with_paper_counts(capsys, atac_yaml, tmp_path):
+    # A synthetic category named like an MVTec one, so that the paper's count (bottle: 3) applies.
+    root = tmp_path / "mvtec"
+    write_synthetic_category(root, "bottle", size_px=32, n_per_defect=3, n_good=3)
+    spec = importlib.util.spec_from_file_location(
+        "mvtec_workflow", Path(__file__).resolve().parents[1] / "workflows" / "mvtec_benchmark.py")
+    workflow = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(workflow)
+    out = tmp_path / "out"
+    code = workflow.main(["--root", str(root), "--categories", "bottle", "--config", str(atac_yaml),
+                          "--anomalies", "paper", "--seeds", "1", "--epochs", "1", "--out",
+                          str(out), "--device", "cpu", "--eval-batch-size", "8", "-q"])
+    assert code == 0
+    split = json.loads((out / "bottle" / "seed0" / "split.json").read_text())
+    assert split["n"] == 3 == len(split["train_anomalies"]) and len(split["test"]) == 6
+    rows = list(csv.DictReader((out / "results.csv").open()))
+    assert rows[0]["category"] == "bottle" and rows[0]["n labelled"] == "3"
+    assert float(rows[0]["paper ATAC-Net"]) == ATACNET_TABLE1["bottle"][4]
+    summary = (out / "summary.md").read_text()
+    assert "| bottle seed 0 | ok |" in summary and "1 epochs × 1 batches of 4" in summary
+    assert "per-category count" in summary

@@ -240,6 +240,18 @@ def _percent(value: float | None) -> str:
     return "n/a" if value is None else f"{100 * value:.1f}"
 
 
+def _anomaly_count(text: str) -> int | str:
+    """``--anomalies`` of ``mvtec``: a number of labelled anomalies, or ``paper``."""
+    from .mvtec.weak import PAPER_COUNTS
+
+    if text == PAPER_COUNTS:
+        return text
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number or '{PAPER_COUNTS}', got {text!r}")
+
+
 def cmd_mvtec(args: argparse.Namespace) -> int:
     from .config import load_config
     from .mvtec.adapters import check_model_name
@@ -362,8 +374,15 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 
 # -- parser ------------------------------------------------------------------------------------
+class _Parser(argparse.ArgumentParser):
+    """argparse with one-line usage errors: the problem and where to look, not the whole usage."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="wsi-anomaly",
         description="Find anomalous tissue in whole-slide images: tile slides, train HaloAE on "
                     "normal tissue, score every tile and draw slide heatmaps.")
@@ -477,9 +496,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="backbone weights (VGG19 for HaloAE, ResNet-50 for ATAC-Net): imagenet "
                         "(default), a local state-dict file, or random (tests only)")
     p.add_argument("--epochs", type=int, help="override train.epochs (atacnet.epochs for atacnet)")
-    p.add_argument("--anomalies", type=int, metavar="N",
+    p.add_argument("--anomalies", type=_anomaly_count, metavar="N|paper",
                    help="ATAC-Net: labelled anomalies drawn (with the seed) from each category's "
-                        "test anomalies and removed from its test set (default 10)")
+                        "test anomalies and removed from its test set (default 10); 'paper' "
+                        "draws the ATAC-Net paper's own count per category (its Table 1: 1–8)")
     p.add_argument("--setting", choices=("general", "hard"),
                    help="ATAC-Net: general (anomalies of all defect types; default) or hard (one "
                         "--known-type only; all its anomalies leave the test set)")
@@ -571,7 +591,10 @@ def _setup_logging(args: argparse.Namespace) -> None:
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as exc:  # --help, --version, or a usage error already printed
+        return exc.code if isinstance(exc.code, int) else 2
     if not getattr(args, "func", None):
         parser.print_help()
         return 2

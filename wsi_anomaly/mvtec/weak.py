@@ -44,7 +44,8 @@ from .benchmark import (
     write_csv,
 )
 from .data import GOOD, MVTecCategory, MVTecDataset, MVTecSample, resolve_categories
-from .paper import ATACNET_TABLE1_MEAN, ATACNET_VARIANT_COLUMNS, atacnet_paper_columns
+from .paper import (ATACNET_TABLE1, ATACNET_TABLE1_MEAN, ATACNET_VARIANT_COLUMNS,
+                    atacnet_paper_columns)
 
 log = logging.getLogger(__name__)
 
@@ -121,12 +122,17 @@ def draw_split(category: MVTecCategory, n: int, setting: str = "general",
                      drawn, test)
 
 
+#: ``WeakProtocol.n`` that draws, per category, as many anomalies as the seed's Table 1 did.
+PAPER_COUNTS = "paper"
+
+
 @dataclass
 class WeakProtocol:
-    """What the weak protocol draws: ``n`` anomalies, the setting and its known type, and the
-    split/training seeds ``first_seed``, …, ``first_seed + n_seeds - 1``."""
+    """What the weak protocol draws: ``n`` anomalies per category (or :data:`PAPER_COUNTS`, the
+    seed's own per-category counts), the setting and its known type, and the split/training
+    seeds ``first_seed``, …, ``first_seed + n_seeds - 1``."""
 
-    n: int = 10
+    n: int | str = 10
     setting: str = "general"
     known_type: str | None = None
     n_seeds: int = 3
@@ -135,6 +141,27 @@ class WeakProtocol:
     @property
     def seeds(self) -> list[int]:
         return list(range(self.first_seed, self.first_seed + self.n_seeds))
+
+    @property
+    def paper_counts(self) -> bool:
+        return self.n == PAPER_COUNTS
+
+    def n_for(self, category: str) -> int:
+        """How many labelled anomalies to draw from ``category``."""
+        if not self.paper_counts:
+            return int(self.n)
+        if self.setting != "general":
+            raise InvalidInputError("--anomalies paper is for --setting general (the seed's "
+                                    "Table 1); its hard-setting Table 2 uses 1 and 10 anomalies")
+        row = ATACNET_TABLE1.get(category)
+        if row is None:
+            raise InvalidInputError(f"{category}: not an MVTec AD category of the seed's Table 1, "
+                                    "so there is no paper count; pass --anomalies N")
+        return row[0]
+
+    def describe(self) -> str:
+        return ("the seed's per-category count (Table 1, \"paper n anomalies\")"
+                if self.paper_counts else str(self.n))
 
 
 def _train(split: WeakSplit, config: Config, checkpoint: Path,
@@ -229,7 +256,8 @@ def run_weak_benchmark(root: str | Path, categories: list[str] | None, config: C
         raise InvalidInputError("--checkpoint-dir is not supported with --anomalies (each split "
                                 "trains its own model)")
     selected = resolve_categories(root, categories)
-    splits = {(c.name, s): draw_split(c, protocol.n, protocol.setting, protocol.known_type, s)
+    splits = {(c.name, s): draw_split(c, protocol.n_for(c.name), protocol.setting,
+                                      protocol.known_type, s)
               for c in selected for s in protocol.seeds}
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
@@ -256,9 +284,11 @@ def run_weak_benchmark(root: str | Path, categories: list[str] | None, config: C
             "category": category.name, "status": failed[0] if failed else "ok",
             "seeds": protocol.seeds, "per_seed": per_seed,
             "image_auroc_mean": mean, "image_auroc_std": std,
+            "n_labelled": protocol.n_for(category.name),
             "n_test": runs[0].get("n_test"), "n_defective": runs[0].get("n_defective"),
             "paper": atacnet_paper_columns(category.name, config.atacnet.variant,
-                                           protocol.setting, protocol.known_type, protocol.n),
+                                           protocol.setting, protocol.known_type,
+                                           protocol.n_for(category.name)),
         })
     csv_path, md_path, markdown = write_weak_tables(summaries, out, config, protocol)
     return BenchmarkResult(summaries, csv_path, md_path, markdown)
@@ -271,9 +301,10 @@ def weak_table_rows(summaries: list[dict[str, Any]],
     seeds of the per-seed category mean)."""
     paper_keys = list(summaries[0]["paper"]) if summaries else []
     header = ["category", "image AUROC mean", "image AUROC std", *(f"seed {s}" for s in
-              protocol.seeds), "n test", "n defective", *paper_keys, "status"]
+              protocol.seeds), "n labelled", "n test", "n defective", *paper_keys, "status"]
     rows = [[s["category"], s["image_auroc_mean"], s["image_auroc_std"], *s["per_seed"],
-             s["n_test"], s["n_defective"], *(s["paper"][k] for k in paper_keys), s["status"]]
+             s.get("n_labelled"), s["n_test"], s["n_defective"],
+             *(s["paper"][k] for k in paper_keys), s["status"]]
             for s in summaries]
     if summaries:
         by_seed = [[s["per_seed"][i] for s in summaries] for i in range(len(protocol.seeds))]
@@ -284,7 +315,7 @@ def weak_table_rows(summaries: list[dict[str, Any]],
             values = [s["paper"][key] for s in summaries]
             return _mean_std(values)[0] if all(v is not None for v in values) else None
 
-        rows.append([f"mean ({len(summaries)})", mean, std, *seed_means, None, None,
+        rows.append([f"mean ({len(summaries)})", mean, std, *seed_means, None, None, None,
                      *(paper_mean(k) for k in paper_keys), ""])
     return header, rows
 
@@ -313,8 +344,8 @@ def write_weak_tables(summaries: list[dict[str, Any]], out: str | Path, config: 
             else "drawn across all defect types and removed from the test set")
     notes = [
         "",
-        (f"Weakly supervised protocol ({protocol.setting}): {protocol.n} labelled test anomalies "
-         f"per category, {what}; seeds {', '.join(map(str, protocol.seeds))} "
+        (f"Weakly supervised protocol ({protocol.setting}): {protocol.describe()} labelled test "
+         f"anomalies per category, {what}; seeds {', '.join(map(str, protocol.seeds))} "
          "(std: sample std over seeds). Image AUROC on raw scores, as fractions."),
         (f"Model: {config.model.name}, variant {variant} "
          f"(seed Table 1 column \"{ATACNET_VARIANT_COLUMNS.get(variant, variant)}\")."),
