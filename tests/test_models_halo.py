@@ -108,3 +108,18 @@ def test_correct_mask_is_not_blockwise_constant():
 def test_rejects_sizes_not_divisible_by_block():
     with pytest.raises(InvalidInputError, match="divisible"):
         HaloAttention(8, heads=2)(torch.randn(1, 8, 20, 24))
+
+
+def test_bf16_autocast_stays_close_to_fp32():
+    # On CUDA, scoring runs under bf16 autocast: the folded position logits and the masked fused
+    # attention must survive the lower precision (no NaN from the mask, errors at bf16's level).
+    torch.manual_seed(0)
+    layer = HaloAttention(32, heads=4, dim_head=16, block=12, halo=2)
+    x = torch.randn(2, 32, 24, 36)
+    with torch.no_grad():
+        reference = layer(x)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            low = layer(x)
+    assert low.dtype == torch.bfloat16 and torch.isfinite(low).all()
+    relative = (low.float() - reference).abs().max() / reference.abs().max()
+    assert relative < 0.03, relative
