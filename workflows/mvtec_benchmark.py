@@ -35,7 +35,7 @@ import torch
 from wsi_anomaly import __version__
 from wsi_anomaly.config import load_config
 from wsi_anomaly.errors import InvalidInputError, WsiAnomalyError
-from wsi_anomaly.cli import _anomaly_count
+from wsi_anomaly.cli import anomaly_count
 from wsi_anomaly.mvtec import CATEGORIES, BenchmarkSettings, find_categories, run_benchmark
 from wsi_anomaly.mvtec.weak import WeakProtocol, run_weak_benchmark
 
@@ -98,7 +98,7 @@ def main(argv: list[str] | None = None) -> int:
                     help="stop at the first failing category instead of recording it")
     ap.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
     weak = ap.add_argument_group("ATAC-Net's weakly supervised protocol (with an ATAC-Net config)")
-    weak.add_argument("--anomalies", type=_anomaly_count, default=10, metavar="N|paper",
+    weak.add_argument("--anomalies", type=anomaly_count, default=10, metavar="N|paper",
                       help="labelled test anomalies per category (default 10); 'paper': the "
                            "ATAC-Net paper's own count per category")
     weak.add_argument("--setting", choices=("general", "hard"), default="general")

@@ -240,8 +240,9 @@ def _percent(value: float | None) -> str:
     return "n/a" if value is None else f"{100 * value:.1f}"
 
 
-def _anomaly_count(text: str) -> int | str:
-    """``--anomalies`` of ``mvtec``: a number of labelled anomalies, or ``paper``."""
+def anomaly_count(text: str) -> int | str:
+    """argparse type of ``--anomalies`` (``mvtec`` and the MVTec workflow): a number of labelled
+    anomalies, or ``paper``."""
     from .mvtec.weak import PAPER_COUNTS
 
     if text == PAPER_COUNTS:
@@ -496,7 +497,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="backbone weights (VGG19 for HaloAE, ResNet-50 for ATAC-Net): imagenet "
                         "(default), a local state-dict file, or random (tests only)")
     p.add_argument("--epochs", type=int, help="override train.epochs (atacnet.epochs for atacnet)")
-    p.add_argument("--anomalies", type=_anomaly_count, metavar="N|paper",
+    p.add_argument("--anomalies", type=anomaly_count, metavar="N|paper",
                    help="ATAC-Net: labelled anomalies drawn (with the seed) from each category's "
                         "test anomalies and removed from its test set (default 10); 'paper' "
                         "draws the ATAC-Net paper's own count per category (its Table 1: 1–8)")

@@ -277,6 +277,7 @@ def run_weak_benchmark(root: str | Path, categories: list[str] | None, config: C
             runs.append(record)
             if on_run is not None:
                 on_run(record)
+        n_labelled = protocol.n_for(category.name)
         per_seed = [_headline(r) for r in runs]
         mean, std = _mean_std(per_seed)
         failed = [r["status"] for r in runs if r["status"].startswith("error")]
@@ -284,11 +285,10 @@ def run_weak_benchmark(root: str | Path, categories: list[str] | None, config: C
             "category": category.name, "status": failed[0] if failed else "ok",
             "seeds": protocol.seeds, "per_seed": per_seed,
             "image_auroc_mean": mean, "image_auroc_std": std,
-            "n_labelled": protocol.n_for(category.name),
+            "n_labelled": n_labelled,
             "n_test": runs[0].get("n_test"), "n_defective": runs[0].get("n_defective"),
             "paper": atacnet_paper_columns(category.name, config.atacnet.variant,
-                                           protocol.setting, protocol.known_type,
-                                           protocol.n_for(category.name)),
+                                           protocol.setting, protocol.known_type, n_labelled),
         })
     csv_path, md_path, markdown = write_weak_tables(summaries, out, config, protocol)
     return BenchmarkResult(summaries, csv_path, md_path, markdown)
@@ -303,7 +303,7 @@ def weak_table_rows(summaries: list[dict[str, Any]],
     header = ["category", "image AUROC mean", "image AUROC std", *(f"seed {s}" for s in
               protocol.seeds), "n labelled", "n test", "n defective", *paper_keys, "status"]
     rows = [[s["category"], s["image_auroc_mean"], s["image_auroc_std"], *s["per_seed"],
-             s.get("n_labelled"), s["n_test"], s["n_defective"],
+             s["n_labelled"], s["n_test"], s["n_defective"],
              *(s["paper"][k] for k in paper_keys), s["status"]]
             for s in summaries]
     if summaries:
