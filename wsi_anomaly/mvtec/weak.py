@@ -160,8 +160,10 @@ class WeakProtocol:
         return row[0]
 
     def describe(self) -> str:
-        return ("the seed's per-category count (Table 1, \"paper n anomalies\")"
-                if self.paper_counts else str(self.n))
+        """How many anomalies are drawn, for the table notes."""
+        return ("the seed's per-category count of labelled test anomalies (Table 1, \"paper n "
+                "anomalies\")" if self.paper_counts
+                else f"{self.n} labelled test anomalies per category")
 
 
 def _train(split: WeakSplit, config: Config, checkpoint: Path,
@@ -344,8 +346,7 @@ def write_weak_tables(summaries: list[dict[str, Any]], out: str | Path, config: 
             else "drawn across all defect types and removed from the test set")
     notes = [
         "",
-        (f"Weakly supervised protocol ({protocol.setting}): {protocol.describe()} labelled test "
-         f"anomalies per category, {what}; seeds {', '.join(map(str, protocol.seeds))} "
+        (f"Weakly supervised protocol ({protocol.setting}): {protocol.describe()}, {what}; seeds {', '.join(map(str, protocol.seeds))} "
          "(std: sample std over seeds). Image AUROC on raw scores, as fractions."),
         (f"Model: {config.model.name}, variant {variant} "
          f"(seed Table 1 column \"{ATACNET_VARIANT_COLUMNS.get(variant, variant)}\")."),
