@@ -51,3 +51,21 @@ class CheckpointError(WsiAnomalyError):
 
 class DeviceUnavailableError(WsiAnomalyError):
     """The requested compute device (e.g. CUDA) is not available on this machine."""
+
+
+class OutputWriteError(WsiAnomalyError):
+    """An output cannot be written: disk full, read-only, not writable, a name too long."""
+
+
+class OutputLockedError(WsiAnomalyError):
+    """Another run is writing the same output right now."""
+
+    exit_code = 4
+
+
+class UnsafeCheckpointError(CheckpointError):
+    """A checkpoint holds objects other than tensors and plain data (possible code execution)."""
+
+
+#: Exit status of a cohort run that finished but where at least one slide failed (--skip-errors).
+EXIT_SLIDES_FAILED = 5
