@@ -42,7 +42,7 @@ class LevelInfo:
     width: int
     height: int
     downsample: float
-    mpp: float
+    mpp: float | None  # None when the slide's resolution is unknown (``require_mpp=False``)
 
 
 class _TiledPage:
@@ -206,12 +206,15 @@ class Slide:
     Args:
         path: the slide file (for MRXS, the ``.mrxs`` index file).
         override_mpp: the user's level-0 µm/px; wins over the metadata.
+        require_mpp: when False, a slide without resolution metadata still opens (to describe
+            it): ``resolution`` is None, level ``mpp`` values are None and :attr:`mpp` raises.
 
     Raises:
         InputNotFoundError, UnsupportedSlideError, CorruptSlideError, ResolutionError.
     """
 
-    def __init__(self, path: str | Path, override_mpp: float | None = None):
+    def __init__(self, path: str | Path, override_mpp: float | None = None,
+                 require_mpp: bool = True):
         self.path = Path(path)
         self.name = self.path.name
         if not self.path.exists():
@@ -228,9 +231,18 @@ class Slide:
         except BaseException:
             self.close()
             raise
-        self.resolution: Resolution = resolve_resolution(self.properties, self.name, override_mpp)
+        self.resolution: Resolution | None = None
+        self._resolution_error: ResolutionError | None = None
+        try:
+            self.resolution = resolve_resolution(self.properties, self.name, override_mpp)
+        except ResolutionError as exc:
+            if require_mpp or override_mpp is not None:
+                self.close()
+                raise
+            self._resolution_error = exc
+        base_mpp = self.resolution.mpp if self.resolution is not None else None
         self.levels = tuple(
-            LevelInfo(i, w, h, ds, self.resolution.mpp * ds)
+            LevelInfo(i, w, h, ds, None if base_mpp is None else base_mpp * ds)
             for i, ((w, h), ds) in enumerate(zip(self._dims, self._downsamples))
         )
 
@@ -359,7 +371,10 @@ class Slide:
 
     @property
     def mpp(self) -> float:
-        """Level-0 µm per pixel."""
+        """Level-0 µm per pixel (raises :class:`ResolutionError` when unknown)."""
+        if self.resolution is None:
+            assert self._resolution_error is not None
+            raise self._resolution_error
         return self.resolution.mpp
 
     @property
@@ -481,7 +496,8 @@ class Slide:
 
     def __repr__(self) -> str:
         w, h = self.dimensions
-        return f"Slide({self.name!r}, {w}×{h}, {len(self.levels)} levels, {self.mpp:.3f} mpp)"
+        mpp = f"{self.resolution.mpp:.3f} mpp" if self.resolution is not None else "mpp unknown"
+        return f"Slide({self.name!r}, {w}×{h}, {len(self.levels)} levels, {mpp})"
 
 
 def _tiff_properties(page: Any) -> dict[str, str]:
