@@ -17,32 +17,35 @@ A checkpoint is a ``torch.save`` dict::
     complete          True once training finished and calibration is in
 
 Written to a temporary name and renamed, so a crash never leaves a truncated checkpoint.
+
+A checkpoint given by a user is untrusted input: it is read with ``torch.load(...,
+weights_only=True)``, which rebuilds tensors and plain data only and never runs code stored in
+the file. A file holding anything else (a pickled object, a function) is refused.
 """
 
 from __future__ import annotations
 
 import hashlib
-import os
+import pickle
+import zipfile
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from . import __version__
-from .errors import CheckpointError, InputNotFoundError
+from .errors import CheckpointError, InputNotFoundError, UnsafeCheckpointError
+from .outputs import atomic_path, os_errors_as_user_errors
 
 FORMAT = "wsi-anomaly-checkpoint"
 CHECKPOINT_VERSION = 1
 
 
 def save_checkpoint(payload: dict[str, Any], path: str | Path) -> None:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     data = {"format": FORMAT, "format_version": CHECKPOINT_VERSION,
             "software_version": __version__, **payload}
-    tmp = path.with_name(f".{path.name}.partial")
-    torch.save(data, tmp)
-    os.replace(tmp, path)
+    with atomic_path(path) as tmp, os_errors_as_user_errors(path):
+        torch.save(data, tmp)
 
 
 def load_checkpoint(path: str | Path, expect_model: str | None = None,
@@ -58,9 +61,19 @@ def load_checkpoint(path: str | Path, expect_model: str | None = None,
     if not path.is_file():
         raise InputNotFoundError(f"model checkpoint not found: {path}")
     try:
-        data = torch.load(path, map_location="cpu", weights_only=False)
-    except Exception as exc:
-        raise CheckpointError(f"{path} is not a readable checkpoint ({exc.__class__.__name__})") from exc
+        data = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as exc:
+        # torch reports refused objects as "Unsupported global"; anything else is damage.
+        if "global" not in str(exc).lower():
+            raise CheckpointError(f"{path} is not a readable checkpoint (it may be truncated or "
+                                  "not a checkpoint at all)") from exc
+        # weights_only refused something other than tensors and plain data: never run it.
+        raise UnsafeCheckpointError(
+            f"{path} holds objects other than tensors and plain data and was not loaded (it could "
+            "run code); use a checkpoint written by `wsi-anomaly train`") from exc
+    except (RuntimeError, EOFError, OSError, zipfile.BadZipFile, ValueError) as exc:
+        raise CheckpointError(f"{path} is not a readable checkpoint ({exc.__class__.__name__}); "
+                              "it may be truncated or not a checkpoint at all") from exc
     if not isinstance(data, dict) or data.get("format") != FORMAT:
         raise CheckpointError(f"{path} is not a wsi-anomaly checkpoint (train one with "
                               "`wsi-anomaly train`)")
