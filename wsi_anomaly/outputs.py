@@ -63,7 +63,11 @@ def os_errors_as_user_errors(path: Path | str) -> Iterator[None]:
     except OutputWriteError:
         raise
     except OSError as exc:
-        raise OutputWriteError(describe_os_error(exc, getattr(exc, "filename", None) or path)) from exc
+        culprit = getattr(exc, "filename", None)
+        if culprit is None or str(culprit).startswith(str(Path(path).parent)):
+            raise OutputWriteError(describe_os_error(exc, culprit or path)) from exc
+        reason = describe_os_error(exc, culprit).split(": ", 1)[-1]
+        raise OutputWriteError(f"filesystem error on {culprit}: {reason}") from exc
 
 
 @contextlib.contextmanager
@@ -79,16 +83,26 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
     tmp = temporary_sibling(path)
     try:
         yield tmp
-        with os_errors_as_user_errors(path):
-            if tmp.is_dir() and path.exists():
-                old = temporary_sibling(path)
-                os.replace(path, old)
-                os.replace(tmp, path)
-                remove_path(old)
-            else:
+        if tmp.is_dir():
+            commit_dir(tmp, path)
+        else:
+            with os_errors_as_user_errors(path):
                 os.replace(tmp, path)
     finally:
         remove_path(tmp)
+
+
+def commit_dir(tmp: Path, final: Path) -> None:
+    """Move a finished folder built at ``tmp`` into place, replacing any previous one; the old
+    folder is kept under a temporary name until the new one is in place."""
+    with os_errors_as_user_errors(final):
+        if final.exists():
+            old = temporary_sibling(final)
+            os.replace(final, old)
+            os.replace(tmp, final)
+            remove_path(old)
+        else:
+            os.replace(tmp, final)
 
 
 def remove_path(path: Path) -> None:

@@ -9,23 +9,28 @@ Across slides there is one dask task per slide (never per tile): in-process by d
 local cluster with ``workers``, or on an existing dask.distributed cluster with ``scheduler``
 (tasks ask for ``resources={"GPU": 1}`` when the cluster's workers declare GPUs).
 
-Each slide's outputs are built in ``results/.<slide>.partial/`` and renamed to
-``results/<slide>/`` when complete; a finished slide (its ``summary.json`` present) is skipped
-on re-run unless ``overwrite``.
+Each slide's outputs are built in ``results/.<name>.partial/`` and renamed to
+``results/<name>/`` when complete (``name`` is the slide's file name, plus a short hash of its
+path when two slides share a name). A lock file beside them keeps two runs from working on one
+slide at once. A finished slide is skipped on re-run only when it is the same work — same slide
+content, model file and scoring settings; results of other work are refused unless
+``overwrite``.
 """
 
 from __future__ import annotations
 
 import csv
 import glob
+import hashlib
 import json
 import logging
-import os
 import shutil
+import sys
 import time
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from functools import lru_cache
 from typing import Any, Sequence
 
 import numpy as np
@@ -33,19 +38,47 @@ import torch
 from tqdm.auto import tqdm
 
 from . import __version__
-from .errors import InputNotFoundError, InvalidInputError, NoTissueError, WsiAnomalyError
+from .checkpoint import file_hash
+from .errors import (
+    InputNotFoundError,
+    InvalidInputError,
+    NoTissueError,
+    OutputExistsError,
+    OutputLockedError,
+    WsiAnomalyError,
+)
+from .outputs import (
+    OutputLock,
+    atomic_path,
+    check_free_space,
+    commit_dir,
+    is_owned,
+    mark_owned,
+    os_errors_as_user_errors,
+    remove_path,
+    write_json,
+)
 from .score import Scorer
 from .slide import Slide
 from .slide.resolution import load_mpp_csv, lookup_mpp
 from .stitch import SlideGeometry, colour_scale, write_slide_outputs
-from .tiles.store import TileStore, TileStoreWriter, commit_output, write_score_arrays
-from .tiles.tiler import TilingSettings, iter_tile_batches, plan_tiles, store_attributes
+from .tiles.store import TileStore, TileStoreWriter
+from .tiles.tiler import (
+    TilingSettings,
+    plan_tiles,
+    store_attributes,
+    store_bytes_estimate,
+    stream_to_store,
+)
 
 log = logging.getLogger(__name__)
 
+#: Marker kind of a slide's results folder (only such folders are replaced with --overwrite).
+RESULT_KIND = "slide-results"
+
 SLIDE_SUFFIXES = (".svs", ".ndpi", ".mrxs", ".tif", ".tiff", ".scn", ".vms", ".vmu", ".bif",
                   ".svslide", ".dcm")
-SUMMARY_FIELDS = ("slide", "status", "n_tiles", "score_mean", "score_max", "fraction_anomalous",
+SUMMARY_FIELDS = ("slide", "slide_path", "status", "n_tiles", "score_mean", "score_max", "fraction_anomalous",
                   "tiles_per_s", "seconds", "output", "error")
 
 
@@ -92,8 +125,41 @@ def find_slides(inputs: Sequence[str | Path]) -> list[Path]:
     return unique
 
 
+def output_name(slide: Path, out_root: Path, clash: bool = False) -> str:
+    """The slide's results folder name under ``out_root``: its file name, unless another slide of
+    the same name is in the same run (``clash``) or already owns that folder — then the name
+    plus a short hash of the slide's full path, so two slides never share a folder."""
+    slide = Path(slide)
+    if not clash:
+        owner = _recorded_slide_path(out_root / slide.name)
+        if owner is None or owner == str(slide.resolve()):
+            return slide.name
+    digest = hashlib.sha1(str(slide.resolve()).encode()).hexdigest()[:8]
+    return f"{slide.name}-{digest}"
+
+
 def slide_output_dir(out_root: Path, slide: Path) -> Path:
-    return out_root / slide.name
+    return Path(out_root) / output_name(Path(slide), Path(out_root))
+
+
+def _is_results_folder(folder: Path) -> bool:
+    """A slide results folder this tool wrote: its marker, or (older versions) its summary."""
+    if is_owned(folder, (RESULT_KIND,)):
+        return True
+    try:
+        summary = json.loads((folder / "summary.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return False
+    return isinstance(summary, dict) and "slide_fingerprint" in summary \
+        and "software_version" in summary
+
+
+def _recorded_slide_path(folder: Path) -> str | None:
+    """The slide path a results folder records, or None when there is no readable record."""
+    try:
+        return json.loads((folder / "summary.json").read_text(encoding="utf-8")).get("slide_path")
+    except (OSError, ValueError, AttributeError):
+        return None
 
 
 _SCORERS: dict[tuple[str, str, str, int], Scorer] = {}
@@ -108,6 +174,163 @@ def _scorer(model: str | Path, settings: HeatmapSettings) -> Scorer:
     return _SCORERS[key]
 
 
+@lru_cache(maxsize=64)
+def _model_sha256(path: str, mtime_ns: int, size: int) -> str:
+    return file_hash(path)
+
+
+def model_sha256(model: str | Path) -> str:
+    """sha256 of a checkpoint file, computed once per file version."""
+    st = Path(model).stat()
+    return _model_sha256(str(Path(model).resolve()), st.st_mtime_ns, st.st_size)
+
+
+def scoring_settings(settings: HeatmapSettings, slide_mpp: float | None) -> dict[str, Any]:
+    """The settings that change a slide's results: a result is reused only when these, the
+    slide's content and the model all match."""
+    return {"target_mpp": settings.target_mpp, "min_tissue": settings.min_tissue,
+            "stride_px": settings.stride_px, "slide_mpp": slide_mpp,
+            "keep_maps": settings.keep_maps, "top_k": settings.top_k, "max_px": settings.max_px,
+            "cmap": settings.cmap}
+
+
+# -- one slide: plan → ensure store → score → render → summarise ---------------------------------
+
+@dataclass
+class SlidePlan:
+    """What one slide's run will do, decided before any tile is read."""
+
+    slide_path: Path
+    final: Path              # results/<name>/
+    work: Path               # results/.<name>.partial/, renamed to ``final`` when complete
+    slide_mpp: float | None  # the user's level-0 mpp override, if any
+    identity: dict[str, Any]  # slide fingerprint + model sha256 + scoring settings
+
+
+def process_slide(slide_path: str | Path, out_root: str | Path, model: str | Path,
+                  settings: HeatmapSettings, name: str | None = None) -> dict[str, Any]:
+    """Tile, score and stitch one slide into ``out_root/<name>/``; returns its summary.
+
+    ``name`` defaults to :func:`output_name`. Only one run works on a slide's results at a time
+    (a lock file beside them). Finished results are reused only when they are the same work —
+    same slide content, model file and scoring settings; results of other work are refused
+    unless ``settings.overwrite``.
+    """
+    slide_path, out_root = Path(slide_path), Path(out_root)
+    name = name or output_name(slide_path, out_root)
+    with OutputLock(out_root / name):
+        plan = _plan(slide_path, out_root, name, model, settings)
+        done = _reusable_result(plan, settings)
+        if done is not None:
+            return done
+        return _run(plan, model, settings)
+
+
+def _plan(slide_path: Path, out_root: Path, name: str, model: str | Path,
+          settings: HeatmapSettings) -> SlidePlan:
+    override = settings.slide_mpp
+    if override is None and settings.mpp_csv:
+        override = lookup_mpp(load_mpp_csv(settings.mpp_csv), slide_path)
+    with Slide(slide_path, override_mpp=override) as slide:
+        fingerprint = slide.fingerprint()
+    identity = {"slide_path": str(slide_path.resolve()), "slide_fingerprint": fingerprint,
+                "model_sha256": model_sha256(model),
+                "scoring": scoring_settings(settings, override)}
+    return SlidePlan(slide_path, out_root / name, out_root / f".{name}.partial", override,
+                     identity)
+
+
+def _reusable_result(plan: SlidePlan, settings: HeatmapSettings) -> dict[str, Any] | None:
+    """The finished summary when ``plan.final`` holds this very work; None when there is nothing
+    to reuse (or ``overwrite``); raises when it holds other work and not ``overwrite``."""
+    final = plan.final
+    if not final.exists() and not final.is_symlink():
+        return None
+    if final.is_symlink() or not final.is_dir() or not _is_results_folder(final):
+        raise OutputExistsError(f"{final} exists and is not a slide results folder written by "
+                                "wsi-anomaly; refusing to replace it (choose another --out)")
+    if settings.overwrite:
+        return None
+    try:
+        summary = json.loads((final / "summary.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        summary = {}
+    recorded = summary.get("identity") or {}
+    differs = [label for key, label in (("slide_fingerprint", "slide content"),
+                                        ("model_sha256", "model"), ("scoring", "settings"))
+               if recorded.get(key) != plan.identity[key]]
+    if not differs:
+        summary["status"] = "skipped (done)"
+        summary["output"] = str(final)
+        return summary
+    raise OutputExistsError(
+        f"{final} holds results of other work ({', '.join(differs)} differ); pass --overwrite "
+        "to replace them, or choose another --out")
+
+
+def _run(plan: SlidePlan, model: str | Path, settings: HeatmapSettings) -> dict[str, Any]:
+    t_start = time.perf_counter()
+    scorer = _scorer(model, settings)
+    target_mpp = settings.target_mpp or scorer.tile_mpp
+    if target_mpp is None:
+        raise InvalidInputError(f"{model} does not record its tiles' resolution; pass --mpp "
+                                "(µm/px the model was trained at)")
+    with os_errors_as_user_errors(plan.final), \
+            Slide(plan.slide_path, override_mpp=plan.slide_mpp) as slide:
+        tiling = TilingSettings(target_mpp=target_mpp, tile_px=scorer.tile_px,
+                                stride_px=settings.stride_px, min_tissue=settings.min_tissue,
+                                workers=settings.read_workers)
+        t0 = time.perf_counter()
+        grid, kept, tissue = plan_tiles(slide, tiling)
+        if len(kept) == 0:
+            raise NoTissueError(f"{slide.name}: no tissue — 0 of {len(grid)} tiles have ≥ "
+                                f"{settings.min_tissue:.0%} tissue at "
+                                f"{grid.plan.actual_mpp:.3f} mpp")
+        reusable = _ensure_work_dir(plan, grid.plan.to_dict(), settings.min_tissue)
+        if reusable is None:
+            check_free_space(plan.work.parent,
+                             store_bytes_estimate(len(kept), grid.plan.tile_px) + (64 << 20),
+                             f"the results of {slide.name}")
+        timing = {"plan_s": time.perf_counter() - t0, "read_s": 0.0, "read_wait_s": 0.0,
+                  "model_s": 0.0, "write_s": 0.0}
+        store_path = plan.work / "tiles.zarr"
+        if reusable is not None:
+            log.info("%s: reusing the tile store of an earlier run", slide.name)
+            store = TileStore(store_path, mode="r+")
+            n_scored = _score_store(store, scorer, settings, timing, slide.name)
+        else:
+            attrs = store_attributes(plan.slide_path, slide, grid, tiling, tissue)
+            n_scored = _tile_and_score(slide, kept, store_path, attrs, scorer, settings, timing)
+            store = TileStore(store_path)
+        pipeline_s = time.perf_counter() - t0 - timing["plan_s"]
+        outputs, scale = _render(plan.work, slide, grid, tissue, store, scorer, settings, timing)
+        timing["total_s"] = time.perf_counter() - t_start
+        summary = _summarise(plan, slide, grid, tissue, store, scorer, settings, scale, timing,
+                             n_scored, pipeline_s, outputs)
+        write_json(plan.work / "summary.json", summary)
+        mark_owned(plan.work, RESULT_KIND)
+        commit_dir(plan.work, plan.final)
+    summary["output"] = str(plan.final)
+    return summary
+
+
+def _ensure_work_dir(plan: SlidePlan, grid_plan: dict, min_tissue: float) -> Path | None:
+    """Prepare ``plan.work``, keeping a matching tile store of an interrupted or earlier run of
+    this slide (same content, grid and tissue threshold). Returns the reused store or None."""
+    fingerprint = plan.identity["slide_fingerprint"]
+    reusable = next((p for p in (plan.work / "tiles.zarr", plan.final / "tiles.zarr")
+                     if _store_matches(p, fingerprint, grid_plan, min_tissue)), None)
+    if reusable is not None and reusable.parent != plan.work:
+        remove_path(plan.work)
+        plan.work.mkdir(parents=True)
+        shutil.copytree(reusable, plan.work / "tiles.zarr")
+        return plan.work / "tiles.zarr"
+    if reusable is None:
+        remove_path(plan.work)
+        plan.work.mkdir(parents=True)
+    return reusable
+
+
 def _store_matches(store_path: Path, fingerprint: str, plan: dict, min_tissue: float) -> bool:
     """A complete tile store of the same slide, grid and tissue threshold can be reused."""
     try:
@@ -120,129 +343,6 @@ def _store_matches(store_path: Path, fingerprint: str, plan: dict, min_tissue: f
             and attrs.get("settings", {}).get("min_tissue") == min_tissue)
 
 
-def process_slide(slide_path: str | Path, out_root: str | Path, model: str | Path,
-                  settings: HeatmapSettings) -> dict[str, Any]:
-    """Tile, score and stitch one slide into ``out_root/<slide name>/``; returns its summary."""
-    slide_path, out_root = Path(slide_path), Path(out_root)
-    final = slide_output_dir(out_root, slide_path)
-    if (final / "summary.json").is_file() and not settings.overwrite:
-        summary = json.loads((final / "summary.json").read_text())
-        summary["status"] = "skipped (done)"
-        return summary
-    work = out_root / f".{slide_path.name}.partial"
-    t_start = time.perf_counter()
-    scorer = _scorer(model, settings)
-    target_mpp = settings.target_mpp or scorer.tile_mpp
-    if target_mpp is None:
-        raise InvalidInputError(f"{model} does not record its tiles' resolution; pass --mpp "
-                                "(µm/px the model was trained at)")
-    override = settings.slide_mpp
-    if override is None and settings.mpp_csv:
-        override = lookup_mpp(load_mpp_csv(settings.mpp_csv), slide_path)
-
-    with Slide(slide_path, override_mpp=override) as slide:
-        tiling = TilingSettings(target_mpp=target_mpp, tile_px=scorer.tile_px,
-                                stride_px=settings.stride_px, min_tissue=settings.min_tissue,
-                                workers=settings.read_workers)
-        t0 = time.perf_counter()
-        grid, kept, tissue = plan_tiles(slide, tiling)
-        plan = grid.plan
-        if len(kept) == 0:
-            raise NoTissueError(f"{slide.name}: no tissue — 0 of {len(grid)} tiles have ≥ "
-                                f"{settings.min_tissue:.0%} tissue at {plan.actual_mpp:.3f} mpp")
-        fingerprint = slide.fingerprint()
-        # A tile store from an interrupted or earlier run of this slide can be reused.
-        reusable = next((p for p in (work / "tiles.zarr", final / "tiles.zarr")
-                         if _store_matches(p, fingerprint, plan.to_dict(), settings.min_tissue)),
-                        None)
-        if reusable is not None and reusable.parent != work:
-            shutil.rmtree(work, ignore_errors=True)
-            work.mkdir(parents=True)
-            shutil.copytree(reusable, work / "tiles.zarr")
-            reusable = work / "tiles.zarr"
-        elif reusable is None:
-            shutil.rmtree(work, ignore_errors=True)
-            work.mkdir(parents=True)
-        plan_seconds = time.perf_counter() - t0
-
-        # read_s: decoding threads' busy time; read_wait_s: time the model waited for tiles.
-        timing = {"plan_s": plan_seconds, "read_s": 0.0, "read_wait_s": 0.0, "model_s": 0.0,
-                  "write_s": 0.0}
-        if reusable is not None:
-            log.info("%s: reusing tile store %s", slide.name, reusable)
-            n_scored = _score_store(reusable, scorer, settings, timing, slide.name)
-        else:
-            attrs = store_attributes(slide_path, slide, grid, tiling, tissue)
-            n_scored = _tile_and_score(slide, kept, work / "tiles.zarr", attrs, scorer, settings,
-                                       timing)
-        pipeline_s = time.perf_counter() - t0 - plan_seconds
-
-        store = TileStore(work / "tiles.zarr")
-        scores, max_scores = store.scores, store.max_scores
-        t_stitch = time.perf_counter()
-        thumb, thumb_ds = slide.thumbnail(settings.max_px)
-        order = np.argsort(-scores)[: settings.top_k]
-        top = [(int(i), store.read(int(i), int(i) + 1)[0]) for i in order]
-        geometry = SlideGeometry(width=slide.dimensions[0], height=slide.dimensions[1],
-                                 mpp=slide.mpp, tile_size_l0=plan.tile_size_l0,
-                                 stride_l0=plan.stride_l0, grid_cols=grid.cols,
-                                 grid_rows=grid.rows)
-        scale = colour_scale(scorer.calibration, "mean", settings.cmap)
-        outputs = write_slide_outputs(
-            work, slide_name=slide.name, geometry=geometry, coords=store.coords,
-            grid_index=store.grid_index, scores=scores, max_scores=max_scores, thumbnail=thumb,
-            thumbnail_downsample=thumb_ds, tissue_mask=tissue.mask,
-            mask_downsample=tissue.downsample, scale=scale, top_tiles=top,
-            max_px=settings.max_px,
-            maps=np.asarray(store.root["maps"][:]) if settings.keep_maps else None)
-        timing["stitch_s"] = time.perf_counter() - t_stitch
-        timing["total_s"] = time.perf_counter() - t_start
-        summary = {
-            "slide": slide.name,
-            "status": "ok",
-            "slide_path": str(slide_path.resolve()),
-            "slide_fingerprint": fingerprint,
-            "slide_dimensions": list(slide.dimensions),
-            "level0_mpp": slide.mpp,
-            "mpp_source": slide.resolution.source,
-            "target_mpp": plan.target_mpp,
-            "actual_mpp": plan.actual_mpp,
-            "level": plan.level,
-            "tile_px": plan.tile_px,
-            "tile_size_l0": plan.tile_size_l0,
-            "grid": [grid.cols, grid.rows],
-            "n_grid_tiles": len(grid),
-            "n_tiles": int(len(scores)),
-            "tissue_fraction_slide": tissue.tissue_fraction,
-            "tissue_fraction_tiles_mean": float(store.tissue_fraction.mean()),
-            "score_mean": float(np.mean(scores)),
-            "score_median": float(np.median(scores)),
-            "score_max": float(np.max(scores)),
-            "score_quantiles": {f"{q:g}": float(np.quantile(scores, q))
-                                for q in (0.01, 0.25, 0.5, 0.75, 0.99)},
-            "fraction_anomalous": float(np.mean(scores >= scale.vcenter)),
-            "colour_scale": asdict(scale),
-            "timings_s": timing,
-            "tiles_per_s": {
-                "end_to_end": len(scores) / timing["total_s"],
-                "pipeline": n_scored / pipeline_s if pipeline_s > 0 else None,
-                "read": n_scored / timing["read_s"] if timing["read_s"] > 0 else None,
-                "model": n_scored / timing["model_s"] if timing["model_s"] > 0 else None,
-                "write": n_scored / timing["write_s"] if timing["write_s"] > 0 else None,
-            },
-            "batch_size": settings.batch_size,
-            "device": str(scorer.device),
-            "precision": scorer.precision,
-            "model": scorer.identity,
-            "outputs": outputs,
-            "software_version": __version__,
-        }
-        _write_json(work / "summary.json", summary)
-    commit_output(work, final)
-    summary["output"] = str(final)
-    return summary
-
-
 def _tile_and_score(slide: Slide, kept, store_path: Path, attrs: dict, scorer: Scorer,
                     settings: HeatmapSettings, timing: dict) -> int:
     """Decode tiles once: write them to the store and score them, overlapping the stages."""
@@ -250,44 +350,26 @@ def _tile_and_score(slide: Slide, kept, store_path: Path, attrs: dict, scorer: S
     with TileStoreWriter(store_path, len(kept), plan.tile_px, kept.coords, kept.grid_index,
                          kept.tissue_fraction, attrs) as writer:
         writer.create_scores(settings.keep_maps)
-        bar = tqdm(total=len(kept), unit="tile", desc=f"scoring {slide.name}",
-                   disable=not settings.progress, leave=False)
-        with ThreadPoolExecutor(max_workers=1, thread_name_prefix="store-write") as io:
-            pending: Future | None = None
-            busy = [0.0]
-            t_wait = time.perf_counter()
-            for start, tiles in iter_tile_batches(slide, kept, writer.shard_tiles,
-                                                  settings.read_workers, busy):
-                timing["read_wait_s"] += time.perf_counter() - t_wait
-                if pending is not None:
-                    pending.result()
-                pending = io.submit(_timed, timing, "write_s", writer.write, start, tiles)
-                _score_batch_of_tiles(scorer, tiles, start, writer.root, settings, timing)
-                bar.update(len(tiles))
-                t_wait = time.perf_counter()
-            if pending is not None:
-                pending.result()
-        timing["read_s"] = busy[0]
-        bar.close()
+
+        def score(start: int, tiles: np.ndarray) -> None:
+            _score_batch_of_tiles(scorer, tiles, start, writer, settings, timing)
+
+        stream_to_store(slide, kept, writer, settings.read_workers, on_batch=score,
+                        timing=timing, desc="scoring", progress=settings.progress)
         writer.close({"model": scorer.identity})
     return len(kept)
 
 
-def _score_store(store_path: Path, scorer: Scorer, settings: HeatmapSettings, timing: dict,
+def _score_store(store: TileStore, scorer: Scorer, settings: HeatmapSettings, timing: dict,
                  name: str) -> int:
     """Score an existing tile store in place, shard by shard with read-ahead."""
-    import zarr
-
-    from .tiles.store import ATTRS_KEY, create_score_arrays
-
-    store = TileStore(store_path)
-    root = zarr.open_group(str(store_path), mode="r+")
     n, shard = len(store), store.shard_tiles
-    create_score_arrays(root, n, shard, settings.keep_maps)
+    store.reset_scores(settings.keep_maps)
     bar = tqdm(total=n, unit="tile", desc=f"scoring {name}", disable=not settings.progress,
                leave=False)
     with ThreadPoolExecutor(max_workers=2, thread_name_prefix="store-read") as pool:
-        futures = {s: pool.submit(store.read, s, min(s + shard, n)) for s in range(0, min(n, 2 * shard), shard)}
+        futures = {s: pool.submit(store.read, s, min(s + shard, n))
+                   for s in range(0, min(n, 2 * shard), shard)}
         for start in range(0, n, shard):
             t0 = time.perf_counter()
             tiles = futures.pop(start).result()
@@ -295,23 +377,16 @@ def _score_store(store_path: Path, scorer: Scorer, settings: HeatmapSettings, ti
             nxt = start + 2 * shard
             if nxt < n:
                 futures[nxt] = pool.submit(store.read, nxt, min(nxt + shard, n))
-            _score_batch_of_tiles(scorer, tiles, start, root, settings, timing)
+            _score_batch_of_tiles(scorer, tiles, start, store, settings, timing)
             bar.update(len(tiles))
     bar.close()
-    root.attrs[ATTRS_KEY] = {**store.attrs, "model": scorer.identity}
+    store.set_model(scorer.identity)
     return n
 
 
-def _timed(timing: dict, key: str, fn, *args) -> Any:
-    t0 = time.perf_counter()
-    try:
-        return fn(*args)
-    finally:
-        timing[key] += time.perf_counter() - t0
-
-
-def _score_batch_of_tiles(scorer: Scorer, tiles: np.ndarray, start: int, root, settings:
-                          HeatmapSettings, timing: dict) -> None:
+def _score_batch_of_tiles(scorer: Scorer, tiles: np.ndarray, start: int,
+                          sink: TileStore | TileStoreWriter, settings: HeatmapSettings,
+                          timing: dict) -> None:
     """Score a shard of (n, T, T, 3) uint8 tiles in model batches; write the scores."""
     t0 = time.perf_counter()
     means, maxes, maps = [], [], []
@@ -323,28 +398,94 @@ def _score_batch_of_tiles(scorer: Scorer, tiles: np.ndarray, start: int, root, s
         if settings.keep_maps:
             maps.append(result.maps)
     timing["model_s"] += time.perf_counter() - t0
-    write_score_arrays(root, start, np.concatenate(means), np.concatenate(maxes),
-                       np.concatenate(maps) if maps else None)
+    sink.write_scores(start, np.concatenate(means), np.concatenate(maxes),
+                      np.concatenate(maps) if maps else None)
 
 
-def _write_json(path: Path, data: dict) -> None:
-    tmp = path.with_name(f".{path.name}.partial")
-    tmp.write_text(json.dumps(data, indent=2, default=_json_default))
-    os.replace(tmp, path)
+def _render(work: Path, slide: Slide, grid, tissue, store: TileStore, scorer: Scorer,
+            settings: HeatmapSettings, timing: dict) -> tuple[dict[str, str], Any]:
+    """The pictures, NGFF and GeoJSON of a scored store."""
+    t0 = time.perf_counter()
+    plan = grid.plan
+    scores, max_scores = store.scores, store.max_scores
+    thumb, thumb_ds = slide.thumbnail(settings.max_px)
+    order = np.argsort(-scores)[: settings.top_k]
+    top = [(int(i), store.read(int(i), int(i) + 1)[0]) for i in order]
+    geometry = SlideGeometry(width=slide.dimensions[0], height=slide.dimensions[1],
+                             mpp=slide.mpp, tile_size_l0=plan.tile_size_l0,
+                             stride_l0=plan.stride_l0, grid_cols=grid.cols, grid_rows=grid.rows)
+    scale = colour_scale(scorer.calibration, "mean", settings.cmap)
+    outputs = write_slide_outputs(
+        work, slide_name=slide.name, geometry=geometry, coords=store.coords,
+        grid_index=store.grid_index, scores=scores, max_scores=max_scores, thumbnail=thumb,
+        thumbnail_downsample=thumb_ds, tissue_mask=tissue.mask,
+        mask_downsample=tissue.downsample, scale=scale, top_tiles=top, max_px=settings.max_px,
+        maps=store.maps if settings.keep_maps else None)
+    timing["stitch_s"] = time.perf_counter() - t0
+    return outputs, scale
 
 
-def _json_default(obj: Any) -> Any:
-    if isinstance(obj, (np.floating, np.integer)):
-        return obj.item()
-    if isinstance(obj, Path):
-        return str(obj)
-    raise TypeError(f"not JSON serialisable: {type(obj).__name__}")
+def _summarise(plan: SlidePlan, slide: Slide, grid, tissue, store: TileStore, scorer: Scorer,
+               settings: HeatmapSettings, scale, timing: dict, n_scored: int, pipeline_s: float,
+               outputs: dict[str, str]) -> dict[str, Any]:
+    """summary.json: inputs, identity, counts, score statistics, timings; output paths point to
+    the final folder (where they will be once it is renamed into place)."""
+    gp = grid.plan
+    scores = store.scores
+
+    def rate(seconds: float) -> float | None:
+        return n_scored / seconds if seconds > 0 else None
+
+    return {
+        "slide": slide.name,
+        "status": "ok",
+        "slide_path": str(plan.slide_path.resolve()),
+        "slide_fingerprint": plan.identity["slide_fingerprint"],
+        "identity": plan.identity,
+        "slide_dimensions": list(slide.dimensions),
+        "level0_mpp": slide.mpp,
+        "mpp_source": slide.resolution.source,
+        "target_mpp": gp.target_mpp,
+        "actual_mpp": gp.actual_mpp,
+        "level": gp.level,
+        "tile_px": gp.tile_px,
+        "tile_size_l0": gp.tile_size_l0,
+        "grid": [grid.cols, grid.rows],
+        "n_grid_tiles": len(grid),
+        "n_tiles": int(len(scores)),
+        "tissue_fraction_slide": tissue.tissue_fraction,
+        "tissue_fraction_tiles_mean": float(store.tissue_fraction.mean()),
+        "score_mean": float(np.mean(scores)),
+        "score_median": float(np.median(scores)),
+        "score_max": float(np.max(scores)),
+        "score_quantiles": {f"{q:g}": float(np.quantile(scores, q))
+                            for q in (0.01, 0.25, 0.5, 0.75, 0.99)},
+        "fraction_anomalous": float(np.mean(scores >= scale.vcenter)),
+        "colour_scale": asdict(scale),
+        "timings_s": timing,
+        "tiles_per_s": {
+            "end_to_end": len(scores) / timing["total_s"],
+            "pipeline": rate(pipeline_s),
+            "read": rate(timing["read_s"]),
+            "model": rate(timing["model_s"]),
+            "write": rate(timing["write_s"]),
+        },
+        "batch_size": settings.batch_size,
+        "device": str(scorer.device),
+        "precision": scorer.precision,
+        "model": scorer.identity,
+        "outputs": {key: str(plan.final / Path(path).relative_to(plan.work))
+                    for key, path in outputs.items()},
+        "command": " ".join(sys.argv),
+        "software_version": __version__,
+    }
 
 
 def _row(summary: dict[str, Any]) -> dict[str, Any]:
     speed = summary.get("tiles_per_s") or {}
     return {
         "slide": summary.get("slide", ""),
+        "slide_path": summary.get("slide_path", ""),
         "status": summary.get("status", ""),
         "n_tiles": summary.get("n_tiles", ""),
         "score_mean": summary.get("score_mean", ""),
@@ -358,33 +499,63 @@ def _row(summary: dict[str, Any]) -> dict[str, Any]:
 
 
 def _slide_task(slide: str, out_root: str, model: str, settings: HeatmapSettings,
-                skip_errors: bool) -> dict[str, Any]:
-    """One dask task: a slide end to end. Errors become a failed row with ``skip_errors``."""
+                skip_errors: bool, name: str | None = None) -> dict[str, Any]:
+    """One dask task: a slide end to end. With ``skip_errors`` a failure of any kind becomes a
+    failed row (with the error) instead of stopping the cohort."""
+    name = name or output_name(Path(slide), Path(out_root))
     try:
-        summary = process_slide(slide, out_root, model, settings)
-        summary.setdefault("output", str(slide_output_dir(Path(out_root), Path(slide))))
+        summary = process_slide(slide, out_root, model, settings, name=name)
         return _row(summary)
-    except WsiAnomalyError as exc:
-        shutil.rmtree(Path(out_root) / f".{Path(slide).name}.partial", ignore_errors=True)
+    except Exception as exc:
+        if not isinstance(exc, OutputLockedError):
+            remove_path(Path(out_root) / f".{name}.partial")
         if not skip_errors:
             raise
-        status = "no tissue" if isinstance(exc, NoTissueError) else "failed"
-        log.warning("%s: %s: %s", Path(slide).name, status, exc)
-        return _row({"slide": Path(slide).name, "status": status, "error": str(exc)})
+        if isinstance(exc, NoTissueError):
+            status = "no tissue"
+        elif isinstance(exc, OutputLockedError):
+            status = "busy"
+        else:
+            status = "failed"
+        message = str(exc) if isinstance(exc, WsiAnomalyError) else \
+            f"{exc.__class__.__name__}: {exc}"
+        log.warning("%s: %s: %s", Path(slide).name, status, message)
+        log.debug("%s failed", slide, exc_info=True)
+        return _row({"slide": Path(slide).name, "slide_path": str(Path(slide).resolve()),
+                     "status": status, "error": message,
+                     "output": str(Path(out_root) / name)})
+
+
+def cohort_output_names(paths: Sequence[str | Path], out_root: Path) -> list[str]:
+    """One results folder name per slide: unique in the run and never another slide's folder."""
+    counts: dict[str, int] = {}
+    for p in paths:
+        counts[Path(p).name] = counts.get(Path(p).name, 0) + 1
+    return [output_name(Path(p), out_root, clash=counts[Path(p).name] > 1) for p in paths]
 
 
 def run_cohort(slides: Sequence[str | Path], out_root: str | Path, model: str | Path,
                settings: HeatmapSettings, scheduler: str | None = None,
                workers: int | None = None, skip_errors: bool = False) -> list[dict[str, Any]]:
-    """Heatmaps for many slides, one dask task per slide; writes ``out_root/summary.csv``."""
+    """Heatmaps for many slides, one dask task per slide; writes ``out_root/summary.csv``.
+
+    Rows have ``status`` ok, skipped (done), no tissue, failed or busy (another run holds the
+    slide's lock). With ``skip_errors`` every slide is attempted and the table is written even
+    when some fail.
+    """
     import dask
     from dask import delayed
 
     out_root = Path(out_root)
-    out_root.mkdir(parents=True, exist_ok=True)
+    if out_root.exists() and not out_root.is_dir():
+        raise OutputExistsError(f"--out {out_root} is a file; results go into a folder")
     paths = [str(p) for p in find_slides(slides)]
     if not Path(model).is_file():
         raise InputNotFoundError(f"model checkpoint not found: {model}")
+    with os_errors_as_user_errors(out_root):
+        out_root.mkdir(parents=True, exist_ok=True)
+    check_free_space(out_root, 64 << 20, "results")
+    names = cohort_output_names(paths, out_root)
     rows: list[dict[str, Any]]
     if scheduler or (workers and workers > 1):
         from dask.distributed import Client, LocalCluster
@@ -400,17 +571,17 @@ def run_cohort(slides: Sequence[str | Path], out_root: str | Path, model: str | 
             has_gpus = any("GPU" in (w.get("resources") or {})
                            for w in client.scheduler_info()["workers"].values())
             futures = [client.submit(_slide_task, p, str(out_root), str(model),
-                                     _quiet(settings), skip_errors, pure=False,
+                                     _quiet(settings), skip_errors, name, pure=False,
                                      resources={"GPU": 1} if has_gpus else None)
-                       for p in paths]
+                       for p, name in zip(paths, names)]
             rows = client.gather(futures)
         finally:
             client.close()
             if cluster is not None:
                 cluster.close()
     else:
-        tasks = [delayed(_slide_task)(p, str(out_root), str(model), settings, skip_errors)
-                 for p in paths]
+        tasks = [delayed(_slide_task)(p, str(out_root), str(model), settings, skip_errors, name)
+                 for p, name in zip(paths, names)]
         rows = list(dask.compute(*tasks, scheduler="synchronous"))
     _write_cohort_summary(out_root / "summary.csv", rows)
     return rows
@@ -424,20 +595,22 @@ def _quiet(settings: HeatmapSettings) -> HeatmapSettings:
 
 
 def _write_cohort_summary(path: Path, rows: list[dict[str, Any]]) -> None:
-    """Merge this run's rows into the cohort table (one row per slide, newest wins)."""
+    """Merge this run's rows into the cohort table (one row per results folder, newest wins)."""
     merged: dict[str, dict[str, Any]] = {}
     if path.is_file():
-        with path.open(newline="") as fh:
+        with path.open(newline="", encoding="utf-8") as fh:
             for row in csv.DictReader(fh):
-                merged[row["slide"]] = row
+                merged[_row_key(row)] = row
     for row in rows:
-        if row["status"] == "skipped (done)" and row["slide"] in merged:
+        if row["status"] == "skipped (done)" and _row_key(row) in merged:
             continue
-        merged[row["slide"]] = row
-    tmp = path.with_name(f".{path.name}.partial")
-    with tmp.open("w", newline="") as fh:
+        merged[_row_key(row)] = row
+    with atomic_path(path) as tmp, tmp.open("w", newline="", encoding="utf-8") as fh:
         writer = csv.DictWriter(fh, fieldnames=list(SUMMARY_FIELDS))
         writer.writeheader()
-        for name in sorted(merged):
-            writer.writerow({k: merged[name].get(k, "") for k in SUMMARY_FIELDS})
-    os.replace(tmp, path)
+        for key in sorted(merged):
+            writer.writerow({k: merged[key].get(k, "") for k in SUMMARY_FIELDS})
+
+
+def _row_key(row: dict[str, Any]) -> str:
+    return Path(row.get("output") or row.get("slide", "")).name or row.get("slide", "")

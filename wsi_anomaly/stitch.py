@@ -23,7 +23,7 @@ from typing import Any, Mapping
 import numpy as np
 from PIL import Image
 
-from .tiles.store import commit_output
+from .outputs import commit_dir
 
 
 @dataclass(frozen=True)
@@ -411,7 +411,7 @@ def _write_ngff(path: Path, slide_name: str, geometry: SlideGeometry, coords: np
             sub.create_array("0", shape=pixel.shape, dtype="float32", fill_value=np.nan,
                              chunks=tuple(max(1, min(n, 1024)) for n in pixel.shape),
                              dimension_names=["y", "x"])[...] = pixel
-        commit_output(tmp, path)
+        commit_dir(tmp, path)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 

@@ -18,6 +18,7 @@ never leaves something that looks finished.
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import shutil
@@ -32,6 +33,7 @@ from zarr.codecs import BloscCodec
 
 from .. import __version__
 from ..errors import InputNotFoundError, InvalidInputError, OutputExistsError
+from ..outputs import commit_dir
 
 log = logging.getLogger(__name__)
 
@@ -126,28 +128,34 @@ def temporary_path(final: Path) -> Path:
     return final.with_name(f".{final.name}.partial")
 
 
+def is_tile_store(path: Path) -> bool:
+    """True when ``path`` is a tile store this tool wrote (complete or not): its ``zarr.json``
+    carries the store's provenance attributes."""
+    meta = Path(path) / "zarr.json"
+    if Path(path).is_symlink() or not meta.is_file():
+        return False
+    try:
+        attrs = json.loads(meta.read_text(encoding="utf-8")).get("attributes", {})
+    except (OSError, ValueError, AttributeError):
+        return False
+    return isinstance(attrs, dict) and isinstance(attrs.get(ATTRS_KEY), dict) \
+        and attrs[ATTRS_KEY].get("format") == STORE_FORMAT
+
+
 def prepare_output(path: Path, overwrite: bool) -> Path:
-    """Refuse an existing output unless ``overwrite``; clear stale partial output. Returns tmp path."""
-    if path.exists():
+    """Refuse an existing output unless ``overwrite`` *and* it is a tile store this tool wrote;
+    clear stale partial output. Returns the temporary path to build the store in."""
+    if path.exists() or path.is_symlink():
         if not overwrite:
             raise OutputExistsError(f"{path} already exists; pass --overwrite to replace it")
+        if not is_tile_store(path):
+            raise OutputExistsError(f"{path} exists and is not a tile store written by "
+                                    "wsi-anomaly; refusing to replace it (choose another --out)")
     tmp = temporary_path(path)
     if tmp.exists():
         log.info("removing partial output of an interrupted run: %s", tmp)
         shutil.rmtree(tmp, ignore_errors=True)
     return tmp
-
-
-def commit_output(tmp: Path, final: Path) -> None:
-    """Atomically move a finished output into place, replacing any previous one."""
-    if final.exists():
-        old = final.with_name(f".{final.name}.old")
-        shutil.rmtree(old, ignore_errors=True)
-        os.replace(final, old)
-        os.replace(tmp, final)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        os.replace(tmp, final)
 
 
 class TileStoreWriter:
@@ -219,7 +227,7 @@ class TileStoreWriter:
     def close(self, extra_attrs: dict[str, Any] | None = None) -> None:
         attrs = {**self.attrs, **(extra_attrs or {}), "complete": True}
         self.root.attrs[ATTRS_KEY] = attrs
-        commit_output(self.tmp, self.path)
+        commit_dir(self.tmp, self.path)
 
     def abort(self) -> None:
         shutil.rmtree(self.tmp, ignore_errors=True)
@@ -296,6 +304,29 @@ class TileStore:
     def read(self, start: int, stop: int) -> np.ndarray:
         """Tiles [start, stop) as (n, T, T, 3) uint8."""
         return np.asarray(self.tiles[start:stop])
+
+    def reset_scores(self, keep_maps: bool = False) -> None:
+        """(Re)create empty score arrays to score this store again (opened with ``mode="r+"``)."""
+        create_score_arrays(self.root, len(self), self.shard_tiles, keep_maps)
+
+    def write_scores(self, start: int, mean: np.ndarray, peak: np.ndarray,
+                     maps: np.ndarray | None = None) -> None:
+        write_score_arrays(self.root, start, mean, peak, maps)
+
+    def set_model(self, identity: dict[str, Any]) -> None:
+        """Record which model wrote the scores (its path, sha256, backbone)."""
+        self.attrs = {**self.attrs, "model": identity}
+        self.root.attrs[ATTRS_KEY] = self.attrs
+
+    @property
+    def model(self) -> dict[str, Any] | None:
+        """Identity of the model whose scores the store holds, if scored."""
+        return self.attrs.get("model")
+
+    @property
+    def maps(self) -> np.ndarray | None:
+        """Per-tile anomaly maps (N, 64, 64) when kept."""
+        return np.asarray(self.root["maps"][:]) if "maps" in self.root else None
 
     @property
     def scores(self) -> np.ndarray | None:

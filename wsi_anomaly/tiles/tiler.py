@@ -10,12 +10,11 @@ from __future__ import annotations
 import logging
 import math
 import os
-import shutil
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Iterator
+from typing import Callable, Iterator
 
 import numpy as np
 from PIL import Image
@@ -26,7 +25,18 @@ from ..slide.annotations import load_annotations, rasterize
 from ..slide.grid import TileGrid, box_fractions, make_grid, plan_read
 from ..slide.reader import Slide
 from ..slide.tissue import TissueMask, TissueSettings, detect_tissue
-from .store import TileStoreWriter, commit_output, prepare_output
+from ..outputs import (
+    OutputLock,
+    check_free_space,
+    check_replaceable,
+    commit_dir,
+    mark_owned,
+    remove_path,
+)
+from .store import TileStoreWriter, prepare_output
+
+#: Marker kind of a ``--export-png`` folder (only such folders are replaced with --overwrite).
+PNG_FOLDER_KIND = "png-tiles"
 
 log = logging.getLogger(__name__)
 
@@ -206,27 +216,87 @@ def store_attributes(slide_path: str | Path, slide: Slide, grid: TileGrid,
     }
 
 
+def stream_to_store(slide: Slide, grid: TileGrid, writer: TileStoreWriter, read_threads: int = 0,
+                    on_batch: Callable[[int, np.ndarray], None] | None = None,
+                    timing: dict[str, float] | None = None, desc: str = "tiling",
+                    progress: bool = True) -> None:
+    """Decode the tiles of ``grid`` once and write them to ``writer``: the one streaming loop
+    behind ``tile`` and ``heatmap``.
+
+    Decoding threads work a few shards ahead; each decoded shard is compressed and written in
+    the background (two at a time: zarr's write path is partly serial) while ``on_batch(start,
+    tiles)`` — the scorer, for ``heatmap`` — works on it, so the loop runs at the pace of its
+    slowest stage. ``timing`` (when given) accumulates ``read_s`` (decoding threads' busy time),
+    ``read_wait_s`` (time the caller waited for tiles) and ``write_s``.
+    """
+    timing = timing if timing is not None else {}
+    for key in ("read_s", "read_wait_s", "write_s"):
+        timing.setdefault(key, 0.0)
+    busy = [0.0]
+    bar = tqdm(total=len(grid), unit="tile", desc=f"{desc} {slide.name}", disable=not progress,
+               leave=False)
+    with ThreadPoolExecutor(max_workers=WRITE_THREADS, thread_name_prefix="tile-write") as io:
+        pending: list[Future] = []
+        t_wait = time.perf_counter()
+        for start, tiles in iter_tile_batches(slide, grid, writer.shard_tiles, read_threads,
+                                              busy):
+            timing["read_wait_s"] += time.perf_counter() - t_wait
+            while len(pending) >= WRITE_THREADS:
+                pending.pop(0).result()
+            pending.append(io.submit(_timed_write, timing, writer, start, tiles))
+            if on_batch is not None:
+                on_batch(start, tiles)
+            bar.update(len(tiles))
+            t_wait = time.perf_counter()
+        for future in pending:
+            future.result()
+    bar.close()
+    timing["read_s"] += busy[0]
+
+
+def _timed_write(timing: dict[str, float], writer: TileStoreWriter, start: int,
+                 tiles: np.ndarray) -> None:
+    t0 = time.perf_counter()
+    try:
+        writer.write(start, tiles)
+    finally:
+        timing["write_s"] += time.perf_counter() - t0  # a float add under the GIL
+
+
+def store_bytes_estimate(n_tiles: int, tile_px: int) -> int:
+    """Disk space a store of ``n_tiles`` needs: the raw bytes (lz4 keeps 80–95 % of tissue)
+    plus room for the small arrays."""
+    return n_tiles * tile_px * tile_px * 3 + (16 << 20)
+
+
 def tile_slide(slide_path: str | Path, out: str | Path, settings: TilingSettings = TilingSettings(),
                slide_mpp: float | None = None, overwrite: bool = False,
                export_png: str | Path | None = None, progress: bool = True) -> TilingResult:
     """Tile one slide into a zarr store at ``out``.
 
+    Only one run writes ``out`` at a time (a lock file next to it); ``overwrite`` replaces only a
+    tile store (and PNG folder) this tool wrote.
+
     Raises:
         NoTissueError when no tile passes the tissue (and annotation) filters; the typed errors
-        of :class:`Slide`; OutputExistsError when ``out`` exists and not ``overwrite``.
+        of :class:`Slide`; OutputExistsError when ``out`` exists and not ``overwrite``, or is not
+        a tile store; OutputLockedError when another run is writing ``out``.
     """
     out = Path(out)
     t_start = time.perf_counter()
     # Refuse early, before any work, if the output is there already.
     prepare_output(out, overwrite)
     png_dir = Path(export_png) if export_png else None
-    png_tmp = prepare_output(png_dir, overwrite) if png_dir else None
-    try:
-        return _tile_slide(slide_path, out, settings, slide_mpp, overwrite, png_dir, png_tmp,
-                           progress, t_start)
-    finally:
-        if png_tmp is not None and png_tmp.exists():
-            shutil.rmtree(png_tmp, ignore_errors=True)
+    if png_dir is not None:
+        check_replaceable(png_dir, overwrite, (PNG_FOLDER_KIND,), "PNG tile folder")
+    with OutputLock(out):
+        png_tmp = prepare_output(png_dir, overwrite=True) if png_dir else None
+        try:
+            return _tile_slide(slide_path, out, settings, slide_mpp, overwrite, png_dir, png_tmp,
+                               progress, t_start)
+        finally:
+            if png_tmp is not None:
+                remove_path(png_tmp)
 
 
 def _tile_slide(slide_path, out, settings, slide_mpp, overwrite, png_dir, png_tmp, progress,
@@ -241,32 +311,25 @@ def _tile_slide(slide_path, out, settings, slide_mpp, overwrite, png_dir, png_tm
                 f"{settings.min_tissue:.0%} tissue at {plan.actual_mpp:.3f} mpp (all background?)")
         log.info("%s: %d of %d grid tiles kept (level %d, %.3f mpp)", slide.name, len(kept),
                  len(grid), plan.level, plan.actual_mpp)
+        need = store_bytes_estimate(len(kept), plan.tile_px) * (2 if png_tmp is not None else 1)
+        check_free_space(out.parent, need, f"the tile store of {slide.name}")
         attrs = store_attributes(slide_path, slide, grid, settings, tissue)
         if png_tmp is not None:
             png_tmp.mkdir(parents=True)
+            mark_owned(png_tmp, PNG_FOLDER_KIND)
         stem = Path(slide.name).stem
+
+        def export(start: int, tiles: np.ndarray) -> None:
+            if png_tmp is not None:
+                _export_png(tiles, kept.coords[start:start + len(tiles)], png_tmp, stem)
+
         with TileStoreWriter(out, len(kept), plan.tile_px, kept.coords, kept.grid_index,
                              kept.tissue_fraction, attrs, overwrite=overwrite) as writer:
-            bar = tqdm(total=len(kept), unit="tile", desc=f"tiling {slide.name}",
-                       disable=not progress, leave=False)
-            # Shards are compressed and written in the background (two at a time: zarr's write
-            # path is partly serial) while the next ones are decoded.
-            with ThreadPoolExecutor(max_workers=WRITE_THREADS, thread_name_prefix="tile-write") as io:
-                pending: list[Future] = []
-                for start, tiles in iter_tile_batches(slide, kept, writer.shard_tiles,
-                                                      settings.workers):
-                    while len(pending) >= WRITE_THREADS:
-                        pending.pop(0).result()
-                    pending.append(io.submit(writer.write, start, tiles))
-                    if png_tmp is not None:
-                        _export_png(tiles, kept.coords[start:start + len(tiles)], png_tmp, stem)
-                    bar.update(len(tiles))
-                for future in pending:
-                    future.result()
-            bar.close()
+            stream_to_store(slide, kept, writer, settings.workers, on_batch=export,
+                            desc="tiling", progress=progress)
             seconds = time.perf_counter() - t_start
             writer.close({"tiling_seconds": seconds})
         if png_tmp is not None and png_dir is not None:
-            commit_output(png_tmp, png_dir)
+            commit_dir(png_tmp, png_dir)
     return TilingResult(out, len(kept), len(grid), float(kept.tissue_fraction.mean()), seconds,
                         plan.to_dict())
