@@ -130,12 +130,15 @@ def output_name(slide: Path, out_root: Path, clash: bool = False) -> str:
     the same name is in the same run (``clash``) or already owns that folder — then the name
     plus a short hash of the slide's full path, so two slides never share a folder."""
     slide = Path(slide)
+    mine = str(slide.resolve())
+    hashed = f"{slide.name}-{hashlib.sha1(mine.encode()).hexdigest()[:8]}"
+    if _recorded_slide_path(out_root / hashed) == mine:
+        return hashed  # where an earlier run put it
     if not clash:
         owner = _recorded_slide_path(out_root / slide.name)
-        if owner is None or owner == str(slide.resolve()):
+        if owner is None or owner == mine:
             return slide.name
-    digest = hashlib.sha1(str(slide.resolve()).encode()).hexdigest()[:8]
-    return f"{slide.name}-{digest}"
+    return hashed
 
 
 def slide_output_dir(out_root: Path, slide: Path) -> Path:
