@@ -66,11 +66,88 @@ def find_images(root: str | Path) -> list[Path]:
     return sorted(p for p in root.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
 
 
+def image_to_rgb(im: Image.Image) -> np.ndarray:
+    """Any PIL image as (H, W, 3) uint8 RGB, keeping its tones.
+
+    16- and 32-bit grey (``I;16*``, ``I``) are scaled from their full range, not clipped;
+    float (``F``) images are taken as [0, 1] (or [0, 255] when larger values occur); an alpha
+    channel (RGBA, LA, palette transparency) is composited over white, like slide background;
+    CMYK, YCbCr, LAB, palette and 1-bit images go through PIL's own conversion.
+    """
+    mode = im.mode
+    if mode.startswith("I;16") or mode == "I":
+        grey = np.asarray(im).astype(np.float64)
+        top = 65535.0 if mode.startswith("I;16") or grey.max(initial=0) <= 65535 else grey.max()
+        return _grey_to_rgb(grey / top)
+    if mode == "F":
+        grey = np.asarray(im, dtype=np.float64)
+        top = 1.0 if np.nanmax(grey, initial=0) <= 1.0 else 255.0
+        return _grey_to_rgb(np.nan_to_num(grey) / top)
+    if mode == "P" and "transparency" in im.info:
+        im = im.convert("RGBA")
+        mode = "RGBA"
+    if mode in ("RGBA", "LA", "PA", "RGBa", "La"):
+        rgba = np.asarray(im.convert("RGBA"), dtype=np.float32)
+        alpha = rgba[..., 3:] / 255.0
+        rgb = rgba[..., :3] * alpha + 255.0 * (1.0 - alpha)
+        return np.clip(np.rint(rgb), 0, 255).astype(np.uint8)
+    return np.asarray(im.convert("RGB"))
+
+
+def _grey_to_rgb(unit: np.ndarray) -> np.ndarray:
+    grey = np.clip(np.rint(unit * 255.0), 0, 255).astype(np.uint8)
+    return np.repeat(grey[..., None], 3, axis=-1)
+
+
+def read_image_rgb(path: Path) -> np.ndarray:
+    """Decode an image file completely into (H, W, 3) uint8 RGB.
+
+    Raises OSError/ValueError for a file that cannot be decoded to the end (a truncated file
+    with a good header included: PIL's LOAD_TRUNCATED_IMAGES stays off).
+    """
+    try:
+        with Image.open(path) as im:
+            im.load()
+            return image_to_rgb(im)
+    except (UnidentifiedImageError, OSError, ValueError, SyntaxError):
+        if path.suffix.lower() not in (".tif", ".tiff"):
+            raise
+    # TIFFs PIL cannot decode (e.g. 16-bit RGB): tifffile reads them.
+    import tifffile
+
+    return array_to_rgb(tifffile.imread(path))
+
+
+def array_to_rgb(array: np.ndarray) -> np.ndarray:
+    """An image array (H, W[, C]) of any integer or float dtype as (H, W, 3) uint8 RGB."""
+    a = np.asarray(array)
+    if a.ndim == 3 and a.shape[0] in (1, 3, 4) and a.shape[-1] not in (1, 3, 4):
+        a = np.moveaxis(a, 0, -1)  # planar (C, H, W)
+    if a.ndim == 2:
+        a = a[..., None]
+    if a.ndim != 3 or a.shape[-1] not in (1, 2, 3, 4):
+        raise ValueError(f"not an RGB or grey image: shape {array.shape}")
+    if np.issubdtype(a.dtype, np.integer):
+        unit = a.astype(np.float64) / float(np.iinfo(a.dtype).max)
+    else:
+        af = np.nan_to_num(a.astype(np.float64))
+        unit = af if af.max(initial=0) <= 1.0 else af / 255.0
+    if a.shape[-1] in (2, 4):  # grey+alpha, RGBA: over white
+        alpha = unit[..., -1:]
+        unit = unit[..., :-1] * alpha + (1.0 - alpha)
+    if unit.shape[-1] == 1:
+        unit = np.repeat(unit, 3, axis=-1)
+    return np.clip(np.rint(unit * 255.0), 0, 255).astype(np.uint8)
+
+
 class ImageFolderDataset(Dataset):
     """Image files found recursively under a folder (or given as a list), resized to ``tile_px``.
 
-    Unreadable files and files smaller than ``tile_px`` on either side are skipped with a
-    warning that counts them; an error is raised when nothing usable remains.
+    Every file is decoded once up front, so that files that cannot be decoded to the end
+    (truncated, damaged) are skipped and counted here rather than failing a long run later; so
+    are files smaller than ``tile_px`` on either side. An error is raised when nothing usable
+    remains. Any PIL mode (16-bit, grey, RGBA, CMYK, palette…) is converted to RGB keeping its
+    tones (:func:`image_to_rgb`).
     """
 
     def __init__(self, root: str | Path | list[Path], tile_px: int = 256):
@@ -88,9 +165,9 @@ class ImageFolderDataset(Dataset):
         unreadable, small = [], []
         for path in candidates:
             try:
-                with Image.open(path) as im:
-                    w, h = im.size
-            except (UnidentifiedImageError, OSError, ValueError):
+                h, w = read_image_rgb(path).shape[:2]
+            except (UnidentifiedImageError, OSError, ValueError, SyntaxError,
+                    Image.DecompressionBombError):
                 unreadable.append(path)
                 continue
             if min(w, h) < tile_px:
@@ -113,12 +190,12 @@ class ImageFolderDataset(Dataset):
         return len(self.files)
 
     def load_rgb(self, index: int) -> np.ndarray:
-        with Image.open(self.files[index]) as im:
-            im = im.convert("RGB")
-            if im.size != (self.tile_px, self.tile_px):
-                im = im.resize((self.tile_px, self.tile_px), Image.Resampling.BILINEAR,
-                               reducing_gap=None)
-            return np.asarray(im)
+        rgb = read_image_rgb(self.files[index])
+        if rgb.shape[:2] != (self.tile_px, self.tile_px):
+            im = Image.fromarray(rgb).resize((self.tile_px, self.tile_px),
+                                             Image.Resampling.BILINEAR, reducing_gap=None)
+            rgb = np.asarray(im)
+        return rgb
 
     def __getitem__(self, index: int) -> torch.Tensor:
         return to_tensor(self.load_rgb(index))
