@@ -128,3 +128,38 @@ def test_cmu_svs_metadata():
         assert s.resolution.source == "openslide"
         assert s.objective_power == 20
         assert {"label", "macro", "thumbnail"} <= set(s.associated_images)
+
+
+@needs_cmu
+def test_truncated_svs_is_damaged_not_missing_resolution(tmp_path):
+    from wsi_anomaly.errors import CorruptSlideError
+
+    data = CMU_SVS.read_bytes()
+    for fraction in (0.5, 0.9):
+        cut = tmp_path / f"cut{fraction}.svs"
+        cut.write_bytes(data[: int(len(data) * fraction)])
+        with pytest.raises(CorruptSlideError, match="truncated"):
+            Slide(cut)
+
+
+def test_dicom_that_is_not_a_slide_is_not_called_damaged(tmp_path):
+    from wsi_anomaly.errors import UnsupportedSlideError
+
+    fake = tmp_path / "image.dcm"
+    fake.write_bytes(b"\0" * 128 + b"DICM" + b"\0" * 512)
+    with pytest.raises(UnsupportedSlideError, match="DICOM") as info:
+        Slide(fake)
+    assert "damaged" not in str(info.value) and "truncated" not in str(info.value)
+
+
+def test_slide_without_resolution_opens_for_description(no_mpp_slide):
+    from wsi_anomaly.errors import ResolutionError
+
+    with pytest.raises(ResolutionError, match="--slide-mpp"):
+        Slide(no_mpp_slide.path)
+    with Slide(no_mpp_slide.path, require_mpp=False) as slide:
+        assert slide.resolution is None and slide.dimensions == (1024, 768)
+        assert all(level.mpp is None for level in slide.levels)
+        with pytest.raises(ResolutionError):
+            _ = slide.mpp
+        assert "mpp unknown" in repr(slide)

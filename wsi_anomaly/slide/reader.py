@@ -25,7 +25,7 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from ..errors import CorruptSlideError, InputNotFoundError, UnsupportedSlideError
+from ..errors import CorruptSlideError, InputNotFoundError, ResolutionError, UnsupportedSlideError
 from .resolution import Resolution, resolve_resolution
 
 log = logging.getLogger(__name__)
@@ -258,6 +258,11 @@ class Slide:
         except openslide.OpenSlideUnsupportedFormatError:
             self._osr = None
         except openslide.OpenSlideError as exc:
+            if _is_dicom(self.path):
+                raise UnsupportedSlideError(
+                    f"{self.path}: a DICOM file OpenSlide cannot read as a whole-slide image "
+                    f"({exc}); OpenSlide reads tiled VL Whole Slide Microscopy Image series — "
+                    "export the slide as such, or as a pyramidal TIFF") from exc
             raise CorruptSlideError(f"{self.path}: OpenSlide cannot read it ({exc}); "
                                     "the file is damaged or truncated") from exc
         if self._osr is not None:
@@ -326,6 +331,11 @@ class Slide:
                 raise CorruptSlideError(
                     f"{self.path} is a TIFF-based file that cannot be read ({exc}); it is "
                     "damaged or truncated — copy it again from the source") from exc
+            if _is_dicom(self.path):
+                raise UnsupportedSlideError(
+                    f"{self.path}: a DICOM file, but not a whole-slide image OpenSlide can read "
+                    "(it reads tiled VL Whole Slide Microscopy Image series; a single DICOM "
+                    "image of another kind is not a slide)") from exc
             raise UnsupportedSlideError(
                 f"{self.path} is not a slide OpenSlide or tifffile can read "
                 f"(supported: SVS, NDPI, MRXS, SCN, VMS, BIF, DICOM, tiled/flat/OME TIFF)") from exc
@@ -345,6 +355,20 @@ class Slide:
             f"series{i}" for i in range(1, len(self._tiff.series)) if self._tiff.series[i].ndim >= 2)
         page0 = base.keyframe
         self.properties = _tiff_properties(page0)
+        # A truncated file is damaged, whatever else it lacks (its metadata may look fine, or
+        # lack the resolution): check the directory chain and every level's data lie inside
+        # the file first.
+        if _ifd_chain_broken(self.path, file_size):
+            raise CorruptSlideError(
+                f"{self.path}: its TIFF directories point past the end of the file; it is "
+                "truncated or damaged — copy it again from the source")
+        for lv in levels:
+            for page in lv.pages:
+                ends = [o + c for o, c in zip(page.dataoffsets, page.databytecounts) if c]
+                if ends and max(ends) > file_size:
+                    raise CorruptSlideError(
+                        f"{self.path}: image data runs past the end of the file; it is "
+                        "truncated — copy it again from the source")
         for i, lv in enumerate(levels):
             page = lv.keyframe
             if len(lv.pages) == 1 and _TiledPage.usable(page):
@@ -536,6 +560,48 @@ def _ome_mpp(xml: str) -> tuple[float, float] | None:
         u = re.search(rf'PhysicalSize{axis}Unit="([^"]+)"', xml)
         out.append(float(m.group(1)) * scale.get(u.group(1) if u else "µm", 1.0))
     return out[0], out[1]
+
+
+def _ifd_chain_broken(path: Path, file_size: int, max_ifds: int = 100_000) -> bool:
+    """True when a TIFF's chain of image directories points outside the file (truncation)."""
+    import struct
+
+    with path.open("rb") as fh:
+        head = fh.read(16)
+        if len(head) < 8 or head[:2] not in (b"II", b"MM"):
+            return False
+        bo = "<" if head[:2] == b"II" else ">"
+        big = struct.unpack(bo + "H", head[2:4])[0] == 43
+        count_fmt, entry_size, off_fmt = ("Q", 20, "Q") if big else ("H", 12, "I")
+        offset = struct.unpack(bo + "Q", head[8:16])[0] if big else \
+            struct.unpack(bo + "I", head[4:8])[0]
+        seen: set[int] = set()
+        while offset and len(seen) < max_ifds:
+            if offset in seen:
+                return False  # a loop: tifffile's problem to report, not truncation
+            seen.add(offset)
+            count_size = struct.calcsize(count_fmt)
+            if offset + count_size > file_size:
+                return True
+            fh.seek(offset)
+            (count,) = struct.unpack(bo + count_fmt, fh.read(count_size))
+            next_at = offset + count_size + count * entry_size
+            off_size = struct.calcsize(off_fmt)
+            if next_at + off_size > file_size:
+                return True
+            fh.seek(next_at)
+            (offset,) = struct.unpack(bo + off_fmt, fh.read(off_size))
+    return False
+
+
+def _is_dicom(path: Path) -> bool:
+    """DICOM Part 10 files carry "DICM" after a 128-byte preamble."""
+    try:
+        with path.open("rb") as fh:
+            fh.seek(128)
+            return fh.read(4) == b"DICM"
+    except OSError:
+        return False
 
 
 def open_slide(path: str | Path, override_mpp: float | None = None) -> Slide:
