@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,7 +22,7 @@ from typing import Any, Mapping
 import numpy as np
 from PIL import Image
 
-from .outputs import commit_dir
+from .outputs import atomic_path
 
 
 @dataclass(frozen=True)
@@ -72,10 +71,8 @@ def save_map_png(score_map: np.ndarray, scale: ColourScale, path: str | Path, si
     if image is not None:
         heat = (alpha * heat + (1 - alpha) * image[..., :3]).astype(np.uint8)
         heat = np.concatenate([image[..., :3], heat], axis=1)
-    path = Path(path)
-    tmp = path.with_name(f".{path.stem}.partial.png")
-    Image.fromarray(heat).save(tmp)
-    os.replace(tmp, path)
+    with atomic_path(path) as tmp:
+        Image.fromarray(heat).save(tmp, format="PNG")
 
 
 # --------------------------------------------------------------------------------------------
@@ -291,23 +288,14 @@ def _with_panel(canvas_rgba: np.ndarray, panel: np.ndarray) -> np.ndarray:
     return out
 
 
-def _partial(path: Path) -> Path:
-    """A hidden temporary sibling of ``path`` (same suffix, so writers infer the format)."""
-    return path.with_name(f".{path.name}.partial{path.suffix}")
-
-
 def _save_png(array: np.ndarray, path: Path, text: Mapping[str, str]) -> None:
     from PIL.PngImagePlugin import PngInfo
 
     meta = PngInfo()
     for key, value in text.items():
         meta.add_text(key, value)
-    tmp = _partial(path)
-    try:
+    with atomic_path(path) as tmp:
         Image.fromarray(array).save(tmp, format="PNG", pnginfo=meta)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
 
 
 def _nan_downsample2(grid: np.ndarray) -> np.ndarray:
@@ -349,7 +337,6 @@ def _write_ngff(path: Path, slide_name: str, geometry: SlideGeometry, coords: np
     non-overlapping tiles, a sub-image ``pixel/`` (its own NGFF multiscales) holds the finer
     anomaly map, PIXEL_MAP_PX pixels per tile side.
     """
-    import shutil
 
     import zarr
 
@@ -381,9 +368,7 @@ def _write_ngff(path: Path, slide_name: str, geometry: SlideGeometry, coords: np
         "metadata": {"description": "level 1: mean of the 2x2 cells that have a tile"},
     }]}
 
-    tmp = _partial(path)
-    shutil.rmtree(tmp, ignore_errors=True)
-    try:
+    with atomic_path(path) as tmp:
         group = zarr.open_group(str(tmp), mode="w", zarr_format=3)
         group.attrs["ome"] = ome
         for i, level in enumerate(levels):
@@ -411,9 +396,6 @@ def _write_ngff(path: Path, slide_name: str, geometry: SlideGeometry, coords: np
             sub.create_array("0", shape=pixel.shape, dtype="float32", fill_value=np.nan,
                              chunks=tuple(max(1, min(n, 1024)) for n in pixel.shape),
                              dimension_names=["y", "x"])[...] = pixel
-        commit_dir(tmp, path)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def tile_uuid(slide_name: str, x: int, y: int) -> str:
@@ -445,14 +427,9 @@ def _write_geojson(path: Path, slide_name: str, geometry: SlideGeometry, coords:
                 [[x, y], [x + side, y], [x + side, y + side], [x, y + side], [x, y]]]},
             "properties": properties,
         })
-    tmp = _partial(path)
-    try:
-        with open(tmp, "w", encoding="utf-8") as f:
-            json.dump({"type": "FeatureCollection", "features": features}, f,
-                      allow_nan=False, separators=(",", ":"))
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
+    with atomic_path(path) as tmp, open(tmp, "w", encoding="utf-8") as f:
+        json.dump({"type": "FeatureCollection", "features": features}, f,
+                  allow_nan=False, separators=(",", ":"))
 
 
 def _write_gallery(path: Path, top_tiles: list[tuple[int, np.ndarray]], coords: np.ndarray,
@@ -480,9 +457,5 @@ def _write_gallery(path: Path, top_tiles: list[tuple[int, np.ndarray]], coords: 
     tile_um = geometry.tile_size_l0 * geometry.mpp
     fig.suptitle(f"most anomalous tiles ({tile_um:.0f} µm; level-0 px coordinates)",
                  fontsize=9)
-    tmp = _partial(path)
-    try:
+    with atomic_path(path) as tmp:
         fig.savefig(tmp, format="png")
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)

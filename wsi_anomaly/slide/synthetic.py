@@ -39,6 +39,7 @@ import numpy as np
 import tifffile
 
 from wsi_anomaly.errors import InvalidInputError
+from wsi_anomaly.outputs import atomic_path
 
 __all__ = [
     "TissueLabel",
@@ -634,8 +635,6 @@ def write_synthetic_slide(
         "subsampling": (2, 2),
     }
 
-    path.parent.mkdir(parents=True, exist_ok=True)
-    partial = path.with_name(f".{path.name}.partial")
     bar = None
     if progress:
         from tqdm.auto import tqdm
@@ -648,7 +647,7 @@ def write_synthetic_slide(
     )
     started = time.perf_counter()
     try:
-        with tifffile.TiffWriter(partial, bigtiff=bigtiff) as tiff:
+        with atomic_path(path) as partial, tifffile.TiffWriter(partial, bigtiff=bigtiff) as tiff:
             for level, (downsample, (level_w, level_h)) in enumerate(levels):
                 renderer = _LevelRenderer(
                     layout, downsample, (level_w, level_h), mpp, seed, tile_px, labels_needed
@@ -682,10 +681,6 @@ def write_synthetic_slide(
                     software="wsi-anomaly",
                     metadata=None,
                 )
-        os.replace(partial, path)
-    except BaseException:
-        partial.unlink(missing_ok=True)
-        raise
     finally:
         if bar is not None:
             bar.close()
