@@ -2,6 +2,7 @@
 
 import csv
 import json
+import os
 
 import numpy as np
 import pytest
@@ -14,7 +15,7 @@ from wsi_anomaly.slide.synthetic import write_synthetic_slide
 from wsi_anomaly.tiles import TileStore
 
 OUTPUTS = ("heatmap.png", "overlay.png", "thumbnail.png", "heatmap.ome.zarr", "tiles.geojson",
-           "top_tiles.png", "summary.json", "tiles.zarr")
+           "tiles.csv", "top_tiles.png", "summary.json", "tiles.zarr")
 
 
 @pytest.fixture(scope="module")
@@ -45,6 +46,10 @@ def test_one_slide_all_outputs(mini_slides, tiny_model, tmp_path):
                 "tiles_per_s", "model", "software_version", "tissue_fraction_slide"):
         assert key in saved, key
     assert saved["actual_mpp"] == pytest.approx(0.5, rel=1e-3)
+    # Outputs point to the final files, not into the temporary folder they were built in.
+    assert saved["outputs"] and all(os.path.exists(p) and ".partial" not in p
+                                    for p in saved["outputs"].values())
+    assert saved["package_versions"]["torch"] and saved["command"]
     features = json.loads((out / "tiles.geojson").read_text())["features"]
     assert len(features) == summary["n_tiles"]
 

@@ -278,3 +278,39 @@ def test_no_tissue_slide_still_writes_every_output(tmp_path):
     assert json.loads(open(paths["geojson"]).read()) == {"type": "FeatureCollection",
                                                          "features": []}
     assert np.isnan(zarr.open_group(paths["ngff"], mode="r")["0"][...]).all()
+
+
+def test_tile_table_geojson_lock_and_provenance(tmp_path):
+    import csv as _csv
+    import json as _json
+
+    import zarr
+
+    from wsi_anomaly.stitch import ColourScale, SlideGeometry, write_slide_outputs
+
+    geometry = SlideGeometry(width=1024, height=512, mpp=0.5, tile_size_l0=256, stride_l0=256,
+                             grid_cols=4, grid_rows=2)
+    coords = np.array([[0, 0], [256, 0], [512, 256]], np.int64)
+    grid_index = coords // 256
+    scores = np.array([0.1, 0.9, np.nan], np.float32)
+    scale = ColourScale(vmin=0.0, vcenter=0.5, vmax=1.0, cmap="coolwarm")
+    provenance = {"model_sha256": "abc123", "slide_fingerprint": "f00"}
+    outputs = write_slide_outputs(
+        tmp_path, slide_name="s.tif", geometry=geometry, coords=coords, grid_index=grid_index,
+        scores=scores, max_scores=scores + 0.05, thumbnail=np.full((64, 128, 3), 255, np.uint8),
+        thumbnail_downsample=8.0, tissue_mask=np.ones((64, 128), bool), mask_downsample=8.0,
+        scale=scale, top_tiles=[], tissue_fraction=np.array([1.0, 0.75, 0.5]),
+        provenance=provenance)
+    rows = list(_csv.DictReader(open(outputs["tiles_csv"])))
+    assert [(r["x"], r["y"], r["width"], r["class"]) for r in rows] == [
+        ("0", "0", "256", ""), ("256", "0", "256", "Anomalous"), ("512", "256", "256", "")]
+    assert float(rows[1]["score"]) == pytest.approx(0.9) and rows[1]["tissue_fraction"] == "0.75"
+    assert rows[2]["score"] == ""  # no score: empty, not "nan"
+    doc = _json.loads(open(outputs["geojson"]).read())
+    assert doc["properties"]["wsi_anomaly"]["model_sha256"] == "abc123"
+    assert all(f["properties"]["isLocked"] is True for f in doc["features"])
+    attrs = zarr.open_group(outputs["ngff"], mode="r").attrs
+    assert attrs["wsi_anomaly"]["model_sha256"] == "abc123"
+    assert "." in attrs["wsi_anomaly"]["images"]
+    window = attrs["ome"]["omero"]["channels"][0]["window"]
+    assert (window["start"], window["end"]) == (0.0, 1.0)

@@ -306,7 +306,7 @@ def _run(plan: SlidePlan, model: str | Path, settings: HeatmapSettings) -> dict[
             n_scored = _tile_and_score(slide, kept, store_path, attrs, scorer, settings, timing)
             store = TileStore(store_path)
         pipeline_s = time.perf_counter() - t0 - timing["plan_s"]
-        outputs, scale = _render(plan.work, slide, grid, tissue, store, scorer, settings, timing)
+        outputs, scale = _render(plan, slide, grid, tissue, store, scorer, settings, timing)
         timing["total_s"] = time.perf_counter() - t_start
         summary = _summarise(plan, slide, grid, tissue, store, scorer, settings, scale, timing,
                              n_scored, pipeline_s, outputs)
@@ -405,25 +405,31 @@ def _score_batch_of_tiles(scorer: Scorer, tiles: np.ndarray, start: int,
                       np.concatenate(maps) if maps else None)
 
 
-def _render(work: Path, slide: Slide, grid, tissue, store: TileStore, scorer: Scorer,
+def _render(plan: SlidePlan, slide: Slide, grid, tissue, store: TileStore, scorer: Scorer,
             settings: HeatmapSettings, timing: dict) -> tuple[dict[str, str], Any]:
-    """The pictures, NGFF and GeoJSON of a scored store."""
+    """The pictures, NGFF, GeoJSON and tile table of a scored store."""
     t0 = time.perf_counter()
-    plan = grid.plan
+    gp = grid.plan
     scores, max_scores = store.scores, store.max_scores
     thumb, thumb_ds = slide.thumbnail(settings.max_px)
     order = np.argsort(-scores)[: settings.top_k]
     top = [(int(i), store.read(int(i), int(i) + 1)[0]) for i in order]
     geometry = SlideGeometry(width=slide.dimensions[0], height=slide.dimensions[1],
-                             mpp=slide.mpp, tile_size_l0=plan.tile_size_l0,
-                             stride_l0=plan.stride_l0, grid_cols=grid.cols, grid_rows=grid.rows)
+                             mpp=slide.mpp, tile_size_l0=gp.tile_size_l0,
+                             stride_l0=gp.stride_l0, grid_cols=grid.cols, grid_rows=grid.rows)
     scale = colour_scale(scorer.calibration, "mean", settings.cmap)
+    identity = scorer.identity
+    provenance = {"slide_name": slide.name, "slide_fingerprint": plan.identity["slide_fingerprint"],
+                  "model_sha256": identity.get("model_sha256"),
+                  "model_name": identity.get("model_name"), "backbone": identity.get("backbone"),
+                  "colour_scale": asdict(scale), "software_version": __version__}
     outputs = write_slide_outputs(
-        work, slide_name=slide.name, geometry=geometry, coords=store.coords,
+        plan.work, slide_name=slide.name, geometry=geometry, coords=store.coords,
         grid_index=store.grid_index, scores=scores, max_scores=max_scores, thumbnail=thumb,
         thumbnail_downsample=thumb_ds, tissue_mask=tissue.mask,
         mask_downsample=tissue.downsample, scale=scale, top_tiles=top, max_px=settings.max_px,
-        maps=store.maps if settings.keep_maps else None)
+        maps=store.maps if settings.keep_maps else None, tissue_fraction=store.tissue_fraction,
+        provenance=provenance)
     timing["stitch_s"] = time.perf_counter() - t0
     return outputs, scale
 
@@ -481,7 +487,22 @@ def _summarise(plan: SlidePlan, slide: Slide, grid, tissue, store: TileStore, sc
                     for key, path in outputs.items()},
         "command": " ".join(sys.argv),
         "software_version": __version__,
+        "package_versions": package_versions(),
     }
+
+
+def package_versions() -> dict[str, str]:
+    """Versions of the libraries that shape the results, recorded with them."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    out = {"python": sys.version.split()[0]}
+    for name in ("torch", "torchvision", "numpy", "zarr", "openslide-python", "openslide-bin",
+                 "tifffile", "imagecodecs", "scikit-image", "pillow"):
+        try:
+            out[name] = version(name)
+        except PackageNotFoundError:
+            continue
+    return out
 
 
 def _row(summary: dict[str, Any]) -> dict[str, Any]:

@@ -136,6 +136,8 @@ def write_slide_outputs(
     top_tiles: list[tuple[int, np.ndarray]],
     max_px: int = 2048,
     maps: np.ndarray | None = None,
+    tissue_fraction: np.ndarray | None = None,
+    provenance: Mapping[str, Any] | None = None,
 ) -> dict[str, str]:
     """Write heatmap/overlay/thumbnail PNGs, the NGFF score grid, QuPath GeoJSON and a gallery.
 
@@ -151,9 +153,13 @@ def write_slide_outputs(
         max_px: longest side of the aligned canvas of the PNGs (see :func:`display_geometry`).
         maps: optional (N, h, w) per-tile anomaly maps; when given (and tiles do not overlap)
             the NGFF output also holds a finer, pixel-level map (see :func:`_write_ngff`).
+        tissue_fraction: optional (N,) tissue fraction per tile, for ``tiles.csv``.
+        provenance: what made these scores (model sha256 and name, slide fingerprint, colour
+            scale, software version), recorded in the NGFF attributes and the GeoJSON
+            collection so results of two models can be told apart.
     Returns:
         Output name (``heatmap``, ``overlay``, ``thumbnail``, ``ngff``, ``geojson``,
-        ``top_tiles``) → path written. Every file is written under a temporary name and renamed.
+        ``tiles_csv``, ``top_tiles``) → path written. Every file is written under a temporary name and renamed.
 
     The PNGs share one canvas: their top-left ``display_geometry(geometry, max_px)[1]`` pixels
     line up with the slide (canvas pixel (i, j) covers level-0 [j·d, (j+1)·d) × [i·d, (i+1)·d));
@@ -191,13 +197,19 @@ def write_slide_outputs(
         "thumbnail": out_dir / "thumbnail.png",
         "ngff": out_dir / "heatmap.ome.zarr",
         "geojson": out_dir / "tiles.geojson",
+        "tiles_csv": out_dir / "tiles.csv",
         "top_tiles": out_dir / "top_tiles.png",
     }
+    provenance = dict(provenance or {})
     _save_png(_with_panel(heat, panel), paths["heatmap"], info)
     _save_png(_with_panel(overlay, panel), paths["overlay"], info)
     _save_png(contoured, paths["thumbnail"], info)
-    _write_ngff(paths["ngff"], slide_name, geometry, coords, grid_index, scores, maps)
-    _write_geojson(paths["geojson"], slide_name, geometry, coords, scores, max_scores, scale)
+    _write_ngff(paths["ngff"], slide_name, geometry, coords, grid_index, scores, maps, scale,
+                provenance)
+    _write_geojson(paths["geojson"], slide_name, geometry, coords, scores, max_scores, scale,
+                   provenance)
+    _write_tile_table(paths["tiles_csv"], geometry, coords, scores, max_scores, scale,
+                      tissue_fraction)
     _write_gallery(paths["top_tiles"], top_tiles, coords, scores, max_scores, geometry)
     return {name: str(p) for name, p in paths.items()}
 
@@ -327,7 +339,8 @@ def _pixel_grid(geometry: SlideGeometry, grid_index: np.ndarray, maps: np.ndarra
 
 
 def _write_ngff(path: Path, slide_name: str, geometry: SlideGeometry, coords: np.ndarray,
-                grid_index: np.ndarray, scores: np.ndarray, maps: np.ndarray | None = None
+                grid_index: np.ndarray, scores: np.ndarray, maps: np.ndarray | None = None,
+                scale: ColourScale | None = None, provenance: Mapping[str, Any] | None = None
                 ) -> None:
     """The score grid as an OME-NGFF 0.5 (zarr v3) image: level "0" one pixel per cell.
 
@@ -336,6 +349,10 @@ def _write_ngff(path: Path, slide_name: str, geometry: SlideGeometry, coords: np
     (2× nan-mean) is added when the grid is at least 2×2. With ``maps`` (N, 64, 64) and
     non-overlapping tiles, a sub-image ``pixel/`` (its own NGFF multiscales) holds the finer
     anomaly map, PIXEL_MAP_PX pixels per tile side.
+
+    Display hints (``omero``: the window of the model's fixed colour scale) let viewers show
+    the scores on the same scale as the PNGs; ``attrs["wsi_anomaly"]`` records the provenance
+    and lists the images in the group (``images``: path → what it is).
     """
 
     import zarr
@@ -367,6 +384,13 @@ def _write_ngff(path: Path, slide_name: str, geometry: SlideGeometry, coords: np
         "type": "mean",
         "metadata": {"description": "level 1: mean of the 2x2 cells that have a tile"},
     }]}
+    if scale is not None:
+        ome["omero"] = {"name": f"{slide_name} anomaly score", "channels": [{
+            "label": "anomaly score", "active": True, "color": "FF0000",
+            "window": {"start": float(scale.vmin), "end": float(scale.vmax),
+                       "min": float(scale.vmin), "max": float(scale.vmax)}}],
+            "rdefs": {"model": "color"}}
+    images = {".": "tile anomaly score, one pixel per grid cell"}
 
     with atomic_path(path) as tmp:
         group = zarr.open_group(str(tmp), mode="w", zarr_format=3)
@@ -396,6 +420,9 @@ def _write_ngff(path: Path, slide_name: str, geometry: SlideGeometry, coords: np
             sub.create_array("0", shape=pixel.shape, dtype="float32", fill_value=np.nan,
                              chunks=tuple(max(1, min(n, 1024)) for n in pixel.shape),
                              dimension_names=["y", "x"])[...] = pixel
+            images["pixel"] = (f"pixel-level anomaly map, {PIXEL_MAP_PX} pixels per tile side "
+                               "(its own OME-NGFF multiscales image)")
+        group.attrs["wsi_anomaly"] = {**(provenance or {}), "images": images}
 
 
 def tile_uuid(slide_name: str, x: int, y: int) -> str:
@@ -404,11 +431,14 @@ def tile_uuid(slide_name: str, x: int, y: int) -> str:
 
 
 def _write_geojson(path: Path, slide_name: str, geometry: SlideGeometry, coords: np.ndarray,
-                   scores: np.ndarray, max_scores: np.ndarray, scale: ColourScale) -> None:
-    """QuPath-ready tiles: level-0 square polygons, scores as measurements.
+                   scores: np.ndarray, max_scores: np.ndarray, scale: ColourScale,
+                   provenance: Mapping[str, Any] | None = None) -> None:
+    """QuPath-ready tiles: level-0 square polygons, scores as measurements, locked (so a click
+    in QuPath does not move them).
 
     Tiles at or above the training 99th percentile (``scale.vcenter``) are classified
-    "Anomalous"; a non-finite score is left out of the measurements (JSON has no NaN).
+    "Anomalous"; a non-finite score is left out of the measurements (JSON has no NaN). The
+    collection's ``properties`` record the provenance (model sha256…).
     """
     side = float(geometry.tile_size_l0)
     side = int(side) if side.is_integer() else side
@@ -417,7 +447,8 @@ def _write_geojson(path: Path, slide_name: str, geometry: SlideGeometry, coords:
     for (x, y), score, top in zip(coords.tolist(), scores.tolist(), max_scores.tolist()):
         measurements = {name: float(v) for name, v in
                         (("anomaly_score", score), ("anomaly_max", top)) if math.isfinite(v)}
-        properties: dict[str, Any] = {"objectType": "tile", "measurements": measurements}
+        properties: dict[str, Any] = {"objectType": "tile", "isLocked": True,
+                                      "measurements": measurements}
         if math.isfinite(score) and score >= scale.vcenter:
             properties["classification"] = {"name": "Anomalous", "color": red}
         features.append({
@@ -428,8 +459,37 @@ def _write_geojson(path: Path, slide_name: str, geometry: SlideGeometry, coords:
             "properties": properties,
         })
     with atomic_path(path) as tmp, open(tmp, "w", encoding="utf-8") as f:
-        json.dump({"type": "FeatureCollection", "features": features}, f,
-                  allow_nan=False, separators=(",", ":"))
+        json.dump({"type": "FeatureCollection",
+                   "properties": {"wsi_anomaly": dict(provenance or {})}, "features": features},
+                  f, allow_nan=False, separators=(",", ":"))
+
+
+TILE_TABLE_FIELDS = ("x", "y", "width", "height", "score", "max", "tissue_fraction", "class")
+
+
+def _write_tile_table(path: Path, geometry: SlideGeometry, coords: np.ndarray,
+                      scores: np.ndarray, max_scores: np.ndarray, scale: ColourScale,
+                      tissue_fraction: np.ndarray | None) -> None:
+    """``tiles.csv``: one row per tile — level-0 x, y, width, height (px), score, max, tissue
+    fraction and class ("Anomalous" at or above ``scale.vcenter``, else empty)."""
+    import csv
+
+    side = float(geometry.tile_size_l0)
+    side_text = str(int(side)) if side.is_integer() else f"{side:g}"
+    fractions = (np.full(len(coords), np.nan) if tissue_fraction is None
+                 else np.asarray(tissue_fraction, np.float64))
+    with atomic_path(path) as tmp, open(tmp, "w", newline="", encoding="utf-8") as f:
+        writer = csv.writer(f)
+        writer.writerow(TILE_TABLE_FIELDS)
+        for (x, y), score, top, frac in zip(coords.tolist(), scores.tolist(),
+                                            max_scores.tolist(), fractions.tolist()):
+            anomalous = math.isfinite(score) and score >= scale.vcenter
+            writer.writerow([x, y, side_text, side_text, _num(score), _num(top), _num(frac),
+                             "Anomalous" if anomalous else ""])
+
+
+def _num(value: float) -> str:
+    return f"{value:.6g}" if math.isfinite(value) else ""
 
 
 def _write_gallery(path: Path, top_tiles: list[tuple[int, np.ndarray]], coords: np.ndarray,
