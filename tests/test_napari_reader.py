@@ -1,0 +1,86 @@
+"""The napari reader puts the slide, its heatmap and its tiles in one coordinate system."""
+
+import json
+
+import numpy as np
+import pytest
+
+napari = pytest.importorskip("napari", reason="napari is not installed (pip install '.[napari]')")
+
+from wsi_anomaly.napari_reader import get_reader  # noqa: E402
+from wsi_anomaly.slide import Slide  # noqa: E402
+from wsi_anomaly.stitch import ColourScale, SlideGeometry, write_slide_outputs  # noqa: E402
+
+TILE = 256
+HOT = (3, 2)  # (column, row) of the one anomalous tile
+
+
+@pytest.fixture(scope="module")
+def results(small_slide, tmp_path_factory):
+    """A results folder for ``small_slide`` with one known anomalous tile."""
+    folder = tmp_path_factory.mktemp("napari") / "small.tif"
+    folder.mkdir()
+    mpp = 0.5
+    cols, rows = 2048 // TILE, 1536 // TILE
+    grid_index = np.array([(c, r) for r in range(rows) for c in range(cols)], np.int64)
+    coords = grid_index * TILE
+    scores = np.full(len(coords), 0.2, np.float32)
+    hot = int(np.flatnonzero((grid_index == HOT).all(axis=1))[0])
+    scores[hot] = 0.95
+    scale = ColourScale(vmin=0.0, vcenter=0.5, vmax=1.0)
+    geometry = SlideGeometry(width=2048, height=1536, mpp=mpp, tile_size_l0=TILE,
+                             stride_l0=TILE, grid_cols=cols, grid_rows=rows)
+    write_slide_outputs(folder, slide_name="small.tif", geometry=geometry, coords=coords,
+                        grid_index=grid_index, scores=scores, max_scores=scores,
+                        thumbnail=np.full((96, 128, 3), 200, np.uint8), thumbnail_downsample=16.0,
+                        tissue_mask=np.ones((96, 128), bool), mask_downsample=16.0, scale=scale,
+                        top_tiles=[], tissue_fraction=np.ones(len(coords)))
+    (folder / "summary.json").write_text(json.dumps({
+        "slide": "small.tif", "slide_path": str(small_slide.path), "level0_mpp": mpp,
+        "colour_scale": {"vmin": 0.0, "vcenter": 0.5, "vmax": 1.0, "cmap": "coolwarm"}}))
+    return folder, mpp
+
+
+def test_reader_claims_results_folders_only(results, tmp_path):
+    folder, _ = results
+    assert get_reader(str(folder)) is not None
+    assert get_reader(str(folder / "heatmap.ome.zarr")) is not None
+    assert get_reader(str(tmp_path)) is None
+
+
+def test_known_anomalous_square_lands_on_its_pixels(results):
+    import npe2
+    from napari.components import ViewerModel
+
+    folder, mpp = results
+    npe2.PluginManager.instance().discover()  # as napari does at start-up: finds our manifest
+    viewer = ViewerModel()
+    viewer.open(str(folder), plugin="wsi-anomaly")
+    layers = {layer.name: layer for layer in viewer.layers}
+    assert set(layers) >= {"small.tif", "small.tif anomaly score", "small.tif tiles"}
+    heat, slide_layer = layers["small.tif anomaly score"], layers["small.tif"]
+    assert heat.contrast_limits == [0.0, 1.0]
+
+    def world(x_px: float, y_px: float) -> tuple[float, float]:
+        return (y_px * mpp, x_px * mpp)  # level-0 pixel position → µm (napari: y, x)
+
+    x0, y0 = HOT[0] * TILE, HOT[1] * TILE
+    assert heat.get_value(world(x0 + TILE / 2, y0 + TILE / 2), world=True) == pytest.approx(0.95)
+    # Just inside each edge of the hot tile, and just outside.
+    for x, y in ((x0 + 4, y0 + 4), (x0 + TILE - 4, y0 + TILE - 4)):
+        assert heat.get_value(world(x, y), world=True) == pytest.approx(0.95), (x, y)
+    for x, y in ((x0 - 4, y0 + 100), (x0 + 100, y0 - 4), (x0 + TILE + 4, y0 + 100)):
+        assert heat.get_value(world(x, y), world=True) == pytest.approx(0.2), (x, y)
+    # The slide layer maps the same world point to the same level-0 pixel.
+    data_yx = slide_layer.world_to_data(world(x0 + 100.5, y0 + 50.5))
+    assert np.allclose(data_yx[:2], (y0 + 50, x0 + 100), atol=0.51)
+    level0 = slide_layer.data[0] if slide_layer.multiscale else slide_layer.data
+    with Slide(slide_layer.metadata["slide_path"]) as slide:
+        expected = slide.read_level(0, x0 + 100, y0 + 50, 1, 1)[0, 0]
+    assert np.array_equal(np.asarray(level0[y0 + 50, x0 + 100]), expected)
+    # Tiles as shapes carry their scores, and the hot one is in the right place.
+    tiles = layers["small.tif tiles"]
+    hot = int(np.argmax(tiles.features["anomaly_score"]))
+    corner = tiles.data[hot].min(axis=0)
+    assert np.allclose(corner, world(x0, y0))
+    assert tiles.features["class"][hot] == "Anomalous"

@@ -1,0 +1,185 @@
+"""napari reader: a slide's results folder as layers in one coordinate system (micrometres).
+
+Opening ``results/<slide>/`` (or its ``heatmap.ome.zarr``) in napari gives:
+
+- the original slide as a multiscale RGB image, read lazily tile by tile from the slide file
+  recorded in ``summary.json`` (when it is still there);
+- the tile anomaly scores (``heatmap.ome.zarr``) on the model's fixed colour scale, with the
+  contrast limits of that scale, half transparent over the slide;
+- the pixel-level anomaly map when the run kept it (hidden at first);
+- the tiles as rectangles carrying their score, max and tissue fraction (hidden at first).
+
+All layers use slide micrometres: a level-0 slide pixel (x, y) covers [x·mpp, (x+1)·mpp) ×
+[y·mpp, (y+1)·mpp), and napari places a pixel's centre at ``index·scale + translate``, so the
+slide gets a half-pixel translation and the score grids the translations written in their NGFF
+metadata. The NGFF translations are read here rather than left to a generic NGFF reader, some of
+which drop them (and place the heatmap half a tile up and left).
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import logging
+from functools import lru_cache
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+log = logging.getLogger(__name__)
+
+LayerData = tuple[Any, dict[str, Any], str]
+
+#: Side of the lazily read slide chunks, in pixels of each level.
+CHUNK_PX = 1024
+
+
+def get_reader(path: str | list[str]) -> Any:
+    """napari's reader hook: a callable for a results folder, None for anything else."""
+    if isinstance(path, list):
+        if len(path) != 1:
+            return None
+        path = path[0]
+    return read_results if results_folder(Path(path)) is not None else None
+
+
+def results_folder(path: Path) -> Path | None:
+    """The slide results folder ``path`` is, or holds the heatmap of; None otherwise."""
+    if path.name == "heatmap.ome.zarr":
+        path = path.parent
+    if (path / "summary.json").is_file() and (path / "heatmap.ome.zarr").is_dir():
+        return path
+    return None
+
+
+def read_results(path: str | list[str]) -> list[LayerData]:
+    """The layers of one slide's results (see the module docstring)."""
+    folder = results_folder(Path(path[0] if isinstance(path, list) else path))
+    if folder is None:
+        raise ValueError(f"{path} is not a wsi-anomaly slide results folder")
+    summary = json.loads((folder / "summary.json").read_text(encoding="utf-8"))
+    layers: list[LayerData] = []
+    slide_layer = _slide_layer(summary)
+    if slide_layer is not None:
+        layers.append(slide_layer)
+    scale = _colour_scale(summary)
+    layers.append(_score_layer(folder / "heatmap.ome.zarr", ".", scale, summary["slide"],
+                               "anomaly score", visible=True))
+    if (folder / "heatmap.ome.zarr" / "pixel" / "zarr.json").is_file():
+        layers.append(_score_layer(folder / "heatmap.ome.zarr", "pixel", scale, summary["slide"],
+                                   "pixel anomaly map", visible=False))
+    if (folder / "tiles.csv").is_file():
+        layers.append(_tiles_layer(folder / "tiles.csv", float(summary["level0_mpp"]),
+                                   summary["slide"]))
+    return layers
+
+
+def _colour_scale(summary: dict[str, Any]) -> Any:
+    from .stitch import ColourScale
+
+    cs = summary["colour_scale"]
+    return ColourScale(vmin=float(cs["vmin"]), vcenter=float(cs["vcenter"]),
+                       vmax=float(cs["vmax"]), cmap=str(cs.get("cmap", "coolwarm")))
+
+
+def fixed_scale_colormap(scale: Any, steps: int = 256) -> Any:
+    """A napari colormap that, over contrast limits (vmin, vmax), shows each score in the colour
+    the PNG heatmaps give it (the fixed scale bends at the training 99th percentile)."""
+    from matplotlib import colormaps
+    from napari.utils.colormaps import Colormap
+
+    controls = np.linspace(0.0, 1.0, steps + 1)
+    values = scale.vmin + controls * (scale.vmax - scale.vmin)
+    colours = colormaps[scale.cmap](scale.normalise(values))
+    return Colormap(colors=colours, controls=controls, name=f"wsi-anomaly {scale.cmap} (fixed)")
+
+
+def _score_layer(ngff: Path, image: str, scale: Any, slide_name: str, label: str,
+                 visible: bool) -> LayerData:
+    import zarr
+
+    group = zarr.open_group(str(ngff / image) if image != "." else str(ngff), mode="r")
+    dataset = group.attrs["ome"]["multiscales"][0]["datasets"][0]
+    transforms = {t["type"]: t for t in dataset["coordinateTransformations"]}
+    data = group[dataset["path"]]
+    kwargs = {
+        "name": f"{slide_name} {label}",
+        "scale": tuple(transforms["scale"]["scale"]),
+        "translate": tuple(transforms.get("translation", {}).get("translation", (0.0, 0.0))),
+        "colormap": fixed_scale_colormap(scale),
+        "contrast_limits": (scale.vmin, scale.vmax),
+        "opacity": 0.5,
+        "blending": "translucent",
+        "visible": visible,
+        "metadata": {"wsi_anomaly": dict(group.attrs.get("wsi_anomaly", {})),
+                     "colour_scale": {"vmin": scale.vmin, "vcenter": scale.vcenter,
+                                      "vmax": scale.vmax, "cmap": scale.cmap}},
+    }
+    return np.asarray(data[...]), kwargs, "image"
+
+
+@lru_cache(maxsize=8)
+def _open_slide(path: str, mpp: float) -> Any:
+    from .slide import Slide
+
+    return Slide(path, override_mpp=mpp)
+
+
+def _slide_layer(summary: dict[str, Any]) -> LayerData | None:
+    """The original slide, lazily, as a multiscale image in µm; None when it cannot be read."""
+    import dask.array as da
+
+    from .errors import WsiAnomalyError
+
+    path, mpp = summary.get("slide_path"), float(summary["level0_mpp"])
+    try:
+        slide = _open_slide(str(path), mpp)
+    except (WsiAnomalyError, OSError) as exc:
+        log.warning("slide not shown: %s", exc)
+        return None
+    levels = []
+    for level in slide.levels:
+        chunks = (_chunks(level.height), _chunks(level.width), (3,))
+        levels.append(da.map_blocks(_read_block, dtype=np.uint8, chunks=chunks,
+                                    slide_path=str(path), mpp=mpp, level=level.index,
+                                    meta=np.empty((0, 0, 0), np.uint8)))
+    # napari infers each level's scale from its shape; drop levels too small to matter.
+    levels = [lv for lv in levels if min(lv.shape[:2]) >= 16] or levels[:1]
+    kwargs = {"name": summary["slide"], "rgb": True, "multiscale": len(levels) > 1,
+              "scale": (mpp, mpp), "translate": (0.5 * mpp, 0.5 * mpp),
+              "metadata": {"slide_path": path, "level0_mpp": mpp}}
+    return (levels if len(levels) > 1 else levels[0]), kwargs, "image"
+
+
+def _chunks(n: int) -> tuple[int, ...]:
+    full, rest = divmod(n, CHUNK_PX)
+    return (CHUNK_PX,) * full + ((rest,) if rest else ())
+
+
+def _read_block(slide_path: str, mpp: float, level: int,
+                block_info: dict | None = None) -> np.ndarray:
+    assert block_info is not None
+    (y0, y1), (x0, x1), _ = block_info[None]["array-location"]
+    return _open_slide(slide_path, mpp).read_level(level, x0, y0, x1 - x0, y1 - y0)
+
+
+def _tiles_layer(table: Path, mpp: float, slide_name: str) -> LayerData:
+    """Tiles as rectangles in µm with their measurements as features."""
+    rects, score, peak, tissue, cls = [], [], [], [], []
+    with table.open(newline="", encoding="utf-8") as fh:
+        for row in csv.DictReader(fh):
+            x, y = float(row["x"]), float(row["y"])
+            w, h = float(row["width"]), float(row["height"])
+            rects.append([[y * mpp, x * mpp], [(y + h) * mpp, (x + w) * mpp]])
+            score.append(float(row["score"]) if row["score"] else np.nan)
+            peak.append(float(row["max"]) if row["max"] else np.nan)
+            tissue.append(float(row["tissue_fraction"]) if row["tissue_fraction"] else np.nan)
+            cls.append(row["class"])
+    features = {"anomaly_score": np.asarray(score), "anomaly_max": np.asarray(peak),
+                "tissue_fraction": np.asarray(tissue), "class": np.asarray(cls, dtype=object)}
+    edge = ["red" if c == "Anomalous" else "white" for c in cls]
+    kwargs = {"name": f"{slide_name} tiles", "shape_type": "rectangle", "features": features,
+              "edge_color": edge, "face_color": "transparent", "edge_width": 2 * mpp,
+              "visible": False}
+    return [np.asarray(r) for r in rects], kwargs, "shapes"
