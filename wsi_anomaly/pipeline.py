@@ -560,7 +560,8 @@ def cohort_output_names(paths: Sequence[str | Path], out_root: Path) -> list[str
 
 def run_cohort(slides: Sequence[str | Path], out_root: str | Path, model: str | Path,
                settings: HeatmapSettings, scheduler: str | None = None,
-               workers: int | None = None, skip_errors: bool = False) -> list[dict[str, Any]]:
+               workers: int | None = None, skip_errors: bool = False,
+               cluster: Any | None = None) -> list[dict[str, Any]]:
     """Heatmaps for many slides, one dask task per slide; writes ``out_root/summary.csv``.
 
     Rows have ``status`` ok, skipped (done), no tissue, failed or busy (another run holds the
@@ -581,16 +582,18 @@ def run_cohort(slides: Sequence[str | Path], out_root: str | Path, model: str | 
     check_free_space(out_root, 64 << 20, "results")
     names = cohort_output_names(paths, out_root)
     rows: list[dict[str, Any]]
-    if scheduler or (workers and workers > 1):
+    if cluster is not None or scheduler or (workers and workers > 1):
         from dask.distributed import Client, LocalCluster
 
-        cluster = None
-        if scheduler:
+        own_cluster = None
+        if cluster is not None:
+            client = Client(cluster)
+        elif scheduler:
             client = Client(scheduler)
         else:
-            cluster = LocalCluster(n_workers=workers, threads_per_worker=1, processes=True,
-                                   dashboard_address=None)
-            client = Client(cluster)
+            own_cluster = LocalCluster(n_workers=workers, threads_per_worker=1, processes=True,
+                                       dashboard_address=None)
+            client = Client(own_cluster)
         try:
             has_gpus = any("GPU" in (w.get("resources") or {})
                            for w in client.scheduler_info()["workers"].values())
@@ -601,8 +604,8 @@ def run_cohort(slides: Sequence[str | Path], out_root: str | Path, model: str | 
             rows = client.gather(futures)
         finally:
             client.close()
-            if cluster is not None:
-                cluster.close()
+            if own_cluster is not None:
+                own_cluster.close()
     else:
         tasks = [delayed(_slide_task)(p, str(out_root), str(model), settings, skip_errors, name)
                  for p, name in zip(paths, names)]
