@@ -4,7 +4,7 @@ import torch
 from conftest import tiny_config
 from wsi_anomaly.checkpoint import load_checkpoint, save_checkpoint
 from wsi_anomaly.errors import CheckpointError, DeviceUnavailableError, OutputExistsError
-from wsi_anomaly.models import HaloAE, haloae_loss, make_cutpaste_batch, normalise
+from wsi_anomaly.models import HaloAE, load_vgg19, haloae_loss, make_cutpaste_batch, normalise
 from wsi_anomaly.tiles.dataset import ZarrTileDataset
 from wsi_anomaly.train import resolve_device, resume_path, train_model
 
@@ -15,7 +15,7 @@ def test_a_few_steps_lower_the_loss(small_store):
     images = ds[0].unsqueeze(0)
     batch, labels = make_cutpaste_batch(images, torch.Generator().manual_seed(0))
     x = normalise(batch)
-    model = HaloAE(backbone_weights="random").train()
+    model = HaloAE(load_vgg19("random")).train()
     opt = torch.optim.Adam(model.trainable_parameters(), lr=1e-4)
     losses = []
     for _ in range(5):
@@ -48,10 +48,10 @@ def test_resume_continues_exactly(small_store, tmp_path, monkeypatch):
     straight = tmp_path / "straight.pt"
     train_model(ds, cfg, straight, device="cpu", progress=False)
 
-    import wsi_anomaly.train as train_mod
+    import wsi_anomaly.models.haloae_family as family_mod
 
     calls = {"n": 0}
-    real = train_mod.make_cutpaste_batch
+    real = family_mod.make_cutpaste_batch
 
     def crash_in_second_epoch(*args, **kwargs):
         calls["n"] += 1
@@ -60,13 +60,13 @@ def test_resume_continues_exactly(small_store, tmp_path, monkeypatch):
         return real(*args, **kwargs)
 
     resumed = tmp_path / "resumed.pt"
-    monkeypatch.setattr(train_mod, "make_cutpaste_batch", crash_in_second_epoch)
+    monkeypatch.setattr(family_mod, "make_cutpaste_batch", crash_in_second_epoch)
     with pytest.raises(KeyboardInterrupt):
         train_model(ds, cfg, resumed, device="cpu", progress=False)
     assert not resumed.exists() and resume_path(resumed).exists()
     with pytest.raises(CheckpointError, match="unfinished"):
         load_checkpoint(resume_path(resumed))
-    monkeypatch.setattr(train_mod, "make_cutpaste_batch", real)
+    monkeypatch.setattr(family_mod, "make_cutpaste_batch", real)
     train_model(ds, cfg, resumed, device="cpu", resume=True, progress=False)
 
     a, b = load_checkpoint(straight), load_checkpoint(resumed)

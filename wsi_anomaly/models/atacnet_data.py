@@ -20,24 +20,24 @@ from collections.abc import Iterator, Sequence
 import numpy as np
 import torch
 from PIL import Image
-from torch.utils.data import Sampler
+from torch.utils.data import Dataset, Sampler
 from torchvision.transforms import InterpolationMode
 from torchvision.transforms.v2 import functional as TF
 
-from wsi_anomaly.errors import InvalidInputError
+from wsi_anomaly.models.transforms import normalise
+
 
 __all__ = [
+    "AtacNetData",
     "ATACNET_MEAN",
     "ATACNET_STD",
     "IMAGE_SIZE",
     "BalancedBatchSampler",
     "cutmix",
     "cutmix_anomalous_half",
-    "destandardise",
     "equalise_contrast",
     "preprocess",
     "random_rotation",
-    "standardise",
 ]
 
 #: Input side of ATAC-Net in pixels (seed §2).
@@ -51,25 +51,6 @@ ATACNET_STD: tuple[float, float, float] = (0.26862954, 0.26130258, 0.27577711)
 FLAT_LIGHTNESS_RANGE = 1e-3
 
 
-def _stats(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    mean = torch.tensor(ATACNET_MEAN, dtype=x.dtype, device=x.device).view(3, 1, 1)
-    std = torch.tensor(ATACNET_STD, dtype=x.dtype, device=x.device).view(3, 1, 1)
-    return mean, std
-
-
-def standardise(x: torch.Tensor) -> torch.Tensor:
-    """``(x − μ)/σ`` per channel with the seed's statistics; ``x``: ``3×H×W`` or ``B×3×H×W`` in
-    [0, 1]. Same shape out."""
-    mean, std = _stats(x)
-    return (x - mean) / std
-
-
-def destandardise(x: torch.Tensor) -> torch.Tensor:
-    """Inverse of :func:`standardise` (no clamping)."""
-    mean, std = _stats(x)
-    return x * std + mean
-
-
 def _as_rgb_uint8(image: object) -> np.ndarray:
     """PIL image, ``H×W[×C]`` array (uint8, or float in [0, 1]) or ``C×H×W`` tensor → ``H×W×3``
     uint8."""
@@ -77,7 +58,7 @@ def _as_rgb_uint8(image: object) -> np.ndarray:
         return np.array(image.convert("RGB"))
     if isinstance(image, torch.Tensor):
         if image.ndim != 3 or image.shape[0] not in (1, 3, 4):
-            raise InvalidInputError(
+            raise ValueError(
                 f"expected a C×H×W image tensor, got shape {tuple(image.shape)}"
             )
         image = image.detach().cpu().permute(1, 2, 0).numpy()
@@ -85,7 +66,7 @@ def _as_rgb_uint8(image: object) -> np.ndarray:
     if array.ndim == 2:
         array = array[..., None]
     if array.ndim != 3 or array.shape[-1] not in (1, 3, 4):
-        raise InvalidInputError(f"expected an H×W×3 RGB image, got shape {array.shape}")
+        raise ValueError(f"expected an H×W×3 RGB image, got shape {array.shape}")
     if array.shape[-1] == 1:
         array = np.repeat(array, 3, axis=-1)
     array = array[..., :3]  # drop alpha
@@ -93,7 +74,7 @@ def _as_rgb_uint8(image: object) -> np.ndarray:
         return np.ascontiguousarray(array)
     if np.issubdtype(array.dtype, np.floating):
         return np.round(np.clip(array, 0.0, 1.0) * 255.0).astype(np.uint8)
-    raise InvalidInputError(
+    raise ValueError(
         f"expected uint8 or float (in [0, 1]) pixels, got dtype {array.dtype}"
     )
 
@@ -147,7 +128,7 @@ def preprocess(
     if rgb.shape[:2] != (size, size):
         rgb = np.array(Image.fromarray(rgb).resize((size, size), Image.Resampling.BICUBIC))
     x = torch.from_numpy(np.array(rgb, copy=True)).permute(2, 0, 1).float() / 255.0
-    return standardise(x)
+    return normalise(x, ATACNET_MEAN, ATACNET_STD)
 
 
 def _uniform(generator: torch.Generator, low: float, high: float) -> float:
@@ -177,7 +158,7 @@ def cutmix(
         A new ``C×H×W`` tensor.
     """
     if normal_a.shape != normal_b.shape:
-        raise InvalidInputError(
+        raise ValueError(
             f"CutMix needs images of one shape, got {tuple(normal_a.shape)} and "
             f"{tuple(normal_b.shape)}"
         )
@@ -227,11 +208,11 @@ class BalancedBatchSampler(Sampler[list[int]]):
         self.normal_indices = torch.nonzero(labels_t == 0).flatten()
         self.anomaly_indices = torch.nonzero(labels_t == 1).flatten()
         if len(self.normal_indices) == 0:
-            raise InvalidInputError("balanced batches need at least one normal image")
+            raise ValueError("balanced batches need at least one normal image")
         if batch_size < 2:
-            raise InvalidInputError(f"batch_size must be at least 2, got {batch_size}")
+            raise ValueError(f"batch_size must be at least 2, got {batch_size}")
         if not 0.0 <= real_anomaly_fraction <= 1.0:
-            raise InvalidInputError(
+            raise ValueError(
                 f"real_anomaly_fraction must be in [0, 1], got {real_anomaly_fraction}"
             )
         self.batch_size = batch_size
@@ -291,10 +272,10 @@ def cutmix_anomalous_half(
     batch = images.shape[0]
     n_normal = batch // 2
     if n_normal == 0:
-        raise InvalidInputError("a balanced batch needs at least 2 images")
+        raise ValueError("a balanced batch needs at least 2 images")
     labels = torch.as_tensor(dataset_labels).flatten().long().cpu()
     if labels[:n_normal].any():
-        raise InvalidInputError(
+        raise ValueError(
             "the first half of a balanced batch must be normal images; build batches with "
             "BalancedBatchSampler and keep their order"
         )
@@ -333,3 +314,25 @@ def random_rotation(
         TF.rotate(img, float(angle), interpolation=InterpolationMode.BILINEAR, fill=fill)
         for img, angle in zip(images, angles)
     ])
+
+
+class AtacNetData(Dataset):
+    """Normal tiles then labelled anomalies, preprocessed by :func:`preprocess`: ``(x, label)``.
+
+    ``x`` is ``3×P×P`` standardised (CLAHE on lightness, bicubic resize to P = ``image_px``);
+    ``labels`` lists every item's label (0 normal, 1 anomalous) for
+    :class:`BalancedBatchSampler`.
+    """
+
+    def __init__(self, normals: Dataset, anomalies: Dataset | None, image_px: int, clahe: bool):
+        self.normals, self.anomalies = normals, anomalies
+        self.image_px, self.clahe = image_px, clahe
+        self.labels = [0] * len(normals) + [1] * (len(anomalies) if anomalies is not None else 0)
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
+        n = len(self.normals)
+        image = self.normals[index] if index < n else self.anomalies[index - n]
+        return preprocess(image, size=self.image_px, clahe=self.clahe), self.labels[index]
