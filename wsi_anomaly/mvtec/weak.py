@@ -31,6 +31,7 @@ from .. import __version__
 from ..checkpoint import load_checkpoint
 from ..config import Config, config_from_dict, save_config
 from ..errors import InvalidInputError, OutputExistsError, WsiAnomalyError
+from ..outputs import write_text
 from .adapters import check_model_name, load_adapter
 from .benchmark import (
     CHECKPOINT_NAME,
@@ -360,5 +361,5 @@ def write_weak_tables(summaries: list[dict[str, Any]], out: str | Path, config: 
         notes.append("Paper: ATAC-Net seed, Table 2 (hard setting; (1)/(10): one/ten labelled "
                      "anomalies of the known type); only tile and metal_nut were reported.")
     markdown = "\n".join(lines + notes) + "\n"
-    md_path.write_text(markdown)
+    write_text(md_path, markdown)
     return csv_path, md_path, markdown
