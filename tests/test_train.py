@@ -104,3 +104,53 @@ def test_foreign_and_old_checkpoints(tmp_path, tiny_model):
     junk.write_bytes(b"not a checkpoint")
     with pytest.raises(CheckpointError, match="not a readable"):
         load_checkpoint(junk)
+
+
+def test_checkpoint_loads_with_weights_only(tiny_model, small_store, tmp_path):
+    """Only tensors and plain data: the final and the resumable checkpoints load safely."""
+    data = torch.load(tiny_model, map_location="cpu", weights_only=True)
+    assert data["complete"] and data["model_name"] == "haloae"
+    out = tmp_path / "m.pt"
+    ds = ZarrTileDataset(small_store)
+    # tile_mpp as numpy scalar and source as a Path must still be stored as plain values
+    import numpy as np
+    from pathlib import Path
+
+    train_model(ds, tiny_config(epochs=2, calibration_tiles=2), out, device="cpu",
+                tile_mpp=np.float64(0.5), source=Path("tiles"), progress=False)
+    data = torch.load(out, map_location="cpu", weights_only=True)
+    assert data["tile_mpp"] == 0.5 and type(data["tile_mpp"]) is float
+    assert data["training_source"] == "tiles"
+
+
+def test_out_that_is_a_folder_is_refused_before_training(small_store, tmp_path, monkeypatch):
+    import wsi_anomaly.models.haloae_family as family_mod
+
+    def never(*args, **kwargs):
+        raise AssertionError("training started")
+
+    monkeypatch.setattr(family_mod, "make_cutpaste_batch", never)
+    folder = tmp_path / "models"
+    folder.mkdir()
+    with pytest.raises(OutputExistsError, match="folder"):
+        train_model(ZarrTileDataset(small_store), tiny_config(), folder, device="cpu",
+                    overwrite=True, progress=False)
+
+
+def test_no_room_for_the_checkpoint_is_refused_before_training(small_store, tmp_path,
+                                                                monkeypatch):
+    import shutil
+
+    import wsi_anomaly.models.haloae_family as family_mod
+    from wsi_anomaly.errors import OutputWriteError
+
+    def never(*args, **kwargs):
+        raise AssertionError("training started")
+
+    monkeypatch.setattr(family_mod, "make_cutpaste_batch", never)
+    usage = shutil.disk_usage(tmp_path)
+    monkeypatch.setattr(shutil, "disk_usage",
+                        lambda path: usage._replace(free=10 * 2**20))
+    with pytest.raises(OutputWriteError, match="disk space"):
+        train_model(ZarrTileDataset(small_store), tiny_config(), tmp_path / "m.pt", device="cpu",
+                    progress=False)
