@@ -1,10 +1,20 @@
 import pytest
 import torch
-
 from conftest import tiny_config
+
 from wsi_anomaly.checkpoint import load_checkpoint, save_checkpoint
-from wsi_anomaly.errors import CheckpointError, DeviceUnavailableError, OutputExistsError
-from wsi_anomaly.models import HaloAE, load_vgg19, haloae_loss, make_cutpaste_batch, normalise
+from wsi_anomaly.errors import (
+    CheckpointError,
+    DeviceUnavailableError,
+    OutputExistsError,
+)
+from wsi_anomaly.models import (
+    HaloAE,
+    haloae_loss,
+    load_vgg19,
+    make_cutpaste_batch,
+    normalise,
+)
 from wsi_anomaly.tiles.dataset import ZarrTileDataset
 from wsi_anomaly.train import resolve_device, resume_path, train_model
 
@@ -113,8 +123,9 @@ def test_checkpoint_loads_with_weights_only(tiny_model, small_store, tmp_path):
     out = tmp_path / "m.pt"
     ds = ZarrTileDataset(small_store)
     # tile_mpp as numpy scalar and source as a Path must still be stored as plain values
-    import numpy as np
     from pathlib import Path
+
+    import numpy as np
 
     train_model(ds, tiny_config(epochs=2, calibration_tiles=2), out, device="cpu",
                 tile_mpp=np.float64(0.5), source=Path("tiles"), progress=False)

@@ -1,6 +1,6 @@
 """ATAC-Net: weakly supervised anomaly scoring with attention-guided cropping.
 
-Blocks, in the seed's notation (Algorithms 1–2):
+Blocks, in the ATAC-Net paper's notation (Algorithms 1–2):
 
 - φ ``backbone``: torchvision ResNet-50 up to layer4, fine-tuned; ``B×3×224×224`` →
   ``B×2048×7×7``;
@@ -11,7 +11,7 @@ Blocks, in the seed's notation (Algorithms 1–2):
 
 Scoring (Algorithm 2): ``a1`` on the image, a crop around the attention (Algorithm 1,
 :func:`attention_crop_boxes`, no gradient), ``a2`` on the crop resized to the input size, score
-``(a1 + a2)/2``. The four rungs of the seed's ablation (Table 1) are the ``variant`` knob of
+``(a1 + a2)/2``. The four rungs of the paper's ablation (Table 1) are the ``variant`` knob of
 :class:`ATACNet`; their losses are :func:`atacnet_loss`.
 """
 
@@ -57,7 +57,7 @@ __all__ = [
 BACKBONE_CHANNELS = 2048
 #: Down-sampling of layer4 with respect to the input: one cell is 32×32 pixels.
 BACKBONE_STRIDE = 32
-#: The seed's ablation ladder (Table 1), in order.
+#: The ATAC-Net paper's ablation ladder (Table 1), in order.
 VARIANTS: tuple[str, ...] = ("cutmix_bce", "weighted_ce", "devnet", "atacnet")
 #: Variants that end in a classification logit rather than a deviation score.
 CLASSIFICATION_VARIANTS: tuple[str, ...] = ("cutmix_bce", "weighted_ce")
@@ -135,7 +135,7 @@ def load_resnet50(weights: str = "imagenet") -> ResNet50Trunk:
 
     Args:
         weights: ``"imagenet"`` for torchvision's ``ResNet50_Weights.IMAGENET1K_V1`` (the
-            weights of ``pretrained=True`` in the PyTorch 1.12 the seed used; downloaded once into
+            weights of ``pretrained=True`` in the PyTorch 1.12 the ATAC-Net paper used; downloaded once into
             the torch hub cache); ``"random"`` for random initialisation (tests, demos; a warning
             is logged and the identity says so); anything else is the
             path of a local torchvision state-dict file (full ``resnet50()`` or trunk keys only).
@@ -311,8 +311,8 @@ def attention_crop_boxes(
     Each map is divided by its maximum, bilinearly up-sampled to the image size, and the pixels
     ``≥ threshold`` are kept; the box is their bounding box, grown by ``pad`` pixels on every
     side, then to at least ``min_box`` pixels per side (around its centre, shifted inside the
-    image), clamped to the image. (The seed's pseudo-code compares the normalised map with
-    ``ω·max``; the spec's "keep pixels ≥ ω of the max" is used.)
+    image), clamped to the image. (The ATAC-Net paper's pseudo-code compares the normalised map with
+    ``ω·max``; its text's "keep pixels ≥ ω of the max" is used.)
 
     The whole image is the box when the map has no positive maximum, is flat or not finite, or
     when nothing or everything is kept.
@@ -390,7 +390,7 @@ class ATACNet(nn.Module):
     """ATAC-Net and its ablation ladder for standardised RGB inputs (224×224 in the seed).
 
     Args:
-        variant: the rung of the seed's Table 1:
+        variant: the rung of the ATAC-Net paper's Table 1:
             ``"cutmix_bce"``: φ + classification head, binary cross-entropy;
             ``"weighted_ce"``: same head, weighted cross-entropy (anomaly 20, normal 0.5);
             ``"devnet"``: φ + τ, top-k deviation score, no attention, no cropping;
@@ -490,7 +490,7 @@ class ATACNet(nn.Module):
                                     self.min_box_px, self.box_pad_px)
 
     def score_details(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
-        """Seed Algorithm 2 scoring, with its intermediate results.
+        """Algorithm 2 scoring of the ATAC-Net paper, with its intermediate results.
 
         ``a1`` on ``x``; for ``"atacnet"`` the crop boxes from ``a1``'s attention (no gradient),
         ``a2`` on the crops resized to ``x``'s size, and ``score = (a1 + a2)/2``; otherwise
@@ -683,7 +683,7 @@ def train_step(
     grad_clip_norm: float | None = 1.0,
     precision: str = "fp32",
 ) -> dict[str, float]:
-    """One optimisation step of seed Algorithm 2 on a balanced batch.
+    """One optimisation step of the ATAC-Net paper's Algorithm 2 on a balanced batch.
 
     Args:
         model: an :class:`ATACNet`; switched to training mode.

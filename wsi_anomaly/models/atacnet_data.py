@@ -1,7 +1,7 @@
 """ATAC-Net inputs: preprocessing, CutMix pseudo-anomalies, balanced batches and rotation.
 
-Seed §2 fixes the order of the preprocessing: contrast equalisation (CLAHE on the lightness of
-LAB), scaling to [0, 1], channel-wise standardisation with the seed's statistics and a 224×224
+The ATAC-Net paper (§2) fixes the order of the preprocessing: contrast equalisation (CLAHE on the lightness of
+LAB), scaling to [0, 1], channel-wise standardisation with the paper's statistics and a 224×224
 bicubic resize through Pillow. Standardisation is an affine map per channel and bicubic weights
 sum to one, so resizing before standardising (as done here, on 8-bit RGB like torchvision's
 ``Resize`` on a PIL image) gives the same result up to 8-bit rounding.
@@ -42,7 +42,7 @@ __all__ = [
 
 #: Input side of ATAC-Net in pixels (seed §2).
 IMAGE_SIZE = 224
-#: Channel statistics stated by the seed (§2) for standardisation, RGB order.
+#: Channel statistics stated by the ATAC-Net paper (§2) for standardisation, RGB order.
 ATACNET_MEAN: tuple[float, float, float] = (0.48145466, 0.4578275, 0.40821073)
 ATACNET_STD: tuple[float, float, float] = (0.26862954, 0.26130258, 0.27577711)
 #: Lightness range (fraction of full scale) below which an image counts as flat and CLAHE is
@@ -109,14 +109,14 @@ def equalise_contrast(rgb: np.ndarray, clip_limit: float = 0.01) -> np.ndarray:
 def preprocess(
     image: object, size: int = IMAGE_SIZE, clahe: bool = True, clip_limit: float = 0.01
 ) -> torch.Tensor:
-    """Seed §2 preprocessing of one image.
+    """The ATAC-Net paper's preprocessing of one image (§2).
 
     Args:
         image: RGB as a PIL image, an ``H×W×3`` array (uint8, or float in [0, 1]) or a
             ``3×H×W`` tensor in [0, 1]; grey-scale is repeated, alpha dropped.
         size: output side in pixels (224 in the seed).
         clahe: apply :func:`equalise_contrast` (off only for ablations).
-        clip_limit: CLAHE clip limit (scikit-image's default; the seed is silent).
+        clip_limit: CLAHE clip limit (scikit-image's default; the paper is silent).
 
     Returns:
         ``3×size×size`` float32 tensor, standardised with :data:`ATACNET_MEAN` /
@@ -146,7 +146,7 @@ def cutmix(
     As in CutMix the box has the image's aspect ratio and sits at the same place in both images.
     CutMix draws the mixed area from ``Beta(1, 1)`` and clips the box at the border; here the
     area is uniform in ``area_ratio`` of the image and the box lies fully inside, because a box
-    of nearly nothing or nearly everything would be a normal image labelled anomalous (the seed
+    of nearly nothing or nearly everything would be a normal image labelled anomalous (the ATAC-Net paper
     is silent on the size).
 
     Args:
@@ -186,7 +186,7 @@ class BalancedBatchSampler(Sampler[list[int]]):
     normals, so a CutMix never mixes an image with itself.
 
     Use it as ``DataLoader(dataset, batch_sampler=sampler)`` and keep the order of the batch.
-    The split between labelled anomalies and CutMix in the pool is not given by the seed.
+    The split between labelled anomalies and CutMix in the pool is not given by the ATAC-Net paper.
 
     Args:
         labels: dataset labels, 0 normal and 1 labelled anomaly.

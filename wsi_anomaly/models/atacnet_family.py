@@ -14,10 +14,23 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
-from wsi_anomaly.models.atacnet import (VARIANTS, ATACNet, AtacNetConfig, ResNet50Trunk,
-                                        load_resnet50, make_optimiser, make_scheduler, train_step)
-from wsi_anomaly.models.atacnet_data import (AtacNetData, BalancedBatchSampler,
-                                             cutmix_anomalous_half, preprocess, random_rotation)
+from wsi_anomaly.models.atacnet import (
+    VARIANTS,
+    ATACNet,
+    AtacNetConfig,
+    ResNet50Trunk,
+    load_resnet50,
+    make_optimiser,
+    make_scheduler,
+    train_step,
+)
+from wsi_anomaly.models.atacnet_data import (
+    AtacNetData,
+    BalancedBatchSampler,
+    cutmix_anomalous_half,
+    preprocess,
+    random_rotation,
+)
 from wsi_anomaly.models.family import EpochRng, ModelFamily, score_summary
 
 #: Stream numbers of the training loop's per-epoch generators.

@@ -43,7 +43,7 @@ def score_summary(mean_scores: torch.Tensor, max_scores: torch.Tensor) -> dict[s
     """Quantiles, mean and standard deviation of training scores (``N`` each), as plain floats."""
     means = mean_scores.numpy().astype(np.float64)
     peaks = max_scores.numpy().astype(np.float64)
-    return {"n_tiles": int(len(means)),
+    return {"n_tiles": len(means),
             "score_quantiles": {f"{q:g}": float(np.quantile(means, q)) for q in SCORE_QUANTILES},
             "max_score_quantiles": {f"{q:g}": float(np.quantile(peaks, q))
                                     for q in SCORE_QUANTILES},

@@ -32,7 +32,7 @@ __all__ = [
     "ImageReconstructor",
 ]
 
-#: (in, width, out, heads, K) per bottleneck stage, from the spec's tables.
+#: (in, width, out, heads, K) per bottleneck stage, from the HaloAE paper's tables.
 ENCODER_STAGES: tuple[tuple[int, int, int, int, int], ...] = (
     (234, 234, 234, 4, 3),
     (234, 117, 117, 8, 3),

@@ -19,8 +19,13 @@ from wsi_anomaly.models.family import EpochRng, ModelFamily, score_summary
 from wsi_anomaly.models.features import VGG19Features, load_vgg19
 from wsi_anomaly.models.haloae import HaloAE
 from wsi_anomaly.models.losses import LOSS_TERMS, haloae_loss, loss_weights
-from wsi_anomaly.models.scoring import (anomaly_map, normalise_map, score_batch, smooth_map,
-                                        tile_scores)
+from wsi_anomaly.models.scoring import (
+    anomaly_map,
+    normalise_map,
+    score_batch,
+    smooth_map,
+    tile_scores,
+)
 from wsi_anomaly.models.transforms import normalise, to_unit_float
 
 LOSS_WEIGHTINGS = ("ews", "equal")
