@@ -35,3 +35,77 @@ def test_bad_configs(tmp_path):
     with pytest.raises(InvalidInputError, match="YAML"):
         load_config(str(bad))
     assert Config().validate().tile_px == 256
+
+
+# -- values checked up front: one line naming the key --------------------------------------------
+
+@pytest.mark.parametrize("overrides, key", [
+    ({"train": {"epochs": 1.5}}, "train.epochs"),
+    ({"train": {"lr": -1}}, "train.lr"),
+    ({"train": {"lr": 0}}, "train.lr"),
+    ({"train": {"loss_terms": 5}}, "train.loss_terms"),
+    ({"train": {"loss_terms": "cls"}}, "train.loss_terms"),
+    ({"train": {"epochs": True}}, "train.epochs"),
+    ({"train": {"lr": False}}, "train.lr"),
+    ({"train": {"weight_decay": -0.1}}, "train.weight_decay"),
+    ({"atacnet": {"lr": -2e-4}}, "atacnet.lr"),
+    ({"atacnet": {"batch_size": 4.5}}, "atacnet.batch_size"),
+    ({"model": {"name": 3}}, "model.name"),
+    ({"model": {"released_mask": 1}}, "model.released_mask"),
+    ({"seed": 0.5}, "seed"),
+    ({"model": {"nam": "haloae"}}, "nam"),
+])
+def test_wrong_types_and_ranges_name_the_key(overrides, key):
+    with pytest.raises(InvalidInputError) as info:
+        load_config("haloae_fast", overrides)
+    message = str(info.value)
+    assert key in message and "\n" not in message
+
+
+def test_unknown_family_lists_the_registered_ones():
+    with pytest.raises(InvalidInputError, match="model.name .*atacnet, haloae"):
+        load_config(None, {"model": {"name": "patchcore"}})
+
+
+def test_yaml_file_values_are_checked_too(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("train:\n  epochs: 1.5\n")
+    with pytest.raises(InvalidInputError, match="train.epochs"):
+        load_config(str(path))
+
+
+def test_malformed_yaml_names_file_and_line(tmp_path):
+    path = tmp_path / "broken.yaml"
+    path.write_text("model:\n  name: haloae\ntrain:\n  epochs: [1, 2\n  lr: 3\n")
+    with pytest.raises(InvalidInputError) as info:
+        load_config(str(path))
+    message = str(info.value)
+    assert f"{path}:" in message and "\n" not in message
+    line = int(message.split(f"{path}:")[1].split(":")[0])
+    assert 4 <= line <= 6
+
+
+def test_non_utf8_yaml_names_file_and_line(tmp_path):
+    path = tmp_path / "latin1.yaml"
+    path.write_bytes("model:\n  name: haloae\n# température\n".encode("latin-1"))
+    with pytest.raises(InvalidInputError) as info:
+        load_config(str(path))
+    message = str(info.value)
+    assert f"{path}:3:" in message and "UTF-8" in message and "\n" not in message
+
+
+def test_yaml_is_loaded_safely(tmp_path):
+    path = tmp_path / "unsafe.yaml"
+    path.write_text("seed: !!python/object/apply:os.getpid []\n")
+    with pytest.raises(InvalidInputError, match=str(path)):
+        load_config(str(path))
+
+
+def test_family_sections_come_from_the_registry():
+    from wsi_anomaly.models.registry import FAMILIES
+
+    config = Config()
+    for family in FAMILIES.values():
+        if family.section is not None:
+            assert isinstance(getattr(config, family.section), family.section_type)
+        assert hasattr(getattr(config, family.schedule_section), "epochs")

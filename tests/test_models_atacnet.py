@@ -8,10 +8,11 @@ import torch.nn.functional as F
 import torchvision
 from PIL import Image
 
-from wsi_anomaly.errors import InvalidInputError, WeightsUnavailableError
+from wsi_anomaly.errors import WeightsUnavailableError
 from wsi_anomaly.models.atacnet import (
     ATACNet,
-    ATACNetTrainSettings,
+    AtacNetConfig,
+    ResNet50Trunk,
     SelfAttentionBlock,
     atacnet_loss,
     attention_crop_boxes,
@@ -35,7 +36,7 @@ from wsi_anomaly.models.atacnet_data import (
     preprocess,
     random_rotation,
 )
-from wsi_anomaly.models.registry import build_model
+from wsi_anomaly.models.registry import get_family
 
 # ---------------------------------------------------------------------------------------------
 # φ: ResNet-50 weights
@@ -53,10 +54,17 @@ def test_random_backbone_warns_and_maps_to_layer4(caplog):
 
 
 def test_checkpoint_backbone_does_not_warn(caplog):
+    """A model restored from a checkpoint resolves no weights: no warning, the recorded identity."""
+    from wsi_anomaly.config import load_config
+
+    config = load_config("atacnet_fast", {"model": {"backbone_weights": "random"}})
+    family = get_family("atacnet")
     with caplog.at_level(logging.WARNING):
-        trunk = load_resnet50("checkpoint")
+        state = ATACNet(backbone=ResNet50Trunk()).state_dict()
+        caplog.clear()
+        model = family.restore(config, state, "resnet50-imagenet1k-v1")
     assert caplog.text == ""
-    assert trunk.backbone_identity == "resnet50-from-checkpoint"
+    assert model.backbone_identity == "resnet50-imagenet1k-v1"
 
 
 def test_local_state_dict_matches_torchvision(tmp_path):
@@ -264,7 +272,7 @@ def test_loss_dispatch():
                                weighted_ce_loss(outputs["score"], labels))
     for variant in ("devnet", "atacnet"):
         torch.testing.assert_close(atacnet_loss(variant, outputs, labels), torch.tensor(0.65))
-    with pytest.raises(InvalidInputError, match="unknown ATAC-Net variant"):
+    with pytest.raises(ValueError, match="unknown ATAC-Net variant"):
         atacnet_loss("svm", outputs, labels)
 
 
@@ -276,7 +284,7 @@ def test_loss_dispatch():
 @pytest.mark.parametrize("variant", ["cutmix_bce", "weighted_ce", "devnet", "atacnet"])
 def test_every_variant_scores_and_maps_at_224(variant):
     torch.manual_seed(0)
-    model = build_model("atacnet", variant=variant, backbone_weights="random").eval()
+    model = ATACNet(variant, backbone=load_resnet50("random")).eval()
     assert isinstance(model, ATACNet) and model.backbone_identity == "resnet50-random"
     assert (model.attention is not None) == (variant == "atacnet")
     x = torch.randn(2, 3, 224, 224)
@@ -304,7 +312,7 @@ def test_every_variant_scores_and_maps_at_224(variant):
 def test_atacnet_score_is_mean_of_full_and_cropped_views():
     torch.manual_seed(0)
     # ω = 0.95 keeps the peak of a random-weight attention map only: a real crop.
-    model = ATACNet("atacnet", backbone_weights="random", crop_threshold=0.95).eval()
+    model = ATACNet("atacnet", backbone=load_resnet50("random"), crop_threshold=0.95).eval()
     x = torch.randn(2, 3, 224, 224)
     with torch.no_grad():
         details = model.score_details(x)
@@ -323,16 +331,16 @@ def test_atacnet_score_is_mean_of_full_and_cropped_views():
 
 
 def test_unknown_variant_and_registry():
-    with pytest.raises(InvalidInputError, match="unknown ATAC-Net variant"):
-        build_model("atacnet", variant="svm", backbone_weights="random")
-    with pytest.raises(InvalidInputError, match="unknown model"):
-        build_model("atac", backbone_weights="random")
+    with pytest.raises(ValueError, match="unknown ATAC-Net variant"):
+        ATACNet("svm")
+    with pytest.raises(ValueError, match="unknown model"):
+        get_family("atac")
 
 
 def test_train_step_updates_every_block_and_checks_the_variant():
     torch.manual_seed(0)
-    model = ATACNet("atacnet", backbone_weights="random")
-    settings = ATACNetTrainSettings()
+    model = ATACNet("atacnet", backbone=load_resnet50("random"))
+    settings = AtacNetConfig()
     optimiser = make_optimiser(model, settings)
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
     x, y = torch.randn(4, 3, 64, 64), torch.tensor([0.0, 0.0, 1.0, 1.0])
@@ -342,12 +350,12 @@ def test_train_step_updates_every_block_and_checks_the_variant():
     assert model.training
     for name in ("backbone.conv1.weight", "attention.query.weight", "head.weight"):
         assert not torch.equal(before[name], dict(model.named_parameters())[name]), name
-    with pytest.raises(InvalidInputError, match="does not match"):
+    with pytest.raises(ValueError, match="does not match"):
         train_step(model, optimiser, x, y, variant="devnet")
 
 
 def test_training_settings_and_step_decay():
-    settings = ATACNetTrainSettings()
+    settings = AtacNetConfig()
     assert (settings.lr, settings.weight_decay, settings.batch_size) == (2e-4, 1e-5, 48)
     assert (settings.epochs, settings.steps_per_epoch, settings.grad_clip_norm) == (50, 20, 1.0)
     assert settings.crop_threshold == 0.5
@@ -380,7 +388,7 @@ def _with_square(x: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
 def test_tiny_training_run_separates_synthetic_anomalies():
     torch.manual_seed(0)
     generator = torch.Generator().manual_seed(0)
-    model = ATACNet("atacnet", backbone_weights="random")
+    model = ATACNet("atacnet", backbone=load_resnet50("random"))
     optimiser = torch.optim.Adam(model.trainable_parameters(), lr=1e-3, weight_decay=1e-5)
     labels = torch.tensor([0.0] * 3 + [1.0] * 3)
     # 30 small steps rather than fewer large ones: batch-norm running statistics (used in eval
@@ -434,7 +442,7 @@ def test_clahe_raises_local_contrast_and_accepts_every_input_form():
     plain = preprocess(rgb, size=96, clahe=False)
     standardised = (torch.from_numpy(grey).float() / 255.0 - ATACNET_MEAN[0]) / ATACNET_STD[0]
     torch.testing.assert_close(plain[0], standardised)
-    with pytest.raises(InvalidInputError):
+    with pytest.raises(ValueError):
         preprocess(np.zeros((8, 8, 5), np.uint8))
 
 
@@ -449,7 +457,7 @@ def test_cutmix_pastes_one_box_of_the_second_image():
     assert torch.equal(mixed[1], mixed[0]) and torch.equal(a, torch.zeros(3, 40, 40))
     again = cutmix(a, b, torch.Generator().manual_seed(3), area_ratio=(0.1, 0.2))
     assert torch.equal(again, mixed)
-    with pytest.raises(InvalidInputError):
+    with pytest.raises(ValueError):
         cutmix(a, torch.ones(3, 20, 20), torch.Generator())
 
 
@@ -470,7 +478,7 @@ def test_balanced_batches_are_half_normal_and_deterministic():
     assert again == batches
     only_normals = list(BalancedBatchSampler([0] * 10, 6, 2, torch.Generator().manual_seed(0)))
     assert all(len(set(batch)) == 6 for batch in only_normals)
-    with pytest.raises(InvalidInputError):
+    with pytest.raises(ValueError):
         BalancedBatchSampler([1, 1], 4, 1, torch.Generator())
 
 
@@ -482,7 +490,7 @@ def test_cutmix_anomalous_half_makes_targets_and_pseudo_anomalies():
     assert torch.equal(out[:4], images[:4]) and torch.equal(out[5], images[5])
     assert not torch.equal(out[4], images[4])  # normal in the anomalous half: CutMix
     assert set(out[4].unique().tolist()) <= {0.0, 1.0, 2.0, 4.0}
-    with pytest.raises(InvalidInputError, match="first half"):
+    with pytest.raises(ValueError, match="first half"):
         cutmix_anomalous_half(images, torch.tensor([1, 0, 0, 0, 0, 0]), torch.Generator())
 
 

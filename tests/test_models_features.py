@@ -4,7 +4,7 @@ import pytest
 import torch
 import torchvision
 
-from wsi_anomaly.errors import InvalidInputError, WeightsUnavailableError
+from wsi_anomaly.errors import WeightsUnavailableError
 from wsi_anomaly.models.features import (
     VGG19Features,
     aggregate_reference,
@@ -42,7 +42,7 @@ def test_output_shape_and_frozen(caplog):
 
 
 def test_rejects_sizes_not_divisible_by_four():
-    with pytest.raises(InvalidInputError, match="divisible by 4"):
+    with pytest.raises(ValueError, match="divisible by 4"):
         VGG19Features()(torch.randn(1, 3, 30, 32))
 
 

@@ -1,7 +1,6 @@
 import pytest
 import torch
 
-from wsi_anomaly.errors import InvalidInputError
 from wsi_anomaly.models.halo import HaloAttention
 
 
@@ -106,7 +105,7 @@ def test_correct_mask_is_not_blockwise_constant():
 
 
 def test_rejects_sizes_not_divisible_by_block():
-    with pytest.raises(InvalidInputError, match="divisible"):
+    with pytest.raises(ValueError, match="divisible"):
         HaloAttention(8, heads=2)(torch.randn(1, 8, 20, 24))
 
 

@@ -1,8 +1,8 @@
 import pytest
 import torch
 
-from wsi_anomaly.errors import InvalidInputError
 from wsi_anomaly.models.halo import HaloAttention
+from wsi_anomaly.models.features import load_vgg19
 from wsi_anomaly.models.haloae import HaloAE
 from wsi_anomaly.models.scoring import score_batch
 
@@ -15,7 +15,7 @@ BACKBONE_PARAMETERS = 2_325_568  # VGG19 conv1_1 … conv3_4
 @pytest.fixture(scope="module")
 def model() -> HaloAE:
     torch.manual_seed(0)
-    return HaloAE(backbone_weights="random").eval()
+    return HaloAE(load_vgg19("random")).eval()
 
 
 def test_parameter_counts(model):
@@ -75,15 +75,15 @@ def test_train_mode_keeps_backbone_frozen(model):
 
 
 def test_attention_options():
-    released = HaloAE(backbone_weights="random", released_mask=True)
+    released = HaloAE(load_vgg19("random"), released_mask=True)
     layers = [m for m in released.modules() if isinstance(m, HaloAttention)]
     assert len(layers) == 9 and all(m.released_mask for m in layers)
 
-    conv = HaloAE(backbone_weights="random", attention="conv").eval()
+    conv = HaloAE(load_vgg19("random"), attention="conv").eval()
     assert not any(isinstance(m, HaloAttention) for m in conv.modules())
     with torch.no_grad():
         fm = torch.randn(1, 704, 16, 16)
         assert conv.reconstruct_features(fm).shape == fm.shape
-    with pytest.raises(InvalidInputError, match="attention"):
-        HaloAE(backbone_weights="random", attention="swin")
+    with pytest.raises(ValueError, match="attention"):
+        HaloAE(load_vgg19("random"), attention="swin")
 

@@ -2,7 +2,6 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from wsi_anomaly.errors import InvalidInputError
 from wsi_anomaly.models.losses import equal_weights, ews_weights, haloae_loss, loss_weights, ssim
 
 
@@ -20,7 +19,7 @@ def test_short_schedule_follows_the_same_curriculum():
     assert ews_weights(0, total_epochs=11) == pytest.approx(ews_weights(0))
     assert ews_weights(5, total_epochs=11) == pytest.approx(ews_weights(125))
     assert ews_weights(10, total_epochs=11) == pytest.approx(ews_weights(250))
-    with pytest.raises(InvalidInputError):
+    with pytest.raises(ValueError):
         ews_weights(11, total_epochs=11)
 
 
@@ -28,7 +27,7 @@ def test_equal_weights_and_dispatch():
     assert equal_weights() == pytest.approx((1 / 3,) * 3)
     assert loss_weights("ews", 3, 10) == ews_weights(3, 10)
     assert loss_weights("equal", 3, 10) == equal_weights()
-    with pytest.raises(InvalidInputError, match="ews"):
+    with pytest.raises(ValueError, match="ews"):
         loss_weights("kendall", 0, 10)
 
 
@@ -86,7 +85,7 @@ def test_loss_terms_and_weights():
 
     cls_only, _ = haloae_loss(out, images, labels, (0.5, 0.3, 0.2), terms=("cls",))
     assert cls_only.item() == pytest.approx(0.5 * ce.item(), abs=1e-6)
-    with pytest.raises(InvalidInputError):
+    with pytest.raises(ValueError):
         haloae_loss(out, images, labels, (0.5, 0.3, 0.2), terms=("cls", "perceptual"))
 
 

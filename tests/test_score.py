@@ -62,3 +62,18 @@ def test_score_nothing_usable(tiny_model, tmp_path):
     (empty / "bad.jpg").write_bytes(b"xx")
     with pytest.raises(InvalidInputError, match="no usable images"):
         score_images(tiny_model, [empty], tmp_path / "s.csv", device="cpu", progress=False)
+
+
+def test_scorer_takes_uint8_tiles_as_stored(tiny_model, small_store):
+    """``B×H×W×3`` uint8 (numpy or tensor) scores like the same tiles as float ``B×3×H×W``."""
+    scorer = Scorer(tiny_model, device="cpu", batch_size=4)
+    ds = ZarrTileDataset(small_store)
+    floats = torch.stack([ds[i] for i in range(2)])
+    stored = (floats.permute(0, 2, 3, 1) * 255).round().to(torch.uint8)
+    reference = scorer.score(stored.permute(0, 3, 1, 2).float() / 255)
+    for batch in (stored, stored.numpy()):
+        out = scorer.score(batch)
+        np.testing.assert_allclose(out.mean, reference.mean, rtol=1e-5)
+        np.testing.assert_allclose(out.maps, reference.maps, rtol=1e-5, atol=1e-6)
+    with pytest.raises(ValueError):
+        scorer.score(stored.permute(0, 3, 1, 2))  # uint8 must be channels-last, as stored

@@ -1,10 +1,20 @@
 import pytest
 import torch
-
 from conftest import tiny_config
+
 from wsi_anomaly.checkpoint import load_checkpoint, save_checkpoint
-from wsi_anomaly.errors import CheckpointError, DeviceUnavailableError, OutputExistsError
-from wsi_anomaly.models import HaloAE, haloae_loss, make_cutpaste_batch, normalise
+from wsi_anomaly.errors import (
+    CheckpointError,
+    DeviceUnavailableError,
+    OutputExistsError,
+)
+from wsi_anomaly.models import (
+    HaloAE,
+    haloae_loss,
+    load_vgg19,
+    make_cutpaste_batch,
+    normalise,
+)
 from wsi_anomaly.tiles.dataset import ZarrTileDataset
 from wsi_anomaly.train import resolve_device, resume_path, train_model
 
@@ -15,7 +25,7 @@ def test_a_few_steps_lower_the_loss(small_store):
     images = ds[0].unsqueeze(0)
     batch, labels = make_cutpaste_batch(images, torch.Generator().manual_seed(0))
     x = normalise(batch)
-    model = HaloAE(backbone_weights="random").train()
+    model = HaloAE(load_vgg19("random")).train()
     opt = torch.optim.Adam(model.trainable_parameters(), lr=1e-4)
     losses = []
     for _ in range(5):
@@ -48,10 +58,10 @@ def test_resume_continues_exactly(small_store, tmp_path, monkeypatch):
     straight = tmp_path / "straight.pt"
     train_model(ds, cfg, straight, device="cpu", progress=False)
 
-    import wsi_anomaly.train as train_mod
+    import wsi_anomaly.models.haloae_family as family_mod
 
     calls = {"n": 0}
-    real = train_mod.make_cutpaste_batch
+    real = family_mod.make_cutpaste_batch
 
     def crash_in_second_epoch(*args, **kwargs):
         calls["n"] += 1
@@ -60,13 +70,13 @@ def test_resume_continues_exactly(small_store, tmp_path, monkeypatch):
         return real(*args, **kwargs)
 
     resumed = tmp_path / "resumed.pt"
-    monkeypatch.setattr(train_mod, "make_cutpaste_batch", crash_in_second_epoch)
+    monkeypatch.setattr(family_mod, "make_cutpaste_batch", crash_in_second_epoch)
     with pytest.raises(KeyboardInterrupt):
         train_model(ds, cfg, resumed, device="cpu", progress=False)
     assert not resumed.exists() and resume_path(resumed).exists()
     with pytest.raises(CheckpointError, match="unfinished"):
         load_checkpoint(resume_path(resumed))
-    monkeypatch.setattr(train_mod, "make_cutpaste_batch", real)
+    monkeypatch.setattr(family_mod, "make_cutpaste_batch", real)
     train_model(ds, cfg, resumed, device="cpu", resume=True, progress=False)
 
     a, b = load_checkpoint(straight), load_checkpoint(resumed)
@@ -104,3 +114,54 @@ def test_foreign_and_old_checkpoints(tmp_path, tiny_model):
     junk.write_bytes(b"not a checkpoint")
     with pytest.raises(CheckpointError, match="not a readable"):
         load_checkpoint(junk)
+
+
+def test_checkpoint_loads_with_weights_only(tiny_model, small_store, tmp_path):
+    """Only tensors and plain data: the final and the resumable checkpoints load safely."""
+    data = torch.load(tiny_model, map_location="cpu", weights_only=True)
+    assert data["complete"] and data["model_name"] == "haloae"
+    out = tmp_path / "m.pt"
+    ds = ZarrTileDataset(small_store)
+    # tile_mpp as numpy scalar and source as a Path must still be stored as plain values
+    from pathlib import Path
+
+    import numpy as np
+
+    train_model(ds, tiny_config(epochs=2, calibration_tiles=2), out, device="cpu",
+                tile_mpp=np.float64(0.5), source=Path("tiles"), progress=False)
+    data = torch.load(out, map_location="cpu", weights_only=True)
+    assert data["tile_mpp"] == 0.5 and type(data["tile_mpp"]) is float
+    assert data["training_source"] == "tiles"
+
+
+def test_out_that_is_a_folder_is_refused_before_training(small_store, tmp_path, monkeypatch):
+    import wsi_anomaly.models.haloae_family as family_mod
+
+    def never(*args, **kwargs):
+        raise AssertionError("training started")
+
+    monkeypatch.setattr(family_mod, "make_cutpaste_batch", never)
+    folder = tmp_path / "models"
+    folder.mkdir()
+    with pytest.raises(OutputExistsError, match="folder"):
+        train_model(ZarrTileDataset(small_store), tiny_config(), folder, device="cpu",
+                    overwrite=True, progress=False)
+
+
+def test_no_room_for_the_checkpoint_is_refused_before_training(small_store, tmp_path,
+                                                                monkeypatch):
+    import shutil
+
+    import wsi_anomaly.models.haloae_family as family_mod
+    from wsi_anomaly.errors import OutputWriteError
+
+    def never(*args, **kwargs):
+        raise AssertionError("training started")
+
+    monkeypatch.setattr(family_mod, "make_cutpaste_batch", never)
+    usage = shutil.disk_usage(tmp_path)
+    monkeypatch.setattr(shutil, "disk_usage",
+                        lambda path: usage._replace(free=10 * 2**20))
+    with pytest.raises(OutputWriteError, match="disk space"):
+        train_model(ZarrTileDataset(small_store), tiny_config(), tmp_path / "m.pt", device="cpu",
+                    progress=False)

@@ -35,6 +35,8 @@ import torch
 from wsi_anomaly import __version__
 from wsi_anomaly.config import load_config
 from wsi_anomaly.errors import InvalidInputError, WsiAnomalyError
+from wsi_anomaly.models.registry import get_family
+from wsi_anomaly.outputs import write_text
 from wsi_anomaly.cli import anomaly_count
 from wsi_anomaly.mvtec import CATEGORIES, BenchmarkSettings, find_categories, run_benchmark
 from wsi_anomaly.mvtec.weak import WeakProtocol, run_weak_benchmark
@@ -51,12 +53,7 @@ def machine_description(device: str) -> str:
 
 
 def schedule_description(config) -> str:
-    if config.model.name == "atacnet":
-        a = config.atacnet
-        return (f"variant {a.variant}, {a.epochs} epochs × {a.steps_per_epoch} batches of "
-                f"{a.batch_size}")
-    t = config.train
-    return f"{t.epochs} epochs × {t.samples_per_epoch} samples, batch {t.batch_size}"
+    return get_family(config.model.name).describe_schedule(config)
 
 
 def runtime_table(records: list[dict]) -> str:
@@ -112,7 +109,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.backbone_weights:
             overrides["model"] = {"backbone_weights": args.backbone_weights}
         if args.epochs is not None:  # the schedule of the config's own model family
-            schedule = "atacnet" if load_config(args.config).model.name == "atacnet" else "train"
+            schedule = get_family(load_config(args.config).model.name).schedule_section
             overrides[schedule] = {"epochs": args.epochs}
         if args.workers is not None:
             overrides.setdefault("train", {})["workers"] = args.workers
@@ -137,7 +134,7 @@ def main(argv: list[str] | None = None) -> int:
             took = f" ({seconds:.0f} s)" if seconds is not None else ""
             print(f"{record['category']}: {record['status']}{took}", flush=True)
 
-        if config.model.name == "atacnet":
+        if get_family(config.model.name).weakly_supervised:
             protocol = WeakProtocol(n=args.anomalies, setting=args.setting,
                                     known_type=args.known_type, n_seeds=args.seeds,
                                     first_seed=config.seed)
@@ -159,7 +156,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
 
     summary = Path(args.out) / "summary.md"
-    summary.write_text(
+    write_text(summary,
         f"# MVTec AD benchmark: {config.model.name}, config {args.config}\n\n"
         f"Machine: {machine_description(args.device)}.  \n"
         f"Backbone {config.model.backbone_weights}; {schedule_description(config)}, seed "

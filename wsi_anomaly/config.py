@@ -1,13 +1,20 @@
 """Typed configuration: dataclasses loaded from YAML presets and overridden on the command line.
 
 The resolved configuration is saved next to every output and inside every checkpoint.
-Presets live in ``configs/`` (``haloae_paper.yaml``, ``haloae_fast.yaml``); ``--config NAME``
-finds a preset by name, ``--config FILE`` reads any YAML file.
+Presets live in ``configs/`` (``haloae_paper.yaml``, ``haloae_fast.yaml``, ``atacnet.yaml``,
+``atacnet_fast.yaml``); ``--config NAME`` finds a preset by name, ``--config FILE`` reads any
+YAML file.
+
+Sections: ``model`` (``name`` selects the model family), ``train`` (run knobs every family
+shares, and HaloAE's schedule), then one section per family that has its own (``atacnet``),
+contributed by the family's registry entry in :mod:`wsi_anomaly.models.registry`. Every value is
+checked up front, by type and by range: a mistake is one line naming the key.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import typing
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
@@ -15,23 +22,27 @@ from typing import Any
 import yaml
 
 from .errors import InputNotFoundError, InvalidInputError
+from .models.registry import family_names, family_sections, get_family
+from .outputs import write_text
 
 PRESET_DIR = Path(__file__).resolve().parent / "configs"
 
 
 @dataclass
 class ModelConfig:
-    """Architecture knobs. ``name`` selects the model family."""
+    """Which model family, its backbone weights, and HaloAE's architecture switches."""
 
     name: str = "haloae"
     backbone_weights: str = "imagenet"  # imagenet | random | path to a state-dict file
-    attention: str = "halo"             # halo | conv (ablation: plain conv auto-encoder)
+    attention: str = "halo"             # halo | conv (HaloAE ablation: plain conv auto-encoder)
     released_mask: bool = False         # reproduce the released inverted halo mask (ablation)
 
 
 @dataclass
 class TrainConfig:
-    """Optimisation knobs (paper: Adam 1e-4, wd 1e-5, batch 4, 251 epochs × 3000 samples)."""
+    """Run knobs shared by every family (``workers``, ``checkpoint_every``,
+    ``calibration_tiles``) and HaloAE's schedule (the HaloAE paper: Adam 1e-4, wd 1e-5,
+    batch 4, 251 epochs × 3000 samples)."""
 
     epochs: int = 251
     samples_per_epoch: int = 3000
@@ -47,81 +58,105 @@ class TrainConfig:
     calibration_tiles: int = 2000       # training tiles used for the mean map and score quantiles
 
 
-@dataclass
-class AtacNetConfig:
-    """ATAC-Net knobs and its training recipe (used when ``model.name`` is ``atacnet``).
-
-    Where the seed is silent the values follow DevNet's public code (see spec/atacnet.md).
-    ``train.workers`` and ``train.calibration_tiles`` are shared with HaloAE.
-    """
-
-    variant: str = "atacnet"            # cutmix_bce | weighted_ce | devnet | atacnet
-    crop_threshold: float = 0.5         # ω of Algorithm 1 (seed silent)
-    topk_ratio: float = 0.1
-    margin: float = 5.0
-    min_box_px: int = 32
-    box_pad_px: int = 8
-    image_px: int = 224
-    clahe: bool = True
-    epochs: int = 50
-    steps_per_epoch: int = 20
-    batch_size: int = 48                # half normal, half anomalous pool
-    lr: float = 2e-4
-    weight_decay: float = 1e-5
-    lr_step_epochs: int = 10
-    lr_gamma: float = 0.1
-    grad_clip_norm: float = 1.0
-    rotation_degrees: float = 180.0
-    real_anomaly_fraction: float = 0.5  # share of the anomalous half drawn from the labelled ones
+def _to_dict(self: Any) -> dict[str, Any]:
+    return asdict(self)
 
 
-@dataclass
-class Config:
-    model: ModelConfig = field(default_factory=ModelConfig)
-    train: TrainConfig = field(default_factory=TrainConfig)
-    atacnet: AtacNetConfig = field(default_factory=AtacNetConfig)
-    tile_px: int = 256
-    seed: int = 0
+def _validate(self: Any) -> Any:
+    """Check ranges and the family's settings; returns ``self``."""
+    t = self.train
+    for name in ("epochs", "samples_per_epoch", "batch_size", "checkpoint_every",
+                 "calibration_tiles"):
+        if getattr(t, name) < 1:
+            raise InvalidInputError(f"train.{name} must be at least 1, got {getattr(t, name)}")
+    if t.workers < 0:
+        raise InvalidInputError("train.workers must be ≥ 0")
+    _check_positive(self)
+    if self.model.name not in family_names():
+        raise InvalidInputError(f"model.name must be one of {', '.join(family_names())}, "
+                                f"got {self.model.name!r}")
+    if self.tile_px != 256:
+        raise InvalidInputError("tiles are 256×256 (tile_px must be 256)")
+    try:
+        get_family(self.model.name).validate(self)
+    except ValueError as exc:
+        raise InvalidInputError(str(exc)) from None
+    return self
 
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
 
-    def validate(self) -> "Config":
-        t = self.train
-        for name in ("epochs", "samples_per_epoch", "batch_size", "checkpoint_every",
-                     "calibration_tiles"):
-            if getattr(t, name) < 1:
-                raise InvalidInputError(f"train.{name} must be at least 1, got {getattr(t, name)}")
-        if t.workers < 0:
-            raise InvalidInputError("train.workers must be ≥ 0")
-        if t.loss_weighting not in ("ews", "equal"):
-            raise InvalidInputError(f"train.loss_weighting must be ews or equal, got {t.loss_weighting!r}")
-        bad = set(t.loss_terms) - {"cls", "fm", "im"}
-        if bad or not t.loss_terms:
-            raise InvalidInputError(f"train.loss_terms must be a non-empty subset of cls, fm, im; got {t.loss_terms}")
-        if self.model.name not in ("haloae", "atacnet"):
-            raise InvalidInputError(f"model.name must be haloae or atacnet, got {self.model.name!r}")
-        if self.model.attention not in ("halo", "conv"):
-            raise InvalidInputError(f"model.attention must be halo or conv, got {self.model.attention!r}")
-        if self.tile_px != 256:
-            raise InvalidInputError("tiles are 256×256 (tile_px must be 256)")
-        a = self.atacnet
-        if a.variant not in ("cutmix_bce", "weighted_ce", "devnet", "atacnet"):
-            raise InvalidInputError("atacnet.variant must be cutmix_bce, weighted_ce, devnet or "
-                                    f"atacnet, got {a.variant!r}")
-        for name in ("epochs", "steps_per_epoch", "lr_step_epochs", "image_px"):
-            if getattr(a, name) < 1:
-                raise InvalidInputError(f"atacnet.{name} must be at least 1")
-        if a.batch_size < 2:
-            raise InvalidInputError("atacnet.batch_size must be at least 2 (half normal, half anomalous)")
-        if not 0.0 < a.crop_threshold < 1.0:
-            raise InvalidInputError("atacnet.crop_threshold must be between 0 and 1")
-        return self
+#: Values that must be positive (> 0) or non-negative (≥ 0) wherever a section has them.
+_POSITIVE = ("lr", "lr_gamma", "grad_clip_norm", "margin")
+_NON_NEGATIVE = ("weight_decay", "image_jitter", "patch_jitter", "rotation_degrees",
+                 "min_box_px", "box_pad_px")
+
+
+def _check_positive(config: Any) -> None:
+    for section in fields(config):
+        value = getattr(config, section.name)
+        if not dataclasses.is_dataclass(value):
+            continue
+        for name in _POSITIVE:
+            if hasattr(value, name) and not getattr(value, name) > 0:
+                raise InvalidInputError(f"{section.name}.{name} must be greater than 0, "
+                                        f"got {getattr(value, name)}")
+        for name in _NON_NEGATIVE:
+            if hasattr(value, name) and not getattr(value, name) >= 0:
+                raise InvalidInputError(f"{section.name}.{name} must be 0 or more, "
+                                        f"got {getattr(value, name)}")
+
+
+def _make_config_class() -> type:
+    """``Config``: ``model``, ``train``, each family's own section, ``tile_px``, ``seed``."""
+    spec: list[Any] = [("model", ModelConfig, field(default_factory=ModelConfig)),
+                       ("train", TrainConfig, field(default_factory=TrainConfig))]
+    for key, section_type in family_sections():
+        spec.append((key, section_type, field(default_factory=section_type)))
+    spec += [("tile_px", int, field(default=256)), ("seed", int, field(default=0))]
+    cls = dataclasses.make_dataclass(
+        "Config", spec, namespace={"to_dict": _to_dict, "validate": _validate,
+                                   "__doc__": "The resolved configuration of a run."})
+    cls.__module__ = __name__
+    return cls
+
+
+Config: Any = _make_config_class()
+
+
+def _kind(hint: Any) -> str:
+    if dataclasses.is_dataclass(hint):
+        return "section"
+    if typing.get_origin(hint) is list:
+        return "list"
+    return {bool: "bool", int: "int", float: "float", str: "str"}.get(hint, "any")
+
+
+def _check_value(where: str, hint: Any, value: Any) -> Any:
+    """``value`` as the type ``hint`` asks for, or one-line :class:`InvalidInputError`."""
+    kind = _kind(hint)
+    if kind == "bool":
+        if not isinstance(value, bool):
+            raise InvalidInputError(f"config key {where} must be true or false, got {value!r}")
+    elif kind == "int":
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise InvalidInputError(f"config key {where} must be a whole number, got {value!r}")
+    elif kind == "float":
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise InvalidInputError(f"config key {where} must be a number, got {value!r}")
+        value = float(value)
+    elif kind == "str":
+        if not isinstance(value, str):
+            raise InvalidInputError(f"config key {where} must be a string, got {value!r}")
+    elif kind == "list":
+        if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+            raise InvalidInputError(f"config key {where} must be a list of names, got {value!r}")
+        value = list(value)
+    return value
 
 
 def _merge(obj: Any, data: dict[str, Any], where: str) -> Any:
     """Return a copy of dataclass ``obj`` updated from ``data``; unknown keys are errors."""
     known = {f.name: f for f in fields(obj)}
+    hints = typing.get_type_hints(type(obj))
     updates = {}
     for key, value in data.items():
         if key not in known:
@@ -131,12 +166,8 @@ def _merge(obj: Any, data: dict[str, Any], where: str) -> Any:
             if not isinstance(value, dict):
                 raise InvalidInputError(f"config key {where}{key} must be a mapping")
             value = _merge(current, value, f"{where}{key}.")
-        elif isinstance(current, bool) and not isinstance(value, bool):
-            raise InvalidInputError(f"config key {where}{key} must be true or false")
-        elif isinstance(current, (int, float)) and not isinstance(current, bool):
-            if not isinstance(value, (int, float)) or isinstance(value, bool):
-                raise InvalidInputError(f"config key {where}{key} must be a number, got {value!r}")
-            value = type(current)(value) if isinstance(current, float) else value
+        else:
+            value = _check_value(f"{where}{key}", hints.get(key), value)
         updates[key] = value
     return dataclasses.replace(obj, **updates)
 
@@ -152,15 +183,30 @@ def resolve_preset(name_or_path: str) -> Path:
     raise InputNotFoundError(f"config {name_or_path!r} not found (a YAML file, or a preset: {presets})")
 
 
-def load_config(name_or_path: str | None = None, overrides: dict[str, Any] | None = None) -> Config:
+def read_yaml(path: Path) -> Any:
+    """Parse a UTF-8 YAML file with ``yaml.safe_load``; errors name the file and line."""
+    raw = path.read_bytes()
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        line = raw[:exc.start].count(b"\n") + 1
+        raise InvalidInputError(f"{path}:{line}: not UTF-8 text (byte 0x{raw[exc.start]:02x}); "
+                                "save the config as UTF-8") from None
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f"{path}:{mark.line + 1}" if mark is not None else str(path)
+        problem = getattr(exc, "problem", None) or type(exc).__name__
+        raise InvalidInputError(f"{where}: not valid YAML ({problem})") from None
+
+
+def load_config(name_or_path: str | None = None, overrides: dict[str, Any] | None = None) -> Any:
     """Defaults ← preset/YAML file ← ``overrides`` (a nested dict, e.g. from CLI flags)."""
     config = Config()
     if name_or_path:
         path = resolve_preset(name_or_path)
-        try:
-            data = yaml.safe_load(path.read_text()) or {}
-        except yaml.YAMLError as exc:
-            raise InvalidInputError(f"{path} is not valid YAML ({exc})") from exc
+        data = read_yaml(path) or {}
         if not isinstance(data, dict):
             raise InvalidInputError(f"{path}: a config file must be a mapping")
         config = _merge(config, data, "")
@@ -169,10 +215,11 @@ def load_config(name_or_path: str | None = None, overrides: dict[str, Any] | Non
     return config.validate()
 
 
-def config_from_dict(data: dict[str, Any]) -> Config:
+def config_from_dict(data: dict[str, Any]) -> Any:
     """Rebuild a :class:`Config` saved with :meth:`Config.to_dict` (e.g. from a checkpoint)."""
     return _merge(Config(), data, "")
 
 
-def save_config(config: Config, path: str | Path) -> None:
-    Path(path).write_text(yaml.safe_dump(config.to_dict(), sort_keys=False))
+def save_config(config: Any, path: str | Path) -> None:
+    """Write the resolved config as YAML, atomically."""
+    write_text(path, yaml.safe_dump(config.to_dict(), sort_keys=False))

@@ -1,9 +1,10 @@
-"""Pure ``nn.Module`` model core: features, halo attention, HaloAE, ATAC-Net, losses, augmentation
-and the shared scoring math. No file I/O beyond loading backbone weights, no printing."""
+"""Pure ``nn.Module`` model core: features, halo attention, HaloAE, ATAC-Net, losses, augmentation,
+the shared scoring math, and the model families (:mod:`.registry`). No file I/O beyond loading
+backbone weights, no printing."""
 
 from wsi_anomaly.models.atacnet import (
     ATACNet,
-    ATACNetTrainSettings,
+    AtacNetConfig,
     ResNet50Trunk,
     SelfAttentionBlock,
     atacnet_loss,
@@ -23,7 +24,6 @@ from wsi_anomaly.models.atacnet_data import (
     cutmix_anomalous_half,
     preprocess,
     random_rotation,
-    standardise,
 )
 from wsi_anomaly.models.cutpaste import (
     color_jitter,
@@ -62,6 +62,8 @@ from wsi_anomaly.models.scoring import (
     tile_scores,
     upsample_map,
 )
+from wsi_anomaly.models.family import ModelFamily
+from wsi_anomaly.models.registry import FAMILIES, family_names, get_family
 from wsi_anomaly.models.transforms import IMAGENET_MEAN, IMAGENET_STD, denormalise, normalise
 
 __all__ = [
@@ -71,7 +73,9 @@ __all__ = [
     "IMAGENET_MEAN",
     "IMAGENET_STD",
     "ATACNet",
-    "ATACNetTrainSettings",
+    "FAMILIES",
+    "ModelFamily",
+    "AtacNetConfig",
     "BalancedBatchSampler",
     "Bottleneck",
     "CutPasteClassifier",
@@ -98,6 +102,8 @@ __all__ = [
     "deviation_loss",
     "equal_weights",
     "ews_weights",
+    "family_names",
+    "get_family",
     "haloae_loss",
     "load_resnet50",
     "load_vgg19",
@@ -110,7 +116,6 @@ __all__ = [
     "score_batch",
     "smooth_map",
     "ssim",
-    "standardise",
     "tile_scores",
     "topk_score",
     "train_step",

@@ -1,6 +1,6 @@
 """ATAC-Net: weakly supervised anomaly scoring with attention-guided cropping.
 
-Blocks, in the seed's notation (Algorithms 1–2):
+Blocks, in the ATAC-Net paper's notation (Algorithms 1–2):
 
 - φ ``backbone``: torchvision ResNet-50 up to layer4, fine-tuned; ``B×3×224×224`` →
   ``B×2048×7×7``;
@@ -11,7 +11,7 @@ Blocks, in the seed's notation (Algorithms 1–2):
 
 Scoring (Algorithm 2): ``a1`` on the image, a crop around the attention (Algorithm 1,
 :func:`attention_crop_boxes`, no gradient), ``a2`` on the crop resized to the input size, score
-``(a1 + a2)/2``. The four rungs of the seed's ablation (Table 1) are the ``variant`` knob of
+``(a1 + a2)/2``. The four rungs of the paper's ablation (Table 1) are the ``variant`` knob of
 :class:`ATACNet`; their losses are :func:`atacnet_loss`.
 """
 
@@ -27,7 +27,7 @@ import torch.nn.functional as F
 import torchvision
 from torch import nn
 
-from wsi_anomaly.errors import InvalidInputError, WeightsUnavailableError
+from wsi_anomaly.errors import WeightsUnavailableError
 from wsi_anomaly.models.weights import backbone_state
 
 
@@ -36,7 +36,7 @@ __all__ = [
     "CLASSIFICATION_VARIANTS",
     "VARIANTS",
     "ATACNet",
-    "ATACNetTrainSettings",
+    "AtacNetConfig",
     "ResNet50Trunk",
     "SelfAttentionBlock",
     "atacnet_loss",
@@ -57,7 +57,7 @@ __all__ = [
 BACKBONE_CHANNELS = 2048
 #: Down-sampling of layer4 with respect to the input: one cell is 32×32 pixels.
 BACKBONE_STRIDE = 32
-#: The seed's ablation ladder (Table 1), in order.
+#: The ATAC-Net paper's ablation ladder (Table 1), in order.
 VARIANTS: tuple[str, ...] = ("cutmix_bce", "weighted_ce", "devnet", "atacnet")
 #: Variants that end in a classification logit rather than a deviation score.
 CLASSIFICATION_VARIANTS: tuple[str, ...] = ("cutmix_bce", "weighted_ce")
@@ -105,7 +105,7 @@ class ResNet50Trunk(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.ndim != 4 or x.shape[1] != 3:
-            raise InvalidInputError(
+            raise ValueError(
                 f"ResNet-50 needs B×3×H×W images, got shape {tuple(x.shape)}"
             )
         x = self.maxpool(self.relu(self.bn1(self.conv1(x))))
@@ -131,20 +131,18 @@ def _select_trunk_weights(
 
 
 def load_resnet50(weights: str = "imagenet") -> ResNet50Trunk:
-    """Build φ with weights from one of four sources.
+    """Build φ with weights from one of three sources.
 
     Args:
         weights: ``"imagenet"`` for torchvision's ``ResNet50_Weights.IMAGENET1K_V1`` (the
-            weights of ``pretrained=True`` in the PyTorch 1.12 the seed used; downloaded once into
+            weights of ``pretrained=True`` in the PyTorch 1.12 the ATAC-Net paper used; downloaded once into
             the torch hub cache); ``"random"`` for random initialisation (tests, demos; a warning
-            is logged and the identity says so); ``"checkpoint"`` when a checkpoint's state dict
-            will be loaded over the model (nothing to download, no warning); anything else is the
+            is logged and the identity says so); anything else is the
             path of a local torchvision state-dict file (full ``resnet50()`` or trunk keys only).
 
     Returns:
         A :class:`ResNet50Trunk` whose ``backbone_identity`` is ``"resnet50-imagenet1k-v1"``,
-        ``"resnet50-random"``, ``"resnet50-from-checkpoint"`` or ``"resnet50-file:<sha256
-        prefix>"``.
+        ``"resnet50-random"`` or ``"resnet50-file:<sha256 prefix>"``.
 
     Raises:
         WeightsUnavailableError: the weights cannot be downloaded, read or matched.
@@ -202,11 +200,11 @@ class SelfAttentionBlock(nn.Module):
     ) -> None:
         super().__init__()
         if kernel_size % 2 != 1:
-            raise InvalidInputError(f"kernel_size must be odd, got {kernel_size}")
+            raise ValueError(f"kernel_size must be odd, got {kernel_size}")
         width = width or max(channels // 4, 1)
         relation_channels = relation_channels or max(width // 16, 1)
         if width % share_channels:
-            raise InvalidInputError(
+            raise ValueError(
                 f"share_channels ({share_channels}) must divide width ({width})"
             )
         self.kernel_size = kernel_size
@@ -313,8 +311,8 @@ def attention_crop_boxes(
     Each map is divided by its maximum, bilinearly up-sampled to the image size, and the pixels
     ``≥ threshold`` are kept; the box is their bounding box, grown by ``pad`` pixels on every
     side, then to at least ``min_box`` pixels per side (around its centre, shifted inside the
-    image), clamped to the image. (The seed's pseudo-code compares the normalised map with
-    ``ω·max``; the spec's "keep pixels ≥ ω of the max" is used.)
+    image), clamped to the image. (The ATAC-Net paper's pseudo-code compares the normalised map with
+    ``ω·max``; its text's "keep pixels ≥ ω of the max" is used.)
 
     The whole image is the box when the map has no positive maximum, is flat or not finite, or
     when nothing or everything is kept.
@@ -333,7 +331,7 @@ def attention_crop_boxes(
     if attention.ndim == 4:
         attention = attention.squeeze(1)
     if attention.ndim != 3:
-        raise InvalidInputError(f"attention maps must be B×h×w, got {tuple(attention.shape)}")
+        raise ValueError(f"attention maps must be B×h×w, got {tuple(attention.shape)}")
     height, width = (image_size, image_size) if isinstance(image_size, int) else image_size
     height, width = int(height), int(width)
     maps = attention.detach().float()
@@ -392,12 +390,13 @@ class ATACNet(nn.Module):
     """ATAC-Net and its ablation ladder for standardised RGB inputs (224×224 in the seed).
 
     Args:
-        variant: the rung of the seed's Table 1:
+        variant: the rung of the ATAC-Net paper's Table 1:
             ``"cutmix_bce"``: φ + classification head, binary cross-entropy;
             ``"weighted_ce"``: same head, weighted cross-entropy (anomaly 20, normal 0.5);
             ``"devnet"``: φ + τ, top-k deviation score, no attention, no cropping;
             ``"atacnet"``: φ + σ + τ, attention-guided cropping, score ``(a1 + a2)/2``.
-        backbone_weights: see :func:`load_resnet50`.
+        backbone: φ with its weights, from :func:`load_resnet50` (the builder resolves them);
+            ``None`` for an unweighted trunk (a checkpoint's state dict is loaded over it).
         crop_threshold: ω of Algorithm 1 (seed silent; choose it on training data only).
         topk_ratio: fraction of cells averaged by the top-k score.
         margin: deviation-loss margin ``m``.
@@ -414,7 +413,7 @@ class ATACNet(nn.Module):
     def __init__(
         self,
         variant: str = "atacnet",
-        backbone_weights: str = "imagenet",
+        backbone: ResNet50Trunk | None = None,
         crop_threshold: float = 0.5,
         topk_ratio: float = 0.1,
         margin: float = 5.0,
@@ -426,11 +425,11 @@ class ATACNet(nn.Module):
     ) -> None:
         super().__init__()
         if variant not in VARIANTS:
-            raise InvalidInputError(
+            raise ValueError(
                 f"unknown ATAC-Net variant {variant!r} (available: {', '.join(VARIANTS)})"
             )
         if not 0.0 < topk_ratio <= 1.0:
-            raise InvalidInputError(f"topk_ratio must be in (0, 1], got {topk_ratio}")
+            raise ValueError(f"topk_ratio must be in (0, 1], got {topk_ratio}")
         self.variant = variant
         self.crop_threshold = float(crop_threshold)
         self.topk_ratio = float(topk_ratio)
@@ -439,7 +438,7 @@ class ATACNet(nn.Module):
         self.box_pad_px = int(box_pad_px)
         self.anomaly_weight = float(anomaly_weight)
         self.normal_weight = float(normal_weight)
-        self.backbone = load_resnet50(backbone_weights)
+        self.backbone = backbone if backbone is not None else ResNet50Trunk()
         self.attention: SelfAttentionBlock | None = (
             SelfAttentionBlock(BACKBONE_CHANNELS, attention_kernel) if variant == "atacnet"
             else None
@@ -491,7 +490,7 @@ class ATACNet(nn.Module):
                                     self.min_box_px, self.box_pad_px)
 
     def score_details(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
-        """Seed Algorithm 2 scoring, with its intermediate results.
+        """Algorithm 2 scoring of the ATAC-Net paper, with its intermediate results.
 
         ``a1`` on ``x``; for ``"atacnet"`` the crop boxes from ``a1``'s attention (no gradient),
         ``a2`` on the crops resized to ``x``'s size, and ``score = (a1 + a2)/2``; otherwise
@@ -619,7 +618,7 @@ def atacnet_loss(
         return weighted_ce_loss(scores, labels, w_anomaly, w_normal)
     if variant in ("devnet", "atacnet"):
         return deviation_loss(scores, labels, margin)
-    raise InvalidInputError(
+    raise ValueError(
         f"unknown ATAC-Net variant {variant!r} (available: {', '.join(VARIANTS)})"
     )
 
@@ -629,38 +628,46 @@ def atacnet_loss(
 # --------------------------------------------------------------------------------------------
 
 
-@dataclass(frozen=True)
-class ATACNetTrainSettings:
-    """Default training recipe (DevNet's code where the seed is silent; see the spec).
+@dataclass
+class AtacNetConfig:
+    """ATAC-Net's config section (``atacnet:`` in the YAML files): architecture and recipe.
 
-    Adam (``lr``, ``weight_decay``), learning rate ×``lr_gamma`` every ``lr_step_epochs``,
-    ``epochs`` × ``steps_per_epoch`` balanced batches of ``batch_size`` (half normal, half from
-    the anomalous pool), gradient norm clipped to ``grad_clip_norm``, random rotation up to
-    ``rotation_degrees`` as the only geometric augmentation.
+    Where the ATAC-Net paper is silent the values follow DevNet's public code: Adam (``lr``,
+    ``weight_decay``), learning rate ×``lr_gamma`` every ``lr_step_epochs``, ``epochs`` ×
+    ``steps_per_epoch`` balanced batches of ``batch_size`` (half normal, half from the anomalous
+    pool), gradient norm clipped to ``grad_clip_norm``, random rotation up to
+    ``rotation_degrees`` as the only geometric augmentation. ``train.workers`` and
+    ``train.calibration_tiles`` are shared with the other families.
     """
 
+    variant: str = "atacnet"            # cutmix_bce | weighted_ce | devnet | atacnet
+    crop_threshold: float = 0.5         # ω of Algorithm 1 (the ATAC-Net paper is silent)
+    topk_ratio: float = 0.1
+    margin: float = 5.0
+    min_box_px: int = 32
+    box_pad_px: int = 8
+    image_px: int = 224
+    clahe: bool = True
     epochs: int = 50
     steps_per_epoch: int = 20
-    batch_size: int = 48
+    batch_size: int = 48                # half normal, half anomalous pool
     lr: float = 2e-4
     weight_decay: float = 1e-5
     lr_step_epochs: int = 10
     lr_gamma: float = 0.1
     grad_clip_norm: float = 1.0
     rotation_degrees: float = 180.0
-    crop_threshold: float = 0.5
-    real_anomaly_fraction: float = 0.5
-    cutmix_area_ratio: tuple[float, float] = (0.05, 0.25)
+    real_anomaly_fraction: float = 0.5  # share of the anomalous half drawn from the labelled ones
 
 
-def make_optimiser(model: nn.Module, settings: ATACNetTrainSettings) -> torch.optim.Adam:
+def make_optimiser(model: nn.Module, settings: AtacNetConfig) -> torch.optim.Adam:
     """Adam over ``model.trainable_parameters()`` with the settings' lr and weight decay."""
     return torch.optim.Adam(model.trainable_parameters(), lr=settings.lr,
                             weight_decay=settings.weight_decay)
 
 
 def make_scheduler(
-    optimiser: torch.optim.Optimizer, settings: ATACNetTrainSettings
+    optimiser: torch.optim.Optimizer, settings: AtacNetConfig
 ) -> torch.optim.lr_scheduler.StepLR:
     """Step decay; call ``scheduler.step()`` once per epoch."""
     return torch.optim.lr_scheduler.StepLR(optimiser, step_size=settings.lr_step_epochs,
@@ -676,7 +683,7 @@ def train_step(
     grad_clip_norm: float | None = 1.0,
     precision: str = "fp32",
 ) -> dict[str, float]:
-    """One optimisation step of seed Algorithm 2 on a balanced batch.
+    """One optimisation step of the ATAC-Net paper's Algorithm 2 on a balanced batch.
 
     Args:
         model: an :class:`ATACNet`; switched to training mode.
@@ -693,11 +700,11 @@ def train_step(
     """
     variant = model.variant if variant is None else variant
     if variant != model.variant:
-        raise InvalidInputError(
+        raise ValueError(
             f"train_step variant {variant!r} does not match the model's {model.variant!r}"
         )
     if precision not in ("fp32", "bf16"):
-        raise InvalidInputError(f"precision must be fp32 or bf16, got {precision!r}")
+        raise ValueError(f"precision must be fp32 or bf16, got {precision!r}")
     model.train()
     autocast = (
         torch.autocast(images.device.type, dtype=torch.bfloat16)

@@ -1,7 +1,7 @@
 """ATAC-Net inputs: preprocessing, CutMix pseudo-anomalies, balanced batches and rotation.
 
-Seed §2 fixes the order of the preprocessing: contrast equalisation (CLAHE on the lightness of
-LAB), scaling to [0, 1], channel-wise standardisation with the seed's statistics and a 224×224
+The ATAC-Net paper (§2) fixes the order of the preprocessing: contrast equalisation (CLAHE on the lightness of
+LAB), scaling to [0, 1], channel-wise standardisation with the paper's statistics and a 224×224
 bicubic resize through Pillow. Standardisation is an affine map per channel and bicubic weights
 sum to one, so resizing before standardising (as done here, on 8-bit RGB like torchvision's
 ``Resize`` on a PIL image) gives the same result up to 8-bit rounding.
@@ -20,54 +20,35 @@ from collections.abc import Iterator, Sequence
 import numpy as np
 import torch
 from PIL import Image
-from torch.utils.data import Sampler
+from torch.utils.data import Dataset, Sampler
 from torchvision.transforms import InterpolationMode
 from torchvision.transforms.v2 import functional as TF
 
-from wsi_anomaly.errors import InvalidInputError
+from wsi_anomaly.models.transforms import normalise
+
 
 __all__ = [
+    "AtacNetData",
     "ATACNET_MEAN",
     "ATACNET_STD",
     "IMAGE_SIZE",
     "BalancedBatchSampler",
     "cutmix",
     "cutmix_anomalous_half",
-    "destandardise",
     "equalise_contrast",
     "preprocess",
     "random_rotation",
-    "standardise",
 ]
 
 #: Input side of ATAC-Net in pixels (seed §2).
 IMAGE_SIZE = 224
-#: Channel statistics stated by the seed (§2) for standardisation, RGB order.
+#: Channel statistics stated by the ATAC-Net paper (§2) for standardisation, RGB order.
 ATACNET_MEAN: tuple[float, float, float] = (0.48145466, 0.4578275, 0.40821073)
 ATACNET_STD: tuple[float, float, float] = (0.26862954, 0.26130258, 0.27577711)
 #: Lightness range (fraction of full scale) below which an image counts as flat and CLAHE is
 #: skipped: scikit-image stretches its output to [0, 1], which turns the rounding noise of a
 #: flat image (blank glass, padding) into black-and-white artefacts.
 FLAT_LIGHTNESS_RANGE = 1e-3
-
-
-def _stats(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    mean = torch.tensor(ATACNET_MEAN, dtype=x.dtype, device=x.device).view(3, 1, 1)
-    std = torch.tensor(ATACNET_STD, dtype=x.dtype, device=x.device).view(3, 1, 1)
-    return mean, std
-
-
-def standardise(x: torch.Tensor) -> torch.Tensor:
-    """``(x − μ)/σ`` per channel with the seed's statistics; ``x``: ``3×H×W`` or ``B×3×H×W`` in
-    [0, 1]. Same shape out."""
-    mean, std = _stats(x)
-    return (x - mean) / std
-
-
-def destandardise(x: torch.Tensor) -> torch.Tensor:
-    """Inverse of :func:`standardise` (no clamping)."""
-    mean, std = _stats(x)
-    return x * std + mean
 
 
 def _as_rgb_uint8(image: object) -> np.ndarray:
@@ -77,7 +58,7 @@ def _as_rgb_uint8(image: object) -> np.ndarray:
         return np.array(image.convert("RGB"))
     if isinstance(image, torch.Tensor):
         if image.ndim != 3 or image.shape[0] not in (1, 3, 4):
-            raise InvalidInputError(
+            raise ValueError(
                 f"expected a C×H×W image tensor, got shape {tuple(image.shape)}"
             )
         image = image.detach().cpu().permute(1, 2, 0).numpy()
@@ -85,7 +66,7 @@ def _as_rgb_uint8(image: object) -> np.ndarray:
     if array.ndim == 2:
         array = array[..., None]
     if array.ndim != 3 or array.shape[-1] not in (1, 3, 4):
-        raise InvalidInputError(f"expected an H×W×3 RGB image, got shape {array.shape}")
+        raise ValueError(f"expected an H×W×3 RGB image, got shape {array.shape}")
     if array.shape[-1] == 1:
         array = np.repeat(array, 3, axis=-1)
     array = array[..., :3]  # drop alpha
@@ -93,7 +74,7 @@ def _as_rgb_uint8(image: object) -> np.ndarray:
         return np.ascontiguousarray(array)
     if np.issubdtype(array.dtype, np.floating):
         return np.round(np.clip(array, 0.0, 1.0) * 255.0).astype(np.uint8)
-    raise InvalidInputError(
+    raise ValueError(
         f"expected uint8 or float (in [0, 1]) pixels, got dtype {array.dtype}"
     )
 
@@ -128,14 +109,14 @@ def equalise_contrast(rgb: np.ndarray, clip_limit: float = 0.01) -> np.ndarray:
 def preprocess(
     image: object, size: int = IMAGE_SIZE, clahe: bool = True, clip_limit: float = 0.01
 ) -> torch.Tensor:
-    """Seed §2 preprocessing of one image.
+    """The ATAC-Net paper's preprocessing of one image (§2).
 
     Args:
         image: RGB as a PIL image, an ``H×W×3`` array (uint8, or float in [0, 1]) or a
             ``3×H×W`` tensor in [0, 1]; grey-scale is repeated, alpha dropped.
         size: output side in pixels (224 in the seed).
         clahe: apply :func:`equalise_contrast` (off only for ablations).
-        clip_limit: CLAHE clip limit (scikit-image's default; the seed is silent).
+        clip_limit: CLAHE clip limit (scikit-image's default; the paper is silent).
 
     Returns:
         ``3×size×size`` float32 tensor, standardised with :data:`ATACNET_MEAN` /
@@ -147,7 +128,7 @@ def preprocess(
     if rgb.shape[:2] != (size, size):
         rgb = np.array(Image.fromarray(rgb).resize((size, size), Image.Resampling.BICUBIC))
     x = torch.from_numpy(np.array(rgb, copy=True)).permute(2, 0, 1).float() / 255.0
-    return standardise(x)
+    return normalise(x, ATACNET_MEAN, ATACNET_STD)
 
 
 def _uniform(generator: torch.Generator, low: float, high: float) -> float:
@@ -165,7 +146,7 @@ def cutmix(
     As in CutMix the box has the image's aspect ratio and sits at the same place in both images.
     CutMix draws the mixed area from ``Beta(1, 1)`` and clips the box at the border; here the
     area is uniform in ``area_ratio`` of the image and the box lies fully inside, because a box
-    of nearly nothing or nearly everything would be a normal image labelled anomalous (the seed
+    of nearly nothing or nearly everything would be a normal image labelled anomalous (the ATAC-Net paper
     is silent on the size).
 
     Args:
@@ -177,7 +158,7 @@ def cutmix(
         A new ``C×H×W`` tensor.
     """
     if normal_a.shape != normal_b.shape:
-        raise InvalidInputError(
+        raise ValueError(
             f"CutMix needs images of one shape, got {tuple(normal_a.shape)} and "
             f"{tuple(normal_b.shape)}"
         )
@@ -205,7 +186,7 @@ class BalancedBatchSampler(Sampler[list[int]]):
     normals, so a CutMix never mixes an image with itself.
 
     Use it as ``DataLoader(dataset, batch_sampler=sampler)`` and keep the order of the batch.
-    The split between labelled anomalies and CutMix in the pool is not given by the seed.
+    The split between labelled anomalies and CutMix in the pool is not given by the ATAC-Net paper.
 
     Args:
         labels: dataset labels, 0 normal and 1 labelled anomaly.
@@ -227,11 +208,11 @@ class BalancedBatchSampler(Sampler[list[int]]):
         self.normal_indices = torch.nonzero(labels_t == 0).flatten()
         self.anomaly_indices = torch.nonzero(labels_t == 1).flatten()
         if len(self.normal_indices) == 0:
-            raise InvalidInputError("balanced batches need at least one normal image")
+            raise ValueError("balanced batches need at least one normal image")
         if batch_size < 2:
-            raise InvalidInputError(f"batch_size must be at least 2, got {batch_size}")
+            raise ValueError(f"batch_size must be at least 2, got {batch_size}")
         if not 0.0 <= real_anomaly_fraction <= 1.0:
-            raise InvalidInputError(
+            raise ValueError(
                 f"real_anomaly_fraction must be in [0, 1], got {real_anomaly_fraction}"
             )
         self.batch_size = batch_size
@@ -291,10 +272,10 @@ def cutmix_anomalous_half(
     batch = images.shape[0]
     n_normal = batch // 2
     if n_normal == 0:
-        raise InvalidInputError("a balanced batch needs at least 2 images")
+        raise ValueError("a balanced batch needs at least 2 images")
     labels = torch.as_tensor(dataset_labels).flatten().long().cpu()
     if labels[:n_normal].any():
-        raise InvalidInputError(
+        raise ValueError(
             "the first half of a balanced batch must be normal images; build batches with "
             "BalancedBatchSampler and keep their order"
         )
@@ -333,3 +314,25 @@ def random_rotation(
         TF.rotate(img, float(angle), interpolation=InterpolationMode.BILINEAR, fill=fill)
         for img, angle in zip(images, angles)
     ])
+
+
+class AtacNetData(Dataset):
+    """Normal tiles then labelled anomalies, preprocessed by :func:`preprocess`: ``(x, label)``.
+
+    ``x`` is ``3×P×P`` standardised (CLAHE on lightness, bicubic resize to P = ``image_px``);
+    ``labels`` lists every item's label (0 normal, 1 anomalous) for
+    :class:`BalancedBatchSampler`.
+    """
+
+    def __init__(self, normals: Dataset, anomalies: Dataset | None, image_px: int, clahe: bool):
+        self.normals, self.anomalies = normals, anomalies
+        self.image_px, self.clahe = image_px, clahe
+        self.labels = [0] * len(normals) + [1] * (len(anomalies) if anomalies is not None else 0)
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
+        n = len(self.normals)
+        image = self.normals[index] if index < n else self.anomalies[index - n]
+        return preprocess(image, size=self.image_px, clahe=self.clahe), self.labels[index]

@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from wsi_anomaly.errors import InvalidInputError, WeightsUnavailableError
+from wsi_anomaly.errors import WeightsUnavailableError
 from wsi_anomaly.models.weights import backbone_state
 
 
@@ -140,7 +140,7 @@ class VGG19Features(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.ndim != 4 or x.shape[1] != 3 or x.shape[-2] % POOL or x.shape[-1] % POOL:
-            raise InvalidInputError(
+            raise ValueError(
                 f"VGG19 features need B×3×H×W images with H and W divisible by {POOL}, "
                 f"got shape {tuple(x.shape)}; resize tiles to 256×256"
             )

@@ -6,7 +6,6 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from wsi_anomaly.errors import InvalidInputError
 
 __all__ = ["HaloAttention"]
 
@@ -64,7 +63,7 @@ class HaloAttention(nn.Module):
         batch, _, height, width = x.shape
         b, n, d = self.block, self.heads, self.dim_head
         if height % b or width % b:
-            raise InvalidInputError(
+            raise ValueError(
                 f"halo attention needs H and W divisible by the block size {b}, "
                 f"got {height}×{width}"
             )

@@ -18,8 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from wsi_anomaly.errors import InvalidInputError
-from wsi_anomaly.models.features import FEATURE_CHANNELS, load_vgg19
+from wsi_anomaly.models.features import FEATURE_CHANNELS, VGG19Features
 from wsi_anomaly.models.halo import HaloAttention
 
 __all__ = [
@@ -33,7 +32,7 @@ __all__ = [
     "ImageReconstructor",
 ]
 
-#: (in, width, out, heads, K) per bottleneck stage, from the spec's tables.
+#: (in, width, out, heads, K) per bottleneck stage, from the HaloAE paper's tables.
 ENCODER_STAGES: tuple[tuple[int, int, int, int, int], ...] = (
     (234, 234, 234, 4, 3),
     (234, 117, 117, 8, 3),
@@ -95,7 +94,7 @@ class Bottleneck(nn.Module):
             # not followed by BN, so it keeps its bias.
             self.attention = nn.Conv2d(width, width, 3, padding=1)
         else:
-            raise InvalidInputError(f"attention must be 'halo' or 'conv', got {attention!r}")
+            raise ValueError(f"attention must be 'halo' or 'conv', got {attention!r}")
         self.expand = nn.Sequential(
             nn.Conv2d(width, out_channels, kernel_size, padding=kernel_size // 2, bias=False),
             nn.BatchNorm2d(out_channels),
@@ -205,8 +204,9 @@ class HaloAE(nn.Module):
     """HaloAE for 256×256 ImageNet-normalised RGB inputs.
 
     Args:
-        backbone_weights: ``"imagenet"``, ``"random"`` or a state-dict path, see
-            :func:`~wsi_anomaly.models.features.load_vgg19`.
+        backbone: the frozen VGG19 with its weights, from
+            :func:`~wsi_anomaly.models.features.load_vgg19` (the builder resolves them); ``None``
+            for an unweighted one (a checkpoint's state dict is loaded over it).
         attention: ``"halo"`` (the model) or ``"conv"`` (3×3 convs instead of halo attention, the
             paper's ablation).
         released_mask: reproduce the released code's inverted attention mask (see
@@ -218,12 +218,12 @@ class HaloAE(nn.Module):
 
     def __init__(
         self,
-        backbone_weights: str = "imagenet",
+        backbone: VGG19Features | None = None,
         attention: str = "halo",
         released_mask: bool = False,
     ) -> None:
         super().__init__()
-        self.backbone = load_vgg19(backbone_weights)
+        self.backbone = backbone if backbone is not None else VGG19Features()
         self.encoder = HaloEncoder(attention, released_mask)
         self.decoder = HaloDecoder(attention, released_mask)
         self.image_reconstructor = ImageReconstructor()

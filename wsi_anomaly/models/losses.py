@@ -9,7 +9,6 @@ from collections.abc import Iterable, Mapping, Sequence
 import torch
 import torch.nn.functional as F
 
-from wsi_anomaly.errors import InvalidInputError
 
 __all__ = [
     "EWS_EPOCHS",
@@ -83,7 +82,7 @@ def ews_weights(epoch: float, total_epochs: int = EWS_EPOCHS) -> tuple[float, fl
     classification phase to the reconstruction phase.
     """
     if total_epochs < 1 or not 0 <= epoch <= max(total_epochs - 1, 0):
-        raise InvalidInputError(
+        raise ValueError(
             f"EWS needs 0 <= epoch < total_epochs, got epoch {epoch} of {total_epochs}"
         )
     e = (EWS_EPOCHS - 1) * epoch / (total_epochs - 1) if total_epochs > 1 else 0.0
@@ -102,7 +101,7 @@ def loss_weights(scheme: str, epoch: float, total_epochs: int) -> tuple[float, f
     """Weights of ``scheme`` (``"ews"`` or ``"equal"``) at ``epoch`` of ``total_epochs``."""
     schemes = {"ews": ews_weights, "equal": equal_weights}
     if scheme not in schemes:
-        raise InvalidInputError(f"loss weighting must be one of {sorted(schemes)}, got {scheme!r}")
+        raise ValueError(f"loss weighting must be one of {sorted(schemes)}, got {scheme!r}")
     return schemes[scheme](epoch, total_epochs)
 
 
@@ -135,13 +134,13 @@ def haloae_loss(
     terms = tuple(terms)
     unknown = set(terms) - set(LOSS_TERMS)
     if unknown or not terms or len(weights) != len(LOSS_TERMS):
-        raise InvalidInputError(
+        raise ValueError(
             f"loss terms must be a non-empty subset of {LOSS_TERMS} with 3 weights, "
             f"got terms {terms} and {len(weights)} weights"
         )
     originals = labels == 0
     if not bool(originals.any()):
-        raise InvalidInputError("a training batch needs at least one original image (label 0)")
+        raise ValueError("a training batch needs at least one original image (label 0)")
     # fm comes from the frozen backbone; detach anyway so no gradient ever flows into it.
     losses = {
         "cls": F.cross_entropy(out["logits"].float(), labels),

@@ -1,20 +1,34 @@
-"""Model families by name: what a checkpoint's ``model_name`` refers to."""
+"""The model families by name: what ``model.name`` in a config and ``model_name`` in a
+checkpoint refer to. A new family is one entry in :data:`FAMILIES`."""
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from collections.abc import Iterator
 
-from torch import nn
+from .atacnet_family import AtacNetFamily
+from .family import ModelFamily
+from .haloae_family import HaloAEFamily
 
-from ..errors import InvalidInputError
-from .atacnet import ATACNet
-from .haloae import HaloAE
-
-MODELS: dict[str, Callable[..., nn.Module]] = {"atacnet": ATACNet, "haloae": HaloAE}
+FAMILIES: dict[str, ModelFamily] = {f.name: f for f in (HaloAEFamily(), AtacNetFamily())}
 
 
-def build_model(name: str, **knobs: Any) -> nn.Module:
-    """Construct a model family's ``nn.Module`` from its architecture knobs."""
-    if name not in MODELS:
-        raise InvalidInputError(f"unknown model {name!r} (available: {', '.join(sorted(MODELS))})")
-    return MODELS[name](**knobs)
+def family_names() -> list[str]:
+    """Every registered family's name, sorted."""
+    return sorted(FAMILIES)
+
+
+def get_family(name: str) -> ModelFamily:
+    """The family called ``name``; ``ValueError`` listing the known ones otherwise."""
+    try:
+        return FAMILIES[name]
+    except KeyError:
+        raise ValueError(f"unknown model {name!r} (available: {', '.join(family_names())})"
+                         ) from None
+
+
+def family_sections() -> Iterator[tuple[str, type]]:
+    """``(section key, dataclass)`` of every family that has its own config section."""
+    for family in FAMILIES.values():
+        if family.section is not None and family.section_type is not None:
+            yield family.section, family.section_type
+

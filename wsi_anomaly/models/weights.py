@@ -1,8 +1,9 @@
 """Where a frozen or fine-tuned backbone's weights come from — one rule for every backbone.
 
 ``"imagenet"`` (torchvision's weights API, cached under the torch hub directory), ``"random"``
-(tests and demos: warned about), ``"checkpoint"`` (the weights follow from a checkpoint's state
-dict: nothing to download, nothing to warn) or the path of a local state-dict file.
+(tests and demos: warned about) or the path of a local state-dict file. A model restored from a
+checkpoint resolves nothing here: its family builds it unweighted, loads the checkpoint's state
+dict and takes the backbone identity the checkpoint recorded.
 """
 
 from __future__ import annotations
@@ -33,19 +34,17 @@ def backbone_state(weights: str, family: str, label: str,
     """Resolve a ``--backbone-weights`` value.
 
     Args:
-        weights: ``imagenet`` | ``random`` | ``checkpoint`` | a state-dict path.
+        weights: ``imagenet`` | ``random`` | a state-dict path.
         family: identity prefix, e.g. ``"vgg19"``; ``label`` its name in messages ("VGG19").
         imagenet_state: returns torchvision's ImageNet state dict (may download).
         help_text: how to provide weights, appended to every error.
 
     Returns:
-        ``(state or None for random/checkpoint init, backbone identity, source for messages)``.
+        ``(state or None for random init, backbone identity, source for messages)``.
 
     Raises:
         WeightsUnavailableError: the weights cannot be downloaded, read or matched.
     """
-    if weights == "checkpoint":
-        return None, f"{family}-from-checkpoint", "checkpoint"
     if weights == "random":
         logger.warning("%s backbone uses RANDOM weights: features are meaningless for anomaly "
                        "detection; use this only for tests and demos", label)

@@ -5,7 +5,7 @@ a model implements to be benchmarked; ``benchmark``: train → evaluate → writ
 the results table; ``figures``: qualitative examples; ``paper``: the HaloAE paper's numbers.
 """
 
-from .adapters import ADAPTERS, AdapterOutput, HaloAEAdapter, ModelAdapter, load_adapter
+from .adapters import AdapterOutput, ModelAdapter, ScorerAdapter, load_adapter
 from .benchmark import (
     BenchmarkResult,
     BenchmarkSettings,
@@ -36,13 +36,12 @@ from .paper import CATEGORIES, TABLE1_HALOAE, TABLE1_MEAN, paper_reference
 from .synthetic import write_synthetic_category
 
 __all__ = [
-    "ADAPTERS",
     "AdapterOutput",
     "BenchmarkResult",
     "BenchmarkSettings",
     "CATEGORIES",
     "Evaluation",
-    "HaloAEAdapter",
+    "ScorerAdapter",
     "MVTecCategory",
     "MVTecDataset",
     "MVTecSample",

@@ -6,22 +6,22 @@ model localises, anomaly maps at any resolution (they are resized bilinearly to 
 Models that only score images (e.g. ATAC-Net) return ``maps=None`` and their pixel metrics are
 reported as n/a.
 
-To plug in another model: write a class with ``name``, ``score_names`` and ``__call__`` below,
-construct it from a checkpoint, and register the constructor in :data:`ADAPTERS` under the
-checkpoint's ``model_name``.
+Every model family registered in :mod:`wsi_anomaly.models.registry` is evaluated through
+:class:`ScorerAdapter`; a new family needs nothing here.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Protocol
+from typing import Any, Protocol
 
 import numpy as np
 import torch
 
 from ..checkpoint import load_checkpoint
 from ..errors import CheckpointError, InvalidInputError
+from ..models.registry import family_names
 
 
 @dataclass
@@ -61,15 +61,23 @@ class ModelAdapter(Protocol):
         ...
 
 
-class _ScorerAdapter:
-    """What every adapter over :class:`wsi_anomaly.score.Scorer` shares: loading the checkpoint,
-    device, precision, batch size and identity. Subclasses name their scores in ``__call__``."""
+class ScorerAdapter:
+    """Any trained model, through :class:`wsi_anomaly.score.Scorer` and its family.
+
+    The family says what the scores are called (``score_names``: the headline first; HaloAE's
+    ``mean`` and ``max`` of its normalised, smoothed 64×64 map, ATAC-Net's one ``score``) and
+    whether its maps localise anomalies (``has_maps``; otherwise no pixel metrics are reported).
+    """
 
     def __init__(self, checkpoint: str | Path, device: str = "auto", precision: str = "auto",
                  batch_size: int = 16):
         from ..score import Scorer
 
         self.scorer = Scorer(checkpoint, device=device, precision=precision, batch_size=batch_size)
+        family = self.scorer.family
+        self.name: str = family.name
+        self.score_names: tuple[str, ...] = family.score_names
+        self.has_maps: bool = family.has_maps
         self.batch_size = batch_size
         self.device = self.scorer.device
         self.precision = self.scorer.precision
@@ -82,45 +90,20 @@ class _ScorerAdapter:
     def config(self):
         return self.scorer.config
 
-
-class HaloAEAdapter(_ScorerAdapter):
-    """HaloAE: image scores ``mean`` (the paper's headline) and ``max`` of the normalised,
-    smoothed 64×64 map, which is returned too."""
-
-    name = "haloae"
-    score_names = ("mean", "max")
-    has_maps = True
-
     def __call__(self, images: torch.Tensor) -> AdapterOutput:
-        result = self.scorer.score(images, keep_maps=True)
-        return AdapterOutput({"mean": result.mean, "max": result.max}, result.maps)
-
-
-class ATACNetAdapter(_ScorerAdapter):
-    """ATAC-Net: one image score, ``score`` (the seed's Algorithm 2 score). Image-level only:
-    the benchmark reports no pixel metrics for it."""
-
-    name = "atacnet"
-    score_names = ("score",)
-    has_maps = False
-
-    def __call__(self, images: torch.Tensor) -> AdapterOutput:
-        result = self.scorer.score(images, keep_maps=False)
-        return AdapterOutput({"score": np.asarray(result.mean)}, None)
-
-
-#: checkpoint ``model_name`` → adapter constructor ``(checkpoint, device, precision, batch_size)``.
-ADAPTERS: dict[str, Callable[..., ModelAdapter]] = {"haloae": HaloAEAdapter,
-                                                    "atacnet": ATACNetAdapter}
+        result = self.scorer.score(images, keep_maps=self.has_maps)
+        values = (np.asarray(result.mean), np.asarray(result.max))
+        scores = dict(zip(self.score_names, values))
+        return AdapterOutput(scores, result.maps if self.has_maps else None)
 
 
 def available_models() -> list[str]:
-    """Model names the benchmark can evaluate."""
-    return sorted(ADAPTERS)
+    """Model names the benchmark can evaluate: every registered family."""
+    return family_names()
 
 
 def check_model_name(name: str) -> str:
-    if name not in ADAPTERS:
+    if name not in family_names():
         raise InvalidInputError(f"--model {name!r} cannot be benchmarked yet "
                                 f"(available: {', '.join(available_models())})")
     return name
@@ -128,11 +111,10 @@ def check_model_name(name: str) -> str:
 
 def load_adapter(checkpoint: str | Path, device: str = "auto", precision: str = "auto",
                  batch_size: int = 16, expect_model: str | None = None) -> ModelAdapter:
-    """The adapter for a finished checkpoint, chosen by the checkpoint's ``model_name``."""
+    """The adapter for a finished checkpoint, whose ``model_name`` picks the family."""
     model_name = load_checkpoint(checkpoint, expect_model=expect_model)["model_name"]
-    if model_name not in ADAPTERS:
+    if model_name not in family_names():
         raise CheckpointError(f"{checkpoint} holds a {model_name!r} model, which the MVTec "
                               "benchmark cannot evaluate (available: "
                               f"{', '.join(available_models())})")
-    return ADAPTERS[model_name](checkpoint, device=device, precision=precision,
-                                batch_size=batch_size)
+    return ScorerAdapter(checkpoint, device=device, precision=precision, batch_size=batch_size)

@@ -15,7 +15,6 @@ import csv
 import json
 import logging
 import math
-import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -29,6 +28,7 @@ from .. import __version__
 from ..checkpoint import load_checkpoint
 from ..config import Config, config_from_dict, save_config
 from ..errors import InputNotFoundError, OutputExistsError, WsiAnomalyError
+from ..outputs import atomic_path, write_text
 from .adapters import ModelAdapter, check_model_name, load_adapter
 from .data import MVTecCategory, MVTecDataset, resolve_categories
 from .figures import pick_examples, save_example_figure
@@ -163,9 +163,7 @@ def find_checkpoint(checkpoint_dir: str | Path, category: str) -> Path:
 
 
 def _write_json(path: Path, data: dict[str, Any]) -> None:
-    tmp = path.with_name(f".{path.name}.partial")
-    tmp.write_text(json.dumps(data, indent=2))
-    os.replace(tmp, path)
+    write_text(path, json.dumps(data, indent=2))
 
 
 def _train_or_reuse(category: MVTecCategory, config: Config, checkpoint: Path,
@@ -190,15 +188,13 @@ def _train_or_reuse(category: MVTecCategory, config: Config, checkpoint: Path,
 
 def _write_scores_csv(path: Path, category: MVTecCategory, dataset: MVTecDataset,
                       evaluation: Evaluation) -> None:
-    tmp = path.with_name(f".{path.name}.partial")
     names = list(evaluation.scores)
-    with tmp.open("w", newline="") as fh:
+    with atomic_path(path) as tmp, tmp.open("w", newline="") as fh:
         writer = csv.writer(fh)
         writer.writerow(["image", "defect_type", "label", *(f"score_{n}" for n in names)])
         for i, sample in enumerate(dataset.samples):
             writer.writerow([sample.image.relative_to(category.path).as_posix(), sample.defect_type,
                              sample.label, *(f"{evaluation.scores[n][i]:.6g}" for n in names)])
-    os.replace(tmp, path)
 
 
 def _write_figures(folder: Path, dataset: MVTecDataset, evaluation: Evaluation,
@@ -440,14 +436,12 @@ def markdown_table(records: list[dict[str, Any]], config: Config | None = None) 
 
 def write_csv(path: Path, header: list[str], rows: list[list[Any]], float_format: str) -> None:
     """A results table as CSV (floats with ``float_format``, None empty), written atomically."""
-    tmp = path.with_name(f".{path.name}.partial")
-    with tmp.open("w", newline="") as fh:
+    with atomic_path(path) as tmp, tmp.open("w", newline="") as fh:
         writer = csv.writer(fh)
         writer.writerow(header)
         for row in rows:
             writer.writerow(["" if v is None else (float_format.format(v) if isinstance(v, float)
                                                    else v) for v in row])
-    os.replace(tmp, path)
 
 
 def write_tables(records: list[dict[str, Any]], out: str | Path,
@@ -458,6 +452,6 @@ def write_tables(records: list[dict[str, Any]], out: str | Path,
     csv_path, md_path = out / "results.csv", out / "results.md"
     write_csv(csv_path, header, rows, "{:.3f}")
     markdown = markdown_table(records, config)
-    md_path.write_text(markdown)
+    write_text(md_path, markdown)
     return csv_path, md_path, markdown
 

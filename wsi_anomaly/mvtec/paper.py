@@ -6,7 +6,7 @@ pixel-level ROC-AUC of HaloAE), and the mean rows of the ablation Tables 3 and 4
 Caveats worth printing next to these numbers: the authors' scoring script computed pixel AUROC on
 masks and maps resized to 128×128 (our ``pixel_auroc_128_paper`` column), and flipped the labels
 whenever an AUROC fell below 0.5 (we never do). Their halo attention had an inverted padding mask
-(see the spec): ``model.released_mask: true`` reproduces it.
+``model.released_mask: true`` reproduces it.
 """
 
 from __future__ import annotations
@@ -79,13 +79,13 @@ def paper_reference(config: Any) -> tuple[str, tuple[float, float]] | None:
 
 
 # -- ATAC-Net (seed document ``000``), weakly supervised protocol; AUROC as fractions --------------
-#: The seed's Table 1 column names for each ``atacnet.variant``.
+#: The ATAC-Net paper's Table 1 column names for each ``atacnet.variant``.
 ATACNET_VARIANT_COLUMNS: dict[str, str] = {
     "cutmix_bce": "CutMix", "weighted_ce": "Weighted CE", "devnet": "Deviation Loss",
     "atacnet": "ATAC-Net",
 }
 
-#: Seed Table 1 (general setting): category → (No. of anomalies as printed, CutMix, Weighted CE,
+#: ATAC-Net paper, Table 1 (general setting): category → (No. of anomalies as printed, CutMix, Weighted CE,
 #: Deviation Loss, ATAC-Net) image AUROC.
 ATACNET_TABLE1: dict[str, tuple[int, float, float, float, float]] = {
     "carpet": (5, 0.764, 0.803, 0.852, 0.924),
@@ -104,10 +104,10 @@ ATACNET_TABLE1: dict[str, tuple[int, float, float, float, float]] = {
     "screw": (5, 0.855, 0.966, 0.970, 0.997),
     "toothbrush": (1, 0.863, 0.901, 0.861, 0.879),
 }
-#: Seed Table 1 "MVTec-AD" row as printed (CutMix, Weighted CE, Deviation Loss, ATAC-Net).
+#: ATAC-Net paper, Table 1 "MVTec-AD" row as printed (CutMix, Weighted CE, Deviation Loss, ATAC-Net).
 ATACNET_TABLE1_MEAN = (0.862, 0.932, 0.944, 0.973)
 
-#: Seed Table 2 (hard setting: train on one known defect type): (category, type) →
+#: ATAC-Net paper, Table 2 (hard setting: train on one known defect type): (category, type) →
 #: {n labelled: (DevNet, DRA, ATAC-Net)} for one and ten anomalies. Rows "mean" as printed.
 ATACNET_TABLE2: dict[tuple[str, str], dict[int, tuple[float, float, float]]] = {
     ("tile", "crack"): {1: (0.926, 0.975, 0.969), 10: (0.947, 0.986, 0.973)},
@@ -126,7 +126,7 @@ ATACNET_TABLE2: dict[tuple[str, str], dict[int, tuple[float, float, float]]] = {
 
 def atacnet_paper_columns(category: str, variant: str, setting: str, known_type: str | None,
                           n_anomalies: int) -> dict[str, float | None]:
-    """The seed's numbers to print beside one category of a weakly supervised run.
+    """The ATAC-Net paper's numbers to print beside one category of a weakly supervised run.
 
     General: Table 1's column for ``variant`` (and ATAC-Net's when the variant is an ablation).
     Hard: Table 2's DevNet / DRA / ATAC-Net for the known type at 1 and 10 anomalies.

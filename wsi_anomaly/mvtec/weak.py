@@ -11,7 +11,7 @@ train/good plus those anomalies and is evaluated (image AUROC) on what is left o
 Per category and seed, ``<out>/<category>/seed<s>/`` holds ``split.json`` (the split, so runs
 are comparable), ``model.pt``, ``scores.csv`` and ``metrics.json`` (written last: a re-run skips
 finished runs). ``<out>/results.csv`` and ``<out>/results.md`` give per-category mean ± std over
-seeds beside the seed's Table 1 (general) or Table 2 (hard).
+seeds beside the ATAC-Net paper's Table 1 (general) or Table 2 (hard).
 """
 
 from __future__ import annotations
@@ -31,6 +31,7 @@ from .. import __version__
 from ..checkpoint import load_checkpoint
 from ..config import Config, config_from_dict, save_config
 from ..errors import InvalidInputError, OutputExistsError, WsiAnomalyError
+from ..outputs import write_text
 from .adapters import check_model_name, load_adapter
 from .benchmark import (
     CHECKPOINT_NAME,
@@ -122,14 +123,14 @@ def draw_split(category: MVTecCategory, n: int, setting: str = "general",
                      drawn, test)
 
 
-#: ``WeakProtocol.n`` that draws, per category, as many anomalies as the seed's Table 1 did.
+#: ``WeakProtocol.n`` that draws, per category, as many anomalies as the ATAC-Net paper's Table 1 did.
 PAPER_COUNTS = "paper"
 
 
 @dataclass
 class WeakProtocol:
     """What the weak protocol draws: ``n`` anomalies per category (or :data:`PAPER_COUNTS`, the
-    seed's own per-category counts), the setting and its known type, and the split/training
+    ATAC-Net paper's own per-category counts), the setting and its known type, and the split/training
     seeds ``first_seed``, …, ``first_seed + n_seeds - 1``."""
 
     n: int | str = 10
@@ -151,18 +152,20 @@ class WeakProtocol:
         if not self.paper_counts:
             return int(self.n)
         if self.setting != "general":
-            raise InvalidInputError("--anomalies paper is for --setting general (the seed's "
-                                    "Table 1); its hard-setting Table 2 uses 1 and 10 anomalies")
+            raise InvalidInputError("--anomalies paper is for --setting general (the ATAC-Net "
+                                    "paper's Table 1); its hard-setting Table 2 uses 1 and 10 "
+                                    "anomalies")
         row = ATACNET_TABLE1.get(category)
         if row is None:
-            raise InvalidInputError(f"{category}: not an MVTec AD category of the seed's Table 1, "
-                                    "so there is no paper count; pass --anomalies N")
+            raise InvalidInputError(f"{category}: not an MVTec AD category of the ATAC-Net "
+                                    "paper's Table 1, so there is no paper count; pass "
+                                    "--anomalies N")
         return row[0]
 
     def describe(self) -> str:
         """How many anomalies are drawn, for the table notes."""
-        return ("the seed's per-category count of labelled test anomalies (Table 1, \"paper n "
-                "anomalies\")" if self.paper_counts
+        return ("the ATAC-Net paper's per-category count of labelled test anomalies (Table 1, "
+                "\"paper n anomalies\")" if self.paper_counts
                 else f"{self.n} labelled test anomalies per category")
 
 
@@ -349,16 +352,16 @@ def write_weak_tables(summaries: list[dict[str, Any]], out: str | Path, config: 
         (f"Weakly supervised protocol ({protocol.setting}): {protocol.describe()}, {what}; seeds {', '.join(map(str, protocol.seeds))} "
          "(std: sample std over seeds). Image AUROC on raw scores, as fractions."),
         (f"Model: {config.model.name}, variant {variant} "
-         f"(seed Table 1 column \"{ATACNET_VARIANT_COLUMNS.get(variant, variant)}\")."),
+         f"(the ATAC-Net paper's Table 1 column \"{ATACNET_VARIANT_COLUMNS.get(variant, variant)}\")."),
     ]
     if protocol.setting == "general":
         printed = ", ".join(f"{ATACNET_VARIANT_COLUMNS[v]} {m}" for v, m in
                             zip(ATACNET_VARIANT_COLUMNS, ATACNET_TABLE1_MEAN))
-        notes.append(f"Paper: ATAC-Net seed, Table 1 (its own per-category anomaly counts, "
+        notes.append(f"Paper: ATAC-Net, Table 1 (its own per-category anomaly counts, "
                      f"\"paper n anomalies\"); printed MVTec mean: {printed}.")
     else:
-        notes.append("Paper: ATAC-Net seed, Table 2 (hard setting; (1)/(10): one/ten labelled "
+        notes.append("Paper: ATAC-Net, Table 2 (hard setting; (1)/(10): one/ten labelled "
                      "anomalies of the known type); only tile and metal_nut were reported.")
     markdown = "\n".join(lines + notes) + "\n"
-    md_path.write_text(markdown)
+    write_text(md_path, markdown)
     return csv_path, md_path, markdown

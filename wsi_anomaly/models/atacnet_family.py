@@ -1,0 +1,174 @@
+"""The ATAC-Net family: normal tiles plus a few labelled anomalies, one image score.
+
+Its knobs live in its own ``atacnet`` section (:class:`~wsi_anomaly.models.atacnet.AtacNetConfig`);
+``train.workers``, ``train.checkpoint_every`` and ``train.calibration_tiles`` are shared.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.data import DataLoader, Dataset
+
+from wsi_anomaly.models.atacnet import (
+    VARIANTS,
+    ATACNet,
+    AtacNetConfig,
+    ResNet50Trunk,
+    load_resnet50,
+    make_optimiser,
+    make_scheduler,
+    train_step,
+)
+from wsi_anomaly.models.atacnet_data import (
+    AtacNetData,
+    BalancedBatchSampler,
+    cutmix_anomalous_half,
+    preprocess,
+    random_rotation,
+)
+from wsi_anomaly.models.family import EpochRng, ModelFamily, score_summary
+
+#: Stream numbers of the training loop's per-epoch generators.
+SAMPLER_STREAM, AUGMENT_STREAM = 2, 3
+#: Side of the maps :meth:`AtacNetFamily.predict` returns (the 7×7 cells, up-sampled).
+MAP_PX = 64
+
+
+class AtacNetFamily(ModelFamily):
+    name = "atacnet"
+    title = "ATAC-Net"
+    default_preset = "atacnet"
+    section = "atacnet"
+    section_type = AtacNetConfig
+    schedule_section = "atacnet"
+    loss_terms = ("score_normal", "score_anomalous")
+    weakly_supervised = True
+    score_names = ("score",)
+    has_maps = False
+    #: CLAHE runs on the CPU, one image at a time: the transform comes before the copy.
+    transforms_on_device = False
+
+    def validate(self, config: Any) -> None:
+        a = config.atacnet
+        if a.variant not in VARIANTS:
+            raise ValueError("atacnet.variant must be cutmix_bce, weighted_ce, devnet or "
+                             f"atacnet, got {a.variant!r}")
+        for name in ("epochs", "steps_per_epoch", "lr_step_epochs", "image_px"):
+            if getattr(a, name) < 1:
+                raise ValueError(f"atacnet.{name} must be at least 1")
+        if a.batch_size < 2:
+            raise ValueError("atacnet.batch_size must be at least 2 (half normal, half anomalous)")
+        if not 0.0 < a.crop_threshold < 1.0:
+            raise ValueError("atacnet.crop_threshold must be between 0 and 1")
+        if not 0.0 < a.topk_ratio <= 1.0:
+            raise ValueError(f"atacnet.topk_ratio must be in (0, 1], got {a.topk_ratio}")
+        if not 0.0 <= a.real_anomaly_fraction <= 1.0:
+            raise ValueError("atacnet.real_anomaly_fraction must be between 0 and 1, "
+                             f"got {a.real_anomaly_fraction}")
+
+    def describe_schedule(self, config: Any) -> str:
+        a = config.atacnet
+        return (f"variant {a.variant}, {a.epochs} epochs × {a.steps_per_epoch} batches of "
+                f"{a.batch_size}")
+
+    def describe_training(self, config: Any, n_normal: int, n_anomalies: int) -> str:
+        a = config.atacnet
+        return (f"training atacnet ({a.variant}) on {n_normal} normal tiles and {n_anomalies} "
+                f"labelled anomalies ({a.epochs} epochs × {a.steps_per_epoch} steps, batch "
+                f"{a.batch_size}, backbone {config.model.backbone_weights})")
+
+    # -- model ----------------------------------------------------------------------------------
+    def _model(self, config: Any, backbone: ResNet50Trunk) -> ATACNet:
+        a = config.atacnet
+        return ATACNet(variant=a.variant, backbone=backbone, crop_threshold=a.crop_threshold,
+                       topk_ratio=a.topk_ratio, margin=a.margin, min_box_px=a.min_box_px,
+                       box_pad_px=a.box_pad_px)
+
+    def build(self, config: Any) -> nn.Module:
+        return self._model(config, load_resnet50(config.model.backbone_weights))
+
+    def restore(self, config: Any, state_dict: Mapping[str, torch.Tensor],
+                backbone_identity: str) -> nn.Module:
+        model = self._model(config, ResNet50Trunk(backbone_identity=backbone_identity))
+        model.load_state_dict(state_dict)
+        return model
+
+    def transform(self, images: torch.Tensor, config: Any) -> torch.Tensor:
+        """The ATAC-Net paper's preprocessing of every image (CLAHE, resize, standardise)."""
+        a = config.atacnet
+        if images.dtype == torch.uint8:  # B×H×W×3 as stored
+            views: Iterable[Any] = (img.cpu().numpy() for img in images)
+        else:
+            views = (img.cpu() for img in images)
+        return torch.stack([preprocess(v, size=a.image_px, clahe=a.clahe) for v in views])
+
+    def predict(self, model: nn.Module, x: torch.Tensor, calibration: Mapping[str, Any],
+                keep_maps: bool = True
+                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        score = model.score(x).float()
+        maps = None
+        if keep_maps:
+            cells = model.anomaly_map(x).float()
+            maps = F.interpolate(cells.unsqueeze(1), size=(MAP_PX, MAP_PX), mode="bilinear",
+                                 align_corners=False).squeeze(1)
+        return score, score, maps
+
+    # -- training -------------------------------------------------------------------------------
+    def training_data(self, normals: Dataset, anomalies: Dataset | None, config: Any) -> Dataset:
+        a = config.atacnet
+        return AtacNetData(normals, anomalies, a.image_px, a.clahe)
+
+    def calibration_data(self, normals: Dataset, config: Any) -> Dataset:
+        return self.training_data(normals, None, config)
+
+    def optimiser(self, model: nn.Module, config: Any) -> torch.optim.Optimizer:
+        return make_optimiser(model, config.atacnet)
+
+    def scheduler(self, optimiser: torch.optim.Optimizer, config: Any) -> Any | None:
+        return make_scheduler(optimiser, config.atacnet)
+
+    def loader(self, data: Dataset, config: Any, rng: EpochRng, workers: int,
+               pin_memory: bool) -> Iterable[Any]:
+        a = config.atacnet
+        sampler = BalancedBatchSampler(data.labels, a.batch_size, a.steps_per_epoch,
+                                       rng(SAMPLER_STREAM), a.real_anomaly_fraction)
+        return DataLoader(data, batch_sampler=sampler, num_workers=workers, pin_memory=pin_memory)
+
+    def augmenter(self, rng: EpochRng) -> torch.Generator:
+        return rng(AUGMENT_STREAM)
+
+    def train_step(self, model: nn.Module, optimiser: torch.optim.Optimizer, batch: Any,
+                   config: Any, epoch: int, aug: torch.Generator, runtime: Any
+                   ) -> dict[str, float]:
+        a = config.atacnet
+        images, labels = batch
+        images, targets = cutmix_anomalous_half(images, labels, aug)
+        images = random_rotation(images, aug, a.rotation_degrees)
+        stats = train_step(model, optimiser, images.to(runtime.device, non_blocking=True),
+                           targets, grad_clip_norm=a.grad_clip_norm, precision=runtime.precision)
+        return {"loss": stats["loss"], "score_normal": stats["score_normal"],
+                "score_anomalous": stats["score_anomalous"], "images": float(len(images))}
+
+    def epoch_record(self, sums: Mapping[str, float], steps: int, config: Any, epoch: int,
+                     optimiser: torch.optim.Optimizer) -> dict[str, float]:
+        steps_per_epoch = config.atacnet.steps_per_epoch
+        return {"epoch": epoch, **{k: v / steps_per_epoch for k, v in sums.items()},
+                "lr": optimiser.param_groups[0]["lr"]}
+
+    def calibration_batch(self, model: nn.Module, batch: Any, runtime: Any) -> torch.Tensor:
+        x, _ = batch
+        with runtime.autocast():
+            return model.score(runtime.to_device(x)).float().cpu()
+
+    def summarise_calibration(self, parts: list[torch.Tensor]) -> dict[str, Any]:
+        values = torch.cat(parts)
+        summary = score_summary(values, values)
+        return {"mean_map": None, **summary}
+
+    def checkpoint_extras(self, data: Dataset, normals: Dataset) -> dict[str, Any]:
+        return {"n_labelled_anomalies": len(data) - len(normals)}

@@ -1,0 +1,158 @@
+"""The HaloAE family: normal tiles only, Cut&Paste self-supervision, 64×64 anomaly maps.
+
+Its knobs live in the shared sections: ``model.attention`` and ``model.released_mask`` (the
+architecture) and ``train`` (epochs, samples per epoch, batch size, learning rate, loss terms and
+weighting, colour jitter).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from typing import Any
+
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, Dataset, RandomSampler
+
+from wsi_anomaly.models.cutpaste import make_cutpaste_batch
+from wsi_anomaly.models.family import EpochRng, ModelFamily, score_summary
+from wsi_anomaly.models.features import VGG19Features, load_vgg19
+from wsi_anomaly.models.haloae import HaloAE
+from wsi_anomaly.models.losses import LOSS_TERMS, haloae_loss, loss_weights
+from wsi_anomaly.models.scoring import (
+    anomaly_map,
+    normalise_map,
+    score_batch,
+    smooth_map,
+    tile_scores,
+)
+from wsi_anomaly.models.transforms import normalise, to_unit_float
+
+LOSS_WEIGHTINGS = ("ews", "equal")
+ATTENTIONS = ("halo", "conv")
+#: Stream numbers of the training loop's per-epoch generators.
+SAMPLER_STREAM, AUGMENT_STREAM = 0, 1
+
+
+class HaloAEFamily(ModelFamily):
+    name = "haloae"
+    title = "HaloAE"
+    default_preset = "haloae_paper"
+    section = None
+    section_type = None
+    schedule_section = "train"
+    loss_terms = ("cls", "fm", "im")
+    weakly_supervised = False
+    score_names = ("mean", "max")
+    has_maps = True
+
+    def validate(self, config: Any) -> None:
+        t, m = config.train, config.model
+        if t.loss_weighting not in LOSS_WEIGHTINGS:
+            raise ValueError(f"train.loss_weighting must be ews or equal, got {t.loss_weighting!r}")
+        bad = set(t.loss_terms) - set(LOSS_TERMS)
+        if bad or not t.loss_terms:
+            raise ValueError("train.loss_terms must be a non-empty subset of cls, fm, im; "
+                             f"got {t.loss_terms}")
+        if m.attention not in ATTENTIONS:
+            raise ValueError(f"model.attention must be halo or conv, got {m.attention!r}")
+
+    def describe_schedule(self, config: Any) -> str:
+        t = config.train
+        return f"{t.epochs} epochs × {t.samples_per_epoch} samples, batch {t.batch_size}"
+
+    def describe_training(self, config: Any, n_normal: int, n_anomalies: int) -> str:
+        return (f"training {self.name} on {n_normal} tiles ({self.describe_schedule(config)}, "
+                f"backbone {config.model.backbone_weights})")
+
+    # -- model ----------------------------------------------------------------------------------
+    def _model(self, config: Any, backbone: VGG19Features) -> HaloAE:
+        return HaloAE(backbone, attention=config.model.attention,
+                      released_mask=config.model.released_mask)
+
+    def build(self, config: Any) -> nn.Module:
+        return self._model(config, load_vgg19(config.model.backbone_weights))
+
+    def restore(self, config: Any, state_dict: Mapping[str, torch.Tensor],
+                backbone_identity: str) -> nn.Module:
+        model = self._model(config, VGG19Features(backbone_identity=backbone_identity))
+        model.load_state_dict(state_dict)
+        return model
+
+    def transform(self, images: torch.Tensor, config: Any) -> torch.Tensor:
+        return normalise(to_unit_float(images))
+
+    def calibration_to(self, calibration: Mapping[str, Any], device: torch.device
+                       ) -> dict[str, Any]:
+        mean_map = calibration.get("mean_map")
+        return {"mean_map": mean_map.to(device) if mean_map is not None else None}
+
+    def predict(self, model: nn.Module, x: torch.Tensor, calibration: Mapping[str, Any],
+                keep_maps: bool = True
+                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        out = score_batch(model, x, calibration.get("mean_map"))
+        return out["mean"], out["max"], out["map"] if keep_maps else None
+
+    # -- training -------------------------------------------------------------------------------
+    def training_data(self, normals: Dataset, anomalies: Dataset | None, config: Any) -> Dataset:
+        return normals  # normal tiles only: the loop refuses anomalies (not weakly supervised)
+
+    def calibration_data(self, normals: Dataset, config: Any) -> Dataset:
+        return normals
+
+    def optimiser(self, model: nn.Module, config: Any) -> torch.optim.Optimizer:
+        return torch.optim.Adam(model.trainable_parameters(), lr=config.train.lr,
+                                weight_decay=config.train.weight_decay)
+
+    def loader(self, data: Dataset, config: Any, rng: EpochRng, workers: int,
+               pin_memory: bool) -> Iterable[Any]:
+        t = config.train
+        sampler = RandomSampler(data, replacement=True, num_samples=t.samples_per_epoch,
+                                generator=rng(SAMPLER_STREAM))
+        return DataLoader(data, batch_size=t.batch_size, sampler=sampler, num_workers=workers,
+                          drop_last=False, persistent_workers=False, pin_memory=pin_memory)
+
+    def augmenter(self, rng: EpochRng) -> torch.Generator:
+        return rng(AUGMENT_STREAM)
+
+    def train_step(self, model: nn.Module, optimiser: torch.optim.Optimizer, batch: Any,
+                   config: Any, epoch: int, aug: torch.Generator, runtime: Any
+                   ) -> dict[str, float]:
+        t = config.train
+        weights = loss_weights(t.loss_weighting, epoch, t.epochs)
+        images, labels = make_cutpaste_batch(batch, aug, image_jitter=t.image_jitter,
+                                             patch_jitter=t.patch_jitter)
+        x = runtime.layout(normalise(images).to(runtime.device, non_blocking=True))
+        labels = labels.to(runtime.device)
+        with runtime.autocast():
+            outputs = model(x)
+            loss, parts = haloae_loss(outputs, x, labels, weights, t.loss_terms)
+        value = float(loss.detach())
+        stats = {"loss": value, **{k: float(parts[k]) for k in self.loss_terms},
+                 "images": float(len(x))}
+        if not torch.isfinite(loss):
+            return stats
+        optimiser.zero_grad(set_to_none=True)
+        loss.backward()
+        optimiser.step()
+        return stats
+
+    def epoch_record(self, sums: Mapping[str, float], steps: int, config: Any, epoch: int,
+                     optimiser: torch.optim.Optimizer) -> dict[str, float]:
+        w = loss_weights(config.train.loss_weighting, epoch, config.train.epochs)
+        return {"epoch": epoch, **{k: v / max(steps, 1) for k, v in sums.items()},
+                "w_cls": w[0], "w_fm": w[1], "w_im": w[2]}
+
+    def calibration_batch(self, model: nn.Module, batch: Any, runtime: Any) -> torch.Tensor:
+        x = runtime.layout(normalise(runtime.to_device(batch)))
+        with runtime.autocast():
+            fm = model.features(x)
+            raw = anomaly_map(fm, model.reconstruct_features(fm))
+        return raw.float().cpu()
+
+    def summarise_calibration(self, parts: list[torch.Tensor]) -> dict[str, Any]:
+        raw = torch.cat(parts)
+        mean_map = raw.mean(dim=0)
+        maps = smooth_map(normalise_map(raw, mean_map))
+        mean_scores, max_scores = tile_scores(maps)
+        return {"mean_map": mean_map, **score_summary(mean_scores, max_scores)}
