@@ -8,8 +8,8 @@ import socket
 
 import numpy as np
 import pytest
-
 from test_cli import assert_one_error_line, run
+
 from wsi_anomaly.cli import build_parser, main
 from wsi_anomaly.errors import EXIT_SLIDES_FAILED
 from wsi_anomaly.slide.synthetic import write_synthetic_slide

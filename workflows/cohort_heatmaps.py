@@ -29,7 +29,9 @@ from wsi_anomaly.pipeline import HeatmapSettings, run_cohort
 
 def slurm_cluster(jobs: int, partition: str, walltime: str, memory: str = "64GB", cores: int = 8):
     """A dask-jobqueue SLURMCluster of ``jobs`` single-GPU workers."""
-    from dask_jobqueue import SLURMCluster  # optional dependency: pip install dask-jobqueue
+    from dask_jobqueue import (
+        SLURMCluster,  # optional dependency: pip install dask-jobqueue
+    )
 
     cluster = SLURMCluster(
         queue=partition, cores=cores, processes=1, memory=memory, walltime=walltime,

@@ -12,7 +12,7 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
-from typing import Sequence
+from collections.abc import Sequence
 
 from .. import __version__
 from ..errors import WsiAnomalyError
@@ -20,7 +20,7 @@ from . import demo, heatmap, info, mvtec, score, synth, tile, train
 from .mvtec import anomaly_count
 from .options import add_verbosity_options, common_parent
 
-__all__ = ["main", "build_parser", "anomaly_count"]
+__all__ = ["anomaly_count", "build_parser", "main"]
 
 #: Subcommands in the order ``--help`` lists them.
 COMMANDS = (info, tile, train, score, mvtec, synth, heatmap, demo)

@@ -7,9 +7,18 @@ import sys
 from pathlib import Path
 
 from ..errors import EXIT_SLIDES_FAILED
-from .options import (add_batch_size_option, add_device_option, add_overwrite_option,
-                      add_slide_mpp_options, check_output_folder, check_scheduler, colormap,
-                      fraction, positive_float, positive_int)
+from .options import (
+    add_batch_size_option,
+    add_device_option,
+    add_overwrite_option,
+    add_slide_mpp_options,
+    check_output_folder,
+    check_scheduler,
+    colormap,
+    fraction,
+    positive_float,
+    positive_int,
+)
 
 
 def add_parser(sub, parents: list[argparse.ArgumentParser]) -> None:

@@ -6,9 +6,16 @@ import argparse
 from pathlib import Path
 
 from ..errors import InvalidInputError
-from .options import (add_device_option, add_family_option, add_loader_workers_option,
-                      add_overwrite_option, check_output_folder, config_overrides,
-                      non_negative_int, positive_int)
+from .options import (
+    add_device_option,
+    add_family_option,
+    add_loader_workers_option,
+    add_overwrite_option,
+    check_output_folder,
+    config_overrides,
+    non_negative_int,
+    positive_int,
+)
 
 
 def add_parser(sub, parents: list[argparse.ArgumentParser]) -> None:

@@ -5,8 +5,13 @@ from __future__ import annotations
 import argparse
 
 from ..errors import InvalidInputError
-from .options import (add_batch_size_option, add_device_option, add_loader_workers_option,
-                      add_overwrite_option, check_output_file)
+from .options import (
+    add_batch_size_option,
+    add_device_option,
+    add_loader_workers_option,
+    add_overwrite_option,
+    check_output_file,
+)
 
 
 def add_parser(sub, parents: list[argparse.ArgumentParser]) -> None:

@@ -5,8 +5,15 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from .options import (add_overwrite_option, add_read_threads_option, add_slide_mpp_options,
-                      fraction, positive_float, positive_int, slide_override)
+from .options import (
+    add_overwrite_option,
+    add_read_threads_option,
+    add_slide_mpp_options,
+    fraction,
+    positive_float,
+    positive_int,
+    slide_override,
+)
 
 
 def add_parser(sub, parents: list[argparse.ArgumentParser]) -> None:

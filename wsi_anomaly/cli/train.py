@@ -6,9 +6,17 @@ import argparse
 import logging
 
 from ..errors import InvalidInputError
-from .options import (add_batch_size_option, add_device_option, add_family_option,
-                      add_loader_workers_option, add_overwrite_option, check_output_file,
-                      config_overrides, positive_float, positive_int)
+from .options import (
+    add_batch_size_option,
+    add_device_option,
+    add_family_option,
+    add_loader_workers_option,
+    add_overwrite_option,
+    check_output_file,
+    config_overrides,
+    positive_float,
+    positive_int,
+)
 
 log = logging.getLogger("wsi_anomaly")
 
