@@ -146,7 +146,7 @@ def test_train_atacnet_command(capsys, tmp_path, small_store):
     for i in range(2):
         Image.new("RGB", (256, 256), (30 + 40 * i, 160, 40)).save(anomalies / f"a{i}.png")
     model = tmp_path / "atac.pt"
-    code, out, err = run(capsys, "train", "--model", "atacnet", "--tiles", str(small_store),
+    code, out, err = run(capsys, "train", "--family", "atacnet", "--tiles", str(small_store),
                          "--anomalies", str(anomalies), "--out", str(model),
                          "--config", "atacnet_fast", "--backbone-weights", "random",
                          "--epochs", "1", "--batch-size", "4", "-q")
@@ -155,9 +155,9 @@ def test_train_atacnet_command(capsys, tmp_path, small_store):
     assert load_checkpoint(model, expect_model="atacnet")["n_labelled_anomalies"] == 2
     code, _, err = run(capsys, "train", "--tiles", str(small_store), "--anomalies", str(anomalies),
                        "--out", str(tmp_path / "h.pt"))
-    assert_one_error_line(code, err, "--model atacnet")
+    assert_one_error_line(code, err, "--family atacnet")
     empty = tmp_path / "none"
     empty.mkdir()
-    code, _, err = run(capsys, "train", "--model", "atacnet", "--tiles", str(small_store),
+    code, _, err = run(capsys, "train", "--family", "atacnet", "--tiles", str(small_store),
                        "--anomalies", str(empty), "--out", str(tmp_path / "x.pt"))
     assert_one_error_line(code, err, "no images")

@@ -143,7 +143,7 @@ def test_rerun_skips_done_categories(capsys, trained_run, data_root, tiny_yaml):
 def test_checkpoint_dir_evaluates_without_training(capsys, trained_run, data_root, tmp_path):
     code, out, _ = run(capsys, "mvtec", "--root", str(data_root), "--category", "widget",
                        "--checkpoint-dir", str(trained_run), "--out", str(tmp_path), "--device",
-                       "cpu", "--figures", "0", "--workers", "0", "-q")
+                       "cpu", "--figures", "0", "--loader-workers", "0", "-q")
     assert code == 0 and "widget: ok" in out
     assert not (tmp_path / "widget" / "model.pt").exists()
     record = json.loads((tmp_path / "widget" / "metrics.json").read_text())
@@ -176,7 +176,7 @@ def test_bad_input_gives_one_line(capsys, data_root, tmp_path):
     assert_one_error_line(code, err, "not found")
     code, _, err = run(capsys, "mvtec", "--root", str(data_root), "--category", "carpet")
     assert_one_error_line(code, err, "'carpet' not found", "available: widget")
-    code, _, err = run(capsys, "mvtec", "--root", str(data_root), "--model", "nosuch")
+    code, _, err = run(capsys, "mvtec", "--root", str(data_root), "--family", "nosuch")
     assert_one_error_line(code, err, "available: atacnet, haloae")
     code, _, err = run(capsys, "mvtec", "--root", str(data_root), "--checkpoint-dir",
                        str(tmp_path), "--out", str(tmp_path / "o"))

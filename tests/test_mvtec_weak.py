@@ -1,5 +1,5 @@
 """The weakly supervised MVTec protocol for ATAC-Net: splits (general and hard), split.json, the
-`mvtec --model atacnet --anomalies` command end to end, and one-line errors for bad input."""
+`mvtec --family atacnet --anomalies` command end to end, and one-line errors for bad input."""
 
 import csv
 import importlib.util
@@ -100,7 +100,7 @@ def weak_run(data_root, atac_yaml, tmp_path_factory):
     from wsi_anomaly.cli import main
 
     out = tmp_path_factory.mktemp("weak_results")
-    code = main(["mvtec", "--model", "atacnet", "--anomalies", "2", "--seeds", "2", "--root",
+    code = main(["mvtec", "--family", "atacnet", "--anomalies", "2", "--seeds", "2", "--root",
                  str(data_root), "--category", "widget", "--config", str(atac_yaml), "--out",
                  str(out), "--device", "cpu", "--backbone-weights", "random", "--seed", "5",
                  "--eval-batch-size", "8", "-q"])
@@ -137,7 +137,7 @@ def test_weak_command_end_to_end(weak_run, data_root):
 def test_weak_rerun_skips_done_seeds(capsys, weak_run, data_root, atac_yaml):
     model = weak_run / "widget" / "seed5" / "model.pt"
     before = model.stat().st_mtime_ns
-    code, out, _ = run(capsys, "mvtec", "--model", "atacnet", "--anomalies", "2", "--seeds", "2",
+    code, out, _ = run(capsys, "mvtec", "--family", "atacnet", "--anomalies", "2", "--seeds", "2",
                        "--root", str(data_root), "--category", "widget", "--config",
                        str(atac_yaml), "--out", str(weak_run), "--device", "cpu", "--seed", "5",
                        "-q")
@@ -146,17 +146,17 @@ def test_weak_rerun_skips_done_seeds(capsys, weak_run, data_root, atac_yaml):
 
 
 @pytest.mark.parametrize("extra,needles", [
-    (["--model", "atacnet", "--anomalies", "5"], ["only 4", "--anomalies"]),
-    (["--model", "atacnet", "--anomalies", "3", "--setting", "hard", "--known-type", "spot"],
+    (["--family", "atacnet", "--anomalies", "5"], ["only 4", "--anomalies"]),
+    (["--family", "atacnet", "--anomalies", "3", "--setting", "hard", "--known-type", "spot"],
      ["only 2", "'spot'"]),
-    (["--anomalies", "2"], ["--anomalies", "--model atacnet"]),
-    (["--model", "atacnet", "--anomalies", "1", "--setting", "hard", "--known-type", "crack"],
+    (["--anomalies", "2"], ["--anomalies", "--family atacnet"]),
+    (["--family", "atacnet", "--anomalies", "1", "--setting", "hard", "--known-type", "crack"],
      ["'crack'", "available: scratch, spot"]),
-    (["--model", "atacnet", "--anomalies", "1", "--setting", "hard"], ["--known-type"]),
-    (["--model", "atacnet", "--anomalies", "paper"], ["widget", "--anomalies N"]),
-    (["--model", "atacnet", "--anomalies", "paper", "--setting", "hard", "--known-type", "spot"],
+    (["--family", "atacnet", "--anomalies", "1", "--setting", "hard"], ["--known-type"]),
+    (["--family", "atacnet", "--anomalies", "paper"], ["widget", "--anomalies N"]),
+    (["--family", "atacnet", "--anomalies", "paper", "--setting", "hard", "--known-type", "spot"],
      ["--anomalies paper", "--setting general"]),
-    (["--model", "atacnet", "--anomalies", "many"], ["--anomalies", "'paper'", "'many'"]),
+    (["--family", "atacnet", "--anomalies", "many"], ["--anomalies", "'paper'", "'many'"]),
 ])
 def test_bad_input_is_one_line(capsys, data_root, atac_yaml, tmp_path, extra, needles):
     code, _, err = run(capsys, "mvtec", "--root", str(data_root), "--category", "widget",

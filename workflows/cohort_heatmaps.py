@@ -13,7 +13,8 @@ Three ways to get workers, all ending in ``wsi_anomaly.pipeline.run_cohort``:
           --slurm 8 --partition gpu --walltime 04:00:00
 
 Finished slides are skipped on re-run, failures are recorded in ``results/summary.csv`` and the
-cohort goes on.
+cohort goes on; the exit status is then 5 (``wsi_anomaly.errors.EXIT_SLIDES_FAILED``), as for
+``wsi-anomaly heatmap --skip-errors``.
 """
 
 from __future__ import annotations
@@ -21,13 +22,16 @@ from __future__ import annotations
 import argparse
 import sys
 
-from wsi_anomaly.errors import WsiAnomalyError
+from wsi_anomaly.cli.options import check_scheduler, positive_int
+from wsi_anomaly.errors import EXIT_SLIDES_FAILED, WsiAnomalyError
 from wsi_anomaly.pipeline import HeatmapSettings, run_cohort
 
 
 def slurm_cluster(jobs: int, partition: str, walltime: str, memory: str = "64GB", cores: int = 8):
     """A dask-jobqueue SLURMCluster of ``jobs`` single-GPU workers."""
-    from dask_jobqueue import SLURMCluster  # optional dependency: pip install dask-jobqueue
+    from dask_jobqueue import (
+        SLURMCluster,  # optional dependency: pip install dask-jobqueue
+    )
 
     cluster = SLURMCluster(
         queue=partition, cores=cores, processes=1, memory=memory, walltime=walltime,
@@ -44,20 +48,26 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--model", required=True)
     ap.add_argument("--out", default="results")
     where = ap.add_mutually_exclusive_group()
-    where.add_argument("--local", type=int, metavar="N", help="local cluster of N processes")
+    where.add_argument("--local", type=positive_int, metavar="N",
+                       help="local cluster of N processes")
     where.add_argument("--scheduler", metavar="ADDRESS", help="existing dask scheduler")
-    where.add_argument("--slurm", type=int, metavar="JOBS", help="SLURM jobs via dask-jobqueue")
+    where.add_argument("--slurm", type=positive_int, metavar="JOBS",
+                       help="SLURM jobs via dask-jobqueue")
     ap.add_argument("--partition", default="gpu")
     ap.add_argument("--walltime", default="04:00:00")
-    ap.add_argument("--batch-size", type=int, default=64)
+    ap.add_argument("--batch-size", type=positive_int, default=64)
+    ap.add_argument("--read-threads", type=positive_int, metavar="N",
+                    help="slide-decoding threads per slide (default: one per CPU core)")
     ap.add_argument("--overwrite", action="store_true")
     args = ap.parse_args(argv)
 
     settings = HeatmapSettings(batch_size=args.batch_size, overwrite=args.overwrite,
-                               progress=False)
+                               read_workers=args.read_threads or 0, progress=False)
     cluster = None
     scheduler = args.scheduler
     try:
+        if scheduler:
+            check_scheduler(scheduler)
         if args.slurm:
             cluster = slurm_cluster(args.slurm, args.partition, args.walltime)
             scheduler = cluster.scheduler_address
@@ -69,9 +79,9 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         if cluster is not None:
             cluster.close()
-    failed = [r for r in rows if r["status"] not in ("ok", "skipped (done)")]
-    print(f"{len(rows) - len(failed)} of {len(rows)} slides done; see {args.out}/summary.csv")
-    return 0 if not failed else 1
+    done = [r for r in rows if r["status"] in ("ok", "skipped (done)")]
+    print(f"{len(done)} of {len(rows)} slides done; see {args.out}/summary.csv")
+    return EXIT_SLIDES_FAILED if len(done) < len(rows) else 0
 
 
 if __name__ == "__main__":

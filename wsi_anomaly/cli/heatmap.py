@@ -1,0 +1,96 @@
+"""``wsi-anomaly heatmap SLIDE… --model model.pt --out results/``: score slides, draw heatmaps."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from ..errors import EXIT_SLIDES_FAILED
+from .options import (
+    add_batch_size_option,
+    add_device_option,
+    add_overwrite_option,
+    add_slide_mpp_options,
+    check_output_folder,
+    check_scheduler,
+    colormap,
+    fraction,
+    positive_float,
+    positive_int,
+)
+
+
+def add_parser(sub, parents: list[argparse.ArgumentParser]) -> None:
+    p = sub.add_parser("heatmap", parents=parents, help="score slides and draw heatmaps",
+                       description="Tile each slide at the model's resolution, score every tissue "
+                                   "tile, and write heatmap.png, overlay.png, thumbnail.png, "
+                                   "heatmap.ome.zarr, tiles.geojson, top_tiles.png and "
+                                   "summary.json to OUT/<slide name>/, plus OUT/summary.csv. "
+                                   f"Exit status {EXIT_SLIDES_FAILED} when --skip-errors "
+                                   "recorded failed slides.")
+    p.add_argument("slides", nargs="+", help="slide files, folders of slides, or glob patterns")
+    p.add_argument("--model", required=True, metavar="FILE", help="checkpoint written by `train`")
+    p.add_argument("--out", default="results", help="output folder (default results/)")
+    p.add_argument("--mpp", type=positive_float,
+                   help="tile resolution, µm/px (default: the model's training resolution)")
+    p.add_argument("--min-tissue", type=fraction, default=0.5,
+                   help="score tiles with at least this tissue fraction (default 0.5)")
+    add_batch_size_option(p, 32, "tiles per model batch")
+    add_device_option(p)
+    p.add_argument("--keep-maps", action="store_true",
+                   help="also store each tile's 64×64 anomaly map in the tile store")
+    p.add_argument("--top-k", type=positive_int, default=16,
+                   help="tiles in top_tiles.png (default 16)")
+    p.add_argument("--cmap", type=colormap, default="coolwarm",
+                   help="matplotlib colour map (coolwarm as in the paper; viridis, inferno…)")
+    p.add_argument("--workers", type=positive_int, default=None, metavar="N",
+                   help="dask worker processes: a local cluster of N processes, one slide per "
+                        "task (default: slides one after another in this process)")
+    p.add_argument("--scheduler", metavar="ADDRESS",
+                   help="use an existing dask.distributed scheduler (e.g. tcp://host:8786); GPU "
+                        "workers should be started with --resources GPU=1")
+    p.add_argument("--read-threads", type=positive_int, default=None, metavar="N",
+                   help="slide-decoding threads per slide (default: one per CPU core)")
+    p.add_argument("--skip-errors", action="store_true",
+                   help="record a failing slide in summary.csv and go on (exit status "
+                        f"{EXIT_SLIDES_FAILED} if any failed)")
+    add_overwrite_option(p, "redo slides that are already done")
+    add_slide_mpp_options(p)
+    p.set_defaults(func=run)
+
+
+def _failed(rows: list[dict]) -> list[dict]:
+    """Slides that produced no heatmap: failures, and a lone slide without tissue."""
+    bad = {"failed"} | ({"no tissue"} if len(rows) == 1 else set())
+    return [r for r in rows if r["status"] in bad]
+
+
+def run(args: argparse.Namespace) -> int:
+    from ..pipeline import HeatmapSettings, run_cohort
+
+    out = check_output_folder(args.out)
+    if args.scheduler:
+        check_scheduler(args.scheduler)
+    settings = HeatmapSettings(
+        target_mpp=args.mpp, min_tissue=args.min_tissue, batch_size=args.batch_size,
+        device=args.device, keep_maps=args.keep_maps, top_k=args.top_k, cmap=args.cmap,
+        slide_mpp=args.slide_mpp, mpp_csv=args.mpp_csv, overwrite=args.overwrite,
+        progress=not args.quiet, read_workers=args.read_threads or 0)
+    rows = run_cohort(args.slides, out, args.model, settings, scheduler=args.scheduler,
+                      workers=args.workers, skip_errors=args.skip_errors)
+    for row in rows:
+        if row["status"] in ("ok", "skipped (done)"):
+            print(f"{row['slide']}: {row['status']}, {row['n_tiles']} tiles, "
+                  f"{float(row['fraction_anomalous'] or 0):.1%} above the training 99th "
+                  f"percentile → {row['output']}")
+        else:
+            print(f"{row['slide']}: {row['status']}: {row['error']}")
+    done = [r for r in rows if r["status"] in ("ok", "skipped (done)")]
+    summary = Path(out) / "summary.csv"
+    print(f"{len(done)} of {len(rows)} slides done; cohort table {summary}")
+    failed = _failed(rows)
+    if failed:
+        print(f"{len(failed)} of {len(rows)} slides failed (see {summary})", file=sys.stderr)
+        return EXIT_SLIDES_FAILED
+    return 0

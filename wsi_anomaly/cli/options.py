@@ -1,0 +1,238 @@
+"""Option helpers shared by the subcommands: argparse types, option groups, output checks.
+
+One flag means one thing in every command that has it:
+
+* ``--read-threads N``   slide-decoding threads (tile, heatmap);
+* ``--loader-workers N`` DataLoader worker processes (train, score, mvtec);
+* ``--workers N``        dask worker processes, one slide per task (heatmap only);
+* ``--model FILE``       a checkpoint written by ``train`` (score, heatmap); the model family of
+  ``train`` and ``mvtec`` is ``--family``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import socket
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit
+
+from ..errors import InvalidInputError
+
+#: Model families that ``train`` and ``mvtec`` accept with ``--family``.
+FAMILIES = ("haloae", "atacnet")
+
+
+# -- argparse types ----------------------------------------------------------------------------
+def _number(text: str, kind: type) -> Any:
+    try:
+        return kind(text)
+    except ValueError:
+        noun = "a whole number" if kind is int else "a number"
+        raise argparse.ArgumentTypeError(f"{text!r} is not {noun}") from None
+
+
+def positive_int(text: str) -> int:
+    value = _number(text, int)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{text} must be at least 1")
+    return value
+
+
+def non_negative_int(text: str) -> int:
+    value = _number(text, int)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"{text} must be 0 or more")
+    return value
+
+
+def positive_float(text: str) -> float:
+    value = _number(text, float)
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"{text} must be positive")
+    return value
+
+
+def fraction(text: str) -> float:
+    value = _number(text, float)
+    if not 0.0 <= value <= 1.0:
+        raise argparse.ArgumentTypeError(f"{text} must be between 0 and 1")
+    return value
+
+
+def colormap(text: str) -> str:
+    """A colour map registered with matplotlib (checked now, not after a slide is scored)."""
+    import matplotlib
+
+    if text not in matplotlib.colormaps:
+        raise argparse.ArgumentTypeError(
+            f"unknown matplotlib colour map {text!r} (e.g. coolwarm, viridis, inferno, magma)")
+    return text
+
+
+# -- options that no longer exist in a command -------------------------------------------------
+class _Moved(argparse.Action):
+    """A hidden option that stops parsing with one line naming the flag to use instead."""
+
+    def __init__(self, option_strings, dest, hint: str = "", **kwargs):
+        kwargs.update(nargs="?", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
+        super().__init__(option_strings, dest, **kwargs)
+        self.hint = hint
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        hint = self.hint.format(value=values if values is not None else "NAME")
+        command = parser.prog.split()[-1]
+        parser.error(f"{option_string} is not an option of {command}: {hint}")
+
+
+def add_moved_option(p: argparse.ArgumentParser, flag: str, hint: str) -> None:
+    """``flag`` gives one error line with ``hint`` (``{value}`` is the value given)."""
+    p.add_argument(flag, action=_Moved, hint=hint)
+
+
+def add_moved_workers(p: argparse.ArgumentParser, right_flag: str, meaning: str) -> None:
+    add_moved_option(p, "--workers", f"use {right_flag} N ({meaning}); --workers is the number "
+                                     "of dask processes of heatmap")
+
+
+def add_moved_model(p: argparse.ArgumentParser) -> None:
+    add_moved_option(p, "--model", "the model family is --family {value} "
+                                   f"(available: {', '.join(sorted(FAMILIES))}); --model names "
+                                   "a checkpoint file in score and heatmap")
+
+
+# -- option groups ------------------------------------------------------------------------------
+def common_parent() -> argparse.ArgumentParser:
+    """-v/-q/--debug after the subcommand. Their defaults live on the main parser (so that
+    ``wsi-anomaly -v heatmap …`` works too): here they are set only when given."""
+    common = argparse.ArgumentParser(add_help=False)
+    add_verbosity_options(common, default=argparse.SUPPRESS)
+    return common
+
+
+def add_verbosity_options(p: argparse.ArgumentParser, default: Any = False) -> None:
+    p.add_argument("-v", "--verbose", action="store_true", default=default,
+                   help="log the package's debug messages")
+    p.add_argument("-q", "--quiet", action="store_true", default=default,
+                   help="warnings and errors only: no progress bars, no info messages")
+    p.add_argument("--debug", action="store_true", default=default,
+                   help="show tracebacks for every error")
+
+
+def add_slide_mpp_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--slide-mpp", type=positive_float, metavar="MPP",
+                   help="level-0 microns per pixel of the slide, overriding its metadata "
+                        "(needed when the slide has none)")
+    p.add_argument("--mpp-csv", metavar="CSV",
+                   help="cohort overrides: a CSV with columns slide,mpp (slide = file name, "
+                        "stem or path)")
+
+
+def slide_override(args: argparse.Namespace, slide: str) -> float | None:
+    """The user's level-0 mpp for ``slide``: --slide-mpp, else its row of --mpp-csv."""
+    if args.slide_mpp is not None:
+        return args.slide_mpp
+    if args.mpp_csv:
+        from ..slide.resolution import load_mpp_csv, lookup_mpp
+
+        return lookup_mpp(load_mpp_csv(args.mpp_csv), slide)
+    return None
+
+
+def add_device_option(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--device", default="auto",
+                   help="auto (CUDA if present, with bf16 autocast), cpu or cuda")
+
+
+def add_batch_size_option(p: argparse.ArgumentParser, default: int | None, what: str) -> None:
+    shown = f" (default {default})" if default is not None else ""
+    p.add_argument("--batch-size", type=positive_int, default=default, metavar="N",
+                   help=f"{what}{shown}")
+
+
+def add_read_threads_option(p: argparse.ArgumentParser, what: str) -> None:
+    p.add_argument("--read-threads", type=positive_int, default=None, metavar="N",
+                   help=f"{what} (default: one per CPU core)")
+    add_moved_workers(p, "--read-threads", "slide-decoding threads")
+
+
+def add_loader_workers_option(p: argparse.ArgumentParser, default: int | None = None,
+                              what: str = "DataLoader worker processes") -> None:
+    shown = f"default {default}" if default is not None else "default from the config"
+    p.add_argument("--loader-workers", type=non_negative_int, default=default, metavar="N",
+                   help=f"{what}; 0 loads in the main process ({shown})")
+    add_moved_workers(p, "--loader-workers", "DataLoader worker processes")
+
+
+def add_family_option(p: argparse.ArgumentParser, help: str, choices: bool = True) -> None:
+    p.add_argument("--family", default="haloae", metavar="haloae|atacnet",
+                   choices=FAMILIES if choices else None, help=help)
+    add_moved_model(p)
+
+
+def add_overwrite_option(p: argparse.ArgumentParser, help: str = "replace existing outputs"
+                         ) -> None:
+    p.add_argument("--overwrite", action="store_true", help=help)
+
+
+# -- config overrides ----------------------------------------------------------------------------
+def config_overrides(args: argparse.Namespace, schedule_section: str) -> dict:
+    """Command-line values into a config: the schedule knobs (epochs, batch size, lr) go to
+    ``schedule_section`` (the chosen family's own schedule)."""
+    model: dict = {"name": args.family}
+    if getattr(args, "backbone_weights", None):
+        model["backbone_weights"] = args.backbone_weights
+    sections: dict[str, dict] = {"model": model, "train": {}, schedule_section: {}}
+    for name in ("epochs", "batch_size", "lr"):
+        value = getattr(args, name, None)
+        if value is not None:
+            sections[schedule_section][name] = value
+    if getattr(args, "samples_per_epoch", None) is not None:
+        sections["train"]["samples_per_epoch"] = args.samples_per_epoch
+    if getattr(args, "loader_workers", None) is not None:
+        sections["train"]["workers"] = args.loader_workers
+    out: dict = {key: section for key, section in sections.items() if section}
+    if getattr(args, "seed", None) is not None:
+        out["seed"] = args.seed
+    return out
+
+
+# -- outputs -------------------------------------------------------------------------------------
+def check_output_file(path: str | Path, flag: str = "--out") -> Path:
+    """``path`` will be written as a file: refuse an existing folder there."""
+    path = Path(path)
+    if path.is_dir():
+        raise InvalidInputError(f"{flag} {path} is a folder; give a file name (e.g. "
+                                f"{path / 'model.pt'})")
+    return path
+
+
+def check_output_folder(path: str | Path, flag: str = "--out") -> Path:
+    """``path`` will be a folder of outputs: refuse an existing file there."""
+    path = Path(path)
+    if path.exists() and not path.is_dir():
+        raise InvalidInputError(f"{flag} {path} is a file; give a folder for the outputs")
+    return path
+
+
+# -- dask ----------------------------------------------------------------------------------------
+def check_scheduler(address: str, timeout_s: float = 5.0) -> None:
+    """Refuse a dask scheduler address nothing listens on, before any slide work starts."""
+    parts = urlsplit(address if "://" in address else f"tcp://{address}")
+    if parts.scheme not in ("tcp", "tls"):
+        return  # inproc://, ucx://…: dask checks these itself
+    try:
+        host, port = parts.hostname, parts.port or 8786
+    except ValueError:
+        raise InvalidInputError(f"--scheduler {address!r} is not an address like "
+                                "tcp://host:8786") from None
+    if not host:
+        raise InvalidInputError(f"--scheduler {address!r} is not an address like tcp://host:8786")
+    try:
+        with socket.create_connection((host, port), timeout=timeout_s):
+            pass
+    except OSError as exc:
+        reason = (f"no answer within {timeout_s:g} s" if isinstance(exc, TimeoutError)
+                  else exc.strerror or str(exc))
+        raise InvalidInputError(f"cannot reach dask scheduler at {address} ({reason}); start it "
+                                "or check the address") from None

@@ -1,0 +1,48 @@
+"""``wsi-anomaly score --model model.pt PATH…``: per-image scores of image files."""
+
+from __future__ import annotations
+
+import argparse
+
+from ..errors import InvalidInputError
+from .options import (
+    add_batch_size_option,
+    add_device_option,
+    add_loader_workers_option,
+    add_overwrite_option,
+    check_output_file,
+)
+
+
+def add_parser(sub, parents: list[argparse.ArgumentParser]) -> None:
+    p = sub.add_parser("score", parents=parents, help="score images or folders of tiles",
+                       description="Score image files with a trained model: a CSV of per-image "
+                                   "mean and max anomaly scores, and optionally anomaly-map PNGs.")
+    p.add_argument("paths", nargs="+", help="image files and/or folders (searched recursively)")
+    p.add_argument("--model", required=True, metavar="FILE", help="checkpoint written by `train`")
+    p.add_argument("--out", default="scores.csv", help="CSV to write (default scores.csv)")
+    p.add_argument("--maps", metavar="DIR", help="also write anomaly-map PNGs here")
+    add_batch_size_option(p, 16, "images per model batch")
+    add_loader_workers_option(p, default=0)
+    add_device_option(p)
+    add_overwrite_option(p)
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    from ..score import score_images
+
+    out = check_output_file(args.out)
+    if out.exists() and not args.overwrite:
+        raise InvalidInputError(f"{out} already exists; pass --overwrite to replace it")
+    summary = score_images(args.model, args.paths, out, maps_dir=args.maps, device=args.device,
+                           batch_size=args.batch_size, workers=args.loader_workers,
+                           progress=not args.quiet)
+    skipped = summary["skipped"]
+    extra = ""
+    if skipped["unreadable"] or skipped["too_small"]:
+        extra = (f" (skipped {skipped['unreadable']} unreadable, {skipped['too_small']} too small)")
+    print(f"scored {summary['scored']} images{extra} → {summary['csv']}"
+          + (f"; maps in {summary['maps']}" if summary["maps"] else ""))
+    return 0
+

@@ -1,0 +1,71 @@
+"""``wsi-anomaly tile SLIDE --out tiles.zarr``: a slide's tissue tiles into a zarr store."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from .options import (
+    add_overwrite_option,
+    add_read_threads_option,
+    add_slide_mpp_options,
+    fraction,
+    positive_float,
+    positive_int,
+    slide_override,
+)
+
+
+def add_parser(sub, parents: list[argparse.ArgumentParser]) -> None:
+    p = sub.add_parser("tile", parents=parents, help="cut a slide's tissue into tiles (zarr)",
+                       description="Stream the tissue tiles of a slide into a zarr v3 store at a "
+                                   "chosen resolution. Tiles with less tissue than --min-tissue "
+                                   "are dropped.")
+    p.add_argument("slide", help="slide file")
+    p.add_argument("--out", required=True, help="output tile store, e.g. tiles.zarr")
+    p.add_argument("--mpp", type=positive_float, default=0.5,
+                   help="target microns per pixel of the tiles (default 0.5 ≈ 20x)")
+    p.add_argument("--tile-px", type=positive_int, default=256,
+                   help="tile side in pixels (default 256)")
+    p.add_argument("--stride", type=positive_int, default=None, metavar="PX",
+                   help="step between tiles in pixels at the target mpp (default: tile size, "
+                        "no overlap; smaller overlaps)")
+    p.add_argument("--min-tissue", type=fraction, default=0.5,
+                   help="keep tiles with at least this tissue fraction (default 0.5)")
+    p.add_argument("--annotations", metavar="GEOJSON",
+                   help="keep only tiles inside these polygons (QuPath GeoJSON, level-0 px)")
+    p.add_argument("--annotation-class", metavar="NAME",
+                   help="use only annotations of this QuPath class (e.g. Tumor)")
+    p.add_argument("--export-png", metavar="DIR",
+                   help="also write the tiles as PNG files (the input form of train --tiles)")
+    add_read_threads_option(p, "slide-decoding threads")
+    add_overwrite_option(p)
+    add_slide_mpp_options(p)
+    p.set_defaults(func=run)
+
+
+def _tiling_settings(args: argparse.Namespace):
+    from ..slide.tissue import TissueSettings
+    from ..tiles import TilingSettings
+
+    return TilingSettings(
+        target_mpp=args.mpp, tile_px=args.tile_px, stride_px=args.stride,
+        min_tissue=args.min_tissue, tissue=TissueSettings(),
+        annotations=args.annotations, annotation_class=args.annotation_class,
+        workers=args.read_threads or 0)
+
+
+def run(args: argparse.Namespace) -> int:
+    from ..tiles import tile_slide
+
+    result = tile_slide(args.slide, args.out, _tiling_settings(args),
+                        slide_mpp=slide_override(args, args.slide), overwrite=args.overwrite,
+                        export_png=args.export_png, progress=not args.quiet)
+    plan = result.plan
+    print(f"{Path(args.slide).name}: kept {result.n_tiles} of {result.n_grid} tiles "
+          f"(mean tissue fraction {result.tissue_fraction:.2f}) at {plan['actual_mpp']:.3f} mpp "
+          f"(requested {plan['target_mpp']:g}, level {plan['level']}) in {result.seconds:.1f} s, "
+          f"{result.tiles_per_s:.0f} tiles/s → {result.store}")
+    if args.export_png:
+        print(f"tiles also written as PNG files to {args.export_png}")
+    return 0

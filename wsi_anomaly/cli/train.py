@@ -1,0 +1,121 @@
+"""``wsi-anomaly train --tiles … --out model.pt``: train a model family on tiles."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+
+from ..errors import InvalidInputError
+from .options import (
+    add_batch_size_option,
+    add_device_option,
+    add_family_option,
+    add_loader_workers_option,
+    add_overwrite_option,
+    check_output_file,
+    config_overrides,
+    positive_float,
+    positive_int,
+)
+
+log = logging.getLogger("wsi_anomaly")
+
+
+def add_parser(sub, parents: list[argparse.ArgumentParser]) -> None:
+    p = sub.add_parser("train", parents=parents, help="train HaloAE (or ATAC-Net) on tiles",
+                       description="Train a model on tiles of normal (reference) tissue: tile "
+                                   "stores written by `tile`, or folders of images (png/jpg/tif, "
+                                   "searched recursively). Writes one checkpoint with the model, "
+                                   "its training-score calibration and the resolved config.")
+    p.add_argument("--tiles", nargs="+", required=True, metavar="DIR|ZARR",
+                   help="training tiles (normal tissue): folders of images and/or tile stores")
+    p.add_argument("--out", required=True, help="checkpoint to write, e.g. model.pt")
+    add_family_option(p, help="model family: haloae (normal tiles only, default) or atacnet "
+                              "(normal tiles plus a few labelled anomalies: --anomalies)")
+    p.add_argument("--anomalies", nargs="+", metavar="DIR|ZARR",
+                   help="ATAC-Net: a few labelled anomalous tiles (folders and/or tile stores)")
+    p.add_argument("--config",
+                   help="preset name (haloae_paper, haloae_fast, atacnet, atacnet_fast) or YAML "
+                        "file (default: haloae_paper, or atacnet with --family atacnet)")
+    p.add_argument("--epochs", type=positive_int, help="override train.epochs")
+    p.add_argument("--samples-per-epoch", type=positive_int,
+                   help="override train.samples_per_epoch")
+    add_batch_size_option(p, None, "override train.batch_size (originals per step)")
+    p.add_argument("--lr", type=positive_float, help="override train.lr")
+    add_loader_workers_option(p)
+    p.add_argument("--backbone-weights", metavar="imagenet|random|FILE",
+                   help="VGG19 weights: imagenet (torchvision, default), a local state-dict file, "
+                        "or random (tests only)")
+    add_device_option(p)
+    p.add_argument("--seed", type=int, help="seed for everything (default from the config: 0)")
+    p.add_argument("--mpp", type=positive_float,
+                   help="µm/px of image-folder tiles (tile stores record their own)")
+    p.add_argument("--resume", action="store_true", help="continue an interrupted training run")
+    add_overwrite_option(p, "replace an existing checkpoint")
+    p.set_defaults(func=run)
+
+
+def _family_defaults(family: str) -> tuple[str, str]:
+    """(preset used without --config, config section of the schedule knobs) of a family."""
+    if family == "atacnet":
+        return "atacnet", "atacnet"
+    return "haloae_paper", "train"
+
+
+def _training_data(paths: list[str], tile_px: int, mpp: float | None):
+    """A dataset over tile stores and/or image folders, and the tiles' mpp."""
+    from torch.utils.data import ConcatDataset
+
+    from ..tiles.dataset import ZarrTileDataset, open_tiles
+
+    parts = [open_tiles(p, tile_px) for p in paths]
+    store_mpps = [d.mpp for d in parts if isinstance(d, ZarrTileDataset)]
+    if store_mpps and max(store_mpps) > 1.05 * min(store_mpps):
+        raise InvalidInputError(f"tile stores at different resolutions ({', '.join(f'{m:.3f}' for m in store_mpps)} "
+                                "µm/px); train on tiles of one resolution")
+    tile_mpp = mpp if mpp is not None else (store_mpps[0] if store_mpps else None)
+    if tile_mpp is None:
+        log.warning("tile resolution unknown: pass --mpp so heatmaps tile slides at the training "
+                    "resolution (assuming nothing for now)")
+    dataset = parts[0] if len(parts) == 1 else ConcatDataset(parts)
+    return dataset, tile_mpp
+
+
+def run(args: argparse.Namespace) -> int:
+    from ..config import load_config
+    from ..train import train_model
+
+    check_output_file(args.out)
+    preset, schedule = _family_defaults(args.family)
+    config = load_config(args.config or preset, config_overrides(args, schedule))
+    dataset, tile_mpp = _training_data(args.tiles, config.tile_px, args.mpp)
+    anomalies = None
+    if args.anomalies:
+        if config.model.name != "atacnet":
+            raise InvalidInputError("--anomalies is for ATAC-Net: add --family atacnet")
+        anomalies, _ = _training_data(args.anomalies, config.tile_px, args.mpp)
+    if config.model.name == "atacnet":
+        a = config.atacnet
+        print(f"training atacnet ({a.variant}) on {len(dataset)} normal tiles and "
+              f"{len(anomalies) if anomalies is not None else 0} labelled anomalies "
+              f"({a.epochs} epochs × {a.steps_per_epoch} steps, batch {a.batch_size}, "
+              f"backbone {config.model.backbone_weights})")
+    else:
+        print(f"training {config.model.name} on {len(dataset)} tiles "
+              f"({config.train.epochs} epochs × {config.train.samples_per_epoch} samples, "
+              f"batch {config.train.batch_size}, backbone {config.model.backbone_weights})")
+    result = train_model(dataset, config, args.out, device=args.device, resume=args.resume,
+                         overwrite=args.overwrite, tile_mpp=tile_mpp,
+                         source=", ".join(args.tiles), progress=not args.quiet,
+                         anomalies=anomalies)
+    last = result.history[-1] if result.history else {}
+    q = result.score_quantiles
+    terms = ("cls", "fm", "im") if config.model.name == "haloae" else ("score_normal",
+                                                                       "score_anomalous")
+    detail = ", ".join(f"{k} {last.get(k, float('nan')):.3f}" for k in terms)
+    print(f"trained {result.epochs} epochs in {result.seconds:.0f} s "
+          f"({result.images_per_s:.1f} images/s); final loss {last.get('loss', float('nan')):.4f} "
+          f"({detail})")
+    print(f"training scores: median {q.get('0.5', float('nan')):.4g}, "
+          f"99th percentile {q.get('0.99', float('nan')):.4g} → {result.checkpoint}")
+    return 0
