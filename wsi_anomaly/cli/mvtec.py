@@ -13,6 +13,7 @@ from .options import (
     add_overwrite_option,
     check_output_folder,
     config_overrides,
+    model_family,
     non_negative_int,
     positive_int,
 )
@@ -33,7 +34,7 @@ def add_parser(sub, parents: list[argparse.ArgumentParser]) -> None:
                         "ground_truth/<type>), or a single category folder")
     p.add_argument("--category", nargs="+", default=["all"], metavar="C",
                    help="categories to run, or all (default: every category found)")
-    add_family_option(p, choices=False,
+    add_family_option(p,
                       help="model family: haloae, or atacnet (weakly supervised protocol)")
     p.add_argument("--config", default=None,
                    help="preset name (haloae_paper, haloae_fast, atacnet, atacnet_fast) or YAML "
@@ -90,32 +91,23 @@ def _percent(value: float | None) -> str:
 def _family_defaults(family: str) -> tuple[bool, str, str]:
     """(weakly supervised protocol?, preset used without --config, config section of the
     schedule knobs) of a family."""
-    if family == "atacnet":
-        return True, "atacnet", "atacnet"
-    return False, "haloae_paper", "train"
-
-
-def _check_family(family: str) -> None:
-    from ..mvtec.adapters import available_models
-
-    if family not in available_models():
-        raise InvalidInputError(f"--family {family!r} cannot be benchmarked yet "
-                                f"(available: {', '.join(available_models())})")
+    entry = model_family(family)
+    return entry.weakly_supervised, entry.default_preset, entry.schedule_section
 
 
 def run(args: argparse.Namespace) -> int:
     from ..config import load_config
     from ..mvtec.benchmark import BenchmarkSettings, run_benchmark
 
-    _check_family(args.family)
     check_output_folder(args.out)
     weak, preset, schedule = _family_defaults(args.family)
     if not weak:
         for flag, value in (("--anomalies", args.anomalies), ("--setting", args.setting),
                             ("--known-type", args.known_type), ("--seeds", args.seeds)):
             if value is not None:
-                raise InvalidInputError(f"{flag} is for the weakly supervised protocol of "
-                                        "ATAC-Net: add --family atacnet")
+                raise InvalidInputError(f"{flag} is for the weakly supervised protocol of a "
+                                        "family trained with labelled anomalies, such as "
+                                        "--family atacnet")
     config = load_config(args.config or preset, config_overrides(args, schedule))
     settings = BenchmarkSettings(
         device=args.device, eval_batch_size=args.eval_batch_size, workers=config.train.workers,

@@ -20,7 +20,6 @@ from urllib.parse import urlsplit
 from ..errors import InvalidInputError
 
 #: Model families that ``train`` and ``mvtec`` accept with ``--family``.
-FAMILIES = ("haloae", "atacnet")
 
 
 # -- argparse types ----------------------------------------------------------------------------
@@ -96,9 +95,8 @@ def add_moved_workers(p: argparse.ArgumentParser, right_flag: str, meaning: str)
 
 
 def add_moved_model(p: argparse.ArgumentParser) -> None:
-    add_moved_option(p, "--model", "the model family is --family {value} "
-                                   f"(available: {', '.join(sorted(FAMILIES))}); --model names "
-                                   "a checkpoint file in score and heatmap")
+    add_moved_option(p, "--model", "the model family is --family {value}; --model names a "
+                                   "checkpoint file in score and heatmap")
 
 
 # -- option groups ------------------------------------------------------------------------------
@@ -164,10 +162,20 @@ def add_loader_workers_option(p: argparse.ArgumentParser, default: int | None = 
     add_moved_workers(p, "--loader-workers", "DataLoader worker processes")
 
 
-def add_family_option(p: argparse.ArgumentParser, help: str, choices: bool = True) -> None:
-    p.add_argument("--family", default="haloae", metavar="haloae|atacnet",
-                   choices=FAMILIES if choices else None, help=help)
+def add_family_option(p: argparse.ArgumentParser, help: str) -> None:
+    p.add_argument("--family", default="haloae", metavar="FAMILY", help=help)
     add_moved_model(p)
+
+
+def model_family(name: str):
+    """The registered model family ``--family`` names (checked when the command runs, so that
+    building the parser does not import the models)."""
+    from ..models.registry import family_names, get_family
+
+    if name not in family_names():
+        raise InvalidInputError(f"--family {name!r} is not a model family "
+                                f"(available: {', '.join(family_names())})")
+    return get_family(name)
 
 
 def add_overwrite_option(p: argparse.ArgumentParser, help: str = "replace existing outputs"

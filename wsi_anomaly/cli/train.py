@@ -14,6 +14,7 @@ from .options import (
     add_overwrite_option,
     check_output_file,
     config_overrides,
+    model_family,
     positive_float,
     positive_int,
 )
@@ -57,9 +58,8 @@ def add_parser(sub, parents: list[argparse.ArgumentParser]) -> None:
 
 def _family_defaults(family: str) -> tuple[str, str]:
     """(preset used without --config, config section of the schedule knobs) of a family."""
-    if family == "atacnet":
-        return "atacnet", "atacnet"
-    return "haloae_paper", "train"
+    entry = model_family(family)
+    return entry.default_preset, entry.schedule_section
 
 
 def _training_data(paths: list[str], tile_px: int, mpp: float | None):
@@ -89,30 +89,25 @@ def run(args: argparse.Namespace) -> int:
     preset, schedule = _family_defaults(args.family)
     config = load_config(args.config or preset, config_overrides(args, schedule))
     dataset, tile_mpp = _training_data(args.tiles, config.tile_px, args.mpp)
+    from ..models.registry import family_names, get_family
+
+    family = get_family(config.model.name)
     anomalies = None
     if args.anomalies:
-        if config.model.name != "atacnet":
-            raise InvalidInputError("--anomalies is for ATAC-Net: add --family atacnet")
+        if not family.weakly_supervised:
+            weak = [name for name in family_names() if get_family(name).weakly_supervised]
+            raise InvalidInputError(f"--anomalies is for a weakly supervised family: add "
+                                    f"--family {' or '.join(weak)}")
         anomalies, _ = _training_data(args.anomalies, config.tile_px, args.mpp)
-    if config.model.name == "atacnet":
-        a = config.atacnet
-        print(f"training atacnet ({a.variant}) on {len(dataset)} normal tiles and "
-              f"{len(anomalies) if anomalies is not None else 0} labelled anomalies "
-              f"({a.epochs} epochs × {a.steps_per_epoch} steps, batch {a.batch_size}, "
-              f"backbone {config.model.backbone_weights})")
-    else:
-        print(f"training {config.model.name} on {len(dataset)} tiles "
-              f"({config.train.epochs} epochs × {config.train.samples_per_epoch} samples, "
-              f"batch {config.train.batch_size}, backbone {config.model.backbone_weights})")
+    print(family.describe_training(config, len(dataset),
+                                   len(anomalies) if anomalies is not None else 0))
     result = train_model(dataset, config, args.out, device=args.device, resume=args.resume,
                          overwrite=args.overwrite, tile_mpp=tile_mpp,
                          source=", ".join(args.tiles), progress=not args.quiet,
                          anomalies=anomalies)
     last = result.history[-1] if result.history else {}
     q = result.score_quantiles
-    terms = ("cls", "fm", "im") if config.model.name == "haloae" else ("score_normal",
-                                                                       "score_anomalous")
-    detail = ", ".join(f"{k} {last.get(k, float('nan')):.3f}" for k in terms)
+    detail = ", ".join(f"{k} {last.get(k, float('nan')):.3f}" for k in family.loss_terms)
     print(f"trained {result.epochs} epochs in {result.seconds:.0f} s "
           f"({result.images_per_s:.1f} images/s); final loss {last.get('loss', float('nan')):.4f} "
           f"({detail})")
