@@ -38,7 +38,7 @@ def train_speed(category: MVTecCategory, args: argparse.Namespace,
         config = load_config(args.config, {
             "model": {"backbone_weights": args.backbone_weights},
             "train": {"epochs": 1, "samples_per_epoch": steps * args.train_batch,
-                      "batch_size": args.train_batch, "workers": args.workers,
+                      "batch_size": args.train_batch, "workers": args.loader_workers,
                       "calibration_tiles": args.train_batch}})
         return train_model(category.dataset("train"), config, folder / name, device=args.device,
                            overwrite=True, progress=False)
@@ -57,7 +57,7 @@ def eval_speed(category: MVTecCategory, checkpoint: Path, args: argparse.Namespa
                            batch_size=args.eval_batch)
     dataset = category.dataset("test")
     adapter(torch.stack([dataset[i] for i in range(min(len(dataset), args.eval_batch))]))  # warm-up
-    runs = [evaluate(adapter, dataset, workers=args.workers, progress=False)
+    runs = [evaluate(adapter, dataset, workers=args.loader_workers, progress=False)
             for _ in range(args.eval_repeats)]
     images = len(dataset) * len(runs)
     seconds = sum(r.seconds for r in runs)
@@ -79,7 +79,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--train-steps", type=int, default=3)
     ap.add_argument("--eval-batch", type=int, default=16)
     ap.add_argument("--eval-repeats", type=int, default=1, help="passes over the test split")
-    ap.add_argument("--workers", type=int, default=0, help="data-loading processes")
+    ap.add_argument("--loader-workers", type=int, default=0, help="DataLoader worker processes")
     ap.add_argument("--no-warmup", action="store_true", help="skip the one-step training warm-up")
     ap.add_argument("--json", type=Path, help="also write the numbers here")
     args = ap.parse_args(argv)

@@ -160,7 +160,7 @@ def test_workflow_writes_a_summary(capsys, trained_run, data_root, tmp_path):
     spec.loader.exec_module(workflow)
     code = workflow.main(["--root", str(data_root), "--categories", "widget", "--checkpoint-dir",
                           str(trained_run), "--out", str(tmp_path), "--device", "cpu",
-                          "--workers", "0", "-q"])
+                          "--loader-workers", "0", "-q"])
     assert code == 0
     summary = (tmp_path / "summary.md").read_text()
     assert "| widget |" in summary and "Runtime per category" in summary and "92.0" in summary

@@ -77,3 +77,19 @@ def test_scorer_takes_uint8_tiles_as_stored(tiny_model, small_store):
         np.testing.assert_allclose(out.maps, reference.maps, rtol=1e-5, atol=1e-6)
     with pytest.raises(ValueError):
         scorer.score(stored.permute(0, 3, 1, 2))  # uint8 must be channels-last, as stored
+
+
+def test_maps_of_images_with_the_same_name_do_not_overwrite(tiny_model, tmp_path, small_store):
+    ds = ZarrTileDataset(small_store)
+    folder = tmp_path / "imgs"
+    for i, sub in enumerate(("a", "b")):
+        (folder / sub).mkdir(parents=True)
+        rgb = (ds[i].permute(1, 2, 0).numpy() * 255).astype(np.uint8)
+        Image.fromarray(rgb).save(folder / sub / "tile.png")
+    Image.fromarray(rgb).save(folder / "tile.jpg")
+    out = tmp_path / "scores.csv"
+    score_images(tiny_model, [folder], out, maps_dir=tmp_path / "maps", device="cpu",
+                 progress=False)
+    rows = list(csv.DictReader(out.open()))
+    assert len({r["map"] for r in rows}) == 3
+    assert sorted(p.name for p in (tmp_path / "maps").iterdir()) == sorted(r["map"] for r in rows)

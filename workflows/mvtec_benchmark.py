@@ -88,7 +88,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--seed", type=int)
     ap.add_argument("--device", default="auto")
     ap.add_argument("--eval-batch-size", type=int, default=32)
-    ap.add_argument("--workers", type=int, help="data-loading processes (training and evaluation)")
+    ap.add_argument("--loader-workers", type=int, help="DataLoader worker processes (training and evaluation)")
     ap.add_argument("--checkpoint-dir", help="evaluate existing models instead of training")
     ap.add_argument("--overwrite", action="store_true", help="redo categories that are done")
     ap.add_argument("--stop-on-error", action="store_true",
@@ -111,8 +111,8 @@ def main(argv: list[str] | None = None) -> int:
         if args.epochs is not None:  # the schedule of the config's own model family
             schedule = get_family(load_config(args.config).model.name).schedule_section
             overrides[schedule] = {"epochs": args.epochs}
-        if args.workers is not None:
-            overrides.setdefault("train", {})["workers"] = args.workers
+        if args.loader_workers is not None:
+            overrides.setdefault("train", {})["workers"] = args.loader_workers
         if args.seed is not None:
             overrides["seed"] = args.seed
         config = load_config(args.config, overrides)

@@ -34,7 +34,6 @@ from functools import lru_cache
 from typing import Any, Sequence
 
 import numpy as np
-import torch
 from tqdm.auto import tqdm
 
 from . import __version__
@@ -394,8 +393,8 @@ def _score_batch_of_tiles(scorer: Scorer, tiles: np.ndarray, start: int,
     t0 = time.perf_counter()
     means, maxes, maps = [], [], []
     for b in range(0, len(tiles), scorer.batch_size):
-        x = torch.from_numpy(tiles[b:b + scorer.batch_size]).permute(0, 3, 1, 2).float().div_(255)
-        result = scorer.score(x, keep_maps=settings.keep_maps)
+        # uint8 as stored: conversion and normalisation happen on the scoring device.
+        result = scorer.score(tiles[b:b + scorer.batch_size], keep_maps=settings.keep_maps)
         means.append(result.mean)
         maxes.append(result.max)
         if settings.keep_maps:

@@ -140,6 +140,25 @@ def collect_image_paths(paths: Sequence[str | Path]) -> list[Path]:
     return out
 
 
+def unique_map_names(files: Sequence[Path]) -> list[str]:
+    """``<stem>_map.png`` per image; images whose stems collide (same name in two folders, or
+    ``a.png`` beside ``a.jpg``) get ``<stem>-<8 hex of a hash of the path>_map.png`` instead,
+    so no map overwrites another."""
+    import hashlib
+
+    stems: dict[str, int] = {}
+    for f in files:
+        stems[f.stem] = stems.get(f.stem, 0) + 1
+    names = []
+    for f in files:
+        if stems[f.stem] == 1:
+            names.append(f"{f.stem}_map.png")
+        else:
+            digest = hashlib.sha1(str(Path(f).resolve()).encode()).hexdigest()[:8]
+            names.append(f"{f.stem}-{digest}_map.png")
+    return names
+
+
 def score_images(model: str | Path, paths: Sequence[str | Path], out_csv: str | Path,
                  maps_dir: str | Path | None = None, device: str = "auto",
                  batch_size: int = 16, workers: int = 0, progress: bool = True) -> dict[str, Any]:
@@ -155,19 +174,24 @@ def score_images(model: str | Path, paths: Sequence[str | Path], out_csv: str | 
     if maps_path is not None:
         maps_path.mkdir(parents=True, exist_ok=True)
     scale = colour_scale(scorer.calibration, "max")
+    map_names = unique_map_names(dataset.files)
     n = 0
     with atomic_path(out_csv) as tmp, tmp.open("w", newline="") as fh:
         writer = csv.writer(fh)
-        writer.writerow(["path", "score_mean", "score_max"])
+        writer.writerow(["path", "score_mean", "score_max"]
+                        + (["map"] if maps_path is not None else []))
         for start, result in scorer.score_dataset(dataset, workers=workers,
                                                   keep_maps=maps_path is not None,
                                                   progress=progress):
             for k in range(len(result.mean)):
                 f = dataset.files[start + k]
-                writer.writerow([str(f), f"{result.mean[k]:.6g}", f"{result.max[k]:.6g}"])
+                row = [str(f), f"{result.mean[k]:.6g}", f"{result.max[k]:.6g}"]
                 if maps_path is not None:
-                    save_map_png(result.maps[k], scale, maps_path / f"{f.stem}_map.png",
+                    name = map_names[start + k]
+                    save_map_png(result.maps[k], scale, maps_path / name,
                                  size=scorer.tile_px, image=dataset.load_rgb(start + k))
+                    row.append(name)
+                writer.writerow(row)
                 n += 1
     return {"scored": n, "skipped": dataset.skipped, "csv": str(out_csv),
             "maps": str(maps_path) if maps_path else None}

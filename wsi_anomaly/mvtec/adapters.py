@@ -104,7 +104,7 @@ def available_models() -> list[str]:
 
 def check_model_name(name: str) -> str:
     if name not in family_names():
-        raise InvalidInputError(f"--model {name!r} cannot be benchmarked yet "
+        raise InvalidInputError(f"--family {name!r} cannot be benchmarked yet "
                                 f"(available: {', '.join(available_models())})")
     return name
 
