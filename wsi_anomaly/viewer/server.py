@@ -173,6 +173,8 @@ class Handler(BaseHTTPRequestHandler):
             from .pages import cohort_page
 
             return HTTPStatus.OK, cohort_page(viewer.results).encode(), "text/html; charset=utf-8", False
+        if parts == ["favicon.ico"]:
+            return HTTPStatus.NO_CONTENT, b"", "image/x-icon", True
         if parts == ["api", "cohort"]:
             from .pages import cohort_rows
 
