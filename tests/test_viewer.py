@@ -15,14 +15,14 @@ import pytest
 pytest.importorskip("bokeh", reason="the viewer extra is not installed")
 pytest.importorskip("jinja2", reason="the viewer extra is not installed")
 
-from PIL import Image  # noqa: E402
-from viewer_demo import build_demo_results, tumour_mask  # noqa: E402
+from PIL import Image
+from viewer_demo import build_demo_results, tumour_mask
 
-from wsi_anomaly.slide import Slide  # noqa: E402
-from wsi_anomaly.tiles import TileStore  # noqa: E402
-from wsi_anomaly.viewer import make_server  # noqa: E402
-from wsi_anomaly.viewer.command import add_parser, run  # noqa: E402
-from wsi_anomaly.viewer.pyramid import TILE_PX, TileCache, max_zoom_for  # noqa: E402
+from wsi_anomaly.slide import Slide
+from wsi_anomaly.tiles import TileStore
+from wsi_anomaly.viewer import make_server
+from wsi_anomaly.viewer.command import add_parser, run
+from wsi_anomaly.viewer.pyramid import TILE_PX, TileCache, max_zoom_for
 
 
 @pytest.fixture(scope="module")

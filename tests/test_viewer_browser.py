@@ -22,12 +22,12 @@ pytest.importorskip("bokeh", reason="the viewer extra is not installed")
 playwright_api = pytest.importorskip("playwright.sync_api",
                                      reason="playwright is not installed (.ci/install_browser.sh)")
 
-from PIL import Image  # noqa: E402
-from viewer_demo import build_demo_results, tumour_mask  # noqa: E402
+from PIL import Image
+from viewer_demo import build_demo_results, tumour_mask
 
-from wsi_anomaly.stitch import ColourScale  # noqa: E402
-from wsi_anomaly.tiles import TileStore  # noqa: E402
-from wsi_anomaly.viewer import make_server  # noqa: E402
+from wsi_anomaly.stitch import ColourScale
+from wsi_anomaly.tiles import TileStore
+from wsi_anomaly.viewer import make_server
 
 
 def _chromium() -> str | None:
@@ -140,7 +140,7 @@ def test_slide_page_draws_slide_and_overlay_on_the_fixed_scale(page, base_url, r
     red = scale.to_rgb(np.array([cs["vmax"]]))[0].astype(int)
     blue = scale.to_rgb(np.array([cs["vmin"]]))[0].astype(int)
     for (px, py), is_tumour in zip(points, tumour):
-        colour = shot[int(round(py)), int(round(px))]
+        colour = shot[round(py), round(px)]
         expected = red if is_tumour else blue
         assert np.abs(colour - expected).max() < 40, (px, py, colour, expected)
 
@@ -149,7 +149,7 @@ def test_slide_page_draws_slide_and_overlay_on_the_fixed_scale(page, base_url, r
     page.wait_for_timeout(300)
     shot = np.asarray(Image.open(io.BytesIO(page.screenshot())).convert("RGB")).astype(int)
     px, py = points[int(np.flatnonzero(~tumour)[0])]
-    assert np.abs(shot[int(round(py)), int(round(px))] - blue).max() > 40
+    assert np.abs(shot[round(py), round(px)] - blue).max() > 40
 
 
 def test_clicking_a_tile_shows_its_stored_values(page, base_url, results):

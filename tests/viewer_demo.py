@@ -36,10 +36,9 @@ class StandInScorer:
     batch_size = 8
     device = "cpu"
     precision = "fp32"
-    calibration = {"score_quantiles": {"0.5": 0.2, "0.99": 0.4},
-                   "max_score_quantiles": {"0.5": 0.2, "0.99": 0.4}}
-
     def __init__(self, path: Path):
+        self.calibration = {"score_quantiles": {"0.5": 0.2, "0.99": 0.4},
+                            "max_score_quantiles": {"0.5": 0.2, "0.99": 0.4}}
         self.identity = {"path": str(path), "model_sha256": "stand-in", "family": "stand-in"}
 
     def score(self, x, keep_maps: bool = False) -> _Result:
@@ -52,7 +51,7 @@ def build_demo_results(folder: Path) -> Path:
         return _BUILT["results"]
     import pytest
 
-    import wsi_anomaly.pipeline as pipeline
+    from wsi_anomaly import pipeline
     from wsi_anomaly.pipeline import HeatmapSettings, run_cohort
     from wsi_anomaly.tiles import TileStore
 

@@ -171,7 +171,7 @@ def slide_figure(entry: SlideResults, slide_available: bool):
 
     # The colour bar: the fixed piecewise scale drawn on a linear score axis from vmin to vmax.
     values = np.linspace(scale.vmin, scale.vmax, 256)
-    palette = ["#%02x%02x%02x" % tuple(int(c) for c in rgb) for rgb in scale.to_rgb(values)]
+    palette = ["#{:02x}{:02x}{:02x}".format(*(int(c) for c in rgb)) for rgb in scale.to_rgb(values)]
     mapper = LinearColorMapper(palette=palette, low=scale.vmin, high=scale.vmax)
     fig.add_layout(ColorBar(color_mapper=mapper, title="tile anomaly score (fixed scale)",
                             ticker=FixedTicker(ticks=[scale.vmin, scale.vcenter, scale.vmax]),

@@ -123,8 +123,8 @@ class SlidePyramid:
         level = max((lv for lv in slide.levels if lv.downsample <= ds * (1 + 1e-9)),
                     key=lambda lv: lv.downsample)
         lds = level.downsample
-        lx, ly = int(math.floor(x0 / lds)), int(math.floor(y0 / lds))
-        n = max(1, int(round(side / lds)))
+        lx, ly = math.floor(x0 / lds), math.floor(y0 / lds)
+        n = max(1, round(side / lds))
         region = slide.read_level(level.index, lx, ly, n, n)
         if n == TILE_PX:
             return region

@@ -25,11 +25,12 @@ import json
 import logging
 import re
 import threading
+from collections.abc import Callable
 from functools import lru_cache
 from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 from urllib.parse import unquote, urlsplit
 
 from .pyramid import SlidePyramid, TileCache, png_bytes
@@ -91,7 +92,7 @@ class Viewer:
                 if path is None:
                     raise FileNotFoundError("summary.json does not record the slide's path")
                 pyramid = SlidePyramid(path, mpp=entry.mpp)
-                pyramid.dimensions  # opens it: a missing or unreadable slide fails here
+                _ = pyramid.dimensions  # opens it: a missing or unreadable slide fails here
             except Exception as exc:  # any reader failure: the page falls back to thumbnail.png
                 self._slide_errors[name] = f"{path}: {exc}"
                 log.warning("%s: the original slide cannot be read: %s", name, exc)
@@ -117,22 +118,26 @@ class Viewer:
 
 class Handler(BaseHTTPRequestHandler):
     server_version = "wsi-anomaly-viewer"
+    protocol_version = "HTTP/1.1"  # keep-alive: a view loads dozens of tiles
+    # Headers and body go out in separate writes: without TCP_NODELAY each response on a
+    # kept-alive connection waits ~40 ms for the client's delayed ACK.
+    disable_nagle_algorithm = True
     viewer: Viewer  # set on the subclass made by make_server
 
-    def log_message(self, format: str, *args: Any) -> None:  # noqa: A002 - http.server's name
+    def log_message(self, format: str, *args: Any) -> None:
         log.debug("%s - %s", self.address_string(), format % args)
 
-    def do_HEAD(self) -> None:  # noqa: N802 - http.server's name
+    def do_HEAD(self) -> None:
         self._serve(head=True)
 
-    def do_GET(self) -> None:  # noqa: N802
+    def do_GET(self) -> None:
         self._serve(head=False)
 
     def _refuse(self) -> None:
         self._send(HTTPStatus.METHOD_NOT_ALLOWED, b"read-only\n", "text/plain; charset=utf-8",
                    head=False, extra={"Allow": "GET, HEAD"})
 
-    do_POST = do_PUT = do_DELETE = do_PATCH = _refuse  # noqa: N815
+    do_POST = do_PUT = do_DELETE = do_PATCH = _refuse
 
     # -- dispatch ----------------------------------------------------------------------------
     def _serve(self, head: bool) -> None:
