@@ -3,7 +3,8 @@
 Measures, against a running viewer server on this machine (one client connection, keep-alive):
 
 - **first view**: the slide page, its overlay and every slide tile of the zoom level the page
-  opens at, fetched cold (new server, empty cache) by 6 parallel connections as a browser does;
+  opens at, fetched cold (new server after its start-up imports, slide not yet opened, empty
+  cache) by 6 parallel connections as a browser does;
 - **cold tiles**: a random sample of tiles across the finest zoom levels, each requested once
   on a fresh server (read from the slide + JPEG encoding);
 - **warm tiles**: the same tiles again (served from the LRU of encoded tiles).
@@ -86,8 +87,10 @@ def serve(results: Path, cache_mb: int):
 
 
 def first_view(results: Path, name: str, cache_mb: int, viewable: bool) -> dict:
-    """Page (when the results are complete) + all slide tiles of the opening zoom level, cold."""
+    """Page (when the results are complete) + all slide tiles of the opening zoom level, cold
+    (the slide not yet opened), after the imports ``view`` does when it starts."""
     server = serve(results, cache_mb)
+    server.viewer.warm_up()
     try:
         port = server.server_address[1]
         summary = json.loads((results / name / "summary.json").read_text())

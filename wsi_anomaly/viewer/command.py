@@ -50,6 +50,9 @@ def run(args: argparse.Namespace) -> int:
         print(f"error: cannot listen on {args.host}:{args.port} ({exc.strerror or exc}); "
               "choose another --port", file=sys.stderr)
         return 2
+    import threading
+
+    threading.Thread(target=server.viewer.warm_up, daemon=True, name="warm-up").start()
     host, port = server.server_address[:2]
     shown = f"[{host}]" if ":" in str(host) else host
     url = f"http://{shown}:{port}/"

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import math
+from functools import lru_cache
 from pathlib import Path
 from typing import Any
 from urllib.parse import quote
@@ -25,6 +26,7 @@ PLOT_W, PLOT_H = 960, 720
 TOP_TILES = 20
 
 
+@lru_cache(maxsize=1)
 def _environment():
     from jinja2 import Environment, FileSystemLoader, select_autoescape
 
@@ -144,11 +146,12 @@ def slide_figure(entry: SlideResults, slide_available: bool):
                               w=grid_w, h=grid_h, anchor="top_left", global_alpha=0.5,
                               visible=False, name="pixel_overlay")
 
-    records = tile_records(entry)
+    # numpy columns: bokeh sends them as binary arrays (compact and quick for many tiles).
     side_um = tiles.tile_size_l0 * mpp
-    data = dict(records)
-    data["cx"] = [(x + tiles.tile_size_l0 / 2) * mpp for x in records["x"]]
-    data["cy"] = [-(y + tiles.tile_size_l0 / 2) * mpp for y in records["y"]]
+    centres_um = (tiles.coords + tiles.tile_size_l0 / 2) * mpp
+    data = {"x": tiles.coords[:, 0], "y": tiles.coords[:, 1], "score": tiles.scores,
+            "max": tiles.max_scores, "tissue": tiles.tissue_fraction,
+            "cx": centres_um[:, 0], "cy": -centres_um[:, 1]}
     source = ColumnDataSource(data, name="tile_source")
     squares = fig.rect("cx", "cy", width=side_um, height=side_um, source=source,
                        fill_alpha=0.0, line_alpha=0.0, selection_fill_alpha=0.0,

@@ -72,8 +72,32 @@ class Viewer:
         self.cache = TileCache(cache_bytes)
         self._pyramids: dict[str, SlidePyramid] = {}
         self._slide_errors: dict[str, str] = {}
+        self._pages: dict[str, bytes] = {}
         self._lock = threading.Lock()
         self.static = _static_assets()
+
+    def warm_up(self) -> None:
+        """Import what the first slide page needs (bokeh alone takes a second or more), so that
+        the page opens quickly once a browser asks for it."""
+        import bokeh.embed  # noqa: F401
+        import bokeh.models  # noqa: F401
+        import bokeh.plotting  # noqa: F401
+        import openslide  # noqa: F401
+        import zarr  # noqa: F401
+
+        from . import pages
+
+        pages._environment()
+
+    def page(self, name: str, make: Callable[[], str]) -> bytes:
+        """A slide page, built once: the results do not change while they are served."""
+        with self._lock:
+            cached = self._pages.get(name)
+        if cached is None:
+            cached = make().encode()
+            with self._lock:
+                self._pages[name] = cached
+        return cached
 
     # -- slides ------------------------------------------------------------------------------
     def pyramid(self, name: str) -> SlidePyramid | None:
@@ -205,8 +229,8 @@ class Handler(BaseHTTPRequestHandler):
             from .pages import slide_page
 
             available = viewer.pyramid(name) is not None
-            html = slide_page(entry, available, viewer.slide_error(name))
-            return HTTPStatus.OK, html.encode(), "text/html; charset=utf-8", False
+            html = viewer.page(name, lambda: slide_page(entry, available, viewer.slide_error(name)))
+            return HTTPStatus.OK, html, "text/html; charset=utf-8", False
         if rest[0] == "tiles" and len(rest) == 4:
             match = _TILE.match("/".join(rest[1:]))
             pyramid = viewer.pyramid(name)
