@@ -185,3 +185,24 @@ def test_clicking_a_tile_shows_its_stored_values(page, base_url, results):
 
 def summary_mpp(results: Path) -> float:
     return float(json.loads((results / "demo.tif" / "summary.json").read_text())["level0_mpp"])
+
+
+def test_hovering_a_tile_shows_its_values_and_the_pixel_map_can_be_shown(page, base_url, results):
+    loaded, _ = _open_slide(page, base_url)
+    store = TileStore(results / "demo.tif" / "tiles.zarr")
+    side = store.attrs["tile_size_l0"]
+    i = int(np.flatnonzero(~tumour_mask(store.coords, side))[-1])
+    (px, py), = page.evaluate(TO_PAGE, [(store.coords[i] + side / 2).tolist()])
+    page.mouse.move(px - 5, py - 5)
+    page.mouse.move(px, py, steps=5)
+    tooltip = page.locator(".bk-Tooltip")
+    x, y = (int(v) for v in store.coords[i])
+    tooltip.get_by_text(f"{x}, {y}", exact=True).wait_for(timeout=10_000)
+    assert tooltip.get_by_text(f"{float(store.scores[i]):.4f}", exact=True).count() == 1
+    assert tooltip.get_by_text(f"{float(store.max_scores[i]):.4f}", exact=True).count() == 1
+
+    assert not page.evaluate("() => Bokeh.documents[0].get_model_by_name('pixel_overlay').visible")
+    page.locator("#show-pixels").check()
+    page.wait_for_function("""() => Bokeh.documents[0].get_model_by_name('pixel_overlay').visible""")
+    page.wait_for_load_state("networkidle")
+    assert any(u.endswith("/slide/demo.tif/overlay/pixels.png") for u in loaded)

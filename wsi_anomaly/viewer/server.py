@@ -79,13 +79,12 @@ class Viewer:
     def warm_up(self) -> None:
         """Import what the first slide page needs (bokeh alone takes a second or more), so that
         the page opens quickly once a browser asks for it."""
-        import bokeh.embed  # noqa: F401
-        import bokeh.models  # noqa: F401
-        import bokeh.plotting  # noqa: F401
-        import openslide  # noqa: F401
-        import zarr  # noqa: F401
+        import importlib
 
         from . import pages
+
+        for module in ("bokeh.embed", "bokeh.models", "bokeh.plotting", "openslide", "zarr"):
+            importlib.import_module(module)
 
         pages._environment()
 
@@ -268,14 +267,25 @@ def _json(value: Any) -> tuple[HTTPStatus, bytes, str, bool]:
             "application/json", False)
 
 
+class ViewerServer(ThreadingHTTPServer):
+    daemon_threads = True
+    viewer: Viewer
+
+    def handle_error(self, request: Any, client_address: Any) -> None:
+        import sys
+
+        if isinstance(sys.exc_info()[1], (ConnectionResetError, BrokenPipeError)):
+            return  # the browser closed a kept-alive connection
+        super().handle_error(request, client_address)
+
+
 def make_server(results: str | Path | ResultsFolder, host: str = "127.0.0.1", port: int = 8000,
-                cache_bytes: int = 64 << 20) -> ThreadingHTTPServer:
+                cache_bytes: int = 64 << 20) -> ViewerServer:
     """A server over ``results`` (not yet serving: call ``serve_forever``). ``port=0`` picks a
     free port (``server.server_address[1]``). ``server.viewer`` is the :class:`Viewer`."""
     folder = results if isinstance(results, ResultsFolder) else ResultsFolder(results)
     viewer = Viewer(folder, cache_bytes)
     handler = type("ViewerHandler", (Handler,), {"viewer": viewer})
-    server = ThreadingHTTPServer((host, port), handler)
-    server.daemon_threads = True
-    server.viewer = viewer  # type: ignore[attr-defined]
+    server = ViewerServer((host, port), handler)
+    server.viewer = viewer
     return server
