@@ -79,6 +79,21 @@ def test_slide_page_and_its_assets(server, results):
         assert get(server, path)[0] == 200, path
 
 
+def test_slide_without_trailing_slash_redirects(server):
+    status, _, headers = get(server, "/slide/demo.tif")
+    assert status == 301 and headers["Location"] == "/slide/demo.tif/"
+    assert get(server, "/slide/nope.tif")[0] == 404
+
+
+def test_nothing_else_in_the_package_imports_the_viewer():
+    package = Path(__file__).resolve().parents[1] / "wsi_anomaly"
+    offenders = [str(p.relative_to(package)) for p in package.rglob("*.py")
+                 if "viewer" not in p.relative_to(package).parts
+                 and ("from .viewer" in p.read_text() or "wsi_anomaly.viewer" in p.read_text()
+                      or "from ..viewer" in p.read_text())]
+    assert offenders == []
+
+
 def test_tiles_show_the_original_slide(server, results):
     summary = json.loads((results / "demo.tif" / "summary.json").read_text())
     w, h = summary["slide_dimensions"]

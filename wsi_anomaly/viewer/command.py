@@ -53,8 +53,8 @@ def run(args: argparse.Namespace) -> int:
     import threading
 
     threading.Thread(target=server.viewer.warm_up, daemon=True, name="warm-up").start()
-    host, port = server.server_address[:2]
-    shown = f"[{host}]" if ":" in str(host) else host
+    port = server.server_address[1]
+    shown = f"[{args.host}]" if ":" in args.host else args.host
     url = f"http://{shown}:{port}/"
     print(f"serving {server.viewer.results.root} at {url} (read-only; Ctrl-C to stop)")
     if args.host not in ("127.0.0.1", "localhost", "::1"):

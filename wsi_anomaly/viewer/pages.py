@@ -83,19 +83,19 @@ def _finite_list(values: np.ndarray) -> list[float | None]:
 def slide_figure(entry: SlideResults, slide_available: bool):
     """The bokeh layout of a slide view and the names the page's script looks up."""
     from bokeh.models import (
-        ColorBar,
         ColumnDataSource,
         CustomJS,
         FixedTicker,
         HoverTool,
         LinearColorMapper,
-        MetricLength,
         Range1d,
-        ScaleBar,
+        Rect,
         TapTool,
         WheelZoomTool,
         WMTSTileSource,
     )
+    from bokeh.models.annotations.dimensional import MetricLength
+    from bokeh.models.annotations.legends import ColorBar, ScaleBar
     from bokeh.plotting import figure
 
     w0, h0 = entry.dimensions
@@ -109,10 +109,10 @@ def slide_figure(entry: SlideResults, slide_available: bool):
     # both axes, so tissue is not stretched).
     um_per_screen_px = max(width_um / PLOT_W, height_um / PLOT_H) * 1.02
     cx, cy = width_um / 2, -height_um / 2
-    x_range = Range1d(cx - um_per_screen_px * PLOT_W / 2, cx + um_per_screen_px * PLOT_W / 2,
-                      name="x_range")
-    y_range = Range1d(cy - um_per_screen_px * PLOT_H / 2, cy + um_per_screen_px * PLOT_H / 2,
-                      name="y_range")
+    x_range = Range1d(start=cx - um_per_screen_px * PLOT_W / 2,
+                      end=cx + um_per_screen_px * PLOT_W / 2, name="x_range")
+    y_range = Range1d(start=cy - um_per_screen_px * PLOT_H / 2,
+                      end=cy + um_per_screen_px * PLOT_H / 2, name="y_range")
     fig = figure(width=PLOT_W, height=PLOT_H, x_range=x_range, y_range=y_range,
                  tools="pan,reset,save", toolbar_location="above", name="slide_figure",
                  output_backend="canvas", min_border=0, match_aspect=True)
@@ -126,10 +126,10 @@ def slide_figure(entry: SlideResults, slide_available: bool):
     if slide_available:
         zmax = max_zoom_for(w0, h0)
         world_um = TILE_PX * 2 ** zmax * mpp
-        source = WMTSTileSource(url=base + "tiles/{Z}/{X}/{Y}.jpg", tile_size=TILE_PX,
-                                min_zoom=0, max_zoom=zmax, initial_resolution=world_um / TILE_PX,
-                                x_origin_offset=0, y_origin_offset=world_um, wrap_around=False)
-        fig.add_tile(source, name="slide_tiles", render_parents=True)
+        pyramid = WMTSTileSource(url=base + "tiles/{Z}/{X}/{Y}.jpg", tile_size=TILE_PX,
+                                 min_zoom=0, max_zoom=zmax, initial_resolution=world_um / TILE_PX,
+                                 x_origin_offset=0, y_origin_offset=world_um, wrap_around=False)
+        fig.add_tile(pyramid, name="slide_tiles", render_parents=True)
     elif (entry.folder / "thumbnail.png").is_file():
         fig.image_url(url=[base + "files/thumbnail.png"], x=0, y=0, w=width_um, h=height_um,
                       anchor="top_left", name="slide_thumbnail")
@@ -153,11 +153,13 @@ def slide_figure(entry: SlideResults, slide_available: bool):
             "max": tiles.max_scores, "tissue": tiles.tissue_fraction,
             "cx": centres_um[:, 0], "cy": -centres_um[:, 1]}
     source = ColumnDataSource(data, name="tile_source")
+    # Invisible squares that answer hover and click; the clicked tile gets a green outline.
     squares = fig.rect("cx", "cy", width=side_um, height=side_um, source=source,
-                       fill_alpha=0.0, line_alpha=0.0, selection_fill_alpha=0.0,
-                       selection_line_alpha=1.0, selection_line_color="#00c000",
-                       selection_line_width=2, nonselection_fill_alpha=0.0,
-                       nonselection_line_alpha=0.0, name="tile_squares")
+                       fill_alpha=0.0, line_alpha=0.0, name="tile_squares")
+    squares.selection_glyph = Rect(x="cx", y="cy", width=side_um, height=side_um,
+                                   fill_alpha=0.0, line_color="#00c000", line_width=2)
+    squares.nonselection_glyph = Rect(x="cx", y="cy", width=side_um, height=side_um,
+                                      fill_alpha=0.0, line_alpha=0.0)
     fig.add_tools(HoverTool(renderers=[squares], tooltips=[
         ("score", "@score{0.0000}"), ("max", "@max{0.0000}"),
         ("tissue", "@tissue{0.00}"), ("level-0 x, y", "@x, @y")]))

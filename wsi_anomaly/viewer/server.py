@@ -174,6 +174,8 @@ class Handler(BaseHTTPRequestHandler):
             routed = (HTTPStatus.NOT_FOUND, b"not found\n", "text/plain; charset=utf-8", False)
         status, body, ctype, cacheable = routed
         extra = {"Cache-Control": "private, max-age=3600" if cacheable else "no-cache"}
+        if status == HTTPStatus.MOVED_PERMANENTLY:
+            extra["Location"] = body.decode()
         self._send(status, body, ctype, head, extra)
 
     def _send(self, status: HTTPStatus, body: bytes, ctype: str, head: bool,
@@ -213,6 +215,10 @@ class Handler(BaseHTTPRequestHandler):
         if len(parts) == 2 and parts[0] == "bokeh" and parts[1] in _bokeh_assets():
             return (HTTPStatus.OK, _bokeh_assets()[parts[1]].read_bytes(),
                     STATIC_TYPES[".js"], True)
+        if len(parts) == 2 and parts[0] == "slide" and viewer.results.slide(parts[1]):
+            from .pages import slide_url  # the page's links are relative to ".../<name>/"
+
+            return HTTPStatus.MOVED_PERMANENTLY, slide_url(parts[1]).encode(), "text/plain", False
         if len(parts) >= 3 and parts[0] == "slide":
             return self._slide_route(parts[1], parts[2:])
         return None
