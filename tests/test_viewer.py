@@ -253,3 +253,27 @@ def test_localhost_by_default_and_command_line(results):
     assert (args.port, args.host, args.no_browser, args.run) == (8000, "127.0.0.1", True, run)
     missing = parser.parse_args(["view", str(results / "nope"), "--no-browser", "--port", "0"])
     assert run(missing) == 2
+
+
+def test_view_command_serves_until_stopped(results):
+    import re
+    import signal
+    import subprocess
+    import sys
+    import urllib.request
+
+    code = ("import argparse, sys; from wsi_anomaly.viewer.command import add_parser; "
+            "p = argparse.ArgumentParser(); add_parser(p.add_subparsers()); "
+            "a = p.parse_args(sys.argv[1:]); sys.exit(a.run(a))")
+    proc = subprocess.Popen([sys.executable, "-c", code, "view", str(results), "--port", "0",
+                             "--no-browser"], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True, cwd=Path(__file__).resolve().parents[1])
+    try:
+        line = proc.stdout.readline()
+        url = re.search(r"http://127\.0\.0\.1:\d+/", line)
+        assert url, line + proc.stderr.read()
+        with urllib.request.urlopen(url.group(0), timeout=30) as response:
+            assert response.status == 200 and b"demo.tif" in response.read()
+    finally:
+        proc.send_signal(signal.SIGINT)
+        assert proc.wait(timeout=30) == 0

@@ -56,7 +56,8 @@ def run(args: argparse.Namespace) -> int:
     port = server.server_address[1]
     shown = f"[{args.host}]" if ":" in args.host else args.host
     url = f"http://{shown}:{port}/"
-    print(f"serving {server.viewer.results.root} at {url} (read-only; Ctrl-C to stop)")
+    print(f"serving {server.viewer.results.root} at {url} (read-only; Ctrl-C to stop)",
+          flush=True)
     if args.host not in ("127.0.0.1", "localhost", "::1"):
         print(f"note: listening on {args.host}: other machines on the network can see these "
               "results", file=sys.stderr)
