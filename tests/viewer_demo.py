@@ -21,7 +21,10 @@ _BUILT: dict[str, Path] = {}
 
 class _Result:
     def __init__(self, x):
-        grey = x.mean(dim=1).numpy()  # (n, T, T) in [0, 1]
+        if hasattr(x, "numpy"):  # a float (n, 3, T, T) tensor in [0, 1]
+            grey = x.mean(dim=1).numpy()
+        else:  # uint8 (n, T, T, 3) tiles as stored
+            grey = np.asarray(x, np.float32).mean(axis=-1) / 255.0
         self.mean = 1.0 - grey.mean(axis=(1, 2))
         self.max = 1.0 - grey.min(axis=(1, 2))
         n, t = grey.shape[0], grey.shape[1]

@@ -31,6 +31,7 @@ SERVED_FILES = {
     "overlay.png": "image/png",
     "top_tiles.png": "image/png",
     "tiles.geojson": "application/geo+json",
+    "tiles.csv": "text/csv; charset=utf-8",
     "summary.json": "application/json",
 }
 
