@@ -250,7 +250,7 @@ def test_localhost_by_default_and_command_line(results):
     parser = argparse.ArgumentParser()
     add_parser(parser.add_subparsers(dest="command"))
     args = parser.parse_args(["view", str(results), "--no-browser"])
-    assert (args.port, args.host, args.no_browser, args.run) == (8000, "127.0.0.1", True, run)
+    assert (args.port, args.host, args.no_browser, args.func) == (8000, "127.0.0.1", True, run)
     missing = parser.parse_args(["view", str(results / "nope"), "--no-browser", "--port", "0"])
     assert run(missing) == 2
 
@@ -264,7 +264,7 @@ def test_view_command_serves_until_stopped(results):
 
     code = ("import argparse, sys; from wsi_anomaly.viewer.command import add_parser; "
             "p = argparse.ArgumentParser(); add_parser(p.add_subparsers()); "
-            "a = p.parse_args(sys.argv[1:]); sys.exit(a.run(a))")
+            "a = p.parse_args(sys.argv[1:]); sys.exit(a.func(a))")
     proc = subprocess.Popen([sys.executable, "-c", code, "view", str(results), "--port", "0",
                              "--no-browser"], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                             text=True, cwd=Path(__file__).resolve().parents[1])

@@ -9,10 +9,13 @@ import sys
 log = logging.getLogger(__name__)
 
 
-def add_parser(subparsers) -> argparse.ArgumentParser:
-    """Register ``view`` on the CLI's subparsers."""
+def add_parser(subparsers, parents: list[argparse.ArgumentParser] | None = None
+               ) -> argparse.ArgumentParser:
+    """Register ``view`` on the CLI's subparsers (``parents``: the options every subcommand
+    shares). The parsed arguments carry ``func`` (and ``run``): :func:`run`."""
     parser = subparsers.add_parser(
-        "view", help="browse a results folder in a local web app (read-only)",
+        "view", parents=parents or [],
+        help="browse a results folder in a local web app (read-only)",
         description="Serve a `heatmap` results folder as a local, read-only web app: a cohort "
                     "table and, per slide, a deep-zoom view of the original slide with the "
                     "anomaly heatmap over it. Needs the `viewer` extra: "
@@ -24,7 +27,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     parser.add_argument("--no-browser", action="store_true", help="do not open a browser")
     parser.add_argument("--cache-mb", type=int, default=64,
                         help="memory for encoded tiles, MiB (default 64)")
-    parser.set_defaults(run=run)
+    parser.set_defaults(func=run, run=run)
     return parser
 
 
@@ -44,8 +47,8 @@ def run(args: argparse.Namespace) -> int:
         server = make_server(args.results, host=args.host, port=args.port,
                              cache_bytes=max(1, args.cache_mb) << 20)
     except WsiAnomalyError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+        print(f"wsi-anomaly view: error: {exc}", file=sys.stderr)
+        return int(getattr(exc, "exit_code", 2))
     except OSError as exc:
         print(f"error: cannot listen on {args.host}:{args.port} ({exc.strerror or exc}); "
               "choose another --port", file=sys.stderr)
