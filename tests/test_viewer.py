@@ -183,6 +183,22 @@ def test_absolute_slide_path_in_results_is_not_a_route(server, results):
     assert get(server, "/slide/demo.tif/files/demo.tif")[0] == 404
 
 
+def test_only_loopback_host_names_are_answered(server):
+    port = server.server_address[1]
+    for host, status in ((f"127.0.0.1:{port}", 200), (f"localhost:{port}", 200),
+                         ("evil.example", 403), (f"evil.example:{port}", 403),
+                         ("127.0.0.1.evil.example", 403)):
+        conn = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
+        conn.putrequest("GET", "/api/cohort", skip_host=True)
+        conn.putheader("Host", host)
+        conn.endheaders()
+        response = conn.getresponse()
+        body = response.read()
+        conn.close()
+        assert response.status == status, host
+        assert (b"demo.tif" in body) == (status == 200)
+
+
 def test_unknown_routes_and_failed_slides_are_404_and_writes_are_refused(server):
     for path in ("/nope", "/slide/nope.tif/", "/slide/missing.tif/", "/slide/demo.tif/nope",
                  "/slide/demo.tif/files/nope.png", "/static/nope.js", "/bokeh/nope.js",

@@ -13,6 +13,9 @@ Routes (GET and HEAD only):
 - ``/static/<file>``, ``/bokeh/<file>``  the viewer's own assets and bokeh's JS, from the
   installed packages
 
+Bound to a loopback address, the server answers only requests whose ``Host`` is a loopback name,
+so a web page elsewhere cannot read the results through DNS rebinding.
+
 No route turns a part of the URL into a file path: slide names, file names and asset names are
 looked up in tables built when the server starts, so ``..``, encoded or not, and absolute paths
 find nothing. Python's ``http.server`` (``ThreadingHTTPServer``) is enough for one local user and
@@ -163,7 +166,22 @@ class Handler(BaseHTTPRequestHandler):
     do_POST = do_PUT = do_DELETE = do_PATCH = _refuse
 
     # -- dispatch ----------------------------------------------------------------------------
+    def _host_allowed(self) -> bool:
+        allowed = self.server.allowed_hosts  # type: ignore[attr-defined]
+        if allowed is None:
+            return True
+        host = (self.headers.get("Host") or "").strip().lower()
+        if host.startswith("["):  # [v6]:port
+            host = host[: host.find("]") + 1]
+        elif host.count(":") == 1:
+            host = host.split(":", 1)[0]
+        return host in allowed
+
     def _serve(self, head: bool) -> None:
+        if not self._host_allowed():
+            self._send(HTTPStatus.FORBIDDEN, b"unknown Host\n", "text/plain; charset=utf-8",
+                       head, {"Cache-Control": "no-cache"})
+            return
         try:
             routed = self._route(urlsplit(self.path).path)
         except Exception:  # a bug or an unreadable file must not kill the server thread
@@ -216,7 +234,8 @@ class Handler(BaseHTTPRequestHandler):
             return (HTTPStatus.OK, _bokeh_assets()[parts[1]].read_bytes(),
                     STATIC_TYPES[".js"], True)
         if len(parts) == 2 and parts[0] == "slide" and viewer.results.slide(parts[1]):
-            from .pages import slide_url  # the page's links are relative to ".../<name>/"
+            # The page's links are relative to ".../<name>/".
+            from .pages import slide_url
 
             return HTTPStatus.MOVED_PERMANENTLY, slide_url(parts[1]).encode(), "text/plain", False
         if len(parts) >= 3 and parts[0] == "slide":
@@ -273,9 +292,14 @@ def _json(value: Any) -> tuple[HTTPStatus, bytes, str, bool]:
             "application/json", False)
 
 
+LOOPBACK_NAMES = frozenset({"127.0.0.1", "localhost", "::1", "[::1]"})
+
+
 class ViewerServer(ThreadingHTTPServer):
     daemon_threads = True
     viewer: Viewer
+    #: Host header values answered; None: any (the server was asked to listen beyond loopback).
+    allowed_hosts: frozenset[str] | None = None
 
     def handle_error(self, request: Any, client_address: Any) -> None:
         import sys
@@ -294,4 +318,6 @@ def make_server(results: str | Path | ResultsFolder, host: str = "127.0.0.1", po
     handler = type("ViewerHandler", (Handler,), {"viewer": viewer})
     server = ViewerServer((host, port), handler)
     server.viewer = viewer
+    if host in LOOPBACK_NAMES or host.startswith("127."):
+        server.allowed_hosts = LOOPBACK_NAMES | {host.lower()}
     return server
