@@ -1,0 +1,208 @@
+"""The viewer in a real browser (headless Chromium): cohort page, slide page with slide and
+overlay tiles, the overlay's colours where the synthetic tumour is, clicking a tile.
+
+Needs Debian's ``chromium`` and the ``playwright`` package (``.ci/install_browser.sh``); skips
+with the reason when either is missing. ``WSI_ANOMALY_CHROMIUM`` names another Chromium binary.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import shutil
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+pytest.importorskip("bokeh", reason="the viewer extra is not installed")
+playwright_api = pytest.importorskip("playwright.sync_api",
+                                     reason="playwright is not installed (.ci/install_browser.sh)")
+
+from PIL import Image
+from viewer_demo import build_demo_results, tumour_mask
+
+from wsi_anomaly.stitch import ColourScale
+from wsi_anomaly.tiles import TileStore
+from wsi_anomaly.viewer import make_server
+
+
+def _chromium() -> str | None:
+    for candidate in (os.environ.get("WSI_ANOMALY_CHROMIUM"), "chromium", "chromium-browser"):
+        if candidate and shutil.which(candidate):
+            return shutil.which(candidate)
+    return None
+
+
+CHROMIUM = _chromium()
+pytestmark = pytest.mark.skipif(CHROMIUM is None,
+                                reason="no Chromium found (apt-get install chromium, or "
+                                       "set WSI_ANOMALY_CHROMIUM)")
+
+# Page coordinates of level-0 slide points, through the bokeh figure's own scales.
+TO_PAGE = """(points) => {
+  const doc = Bokeh.documents[0];
+  const view = Bokeh.index.get_one(doc.get_model_by_name('slide_figure'));
+  const box = view.canvas_view.el.getBoundingClientRect();
+  const mpp = JSON.parse(document.getElementById('viewer-config').textContent).mpp;
+  return points.map(([x, y]) => [box.left + view.frame.x_scale.compute(x * mpp),
+                                 box.top + view.frame.y_scale.compute(-y * mpp)]);
+}"""
+
+
+@pytest.fixture(scope="module")
+def results(tmp_path_factory) -> Path:
+    return build_demo_results(tmp_path_factory.mktemp("viewer-browser-demo"))
+
+
+@pytest.fixture(scope="module")
+def base_url(results):
+    server = make_server(results, port=0)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    yield f"http://127.0.0.1:{server.server_address[1]}"
+    server.shutdown()
+    server.server_close()
+
+
+@pytest.fixture(scope="module")
+def browser():
+    with playwright_api.sync_playwright() as p:
+        try:
+            browser = p.chromium.launch(executable_path=CHROMIUM,
+                                        args=["--no-sandbox", "--disable-gpu"])
+        except Exception as exc:  # a binary that is not a usable Chromium
+            pytest.skip(f"Chromium at {CHROMIUM} cannot be started by playwright: {exc}")
+        yield browser
+        browser.close()
+
+
+@pytest.fixture()
+def page(browser):
+    page = browser.new_page(viewport={"width": 1400, "height": 900})
+    errors: list[str] = []
+    page.on("pageerror", lambda exc: errors.append(str(exc)))
+    yield page
+    page.close()
+    assert not errors, errors
+
+
+def test_cohort_page_lists_the_slides(page, base_url):
+    page.goto(base_url + "/")
+    row = page.locator("tr[data-slide='demo.tif']")
+    assert row.locator("a.slide-link").inner_text() == "demo.tif"
+    assert row.locator("img.thumb").evaluate("img => img.complete && img.naturalWidth > 0")
+    failed = page.locator("tr[data-slide='missing.tif']")
+    assert "failed" in failed.inner_text() and "slide not found" in failed.inner_text()
+    # Sorting by tiles, descending: the scored slide first, the failed one (no tiles) last.
+    page.locator("th", has_text="tiles").click()
+    page.locator("th", has_text="tiles").click()
+    slides = page.locator("#cohort tbody tr").evaluate_all("rows => rows.map(r => r.dataset.slide)")
+    assert slides == ["demo.tif", "missing.tif"]
+
+
+def _open_slide(page, base_url) -> tuple[list[str], float]:
+    loaded: list[str] = []
+    page.on("response", lambda r: loaded.append(r.url) if r.status == 200 else None)
+    t0 = time.perf_counter()
+    page.goto(base_url + "/slide/demo.tif/")
+    page.wait_for_selector("body[data-ready='1']", timeout=30_000)
+    page.wait_for_function("() => true")
+    deadline = time.perf_counter() + 30
+    while not any("/tiles/" in u for u in loaded) and time.perf_counter() < deadline:
+        page.wait_for_timeout(50)
+    first_view_s = time.perf_counter() - t0
+    page.wait_for_load_state("networkidle")
+    return loaded, first_view_s
+
+
+def test_slide_page_draws_slide_and_overlay_on_the_fixed_scale(page, base_url, results):
+    loaded, first_view_s = _open_slide(page, base_url)
+    assert any("/slide/demo.tif/tiles/" in u and u.endswith(".jpg") for u in loaded)
+    assert any(u.endswith("/slide/demo.tif/overlay/cells.png") for u in loaded)
+    assert first_view_s < 20, f"first view took {first_view_s:.1f} s"
+
+    store = TileStore(results / "demo.tif" / "tiles.zarr")
+    summary = json.loads((results / "demo.tif" / "summary.json").read_text())
+    cs = summary["colour_scale"]
+    scale = ColourScale(cs["vmin"], cs["vcenter"], cs["vmax"], cs["cmap"])
+    side = store.attrs["tile_size_l0"]
+    tumour = tumour_mask(store.coords, side)
+    centres = (store.coords + side / 2).tolist()
+
+    # Opacity 1 through the slider: the overlay's own colours, nothing of the slide below.
+    page.locator("#opacity").fill("1")
+    page.wait_for_timeout(300)
+    points = page.evaluate(TO_PAGE, centres)
+    shot = np.asarray(Image.open(io.BytesIO(page.screenshot())).convert("RGB")).astype(int)
+    red = scale.to_rgb(np.array([cs["vmax"]]))[0].astype(int)
+    blue = scale.to_rgb(np.array([cs["vmin"]]))[0].astype(int)
+    for (px, py), is_tumour in zip(points, tumour):
+        colour = shot[round(py), round(px)]
+        expected = red if is_tumour else blue
+        assert np.abs(colour - expected).max() < 40, (px, py, colour, expected)
+
+    # Opacity 0: the slide shows through (tissue is not the overlay's blue).
+    page.locator("#opacity").fill("0")
+    page.wait_for_timeout(300)
+    shot = np.asarray(Image.open(io.BytesIO(page.screenshot())).convert("RGB")).astype(int)
+    px, py = points[int(np.flatnonzero(~tumour)[0])]
+    assert np.abs(shot[round(py), round(px)] - blue).max() > 40
+
+
+def test_clicking_a_tile_shows_its_stored_values(page, base_url, results):
+    _open_slide(page, base_url)
+    store = TileStore(results / "demo.tif" / "tiles.zarr")
+    side = store.attrs["tile_size_l0"]
+    i = int(np.flatnonzero(tumour_mask(store.coords, side))[0])
+    (px, py), = page.evaluate(TO_PAGE, [(store.coords[i] + side / 2).tolist()])
+    page.mouse.click(px, py)
+    page.wait_for_selector("#tile-info dd[data-field='score']", timeout=10_000)
+    info = page.locator("#tile-info")
+    assert float(info.locator("dd[data-field='score']").inner_text()) == pytest.approx(
+        float(store.scores[i]), rel=1e-4)
+    assert float(info.locator("dd[data-field='max']").inner_text()) == pytest.approx(
+        float(store.max_scores[i]), rel=1e-4)
+    x, y = (int(v) for v in store.coords[i])
+    assert info.locator("dd[data-field='level-0 x, y']").inner_text() == f"{x}, {y}"
+
+    # The top of the list jumps to the most anomalous tile and shows it.
+    top = int(np.argmax(store.scores))
+    page.locator("#top-tiles button").first.click()
+    page.wait_for_function(f"() => document.getElementById('tile-info').dataset.index == '{top}'",
+                           timeout=10_000)
+    centre = page.evaluate("""() => {
+      const doc = Bokeh.documents[0];
+      const xr = doc.get_model_by_name('x_range'), yr = doc.get_model_by_name('y_range');
+      return [(xr.start + xr.end) / 2, (yr.start + yr.end) / 2];
+    }""")
+    mpp = summary_mpp(results)
+    tx, ty = store.coords[top] + side / 2
+    assert centre[0] == pytest.approx(tx * mpp, abs=1) and centre[1] == pytest.approx(-ty * mpp, abs=1)
+
+
+def summary_mpp(results: Path) -> float:
+    return float(json.loads((results / "demo.tif" / "summary.json").read_text())["level0_mpp"])
+
+
+def test_hovering_a_tile_shows_its_values_and_the_pixel_map_can_be_shown(page, base_url, results):
+    loaded, _ = _open_slide(page, base_url)
+    store = TileStore(results / "demo.tif" / "tiles.zarr")
+    side = store.attrs["tile_size_l0"]
+    i = int(np.flatnonzero(~tumour_mask(store.coords, side))[-1])
+    (px, py), = page.evaluate(TO_PAGE, [(store.coords[i] + side / 2).tolist()])
+    page.mouse.move(px - 5, py - 5)
+    page.mouse.move(px, py, steps=5)
+    tooltip = page.locator(".bk-Tooltip")
+    x, y = (int(v) for v in store.coords[i])
+    tooltip.get_by_text(f"{x}, {y}", exact=True).wait_for(timeout=10_000)
+    assert tooltip.get_by_text(f"{float(store.scores[i]):.4f}", exact=True).count() == 1
+    assert tooltip.get_by_text(f"{float(store.max_scores[i]):.4f}", exact=True).count() == 1
+
+    assert not page.evaluate("() => Bokeh.documents[0].get_model_by_name('pixel_overlay').visible")
+    page.locator("#show-pixels").check()
+    page.wait_for_function("""() => Bokeh.documents[0].get_model_by_name('pixel_overlay').visible""")
+    page.wait_for_load_state("networkidle")
+    assert any(u.endswith("/slide/demo.tif/overlay/pixels.png") for u in loaded)

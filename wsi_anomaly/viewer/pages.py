@@ -1,0 +1,213 @@
+"""The two pages: the cohort table and a slide's zoomable view.
+
+The slide view is a bokeh figure whose data units are slide micrometres, x to the right and y
+*downwards as negative numbers* (bokeh's tile grid counts its world from the bottom-left; the
+slide's top-left corner is the origin and the slide lies at y ≤ 0). Layers, bottom to top: the
+original slide (deep-zoom tiles), the tile-score overlay, the pixel-level map (when kept), and
+invisible tile squares that answer hover and click with the tile's stored values.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from functools import lru_cache
+from pathlib import Path
+from typing import Any
+from urllib.parse import quote
+
+import numpy as np
+
+from .pyramid import TILE_PX, max_zoom_for
+from .results import COHORT_COLUMNS, ResultsFolder, SlideResults
+
+TEMPLATES = Path(__file__).with_name("templates")
+PLOT_W, PLOT_H = 960, 720
+TOP_TILES = 20
+
+
+@lru_cache(maxsize=1)
+def _environment():
+    from jinja2 import Environment, FileSystemLoader, select_autoescape
+
+    return Environment(loader=FileSystemLoader(str(TEMPLATES)),
+                       autoescape=select_autoescape(["html"]))
+
+
+def slide_url(name: str) -> str:
+    return f"/slide/{quote(name, safe='')}/"
+
+
+def _number(value: Any) -> float | None:
+    try:
+        v = float(value)
+    except (TypeError, ValueError):
+        return None
+    return v if math.isfinite(v) else None
+
+
+def cohort_rows(results: ResultsFolder) -> list[dict[str, Any]]:
+    """One dict per summary.csv row, numbers parsed, with links for viewable slides."""
+    rows = []
+    for row in results.rows:
+        folder = row.get("folder", "")
+        entry = results.slide(folder) if folder else None
+        item: dict[str, Any] = {k: row.get(k, "") for k in COHORT_COLUMNS}
+        for key in ("n_tiles", "fraction_anomalous", "score_mean", "score_max", "seconds"):
+            item[key] = _number(row.get(key))
+        item["folder"] = folder
+        item["url"] = slide_url(folder) if entry is not None and entry.viewable else None
+        has_thumb = entry is not None and (entry.folder / "thumbnail.png").is_file()
+        item["thumbnail"] = (slide_url(folder) + "files/thumbnail.png") if has_thumb else None
+        rows.append(item)
+    return rows
+
+
+def cohort_page(results: ResultsFolder) -> str:
+    return _environment().get_template("cohort.html").render(
+        root=str(results.root), rows=cohort_rows(results))
+
+
+def tile_records(entry: SlideResults) -> dict[str, Any]:
+    """Tile values for the page: level-0 coordinates, scores, max, tissue fraction."""
+    tiles = entry.tiles()
+    return {"x": tiles.coords[:, 0].tolist(), "y": tiles.coords[:, 1].tolist(),
+            "score": _finite_list(tiles.scores), "max": _finite_list(tiles.max_scores),
+            "tissue": _finite_list(tiles.tissue_fraction)}
+
+
+def _finite_list(values: np.ndarray) -> list[float | None]:
+    return [float(v) if math.isfinite(v) else None for v in np.asarray(values, np.float64)]
+
+
+def slide_figure(entry: SlideResults, slide_available: bool):
+    """The bokeh layout of a slide view and the names the page's script looks up."""
+    from bokeh.models import (
+        ColumnDataSource,
+        CustomJS,
+        FixedTicker,
+        HoverTool,
+        LinearColorMapper,
+        Range1d,
+        Rect,
+        TapTool,
+        WheelZoomTool,
+        WMTSTileSource,
+    )
+    from bokeh.models.annotations.dimensional import MetricLength
+    from bokeh.models.annotations.legends import ColorBar, ScaleBar
+    from bokeh.plotting import figure
+
+    w0, h0 = entry.dimensions
+    mpp = entry.mpp
+    tiles = entry.tiles()
+    scale = entry.scale
+    base = slide_url(entry.name)
+
+    width_um, height_um = w0 * mpp, h0 * mpp
+    # Initial ranges: the whole slide, padded to the plot's aspect ratio (1 data unit = 1 µm on
+    # both axes, so tissue is not stretched).
+    um_per_screen_px = max(width_um / PLOT_W, height_um / PLOT_H) * 1.02
+    cx, cy = width_um / 2, -height_um / 2
+    x_range = Range1d(start=cx - um_per_screen_px * PLOT_W / 2,
+                      end=cx + um_per_screen_px * PLOT_W / 2, name="x_range")
+    y_range = Range1d(start=cy - um_per_screen_px * PLOT_H / 2,
+                      end=cy + um_per_screen_px * PLOT_H / 2, name="y_range")
+    fig = figure(width=PLOT_W, height=PLOT_H, x_range=x_range, y_range=y_range,
+                 tools="pan,reset,save", toolbar_location="above", name="slide_figure",
+                 output_backend="canvas", min_border=0, match_aspect=True)
+    zoom = WheelZoomTool(zoom_on_axis=False)
+    fig.add_tools(zoom)
+    fig.toolbar.active_scroll = zoom
+    fig.axis.visible = False
+    fig.grid.visible = False
+    fig.background_fill_color = "#f4f4f4"
+
+    if slide_available:
+        zmax = max_zoom_for(w0, h0)
+        world_um = TILE_PX * 2 ** zmax * mpp
+        pyramid = WMTSTileSource(url=base + "tiles/{Z}/{X}/{Y}.jpg", tile_size=TILE_PX,
+                                 min_zoom=0, max_zoom=zmax, initial_resolution=world_um / TILE_PX,
+                                 x_origin_offset=0, y_origin_offset=world_um, wrap_around=False)
+        fig.add_tile(pyramid, name="slide_tiles", render_parents=True)
+    elif (entry.folder / "thumbnail.png").is_file():
+        fig.image_url(url=[base + "files/thumbnail.png"], x=0, y=0, w=width_um, h=height_um,
+                      anchor="top_left", name="slide_thumbnail")
+
+    ox, oy = tiles.grid_origin
+    stride_um = tiles.stride_l0 * mpp
+    grid_w = max(tiles.grid_cols, 1) * stride_um
+    grid_h = max(tiles.grid_rows, 1) * stride_um
+    heat = fig.image_url(url=[base + "overlay/cells.png"], x=ox * mpp, y=-oy * mpp, w=grid_w,
+                         h=grid_h, anchor="top_left", global_alpha=0.5, name="cell_overlay")
+    pixel = None
+    if entry.pixel_map() is not None:
+        pixel = fig.image_url(url=[base + "overlay/pixels.png"], x=ox * mpp, y=-oy * mpp,
+                              w=grid_w, h=grid_h, anchor="top_left", global_alpha=0.5,
+                              visible=False, name="pixel_overlay")
+
+    # numpy columns: bokeh sends them as binary arrays (compact and quick for many tiles).
+    side_um = tiles.tile_size_l0 * mpp
+    centres_um = (tiles.coords + tiles.tile_size_l0 / 2) * mpp
+    data = {"x": tiles.coords[:, 0], "y": tiles.coords[:, 1], "score": tiles.scores,
+            "max": tiles.max_scores, "tissue": tiles.tissue_fraction,
+            "cx": centres_um[:, 0], "cy": -centres_um[:, 1]}
+    source = ColumnDataSource(data, name="tile_source")
+    # Invisible squares that answer hover and click; the clicked tile gets a green outline.
+    squares = fig.rect("cx", "cy", width=side_um, height=side_um, source=source,
+                       fill_alpha=0.0, line_alpha=0.0, name="tile_squares")
+    squares.selection_glyph = Rect(x="cx", y="cy", width=side_um, height=side_um,
+                                   fill_alpha=0.0, line_color="#00c000", line_width=2)
+    squares.nonselection_glyph = Rect(x="cx", y="cy", width=side_um, height=side_um,
+                                      fill_alpha=0.0, line_alpha=0.0)
+    fig.add_tools(HoverTool(renderers=[squares], tooltips=[
+        ("score", "@score{0.0000}"), ("max", "@max{0.0000}"),
+        ("tissue", "@tissue{0.00}"), ("level-0 x, y", "@x, @y")]))
+    fig.add_tools(TapTool(renderers=[squares]))
+    source.selected.js_on_change("indices", CustomJS(args={"source": source}, code="""
+        const i = source.selected.indices[0];
+        if (i === undefined) { return; }
+        const d = source.data;
+        if (window.wsiShowTile) {
+          window.wsiShowTile({index: i, x: d.x[i], y: d.y[i], score: d.score[i],
+                              max: d.max[i], tissue: d.tissue[i]});
+        }
+    """))
+
+    # The colour bar: the fixed piecewise scale drawn on a linear score axis from vmin to vmax.
+    values = np.linspace(scale.vmin, scale.vmax, 256)
+    palette = ["#{:02x}{:02x}{:02x}".format(*(int(c) for c in rgb)) for rgb in scale.to_rgb(values)]
+    mapper = LinearColorMapper(palette=palette, low=scale.vmin, high=scale.vmax)
+    fig.add_layout(ColorBar(color_mapper=mapper, title="tile anomaly score (fixed scale)",
+                            ticker=FixedTicker(ticks=[scale.vmin, scale.vcenter, scale.vmax]),
+                            major_label_overrides={scale.vmin: f"{scale.vmin:.3g} median",
+                                                   scale.vcenter: f"{scale.vcenter:.3g} p99",
+                                                   scale.vmax: f"{scale.vmax:.3g}+"},
+                            width=14, name="colour_bar"), "right")
+    fig.add_layout(ScaleBar(range=fig.x_range, unit="µm", dimensional=MetricLength(),
+                            location="bottom_left", bar_length=0.2, name="scale_bar"))
+    return fig, {"heat": heat.name, "pixel": pixel.name if pixel is not None else None}
+
+
+def slide_page(entry: SlideResults, slide_available: bool, slide_error: str | None) -> str:
+    from bokeh.embed import components
+
+    fig, names = slide_figure(entry, slide_available)
+    script, div = components(fig)
+    tiles = entry.tiles()
+    mpp = entry.mpp
+    top = []
+    for rank, i in enumerate(tiles.top(TOP_TILES)):
+        x, y = (int(v) for v in tiles.coords[i])
+        top.append({"rank": rank + 1, "index": int(i), "x": x, "y": y,
+                    "score": float(tiles.scores[i]), "max": float(tiles.max_scores[i])})
+    summary = entry.summary
+    config = {"mpp": mpp, "tile_size_l0": tiles.tile_size_l0, "names": names,
+              "slide_w": entry.dimensions[0], "slide_h": entry.dimensions[1]}
+    from .server import bokeh_script_names
+
+    return _environment().get_template("slide.html").render(
+        name=entry.name, summary=summary, scale=entry.scale, top=top, bokeh_div=div,
+        bokeh_script=script, bokeh_js=bokeh_script_names(), config=json.dumps(config),
+        has_pixel_map=names["pixel"] is not None, slide_error=slide_error,
+        n_tiles=len(tiles.scores), mpp=mpp, tile_um=tiles.tile_size_l0 * mpp)
