@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 
 from .config import load_config
-from .pipeline import HeatmapSettings, process_slide
+from .pipeline import HeatmapSettings, run_cohort
 from .slide.synthetic import SyntheticSlide, write_synthetic_slide
 from .tiles import TileStore, TilingSettings, tile_slide
 from .tiles.dataset import ZarrTileDataset
@@ -89,9 +89,10 @@ def run_demo(out: str | Path, size_px: int = 8192, seed: int = 0,
 
     results = out / "results"
     echo(f"[4/4] heatmap of the whole slide → {results / slide_path.name}")
-    summary = process_slide(slide_path, results, model,
-                            HeatmapSettings(device=device, overwrite=True, progress=progress,
-                                            batch_size=16))
+    # Through the cohort runner, so the results folder has its summary.csv like any run.
+    run_cohort([slide_path], results, model,
+               HeatmapSettings(device=device, overwrite=True, progress=progress, batch_size=16))
+    summary = json.loads((results / slide_path.name / "summary.json").read_text())
     scored = TileStore(results / slide_path.name / "tiles.zarr")
     fractions = slide.tile_labels(scored.coords, scored.attrs["tile_size_l0"])
     is_tumour = fractions[:, 2] >= 0.5

@@ -40,4 +40,5 @@ def run(args: argparse.Namespace) -> int:
         print(f"  {result.results / Path(outputs[name]).name}")
     print(f"for viewers: {result.results / Path(outputs['ngff']).name} (NGFF: napari…), "
           f"{result.results / Path(outputs['geojson']).name} (QuPath)")
+    print(f"look at it in the browser: wsi-anomaly view {result.results.parent}")
     return 0
