@@ -47,7 +47,6 @@ NEEDED = {
     "zarr": "zarr",
     "numcodecs": "numcodecs",
     "google_crc32c": "google-crc32c",
-    "crc32c": "crc32c",
     "imagecodecs": "imagecodecs",
     "tifffile": "tifffile",
     "dask": "dask",
