@@ -192,7 +192,8 @@ def model_throughput(ckpt: Path, device: str, precision: str, compiled: bool, ba
     t0 = time.perf_counter()
     run()  # warm-up (and compilation)
     warm_s = time.perf_counter() - t0
-    run()
+    if compiled or iters > 1:
+        run()
     t0 = time.perf_counter()
     for _ in range(iters):
         run()
@@ -334,7 +335,7 @@ def main(argv: list[str] | None = None) -> dict:
     smoke = args.smoke or device == "cpu"
     batches = args.batches or ([2, 4] if smoke else [64, 128, 256, 512])
     slide_px = args.slide_px or (2048 if smoke else 70_000)
-    iters = 2 if smoke else 20
+    iters = 1 if smoke else 20
     compile_modes = [False] if (smoke or args.no_compile) else [False, True]
     work_ctx = tempfile.TemporaryDirectory(prefix="device_check_") if args.work is None else None
     work = Path(work_ctx.name) if work_ctx else args.work
