@@ -72,6 +72,12 @@ def ensure_packages(wheels: Path) -> list[str]:
         if not wheels.is_dir():
             raise SystemExit(f"missing {', '.join(missing)} and no wheel folder {wheels}; "
                              "make it with benchmarks/fetch_device_wheels.sh")
+        have = {w.name.split("-")[0].lower() for w in wheels.glob("*.whl")}
+        absent = [d for d in missing if d.replace("-", "_").lower() not in have]
+        if absent:
+            raise SystemExit(f"missing {', '.join(absent)} and no wheel for it in {wheels}; "
+                             f"add it: EXTRA_PACKAGES='{' '.join(absent)}' "
+                             "bash benchmarks/fetch_device_wheels.sh")
         print(f"installing from {wheels}: {' '.join(missing)}", flush=True)
         subprocess.run([sys.executable, "-m", "pip", "install", "--quiet", "--no-index",
                         "--find-links", str(wheels), *missing], check=True)

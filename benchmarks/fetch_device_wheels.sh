@@ -17,7 +17,8 @@ TARGET=(--only-binary=:all: --implementation cp --python-version 3.12
         --platform manylinux_2_12_x86_64 --platform manylinux2010_x86_64
         --platform manylinux_2_5_x86_64 --platform manylinux1_x86_64)
 
-# What the project needs beyond torch, torchvision, numpy and pillow.
+# What the project needs beyond torch, torchvision, numpy and pillow (and scikit-image,
+# scikit-learn and matplotlib, taken as present: EXTRA_PACKAGES="..." adds more).
 PACKAGES=(
     openslide-python==1.4.7 openslide-bin==4.0.1.2
     tifffile==2026.3.3 imagecodecs==2026.3.6
@@ -25,7 +26,8 @@ PACKAGES=(
     typing-extensions
     dask==2026.8.0 distributed==2026.8.0
     toolz cloudpickle partd locket pyyaml importlib-metadata zipp lazy-importer click
-    msgpack tblib zict sortedcontainers psutil tornado urllib3
+    msgpack tblib zict sortedcontainers psutil tornado urllib3 tqdm
+    ${EXTRA_PACKAGES:-}
 )
 # Already on a machine with torch and torchvision: only used to check the folder is complete.
 WITH_TORCH=(numpy pillow fsspec jinja2 markupsafe)
