@@ -83,11 +83,13 @@ def ensure_packages(wheels: Path) -> list[str]:
                         "--find-links", str(wheels), *missing], check=True)
         importlib.invalidate_caches()
     if importlib.util.find_spec("wsi_anomaly") is None:
-        done = subprocess.run([sys.executable, "-m", "pip", "install", "--quiet", "--no-deps",
-                               "--no-build-isolation", "-e", str(REPO)], check=False)
+        subprocess.run([sys.executable, "-m", "pip", "install", "--quiet", "--no-deps",
+                        "--no-build-isolation", "-e", str(REPO)], check=False)
         importlib.invalidate_caches()
-        if done.returncode != 0 or importlib.util.find_spec("wsi_anomaly") is None:
-            sys.path.insert(0, str(REPO))
+    # Always measure this checkout, whatever copy of the package the environment points at.
+    sys.path.insert(0, str(REPO))
+    os.environ["PYTHONPATH"] = os.pathsep.join(
+        p for p in (str(REPO), os.environ.get("PYTHONPATH", "")) if p)
     return missing
 
 
