@@ -200,3 +200,16 @@ def test_two_concurrent_runs_on_one_output(twins, tiny_model, tmp_path):
     from wsi_anomaly.tiles import TileStore
 
     assert np.isfinite(TileStore(out / "slide.tif" / "tiles.zarr").scores).all()
+
+
+def test_two_slides_in_flight_give_the_same_results(twins, tiny_model, tmp_path):
+    from wsi_anomaly.tiles import TileStore
+
+    a, b = twins
+    one = run_cohort([a, b], tmp_path / "one", tiny_model, settings())
+    two = run_cohort([a, b], tmp_path / "two", tiny_model, settings(slides_in_flight=2))
+    assert [r["status"] for r in two] == ["ok", "ok"]
+    for x, y in zip(one, two):
+        np.testing.assert_allclose(TileStore(Path(y["output"]) / "tiles.zarr").scores,
+                                   TileStore(Path(x["output"]) / "tiles.zarr").scores,
+                                   rtol=1e-5, atol=1e-7)

@@ -26,6 +26,7 @@ import json
 import logging
 import shutil
 import sys
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
@@ -100,6 +101,7 @@ class HeatmapSettings:
     mpp_csv: str | None = None
     overwrite: bool = False
     progress: bool = True
+    slides_in_flight: int = 0  # 0 → two on a GPU, one on a CPU (see slides_in_flight)
 
 
 def find_slides(inputs: Sequence[str | Path]) -> list[Path]:
@@ -165,15 +167,29 @@ def _recorded_slide_path(folder: Path) -> str | None:
 
 
 _SCORERS: dict[tuple[str, str, str, int], Scorer] = {}
+_SCORERS_LOCK = threading.Lock()
 
 
 def _scorer(model: str | Path, settings: HeatmapSettings) -> Scorer:
-    """One loaded model per process (dask workers reuse it across their slides)."""
+    """One loaded model per process (dask workers reuse it across their slides, and slides in
+    flight in one process share it)."""
     key = (str(Path(model).resolve()), settings.device, settings.precision, settings.batch_size)
-    if key not in _SCORERS:
-        _SCORERS[key] = Scorer(model, device=settings.device, precision=settings.precision,
-                               batch_size=settings.batch_size)
-    return _SCORERS[key]
+    with _SCORERS_LOCK:
+        if key not in _SCORERS:
+            _SCORERS[key] = Scorer(model, device=settings.device, precision=settings.precision,
+                                   batch_size=settings.batch_size)
+        return _SCORERS[key]
+
+
+def slides_in_flight(settings: HeatmapSettings) -> int:
+    """Slides one process works on at once: two on a GPU — the next slide is planned, decoded
+    and tiled on the CPU while the current one is scored, so the GPU does not wait between
+    slides — and one on a CPU, where the model already uses every core."""
+    if settings.slides_in_flight:
+        return settings.slides_in_flight
+    from .runtime import resolve_device
+
+    return 2 if resolve_device(settings.device).type == "cuda" else 1
 
 
 @lru_cache(maxsize=64)
@@ -608,7 +624,11 @@ def run_cohort(slides: Sequence[str | Path], out_root: str | Path, model: str | 
     else:
         tasks = [delayed(_slide_task)(p, str(out_root), str(model), settings, skip_errors, name)
                  for p, name in zip(paths, names)]
-        rows = list(dask.compute(*tasks, scheduler="synchronous"))
+        in_flight = min(slides_in_flight(settings), len(tasks))
+        if in_flight > 1:
+            rows = list(dask.compute(*tasks, scheduler="threads", num_workers=in_flight))
+        else:
+            rows = list(dask.compute(*tasks, scheduler="synchronous"))
     _write_cohort_summary(out_root / "summary.csv", rows)
     return rows
 
