@@ -5,8 +5,8 @@ import subprocess
 import sys
 
 import pytest
-
 from conftest import CMU_SVS, needs_cmu
+
 from wsi_anomaly.cli import main
 from wsi_anomaly.tiles import TileStore
 
@@ -139,6 +139,7 @@ def test_train_and_score_bad_inputs(capsys, tmp_path, tiny_model):
 
 def test_train_atacnet_command(capsys, tmp_path, small_store):
     from PIL import Image
+
     from wsi_anomaly.checkpoint import load_checkpoint
 
     anomalies = tmp_path / "abnormal"

@@ -189,7 +189,7 @@ def test_two_concurrent_runs_on_one_output(twins, tiny_model, tmp_path):
     procs = [subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                               env=env) for _ in range(2)]
     results = [(p.wait(timeout=600), p.stderr.read()) for p in procs]
-    for code, err in results:
+    for _code, err in results:
         assert "Traceback" not in err, err
     codes = sorted(code for code, _ in results)
     # Either the second waited its turn and found the work done, or it was refused (busy).
@@ -213,3 +213,22 @@ def test_two_slides_in_flight_give_the_same_results(twins, tiny_model, tmp_path)
         np.testing.assert_allclose(TileStore(Path(y["output"]) / "tiles.zarr").scores,
                                    TileStore(Path(x["output"]) / "tiles.zarr").scores,
                                    rtol=1e-5, atol=1e-7)
+
+
+def test_lock_of_another_host_is_stale_once_its_heartbeat_stops(tmp_path):
+    import time
+
+    target = tmp_path / "out"
+    lock = tmp_path / ".out.lock"
+    lock.write_text(json.dumps({"pid": 1, "host": "node-that-died", "time": time.time()}))
+    with pytest.raises(OutputLockedError, match="node-that-died"):
+        OutputLock(target, stale_after_s=60).acquire()  # recently touched: alive
+    old = time.time() - 120
+    os.utime(lock, (old, old))
+    with OutputLock(target, stale_after_s=60) as taken:  # not touched for 2 min: stale
+        assert taken.held
+    # A holder keeps its lock fresh while it works.
+    with OutputLock(target, heartbeat_s=0.05) as held:
+        os.utime(held.path, (old, old))
+        time.sleep(0.3)
+        assert time.time() - held.path.stat().st_mtime < 5

@@ -7,10 +7,10 @@ texture must score lower than tiles of another texture (stroma): AUROC ≥ 0.9.
 import numpy as np
 import pytest
 import torch
+from conftest import tiny_config
 from sklearn.metrics import roc_auc_score
 from torch.utils.data import Subset
 
-from conftest import tiny_config
 from wsi_anomaly.score import Scorer
 from wsi_anomaly.slide.synthetic import write_synthetic_slide
 from wsi_anomaly.tiles import TileStore, TilingSettings, tile_slide

@@ -1,8 +1,8 @@
 import pytest
 import torch
 
-from wsi_anomaly.models.halo import HaloAttention
 from wsi_anomaly.models.features import load_vgg19
+from wsi_anomaly.models.halo import HaloAttention
 from wsi_anomaly.models.haloae import HaloAE
 from wsi_anomaly.models.scoring import score_batch
 

@@ -6,8 +6,8 @@ import os
 
 import numpy as np
 import pytest
-
 from conftest import CMU_SVS, needs_cmu
+
 from wsi_anomaly.cli import main
 from wsi_anomaly.errors import CorruptSlideError
 from wsi_anomaly.pipeline import HeatmapSettings, find_slides, process_slide, run_cohort

@@ -2,10 +2,14 @@ import numpy as np
 import openslide
 import pytest
 import tifffile
-
 from conftest import CMU_SVS, needs_cmu
-from wsi_anomaly.errors import (CorruptSlideError, InputNotFoundError, ResolutionError,
-                                UnsupportedSlideError)
+
+from wsi_anomaly.errors import (
+    CorruptSlideError,
+    InputNotFoundError,
+    ResolutionError,
+    UnsupportedSlideError,
+)
 from wsi_anomaly.slide import Slide
 
 

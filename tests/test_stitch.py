@@ -12,8 +12,7 @@ import pytest
 import zarr
 from PIL import Image
 
-from wsi_anomaly.stitch import (ColourScale, SlideGeometry, display_geometry,
-                                write_slide_outputs)
+from wsi_anomaly.stitch import ColourScale, SlideGeometry, display_geometry, write_slide_outputs
 
 SCALE = ColourScale(vmin=0.2, vcenter=0.5, vmax=0.9)
 OUTPUTS = {"heatmap.png", "overlay.png", "thumbnail.png", "heatmap.ome.zarr", "tiles.geojson",

@@ -65,7 +65,7 @@ def test_sixteen_bit_rgb_tiff(tmp_path):
 def test_every_pil_mode_to_rgb(mode):
     base = Image.fromarray(_rgb(3))
     if mode == "I":
-        im = Image.fromarray((np.asarray(base.convert("L")).astype(np.int32) * 257))
+        im = Image.fromarray(np.asarray(base.convert("L")).astype(np.int32) * 257)
         expected = np.asarray(base.convert("L"))
     elif mode == "F":
         im = Image.fromarray(np.asarray(base.convert("L")).astype(np.float32) / 255.0)

@@ -3,8 +3,8 @@ import json
 import numpy as np
 import openslide
 import pytest
-
 from conftest import CMU_SVS, needs_cmu
+
 from wsi_anomaly.errors import InvalidInputError, NoTissueError, OutputExistsError, WsiAnomalyError
 from wsi_anomaly.tiles import TileStore, TilingSettings, tile_slide
 from wsi_anomaly.tiles.dataset import ZarrTileDataset

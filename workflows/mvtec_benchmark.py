@@ -33,13 +33,13 @@ from pathlib import Path
 import torch
 
 from wsi_anomaly import __version__
+from wsi_anomaly.cli import anomaly_count
 from wsi_anomaly.config import load_config
 from wsi_anomaly.errors import InvalidInputError, WsiAnomalyError
 from wsi_anomaly.models.registry import get_family
-from wsi_anomaly.outputs import write_text
-from wsi_anomaly.cli import anomaly_count
 from wsi_anomaly.mvtec import CATEGORIES, BenchmarkSettings, find_categories, run_benchmark
 from wsi_anomaly.mvtec.weak import WeakProtocol, run_weak_benchmark
+from wsi_anomaly.outputs import write_text
 
 
 def machine_description(device: str) -> str:

@@ -1,6 +1,7 @@
 """wsi-anomaly: anomalous-tissue detection on whole-slide histopathology images."""
 
-from importlib.metadata import PackageNotFoundError, version as _version
+from importlib.metadata import PackageNotFoundError
+from importlib.metadata import version as _version
 
 try:
     __version__ = _version("wsi-anomaly")

@@ -18,6 +18,7 @@ import logging
 import os
 import shutil
 import socket
+import threading
 import time
 import uuid
 from collections.abc import Iterator
@@ -206,22 +207,26 @@ class OutputLock:
     """An exclusive lock on one output, held through a lock file next to it.
 
     The file records pid, host and start time. It is created with ``O_EXCL``, which is atomic on
-    local filesystems and on NFSv3+. A lock whose process is gone (same host, pid not running)
-    is stale and taken over; a lock held by a live process — or by another host, where liveness
-    cannot be checked, younger than ``stale_after_s`` — makes the second run wait up to
-    ``wait_s`` and then refuse with one line.
+    local filesystems and on NFSv3+. While held, a background thread touches it every
+    ``heartbeat_s`` seconds. A lock is stale — and taken over — when its process is gone (same
+    host, pid not running) or, for a holder on another host (a cluster job that was killed or
+    pre-empted), when it has not been touched for ``stale_after_s``. A live lock makes the
+    second run wait up to ``wait_s`` and then refuse with one line.
     """
 
-    def __init__(self, target: str | Path, wait_s: float = 0.0, stale_after_s: float = 24 * 3600,
-                 poll_s: float = 0.5) -> None:
+    def __init__(self, target: str | Path, wait_s: float = 0.0, stale_after_s: float = 180.0,
+                 poll_s: float = 0.5, heartbeat_s: float = 30.0) -> None:
         target = Path(target)
         self.path = target.with_name(f".{target.name}.lock")
         self.target = target
         self.wait_s = wait_s
         self.stale_after_s = stale_after_s
         self.poll_s = poll_s
+        self.heartbeat_s = heartbeat_s
         self._token = uuid.uuid4().hex
         self.held = False
+        self._stop = threading.Event()
+        self._beat: threading.Thread | None = None
 
     def acquire(self) -> None:
         with os_errors_as_user_errors(self.path):
@@ -230,6 +235,10 @@ class OutputLock:
         while True:
             if self._try_create():
                 self.held = True
+                self._stop.clear()
+                self._beat = threading.Thread(target=self._heartbeat, daemon=True,
+                                              name=f"lock {self.target.name}")
+                self._beat.start()
                 return
             holder = self._read()
             if self._is_stale(holder):
@@ -275,7 +284,15 @@ class OutputLock:
                 return False
         if holder.get("host") == socket.gethostname():
             return not _pid_alive(int(holder.get("pid", -1)))
-        return time.time() - float(holder.get("time", 0)) > self.stale_after_s
+        try:  # another host: alive while it keeps touching the file
+            return time.time() - self.path.stat().st_mtime > self.stale_after_s
+        except OSError:
+            return False
+
+    def _heartbeat(self) -> None:
+        while not self._stop.wait(self.heartbeat_s):
+            with contextlib.suppress(OSError):
+                os.utime(self.path)
 
     def _break(self) -> None:
         # Rename first so that two runs breaking the same stale lock cannot both win.
@@ -285,6 +302,10 @@ class OutputLock:
             grave.unlink()
 
     def release(self) -> None:
+        self._stop.set()
+        if self._beat is not None:
+            self._beat.join()
+            self._beat = None
         if self.held and self._read().get("token") == self._token:
             with contextlib.suppress(OSError):
                 self.path.unlink()

@@ -28,11 +28,12 @@ import shutil
 import sys
 import threading
 import time
+from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
-from pathlib import Path
 from functools import lru_cache
-from typing import Any, Sequence
+from pathlib import Path
+from typing import Any
 
 import numpy as np
 from tqdm.auto import tqdm

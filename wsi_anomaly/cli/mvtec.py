@@ -81,7 +81,7 @@ def anomaly_count(text: str) -> int | str:
     try:
         return int(text)
     except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number or '{PAPER_COUNTS}', got {text!r}")
+        raise argparse.ArgumentTypeError(f"expected a number or '{PAPER_COUNTS}', got {text!r}") from None
 
 
 def _percent(value: float | None) -> str:

@@ -31,6 +31,7 @@ from wsi_anomaly.models.cutpaste import (
     cutpaste_scar,
     make_cutpaste_batch,
 )
+from wsi_anomaly.models.family import ModelFamily
 from wsi_anomaly.models.features import (
     FEATURE_CHANNELS,
     VGG19Features,
@@ -54,6 +55,7 @@ from wsi_anomaly.models.losses import (
     loss_weights,
     ssim,
 )
+from wsi_anomaly.models.registry import FAMILIES, family_names, get_family
 from wsi_anomaly.models.scoring import (
     anomaly_map,
     normalise_map,
@@ -62,8 +64,6 @@ from wsi_anomaly.models.scoring import (
     tile_scores,
     upsample_map,
 )
-from wsi_anomaly.models.family import ModelFamily
-from wsi_anomaly.models.registry import FAMILIES, family_names, get_family
 from wsi_anomaly.models.transforms import IMAGENET_MEAN, IMAGENET_STD, denormalise, normalise
 
 __all__ = [

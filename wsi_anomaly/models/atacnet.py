@@ -30,7 +30,6 @@ from torch import nn
 from wsi_anomaly.errors import WeightsUnavailableError
 from wsi_anomaly.models.weights import backbone_state
 
-
 __all__ = [
     "BACKBONE_CHANNELS",
     "CLASSIFICATION_VARIANTS",

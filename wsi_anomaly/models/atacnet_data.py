@@ -26,7 +26,6 @@ from torchvision.transforms.v2 import functional as TF
 
 from wsi_anomaly.models.transforms import normalise
 
-
 __all__ = [
     "AtacNetData",
     "ATACNET_MEAN",

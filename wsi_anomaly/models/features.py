@@ -19,7 +19,6 @@ from torch import nn
 from wsi_anomaly.errors import WeightsUnavailableError
 from wsi_anomaly.models.weights import backbone_state
 
-
 __all__ = [
     "FEATURE_CHANNELS",
     "VGG19Features",

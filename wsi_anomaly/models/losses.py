@@ -9,7 +9,6 @@ from collections.abc import Iterable, Mapping, Sequence
 import torch
 import torch.nn.functional as F
 
-
 __all__ = [
     "EWS_EPOCHS",
     "LOSS_TERMS",

@@ -116,7 +116,7 @@ class MVTecCategory:
         """Defect folder names in the test split (``good`` excluded), sorted."""
         return sorted({s.defect_type for s in self.test_samples} - {GOOD})
 
-    def dataset(self, split: str, image_px: int = 256) -> "MVTecDataset":
+    def dataset(self, split: str, image_px: int = 256) -> MVTecDataset:
         """``train`` (train/good) or ``test`` (every test image, with labels and masks)."""
         if split == "train":
             return MVTecDataset([MVTecSample(p, GOOD, None) for p in self.train_files], image_px,

@@ -24,7 +24,7 @@ the same shapes (see :func:`resize_map`), compared in their own precision (float
 from __future__ import annotations
 
 import math
-from typing import Sequence
+from collections.abc import Sequence
 
 import numpy as np
 import torch

@@ -45,8 +45,12 @@ from .benchmark import (
     write_csv,
 )
 from .data import GOOD, MVTecCategory, MVTecDataset, MVTecSample, resolve_categories
-from .paper import (ATACNET_TABLE1, ATACNET_TABLE1_MEAN, ATACNET_VARIANT_COLUMNS,
-                    atacnet_paper_columns)
+from .paper import (
+    ATACNET_TABLE1,
+    ATACNET_TABLE1_MEAN,
+    ATACNET_VARIANT_COLUMNS,
+    atacnet_paper_columns,
+)
 
 log = logging.getLogger(__name__)
 

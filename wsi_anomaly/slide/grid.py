@@ -8,8 +8,8 @@ target within 5 % or is reached by reading a larger region of a finer level and 
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
-from typing import Sequence
 
 import numpy as np
 
@@ -109,7 +109,7 @@ class TileGrid:
     def __len__(self) -> int:
         return len(self.coords)
 
-    def select(self, keep: np.ndarray) -> "TileGrid":
+    def select(self, keep: np.ndarray) -> TileGrid:
         return TileGrid(self.plan, self.cols, self.rows, self.coords[keep], self.level_xy[keep],
                         self.grid_index[keep], self.tissue_fraction[keep])
 

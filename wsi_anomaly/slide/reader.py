@@ -512,7 +512,7 @@ class Slide:
             os.close(self._fd)
             self._fd = None
 
-    def __enter__(self) -> "Slide":
+    def __enter__(self) -> Slide:
         return self
 
     def __exit__(self, *exc: object) -> None:

@@ -23,7 +23,7 @@ import logging
 import os
 import shutil
 import uuid
-from functools import lru_cache
+from functools import cache
 from pathlib import Path
 from typing import Any
 
@@ -103,7 +103,7 @@ class ShardEncoder:
         return parts
 
 
-@lru_cache(maxsize=None)
+@cache
 def shard_encoder(chunk_tiles: int) -> ShardEncoder | None:
     """A :class:`ShardEncoder` when its bytes equal zarr's here (checked once), else None."""
     try:
@@ -232,7 +232,7 @@ class TileStoreWriter:
     def abort(self) -> None:
         shutil.rmtree(self.tmp, ignore_errors=True)
 
-    def __enter__(self) -> "TileStoreWriter":
+    def __enter__(self) -> TileStoreWriter:
         return self
 
     def __exit__(self, exc_type, exc, tb) -> None:

@@ -11,20 +11,16 @@ import logging
 import math
 import os
 import time
+from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Callable, Iterator
 
 import numpy as np
 from PIL import Image
 from tqdm.auto import tqdm
 
 from ..errors import InvalidInputError, NoTissueError
-from ..slide.annotations import load_annotations, rasterize
-from ..slide.grid import TileGrid, box_fractions, make_grid, plan_read
-from ..slide.reader import Slide
-from ..slide.tissue import TissueMask, TissueSettings, detect_tissue
 from ..outputs import (
     OutputLock,
     check_free_space,
@@ -33,6 +29,10 @@ from ..outputs import (
     mark_owned,
     remove_path,
 )
+from ..slide.annotations import load_annotations, rasterize
+from ..slide.grid import TileGrid, box_fractions, make_grid, plan_read
+from ..slide.reader import Slide
+from ..slide.tissue import TissueMask, TissueSettings, detect_tissue
 from .store import TileStoreWriter, prepare_output
 
 #: Marker kind of a ``--export-png`` folder (only such folders are replaced with --overwrite).
@@ -269,7 +269,7 @@ def store_bytes_estimate(n_tiles: int, tile_px: int) -> int:
     return n_tiles * tile_px * tile_px * 3 + (16 << 20)
 
 
-def tile_slide(slide_path: str | Path, out: str | Path, settings: TilingSettings = TilingSettings(),
+def tile_slide(slide_path: str | Path, out: str | Path, settings: TilingSettings | None = None,
                slide_mpp: float | None = None, overwrite: bool = False,
                export_png: str | Path | None = None, progress: bool = True) -> TilingResult:
     """Tile one slide into a zarr store at ``out``.
@@ -283,6 +283,7 @@ def tile_slide(slide_path: str | Path, out: str | Path, settings: TilingSettings
         a tile store; OutputLockedError when another run is writing ``out``.
     """
     out = Path(out)
+    settings = settings if settings is not None else TilingSettings()
     t_start = time.perf_counter()
     # Refuse early, before any work, if the output is there already.
     prepare_output(out, overwrite)
