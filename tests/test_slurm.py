@@ -163,6 +163,17 @@ def cohort(tmp_path_factory):
     return folder
 
 
+@pytest.fixture(scope="module")
+def in_process(cohort, tiny_model, tmp_path_factory):
+    """The cohort run in this process: the results SLURM runs must reproduce, and its time."""
+    out = tmp_path_factory.mktemp("in-process")
+    t0 = time.perf_counter()
+    rows = run_cohort([cohort], out, tiny_model, _settings())
+    seconds = time.perf_counter() - t0
+    assert [r["status"] for r in rows] == ["ok"] * 3
+    return _scores(out), seconds
+
+
 def _settings() -> HeatmapSettings:
     return HeatmapSettings(device="cpu", batch_size=8, progress=False)
 
@@ -218,10 +229,11 @@ class KillOneJob(threading.Thread):
     def run(self) -> None:
         while not self.stop.is_set() and self.killed is None:
             for lock in self.out.glob(".*.lock"):
+                slide = lock.name[1:-len(".lock")]
                 job = _job_of_lock(lock)
-                if job is not None and (self.out / lock.name[1:-len(".lock")]).exists() is False:
+                if job is not None and not (self.out / slide).exists():
                     subprocess.run(["scancel", job], check=True)
-                    self.killed = (job, lock.name[1:-len(".lock")])
+                    self.killed = (job, slide)
                     return
             self.stop.wait(0.2)
 
@@ -259,18 +271,13 @@ def _run_on_slurm(cohort, out, model, tmp_path, watch_kill: bool, **jobs):
     return rows, seconds, watch, killer
 
 
-def test_cohort_on_slurm_matches_in_process(slurm, cohort, tiny_model, tmp_path):
-    local = tmp_path / "local"
-    t0 = time.perf_counter()
-    local_rows = run_cohort([cohort], local, tiny_model, _settings())
-    local_s = time.perf_counter() - t0
-
+def test_cohort_on_slurm_matches_in_process(slurm, cohort, tiny_model, in_process, tmp_path):
+    expected, local_s = in_process
     rows, slurm_s, watch, _ = _run_on_slurm(cohort, tmp_path / "slurm", tiny_model, tmp_path,
                                             watch_kill=False, jobs=2)
     print(f"\n3-slide cohort: in-process {local_s:.1f} s, SLURM (2 jobs × 1 core) {slurm_s:.1f} s")
-    assert [r["status"] for r in local_rows] == ["ok"] * 3
     assert sorted(r["status"] for r in rows) == ["ok"] * 3
-    expected, got = _scores(local), _scores(tmp_path / "slurm")
+    got = _scores(tmp_path / "slurm")
     for name in SLIDES:
         assert len(got[name]) == len(expected[name]) > 0
         np.testing.assert_allclose(got[name], expected[name], rtol=1e-5, atol=1e-6)
@@ -285,9 +292,9 @@ def test_cohort_on_slurm_matches_in_process(slurm, cohort, tiny_model, tmp_path)
     assert not _our_jobs() & watch.seen, "worker jobs still queued after cluster.close()"
 
 
-def test_killed_worker_job_still_completes_the_cohort(slurm, cohort, tiny_model, tmp_path):
-    local = tmp_path / "local"
-    run_cohort([cohort], local, tiny_model, _settings())
+def test_killed_worker_job_still_completes_the_cohort(slurm, cohort, tiny_model, in_process,
+                                                      tmp_path):
+    expected, _ = in_process
     out = tmp_path / "slurm"
     rows, seconds, watch, killer = _run_on_slurm(cohort, out, tiny_model, tmp_path,
                                                  watch_kill=True, minimum_jobs=2,
@@ -297,7 +304,7 @@ def test_killed_worker_job_still_completes_the_cohort(slurm, cohort, tiny_model,
     assert killer.killed is not None, "no worker job was killed (no slide was seen starting)"
     killed_job, killed_slide = killer.killed
     assert sorted(r["status"] for r in rows) == ["ok"] * 3
-    expected, got = _scores(local), _scores(out)
+    got = _scores(out)
     for name in SLIDES:
         np.testing.assert_allclose(got[name], expected[name], rtol=1e-5, atol=1e-6)
     assert not list(out.glob(".*.partial")) and not list(out.glob(".*.lock"))
