@@ -134,7 +134,8 @@ def test_missing_jobqueue_names_the_extra(monkeypatch):
 def _node_ready() -> bool:
     if shutil.which("sinfo") is None:
         return False
-    state = subprocess.run(["sinfo", "-h", "-o", "%t"], capture_output=True, text=True)
+    state = subprocess.run(["sinfo", "-h", "-o", "%t"], check=False, capture_output=True,
+                           text=True)
     return state.returncode == 0 and any(s.startswith(("idle", "mix", "alloc"))
                                          for s in state.stdout.split())
 
@@ -145,8 +146,8 @@ def slurm():
     if _node_ready():
         return
     try:
-        result = subprocess.run(["bash", str(INSTALL)], capture_output=True, text=True,
-                                timeout=900)
+        result = subprocess.run(["bash", str(INSTALL)], check=False, capture_output=True,
+                                text=True, timeout=900)
     except subprocess.TimeoutExpired:
         pytest.skip("SLURM not available: .ci/install_slurm.sh took longer than 15 minutes")
     if result.returncode != 0:
@@ -189,8 +190,8 @@ def _scores(out: Path) -> dict[str, np.ndarray]:
 
 
 def _our_jobs() -> set[str]:
-    result = subprocess.run(["squeue", "-h", "-n", JOB_NAME, "-o", "%i"], capture_output=True,
-                            text=True)
+    result = subprocess.run(["squeue", "-h", "-n", JOB_NAME, "-o", "%i"], check=False,
+                            capture_output=True, text=True)
     return set(result.stdout.split())
 
 
@@ -207,7 +208,7 @@ class QueueWatch(threading.Thread):
     def run(self) -> None:
         while not self.stop.is_set():
             result = subprocess.run(["squeue", "-h", "-n", JOB_NAME, "-o", "%i %t"],
-                                    capture_output=True, text=True)
+                                    check=False, capture_output=True, text=True)
             for line in result.stdout.splitlines():
                 job, state = line.split()
                 self.seen.add(job)

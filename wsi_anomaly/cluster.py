@@ -242,7 +242,7 @@ def make_slurm_cluster(options: SlurmOptions) -> Any:
     except BaseException:
         cluster.close()
         raise
-    if options.adaptive:
+    if options.adaptive and options.maximum_jobs is not None:  # validated: adaptive has a maximum
         cluster.adapt(minimum_jobs=options.minimum_jobs or 0, maximum_jobs=options.maximum_jobs)
     else:
         cluster.scale(jobs=options.fixed_jobs)
@@ -260,8 +260,8 @@ def check_job_script(script: str) -> None:
         fh.write(script)
         fh.flush()
         try:
-            result = subprocess.run([sbatch, "--test-only", fh.name], capture_output=True,
-                                    text=True, timeout=60)
+            result = subprocess.run([sbatch, "--test-only", fh.name], check=False,
+                                    capture_output=True, text=True, timeout=60)
         except (OSError, subprocess.TimeoutExpired) as exc:
             raise InvalidInputError(f"SLURM: sbatch does not answer ({exc})") from None
     if result.returncode != 0:
