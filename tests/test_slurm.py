@@ -305,6 +305,7 @@ def test_killed_worker_job_still_completes_the_cohort(slurm, cohort, tiny_model,
     assert killer.killed is not None, "no worker job was killed (no slide was seen starting)"
     killed_job, killed_slide = killer.killed
     assert sorted(r["status"] for r in rows) == ["ok"] * 3
+    assert (out / killed_slide / "summary.json").is_file()  # the lost slide was run again
     got = _scores(out)
     for name in SLIDES:
         np.testing.assert_allclose(got[name], expected[name], rtol=1e-5, atol=1e-6)
