@@ -20,9 +20,16 @@ fail() { echo "install_slurm: $*" >&2; exit 1; }
 node_state() { sinfo -h -N -n localhost -o %t 2>/dev/null | head -n1; }
 idle_or_busy() { case "$(node_state)" in idle*|mix*|alloc*) return 0 ;; *) return 1 ;; esac; }
 
-# Already running and usable: nothing to do.
+running() { [ -s "$1" ] && kill -0 "$(cat "$1")" 2>/dev/null; }
+ours_up() {  # daemons this script started earlier: both still there?
+    running "$STATE_DIR/slurmctld.pid" && running "$STATE_DIR/slurmd.pid"
+}
+# Already running and usable: nothing to do. (The controller reports a node idle for a while
+# after its slurmd has gone, so daemons started here are checked by their pid files.)
 if command -v sinfo >/dev/null 2>&1 && idle_or_busy; then
-    exit 0
+    if [ ! -e "$STATE_DIR/slurmctld.pid" ] || ours_up; then
+        exit 0
+    fi
 fi
 
 [ "$(id -u)" -eq 0 ] || fail "needs root to install and start slurm (run as root, or start slurmctld yourself)"
@@ -111,7 +118,6 @@ fi
 [ -e "$CONF_DIR/cgroup.conf" ] || echo "CgroupPlugin=autodetect" >"$CONF_DIR/cgroup.conf"
 
 # -- daemons -----------------------------------------------------------------------------------
-running() { [ -s "$1" ] && kill -0 "$(cat "$1")" 2>/dev/null; }
 if [ "$restart" -eq 1 ]; then
     for pidfile in "$STATE_DIR/slurmd.pid" "$STATE_DIR/slurmctld.pid"; do
         if running "$pidfile"; then kill "$(cat "$pidfile")"; sleep 1; fi
