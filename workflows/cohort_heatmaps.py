@@ -6,8 +6,9 @@ Three ways to get workers, all ending in ``wsi_anomaly.pipeline.run_cohort``:
 * ``--scheduler tcp://host:8786`` — an existing dask.distributed cluster. Start GPU workers with
   ``dask worker tcp://host:8786 --nthreads 1 --resources GPU=1`` so that each holds one slide at
   a time on its GPU;
-* ``--slurm N`` — N SLURM jobs through dask-jobqueue (``pip install dask-jobqueue``), each job
-  one GPU worker. Adapt ``slurm_cluster`` to your site (partition, account, modules)::
+* ``--slurm N`` — N one-GPU SLURM jobs through dask-jobqueue (``pip install
+  'wsi-anomaly[cluster]'``), built by ``wsi_anomaly.cluster.make_slurm_cluster``; for every
+  SLURM option use ``wsi-anomaly heatmap --cluster slurm`` (see the README)::
 
       python workflows/cohort_heatmaps.py /data/cohort/ --model model.pt --out results/ \\
           --slurm 8 --partition gpu --walltime 04:00:00
@@ -22,24 +23,19 @@ from __future__ import annotations
 import argparse
 import sys
 
-from wsi_anomaly.cli.options import check_scheduler, positive_int
+from wsi_anomaly.cluster import SlurmOptions, check_scheduler, make_slurm_cluster
 from wsi_anomaly.errors import EXIT_SLIDES_FAILED, WsiAnomalyError
 from wsi_anomaly.pipeline import HeatmapSettings, run_cohort
 
 
-def slurm_cluster(jobs: int, partition: str, walltime: str, memory: str = "64GB", cores: int = 8):
-    """A dask-jobqueue SLURMCluster of ``jobs`` single-GPU workers."""
-    from dask_jobqueue import (
-        SLURMCluster,  # optional dependency: pip install dask-jobqueue
-    )
-
-    cluster = SLURMCluster(
-        queue=partition, cores=cores, processes=1, memory=memory, walltime=walltime,
-        job_extra_directives=["--gres=gpu:1"],
-        worker_extra_args=["--resources", "GPU=1"],
-    )
-    cluster.scale(jobs=jobs)
-    return cluster
+def positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{text} must be at least 1")
+    return value
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -69,10 +65,11 @@ def main(argv: list[str] | None = None) -> int:
         if scheduler:
             check_scheduler(scheduler)
         if args.slurm:
-            cluster = slurm_cluster(args.slurm, args.partition, args.walltime)
-            scheduler = cluster.scheduler_address
+            cluster = make_slurm_cluster(SlurmOptions(
+                partition=args.partition, walltime=args.walltime, gpus=1, cores=8,
+                memory="64GB", jobs=args.slurm))
         rows = run_cohort(args.slides, args.out, args.model, settings, scheduler=scheduler,
-                          workers=args.local, skip_errors=True)
+                          workers=args.local, skip_errors=True, cluster=cluster)
     except WsiAnomalyError as exc:
         print(f"cohort_heatmaps: error: {exc}", file=sys.stderr)
         return 2

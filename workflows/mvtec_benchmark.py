@@ -33,7 +33,7 @@ from pathlib import Path
 import torch
 
 from wsi_anomaly import __version__
-from wsi_anomaly.cli import anomaly_count
+from wsi_anomaly.mvtec.weak import anomaly_count
 from wsi_anomaly.config import load_config
 from wsi_anomaly.errors import InvalidInputError, WsiAnomalyError
 from wsi_anomaly.models.registry import get_family

@@ -316,3 +316,30 @@ def _memory_bytes(memory: str) -> int:
         raise InvalidInputError(f"SLURM memory {memory!r} is less than 1 MB per job; write it "
                                 "like 16GB")
     return value
+
+
+def check_scheduler(address: str, timeout_s: float = 5.0) -> None:
+    """Refuse a dask scheduler address nothing listens on, before any slide work starts."""
+    from urllib.parse import urlsplit
+
+    parts = urlsplit(address if "://" in address else f"tcp://{address}")
+    if parts.scheme not in ("tcp", "tls"):
+        return  # inproc://, ucx://…: dask checks these itself
+    try:
+        host, port = parts.hostname, parts.port or 8786
+    except ValueError:
+        raise InvalidInputError(f"--scheduler {address!r} is not an address like "
+                                "tcp://host:8786") from None
+    if not host:
+        raise InvalidInputError(f"--scheduler {address!r} is not an address like tcp://host:8786")
+    try:
+        import socket
+
+        with socket.create_connection((host, port), timeout=timeout_s):
+            pass
+    except OSError as exc:
+        reason = (f"no answer within {timeout_s:g} s" if isinstance(exc, TimeoutError)
+                  else exc.strerror or str(exc))
+        raise InvalidInputError(f"cannot reach dask scheduler at {address} ({reason}); start it "
+                                "or check the address") from None
+

@@ -611,8 +611,9 @@ def run_cohort(slides: Sequence[str | Path], out_root: str | Path, model: str | 
                                        dashboard_address=None)
             client = Client(own_cluster)
         try:
-            has_gpus = any("GPU" in (w.get("resources") or {})
-                           for w in client.scheduler_info()["workers"].values())
+            has_gpus = _declares_gpus(cluster) or any(
+                "GPU" in (w.get("resources") or {})
+                for w in client.scheduler_info()["workers"].values())
             futures = [client.submit(_slide_task, p, str(out_root), str(model),
                                      _quiet(settings), skip_errors, name, pure=False,
                                      resources={"GPU": 1} if has_gpus else None)
@@ -632,6 +633,13 @@ def run_cohort(slides: Sequence[str | Path], out_root: str | Path, model: str | 
             rows = list(dask.compute(*tasks, scheduler="synchronous"))
     _write_cohort_summary(out_root / "summary.csv", rows)
     return rows
+
+
+def _declares_gpus(cluster: Any | None) -> bool:
+    """Whether a dask-jobqueue cluster's workers will declare GPUs: its jobs may still wait in
+    the queue when the slides are submitted, so the connected workers cannot tell yet."""
+    options = (getattr(cluster, "new_spec", None) or {}).get("options") or {}
+    return any("GPU=" in str(arg) for arg in options.get("worker_extra_args") or [])
 
 
 def _quiet(settings: HeatmapSettings) -> HeatmapSettings:

@@ -13,7 +13,6 @@ from .options import (
     add_overwrite_option,
     add_slide_mpp_options,
     check_output_folder,
-    check_scheduler,
     colormap,
     fraction,
     positive_float,
@@ -57,12 +56,77 @@ def add_parser(sub, parents: list[argparse.ArgumentParser]) -> None:
                         f"{EXIT_SLIDES_FAILED} if any failed)")
     add_overwrite_option(p, "redo slides that are already done")
     add_slide_mpp_options(p)
+    _add_slurm_options(p)
     p.set_defaults(func=run)
+
+
+def _add_slurm_options(p: argparse.ArgumentParser) -> None:
+    slurm = p.add_argument_group(
+        "SLURM", "--cluster slurm runs the slides as dask workers in SLURM jobs "
+                 "(pip install 'wsi-anomaly[cluster]'); OUT must be on a filesystem the compute "
+                 "nodes share")
+    slurm.add_argument("--cluster", choices=["slurm"],
+                       help="start workers on this cluster scheduler")
+    slurm.add_argument("--slurm-partition", metavar="NAME",
+                       help="partition (queue) for the worker jobs (default: the site's default)")
+    slurm.add_argument("--slurm-cores", type=positive_int, default=4, metavar="N",
+                       help="CPU cores per job (default 4)")
+    slurm.add_argument("--slurm-memory", default="16GB", metavar="SIZE",
+                       help="memory per job, e.g. 16GB (default 16GB)")
+    slurm.add_argument("--slurm-walltime", default="04:00:00", metavar="TIME",
+                       help="time limit per job, HH:MM:SS or D-HH:MM:SS (default 04:00:00)")
+    slurm.add_argument("--slurm-gpus", type=int, default=0, metavar="N",
+                       help="GPUs per job (--gres=gpu:N); one worker process per GPU (default 0)")
+    slurm.add_argument("--slurm-processes", type=positive_int, default=None, metavar="N",
+                       help="worker processes per job, one slide each at a time (default 1, "
+                            "or one per GPU)")
+    slurm.add_argument("--slurm-jobs", default="1", metavar="N|MIN:MAX",
+                       help="N jobs for the whole run, or MIN:MAX to follow the work (jobs are "
+                            "submitted while slides wait and cancelled when idle; default 1)")
+    slurm.add_argument("--slurm-extra", action="append", default=[], metavar="DIRECTIVE",
+                       help="another #SBATCH option, e.g. --slurm-extra=--account=lab "
+                            "(repeatable)")
+    slurm.add_argument("--slurm-prologue", action="append", default=[], metavar="LINE",
+                       help="a shell line run in the job before the workers, e.g. "
+                            "'module load cuda' (repeatable)")
+    slurm.add_argument("--slurm-log-dir", metavar="DIR",
+                       help="folder for the jobs' output files (default: the current folder)")
+    slurm.add_argument("--slurm-local-dir", metavar="DIR",
+                       help="node-local scratch folder for the workers, e.g. /tmp or $TMPDIR")
+    slurm.add_argument("--slurm-python", metavar="PATH",
+                       help="Python on the compute nodes (default: this one, which must be "
+                            "visible there)")
+    slurm.add_argument("--slurm-interface", metavar="NAME",
+                       help="network interface the nodes reach each other on, e.g. ib0")
+
+
+def _slurm_cluster(args: argparse.Namespace):
+    """The SLURM workers the --slurm-* options describe (dask-jobqueue)."""
+    import logging
+
+    from ..cluster import SlurmOptions, make_slurm_cluster, parse_jobs
+    from ..errors import InvalidInputError
+
+    if args.workers or args.scheduler:
+        raise InvalidInputError("--cluster slurm starts its own workers; drop --workers and "
+                                "--scheduler")
+    options = SlurmOptions(
+        partition=args.slurm_partition, cores=args.slurm_cores, memory=args.slurm_memory,
+        walltime=args.slurm_walltime, gpus=args.slurm_gpus, processes=args.slurm_processes,
+        extra_directives=args.slurm_extra, prologue=args.slurm_prologue,
+        log_directory=args.slurm_log_dir, local_directory=args.slurm_local_dir,
+        python=args.slurm_python, interface=args.slurm_interface,
+        **parse_jobs(args.slurm_jobs))
+    import distributed  # noqa: F401  (sets up its loggers on import; quiet them unless -v)
+
+    if not getattr(args, "verbose", False):
+        logging.getLogger("distributed").setLevel(logging.WARNING)
+    return make_slurm_cluster(options)
 
 
 def _failed(rows: list[dict]) -> list[dict]:
     """Slides that produced no heatmap: failures, and a lone slide without tissue."""
-    bad = {"failed"} | ({"no tissue"} if len(rows) == 1 else set())
+    bad = {"failed", "busy"} | ({"no tissue"} if len(rows) == 1 else set())
     return [r for r in rows if r["status"] in bad]
 
 
@@ -71,14 +135,21 @@ def run(args: argparse.Namespace) -> int:
 
     out = check_output_folder(args.out)
     if args.scheduler:
+        from ..cluster import check_scheduler
+
         check_scheduler(args.scheduler)
     settings = HeatmapSettings(
         target_mpp=args.mpp, min_tissue=args.min_tissue, batch_size=args.batch_size,
         device=args.device, keep_maps=args.keep_maps, top_k=args.top_k, cmap=args.cmap,
         slide_mpp=args.slide_mpp, mpp_csv=args.mpp_csv, overwrite=args.overwrite,
         progress=not args.quiet, read_workers=args.read_threads or 0)
-    rows = run_cohort(args.slides, out, args.model, settings, scheduler=args.scheduler,
-                      workers=args.workers, skip_errors=args.skip_errors)
+    cluster = _slurm_cluster(args) if args.cluster == "slurm" else None
+    try:
+        rows = run_cohort(args.slides, out, args.model, settings, scheduler=args.scheduler,
+                          workers=args.workers, skip_errors=args.skip_errors, cluster=cluster)
+    finally:
+        if cluster is not None:
+            cluster.close()  # cancels the worker jobs
     for row in rows:
         if row["status"] in ("ok", "skipped (done)"):
             print(f"{row['slide']}: {row['status']}, {row['n_tiles']} tiles, "

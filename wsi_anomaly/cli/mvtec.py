@@ -72,16 +72,13 @@ def add_parser(sub, parents: list[argparse.ArgumentParser]) -> None:
 
 
 def anomaly_count(text: str) -> int | str:
-    """argparse type of ``--anomalies`` (``mvtec`` and the MVTec workflow): a number of labelled
-    anomalies, or ``paper``."""
-    from ..mvtec.weak import PAPER_COUNTS
+    """argparse type of ``--anomalies``: a number of labelled anomalies, or ``paper``."""
+    from ..mvtec.weak import anomaly_count as parse
 
-    if text == PAPER_COUNTS:
-        return text
     try:
-        return int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number or '{PAPER_COUNTS}', got {text!r}") from None
+        return parse(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
 
 
 def _percent(value: float | None) -> str:

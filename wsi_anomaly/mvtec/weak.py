@@ -131,6 +131,17 @@ def draw_split(category: MVTecCategory, n: int, setting: str = "general",
 PAPER_COUNTS = "paper"
 
 
+def anomaly_count(text: str) -> int | str:
+    """A ``--anomalies`` value: a number of labelled anomalies, or ``paper`` (the ATAC-Net
+    paper's per-category counts). Raises ValueError otherwise (argparse reports it as one line)."""
+    if text == PAPER_COUNTS:
+        return text
+    try:
+        return int(text)
+    except ValueError:
+        raise ValueError(f"expected a number or '{PAPER_COUNTS}', got {text!r}") from None
+
+
 @dataclass
 class WeakProtocol:
     """What the weak protocol draws: ``n`` anomalies per category (or :data:`PAPER_COUNTS`, the
