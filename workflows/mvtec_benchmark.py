@@ -33,12 +33,11 @@ from pathlib import Path
 import torch
 
 from wsi_anomaly import __version__
-from wsi_anomaly.mvtec.weak import anomaly_count
 from wsi_anomaly.config import load_config
 from wsi_anomaly.errors import InvalidInputError, WsiAnomalyError
 from wsi_anomaly.models.registry import get_family
 from wsi_anomaly.mvtec import CATEGORIES, BenchmarkSettings, find_categories, run_benchmark
-from wsi_anomaly.mvtec.weak import WeakProtocol, run_weak_benchmark
+from wsi_anomaly.mvtec.weak import WeakProtocol, anomaly_count, run_weak_benchmark
 from wsi_anomaly.outputs import write_text
 
 

@@ -12,10 +12,8 @@ One flag means one thing in every command that has it:
 from __future__ import annotations
 
 import argparse
-import socket
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlsplit
 
 from ..errors import InvalidInputError
 
