@@ -35,7 +35,8 @@ from bench_haloae import PeakRSS, _cpu_name, _timed
 
 from wsi_anomaly.models.atacnet import (
     ATACNet,
-    ATACNetTrainSettings,
+    AtacNetConfig,
+    load_resnet50,
     make_optimiser,
     train_step,
 )
@@ -116,7 +117,8 @@ def main(argv: list[str] | None = None) -> dict[str, object]:
         rows += [("preprocessing images/s (1024² → CLAHE → 224², CPU, 1 process)",
                   f"{per_s:.2f}")]
 
-    model = ATACNet(args.variant, backbone_weights="random", crop_threshold=args.crop_threshold)
+    model = ATACNet(args.variant, backbone=load_resnet50("random"),
+                    crop_threshold=args.crop_threshold)
     model = model.to(device, memory_format=memory_format).eval()
     results["parameters"] = sum(p.numel() for p in model.parameters())
 
@@ -147,7 +149,7 @@ def main(argv: list[str] | None = None) -> dict[str, object]:
         algorithm2, args.batch_size
     )
 
-    settings = ATACNetTrainSettings()
+    settings = AtacNetConfig()
     optimiser = make_optimiser(model, settings)
     generator = torch.Generator().manual_seed(0)
     pool = torch.randn(args.train_batch_size, 3, IMAGE_SIZE, IMAGE_SIZE, generator=generator)

@@ -41,6 +41,7 @@ from wsi_anomaly.models import (
     anomaly_map,
     ews_weights,
     haloae_loss,
+    load_vgg19,
     make_cutpaste_batch,
     normalise,
     score_batch,
@@ -195,7 +196,7 @@ def main(argv: list[str] | None = None) -> dict[str, object]:
             memory = f"{torch.cuda.max_memory_allocated() / 2**20:.0f} MiB CUDA, " + memory
         return batch_size / seconds, memory
 
-    model = HaloAE(backbone_weights="random").to(device, memory_format=memory_format).eval()
+    model = HaloAE(load_vgg19("random")).to(device, memory_format=memory_format).eval()
     released = ReleasedStyleInference(model).to(device, memory_format=memory_format).eval()
     trainable = sum(p.numel() for p in model.trainable_parameters())
     mean_map = torch.zeros(IMAGE_SIZE // 4, IMAGE_SIZE // 4, device=device)

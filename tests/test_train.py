@@ -165,3 +165,31 @@ def test_no_room_for_the_checkpoint_is_refused_before_training(small_store, tmp_
     with pytest.raises(OutputWriteError, match="disk space"):
         train_model(ZarrTileDataset(small_store), tiny_config(), tmp_path / "m.pt", device="cpu",
                     progress=False)
+
+
+def test_score_scale_comes_from_held_out_normal_tiles(small_store, tmp_path):
+    from torch.utils.data import ConcatDataset
+
+    from wsi_anomaly.train import MIN_HOLDOUT_TILES, holdout_split
+
+    one = ZarrTileDataset(small_store)
+    two = ConcatDataset([one, one])  # two "slides"
+    train, held, groups = holdout_split(two, 0.25, seed=0)
+    assert not set(train) & set(held) and sorted(train + held) == list(range(len(two)))
+    # Stratified: each source gives its share.
+    assert [g["n_held_out"] for g in groups] == [round(0.25 * len(one))] * 2
+    assert holdout_split(two, 0.25, seed=0)[1] == held  # seeded: a resume sees the same split
+    out = tmp_path / "m.pt"
+    fraction = max(0.25, (MIN_HOLDOUT_TILES + 1) / len(two))
+    train_model(two, tiny_config(calibration_holdout=fraction), out, device="cpu",
+                tile_mpp=0.5, progress=False)
+    calibration = load_checkpoint(out)["calibration"]
+    assert calibration["scale_source"] == "held-out normal tiles"
+    assert calibration["holdout"]["n_tiles"] >= MIN_HOLDOUT_TILES
+    assert calibration["in_sample"]["score_quantiles"] != calibration["score_quantiles"]
+    assert calibration["mean_map"] is not None
+    # Too few tiles to hold out: in-sample, and said so.
+    small = tmp_path / "s.pt"
+    train_model(one, tiny_config(calibration_holdout=0.01), small, device="cpu", tile_mpp=0.5,
+                progress=False)
+    assert load_checkpoint(small)["calibration"]["scale_source"].endswith("(in-sample)")

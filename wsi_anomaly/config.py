@@ -55,7 +55,8 @@ class TrainConfig:
     patch_jitter: float = 0.1           # colour jitter of the pasted patch
     workers: int = 2                    # data-loading processes
     checkpoint_every: int = 10          # epochs between resumable checkpoints
-    calibration_tiles: int = 2000       # training tiles used for the mean map and score quantiles
+    calibration_tiles: int = 2000       # tiles used for the mean map and score quantiles
+    calibration_holdout: float = 0.1    # normal tiles held out of training for the score scale
 
 
 def _to_dict(self: Any) -> dict[str, Any]:
@@ -71,6 +72,9 @@ def _validate(self: Any) -> Any:
             raise InvalidInputError(f"train.{name} must be at least 1, got {getattr(t, name)}")
     if t.workers < 0:
         raise InvalidInputError("train.workers must be ≥ 0")
+    if not 0.0 <= t.calibration_holdout < 1.0:
+        raise InvalidInputError("train.calibration_holdout must be in [0, 1), got "
+                                f"{t.calibration_holdout}")
     _check_positive(self)
     if self.model.name not in family_names():
         raise InvalidInputError(f"model.name must be one of {', '.join(family_names())}, "

@@ -23,7 +23,7 @@ from typing import Any
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, Dataset, Subset
+from torch.utils.data import ConcatDataset, DataLoader, Dataset, Subset
 from tqdm.auto import tqdm
 
 from .checkpoint import load_checkpoint, save_checkpoint
@@ -71,17 +71,48 @@ class TrainResult:
 
 @torch.no_grad()
 def calibrate(family: ModelFamily, model: torch.nn.Module, dataset: Dataset, runtime: Runtime,
-              n_tiles: int, batch_size: int = 16, workers: int = 0, progress: bool = True
-              ) -> dict[str, Any]:
+              n_tiles: int, batch_size: int = 16, workers: int = 0, progress: bool = True,
+              reference: dict[str, Any] | None = None) -> dict[str, Any]:
     """The family's calibration (training-normal mean map and/or score quantiles) from up to
-    ``n_tiles`` tiles spread evenly over ``dataset`` (no augmentation)."""
+    ``n_tiles`` tiles spread evenly over ``dataset`` (no augmentation). With ``reference`` (the
+    training tiles' calibration), ``dataset`` holds held-out normal tiles scored as a slide's
+    tiles will be."""
     model.eval()
     idx = np.unique(np.linspace(0, len(dataset) - 1, num=min(n_tiles, len(dataset))).astype(int))
     loader = DataLoader(Subset(dataset, idx.tolist()), batch_size=batch_size, num_workers=workers)
     parts = [family.calibration_batch(model, batch, runtime)
              for batch in tqdm(loader, desc="calibrating", unit="batch", disable=not progress,
                                leave=False)]
-    return family.summarise_calibration(parts)
+    return family.summarise_calibration(parts, reference)
+
+
+#: Fewer held-out tiles than this make no score scale: calibrate in-sample then (and say so).
+MIN_HOLDOUT_TILES = 20
+
+
+def holdout_split(dataset: Dataset, fraction: float, seed: int
+                  ) -> tuple[list[int], list[int], list[dict[str, Any]]]:
+    """Indices of the tiles to train on and of the normal tiles held out of training for the
+    score scale, stratified by source: each tile store (one slide) or image folder of a
+    ``ConcatDataset`` gives ``fraction`` of its tiles. Seeded, so a resumed run trains on the
+    same tiles. Returns (train, holdout, per-source counts)."""
+    parts = list(dataset.datasets) if isinstance(dataset, ConcatDataset) else [dataset]
+    rng = np.random.default_rng([seed, 7919])
+    train: list[int] = []
+    held: list[int] = []
+    groups: list[dict[str, Any]] = []
+    offset = 0
+    for part in parts:
+        n = len(part)  # type: ignore[arg-type]
+        k = int(round(fraction * n))
+        order = rng.permutation(n)
+        held_part = sorted(int(i) + offset for i in order[:k])
+        held.extend(held_part)
+        train.extend(sorted(int(i) + offset for i in order[k:]))
+        groups.append({"source": str(getattr(part, "path", None) or getattr(part, "root", "")),
+                       "n_tiles": n, "n_held_out": k})
+        offset += n
+    return sorted(train), held, groups
 
 
 def _without_epochs(section: Any) -> Any:
@@ -141,6 +172,14 @@ def train_model(dataset: Dataset, config: Any, out: str | Path, device: str = "a
     runtime = Runtime.resolve(device)
     partial = resume_path(out)
     config, state = _prepare_run(out, config, resume, overwrite)
+    normals = dataset
+    train_idx, held_idx, groups = holdout_split(dataset, config.train.calibration_holdout,
+                                                config.seed)
+    if len(held_idx) >= MIN_HOLDOUT_TILES and train_idx:
+        dataset = Subset(normals, train_idx)
+        log.info("%d normal tiles held out of training for the score scale", len(held_idx))
+    else:
+        held_idx = []
     try:
         data = family.training_data(dataset, anomalies, config)
     except ValueError as exc:
@@ -208,6 +247,24 @@ def train_model(dataset: Dataset, config: Any, out: str | Path, device: str = "a
 
     calibration = calibrate(family, model, family.calibration_data(dataset, config), runtime,
                             t.calibration_tiles, workers=t.workers, progress=progress)
+    in_sample = {k: calibration[k] for k in ("n_tiles", "score_quantiles", "max_score_quantiles")
+                 if k in calibration}
+    if held_idx:
+        held = calibrate(family, model,
+                         family.calibration_data(Subset(normals, held_idx), config), runtime,
+                         t.calibration_tiles, workers=t.workers, progress=progress,
+                         reference=calibration)
+        calibration = {**held, "mean_map": calibration.get("mean_map"),
+                       "scale_source": "held-out normal tiles", "in_sample": in_sample,
+                       "holdout": {"fraction": float(t.calibration_holdout),
+                                   "n_tiles": len(held_idx), "sources": groups}}
+    else:
+        log.warning("too few normal tiles to hold %d%% out for the score scale (at least %d "
+                    "needed); it comes from the training tiles themselves, so more unseen normal "
+                    "tissue will be called anomalous than the 1 %% its threshold suggests",
+                    round(100 * t.calibration_holdout), MIN_HOLDOUT_TILES)
+        calibration = {**calibration, "scale_source": "training tiles (in-sample)",
+                       "holdout": {"fraction": 0.0, "n_tiles": 0, "sources": groups}}
     return _finish(out, config, {**payload(total_epochs - 1), "train_seconds": seconds},
                    calibration, total_epochs, seconds, seen, history)
 

@@ -165,7 +165,8 @@ class AtacNetFamily(ModelFamily):
         with runtime.autocast():
             return model.score(runtime.to_device(x)).float().cpu()
 
-    def summarise_calibration(self, parts: list[torch.Tensor]) -> dict[str, Any]:
+    def summarise_calibration(self, parts: list[torch.Tensor],
+                              reference: Mapping[str, Any] | None = None) -> dict[str, Any]:
         values = torch.cat(parts)
         summary = score_summary(values, values)
         return {"mean_map": None, **summary}

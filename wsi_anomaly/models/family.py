@@ -168,8 +168,13 @@ class ModelFamily:
         """What :meth:`summarise_calibration` needs from one batch of normal tiles (on the CPU)."""
         raise NotImplementedError
 
-    def summarise_calibration(self, parts: list[torch.Tensor]) -> dict[str, Any]:
-        """The checkpoint's calibration from every :meth:`calibration_batch` result."""
+    def summarise_calibration(self, parts: list[torch.Tensor],
+                              reference: Mapping[str, Any] | None = None) -> dict[str, Any]:
+        """The checkpoint's calibration from every :meth:`calibration_batch` result.
+
+        ``reference``: the calibration of the training tiles, when ``parts`` come from normal
+        tiles held out of training — whatever normalises scores (HaloAE's mean map) is taken
+        from it, so held-out scores are the scores a slide's tiles will get."""
         raise NotImplementedError
 
     def checkpoint_extras(self, data: Dataset, normals: Dataset) -> dict[str, Any]:

@@ -150,9 +150,10 @@ class HaloAEFamily(ModelFamily):
             raw = anomaly_map(fm, model.reconstruct_features(fm))
         return raw.float().cpu()
 
-    def summarise_calibration(self, parts: list[torch.Tensor]) -> dict[str, Any]:
+    def summarise_calibration(self, parts: list[torch.Tensor],
+                              reference: Mapping[str, Any] | None = None) -> dict[str, Any]:
         raw = torch.cat(parts)
-        mean_map = raw.mean(dim=0)
+        mean_map = raw.mean(dim=0) if reference is None else reference["mean_map"]
         maps = smooth_map(normalise_map(raw, mean_map))
         mean_scores, max_scores = tile_scores(maps)
         return {"mean_map": mean_map, **score_summary(mean_scores, max_scores)}
