@@ -469,7 +469,7 @@ def _summarise(plan: SlidePlan, slide: Slide, grid, tissue, store: TileStore, sc
         "identity": plan.identity,
         "slide_dimensions": list(slide.dimensions),
         "level0_mpp": slide.mpp,
-        "mpp_source": slide.resolution.source,
+        "mpp_source": slide.known_resolution().source,
         "target_mpp": gp.target_mpp,
         "actual_mpp": gp.actual_mpp,
         "level": gp.level,
