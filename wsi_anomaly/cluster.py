@@ -30,7 +30,7 @@ import sys
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TypedDict
 
 from .errors import InvalidInputError
 
@@ -139,7 +139,15 @@ class SlurmOptions:
         return 1 if self.jobs is None else self.jobs
 
 
-def parse_jobs(text: str) -> dict[str, int | None]:
+class JobCounts(TypedDict):
+    """The job-count fields of :class:`SlurmOptions`."""
+
+    jobs: int | None
+    minimum_jobs: int | None
+    maximum_jobs: int | None
+
+
+def parse_jobs(text: str) -> JobCounts:
     """``"N"`` → N fixed jobs; ``"MIN:MAX"`` → adaptive between MIN and MAX jobs.
 
     Returns the :class:`SlurmOptions` fields (``jobs``, ``minimum_jobs``, ``maximum_jobs``).

@@ -23,7 +23,7 @@ import json
 import logging
 from functools import lru_cache
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 
@@ -99,10 +99,13 @@ def _score_layer(ngff: Path, image: str, scale: Any, slide_name: str, label: str
                  visible: bool) -> LayerData:
     import zarr
 
+    from .tiles.store import zarr_array
+
     group = zarr.open_group(str(ngff / image) if image != "." else str(ngff), mode="r")
-    dataset = group.attrs["ome"]["multiscales"][0]["datasets"][0]
+    ome = cast(dict[str, Any], group.attrs["ome"])
+    dataset = ome["multiscales"][0]["datasets"][0]
     transforms = {t["type"]: t for t in dataset["coordinateTransformations"]}
-    data = group[dataset["path"]]
+    data = zarr_array(group, dataset["path"])
     kwargs = {
         "name": f"{slide_name} {label}",
         "scale": tuple(transforms["scale"]["scale"]),
@@ -112,7 +115,7 @@ def _score_layer(ngff: Path, image: str, scale: Any, slide_name: str, label: str
         "opacity": 0.5,
         "blending": "translucent",
         "visible": visible,
-        "metadata": {"wsi_anomaly": dict(group.attrs.get("wsi_anomaly", {})),
+        "metadata": {"wsi_anomaly": dict(cast(dict[str, Any], group.attrs.get("wsi_anomaly", {}))),
                      "colour_scale": {"vmin": scale.vmin, "vcenter": scale.vcenter,
                                       "vmax": scale.vmax, "cmap": scale.cmap}},
     }

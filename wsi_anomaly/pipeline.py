@@ -120,7 +120,11 @@ def find_slides(inputs: Sequence[str | Path]) -> list[Path]:
         else:
             found.append(Path(item))  # a missing file is reported per slide, like any error
     seen: set[Path] = set()
-    unique = [p for p in found if not (p.resolve() in seen or seen.add(p.resolve()))]
+    unique: list[Path] = []
+    for p in found:
+        if p.resolve() not in seen:
+            seen.add(p.resolve())
+            unique.append(p)
     if not unique:
         raise InvalidInputError(f"no slides found in {', '.join(map(str, inputs))} "
                                 f"(looked for {', '.join(SLIDE_SUFFIXES)})")
@@ -408,13 +412,16 @@ def _score_batch_of_tiles(scorer: Scorer, tiles: np.ndarray, start: int,
                           timing: dict) -> None:
     """Score a shard of (n, T, T, 3) uint8 tiles in model batches; write the scores."""
     t0 = time.perf_counter()
-    means, maxes, maps = [], [], []
+    means: list[np.ndarray] = []
+    maxes: list[np.ndarray] = []
+    maps: list[np.ndarray] = []
     for b in range(0, len(tiles), scorer.batch_size):
         # uint8 as stored: conversion and normalisation happen on the scoring device.
         result = scorer.score(tiles[b:b + scorer.batch_size], keep_maps=settings.keep_maps)
         means.append(result.mean)
         maxes.append(result.max)
         if settings.keep_maps:
+            assert result.maps is not None  # scored with keep_maps
             maps.append(result.maps)
     timing["model_s"] += time.perf_counter() - t0
     sink.write_scores(start, np.concatenate(means), np.concatenate(maxes),
@@ -427,6 +434,7 @@ def _render(plan: SlidePlan, slide: Slide, grid, tissue, store: TileStore, score
     t0 = time.perf_counter()
     gp = grid.plan
     scores, max_scores = store.scores, store.max_scores
+    assert scores is not None and max_scores is not None  # the store has been scored
     thumb, thumb_ds = slide.thumbnail(settings.max_px)
     order = np.argsort(-scores)[: settings.top_k]
     top = [(int(i), store.read(int(i), int(i) + 1)[0]) for i in order]
@@ -457,6 +465,7 @@ def _summarise(plan: SlidePlan, slide: Slide, grid, tissue, store: TileStore, sc
     the final folder (where they will be once it is renamed into place)."""
     gp = grid.plan
     scores = store.scores
+    assert scores is not None  # the store has been scored
 
     def rate(seconds: float) -> float | None:
         return n_scored / seconds if seconds > 0 else None
@@ -469,7 +478,7 @@ def _summarise(plan: SlidePlan, slide: Slide, grid, tissue, store: TileStore, sc
         "identity": plan.identity,
         "slide_dimensions": list(slide.dimensions),
         "level0_mpp": slide.mpp,
-        "mpp_source": slide.resolution.source,
+        "mpp_source": slide.known_resolution().source,
         "target_mpp": gp.target_mpp,
         "actual_mpp": gp.actual_mpp,
         "level": gp.level,

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import csv
 import logging
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Sequence, Sized
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -117,7 +117,8 @@ class Scorer:
         loader = DataLoader(dataset, batch_size=self.batch_size, num_workers=workers,
                             pin_memory=self.runtime.is_cuda)
         start = 0
-        with tqdm(total=len(dataset), desc=desc, unit="tile", disable=not progress, leave=False) as bar:
+        total = len(dataset) if isinstance(dataset, Sized) else None
+        with tqdm(total=total, desc=desc, unit="tile", disable=not progress, leave=False) as bar:
             for images in loader:
                 result = self.score(images, keep_maps=keep_maps)
                 yield start, result
@@ -188,6 +189,7 @@ def score_images(model: str | Path, paths: Sequence[str | Path], out_csv: str | 
                 f = dataset.files[start + k]
                 row = [str(f), f"{result.mean[k]:.6g}", f"{result.max[k]:.6g}"]
                 if maps_path is not None:
+                    assert result.maps is not None  # scored with keep_maps
                     name = map_names[start + k]
                     save_map_png(result.maps[k], scale, maps_path / name,
                                  size=scorer.tile_px, image=dataset.load_rgb(start + k))

@@ -267,7 +267,7 @@ def _legend_panel(scale: ColourScale, geometry: SlideGeometry, canvas_h: int) ->
     width, min_h = LEGEND_PANEL_PX
     height = max(canvas_h, min_h)
     fig = Figure(figsize=(width / 100, height / 100), dpi=100, facecolor="white")
-    FigureCanvasAgg(fig)
+    canvas = FigureCanvasAgg(fig)
     # Fixed pixel margins so the text keeps its size whatever the canvas height.
     top, bottom = 1 - 40 / height, 120 / height
     ax = fig.add_axes((14 / width, bottom, 22 / width, top - bottom))
@@ -287,8 +287,8 @@ def _legend_panel(scale: ColourScale, geometry: SlideGeometry, canvas_h: int) ->
              f"({geometry.tile_size_l0:.0f} level-0 px)\n"
              "transparent: no tile scored\n(background or no tissue)",
              fontsize=8, va="bottom")
-    fig.canvas.draw()
-    return np.asarray(fig.canvas.buffer_rgba()).copy()
+    canvas.draw()
+    return np.asarray(canvas.buffer_rgba()).copy()
 
 
 def _with_panel(canvas_rgba: np.ndarray, panel: np.ndarray) -> np.ndarray:
@@ -368,7 +368,7 @@ def _write_ngff(path: Path, slide_name: str, geometry: SlideGeometry, coords: np
     levels = [grid]
     if min(grid.shape) >= 2:
         levels.append(_nan_downsample2(grid))
-    datasets = []
+    datasets: list[dict[str, Any]] = []
     for i, _ in enumerate(levels):
         cell_l0 = stride * 2 ** i
         datasets.append({"path": str(i), "coordinateTransformations": [
@@ -377,7 +377,7 @@ def _write_ngff(path: Path, slide_name: str, geometry: SlideGeometry, coords: np
              "translation": [float((origin[1] + cell_l0 / 2) * geometry.mpp),
                              float((origin[0] + cell_l0 / 2) * geometry.mpp)]},
         ]})
-    ome = {"version": "0.5", "multiscales": [{
+    ome: dict[str, Any] = {"version": "0.5", "multiscales": [{
         "name": f"{slide_name} tile anomaly score",
         "axes": [{"name": "y", "type": "space", "unit": "micrometer"},
                  {"name": "x", "type": "space", "unit": "micrometer"}],

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+from typing import Any
 
 from .options import add_slide_mpp_options, slide_override
 
@@ -31,7 +32,7 @@ def run(args: argparse.Namespace) -> int:
     with Slide(args.slide, override_mpp=override, require_mpp=False) as slide:
         w, h = slide.dimensions
         res = slide.resolution
-        info = {
+        info: dict[str, Any] = {
             "path": str(slide.path),
             "format": slide.format,
             "reader": slide.backend,

@@ -51,6 +51,13 @@ class ReadPlan:
         return asdict(self)
 
 
+def _level_mpp(level: LevelInfo) -> float:
+    if level.mpp is None:
+        raise InvalidInputError(f"level {level.index} has no known resolution (µm/px); "
+                                "tiles need the slide's mpp")
+    return level.mpp
+
+
 def plan_read(levels: Sequence[LevelInfo], target_mpp: float, tile_px: int = 256,
               stride_px: int | None = None) -> ReadPlan:
     """Choose the level and read size for tiles of ``tile_px`` at ``target_mpp`` (µm/px).
@@ -65,23 +72,24 @@ def plan_read(levels: Sequence[LevelInfo], target_mpp: float, tile_px: int = 256
         raise InvalidInputError(f"--stride {stride_px} must be positive")
     if target_mpp <= 0:
         raise InvalidInputError(f"--mpp {target_mpp} must be positive")
-    candidates = [lv for lv in levels if lv.mpp <= target_mpp * (1 + MPP_TOLERANCE)]
+    candidates = [lv for lv in levels if _level_mpp(lv) <= target_mpp * (1 + MPP_TOLERANCE)]
     if not candidates:
         raise InvalidInputError(
             f"target {target_mpp:g} µm/px is finer than the slide's level 0 ({levels[0].mpp:.3f} "
             f"µm/px); choose --mpp ≥ {levels[0].mpp:.3f}")
-    level = max(candidates, key=lambda lv: lv.mpp)
-    if abs(level.mpp - target_mpp) <= MPP_TOLERANCE * target_mpp:
+    level = max(candidates, key=_level_mpp)
+    level_mpp = _level_mpp(level)
+    if abs(level_mpp - target_mpp) <= MPP_TOLERANCE * target_mpp:
         read_px, read_stride = tile_px, stride_px
     else:
-        scale = target_mpp / level.mpp
+        scale = target_mpp / level_mpp
         read_px = int(round(tile_px * scale))
         read_stride = max(1, int(round(stride_px * scale)))
     return ReadPlan(
         target_mpp=target_mpp,
-        actual_mpp=level.mpp * read_px / tile_px,
+        actual_mpp=level_mpp * read_px / tile_px,
         level=level.index,
-        level_mpp=level.mpp,
+        level_mpp=level_mpp,
         level_downsample=level.downsample,
         tile_px=tile_px,
         stride_px=stride_px,

@@ -20,13 +20,16 @@ import threading
 from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 from PIL import Image
 
 from ..errors import CorruptSlideError, InputNotFoundError, ResolutionError, UnsupportedSlideError
 from .resolution import Resolution, resolve_resolution
+
+if TYPE_CHECKING:
+    import openslide
 
 log = logging.getLogger(__name__)
 
@@ -123,6 +126,7 @@ class _TiledPage:
         data = os.pread(self.fd, count, int(self.offsets[index]))
         if len(data) != count:
             raise CorruptSlideError(f"tile {index} is cut short (truncated slide?)")
+        assert self._jpeg_args is not None  # only RGB JPEG tiles are decoded into an array
         import imagecodecs
 
         try:
@@ -221,8 +225,8 @@ class Slide:
             raise InputNotFoundError(f"slide not found: {self.path}")
         if self.path.is_dir():
             raise UnsupportedSlideError(f"{self.path} is a folder, not a slide file")
-        self._osr = None
-        self._tiff = None
+        self._osr: openslide.OpenSlide | None = None
+        self._tiff: Any = None  # tifffile.TiffFile; its pages are used as duck-typed objects
         self._fd: int | None = None
         self._pages: dict[int, _TiledPage] = {}
         self._zarr_levels: dict[int, Any] = {}
@@ -269,7 +273,7 @@ class Slide:
             self.backend = "openslide"
             self.format = self._osr.properties.get("openslide.vendor", "unknown")
             self.properties = dict(self._osr.properties)
-            self._dims = [tuple(map(int, d)) for d in self._osr.level_dimensions]
+            self._dims = [(int(w), int(h)) for w, h in self._osr.level_dimensions]
             self._downsamples = [float(d) for d in self._osr.level_downsamples]
             self.associated_images = tuple(sorted(self._osr.associated_images.keys()))
             self._attach_tiff_fast_path(file_size)
@@ -297,6 +301,7 @@ class Slide:
             self._pages.clear()
             return
         # Use the fast path only where it reproduces OpenSlide's pixels exactly.
+        assert self._osr is not None  # called once OpenSlide has opened the slide
         for level, page in list(self._pages.items()):
             # A tile from the middle of the level: more likely tissue than a corner.
             x = (page.width // 2 // page.tile_w) * page.tile_w
@@ -396,10 +401,14 @@ class Slide:
     @property
     def mpp(self) -> float:
         """Level-0 µm per pixel (raises :class:`ResolutionError` when unknown)."""
+        return self.known_resolution().mpp
+
+    def known_resolution(self) -> Resolution:
+        """The slide's resolution (raises :class:`ResolutionError` when unknown)."""
         if self.resolution is None:
             assert self._resolution_error is not None
             raise self._resolution_error
-        return self.resolution.mpp
+        return self.resolution
 
     @property
     def objective_power(self) -> float | None:
@@ -444,8 +453,9 @@ class Slide:
                     region[y0 - y:y1 - y, x0 - x:x1 - x] = _to_rgb(np.asarray(arr[y0:y1, x0:x1]))
                 return _into(out, region)
             ds = self._downsamples[level]
-            region = self._osr.read_region((int(round(x * ds)), int(round(y * ds))), level, (w, h))
-            return _into(out, _to_rgb(np.asarray(region)))
+            assert self._osr is not None  # levels not read from the TIFF are OpenSlide's
+            image = self._osr.read_region((int(round(x * ds)), int(round(y * ds))), level, (w, h))
+            return _into(out, _to_rgb(np.asarray(image)))
         except CorruptSlideError as exc:
             raise CorruptSlideError(f"{self.path}: level {level} at ({x}, {y}): {exc}") from exc
         except Exception as exc:

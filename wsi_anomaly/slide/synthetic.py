@@ -32,7 +32,7 @@ from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from enum import IntEnum
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import imagecodecs
 import numpy as np
@@ -628,7 +628,7 @@ def write_synthetic_slide(
     tiles_per_level = [math.ceil(w / tile_px) * math.ceil(h / tile_px) for _, (w, h) in levels]
     # Classic TIFF offsets are 32-bit; JPEG is far below raw size, but keep ample headroom.
     bigtiff = width * height * 3 > 2**31
-    jpeg_args = {
+    jpeg_args: dict[str, Any] = {
         "level": jpeg_quality,
         "colorspace": "RGB",
         "outcolorspace": "YCBCR",
@@ -654,14 +654,15 @@ def write_synthetic_slide(
                 )
 
                 def encode(origin: tuple[int, int], renderer: _LevelRenderer = renderer) -> bytes:
-                    return imagecodecs.jpeg_encode(renderer.tile(*origin), **jpeg_args)
+                    # bytes: a bytearray comes back only when an ``out`` buffer is passed
+                    return cast(bytes, imagecodecs.jpeg_encode(renderer.tile(*origin), **jpeg_args))
 
                 origins = (
                     (x, y)
                     for y in range(0, level_h, tile_px)
                     for x in range(0, level_w, tile_px)
                 )
-                encoded = map(encode, origins)
+                encoded: Iterator[bytes] = map(encode, origins)
                 if bar is not None:
                     encoded = _counting(encoded, bar)
                 px_per_cm = 1e4 / (mpp * downsample)

@@ -48,7 +48,7 @@ class ZarrTileDataset(Dataset):
     def __getitem__(self, index: int) -> torch.Tensor:
         if self._store is None:
             self._store = TileStore(self.path)
-        return to_tensor(self._store.tiles[index])
+        return to_tensor(np.asarray(self._store.tiles[index]))
 
     def __getstate__(self):  # never pickle an open store into a worker
         state = dict(self.__dict__)

@@ -25,7 +25,7 @@ import shutil
 import uuid
 from functools import cache
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal, cast
 
 import numpy as np
 import zarr
@@ -43,6 +43,14 @@ STORE_FORMAT = 1
 #: becomes ~120 shard files, and reading one tile decodes at most CHUNK_TILES tiles.
 CHUNK_TILES = 16
 SHARD_TILES = 256
+
+
+def zarr_array(group: zarr.Group, name: str) -> zarr.Array:
+    """The array ``name`` of ``group`` (a group member may also be a group)."""
+    member = group[name]
+    if not isinstance(member, zarr.Array):
+        raise TypeError(f"{name!r} is a zarr group, not an array")
+    return member
 
 
 def _compressor() -> BloscCodec:
@@ -256,16 +264,16 @@ def create_score_arrays(root: zarr.Group, n_tiles: int, chunk: int, keep_maps: b
 def write_score_arrays(root: zarr.Group, start: int, mean: np.ndarray, peak: np.ndarray,
                        maps: np.ndarray | None = None) -> None:
     stop = start + len(mean)
-    root["scores"][start:stop] = np.asarray(mean, np.float32)
-    root["max_scores"][start:stop] = np.asarray(peak, np.float32)
+    zarr_array(root, "scores")[start:stop] = np.asarray(mean, np.float32)
+    zarr_array(root, "max_scores")[start:stop] = np.asarray(peak, np.float32)
     if maps is not None and "maps" in root:
-        root["maps"][start:stop] = np.asarray(maps, np.float16)
+        zarr_array(root, "maps")[start:stop] = np.asarray(maps, np.float16)
 
 
 class TileStore:
     """A finished tile store opened for reading (tiles are read lazily, shard by shard)."""
 
-    def __init__(self, path: str | Path, mode: str = "r"):
+    def __init__(self, path: str | Path, mode: Literal["r", "r+"] = "r"):
         self.path = Path(path)
         if not self.path.exists():
             if temporary_path(self.path).exists():
@@ -275,15 +283,15 @@ class TileStore:
             raise InputNotFoundError(f"tile store not found: {self.path}")
         try:
             self.root = zarr.open_group(str(self.path), mode=mode)
-            self.attrs: dict[str, Any] = dict(self.root.attrs[ATTRS_KEY])
-            self.tiles = self.root["tiles"]
+            self.attrs: dict[str, Any] = dict(cast(dict[str, Any], self.root.attrs[ATTRS_KEY]))
+            self.tiles = zarr_array(self.root, "tiles")
         except Exception as exc:
             raise InvalidInputError(f"{self.path} is not a wsi-anomaly tile store ({exc})") from exc
         if not self.attrs.get("complete"):
             raise InvalidInputError(f"{self.path} is incomplete (interrupted run); tile it again")
-        self.coords = np.asarray(self.root["coords"][:])
-        self.grid_index = np.asarray(self.root["grid_index"][:])
-        self.tissue_fraction = np.asarray(self.root["tissue_fraction"][:])
+        self.coords = np.asarray(zarr_array(self.root, "coords")[:])
+        self.grid_index = np.asarray(zarr_array(self.root, "grid_index")[:])
+        self.tissue_fraction = np.asarray(zarr_array(self.root, "tissue_fraction")[:])
 
     def __len__(self) -> int:
         return int(self.tiles.shape[0])
@@ -326,16 +334,16 @@ class TileStore:
     @property
     def maps(self) -> np.ndarray | None:
         """Per-tile anomaly maps (N, 64, 64) when kept."""
-        return np.asarray(self.root["maps"][:]) if "maps" in self.root else None
+        return np.asarray(zarr_array(self.root, "maps")[:]) if "maps" in self.root else None
 
     @property
     def scores(self) -> np.ndarray | None:
         """Per-tile mean anomaly scores (N,) when the store has been scored."""
-        return np.asarray(self.root["scores"][:]) if "scores" in self.root else None
+        return np.asarray(zarr_array(self.root, "scores")[:]) if "scores" in self.root else None
 
     @property
     def max_scores(self) -> np.ndarray | None:
-        return np.asarray(self.root["max_scores"][:]) if "max_scores" in self.root else None
+        return np.asarray(zarr_array(self.root, "max_scores")[:]) if "max_scores" in self.root else None
 
     @staticmethod
     def is_store(path: str | Path) -> bool:
