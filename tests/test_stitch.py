@@ -16,7 +16,7 @@ from wsi_anomaly.stitch import ColourScale, SlideGeometry, display_geometry, wri
 
 SCALE = ColourScale(vmin=0.2, vcenter=0.5, vmax=0.9)
 OUTPUTS = {"heatmap.png", "overlay.png", "thumbnail.png", "heatmap.ome.zarr", "tiles.geojson",
-           "top_tiles.png"}
+           "tiles.csv", "top_tiles.png"}
 HOT = {(3, 2), (4, 2), (3, 3), (4, 3)}      # (col, row): the anomalous square
 SKIPPED = {(0, 0), (10, 7), (6, 5)}         # cells without a scored tile
 TISSUE_L0 = (640, 320, 2560, 1600)          # x0, y0, x1, y1 of the tissue rectangle
@@ -274,8 +274,9 @@ def test_no_tissue_slide_still_writes_every_output(tmp_path):
     assert set(os.listdir(tmp_path)) == OUTPUTS
     _, (w, h) = display_geometry(inputs["geometry"], 128)
     assert (read_png(paths["heatmap"])[:h, :w, 3] == 0).all()
-    assert json.loads(open(paths["geojson"]).read()) == {"type": "FeatureCollection",
-                                                         "features": []}
+    doc = json.loads(open(paths["geojson"]).read())
+    assert doc["type"] == "FeatureCollection" and doc["features"] == []
+    assert open(paths["tiles_csv"]).read().strip() == "x,y,width,height,score,max,tissue_fraction,class"
     assert np.isnan(zarr.open_group(paths["ngff"], mode="r")["0"][...]).all()
 
 

@@ -17,6 +17,7 @@ import logging
 import math
 import random
 import time
+from collections.abc import Sized
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -78,12 +79,19 @@ def calibrate(family: ModelFamily, model: torch.nn.Module, dataset: Dataset, run
     training tiles' calibration), ``dataset`` holds held-out normal tiles scored as a slide's
     tiles will be."""
     model.eval()
-    idx = np.unique(np.linspace(0, len(dataset) - 1, num=min(n_tiles, len(dataset))).astype(int))
+    n = _size(dataset)
+    idx = np.unique(np.linspace(0, n - 1, num=min(n_tiles, n)).astype(int))
     loader = DataLoader(Subset(dataset, idx.tolist()), batch_size=batch_size, num_workers=workers)
     parts = [family.calibration_batch(model, batch, runtime)
              for batch in tqdm(loader, desc="calibrating", unit="batch", disable=not progress,
                                leave=False)]
     return family.summarise_calibration(parts, reference)
+
+
+def _size(dataset: Dataset) -> int:
+    """The number of items of a map-style dataset (every dataset the loop takes has one)."""
+    assert isinstance(dataset, Sized), "training datasets must have a length"
+    return len(dataset)
 
 
 #: Fewer held-out tiles than this make no score scale: calibrate in-sample then (and say so).
@@ -103,7 +111,7 @@ def holdout_split(dataset: Dataset, fraction: float, seed: int
     groups: list[dict[str, Any]] = []
     offset = 0
     for part in parts:
-        n = len(part)  # type: ignore[arg-type]
+        n = _size(part)
         k = int(round(fraction * n))
         order = rng.permutation(n)
         held_part = sorted(int(i) + offset for i in order[:k])
@@ -161,7 +169,7 @@ def train_model(dataset: Dataset, config: Any, out: str | Path, device: str = "a
     """
     out = Path(out)
     config.validate()
-    if len(dataset) == 0:
+    if _size(dataset) == 0:
         raise InvalidInputError("no training tiles")
     family = get_family(config.model.name)
     if anomalies is not None and not family.weakly_supervised:
@@ -188,7 +196,7 @@ def train_model(dataset: Dataset, config: Any, out: str | Path, device: str = "a
     seed_everything(config.seed)
     if state is None:
         model = family.build(config)
-        backbone: str = model.backbone_identity
+        backbone = str(model.backbone_identity)
     else:  # the backbone's weights and identity come from the checkpoint: no download
         backbone = state["backbone"]
         model = family.restore(config, state["state_dict"], backbone)
