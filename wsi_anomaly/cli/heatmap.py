@@ -7,17 +7,7 @@ import sys
 from pathlib import Path
 
 from ..errors import EXIT_SLIDES_FAILED
-from .options import (
-    add_batch_size_option,
-    add_device_option,
-    add_overwrite_option,
-    add_slide_mpp_options,
-    check_output_folder,
-    colormap,
-    fraction,
-    positive_float,
-    positive_int,
-)
+from . import options as opt
 
 
 def add_parser(sub, parents: list[argparse.ArgumentParser]) -> None:
@@ -31,31 +21,31 @@ def add_parser(sub, parents: list[argparse.ArgumentParser]) -> None:
     p.add_argument("slides", nargs="+", help="slide files, folders of slides, or glob patterns")
     p.add_argument("--model", required=True, metavar="FILE", help="checkpoint written by `train`")
     p.add_argument("--out", default="results", help="output folder (default results/)")
-    p.add_argument("--mpp", type=positive_float,
+    p.add_argument("--mpp", type=opt.positive_float,
                    help="tile resolution, µm/px (default: the model's training resolution)")
-    p.add_argument("--min-tissue", type=fraction, default=0.5,
-                   help="score tiles with at least this tissue fraction (default 0.5)")
-    add_batch_size_option(p, 32, "tiles per model batch")
-    add_device_option(p)
+    p.add_argument("--min-tissue", type=opt.fraction, default=0.5,
+                   help="score tiles with at least this tissue opt.fraction (default 0.5)")
+    opt.add_batch_size_option(p, 32, "tiles per model batch")
+    opt.add_device_option(p)
     p.add_argument("--keep-maps", action="store_true",
                    help="also store each tile's 64×64 anomaly map in the tile store")
-    p.add_argument("--top-k", type=positive_int, default=16,
+    p.add_argument("--top-k", type=opt.positive_int, default=16,
                    help="tiles in top_tiles.png (default 16)")
-    p.add_argument("--cmap", type=colormap, default="coolwarm",
+    p.add_argument("--cmap", type=opt.colormap, default="coolwarm",
                    help="matplotlib colour map (coolwarm as in the paper; viridis, inferno…)")
-    p.add_argument("--workers", type=positive_int, default=None, metavar="N",
+    p.add_argument("--workers", type=opt.positive_int, default=None, metavar="N",
                    help="dask worker processes: a local cluster of N processes, one slide per "
                         "task (default: slides one after another in this process)")
     p.add_argument("--scheduler", metavar="ADDRESS",
                    help="use an existing dask.distributed scheduler (e.g. tcp://host:8786); GPU "
                         "workers should be started with --resources GPU=1")
-    p.add_argument("--read-threads", type=positive_int, default=None, metavar="N",
+    p.add_argument("--read-threads", type=opt.positive_int, default=None, metavar="N",
                    help="slide-decoding threads per slide (default: one per CPU core)")
     p.add_argument("--skip-errors", action="store_true",
                    help="record a failing slide in summary.csv and go on (exit status "
                         f"{EXIT_SLIDES_FAILED} if any failed)")
-    add_overwrite_option(p, "redo slides that are already done")
-    add_slide_mpp_options(p)
+    opt.add_overwrite_option(p, "redo slides that are already done")
+    opt.add_slide_mpp_options(p)
     _add_slurm_options(p)
     p.set_defaults(func=run)
 
@@ -69,7 +59,7 @@ def _add_slurm_options(p: argparse.ArgumentParser) -> None:
                        help="start workers on this cluster scheduler")
     slurm.add_argument("--slurm-partition", metavar="NAME",
                        help="partition (queue) for the worker jobs (default: the site's default)")
-    slurm.add_argument("--slurm-cores", type=positive_int, default=4, metavar="N",
+    slurm.add_argument("--slurm-cores", type=opt.positive_int, default=4, metavar="N",
                        help="CPU cores per job (default 4)")
     slurm.add_argument("--slurm-memory", default="16GB", metavar="SIZE",
                        help="memory per job, e.g. 16GB (default 16GB)")
@@ -77,7 +67,7 @@ def _add_slurm_options(p: argparse.ArgumentParser) -> None:
                        help="time limit per job, HH:MM:SS or D-HH:MM:SS (default 04:00:00)")
     slurm.add_argument("--slurm-gpus", type=int, default=0, metavar="N",
                        help="GPUs per job (--gres=gpu:N); one worker process per GPU (default 0)")
-    slurm.add_argument("--slurm-processes", type=positive_int, default=None, metavar="N",
+    slurm.add_argument("--slurm-processes", type=opt.positive_int, default=None, metavar="N",
                        help="worker processes per job, one slide each at a time (default 1, "
                             "or one per GPU)")
     slurm.add_argument("--slurm-jobs", default="1", metavar="N|MIN:MAX",
@@ -133,7 +123,7 @@ def _failed(rows: list[dict]) -> list[dict]:
 def run(args: argparse.Namespace) -> int:
     from ..pipeline import HeatmapSettings, run_cohort
 
-    out = check_output_folder(args.out)
+    out = opt.check_output_folder(args.out)
     if args.scheduler:
         from ..cluster import check_scheduler
 

@@ -6,17 +6,7 @@ import argparse
 from pathlib import Path
 
 from ..errors import InvalidInputError
-from .options import (
-    add_device_option,
-    add_family_option,
-    add_loader_workers_option,
-    add_overwrite_option,
-    check_output_folder,
-    config_overrides,
-    model_family,
-    non_negative_int,
-    positive_int,
-)
+from . import options as opt
 
 
 def add_parser(sub, parents: list[argparse.ArgumentParser]) -> None:
@@ -34,7 +24,7 @@ def add_parser(sub, parents: list[argparse.ArgumentParser]) -> None:
                         "ground_truth/<type>), or a single category folder")
     p.add_argument("--category", nargs="+", default=["all"], metavar="C",
                    help="categories to run, or all (default: every category found)")
-    add_family_option(p,
+    opt.add_family_option(p,
                       help="model family: haloae, or atacnet (weakly supervised protocol)")
     p.add_argument("--config", default=None,
                    help="preset name (haloae_paper, haloae_fast, atacnet, atacnet_fast) or YAML "
@@ -43,7 +33,7 @@ def add_parser(sub, parents: list[argparse.ArgumentParser]) -> None:
     p.add_argument("--backbone-weights", metavar="imagenet|random|FILE",
                    help="backbone weights (VGG19 for HaloAE, ResNet-50 for ATAC-Net): imagenet "
                         "(default), a local state-dict file, or random (tests only)")
-    p.add_argument("--epochs", type=positive_int,
+    p.add_argument("--epochs", type=opt.positive_int,
                    help="override train.epochs (atacnet.epochs for atacnet)")
     p.add_argument("--anomalies", type=anomaly_count, metavar="N|paper",
                    help="ATAC-Net: labelled anomalies drawn (with the seed) from each category's "
@@ -54,20 +44,20 @@ def add_parser(sub, parents: list[argparse.ArgumentParser]) -> None:
                         "--known-type only; all its anomalies leave the test set)")
     p.add_argument("--known-type", metavar="TYPE", help="ATAC-Net, --setting hard: the defect "
                    "type the labelled anomalies come from")
-    p.add_argument("--seeds", type=positive_int, metavar="N",
+    p.add_argument("--seeds", type=opt.positive_int, metavar="N",
                    help="ATAC-Net: repeat with seeds seed … seed+N-1, report mean ± std "
                         "(default 3)")
     p.add_argument("--seed", type=int, help="seed for everything (default from the config: 0)")
-    add_device_option(p)
+    opt.add_device_option(p)
     p.add_argument("--checkpoint-dir", metavar="DIR",
                    help="evaluate existing models (DIR/<category>/model.pt or DIR/<category>.pt) "
                         "instead of training")
-    p.add_argument("--eval-batch-size", type=positive_int, default=16, metavar="N",
+    p.add_argument("--eval-batch-size", type=opt.positive_int, default=16, metavar="N",
                    help="test images per model call (default 16)")
-    add_loader_workers_option(p, what="DataLoader worker processes (training and evaluation)")
-    p.add_argument("--figures", type=non_negative_int, default=4, metavar="N",
+    opt.add_loader_workers_option(p, what="DataLoader worker processes (training and evaluation)")
+    p.add_argument("--figures", type=opt.non_negative_int, default=4, metavar="N",
                    help="qualitative figures per category (default 4)")
-    add_overwrite_option(p, "redo categories that are done (retrain and re-evaluate)")
+    opt.add_overwrite_option(p, "redo categories that are done (retrain and re-evaluate)")
     p.set_defaults(func=run)
 
 
@@ -88,7 +78,7 @@ def _percent(value: float | None) -> str:
 def _family_defaults(family: str) -> tuple[bool, str, str]:
     """(weakly supervised protocol?, preset used without --config, config section of the
     schedule knobs) of a family."""
-    entry = model_family(family)
+    entry = opt.model_family(family)
     return entry.weakly_supervised, entry.default_preset, entry.schedule_section
 
 
@@ -96,7 +86,7 @@ def run(args: argparse.Namespace) -> int:
     from ..config import load_config
     from ..mvtec.benchmark import BenchmarkSettings, run_benchmark
 
-    check_output_folder(args.out)
+    opt.check_output_folder(args.out)
     weak, preset, schedule = _family_defaults(args.family)
     if not weak:
         for flag, value in (("--anomalies", args.anomalies), ("--setting", args.setting),
@@ -105,7 +95,7 @@ def run(args: argparse.Namespace) -> int:
                 raise InvalidInputError(f"{flag} is for the weakly supervised protocol of a "
                                         "family trained with labelled anomalies, such as "
                                         "--family atacnet")
-    config = load_config(args.config or preset, config_overrides(args, schedule))
+    config = load_config(args.config or preset, opt.config_overrides(args, schedule))
     settings = BenchmarkSettings(
         device=args.device, eval_batch_size=args.eval_batch_size, workers=config.train.workers,
         n_figures=args.figures, overwrite=args.overwrite, progress=not args.quiet,

@@ -5,13 +5,7 @@ from __future__ import annotations
 import argparse
 
 from ..errors import InvalidInputError
-from .options import (
-    add_batch_size_option,
-    add_device_option,
-    add_loader_workers_option,
-    add_overwrite_option,
-    check_output_file,
-)
+from . import options as opt
 
 
 def add_parser(sub, parents: list[argparse.ArgumentParser]) -> None:
@@ -22,17 +16,17 @@ def add_parser(sub, parents: list[argparse.ArgumentParser]) -> None:
     p.add_argument("--model", required=True, metavar="FILE", help="checkpoint written by `train`")
     p.add_argument("--out", default="scores.csv", help="CSV to write (default scores.csv)")
     p.add_argument("--maps", metavar="DIR", help="also write anomaly-map PNGs here")
-    add_batch_size_option(p, 16, "images per model batch")
-    add_loader_workers_option(p, default=0)
-    add_device_option(p)
-    add_overwrite_option(p)
+    opt.add_batch_size_option(p, 16, "images per model batch")
+    opt.add_loader_workers_option(p, default=0)
+    opt.add_device_option(p)
+    opt.add_overwrite_option(p)
     p.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
     from ..score import score_images
 
-    out = check_output_file(args.out)
+    out = opt.check_output_file(args.out)
     if out.exists() and not args.overwrite:
         raise InvalidInputError(f"{out} already exists; pass --overwrite to replace it")
     summary = score_images(args.model, args.paths, out, maps_dir=args.maps, device=args.device,

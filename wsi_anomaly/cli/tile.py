@@ -5,15 +5,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from .options import (
-    add_overwrite_option,
-    add_read_threads_option,
-    add_slide_mpp_options,
-    fraction,
-    positive_float,
-    positive_int,
-    slide_override,
-)
+from . import options as opt
 
 
 def add_parser(sub, parents: list[argparse.ArgumentParser]) -> None:
@@ -23,24 +15,24 @@ def add_parser(sub, parents: list[argparse.ArgumentParser]) -> None:
                                    "are dropped.")
     p.add_argument("slide", help="slide file")
     p.add_argument("--out", required=True, help="output tile store, e.g. tiles.zarr")
-    p.add_argument("--mpp", type=positive_float, default=0.5,
+    p.add_argument("--mpp", type=opt.positive_float, default=0.5,
                    help="target microns per pixel of the tiles (default 0.5 ≈ 20x)")
-    p.add_argument("--tile-px", type=positive_int, default=256,
+    p.add_argument("--tile-px", type=opt.positive_int, default=256,
                    help="tile side in pixels (default 256)")
-    p.add_argument("--stride", type=positive_int, default=None, metavar="PX",
+    p.add_argument("--stride", type=opt.positive_int, default=None, metavar="PX",
                    help="step between tiles in pixels at the target mpp (default: tile size, "
                         "no overlap; smaller overlaps)")
-    p.add_argument("--min-tissue", type=fraction, default=0.5,
-                   help="keep tiles with at least this tissue fraction (default 0.5)")
+    p.add_argument("--min-tissue", type=opt.fraction, default=0.5,
+                   help="keep tiles with at least this tissue opt.fraction (default 0.5)")
     p.add_argument("--annotations", metavar="GEOJSON",
                    help="keep only tiles inside these polygons (QuPath GeoJSON, level-0 px)")
     p.add_argument("--annotation-class", metavar="NAME",
                    help="use only annotations of this QuPath class (e.g. Tumor)")
     p.add_argument("--export-png", metavar="DIR",
                    help="also write the tiles as PNG files (the input form of train --tiles)")
-    add_read_threads_option(p, "slide-decoding threads")
-    add_overwrite_option(p)
-    add_slide_mpp_options(p)
+    opt.add_read_threads_option(p, "slide-decoding threads")
+    opt.add_overwrite_option(p)
+    opt.add_slide_mpp_options(p)
     p.set_defaults(func=run)
 
 
@@ -59,11 +51,11 @@ def run(args: argparse.Namespace) -> int:
     from ..tiles import tile_slide
 
     result = tile_slide(args.slide, args.out, _tiling_settings(args),
-                        slide_mpp=slide_override(args, args.slide), overwrite=args.overwrite,
+                        slide_mpp=opt.slide_override(args, args.slide), overwrite=args.overwrite,
                         export_png=args.export_png, progress=not args.quiet)
     plan = result.plan
     print(f"{Path(args.slide).name}: kept {result.n_tiles} of {result.n_grid} tiles "
-          f"(mean tissue fraction {result.tissue_fraction:.2f}) at {plan['actual_mpp']:.3f} mpp "
+          f"(mean tissue opt.fraction {result.tissue_fraction:.2f}) at {plan['actual_mpp']:.3f} mpp "
           f"(requested {plan['target_mpp']:g}, level {plan['level']}) in {result.seconds:.1f} s, "
           f"{result.tiles_per_s:.0f} tiles/s → {result.store}")
     if args.export_png:

@@ -6,18 +6,7 @@ import argparse
 import logging
 
 from ..errors import InvalidInputError
-from .options import (
-    add_batch_size_option,
-    add_device_option,
-    add_family_option,
-    add_loader_workers_option,
-    add_overwrite_option,
-    check_output_file,
-    config_overrides,
-    model_family,
-    positive_float,
-    positive_int,
-)
+from . import options as opt
 
 log = logging.getLogger("wsi_anomaly")
 
@@ -31,34 +20,34 @@ def add_parser(sub, parents: list[argparse.ArgumentParser]) -> None:
     p.add_argument("--tiles", nargs="+", required=True, metavar="DIR|ZARR",
                    help="training tiles (normal tissue): folders of images and/or tile stores")
     p.add_argument("--out", required=True, help="checkpoint to write, e.g. model.pt")
-    add_family_option(p, help="model family: haloae (normal tiles only, default) or atacnet "
+    opt.add_family_option(p, help="model family: haloae (normal tiles only, default) or atacnet "
                               "(normal tiles plus a few labelled anomalies: --anomalies)")
     p.add_argument("--anomalies", nargs="+", metavar="DIR|ZARR",
                    help="ATAC-Net: a few labelled anomalous tiles (folders and/or tile stores)")
     p.add_argument("--config",
                    help="preset name (haloae_paper, haloae_fast, atacnet, atacnet_fast) or YAML "
                         "file (default: haloae_paper, or atacnet with --family atacnet)")
-    p.add_argument("--epochs", type=positive_int, help="override train.epochs")
-    p.add_argument("--samples-per-epoch", type=positive_int,
+    p.add_argument("--epochs", type=opt.positive_int, help="override train.epochs")
+    p.add_argument("--samples-per-epoch", type=opt.positive_int,
                    help="override train.samples_per_epoch")
-    add_batch_size_option(p, None, "override train.batch_size (originals per step)")
-    p.add_argument("--lr", type=positive_float, help="override train.lr")
-    add_loader_workers_option(p)
+    opt.add_batch_size_option(p, None, "override train.batch_size (originals per step)")
+    p.add_argument("--lr", type=opt.positive_float, help="override train.lr")
+    opt.add_loader_workers_option(p)
     p.add_argument("--backbone-weights", metavar="imagenet|random|FILE",
                    help="VGG19 weights: imagenet (torchvision, default), a local state-dict file, "
                         "or random (tests only)")
-    add_device_option(p)
+    opt.add_device_option(p)
     p.add_argument("--seed", type=int, help="seed for everything (default from the config: 0)")
-    p.add_argument("--mpp", type=positive_float,
+    p.add_argument("--mpp", type=opt.positive_float,
                    help="µm/px of image-folder tiles (tile stores record their own)")
     p.add_argument("--resume", action="store_true", help="continue an interrupted training run")
-    add_overwrite_option(p, "replace an existing checkpoint")
+    opt.add_overwrite_option(p, "replace an existing checkpoint")
     p.set_defaults(func=run)
 
 
 def _family_defaults(family: str) -> tuple[str, str]:
     """(preset used without --config, config section of the schedule knobs) of a family."""
-    entry = model_family(family)
+    entry = opt.model_family(family)
     return entry.default_preset, entry.schedule_section
 
 
@@ -85,9 +74,9 @@ def run(args: argparse.Namespace) -> int:
     from ..config import load_config
     from ..train import train_model
 
-    check_output_file(args.out)
+    opt.check_output_file(args.out)
     preset, schedule = _family_defaults(args.family)
-    config = load_config(args.config or preset, config_overrides(args, schedule))
+    config = load_config(args.config or preset, opt.config_overrides(args, schedule))
     dataset, tile_mpp = _training_data(args.tiles, config.tile_px, args.mpp)
     from ..models.registry import family_names, get_family
 
