@@ -34,8 +34,10 @@ class ModelConfig:
 
     name: str = "haloae"
     backbone_weights: str = "imagenet"  # imagenet | random | path to a state-dict file
-    attention: str = "halo"             # halo | conv (HaloAE ablation: plain conv auto-encoder)
-    released_mask: bool = False         # reproduce the released inverted halo mask (ablation)
+    attention: str = "halo"             # halo | conv (attention layers replaced by 3×3 convs
+    #                                     in the same blocks; no paper counterpart)
+    released_mask: bool = False         # reproduction switch: the authors' released halo layer
+    #                                     with its inverted mask (the paper's numbers used it)
 
 
 @dataclass

@@ -230,7 +230,7 @@ class SelfAttentionBlock(nn.Module):
             nn.BatchNorm2d(channels),
         )
         for m in self.modules():
-            if isinstance(m, nn.Conv2d):  # He initialisation (seed Algorithm 2, line 1)
+            if isinstance(m, nn.Conv2d):  # He initialisation (the ATAC-Net paper's Algorithm 2, line 1)
                 nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
                 if m.bias is not None:
                     nn.init.zeros_(m.bias)
@@ -305,7 +305,7 @@ def attention_crop_boxes(
     min_box: int = BACKBONE_STRIDE,
     pad: int = 8,
 ) -> torch.Tensor:
-    """Crop boxes from attention maps (seed Algorithm 1).
+    """Crop boxes from attention maps (the ATAC-Net paper's Algorithm 1).
 
     Each map is divided by its maximum, bilinearly up-sampled to the image size, and the pixels
     ``≥ threshold`` are kept; the box is their bounding box, grown by ``pad`` pixels on every
@@ -386,7 +386,7 @@ def crop_and_resize(
 
 
 class ATACNet(nn.Module):
-    """ATAC-Net and its ablation ladder for standardised RGB inputs (224×224 in the seed).
+    """ATAC-Net and its ablation ladder for standardised RGB inputs (224×224 in the ATAC-Net paper).
 
     Args:
         variant: the rung of the ATAC-Net paper's Table 1:
@@ -396,7 +396,7 @@ class ATACNet(nn.Module):
             ``"atacnet"``: φ + σ + τ, attention-guided cropping, score ``(a1 + a2)/2``.
         backbone: φ with its weights, from :func:`load_resnet50` (the builder resolves them);
             ``None`` for an unweighted trunk (a checkpoint's state dict is loaded over it).
-        crop_threshold: ω of Algorithm 1 (seed silent; choose it on training data only).
+        crop_threshold: ω of Algorithm 1 (the paper is silent; choose it on training data only).
         topk_ratio: fraction of cells averaged by the top-k score.
         margin: deviation-loss margin ``m``.
         min_box_px, box_pad_px: minimum crop side and padding (Algorithm 1).
@@ -469,7 +469,7 @@ class ATACNet(nn.Module):
         """One view through φ (σ) τ.
 
         Args:
-            x: ``B×3×H×W`` standardised images (224×224 in the seed).
+            x: ``B×3×H×W`` standardised images (224×224 in the ATAC-Net paper).
 
         Returns:
             ``cells``: τ's signed cell map ``B×h×w`` (``h = ⌈H/32⌉``);
@@ -579,7 +579,7 @@ def weighted_ce_loss(
     Args:
         logits: ``B`` anomaly logits.
         labels: ``B`` targets in {0, 1}.
-        w_anomaly, w_normal: class weights (20 and 0.5 in the seed).
+        w_anomaly, w_normal: class weights (20 and 0.5 in the ATAC-Net paper).
 
     Returns:
         Scalar tensor (float32).

@@ -6,7 +6,7 @@ bicubic resize through Pillow. Standardisation is an affine map per channel and 
 sum to one, so resizing before standardising (as done here, on 8-bit RGB like torchvision's
 ``Resize`` on a PIL image) gives the same result up to 8-bit rounding.
 
-Training batches are balanced (seed Algorithm 2, line 5): half normal images, half drawn from the
+Training batches are balanced (the ATAC-Net paper's Algorithm 2, line 5): half normal images, half drawn from the
 "anomalous pool", which is the few labelled anomalies plus CutMix (Yun et al., 2019) of normal
 images. All randomness comes from an explicit ``torch.Generator``.
 """
@@ -39,7 +39,7 @@ __all__ = [
     "random_rotation",
 ]
 
-#: Input side of ATAC-Net in pixels (seed §2).
+#: Input side of ATAC-Net in pixels (the ATAC-Net paper, §2).
 IMAGE_SIZE = 224
 #: Channel statistics stated by the ATAC-Net paper (§2) for standardisation, RGB order.
 ATACNET_MEAN: tuple[float, float, float] = (0.48145466, 0.4578275, 0.40821073)
@@ -79,7 +79,7 @@ def _as_rgb_uint8(image: object) -> np.ndarray:
 
 
 def equalise_contrast(rgb: np.ndarray, clip_limit: float = 0.01) -> np.ndarray:
-    """CLAHE on the lightness of CIE-LAB, colour kept (seed §2, "contrast equalisation").
+    """CLAHE on the lightness of CIE-LAB, colour kept (the ATAC-Net paper, §2, "contrast equalisation").
 
     scikit-image's ``equalize_adapthist`` with its defaults (tiles of 1/8 of the image side,
     ``clip_limit`` 0.01, 256 bins) runs on ``L/100``; a and b are kept. Flat images (lightness
@@ -113,7 +113,7 @@ def preprocess(
     Args:
         image: RGB as a PIL image, an ``H×W×3`` array (uint8, or float in [0, 1]) or a
             ``3×H×W`` tensor in [0, 1]; grey-scale is repeated, alpha dropped.
-        size: output side in pixels (224 in the seed).
+        size: output side in pixels (224 in the ATAC-Net paper).
         clahe: apply :func:`equalise_contrast` (off only for ablations).
         clip_limit: CLAHE clip limit (scikit-image's default; the paper is silent).
 

@@ -64,8 +64,11 @@ class Bottleneck(nn.Module):
         heads: attention heads (``dim_head`` is 16, so the attention's inner width is 16·heads).
         kernel_size: ``K`` of the last conv (odd, same padding).
         attention: ``"halo"`` for :class:`HaloAttention` (block 12, halo 2), ``"conv"`` for a
-            plain 3×3 conv in its place (the paper's "no self-attention" ablation).
-        released_mask: reproduce the released code's inverted attention mask.
+            plain 3×3 conv in its place, the rest of the block unchanged. This has no paper
+            counterpart: the paper's Table 4 "Block C as CNN" swapped the whole auto-encoder for
+            DFR's convolutional one.
+        released_mask: reproduction switch (not an ablation): the released code's inverted
+            attention mask, which the paper's numbers were produced with.
 
     Shapes:
         ``B×in×H×W`` → ``B×out×H×W`` (``H``, ``W`` divisible by 12 for ``"halo"``).
@@ -207,10 +210,12 @@ class HaloAE(nn.Module):
         backbone: the frozen VGG19 with its weights, from
             :func:`~wsi_anomaly.models.features.load_vgg19` (the builder resolves them); ``None``
             for an unweighted one (a checkpoint's state dict is loaded over it).
-        attention: ``"halo"`` (the model) or ``"conv"`` (3×3 convs instead of halo attention, the
-            paper's ablation).
-        released_mask: reproduce the released code's inverted attention mask (see
-            :class:`~wsi_anomaly.models.halo.HaloAttention`); off by default.
+        attention: ``"halo"`` (the model) or ``"conv"`` (attention layers replaced by 3×3
+            convolutions in the same blocks; no paper counterpart, not the paper's Table 4
+            "Block C as CNN", which used DFR's convolutional auto-encoder instead).
+        released_mask: reproduction switch, not an ablation: the released code's inverted
+            attention mask (see :class:`~wsi_anomaly.models.halo.HaloAttention`), the layer the
+            paper's numbers came from; off by default (the corrected layer).
 
     The VGG19 backbone is frozen and excluded from :meth:`trainable_parameters`; its origin is
     :attr:`backbone_identity`.

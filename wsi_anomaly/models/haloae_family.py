@@ -1,7 +1,8 @@
 """The HaloAE family: normal tiles only, Cut&Paste self-supervision, 64×64 anomaly maps.
 
 Its knobs live in the shared sections: ``model.attention`` and ``model.released_mask`` (the
-architecture) and ``train`` (epochs, samples per epoch, batch size, learning rate, loss terms and
+architecture: ``conv`` replaces the attention layers by 3×3 convolutions in the same blocks;
+``released_mask`` reproduces the authors' inverted halo mask) and ``train`` (epochs, samples per epoch, batch size, learning rate, loss terms and
 weighting, colour jitter).
 """
 

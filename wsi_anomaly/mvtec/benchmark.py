@@ -31,7 +31,7 @@ from ..config import Config, config_from_dict, save_config
 from ..errors import InputNotFoundError, OutputExistsError, WsiAnomalyError
 from ..outputs import atomic_path, write_text
 from .adapters import ModelAdapter, check_model_name, load_adapter
-from .data import MVTecCategory, MVTecDataset, resolve_categories
+from .data import NO_MASKS, MVTecCategory, MVTecDataset, resolve_categories
 from .figures import pick_examples, save_example_figure
 from .metrics import (
     AUPRO_FPR_LIMIT,
@@ -42,7 +42,15 @@ from .metrics import (
     pixel_auroc,
     resize_map,
 )
-from .paper import OBJECTS, TABLE1_MEAN, TEXTURES, paper_category, paper_reference
+from .paper import (
+    CONV_ATTENTION_LABEL,
+    OBJECTS,
+    TABLE1_MEAN,
+    TEXTURES,
+    mask_note,
+    paper_category,
+    paper_reference,
+)
 
 log = logging.getLogger(__name__)
 
@@ -129,7 +137,8 @@ def compute_metrics(evaluation: Evaluation, dataset: MVTecDataset,
                     fpr_limit: float = AUPRO_FPR_LIMIT) -> dict[str, Any]:
     """Image AUROC per score; pixel AUROC at the masks' resolution and at 128×128 (the paper's
     protocol); AUPRO up to ``fpr_limit``. Fractions in [0, 1]; ``None`` where not applicable
-    (no maps, or a single class)."""
+    (no maps, or a single class). A data set without masks gets image metrics only: its pixel
+    metrics are ``None`` and ``pixel_metrics`` says why (:data:`~.data.NO_MASKS`)."""
     metrics: dict[str, Any] = {
         "image_auroc": {name: _finite_or_none(image_auroc(evaluation.labels, s))
                         for name, s in evaluation.scores.items()},
@@ -137,6 +146,9 @@ def compute_metrics(evaluation: Evaluation, dataset: MVTecDataset,
         "aupro_fpr_limit": fpr_limit,
     }
     if evaluation.maps is None:
+        return metrics
+    if not dataset.has_masks:
+        metrics["pixel_metrics"] = NO_MASKS
         return metrics
     masks, maps, masks_paper, maps_paper = [], [], [], []
     for i, score_map in enumerate(evaluation.maps):
@@ -207,9 +219,11 @@ def _write_figures(folder: Path, dataset: MVTecDataset, evaluation: Evaluation,
     written = []
     for i in pick_examples(dataset.samples, n):
         sample = dataset.samples[i]
-        image, mask = dataset.load_rgb(i), dataset.load_mask(i)
+        image = dataset.load_rgb(i)
+        mask = dataset.load_mask(i) if dataset.has_masks else None
         name = f"{sample.defect_type}_{sample.image.stem}.png"
-        save_example_figure(folder / name, image, mask, resize_map(evaluation.maps[i], mask.shape),
+        save_example_figure(folder / name, image, mask,
+                            resize_map(evaluation.maps[i], image.shape[:2]),
                             f"{sample.defect_type}/{sample.image.name}   image score "
                             f"({headline}) {evaluation.scores[headline][i]:.4g}", vmax)
         written.append(f"figures/{name}")
@@ -262,6 +276,7 @@ def run_category(category: MVTecCategory, config: Config, out_dir: str | Path,
         "n_test": len(dataset),
         "n_defective": int(evaluation.labels.sum()),
         "defect_types": category.defect_types,
+        "has_masks": category.has_masks,
         "timing": {
             "train_seconds": training.get("train_seconds"),
             "train_images_per_s": training.get("train_images_per_s"),
@@ -344,7 +359,13 @@ def _columns(records: Iterable[dict[str, Any]]) -> list[tuple[str, Callable[[dic
                 score_names.append(name)
 
     def metric(key):
-        return lambda r: _percent(r["metrics"][key]) if "metrics" in r else None
+        def get(r):
+            if "metrics" not in r:
+                return None
+            if r["metrics"].get("pixel_metrics") == NO_MASKS:
+                return NO_MASKS
+            return _percent(r["metrics"][key])
+        return get
 
     def image(name):
         return lambda r: (_percent(r["metrics"]["image_auroc"].get(name))
@@ -371,7 +392,7 @@ def _columns(records: Iterable[dict[str, Any]]) -> list[tuple[str, Callable[[dic
 
 def _mean(values: list[Any]) -> float | None:
     """Mean when every value is present, else ``None`` (a partial mean would mislead)."""
-    if not values or any(v is None or not math.isfinite(v) for v in values):
+    if not values or any(not isinstance(v, (int, float)) or not math.isfinite(v) for v in values):
         return None
     return float(np.mean(values))
 
@@ -426,12 +447,25 @@ def markdown_table(records: list[dict[str, Any]], config: Config | None = None) 
         "eval img/s: test images per second end to end (decode, resize, model, maps); n/a for "
         "models loaded rather than trained here.",
     ]
+    no_masks = [r["category"] for r in records
+                if r.get("metrics", {}).get("pixel_metrics") == NO_MASKS]
+    if no_masks:
+        notes.append(f"Pixel metrics skipped for {', '.join(no_masks)} ({NO_MASKS}): no "
+                     "ground_truth/ folder, so only image-level metrics were computed.")
     if config is not None:
         reference = paper_reference(config)
         if reference is not None and reference[0] != "HaloAE (Table 1)":
             label, (img, pix) = reference
             notes.append(f"This configuration is the paper's ablation \"{label}\": mean {img} "
                          f"image / {pix} pixel AUROC % (15 categories).")
+        if config.model.name == "haloae" and config.model.attention == "conv":
+            notes.append(f"This configuration ({CONV_ATTENTION_LABEL}) has no paper counterpart: "
+                         "the paper's Table 4 \"Block C as CNN\" replaced the whole HaloNet "
+                         "auto-encoder by DFR's convolutional auto-encoder, a different network. "
+                         "The paper columns are the full HaloAE's.")
+        note = mask_note(config) if config.model.name == "haloae" else None
+        if note is not None:
+            notes.append(note)
     return "\n".join(lines + notes) + "\n"
 
 
@@ -451,6 +485,8 @@ def write_tables(records: list[dict[str, Any]], out: str | Path,
     out = Path(out)
     header, rows = table_rows(records)
     csv_path, md_path = out / "results.csv", out / "results.md"
+    # Numeric columns stay numeric in the CSV: a skipped pixel metric is an empty cell there.
+    rows = [[None if v == NO_MASKS else v for v in row] for row in rows]
     write_csv(csv_path, header, rows, "{:.3f}")
     markdown = markdown_table(records, config)
     write_text(md_path, markdown)

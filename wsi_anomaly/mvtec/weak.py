@@ -1,4 +1,6 @@
-"""The weakly supervised MVTec AD protocol (DevNet/DRA, as used by the ATAC-Net seed).
+"""The weakly supervised MVTec AD protocol (DevNet/DRA, as used by the ATAC-Net paper).
+
+Image labels are all it needs: a category without ``ground_truth/`` masks runs as it is.
 
 A few labelled anomalies are drawn, with a fixed seed, from a category's **test** anomalies (the
 sorted file list, shuffled with the seed) and removed from the test set. The model trains on
@@ -225,7 +227,8 @@ def run_weak_seed(split: WeakSplit, config: Config, out_dir: str | Path,
     training = _train(split, config, checkpoint, settings)
     adapter = load_adapter(checkpoint, device=settings.device, precision=settings.precision,
                            batch_size=settings.eval_batch_size, expect_model=config.model.name)
-    dataset = MVTecDataset(split.test, config.tile_px, name=f"{split.category.name}/test-weak")
+    dataset = MVTecDataset(split.test, config.tile_px, name=f"{split.category.name}/test-weak",
+                           has_masks=split.category.has_masks)
     evaluation = evaluate(adapter, dataset, workers=settings.workers, progress=settings.progress)
     metrics = compute_metrics(evaluation, dataset)
     _write_scores_csv(out_dir / "scores.csv", split.category, dataset, evaluation)
@@ -350,7 +353,7 @@ def _fmt(value: Any) -> str:
 
 def write_weak_tables(summaries: list[dict[str, Any]], out: str | Path, config: Config,
                       protocol: WeakProtocol) -> tuple[Path, Path, str]:
-    """``<out>/results.csv`` and ``<out>/results.md`` (image AUROC as fractions, as the seed)."""
+    """``<out>/results.csv`` and ``<out>/results.md`` (image AUROC as fractions, as the ATAC-Net paper)."""
     out = Path(out)
     header, rows = weak_table_rows(summaries, protocol)
     csv_path, md_path = out / "results.csv", out / "results.md"
