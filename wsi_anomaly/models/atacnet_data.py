@@ -1,10 +1,13 @@
 """ATAC-Net inputs: preprocessing, CutMix pseudo-anomalies, balanced batches and rotation.
 
-The ATAC-Net paper (§2) fixes the order of the preprocessing: contrast equalisation (CLAHE on the lightness of
-LAB), scaling to [0, 1], channel-wise standardisation with the paper's statistics and a 224×224
-bicubic resize through Pillow. Standardisation is an affine map per channel and bicubic weights
-sum to one, so resizing before standardising (as done here, on 8-bit RGB like torchvision's
-``Resize`` on a PIL image) gives the same result up to 8-bit rounding.
+The ATAC-Net paper (§2) fixes the order of the preprocessing: contrast equalisation (CLAHE on the
+lightness of LAB) on the image as it is, scaling to [0, 1], channel-wise standardisation with the
+paper's statistics and one 224×224 bicubic resize through Pillow. :func:`preprocess` runs CLAHE at
+the size it is given, then the one bicubic resize, then standardises. Standardisation is an
+affine map per channel and bicubic weights sum to one, so resizing before standardising (as done
+here, on 8-bit RGB like torchvision's ``Resize`` on a PIL image) gives the same result up to
+8-bit rounding. Callers hand over whole images unresized (the family's ``resizes_own_input``):
+the MVTec benchmark gives ATAC-Net each image at its own resolution; a slide tile is the image.
 
 Training batches are balanced (the ATAC-Net paper's Algorithm 2, line 5): half normal images, half drawn from the
 "anomalous pool", which is the few labelled anomalies plus CutMix (Yun et al., 2019) of normal
@@ -108,7 +111,8 @@ def equalise_contrast(rgb: np.ndarray, clip_limit: float = 0.01) -> np.ndarray:
 def preprocess(
     image: object, size: int = IMAGE_SIZE, clahe: bool = True, clip_limit: float = 0.01
 ) -> torch.Tensor:
-    """The ATAC-Net paper's preprocessing of one image (§2).
+    """The ATAC-Net paper's preprocessing of one image (§2): CLAHE on the image at its own size,
+    then one bicubic resize to ``size``, then standardisation.
 
     Args:
         image: RGB as a PIL image, an ``H×W×3`` array (uint8, or float in [0, 1]) or a

@@ -52,6 +52,8 @@ class AtacNetFamily(ModelFamily):
     has_maps = False
     #: CLAHE runs on the CPU, one image at a time: the transform comes before the copy.
     transforms_on_device = False
+    #: The paper's order is CLAHE on the image at its own size, then one bicubic resize.
+    resizes_own_input = True
 
     def validate(self, config: Any) -> None:
         a = config.atacnet
@@ -99,7 +101,8 @@ class AtacNetFamily(ModelFamily):
         return model
 
     def transform(self, images: torch.Tensor, config: Any) -> torch.Tensor:
-        """The ATAC-Net paper's preprocessing of every image (CLAHE, resize, standardise)."""
+        """The ATAC-Net paper's preprocessing of every image: CLAHE at the size it is given,
+        one bicubic resize to ``atacnet.image_px``, standardisation."""
         a = config.atacnet
         if images.dtype == torch.uint8:  # B×H×W×3 as stored
             views: Iterable[Any] = (img.cpu().numpy() for img in images)

@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import torch
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
@@ -29,6 +30,7 @@ from .. import __version__
 from ..checkpoint import load_checkpoint
 from ..config import Config, config_from_dict, save_config
 from ..errors import InputNotFoundError, OutputExistsError, WsiAnomalyError
+from ..models.registry import get_family
 from ..outputs import atomic_path, write_text
 from .adapters import ModelAdapter, check_model_name, load_adapter
 from .data import NO_MASKS, MVTecCategory, MVTecDataset, resolve_categories
@@ -105,25 +107,46 @@ class Evaluation:
         return len(self.labels) / self.model_seconds if self.model_seconds > 0 else math.nan
 
 
+def input_px(config: Config) -> int | None:
+    """The side images are resized to before the model sees them: ``config.tile_px``, or
+    ``None`` (their own resolution) for families that resize their input themselves
+    (ATAC-Net: CLAHE on the image as it is, then one bicubic resize)."""
+    return None if get_family(config.model.name).resizes_own_input else config.tile_px
+
+
+def _same_size_batches(images: list[torch.Tensor]) -> list[torch.Tensor]:
+    """Consecutive images of one size stacked together (images at their own resolution may
+    differ in size within a category)."""
+    batches, start = [], 0
+    for i in range(1, len(images) + 1):
+        if i == len(images) or images[i].shape != images[start].shape:
+            batches.append(torch.stack(images[start:i]))
+            start = i
+    return batches
+
+
 def evaluate(adapter: ModelAdapter, dataset: MVTecDataset, workers: int = 0,
              progress: bool = True) -> Evaluation:
-    """Run ``adapter`` over every image of ``dataset`` in order, in batches of its batch size."""
-    loader = DataLoader(dataset, batch_size=adapter.batch_size, num_workers=workers)
+    """Run ``adapter`` over every image of ``dataset`` in order, in batches of its batch size
+    (split where images at their own resolution change size)."""
+    loader = DataLoader(dataset, batch_size=adapter.batch_size, num_workers=workers,
+                        collate_fn=_same_size_batches)
     scores: dict[str, list[np.ndarray]] = {name: [] for name in adapter.score_names}
     maps: list[np.ndarray] = []
     model_seconds = 0.0
     t0 = time.perf_counter()
     with tqdm(total=len(dataset), desc=f"evaluating {dataset.name}", unit="image",
               disable=not progress, leave=False) as bar:
-        for images in loader:
-            t = time.perf_counter()
-            out = adapter(images)
-            model_seconds += time.perf_counter() - t
-            for name in adapter.score_names:
-                scores[name].append(np.asarray(out.scores[name], dtype=np.float64))
-            if out.maps is not None:
-                maps.append(np.asarray(out.maps, dtype=np.float32))
-            bar.update(len(images))
+        for batches in loader:
+            for images in batches:
+                t = time.perf_counter()
+                out = adapter(images)
+                model_seconds += time.perf_counter() - t
+                for name in adapter.score_names:
+                    scores[name].append(np.asarray(out.scores[name], dtype=np.float64))
+                if out.maps is not None:
+                    maps.append(np.asarray(out.maps, dtype=np.float32))
+                bar.update(len(images))
     seconds = time.perf_counter() - t0
     return Evaluation(dataset.labels, {k: np.concatenate(v) for k, v in scores.items()},
                       np.concatenate(maps) if maps else None, seconds, model_seconds)
@@ -191,7 +214,7 @@ def _train_or_reuse(category: MVTecCategory, config: Config, checkpoint: Path,
         log.info("%s: reusing the finished model %s", category.name, checkpoint)
         return {"trained": False}
     resume = resume_path(checkpoint).exists() and not settings.overwrite
-    result = train_model(category.dataset("train", config.tile_px), config, checkpoint,
+    result = train_model(category.dataset("train", input_px(config)), config, checkpoint,
                          device=settings.device, resume=resume, overwrite=True,
                          source=str(category.path / "train" / "good"), progress=settings.progress)
     return {"trained": True, "resumed": resume, "train_seconds": result.seconds,
@@ -254,7 +277,7 @@ def run_category(category: MVTecCategory, config: Config, out_dir: str | Path,
 
     adapter = load_adapter(checkpoint, device=settings.device, precision=settings.precision,
                            batch_size=settings.eval_batch_size, expect_model=config.model.name)
-    dataset = category.dataset("test", config.tile_px)
+    dataset = category.dataset("test", input_px(config))
     evaluation = evaluate(adapter, dataset, workers=settings.workers, progress=settings.progress)
     t_metrics = time.perf_counter()
     metrics = compute_metrics(evaluation, dataset)

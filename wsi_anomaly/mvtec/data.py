@@ -10,7 +10,8 @@ The standard layout, per category::
 users' own data sets) is evaluated with image-level metrics only, and its pixel metrics are
 reported as skipped (:data:`NO_MASKS`). When the folder exists, every defective test image must
 have its mask. Images go to the model as 3×256×256 float tensors in [0, 1] (greyscale categories become three
-equal channels; resizing is antialiased). Ground-truth masks stay at their own resolution, as
+equal channels; resizing is antialiased), or at their own resolution (``image_px=None``) for
+model families that resize their input themselves (ATAC-Net). Ground-truth masks stay at their own resolution, as
 boolean arrays: pixel metrics are computed there.
 """
 
@@ -125,8 +126,9 @@ class MVTecCategory:
         """Defect folder names in the test split (``good`` excluded), sorted."""
         return sorted({s.defect_type for s in self.test_samples} - {GOOD})
 
-    def dataset(self, split: str, image_px: int = 256) -> MVTecDataset:
-        """``train`` (train/good) or ``test`` (every test image, with labels and masks)."""
+    def dataset(self, split: str, image_px: int | None = 256) -> MVTecDataset:
+        """``train`` (train/good) or ``test`` (every test image, with labels and masks);
+        ``image_px=None`` gives the images at their own resolution."""
         if split == "train":
             return MVTecDataset([MVTecSample(p, GOOD, None) for p in self.train_files], image_px,
                                 name=f"{self.name}/train")
@@ -145,12 +147,13 @@ class MVTecDataset(Dataset):
     """Images of one category and split.
 
     ``dataset[i]`` is the model input, a float32 tensor ``(3, image_px, image_px)`` in [0, 1]
+    (``(3, H, W)`` at the image's own resolution when ``image_px`` is ``None``)
     (the same form as the slide-tile datasets, so :func:`wsi_anomaly.train.train_model` and the
     scorer take it as is). Labels, masks and native-resolution images are available by index.
     ``has_masks`` False: the defective images have no ground truth (image-level data).
     """
 
-    def __init__(self, samples: list[MVTecSample], image_px: int = 256, name: str = "mvtec",
+    def __init__(self, samples: list[MVTecSample], image_px: int | None = 256, name: str = "mvtec",
                  has_masks: bool = True):
         self.samples = list(samples)
         self.image_px = image_px
@@ -189,7 +192,7 @@ class MVTecDataset(Dataset):
     def __getitem__(self, index: int) -> torch.Tensor:
         with Image.open(self.samples[index].image) as file:
             im = file.convert("RGB")
-            if im.size != (self.image_px, self.image_px):
+            if self.image_px is not None and im.size != (self.image_px, self.image_px):
                 # PIL widens the bilinear kernel by the scale factor when shrinking: antialiased.
                 im = im.resize((self.image_px, self.image_px), Image.Resampling.BILINEAR,
                                reducing_gap=None)

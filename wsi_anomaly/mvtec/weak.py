@@ -44,6 +44,7 @@ from .benchmark import (
     _write_scores_csv,
     compute_metrics,
     evaluate,
+    input_px,
     write_csv,
 )
 from .data import GOOD, MVTecCategory, MVTecDataset, MVTecSample, resolve_categories
@@ -197,9 +198,9 @@ def _train(split: WeakSplit, config: Config, checkpoint: Path,
         return {"trained": False}
     resume = resume_path(checkpoint).exists() and not settings.overwrite
     category = split.category
-    anomalies = MVTecDataset(split.train_anomalies, config.tile_px,
+    anomalies = MVTecDataset(split.train_anomalies, input_px(config),
                              name=f"{category.name}/labelled-anomalies")
-    result = train_model(category.dataset("train", config.tile_px), config, checkpoint,
+    result = train_model(category.dataset("train", input_px(config)), config, checkpoint,
                          device=settings.device, resume=resume, overwrite=True,
                          source=str(category.path / "train" / GOOD), progress=settings.progress,
                          anomalies=anomalies)
@@ -227,7 +228,7 @@ def run_weak_seed(split: WeakSplit, config: Config, out_dir: str | Path,
     training = _train(split, config, checkpoint, settings)
     adapter = load_adapter(checkpoint, device=settings.device, precision=settings.precision,
                            batch_size=settings.eval_batch_size, expect_model=config.model.name)
-    dataset = MVTecDataset(split.test, config.tile_px, name=f"{split.category.name}/test-weak",
+    dataset = MVTecDataset(split.test, input_px(config), name=f"{split.category.name}/test-weak",
                            has_masks=split.category.has_masks)
     evaluation = evaluate(adapter, dataset, workers=settings.workers, progress=settings.progress)
     metrics = compute_metrics(evaluation, dataset)
