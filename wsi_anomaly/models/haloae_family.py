@@ -120,7 +120,7 @@ class HaloAEFamily(ModelFamily):
                    config: Any, epoch: int, aug: torch.Generator, runtime: Any
                    ) -> dict[str, float]:
         t = config.train
-        weights = loss_weights(t.loss_weighting, epoch, t.epochs)
+        weights = loss_weights(t.loss_weighting, epoch, t.epochs, t.loss_terms)
         images, labels = make_cutpaste_batch(batch, aug, image_jitter=t.image_jitter,
                                              patch_jitter=t.patch_jitter)
         x = runtime.layout(normalise(images).to(runtime.device, non_blocking=True))
@@ -140,7 +140,8 @@ class HaloAEFamily(ModelFamily):
 
     def epoch_record(self, sums: Mapping[str, float], steps: int, config: Any, epoch: int,
                      optimiser: torch.optim.Optimizer) -> dict[str, float]:
-        w = loss_weights(config.train.loss_weighting, epoch, config.train.epochs)
+        t = config.train
+        w = loss_weights(t.loss_weighting, epoch, t.epochs, t.loss_terms)
         return {"epoch": epoch, **{k: v / max(steps, 1) for k, v in sums.items()},
                 "w_cls": w[0], "w_fm": w[1], "w_im": w[2]}
 

@@ -47,8 +47,10 @@ CATEGORIES = TEXTURES + OBJECTS
 
 #: Ablation means (image %, pixel %) for the variants our config can express.
 #: Key: (train.loss_weighting, sorted train.loss_terms, model.attention). The paper's unweighted
-#: sums (``L_fm + L_im``, ``L_cls`` alone, ``L_fm`` alone) are our ``equal`` weighting (a constant
-#: factor of 1/3); its α(t) rows are ``ews`` over the listed terms.
+#: sums (``L_fm + L_im``, ``L_cls`` alone, ``L_fm`` alone) are our ``equal`` weighting, which is
+#: ``1/n`` over the ``n`` active terms (the sum up to a constant factor; one term alone is that
+#: term unscaled); its α(t) rows are ``ews`` over the listed terms, renormalised over them so the
+#: active weights sum to 1 (see :func:`wsi_anomaly.models.losses.loss_weights`).
 #: Table 3 rows (loss function). Table 4 prints (91.4, 91.2) for the final model, Table 1 (92.0,
 #: 91.2); we keep Table 1's.
 #:
