@@ -174,6 +174,11 @@ class SelfAttentionBlock(nn.Module):
     lie inside the map (positions beyond the border are masked out rather than padded, so any map
     size works, 2×2 included). Then ``out = ReLU(x + BN(conv1×1(ReLU(BN(z)))))``.
 
+    Widths are ours: the ATAC-Net paper names the block (its reference [8]) but gives no sizes.
+    ``width = C/4`` (512), ``relation_channels = width/16`` (32) and ``share_channels = 8``
+    follow the SAN bottleneck blocks of Zhao et al. (their rel_planes = planes/16, share 8); one
+    block, not a stack.
+
     The last BN starts at zero, so the block starts as the identity and the pretrained features
     reach τ unchanged; the final ReLU keeps the output (and the attention map, its channel mean)
     non-negative like layer4's.
