@@ -242,3 +242,13 @@ def test_images_of_different_sizes_are_evaluated_in_same_size_batches():
     assert [tuple(b.shape) for b in batches] == [(2, 3, 8, 8), (1, 3, 6, 6), (1, 3, 8, 8)]
     assert torch.equal(torch.cat([b.flatten(1)[:, :1] for b in batches if b.shape[-1] == 8]),
                        torch.tensor([[0.0], [1.0], [1.0]]))
+
+
+def test_hard_setting_prints_only_the_paper_column_of_the_same_anomaly_count():
+    from wsi_anomaly.mvtec.paper import atacnet_paper_columns
+
+    one = atacnet_paper_columns("tile", "atacnet", "hard", "crack", 1)
+    assert one == {"paper DevNet (1)": 0.926, "paper DRA (1)": 0.975, "paper ATAC-Net (1)": 0.969}
+    ten = atacnet_paper_columns("tile", "atacnet", "hard", "crack", 10)
+    assert set(ten) == {"paper DevNet (10)", "paper DRA (10)", "paper ATAC-Net (10)"}
+    assert len(atacnet_paper_columns("tile", "atacnet", "hard", "crack", 3)) == 6

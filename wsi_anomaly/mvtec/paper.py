@@ -158,7 +158,10 @@ def atacnet_paper_columns(category: str, variant: str, setting: str, known_type:
     """The ATAC-Net paper's numbers to print beside one category of a weakly supervised run.
 
     General: Table 1's column for ``variant`` (and ATAC-Net's when the variant is an ablation).
-    Hard: Table 2's DevNet / DRA / ATAC-Net for the known type at 1 and 10 anomalies.
+    Hard: Table 2's DevNet / DRA / ATAC-Net for the known type, only at the run's own number of
+    labelled anomalies when that is 1 or 10 (the two are separate experiments, each with its own
+    labelled set; a run is comparable with one of them only); at both, labelled by their count,
+    for any other number.
     """
     if setting == "general":
         row = ATACNET_TABLE1.get(category)
@@ -170,7 +173,7 @@ def atacnet_paper_columns(category: str, variant: str, setting: str, known_type:
         return out
     row2 = ATACNET_TABLE2.get((category, known_type or ""))
     out = {}
-    for n in (1, 10):
+    for n in ((n_anomalies,) if n_anomalies in (1, 10) else (1, 10)):
         for i, method in enumerate(("DevNet", "DRA", "ATAC-Net")):
             out[f"paper {method} ({n})"] = row2[n][i] if row2 else None
     return out

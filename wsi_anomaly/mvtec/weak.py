@@ -379,8 +379,14 @@ def write_weak_tables(summaries: list[dict[str, Any]], out: str | Path, config: 
         notes.append(f"Paper: ATAC-Net, Table 1 (its own per-category anomaly counts, "
                      f"\"paper n anomalies\"); printed MVTec mean: {printed}.")
     else:
+        counts = sorted({int(s["n_labelled"]) for s in summaries})
+        matched = counts in ([1], [10])
         notes.append("Paper: ATAC-Net, Table 2 (hard setting; (1)/(10): one/ten labelled "
-                     "anomalies of the known type); only tile and metal_nut were reported.")
+                     "anomalies of the known type); only tile and metal_nut were reported. "
+                     + ("Only the paper's column with this run's number of labelled anomalies is "
+                        "printed." if matched else
+                        "This run's number of labelled anomalies is neither 1 nor 10: neither "
+                        "paper column is a like-for-like comparison."))
     markdown = "\n".join(lines + notes) + "\n"
     write_text(md_path, markdown)
     return csv_path, md_path, markdown
