@@ -21,6 +21,7 @@ import contextlib
 import math
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
+from typing import cast
 
 import torch
 import torch.nn.functional as F
@@ -239,7 +240,9 @@ class SelfAttentionBlock(nn.Module):
                 nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
                 if m.bias is not None:
                     nn.init.zeros_(m.bias)
-        nn.init.zeros_(self.expand[-1].weight)
+        last_bn = self.expand[-1]
+        assert isinstance(last_bn, nn.BatchNorm2d)
+        nn.init.zeros_(last_bn.weight)
         half = kernel_size // 2
         grid = torch.arange(kernel_size, dtype=torch.float32) - half
         dy, dx = torch.meshgrid(grid, grid, indexing="ij")  # unfold's row-major kernel order
@@ -449,7 +452,8 @@ class ATACNet(nn.Module):
         )
         self.head = nn.Conv2d(BACKBONE_CHANNELS, 1, 1)
         nn.init.kaiming_normal_(self.head.weight, mode="fan_in", nonlinearity="linear")
-        nn.init.zeros_(self.head.bias)
+        if self.head.bias is not None:
+            nn.init.zeros_(self.head.bias)
 
     @property
     def backbone_identity(self) -> str:
@@ -666,7 +670,7 @@ class AtacNetConfig:
 
 def make_optimiser(model: nn.Module, settings: AtacNetConfig) -> torch.optim.Adam:
     """Adam over ``model.trainable_parameters()`` with the settings' lr and weight decay."""
-    return torch.optim.Adam(model.trainable_parameters(), lr=settings.lr,
+    return torch.optim.Adam(cast(ATACNet, model).trainable_parameters(), lr=settings.lr,
                             weight_decay=settings.weight_decay)
 
 

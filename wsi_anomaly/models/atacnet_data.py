@@ -18,7 +18,8 @@ from __future__ import annotations
 
 import math
 import warnings
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Sequence, Sized
+from typing import Any, cast
 
 import numpy as np
 import torch
@@ -328,9 +329,12 @@ class AtacNetData(Dataset):
     """
 
     def __init__(self, normals: Dataset, anomalies: Dataset | None, image_px: int, clahe: bool):
-        self.normals, self.anomalies = normals, anomalies
+        # Map-style datasets with a length (torch's Dataset type declares neither).
+        self.normals: Any = normals
+        self.anomalies: Any = anomalies
         self.image_px, self.clahe = image_px, clahe
-        self.labels = [0] * len(normals) + [1] * (len(anomalies) if anomalies is not None else 0)
+        n_anomalies = len(cast(Sized, anomalies)) if anomalies is not None else 0
+        self.labels = [0] * len(cast(Sized, normals)) + [1] * n_anomalies
 
     def __len__(self) -> int:
         return len(self.labels)

@@ -8,8 +8,8 @@ weighting, colour jitter).
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
-from typing import Any
+from collections.abc import Iterable, Mapping, Sized
+from typing import Any, cast
 
 import torch
 from torch import nn
@@ -102,13 +102,13 @@ class HaloAEFamily(ModelFamily):
         return normals
 
     def optimiser(self, model: nn.Module, config: Any) -> torch.optim.Optimizer:
-        return torch.optim.Adam(model.trainable_parameters(), lr=config.train.lr,
+        return torch.optim.Adam(cast(HaloAE, model).trainable_parameters(), lr=config.train.lr,
                                 weight_decay=config.train.weight_decay)
 
     def loader(self, data: Dataset, config: Any, rng: EpochRng, workers: int,
                pin_memory: bool) -> Iterable[Any]:
         t = config.train
-        sampler = RandomSampler(data, replacement=True, num_samples=t.samples_per_epoch,
+        sampler = RandomSampler(cast(Sized, data), replacement=True, num_samples=t.samples_per_epoch,
                                 generator=rng(SAMPLER_STREAM))
         return DataLoader(data, batch_size=t.batch_size, sampler=sampler, num_workers=workers,
                           drop_last=False, persistent_workers=False, pin_memory=pin_memory)
@@ -147,9 +147,10 @@ class HaloAEFamily(ModelFamily):
 
     def calibration_batch(self, model: nn.Module, batch: Any, runtime: Any) -> torch.Tensor:
         x = runtime.layout(normalise(runtime.to_device(batch)))
+        halo_ae = cast(HaloAE, model)
         with runtime.autocast():
-            fm = model.features(x)
-            raw = anomaly_map(fm, model.reconstruct_features(fm))
+            fm = halo_ae.features(x)
+            raw = anomaly_map(fm, halo_ae.reconstruct_features(fm))
         return raw.float().cpu()
 
     def summarise_calibration(self, parts: list[torch.Tensor]) -> dict[str, Any]:

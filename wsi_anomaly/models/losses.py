@@ -176,5 +176,6 @@ def haloae_loss(
         "fm": _reconstruction_loss(out["fm"][originals].detach(), out["fm_hat"][originals]),
         "im": _reconstruction_loss(images_norm[originals], out["im_hat"][originals]),
     }
-    total = sum(w * losses[name] for name, w in zip(LOSS_TERMS, weights) if name in terms)
+    total = torch.stack([w * losses[name] for name, w in zip(LOSS_TERMS, weights)
+                         if name in terms]).sum()
     return total, {name: value.detach() for name, value in losses.items()}

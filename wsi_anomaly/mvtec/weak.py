@@ -22,7 +22,7 @@ import json
 import logging
 import math
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -257,11 +257,12 @@ def _headline(record: dict[str, Any]) -> float | None:
     return values.get(SCORE, next(iter(values.values()), None)) if values else None
 
 
-def _mean_std(values: list[float]) -> tuple[float | None, float | None]:
-    if not values or any(v is None or not math.isfinite(v) for v in values):
+def _mean_std(values: Sequence[float | None]) -> tuple[float | None, float | None]:
+    present = [v for v in values if v is not None and math.isfinite(v)]
+    if not values or len(present) < len(values):
         return None, None
-    std = float(np.std(values, ddof=1)) if len(values) > 1 else 0.0
-    return float(np.mean(values)), std
+    std = float(np.std(present, ddof=1)) if len(present) > 1 else 0.0
+    return float(np.mean(present)), std
 
 
 def run_weak_benchmark(root: str | Path, categories: list[str] | None, config: Config,
