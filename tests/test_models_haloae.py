@@ -87,3 +87,25 @@ def test_attention_options():
     with pytest.raises(ValueError, match="attention"):
         HaloAE(load_vgg19("random"), attention="swin")
 
+
+
+def test_blocks_c_d_e_start_from_the_released_codes_kaiming_initialisation():
+    torch.manual_seed(0)
+    backbone = load_vgg19("random")
+    before = {k: v.clone() for k, v in backbone.state_dict().items()}
+    model = HaloAE(backbone)
+    layers = [m for name, m in model.named_modules() if not name.startswith("backbone")
+              and isinstance(m, (torch.nn.Conv2d, torch.nn.Linear))]
+    assert len(layers) > 40
+    for layer in layers:
+        if layer.bias is not None:
+            assert not layer.bias.any()
+    # Kaiming-normal, fan-in: std √(2 / fan_in). PyTorch's default would give √(1 / (3·fan_in)).
+    head = model.encoder.head[0]
+    fan_in = head.weight[0].numel()
+    assert float(head.weight.std()) == pytest.approx((2 / fan_in) ** 0.5, rel=0.05)
+    fc = model.classifier.fc
+    assert float(fc.weight.std()) == pytest.approx((2 / fc.in_features) ** 0.5, rel=0.05)
+    # The frozen backbone is left alone.
+    for key, value in model.backbone.state_dict().items():
+        assert torch.equal(value, before[key]), key

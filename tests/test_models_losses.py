@@ -105,3 +105,60 @@ def test_reconstruction_uses_originals_only_and_backpropagates():
     total.backward()
     assert out["fm_hat"].grad[:2].abs().sum() > 0 and out["fm_hat"].grad[2:].abs().sum() == 0
     assert out["logits"].grad is None  # a switched-off term takes no part in the gradient
+
+
+def test_loss_term_subsets_renormalise_the_weights_over_the_active_terms():
+    full = ews_weights(40, 100)
+    cls_fm = loss_weights("ews", 40, 100, ("cls", "fm"))
+    assert cls_fm[2] == 0.0 and sum(cls_fm) == pytest.approx(1.0)
+    assert cls_fm[0] / cls_fm[1] == pytest.approx(full[0] / full[1])  # same curriculum
+    assert loss_weights("ews", 40, 100, ("im",)) == pytest.approx((0.0, 0.0, 1.0))
+    assert loss_weights("ews", 40, 100, ("fm", "cls", "im")) == full
+    assert loss_weights("equal", 7, 10, ("fm", "im")) == pytest.approx((0.0, 0.5, 0.5))
+    assert loss_weights("equal", 7, 10, ("cls",)) == pytest.approx((1.0, 0.0, 0.0))
+    assert loss_weights("equal", 7, 10) == pytest.approx((1 / 3,) * 3)
+    with pytest.raises(ValueError, match="subset"):
+        loss_weights("ews", 0, 10, ("cls", "texture"))
+    with pytest.raises(ValueError, match="subset"):
+        loss_weights("equal", 0, 10, ())
+
+
+def test_training_step_uses_the_renormalised_weights(monkeypatch):
+    """The HaloAE family's step weighs a loss ablation by weights summing to 1."""
+    from wsi_anomaly.config import load_config
+    from wsi_anomaly.models import haloae_family
+
+    seen = []
+
+    def spy(out, images_norm, labels, weights, terms):
+        seen.append((tuple(weights), tuple(terms)))
+        return torch.zeros((), requires_grad=True), {k: torch.zeros(()) for k in "cls fm im".split()}
+
+    monkeypatch.setattr(haloae_family, "haloae_loss", spy)
+    config = load_config("haloae_fast", {"model": {"backbone_weights": "random"},
+                                          "train": {"loss_terms": ["fm", "im"], "epochs": 4}})
+    family = haloae_family.HaloAEFamily()
+
+    class Runtime:
+        device = torch.device("cpu")
+
+        @staticmethod
+        def layout(x):
+            return x
+
+        @staticmethod
+        def autocast():
+            import contextlib
+            return contextlib.nullcontext()
+
+    class Model(torch.nn.Module):
+        def forward(self, x):
+            return {}
+
+    family.train_step(Model(), torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=0.1),
+                      torch.rand(1, 3, 256, 256), config, 1, torch.Generator().manual_seed(0),
+                      Runtime())
+    (weights, terms), = seen
+    assert terms == ("fm", "im") and weights[0] == 0.0 and sum(weights) == pytest.approx(1.0)
+    record = family.epoch_record({"loss": 1.0}, 1, config, 1, None)
+    assert record["w_cls"] == 0.0 and record["w_fm"] + record["w_im"] == pytest.approx(1.0)

@@ -209,3 +209,68 @@ def test_hazelnut_end_to_end(capsys, tiny_yaml, tmp_path):
     assert_valid_metrics(record)
     assert record["metrics"]["mask_px"] == [[256, 256]]
     assert "| hazelnut |" in out and "99.8" in out and "97.8" in out
+
+
+@pytest.fixture(scope="module")
+def no_mask_root(tmp_path_factory):
+    """The same images as ``data_root`` with no ground_truth/ folder (image-level data)."""
+    root = tmp_path_factory.mktemp("mvtec_no_masks")
+    write_synthetic_category(root, "widget", size_px=96, masks=False)
+    return root
+
+
+def test_data_without_masks_gets_image_metrics_only(no_mask_root, tmp_path):
+    from wsi_anomaly.mvtec.benchmark import write_tables
+
+    test = MVTecCategory(no_mask_root / "widget").dataset("test")
+    metrics = compute_metrics(evaluate(ColourOutlierAdapter(), test, progress=False), test)
+    assert metrics["image_auroc"]["max"] == 1.0
+    assert metrics["pixel_auroc"] is None and metrics["aupro"] is None
+    assert metrics["pixel_metrics"] == "n/a — no masks"
+    record = {"category": "widget", "status": "ok", "score_names": ["max", "mean"],
+              "metrics": metrics, "paper": None, "timing": {}}
+    _, _, table = write_tables([record], tmp_path)
+    row = next(line for line in table.splitlines() if line.startswith("| widget"))
+    cells = [c.strip() for c in row.strip("|").split("|")]
+    assert cells[1] == "100.0" and cells[3:6] == ["n/a — no masks"] * 3
+    assert "Pixel metrics skipped for widget" in table
+    csv_row = (tmp_path / "results.csv").read_text().splitlines()[1].split(",")
+    assert csv_row[3:6] == ["", "", ""]
+
+
+def test_mvtec_command_runs_data_without_masks(capsys, trained_run, no_mask_root, tmp_path):
+    code, out, _ = run(capsys, "mvtec", "--root", str(no_mask_root), "--category", "widget",
+                       "--checkpoint-dir", str(trained_run), "--out", str(tmp_path), "--device",
+                       "cpu", "--figures", "2", "--loader-workers", "0", "-q")
+    assert code == 0 and "widget: ok" in out
+    record = json.loads((tmp_path / "widget" / "metrics.json").read_text())
+    assert record["has_masks"] is False and record["metrics"]["pixel_metrics"] == "n/a — no masks"
+    assert record["metrics"]["pixel_auroc"] is None
+    assert record["metrics"]["image_auroc"]["mean"] is not None
+    assert len(record["figures"]) == 2
+    assert "n/a — no masks" in (tmp_path / "results.md").read_text()
+
+
+def test_conv_attention_is_not_labelled_as_the_papers_cnn_row():
+    from wsi_anomaly.mvtec.benchmark import markdown_table
+    from wsi_anomaly.mvtec.paper import paper_reference
+
+    record = {"category": "hazelnut", "status": "ok", "score_names": ["mean"],
+              "metrics": {"image_auroc": {"mean": 0.9}, "pixel_auroc": 0.9,
+                          "pixel_auroc_128_paper": 0.9, "aupro": 0.5},
+              "paper": {"image_auroc": 99.8, "pixel_auroc": 97.8}, "timing": {}}
+    conv = tiny_config()
+    conv.model.attention = "conv"
+    assert paper_reference(conv) is None
+    table = markdown_table([record], conv)
+    assert "Table 4" in table and "85.0" not in table and "90.4" not in table
+    assert "3×3 convolutions in the same blocks) has no paper counterpart" in table
+    assert "inverted" not in table  # no halo attention in this run
+
+    corrected = markdown_table([record], tiny_config())
+    assert "the paper's numbers came from the authors' released layer" in corrected
+    assert "this run uses the corrected layer" in corrected
+    released = tiny_config()
+    released.model.released_mask = True
+    assert paper_reference(released) == paper_reference(tiny_config())
+    assert "reproduction switch" in markdown_table([record], released)

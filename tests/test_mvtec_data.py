@@ -86,3 +86,17 @@ def test_bad_layouts_are_explained(root, tmp_path_factory):
     Image.new("L", (32, 32)).save(mask)
     with pytest.raises(InvalidInputError, match=r"32×32 px but its image .* 64×64 px"):
         resolve_categories(root, ["greyish"])
+
+
+def test_a_category_without_ground_truth_is_image_level_data(tmp_path):
+    folder = write_synthetic_category(tmp_path, "plain", size_px=64, masks=False)
+    assert not (folder / "ground_truth").exists()
+    category = MVTecCategory(folder)
+    assert not category.has_masks and category.defect_types == ["scratch", "spot"]
+    test = category.dataset("test")
+    assert not test.has_masks and list(test.labels) == [0, 0, 1, 1, 1, 1]
+    assert all(s.mask is None for s in test.samples)
+    assert not test.load_mask(0).any()  # a good image's ground truth is known: all clear
+    with pytest.raises(InvalidInputError, match="no ground_truth/ folder"):
+        test.load_mask(4)
+    assert MVTecCategory(write_synthetic_category(tmp_path, "masked", size_px=64)).has_masks

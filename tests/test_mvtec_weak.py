@@ -7,7 +7,9 @@ import json
 import math
 from pathlib import Path
 
+import numpy as np
 import pytest
+import torch
 from test_cli import assert_one_error_line, run
 
 from wsi_anomaly.config import load_config, save_config
@@ -198,3 +200,55 @@ def test_workflow_runs_the_weak_protocol_with_paper_counts(capsys, atac_yaml, tm
     summary = (out / "summary.md").read_text()
     assert "| bottle seed 0 | ok |" in summary and "1 epochs × 1 batches of 4" in summary
     assert "per-category count" in summary
+
+
+def test_atacnet_sees_each_image_at_its_own_size_clahe_then_one_bicubic_resize(tmp_path):
+    """The ATAC-Net paper's order: CLAHE on the image as it is, then one bicubic resize to 224;
+    not a bilinear resize to 256 first."""
+    from PIL import Image
+
+    from wsi_anomaly.models.atacnet_data import ATACNET_MEAN, ATACNET_STD, equalise_contrast
+    from wsi_anomaly.models.registry import get_family
+    from wsi_anomaly.models.transforms import normalise
+    from wsi_anomaly.mvtec.benchmark import input_px
+
+    config = load_config("atacnet_fast", {"model": {"backbone_weights": "random"}})
+    assert input_px(config) is None and input_px(load_config("haloae_fast")) == 256
+    folder = write_synthetic_category(tmp_path, "widget", size_px=300)
+    test = MVTecCategory(folder).dataset("test", input_px(config))
+    image = test[4]
+    assert image.shape == (3, 300, 300)  # handed over at its own resolution
+    x = get_family("atacnet").transform(image[None], config)[0]
+
+    def by_hand(rgb):
+        rgb = equalise_contrast(rgb)
+        rgb = np.asarray(Image.fromarray(rgb).resize((224, 224), Image.Resampling.BICUBIC))
+        return normalise(torch.from_numpy(rgb.copy()).permute(2, 0, 1).float() / 255.0,
+                         ATACNET_MEAN, ATACNET_STD)
+
+    native = test.load_rgb(4)
+    torch.testing.assert_close(x, by_hand(native))
+    resized_first = np.asarray(Image.fromarray(native).resize((256, 256),
+                                                              Image.Resampling.BILINEAR))
+    assert (x - by_hand(resized_first)).abs().max() > 0.05  # the old order differs
+
+
+def test_images_of_different_sizes_are_evaluated_in_same_size_batches():
+    from wsi_anomaly.mvtec.benchmark import _same_size_batches
+
+    images = [torch.zeros(3, 8, 8), torch.ones(3, 8, 8), torch.zeros(3, 6, 6),
+              torch.ones(3, 8, 8)]
+    batches = _same_size_batches(images)
+    assert [tuple(b.shape) for b in batches] == [(2, 3, 8, 8), (1, 3, 6, 6), (1, 3, 8, 8)]
+    assert torch.equal(torch.cat([b.flatten(1)[:, :1] for b in batches if b.shape[-1] == 8]),
+                       torch.tensor([[0.0], [1.0], [1.0]]))
+
+
+def test_hard_setting_prints_only_the_paper_column_of_the_same_anomaly_count():
+    from wsi_anomaly.mvtec.paper import atacnet_paper_columns
+
+    one = atacnet_paper_columns("tile", "atacnet", "hard", "crack", 1)
+    assert one == {"paper DevNet (1)": 0.926, "paper DRA (1)": 0.975, "paper ATAC-Net (1)": 0.969}
+    ten = atacnet_paper_columns("tile", "atacnet", "hard", "crack", 10)
+    assert set(ten) == {"paper DevNet (10)", "paper DRA (10)", "paper ATAC-Net (10)"}
+    assert len(atacnet_paper_columns("tile", "atacnet", "hard", "crack", 3)) == 6

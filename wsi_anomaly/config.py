@@ -34,8 +34,10 @@ class ModelConfig:
 
     name: str = "haloae"
     backbone_weights: str = "imagenet"  # imagenet | random | path to a state-dict file
-    attention: str = "halo"             # halo | conv (HaloAE ablation: plain conv auto-encoder)
-    released_mask: bool = False         # reproduce the released inverted halo mask (ablation)
+    attention: str = "halo"             # halo | conv (attention layers replaced by 3×3 convs
+    #                                     in the same blocks; no paper counterpart)
+    released_mask: bool = False         # reproduction switch: the authors' released halo layer
+    #                                     with its inverted mask (the paper's numbers used it)
 
 
 @dataclass
@@ -49,7 +51,8 @@ class TrainConfig:
     batch_size: int = 4                 # originals; each yields two Cut&Paste copies
     lr: float = 1e-4
     weight_decay: float = 1e-5
-    loss_weighting: str = "ews"         # ews | equal
+    loss_weighting: str = "ews"         # ews | equal (1/n for each of the n active terms)
+    # A subset is a loss ablation: the weights are renormalised over the active terms (sum 1).
     loss_terms: list[str] = field(default_factory=lambda: ["cls", "fm", "im"])
     image_jitter: float = 0.1           # colour jitter of the whole image (histology: 0.05)
     patch_jitter: float = 0.1           # colour jitter of the pasted patch

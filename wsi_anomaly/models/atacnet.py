@@ -21,6 +21,7 @@ import contextlib
 import math
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
+from typing import cast
 
 import torch
 import torch.nn.functional as F
@@ -174,6 +175,11 @@ class SelfAttentionBlock(nn.Module):
     lie inside the map (positions beyond the border are masked out rather than padded, so any map
     size works, 2×2 included). Then ``out = ReLU(x + BN(conv1×1(ReLU(BN(z)))))``.
 
+    Widths are ours: the ATAC-Net paper names the block (its reference [8]) but gives no sizes.
+    ``width = C/4`` (512), ``relation_channels = width/16`` (32) and ``share_channels = 8``
+    follow the SAN bottleneck blocks of Zhao et al. (their rel_planes = planes/16, share 8); one
+    block, not a stack.
+
     The last BN starts at zero, so the block starts as the identity and the pretrained features
     reach τ unchanged; the final ReLU keeps the output (and the attention map, its channel mean)
     non-negative like layer4's.
@@ -230,11 +236,13 @@ class SelfAttentionBlock(nn.Module):
             nn.BatchNorm2d(channels),
         )
         for m in self.modules():
-            if isinstance(m, nn.Conv2d):  # He initialisation (seed Algorithm 2, line 1)
+            if isinstance(m, nn.Conv2d):  # He initialisation (the ATAC-Net paper's Algorithm 2, line 1)
                 nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
                 if m.bias is not None:
                     nn.init.zeros_(m.bias)
-        nn.init.zeros_(self.expand[-1].weight)
+        last_bn = self.expand[-1]
+        assert isinstance(last_bn, nn.BatchNorm2d)
+        nn.init.zeros_(last_bn.weight)
         half = kernel_size // 2
         grid = torch.arange(kernel_size, dtype=torch.float32) - half
         dy, dx = torch.meshgrid(grid, grid, indexing="ij")  # unfold's row-major kernel order
@@ -305,7 +313,7 @@ def attention_crop_boxes(
     min_box: int = BACKBONE_STRIDE,
     pad: int = 8,
 ) -> torch.Tensor:
-    """Crop boxes from attention maps (seed Algorithm 1).
+    """Crop boxes from attention maps (the ATAC-Net paper's Algorithm 1).
 
     Each map is divided by its maximum, bilinearly up-sampled to the image size, and the pixels
     ``≥ threshold`` are kept; the box is their bounding box, grown by ``pad`` pixels on every
@@ -386,7 +394,7 @@ def crop_and_resize(
 
 
 class ATACNet(nn.Module):
-    """ATAC-Net and its ablation ladder for standardised RGB inputs (224×224 in the seed).
+    """ATAC-Net and its ablation ladder for standardised RGB inputs (224×224 in the ATAC-Net paper).
 
     Args:
         variant: the rung of the ATAC-Net paper's Table 1:
@@ -396,7 +404,7 @@ class ATACNet(nn.Module):
             ``"atacnet"``: φ + σ + τ, attention-guided cropping, score ``(a1 + a2)/2``.
         backbone: φ with its weights, from :func:`load_resnet50` (the builder resolves them);
             ``None`` for an unweighted trunk (a checkpoint's state dict is loaded over it).
-        crop_threshold: ω of Algorithm 1 (seed silent; choose it on training data only).
+        crop_threshold: ω of Algorithm 1 (the paper is silent; choose it on training data only).
         topk_ratio: fraction of cells averaged by the top-k score.
         margin: deviation-loss margin ``m``.
         min_box_px, box_pad_px: minimum crop side and padding (Algorithm 1).
@@ -444,7 +452,8 @@ class ATACNet(nn.Module):
         )
         self.head = nn.Conv2d(BACKBONE_CHANNELS, 1, 1)
         nn.init.kaiming_normal_(self.head.weight, mode="fan_in", nonlinearity="linear")
-        nn.init.zeros_(self.head.bias)
+        if self.head.bias is not None:
+            nn.init.zeros_(self.head.bias)
 
     @property
     def backbone_identity(self) -> str:
@@ -469,7 +478,7 @@ class ATACNet(nn.Module):
         """One view through φ (σ) τ.
 
         Args:
-            x: ``B×3×H×W`` standardised images (224×224 in the seed).
+            x: ``B×3×H×W`` standardised images (224×224 in the ATAC-Net paper).
 
         Returns:
             ``cells``: τ's signed cell map ``B×h×w`` (``h = ⌈H/32⌉``);
@@ -579,7 +588,7 @@ def weighted_ce_loss(
     Args:
         logits: ``B`` anomaly logits.
         labels: ``B`` targets in {0, 1}.
-        w_anomaly, w_normal: class weights (20 and 0.5 in the seed).
+        w_anomaly, w_normal: class weights (20 and 0.5 in the ATAC-Net paper).
 
     Returns:
         Scalar tensor (float32).
@@ -661,7 +670,7 @@ class AtacNetConfig:
 
 def make_optimiser(model: nn.Module, settings: AtacNetConfig) -> torch.optim.Adam:
     """Adam over ``model.trainable_parameters()`` with the settings' lr and weight decay."""
-    return torch.optim.Adam(model.trainable_parameters(), lr=settings.lr,
+    return torch.optim.Adam(cast(ATACNet, model).trainable_parameters(), lr=settings.lr,
                             weight_decay=settings.weight_decay)
 
 

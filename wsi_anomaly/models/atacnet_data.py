@@ -1,12 +1,15 @@
 """ATAC-Net inputs: preprocessing, CutMix pseudo-anomalies, balanced batches and rotation.
 
-The ATAC-Net paper (§2) fixes the order of the preprocessing: contrast equalisation (CLAHE on the lightness of
-LAB), scaling to [0, 1], channel-wise standardisation with the paper's statistics and a 224×224
-bicubic resize through Pillow. Standardisation is an affine map per channel and bicubic weights
-sum to one, so resizing before standardising (as done here, on 8-bit RGB like torchvision's
-``Resize`` on a PIL image) gives the same result up to 8-bit rounding.
+The ATAC-Net paper (§2) fixes the order of the preprocessing: contrast equalisation (CLAHE on the
+lightness of LAB) on the image as it is, scaling to [0, 1], channel-wise standardisation with the
+paper's statistics and one 224×224 bicubic resize through Pillow. :func:`preprocess` runs CLAHE at
+the size it is given, then the one bicubic resize, then standardises. Standardisation is an
+affine map per channel and bicubic weights sum to one, so resizing before standardising (as done
+here, on 8-bit RGB like torchvision's ``Resize`` on a PIL image) gives the same result up to
+8-bit rounding. Callers hand over whole images unresized (the family's ``resizes_own_input``):
+the MVTec benchmark gives ATAC-Net each image at its own resolution; a slide tile is the image.
 
-Training batches are balanced (seed Algorithm 2, line 5): half normal images, half drawn from the
+Training batches are balanced (the ATAC-Net paper's Algorithm 2, line 5): half normal images, half drawn from the
 "anomalous pool", which is the few labelled anomalies plus CutMix (Yun et al., 2019) of normal
 images. All randomness comes from an explicit ``torch.Generator``.
 """
@@ -15,7 +18,8 @@ from __future__ import annotations
 
 import math
 import warnings
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Sequence, Sized
+from typing import Any, cast
 
 import numpy as np
 import torch
@@ -39,7 +43,7 @@ __all__ = [
     "random_rotation",
 ]
 
-#: Input side of ATAC-Net in pixels (seed §2).
+#: Input side of ATAC-Net in pixels (the ATAC-Net paper, §2).
 IMAGE_SIZE = 224
 #: Channel statistics stated by the ATAC-Net paper (§2) for standardisation, RGB order.
 ATACNET_MEAN: tuple[float, float, float] = (0.48145466, 0.4578275, 0.40821073)
@@ -79,7 +83,7 @@ def _as_rgb_uint8(image: object) -> np.ndarray:
 
 
 def equalise_contrast(rgb: np.ndarray, clip_limit: float = 0.01) -> np.ndarray:
-    """CLAHE on the lightness of CIE-LAB, colour kept (seed §2, "contrast equalisation").
+    """CLAHE on the lightness of CIE-LAB, colour kept (the ATAC-Net paper, §2, "contrast equalisation").
 
     scikit-image's ``equalize_adapthist`` with its defaults (tiles of 1/8 of the image side,
     ``clip_limit`` 0.01, 256 bins) runs on ``L/100``; a and b are kept. Flat images (lightness
@@ -108,12 +112,13 @@ def equalise_contrast(rgb: np.ndarray, clip_limit: float = 0.01) -> np.ndarray:
 def preprocess(
     image: object, size: int = IMAGE_SIZE, clahe: bool = True, clip_limit: float = 0.01
 ) -> torch.Tensor:
-    """The ATAC-Net paper's preprocessing of one image (§2).
+    """The ATAC-Net paper's preprocessing of one image (§2): CLAHE on the image at its own size,
+    then one bicubic resize to ``size``, then standardisation.
 
     Args:
         image: RGB as a PIL image, an ``H×W×3`` array (uint8, or float in [0, 1]) or a
             ``3×H×W`` tensor in [0, 1]; grey-scale is repeated, alpha dropped.
-        size: output side in pixels (224 in the seed).
+        size: output side in pixels (224 in the ATAC-Net paper).
         clahe: apply :func:`equalise_contrast` (off only for ablations).
         clip_limit: CLAHE clip limit (scikit-image's default; the paper is silent).
 
@@ -324,9 +329,12 @@ class AtacNetData(Dataset):
     """
 
     def __init__(self, normals: Dataset, anomalies: Dataset | None, image_px: int, clahe: bool):
-        self.normals, self.anomalies = normals, anomalies
+        # Map-style datasets with a length (torch's Dataset type declares neither).
+        self.normals: Any = normals
+        self.anomalies: Any = anomalies
         self.image_px, self.clahe = image_px, clahe
-        self.labels = [0] * len(normals) + [1] * (len(anomalies) if anomalies is not None else 0)
+        n_anomalies = len(cast(Sized, anomalies)) if anomalies is not None else 0
+        self.labels = [0] * len(cast(Sized, normals)) + [1] * n_anomalies
 
     def __len__(self) -> int:
         return len(self.labels)

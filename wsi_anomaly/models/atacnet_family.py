@@ -6,8 +6,8 @@ Its knobs live in its own ``atacnet`` section (:class:`~wsi_anomaly.models.atacn
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
-from typing import Any
+from collections.abc import Iterable, Mapping, Sized
+from typing import Any, cast
 
 import torch
 import torch.nn.functional as F
@@ -52,6 +52,8 @@ class AtacNetFamily(ModelFamily):
     has_maps = False
     #: CLAHE runs on the CPU, one image at a time: the transform comes before the copy.
     transforms_on_device = False
+    #: The paper's order is CLAHE on the image at its own size, then one bicubic resize.
+    resizes_own_input = True
 
     def validate(self, config: Any) -> None:
         a = config.atacnet
@@ -99,7 +101,8 @@ class AtacNetFamily(ModelFamily):
         return model
 
     def transform(self, images: torch.Tensor, config: Any) -> torch.Tensor:
-        """The ATAC-Net paper's preprocessing of every image (CLAHE, resize, standardise)."""
+        """The ATAC-Net paper's preprocessing of every image: CLAHE at the size it is given,
+        one bicubic resize to ``atacnet.image_px``, standardisation."""
         a = config.atacnet
         if images.dtype == torch.uint8:  # B×H×W×3 as stored
             views: Iterable[Any] = (img.cpu().numpy() for img in images)
@@ -110,10 +113,11 @@ class AtacNetFamily(ModelFamily):
     def predict(self, model: nn.Module, x: torch.Tensor, calibration: Mapping[str, Any],
                 keep_maps: bool = True
                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
-        score = model.score(x).float()
+        atac = cast(ATACNet, model)
+        score = atac.score(x).float()
         maps = None
         if keep_maps:
-            cells = model.anomaly_map(x).float()
+            cells = atac.anomaly_map(x).float()
             maps = F.interpolate(cells.unsqueeze(1), size=(MAP_PX, MAP_PX), mode="bilinear",
                                  align_corners=False).squeeze(1)
         return score, score, maps
@@ -135,7 +139,7 @@ class AtacNetFamily(ModelFamily):
     def loader(self, data: Dataset, config: Any, rng: EpochRng, workers: int,
                pin_memory: bool) -> Iterable[Any]:
         a = config.atacnet
-        sampler = BalancedBatchSampler(data.labels, a.batch_size, a.steps_per_epoch,
+        sampler = BalancedBatchSampler(cast(AtacNetData, data).labels, a.batch_size, a.steps_per_epoch,
                                        rng(SAMPLER_STREAM), a.real_anomaly_fraction)
         return DataLoader(data, batch_sampler=sampler, num_workers=workers, pin_memory=pin_memory)
 
@@ -149,7 +153,7 @@ class AtacNetFamily(ModelFamily):
         images, labels = batch
         images, targets = cutmix_anomalous_half(images, labels, aug)
         images = random_rotation(images, aug, a.rotation_degrees)
-        stats = train_step(model, optimiser, images.to(runtime.device, non_blocking=True),
+        stats = train_step(cast(ATACNet, model), optimiser, images.to(runtime.device, non_blocking=True),
                            targets, grad_clip_norm=a.grad_clip_norm, precision=runtime.precision)
         return {"loss": stats["loss"], "score_normal": stats["score_normal"],
                 "score_anomalous": stats["score_anomalous"], "images": float(len(images))}
@@ -163,7 +167,7 @@ class AtacNetFamily(ModelFamily):
     def calibration_batch(self, model: nn.Module, batch: Any, runtime: Any) -> torch.Tensor:
         x, _ = batch
         with runtime.autocast():
-            return model.score(runtime.to_device(x)).float().cpu()
+            return cast(ATACNet, model).score(runtime.to_device(x)).float().cpu()
 
     def summarise_calibration(self, parts: list[torch.Tensor],
                               reference: Mapping[str, Any] | None = None) -> dict[str, Any]:
@@ -172,4 +176,4 @@ class AtacNetFamily(ModelFamily):
         return {"mean_map": None, **summary}
 
     def checkpoint_extras(self, data: Dataset, normals: Dataset) -> dict[str, Any]:
-        return {"n_labelled_anomalies": len(data) - len(normals)}
+        return {"n_labelled_anomalies": len(cast(Sized, data)) - len(cast(Sized, normals))}

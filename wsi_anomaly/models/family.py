@@ -76,6 +76,10 @@ class ModelFamily:
     has_maps: bool = True
     #: Whether :meth:`transform` runs on the device (after the copy) or on the CPU (before it).
     transforms_on_device: bool = True
+    #: Whether :meth:`transform` wants whole images at their own size (it resizes them itself),
+    #: so image loaders that would resize first (the MVTec benchmark's) hand them over as they
+    #: are. Slide tiles are always given at their tile size: for them the tile is the image.
+    resizes_own_input: bool = False
 
     # -- configuration -------------------------------------------------------------------------
     def validate(self, config: Any) -> None:

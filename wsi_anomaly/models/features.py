@@ -127,7 +127,8 @@ class VGG19Features(nn.Module):
             for m in self.layers.modules():
                 if isinstance(m, nn.Conv2d):  # torchvision's VGG initialisation
                     nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
-                    nn.init.zeros_(m.bias)
+                    if m.bias is not None:
+                        nn.init.zeros_(m.bias)
         else:
             self.layers.load_state_dict(state_dict, strict=True)
         self.requires_grad_(False)

@@ -52,10 +52,12 @@ class HaloAttention(nn.Module):
         self.rel_width = nn.Parameter(torch.randn(2 * window - 1, dim_head) * self.scale)
         # Table row for (query offset in its block, key offset in its window) along one axis.
         displacement = torch.arange(window)[None, :] - halo - torch.arange(block)[:, None]
+        self.rel_index: torch.Tensor
         self.register_buffer("rel_index", displacement + window - 1, persistent=False)
         # One-hot (key row, key column) of each of the window² keys: (window², 2·window).
         eye = torch.eye(window)
         key_onehot = torch.cat([eye.repeat_interleave(window, 0), eye.repeat(window, 1)], dim=1)
+        self.key_onehot: torch.Tensor
         self.register_buffer("key_onehot", key_onehot, persistent=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

@@ -8,6 +8,15 @@ Blocks, as in the paper's figure 2 (A, Cut&Paste, lives in :mod:`.cutpaste`):
 - E ``classifier``: ``im_hat`` → original-vs-Cut&Paste logits (training only).
 
 Scoring needs B and C only (:meth:`HaloAE.reconstruct_features`); D and E never run at inference.
+
+Where the layer tables come from: the paper prints the HaloNet blocks' channel counts only
+loosely; the stage tables below (widths, heads, kernel sizes, including the odd 59/237/703
+widths) are those of the authors' released code, without its never-used stride-2 convs. Block D
+is six reflection-padded 3×3 convs (704→380→190→95→47→23→3) with the two ×2 up-samplings before
+the last two, as in the released code, whose final ReLU we drop; the paper's text says "five
+2D convolution layers with filters of size 3×3, followed by a ReLU". The paper's text also gives
+the encoder output as 60×60×58; the released code's stage table, used here, ends at 29 channels. Weights of blocks C, D and E
+start as in the released code (:func:`init_weights`: Kaiming-normal, fan-in, zero biases).
 """
 
 from __future__ import annotations
@@ -30,9 +39,11 @@ __all__ = [
     "HaloDecoder",
     "HaloEncoder",
     "ImageReconstructor",
+    "init_weights",
 ]
 
-#: (in, width, out, heads, K) per bottleneck stage, from the HaloAE paper's tables.
+#: (in, width, out, heads, K) per bottleneck stage, as in the authors' released code (the paper's
+#: figure gives the HaloNet layout; these widths, heads and kernels are the code's).
 ENCODER_STAGES: tuple[tuple[int, int, int, int, int], ...] = (
     (234, 234, 234, 4, 3),
     (234, 117, 117, 8, 3),
@@ -64,8 +75,11 @@ class Bottleneck(nn.Module):
         heads: attention heads (``dim_head`` is 16, so the attention's inner width is 16·heads).
         kernel_size: ``K`` of the last conv (odd, same padding).
         attention: ``"halo"`` for :class:`HaloAttention` (block 12, halo 2), ``"conv"`` for a
-            plain 3×3 conv in its place (the paper's "no self-attention" ablation).
-        released_mask: reproduce the released code's inverted attention mask.
+            plain 3×3 conv in its place, the rest of the block unchanged. This has no paper
+            counterpart: the paper's Table 4 "Block C as CNN" swapped the whole auto-encoder for
+            DFR's convolutional one.
+        released_mask: reproduction switch (not an ablation): the released code's inverted
+            attention mask, which the paper's numbers were produced with.
 
     Shapes:
         ``B×in×H×W`` → ``B×out×H×W`` (``H``, ``W`` divisible by 12 for ``"halo"``).
@@ -200,6 +214,18 @@ class CutPasteClassifier(nn.Module):
         return self.fc(im_hat.flatten(1))
 
 
+def init_weights(module: nn.Module) -> nn.Module:
+    """The released code's initialisation: every conv and linear layer of ``module`` gets
+    Kaiming-normal weights (fan-in, ReLU gain √2) and zero biases; other parameters (batch
+    norm, the halo position tables) keep theirs. Returns ``module``."""
+    for m in module.modules():
+        if isinstance(m, (nn.Conv2d, nn.ConvTranspose2d, nn.Linear)):
+            nn.init.kaiming_normal_(m.weight, mode="fan_in", nonlinearity="relu")
+            if m.bias is not None:
+                nn.init.zeros_(m.bias)
+    return module
+
+
 class HaloAE(nn.Module):
     """HaloAE for 256×256 ImageNet-normalised RGB inputs.
 
@@ -207,13 +233,16 @@ class HaloAE(nn.Module):
         backbone: the frozen VGG19 with its weights, from
             :func:`~wsi_anomaly.models.features.load_vgg19` (the builder resolves them); ``None``
             for an unweighted one (a checkpoint's state dict is loaded over it).
-        attention: ``"halo"`` (the model) or ``"conv"`` (3×3 convs instead of halo attention, the
-            paper's ablation).
-        released_mask: reproduce the released code's inverted attention mask (see
-            :class:`~wsi_anomaly.models.halo.HaloAttention`); off by default.
+        attention: ``"halo"`` (the model) or ``"conv"`` (attention layers replaced by 3×3
+            convolutions in the same blocks; no paper counterpart, not the paper's Table 4
+            "Block C as CNN", which used DFR's convolutional auto-encoder instead).
+        released_mask: reproduction switch, not an ablation: the released code's inverted
+            attention mask (see :class:`~wsi_anomaly.models.halo.HaloAttention`), the layer the
+            paper's numbers came from; off by default (the corrected layer).
 
     The VGG19 backbone is frozen and excluded from :meth:`trainable_parameters`; its origin is
-    :attr:`backbone_identity`.
+    :attr:`backbone_identity`. Blocks C, D and E start from :func:`init_weights` (the released
+    code's Kaiming-normal initialisation), not PyTorch's per-layer defaults.
     """
 
     def __init__(
@@ -228,6 +257,9 @@ class HaloAE(nn.Module):
         self.decoder = HaloDecoder(attention, released_mask)
         self.image_reconstructor = ImageReconstructor()
         self.classifier = CutPasteClassifier()
+        for name, child in self.named_children():
+            if name != "backbone":
+                init_weights(child)
 
     @property
     def backbone_identity(self) -> str:

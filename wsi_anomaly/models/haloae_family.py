@@ -1,14 +1,15 @@
 """The HaloAE family: normal tiles only, Cut&Paste self-supervision, 64×64 anomaly maps.
 
 Its knobs live in the shared sections: ``model.attention`` and ``model.released_mask`` (the
-architecture) and ``train`` (epochs, samples per epoch, batch size, learning rate, loss terms and
+architecture: ``conv`` replaces the attention layers by 3×3 convolutions in the same blocks;
+``released_mask`` reproduces the authors' inverted halo mask) and ``train`` (epochs, samples per epoch, batch size, learning rate, loss terms and
 weighting, colour jitter).
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
-from typing import Any
+from collections.abc import Iterable, Mapping, Sized
+from typing import Any, cast
 
 import torch
 from torch import nn
@@ -101,13 +102,13 @@ class HaloAEFamily(ModelFamily):
         return normals
 
     def optimiser(self, model: nn.Module, config: Any) -> torch.optim.Optimizer:
-        return torch.optim.Adam(model.trainable_parameters(), lr=config.train.lr,
+        return torch.optim.Adam(cast(HaloAE, model).trainable_parameters(), lr=config.train.lr,
                                 weight_decay=config.train.weight_decay)
 
     def loader(self, data: Dataset, config: Any, rng: EpochRng, workers: int,
                pin_memory: bool) -> Iterable[Any]:
         t = config.train
-        sampler = RandomSampler(data, replacement=True, num_samples=t.samples_per_epoch,
+        sampler = RandomSampler(cast(Sized, data), replacement=True, num_samples=t.samples_per_epoch,
                                 generator=rng(SAMPLER_STREAM))
         return DataLoader(data, batch_size=t.batch_size, sampler=sampler, num_workers=workers,
                           drop_last=False, persistent_workers=False, pin_memory=pin_memory)
@@ -119,7 +120,7 @@ class HaloAEFamily(ModelFamily):
                    config: Any, epoch: int, aug: torch.Generator, runtime: Any
                    ) -> dict[str, float]:
         t = config.train
-        weights = loss_weights(t.loss_weighting, epoch, t.epochs)
+        weights = loss_weights(t.loss_weighting, epoch, t.epochs, t.loss_terms)
         images, labels = make_cutpaste_batch(batch, aug, image_jitter=t.image_jitter,
                                              patch_jitter=t.patch_jitter)
         x = runtime.layout(normalise(images).to(runtime.device, non_blocking=True))
@@ -139,15 +140,17 @@ class HaloAEFamily(ModelFamily):
 
     def epoch_record(self, sums: Mapping[str, float], steps: int, config: Any, epoch: int,
                      optimiser: torch.optim.Optimizer) -> dict[str, float]:
-        w = loss_weights(config.train.loss_weighting, epoch, config.train.epochs)
+        t = config.train
+        w = loss_weights(t.loss_weighting, epoch, t.epochs, t.loss_terms)
         return {"epoch": epoch, **{k: v / max(steps, 1) for k, v in sums.items()},
                 "w_cls": w[0], "w_fm": w[1], "w_im": w[2]}
 
     def calibration_batch(self, model: nn.Module, batch: Any, runtime: Any) -> torch.Tensor:
         x = runtime.layout(normalise(runtime.to_device(batch)))
+        halo_ae = cast(HaloAE, model)
         with runtime.autocast():
-            fm = model.features(x)
-            raw = anomaly_map(fm, model.reconstruct_features(fm))
+            fm = halo_ae.features(x)
+            raw = anomaly_map(fm, halo_ae.reconstruct_features(fm))
         return raw.float().cpu()
 
     def summarise_calibration(self, parts: list[torch.Tensor],

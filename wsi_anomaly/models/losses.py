@@ -90,18 +90,47 @@ def ews_weights(epoch: float, total_epochs: int = EWS_EPOCHS) -> tuple[float, fl
     return (raw[0] / total, raw[1] / total, raw[2] / total)
 
 
-def equal_weights(epoch: float = 0, total_epochs: int = EWS_EPOCHS) -> tuple[float, float, float]:
-    """Equal weighting (the paper's ablation baseline); same signature as :func:`ews_weights`."""
+def equal_weights(epoch: float = 0, total_epochs: int = EWS_EPOCHS,
+                  terms: Iterable[str] = LOSS_TERMS) -> tuple[float, float, float]:
+    """Equal weighting (the paper's ablation baseline): ``1/n`` for each of the ``n`` active
+    ``terms``, 0 for the others; same signature as :func:`ews_weights` plus ``terms``."""
     del epoch, total_epochs
-    return (1 / 3, 1 / 3, 1 / 3)
+    active = set(_check_terms(terms))
+    return _as_triple([1.0 / len(active) if name in active else 0.0 for name in LOSS_TERMS])
 
 
-def loss_weights(scheme: str, epoch: float, total_epochs: int) -> tuple[float, float, float]:
-    """Weights of ``scheme`` (``"ews"`` or ``"equal"``) at ``epoch`` of ``total_epochs``."""
+def _check_terms(terms: Iterable[str]) -> tuple[str, ...]:
+    terms = tuple(terms)
+    if not terms or set(terms) - set(LOSS_TERMS):
+        raise ValueError(f"loss terms must be a non-empty subset of {LOSS_TERMS}, got {terms}")
+    return terms
+
+
+def _as_triple(values: Sequence[float]) -> tuple[float, float, float]:
+    return (values[0], values[1], values[2])
+
+
+def loss_weights(scheme: str, epoch: float, total_epochs: int,
+                 terms: Iterable[str] = LOSS_TERMS) -> tuple[float, float, float]:
+    """``(α_cls, α_fm, α_im)`` of ``scheme`` at ``epoch`` of ``total_epochs`` for the active
+    ``terms`` (loss ablations): inactive terms get 0 and the active ones sum to 1.
+
+    ``"ews"``: the EWS curves of the active terms renormalised over them (with all three, exactly
+    :func:`ews_weights`). ``"equal"``: ``1/n`` for each of the ``n`` active terms
+    (:func:`equal_weights`); one term alone is that loss unscaled.
+    """
     schemes = {"ews": ews_weights, "equal": equal_weights}
     if scheme not in schemes:
         raise ValueError(f"loss weighting must be one of {sorted(schemes)}, got {scheme!r}")
-    return schemes[scheme](epoch, total_epochs)
+    active = set(_check_terms(terms))
+    if scheme == "equal":
+        return equal_weights(epoch, total_epochs, active)
+    weights = ews_weights(epoch, total_epochs)
+    if active == set(LOSS_TERMS):
+        return weights
+    total = sum(w for name, w in zip(LOSS_TERMS, weights) if name in active)
+    return _as_triple([w / total if name in active else 0.0
+                       for name, w in zip(LOSS_TERMS, weights)])
 
 
 def _reconstruction_loss(target: torch.Tensor, prediction: torch.Tensor) -> torch.Tensor:
@@ -123,7 +152,8 @@ def haloae_loss(
         images_norm: the ``N×3×256×256`` normalised inputs that produced ``out``.
         labels: ``N`` int64, 0 for originals and 1 for Cut&Paste copies. Cross-entropy uses all
             ``N`` images; the reconstruction terms (MSE + 1 − SSIM) use the originals only.
-        weights: ``(α_cls, α_fm, α_im)``, e.g. from :func:`ews_weights`.
+        weights: ``(α_cls, α_fm, α_im)``, e.g. from :func:`loss_weights` for the same
+            ``terms`` (which renormalises them over the active terms); used as given.
         terms: the enabled subset of ``("cls", "fm", "im")`` (loss ablations).
 
     Returns:
@@ -146,5 +176,6 @@ def haloae_loss(
         "fm": _reconstruction_loss(out["fm"][originals].detach(), out["fm_hat"][originals]),
         "im": _reconstruction_loss(images_norm[originals], out["im_hat"][originals]),
     }
-    total = sum(w * losses[name] for name, w in zip(LOSS_TERMS, weights) if name in terms)
+    total = torch.stack([w * losses[name] for name, w in zip(LOSS_TERMS, weights)
+                         if name in terms]).sum()
     return total, {name: value.detach() for name, value in losses.items()}

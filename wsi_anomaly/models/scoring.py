@@ -6,9 +6,14 @@ smoothing → tile score (mean; max also exposed) and, on demand, a bilinear pix
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING, cast
+
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+if TYPE_CHECKING:
+    from wsi_anomaly.models.haloae import HaloAE
 
 __all__ = [
     "BINOMIAL_KERNEL",
@@ -90,8 +95,9 @@ def score_batch(
     """
     if model.training:
         raise ValueError("score_batch needs the model in eval mode; call model.eval() first")
-    fm = model.features(x)
-    raw = anomaly_map(fm, model.reconstruct_features(fm))
+    halo_ae = cast("HaloAE", model)
+    fm = halo_ae.features(x)
+    raw = anomaly_map(fm, halo_ae.reconstruct_features(fm))
     maps = smooth_map(raw if mean_map is None else normalise_map(raw, mean_map))
     mean, peak = tile_scores(maps)
     result = {"raw_map": raw, "map": maps, "mean": mean, "max": peak}

@@ -57,7 +57,8 @@ class ModelAdapter(Protocol):
     def identity(self) -> dict[str, Any]: ...
 
     def __call__(self, images: torch.Tensor) -> AdapterOutput:
-        """``images``: ``(B, 3, 256, 256)`` float in [0, 1] on the CPU."""
+        """``images``: ``(B, 3, H, W)`` float in [0, 1] on the CPU (256×256, or the images' own
+        size for families that resize their input themselves)."""
         ...
 
 

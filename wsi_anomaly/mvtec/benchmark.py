@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import torch
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
@@ -29,9 +30,10 @@ from .. import __version__
 from ..checkpoint import load_checkpoint
 from ..config import Config, config_from_dict, save_config
 from ..errors import InputNotFoundError, OutputExistsError, WsiAnomalyError
+from ..models.registry import get_family
 from ..outputs import atomic_path, write_text
 from .adapters import ModelAdapter, check_model_name, load_adapter
-from .data import MVTecCategory, MVTecDataset, resolve_categories
+from .data import NO_MASKS, MVTecCategory, MVTecDataset, resolve_categories
 from .figures import pick_examples, save_example_figure
 from .metrics import (
     AUPRO_FPR_LIMIT,
@@ -42,7 +44,15 @@ from .metrics import (
     pixel_auroc,
     resize_map,
 )
-from .paper import OBJECTS, TABLE1_MEAN, TEXTURES, paper_category, paper_reference
+from .paper import (
+    CONV_ATTENTION_LABEL,
+    OBJECTS,
+    TABLE1_MEAN,
+    TEXTURES,
+    mask_note,
+    paper_category,
+    paper_reference,
+)
 
 log = logging.getLogger(__name__)
 
@@ -97,25 +107,46 @@ class Evaluation:
         return len(self.labels) / self.model_seconds if self.model_seconds > 0 else math.nan
 
 
+def input_px(config: Config) -> int | None:
+    """The side images are resized to before the model sees them: ``config.tile_px``, or
+    ``None`` (their own resolution) for families that resize their input themselves
+    (ATAC-Net: CLAHE on the image as it is, then one bicubic resize)."""
+    return None if get_family(config.model.name).resizes_own_input else config.tile_px
+
+
+def _same_size_batches(images: list[torch.Tensor]) -> list[torch.Tensor]:
+    """Consecutive images of one size stacked together (images at their own resolution may
+    differ in size within a category)."""
+    batches, start = [], 0
+    for i in range(1, len(images) + 1):
+        if i == len(images) or images[i].shape != images[start].shape:
+            batches.append(torch.stack(images[start:i]))
+            start = i
+    return batches
+
+
 def evaluate(adapter: ModelAdapter, dataset: MVTecDataset, workers: int = 0,
              progress: bool = True) -> Evaluation:
-    """Run ``adapter`` over every image of ``dataset`` in order, in batches of its batch size."""
-    loader = DataLoader(dataset, batch_size=adapter.batch_size, num_workers=workers)
+    """Run ``adapter`` over every image of ``dataset`` in order, in batches of its batch size
+    (split where images at their own resolution change size)."""
+    loader = DataLoader(dataset, batch_size=adapter.batch_size, num_workers=workers,
+                        collate_fn=_same_size_batches)
     scores: dict[str, list[np.ndarray]] = {name: [] for name in adapter.score_names}
     maps: list[np.ndarray] = []
     model_seconds = 0.0
     t0 = time.perf_counter()
     with tqdm(total=len(dataset), desc=f"evaluating {dataset.name}", unit="image",
               disable=not progress, leave=False) as bar:
-        for images in loader:
-            t = time.perf_counter()
-            out = adapter(images)
-            model_seconds += time.perf_counter() - t
-            for name in adapter.score_names:
-                scores[name].append(np.asarray(out.scores[name], dtype=np.float64))
-            if out.maps is not None:
-                maps.append(np.asarray(out.maps, dtype=np.float32))
-            bar.update(len(images))
+        for batches in loader:
+            for images in batches:
+                t = time.perf_counter()
+                out = adapter(images)
+                model_seconds += time.perf_counter() - t
+                for name in adapter.score_names:
+                    scores[name].append(np.asarray(out.scores[name], dtype=np.float64))
+                if out.maps is not None:
+                    maps.append(np.asarray(out.maps, dtype=np.float32))
+                bar.update(len(images))
     seconds = time.perf_counter() - t0
     return Evaluation(dataset.labels, {k: np.concatenate(v) for k, v in scores.items()},
                       np.concatenate(maps) if maps else None, seconds, model_seconds)
@@ -129,7 +160,8 @@ def compute_metrics(evaluation: Evaluation, dataset: MVTecDataset,
                     fpr_limit: float = AUPRO_FPR_LIMIT) -> dict[str, Any]:
     """Image AUROC per score; pixel AUROC at the masks' resolution and at 128×128 (the paper's
     protocol); AUPRO up to ``fpr_limit``. Fractions in [0, 1]; ``None`` where not applicable
-    (no maps, or a single class)."""
+    (no maps, or a single class). A data set without masks gets image metrics only: its pixel
+    metrics are ``None`` and ``pixel_metrics`` says why (:data:`~.data.NO_MASKS`)."""
     metrics: dict[str, Any] = {
         "image_auroc": {name: _finite_or_none(image_auroc(evaluation.labels, s))
                         for name, s in evaluation.scores.items()},
@@ -137,6 +169,9 @@ def compute_metrics(evaluation: Evaluation, dataset: MVTecDataset,
         "aupro_fpr_limit": fpr_limit,
     }
     if evaluation.maps is None:
+        return metrics
+    if not dataset.has_masks:
+        metrics["pixel_metrics"] = NO_MASKS
         return metrics
     masks, maps, masks_paper, maps_paper = [], [], [], []
     for i, score_map in enumerate(evaluation.maps):
@@ -179,7 +214,7 @@ def _train_or_reuse(category: MVTecCategory, config: Config, checkpoint: Path,
         log.info("%s: reusing the finished model %s", category.name, checkpoint)
         return {"trained": False}
     resume = resume_path(checkpoint).exists() and not settings.overwrite
-    result = train_model(category.dataset("train", config.tile_px), config, checkpoint,
+    result = train_model(category.dataset("train", input_px(config)), config, checkpoint,
                          device=settings.device, resume=resume, overwrite=True,
                          source=str(category.path / "train" / "good"), progress=settings.progress)
     return {"trained": True, "resumed": resume, "train_seconds": result.seconds,
@@ -207,9 +242,11 @@ def _write_figures(folder: Path, dataset: MVTecDataset, evaluation: Evaluation,
     written = []
     for i in pick_examples(dataset.samples, n):
         sample = dataset.samples[i]
-        image, mask = dataset.load_rgb(i), dataset.load_mask(i)
+        image = dataset.load_rgb(i)
+        mask = dataset.load_mask(i) if dataset.has_masks else None
         name = f"{sample.defect_type}_{sample.image.stem}.png"
-        save_example_figure(folder / name, image, mask, resize_map(evaluation.maps[i], mask.shape),
+        save_example_figure(folder / name, image, mask,
+                            resize_map(evaluation.maps[i], image.shape[:2]),
                             f"{sample.defect_type}/{sample.image.name}   image score "
                             f"({headline}) {evaluation.scores[headline][i]:.4g}", vmax)
         written.append(f"figures/{name}")
@@ -240,7 +277,7 @@ def run_category(category: MVTecCategory, config: Config, out_dir: str | Path,
 
     adapter = load_adapter(checkpoint, device=settings.device, precision=settings.precision,
                            batch_size=settings.eval_batch_size, expect_model=config.model.name)
-    dataset = category.dataset("test", config.tile_px)
+    dataset = category.dataset("test", input_px(config))
     evaluation = evaluate(adapter, dataset, workers=settings.workers, progress=settings.progress)
     t_metrics = time.perf_counter()
     metrics = compute_metrics(evaluation, dataset)
@@ -262,6 +299,7 @@ def run_category(category: MVTecCategory, config: Config, out_dir: str | Path,
         "n_test": len(dataset),
         "n_defective": int(evaluation.labels.sum()),
         "defect_types": category.defect_types,
+        "has_masks": category.has_masks,
         "timing": {
             "train_seconds": training.get("train_seconds"),
             "train_images_per_s": training.get("train_images_per_s"),
@@ -344,7 +382,13 @@ def _columns(records: Iterable[dict[str, Any]]) -> list[tuple[str, Callable[[dic
                 score_names.append(name)
 
     def metric(key):
-        return lambda r: _percent(r["metrics"][key]) if "metrics" in r else None
+        def get(r):
+            if "metrics" not in r:
+                return None
+            if r["metrics"].get("pixel_metrics") == NO_MASKS:
+                return NO_MASKS
+            return _percent(r["metrics"][key])
+        return get
 
     def image(name):
         return lambda r: (_percent(r["metrics"]["image_auroc"].get(name))
@@ -371,7 +415,7 @@ def _columns(records: Iterable[dict[str, Any]]) -> list[tuple[str, Callable[[dic
 
 def _mean(values: list[Any]) -> float | None:
     """Mean when every value is present, else ``None`` (a partial mean would mislead)."""
-    if not values or any(v is None or not math.isfinite(v) for v in values):
+    if not values or any(not isinstance(v, (int, float)) or not math.isfinite(v) for v in values):
         return None
     return float(np.mean(values))
 
@@ -426,12 +470,25 @@ def markdown_table(records: list[dict[str, Any]], config: Config | None = None) 
         "eval img/s: test images per second end to end (decode, resize, model, maps); n/a for "
         "models loaded rather than trained here.",
     ]
+    no_masks = [r["category"] for r in records
+                if r.get("metrics", {}).get("pixel_metrics") == NO_MASKS]
+    if no_masks:
+        notes.append(f"Pixel metrics skipped for {', '.join(no_masks)} ({NO_MASKS}): no "
+                     "ground_truth/ folder, so only image-level metrics were computed.")
     if config is not None:
         reference = paper_reference(config)
         if reference is not None and reference[0] != "HaloAE (Table 1)":
             label, (img, pix) = reference
             notes.append(f"This configuration is the paper's ablation \"{label}\": mean {img} "
                          f"image / {pix} pixel AUROC % (15 categories).")
+        if config.model.name == "haloae" and config.model.attention == "conv":
+            notes.append(f"This configuration ({CONV_ATTENTION_LABEL}) has no paper counterpart: "
+                         "the paper's Table 4 \"Block C as CNN\" replaced the whole HaloNet "
+                         "auto-encoder by DFR's convolutional auto-encoder, a different network. "
+                         "The paper columns are the full HaloAE's.")
+        note = mask_note(config) if config.model.name == "haloae" else None
+        if note is not None:
+            notes.append(note)
     return "\n".join(lines + notes) + "\n"
 
 
@@ -451,6 +508,8 @@ def write_tables(records: list[dict[str, Any]], out: str | Path,
     out = Path(out)
     header, rows = table_rows(records)
     csv_path, md_path = out / "results.csv", out / "results.md"
+    # Numeric columns stay numeric in the CSV: a skipped pixel metric is an empty cell there.
+    rows = [[None if v == NO_MASKS else v for v in row] for row in rows]
     write_csv(csv_path, header, rows, "{:.3f}")
     markdown = markdown_table(records, config)
     write_text(md_path, markdown)

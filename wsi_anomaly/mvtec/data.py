@@ -6,8 +6,12 @@ The standard layout, per category::
     <root>/<category>/test/<type>/*.png                 (type "good" or a defect name)
     <root>/<category>/ground_truth/<type>/<name>_mask.png   (one per defective test image)
 
-Images go to the model as 3×256×256 float tensors in [0, 1] (greyscale categories become three
-equal channels; resizing is antialiased). Ground-truth masks stay at their own resolution, as
+``ground_truth/`` is optional: a category without that folder (image-level labels only, as many
+users' own data sets) is evaluated with image-level metrics only, and its pixel metrics are
+reported as skipped (:data:`NO_MASKS`). When the folder exists, every defective test image must
+have its mask. Images go to the model as 3×256×256 float tensors in [0, 1] (greyscale categories become three
+equal channels; resizing is antialiased), or at their own resolution (``image_px=None``) for
+model families that resize their input themselves (ATAC-Net). Ground-truth masks stay at their own resolution, as
 boolean arrays: pixel metrics are computed there.
 """
 
@@ -26,7 +30,9 @@ from ..tiles.dataset import IMAGE_SUFFIXES, to_tensor
 
 GOOD = "good"
 LAYOUT_HINT = ("expected <root>/<category>/train/good/*.png, <root>/<category>/test/<type>/*.png "
-               "and <root>/<category>/ground_truth/<type>/<name>_mask.png")
+               "and, for pixel metrics, <root>/<category>/ground_truth/<type>/<name>_mask.png")
+#: How tables and ``metrics.json`` show pixel metrics of a category without ``ground_truth/``.
+NO_MASKS = "n/a — no masks"
 
 
 def _images_in(folder: Path) -> list[Path]:
@@ -55,7 +61,7 @@ class MVTecSample:
 
     image: Path
     defect_type: str
-    mask: Path | None  # None for good images (their mask is all zeros)
+    mask: Path | None  # None for good images (all zeros) and in categories without ground_truth/
 
     @property
     def label(self) -> int:
@@ -69,7 +75,10 @@ class MVTecCategory:
     Raises:
         InputNotFoundError: the folder does not exist.
         InvalidInputError: no training images, no test images, a defective test image without
-            its ``_mask.png``, or a mask whose size differs from its image.
+            its ``_mask.png`` (when ``ground_truth/`` exists), or a mask whose size differs from
+            its image.
+
+    ``has_masks`` is False when the category has no ``ground_truth/`` folder: image-level data.
     """
 
     def __init__(self, path: str | Path):
@@ -80,6 +89,7 @@ class MVTecCategory:
             raise InvalidInputError(
                 f"{self.path} is not an MVTec AD category folder: {LAYOUT_HINT}")
         self.name = self.path.name
+        self.has_masks = (self.path / "ground_truth").is_dir()
         self.train_files = _images_in(self.path / "train" / GOOD)
         if not self.train_files:
             raise InvalidInputError(f"no training images in {self.path / 'train' / GOOD} "
@@ -93,7 +103,7 @@ class MVTecCategory:
             kind = type_dir.name
             for image in _images_in(type_dir):
                 mask = None
-                if kind != GOOD:
+                if kind != GOOD and self.has_masks:
                     mask = self.path / "ground_truth" / kind / f"{image.stem}_mask.png"
                     if not mask.is_file():
                         raise InvalidInputError(
@@ -116,32 +126,39 @@ class MVTecCategory:
         """Defect folder names in the test split (``good`` excluded), sorted."""
         return sorted({s.defect_type for s in self.test_samples} - {GOOD})
 
-    def dataset(self, split: str, image_px: int = 256) -> MVTecDataset:
-        """``train`` (train/good) or ``test`` (every test image, with labels and masks)."""
+    def dataset(self, split: str, image_px: int | None = 256) -> MVTecDataset:
+        """``train`` (train/good) or ``test`` (every test image, with labels and masks);
+        ``image_px=None`` gives the images at their own resolution."""
         if split == "train":
             return MVTecDataset([MVTecSample(p, GOOD, None) for p in self.train_files], image_px,
                                 name=f"{self.name}/train")
         if split == "test":
-            return MVTecDataset(self.test_samples, image_px, name=f"{self.name}/test")
+            return MVTecDataset(self.test_samples, image_px, name=f"{self.name}/test",
+                                has_masks=self.has_masks)
         raise InvalidInputError(f"split must be train or test, got {split!r}")
 
     def __repr__(self) -> str:
         return (f"MVTecCategory({self.name!r}, train={len(self.train_files)}, "
-                f"test={len(self.test_samples)}, defects={self.defect_types})")
+                f"test={len(self.test_samples)}, defects={self.defect_types}, "
+                f"masks={self.has_masks})")
 
 
 class MVTecDataset(Dataset):
     """Images of one category and split.
 
     ``dataset[i]`` is the model input, a float32 tensor ``(3, image_px, image_px)`` in [0, 1]
+    (``(3, H, W)`` at the image's own resolution when ``image_px`` is ``None``)
     (the same form as the slide-tile datasets, so :func:`wsi_anomaly.train.train_model` and the
     scorer take it as is). Labels, masks and native-resolution images are available by index.
+    ``has_masks`` False: the defective images have no ground truth (image-level data).
     """
 
-    def __init__(self, samples: list[MVTecSample], image_px: int = 256, name: str = "mvtec"):
+    def __init__(self, samples: list[MVTecSample], image_px: int | None = 256, name: str = "mvtec",
+                 has_masks: bool = True):
         self.samples = list(samples)
         self.image_px = image_px
         self.name = name
+        self.has_masks = has_masks
 
     def __len__(self) -> int:
         return len(self.samples)
@@ -157,8 +174,15 @@ class MVTecDataset(Dataset):
             return np.asarray(im.convert("RGB"))
 
     def load_mask(self, index: int) -> np.ndarray:
-        """Ground truth at the image's own resolution: ``(H, W)`` bool (all False for good)."""
+        """Ground truth at the image's own resolution: ``(H, W)`` bool (all False for good).
+
+        Raises:
+            InvalidInputError: a defective image of a data set without masks.
+        """
         sample = self.samples[index]
+        if sample.mask is None and sample.label and not self.has_masks:
+            raise InvalidInputError(f"{self.name}: no ground-truth mask for {sample.image.name} "
+                                    "(this data set has no ground_truth/ folder)")
         if sample.mask is None:
             w, h = _size(sample.image)
             return np.zeros((h, w), dtype=bool)
@@ -166,9 +190,9 @@ class MVTecDataset(Dataset):
             return np.asarray(im.convert("L")) > 0
 
     def __getitem__(self, index: int) -> torch.Tensor:
-        with Image.open(self.samples[index].image) as im:
-            im = im.convert("RGB")
-            if im.size != (self.image_px, self.image_px):
+        with Image.open(self.samples[index].image) as file:
+            im = file.convert("RGB")
+            if self.image_px is not None and im.size != (self.image_px, self.image_px):
                 # PIL widens the bilinear kernel by the scale factor when shrinking: antialiased.
                 im = im.resize((self.image_px, self.image_px), Image.Resampling.BILINEAR,
                                reducing_gap=None)

@@ -31,14 +31,14 @@ def pick_examples(samples: list[MVTecSample], n: int) -> list[int]:
     return picked
 
 
-def save_example_figure(path: str | Path, image: np.ndarray, mask: np.ndarray,
+def save_example_figure(path: str | Path, image: np.ndarray, mask: np.ndarray | None,
                         score_map: np.ndarray, title: str, vmax: float,
                         cmap: str = "jet") -> None:
     """Write one three-panel PNG.
 
     Args:
         image: ``(H, W, 3)`` uint8 test image at its own resolution.
-        mask: ``(H, W)`` bool ground truth.
+        mask: ``(H, W)`` bool ground truth, or ``None`` when the data set has no masks.
         score_map: ``(H, W)`` float anomaly map, already resized to the image.
         title: figure title (type/name and image score).
         vmax: top of the colour scale (shared by a category's figures; the bottom is 0).
@@ -52,9 +52,13 @@ def save_example_figure(path: str | Path, image: np.ndarray, mask: np.ndarray,
     axes[0].imshow(image)
     axes[0].set_title("input", fontsize=9)
     axes[1].imshow(image)
+    truth = ("ground truth (no masks)" if mask is None
+             else "ground truth" if mask.any() else "ground truth (none)")
+    if mask is None:
+        mask = np.zeros(image.shape[:2], dtype=bool)
     if mask.any():
         axes[1].contour(mask.astype(np.float32), levels=[0.5], colors="lime", linewidths=1.2)
-    axes[1].set_title("ground truth" if mask.any() else "ground truth (none)", fontsize=9)
+    axes[1].set_title(truth, fontsize=9)
     shown = axes[2].imshow(score_map, cmap=cmap, vmin=0.0, vmax=max(vmax, 1e-12))
     if mask.any():
         axes[2].contour(mask.astype(np.float32), levels=[0.5], colors="white", linewidths=0.8)

@@ -156,7 +156,7 @@ def resize_map(score_map: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
     """Bilinear resize of one ``(h, w)`` map to ``shape`` ``(H, W)`` (half-pixel centres, no
     antialiasing — OpenCV's ``INTER_LINEAR``). Returns float32 ``(H, W)``."""
     tensor = torch.as_tensor(np.asarray(score_map, dtype=np.float32))[None]
-    return upsample_map(tensor, tuple(shape))[0].numpy()
+    return upsample_map(tensor, (int(shape[0]), int(shape[1])))[0].numpy()
 
 
 def paper_protocol_mask(mask: np.ndarray, size_px: int = PAPER_PIXEL_PX) -> np.ndarray:

@@ -1,12 +1,14 @@
 """Numbers published in the HaloAE paper, to print beside ours. Percent, as in the paper.
 
-Transcribed from the paper (seed document ``002``): Table 1 (per-category image-level and
+Transcribed from the paper (Mathian et al., 2023): Table 1 (per-category image-level and
 pixel-level ROC-AUC of HaloAE), and the mean rows of the ablation Tables 3 and 4.
 
 Caveats worth printing next to these numbers: the authors' scoring script computed pixel AUROC on
 masks and maps resized to 128×128 (our ``pixel_auroc_128_paper`` column), and flipped the labels
-whenever an AUROC fell below 0.5 (we never do). Their halo attention had an inverted padding mask
-``model.released_mask: true`` reproduces it.
+whenever an AUROC fell below 0.5 (we never do). Every number here was produced with the authors'
+released halo attention layer, whose padding mask is inverted; ``model.released_mask: true`` is a
+reproduction switch that restores that layer (it is not one of the paper's ablations), and
+:func:`mask_note` says which layer a run used beside these numbers.
 """
 
 from __future__ import annotations
@@ -45,11 +47,17 @@ CATEGORIES = TEXTURES + OBJECTS
 
 #: Ablation means (image %, pixel %) for the variants our config can express.
 #: Key: (train.loss_weighting, sorted train.loss_terms, model.attention). The paper's unweighted
-#: sums (``L_fm + L_im``, ``L_cls`` alone, ``L_fm`` alone) are our ``equal`` weighting (a constant
-#: factor of 1/3); its α(t) rows are ``ews`` over the listed terms.
-#: Table 3 rows (loss function) and Table 4 "Block C as CNN" (a convolutional auto-encoder in
-#: place of the HaloNet one). Table 4 prints (91.4, 91.2) for the final model, Table 1 (92.0,
+#: sums (``L_fm + L_im``, ``L_cls`` alone, ``L_fm`` alone) are our ``equal`` weighting, which is
+#: ``1/n`` over the ``n`` active terms (the sum up to a constant factor; one term alone is that
+#: term unscaled); its α(t) rows are ``ews`` over the listed terms, renormalised over them so the
+#: active weights sum to 1 (see :func:`wsi_anomaly.models.losses.loss_weights`).
+#: Table 3 rows (loss function). Table 4 prints (91.4, 91.2) for the final model, Table 1 (92.0,
 #: 91.2); we keep Table 1's.
+#:
+#: ``model.attention: conv`` has no paper counterpart and is deliberately absent: it replaces each
+#: halo attention layer by a 3×3 convolution inside the same bottleneck blocks, whereas Table 4's
+#: "Block C as CNN" (85.0 / 90.4) replaced the whole HaloNet auto-encoder by DFR's convolutional
+#: auto-encoder, a different network.
 ABLATIONS: dict[tuple[str, tuple[str, ...], str], tuple[str, tuple[float, float]]] = {
     ("ews", ("cls", "fm", "im"), "halo"): ("HaloAE (Table 1)", TABLE1_MEAN),
     ("equal", ("cls", "fm", "im"), "halo"): ("Table 3: equal weights", (79.0, 86.3)),
@@ -58,8 +66,10 @@ ABLATIONS: dict[tuple[str, tuple[str, ...], str], tuple[str, tuple[float, float]
     ("equal", ("fm", "im"), "halo"): ("Table 3: fm + im (no Cut&Paste classifier)", (76.8, 87.8)),
     ("equal", ("cls",), "halo"): ("Table 3: cls only", (82.9, 70.6)),
     ("equal", ("fm",), "halo"): ("Table 3: fm only", (79.6, 90.3)),
-    ("ews", ("cls", "fm", "im"), "conv"): ("Table 4: block C as CNN", (85.0, 90.4)),
 }
+
+#: What ``model.attention: conv`` is, for tables and notes.
+CONV_ATTENTION_LABEL = "attention layers replaced by 3×3 convolutions in the same blocks"
 
 
 def paper_category(category: str) -> tuple[float, float] | None:
@@ -70,15 +80,34 @@ def paper_category(category: str) -> tuple[float, float] | None:
 def paper_reference(config: Any) -> tuple[str, tuple[float, float]] | None:
     """The paper's mean (image, pixel) AUROC % for the variant a :class:`Config` trains.
 
-    ``None`` for variants the paper did not report (e.g. the released-mask option only changes
-    the attention layer, which the paper's numbers already used).
+    ``None`` for variants the paper did not report, among them ``model.attention: conv`` (see
+    :data:`CONV_ATTENTION_LABEL`; not Table 4's "Block C as CNN"). ``model.released_mask`` does
+    not change the key: it selects the attention layer the paper's numbers came from (see
+    :func:`mask_note`).
     """
     key = (config.train.loss_weighting, tuple(sorted(config.train.loss_terms)),
            config.model.attention)
     return ABLATIONS.get(key)
 
 
-# -- ATAC-Net (seed document ``000``), weakly supervised protocol; AUROC as fractions --------------
+def mask_note(config: Any) -> str | None:
+    """A footnote saying which halo attention layer a run used beside the paper's numbers.
+
+    The paper's numbers came from the released layer with the inverted padding mask. ``None``
+    when the run has no halo attention (``model.attention: conv``).
+    """
+    if config.model.attention != "halo":
+        return None
+    if config.model.released_mask:
+        return ("Halo attention: this run uses the authors' released layer with its inverted "
+                "padding mask (model.released_mask: true, a reproduction switch), the layer the "
+                "paper's numbers were produced with.")
+    return ("Halo attention: the paper's numbers came from the authors' released layer, whose "
+            "padding mask is inverted; this run uses the corrected layer (model.released_mask: "
+            "false), so the two columns differ in that layer as well.")
+
+
+# -- ATAC-Net (the ATAC-Net paper), weakly supervised protocol; AUROC as fractions --------------
 #: The ATAC-Net paper's Table 1 column names for each ``atacnet.variant``.
 ATACNET_VARIANT_COLUMNS: dict[str, str] = {
     "cutmix_bce": "CutMix", "weighted_ce": "Weighted CE", "devnet": "Deviation Loss",
@@ -129,7 +158,10 @@ def atacnet_paper_columns(category: str, variant: str, setting: str, known_type:
     """The ATAC-Net paper's numbers to print beside one category of a weakly supervised run.
 
     General: Table 1's column for ``variant`` (and ATAC-Net's when the variant is an ablation).
-    Hard: Table 2's DevNet / DRA / ATAC-Net for the known type at 1 and 10 anomalies.
+    Hard: Table 2's DevNet / DRA / ATAC-Net for the known type, only at the run's own number of
+    labelled anomalies when that is 1 or 10 (the two are separate experiments, each with its own
+    labelled set; a run is comparable with one of them only); at both, labelled by their count,
+    for any other number.
     """
     if setting == "general":
         row = ATACNET_TABLE1.get(category)
@@ -141,7 +173,7 @@ def atacnet_paper_columns(category: str, variant: str, setting: str, known_type:
         return out
     row2 = ATACNET_TABLE2.get((category, known_type or ""))
     out = {}
-    for n in (1, 10):
+    for n in ((n_anomalies,) if n_anomalies in (1, 10) else (1, 10)):
         for i, method in enumerate(("DevNet", "DRA", "ATAC-Net")):
             out[f"paper {method} ({n})"] = row2[n][i] if row2 else None
     return out

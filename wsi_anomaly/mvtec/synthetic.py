@@ -46,11 +46,12 @@ def _save(rgb: np.ndarray, path: Path, grey: bool) -> None:
 
 def write_synthetic_category(root: str | Path, name: str, size_px: int = 96, n_train: int = 4,
                              n_good: int = 2, n_per_defect: int = 2, grey: bool = False,
-                             seed: int = 0) -> Path:
+                             seed: int = 0, masks: bool = True) -> Path:
     """Write ``<root>/<name>/`` with train/good, test/{good,scratch,spot} and ground_truth.
 
     Images are ``size_px``² PNGs (greyscale ``L`` if ``grey``); masks are 0/255 ``L`` PNGs of the
-    same size. Returns the category folder.
+    same size. ``masks=False`` leaves out ``ground_truth/`` (image-level data); the images are
+    the same. Returns the category folder.
     """
     rng = np.random.default_rng(seed)
     folder = Path(root) / name
@@ -65,6 +66,8 @@ def write_synthetic_category(root: str | Path, name: str, size_px: int = 96, n_t
             image[mask] = [0.95, 0.1, 0.1] if (kind == "spot" and not grey) else (
                 0.98 if kind == "spot" else 0.05)
             _save(image, folder / "test" / kind / f"{i:03d}.png", grey)
+            if not masks:
+                continue
             mask_path = folder / "ground_truth" / kind / f"{i:03d}_mask.png"
             mask_path.parent.mkdir(parents=True, exist_ok=True)
             Image.fromarray(mask.astype(np.uint8) * 255, "L").save(mask_path)
