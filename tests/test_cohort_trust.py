@@ -232,3 +232,17 @@ def test_lock_of_another_host_is_stale_once_its_heartbeat_stops(tmp_path):
         os.utime(held.path, (old, old))
         time.sleep(0.3)
         assert time.time() - held.path.stat().st_mtime < 5
+
+
+def test_names_too_long_are_one_line(twins, tiny_model, tmp_path, capsys, monkeypatch):
+    from wsi_anomaly.cli import main
+
+    a, _ = twins
+    monkeypatch.chdir(tmp_path)
+    long = "x" * 300
+    for argv in (["tile", str(a), "--out", long + ".zarr"],
+                 ["heatmap", str(a), "--model", str(tiny_model), "--out", long, "-q"]):
+        code = main(argv)
+        err = capsys.readouterr().err
+        assert code == 2 and "Traceback" not in err and len(err.strip().splitlines()) == 1, err
+        assert "too long" in err

@@ -57,6 +57,7 @@ from .outputs import (
     mark_owned,
     os_errors_as_user_errors,
     remove_path,
+    validate_output_name,
     write_json,
 )
 from .score import Scorer
@@ -597,6 +598,7 @@ def run_cohort(slides: Sequence[str | Path], out_root: str | Path, model: str | 
     from dask import delayed
 
     out_root = Path(out_root)
+    validate_output_name(out_root)
     if out_root.exists() and not out_root.is_dir():
         raise OutputExistsError(f"--out {out_root} is a file; results go into a folder")
     paths = [str(p) for p in find_slides(slides)]

@@ -32,7 +32,7 @@ from .config import config_from_dict, save_config
 from .errors import InvalidInputError
 from .models.family import ModelFamily
 from .models.registry import FAMILIES, family_sections, get_family
-from .outputs import check_free_space, check_output_file
+from .outputs import check_free_space, check_output_file, validate_output_name
 from .runtime import Runtime, resolve_device
 
 __all__ = ["TrainResult", "calibrate", "resolve_device", "resume_path", "seed_everything",
@@ -168,6 +168,7 @@ def train_model(dataset: Dataset, config: Any, out: str | Path, device: str = "a
     (mean map, score quantiles), is written to ``out`` only when training is complete.
     """
     out = Path(out)
+    validate_output_name(out)
     config.validate()
     if _size(dataset) == 0:
         raise InvalidInputError("no training tiles")

@@ -78,6 +78,18 @@ def main(argv: Sequence[str] | None = None) -> int:
             raise
         print(f"wsi-anomaly {args.command}: error: {exc}", file=sys.stderr)
         return exc.exit_code
+    except OSError as exc:
+        # The filesystem refused something (a name too long, no space, no permission) in a
+        # place no check caught first: still one line, naming the path and the reason.
+        if args.debug:
+            raise
+        from ..outputs import describe_os_error
+
+        where = exc.filename if exc.filename is not None else "a file"
+        reason = describe_os_error(exc, where).split(": ", 1)[-1]
+        print(f"wsi-anomaly {args.command}: error: filesystem error on {str(where)[:120]}: "
+              f"{reason}", file=sys.stderr)
+        return 2
     except KeyboardInterrupt:
         print(f"wsi-anomaly {args.command}: interrupted; partial outputs were not kept",
               file=sys.stderr)

@@ -28,6 +28,7 @@ from ..outputs import (
     commit_dir,
     mark_owned,
     remove_path,
+    validate_output_name,
 )
 from ..slide.annotations import load_annotations, rasterize
 from ..slide.grid import TileGrid, box_fractions, make_grid, plan_read
@@ -283,6 +284,7 @@ def tile_slide(slide_path: str | Path, out: str | Path, settings: TilingSettings
         a tile store; OutputLockedError when another run is writing ``out``.
     """
     out = Path(out)
+    validate_output_name(out)
     settings = settings if settings is not None else TilingSettings()
     t_start = time.perf_counter()
     # Refuse early, before any work, if the output is there already.
