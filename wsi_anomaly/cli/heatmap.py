@@ -24,7 +24,7 @@ def add_parser(sub, parents: list[argparse.ArgumentParser]) -> None:
     p.add_argument("--mpp", type=opt.positive_float,
                    help="tile resolution, µm/px (default: the model's training resolution)")
     p.add_argument("--min-tissue", type=opt.fraction, default=0.5,
-                   help="score tiles with at least this tissue opt.fraction (default 0.5)")
+                   help="score tiles with at least this tissue fraction (default 0.5)")
     opt.add_batch_size_option(p, 32, "tiles per model batch")
     opt.add_device_option(p)
     p.add_argument("--keep-maps", action="store_true",

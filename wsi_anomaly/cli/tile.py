@@ -23,7 +23,7 @@ def add_parser(sub, parents: list[argparse.ArgumentParser]) -> None:
                    help="step between tiles in pixels at the target mpp (default: tile size, "
                         "no overlap; smaller overlaps)")
     p.add_argument("--min-tissue", type=opt.fraction, default=0.5,
-                   help="keep tiles with at least this tissue opt.fraction (default 0.5)")
+                   help="keep tiles with at least this tissue fraction (default 0.5)")
     p.add_argument("--annotations", metavar="GEOJSON",
                    help="keep only tiles inside these polygons (QuPath GeoJSON, level-0 px)")
     p.add_argument("--annotation-class", metavar="NAME",
@@ -55,7 +55,7 @@ def run(args: argparse.Namespace) -> int:
                         export_png=args.export_png, progress=not args.quiet)
     plan = result.plan
     print(f"{Path(args.slide).name}: kept {result.n_tiles} of {result.n_grid} tiles "
-          f"(mean tissue opt.fraction {result.tissue_fraction:.2f}) at {plan['actual_mpp']:.3f} mpp "
+          f"(mean tissue fraction {result.tissue_fraction:.2f}) at {plan['actual_mpp']:.3f} mpp "
           f"(requested {plan['target_mpp']:g}, level {plan['level']}) in {result.seconds:.1f} s, "
           f"{result.tiles_per_s:.0f} tiles/s → {result.store}")
     if args.export_png:
