@@ -72,3 +72,21 @@ def test_failed_shard_write_leaves_no_file(tmp_path, monkeypatch):
         writer.write(0, tiles)
     assert [p.name for p in (writer.tmp / "tiles").rglob("*") if p.is_file()] == ["zarr.json"]
     writer.abort()
+
+
+def test_coords_h5_for_clam_and_trident(small_store, tmp_path):
+    h5py = pytest.importorskip("h5py", reason="h5py is not installed (pip install '.[export]')")
+    from wsi_anomaly.tiles import TileStore
+    from wsi_anomaly.tiles.export import write_coords_h5
+
+    store = TileStore(small_store)
+    path = write_coords_h5(store, tmp_path / "slide.h5")
+    with h5py.File(path, "r") as f:
+        coords = f["coords"]
+        np.testing.assert_array_equal(coords[:], store.coords)
+        assert coords.attrs["patch_size"] == store.tile_px
+        assert coords.attrs["patch_size_level0"] == round(store.attrs["tile_size_l0"])
+        assert coords.attrs["patch_level"] == store.attrs["level"]
+        assert coords.attrs["overlap"] == 0
+        assert coords.attrs["target_mpp"] == pytest.approx(0.5)
+    assert not list(tmp_path.glob(".*partial*"))

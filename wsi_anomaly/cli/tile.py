@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from ..errors import InvalidInputError
 from . import options as opt
 
 
@@ -30,6 +31,9 @@ def add_parser(sub, parents: list[argparse.ArgumentParser]) -> None:
                    help="use only annotations of this QuPath class (e.g. Tumor)")
     p.add_argument("--export-png", metavar="DIR",
                    help="also write the tiles as PNG files (the input form of train --tiles)")
+    p.add_argument("--coords-h5", metavar="FILE",
+                   help="also write the tile coordinates as a CLAM/TRIDENT-style coords .h5 file "
+                        "(needs h5py: pip install 'wsi-anomaly[export]')")
     opt.add_read_threads_option(p, "slide-decoding threads")
     opt.add_overwrite_option(p)
     opt.add_slide_mpp_options(p)
@@ -50,6 +54,12 @@ def _tiling_settings(args: argparse.Namespace):
 def run(args: argparse.Namespace) -> int:
     from ..tiles import tile_slide
 
+    if args.coords_h5:
+        opt.check_output_file(args.coords_h5, "--coords-h5")
+        if Path(args.coords_h5).exists() and not args.overwrite:
+            raise InvalidInputError(f"{args.coords_h5} already exists; pass --overwrite to "
+                                    "replace it")
+
     result = tile_slide(args.slide, args.out, _tiling_settings(args),
                         slide_mpp=opt.slide_override(args, args.slide), overwrite=args.overwrite,
                         export_png=args.export_png, progress=not args.quiet)
@@ -60,4 +70,10 @@ def run(args: argparse.Namespace) -> int:
           f"{result.tiles_per_s:.0f} tiles/s → {result.store}")
     if args.export_png:
         print(f"tiles also written as PNG files to {args.export_png}")
+    if args.coords_h5:
+        from ..tiles import TileStore
+        from ..tiles.export import write_coords_h5
+
+        write_coords_h5(TileStore(result.store), args.coords_h5)
+        print(f"tile coordinates also written to {args.coords_h5} (CLAM/TRIDENT coords)")
     return 0
