@@ -38,6 +38,8 @@ class ModelConfig:
     #                                     in the same blocks; no paper counterpart)
     released_mask: bool = False         # reproduction switch: the authors' released halo layer
     #                                     with its inverted mask (the paper's numbers used it)
+    released_init: bool = False         # start blocks C, D, E as the released code does
+    #                                     (Kaiming-normal fan-in, zero biases); default PyTorch's
 
 
 @dataclass

@@ -15,8 +15,9 @@ widths) are those of the authors' released code, without its never-used stride-2
 is six reflection-padded 3×3 convs (704→380→190→95→47→23→3) with the two ×2 up-samplings before
 the last two, as in the released code, whose final ReLU we drop; the paper's text says "five
 2D convolution layers with filters of size 3×3, followed by a ReLU". The paper's text also gives
-the encoder output as 60×60×58; the released code's stage table, used here, ends at 29 channels. Weights of blocks C, D and E
-start as in the released code (:func:`init_weights`: Kaiming-normal, fan-in, zero biases).
+the encoder output as 60×60×58; the released code's stage table, used here, ends at 29 channels.
+Blocks C, D and E start from PyTorch's per-layer defaults; ``released_init=True`` starts them as
+the released code does (:func:`init_weights`: Kaiming-normal, fan-in, zero biases).
 """
 
 from __future__ import annotations
@@ -241,8 +242,9 @@ class HaloAE(nn.Module):
             paper's numbers came from; off by default (the corrected layer).
 
     The VGG19 backbone is frozen and excluded from :meth:`trainable_parameters`; its origin is
-    :attr:`backbone_identity`. Blocks C, D and E start from :func:`init_weights` (the released
-    code's Kaiming-normal initialisation), not PyTorch's per-layer defaults.
+    :attr:`backbone_identity`. Blocks C, D and E start from PyTorch's per-layer defaults, or with
+    ``released_init`` from :func:`init_weights` (the released code's Kaiming-normal
+    initialisation; with random VGG19 features its first Adam steps at lr 1e-4 are unstable).
     """
 
     def __init__(
@@ -250,6 +252,7 @@ class HaloAE(nn.Module):
         backbone: VGG19Features | None = None,
         attention: str = "halo",
         released_mask: bool = False,
+        released_init: bool = False,
     ) -> None:
         super().__init__()
         self.backbone = backbone if backbone is not None else VGG19Features()
@@ -257,9 +260,10 @@ class HaloAE(nn.Module):
         self.decoder = HaloDecoder(attention, released_mask)
         self.image_reconstructor = ImageReconstructor()
         self.classifier = CutPasteClassifier()
-        for name, child in self.named_children():
-            if name != "backbone":
-                init_weights(child)
+        if released_init:
+            for name, child in self.named_children():
+                if name != "backbone":
+                    init_weights(child)
 
     @property
     def backbone_identity(self) -> str:

@@ -69,7 +69,8 @@ class HaloAEFamily(ModelFamily):
     # -- model ----------------------------------------------------------------------------------
     def _model(self, config: Any, backbone: VGG19Features) -> HaloAE:
         return HaloAE(backbone, attention=config.model.attention,
-                      released_mask=config.model.released_mask)
+                      released_mask=config.model.released_mask,
+                      released_init=config.model.released_init)
 
     def build(self, config: Any) -> nn.Module:
         return self._model(config, load_vgg19(config.model.backbone_weights))
