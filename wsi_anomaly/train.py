@@ -268,10 +268,14 @@ def train_model(dataset: Dataset, config: Any, out: str | Path, device: str = "a
                        "holdout": {"fraction": float(t.calibration_holdout),
                                    "n_tiles": len(held_idx), "sources": groups}}
     else:
-        log.warning("too few normal tiles to hold %d%% out for the score scale (at least %d "
-                    "needed); it comes from the training tiles themselves, so more unseen normal "
-                    "tissue will be called anomalous than the 1 %% its threshold suggests",
-                    round(100 * t.calibration_holdout), MIN_HOLDOUT_TILES)
+        if t.calibration_holdout == 0:
+            log.info("train.calibration_holdout is 0: the score scale comes from the training "
+                     "tiles")
+        else:
+            log.warning("too few normal tiles to hold %d%% out for the score scale (at least %d "
+                        "needed); it comes from the training tiles themselves, so more unseen "
+                        "normal tissue will be called anomalous than the 1 %% its threshold "
+                        "suggests", round(100 * t.calibration_holdout), MIN_HOLDOUT_TILES)
         calibration = {**calibration, "scale_source": "training tiles (in-sample)",
                        "holdout": {"fraction": 0.0, "n_tiles": 0, "sources": groups}}
     return _finish(out, config, {**payload(total_epochs - 1), "train_seconds": seconds},
