@@ -134,15 +134,6 @@ def _json_default(obj: Any) -> Any:
     raise TypeError(f"not JSON serialisable: {type(obj).__name__}")
 
 
-def remove_stale_partials(folder: Path, name: str) -> None:
-    """Remove temporary siblings of ``folder/name`` left by interrupted runs of the same output."""
-    if not folder.is_dir():
-        return
-    for stale in folder.glob(f".{name}.*{PARTIAL_TAG}*"):
-        log.info("removing partial output of an interrupted run: %s", stale)
-        remove_path(stale)
-
-
 # -- folders the tool owns ---------------------------------------------------------------------
 
 def mark_owned(folder: Path, kind: str) -> None:
