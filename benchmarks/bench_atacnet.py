@@ -50,16 +50,25 @@ from wsi_anomaly.models.atacnet_data import (
 
 def main(argv: list[str] | None = None) -> dict[str, object]:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--variant", default="atacnet",
-                        choices=("cutmix_bce", "weighted_ce", "devnet", "atacnet"))
+    parser.add_argument(
+        "--variant", default="atacnet", choices=("cutmix_bce", "weighted_ce", "devnet", "atacnet")
+    )
     parser.add_argument("--batch-size", type=int, default=16, help="inference batch")
-    parser.add_argument("--train-batch-size", type=int, default=8,
-                        help="images per training step (half normal); the recipe uses 48")
+    parser.add_argument(
+        "--train-batch-size",
+        type=int,
+        default=8,
+        help="images per training step (half normal); the recipe uses 48",
+    )
     parser.add_argument("--crop-threshold", type=float, default=0.5, help="ω of Algorithm 1")
     parser.add_argument("--iters", type=int, default=3, help="timed iterations per measurement")
     parser.add_argument("--warmup", type=int, default=1, help="untimed iterations first")
-    parser.add_argument("--preprocess-images", type=int, default=8,
-                        help="images timed for the CPU preprocessing (0 skips it)")
+    parser.add_argument(
+        "--preprocess-images",
+        type=int,
+        default=8,
+        help="images timed for the CPU preprocessing (0 skips it)",
+    )
     parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
     parser.add_argument("--precision", choices=("fp32", "bf16"), default="fp32")
     parser.add_argument("--channels-last", action="store_true")
@@ -105,8 +114,10 @@ def main(argv: list[str] | None = None) -> dict[str, object]:
 
     if args.preprocess_images > 0:
         rng = np.random.default_rng(0)
-        raw = [rng.integers(0, 256, (1024, 1024, 3), dtype=np.uint8)
-               for _ in range(args.preprocess_images)]
+        raw = [
+            rng.integers(0, 256, (1024, 1024, 3), dtype=np.uint8)
+            for _ in range(args.preprocess_images)
+        ]
 
         def prep() -> None:
             for image in raw:
@@ -114,11 +125,11 @@ def main(argv: list[str] | None = None) -> dict[str, object]:
 
         per_s, _ = measure(prep, len(raw))
         results["preprocess_images_per_s"] = per_s
-        rows += [("preprocessing images/s (1024² → CLAHE → 224², CPU, 1 process)",
-                  f"{per_s:.2f}")]
+        rows += [("preprocessing images/s (1024² → CLAHE → 224², CPU, 1 process)", f"{per_s:.2f}")]
 
-    model = ATACNet(args.variant, backbone=load_resnet50("random"),
-                    crop_threshold=args.crop_threshold)
+    model = ATACNet(
+        args.variant, backbone=load_resnet50("random"), crop_threshold=args.crop_threshold
+    )
     model = model.to(device, memory_format=memory_format).eval()
     results["parameters"] = sum(p.numel() for p in model.parameters())
 
@@ -162,8 +173,14 @@ def main(argv: list[str] | None = None) -> dict[str, object]:
         images, targets = cutmix_anomalous_half(pool, dataset_labels, generator)
         images = random_rotation(images, generator, settings.rotation_degrees)
         images = images.to(device).contiguous(memory_format=memory_format)
-        train_step(model, optimiser, images, targets.to(device),
-                   grad_clip_norm=settings.grad_clip_norm, precision=args.precision)
+        train_step(
+            model,
+            optimiser,
+            images,
+            targets.to(device),
+            grad_clip_norm=settings.grad_clip_norm,
+            precision=args.precision,
+        )
 
     results["train_images_per_s"], results["train_peak_memory"] = measure(
         training, args.train_batch_size
@@ -177,15 +194,21 @@ def main(argv: list[str] | None = None) -> dict[str, object]:
     )
     rows += [
         ("parameters (all trainable)", f"{results['parameters']:,}"),
-        (f"inference images/s, one view (batch {args.batch_size})",
-         f"{results['one_view_images_per_s']:.2f}"),
+        (
+            f"inference images/s, one view (batch {args.batch_size})",
+            f"{results['one_view_images_per_s']:.2f}",
+        ),
         ("inference peak memory, one view", str(results["one_view_peak_memory"])),
-        (f"inference images/s, Algorithm 2 score (batch {args.batch_size}, "
-         f"{100 * cropped:.0f} % cropped at ω = {args.crop_threshold})",
-         f"{results['score_images_per_s']:.2f}"),
+        (
+            f"inference images/s, Algorithm 2 score (batch {args.batch_size}, "
+            f"{100 * cropped:.0f} % cropped at ω = {args.crop_threshold})",
+            f"{results['score_images_per_s']:.2f}",
+        ),
         ("inference peak memory, Algorithm 2", str(results["score_peak_memory"])),
-        (f"training images/s (batch {args.train_batch_size}, both views, CutMix + rotation)",
-         f"{results['train_images_per_s']:.2f}"),
+        (
+            f"training images/s (batch {args.train_batch_size}, both views, CutMix + rotation)",
+            f"{results['train_images_per_s']:.2f}",
+        ),
         ("training peak memory", str(results["train_peak_memory"])),
     ]
     print(f"ATAC-Net benchmark: {setup}\n")

@@ -33,8 +33,9 @@ from wsi_anomaly.train import train_model
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__,
-                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     ap.add_argument("--size", type=int, default=12288, help="slide side, px at 0.5 µm/px")
     ap.add_argument("--mpp", type=float, default=1.0, help="tile resolution, µm/px")
     ap.add_argument("--epochs", type=int, default=3)
@@ -46,12 +47,17 @@ def main() -> None:
 
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
-        slide = write_synthetic_slide(work / "slide.tif", width=args.size, height=args.size,
-                                      mpp=0.5, seed=args.seed)
+        slide = write_synthetic_slide(
+            work / "slide.tif", width=args.size, height=args.size, mpp=0.5, seed=args.seed
+        )
         regions = tumour_annotations(slide, work / "tumour.geojson")
         store = work / "tumour.zarr"
-        tile_slide(slide.path, store, TilingSettings(target_mpp=args.mpp, annotations=str(regions),
-                                                     min_annotation=0.9), progress=False)
+        tile_slide(
+            slide.path,
+            store,
+            TilingSettings(target_mpp=args.mpp, annotations=str(regions), min_annotation=0.9),
+            progress=False,
+        )
         tiles = ZarrTileDataset(store)
         order = np.random.default_rng(args.seed).permutation(len(tiles))
         n_test = int(round(args.test_fraction * len(tiles)))
@@ -60,11 +66,18 @@ def main() -> None:
         reader = TileStore(store)
         test = np.stack([reader.read(int(i), int(i) + 1)[0] for i in test_idx])
         rows = []
-        for label, holdout in (("in-sample (training tiles)", 0.0),
-                               (f"held out ({args.holdout:.0%} of usable tiles)", args.holdout)):
-            config = load_config("haloae_fast", {
-                "model": {"backbone_weights": "random"}, "seed": args.seed,
-                "train": {"epochs": args.epochs, "workers": 0, "calibration_holdout": holdout}})
+        for label, holdout in (
+            ("in-sample (training tiles)", 0.0),
+            (f"held out ({args.holdout:.0%} of usable tiles)", args.holdout),
+        ):
+            config = load_config(
+                "haloae_fast",
+                {
+                    "model": {"backbone_weights": "random"},
+                    "seed": args.seed,
+                    "train": {"epochs": args.epochs, "workers": 0, "calibration_holdout": holdout},
+                },
+            )
             out = work / f"model-{holdout:g}.pt"
             t0 = time.perf_counter()
             train_model(usable, config, out, device="cpu", tile_mpp=args.mpp, progress=False)
@@ -72,19 +85,33 @@ def main() -> None:
             calibration = load_checkpoint(out)["calibration"]
             threshold = calibration["score_quantiles"]["0.99"]
             scorer = Scorer(out, device="cpu", batch_size=16)
-            scores = np.concatenate([scorer.score(test[b:b + 16], keep_maps=False).mean
-                                     for b in range(0, len(test), 16)])
-            rows.append({"scale": label, "scale_tiles": calibration["n_tiles"],
-                         "threshold_p99": threshold,
-                         "unseen_normal_called_anomalous": float(np.mean(scores >= threshold)),
-                         "n_unseen": int(len(scores)), "train_s": seconds})
-    print(f"{len(tiles)} normal tiles: {len(usable_idx)} usable for training, {n_test} unseen "
-          f"test tiles; {args.epochs} epochs, random VGG19 weights, seed {args.seed}")
+            scores = np.concatenate(
+                [
+                    scorer.score(test[b : b + 16], keep_maps=False).mean
+                    for b in range(0, len(test), 16)
+                ]
+            )
+            rows.append(
+                {
+                    "scale": label,
+                    "scale_tiles": calibration["n_tiles"],
+                    "threshold_p99": threshold,
+                    "unseen_normal_called_anomalous": float(np.mean(scores >= threshold)),
+                    "n_unseen": int(len(scores)),
+                    "train_s": seconds,
+                }
+            )
+    print(
+        f"{len(tiles)} normal tiles: {len(usable_idx)} usable for training, {n_test} unseen "
+        f"test tiles; {args.epochs} epochs, random VGG19 weights, seed {args.seed}"
+    )
     print("| score scale from | tiles | 99th percentile | unseen normal tiles called Anomalous |")
     print("|---|---|---|---|")
     for r in rows:
-        print(f"| {r['scale']} | {r['scale_tiles']} | {r['threshold_p99']:.4g} | "
-              f"{r['unseen_normal_called_anomalous']:.1%} of {r['n_unseen']} |")
+        print(
+            f"| {r['scale']} | {r['scale_tiles']} | {r['threshold_p99']:.4g} | "
+            f"{r['unseen_normal_called_anomalous']:.1%} of {r['n_unseen']} |"
+        )
     if args.json:
         Path(args.json).write_text(json.dumps(rows, indent=2))
 

@@ -159,8 +159,12 @@ def _flops(fn: Callable[[], object]) -> int:
 def main(argv: list[str] | None = None) -> dict[str, object]:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--batch-size", type=int, default=32, help="inference batch")
-    parser.add_argument("--train-batch-size", type=int, default=4,
-                        help="originals per training step (3× images with Cut&Paste); paper: 4")
+    parser.add_argument(
+        "--train-batch-size",
+        type=int,
+        default=4,
+        help="originals per training step (3× images with Cut&Paste); paper: 4",
+    )
     parser.add_argument("--released-batch-size", type=int, default=8)
     parser.add_argument("--iters", type=int, default=3, help="timed iterations per measurement")
     parser.add_argument("--warmup", type=int, default=1, help="untimed iterations first")
@@ -218,9 +222,9 @@ def main(argv: list[str] | None = None) -> dict[str, object]:
     # FLOPs of one image (fp32 on the chosen device; counted, not timed).
     one = images(1)
     with torch.no_grad():
-        results["gflops_inference_per_image"] = _flops(
-            lambda: model.reconstruct_features(model.features(one))
-        ) / 1e9
+        results["gflops_inference_per_image"] = (
+            _flops(lambda: model.reconstruct_features(model.features(one))) / 1e9
+        )
         if not args.skip_released:
             results["gflops_released_per_image"] = _flops(lambda: released(one)) / 1e9
 
@@ -295,8 +299,10 @@ def main(argv: list[str] | None = None) -> dict[str, object]:
     )
     rows += [
         ("trainable parameters", f"{trainable:,}"),
-        (f"inference images/s (batch {args.batch_size}, B+C+scoring)",
-         f"{results['inference_images_per_s']:.2f}"),
+        (
+            f"inference images/s (batch {args.batch_size}, B+C+scoring)",
+            f"{results['inference_images_per_s']:.2f}",
+        ),
         ("inference GFLOP/image", f"{results['gflops_inference_per_image']:.1f}"),
         ("inference peak memory", str(results["inference_peak_memory"])),
     ]
@@ -304,18 +310,25 @@ def main(argv: list[str] | None = None) -> dict[str, object]:
         speedup = results["inference_images_per_s"] / results["released_images_per_s"]
         results["speedup_vs_released"] = speedup
         rows += [
-            (f"released-style images/s (batch {args.released_batch_size}, VGG to conv5, "
-             "naive aggregation, runs D+E)", f"{results['released_images_per_s']:.2f}"),
+            (
+                f"released-style images/s (batch {args.released_batch_size}, VGG to conv5, "
+                "naive aggregation, runs D+E)",
+                f"{results['released_images_per_s']:.2f}",
+            ),
             ("released-style GFLOP/image", f"{results['gflops_released_per_image']:.1f}"),
             ("released-style peak memory", str(results["released_peak_memory"])),
             ("inference speed-up vs released-style", f"{speedup:.2f}×"),
         ]
     rows += [
-        (f"training originals/s (batch {args.train_batch_size} → "
-         f"{3 * args.train_batch_size} with Cut&Paste)",
-         f"{results['train_originals_per_s']:.2f} ({results['train_images_per_s']:.2f} images/s)"),
-        ("training GFLOP/original (fwd+bwd, 3 images)",
-         f"{results['gflops_train_per_original']:.1f}"),
+        (
+            f"training originals/s (batch {args.train_batch_size} → "
+            f"{3 * args.train_batch_size} with Cut&Paste)",
+            f"{results['train_originals_per_s']:.2f} ({results['train_images_per_s']:.2f} images/s)",
+        ),
+        (
+            "training GFLOP/original (fwd+bwd, 3 images)",
+            f"{results['gflops_train_per_original']:.1f}",
+        ),
         ("training peak memory", str(results["train_peak_memory"])),
     ]
     print(f"HaloAE benchmark: {setup}\n")

@@ -23,7 +23,9 @@ from pathlib import Path
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     ap.add_argument("--size", type=int, default=8192, help="synthetic slide side, px (0.5 µm/px)")
     ap.add_argument("--mpp", type=float, default=1.0, help="tile resolution, µm/px")
     ap.add_argument("--device", default="auto")
@@ -50,14 +52,30 @@ def main() -> None:
         calib = work / "calibration.zarr"
         shutil.rmtree(calib, ignore_errors=True)
         tile_slide(slide, calib, TilingSettings(target_mpp=args.mpp), progress=False)
-        config = load_config("haloae_fast", {"model": {"backbone_weights": "random"},
-                                             "train": {"epochs": 1, "samples_per_epoch": 1,
-                                                       "batch_size": 1, "calibration_tiles": 8}})
-        train_model(ZarrTileDataset(calib), config, model, device=args.device,
-                    tile_mpp=TileStore(calib).mpp, progress=False)
+        config = load_config(
+            "haloae_fast",
+            {
+                "model": {"backbone_weights": "random"},
+                "train": {
+                    "epochs": 1,
+                    "samples_per_epoch": 1,
+                    "batch_size": 1,
+                    "calibration_tiles": 8,
+                },
+            },
+        )
+        train_model(
+            ZarrTileDataset(calib),
+            config,
+            model,
+            device=args.device,
+            tile_mpp=TileStore(calib).mpp,
+            progress=False,
+        )
     results = work / "results"
-    settings = HeatmapSettings(device=args.device, precision=args.precision,
-                               batch_size=args.batch_size, overwrite=True)
+    settings = HeatmapSettings(
+        device=args.device, precision=args.precision, batch_size=args.batch_size, overwrite=True
+    )
     t0 = time.perf_counter()
     summary = process_slide(slide, results, model, settings)
     wall = time.perf_counter() - t0
@@ -67,18 +85,28 @@ def main() -> None:
     pipeline = t["total_s"] - t["plan_s"] - t["stitch_s"]
     peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     machine = f"{platform.machine()}, {os.cpu_count()} cores, device {summary['device']}"
-    print(f"\nheatmap end to end — {machine}; {args.size}² px slide at 0.5 µm/px, tiles at "
-          f"{args.mpp:g} µm/px, batch {args.batch_size}, {summary['precision']}\n")
-    print("| tissue tiles | end to end tiles/s | wall (s) | plan (s) | decode, busy (s) | model (s) | "
-          "store write (s) | sum of stages (s) | pipeline wall (s) | model waited for tiles (s) | "
-          "stitch (s) | peak RSS (MB) |")
+    print(
+        f"\nheatmap end to end — {machine}; {args.size}² px slide at 0.5 µm/px, tiles at "
+        f"{args.mpp:g} µm/px, batch {args.batch_size}, {summary['precision']}\n"
+    )
+    print(
+        "| tissue tiles | end to end tiles/s | wall (s) | plan (s) | decode, busy (s) | model (s) | "
+        "store write (s) | sum of stages (s) | pipeline wall (s) | model waited for tiles (s) | "
+        "stitch (s) | peak RSS (MB) |"
+    )
     print("|---|---|---|---|---|---|---|---|---|---|---|---|")
-    print(f"| {n} | {n / wall:.1f} | {wall:.1f} | {t['plan_s']:.1f} | {stages['read_s']:.1f} | "
-          f"{stages['model_s']:.1f} | {stages['write_s']:.1f} | {sum(stages.values()):.1f} | "
-          f"{pipeline:.1f} | {t['read_wait_s']:.2f} | {t['stitch_s']:.1f} | {peak_mb:.0f} |")
+    print(
+        f"| {n} | {n / wall:.1f} | {wall:.1f} | {t['plan_s']:.1f} | {stages['read_s']:.1f} | "
+        f"{stages['model_s']:.1f} | {stages['write_s']:.1f} | {sum(stages.values()):.1f} | "
+        f"{pipeline:.1f} | {t['read_wait_s']:.2f} | {t['stitch_s']:.1f} | {peak_mb:.0f} |"
+    )
     if args.json:
-        Path(args.json).write_text(json.dumps({"machine": machine, "summary": summary,
-                                               "wall_s": wall, "peak_rss_mb": peak_mb}, indent=2))
+        Path(args.json).write_text(
+            json.dumps(
+                {"machine": machine, "summary": summary, "wall_s": wall, "peak_rss_mb": peak_mb},
+                indent=2,
+            )
+        )
 
 
 if __name__ == "__main__":

@@ -32,44 +32,71 @@ from wsi_anomaly.train import resolve_device, train_model
 DEFAULT_ROOT = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "mvtec" / "hazelnut"
 
 
-def train_speed(category: MVTecCategory, args: argparse.Namespace,
-                folder: Path) -> tuple[dict, Path]:
+def train_speed(
+    category: MVTecCategory, args: argparse.Namespace, folder: Path
+) -> tuple[dict, Path]:
     def run(steps: int, name: str):
-        config = load_config(args.config, {
-            "model": {"backbone_weights": args.backbone_weights},
-            "train": {"epochs": 1, "samples_per_epoch": steps * args.train_batch,
-                      "batch_size": args.train_batch, "workers": args.loader_workers,
-                      "calibration_tiles": args.train_batch}})
-        return train_model(category.dataset("train"), config, folder / name, device=args.device,
-                           overwrite=True, progress=False)
+        config = load_config(
+            args.config,
+            {
+                "model": {"backbone_weights": args.backbone_weights},
+                "train": {
+                    "epochs": 1,
+                    "samples_per_epoch": steps * args.train_batch,
+                    "batch_size": args.train_batch,
+                    "workers": args.loader_workers,
+                    "calibration_tiles": args.train_batch,
+                },
+            },
+        )
+        return train_model(
+            category.dataset("train"),
+            config,
+            folder / name,
+            device=args.device,
+            overwrite=True,
+            progress=False,
+        )
 
     if not args.no_warmup:
         run(1, "warmup.pt")
     result = run(args.train_steps, "model.pt")
     originals = args.train_steps * args.train_batch
-    return {"originals": originals, "seconds": result.seconds,
-            "originals_per_s": originals / result.seconds,
-            "network_images_per_s": result.images_per_s}, result.checkpoint
+    return {
+        "originals": originals,
+        "seconds": result.seconds,
+        "originals_per_s": originals / result.seconds,
+        "network_images_per_s": result.images_per_s,
+    }, result.checkpoint
 
 
 def eval_speed(category: MVTecCategory, checkpoint: Path, args: argparse.Namespace) -> dict:
-    adapter = load_adapter(checkpoint, device=args.device, precision=args.precision,
-                           batch_size=args.eval_batch)
+    adapter = load_adapter(
+        checkpoint, device=args.device, precision=args.precision, batch_size=args.eval_batch
+    )
     dataset = category.dataset("test")
     adapter(torch.stack([dataset[i] for i in range(min(len(dataset), args.eval_batch))]))  # warm-up
-    runs = [evaluate(adapter, dataset, workers=args.loader_workers, progress=False)
-            for _ in range(args.eval_repeats)]
+    runs = [
+        evaluate(adapter, dataset, workers=args.loader_workers, progress=False)
+        for _ in range(args.eval_repeats)
+    ]
     images = len(dataset) * len(runs)
     seconds = sum(r.seconds for r in runs)
     model_seconds = sum(r.model_seconds for r in runs)
-    return {"images": images, "seconds": seconds, "images_per_s": images / seconds,
-            "model_seconds": model_seconds, "model_images_per_s": images / model_seconds,
-            "precision": adapter.precision}
+    return {
+        "images": images,
+        "seconds": seconds,
+        "images_per_s": images / seconds,
+        "model_seconds": model_seconds,
+        "model_images_per_s": images / model_seconds,
+        "precision": adapter.precision,
+    }
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__,
-                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     ap.add_argument("--root", type=Path, default=DEFAULT_ROOT, help="one MVTec AD category folder")
     ap.add_argument("--config", default="haloae_fast", help="preset or YAML (model settings)")
     ap.add_argument("--backbone-weights", default="random")
@@ -92,32 +119,73 @@ def main(argv: list[str] | None = None) -> int:
         train, checkpoint = train_speed(category, args, Path(tmp))
         evaluation = eval_speed(category, checkpoint, args)
 
-    device_name = torch.cuda.get_device_name(device) if device.type == "cuda" else (
-        f"CPU {platform.processor() or platform.machine()}, {torch.get_num_threads()} threads")
+    device_name = (
+        torch.cuda.get_device_name(device)
+        if device.type == "cuda"
+        else (
+            f"CPU {platform.processor() or platform.machine()}, {torch.get_num_threads()} threads"
+        )
+    )
     train_precision = "bf16 autocast" if device.type == "cuda" else "fp32"
     rows = [
-        ("train (originals)", train["originals"], train["seconds"], train["originals_per_s"],
-         args.train_batch, train_precision),
-        ("train (network inputs, ×3 with Cut&Paste)", 3 * train["originals"], train["seconds"],
-         train["network_images_per_s"], 3 * args.train_batch, train_precision),
-        ("evaluate, end to end", evaluation["images"], evaluation["seconds"],
-         evaluation["images_per_s"], args.eval_batch, evaluation["precision"]),
-        ("evaluate, model only", evaluation["images"], evaluation["model_seconds"],
-         evaluation["model_images_per_s"], args.eval_batch, evaluation["precision"]),
+        (
+            "train (originals)",
+            train["originals"],
+            train["seconds"],
+            train["originals_per_s"],
+            args.train_batch,
+            train_precision,
+        ),
+        (
+            "train (network inputs, ×3 with Cut&Paste)",
+            3 * train["originals"],
+            train["seconds"],
+            train["network_images_per_s"],
+            3 * args.train_batch,
+            train_precision,
+        ),
+        (
+            "evaluate, end to end",
+            evaluation["images"],
+            evaluation["seconds"],
+            evaluation["images_per_s"],
+            args.eval_batch,
+            evaluation["precision"],
+        ),
+        (
+            "evaluate, model only",
+            evaluation["images"],
+            evaluation["model_seconds"],
+            evaluation["model_images_per_s"],
+            args.eval_batch,
+            evaluation["precision"],
+        ),
     ]
-    print(f"MVTec AD speed on {category.name} ({len(category.train_files)} train, "
-          f"{len(category.test_samples)} test images); device: {device_name}; torch "
-          f"{torch.__version__}\n")
+    print(
+        f"MVTec AD speed on {category.name} ({len(category.train_files)} train, "
+        f"{len(category.test_samples)} test images); device: {device_name}; torch "
+        f"{torch.__version__}\n"
+    )
     print("| phase | images | seconds | images/s | batch | precision | device |")
     print("|---|---:|---:|---:|---:|---|---|")
     for phase, n, seconds, rate, batch, precision in rows:
-        print(f"| {phase} | {n} | {seconds:.2f} | {rate:.2f} | {batch} | {precision} | "
-              f"{device.type} |")
+        print(
+            f"| {phase} | {n} | {seconds:.2f} | {rate:.2f} | {batch} | {precision} | "
+            f"{device.type} |"
+        )
     if args.json:
-        args.json.write_text(json.dumps({
-            "category": category.name, "device": device_name, "torch": torch.__version__,
-            "train": {**train, "batch": args.train_batch, "precision": train_precision},
-            "evaluate": {**evaluation, "batch": args.eval_batch}}, indent=2))
+        args.json.write_text(
+            json.dumps(
+                {
+                    "category": category.name,
+                    "device": device_name,
+                    "torch": torch.__version__,
+                    "train": {**train, "batch": args.train_batch, "precision": train_precision},
+                    "evaluate": {**evaluation, "batch": args.eval_batch},
+                },
+                indent=2,
+            )
+        )
     return 0
 
 

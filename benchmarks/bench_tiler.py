@@ -36,8 +36,12 @@ def child_tiler(slide: str, mpp: float, out: str) -> dict:
 
     shutil.rmtree(out, ignore_errors=True)
     res = tile_slide(slide, out, TilingSettings(target_mpp=mpp), overwrite=True, progress=False)
-    return {"tiles": res.n_tiles, "seconds": res.seconds, "tiles_per_s": res.tiles_per_s,
-            "peak_rss_mb": _peak_rss_mb()}
+    return {
+        "tiles": res.n_tiles,
+        "seconds": res.seconds,
+        "tiles_per_s": res.tiles_per_s,
+        "peak_rss_mb": _peak_rss_mb(),
+    }
 
 
 def child_reader(slide: str, mpp: float) -> dict:
@@ -76,28 +80,48 @@ def child_baseline(slide: str, mpp: float, max_tiles: int) -> dict:
             region = region.resize((plan.tile_px, plan.tile_px), Image.Resampling.BOX)
         np.asarray(region)
     dt = time.perf_counter() - t0
-    return {"tiles": len(idx), "seconds": dt, "tiles_per_s": len(idx) / dt,
-            "peak_rss_mb": _peak_rss_mb()}
+    return {
+        "tiles": len(idx),
+        "seconds": dt,
+        "tiles_per_s": len(idx) / dt,
+        "peak_rss_mb": _peak_rss_mb(),
+    }
 
 
 def run_child(*args: str) -> dict:
-    proc = subprocess.run([sys.executable, __file__, "--child", *args], capture_output=True,
-                          text=True, check=False)
+    proc = subprocess.run(
+        [sys.executable, __file__, "--child", *args], capture_output=True, text=True, check=False
+    )
     if proc.returncode != 0:
         raise SystemExit(f"benchmark child failed: {proc.stderr.strip()[-2000:]}")
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--sizes", type=int, nargs="+", default=[20000, 40000, 70000],
-                    help="slide sides in px (level 0, 0.25 µm/px)")
+    ap = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    ap.add_argument(
+        "--sizes",
+        type=int,
+        nargs="+",
+        default=[20000, 40000, 70000],
+        help="slide sides in px (level 0, 0.25 µm/px)",
+    )
     ap.add_argument("--mpps", type=float, nargs="+", default=[0.25, 0.5])
     ap.add_argument("--workdir", default="/tmp/wsi-anomaly-bench")
-    ap.add_argument("--baseline-tiles", type=int, default=3000,
-                    help="tiles timed for the baseline (a uniform sample of the grid)")
-    ap.add_argument("--repeats", type=int, default=3,
-                    help="runs per measurement, each in a fresh process; the best is reported")
+    ap.add_argument(
+        "--baseline-tiles",
+        type=int,
+        default=3000,
+        help="tiles timed for the baseline (a uniform sample of the grid)",
+    )
+    ap.add_argument(
+        "--repeats",
+        type=int,
+        default=3,
+        help="runs per measurement, each in a fresh process; the best is reported",
+    )
     ap.add_argument("--json", help="also write the results here")
     ap.add_argument("--child", nargs="*", help=argparse.SUPPRESS)
     args = ap.parse_args()
@@ -125,6 +149,7 @@ def main() -> None:
             write_synthetic_slide(slide, width=size, height=size, mpp=0.25, seed=0, progress=True)
             print(f"wrote {slide} in {time.perf_counter() - t0:.0f} s", file=sys.stderr)
         for mpp in args.mpps:
+
             def best(*child_args: str) -> dict:
                 runs = [run_child(*child_args) for _ in range(args.repeats)]
                 return max(runs, key=lambda r: r["tiles_per_s"])
@@ -133,28 +158,44 @@ def main() -> None:
             shutil.rmtree(work / f"tiles_{size}_{mpp}.zarr", ignore_errors=True)
             reader = best("reader", str(slide), str(mpp))
             base = best("baseline", str(slide), str(mpp), str(args.baseline_tiles))
-            rows.append({"size": size, "mpp": mpp, "tiles": ours["tiles"],
-                         "ours_tiles_per_s": ours["tiles_per_s"], "ours_peak_rss_mb": ours["peak_rss_mb"],
-                         "decode_only_tiles_per_s": reader["tiles_per_s"],
-                         "baseline_tiles_per_s": base["tiles_per_s"],
-                         "baseline_peak_rss_mb": base["peak_rss_mb"],
-                         "speedup": ours["tiles_per_s"] / base["tiles_per_s"]})
-            print(f"{size} px @ {mpp} mpp: ours {ours['tiles_per_s']:.0f} tiles/s, "
-                  f"baseline {base['tiles_per_s']:.0f} tiles/s", file=sys.stderr)
+            rows.append(
+                {
+                    "size": size,
+                    "mpp": mpp,
+                    "tiles": ours["tiles"],
+                    "ours_tiles_per_s": ours["tiles_per_s"],
+                    "ours_peak_rss_mb": ours["peak_rss_mb"],
+                    "decode_only_tiles_per_s": reader["tiles_per_s"],
+                    "baseline_tiles_per_s": base["tiles_per_s"],
+                    "baseline_peak_rss_mb": base["peak_rss_mb"],
+                    "speedup": ours["tiles_per_s"] / base["tiles_per_s"],
+                }
+            )
+            print(
+                f"{size} px @ {mpp} mpp: ours {ours['tiles_per_s']:.0f} tiles/s, "
+                f"baseline {base['tiles_per_s']:.0f} tiles/s",
+                file=sys.stderr,
+            )
 
     machine = f"{platform.machine()}, {os.cpu_count()} cores, Python {platform.python_version()}"
-    print(f"\nTiler vs naive OpenSlide loop — {machine}; tiles 256 px, JPEG q85 synthetic slides, "
-          f"tissue tiles only; best of {args.repeats} fresh processes each\n")
-    print("| slide (px) | target mpp | tissue tiles | ours, end to end tiles/s | ours peak RSS (MB) | "
-          "ours, decode only tiles/s | baseline tiles/s | baseline peak RSS (MB) | "
-          "speed-up end to end | speed-up decode |")
+    print(
+        f"\nTiler vs naive OpenSlide loop — {machine}; tiles 256 px, JPEG q85 synthetic slides, "
+        f"tissue tiles only; best of {args.repeats} fresh processes each\n"
+    )
+    print(
+        "| slide (px) | target mpp | tissue tiles | ours, end to end tiles/s | ours peak RSS (MB) | "
+        "ours, decode only tiles/s | baseline tiles/s | baseline peak RSS (MB) | "
+        "speed-up end to end | speed-up decode |"
+    )
     print("|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
-        print(f"| {r['size']}² | {r['mpp']:g} | {r['tiles']} | {r['ours_tiles_per_s']:.0f} | "
-              f"{r['ours_peak_rss_mb']:.0f} | {r['decode_only_tiles_per_s']:.0f} | "
-              f"{r['baseline_tiles_per_s']:.0f} | {r['baseline_peak_rss_mb']:.0f} | "
-              f"{r['speedup']:.1f}× | "
-              f"{r['decode_only_tiles_per_s'] / r['baseline_tiles_per_s']:.1f}× |")
+        print(
+            f"| {r['size']}² | {r['mpp']:g} | {r['tiles']} | {r['ours_tiles_per_s']:.0f} | "
+            f"{r['ours_peak_rss_mb']:.0f} | {r['decode_only_tiles_per_s']:.0f} | "
+            f"{r['baseline_tiles_per_s']:.0f} | {r['baseline_peak_rss_mb']:.0f} | "
+            f"{r['speedup']:.1f}× | "
+            f"{r['decode_only_tiles_per_s'] / r['baseline_tiles_per_s']:.1f}× |"
+        )
     if args.json:
         Path(args.json).write_text(json.dumps({"machine": machine, "rows": rows}, indent=2))
 

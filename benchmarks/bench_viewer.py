@@ -53,18 +53,30 @@ def minimal_results(folder: Path, size: int) -> tuple[Path, str]:
     """A synthetic slide and a results folder that names it (no tiles scored)."""
     from wsi_anomaly.slide.synthetic import write_synthetic_slide
 
-    slide = write_synthetic_slide(folder / "bench.tif", width=size, height=size, mpp=0.5,
-                                  seed=0, progress=True)
+    slide = write_synthetic_slide(
+        folder / "bench.tif", width=size, height=size, mpp=0.5, seed=0, progress=True
+    )
     results = folder / "results"
     (results / "bench.tif").mkdir(parents=True)
-    summary = {"slide": "bench.tif", "status": "ok", "slide_path": str(slide.path),
-               "slide_dimensions": [size, size], "level0_mpp": 0.5}
+    summary = {
+        "slide": "bench.tif",
+        "status": "ok",
+        "slide_path": str(slide.path),
+        "slide_dimensions": [size, size],
+        "level0_mpp": 0.5,
+    }
     (results / "bench.tif" / "summary.json").write_text(json.dumps(summary))
     with (results / "summary.csv").open("w", newline="") as fh:
         writer = csv.DictWriter(fh, ["slide", "slide_path", "status", "output"])
         writer.writeheader()
-        writer.writerow({"slide": "bench.tif", "slide_path": str(slide.path), "status": "ok",
-                         "output": str(results / "bench.tif")})
+        writer.writerow(
+            {
+                "slide": "bench.tif",
+                "slide_path": str(slide.path),
+                "status": "ok",
+                "output": str(results / "bench.tif"),
+            }
+        )
     return results, "bench.tif"
 
 
@@ -101,8 +113,11 @@ def first_view(results: Path, name: str, cache_mb: int, viewable: bool) -> dict:
         px_per_screen = max(w / PLOT_W, h / PLOT_H) * 1.02
         z = max(0, min(zmax, zmax - math.ceil(math.log2(max(px_per_screen, 1)))))
         side = TILE_PX * 2 ** (zmax - z)
-        paths = [f"/slide/{name}/tiles/{z}/{x}/{y}.jpg"
-                 for x in range(math.ceil(w / side)) for y in range(math.ceil(h / side))]
+        paths = [
+            f"/slide/{name}/tiles/{z}/{x}/{y}.jpg"
+            for x in range(math.ceil(w / side))
+            for y in range(math.ceil(h / side))
+        ]
         t0 = time.perf_counter()
         if viewable:
             Client(port).get(f"/slide/{name}/")
@@ -142,8 +157,13 @@ def tile_latency(results: Path, name: str, n_tiles: int, cache_mb: int, seed: in
         cold = [client.get(f"/slide/{name}/tiles/{z}/{x}/{y}.jpg")[1] for z, x, y in tiles]
         warm = [client.get(f"/slide/{name}/tiles/{z}/{x}/{y}.jpg")[1] for z, x, y in tiles]
         cache = server.viewer.cache
-        return {"tiles": len(tiles), "cold_s": cold, "warm_s": warm,
-                "cache_mib": cache.nbytes / 2**20, "cache_hits": cache.hits}
+        return {
+            "tiles": len(tiles),
+            "cold_s": cold,
+            "warm_s": warm,
+            "cache_mib": cache.nbytes / 2**20,
+            "cache_hits": cache.hits,
+        }
     finally:
         server.shutdown()
         server.server_close()
@@ -176,20 +196,31 @@ def main() -> None:
         return float(np.quantile(values, q) * 1000)
 
     w, h = summary["slide_dimensions"]
-    print(f"\nviewer tile latency — {w}×{h} px slide, {lat['tiles']} tiles of {TILE_PX} px "
-          f"(zoom levels max-4…max), {_cpu_name()}\n")
+    print(
+        f"\nviewer tile latency — {w}×{h} px slide, {lat['tiles']} tiles of {TILE_PX} px "
+        f"(zoom levels max-4…max), {_cpu_name()}\n"
+    )
     print("| measure | median ms | p95 ms |")
     print("|---|---:|---:|")
-    print(f"| tile, cold (slide read + JPEG) | {ms(lat['cold_s'], 0.5):.1f} | "
-          f"{ms(lat['cold_s'], 0.95):.1f} |")
-    print(f"| tile, warm (LRU hit) | {ms(lat['warm_s'], 0.5):.2f} | "
-          f"{ms(lat['warm_s'], 0.95):.2f} |")
-    print(f"\nfirst view, cold: {view['requests']} requests (zoom {view['zoom']}"
-          f"{', page + overlay' if viewable else ''}) in {view['seconds']:.2f} s; "
-          f"tile cache after the sample: {lat['cache_mib']:.1f} MiB of {args.cache_mb} MiB")
+    print(
+        f"| tile, cold (slide read + JPEG) | {ms(lat['cold_s'], 0.5):.1f} | "
+        f"{ms(lat['cold_s'], 0.95):.1f} |"
+    )
+    print(
+        f"| tile, warm (LRU hit) | {ms(lat['warm_s'], 0.5):.2f} | {ms(lat['warm_s'], 0.95):.2f} |"
+    )
+    print(
+        f"\nfirst view, cold: {view['requests']} requests (zoom {view['zoom']}"
+        f"{', page + overlay' if viewable else ''}) in {view['seconds']:.2f} s; "
+        f"tile cache after the sample: {lat['cache_mib']:.1f} MiB of {args.cache_mb} MiB"
+    )
     if args.json:
-        args.json.write_text(json.dumps({"slide_dimensions": [w, h], "first_view": view,
-                                         **lat, "cpu": _cpu_name()}, indent=1))
+        args.json.write_text(
+            json.dumps(
+                {"slide_dimensions": [w, h], "first_view": view, **lat, "cpu": _cpu_name()},
+                indent=1,
+            )
+        )
 
 
 if __name__ == "__main__":

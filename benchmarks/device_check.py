@@ -59,37 +59,71 @@ NEEDED = {
     "PIL": "pillow",
 }
 
-TARGETS = {"model_tiles_per_s": 3000.0, "slide_total_s": 60.0, "gpu_busy_pct": 90.0,
-           "spearman": 0.999}
+TARGETS = {
+    "model_tiles_per_s": 3000.0,
+    "slide_total_s": 60.0,
+    "gpu_busy_pct": 90.0,
+    "spearman": 0.999,
+}
 
 
 # --- environment -----------------------------------------------------------------------------
+
 
 def ensure_packages(wheels: Path) -> list[str]:
     """Install the missing distributions from ``wheels`` (no index); returns what was installed."""
     missing = [dist for mod, dist in NEEDED.items() if importlib.util.find_spec(mod) is None]
     if missing:
         if not wheels.is_dir():
-            raise SystemExit(f"missing {', '.join(missing)} and no wheel folder {wheels}; "
-                             "make it with benchmarks/fetch_device_wheels.sh")
+            raise SystemExit(
+                f"missing {', '.join(missing)} and no wheel folder {wheels}; "
+                "make it with benchmarks/fetch_device_wheels.sh"
+            )
         have = {w.name.split("-")[0].lower() for w in wheels.glob("*.whl")}
         absent = [d for d in missing if d.replace("-", "_").lower() not in have]
         if absent:
-            raise SystemExit(f"missing {', '.join(absent)} and no wheel for it in {wheels}; "
-                             f"add it: EXTRA_PACKAGES='{' '.join(absent)}' "
-                             "bash benchmarks/fetch_device_wheels.sh")
+            raise SystemExit(
+                f"missing {', '.join(absent)} and no wheel for it in {wheels}; "
+                f"add it: EXTRA_PACKAGES='{' '.join(absent)}' "
+                "bash benchmarks/fetch_device_wheels.sh"
+            )
         print(f"installing from {wheels}: {' '.join(missing)}", flush=True)
-        subprocess.run([sys.executable, "-m", "pip", "install", "--quiet", "--no-index",
-                        "--find-links", str(wheels), *missing], check=True)
+        subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "pip",
+                "install",
+                "--quiet",
+                "--no-index",
+                "--find-links",
+                str(wheels),
+                *missing,
+            ],
+            check=True,
+        )
         importlib.invalidate_caches()
     if importlib.util.find_spec("wsi_anomaly") is None:
-        subprocess.run([sys.executable, "-m", "pip", "install", "--quiet", "--no-deps",
-                        "--no-build-isolation", "-e", str(REPO)], check=False)
+        subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "pip",
+                "install",
+                "--quiet",
+                "--no-deps",
+                "--no-build-isolation",
+                "-e",
+                str(REPO),
+            ],
+            check=False,
+        )
         importlib.invalidate_caches()
     # Always measure this checkout, whatever copy of the package the environment points at.
     sys.path.insert(0, str(REPO))
     os.environ["PYTHONPATH"] = os.pathsep.join(
-        p for p in (str(REPO), os.environ.get("PYTHONPATH", "")) if p)
+        p for p in (str(REPO), os.environ.get("PYTHONPATH", "")) if p
+    )
     return missing
 
 
@@ -105,9 +139,19 @@ class GpuSampler:
         if shutil.which("nvidia-smi") is None:
             return self
         self._proc = subprocess.Popen(
-            ["nvidia-smi", "--query-gpu=utilization.gpu", "--format=csv,noheader,nounits",
-             "-lms", "200", "-i", os.environ.get("CUDA_VISIBLE_DEVICES", "0").split(",")[0]],
-            stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+            [
+                "nvidia-smi",
+                "--query-gpu=utilization.gpu",
+                "--format=csv,noheader,nounits",
+                "-lms",
+                "200",
+                "-i",
+                os.environ.get("CUDA_VISIBLE_DEVICES", "0").split(",")[0],
+            ],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.DEVNULL,
+            text=True,
+        )
         self._thread = threading.Thread(target=self._read, daemon=True)
         self._thread.start()
         return self
@@ -139,6 +183,7 @@ def peak_rss_mib() -> float:
 
 # --- inputs ----------------------------------------------------------------------------------
 
+
 def distinct_tiles(n: int, seed: int):
     """``n`` 3×256×256 float tiles in [0, 1], each with its own colour, stripes and noise."""
     import numpy as np
@@ -150,8 +195,9 @@ def distinct_tiles(n: int, seed: int):
     for _ in range(n):
         base = rng.uniform(0.2, 0.95, 3)[:, None, None]
         freq, angle = rng.uniform(1, 40), rng.uniform(0, np.pi)
-        wave = np.sin(2 * np.pi * freq * (np.cos(angle) * xx + np.sin(angle) * yy)
-                      + rng.uniform(0, 2 * np.pi))
+        wave = np.sin(
+            2 * np.pi * freq * (np.cos(angle) * xx + np.sin(angle) * yy) + rng.uniform(0, 2 * np.pi)
+        )
         tint = rng.uniform(-1, 1, 3)[:, None, None] * rng.uniform(0, 0.4)
         noise = rng.uniform(0, 0.25) * rng.standard_normal((3, 256, 256))
         tiles.append(torch.from_numpy(np.clip(base + tint * wave + noise, 0, 1).astype(np.float32)))
@@ -163,12 +209,29 @@ def tiny_checkpoint(out: Path, device: str) -> Path:
     from wsi_anomaly.config import load_config
     from wsi_anomaly.train import train_model
 
-    config = load_config("haloae_fast", {
-        "model": {"backbone_weights": "random"},
-        "train": {"epochs": 1, "samples_per_epoch": 2, "batch_size": 1, "workers": 0,
-                  "calibration_tiles": 4, "checkpoint_every": 1}})
-    train_model(distinct_tiles(4, seed=1), config, out, device=device, tile_mpp=0.5,
-                progress=False, overwrite=True)
+    config = load_config(
+        "haloae_fast",
+        {
+            "model": {"backbone_weights": "random"},
+            "train": {
+                "epochs": 1,
+                "samples_per_epoch": 2,
+                "batch_size": 1,
+                "workers": 0,
+                "calibration_tiles": 4,
+                "checkpoint_every": 1,
+            },
+        },
+    )
+    train_model(
+        distinct_tiles(4, seed=1),
+        config,
+        out,
+        device=device,
+        tile_mpp=0.5,
+        progress=False,
+        overwrite=True,
+    )
     return out
 
 
@@ -182,8 +245,10 @@ def spearman(a, b) -> float:
 
 # --- measurements ----------------------------------------------------------------------------
 
-def model_throughput(ckpt: Path, device: str, precision: str, compiled: bool, batch: int,
-                     iters: int) -> dict:
+
+def model_throughput(
+    ckpt: Path, device: str, precision: str, compiled: bool, batch: int, iters: int
+) -> dict:
     import torch
 
     from wsi_anomaly.score import Scorer
@@ -209,8 +274,14 @@ def model_throughput(ckpt: Path, device: str, precision: str, compiled: bool, ba
     for _ in range(iters):
         run()
     seconds = time.perf_counter() - t0
-    row = {"section": "model", "precision": precision, "mode": "compile" if compiled else "eager",
-           "batch": batch, "tiles_per_s": batch * iters / seconds, "first_call_s": warm_s}
+    row = {
+        "section": "model",
+        "precision": precision,
+        "mode": "compile" if compiled else "eager",
+        "batch": batch,
+        "tiles_per_s": batch * iters / seconds,
+        "first_call_s": warm_s,
+    }
     if scorer.device.type == "cuda":
         row["peak_gpu_mib"] = torch.cuda.max_memory_allocated(scorer.device) / 2**20
     scorer = tiles = None  # free the model before the next configuration
@@ -236,13 +307,25 @@ def agreement(ckpt: Path, device: str, n_tiles: int, batch: int) -> dict:
     fp32, bf16 = scores["fp32"], scores["bf16"]
     threshold = float(np.quantile(fp32, 0.99))
     differ = float(np.mean((fp32 >= threshold) != (bf16 >= threshold)))
-    return {"section": "agreement", "tiles": n_tiles, "spearman": spearman(fp32, bf16),
-            "threshold": threshold, "calls_differing": differ,
-            "max_rel_diff": float(np.max(np.abs(bf16 - fp32) / np.maximum(np.abs(fp32), 1e-12)))}
+    return {
+        "section": "agreement",
+        "tiles": n_tiles,
+        "spearman": spearman(fp32, bf16),
+        "threshold": threshold,
+        "calls_differing": differ,
+        "max_rel_diff": float(np.max(np.abs(bf16 - fp32) / np.maximum(np.abs(fp32), 1e-12))),
+    }
 
 
-def whole_slide(ckpt: Path, work: Path, size: int, device: str, precision: str,
-                batch: int, target_mpp: float | None = None) -> dict:
+def whole_slide(
+    ckpt: Path,
+    work: Path,
+    size: int,
+    device: str,
+    precision: str,
+    batch: int,
+    target_mpp: float | None = None,
+) -> dict:
     import torch
 
     from wsi_anomaly.pipeline import HeatmapSettings, run_cohort
@@ -250,13 +333,24 @@ def whole_slide(ckpt: Path, work: Path, size: int, device: str, precision: str,
 
     t0 = time.perf_counter()
     # One ellipse whose radii exceed the half-diagonal: tissue everywhere.
-    layout = SyntheticLayout(width=size, height=size, boundary_wave=0.0,
-                             tissue_ellipses=((size / 2, size / 2, size, size),))
-    slide = write_synthetic_slide(work / f"synthetic_{size}.tif", width=size, height=size,
-                                  mpp=0.5, layout=layout, seed=3)
+    layout = SyntheticLayout(
+        width=size,
+        height=size,
+        boundary_wave=0.0,
+        tissue_ellipses=((size / 2, size / 2, size, size),),
+    )
+    slide = write_synthetic_slide(
+        work / f"synthetic_{size}.tif", width=size, height=size, mpp=0.5, layout=layout, seed=3
+    )
     write_s = time.perf_counter() - t0
-    settings = HeatmapSettings(device=device, precision=precision, batch_size=batch,
-                               target_mpp=target_mpp, progress=False, overwrite=True)
+    settings = HeatmapSettings(
+        device=device,
+        precision=precision,
+        batch_size=batch,
+        target_mpp=target_mpp,
+        progress=False,
+        overwrite=True,
+    )
     if torch.cuda.is_available():
         torch.cuda.reset_peak_memory_stats()
     with GpuSampler() as gpu:
@@ -273,17 +367,26 @@ def whole_slide(ckpt: Path, work: Path, size: int, device: str, precision: str,
     used = [t for t, u in gpu.samples if u > 0 and t0 <= t <= t1]
     if used:
         busy = gpu.busy_pct(used[0], used[-1])
-    row = {"section": "slide", "size_px": size, "precision": precision, "batch": batch,
-           "tile_mpp": summary.get("actual_mpp"),
-           "tiles": summary.get("n_tiles"), "write_slide_s": write_s, "file_to_pictures_s": t1 - t0,
-           "timings_s": timings, "gpu_busy_pct": busy,
-           "gpu_samples": len(gpu.samples)}
+    row = {
+        "section": "slide",
+        "size_px": size,
+        "precision": precision,
+        "batch": batch,
+        "tile_mpp": summary.get("actual_mpp"),
+        "tiles": summary.get("n_tiles"),
+        "write_slide_s": write_s,
+        "file_to_pictures_s": t1 - t0,
+        "timings_s": timings,
+        "gpu_busy_pct": busy,
+        "gpu_samples": len(gpu.samples),
+    }
     if torch.cuda.is_available():
         row["peak_gpu_mib"] = torch.cuda.max_memory_allocated() / 2**20
     return row
 
 
 # --- report ----------------------------------------------------------------------------------
+
 
 def _fmt(v) -> str:
     if v is None:
@@ -298,8 +401,10 @@ def table(result: dict) -> str:
     gpu = result["device"] == "cuda"
 
     def add(measure, setting, value, target="", met=None):
-        lines.append(f"| {measure} | {setting} | {_fmt(value)} | {target} | "
-                     f"{'' if met is None else ('yes' if met else 'NO')} |")
+        lines.append(
+            f"| {measure} | {setting} | {_fmt(value)} | {target} | "
+            f"{'' if met is None else ('yes' if met else 'NO')} |"
+        )
 
     for r in result["model"]:
         tps = r.get("tiles_per_s")
@@ -308,22 +413,40 @@ def table(result: dict) -> str:
             add("model tiles/s", setting, r["skipped"])
             continue
         on_target = gpu and r["precision"] == "bf16"
-        add("model tiles/s", setting, tps,
+        add(
+            "model tiles/s",
+            setting,
+            tps,
             f"≥ {TARGETS['model_tiles_per_s']:.0f}" if on_target else "",
-            tps >= TARGETS["model_tiles_per_s"] if on_target else None)
+            tps >= TARGETS["model_tiles_per_s"] if on_target else None,
+        )
     a = result["agreement"]
-    add("bf16 vs fp32 Spearman", f"{a['tiles']} tiles", a["spearman"], "≥ 0.999",
-        a["spearman"] >= TARGETS["spearman"])
+    add(
+        "bf16 vs fp32 Spearman",
+        f"{a['tiles']} tiles",
+        a["spearman"],
+        "≥ 0.999",
+        a["spearman"] >= TARGETS["spearman"],
+    )
     add("bf16 vs fp32 calls differing", "score ≥ fp32 p99", a["calls_differing"])
     s = result["slide"]
     setting = f"{s['size_px']}² px, {s['tiles']} tiles at {s['tile_mpp']:g} µm/px, {s['precision']}"
-    add("slide file → pictures s", setting, s["file_to_pictures_s"],
+    add(
+        "slide file → pictures s",
+        setting,
+        s["file_to_pictures_s"],
         f"< {TARGETS['slide_total_s']:.0f}" if gpu else "",
-        s["file_to_pictures_s"] < TARGETS["slide_total_s"] if gpu else None)
+        s["file_to_pictures_s"] < TARGETS["slide_total_s"] if gpu else None,
+    )
     for stage, v in s["timings_s"].items():
         add("slide stage s", stage, v)
-    add("GPU busy % while scoring", setting, s["gpu_busy_pct"], "≥ 90" if gpu else "",
-        (s["gpu_busy_pct"] or 0) >= TARGETS["gpu_busy_pct"] if gpu else None)
+    add(
+        "GPU busy % while scoring",
+        setting,
+        s["gpu_busy_pct"],
+        "≥ 90" if gpu else "",
+        (s["gpu_busy_pct"] or 0) >= TARGETS["gpu_busy_pct"] if gpu else None,
+    )
     add("peak GPU MiB", "max over model rows and slide", result.get("peak_gpu_mib"))
     add("peak host RSS MiB", "whole run", result["peak_rss_mib"])
     return "\n".join(lines)
@@ -356,41 +479,68 @@ def main(argv: list[str] | None = None) -> dict:
         torch.set_num_threads(max(1, min(4, os.cpu_count() or 1)))
 
     t_start = time.perf_counter()
-    result: dict = {"device": device, "smoke": smoke, "installed_from_wheels": installed,
-                    "torch": torch.__version__, "python": platform.python_version(),
-                    "gpu": torch.cuda.get_device_name() if device == "cuda" else None,
-                    "targets": TARGETS}
+    result: dict = {
+        "device": device,
+        "smoke": smoke,
+        "installed_from_wheels": installed,
+        "torch": torch.__version__,
+        "python": platform.python_version(),
+        "gpu": torch.cuda.get_device_name() if device == "cuda" else None,
+        "targets": TARGETS,
+    }
     ckpt = tiny_checkpoint(work / "tiny.pt", device)
     rows = []
     for compiled in [False, True]:
         for precision in ("fp32", "bf16"):
             for batch in batches:
                 if compiled not in compile_modes:
-                    rows.append({"section": "model", "precision": precision, "mode": "compile",
-                                 "batch": batch, "skipped": "skipped"})
+                    rows.append(
+                        {
+                            "section": "model",
+                            "precision": precision,
+                            "mode": "compile",
+                            "batch": batch,
+                            "skipped": "skipped",
+                        }
+                    )
                     continue
                 try:
                     rows.append(model_throughput(ckpt, device, precision, compiled, batch, iters))
                 except Exception as exc:  # e.g. out of memory at the largest batch
-                    rows.append({"section": "model", "precision": precision,
-                                 "mode": "compile" if compiled else "eager", "batch": batch,
-                                 "skipped": f"failed: {type(exc).__name__}"})
+                    rows.append(
+                        {
+                            "section": "model",
+                            "precision": precision,
+                            "mode": "compile" if compiled else "eager",
+                            "batch": batch,
+                            "skipped": f"failed: {type(exc).__name__}",
+                        }
+                    )
                 print(f"  model {rows[-1]}", flush=True)
     result["model"] = rows
     result["agreement"] = agreement(ckpt, device, 32 if smoke else 2048, min(64, max(batches)))
     print(f"  agreement {result['agreement']}", flush=True)
     slide_batch = max(batches) if not smoke else 4
     # The smoke run tiles its slide at 1 µm/px (≤ 16 tiles): the CPU scores ~2 tiles/s.
-    result["slide"] = whole_slide(ckpt, work, slide_px, device, "bf16" if device == "cuda"
-                                  else "fp32", slide_batch, 1.0 if smoke else None)
+    result["slide"] = whole_slide(
+        ckpt,
+        work,
+        slide_px,
+        device,
+        "bf16" if device == "cuda" else "fp32",
+        slide_batch,
+        1.0 if smoke else None,
+    )
     peaks = [r["peak_gpu_mib"] for r in rows if "peak_gpu_mib" in r]
     if "peak_gpu_mib" in result["slide"]:
         peaks.append(result["slide"]["peak_gpu_mib"])
     result["peak_gpu_mib"] = max(peaks) if peaks else None
     result["peak_rss_mib"] = peak_rss_mib()
     result["total_s"] = time.perf_counter() - t_start
-    print(f"\ndevice check: {device}{' (smoke)' if smoke else ''}, torch {torch.__version__}, "
-          f"{result['gpu'] or platform.processor() or 'CPU'}, {result['total_s']:.0f} s")
+    print(
+        f"\ndevice check: {device}{' (smoke)' if smoke else ''}, torch {torch.__version__}, "
+        f"{result['gpu'] or platform.processor() or 'CPU'}, {result['total_s']:.0f} s"
+    )
     print(table(result), flush=True)
     if args.json:
         Path(args.json).write_text(json.dumps(result, indent=2, default=str))

@@ -28,14 +28,16 @@ def small_slide(slide_dir):
 
 @pytest.fixture(scope="session")
 def blank_slide(slide_dir):
-    return write_synthetic_slide(slide_dir / "blank.tif", width=1024, height=768, mpp=0.5,
-                                 all_background=True)
+    return write_synthetic_slide(
+        slide_dir / "blank.tif", width=1024, height=768, mpp=0.5, all_background=True
+    )
 
 
 @pytest.fixture(scope="session")
 def no_mpp_slide(slide_dir):
-    return write_synthetic_slide(slide_dir / "nompp.tif", width=1024, height=768, mpp=0.5,
-                                 with_resolution=False, seed=2)
+    return write_synthetic_slide(
+        slide_dir / "nompp.tif", width=1024, height=768, mpp=0.5, with_resolution=False, seed=2
+    )
 
 
 @pytest.fixture(scope="session")
@@ -52,8 +54,15 @@ def tiny_config(**train):
     """The fast preset shrunk to seconds: random backbone, a couple of single-tile steps."""
     from wsi_anomaly.config import load_config
 
-    settings = {"epochs": 1, "samples_per_epoch": 2, "batch_size": 1, "workers": 0,
-                "calibration_tiles": 4, "checkpoint_every": 1, **train}
+    settings = {
+        "epochs": 1,
+        "samples_per_epoch": 2,
+        "batch_size": 1,
+        "workers": 0,
+        "calibration_tiles": 4,
+        "checkpoint_every": 1,
+        **train,
+    }
     return load_config("haloae_fast", {"model": {"backbone_weights": "random"}, "train": settings})
 
 
@@ -64,6 +73,7 @@ def tiny_model(small_store, tmp_path_factory):
     from wsi_anomaly.train import train_model
 
     out = tmp_path_factory.mktemp("models") / "tiny.pt"
-    train_model(ZarrTileDataset(small_store), tiny_config(), out, device="cpu", tile_mpp=0.5,
-                progress=False)
+    train_model(
+        ZarrTileDataset(small_store), tiny_config(), out, device="cpu", tile_mpp=0.5, progress=False
+    )
     return out

@@ -67,8 +67,16 @@ def test_bad_inputs_give_one_line(capsys, tmp_path, small_slide, blank_slide, no
 
     code, _, err = run(capsys, "tile", str(no_mpp_slide.path), "--out", str(tmp_path / "c.zarr"))
     assert_one_error_line(code, err, "--slide-mpp")
-    code, _, _ = run(capsys, "tile", str(no_mpp_slide.path), "--out", str(tmp_path / "c.zarr"),
-                     "--slide-mpp", "0.5", "-q")
+    code, _, _ = run(
+        capsys,
+        "tile",
+        str(no_mpp_slide.path),
+        "--out",
+        str(tmp_path / "c.zarr"),
+        "--slide-mpp",
+        "0.5",
+        "-q",
+    )
     assert code == 0
 
     code, _, err = run(capsys, "info", str(small_slide.path), "--slide-mpp", "50")
@@ -82,12 +90,18 @@ def test_bad_inputs_give_one_line(capsys, tmp_path, small_slide, blank_slide, no
     assert_one_error_line(code, err, "--overwrite")
 
 
-@pytest.mark.parametrize("argv,needles", [
-    (["tile", "slide.svs", "--out", "t.zarr", "--mpp", "abc"], ["--mpp", "'abc'", "tile --help"]),
-    (["tile", "slide.svs"], ["--out", "tile --help"]),
-    (["frobnicate"], ["'frobnicate'", "wsi-anomaly --help"]),
-    (["heatmap", "s.svs", "--model", "m.pt", "--batch-size", "many"], ["--batch-size"]),
-])
+@pytest.mark.parametrize(
+    "argv,needles",
+    [
+        (
+            ["tile", "slide.svs", "--out", "t.zarr", "--mpp", "abc"],
+            ["--mpp", "'abc'", "tile --help"],
+        ),
+        (["tile", "slide.svs"], ["--out", "tile --help"]),
+        (["frobnicate"], ["'frobnicate'", "wsi-anomaly --help"]),
+        (["heatmap", "s.svs", "--model", "m.pt", "--batch-size", "many"], ["--batch-size"]),
+    ],
+)
 def test_usage_errors_are_one_line(capsys, argv, needles):
     code, _, err = run(capsys, *argv)
     assert code == 2
@@ -95,21 +109,48 @@ def test_usage_errors_are_one_line(capsys, argv, needles):
 
 
 def test_console_script_exit_code_without_traceback(tmp_path):
-    proc = subprocess.run([sys.executable, "-m", "wsi_anomaly.cli", "info", str(tmp_path / "x.svs")],
-                          capture_output=True, text=True)
+    proc = subprocess.run(
+        [sys.executable, "-m", "wsi_anomaly.cli", "info", str(tmp_path / "x.svs")],
+        capture_output=True,
+        text=True,
+    )
     assert proc.returncode == 2
     assert "Traceback" not in proc.stderr and "not found" in proc.stderr
 
 
 def test_train_and_score_commands(capsys, tmp_path, small_store, tiny_model):
     model = tmp_path / "m.pt"
-    code, out, err = run(capsys, "train", "--tiles", str(small_store), "--out", str(model),
-                         "--config", "haloae_fast", "--backbone-weights", "random",
-                         "--epochs", "1", "--samples-per-epoch", "1", "--batch-size", "1", "-q")
+    code, out, err = run(
+        capsys,
+        "train",
+        "--tiles",
+        str(small_store),
+        "--out",
+        str(model),
+        "--config",
+        "haloae_fast",
+        "--backbone-weights",
+        "random",
+        "--epochs",
+        "1",
+        "--samples-per-epoch",
+        "1",
+        "--batch-size",
+        "1",
+        "-q",
+    )
     assert code == 0, err
     assert "trained 1 epochs" in out and model.is_file()
-    code, out, err = run(capsys, "score", "--model", str(tiny_model), str(small_store.parent),
-                         "--out", str(tmp_path / "s.csv"), "-q")
+    code, out, err = run(
+        capsys,
+        "score",
+        "--model",
+        str(tiny_model),
+        str(small_store.parent),
+        "--out",
+        str(tmp_path / "s.csv"),
+        "-q",
+    )
     assert_one_error_line(code, err, "no images")
 
 
@@ -125,15 +166,35 @@ def test_train_and_score_bad_inputs(capsys, tmp_path, tiny_model):
     img = tmp_path / "imgs"
     img.mkdir()
     from PIL import Image
+
     Image.new("RGB", (256, 256), (200, 100, 150)).save(img / "a.png")
-    code, _, err = run(capsys, "score", "--model", str(other), str(img), "--out", str(tmp_path / "s.csv"))
+    code, _, err = run(
+        capsys, "score", "--model", str(other), str(img), "--out", str(tmp_path / "s.csv")
+    )
     assert_one_error_line(code, err, "checkpoint")
-    code, _, err = run(capsys, "score", "--model", str(tiny_model), str(img), "--device", "cuda",
-                       "--out", str(tmp_path / "s.csv"))
+    code, _, err = run(
+        capsys,
+        "score",
+        "--model",
+        str(tiny_model),
+        str(img),
+        "--device",
+        "cuda",
+        "--out",
+        str(tmp_path / "s.csv"),
+    )
     if not __import__("torch").cuda.is_available():
         assert_one_error_line(code, err, "CUDA")
-    code, _, err = run(capsys, "train", "--tiles", str(img), "--out", str(tmp_path / "m.pt"),
-                       "--config", "nonexistent")
+    code, _, err = run(
+        capsys,
+        "train",
+        "--tiles",
+        str(img),
+        "--out",
+        str(tmp_path / "m.pt"),
+        "--config",
+        "nonexistent",
+    )
     assert_one_error_line(code, err, "not found")
 
 
@@ -147,18 +208,53 @@ def test_train_atacnet_command(capsys, tmp_path, small_store):
     for i in range(2):
         Image.new("RGB", (256, 256), (30 + 40 * i, 160, 40)).save(anomalies / f"a{i}.png")
     model = tmp_path / "atac.pt"
-    code, out, err = run(capsys, "train", "--family", "atacnet", "--tiles", str(small_store),
-                         "--anomalies", str(anomalies), "--out", str(model),
-                         "--config", "atacnet_fast", "--backbone-weights", "random",
-                         "--epochs", "1", "--batch-size", "4", "-q")
+    code, out, err = run(
+        capsys,
+        "train",
+        "--family",
+        "atacnet",
+        "--tiles",
+        str(small_store),
+        "--anomalies",
+        str(anomalies),
+        "--out",
+        str(model),
+        "--config",
+        "atacnet_fast",
+        "--backbone-weights",
+        "random",
+        "--epochs",
+        "1",
+        "--batch-size",
+        "4",
+        "-q",
+    )
     assert code == 0, err
     assert "2 labelled anomalies" in out and model.is_file()
     assert load_checkpoint(model, expect_model="atacnet")["n_labelled_anomalies"] == 2
-    code, _, err = run(capsys, "train", "--tiles", str(small_store), "--anomalies", str(anomalies),
-                       "--out", str(tmp_path / "h.pt"))
+    code, _, err = run(
+        capsys,
+        "train",
+        "--tiles",
+        str(small_store),
+        "--anomalies",
+        str(anomalies),
+        "--out",
+        str(tmp_path / "h.pt"),
+    )
     assert_one_error_line(code, err, "--family atacnet")
     empty = tmp_path / "none"
     empty.mkdir()
-    code, _, err = run(capsys, "train", "--family", "atacnet", "--tiles", str(small_store),
-                       "--anomalies", str(empty), "--out", str(tmp_path / "x.pt"))
+    code, _, err = run(
+        capsys,
+        "train",
+        "--family",
+        "atacnet",
+        "--tiles",
+        str(small_store),
+        "--anomalies",
+        str(empty),
+        "--out",
+        str(tmp_path / "x.pt"),
+    )
     assert_one_error_line(code, err, "no images")

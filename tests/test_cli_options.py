@@ -21,16 +21,23 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 # -- one meaning per flag ------------------------------------------------------------------------
-@pytest.mark.parametrize("argv,needles", [
-    (["train", "--tiles", "t", "--out", "m.pt", "--model", "atacnet"],
-     ["--model", "--family atacnet"]),
-    (["mvtec", "--root", "r", "--model", "haloae"], ["--model", "--family haloae"]),
-    (["tile", "s.svs", "--out", "t.zarr", "--workers", "2"], ["--workers", "--read-threads"]),
-    (["train", "--tiles", "t", "--out", "m.pt", "--workers", "2"],
-     ["--workers", "--loader-workers"]),
-    (["score", "--model", "m.pt", "x", "--workers", "2"], ["--workers", "--loader-workers"]),
-    (["mvtec", "--root", "r", "--workers", "2"], ["--workers", "--loader-workers"]),
-])
+@pytest.mark.parametrize(
+    "argv,needles",
+    [
+        (
+            ["train", "--tiles", "t", "--out", "m.pt", "--model", "atacnet"],
+            ["--model", "--family atacnet"],
+        ),
+        (["mvtec", "--root", "r", "--model", "haloae"], ["--model", "--family haloae"]),
+        (["tile", "s.svs", "--out", "t.zarr", "--workers", "2"], ["--workers", "--read-threads"]),
+        (
+            ["train", "--tiles", "t", "--out", "m.pt", "--workers", "2"],
+            ["--workers", "--loader-workers"],
+        ),
+        (["score", "--model", "m.pt", "x", "--workers", "2"], ["--workers", "--loader-workers"]),
+        (["mvtec", "--root", "r", "--workers", "2"], ["--workers", "--loader-workers"]),
+    ],
+)
 def test_moved_flags_name_the_right_one(capsys, argv, needles):
     code, _, err = run(capsys, *argv)
     assert code == 2
@@ -39,8 +46,9 @@ def test_moved_flags_name_the_right_one(capsys, argv, needles):
 
 def test_each_flag_parses_where_it_belongs():
     parse = build_parser().parse_args
-    args = parse(["train", "--tiles", "t", "--out", "m.pt", "--family", "atacnet",
-                  "--loader-workers", "3"])
+    args = parse(
+        ["train", "--tiles", "t", "--out", "m.pt", "--family", "atacnet", "--loader-workers", "3"]
+    )
     assert args.family == "atacnet" and args.loader_workers == 3
     assert parse(["mvtec", "--root", "r", "--family", "atacnet"]).family == "atacnet"
     assert parse(["tile", "s.svs", "--out", "t.zarr", "--read-threads", "2"]).read_threads == 2
@@ -61,8 +69,10 @@ def restore_loggers():
 
 def test_verbosity_flags_before_and_after_the_command():
     parse = build_parser().parse_args
-    for argv in (["-v", "-q", "--debug", "tile", "s.svs", "--out", "t.zarr"],
-                 ["tile", "s.svs", "--out", "t.zarr", "-v", "-q", "--debug"]):
+    for argv in (
+        ["-v", "-q", "--debug", "tile", "s.svs", "--out", "t.zarr"],
+        ["tile", "s.svs", "--out", "t.zarr", "-v", "-q", "--debug"],
+    ):
         args = parse(argv)
         assert args.verbose and args.quiet and args.debug
     args = parse(["tile", "s.svs", "--out", "t.zarr"])
@@ -84,8 +94,13 @@ def test_verbose_is_for_the_package_only(small_slide, where):
     argv = ["info", str(small_slide.path)]
     argv = ["-v", *argv] if where == "before" else [*argv, "-v"]
     # A fresh interpreter: logging is configured by the command, not by pytest.
-    proc = subprocess.run([sys.executable, "-c", VERBOSE_PROBE, *argv], capture_output=True,
-                          text=True, cwd=REPO, check=False)
+    proc = subprocess.run(
+        [sys.executable, "-c", VERBOSE_PROBE, *argv],
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+        check=False,
+    )
     assert proc.returncode == 0, proc.stderr
     assert "package detail" in proc.stderr
     assert "third-party noise" not in proc.stderr
@@ -100,19 +115,37 @@ def test_quiet_silences_info(capsys, caplog, restore_loggers, small_slide):
 
 
 # -- every option checked before the work starts ---------------------------------------------------
-@pytest.mark.parametrize("argv,needles", [
-    (["heatmap", "s.svs", "--model", "m.pt", "--workers", "0"], ["--workers", "must be"]),
-    (["heatmap", "s.svs", "--model", "m.pt", "--workers", "-2"], ["--workers", "must be"]),
-    (["heatmap", "s.svs", "--model", "m.pt", "--read-threads", "0"], ["--read-threads", "must be"]),
-    (["tile", "s.svs", "--out", "t.zarr", "--read-threads", "-1"], ["--read-threads", "must be"]),
-    (["train", "--tiles", "t", "--out", "m.pt", "--loader-workers", "-1"], ["--loader-workers", "must be"]),
-    (["score", "--model", "m.pt", "x", "--loader-workers", "-1"], ["--loader-workers", "must be"]),
-    (["mvtec", "--root", "r", "--loader-workers", "-1"], ["--loader-workers", "must be"]),
-    (["heatmap", "s.svs", "--model", "m.pt", "--batch-size", "0"], ["--batch-size", "must be"]),
-    (["score", "--model", "m.pt", "x", "--batch-size", "-4"], ["--batch-size", "must be"]),
-    (["train", "--tiles", "t", "--out", "m.pt", "--batch-size", "0"], ["--batch-size", "must be"]),
-    (["heatmap", "s.svs", "--model", "m.pt", "--cmap", "nosuchmap"], ["--cmap", "'nosuchmap'"]),
-])
+@pytest.mark.parametrize(
+    "argv,needles",
+    [
+        (["heatmap", "s.svs", "--model", "m.pt", "--workers", "0"], ["--workers", "must be"]),
+        (["heatmap", "s.svs", "--model", "m.pt", "--workers", "-2"], ["--workers", "must be"]),
+        (
+            ["heatmap", "s.svs", "--model", "m.pt", "--read-threads", "0"],
+            ["--read-threads", "must be"],
+        ),
+        (
+            ["tile", "s.svs", "--out", "t.zarr", "--read-threads", "-1"],
+            ["--read-threads", "must be"],
+        ),
+        (
+            ["train", "--tiles", "t", "--out", "m.pt", "--loader-workers", "-1"],
+            ["--loader-workers", "must be"],
+        ),
+        (
+            ["score", "--model", "m.pt", "x", "--loader-workers", "-1"],
+            ["--loader-workers", "must be"],
+        ),
+        (["mvtec", "--root", "r", "--loader-workers", "-1"], ["--loader-workers", "must be"]),
+        (["heatmap", "s.svs", "--model", "m.pt", "--batch-size", "0"], ["--batch-size", "must be"]),
+        (["score", "--model", "m.pt", "x", "--batch-size", "-4"], ["--batch-size", "must be"]),
+        (
+            ["train", "--tiles", "t", "--out", "m.pt", "--batch-size", "0"],
+            ["--batch-size", "must be"],
+        ),
+        (["heatmap", "s.svs", "--model", "m.pt", "--cmap", "nosuchmap"], ["--cmap", "'nosuchmap'"]),
+    ],
+)
 def test_bad_option_values_stop_at_parsing(capsys, argv, needles):
     code, _, err = run(capsys, *argv)
     assert code == 2
@@ -121,8 +154,10 @@ def test_bad_option_values_stop_at_parsing(capsys, argv, needles):
 
 def test_known_colour_maps_pass():
     for cmap in ("coolwarm", "viridis", "inferno_r"):
-        assert build_parser().parse_args(["heatmap", "s.svs", "--model", "m.pt", "--cmap",
-                                          cmap]).cmap == cmap
+        assert (
+            build_parser().parse_args(["heatmap", "s.svs", "--model", "m.pt", "--cmap", cmap]).cmap
+            == cmap
+        )
 
 
 def _closed_port() -> int:
@@ -133,9 +168,17 @@ def _closed_port() -> int:
 
 def test_dead_scheduler_is_refused_before_slide_work(capsys, tmp_path):
     address = f"tcp://127.0.0.1:{_closed_port()}"
-    code, _, err = run(capsys, "heatmap", str(tmp_path / "none.svs"), "--model",
-                       str(tmp_path / "none.pt"), "--out", str(tmp_path / "out"),
-                       "--scheduler", address)
+    code, _, err = run(
+        capsys,
+        "heatmap",
+        str(tmp_path / "none.svs"),
+        "--model",
+        str(tmp_path / "none.pt"),
+        "--out",
+        str(tmp_path / "out"),
+        "--scheduler",
+        address,
+    )
     assert code == 2
     assert_one_error_line(code, err, f"cannot reach dask scheduler at {address}")
     assert not (tmp_path / "out").exists()
@@ -146,14 +189,28 @@ def test_outputs_of_the_wrong_kind_are_refused(capsys, tmp_path):
     a_file.write_text("not a folder")
     a_folder = tmp_path / "folder"
     a_folder.mkdir()
-    code, _, err = run(capsys, "heatmap", str(tmp_path / "none.svs"), "--model",
-                       str(tmp_path / "none.pt"), "--out", str(a_file))
+    code, _, err = run(
+        capsys,
+        "heatmap",
+        str(tmp_path / "none.svs"),
+        "--model",
+        str(tmp_path / "none.pt"),
+        "--out",
+        str(a_file),
+    )
     assert_one_error_line(code, err, "--out", "is a file")
-    code, _, err = run(capsys, "train", "--tiles", str(tmp_path / "none"), "--out",
-                       str(a_folder))
+    code, _, err = run(capsys, "train", "--tiles", str(tmp_path / "none"), "--out", str(a_folder))
     assert_one_error_line(code, err, "--out", "is a folder")
-    code, _, err = run(capsys, "score", "--model", str(tmp_path / "none.pt"), str(tmp_path),
-                       "--out", str(a_folder), "--overwrite")
+    code, _, err = run(
+        capsys,
+        "score",
+        "--model",
+        str(tmp_path / "none.pt"),
+        str(tmp_path),
+        "--out",
+        str(a_folder),
+        "--overwrite",
+    )
     assert_one_error_line(code, err, "--out", "is a folder")
     assert a_folder.is_dir() and a_file.read_text() == "not a folder"
 
@@ -161,17 +218,31 @@ def test_outputs_of_the_wrong_kind_are_refused(capsys, tmp_path):
 # -- the exit status of a cohort with failed slides -------------------------------------------------
 @pytest.fixture(scope="module")
 def good_slide(tmp_path_factory):
-    return write_synthetic_slide(tmp_path_factory.mktemp("cohort") / "good.tif", width=1280,
-                                 height=1024, mpp=0.5, seed=5)
+    return write_synthetic_slide(
+        tmp_path_factory.mktemp("cohort") / "good.tif", width=1280, height=1024, mpp=0.5, seed=5
+    )
 
 
 def test_skip_errors_exit_status_says_slides_failed(capsys, tmp_path, good_slide, tiny_model):
     bad = tmp_path / "bad.svs"
     bad.write_text("not a slide")
     out = tmp_path / "results"
-    code, stdout, err = run(capsys, "heatmap", str(good_slide.path), str(bad), "--model",
-                            str(tiny_model), "--out", str(out), "--device", "cpu",
-                            "--batch-size", "8", "--skip-errors", "-q")
+    code, stdout, err = run(
+        capsys,
+        "heatmap",
+        str(good_slide.path),
+        str(bad),
+        "--model",
+        str(tiny_model),
+        "--out",
+        str(out),
+        "--device",
+        "cpu",
+        "--batch-size",
+        "8",
+        "--skip-errors",
+        "-q",
+    )
     assert code == EXIT_SLIDES_FAILED == 5
     assert "1 of 2 slides done" in stdout
     assert err.strip().splitlines()[-1] == f"1 of 2 slides failed (see {out / 'summary.csv'})"
@@ -180,8 +251,19 @@ def test_skip_errors_exit_status_says_slides_failed(capsys, tmp_path, good_slide
 
 def test_lone_slide_without_tissue_counts_as_failed(capsys, tmp_path, blank_slide, tiny_model):
     out = tmp_path / "results"
-    code, _, err = run(capsys, "heatmap", str(blank_slide.path), "--model", str(tiny_model),
-                       "--out", str(out), "--device", "cpu", "--skip-errors", "-q")
+    code, _, err = run(
+        capsys,
+        "heatmap",
+        str(blank_slide.path),
+        "--model",
+        str(tiny_model),
+        "--out",
+        str(out),
+        "--device",
+        "cpu",
+        "--skip-errors",
+        "-q",
+    )
     assert code == EXIT_SLIDES_FAILED
     assert err.strip().splitlines()[-1] == f"1 of 1 slides failed (see {out / 'summary.csv'})"
 
@@ -193,8 +275,7 @@ def plain_tiff(tmp_path):
 
     path = tmp_path / "plain.tif"
     rng = np.random.default_rng(0)
-    tifffile.imwrite(path, rng.integers(0, 255, (300, 400, 3), dtype=np.uint8),
-                     photometric="rgb")
+    tifffile.imwrite(path, rng.integers(0, 255, (300, 400, 3), dtype=np.uint8), photometric="rgb")
     return path
 
 

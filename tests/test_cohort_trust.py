@@ -55,8 +55,9 @@ def test_other_folder_of_same_name_is_not_taken_over(twins, tiny_model, tmp_path
     second = process_slide(b, tmp_path, tiny_model, settings())
     assert second["status"] == "ok"
     assert Path(first["output"]) != Path(second["output"])
-    assert json.loads((Path(first["output"]) / "summary.json").read_text())["slide_path"] == \
-        str(a.resolve())
+    assert json.loads((Path(first["output"]) / "summary.json").read_text())["slide_path"] == str(
+        a.resolve()
+    )
 
 
 def test_reuse_only_for_the_same_work(twins, tiny_model, tmp_path):
@@ -134,8 +135,7 @@ def test_no_space_is_found_before_work(twins, tiny_model, tmp_path, monkeypatch)
 
     a, _ = twins
     usage = shutil.disk_usage(tmp_path)
-    monkeypatch.setattr(outputs.shutil, "disk_usage",
-                        lambda p: usage._replace(free=1 << 20))
+    monkeypatch.setattr(outputs.shutil, "disk_usage", lambda p: usage._replace(free=1 << 20))
     with pytest.raises(OutputWriteError, match="not enough disk space"):
         run_cohort([a], tmp_path / "results", tiny_model, settings())
     with pytest.raises(OutputWriteError, match="not enough disk space"):
@@ -161,12 +161,17 @@ def test_lock_refuses_a_live_holder_and_takes_over_a_dead_one(tmp_path):
             OutputLock(target).acquire()
     assert not (tmp_path / ".out.lock").exists()
     # A lock left by a process that is gone (kill -9) is stale.
-    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"],
-                          capture_output=True, text=True, check=True)
+    dead = subprocess.run(
+        [sys.executable, "-c", "import os; print(os.getpid())"],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
     import socket
 
-    (tmp_path / ".out.lock").write_text(json.dumps(
-        {"pid": int(dead.stdout), "host": socket.gethostname(), "time": 0}))
+    (tmp_path / ".out.lock").write_text(
+        json.dumps({"pid": int(dead.stdout), "host": socket.gethostname(), "time": 0})
+    )
     with OutputLock(target) as lock:
         assert lock.held
     # The second run can also wait for the first to finish.
@@ -182,12 +187,27 @@ def test_lock_refuses_a_live_holder_and_takes_over_a_dead_one(tmp_path):
 def test_two_concurrent_runs_on_one_output(twins, tiny_model, tmp_path):
     a, _ = twins
     out = tmp_path / "results"
-    cmd = [sys.executable, "-c", "import sys; from wsi_anomaly.cli import main; sys.exit(main())",
-           "heatmap", str(a), "--model", str(tiny_model),
-           "--out", str(out), "--device", "cpu", "--batch-size", "8", "-q"]
+    cmd = [
+        sys.executable,
+        "-c",
+        "import sys; from wsi_anomaly.cli import main; sys.exit(main())",
+        "heatmap",
+        str(a),
+        "--model",
+        str(tiny_model),
+        "--out",
+        str(out),
+        "--device",
+        "cpu",
+        "--batch-size",
+        "8",
+        "-q",
+    ]
     env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
-    procs = [subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                              env=env) for _ in range(2)]
+    procs = [
+        subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+        for _ in range(2)
+    ]
     results = [(p.wait(timeout=600), p.stderr.read()) for p in procs]
     for _code, err in results:
         assert "Traceback" not in err, err
@@ -210,9 +230,12 @@ def test_two_slides_in_flight_give_the_same_results(twins, tiny_model, tmp_path)
     two = run_cohort([a, b], tmp_path / "two", tiny_model, settings(slides_in_flight=2))
     assert [r["status"] for r in two] == ["ok", "ok"]
     for x, y in zip(one, two):
-        np.testing.assert_allclose(TileStore(Path(y["output"]) / "tiles.zarr").scores,
-                                   TileStore(Path(x["output"]) / "tiles.zarr").scores,
-                                   rtol=1e-5, atol=1e-7)
+        np.testing.assert_allclose(
+            TileStore(Path(y["output"]) / "tiles.zarr").scores,
+            TileStore(Path(x["output"]) / "tiles.zarr").scores,
+            rtol=1e-5,
+            atol=1e-7,
+        )
 
 
 def test_lock_of_another_host_is_stale_once_its_heartbeat_stops(tmp_path):
@@ -240,8 +263,10 @@ def test_names_too_long_are_one_line(twins, tiny_model, tmp_path, capsys, monkey
     a, _ = twins
     monkeypatch.chdir(tmp_path)
     long = "x" * 300
-    for argv in (["tile", str(a), "--out", long + ".zarr"],
-                 ["heatmap", str(a), "--model", str(tiny_model), "--out", long, "-q"]):
+    for argv in (
+        ["tile", str(a), "--out", long + ".zarr"],
+        ["heatmap", str(a), "--model", str(tiny_model), "--out", long, "-q"],
+    ):
         code = main(argv)
         err = capsys.readouterr().err
         assert code == 2 and "Traceback" not in err and len(err.strip().splitlines()) == 1, err

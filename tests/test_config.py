@@ -15,8 +15,9 @@ def test_presets_load_and_differ():
 
 
 def test_overrides_and_round_trip():
-    cfg = load_config("haloae_fast", {"train": {"epochs": 3}, "seed": 7,
-                                      "model": {"backbone_weights": "random"}})
+    cfg = load_config(
+        "haloae_fast", {"train": {"epochs": 3}, "seed": 7, "model": {"backbone_weights": "random"}}
+    )
     assert cfg.train.epochs == 3 and cfg.seed == 7 and cfg.model.backbone_weights == "random"
     assert config_from_dict(cfg.to_dict()) == cfg
 
@@ -39,22 +40,26 @@ def test_bad_configs(tmp_path):
 
 # -- values checked up front: one line naming the key --------------------------------------------
 
-@pytest.mark.parametrize("overrides, key", [
-    ({"train": {"epochs": 1.5}}, "train.epochs"),
-    ({"train": {"lr": -1}}, "train.lr"),
-    ({"train": {"lr": 0}}, "train.lr"),
-    ({"train": {"loss_terms": 5}}, "train.loss_terms"),
-    ({"train": {"loss_terms": "cls"}}, "train.loss_terms"),
-    ({"train": {"epochs": True}}, "train.epochs"),
-    ({"train": {"lr": False}}, "train.lr"),
-    ({"train": {"weight_decay": -0.1}}, "train.weight_decay"),
-    ({"atacnet": {"lr": -2e-4}}, "atacnet.lr"),
-    ({"atacnet": {"batch_size": 4.5}}, "atacnet.batch_size"),
-    ({"model": {"name": 3}}, "model.name"),
-    ({"model": {"released_mask": 1}}, "model.released_mask"),
-    ({"seed": 0.5}, "seed"),
-    ({"model": {"nam": "haloae"}}, "nam"),
-])
+
+@pytest.mark.parametrize(
+    "overrides, key",
+    [
+        ({"train": {"epochs": 1.5}}, "train.epochs"),
+        ({"train": {"lr": -1}}, "train.lr"),
+        ({"train": {"lr": 0}}, "train.lr"),
+        ({"train": {"loss_terms": 5}}, "train.loss_terms"),
+        ({"train": {"loss_terms": "cls"}}, "train.loss_terms"),
+        ({"train": {"epochs": True}}, "train.epochs"),
+        ({"train": {"lr": False}}, "train.lr"),
+        ({"train": {"weight_decay": -0.1}}, "train.weight_decay"),
+        ({"atacnet": {"lr": -2e-4}}, "atacnet.lr"),
+        ({"atacnet": {"batch_size": 4.5}}, "atacnet.batch_size"),
+        ({"model": {"name": 3}}, "model.name"),
+        ({"model": {"released_mask": 1}}, "model.released_mask"),
+        ({"seed": 0.5}, "seed"),
+        ({"model": {"nam": "haloae"}}, "nam"),
+    ],
+)
 def test_wrong_types_and_ranges_name_the_key(overrides, key):
     with pytest.raises(InvalidInputError) as info:
         load_config("haloae_fast", overrides)

@@ -11,7 +11,9 @@ PRESETS = sorted(p.name for p in PRESET_DIR.glob("*.yaml"))
 
 
 def test_there_are_presets():
-    assert {"haloae_paper.yaml", "haloae_fast.yaml", "atacnet.yaml", "atacnet_fast.yaml"} <= set(PRESETS)
+    assert {"haloae_paper.yaml", "haloae_fast.yaml", "atacnet.yaml", "atacnet_fast.yaml"} <= set(
+        PRESETS
+    )
 
 
 @pytest.mark.parametrize("name", PRESETS)

@@ -13,9 +13,20 @@ REPO = Path(__file__).resolve().parents[1]
 def test_smoke_prints_the_table_and_bf16_agrees(tmp_path):
     out = tmp_path / "check.json"
     done = subprocess.run(
-        [sys.executable, str(REPO / "benchmarks" / "device_check.py"), "--smoke",
-         "--json", str(out), "--work", str(tmp_path / "work")],
-        cwd=REPO, capture_output=True, text=True, timeout=900)
+        [
+            sys.executable,
+            str(REPO / "benchmarks" / "device_check.py"),
+            "--smoke",
+            "--json",
+            str(out),
+            "--work",
+            str(tmp_path / "work"),
+        ],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
     assert done.returncode == 0, done.stderr[-3000:]
     table = [line for line in done.stdout.splitlines() if line.startswith("| ")]
     assert table[0].startswith("| measure | setting | value | target | met |")
@@ -23,8 +34,13 @@ def test_smoke_prints_the_table_and_bf16_agrees(tmp_path):
     for precision in ("fp32", "bf16"):
         for batch in (2, 4):
             assert f"| model tiles/s | {precision} eager batch {batch} |" in text
-    for measure in ("bf16 vs fp32 Spearman", "bf16 vs fp32 calls differing",
-                    "slide file → pictures s", "GPU busy % while scoring", "peak host RSS MiB"):
+    for measure in (
+        "bf16 vs fp32 Spearman",
+        "bf16 vs fp32 calls differing",
+        "slide file → pictures s",
+        "GPU busy % while scoring",
+        "peak host RSS MiB",
+    ):
         assert f"| {measure} |" in text, measure
 
     result = json.loads(out.read_text())

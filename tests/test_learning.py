@@ -30,7 +30,7 @@ def test_trained_texture_scores_lower_than_other_texture(tmp_path):
     assert len(tumour) >= 16 and len(stroma) >= 8, (len(tumour), len(stroma))
     rng = np.random.default_rng(0)
     tumour = rng.permutation(tumour)
-    train_idx, held_out = tumour[: len(tumour) // 2], tumour[len(tumour) // 2:][:12]
+    train_idx, held_out = tumour[: len(tumour) // 2], tumour[len(tumour) // 2 :][:12]
     stroma = rng.permutation(stroma)[:12]
 
     dataset = ZarrTileDataset(store_path)

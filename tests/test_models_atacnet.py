@@ -195,7 +195,7 @@ def test_two_blobs_give_their_joint_box_and_non_square_images_work():
     assert attention_crop_boxes(maps[None], 224, 0.5, 32, 0).tolist() == [[32, 32, 192, 160]]
     # Cells of 32×16 px. Bilinear weights multiply, so the ≥ ½ region of a single cell is a
     # little narrower than the cell where the other axis is off-centre.
-    (x0, y0, x1, y1), = attention_crop_boxes(_blob(2, 3)[None], (112, 224), 0.5, 1, 0).tolist()
+    ((x0, y0, x1, y1),) = attention_crop_boxes(_blob(2, 3)[None], (112, 224), 0.5, 1, 0).tolist()
     assert (y0, y1) == (32, 48)
     assert 96 <= x0 <= 97 and 127 <= x1 <= 128
 
@@ -224,8 +224,9 @@ def test_crop_and_resize():
     out = crop_and_resize(x, boxes, size=16)
     assert out.shape == (2, 3, 16, 16)
     torch.testing.assert_close(out[0], x[0])  # the whole image at its own size: unchanged
-    expected = F.interpolate(x[1:, :, 2:10, 4:12], size=(16, 16), mode="bilinear",
-                             align_corners=False)
+    expected = F.interpolate(
+        x[1:, :, 2:10, 4:12], size=(16, 16), mode="bilinear", align_corners=False
+    )
     torch.testing.assert_close(out[1:], expected)
     assert crop_and_resize(x, boxes, size=(8, 4)).shape == (2, 3, 8, 4)
 
@@ -243,8 +244,9 @@ def test_deviation_loss_hand_computed():
     # margin 2: anomalies give 0 and 0 → (0 + 1 + 0 + 0) / 4.
     torch.testing.assert_close(deviation_loss(scores, labels, margin=2.0), torch.tensor(0.25))
     # Negative scores of normals count by their magnitude.
-    torch.testing.assert_close(deviation_loss(torch.tensor([-3.0]), torch.tensor([0])),
-                               torch.tensor(3.0))
+    torch.testing.assert_close(
+        deviation_loss(torch.tensor([-3.0]), torch.tensor([0])), torch.tensor(3.0)
+    )
 
 
 def test_weighted_ce_hand_computed():
@@ -268,8 +270,9 @@ def test_loss_dispatch():
         atacnet_loss("cutmix_bce", outputs, labels),
         F.binary_cross_entropy_with_logits(outputs["score"], labels),
     )
-    torch.testing.assert_close(atacnet_loss("weighted_ce", outputs, labels),
-                               weighted_ce_loss(outputs["score"], labels))
+    torch.testing.assert_close(
+        atacnet_loss("weighted_ce", outputs, labels), weighted_ce_loss(outputs["score"], labels)
+    )
     for variant in ("devnet", "atacnet"):
         torch.testing.assert_close(atacnet_loss(variant, outputs, labels), torch.tensor(0.65))
     with pytest.raises(ValueError, match="unknown ATAC-Net variant"):
@@ -436,8 +439,9 @@ def test_clahe_raises_local_contrast_and_accepts_every_input_form():
     x = preprocess(rgb, size=64)
     assert x.shape == (3, 64, 64)
     torch.testing.assert_close(preprocess(Image.fromarray(rgb), size=64), x)
-    torch.testing.assert_close(preprocess(torch.from_numpy(rgb).permute(2, 0, 1) / 255.0,
-                                          size=64), x)
+    torch.testing.assert_close(
+        preprocess(torch.from_numpy(rgb).permute(2, 0, 1) / 255.0, size=64), x
+    )
     torch.testing.assert_close(preprocess(grey, size=64), x)
     plain = preprocess(rgb, size=96, clahe=False)
     standardised = (torch.from_numpy(grey).float() / 255.0 - ATACNET_MEAN[0]) / ATACNET_STD[0]

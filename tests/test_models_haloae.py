@@ -88,7 +88,6 @@ def test_attention_options():
         HaloAE(load_vgg19("random"), attention="swin")
 
 
-
 def test_blocks_c_d_e_can_start_from_the_released_codes_kaiming_initialisation():
     torch.manual_seed(0)
     backbone = load_vgg19("random")
@@ -97,10 +96,14 @@ def test_blocks_c_d_e_can_start_from_the_released_codes_kaiming_initialisation()
     default_fan_in = default.encoder.head[0].weight[0].numel()
     # PyTorch's default (kaiming_uniform with a=√5): std √(1 / (3·fan_in)).
     assert float(default.encoder.head[0].weight.std()) == pytest.approx(
-        (1 / (3 * default_fan_in)) ** 0.5, rel=0.05)
+        (1 / (3 * default_fan_in)) ** 0.5, rel=0.05
+    )
     model = HaloAE(backbone, released_init=True)
-    layers = [m for name, m in model.named_modules() if not name.startswith("backbone")
-              and isinstance(m, (torch.nn.Conv2d, torch.nn.Linear))]
+    layers = [
+        m
+        for name, m in model.named_modules()
+        if not name.startswith("backbone") and isinstance(m, (torch.nn.Conv2d, torch.nn.Linear))
+    ]
     assert len(layers) > 40
     for layer in layers:
         if layer.bias is not None:

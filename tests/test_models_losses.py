@@ -132,11 +132,18 @@ def test_training_step_uses_the_renormalised_weights(monkeypatch):
 
     def spy(out, images_norm, labels, weights, terms):
         seen.append((tuple(weights), tuple(terms)))
-        return torch.zeros((), requires_grad=True), {k: torch.zeros(()) for k in "cls fm im".split()}
+        return torch.zeros((), requires_grad=True), {
+            k: torch.zeros(()) for k in "cls fm im".split()
+        }
 
     monkeypatch.setattr(haloae_family, "haloae_loss", spy)
-    config = load_config("haloae_fast", {"model": {"backbone_weights": "random"},
-                                          "train": {"loss_terms": ["fm", "im"], "epochs": 4}})
+    config = load_config(
+        "haloae_fast",
+        {
+            "model": {"backbone_weights": "random"},
+            "train": {"loss_terms": ["fm", "im"], "epochs": 4},
+        },
+    )
     family = haloae_family.HaloAEFamily()
 
     class Runtime:
@@ -149,16 +156,23 @@ def test_training_step_uses_the_renormalised_weights(monkeypatch):
         @staticmethod
         def autocast():
             import contextlib
+
             return contextlib.nullcontext()
 
     class Model(torch.nn.Module):
         def forward(self, x):
             return {}
 
-    family.train_step(Model(), torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=0.1),
-                      torch.rand(1, 3, 256, 256), config, 1, torch.Generator().manual_seed(0),
-                      Runtime())
-    (weights, terms), = seen
+    family.train_step(
+        Model(),
+        torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=0.1),
+        torch.rand(1, 3, 256, 256),
+        config,
+        1,
+        torch.Generator().manual_seed(0),
+        Runtime(),
+    )
+    ((weights, terms),) = seen
     assert terms == ("fm", "im") and weights[0] == 0.0 and sum(weights) == pytest.approx(1.0)
     record = family.epoch_record({"loss": 1.0}, 1, config, 1, None)
     assert record["w_cls"] == 0.0 and record["w_fm"] + record["w_im"] == pytest.approx(1.0)

@@ -32,6 +32,7 @@ def test_smoothing_keeps_constants_and_spreads_an_impulse():
     # (1, 1) is mirrored onto all four diagonal neighbours of (0, 0); zero padding gives 1/16.
     assert smooth_map(inner)[0, 0, 0].item() == pytest.approx(4 / 16)
 
+
 def test_anomaly_map_normalisation_and_scores():
     fm = torch.zeros(2, 4, 8, 8)
     fm_hat = torch.zeros(2, 4, 8, 8)

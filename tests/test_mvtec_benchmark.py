@@ -87,8 +87,14 @@ def test_image_only_models_get_no_pixel_metrics(data_root):
     metrics = compute_metrics(evaluation, test)
     assert evaluation.maps is None and metrics["image_auroc"]["score"] == 1.0
     assert metrics["pixel_auroc"] is None and metrics["aupro"] is None
-    record = {"category": "hazelnut", "status": "ok", "score_names": ["score"], "metrics": metrics,
-              "paper": {"image_auroc": 99.8, "pixel_auroc": 97.8}, "timing": {}}
+    record = {
+        "category": "hazelnut",
+        "status": "ok",
+        "score_names": ["score"],
+        "metrics": metrics,
+        "paper": {"image_auroc": 99.8, "pixel_auroc": 97.8},
+        "timing": {},
+    }
     table = markdown_table([record])
     row = next(line for line in table.splitlines() if line.startswith("| hazelnut"))
     cells = [c.strip() for c in row.strip("|").split("|")]
@@ -101,8 +107,24 @@ def trained_run(data_root, tiny_yaml, tmp_path_factory):
     from wsi_anomaly.cli import main
 
     out = tmp_path_factory.mktemp("results")
-    code = main(["mvtec", "--root", str(data_root), "--category", "widget", "--config",
-                 str(tiny_yaml), "--out", str(out), "--device", "cpu", "--figures", "2", "-q"])
+    code = main(
+        [
+            "mvtec",
+            "--root",
+            str(data_root),
+            "--category",
+            "widget",
+            "--config",
+            str(tiny_yaml),
+            "--out",
+            str(out),
+            "--device",
+            "cpu",
+            "--figures",
+            "2",
+            "-q",
+        ]
+    )
     assert code == 0
     return out
 
@@ -134,16 +156,43 @@ def test_mvtec_command_writes_category_folder_and_tables(trained_run):
 def test_rerun_skips_done_categories(capsys, trained_run, data_root, tiny_yaml):
     model = trained_run / "widget" / "model.pt"
     before = model.stat().st_mtime_ns
-    code, out, _ = run(capsys, "mvtec", "--root", str(data_root), "--config", str(tiny_yaml),
-                       "--out", str(trained_run), "--device", "cpu", "-q")
+    code, out, _ = run(
+        capsys,
+        "mvtec",
+        "--root",
+        str(data_root),
+        "--config",
+        str(tiny_yaml),
+        "--out",
+        str(trained_run),
+        "--device",
+        "cpu",
+        "-q",
+    )
     assert code == 0 and "widget: skipped (done)" in out
     assert model.stat().st_mtime_ns == before
 
 
 def test_checkpoint_dir_evaluates_without_training(capsys, trained_run, data_root, tmp_path):
-    code, out, _ = run(capsys, "mvtec", "--root", str(data_root), "--category", "widget",
-                       "--checkpoint-dir", str(trained_run), "--out", str(tmp_path), "--device",
-                       "cpu", "--figures", "0", "--loader-workers", "0", "-q")
+    code, out, _ = run(
+        capsys,
+        "mvtec",
+        "--root",
+        str(data_root),
+        "--category",
+        "widget",
+        "--checkpoint-dir",
+        str(trained_run),
+        "--out",
+        str(tmp_path),
+        "--device",
+        "cpu",
+        "--figures",
+        "0",
+        "--loader-workers",
+        "0",
+        "-q",
+    )
     assert code == 0 and "widget: ok" in out
     assert not (tmp_path / "widget" / "model.pt").exists()
     record = json.loads((tmp_path / "widget" / "metrics.json").read_text())
@@ -154,13 +203,28 @@ def test_checkpoint_dir_evaluates_without_training(capsys, trained_run, data_roo
 
 
 def test_workflow_writes_a_summary(capsys, trained_run, data_root, tmp_path):
-    spec = importlib.util.spec_from_file_location("mvtec_workflow",
-                                                  REPO / "workflows" / "mvtec_benchmark.py")
+    spec = importlib.util.spec_from_file_location(
+        "mvtec_workflow", REPO / "workflows" / "mvtec_benchmark.py"
+    )
     workflow = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(workflow)
-    code = workflow.main(["--root", str(data_root), "--categories", "widget", "--checkpoint-dir",
-                          str(trained_run), "--out", str(tmp_path), "--device", "cpu",
-                          "--loader-workers", "0", "-q"])
+    code = workflow.main(
+        [
+            "--root",
+            str(data_root),
+            "--categories",
+            "widget",
+            "--checkpoint-dir",
+            str(trained_run),
+            "--out",
+            str(tmp_path),
+            "--device",
+            "cpu",
+            "--loader-workers",
+            "0",
+            "-q",
+        ]
+    )
     assert code == 0
     summary = (tmp_path / "summary.md").read_text()
     assert "| widget |" in summary and "Runtime per category" in summary and "92.0" in summary
@@ -178,8 +242,16 @@ def test_bad_input_gives_one_line(capsys, data_root, tmp_path):
     assert_one_error_line(code, err, "'carpet' not found", "available: widget")
     code, _, err = run(capsys, "mvtec", "--root", str(data_root), "--family", "nosuch")
     assert_one_error_line(code, err, "available: atacnet, haloae")
-    code, _, err = run(capsys, "mvtec", "--root", str(data_root), "--checkpoint-dir",
-                       str(tmp_path), "--out", str(tmp_path / "o"))
+    code, _, err = run(
+        capsys,
+        "mvtec",
+        "--root",
+        str(data_root),
+        "--checkpoint-dir",
+        str(tmp_path),
+        "--out",
+        str(tmp_path / "o"),
+    )
     assert_one_error_line(code, err, "no checkpoint for category 'widget'")
 
     broken = tmp_path / "broken"
@@ -188,7 +260,8 @@ def test_bad_input_gives_one_line(capsys, data_root, tmp_path):
     code, _, err = run(capsys, "mvtec", "--root", str(broken), "--out", str(tmp_path / "o"))
     assert_one_error_line(code, err, "has no ground-truth mask")
     (broken / "widget" / "ground_truth" / "scratch" / "000_mask.png").write_bytes(
-        (broken / "widget" / "ground_truth" / "scratch" / "001_mask.png").read_bytes())
+        (broken / "widget" / "ground_truth" / "scratch" / "001_mask.png").read_bytes()
+    )
     from PIL import Image
 
     Image.new("L", (70, 64)).save(broken / "widget" / "ground_truth" / "spot" / "000_mask.png")
@@ -199,9 +272,23 @@ def test_bad_input_gives_one_line(capsys, data_root, tmp_path):
 
 @pytest.mark.skipif(not HAZELNUT.is_dir(), reason=f"shared MVTec subset not present: {HAZELNUT}")
 def test_hazelnut_end_to_end(capsys, tiny_yaml, tmp_path):
-    code, out, _ = run(capsys, "mvtec", "--root", str(HAZELNUT.parent), "--category", "hazelnut",
-                       "--config", str(tiny_yaml), "--out", str(tmp_path), "--device", "cpu",
-                       "--figures", "1", "-q")
+    code, out, _ = run(
+        capsys,
+        "mvtec",
+        "--root",
+        str(HAZELNUT.parent),
+        "--category",
+        "hazelnut",
+        "--config",
+        str(tiny_yaml),
+        "--out",
+        str(tmp_path),
+        "--device",
+        "cpu",
+        "--figures",
+        "1",
+        "-q",
+    )
     assert code == 0
     record = json.loads((tmp_path / "hazelnut" / "metrics.json").read_text())
     assert record["n_train"] == 50 and record["n_test"] == 10 and record["n_defective"] == 8
@@ -227,8 +314,14 @@ def test_data_without_masks_gets_image_metrics_only(no_mask_root, tmp_path):
     assert metrics["image_auroc"]["max"] == 1.0
     assert metrics["pixel_auroc"] is None and metrics["aupro"] is None
     assert metrics["pixel_metrics"] == "n/a — no masks"
-    record = {"category": "widget", "status": "ok", "score_names": ["max", "mean"],
-              "metrics": metrics, "paper": None, "timing": {}}
+    record = {
+        "category": "widget",
+        "status": "ok",
+        "score_names": ["max", "mean"],
+        "metrics": metrics,
+        "paper": None,
+        "timing": {},
+    }
     _, _, table = write_tables([record], tmp_path)
     row = next(line for line in table.splitlines() if line.startswith("| widget"))
     cells = [c.strip() for c in row.strip("|").split("|")]
@@ -239,9 +332,25 @@ def test_data_without_masks_gets_image_metrics_only(no_mask_root, tmp_path):
 
 
 def test_mvtec_command_runs_data_without_masks(capsys, trained_run, no_mask_root, tmp_path):
-    code, out, _ = run(capsys, "mvtec", "--root", str(no_mask_root), "--category", "widget",
-                       "--checkpoint-dir", str(trained_run), "--out", str(tmp_path), "--device",
-                       "cpu", "--figures", "2", "--loader-workers", "0", "-q")
+    code, out, _ = run(
+        capsys,
+        "mvtec",
+        "--root",
+        str(no_mask_root),
+        "--category",
+        "widget",
+        "--checkpoint-dir",
+        str(trained_run),
+        "--out",
+        str(tmp_path),
+        "--device",
+        "cpu",
+        "--figures",
+        "2",
+        "--loader-workers",
+        "0",
+        "-q",
+    )
     assert code == 0 and "widget: ok" in out
     record = json.loads((tmp_path / "widget" / "metrics.json").read_text())
     assert record["has_masks"] is False and record["metrics"]["pixel_metrics"] == "n/a — no masks"
@@ -255,10 +364,19 @@ def test_conv_attention_is_not_labelled_as_the_papers_cnn_row():
     from wsi_anomaly.mvtec.benchmark import markdown_table
     from wsi_anomaly.mvtec.paper import paper_reference
 
-    record = {"category": "hazelnut", "status": "ok", "score_names": ["mean"],
-              "metrics": {"image_auroc": {"mean": 0.9}, "pixel_auroc": 0.9,
-                          "pixel_auroc_128_paper": 0.9, "aupro": 0.5},
-              "paper": {"image_auroc": 99.8, "pixel_auroc": 97.8}, "timing": {}}
+    record = {
+        "category": "hazelnut",
+        "status": "ok",
+        "score_names": ["mean"],
+        "metrics": {
+            "image_auroc": {"mean": 0.9},
+            "pixel_auroc": 0.9,
+            "pixel_auroc_128_paper": 0.9,
+            "aupro": 0.5,
+        },
+        "paper": {"image_auroc": 99.8, "pixel_auroc": 97.8},
+        "timing": {},
+    }
     conv = tiny_config()
     conv.model.attention = "conv"
     assert paper_reference(conv) is None

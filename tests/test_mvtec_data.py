@@ -75,7 +75,9 @@ def test_bad_layouts_are_explained(root, tmp_path_factory):
         resolve_categories(empty)
     with pytest.raises(InputNotFoundError, match="not found"):
         resolve_categories(empty / "nowhere")
-    with pytest.raises(InputNotFoundError, match=r"'carpet' not found .*available: greyish, widget"):
+    with pytest.raises(
+        InputNotFoundError, match=r"'carpet' not found .*available: greyish, widget"
+    ):
         resolve_categories(root, ["widget", "carpet"])
 
     (root / "widget" / "ground_truth" / "spot" / "001_mask.png").unlink()

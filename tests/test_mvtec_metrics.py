@@ -29,10 +29,9 @@ def hand_case(tie: bool = False):
       0.1 the 7 other normals   → (1.0, 1.0)
     """
     mask = np.zeros((2, 4), bool)
-    mask[0, 0] = mask[0, 1] = True    # region A
-    mask[1, 3] = True                 # region B (not 8-connected to A)
-    scores = np.array([[0.9, 0.6 if tie else 0.5, 0.1, 0.1],
-                       [0.8, 0.6, 0.4, 0.7]])
+    mask[0, 0] = mask[0, 1] = True  # region A
+    mask[1, 3] = True  # region B (not 8-connected to A)
+    scores = np.array([[0.9, 0.6 if tie else 0.5, 0.1, 0.1], [0.8, 0.6, 0.4, 0.7]])
     return [mask, np.zeros((1, 5), bool)], [scores, np.full((1, 5), 0.1)]
 
 
@@ -92,7 +91,7 @@ def test_aupro_matches_a_brute_force_threshold_sweep():
         m = np.zeros((20, 24), bool)
         for _ in range(rng.integers(0, 3)):
             y, x = rng.integers(0, 16, size=2)
-            m[y:y + rng.integers(1, 5), x:x + rng.integers(1, 7)] = True
+            m[y : y + rng.integers(1, 5), x : x + rng.integers(1, 7)] = True
         s = rng.random((20, 24)).round(2) + 0.4 * m  # rounded: many ties
         masks.append(m)
         maps.append(s)
@@ -132,6 +131,6 @@ def test_resizing_for_native_and_paper_protocols():
     assert big.shape == (8, 12) and big.dtype == np.float32
     assert big.min() >= small.min() and big.max() <= small.max()
     mask = np.zeros((1024, 1024), bool)
-    mask[500:502, :] = True        # a 2-px line: bilinear 8× downsampling keeps it (> 0)
+    mask[500:502, :] = True  # a 2-px line: bilinear 8× downsampling keeps it (> 0)
     paper = paper_protocol_mask(mask)
     assert paper.shape == (128, 128) and paper.any() and paper.sum() <= 3 * 128

@@ -31,10 +31,14 @@ def data_root(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def atac_yaml(tmp_path_factory):
-    config = load_config("atacnet_fast", {
-        "model": {"backbone_weights": "random"},
-        "atacnet": {"epochs": 1, "steps_per_epoch": 1, "batch_size": 4},
-        "train": {"calibration_tiles": 4, "workers": 0}})
+    config = load_config(
+        "atacnet_fast",
+        {
+            "model": {"backbone_weights": "random"},
+            "atacnet": {"epochs": 1, "steps_per_epoch": 1, "batch_size": 4},
+            "train": {"calibration_tiles": 4, "workers": 0},
+        },
+    )
     path = tmp_path_factory.mktemp("config") / "atac_tiny.yaml"
     save_config(config, path)
     return path
@@ -49,7 +53,9 @@ def test_no_training_anomaly_in_the_test_split(data_root, setting, known):
     category = MVTecCategory(data_root / "many")
     for seed in range(5):
         split = draw_split(category, 3, setting, known, seed)
-        assert len(split.train_anomalies) == 3 and not names(split.train_anomalies) & names(split.test)
+        assert len(split.train_anomalies) == 3 and not names(split.train_anomalies) & names(
+            split.test
+        )
         assert all(s.label == 1 for s in split.train_anomalies)
         assert names(split.train_anomalies) | names(split.test) <= names(category.test_samples)
         if setting == "hard":
@@ -67,8 +73,10 @@ def test_split_is_deterministic_per_seed_and_differs_across_seeds(data_root):
     assert a.to_dict() == b.to_dict()
     drawn = {tuple(draw_split(category, 4, seed=s).to_dict()["train_anomalies"]) for s in range(4)}
     assert len(drawn) > 1
-    hard = {tuple(draw_split(category, 2, "hard", "scratch", s).to_dict()["train_anomalies"])
-            for s in range(4)}
+    hard = {
+        tuple(draw_split(category, 2, "hard", "scratch", s).to_dict()["train_anomalies"])
+        for s in range(4)
+    }
     assert len(hard) > 1
 
 
@@ -102,10 +110,34 @@ def weak_run(data_root, atac_yaml, tmp_path_factory):
     from wsi_anomaly.cli import main
 
     out = tmp_path_factory.mktemp("weak_results")
-    code = main(["mvtec", "--family", "atacnet", "--anomalies", "2", "--seeds", "2", "--root",
-                 str(data_root), "--category", "widget", "--config", str(atac_yaml), "--out",
-                 str(out), "--device", "cpu", "--backbone-weights", "random", "--seed", "5",
-                 "--eval-batch-size", "8", "-q"])
+    code = main(
+        [
+            "mvtec",
+            "--family",
+            "atacnet",
+            "--anomalies",
+            "2",
+            "--seeds",
+            "2",
+            "--root",
+            str(data_root),
+            "--category",
+            "widget",
+            "--config",
+            str(atac_yaml),
+            "--out",
+            str(out),
+            "--device",
+            "cpu",
+            "--backbone-weights",
+            "random",
+            "--seed",
+            "5",
+            "--eval-batch-size",
+            "8",
+            "-q",
+        ]
+    )
     assert code == 0
     return out
 
@@ -139,31 +171,99 @@ def test_weak_command_end_to_end(weak_run, data_root):
 def test_weak_rerun_skips_done_seeds(capsys, weak_run, data_root, atac_yaml):
     model = weak_run / "widget" / "seed5" / "model.pt"
     before = model.stat().st_mtime_ns
-    code, out, _ = run(capsys, "mvtec", "--family", "atacnet", "--anomalies", "2", "--seeds", "2",
-                       "--root", str(data_root), "--category", "widget", "--config",
-                       str(atac_yaml), "--out", str(weak_run), "--device", "cpu", "--seed", "5",
-                       "-q")
+    code, out, _ = run(
+        capsys,
+        "mvtec",
+        "--family",
+        "atacnet",
+        "--anomalies",
+        "2",
+        "--seeds",
+        "2",
+        "--root",
+        str(data_root),
+        "--category",
+        "widget",
+        "--config",
+        str(atac_yaml),
+        "--out",
+        str(weak_run),
+        "--device",
+        "cpu",
+        "--seed",
+        "5",
+        "-q",
+    )
     assert code == 0 and "widget seed 5: skipped (done)" in out
     assert model.stat().st_mtime_ns == before
 
 
-@pytest.mark.parametrize("extra,needles", [
-    (["--family", "atacnet", "--anomalies", "5"], ["only 4", "--anomalies"]),
-    (["--family", "atacnet", "--anomalies", "3", "--setting", "hard", "--known-type", "spot"],
-     ["only 2", "'spot'"]),
-    (["--anomalies", "2"], ["--anomalies", "--family atacnet"]),
-    (["--family", "atacnet", "--anomalies", "1", "--setting", "hard", "--known-type", "crack"],
-     ["'crack'", "available: scratch, spot"]),
-    (["--family", "atacnet", "--anomalies", "1", "--setting", "hard"], ["--known-type"]),
-    (["--family", "atacnet", "--anomalies", "paper"], ["widget", "--anomalies N"]),
-    (["--family", "atacnet", "--anomalies", "paper", "--setting", "hard", "--known-type", "spot"],
-     ["--anomalies paper", "--setting general"]),
-    (["--family", "atacnet", "--anomalies", "many"], ["--anomalies", "'paper'", "'many'"]),
-])
+@pytest.mark.parametrize(
+    "extra,needles",
+    [
+        (["--family", "atacnet", "--anomalies", "5"], ["only 4", "--anomalies"]),
+        (
+            [
+                "--family",
+                "atacnet",
+                "--anomalies",
+                "3",
+                "--setting",
+                "hard",
+                "--known-type",
+                "spot",
+            ],
+            ["only 2", "'spot'"],
+        ),
+        (["--anomalies", "2"], ["--anomalies", "--family atacnet"]),
+        (
+            [
+                "--family",
+                "atacnet",
+                "--anomalies",
+                "1",
+                "--setting",
+                "hard",
+                "--known-type",
+                "crack",
+            ],
+            ["'crack'", "available: scratch, spot"],
+        ),
+        (["--family", "atacnet", "--anomalies", "1", "--setting", "hard"], ["--known-type"]),
+        (["--family", "atacnet", "--anomalies", "paper"], ["widget", "--anomalies N"]),
+        (
+            [
+                "--family",
+                "atacnet",
+                "--anomalies",
+                "paper",
+                "--setting",
+                "hard",
+                "--known-type",
+                "spot",
+            ],
+            ["--anomalies paper", "--setting general"],
+        ),
+        (["--family", "atacnet", "--anomalies", "many"], ["--anomalies", "'paper'", "'many'"]),
+    ],
+)
 def test_bad_input_is_one_line(capsys, data_root, atac_yaml, tmp_path, extra, needles):
-    code, _, err = run(capsys, "mvtec", "--root", str(data_root), "--category", "widget",
-                       "--config", str(atac_yaml), "--out", str(tmp_path / "out"),
-                       "--device", "cpu", "-q", *extra)
+    code, _, err = run(
+        capsys,
+        "mvtec",
+        "--root",
+        str(data_root),
+        "--category",
+        "widget",
+        "--config",
+        str(atac_yaml),
+        "--out",
+        str(tmp_path / "out"),
+        "--device",
+        "cpu",
+        "-q",
+        *extra,
+    )
     assert_one_error_line(code, err, *needles)
     assert not (tmp_path / "out").exists()  # nothing trained or written
 
@@ -184,13 +284,34 @@ def test_workflow_runs_the_weak_protocol_with_paper_counts(capsys, atac_yaml, tm
     root = tmp_path / "mvtec"
     write_synthetic_category(root, "bottle", size_px=32, n_per_defect=3, n_good=3)
     spec = importlib.util.spec_from_file_location(
-        "mvtec_workflow", Path(__file__).resolve().parents[1] / "workflows" / "mvtec_benchmark.py")
+        "mvtec_workflow", Path(__file__).resolve().parents[1] / "workflows" / "mvtec_benchmark.py"
+    )
     workflow = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(workflow)
     out = tmp_path / "out"
-    code = workflow.main(["--root", str(root), "--categories", "bottle", "--config", str(atac_yaml),
-                          "--anomalies", "paper", "--seeds", "1", "--epochs", "1", "--out",
-                          str(out), "--device", "cpu", "--eval-batch-size", "8", "-q"])
+    code = workflow.main(
+        [
+            "--root",
+            str(root),
+            "--categories",
+            "bottle",
+            "--config",
+            str(atac_yaml),
+            "--anomalies",
+            "paper",
+            "--seeds",
+            "1",
+            "--epochs",
+            "1",
+            "--out",
+            str(out),
+            "--device",
+            "cpu",
+            "--eval-batch-size",
+            "8",
+            "-q",
+        ]
+    )
     assert code == 0
     split = json.loads((out / "bottle" / "seed0" / "split.json").read_text())
     assert split["n"] == 3 == len(split["train_anomalies"]) and len(split["test"]) == 6
@@ -223,25 +344,28 @@ def test_atacnet_sees_each_image_at_its_own_size_clahe_then_one_bicubic_resize(t
     def by_hand(rgb):
         rgb = equalise_contrast(rgb)
         rgb = np.asarray(Image.fromarray(rgb).resize((224, 224), Image.Resampling.BICUBIC))
-        return normalise(torch.from_numpy(rgb.copy()).permute(2, 0, 1).float() / 255.0,
-                         ATACNET_MEAN, ATACNET_STD)
+        return normalise(
+            torch.from_numpy(rgb.copy()).permute(2, 0, 1).float() / 255.0, ATACNET_MEAN, ATACNET_STD
+        )
 
     native = test.load_rgb(4)
     torch.testing.assert_close(x, by_hand(native))
-    resized_first = np.asarray(Image.fromarray(native).resize((256, 256),
-                                                              Image.Resampling.BILINEAR))
+    resized_first = np.asarray(
+        Image.fromarray(native).resize((256, 256), Image.Resampling.BILINEAR)
+    )
     assert (x - by_hand(resized_first)).abs().max() > 0.05  # the old order differs
 
 
 def test_images_of_different_sizes_are_evaluated_in_same_size_batches():
     from wsi_anomaly.mvtec.benchmark import _same_size_batches
 
-    images = [torch.zeros(3, 8, 8), torch.ones(3, 8, 8), torch.zeros(3, 6, 6),
-              torch.ones(3, 8, 8)]
+    images = [torch.zeros(3, 8, 8), torch.ones(3, 8, 8), torch.zeros(3, 6, 6), torch.ones(3, 8, 8)]
     batches = _same_size_batches(images)
     assert [tuple(b.shape) for b in batches] == [(2, 3, 8, 8), (1, 3, 6, 6), (1, 3, 8, 8)]
-    assert torch.equal(torch.cat([b.flatten(1)[:, :1] for b in batches if b.shape[-1] == 8]),
-                       torch.tensor([[0.0], [1.0], [1.0]]))
+    assert torch.equal(
+        torch.cat([b.flatten(1)[:, :1] for b in batches if b.shape[-1] == 8]),
+        torch.tensor([[0.0], [1.0], [1.0]]),
+    )
 
 
 def test_hard_setting_prints_only_the_paper_column_of_the_same_anomaly_count():

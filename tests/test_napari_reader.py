@@ -28,16 +28,41 @@ def results(small_slide, tmp_path_factory):
     hot = int(np.flatnonzero((grid_index == HOT).all(axis=1))[0])
     scores[hot] = 0.95
     scale = ColourScale(vmin=0.0, vcenter=0.5, vmax=1.0)
-    geometry = SlideGeometry(width=2048, height=1536, mpp=mpp, tile_size_l0=TILE,
-                             stride_l0=TILE, grid_cols=cols, grid_rows=rows)
-    write_slide_outputs(folder, slide_name="small.tif", geometry=geometry, coords=coords,
-                        grid_index=grid_index, scores=scores, max_scores=scores,
-                        thumbnail=np.full((96, 128, 3), 200, np.uint8), thumbnail_downsample=16.0,
-                        tissue_mask=np.ones((96, 128), bool), mask_downsample=16.0, scale=scale,
-                        top_tiles=[], tissue_fraction=np.ones(len(coords)))
-    (folder / "summary.json").write_text(json.dumps({
-        "slide": "small.tif", "slide_path": str(small_slide.path), "level0_mpp": mpp,
-        "colour_scale": {"vmin": 0.0, "vcenter": 0.5, "vmax": 1.0, "cmap": "coolwarm"}}))
+    geometry = SlideGeometry(
+        width=2048,
+        height=1536,
+        mpp=mpp,
+        tile_size_l0=TILE,
+        stride_l0=TILE,
+        grid_cols=cols,
+        grid_rows=rows,
+    )
+    write_slide_outputs(
+        folder,
+        slide_name="small.tif",
+        geometry=geometry,
+        coords=coords,
+        grid_index=grid_index,
+        scores=scores,
+        max_scores=scores,
+        thumbnail=np.full((96, 128, 3), 200, np.uint8),
+        thumbnail_downsample=16.0,
+        tissue_mask=np.ones((96, 128), bool),
+        mask_downsample=16.0,
+        scale=scale,
+        top_tiles=[],
+        tissue_fraction=np.ones(len(coords)),
+    )
+    (folder / "summary.json").write_text(
+        json.dumps(
+            {
+                "slide": "small.tif",
+                "slide_path": str(small_slide.path),
+                "level0_mpp": mpp,
+                "colour_scale": {"vmin": 0.0, "vcenter": 0.5, "vmax": 1.0, "cmap": "coolwarm"},
+            }
+        )
+    )
     return folder, mpp
 
 

@@ -14,8 +14,17 @@ from wsi_anomaly.pipeline import HeatmapSettings, find_slides, process_slide, ru
 from wsi_anomaly.slide.synthetic import write_synthetic_slide
 from wsi_anomaly.tiles import TileStore
 
-OUTPUTS = ("heatmap.png", "overlay.png", "thumbnail.png", "heatmap.ome.zarr", "tiles.geojson",
-           "tiles.csv", "top_tiles.png", "summary.json", "tiles.zarr")
+OUTPUTS = (
+    "heatmap.png",
+    "overlay.png",
+    "thumbnail.png",
+    "heatmap.ome.zarr",
+    "tiles.geojson",
+    "tiles.csv",
+    "top_tiles.png",
+    "summary.json",
+    "tiles.zarr",
+)
 
 
 @pytest.fixture(scope="module")
@@ -42,13 +51,24 @@ def test_one_slide_all_outputs(mini_slides, tiny_model, tmp_path):
     assert (store.max_scores >= store.scores).all()
     assert store.attrs["model"]["model_sha256"] == summary["model"]["model_sha256"]
     saved = json.loads((out / "summary.json").read_text())
-    for key in ("actual_mpp", "mpp_source", "level", "n_tiles", "score_quantiles", "timings_s",
-                "tiles_per_s", "model", "software_version", "tissue_fraction_slide"):
+    for key in (
+        "actual_mpp",
+        "mpp_source",
+        "level",
+        "n_tiles",
+        "score_quantiles",
+        "timings_s",
+        "tiles_per_s",
+        "model",
+        "software_version",
+        "tissue_fraction_slide",
+    ):
         assert key in saved, key
     assert saved["actual_mpp"] == pytest.approx(0.5, rel=1e-3)
     # Outputs point to the final files, not into the temporary folder they were built in.
-    assert saved["outputs"] and all(os.path.exists(p) and ".partial" not in p
-                                    for p in saved["outputs"].values())
+    assert saved["outputs"] and all(
+        os.path.exists(p) and ".partial" not in p for p in saved["outputs"].values()
+    )
     assert saved["package_versions"]["torch"] and saved["command"]
     features = json.loads((out / "tiles.geojson").read_text())["features"]
     assert len(features) == summary["n_tiles"]
@@ -64,8 +84,9 @@ def test_rerun_skips_and_overwrite_redoes(mini_slides, tiny_model, tmp_path):
     np.testing.assert_allclose(redone["score_mean"], first["score_mean"], rtol=1e-5)
 
 
-def test_crash_then_rerun_completes_with_same_scores(mini_slides, tiny_model, tmp_path,
-                                                     monkeypatch):
+def test_crash_then_rerun_completes_with_same_scores(
+    mini_slides, tiny_model, tmp_path, monkeypatch
+):
     _, a, _ = mini_slides
     clean = process_slide(a.path, tmp_path / "clean", tiny_model, settings())
 
@@ -80,9 +101,11 @@ def test_crash_then_rerun_completes_with_same_scores(mini_slides, tiny_model, tm
     assert not (tmp_path / "run" / "a.tif").exists()  # nothing that looks finished
     monkeypatch.undo()
     resumed = process_slide(a.path, tmp_path / "run", tiny_model, settings())
-    np.testing.assert_allclose(TileStore(tmp_path / "run" / "a.tif" / "tiles.zarr").scores,
-                               TileStore(tmp_path / "clean" / "a.tif" / "tiles.zarr").scores,
-                               rtol=1e-5)
+    np.testing.assert_allclose(
+        TileStore(tmp_path / "run" / "a.tif" / "tiles.zarr").scores,
+        TileStore(tmp_path / "clean" / "a.tif" / "tiles.zarr").scores,
+        rtol=1e-5,
+    )
     assert resumed["n_tiles"] == clean["n_tiles"]
 
 
@@ -97,8 +120,10 @@ def test_skip_errors_records_corrupt_slide(mini_slides, tiny_model, tmp_path):
         run_cohort([cohort], out, tiny_model, settings())
     rows = run_cohort([cohort], out, tiny_model, settings(), skip_errors=True)
     status = {r["slide"]: r["status"] for r in rows}
-    assert status == {"a.tif": "skipped (done)", "broken.tif": "failed"} or \
-        status == {"a.tif": "ok", "broken.tif": "failed"}
+    assert status == {"a.tif": "skipped (done)", "broken.tif": "failed"} or status == {
+        "a.tif": "ok",
+        "broken.tif": "failed",
+    }
     table = {r["slide"]: r for r in csv.DictReader((out / "summary.csv").open())}
     assert table["broken.tif"]["status"] == "failed" and table["broken.tif"]["error"]
     assert table["a.tif"]["status"] in ("ok", "skipped (done)")
@@ -121,12 +146,24 @@ def test_find_slides_inputs(mini_slides, tmp_path):
 
 def test_cli_heatmap_and_bad_input(mini_slides, tiny_model, tmp_path, capsys):
     _, a, _ = mini_slides
-    code = main(["heatmap", str(a.path), "--model", str(tiny_model), "--out", str(tmp_path),
-                 "--device", "cpu", "-q"])
+    code = main(
+        [
+            "heatmap",
+            str(a.path),
+            "--model",
+            str(tiny_model),
+            "--out",
+            str(tmp_path),
+            "--device",
+            "cpu",
+            "-q",
+        ]
+    )
     out, err = capsys.readouterr()
     assert code == 0 and "1 of 1 slides done" in out
-    code = main(["heatmap", str(a.path), "--model", str(tmp_path / "none.pt"), "--out",
-                 str(tmp_path)])
+    code = main(
+        ["heatmap", str(a.path), "--model", str(tmp_path / "none.pt"), "--out", str(tmp_path)]
+    )
     out, err = capsys.readouterr()
     assert code != 0 and "not found" in err and "Traceback" not in err
 
@@ -155,5 +192,9 @@ def test_keep_maps_gives_pixel_level_ngff(mini_slides, tiny_model, tmp_path):
     coarse = np.asarray(ngff["0"][:])
     assert fine.shape == (coarse.shape[0] * 16, coarse.shape[1] * 16)
     col, row = (int(v) for v in store.grid_index[0])
-    np.testing.assert_allclose(np.nanmean(fine[row * 16:(row + 1) * 16, col * 16:(col + 1) * 16]),
-                               coarse[row, col], rtol=1e-2, atol=1e-4)
+    np.testing.assert_allclose(
+        np.nanmean(fine[row * 16 : (row + 1) * 16, col * 16 : (col + 1) * 16]),
+        coarse[row, col],
+        rtol=1e-2,
+        atol=1e-4,
+    )

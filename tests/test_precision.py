@@ -23,8 +23,9 @@ def distinct_tiles(n: int, seed: int) -> list[torch.Tensor]:
     for _ in range(n):
         base = rng.uniform(0.2, 0.95, 3)[:, None, None]
         freq, angle = rng.uniform(1, 40), rng.uniform(0, np.pi)
-        wave = np.sin(2 * np.pi * freq * (np.cos(angle) * xx + np.sin(angle) * yy)
-                      + rng.uniform(0, 2 * np.pi))
+        wave = np.sin(
+            2 * np.pi * freq * (np.cos(angle) * xx + np.sin(angle) * yy) + rng.uniform(0, 2 * np.pi)
+        )
         tint = rng.uniform(-1, 1, 3)[:, None, None] * rng.uniform(0, 0.4)
         noise = rng.uniform(0, 0.25) * rng.standard_normal((3, 256, 256))
         tiles.append(torch.from_numpy(np.clip(base + tint * wave + noise, 0, 1).astype(np.float32)))
@@ -45,8 +46,9 @@ def tiny_checkpoint(tmp_path_factory):
     from wsi_anomaly.train import train_model
 
     out = tmp_path_factory.mktemp("precision") / "tiny.pt"
-    train_model(distinct_tiles(4, seed=1), tiny_config(), out, device="cpu", tile_mpp=0.5,
-                progress=False)
+    train_model(
+        distinct_tiles(4, seed=1), tiny_config(), out, device="cpu", tile_mpp=0.5, progress=False
+    )
     return out
 
 
@@ -67,7 +69,8 @@ def test_bf16_scores_rank_tiles_as_fp32(tiny_checkpoint):
     for precision in ("fp32", "bf16"):
         scorer = Scorer(tiny_checkpoint, device="cpu", precision=precision, batch_size=16)
         scores[precision] = np.concatenate(
-            [scorer.score(x[i:i + 16], keep_maps=False).mean for i in range(0, N_TILES, 16)])
+            [scorer.score(x[i : i + 16], keep_maps=False).mean for i in range(0, N_TILES, 16)]
+        )
     fp32, bf16 = scores["fp32"], scores["bf16"]
     assert np.isfinite(fp32).all() and np.isfinite(bf16).all()
     assert np.ptp(fp32) > 0.1 * np.abs(fp32).mean()  # the tiles really score differently

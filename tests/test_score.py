@@ -45,8 +45,9 @@ def test_score_images_csv_and_maps(tiny_model, tmp_path, small_store):
     (folder / "broken.png").write_bytes(b"not an image")
     Image.new("RGB", (64, 64)).save(folder / "small.png")
     out = tmp_path / "scores.csv"
-    summary = score_images(tiny_model, [folder], out, maps_dir=tmp_path / "maps", device="cpu",
-                           progress=False)
+    summary = score_images(
+        tiny_model, [folder], out, maps_dir=tmp_path / "maps", device="cpu", progress=False
+    )
     assert summary["scored"] == 3
     assert summary["skipped"] == {"unreadable": 1, "too_small": 1}
     rows = list(csv.DictReader(out.open()))
@@ -90,8 +91,9 @@ def test_maps_of_images_with_the_same_name_do_not_overwrite(tiny_model, tmp_path
         Image.fromarray(rgb).save(folder / sub / "tile.png")
     Image.fromarray(rgb).save(folder / "tile.jpg")
     out = tmp_path / "scores.csv"
-    score_images(tiny_model, [folder], out, maps_dir=tmp_path / "maps", device="cpu",
-                 progress=False)
+    score_images(
+        tiny_model, [folder], out, maps_dir=tmp_path / "maps", device="cpu", progress=False
+    )
     rows = list(csv.DictReader(out.open()))
     assert len({r["map"] for r in rows}) == 3
     assert sorted(p.name for p in (tmp_path / "maps").iterdir()) == sorted(r["map"] for r in rows)

@@ -26,15 +26,21 @@ def qupath_file(tmp_path):
     features = [
         feature({"type": "Polygon", "coordinates": [square(0, 0, 100)]}, {"name": "Tumor"}),
         # QuPath ≥ 0.4 derived class
-        feature({"type": "Polygon", "coordinates": [square(200, 0, 100)]},
-                {"names": ["Tumor", "Positive"], "color": [200, 0, 0]}),
+        feature(
+            {"type": "Polygon", "coordinates": [square(200, 0, 100)]},
+            {"names": ["Tumor", "Positive"], "color": [200, 0, 0]},
+        ),
         feature({"type": "Polygon", "coordinates": [square(400, 0, 100)]}, {"name": "Stroma"}),
         feature({"type": "Polygon", "coordinates": [square(600, 0, 100)]}),
         feature({"type": "Point", "coordinates": [5, 5]}, {"name": "Tumor"}),
         # A bow-tie: self-intersecting, as a brush stroke can be.
-        feature({"type": "Polygon", "coordinates": [[[0, 200], [100, 300], [100, 200],
-                                                     [0, 300], [0, 200]]]},
-                {"names": ["Tumor", "Negative"]}),
+        feature(
+            {
+                "type": "Polygon",
+                "coordinates": [[[0, 200], [100, 300], [100, 200], [0, 300], [0, 200]]],
+            },
+            {"names": ["Tumor", "Negative"]},
+        ),
     ]
     path = tmp_path / "regions.geojson"
     path.write_text(json.dumps({"type": "FeatureCollection", "features": features}))
@@ -71,8 +77,7 @@ def test_repaired_bow_tie_rasterises_as_two_triangles(qupath_file):
 def test_holes_and_multipolygons(tmp_path):
     ring = square(0, 0, 100)
     hole = square(40, 40, 20)
-    doc = [feature({"type": "MultiPolygon", "coordinates": [[ring, hole],
-                                                            [square(200, 200, 10)]]})]
+    doc = [feature({"type": "MultiPolygon", "coordinates": [[ring, hole], [square(200, 200, 10)]]})]
     path = tmp_path / "a.geojson"
     path.write_text(json.dumps(doc))
     polys = load_annotations(path)

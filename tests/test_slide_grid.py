@@ -5,8 +5,11 @@ from wsi_anomaly.errors import InvalidInputError
 from wsi_anomaly.slide.grid import box_fractions, make_grid, plan_read
 from wsi_anomaly.slide.reader import LevelInfo
 
-LEVELS = [LevelInfo(0, 40000, 30000, 1.0, 0.25), LevelInfo(1, 10000, 7500, 4.0, 1.0),
-          LevelInfo(2, 2500, 1875, 16.0, 4.0)]
+LEVELS = [
+    LevelInfo(0, 40000, 30000, 1.0, 0.25),
+    LevelInfo(1, 10000, 7500, 4.0, 1.0),
+    LevelInfo(2, 2500, 1875, 16.0, 4.0),
+]
 
 
 def test_native_level_read_as_is():

@@ -42,8 +42,11 @@ def test_whole_tiles_decode_straight_into_the_callers_array(small_slide, monkeyp
 
     targets = []  # the arrays decoded into
     original = reader._TiledPage._decode_into
-    monkeypatch.setattr(reader._TiledPage, "_decode_into",
-                        lambda self, i, out: targets.append(out) or original(self, i, out))
+    monkeypatch.setattr(
+        reader._TiledPage,
+        "_decode_into",
+        lambda self, i, out: targets.append(out) or original(self, i, out),
+    )
     osr = openslide.OpenSlide(str(small_slide.path))
     with Slide(small_slide.path) as s:
         assert targets, "the check at open must cover the direct decode too"
@@ -67,7 +70,9 @@ def test_whole_tiles_decode_straight_into_the_callers_array(small_slide, monkeyp
         x, y = 5 * tw + 7, 4 * th  # straddles two tiles not read before
         s.read_level(0, x, y, tw, th, out)
         assert len(targets) == 2 and not any(t is out for t in targets)
-        np.testing.assert_array_equal(out, np.asarray(osr.read_region((x, y), 0, (tw, th)))[..., :3])
+        np.testing.assert_array_equal(
+            out, np.asarray(osr.read_region((x, y), 0, (tw, th)))[..., :3]
+        )
 
 
 def test_thumbnail_is_bounded_and_scaled(small_slide):
@@ -100,6 +105,7 @@ def test_text_and_png_are_not_slides(tmp_path):
     with pytest.raises(UnsupportedSlideError):
         Slide(txt)
     from PIL import Image
+
     png = tmp_path / "x.png"
     Image.new("RGB", (64, 64)).save(png)
     with pytest.raises(UnsupportedSlideError, match="not a slide"):

@@ -5,25 +5,38 @@ from wsi_anomaly.slide.resolution import load_mpp_csv, lookup_mpp, resolve_resol
 
 
 def test_openslide_property_wins_over_tags():
-    props = {"openslide.mpp-x": "0.25", "openslide.mpp-y": "0.26",
-             "tiff.XResolution": "20000", "tiff.YResolution": "20000",
-             "tiff.ResolutionUnit": "centimeter"}
+    props = {
+        "openslide.mpp-x": "0.25",
+        "openslide.mpp-y": "0.26",
+        "tiff.XResolution": "20000",
+        "tiff.YResolution": "20000",
+        "tiff.ResolutionUnit": "centimeter",
+    }
     res = resolve_resolution(props, "s")
     assert res.source == "openslide" and res.mpp_x == 0.25 and res.mpp_y == 0.26
 
 
-@pytest.mark.parametrize("unit,xres,expected", [("centimeter", "20000", 0.5),
-                                                ("inch", "50800", 0.5)])
+@pytest.mark.parametrize(
+    "unit,xres,expected", [("centimeter", "20000", 0.5), ("inch", "50800", 0.5)]
+)
 def test_tiff_tags_with_unit(unit, xres, expected):
-    res = resolve_resolution({"tiff.XResolution": xres, "tiff.YResolution": xres,
-                              "tiff.ResolutionUnit": unit}, "s")
+    res = resolve_resolution(
+        {"tiff.XResolution": xres, "tiff.YResolution": xres, "tiff.ResolutionUnit": unit}, "s"
+    )
     assert res.source == "tiff-tags"
     assert res.mpp == pytest.approx(expected)
 
 
 def test_placeholder_tags_are_ignored_and_objective_power_is_used(caplog):
-    res = resolve_resolution({"tiff.XResolution": "1", "tiff.YResolution": "1",
-                              "tiff.ResolutionUnit": "inch", "openslide.objective-power": "40"}, "s")
+    res = resolve_resolution(
+        {
+            "tiff.XResolution": "1",
+            "tiff.YResolution": "1",
+            "tiff.ResolutionUnit": "inch",
+            "openslide.objective-power": "40",
+        },
+        "s",
+    )
     assert res.source == "objective-power" and res.mpp == pytest.approx(0.25)
     assert "objective power" in caplog.text
 

@@ -33,7 +33,9 @@ ANOMALY_WINDOW = (736, 316, 96, 96)
 BACKGROUND_WINDOW = (0, 0, 64, 64)
 
 
-def _read_rgb(slide: openslide.OpenSlide, window: tuple[int, int, int, int], level: int = 0) -> np.ndarray:
+def _read_rgb(
+    slide: openslide.OpenSlide, window: tuple[int, int, int, int], level: int = 0
+) -> np.ndarray:
     x, y, w, h = window
     return np.asarray(slide.read_region((x, y), level, (w, h)))[..., :3].astype(np.float64)
 
@@ -112,7 +114,9 @@ def test_pyramid_level_rule():
 def test_non_round_mpp_round_trips_through_openslide(tmp_path):
     write_synthetic_slide(tmp_path / "odd.tif", 300, 200, mpp=0.2427)
     with openslide.OpenSlide(tmp_path / "odd.tif") as slide:
-        assert float(slide.properties[openslide.PROPERTY_NAME_MPP_X]) == pytest.approx(0.2427, rel=1e-6)
+        assert float(slide.properties[openslide.PROPERTY_NAME_MPP_X]) == pytest.approx(
+            0.2427, rel=1e-6
+        )
 
 
 def test_without_resolution_openslide_reports_no_mpp(tmp_path):
@@ -147,7 +151,11 @@ def test_anomaly_box_has_a_third_distinct_texture(known):
     _, slide = known
     means = {
         name: _read_rgb(slide, window).reshape(-1, 3).mean(axis=0)
-        for name, window in [("anomaly", ANOMALY_WINDOW), ("tumour", TUMOUR_WINDOW), ("stroma", STROMA_WINDOW)]
+        for name, window in [
+            ("anomaly", ANOMALY_WINDOW),
+            ("tumour", TUMOUR_WINDOW),
+            ("stroma", STROMA_WINDOW),
+        ]
     }
     red, green, blue = means["anomaly"]
     assert red > green + 80 and red > blue + 60  # blood red
@@ -234,7 +242,9 @@ def test_tile_labels_fractions(known):
     assert fractions[2, TissueLabel.ANOMALY] == pytest.approx(0.5)
 
 
-@pytest.mark.parametrize(("width", "height", "seed"), [(600, 500, 0), (4096, 3000, 1), (70_000, 40_000, 2)])
+@pytest.mark.parametrize(
+    ("width", "height", "seed"), [(600, 500, 0), (4096, 3000, 1), (70_000, 40_000, 2)]
+)
 def test_default_layout_has_every_class_and_margins(width, height, seed):
     layout = default_layout(width, height, seed=seed)
     truth = layout.labels(0, 0, 200, 200, downsample=max(width, height) / 200)
@@ -252,7 +262,9 @@ def test_invalid_arguments_are_rejected(tmp_path):
     with pytest.raises(InvalidInputError):
         write_synthetic_slide(tmp_path / "x.tif", 600, 500, layout=KNOWN_LAYOUT)
     with pytest.raises(InvalidInputError):
-        write_synthetic_slide(tmp_path / "x.tif", 1024, 768, layout=KNOWN_LAYOUT, all_background=True)
+        write_synthetic_slide(
+            tmp_path / "x.tif", 1024, 768, layout=KNOWN_LAYOUT, all_background=True
+        )
     with pytest.raises(InvalidInputError):
         write_synthetic_slide(tmp_path / "x.tif", 600, 500, tile_px=100)
     with pytest.raises(InvalidInputError):

@@ -22,8 +22,8 @@ def test_blank_slide_has_no_tissue(blank_slide):
 
 def test_pen_marks_are_not_tissue():
     rgb = np.full((200, 200, 3), 240, np.uint8)
-    rgb[20:180, 20:100] = (200, 120, 180)   # pink tissue
-    rgb[20:180, 120:180] = (40, 160, 60)    # green marker
+    rgb[20:180, 20:100] = (200, 120, 180)  # pink tissue
+    rgb[20:180, 120:180] = (40, 160, 60)  # green marker
     mask, _ = detect_tissue(rgb, mpp_thumb=8.0)
     assert mask[100, 60] and not mask[100, 150]
     assert pen_mark_mask(rgb)[100, 150] and not pen_mark_mask(rgb)[100, 60]

@@ -34,29 +34,34 @@ from wsi_anomaly.tiles import TileStore
 INSTALL = Path(__file__).resolve().parents[1] / ".ci" / "install_slurm.sh"
 SLIDES = ("a.tif", "b.tif", "c.tif")
 
-jobqueue = pytest.importorskip("dask_jobqueue", reason="dask-jobqueue not installed "
-                               "(pip install 'wsi-anomaly[cluster]')")
+jobqueue = pytest.importorskip(
+    "dask_jobqueue", reason="dask-jobqueue not installed (pip install 'wsi-anomaly[cluster]')"
+)
 
 
 # -- options and job script (no scheduler needed) ------------------------------------------------
 
-@pytest.mark.parametrize("kwargs, message", [
-    ({"cores": 0}, "cores"),
-    ({"cores": 2, "processes": 3}, "at least 3 cores"),
-    ({"gpus": 2, "cores": 4, "processes": 1}, "one worker process per GPU"),
-    ({"gpus": -1}, "gpus"),
-    ({"memory": "lots"}, "memory"),
-    ({"memory": "10"}, "less than 1 MB"),
-    ({"walltime": "1h"}, "walltime"),
-    ({"walltime": "00:00:00"}, "zero"),
-    ({"partition": "gpu a100"}, "partition"),
-    ({"jobs": 2, "maximum_jobs": 4}, "not both"),
-    ({"minimum_jobs": 2}, "maximum"),
-    ({"minimum_jobs": 5, "maximum_jobs": 2}, "more than maximum"),
-    ({"jobs": 0}, "jobs"),
-    ({"extra_directives": ["account=lab"]}, "sbatch option"),
-    ({"python": "/no/such/python"}, "Python"),
-])
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        ({"cores": 0}, "cores"),
+        ({"cores": 2, "processes": 3}, "at least 3 cores"),
+        ({"gpus": 2, "cores": 4, "processes": 1}, "one worker process per GPU"),
+        ({"gpus": -1}, "gpus"),
+        ({"memory": "lots"}, "memory"),
+        ({"memory": "10"}, "less than 1 MB"),
+        ({"walltime": "1h"}, "walltime"),
+        ({"walltime": "00:00:00"}, "zero"),
+        ({"partition": "gpu a100"}, "partition"),
+        ({"jobs": 2, "maximum_jobs": 4}, "not both"),
+        ({"minimum_jobs": 2}, "maximum"),
+        ({"minimum_jobs": 5, "maximum_jobs": 2}, "more than maximum"),
+        ({"jobs": 0}, "jobs"),
+        ({"extra_directives": ["account=lab"]}, "sbatch option"),
+        ({"python": "/no/such/python"}, "Python"),
+    ],
+)
 def test_bad_options_are_one_line_errors(kwargs, message):
     with pytest.raises(InvalidInputError, match=message) as info:
         SlurmOptions(**kwargs)
@@ -85,25 +90,46 @@ def test_job_script_asks_for_what_the_options_say(monkeypatch, tmp_path):
 
     checked = []
     monkeypatch.setattr(cluster_module, "check_job_script", checked.append)
-    options = SlurmOptions(partition="gpu", cores=8, memory="64GB", walltime="04:00:00", gpus=2,
-                           minimum_jobs=0, maximum_jobs=3, extra_directives=["--account=lab"],
-                           prologue=["module load cuda"], log_directory=str(tmp_path / "logs"),
-                           python=sys.executable)
+    options = SlurmOptions(
+        partition="gpu",
+        cores=8,
+        memory="64GB",
+        walltime="04:00:00",
+        gpus=2,
+        minimum_jobs=0,
+        maximum_jobs=3,
+        extra_directives=["--account=lab"],
+        prologue=["module load cuda"],
+        log_directory=str(tmp_path / "logs"),
+        python=sys.executable,
+    )
     cluster = make_slurm_cluster(options)
     try:
         script = cluster.job_script()
     finally:
         cluster.close()
     assert checked == [script]
-    for line in ("#SBATCH -p gpu", "#SBATCH --cpus-per-task=8", "#SBATCH -t 04:00:00",
-                 "#SBATCH --gres=gpu:2", "#SBATCH --account=lab", f"#SBATCH -J {JOB_NAME}",
-                 "export OMP_NUM_THREADS=4", "module load cuda"):
+    for line in (
+        "#SBATCH -p gpu",
+        "#SBATCH --cpus-per-task=8",
+        "#SBATCH -t 04:00:00",
+        "#SBATCH --gres=gpu:2",
+        "#SBATCH --account=lab",
+        f"#SBATCH -J {JOB_NAME}",
+        "export OMP_NUM_THREADS=4",
+        "module load cuda",
+    ):
         assert line in script, line
     command = script.strip().splitlines()[-1]
     assert command.startswith(sys.executable)
     # Two worker processes, one slide (thread) and one GPU each, pinned by the preload hook.
-    for arg in ("--nworkers 2", "--nthreads 1", "--resources GPU=1",
-                "--preload wsi_anomaly.cluster", "--lifetime"):
+    for arg in (
+        "--nworkers 2",
+        "--nthreads 1",
+        "--resources GPU=1",
+        "--preload wsi_anomaly.cluster",
+        "--lifetime",
+    ):
         assert arg in command, arg
     assert (tmp_path / "logs").is_dir()
 
@@ -112,8 +138,9 @@ def test_cpu_job_script_has_no_gpu_request(monkeypatch):
     import wsi_anomaly.cluster as cluster_module
 
     monkeypatch.setattr(cluster_module, "check_job_script", lambda script: None)
-    cluster = make_slurm_cluster(SlurmOptions(cores=4, memory="8GB", minimum_jobs=0,
-                                              maximum_jobs=1))
+    cluster = make_slurm_cluster(
+        SlurmOptions(cores=4, memory="8GB", minimum_jobs=0, maximum_jobs=1)
+    )
     try:
         script = cluster.job_script()
     finally:
@@ -131,13 +158,14 @@ def test_missing_jobqueue_names_the_extra(monkeypatch):
 
 # -- a real scheduler ---------------------------------------------------------------------------
 
+
 def _node_ready() -> bool:
     if shutil.which("sinfo") is None:
         return False
-    state = subprocess.run(["sinfo", "-h", "-o", "%t"], check=False, capture_output=True,
-                           text=True)
-    return state.returncode == 0 and any(s.startswith(("idle", "mix", "alloc"))
-                                         for s in state.stdout.split())
+    state = subprocess.run(["sinfo", "-h", "-o", "%t"], check=False, capture_output=True, text=True)
+    return state.returncode == 0 and any(
+        s.startswith(("idle", "mix", "alloc")) for s in state.stdout.split()
+    )
 
 
 @pytest.fixture(scope="module")
@@ -146,8 +174,9 @@ def slurm():
     if _node_ready():
         return
     try:
-        result = subprocess.run(["bash", str(INSTALL)], check=False, capture_output=True,
-                                text=True, timeout=900)
+        result = subprocess.run(
+            ["bash", str(INSTALL)], check=False, capture_output=True, text=True, timeout=900
+        )
     except subprocess.TimeoutExpired:
         pytest.skip("SLURM not available: .ci/install_slurm.sh took longer than 15 minutes")
     if result.returncode != 0:
@@ -180,9 +209,16 @@ def _settings() -> HeatmapSettings:
 
 
 def _options(tmp_path: Path, **kw) -> SlurmOptions:
-    return SlurmOptions(partition="debug", cores=1, memory="3GB", walltime="00:20:00",
-                        python=sys.executable, log_directory=str(tmp_path / "slurm-logs"),
-                        local_directory=str(tmp_path / "worker-space"), **kw)
+    return SlurmOptions(
+        partition="debug",
+        cores=1,
+        memory="3GB",
+        walltime="00:20:00",
+        python=sys.executable,
+        log_directory=str(tmp_path / "slurm-logs"),
+        local_directory=str(tmp_path / "worker-space"),
+        **kw,
+    )
 
 
 def _scores(out: Path) -> dict[str, np.ndarray]:
@@ -190,8 +226,9 @@ def _scores(out: Path) -> dict[str, np.ndarray]:
 
 
 def _our_jobs() -> set[str]:
-    result = subprocess.run(["squeue", "-h", "-n", JOB_NAME, "-o", "%i"], check=False,
-                            capture_output=True, text=True)
+    result = subprocess.run(
+        ["squeue", "-h", "-n", JOB_NAME, "-o", "%i"], check=False, capture_output=True, text=True
+    )
     return set(result.stdout.split())
 
 
@@ -207,8 +244,12 @@ class QueueWatch(threading.Thread):
 
     def run(self) -> None:
         while not self.stop.is_set():
-            result = subprocess.run(["squeue", "-h", "-n", JOB_NAME, "-o", "%i %t"],
-                                    check=False, capture_output=True, text=True)
+            result = subprocess.run(
+                ["squeue", "-h", "-n", JOB_NAME, "-o", "%i %t"],
+                check=False,
+                capture_output=True,
+                text=True,
+            )
             for line in result.stdout.splitlines():
                 job, state = line.split()
                 self.seen.add(job)
@@ -230,7 +271,7 @@ class KillOneJob(threading.Thread):
     def run(self) -> None:
         while not self.stop.is_set() and self.killed is None:
             for lock in self.out.glob(".*.lock"):
-                slide = lock.name[1:-len(".lock")]
+                slide = lock.name[1 : -len(".lock")]
                 job = _job_of_lock(lock)
                 if job is not None and not (self.out / slide).exists():
                     subprocess.run(["scancel", job], check=True)
@@ -274,8 +315,9 @@ def _run_on_slurm(cohort, out, model, tmp_path, watch_kill: bool, **jobs):
 
 def test_cohort_on_slurm_matches_in_process(slurm, cohort, tiny_model, in_process, tmp_path):
     expected, local_s = in_process
-    rows, slurm_s, watch, _ = _run_on_slurm(cohort, tmp_path / "slurm", tiny_model, tmp_path,
-                                            watch_kill=False, jobs=2)
+    rows, slurm_s, watch, _ = _run_on_slurm(
+        cohort, tmp_path / "slurm", tiny_model, tmp_path, watch_kill=False, jobs=2
+    )
     print(f"\n3-slide cohort: in-process {local_s:.1f} s, SLURM (2 jobs × 1 core) {slurm_s:.1f} s")
     assert sorted(r["status"] for r in rows) == ["ok"] * 3
     got = _scores(tmp_path / "slurm")
@@ -284,8 +326,7 @@ def test_cohort_on_slurm_matches_in_process(slurm, cohort, tiny_model, in_proces
         np.testing.assert_allclose(got[name], expected[name], rtol=1e-5, atol=1e-6)
     # The slides ran in SLURM jobs, and those jobs are gone once the cluster is closed.
     assert len(watch.running) >= 1, f"squeue never showed a running worker job ({watch.seen})"
-    summaries = [json.loads((tmp_path / "slurm" / n / "summary.json").read_text())
-                 for n in SLIDES]
+    summaries = [json.loads((tmp_path / "slurm" / n / "summary.json").read_text()) for n in SLIDES]
     assert all(s["status"] == "ok" for s in summaries)
     deadline = time.monotonic() + 30
     while _our_jobs() & watch.seen and time.monotonic() < deadline:
@@ -293,15 +334,18 @@ def test_cohort_on_slurm_matches_in_process(slurm, cohort, tiny_model, in_proces
     assert not _our_jobs() & watch.seen, "worker jobs still queued after cluster.close()"
 
 
-def test_killed_worker_job_still_completes_the_cohort(slurm, cohort, tiny_model, in_process,
-                                                      tmp_path):
+def test_killed_worker_job_still_completes_the_cohort(
+    slurm, cohort, tiny_model, in_process, tmp_path
+):
     expected, _ = in_process
     out = tmp_path / "slurm"
-    rows, seconds, watch, killer = _run_on_slurm(cohort, out, tiny_model, tmp_path,
-                                                 watch_kill=True, minimum_jobs=2,
-                                                 maximum_jobs=2)
-    print(f"\n3-slide cohort with one job killed mid-slide: {seconds:.1f} s, jobs seen "
-          f"{sorted(watch.seen)}, killed {killer.killed}")
+    rows, seconds, watch, killer = _run_on_slurm(
+        cohort, out, tiny_model, tmp_path, watch_kill=True, minimum_jobs=2, maximum_jobs=2
+    )
+    print(
+        f"\n3-slide cohort with one job killed mid-slide: {seconds:.1f} s, jobs seen "
+        f"{sorted(watch.seen)}, killed {killer.killed}"
+    )
     assert killer.killed is not None, "no worker job was killed (no slide was seen starting)"
     killed_job, killed_slide = killer.killed
     assert sorted(r["status"] for r in rows) == ["ok"] * 3

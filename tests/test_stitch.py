@@ -15,23 +15,36 @@ from PIL import Image
 from wsi_anomaly.stitch import ColourScale, SlideGeometry, display_geometry, write_slide_outputs
 
 SCALE = ColourScale(vmin=0.2, vcenter=0.5, vmax=0.9)
-OUTPUTS = {"heatmap.png", "overlay.png", "thumbnail.png", "heatmap.ome.zarr", "tiles.geojson",
-           "tiles.csv", "top_tiles.png"}
-HOT = {(3, 2), (4, 2), (3, 3), (4, 3)}      # (col, row): the anomalous square
-SKIPPED = {(0, 0), (10, 7), (6, 5)}         # cells without a scored tile
-TISSUE_L0 = (640, 320, 2560, 1600)          # x0, y0, x1, y1 of the tissue rectangle
+OUTPUTS = {
+    "heatmap.png",
+    "overlay.png",
+    "thumbnail.png",
+    "heatmap.ome.zarr",
+    "tiles.geojson",
+    "tiles.csv",
+    "top_tiles.png",
+}
+HOT = {(3, 2), (4, 2), (3, 3), (4, 3)}  # (col, row): the anomalous square
+SKIPPED = {(0, 0), (10, 7), (6, 5)}  # cells without a scored tile
+TISSUE_L0 = (640, 320, 2560, 1600)  # x0, y0, x1, y1 of the tissue rectangle
 
 
-def synthetic_slide(width=3000, height=2200, stride=256.0, hot_score=1.5, seed=0,
-                    shared=None):
+def synthetic_slide(width=3000, height=2200, stride=256.0, hot_score=1.5, seed=0, shared=None):
     """Inputs for write_slide_outputs: every grid cell but SKIPPED scored, HOT ones high.
 
     ``shared`` = ((col, row), score) forces one cell's score (for cross-slide colour checks).
     """
     rng = np.random.default_rng(seed)
     cols, rows = int((width - stride) // stride + 1), int((height - stride) // stride + 1)
-    geometry = SlideGeometry(width, height, mpp=0.5, tile_size_l0=stride, stride_l0=stride,
-                             grid_cols=cols, grid_rows=rows)
+    geometry = SlideGeometry(
+        width,
+        height,
+        mpp=0.5,
+        tile_size_l0=stride,
+        stride_l0=stride,
+        grid_cols=cols,
+        grid_rows=rows,
+    )
     cells = [(c, r) for r in range(rows) for c in range(cols) if (c, r) not in SKIPPED]
     grid_index = np.array(cells, np.int32)
     coords = np.rint(grid_index * stride).astype(np.int64)  # as slide/grid.py lays them
@@ -44,15 +57,25 @@ def synthetic_slide(width=3000, height=2200, stride=256.0, hot_score=1.5, seed=0
     # Thumbnail and mask a fraction of a pixel short of the slide, as OpenSlide returns them.
     thumbnail = np.full((height // 16, width // 16, 3), 235, np.uint8)
     x0, y0, x1, y1 = TISSUE_L0
-    thumbnail[y0 // 16:y1 // 16, x0 // 16:x1 // 16] = (200, 120, 180)
+    thumbnail[y0 // 16 : y1 // 16, x0 // 16 : x1 // 16] = (200, 120, 180)
     mask = np.zeros((height // 32, width // 32), bool)
-    mask[y0 // 32:y1 // 32, x0 // 32:x1 // 32] = True
+    mask[y0 // 32 : y1 // 32, x0 // 32 : x1 // 32] = True
     order = np.argsort(-scores)[:6]
     top = [(int(i), rng.integers(0, 255, (64, 64, 3), dtype=np.uint8)) for i in order]
-    return dict(slide_name=f"slide{seed}", geometry=geometry, coords=coords,
-                grid_index=grid_index, scores=scores, max_scores=scores * 2 + 0.1,
-                thumbnail=thumbnail, thumbnail_downsample=16.0, tissue_mask=mask,
-                mask_downsample=32.0, scale=SCALE, top_tiles=top)
+    return dict(
+        slide_name=f"slide{seed}",
+        geometry=geometry,
+        coords=coords,
+        grid_index=grid_index,
+        scores=scores,
+        max_scores=scores * 2 + 0.1,
+        thumbnail=thumbnail,
+        thumbnail_downsample=16.0,
+        tissue_mask=mask,
+        mask_downsample=32.0,
+        scale=SCALE,
+        top_tiles=top,
+    )
 
 
 def read_png(path) -> np.ndarray:
@@ -90,14 +113,18 @@ def test_heatmap_lines_up_with_slide(written):
     assert (w - 1) * d < geometry.width <= w * d and (h - 1) * d < geometry.height <= h * d
 
     heat = read_png(paths["heatmap"])
-    assert Image.open(paths["heatmap"]).text == {"display_downsample": repr(d),
-                                                 "canvas_px": f"{w}x{h}"}
+    assert Image.open(paths["heatmap"]).text == {
+        "display_downsample": repr(d),
+        "canvas_px": f"{w}x{h}",
+    }
     canvas = heat[:h, :w]
     hot = (canvas[..., 3] == 255) & (canvas[..., 0] > 150) & (canvas[..., 2] < 100)
     ys, xs = np.nonzero(hot)
     # every hot pixel maps back (via d) into the level-0 cell of a hot tile ...
-    cells = {(int(c), int(r)) for c, r in zip((xs + 0.5) * d // geometry.stride_l0,
-                                              (ys + 0.5) * d // geometry.stride_l0)}
+    cells = {
+        (int(c), int(r))
+        for c, r in zip((xs + 0.5) * d // geometry.stride_l0, (ys + 0.5) * d // geometry.stride_l0)
+    }
     assert cells == HOT
     # ... and the hot cells are filled completely: crisp k×k squares at round(x / d)
     assert hot.sum() == len(HOT) * k * k
@@ -108,7 +135,7 @@ def test_heatmap_lines_up_with_slide(written):
     # cells without a tile, and the strip right of the grid, are transparent
     for col, row in SKIPPED:
         assert canvas[int((row + 0.5) * k), int((col + 0.5) * k), 3] == 0
-    assert (canvas[:, math.ceil(geometry.grid_cols * k):, 3] == 0).all()
+    assert (canvas[:, math.ceil(geometry.grid_cols * k) :, 3] == 0).all()
     # legend panel to the right, not over the aligned canvas
     assert heat.shape[1] > w and (heat[:, w:, 3] == 255).all()
 
@@ -122,9 +149,9 @@ def test_overlay_and_thumbnail_share_the_canvas(written):
     assert overlay.shape == read_png(paths["heatmap"]).shape and overlay.shape[1] > w
     assert Image.open(paths["overlay"]).text == Image.open(paths["thumbnail"]).text
     k = round(inputs["geometry"].stride_l0 / d)
-    hot_px = (int(2.5 * k), int(3.5 * k))              # centre of cell (3, 2)
-    skipped_px = (int(0.5 * k), int(0.5 * k))          # centre of cell (0, 0), no tile
-    assert (overlay[skipped_px][:3] == thumb[skipped_px][:3]).all()     # background clear
+    hot_px = (int(2.5 * k), int(3.5 * k))  # centre of cell (3, 2)
+    skipped_px = (int(0.5 * k), int(0.5 * k))  # centre of cell (0, 0), no tile
+    assert (overlay[skipped_px][:3] == thumb[skipped_px][:3]).all()  # background clear
     assert overlay[hot_px][0] > thumb[hot_px][0] - 60 and overlay[hot_px][2] < thumb[hot_px][2]
 
     # the tissue contour sits on the tissue rectangle's edges (level-0 → canvas via d)
@@ -132,8 +159,12 @@ def test_overlay_and_thumbnail_share_the_canvas(written):
     ys, xs = np.nonzero(green)
     assert len(xs) > 0
     x0, y0, x1, y1 = (v / d for v in TISSUE_L0)
-    near_edge = ((np.abs(xs + 0.5 - x0) <= 2) | (np.abs(xs + 0.5 - x1) <= 2)
-                 | (np.abs(ys + 0.5 - y0) <= 2) | (np.abs(ys + 0.5 - y1) <= 2))
+    near_edge = (
+        (np.abs(xs + 0.5 - x0) <= 2)
+        | (np.abs(xs + 0.5 - x1) <= 2)
+        | (np.abs(ys + 0.5 - y0) <= 2)
+        | (np.abs(ys + 0.5 - y1) <= 2)
+    )
     assert near_edge.all()
     for edge, values in ((x0, xs), (x1, xs), (y0, ys), (y1, ys)):
         assert (np.abs(values + 0.5 - edge) <= 2).any()
@@ -152,19 +183,22 @@ def test_hot_tiles_geojson_at_their_coords(written):
         if "classification" in f["properties"]:
             assert f["properties"]["classification"]["name"] == "Anomalous"
             anomalous[tuple(f["geometry"]["coordinates"][0][0])] = f
-    expected = {tuple(xy) for xy, cell in zip(inputs["coords"].tolist(),
-                                              inputs["grid_index"].tolist())
-                if tuple(cell) in HOT}
+    expected = {
+        tuple(xy)
+        for xy, cell in zip(inputs["coords"].tolist(), inputs["grid_index"].tolist())
+        if tuple(cell) in HOT
+    }
     assert set(anomalous) == expected
     for (x, y), f in anomalous.items():
-        assert f["geometry"]["coordinates"] == [[[x, y], [x + s, y], [x + s, y + s],
-                                                 [x, y + s], [x, y]]]
+        assert f["geometry"]["coordinates"] == [
+            [[x, y], [x + s, y], [x + s, y + s], [x, y + s], [x, y]]
+        ]
         assert f["properties"]["measurements"]["anomaly_score"] == pytest.approx(1.5)
 
 
 def test_geojson_follows_qupath_rules(tmp_path):
     inputs = synthetic_slide(seed=3)
-    inputs["scores"][5] = np.nan            # a failed tile must not produce NaN in JSON
+    inputs["scores"][5] = np.nan  # a failed tile must not produce NaN in JSON
     paths = write_slide_outputs(tmp_path, max_px=256, **inputs)
 
     def no_constants(name):
@@ -184,8 +218,9 @@ def test_geojson_follows_qupath_rules(tmp_path):
         props = f["properties"]
         assert props["objectType"] == "tile"
         assert isinstance(props["measurements"], dict)
-        assert all(isinstance(v, float) and math.isfinite(v)
-                   for v in props["measurements"].values())
+        assert all(
+            isinstance(v, float) and math.isfinite(v) for v in props["measurements"].values()
+        )
         if "classification" in props:
             cls = props["classification"]
             assert cls["name"] and len(cls["color"]) == 3
@@ -204,7 +239,9 @@ def test_ngff_score_grid(written):
     assert ome["version"] == "0.5"
     (ms,) = ome["multiscales"]
     assert [(a["name"], a["type"], a["unit"]) for a in ms["axes"]] == [
-        ("y", "space", "micrometer"), ("x", "space", "micrometer")]
+        ("y", "space", "micrometer"),
+        ("x", "space", "micrometer"),
+    ]
     cell_um = geometry.stride_l0 * geometry.mpp
     level0 = ms["datasets"][0]
     assert level0["path"] == "0"
@@ -228,7 +265,7 @@ def test_ngff_score_grid(written):
     assert level1["coordinateTransformations"][1]["translation"] == [cell_um, cell_um]
     coarse = group["1"][...]
     assert coarse.shape == (math.ceil(geometry.grid_rows / 2), math.ceil(geometry.grid_cols / 2))
-    assert coarse[0, 0] == pytest.approx(np.nanmean(grid[:2, :2]))   # (0, 0) has no tile
+    assert coarse[0, 0] == pytest.approx(np.nanmean(grid[:2, :2]))  # (0, 0) has no tile
     assert coarse[1, 1] == pytest.approx(grid[2:4, 2:4].mean())
     assert coarse[3, 5] == pytest.approx(grid[6, 10])  # odd edge; (10, 7) has no tile
 
@@ -236,8 +273,7 @@ def test_ngff_score_grid(written):
 def test_same_score_same_colour_on_two_slides(tmp_path):
     shared = ((7, 1), 0.7)
     a = synthetic_slide(seed=1, shared=shared)
-    b = synthetic_slide(width=5000, height=1800, stride=512.0, hot_score=4.0, seed=2,
-                        shared=shared)
+    b = synthetic_slide(width=5000, height=1800, stride=512.0, hot_score=4.0, seed=2, shared=shared)
     colours = []
     for name, inputs, max_px in (("a", a, 512), ("b", b, 300)):
         out = tmp_path / name
@@ -276,7 +312,10 @@ def test_no_tissue_slide_still_writes_every_output(tmp_path):
     assert (read_png(paths["heatmap"])[:h, :w, 3] == 0).all()
     doc = json.loads(open(paths["geojson"]).read())
     assert doc["type"] == "FeatureCollection" and doc["features"] == []
-    assert open(paths["tiles_csv"]).read().strip() == "x,y,width,height,score,max,tissue_fraction,class"
+    assert (
+        open(paths["tiles_csv"]).read().strip()
+        == "x,y,width,height,score,max,tissue_fraction,class"
+    )
     assert np.isnan(zarr.open_group(paths["ngff"], mode="r")["0"][...]).all()
 
 
@@ -288,22 +327,37 @@ def test_tile_table_geojson_lock_and_provenance(tmp_path):
 
     from wsi_anomaly.stitch import ColourScale, SlideGeometry, write_slide_outputs
 
-    geometry = SlideGeometry(width=1024, height=512, mpp=0.5, tile_size_l0=256, stride_l0=256,
-                             grid_cols=4, grid_rows=2)
+    geometry = SlideGeometry(
+        width=1024, height=512, mpp=0.5, tile_size_l0=256, stride_l0=256, grid_cols=4, grid_rows=2
+    )
     coords = np.array([[0, 0], [256, 0], [512, 256]], np.int64)
     grid_index = coords // 256
     scores = np.array([0.1, 0.9, np.nan], np.float32)
     scale = ColourScale(vmin=0.0, vcenter=0.5, vmax=1.0, cmap="coolwarm")
     provenance = {"model_sha256": "abc123", "slide_fingerprint": "f00"}
     outputs = write_slide_outputs(
-        tmp_path, slide_name="s.tif", geometry=geometry, coords=coords, grid_index=grid_index,
-        scores=scores, max_scores=scores + 0.05, thumbnail=np.full((64, 128, 3), 255, np.uint8),
-        thumbnail_downsample=8.0, tissue_mask=np.ones((64, 128), bool), mask_downsample=8.0,
-        scale=scale, top_tiles=[], tissue_fraction=np.array([1.0, 0.75, 0.5]),
-        provenance=provenance)
+        tmp_path,
+        slide_name="s.tif",
+        geometry=geometry,
+        coords=coords,
+        grid_index=grid_index,
+        scores=scores,
+        max_scores=scores + 0.05,
+        thumbnail=np.full((64, 128, 3), 255, np.uint8),
+        thumbnail_downsample=8.0,
+        tissue_mask=np.ones((64, 128), bool),
+        mask_downsample=8.0,
+        scale=scale,
+        top_tiles=[],
+        tissue_fraction=np.array([1.0, 0.75, 0.5]),
+        provenance=provenance,
+    )
     rows = list(_csv.DictReader(open(outputs["tiles_csv"])))
     assert [(r["x"], r["y"], r["width"], r["class"]) for r in rows] == [
-        ("0", "0", "256", ""), ("256", "0", "256", "Anomalous"), ("512", "256", "256", "")]
+        ("0", "0", "256", ""),
+        ("256", "0", "256", "Anomalous"),
+        ("512", "256", "256", ""),
+    ]
     assert float(rows[1]["score"]) == pytest.approx(0.9) and rows[1]["tissue_fraction"] == "0.75"
     assert rows[2]["score"] == ""  # no score: empty, not "nan"
     doc = _json.loads(open(outputs["geojson"]).read())

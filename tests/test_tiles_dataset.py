@@ -85,7 +85,7 @@ def test_alpha_is_composited_over_white():
     rgba = np.zeros((2, 2, 4), np.uint8)
     rgba[..., 0] = 200
     rgba[0, 0, 3] = 255  # opaque red-ish
-    rgba[0, 1, 3] = 0    # fully transparent → white
+    rgba[0, 1, 3] = 0  # fully transparent → white
     rgba[1, :, 3] = 128  # half
     out = image_to_rgb(Image.fromarray(rgba, "RGBA"))
     assert out[0, 0].tolist() == [200, 0, 0]

@@ -17,12 +17,13 @@ def _tiles(n, px=16, seed=0):
 
 def _write(path, tiles, monkeypatch=None, encoder=True):
     n = len(tiles)
-    with TileStoreWriter(path, n, tiles.shape[1], np.zeros((n, 2)), np.zeros((n, 2)),
-                         np.ones(n), {"test": True}) as writer:
+    with TileStoreWriter(
+        path, n, tiles.shape[1], np.zeros((n, 2)), np.zeros((n, 2)), np.ones(n), {"test": True}
+    ) as writer:
         if not encoder:
             writer._encoder = None
         for start in range(0, n, writer.shard_tiles):
-            writer.write(start, tiles[start:start + writer.shard_tiles])
+            writer.write(start, tiles[start : start + writer.shard_tiles])
         writer.close()
         return writer.shard_tiles
 
@@ -34,23 +35,31 @@ def test_shard_files_are_byte_identical_to_zarrs(tmp_path, monkeypatch):
     assert store_mod.shard_encoder(8) is not None
     assert _write(tmp_path / "direct.zarr", tiles) == 32
     _write(tmp_path / "zarr.zarr", tiles, encoder=False)
-    shards = sorted(p.relative_to(tmp_path / "direct.zarr")
-                    for p in (tmp_path / "direct.zarr" / "tiles").rglob("*") if p.is_file())
+    shards = sorted(
+        p.relative_to(tmp_path / "direct.zarr")
+        for p in (tmp_path / "direct.zarr" / "tiles").rglob("*")
+        if p.is_file()
+    )
     assert len([s for s in shards if s.name != "zarr.json"]) == 4
     for rel in shards:
-        assert (tmp_path / "direct.zarr" / rel).read_bytes() == \
-            (tmp_path / "zarr.zarr" / rel).read_bytes(), rel
+        assert (tmp_path / "direct.zarr" / rel).read_bytes() == (
+            tmp_path / "zarr.zarr" / rel
+        ).read_bytes(), rel
     assert not list((tmp_path / "direct.zarr").rglob("*.partial"))
     back = TileStore(tmp_path / "direct.zarr")
     np.testing.assert_array_equal(back.read(0, len(tiles)), tiles)
-    np.testing.assert_array_equal(np.asarray(zarr.open_array(tmp_path / "direct.zarr" / "tiles")[40]),
-                                  tiles[40])
+    np.testing.assert_array_equal(
+        np.asarray(zarr.open_array(tmp_path / "direct.zarr" / "tiles")[40]), tiles[40]
+    )
 
 
 def test_encoder_is_refused_when_its_bytes_differ_from_zarrs(monkeypatch):
     original = store_mod.ShardEncoder.encode
-    monkeypatch.setattr(store_mod.ShardEncoder, "encode",
-                        lambda self, shard: original(self, shard)[:-1] + [b"\0\0\0\0"])
+    monkeypatch.setattr(
+        store_mod.ShardEncoder,
+        "encode",
+        lambda self, shard: original(self, shard)[:-1] + [b"\0\0\0\0"],
+    )
     store_mod.shard_encoder.cache_clear()
     try:
         assert store_mod.shard_encoder(8) is None
@@ -62,8 +71,9 @@ def test_failed_shard_write_leaves_no_file(tmp_path, monkeypatch):
     monkeypatch.setattr(store_mod, "SHARD_TILES", 16)
     monkeypatch.setattr(store_mod, "CHUNK_TILES", 8)
     tiles = _tiles(16)
-    writer = TileStoreWriter(tmp_path / "t.zarr", 16, 16, np.zeros((16, 2)), np.zeros((16, 2)),
-                             np.ones(16), {})
+    writer = TileStoreWriter(
+        tmp_path / "t.zarr", 16, 16, np.zeros((16, 2)), np.zeros((16, 2)), np.ones(16), {}
+    )
     assert writer._encoder is not None
 
     # The first part reaches the file, the second cannot be written.

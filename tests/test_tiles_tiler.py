@@ -29,12 +29,16 @@ def test_tiles_are_tissue_and_match_slide(small_slide, tmp_path):
     # kept tiles are where the synthetic layout put tissue
     truth = small_slide.layout.labels(0, 0, 2048, 1536, downsample=16.0) > 0
     for x, y in store.coords:
-        assert truth[y // 16:(y + 256) // 16, x // 16:(x + 256) // 16].mean() > 0.3
+        assert truth[y // 16 : (y + 256) // 16, x // 16 : (x + 256) // 16].mean() > 0.3
 
 
 def test_coarser_target_reads_pyramid_and_resizes(small_slide, tmp_path):
-    res = tile_slide(small_slide.path, tmp_path / "t.zarr", TilingSettings(target_mpp=1.0, tile_px=128),
-                     progress=False)
+    res = tile_slide(
+        small_slide.path,
+        tmp_path / "t.zarr",
+        TilingSettings(target_mpp=1.0, tile_px=128),
+        progress=False,
+    )
     store = TileStore(res.store)
     assert store.tiles.shape[1:] == (128, 128, 3)
     assert store.attrs["read_px"] == 256 and store.attrs["tile_size_l0"] == 256
@@ -45,8 +49,12 @@ def test_coarser_target_reads_pyramid_and_resizes(small_slide, tmp_path):
 def test_coarser_tiles_are_area_averages_of_the_slide(small_slide, tmp_path, target_mpp):
     from PIL import Image
 
-    res = tile_slide(small_slide.path, tmp_path / "t.zarr",
-                     TilingSettings(target_mpp=target_mpp, tile_px=64), progress=False)
+    res = tile_slide(
+        small_slide.path,
+        tmp_path / "t.zarr",
+        TilingSettings(target_mpp=target_mpp, tile_px=64),
+        progress=False,
+    )
     store = TileStore(res.store)
     read_px = store.attrs["read_px"]
     assert store.attrs["level"] == 0 and read_px == round(64 * target_mpp / 0.5)
@@ -65,8 +73,12 @@ def test_coarser_tiles_are_area_averages_of_the_slide(small_slide, tmp_path, tar
 
 
 def test_stride_gives_overlap(small_slide, tmp_path):
-    res = tile_slide(small_slide.path, tmp_path / "t.zarr",
-                     TilingSettings(target_mpp=0.5, stride_px=128, min_tissue=0.0), progress=False)
+    res = tile_slide(
+        small_slide.path,
+        tmp_path / "t.zarr",
+        TilingSettings(target_mpp=0.5, stride_px=128, min_tissue=0.0),
+        progress=False,
+    )
     assert res.n_grid == 15 * 11 and res.n_tiles == res.n_grid
 
 
@@ -111,24 +123,52 @@ def test_interrupted_run_leaves_nothing_that_looks_complete(small_slide, tmp_pat
 
 
 def test_annotations_keep_only_tiles_inside(small_slide, tmp_path):
-    geo = {"type": "FeatureCollection", "features": [
-        {"type": "Feature", "id": "a", "geometry": {"type": "Polygon", "coordinates": [
-            [[0, 0], [1024, 0], [1024, 1536], [0, 1536], [0, 0]]]},
-         "properties": {"objectType": "annotation", "classification": {"name": "Tumor", "color": [200, 0, 0]}}},
-        {"type": "Feature", "id": "b", "geometry": {"type": "Polygon", "coordinates": [
-            [[1024, 0], [2048, 0], [2048, 1536], [1024, 1536], [1024, 0]]]},
-         "properties": {"objectType": "annotation", "classification": {"name": "Stroma", "color": [0, 200, 0]}}},
-    ]}
+    geo = {
+        "type": "FeatureCollection",
+        "features": [
+            {
+                "type": "Feature",
+                "id": "a",
+                "geometry": {
+                    "type": "Polygon",
+                    "coordinates": [[[0, 0], [1024, 0], [1024, 1536], [0, 1536], [0, 0]]],
+                },
+                "properties": {
+                    "objectType": "annotation",
+                    "classification": {"name": "Tumor", "color": [200, 0, 0]},
+                },
+            },
+            {
+                "type": "Feature",
+                "id": "b",
+                "geometry": {
+                    "type": "Polygon",
+                    "coordinates": [[[1024, 0], [2048, 0], [2048, 1536], [1024, 1536], [1024, 0]]],
+                },
+                "properties": {
+                    "objectType": "annotation",
+                    "classification": {"name": "Stroma", "color": [0, 200, 0]},
+                },
+            },
+        ],
+    }
     path = tmp_path / "regions.geojson"
     path.write_text(json.dumps(geo))
-    res = tile_slide(small_slide.path, tmp_path / "a.zarr",
-                     TilingSettings(min_tissue=0.0, annotations=str(path), annotation_class="Tumor"),
-                     progress=False)
+    res = tile_slide(
+        small_slide.path,
+        tmp_path / "a.zarr",
+        TilingSettings(min_tissue=0.0, annotations=str(path), annotation_class="Tumor"),
+        progress=False,
+    )
     store = TileStore(res.store)
     assert len(store) == 4 * 6 and (store.coords[:, 0] + 256 <= 1024).all()
     with pytest.raises(InvalidInputError, match="no Polygon"):
-        tile_slide(small_slide.path, tmp_path / "b.zarr",
-                   TilingSettings(annotations=str(path), annotation_class="Necrosis"), progress=False)
+        tile_slide(
+            small_slide.path,
+            tmp_path / "b.zarr",
+            TilingSettings(annotations=str(path), annotation_class="Necrosis"),
+            progress=False,
+        )
 
 
 def test_export_png_and_dataset(small_slide, tmp_path):
@@ -145,7 +185,9 @@ def test_export_png_and_dataset(small_slide, tmp_path):
 
 @needs_cmu
 def test_cmu_tiles_equal_openslide(tmp_path):
-    res = tile_slide(CMU_SVS, tmp_path / "cmu.zarr", TilingSettings(target_mpp=0.499), progress=False)
+    res = tile_slide(
+        CMU_SVS, tmp_path / "cmu.zarr", TilingSettings(target_mpp=0.499), progress=False
+    )
     store = TileStore(res.store)
     assert store.attrs["mpp_source"] == "openslide" and not store.attrs["read_px"] != 256
     osr = openslide.OpenSlide(str(CMU_SVS))

@@ -87,8 +87,9 @@ def test_resume_continues_exactly(small_store, tmp_path, monkeypatch):
 
 def test_existing_checkpoint_refused(tiny_model, small_store):
     with pytest.raises(OutputExistsError, match="--overwrite"):
-        train_model(ZarrTileDataset(small_store), tiny_config(), tiny_model, device="cpu",
-                    progress=False)
+        train_model(
+            ZarrTileDataset(small_store), tiny_config(), tiny_model, device="cpu", progress=False
+        )
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has CUDA")
@@ -127,8 +128,15 @@ def test_checkpoint_loads_with_weights_only(tiny_model, small_store, tmp_path):
 
     import numpy as np
 
-    train_model(ds, tiny_config(epochs=2, calibration_tiles=2), out, device="cpu",
-                tile_mpp=np.float64(0.5), source=Path("tiles"), progress=False)
+    train_model(
+        ds,
+        tiny_config(epochs=2, calibration_tiles=2),
+        out,
+        device="cpu",
+        tile_mpp=np.float64(0.5),
+        source=Path("tiles"),
+        progress=False,
+    )
     data = torch.load(out, map_location="cpu", weights_only=True)
     assert data["tile_mpp"] == 0.5 and type(data["tile_mpp"]) is float
     assert data["training_source"] == "tiles"
@@ -144,12 +152,17 @@ def test_out_that_is_a_folder_is_refused_before_training(small_store, tmp_path, 
     folder = tmp_path / "models"
     folder.mkdir()
     with pytest.raises(OutputExistsError, match="folder"):
-        train_model(ZarrTileDataset(small_store), tiny_config(), folder, device="cpu",
-                    overwrite=True, progress=False)
+        train_model(
+            ZarrTileDataset(small_store),
+            tiny_config(),
+            folder,
+            device="cpu",
+            overwrite=True,
+            progress=False,
+        )
 
 
-def test_no_room_for_the_checkpoint_is_refused_before_training(small_store, tmp_path,
-                                                                monkeypatch):
+def test_no_room_for_the_checkpoint_is_refused_before_training(small_store, tmp_path, monkeypatch):
     import shutil
 
     import wsi_anomaly.models.haloae_family as family_mod
@@ -160,11 +173,15 @@ def test_no_room_for_the_checkpoint_is_refused_before_training(small_store, tmp_
 
     monkeypatch.setattr(family_mod, "make_cutpaste_batch", never)
     usage = shutil.disk_usage(tmp_path)
-    monkeypatch.setattr(shutil, "disk_usage",
-                        lambda path: usage._replace(free=10 * 2**20))
+    monkeypatch.setattr(shutil, "disk_usage", lambda path: usage._replace(free=10 * 2**20))
     with pytest.raises(OutputWriteError, match="disk space"):
-        train_model(ZarrTileDataset(small_store), tiny_config(), tmp_path / "m.pt", device="cpu",
-                    progress=False)
+        train_model(
+            ZarrTileDataset(small_store),
+            tiny_config(),
+            tmp_path / "m.pt",
+            device="cpu",
+            progress=False,
+        )
 
 
 def test_score_scale_comes_from_held_out_normal_tiles(small_store, tmp_path):
@@ -181,8 +198,14 @@ def test_score_scale_comes_from_held_out_normal_tiles(small_store, tmp_path):
     assert holdout_split(two, 0.25, seed=0)[1] == held  # seeded: a resume sees the same split
     out = tmp_path / "m.pt"
     fraction = max(0.25, (MIN_HOLDOUT_TILES + 1) / len(two))
-    train_model(two, tiny_config(calibration_holdout=fraction), out, device="cpu",
-                tile_mpp=0.5, progress=False)
+    train_model(
+        two,
+        tiny_config(calibration_holdout=fraction),
+        out,
+        device="cpu",
+        tile_mpp=0.5,
+        progress=False,
+    )
     calibration = load_checkpoint(out)["calibration"]
     assert calibration["scale_source"] == "held-out normal tiles"
     assert calibration["holdout"]["n_tiles"] >= MIN_HOLDOUT_TILES
@@ -190,6 +213,12 @@ def test_score_scale_comes_from_held_out_normal_tiles(small_store, tmp_path):
     assert calibration["mean_map"] is not None
     # Too few tiles to hold out: in-sample, and said so.
     small = tmp_path / "s.pt"
-    train_model(one, tiny_config(calibration_holdout=0.01), small, device="cpu", tile_mpp=0.5,
-                progress=False)
+    train_model(
+        one,
+        tiny_config(calibration_holdout=0.01),
+        small,
+        device="cpu",
+        tile_mpp=0.5,
+        progress=False,
+    )
     assert load_checkpoint(small)["calibration"]["scale_source"].endswith("(in-sample)")

@@ -31,9 +31,14 @@ class Marked(Dataset):
 
 def atac_config(**atacnet):
     settings = {"epochs": 1, "steps_per_epoch": 2, "batch_size": 4, **atacnet}
-    return load_config("atacnet_fast", {"model": {"backbone_weights": "random"},
-                                        "atacnet": settings,
-                                        "train": {"calibration_tiles": 4, "workers": 0}})
+    return load_config(
+        "atacnet_fast",
+        {
+            "model": {"backbone_weights": "random"},
+            "atacnet": settings,
+            "train": {"calibration_tiles": 4, "workers": 0},
+        },
+    )
 
 
 @pytest.fixture(scope="module")
@@ -41,8 +46,9 @@ def atac_model(small_store, tmp_path_factory):
     normals = ZarrTileDataset(small_store)
     anomalies = Marked(normals, range(3))
     out = tmp_path_factory.mktemp("atac") / "atac.pt"
-    train_model(normals, atac_config(), out, device="cpu", anomalies=anomalies, tile_mpp=0.5,
-                progress=False)
+    train_model(
+        normals, atac_config(), out, device="cpu", anomalies=anomalies, tile_mpp=0.5, progress=False
+    )
     return out
 
 
@@ -60,8 +66,12 @@ def test_scorer_and_heatmap_take_an_atacnet_checkpoint(atac_model, small_slide, 
     tiles = torch.rand(2, 3, 256, 256)
     out = scorer.score(tiles)
     assert out.mean.shape == (2,) and out.maps.shape == (2, 64, 64) and np.isfinite(out.mean).all()
-    summary = process_slide(small_slide.path, tmp_path, atac_model,
-                            HeatmapSettings(device="cpu", batch_size=8, progress=False))
+    summary = process_slide(
+        small_slide.path,
+        tmp_path,
+        atac_model,
+        HeatmapSettings(device="cpu", batch_size=8, progress=False),
+    )
     assert summary["model"]["model_name"] == "atacnet"
     assert (tmp_path / small_slide.path.name / "heatmap.png").is_file()
 
@@ -71,5 +81,11 @@ def test_haloae_refuses_labelled_anomalies(small_store, tmp_path):
 
     normals = ZarrTileDataset(small_store)
     with pytest.raises(InvalidInputError, match="ATAC-Net"):
-        train_model(normals, tiny_config(), tmp_path / "m.pt", device="cpu",
-                    anomalies=Marked(normals, [0]), progress=False)
+        train_model(
+            normals,
+            tiny_config(),
+            tmp_path / "m.pt",
+            device="cpu",
+            anomalies=Marked(normals, [0]),
+            progress=False,
+        )

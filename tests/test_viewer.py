@@ -73,9 +73,15 @@ def test_slide_page_and_its_assets(server, results):
     assert "/bokeh/bokeh.min.js" in html and "tiles/{Z}/{X}/{Y}.jpg" in html
     summary = json.loads((results / "demo.tif" / "summary.json").read_text())
     assert f"{summary['colour_scale']['vmax']:.4g}" in html  # the fixed colour scale is shown
-    for path in ("/bokeh/bokeh.min.js", "/static/slide.js", "/static/viewer.css",
-                 "/static/cohort.js", "/slide/demo.tif/files/thumbnail.png",
-                 "/slide/demo.tif/files/tiles.geojson", "/slide/demo.tif/overlay/pixels.png"):
+    for path in (
+        "/bokeh/bokeh.min.js",
+        "/static/slide.js",
+        "/static/viewer.css",
+        "/static/cohort.js",
+        "/slide/demo.tif/files/thumbnail.png",
+        "/slide/demo.tif/files/tiles.geojson",
+        "/slide/demo.tif/overlay/pixels.png",
+    ):
         assert get(server, path)[0] == 200, path
 
 
@@ -87,19 +93,28 @@ def test_slide_without_trailing_slash_redirects(server):
 
 def test_only_the_command_line_imports_the_viewer_and_cheaply():
     package = Path(__file__).resolve().parents[1] / "wsi_anomaly"
-    offenders = [str(p.relative_to(package)) for p in package.rglob("*.py")
-                 if not {"viewer", "cli", "cli.py"} & set(p.relative_to(package).parts)
-                 and ("from .viewer" in p.read_text() or "wsi_anomaly.viewer" in p.read_text()
-                      or "from ..viewer" in p.read_text())]
+    offenders = [
+        str(p.relative_to(package))
+        for p in package.rglob("*.py")
+        if not {"viewer", "cli", "cli.py"} & set(p.relative_to(package).parts)
+        and (
+            "from .viewer" in p.read_text()
+            or "wsi_anomaly.viewer" in p.read_text()
+            or "from ..viewer" in p.read_text()
+        )
+    ]
     assert offenders == []
     # Registering the subcommand must not load the web stack (every CLI call would pay for it).
     import subprocess
     import sys
 
-    code = ("import sys, wsi_anomaly.viewer.command; "
-            "print(sorted(m for m in ('bokeh', 'jinja2', 'torch') if m in sys.modules))")
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
-                         cwd=package.parent)
+    code = (
+        "import sys, wsi_anomaly.viewer.command; "
+        "print(sorted(m for m in ('bokeh', 'jinja2', 'torch') if m in sys.modules))"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=package.parent
+    )
     assert out.stdout.strip() == "[]"
 
 
@@ -150,26 +165,29 @@ def test_tile_table_matches_the_store(server, results):
     np.testing.assert_allclose(table["tissue"], store.tissue_fraction, rtol=1e-6)
 
 
-@pytest.mark.parametrize("path", [
-    "/slide/../summary.csv",
-    "/slide/%2e%2e/summary.csv",
-    "/slide/%2E%2E/%2E%2E/etc/passwd",
-    "/slide/demo.tif/files/../summary.json",
-    "/slide/demo.tif/files/%2e%2e%2fsummary.csv",
-    "/slide/demo.tif/files/..%2f..%2fdemo.tif",
-    "/slide/demo.tif/files/tiles.zarr",
-    "/slide/demo.tif/files/%2Fetc%2Fpasswd",
-    "/slide/%2Fetc%2Fpasswd/",
-    "/slide/%2Ftmp/",
-    "//etc/passwd",
-    "/etc/passwd",
-    "/static/../server.py",
-    "/static/%2e%2e%2fserver.py",
-    "/static/%2Fetc%2Fpasswd",
-    "/bokeh/..%2f..%2f__init__.py",
-    "/bokeh/%2e%2e/%2e%2e/__init__.py",
-    "/slide/demo.tif/tiles/0/0/..%2f..%2f0.jpg",
-])
+@pytest.mark.parametrize(
+    "path",
+    [
+        "/slide/../summary.csv",
+        "/slide/%2e%2e/summary.csv",
+        "/slide/%2E%2E/%2E%2E/etc/passwd",
+        "/slide/demo.tif/files/../summary.json",
+        "/slide/demo.tif/files/%2e%2e%2fsummary.csv",
+        "/slide/demo.tif/files/..%2f..%2fdemo.tif",
+        "/slide/demo.tif/files/tiles.zarr",
+        "/slide/demo.tif/files/%2Fetc%2Fpasswd",
+        "/slide/%2Fetc%2Fpasswd/",
+        "/slide/%2Ftmp/",
+        "//etc/passwd",
+        "/etc/passwd",
+        "/static/../server.py",
+        "/static/%2e%2e%2fserver.py",
+        "/static/%2Fetc%2Fpasswd",
+        "/bokeh/..%2f..%2f__init__.py",
+        "/bokeh/%2e%2e/%2e%2e/__init__.py",
+        "/slide/demo.tif/tiles/0/0/..%2f..%2f0.jpg",
+    ],
+)
 def test_paths_outside_the_served_set_are_refused(server, path):
     status, body, _ = get(server, path)
     assert status == 404, path
@@ -185,9 +203,13 @@ def test_absolute_slide_path_in_results_is_not_a_route(server, results):
 
 def test_only_loopback_host_names_are_answered(server):
     port = server.server_address[1]
-    for host, status in ((f"127.0.0.1:{port}", 200), (f"localhost:{port}", 200),
-                         ("evil.example", 403), (f"evil.example:{port}", 403),
-                         ("127.0.0.1.evil.example", 403)):
+    for host, status in (
+        (f"127.0.0.1:{port}", 200),
+        (f"localhost:{port}", 200),
+        ("evil.example", 403),
+        (f"evil.example:{port}", 403),
+        ("127.0.0.1.evil.example", 403),
+    ):
         conn = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
         conn.putrequest("GET", "/api/cohort", skip_host=True)
         conn.putheader("Host", host)
@@ -200,9 +222,16 @@ def test_only_loopback_host_names_are_answered(server):
 
 
 def test_unknown_routes_and_failed_slides_are_404_and_writes_are_refused(server):
-    for path in ("/nope", "/slide/nope.tif/", "/slide/missing.tif/", "/slide/demo.tif/nope",
-                 "/slide/demo.tif/files/nope.png", "/static/nope.js", "/bokeh/nope.js",
-                 "/slide/demo.tif/tiles/a/b/c.jpg"):
+    for path in (
+        "/nope",
+        "/slide/nope.tif/",
+        "/slide/missing.tif/",
+        "/slide/demo.tif/nope",
+        "/slide/demo.tif/files/nope.png",
+        "/static/nope.js",
+        "/bokeh/nope.js",
+        "/slide/demo.tif/tiles/a/b/c.jpg",
+    ):
         assert get(server, path)[0] == 404, path
     for method in ("POST", "PUT", "DELETE"):
         assert get(server, "/", method)[0] == 405
@@ -278,12 +307,18 @@ def test_view_command_serves_until_stopped(results):
     import sys
     import urllib.request
 
-    code = ("import argparse, sys; from wsi_anomaly.viewer.command import add_parser; "
-            "p = argparse.ArgumentParser(); add_parser(p.add_subparsers()); "
-            "a = p.parse_args(sys.argv[1:]); sys.exit(a.func(a))")
-    proc = subprocess.Popen([sys.executable, "-c", code, "view", str(results), "--port", "0",
-                             "--no-browser"], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            text=True, cwd=Path(__file__).resolve().parents[1])
+    code = (
+        "import argparse, sys; from wsi_anomaly.viewer.command import add_parser; "
+        "p = argparse.ArgumentParser(); add_parser(p.add_subparsers()); "
+        "a = p.parse_args(sys.argv[1:]); sys.exit(a.func(a))"
+    )
+    proc = subprocess.Popen(
+        [sys.executable, "-c", code, "view", str(results), "--port", "0", "--no-browser"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        cwd=Path(__file__).resolve().parents[1],
+    )
     try:
         line = proc.stdout.readline()
         url = re.search(r"http://127\.0\.0\.1:\d+/", line)

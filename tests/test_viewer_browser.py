@@ -19,8 +19,9 @@ import numpy as np
 import pytest
 
 pytest.importorskip("bokeh", reason="the viewer extra is not installed")
-playwright_api = pytest.importorskip("playwright.sync_api",
-                                     reason="playwright is not installed (.ci/install_browser.sh)")
+playwright_api = pytest.importorskip(
+    "playwright.sync_api", reason="playwright is not installed (.ci/install_browser.sh)"
+)
 
 from PIL import Image
 from viewer_demo import build_demo_results, tumour_mask
@@ -38,9 +39,10 @@ def _chromium() -> str | None:
 
 
 CHROMIUM = _chromium()
-pytestmark = pytest.mark.skipif(CHROMIUM is None,
-                                reason="no Chromium found (apt-get install chromium, or "
-                                       "set WSI_ANOMALY_CHROMIUM)")
+pytestmark = pytest.mark.skipif(
+    CHROMIUM is None,
+    reason="no Chromium found (apt-get install chromium, or set WSI_ANOMALY_CHROMIUM)",
+)
 
 # Page coordinates of level-0 slide points, through the bokeh figure's own scales.
 TO_PAGE = """(points) => {
@@ -71,8 +73,9 @@ def base_url(results):
 def browser():
     with playwright_api.sync_playwright() as p:
         try:
-            browser = p.chromium.launch(executable_path=CHROMIUM,
-                                        args=["--no-sandbox", "--disable-gpu"])
+            browser = p.chromium.launch(
+                executable_path=CHROMIUM, args=["--no-sandbox", "--disable-gpu"]
+            )
         except Exception as exc:  # a binary that is not a usable Chromium
             pytest.skip(f"Chromium at {CHROMIUM} cannot be started by playwright: {exc}")
         yield browser
@@ -157,22 +160,25 @@ def test_clicking_a_tile_shows_its_stored_values(page, base_url, results):
     store = TileStore(results / "demo.tif" / "tiles.zarr")
     side = store.attrs["tile_size_l0"]
     i = int(np.flatnonzero(tumour_mask(store.coords, side))[0])
-    (px, py), = page.evaluate(TO_PAGE, [(store.coords[i] + side / 2).tolist()])
+    ((px, py),) = page.evaluate(TO_PAGE, [(store.coords[i] + side / 2).tolist()])
     page.mouse.click(px, py)
     page.wait_for_selector("#tile-info dd[data-field='score']", timeout=10_000)
     info = page.locator("#tile-info")
     assert float(info.locator("dd[data-field='score']").inner_text()) == pytest.approx(
-        float(store.scores[i]), rel=1e-4)
+        float(store.scores[i]), rel=1e-4
+    )
     assert float(info.locator("dd[data-field='max']").inner_text()) == pytest.approx(
-        float(store.max_scores[i]), rel=1e-4)
+        float(store.max_scores[i]), rel=1e-4
+    )
     x, y = (int(v) for v in store.coords[i])
     assert info.locator("dd[data-field='level-0 x, y']").inner_text() == f"{x}, {y}"
 
     # The top of the list jumps to the most anomalous tile and shows it.
     top = int(np.argmax(store.scores))
     page.locator("#top-tiles button").first.click()
-    page.wait_for_function(f"() => document.getElementById('tile-info').dataset.index == '{top}'",
-                           timeout=10_000)
+    page.wait_for_function(
+        f"() => document.getElementById('tile-info').dataset.index == '{top}'", timeout=10_000
+    )
     centre = page.evaluate("""() => {
       const doc = Bokeh.documents[0];
       const xr = doc.get_model_by_name('x_range'), yr = doc.get_model_by_name('y_range');
@@ -180,7 +186,9 @@ def test_clicking_a_tile_shows_its_stored_values(page, base_url, results):
     }""")
     mpp = summary_mpp(results)
     tx, ty = store.coords[top] + side / 2
-    assert centre[0] == pytest.approx(tx * mpp, abs=1) and centre[1] == pytest.approx(-ty * mpp, abs=1)
+    assert centre[0] == pytest.approx(tx * mpp, abs=1) and centre[1] == pytest.approx(
+        -ty * mpp, abs=1
+    )
 
 
 def summary_mpp(results: Path) -> float:
@@ -192,7 +200,7 @@ def test_hovering_a_tile_shows_its_values_and_the_pixel_map_can_be_shown(page, b
     store = TileStore(results / "demo.tif" / "tiles.zarr")
     side = store.attrs["tile_size_l0"]
     i = int(np.flatnonzero(~tumour_mask(store.coords, side))[-1])
-    (px, py), = page.evaluate(TO_PAGE, [(store.coords[i] + side / 2).tolist()])
+    ((px, py),) = page.evaluate(TO_PAGE, [(store.coords[i] + side / 2).tolist()])
     page.mouse.move(px - 5, py - 5)
     page.mouse.move(px, py, steps=5)
     tooltip = page.locator(".bk-Tooltip")
@@ -203,6 +211,8 @@ def test_hovering_a_tile_shows_its_values_and_the_pixel_map_can_be_shown(page, b
 
     assert not page.evaluate("() => Bokeh.documents[0].get_model_by_name('pixel_overlay').visible")
     page.locator("#show-pixels").check()
-    page.wait_for_function("""() => Bokeh.documents[0].get_model_by_name('pixel_overlay').visible""")
+    page.wait_for_function(
+        """() => Bokeh.documents[0].get_model_by_name('pixel_overlay').visible"""
+    )
     page.wait_for_load_state("networkidle")
     assert any(u.endswith("/slide/demo.tif/overlay/pixels.png") for u in loaded)

@@ -39,9 +39,12 @@ class StandInScorer:
     batch_size = 8
     device = "cpu"
     precision = "fp32"
+
     def __init__(self, path: Path):
-        self.calibration = {"score_quantiles": {"0.5": 0.2, "0.99": 0.4},
-                            "max_score_quantiles": {"0.5": 0.2, "0.99": 0.4}}
+        self.calibration = {
+            "score_quantiles": {"0.5": 0.2, "0.99": 0.4},
+            "max_score_quantiles": {"0.5": 0.2, "0.99": 0.4},
+        }
         self.identity = {"path": str(path), "model_sha256": "stand-in", "family": "stand-in"}
 
     def score(self, x, keep_maps: bool = False) -> _Result:
@@ -61,17 +64,26 @@ def build_demo_results(folder: Path) -> Path:
     model = folder / "stand-in.pt"
     model.write_bytes(b"stand-in model")
 
-    layout = SyntheticLayout(width=WIDTH, height=HEIGHT,
-                             tissue_ellipses=((1024.0, 768.0, 900.0, 640.0),),
-                             tumour_ellipses=(TUMOUR,), boundary_wave=0.0)
-    slide = write_synthetic_slide(folder / "demo.tif", width=WIDTH, height=HEIGHT, mpp=0.5,
-                                  layout=layout, seed=3)
+    layout = SyntheticLayout(
+        width=WIDTH,
+        height=HEIGHT,
+        tissue_ellipses=((1024.0, 768.0, 900.0, 640.0),),
+        tumour_ellipses=(TUMOUR,),
+        boundary_wave=0.0,
+    )
+    slide = write_synthetic_slide(
+        folder / "demo.tif", width=WIDTH, height=HEIGHT, mpp=0.5, layout=layout, seed=3
+    )
     results = folder / "results"
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr(pipeline, "_scorer", lambda path, settings: StandInScorer(Path(path)))
-        run_cohort([slide.path, folder / "missing.tif"], results, model,
-                   HeatmapSettings(device="cpu", batch_size=8, progress=False, keep_maps=True),
-                   skip_errors=True)
+        run_cohort(
+            [slide.path, folder / "missing.tif"],
+            results,
+            model,
+            HeatmapSettings(device="cpu", batch_size=8, progress=False, keep_maps=True),
+            skip_errors=True,
+        )
     out = results / "demo.tif"
     summary = json.loads((out / "summary.json").read_text())
     scale = summary["colour_scale"]

@@ -24,8 +24,12 @@ SLIDE_SUFFIXES = {".svs", ".ndpi", ".mrxs", ".tif", ".tiff", ".scn", ".vms", ".b
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("slides", help="folder of slides with <stem>.geojson annotation files beside them")
+    ap = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    ap.add_argument(
+        "slides", help="folder of slides with <stem>.geojson annotation files beside them"
+    )
     ap.add_argument("--out", required=True, help="folder for the tile stores")
     ap.add_argument("--mpp", type=float, default=0.5, help="tile resolution, µm/px (default 0.5)")
     ap.add_argument("--class", dest="class_name", help="only annotations of this QuPath class")
@@ -38,11 +42,16 @@ def main(argv: list[str] | None = None) -> int:
         print(f"build_training_set: error: not a folder: {folder}", file=sys.stderr)
         return 2
     out.mkdir(parents=True, exist_ok=True)
-    pairs = [(s, s.with_suffix(".geojson")) for s in sorted(folder.iterdir())
-             if s.suffix.lower() in SLIDE_SUFFIXES and s.with_suffix(".geojson").is_file()]
+    pairs = [
+        (s, s.with_suffix(".geojson"))
+        for s in sorted(folder.iterdir())
+        if s.suffix.lower() in SLIDE_SUFFIXES and s.with_suffix(".geojson").is_file()
+    ]
     if not pairs:
-        print(f"build_training_set: error: no slide with a .geojson beside it in {folder}",
-              file=sys.stderr)
+        print(
+            f"build_training_set: error: no slide with a .geojson beside it in {folder}",
+            file=sys.stderr,
+        )
         return 2
     rows = []
     for slide, geojson in pairs:
@@ -50,8 +59,12 @@ def main(argv: list[str] | None = None) -> int:
         if store.exists():
             rows.append({"slide": slide.name, "status": "skipped (done)", "tiles": "", "error": ""})
             continue
-        settings = TilingSettings(target_mpp=args.mpp, min_tissue=args.min_tissue,
-                                  annotations=str(geojson), annotation_class=args.class_name)
+        settings = TilingSettings(
+            target_mpp=args.mpp,
+            min_tissue=args.min_tissue,
+            annotations=str(geojson),
+            annotation_class=args.class_name,
+        )
         try:
             result = tile_slide(slide, store, settings)
             rows.append({"slide": slide.name, "status": "ok", "tiles": result.n_tiles, "error": ""})

@@ -39,37 +39,64 @@ def positive_int(text: str) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     ap.add_argument("slides", nargs="+", help="slide files, folders or globs")
     ap.add_argument("--model", required=True)
     ap.add_argument("--out", default="results")
     where = ap.add_mutually_exclusive_group()
-    where.add_argument("--local", type=positive_int, metavar="N",
-                       help="local cluster of N processes")
+    where.add_argument(
+        "--local", type=positive_int, metavar="N", help="local cluster of N processes"
+    )
     where.add_argument("--scheduler", metavar="ADDRESS", help="existing dask scheduler")
-    where.add_argument("--slurm", type=positive_int, metavar="JOBS",
-                       help="SLURM jobs via dask-jobqueue")
+    where.add_argument(
+        "--slurm", type=positive_int, metavar="JOBS", help="SLURM jobs via dask-jobqueue"
+    )
     ap.add_argument("--partition", default="gpu")
     ap.add_argument("--walltime", default="04:00:00")
     ap.add_argument("--batch-size", type=positive_int, default=64)
-    ap.add_argument("--read-threads", type=positive_int, metavar="N",
-                    help="slide-decoding threads per slide (default: one per CPU core)")
+    ap.add_argument(
+        "--read-threads",
+        type=positive_int,
+        metavar="N",
+        help="slide-decoding threads per slide (default: one per CPU core)",
+    )
     ap.add_argument("--overwrite", action="store_true")
     args = ap.parse_args(argv)
 
-    settings = HeatmapSettings(batch_size=args.batch_size, overwrite=args.overwrite,
-                               read_workers=args.read_threads or 0, progress=False)
+    settings = HeatmapSettings(
+        batch_size=args.batch_size,
+        overwrite=args.overwrite,
+        read_workers=args.read_threads or 0,
+        progress=False,
+    )
     cluster = None
     scheduler = args.scheduler
     try:
         if scheduler:
             check_scheduler(scheduler)
         if args.slurm:
-            cluster = make_slurm_cluster(SlurmOptions(
-                partition=args.partition, walltime=args.walltime, gpus=1, cores=8,
-                memory="64GB", jobs=args.slurm))
-        rows = run_cohort(args.slides, args.out, args.model, settings, scheduler=scheduler,
-                          workers=args.local, skip_errors=True, cluster=cluster)
+            cluster = make_slurm_cluster(
+                SlurmOptions(
+                    partition=args.partition,
+                    walltime=args.walltime,
+                    gpus=1,
+                    cores=8,
+                    memory="64GB",
+                    jobs=args.slurm,
+                )
+            )
+        rows = run_cohort(
+            args.slides,
+            args.out,
+            args.model,
+            settings,
+            scheduler=scheduler,
+            workers=args.local,
+            skip_errors=True,
+            cluster=cluster,
+        )
     except WsiAnomalyError as exc:
         print(f"cohort_heatmaps: error: {exc}", file=sys.stderr)
         return 2

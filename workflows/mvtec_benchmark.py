@@ -46,9 +46,11 @@ def machine_description(device: str) -> str:
         accelerator = f"GPU {torch.cuda.get_device_name(0)}"
     else:
         accelerator = "CPU only"
-    return (f"{platform.node() or 'unknown host'}: {platform.processor() or platform.machine()}, "
-            f"{torch.get_num_threads()} torch threads, {accelerator}; torch {torch.__version__}, "
-            f"wsi-anomaly {__version__}")
+    return (
+        f"{platform.node() or 'unknown host'}: {platform.processor() or platform.machine()}, "
+        f"{torch.get_num_threads()} torch threads, {accelerator}; torch {torch.__version__}, "
+        f"wsi-anomaly {__version__}"
+    )
 
 
 def schedule_description(config) -> str:
@@ -56,8 +58,10 @@ def schedule_description(config) -> str:
 
 
 def runtime_table(records: list[dict]) -> str:
-    lines = ["| category | status | train s | eval s | total s | train img/s | eval img/s |",
-             "|---|---|---:|---:|---:|---:|---:|"]
+    lines = [
+        "| category | status | train s | eval s | total s | train img/s | eval img/s |",
+        "|---|---|---:|---:|---:|---:|---:|",
+    ]
 
     def fmt(value, decimals):
         return "n/a" if value is None else f"{value:.{decimals}f}"
@@ -66,37 +70,56 @@ def runtime_table(records: list[dict]) -> str:
     for r in records:
         t = r.get("timing", {})
         total += t.get("total_seconds") or 0.0
-        lines.append(f"| {r['category']} | {r['status']} | {fmt(t.get('train_seconds'), 0)} | "
-                     f"{fmt(t.get('eval_seconds'), 0)} | {fmt(t.get('total_seconds'), 0)} | "
-                     f"{fmt(t.get('train_images_per_s'), 2)} | {fmt(t.get('eval_images_per_s'), 2)} |")
-    lines.append(f"\nTotal recorded runtime: {total / 3600:.2f} h (categories skipped in this run "
-                 "keep the runtime of the run that did them).")
+        lines.append(
+            f"| {r['category']} | {r['status']} | {fmt(t.get('train_seconds'), 0)} | "
+            f"{fmt(t.get('eval_seconds'), 0)} | {fmt(t.get('total_seconds'), 0)} | "
+            f"{fmt(t.get('train_images_per_s'), 2)} | {fmt(t.get('eval_images_per_s'), 2)} |"
+        )
+    lines.append(
+        f"\nTotal recorded runtime: {total / 3600:.2f} h (categories skipped in this run "
+        "keep the runtime of the run that did them)."
+    )
     return "\n".join(lines)
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__,
-                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     ap.add_argument("--root", required=True, help="the MVTec AD folder (15 category folders)")
     ap.add_argument("--out", default="mvtec_results")
     ap.add_argument("--config", default="haloae_paper", help="preset name or YAML file")
-    ap.add_argument("--categories", nargs="+", metavar="C",
-                    help="run only these (default: all 15, which must be present)")
+    ap.add_argument(
+        "--categories",
+        nargs="+",
+        metavar="C",
+        help="run only these (default: all 15, which must be present)",
+    )
     ap.add_argument("--backbone-weights", help="imagenet (default), a state-dict file, or random")
     ap.add_argument("--epochs", type=int, help="override train.epochs")
     ap.add_argument("--seed", type=int)
     ap.add_argument("--device", default="auto")
     ap.add_argument("--eval-batch-size", type=int, default=32)
-    ap.add_argument("--loader-workers", type=int, help="DataLoader worker processes (training and evaluation)")
+    ap.add_argument(
+        "--loader-workers", type=int, help="DataLoader worker processes (training and evaluation)"
+    )
     ap.add_argument("--checkpoint-dir", help="evaluate existing models instead of training")
     ap.add_argument("--overwrite", action="store_true", help="redo categories that are done")
-    ap.add_argument("--stop-on-error", action="store_true",
-                    help="stop at the first failing category instead of recording it")
+    ap.add_argument(
+        "--stop-on-error",
+        action="store_true",
+        help="stop at the first failing category instead of recording it",
+    )
     ap.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
     weak = ap.add_argument_group("ATAC-Net's weakly supervised protocol (with an ATAC-Net config)")
-    weak.add_argument("--anomalies", type=anomaly_count, default=10, metavar="N|paper",
-                      help="labelled test anomalies per category (default 10); 'paper': the "
-                           "ATAC-Net paper's own count per category")
+    weak.add_argument(
+        "--anomalies",
+        type=anomaly_count,
+        default=10,
+        metavar="N|paper",
+        help="labelled test anomalies per category (default 10); 'paper': the "
+        "ATAC-Net paper's own count per category",
+    )
     weak.add_argument("--setting", choices=("general", "hard"), default="general")
     weak.add_argument("--known-type", metavar="TYPE", help="--setting hard: the defect type")
     weak.add_argument("--seeds", type=int, default=3, help="seeds per category (default 3)")
@@ -119,14 +142,20 @@ def main(argv: list[str] | None = None) -> int:
         if args.categories is None:
             missing = [c for c in CATEGORIES if c not in find_categories(args.root)]
             if missing:
-                raise InvalidInputError(f"{args.root} lacks {len(missing)} of the 15 MVTec AD "
-                                        f"categories ({', '.join(missing)}); pass --categories "
-                                        "to run a subset")
+                raise InvalidInputError(
+                    f"{args.root} lacks {len(missing)} of the 15 MVTec AD "
+                    f"categories ({', '.join(missing)}); pass --categories "
+                    "to run a subset"
+                )
         settings = BenchmarkSettings(
-            device=args.device, eval_batch_size=args.eval_batch_size,
-            workers=config.train.workers, overwrite=args.overwrite,
-            skip_errors=not args.stop_on_error, progress=not args.quiet,
-            checkpoint_dir=Path(args.checkpoint_dir) if args.checkpoint_dir else None)
+            device=args.device,
+            eval_batch_size=args.eval_batch_size,
+            workers=config.train.workers,
+            overwrite=args.overwrite,
+            skip_errors=not args.stop_on_error,
+            progress=not args.quiet,
+            checkpoint_dir=Path(args.checkpoint_dir) if args.checkpoint_dir else None,
+        )
 
         def report(record: dict) -> None:
             seconds = record.get("timing", {}).get("total_seconds")
@@ -134,39 +163,49 @@ def main(argv: list[str] | None = None) -> int:
             print(f"{record['category']}: {record['status']}{took}", flush=True)
 
         if get_family(config.model.name).weakly_supervised:
-            protocol = WeakProtocol(n=args.anomalies, setting=args.setting,
-                                    known_type=args.known_type, n_seeds=args.seeds,
-                                    first_seed=config.seed)
+            protocol = WeakProtocol(
+                n=args.anomalies,
+                setting=args.setting,
+                known_type=args.known_type,
+                n_seeds=args.seeds,
+                first_seed=config.seed,
+            )
             runs: list[dict] = []
 
             def report_run(record: dict) -> None:
                 runs.append({**record, "category": f"{record['category']} seed {record['seed']}"})
                 report(runs[-1])
 
-            result = run_weak_benchmark(args.root, categories, config, args.out, settings,
-                                        protocol, on_run=report_run)
+            result = run_weak_benchmark(
+                args.root, categories, config, args.out, settings, protocol, on_run=report_run
+            )
             timed = runs
         else:
-            result = run_benchmark(args.root, categories, config, args.out, settings,
-                                   on_category=report)
+            result = run_benchmark(
+                args.root, categories, config, args.out, settings, on_category=report
+            )
             timed = result.records
     except WsiAnomalyError as exc:
         print(f"mvtec_benchmark: error: {exc}", file=sys.stderr)
         return 2
 
     summary = Path(args.out) / "summary.md"
-    write_text(summary,
+    write_text(
+        summary,
         f"# MVTec AD benchmark: {config.model.name}, config {args.config}\n\n"
         f"Machine: {machine_description(args.device)}.  \n"
         f"Backbone {config.model.backbone_weights}; {schedule_description(config)}, seed "
         f"{config.seed}; finished {time.strftime('%Y-%m-%d %H:%M', time.localtime())} after "
         f"{(time.time() - started) / 60:.1f} min in this run.\n\n"
-        f"{result.markdown}\n## Runtime per category\n\n{runtime_table(timed)}\n")
+        f"{result.markdown}\n## Runtime per category\n\n{runtime_table(timed)}\n",
+    )
     print()
     print(summary.read_text())
     failed = [r for r in result.records if r["status"].startswith("error")]
-    print(f"{len(result.records) - len(failed)} of {len(result.records)} categories done; "
-          f"summary {summary}")
+    print(
+        f"{len(result.records) - len(failed)} of {len(result.records)} categories done; "
+        f"summary {summary}"
+    )
     return 1 if failed else 0
 
 

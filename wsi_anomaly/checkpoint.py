@@ -41,14 +41,19 @@ CHECKPOINT_VERSION = 1
 
 
 def save_checkpoint(payload: dict[str, Any], path: str | Path) -> None:
-    data = {"format": FORMAT, "format_version": CHECKPOINT_VERSION,
-            "software_version": __version__, **payload}
+    data = {
+        "format": FORMAT,
+        "format_version": CHECKPOINT_VERSION,
+        "software_version": __version__,
+        **payload,
+    }
     with atomic_path(path) as tmp, os_errors_as_user_errors(path):
         torch.save(data, tmp)
 
 
-def load_checkpoint(path: str | Path, expect_model: str | None = None,
-                    require_complete: bool = True) -> dict[str, Any]:
+def load_checkpoint(
+    path: str | Path, expect_model: str | None = None, require_complete: bool = True
+) -> dict[str, Any]:
     """Load and validate a checkpoint.
 
     Raises:
@@ -64,28 +69,39 @@ def load_checkpoint(path: str | Path, expect_model: str | None = None,
     except pickle.UnpicklingError as exc:
         # torch reports refused objects as "Unsupported global"; anything else is damage.
         if "global" not in str(exc).lower():
-            raise CheckpointError(f"{path} is not a readable checkpoint (it may be truncated or "
-                                  "not a checkpoint at all)") from exc
+            raise CheckpointError(
+                f"{path} is not a readable checkpoint (it may be truncated or "
+                "not a checkpoint at all)"
+            ) from exc
         # weights_only refused something other than tensors and plain data: never run it.
         raise UnsafeCheckpointError(
             f"{path} holds objects other than tensors and plain data and was not loaded (it could "
-            "run code); use a checkpoint written by `wsi-anomaly train`") from exc
+            "run code); use a checkpoint written by `wsi-anomaly train`"
+        ) from exc
     except Exception as exc:  # torch raises many types for damaged files (struct.error, …)
-        raise CheckpointError(f"{path} is not a readable checkpoint ({exc.__class__.__name__}); "
-                              "it may be truncated or not a checkpoint at all") from exc
+        raise CheckpointError(
+            f"{path} is not a readable checkpoint ({exc.__class__.__name__}); "
+            "it may be truncated or not a checkpoint at all"
+        ) from exc
     if not isinstance(data, dict) or data.get("format") != FORMAT:
-        raise CheckpointError(f"{path} is not a wsi-anomaly checkpoint (train one with "
-                              "`wsi-anomaly train`)")
+        raise CheckpointError(
+            f"{path} is not a wsi-anomaly checkpoint (train one with `wsi-anomaly train`)"
+        )
     if data.get("format_version") != CHECKPOINT_VERSION:
         raise CheckpointError(
             f"{path} has checkpoint format {data.get('format_version')} (written by wsi-anomaly "
             f"{data.get('software_version')}); this version reads format {CHECKPOINT_VERSION} — "
-            "retrain, or use the version that wrote it")
+            "retrain, or use the version that wrote it"
+        )
     if expect_model is not None and data.get("model_name") != expect_model:
-        raise CheckpointError(f"{path} holds a {data.get('model_name')!r} model, not {expect_model!r}")
+        raise CheckpointError(
+            f"{path} holds a {data.get('model_name')!r} model, not {expect_model!r}"
+        )
     if require_complete and not data.get("complete"):
-        raise CheckpointError(f"{path} is an unfinished training checkpoint; finish it with "
-                              "`wsi-anomaly train ... --resume`")
+        raise CheckpointError(
+            f"{path} is an unfinished training checkpoint; finish it with "
+            "`wsi-anomaly train ... --resume`"
+        )
     return data
 
 

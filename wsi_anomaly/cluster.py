@@ -90,46 +90,62 @@ class SlurmOptions:
             _positive_int("processes", self.processes)
         processes = self.worker_processes
         if processes > self.cores:
-            raise InvalidInputError(f"SLURM: {processes} worker processes per job need at least "
-                                    f"{processes} cores per job (got {self.cores})")
+            raise InvalidInputError(
+                f"SLURM: {processes} worker processes per job need at least "
+                f"{processes} cores per job (got {self.cores})"
+            )
         if self.gpus and processes != self.gpus:
-            raise InvalidInputError(f"SLURM: a job with {self.gpus} GPUs runs one worker process "
-                                    f"per GPU; leave processes unset or set it to {self.gpus}")
-        if self.partition is not None and (not self.partition.strip()
-                                           or any(c.isspace() for c in self.partition)):
-            raise InvalidInputError(f"SLURM: partition {self.partition!r} is not a partition "
-                                    "name (see `sinfo -s`)")
+            raise InvalidInputError(
+                f"SLURM: a job with {self.gpus} GPUs runs one worker process "
+                f"per GPU; leave processes unset or set it to {self.gpus}"
+            )
+        if self.partition is not None and (
+            not self.partition.strip() or any(c.isspace() for c in self.partition)
+        ):
+            raise InvalidInputError(
+                f"SLURM: partition {self.partition!r} is not a partition name (see `sinfo -s`)"
+            )
         _memory_bytes(self.memory)
         walltime_s(self.walltime)
         if self.adaptive:
             if self.jobs is not None:
-                raise InvalidInputError("SLURM: give either a fixed number of jobs or a "
-                                        "minimum/maximum for adaptive scaling, not both")
+                raise InvalidInputError(
+                    "SLURM: give either a fixed number of jobs or a "
+                    "minimum/maximum for adaptive scaling, not both"
+                )
             low = 0 if self.minimum_jobs is None else self.minimum_jobs
             _non_negative_int("minimum jobs", low)
             if self.maximum_jobs is None:
-                raise InvalidInputError("SLURM: adaptive scaling needs a maximum number of jobs "
-                                        "(MIN:MAX)")
+                raise InvalidInputError(
+                    "SLURM: adaptive scaling needs a maximum number of jobs (MIN:MAX)"
+                )
             _positive_int("maximum jobs", self.maximum_jobs)
             if low > self.maximum_jobs:
-                raise InvalidInputError(f"SLURM: minimum jobs {low} is more than maximum jobs "
-                                        f"{self.maximum_jobs}")
+                raise InvalidInputError(
+                    f"SLURM: minimum jobs {low} is more than maximum jobs {self.maximum_jobs}"
+                )
         elif self.jobs is not None:
             _positive_int("jobs", self.jobs)
         for directive in self.extra_directives:
             if not isinstance(directive, str) or not directive.strip().startswith("-"):
-                raise InvalidInputError(f"SLURM: extra directive {directive!r} is not an sbatch "
-                                        "option (write it like --account=lab or --qos=long)")
+                raise InvalidInputError(
+                    f"SLURM: extra directive {directive!r} is not an sbatch "
+                    "option (write it like --account=lab or --qos=long)"
+                )
             if "\n" in directive:
                 raise InvalidInputError(f"SLURM: extra directive {directive!r} spans lines")
         for line in self.prologue:
             if not isinstance(line, str) or "\n" in line:
                 raise InvalidInputError(f"SLURM: prologue line {line!r} must be one line")
         if self.python is not None and shutil.which(self.python) is None:
-            raise InvalidInputError(f"SLURM: python {self.python!r} is not an executable; the "
-                                    "workers need the Python that has wsi-anomaly installed")
-        for label, folder in (("local directory", self.local_directory),
-                              ("log directory", self.log_directory)):
+            raise InvalidInputError(
+                f"SLURM: python {self.python!r} is not an executable; the "
+                "workers need the Python that has wsi-anomaly installed"
+            )
+        for label, folder in (
+            ("local directory", self.local_directory),
+            ("log directory", self.log_directory),
+        ):
             if folder is not None and Path(folder).exists() and not Path(folder).is_dir():
                 raise InvalidInputError(f"SLURM: {label} {folder} is a file, not a folder")
 
@@ -161,8 +177,9 @@ def parse_jobs(text: str) -> JobCounts:
         return {"jobs": numbers[0], "minimum_jobs": None, "maximum_jobs": None}
     if len(parts) == 2 and len(numbers) == 2:
         return {"jobs": None, "minimum_jobs": numbers[0], "maximum_jobs": numbers[1]}
-    raise InvalidInputError(f"SLURM jobs {text!r}: write N (a fixed number of jobs) or MIN:MAX "
-                            "(adaptive, e.g. 0:16)")
+    raise InvalidInputError(
+        f"SLURM jobs {text!r}: write N (a fixed number of jobs) or MIN:MAX (adaptive, e.g. 0:16)"
+    )
 
 
 def walltime_s(walltime: str) -> int:
@@ -205,8 +222,9 @@ def make_slurm_cluster(options: SlurmOptions) -> Any:
     try:
         from dask_jobqueue import SLURMCluster
     except ImportError:
-        raise InvalidInputError("running on SLURM needs dask-jobqueue: pip install "
-                                "'wsi-anomaly[cluster]'") from None
+        raise InvalidInputError(
+            "running on SLURM needs dask-jobqueue: pip install 'wsi-anomaly[cluster]'"
+        ) from None
     processes = options.worker_processes
     threads_per_process = max(1, options.cores // processes)
     worker_args: list[str] = []
@@ -218,12 +236,16 @@ def make_slurm_cluster(options: SlurmOptions) -> Any:
     if lifetime is not None:
         stagger = min(300, max(30, lifetime // 20))
         worker_args += ["--lifetime", f"{lifetime}s", "--lifetime-stagger", f"{stagger}s"]
-    directives = ([f"--gres=gpu:{options.gpus}"] if options.gpus else []) \
-        + [d.strip() for d in options.extra_directives]
+    directives = ([f"--gres=gpu:{options.gpus}"] if options.gpus else []) + [
+        d.strip() for d in options.extra_directives
+    ]
     # One slide per worker process at a time: dask sees one core per process (one thread), SLURM
     # still reserves every core of the job, and torch's threads use the process's share of them.
-    prologue = [f"export OMP_NUM_THREADS={threads_per_process}",
-                f"export MKL_NUM_THREADS={threads_per_process}", *options.prologue]
+    prologue = [
+        f"export OMP_NUM_THREADS={threads_per_process}",
+        f"export MKL_NUM_THREADS={threads_per_process}",
+        *options.prologue,
+    ]
     log_directory = options.log_directory
     if log_directory is not None:
         Path(log_directory).mkdir(parents=True, exist_ok=True)
@@ -242,8 +264,10 @@ def make_slurm_cluster(options: SlurmOptions) -> Any:
         log_directory=log_directory,
         python=options.python or sys.executable,
         interface=options.interface,
-        scheduler_options={"dashboard_address": options.dashboard_address or ":0",
-                           "dashboard": options.dashboard_address is not None},
+        scheduler_options={
+            "dashboard_address": options.dashboard_address or ":0",
+            "dashboard": options.dashboard_address is not None,
+        },
     )
     try:
         check_job_script(cluster.job_script())
@@ -268,15 +292,22 @@ def check_job_script(script: str) -> None:
         fh.write(script)
         fh.flush()
         try:
-            result = subprocess.run([sbatch, "--test-only", fh.name], check=False,
-                                    capture_output=True, text=True, timeout=60)
+            result = subprocess.run(
+                [sbatch, "--test-only", fh.name],
+                check=False,
+                capture_output=True,
+                text=True,
+                timeout=60,
+            )
         except (OSError, subprocess.TimeoutExpired) as exc:
             raise InvalidInputError(f"SLURM: sbatch does not answer ({exc})") from None
     if result.returncode != 0:
         lines = [ln.strip() for ln in (result.stderr + result.stdout).splitlines() if ln.strip()]
         reason = next((ln for ln in lines if "error" in ln.lower()), lines[0] if lines else "")
-        raise InvalidInputError(f"SLURM refuses the worker job: {reason or 'sbatch failed'} "
-                                "(check partition, GPUs, memory and walltime against `sinfo`)")
+        raise InvalidInputError(
+            f"SLURM refuses the worker job: {reason or 'sbatch failed'} "
+            "(check partition, GPUs, memory and walltime against `sinfo`)"
+        )
 
 
 def gpu_for_worker(worker_name: str, visible: str | None) -> str | None:
@@ -321,8 +352,9 @@ def _memory_bytes(memory: str) -> int:
     except (ValueError, TypeError):
         raise InvalidInputError(f"SLURM memory {memory!r}: write it like 16GB or 500MB") from None
     if value < 1 << 20:
-        raise InvalidInputError(f"SLURM memory {memory!r} is less than 1 MB per job; write it "
-                                "like 16GB")
+        raise InvalidInputError(
+            f"SLURM memory {memory!r} is less than 1 MB per job; write it like 16GB"
+        )
     return value
 
 
@@ -336,8 +368,9 @@ def check_scheduler(address: str, timeout_s: float = 5.0) -> None:
     try:
         host, port = parts.hostname, parts.port or 8786
     except ValueError:
-        raise InvalidInputError(f"--scheduler {address!r} is not an address like "
-                                "tcp://host:8786") from None
+        raise InvalidInputError(
+            f"--scheduler {address!r} is not an address like tcp://host:8786"
+        ) from None
     if not host:
         raise InvalidInputError(f"--scheduler {address!r} is not an address like tcp://host:8786")
     try:
@@ -346,8 +379,11 @@ def check_scheduler(address: str, timeout_s: float = 5.0) -> None:
         with socket.create_connection((host, port), timeout=timeout_s):
             pass
     except OSError as exc:
-        reason = (f"no answer within {timeout_s:g} s" if isinstance(exc, TimeoutError)
-                  else exc.strerror or str(exc))
-        raise InvalidInputError(f"cannot reach dask scheduler at {address} ({reason}); start it "
-                                "or check the address") from None
-
+        reason = (
+            f"no answer within {timeout_s:g} s"
+            if isinstance(exc, TimeoutError)
+            else exc.strerror or str(exc)
+        )
+        raise InvalidInputError(
+            f"cannot reach dask scheduler at {address} ({reason}); start it or check the address"
+        ) from None

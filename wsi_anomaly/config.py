@@ -34,11 +34,11 @@ class ModelConfig:
 
     name: str = "haloae"
     backbone_weights: str = "imagenet"  # imagenet | random | path to a state-dict file
-    attention: str = "halo"             # halo | conv (attention layers replaced by 3×3 convs
+    attention: str = "halo"  # halo | conv (attention layers replaced by 3×3 convs
     #                                     in the same blocks; no paper counterpart)
-    released_mask: bool = False         # reproduction switch: the authors' released halo layer
+    released_mask: bool = False  # reproduction switch: the authors' released halo layer
     #                                     with its inverted mask (the paper's numbers used it)
-    released_init: bool = False         # start blocks C, D, E as the released code does
+    released_init: bool = False  # start blocks C, D, E as the released code does
     #                                     (Kaiming-normal fan-in, zero biases); default PyTorch's
 
 
@@ -50,18 +50,18 @@ class TrainConfig:
 
     epochs: int = 251
     samples_per_epoch: int = 3000
-    batch_size: int = 4                 # originals; each yields two Cut&Paste copies
+    batch_size: int = 4  # originals; each yields two Cut&Paste copies
     lr: float = 1e-4
     weight_decay: float = 1e-5
-    loss_weighting: str = "ews"         # ews | equal (1/n for each of the n active terms)
+    loss_weighting: str = "ews"  # ews | equal (1/n for each of the n active terms)
     # A subset is a loss ablation: the weights are renormalised over the active terms (sum 1).
     loss_terms: list[str] = field(default_factory=lambda: ["cls", "fm", "im"])
-    image_jitter: float = 0.1           # colour jitter of the whole image (histology: 0.05)
-    patch_jitter: float = 0.1           # colour jitter of the pasted patch
-    workers: int = 2                    # data-loading processes
-    checkpoint_every: int = 10          # epochs between resumable checkpoints
-    calibration_tiles: int = 2000       # tiles used for the mean map and score quantiles
-    calibration_holdout: float = 0.1    # normal tiles held out of training for the score scale
+    image_jitter: float = 0.1  # colour jitter of the whole image (histology: 0.05)
+    patch_jitter: float = 0.1  # colour jitter of the pasted patch
+    workers: int = 2  # data-loading processes
+    checkpoint_every: int = 10  # epochs between resumable checkpoints
+    calibration_tiles: int = 2000  # tiles used for the mean map and score quantiles
+    calibration_holdout: float = 0.1  # normal tiles held out of training for the score scale
 
 
 def _to_dict(self: Any) -> dict[str, Any]:
@@ -71,19 +71,26 @@ def _to_dict(self: Any) -> dict[str, Any]:
 def _validate(self: Any) -> Any:
     """Check ranges and the family's settings; returns ``self``."""
     t = self.train
-    for name in ("epochs", "samples_per_epoch", "batch_size", "checkpoint_every",
-                 "calibration_tiles"):
+    for name in (
+        "epochs",
+        "samples_per_epoch",
+        "batch_size",
+        "checkpoint_every",
+        "calibration_tiles",
+    ):
         if getattr(t, name) < 1:
             raise InvalidInputError(f"train.{name} must be at least 1, got {getattr(t, name)}")
     if t.workers < 0:
         raise InvalidInputError("train.workers must be ≥ 0")
     if not 0.0 <= t.calibration_holdout < 1.0:
-        raise InvalidInputError("train.calibration_holdout must be in [0, 1), got "
-                                f"{t.calibration_holdout}")
+        raise InvalidInputError(
+            f"train.calibration_holdout must be in [0, 1), got {t.calibration_holdout}"
+        )
     _check_positive(self)
     if self.model.name not in family_names():
-        raise InvalidInputError(f"model.name must be one of {', '.join(family_names())}, "
-                                f"got {self.model.name!r}")
+        raise InvalidInputError(
+            f"model.name must be one of {', '.join(family_names())}, got {self.model.name!r}"
+        )
     if self.tile_px != 256:
         raise InvalidInputError("tiles are 256×256 (tile_px must be 256)")
     try:
@@ -95,8 +102,14 @@ def _validate(self: Any) -> Any:
 
 #: Values that must be positive (> 0) or non-negative (≥ 0) wherever a section has them.
 _POSITIVE = ("lr", "lr_gamma", "grad_clip_norm", "margin")
-_NON_NEGATIVE = ("weight_decay", "image_jitter", "patch_jitter", "rotation_degrees",
-                 "min_box_px", "box_pad_px")
+_NON_NEGATIVE = (
+    "weight_decay",
+    "image_jitter",
+    "patch_jitter",
+    "rotation_degrees",
+    "min_box_px",
+    "box_pad_px",
+)
 
 
 def _check_positive(config: Any) -> None:
@@ -106,24 +119,34 @@ def _check_positive(config: Any) -> None:
             continue
         for name in _POSITIVE:
             if hasattr(value, name) and not getattr(value, name) > 0:
-                raise InvalidInputError(f"{section.name}.{name} must be greater than 0, "
-                                        f"got {getattr(value, name)}")
+                raise InvalidInputError(
+                    f"{section.name}.{name} must be greater than 0, got {getattr(value, name)}"
+                )
         for name in _NON_NEGATIVE:
             if hasattr(value, name) and not getattr(value, name) >= 0:
-                raise InvalidInputError(f"{section.name}.{name} must be 0 or more, "
-                                        f"got {getattr(value, name)}")
+                raise InvalidInputError(
+                    f"{section.name}.{name} must be 0 or more, got {getattr(value, name)}"
+                )
 
 
 def _make_config_class() -> type:
     """``Config``: ``model``, ``train``, each family's own section, ``tile_px``, ``seed``."""
-    spec: list[Any] = [("model", ModelConfig, field(default_factory=ModelConfig)),
-                       ("train", TrainConfig, field(default_factory=TrainConfig))]
+    spec: list[Any] = [
+        ("model", ModelConfig, field(default_factory=ModelConfig)),
+        ("train", TrainConfig, field(default_factory=TrainConfig)),
+    ]
     for key, section_type in family_sections():
         spec.append((key, section_type, field(default_factory=section_type)))
     spec += [("tile_px", int, field(default=256)), ("seed", int, field(default=0))]
     cls = dataclasses.make_dataclass(
-        "Config", spec, namespace={"to_dict": _to_dict, "validate": _validate,
-                                   "__doc__": "The resolved configuration of a run."})
+        "Config",
+        spec,
+        namespace={
+            "to_dict": _to_dict,
+            "validate": _validate,
+            "__doc__": "The resolved configuration of a run.",
+        },
+    )
     cls.__module__ = __name__
     return cls
 
@@ -169,7 +192,9 @@ def _merge(obj: Any, data: dict[str, Any], where: str) -> Any:
     updates = {}
     for key, value in data.items():
         if key not in known:
-            raise InvalidInputError(f"unknown config key {where}{key!r} (known: {', '.join(known)})")
+            raise InvalidInputError(
+                f"unknown config key {where}{key!r} (known: {', '.join(known)})"
+            )
         current = getattr(obj, key)
         if dataclasses.is_dataclass(current):
             if not isinstance(value, dict):
@@ -189,7 +214,9 @@ def resolve_preset(name_or_path: str) -> Path:
         if candidate.is_file():
             return candidate
     presets = ", ".join(sorted(p.stem for p in PRESET_DIR.glob("*.yaml")))
-    raise InputNotFoundError(f"config {name_or_path!r} not found (a YAML file, or a preset: {presets})")
+    raise InputNotFoundError(
+        f"config {name_or_path!r} not found (a YAML file, or a preset: {presets})"
+    )
 
 
 def read_yaml(path: Path) -> Any:
@@ -198,9 +225,10 @@ def read_yaml(path: Path) -> Any:
     try:
         text = raw.decode("utf-8")
     except UnicodeDecodeError as exc:
-        line = raw[:exc.start].count(b"\n") + 1
-        raise InvalidInputError(f"{path}:{line}: not UTF-8 text (byte 0x{raw[exc.start]:02x}); "
-                                "save the config as UTF-8") from None
+        line = raw[: exc.start].count(b"\n") + 1
+        raise InvalidInputError(
+            f"{path}:{line}: not UTF-8 text (byte 0x{raw[exc.start]:02x}); save the config as UTF-8"
+        ) from None
     try:
         return yaml.safe_load(text)
     except yaml.YAMLError as exc:

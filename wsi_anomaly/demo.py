@@ -49,54 +49,94 @@ def tumour_annotations(slide: SyntheticSlide, path: Path, vertices: int = 64) ->
         t = np.linspace(0, 2 * math.pi, vertices, endpoint=False)
         ring = [[float(cx + rx * math.cos(a)), float(cy + ry * math.sin(a))] for a in t]
         ring.append(ring[0])
-        features.append({"type": "Feature", "id": f"tumour-{k}",
-                         "geometry": {"type": "Polygon", "coordinates": [ring]},
-                         "properties": {"objectType": "annotation",
-                                        "classification": {"name": "Tumor", "color": [200, 0, 0]}}})
+        features.append(
+            {
+                "type": "Feature",
+                "id": f"tumour-{k}",
+                "geometry": {"type": "Polygon", "coordinates": [ring]},
+                "properties": {
+                    "objectType": "annotation",
+                    "classification": {"name": "Tumor", "color": [200, 0, 0]},
+                },
+            }
+        )
     path.write_text(json.dumps({"type": "FeatureCollection", "features": features}))
     return path
 
 
-def run_demo(out: str | Path, size_px: int = 8192, seed: int = 0,
-             backbone_weights: str = "random", device: str = "auto",
-             progress: bool = True, echo=print) -> DemoResult:
+def run_demo(
+    out: str | Path,
+    size_px: int = 8192,
+    seed: int = 0,
+    backbone_weights: str = "random",
+    device: str = "auto",
+    progress: bool = True,
+    echo=print,
+) -> DemoResult:
     from sklearn.metrics import roc_auc_score
 
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     slide_path = out / "synthetic_slide.tif"
     echo(f"[1/4] synthetic slide: {size_px} × {size_px} px at 0.5 µm/px → {slide_path}")
-    slide = write_synthetic_slide(slide_path, width=size_px, height=size_px, mpp=0.5, seed=seed,
-                                  progress=progress)
+    slide = write_synthetic_slide(
+        slide_path, width=size_px, height=size_px, mpp=0.5, seed=seed, progress=progress
+    )
     regions = tumour_annotations(slide, out / "tumour_regions.geojson")
 
     store = out / "tumour_tiles.zarr"
     echo(f"[2/4] tiling the known tumour region at {DEMO_MPP:g} µm/px → {store}")
-    tiled = tile_slide(slide_path, store, TilingSettings(target_mpp=DEMO_MPP, min_tissue=0.5,
-                                                         annotations=str(regions),
-                                                         min_annotation=0.9),
-                       overwrite=True, progress=progress)
+    tiled = tile_slide(
+        slide_path,
+        store,
+        TilingSettings(
+            target_mpp=DEMO_MPP, min_tissue=0.5, annotations=str(regions), min_annotation=0.9
+        ),
+        overwrite=True,
+        progress=progress,
+    )
     echo(f"      {tiled.n_tiles} tumour tiles")
 
     model = out / "model.pt"
-    config = load_config("haloae_fast", {"model": {"backbone_weights": backbone_weights},
-                                         "train": DEMO_TRAIN, "seed": seed})
-    echo(f"[3/4] training HaloAE (fast preset, {config.train.epochs} epochs, VGG19 weights: "
-         f"{backbone_weights}) → {model}")
-    trained = train_model(ZarrTileDataset(store), config, model, device=device, overwrite=True,
-                          tile_mpp=TileStore(store).mpp, source=str(store), progress=progress)
+    config = load_config(
+        "haloae_fast",
+        {"model": {"backbone_weights": backbone_weights}, "train": DEMO_TRAIN, "seed": seed},
+    )
+    echo(
+        f"[3/4] training HaloAE (fast preset, {config.train.epochs} epochs, VGG19 weights: "
+        f"{backbone_weights}) → {model}"
+    )
+    trained = train_model(
+        ZarrTileDataset(store),
+        config,
+        model,
+        device=device,
+        overwrite=True,
+        tile_mpp=TileStore(store).mpp,
+        source=str(store),
+        progress=progress,
+    )
     echo(f"      {trained.seconds:.0f} s, {trained.images_per_s:.2f} images/s")
 
     results = out / "results"
     echo(f"[4/4] heatmap of the whole slide → {results / slide_path.name}")
     # Through the cohort runner, so the results folder has its summary.csv like any run.
-    run_cohort([slide_path], results, model,
-               HeatmapSettings(device=device, overwrite=True, progress=progress, batch_size=16))
+    run_cohort(
+        [slide_path],
+        results,
+        model,
+        HeatmapSettings(device=device, overwrite=True, progress=progress, batch_size=16),
+    )
     summary = json.loads((results / slide_path.name / "summary.json").read_text())
     scored = TileStore(results / slide_path.name / "tiles.zarr")
     fractions = slide.tile_labels(scored.coords, scored.attrs["tile_size_l0"])
     is_tumour = fractions[:, 2] >= 0.5
     labels = (~is_tumour).astype(int)  # anomalous = not the training tissue
-    auroc = float(roc_auc_score(labels, scored.scores)) if 0 < labels.sum() < len(labels) else float("nan")
-    return DemoResult(slide_path, model, results / slide_path.name, int(len(labels)), auroc,
-                      summary)
+    auroc = (
+        float(roc_auc_score(labels, scored.scores))
+        if 0 < labels.sum() < len(labels)
+        else float("nan")
+    )
+    return DemoResult(
+        slide_path, model, results / slide_path.name, int(len(labels)), auroc, summary
+    )

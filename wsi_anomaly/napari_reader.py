@@ -64,14 +64,26 @@ def read_results(path: str | list[str]) -> list[LayerData]:
     if slide_layer is not None:
         layers.append(slide_layer)
     scale = _colour_scale(summary)
-    layers.append(_score_layer(folder / "heatmap.ome.zarr", ".", scale, summary["slide"],
-                               "anomaly score", visible=True))
+    layers.append(
+        _score_layer(
+            folder / "heatmap.ome.zarr", ".", scale, summary["slide"], "anomaly score", visible=True
+        )
+    )
     if (folder / "heatmap.ome.zarr" / "pixel" / "zarr.json").is_file():
-        layers.append(_score_layer(folder / "heatmap.ome.zarr", "pixel", scale, summary["slide"],
-                                   "pixel anomaly map", visible=False))
+        layers.append(
+            _score_layer(
+                folder / "heatmap.ome.zarr",
+                "pixel",
+                scale,
+                summary["slide"],
+                "pixel anomaly map",
+                visible=False,
+            )
+        )
     if (folder / "tiles.csv").is_file():
-        layers.append(_tiles_layer(folder / "tiles.csv", float(summary["level0_mpp"]),
-                                   summary["slide"]))
+        layers.append(
+            _tiles_layer(folder / "tiles.csv", float(summary["level0_mpp"]), summary["slide"])
+        )
     return layers
 
 
@@ -79,8 +91,12 @@ def _colour_scale(summary: dict[str, Any]) -> Any:
     from .stitch import ColourScale
 
     cs = summary["colour_scale"]
-    return ColourScale(vmin=float(cs["vmin"]), vcenter=float(cs["vcenter"]),
-                       vmax=float(cs["vmax"]), cmap=str(cs.get("cmap", "coolwarm")))
+    return ColourScale(
+        vmin=float(cs["vmin"]),
+        vcenter=float(cs["vcenter"]),
+        vmax=float(cs["vmax"]),
+        cmap=str(cs.get("cmap", "coolwarm")),
+    )
 
 
 def fixed_scale_colormap(scale: Any, steps: int = 256) -> Any:
@@ -95,8 +111,9 @@ def fixed_scale_colormap(scale: Any, steps: int = 256) -> Any:
     return Colormap(colors=colours, controls=controls, name=f"wsi-anomaly {scale.cmap} (fixed)")
 
 
-def _score_layer(ngff: Path, image: str, scale: Any, slide_name: str, label: str,
-                 visible: bool) -> LayerData:
+def _score_layer(
+    ngff: Path, image: str, scale: Any, slide_name: str, label: str, visible: bool
+) -> LayerData:
     import zarr
 
     from .tiles.store import zarr_array
@@ -115,9 +132,15 @@ def _score_layer(ngff: Path, image: str, scale: Any, slide_name: str, label: str
         "opacity": 0.5,
         "blending": "translucent",
         "visible": visible,
-        "metadata": {"wsi_anomaly": dict(cast(dict[str, Any], group.attrs.get("wsi_anomaly", {}))),
-                     "colour_scale": {"vmin": scale.vmin, "vcenter": scale.vcenter,
-                                      "vmax": scale.vmax, "cmap": scale.cmap}},
+        "metadata": {
+            "wsi_anomaly": dict(cast(dict[str, Any], group.attrs.get("wsi_anomaly", {}))),
+            "colour_scale": {
+                "vmin": scale.vmin,
+                "vcenter": scale.vcenter,
+                "vmax": scale.vmax,
+                "cmap": scale.cmap,
+            },
+        },
     }
     return np.asarray(data[...]), kwargs, "image"
 
@@ -144,14 +167,27 @@ def _slide_layer(summary: dict[str, Any]) -> LayerData | None:
     levels = []
     for level in slide.levels:
         chunks = (_chunks(level.height), _chunks(level.width), (3,))
-        levels.append(da.map_blocks(_read_block, dtype=np.uint8, chunks=chunks,
-                                    slide_path=str(path), mpp=mpp, level=level.index,
-                                    meta=np.empty((0, 0, 0), np.uint8)))
+        levels.append(
+            da.map_blocks(
+                _read_block,
+                dtype=np.uint8,
+                chunks=chunks,
+                slide_path=str(path),
+                mpp=mpp,
+                level=level.index,
+                meta=np.empty((0, 0, 0), np.uint8),
+            )
+        )
     # napari infers each level's scale from its shape; drop levels too small to matter.
     levels = [lv for lv in levels if min(lv.shape[:2]) >= 16] or levels[:1]
-    kwargs = {"name": summary["slide"], "rgb": True, "multiscale": len(levels) > 1,
-              "scale": (mpp, mpp), "translate": (0.5 * mpp, 0.5 * mpp),
-              "metadata": {"slide_path": path, "level0_mpp": mpp}}
+    kwargs = {
+        "name": summary["slide"],
+        "rgb": True,
+        "multiscale": len(levels) > 1,
+        "scale": (mpp, mpp),
+        "translate": (0.5 * mpp, 0.5 * mpp),
+        "metadata": {"slide_path": path, "level0_mpp": mpp},
+    }
     return (levels if len(levels) > 1 else levels[0]), kwargs, "image"
 
 
@@ -160,8 +196,9 @@ def _chunks(n: int) -> tuple[int, ...]:
     return (CHUNK_PX,) * full + ((rest,) if rest else ())
 
 
-def _read_block(slide_path: str, mpp: float, level: int,
-                block_info: dict | None = None) -> np.ndarray:
+def _read_block(
+    slide_path: str, mpp: float, level: int, block_info: dict | None = None
+) -> np.ndarray:
     assert block_info is not None
     (y0, y1), (x0, x1), _ = block_info[None]["array-location"]
     return _open_slide(slide_path, mpp).read_level(level, x0, y0, x1 - x0, y1 - y0)
@@ -179,10 +216,20 @@ def _tiles_layer(table: Path, mpp: float, slide_name: str) -> LayerData:
             peak.append(float(row["max"]) if row["max"] else np.nan)
             tissue.append(float(row["tissue_fraction"]) if row["tissue_fraction"] else np.nan)
             cls.append(row["class"])
-    features = {"anomaly_score": np.asarray(score), "anomaly_max": np.asarray(peak),
-                "tissue_fraction": np.asarray(tissue), "class": np.asarray(cls, dtype=object)}
+    features = {
+        "anomaly_score": np.asarray(score),
+        "anomaly_max": np.asarray(peak),
+        "tissue_fraction": np.asarray(tissue),
+        "class": np.asarray(cls, dtype=object),
+    }
     edge = ["red" if c == "Anomalous" else "white" for c in cls]
-    kwargs = {"name": f"{slide_name} tiles", "shape_type": "rectangle", "features": features,
-              "edge_color": edge, "face_color": "transparent", "edge_width": 2 * mpp,
-              "visible": False}
+    kwargs = {
+        "name": f"{slide_name} tiles",
+        "shape_type": "rectangle",
+        "features": features,
+        "edge_color": edge,
+        "face_color": "transparent",
+        "edge_width": 2 * mpp,
+        "visible": False,
+    }
     return [np.asarray(r) for r in rects], kwargs, "shapes"

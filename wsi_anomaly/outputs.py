@@ -136,6 +136,7 @@ def _json_default(obj: Any) -> Any:
 
 # -- folders the tool owns ---------------------------------------------------------------------
 
+
 def mark_owned(folder: Path, kind: str) -> None:
     """Record inside ``folder`` that the tool wrote it (what :func:`refuse_foreign` checks)."""
     with os_errors_as_user_errors(folder):
@@ -163,8 +164,10 @@ def check_replaceable(path: Path, overwrite: bool, kinds: tuple[str, ...], what:
     if not overwrite:
         raise OutputExistsError(f"{path} already exists; pass --overwrite to replace it")
     if path.is_symlink() or not path.is_dir() or not is_owned(path, kinds):
-        raise OutputExistsError(f"{path} exists and is not a {what} written by wsi-anomaly; "
-                                "refusing to replace it (choose another --out)")
+        raise OutputExistsError(
+            f"{path} exists and is not a {what} written by wsi-anomaly; "
+            "refusing to replace it (choose another --out)"
+        )
 
 
 def check_output_file(path: Path, overwrite: bool) -> None:
@@ -189,10 +192,12 @@ def check_free_space(folder: Path, need_bytes: int, what: str) -> None:
     if free < need_bytes:
         raise OutputWriteError(
             f"not enough disk space for {what} under {folder}: {free / 2**20:.0f} MiB free, about "
-            f"{need_bytes / 2**20:.0f} MiB needed")
+            f"{need_bytes / 2**20:.0f} MiB needed"
+        )
 
 
 # -- locks ---------------------------------------------------------------------------------------
+
 
 class OutputLock:
     """An exclusive lock on one output, held through a lock file next to it.
@@ -205,8 +210,14 @@ class OutputLock:
     second run wait up to ``wait_s`` and then refuse with one line.
     """
 
-    def __init__(self, target: str | Path, wait_s: float = 0.0, stale_after_s: float = 180.0,
-                 poll_s: float = 0.5, heartbeat_s: float = 30.0) -> None:
+    def __init__(
+        self,
+        target: str | Path,
+        wait_s: float = 0.0,
+        stale_after_s: float = 180.0,
+        poll_s: float = 0.5,
+        heartbeat_s: float = 30.0,
+    ) -> None:
         target = Path(target)
         self.path = target.with_name(f".{target.name}.lock")
         self.target = target
@@ -227,26 +238,37 @@ class OutputLock:
             if self._try_create():
                 self.held = True
                 self._stop.clear()
-                self._beat = threading.Thread(target=self._heartbeat, daemon=True,
-                                              name=f"lock {self.target.name}")
+                self._beat = threading.Thread(
+                    target=self._heartbeat, daemon=True, name=f"lock {self.target.name}"
+                )
                 self._beat.start()
                 return
             holder = self._read()
             if self._is_stale(holder):
-                log.warning("taking over a stale lock on %s (held by pid %s on %s, which is gone)",
-                            self.target, holder.get("pid"), holder.get("host"))
+                log.warning(
+                    "taking over a stale lock on %s (held by pid %s on %s, which is gone)",
+                    self.target,
+                    holder.get("pid"),
+                    holder.get("host"),
+                )
                 self._break()
                 continue
             if time.monotonic() >= deadline:
                 raise OutputLockedError(
                     f"{self.target} is being written by another run (pid {holder.get('pid')} on "
                     f"{holder.get('host')}, since {holder.get('started', '?')}); wait for it to "
-                    f"finish, or remove {self.path} if that run is dead")
+                    f"finish, or remove {self.path} if that run is dead"
+                )
             time.sleep(self.poll_s)
 
     def _try_create(self) -> bool:
-        info = {"pid": os.getpid(), "host": socket.gethostname(), "token": self._token,
-                "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "time": time.time()}
+        info = {
+            "pid": os.getpid(),
+            "host": socket.gethostname(),
+            "token": self._token,
+            "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+            "time": time.time(),
+        }
         try:
             fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
         except FileExistsError:
@@ -330,5 +352,7 @@ def validate_output_name(path: Path) -> None:
         limit = 255
     # The temporary sibling adds ~20 characters to the name.
     if len(path.name.encode()) + 24 > limit:
-        raise InvalidInputError(f"output name too long for this filesystem: {path.name[:40]}… "
-                                f"({len(path.name)} characters; at most {limit - 24})")
+        raise InvalidInputError(
+            f"output name too long for this filesystem: {path.name[:40]}… "
+            f"({len(path.name)} characters; at most {limit - 24})"
+        )

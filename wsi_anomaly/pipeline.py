@@ -78,10 +78,32 @@ log = logging.getLogger(__name__)
 #: Marker kind of a slide's results folder (only such folders are replaced with --overwrite).
 RESULT_KIND = "slide-results"
 
-SLIDE_SUFFIXES = (".svs", ".ndpi", ".mrxs", ".tif", ".tiff", ".scn", ".vms", ".vmu", ".bif",
-                  ".svslide", ".dcm")
-SUMMARY_FIELDS = ("slide", "slide_path", "status", "n_tiles", "score_mean", "score_max", "fraction_anomalous",
-                  "tiles_per_s", "seconds", "output", "error")
+SLIDE_SUFFIXES = (
+    ".svs",
+    ".ndpi",
+    ".mrxs",
+    ".tif",
+    ".tiff",
+    ".scn",
+    ".vms",
+    ".vmu",
+    ".bif",
+    ".svslide",
+    ".dcm",
+)
+SUMMARY_FIELDS = (
+    "slide",
+    "slide_path",
+    "status",
+    "n_tiles",
+    "score_mean",
+    "score_max",
+    "fraction_anomalous",
+    "tiles_per_s",
+    "seconds",
+    "output",
+    "error",
+)
 
 
 @dataclass
@@ -116,8 +138,13 @@ def find_slides(inputs: Sequence[str | Path]) -> list[Path]:
                 raise InputNotFoundError(f"no slide matches {item!r}")
             found.extend(Path(m) for m in matches if Path(m).is_file())
         elif Path(item).is_dir():
-            found.extend(sorted(p for p in Path(item).iterdir()
-                                if p.is_file() and p.suffix.lower() in SLIDE_SUFFIXES))
+            found.extend(
+                sorted(
+                    p
+                    for p in Path(item).iterdir()
+                    if p.is_file() and p.suffix.lower() in SLIDE_SUFFIXES
+                )
+            )
         else:
             found.append(Path(item))  # a missing file is reported per slide, like any error
     seen: set[Path] = set()
@@ -127,8 +154,10 @@ def find_slides(inputs: Sequence[str | Path]) -> list[Path]:
             seen.add(p.resolve())
             unique.append(p)
     if not unique:
-        raise InvalidInputError(f"no slides found in {', '.join(map(str, inputs))} "
-                                f"(looked for {', '.join(SLIDE_SUFFIXES)})")
+        raise InvalidInputError(
+            f"no slides found in {', '.join(map(str, inputs))} "
+            f"(looked for {', '.join(SLIDE_SUFFIXES)})"
+        )
     return unique
 
 
@@ -160,8 +189,11 @@ def _is_results_folder(folder: Path) -> bool:
         summary = json.loads((folder / "summary.json").read_text(encoding="utf-8"))
     except (OSError, ValueError):
         return False
-    return isinstance(summary, dict) and "slide_fingerprint" in summary \
+    return (
+        isinstance(summary, dict)
+        and "slide_fingerprint" in summary
         and "software_version" in summary
+    )
 
 
 def _recorded_slide_path(folder: Path) -> str | None:
@@ -182,8 +214,12 @@ def _scorer(model: str | Path, settings: HeatmapSettings) -> Scorer:
     key = (str(Path(model).resolve()), settings.device, settings.precision, settings.batch_size)
     with _SCORERS_LOCK:
         if key not in _SCORERS:
-            _SCORERS[key] = Scorer(model, device=settings.device, precision=settings.precision,
-                                   batch_size=settings.batch_size)
+            _SCORERS[key] = Scorer(
+                model,
+                device=settings.device,
+                precision=settings.precision,
+                batch_size=settings.batch_size,
+            )
         return _SCORERS[key]
 
 
@@ -212,27 +248,39 @@ def model_sha256(model: str | Path) -> str:
 def scoring_settings(settings: HeatmapSettings, slide_mpp: float | None) -> dict[str, Any]:
     """The settings that change a slide's results: a result is reused only when these, the
     slide's content and the model all match."""
-    return {"target_mpp": settings.target_mpp, "min_tissue": settings.min_tissue,
-            "stride_px": settings.stride_px, "slide_mpp": slide_mpp,
-            "keep_maps": settings.keep_maps, "top_k": settings.top_k, "max_px": settings.max_px,
-            "cmap": settings.cmap}
+    return {
+        "target_mpp": settings.target_mpp,
+        "min_tissue": settings.min_tissue,
+        "stride_px": settings.stride_px,
+        "slide_mpp": slide_mpp,
+        "keep_maps": settings.keep_maps,
+        "top_k": settings.top_k,
+        "max_px": settings.max_px,
+        "cmap": settings.cmap,
+    }
 
 
 # -- one slide: plan → ensure store → score → render → summarise ---------------------------------
+
 
 @dataclass
 class SlidePlan:
     """What one slide's run will do, decided before any tile is read."""
 
     slide_path: Path
-    final: Path              # results/<name>/
-    work: Path               # results/.<name>.partial/, renamed to ``final`` when complete
+    final: Path  # results/<name>/
+    work: Path  # results/.<name>.partial/, renamed to ``final`` when complete
     slide_mpp: float | None  # the user's level-0 mpp override, if any
     identity: dict[str, Any]  # slide fingerprint + model sha256 + scoring settings
 
 
-def process_slide(slide_path: str | Path, out_root: str | Path, model: str | Path,
-                  settings: HeatmapSettings, name: str | None = None) -> dict[str, Any]:
+def process_slide(
+    slide_path: str | Path,
+    out_root: str | Path,
+    model: str | Path,
+    settings: HeatmapSettings,
+    name: str | None = None,
+) -> dict[str, Any]:
     """Tile, score and stitch one slide into ``out_root/<name>/``; returns its summary.
 
     ``name`` defaults to :func:`output_name`. Only one run works on a slide's results at a time
@@ -250,18 +298,21 @@ def process_slide(slide_path: str | Path, out_root: str | Path, model: str | Pat
         return _run(plan, model, settings)
 
 
-def _plan(slide_path: Path, out_root: Path, name: str, model: str | Path,
-          settings: HeatmapSettings) -> SlidePlan:
+def _plan(
+    slide_path: Path, out_root: Path, name: str, model: str | Path, settings: HeatmapSettings
+) -> SlidePlan:
     override = settings.slide_mpp
     if override is None and settings.mpp_csv:
         override = lookup_mpp(load_mpp_csv(settings.mpp_csv), slide_path)
     with Slide(slide_path, override_mpp=override) as slide:
         fingerprint = slide.fingerprint()
-    identity = {"slide_path": str(slide_path.resolve()), "slide_fingerprint": fingerprint,
-                "model_sha256": model_sha256(model),
-                "scoring": scoring_settings(settings, override)}
-    return SlidePlan(slide_path, out_root / name, out_root / f".{name}.partial", override,
-                     identity)
+    identity = {
+        "slide_path": str(slide_path.resolve()),
+        "slide_fingerprint": fingerprint,
+        "model_sha256": model_sha256(model),
+        "scoring": scoring_settings(settings, override),
+    }
+    return SlidePlan(slide_path, out_root / name, out_root / f".{name}.partial", override, identity)
 
 
 def _reusable_result(plan: SlidePlan, settings: HeatmapSettings) -> dict[str, Any] | None:
@@ -271,8 +322,10 @@ def _reusable_result(plan: SlidePlan, settings: HeatmapSettings) -> dict[str, An
     if not final.exists() and not final.is_symlink():
         return None
     if final.is_symlink() or not final.is_dir() or not _is_results_folder(final):
-        raise OutputExistsError(f"{final} exists and is not a slide results folder written by "
-                                "wsi-anomaly; refusing to replace it (choose another --out)")
+        raise OutputExistsError(
+            f"{final} exists and is not a slide results folder written by "
+            "wsi-anomaly; refusing to replace it (choose another --out)"
+        )
     if settings.overwrite:
         return None
     try:
@@ -280,16 +333,23 @@ def _reusable_result(plan: SlidePlan, settings: HeatmapSettings) -> dict[str, An
     except (OSError, ValueError):
         summary = {}
     recorded = summary.get("identity") or {}
-    differs = [label for key, label in (("slide_fingerprint", "slide content"),
-                                        ("model_sha256", "model"), ("scoring", "settings"))
-               if recorded.get(key) != plan.identity[key]]
+    differs = [
+        label
+        for key, label in (
+            ("slide_fingerprint", "slide content"),
+            ("model_sha256", "model"),
+            ("scoring", "settings"),
+        )
+        if recorded.get(key) != plan.identity[key]
+    ]
     if not differs:
         summary["status"] = "skipped (done)"
         summary["output"] = str(final)
         return summary
     raise OutputExistsError(
         f"{final} holds results of other work ({', '.join(differs)} differ); pass --overwrite "
-        "to replace them, or choose another --out")
+        "to replace them, or choose another --out"
+    )
 
 
 def _run(plan: SlidePlan, model: str | Path, settings: HeatmapSettings) -> dict[str, Any]:
@@ -297,26 +357,43 @@ def _run(plan: SlidePlan, model: str | Path, settings: HeatmapSettings) -> dict[
     scorer = _scorer(model, settings)
     target_mpp = settings.target_mpp or scorer.tile_mpp
     if target_mpp is None:
-        raise InvalidInputError(f"{model} does not record its tiles' resolution; pass --mpp "
-                                "(µm/px the model was trained at)")
-    with os_errors_as_user_errors(plan.final), \
-            Slide(plan.slide_path, override_mpp=plan.slide_mpp) as slide:
-        tiling = TilingSettings(target_mpp=target_mpp, tile_px=scorer.tile_px,
-                                stride_px=settings.stride_px, min_tissue=settings.min_tissue,
-                                workers=settings.read_workers)
+        raise InvalidInputError(
+            f"{model} does not record its tiles' resolution; pass --mpp "
+            "(µm/px the model was trained at)"
+        )
+    with (
+        os_errors_as_user_errors(plan.final),
+        Slide(plan.slide_path, override_mpp=plan.slide_mpp) as slide,
+    ):
+        tiling = TilingSettings(
+            target_mpp=target_mpp,
+            tile_px=scorer.tile_px,
+            stride_px=settings.stride_px,
+            min_tissue=settings.min_tissue,
+            workers=settings.read_workers,
+        )
         t0 = time.perf_counter()
         grid, kept, tissue = plan_tiles(slide, tiling)
         if len(kept) == 0:
-            raise NoTissueError(f"{slide.name}: no tissue — 0 of {len(grid)} tiles have ≥ "
-                                f"{settings.min_tissue:.0%} tissue at "
-                                f"{grid.plan.actual_mpp:.3f} mpp")
+            raise NoTissueError(
+                f"{slide.name}: no tissue — 0 of {len(grid)} tiles have ≥ "
+                f"{settings.min_tissue:.0%} tissue at "
+                f"{grid.plan.actual_mpp:.3f} mpp"
+            )
         reusable = _ensure_work_dir(plan, grid.plan.to_dict(), settings.min_tissue)
         if reusable is None:
-            check_free_space(plan.work.parent,
-                             store_bytes_estimate(len(kept), grid.plan.tile_px) + (64 << 20),
-                             f"the results of {slide.name}")
-        timing = {"plan_s": time.perf_counter() - t0, "read_s": 0.0, "read_wait_s": 0.0,
-                  "model_s": 0.0, "write_s": 0.0}
+            check_free_space(
+                plan.work.parent,
+                store_bytes_estimate(len(kept), grid.plan.tile_px) + (64 << 20),
+                f"the results of {slide.name}",
+            )
+        timing = {
+            "plan_s": time.perf_counter() - t0,
+            "read_s": 0.0,
+            "read_wait_s": 0.0,
+            "model_s": 0.0,
+            "write_s": 0.0,
+        }
         store_path = plan.work / "tiles.zarr"
         if reusable is not None:
             log.info("%s: reusing the tile store of an earlier run", slide.name)
@@ -329,8 +406,20 @@ def _run(plan: SlidePlan, model: str | Path, settings: HeatmapSettings) -> dict[
         pipeline_s = time.perf_counter() - t0 - timing["plan_s"]
         outputs, scale = _render(plan, slide, grid, tissue, store, scorer, settings, timing)
         timing["total_s"] = time.perf_counter() - t_start
-        summary = _summarise(plan, slide, grid, tissue, store, scorer, settings, scale, timing,
-                             n_scored, pipeline_s, outputs)
+        summary = _summarise(
+            plan,
+            slide,
+            grid,
+            tissue,
+            store,
+            scorer,
+            settings,
+            scale,
+            timing,
+            n_scored,
+            pipeline_s,
+            outputs,
+        )
         write_json(plan.work / "summary.json", summary)
         mark_owned(plan.work, RESULT_KIND)
         commit_dir(plan.work, plan.final)
@@ -342,8 +431,14 @@ def _ensure_work_dir(plan: SlidePlan, grid_plan: dict, min_tissue: float) -> Pat
     """Prepare ``plan.work``, keeping a matching tile store of an interrupted or earlier run of
     this slide (same content, grid and tissue threshold). Returns the reused store or None."""
     fingerprint = plan.identity["slide_fingerprint"]
-    reusable = next((p for p in (plan.work / "tiles.zarr", plan.final / "tiles.zarr")
-                     if _store_matches(p, fingerprint, grid_plan, min_tissue)), None)
+    reusable = next(
+        (
+            p
+            for p in (plan.work / "tiles.zarr", plan.final / "tiles.zarr")
+            if _store_matches(p, fingerprint, grid_plan, min_tissue)
+        ),
+        None,
+    )
     if reusable is not None and reusable.parent != plan.work:
         remove_path(plan.work)
         plan.work.mkdir(parents=True)
@@ -362,38 +457,66 @@ def _store_matches(store_path: Path, fingerprint: str, plan: dict, min_tissue: f
     except WsiAnomalyError:
         return False
     keys = ("level", "read_px", "read_stride_px", "tile_px")
-    return (attrs.get("slide_fingerprint") == fingerprint
-            and all(attrs.get(k) == plan[k] for k in keys)
-            and attrs.get("settings", {}).get("min_tissue") == min_tissue)
+    return (
+        attrs.get("slide_fingerprint") == fingerprint
+        and all(attrs.get(k) == plan[k] for k in keys)
+        and attrs.get("settings", {}).get("min_tissue") == min_tissue
+    )
 
 
-def _tile_and_score(slide: Slide, kept, store_path: Path, attrs: dict, scorer: Scorer,
-                    settings: HeatmapSettings, timing: dict) -> int:
+def _tile_and_score(
+    slide: Slide,
+    kept,
+    store_path: Path,
+    attrs: dict,
+    scorer: Scorer,
+    settings: HeatmapSettings,
+    timing: dict,
+) -> int:
     """Decode tiles once: write them to the store and score them, overlapping the stages."""
     plan = kept.plan
-    with TileStoreWriter(store_path, len(kept), plan.tile_px, kept.coords, kept.grid_index,
-                         kept.tissue_fraction, attrs) as writer:
+    with TileStoreWriter(
+        store_path,
+        len(kept),
+        plan.tile_px,
+        kept.coords,
+        kept.grid_index,
+        kept.tissue_fraction,
+        attrs,
+    ) as writer:
         writer.create_scores(settings.keep_maps)
 
         def score(start: int, tiles: np.ndarray) -> None:
             _score_batch_of_tiles(scorer, tiles, start, writer, settings, timing)
 
-        stream_to_store(slide, kept, writer, settings.read_workers, on_batch=score,
-                        timing=timing, desc="scoring", progress=settings.progress)
+        stream_to_store(
+            slide,
+            kept,
+            writer,
+            settings.read_workers,
+            on_batch=score,
+            timing=timing,
+            desc="scoring",
+            progress=settings.progress,
+        )
         writer.close({"model": scorer.identity})
     return len(kept)
 
 
-def _score_store(store: TileStore, scorer: Scorer, settings: HeatmapSettings, timing: dict,
-                 name: str) -> int:
+def _score_store(
+    store: TileStore, scorer: Scorer, settings: HeatmapSettings, timing: dict, name: str
+) -> int:
     """Score an existing tile store in place, shard by shard with read-ahead."""
     n, shard = len(store), store.shard_tiles
     store.reset_scores(settings.keep_maps)
-    bar = tqdm(total=n, unit="tile", desc=f"scoring {name}", disable=not settings.progress,
-               leave=False)
+    bar = tqdm(
+        total=n, unit="tile", desc=f"scoring {name}", disable=not settings.progress, leave=False
+    )
     with ThreadPoolExecutor(max_workers=2, thread_name_prefix="store-read") as pool:
-        futures = {s: pool.submit(store.read, s, min(s + shard, n))
-                   for s in range(0, min(n, 2 * shard), shard)}
+        futures = {
+            s: pool.submit(store.read, s, min(s + shard, n))
+            for s in range(0, min(n, 2 * shard), shard)
+        }
         for start in range(0, n, shard):
             t0 = time.perf_counter()
             tiles = futures.pop(start).result()
@@ -408,9 +531,14 @@ def _score_store(store: TileStore, scorer: Scorer, settings: HeatmapSettings, ti
     return n
 
 
-def _score_batch_of_tiles(scorer: Scorer, tiles: np.ndarray, start: int,
-                          sink: TileStore | TileStoreWriter, settings: HeatmapSettings,
-                          timing: dict) -> None:
+def _score_batch_of_tiles(
+    scorer: Scorer,
+    tiles: np.ndarray,
+    start: int,
+    sink: TileStore | TileStoreWriter,
+    settings: HeatmapSettings,
+    timing: dict,
+) -> None:
     """Score a shard of (n, T, T, 3) uint8 tiles in model batches; write the scores."""
     t0 = time.perf_counter()
     means: list[np.ndarray] = []
@@ -418,19 +546,28 @@ def _score_batch_of_tiles(scorer: Scorer, tiles: np.ndarray, start: int,
     maps: list[np.ndarray] = []
     for b in range(0, len(tiles), scorer.batch_size):
         # uint8 as stored: conversion and normalisation happen on the scoring device.
-        result = scorer.score(tiles[b:b + scorer.batch_size], keep_maps=settings.keep_maps)
+        result = scorer.score(tiles[b : b + scorer.batch_size], keep_maps=settings.keep_maps)
         means.append(result.mean)
         maxes.append(result.max)
         if settings.keep_maps:
             assert result.maps is not None  # scored with keep_maps
             maps.append(result.maps)
     timing["model_s"] += time.perf_counter() - t0
-    sink.write_scores(start, np.concatenate(means), np.concatenate(maxes),
-                      np.concatenate(maps) if maps else None)
+    sink.write_scores(
+        start, np.concatenate(means), np.concatenate(maxes), np.concatenate(maps) if maps else None
+    )
 
 
-def _render(plan: SlidePlan, slide: Slide, grid, tissue, store: TileStore, scorer: Scorer,
-            settings: HeatmapSettings, timing: dict) -> tuple[dict[str, str], Any]:
+def _render(
+    plan: SlidePlan,
+    slide: Slide,
+    grid,
+    tissue,
+    store: TileStore,
+    scorer: Scorer,
+    settings: HeatmapSettings,
+    timing: dict,
+) -> tuple[dict[str, str], Any]:
     """The pictures, NGFF, GeoJSON and tile table of a scored store."""
     t0 = time.perf_counter()
     gp = grid.plan
@@ -439,29 +576,63 @@ def _render(plan: SlidePlan, slide: Slide, grid, tissue, store: TileStore, score
     thumb, thumb_ds = slide.thumbnail(settings.max_px)
     order = np.argsort(-scores)[: settings.top_k]
     top = [(int(i), store.read(int(i), int(i) + 1)[0]) for i in order]
-    geometry = SlideGeometry(width=slide.dimensions[0], height=slide.dimensions[1],
-                             mpp=slide.mpp, tile_size_l0=gp.tile_size_l0,
-                             stride_l0=gp.stride_l0, grid_cols=grid.cols, grid_rows=grid.rows)
+    geometry = SlideGeometry(
+        width=slide.dimensions[0],
+        height=slide.dimensions[1],
+        mpp=slide.mpp,
+        tile_size_l0=gp.tile_size_l0,
+        stride_l0=gp.stride_l0,
+        grid_cols=grid.cols,
+        grid_rows=grid.rows,
+    )
     scale = colour_scale(scorer.calibration, "mean", settings.cmap)
     identity = scorer.identity
-    provenance = {"slide_name": slide.name, "slide_fingerprint": plan.identity["slide_fingerprint"],
-                  "model_sha256": identity.get("model_sha256"),
-                  "model_name": identity.get("model_name"), "backbone": identity.get("backbone"),
-                  "colour_scale": asdict(scale), "software_version": __version__}
+    provenance = {
+        "slide_name": slide.name,
+        "slide_fingerprint": plan.identity["slide_fingerprint"],
+        "model_sha256": identity.get("model_sha256"),
+        "model_name": identity.get("model_name"),
+        "backbone": identity.get("backbone"),
+        "colour_scale": asdict(scale),
+        "software_version": __version__,
+    }
     outputs = write_slide_outputs(
-        plan.work, slide_name=slide.name, geometry=geometry, coords=store.coords,
-        grid_index=store.grid_index, scores=scores, max_scores=max_scores, thumbnail=thumb,
-        thumbnail_downsample=thumb_ds, tissue_mask=tissue.mask,
-        mask_downsample=tissue.downsample, scale=scale, top_tiles=top, max_px=settings.max_px,
-        maps=store.maps if settings.keep_maps else None, tissue_fraction=store.tissue_fraction,
-        provenance=provenance)
+        plan.work,
+        slide_name=slide.name,
+        geometry=geometry,
+        coords=store.coords,
+        grid_index=store.grid_index,
+        scores=scores,
+        max_scores=max_scores,
+        thumbnail=thumb,
+        thumbnail_downsample=thumb_ds,
+        tissue_mask=tissue.mask,
+        mask_downsample=tissue.downsample,
+        scale=scale,
+        top_tiles=top,
+        max_px=settings.max_px,
+        maps=store.maps if settings.keep_maps else None,
+        tissue_fraction=store.tissue_fraction,
+        provenance=provenance,
+    )
     timing["stitch_s"] = time.perf_counter() - t0
     return outputs, scale
 
 
-def _summarise(plan: SlidePlan, slide: Slide, grid, tissue, store: TileStore, scorer: Scorer,
-               settings: HeatmapSettings, scale, timing: dict, n_scored: int, pipeline_s: float,
-               outputs: dict[str, str]) -> dict[str, Any]:
+def _summarise(
+    plan: SlidePlan,
+    slide: Slide,
+    grid,
+    tissue,
+    store: TileStore,
+    scorer: Scorer,
+    settings: HeatmapSettings,
+    scale,
+    timing: dict,
+    n_scored: int,
+    pipeline_s: float,
+    outputs: dict[str, str],
+) -> dict[str, Any]:
     """summary.json: inputs, identity, counts, score statistics, timings; output paths point to
     the final folder (where they will be once it is renamed into place)."""
     gp = grid.plan
@@ -493,8 +664,9 @@ def _summarise(plan: SlidePlan, slide: Slide, grid, tissue, store: TileStore, sc
         "score_mean": float(np.mean(scores)),
         "score_median": float(np.median(scores)),
         "score_max": float(np.max(scores)),
-        "score_quantiles": {f"{q:g}": float(np.quantile(scores, q))
-                            for q in (0.01, 0.25, 0.5, 0.75, 0.99)},
+        "score_quantiles": {
+            f"{q:g}": float(np.quantile(scores, q)) for q in (0.01, 0.25, 0.5, 0.75, 0.99)
+        },
         "fraction_anomalous": float(np.mean(scores >= scale.vcenter)),
         "colour_scale": asdict(scale),
         "timings_s": timing,
@@ -509,8 +681,10 @@ def _summarise(plan: SlidePlan, slide: Slide, grid, tissue, store: TileStore, sc
         "device": str(scorer.device),
         "precision": scorer.precision,
         "model": scorer.identity,
-        "outputs": {key: str(plan.final / Path(path).relative_to(plan.work))
-                    for key, path in outputs.items()},
+        "outputs": {
+            key: str(plan.final / Path(path).relative_to(plan.work))
+            for key, path in outputs.items()
+        },
         "command": " ".join(sys.argv),
         "software_version": __version__,
         "package_versions": package_versions(),
@@ -522,8 +696,18 @@ def package_versions() -> dict[str, str]:
     from importlib.metadata import PackageNotFoundError, version
 
     out = {"python": sys.version.split()[0]}
-    for name in ("torch", "torchvision", "numpy", "zarr", "openslide-python", "openslide-bin",
-                 "tifffile", "imagecodecs", "scikit-image", "pillow"):
+    for name in (
+        "torch",
+        "torchvision",
+        "numpy",
+        "zarr",
+        "openslide-python",
+        "openslide-bin",
+        "tifffile",
+        "imagecodecs",
+        "scikit-image",
+        "pillow",
+    ):
         try:
             out[name] = version(name)
         except PackageNotFoundError:
@@ -548,8 +732,14 @@ def _row(summary: dict[str, Any]) -> dict[str, Any]:
     }
 
 
-def _slide_task(slide: str, out_root: str, model: str, settings: HeatmapSettings,
-                skip_errors: bool, name: str | None = None) -> dict[str, Any]:
+def _slide_task(
+    slide: str,
+    out_root: str,
+    model: str,
+    settings: HeatmapSettings,
+    skip_errors: bool,
+    name: str | None = None,
+) -> dict[str, Any]:
     """One dask task: a slide end to end. With ``skip_errors`` a failure of any kind becomes a
     failed row (with the error) instead of stopping the cohort."""
     name = name or output_name(Path(slide), Path(out_root))
@@ -567,13 +757,20 @@ def _slide_task(slide: str, out_root: str, model: str, settings: HeatmapSettings
             status = "busy"
         else:
             status = "failed"
-        message = str(exc) if isinstance(exc, WsiAnomalyError) else \
-            f"{exc.__class__.__name__}: {exc}"
+        message = (
+            str(exc) if isinstance(exc, WsiAnomalyError) else f"{exc.__class__.__name__}: {exc}"
+        )
         log.warning("%s: %s: %s", Path(slide).name, status, message)
         log.debug("%s failed", slide, exc_info=True)
-        return _row({"slide": Path(slide).name, "slide_path": str(Path(slide).resolve()),
-                     "status": status, "error": message,
-                     "output": str(Path(out_root) / name)})
+        return _row(
+            {
+                "slide": Path(slide).name,
+                "slide_path": str(Path(slide).resolve()),
+                "status": status,
+                "error": message,
+                "output": str(Path(out_root) / name),
+            }
+        )
 
 
 def cohort_output_names(paths: Sequence[str | Path], out_root: Path) -> list[str]:
@@ -584,10 +781,16 @@ def cohort_output_names(paths: Sequence[str | Path], out_root: Path) -> list[str
     return [output_name(Path(p), out_root, clash=counts[Path(p).name] > 1) for p in paths]
 
 
-def run_cohort(slides: Sequence[str | Path], out_root: str | Path, model: str | Path,
-               settings: HeatmapSettings, scheduler: str | None = None,
-               workers: int | None = None, skip_errors: bool = False,
-               cluster: Any | None = None) -> list[dict[str, Any]]:
+def run_cohort(
+    slides: Sequence[str | Path],
+    out_root: str | Path,
+    model: str | Path,
+    settings: HeatmapSettings,
+    scheduler: str | None = None,
+    workers: int | None = None,
+    skip_errors: bool = False,
+    cluster: Any | None = None,
+) -> list[dict[str, Any]]:
     """Heatmaps for many slides, one dask task per slide; writes ``out_root/summary.csv``.
 
     Rows have ``status`` ok, skipped (done), no tissue, failed or busy (another run holds the
@@ -618,25 +821,39 @@ def run_cohort(slides: Sequence[str | Path], out_root: str | Path, model: str | 
         elif scheduler:
             client = Client(scheduler)
         else:
-            own_cluster = LocalCluster(n_workers=workers, threads_per_worker=1, processes=True,
-                                       dashboard_address=None)
+            own_cluster = LocalCluster(
+                n_workers=workers, threads_per_worker=1, processes=True, dashboard_address=None
+            )
             client = Client(own_cluster)
         try:
             has_gpus = _declares_gpus(cluster) or any(
                 "GPU" in (w.get("resources") or {})
-                for w in client.scheduler_info()["workers"].values())
-            futures = [client.submit(_slide_task, p, str(out_root), str(model),
-                                     _quiet(settings), skip_errors, name, pure=False,
-                                     resources={"GPU": 1} if has_gpus else None)
-                       for p, name in zip(paths, names)]
+                for w in client.scheduler_info()["workers"].values()
+            )
+            futures = [
+                client.submit(
+                    _slide_task,
+                    p,
+                    str(out_root),
+                    str(model),
+                    _quiet(settings),
+                    skip_errors,
+                    name,
+                    pure=False,
+                    resources={"GPU": 1} if has_gpus else None,
+                )
+                for p, name in zip(paths, names)
+            ]
             rows = client.gather(futures)
         finally:
             client.close()
             if own_cluster is not None:
                 own_cluster.close()
     else:
-        tasks = [delayed(_slide_task)(p, str(out_root), str(model), settings, skip_errors, name)
-                 for p, name in zip(paths, names)]
+        tasks = [
+            delayed(_slide_task)(p, str(out_root), str(model), settings, skip_errors, name)
+            for p, name in zip(paths, names)
+        ]
         in_flight = min(slides_in_flight(settings), len(tasks))
         if in_flight > 1:
             rows = list(dask.compute(*tasks, scheduler="threads", num_workers=in_flight))

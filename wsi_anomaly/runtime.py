@@ -26,7 +26,8 @@ def resolve_device(name: str = "auto") -> torch.device:
     if name.startswith("cuda") and not torch.cuda.is_available():
         raise DeviceUnavailableError(
             f"--device {name} was requested but this machine has no usable CUDA GPU "
-            "(torch.cuda.is_available() is False); use --device cpu or auto")
+            "(torch.cuda.is_available() is False); use --device cpu or auto"
+        )
     if name not in ("cpu",) and not name.startswith("cuda"):
         raise InvalidInputError(f"--device must be auto, cpu or cuda[:N], got {name!r}")
     return torch.device(name)
@@ -78,4 +79,6 @@ class Runtime:
 
     def layout(self, x: torch.Tensor) -> torch.Tensor:
         """A ``B×C×H×W`` input in the memory format the model expects (channels-last on CUDA)."""
-        return x.contiguous(memory_format=torch.channels_last) if self.is_cuda and x.ndim == 4 else x
+        return (
+            x.contiguous(memory_format=torch.channels_last) if self.is_cuda and x.ndim == 4 else x
+        )

@@ -50,8 +50,13 @@ class Scorer:
         batch_size: tiles per forward pass.
     """
 
-    def __init__(self, checkpoint: str | Path, device: str = "auto", precision: str = "auto",
-                 batch_size: int = 32):
+    def __init__(
+        self,
+        checkpoint: str | Path,
+        device: str = "auto",
+        precision: str = "auto",
+        batch_size: int = 32,
+    ):
         self.path = Path(checkpoint)
         ckpt = load_checkpoint(self.path)
         self.checkpoint = ckpt
@@ -79,15 +84,23 @@ class Scorer:
     @property
     def identity(self) -> dict[str, Any]:
         """What to record next to scores so they can be traced to this model."""
-        return {"model_path": str(self.path.resolve()), "model_sha256": self.model_hash,
-                "model_name": self.checkpoint["model_name"], "backbone": self.backbone,
-                "tile_mpp": self.tile_mpp, "software_version": self.checkpoint["software_version"]}
+        return {
+            "model_path": str(self.path.resolve()),
+            "model_sha256": self.model_hash,
+            "model_name": self.checkpoint["model_name"],
+            "backbone": self.backbone,
+            "tile_mpp": self.tile_mpp,
+            "software_version": self.checkpoint["software_version"],
+        }
 
     def _model_input(self, images: torch.Tensor | np.ndarray) -> torch.Tensor:
         """The family's input on the device, from uint8 ``B×H×W×3`` tiles (as stored: 4× fewer
         bytes to copy; converted and normalised on the device) or float ``B×3×H×W`` in [0, 1]."""
-        x = torch.from_numpy(np.ascontiguousarray(images)) if isinstance(images, np.ndarray) \
+        x = (
+            torch.from_numpy(np.ascontiguousarray(images))
+            if isinstance(images, np.ndarray)
             else images
+        )
         if x.dtype != torch.uint8 and not x.is_floating_point():
             raise InvalidInputError(f"tiles must be uint8 or float, got {x.dtype}")
         if self.family.transforms_on_device:
@@ -102,8 +115,9 @@ class Scorer:
         them) or ``B×3×H×W`` float images in [0, 1] (any device)."""
         x = self._model_input(images)
         with self.runtime.autocast():
-            score, peak, maps = self.family.predict(self.model, x, self._predict_calibration,
-                                                    keep_maps=keep_maps)
+            score, peak, maps = self.family.predict(
+                self.model, x, self._predict_calibration, keep_maps=keep_maps
+            )
         mean = score.float().cpu().numpy()
         peak_values = peak.float().cpu().numpy()
         if peak is score:
@@ -111,11 +125,21 @@ class Scorer:
         out_maps = maps.float().cpu().numpy() if keep_maps and maps is not None else None
         return ScoreBatch(mean, peak_values, out_maps)
 
-    def score_dataset(self, dataset: Dataset, workers: int = 0, keep_maps: bool = False,
-                      progress: bool = True, desc: str = "scoring") -> Iterator[tuple[int, ScoreBatch]]:
+    def score_dataset(
+        self,
+        dataset: Dataset,
+        workers: int = 0,
+        keep_maps: bool = False,
+        progress: bool = True,
+        desc: str = "scoring",
+    ) -> Iterator[tuple[int, ScoreBatch]]:
         """Yield ``(start_index, scores)`` for consecutive batches of ``dataset``, in order."""
-        loader = DataLoader(dataset, batch_size=self.batch_size, num_workers=workers,
-                            pin_memory=self.runtime.is_cuda)
+        loader = DataLoader(
+            dataset,
+            batch_size=self.batch_size,
+            num_workers=workers,
+            pin_memory=self.runtime.is_cuda,
+        )
         start = 0
         total = len(dataset) if isinstance(dataset, Sized) else None
         with tqdm(total=total, desc=desc, unit="tile", disable=not progress, leave=False) as bar:
@@ -137,8 +161,10 @@ def collect_image_paths(paths: Sequence[str | Path]) -> list[Path]:
         else:
             raise InputNotFoundError(f"not found: {p}")
     if not out:
-        raise InvalidInputError(f"no images found in {', '.join(map(str, paths))} "
-                                f"(looked for {', '.join(IMAGE_SUFFIXES)})")
+        raise InvalidInputError(
+            f"no images found in {', '.join(map(str, paths))} "
+            f"(looked for {', '.join(IMAGE_SUFFIXES)})"
+        )
     return out
 
 
@@ -161,9 +187,16 @@ def unique_map_names(files: Sequence[Path]) -> list[str]:
     return names
 
 
-def score_images(model: str | Path, paths: Sequence[str | Path], out_csv: str | Path,
-                 maps_dir: str | Path | None = None, device: str = "auto",
-                 batch_size: int = 16, workers: int = 0, progress: bool = True) -> dict[str, Any]:
+def score_images(
+    model: str | Path,
+    paths: Sequence[str | Path],
+    out_csv: str | Path,
+    maps_dir: str | Path | None = None,
+    device: str = "auto",
+    batch_size: int = 16,
+    workers: int = 0,
+    progress: bool = True,
+) -> dict[str, Any]:
     """Score image files; write a CSV of per-image scores and, optionally, anomaly-map PNGs."""
     from .stitch import colour_scale, save_map_png
 
@@ -180,21 +213,31 @@ def score_images(model: str | Path, paths: Sequence[str | Path], out_csv: str | 
     n = 0
     with atomic_path(out_csv) as tmp, tmp.open("w", newline="") as fh:
         writer = csv.writer(fh)
-        writer.writerow(["path", "score_mean", "score_max"]
-                        + (["map"] if maps_path is not None else []))
-        for start, result in scorer.score_dataset(dataset, workers=workers,
-                                                  keep_maps=maps_path is not None,
-                                                  progress=progress):
+        writer.writerow(
+            ["path", "score_mean", "score_max"] + (["map"] if maps_path is not None else [])
+        )
+        for start, result in scorer.score_dataset(
+            dataset, workers=workers, keep_maps=maps_path is not None, progress=progress
+        ):
             for k in range(len(result.mean)):
                 f = dataset.files[start + k]
                 row = [str(f), f"{result.mean[k]:.6g}", f"{result.max[k]:.6g}"]
                 if maps_path is not None:
                     assert result.maps is not None  # scored with keep_maps
                     name = map_names[start + k]
-                    save_map_png(result.maps[k], scale, maps_path / name,
-                                 size=scorer.tile_px, image=dataset.load_rgb(start + k))
+                    save_map_png(
+                        result.maps[k],
+                        scale,
+                        maps_path / name,
+                        size=scorer.tile_px,
+                        image=dataset.load_rgb(start + k),
+                    )
                     row.append(name)
                 writer.writerow(row)
                 n += 1
-    return {"scored": n, "skipped": dataset.skipped, "csv": str(out_csv),
-            "maps": str(maps_path) if maps_path else None}
+    return {
+        "scored": n,
+        "skipped": dataset.skipped,
+        "csv": str(out_csv),
+        "maps": str(maps_path) if maps_path else None,
+    }

@@ -49,8 +49,9 @@ class ColourScale:
         return (rgba[..., :3] * 255 + 0.5).astype(np.uint8)
 
 
-def colour_scale(calibration: Mapping[str, Any], which: str = "mean", cmap: str = "coolwarm"
-                 ) -> ColourScale:
+def colour_scale(
+    calibration: Mapping[str, Any], which: str = "mean", cmap: str = "coolwarm"
+) -> ColourScale:
     """The fixed scale of a model: training median → blue, 99th percentile → white.
 
     ``which`` picks the tile-mean (``"mean"``) or tile-max (``"max"``, for pixel maps) scores.
@@ -61,8 +62,14 @@ def colour_scale(calibration: Mapping[str, Any], which: str = "mean", cmap: str 
     return ColourScale(median, median + spread, median + 3 * spread, cmap)
 
 
-def save_map_png(score_map: np.ndarray, scale: ColourScale, path: str | Path, size: int,
-                 image: np.ndarray | None = None, alpha: float = 0.5) -> None:
+def save_map_png(
+    score_map: np.ndarray,
+    scale: ColourScale,
+    path: str | Path,
+    size: int,
+    image: np.ndarray | None = None,
+    alpha: float = 0.5,
+) -> None:
     """An anomaly map (h × w) as a ``size``² PNG, blended over ``image`` when given.
 
     Written under a temporary name and renamed.
@@ -90,17 +97,16 @@ CONTOUR_RGB = (0, 200, 0)
 class SlideGeometry:
     """Where tiles lie on the slide. All lengths in level-0 pixels unless named otherwise."""
 
-    width: int               # level-0 width
-    height: int              # level-0 height
-    mpp: float               # level-0 µm per pixel
-    tile_size_l0: float      # side of one tile
-    stride_l0: float         # step between grid cells (== tile_size_l0 by default)
+    width: int  # level-0 width
+    height: int  # level-0 height
+    mpp: float  # level-0 µm per pixel
+    tile_size_l0: float  # side of one tile
+    stride_l0: float  # step between grid cells (== tile_size_l0 by default)
     grid_cols: int
     grid_rows: int
 
 
-def display_geometry(geometry: SlideGeometry, max_px: int = 2048
-                     ) -> tuple[float, tuple[int, int]]:
+def display_geometry(geometry: SlideGeometry, max_px: int = 2048) -> tuple[float, tuple[int, int]]:
     """The display downsample ``d`` (level-0 px per PNG px) and canvas size ``(w, h)`` in px.
 
     The canvas covers the whole slide: ``(ceil(width / d), ceil(height / d))``, longest side at
@@ -179,10 +185,15 @@ def write_slide_outputs(
 
     d, canvas = display_geometry(geometry, max_px)
     heat = _heat_canvas(geometry, d, canvas, coords, scores, scale)
-    slide_rgb = _resample_to_canvas(np.asarray(thumbnail)[..., :3], thumbnail_downsample, d,
-                                    canvas, fill=255)
-    tissue = _resample_to_canvas(np.asarray(tissue_mask, np.uint8) * 255, mask_downsample, d,
-                                 canvas, fill=0) > 127
+    slide_rgb = _resample_to_canvas(
+        np.asarray(thumbnail)[..., :3], thumbnail_downsample, d, canvas, fill=255
+    )
+    tissue = (
+        _resample_to_canvas(
+            np.asarray(tissue_mask, np.uint8) * 255, mask_downsample, d, canvas, fill=0
+        )
+        > 127
+    )
     panel = _legend_panel(scale, geometry, canvas[1])
     info = {"display_downsample": repr(d), "canvas_px": f"{canvas[0]}x{canvas[1]}"}
 
@@ -205,18 +216,27 @@ def write_slide_outputs(
     _save_png(_with_panel(heat, panel), paths["heatmap"], info)
     _save_png(_with_panel(overlay, panel), paths["overlay"], info)
     _save_png(contoured, paths["thumbnail"], info)
-    _write_ngff(paths["ngff"], slide_name, geometry, coords, grid_index, scores, maps, scale,
-                provenance)
-    _write_geojson(paths["geojson"], slide_name, geometry, coords, scores, max_scores, scale,
-                   provenance)
-    _write_tile_table(paths["tiles_csv"], geometry, coords, scores, max_scores, scale,
-                      tissue_fraction)
+    _write_ngff(
+        paths["ngff"], slide_name, geometry, coords, grid_index, scores, maps, scale, provenance
+    )
+    _write_geojson(
+        paths["geojson"], slide_name, geometry, coords, scores, max_scores, scale, provenance
+    )
+    _write_tile_table(
+        paths["tiles_csv"], geometry, coords, scores, max_scores, scale, tissue_fraction
+    )
     _write_gallery(paths["top_tiles"], top_tiles, coords, scores, max_scores, geometry)
     return {name: str(p) for name, p in paths.items()}
 
 
-def _heat_canvas(geometry: SlideGeometry, d: float, canvas: tuple[int, int], coords: np.ndarray,
-                 scores: np.ndarray, scale: ColourScale) -> np.ndarray:
+def _heat_canvas(
+    geometry: SlideGeometry,
+    d: float,
+    canvas: tuple[int, int],
+    coords: np.ndarray,
+    scores: np.ndarray,
+    scale: ColourScale,
+) -> np.ndarray:
     """(h, w, 4) uint8: each scored cell [x, x+stride) × [y, y+stride) filled with its colour.
 
     Cell edges sit at round(x / d); a cell is at least one pixel so no tile disappears.
@@ -237,8 +257,9 @@ def _heat_canvas(geometry: SlideGeometry, d: float, canvas: tuple[int, int], coo
     return rgba
 
 
-def _resample_to_canvas(image: np.ndarray, src_downsample: float, d: float,
-                        canvas: tuple[int, int], fill: int) -> np.ndarray:
+def _resample_to_canvas(
+    image: np.ndarray, src_downsample: float, d: float, canvas: tuple[int, int], fill: int
+) -> np.ndarray:
     """Resample an image at ``src_downsample`` onto the display canvas, exactly.
 
     Canvas pixel j covers source pixels [j·d/s, (j+1)·d/s); the source is padded with ``fill``
@@ -276,17 +297,25 @@ def _legend_panel(scale: ColourScale, geometry: SlideGeometry, canvas_h: int) ->
     ax.set_xticks([])
     ax.yaxis.tick_right()
     ax.set_yticks([0.0, 0.5, 1.0])
-    ax.set_yticklabels([f"{scale.vmin:.3g}  training median\n(like training tissue)",
-                        f"{scale.vcenter:.3g}  training\n99th percentile",
-                        f"{scale.vmax:.3g}+  anomalous"], fontsize=8)
-    fig.text(14 / width, 1 - 14 / height, "tile anomaly score (fixed scale)", fontsize=8,
-             va="top")
+    ax.set_yticklabels(
+        [
+            f"{scale.vmin:.3g}  training median\n(like training tissue)",
+            f"{scale.vcenter:.3g}  training\n99th percentile",
+            f"{scale.vmax:.3g}+  anomalous",
+        ],
+        fontsize=8,
+    )
+    fig.text(14 / width, 1 - 14 / height, "tile anomaly score (fixed scale)", fontsize=8, va="top")
     tile_um = geometry.tile_size_l0 * geometry.mpp
-    fig.text(14 / width, 12 / height,
-             f"one cell = one tile, {tile_um:.0f} µm\n"
-             f"({geometry.tile_size_l0:.0f} level-0 px)\n"
-             "transparent: no tile scored\n(background or no tissue)",
-             fontsize=8, va="bottom")
+    fig.text(
+        14 / width,
+        12 / height,
+        f"one cell = one tile, {tile_um:.0f} µm\n"
+        f"({geometry.tile_size_l0:.0f} level-0 px)\n"
+        "transparent: no tile scored\n(background or no tissue)",
+        fontsize=8,
+        va="bottom",
+    )
     canvas.draw()
     return np.asarray(canvas.buffer_rgba()).copy()
 
@@ -296,8 +325,8 @@ def _with_panel(canvas_rgba: np.ndarray, panel: np.ndarray) -> np.ndarray:
     h = max(canvas_rgba.shape[0], panel.shape[0])
     w = canvas_rgba.shape[1] + panel.shape[1]
     out = np.zeros((h, w, 4), np.uint8)
-    out[:canvas_rgba.shape[0], :canvas_rgba.shape[1]] = canvas_rgba
-    out[:panel.shape[0], canvas_rgba.shape[1]:] = panel
+    out[: canvas_rgba.shape[0], : canvas_rgba.shape[1]] = canvas_rgba
+    out[: panel.shape[0], canvas_rgba.shape[1] :] = panel
     return out
 
 
@@ -335,14 +364,21 @@ def _pixel_grid(geometry: SlideGeometry, grid_index: np.ndarray, maps: np.ndarra
     small = maps.astype(np.float32).reshape(n, f, h // f, f, w // f).mean(axis=(2, 4))
     grid = np.full((geometry.grid_rows * f, geometry.grid_cols * f), np.nan, np.float32)
     for (col, row), tile in zip(grid_index, small):
-        grid[row * f:(row + 1) * f, col * f:(col + 1) * f] = tile
+        grid[row * f : (row + 1) * f, col * f : (col + 1) * f] = tile
     return grid
 
 
-def _write_ngff(path: Path, slide_name: str, geometry: SlideGeometry, coords: np.ndarray,
-                grid_index: np.ndarray, scores: np.ndarray, maps: np.ndarray | None = None,
-                scale: ColourScale | None = None, provenance: Mapping[str, Any] | None = None
-                ) -> None:
+def _write_ngff(
+    path: Path,
+    slide_name: str,
+    geometry: SlideGeometry,
+    coords: np.ndarray,
+    grid_index: np.ndarray,
+    scores: np.ndarray,
+    maps: np.ndarray | None = None,
+    scale: ColourScale | None = None,
+    provenance: Mapping[str, Any] | None = None,
+) -> None:
     """The score grid as an OME-NGFF 0.5 (zarr v3) image: level "0" one pixel per cell.
 
     Physical units are slide micrometres; a pixel centre lies at ``index·scale + translation``
@@ -359,38 +395,70 @@ def _write_ngff(path: Path, slide_name: str, geometry: SlideGeometry, coords: np
     import zarr
 
     grid = np.full((geometry.grid_rows, geometry.grid_cols), np.nan, np.float32)
-    inside = ((grid_index[:, 0] >= 0) & (grid_index[:, 0] < geometry.grid_cols)
-              & (grid_index[:, 1] >= 0) & (grid_index[:, 1] < geometry.grid_rows))
+    inside = (
+        (grid_index[:, 0] >= 0)
+        & (grid_index[:, 0] < geometry.grid_cols)
+        & (grid_index[:, 1] >= 0)
+        & (grid_index[:, 1] < geometry.grid_rows)
+    )
     grid[grid_index[inside, 1], grid_index[inside, 0]] = scores[inside]
     stride = float(geometry.stride_l0)
     # Grid origin in level-0 px (0 for the grids we lay; derived so an offset grid still fits).
-    origin = ((coords - grid_index * stride).mean(axis=0) if len(coords) else np.zeros(2))
+    origin = (coords - grid_index * stride).mean(axis=0) if len(coords) else np.zeros(2)
     levels = [grid]
     if min(grid.shape) >= 2:
         levels.append(_nan_downsample2(grid))
     datasets: list[dict[str, Any]] = []
     for i, _ in enumerate(levels):
-        cell_l0 = stride * 2 ** i
-        datasets.append({"path": str(i), "coordinateTransformations": [
-            {"type": "scale", "scale": [cell_l0 * geometry.mpp] * 2},
-            {"type": "translation",
-             "translation": [float((origin[1] + cell_l0 / 2) * geometry.mpp),
-                             float((origin[0] + cell_l0 / 2) * geometry.mpp)]},
-        ]})
-    ome: dict[str, Any] = {"version": "0.5", "multiscales": [{
-        "name": f"{slide_name} tile anomaly score",
-        "axes": [{"name": "y", "type": "space", "unit": "micrometer"},
-                 {"name": "x", "type": "space", "unit": "micrometer"}],
-        "datasets": datasets,
-        "type": "mean",
-        "metadata": {"description": "level 1: mean of the 2x2 cells that have a tile"},
-    }]}
+        cell_l0 = stride * 2**i
+        datasets.append(
+            {
+                "path": str(i),
+                "coordinateTransformations": [
+                    {"type": "scale", "scale": [cell_l0 * geometry.mpp] * 2},
+                    {
+                        "type": "translation",
+                        "translation": [
+                            float((origin[1] + cell_l0 / 2) * geometry.mpp),
+                            float((origin[0] + cell_l0 / 2) * geometry.mpp),
+                        ],
+                    },
+                ],
+            }
+        )
+    ome: dict[str, Any] = {
+        "version": "0.5",
+        "multiscales": [
+            {
+                "name": f"{slide_name} tile anomaly score",
+                "axes": [
+                    {"name": "y", "type": "space", "unit": "micrometer"},
+                    {"name": "x", "type": "space", "unit": "micrometer"},
+                ],
+                "datasets": datasets,
+                "type": "mean",
+                "metadata": {"description": "level 1: mean of the 2x2 cells that have a tile"},
+            }
+        ],
+    }
     if scale is not None:
-        ome["omero"] = {"name": f"{slide_name} anomaly score", "channels": [{
-            "label": "anomaly score", "active": True, "color": "FF0000",
-            "window": {"start": float(scale.vmin), "end": float(scale.vmax),
-                       "min": float(scale.vmin), "max": float(scale.vmax)}}],
-            "rdefs": {"model": "color"}}
+        ome["omero"] = {
+            "name": f"{slide_name} anomaly score",
+            "channels": [
+                {
+                    "label": "anomaly score",
+                    "active": True,
+                    "color": "FF0000",
+                    "window": {
+                        "start": float(scale.vmin),
+                        "end": float(scale.vmax),
+                        "min": float(scale.vmin),
+                        "max": float(scale.vmax),
+                    },
+                }
+            ],
+            "rdefs": {"model": "color"},
+        }
     images = {".": "tile anomaly score, one pixel per grid cell"}
 
     with atomic_path(path) as tmp:
@@ -398,31 +466,62 @@ def _write_ngff(path: Path, slide_name: str, geometry: SlideGeometry, coords: np
         group.attrs["ome"] = ome
         for i, level in enumerate(levels):
             chunks = tuple(max(1, min(n, 512)) for n in level.shape)
-            array = group.create_array(str(i), shape=level.shape, chunks=chunks,
-                                       dtype="float32", fill_value=np.nan,
-                                       dimension_names=["y", "x"])
+            array = group.create_array(
+                str(i),
+                shape=level.shape,
+                chunks=chunks,
+                dtype="float32",
+                fill_value=np.nan,
+                dimension_names=["y", "x"],
+            )
             array[...] = level
-        fine = (maps is not None and len(maps) == len(grid_index)
-                and abs(geometry.stride_l0 - geometry.tile_size_l0) < 1e-6
-                and maps.shape[1] % PIXEL_MAP_PX == 0 and maps.shape[2] % PIXEL_MAP_PX == 0)
+        fine = (
+            maps is not None
+            and len(maps) == len(grid_index)
+            and abs(geometry.stride_l0 - geometry.tile_size_l0) < 1e-6
+            and maps.shape[1] % PIXEL_MAP_PX == 0
+            and maps.shape[2] % PIXEL_MAP_PX == 0
+        )
         if fine:
             pixel = _pixel_grid(geometry, grid_index, np.asarray(maps))
             px_l0 = stride / PIXEL_MAP_PX
             sub = group.create_group("pixel")
-            sub.attrs["ome"] = {"version": "0.5", "multiscales": [{
-                "name": f"{slide_name} pixel anomaly map",
-                "axes": ome["multiscales"][0]["axes"],
-                "datasets": [{"path": "0", "coordinateTransformations": [
-                    {"type": "scale", "scale": [px_l0 * geometry.mpp] * 2},
-                    {"type": "translation",
-                     "translation": [float((origin[1] + px_l0 / 2) * geometry.mpp),
-                                     float((origin[0] + px_l0 / 2) * geometry.mpp)]}]}],
-            }]}
-            sub.create_array("0", shape=pixel.shape, dtype="float32", fill_value=np.nan,
-                             chunks=tuple(max(1, min(n, 1024)) for n in pixel.shape),
-                             dimension_names=["y", "x"])[...] = pixel
-            images["pixel"] = (f"pixel-level anomaly map, {PIXEL_MAP_PX} pixels per tile side "
-                               "(its own OME-NGFF multiscales image)")
+            sub.attrs["ome"] = {
+                "version": "0.5",
+                "multiscales": [
+                    {
+                        "name": f"{slide_name} pixel anomaly map",
+                        "axes": ome["multiscales"][0]["axes"],
+                        "datasets": [
+                            {
+                                "path": "0",
+                                "coordinateTransformations": [
+                                    {"type": "scale", "scale": [px_l0 * geometry.mpp] * 2},
+                                    {
+                                        "type": "translation",
+                                        "translation": [
+                                            float((origin[1] + px_l0 / 2) * geometry.mpp),
+                                            float((origin[0] + px_l0 / 2) * geometry.mpp),
+                                        ],
+                                    },
+                                ],
+                            }
+                        ],
+                    }
+                ],
+            }
+            sub.create_array(
+                "0",
+                shape=pixel.shape,
+                dtype="float32",
+                fill_value=np.nan,
+                chunks=tuple(max(1, min(n, 1024)) for n in pixel.shape),
+                dimension_names=["y", "x"],
+            )[...] = pixel
+            images["pixel"] = (
+                f"pixel-level anomaly map, {PIXEL_MAP_PX} pixels per tile side "
+                "(its own OME-NGFF multiscales image)"
+            )
         group.attrs["wsi_anomaly"] = {**(provenance or {}), "images": images}
 
 
@@ -431,9 +530,16 @@ def tile_uuid(slide_name: str, x: int, y: int) -> str:
     return str(uuid.uuid5(uuid.NAMESPACE_URL, f"wsi-anomaly:{slide_name}:{int(x)}:{int(y)}"))
 
 
-def _write_geojson(path: Path, slide_name: str, geometry: SlideGeometry, coords: np.ndarray,
-                   scores: np.ndarray, max_scores: np.ndarray, scale: ColourScale,
-                   provenance: Mapping[str, Any] | None = None) -> None:
+def _write_geojson(
+    path: Path,
+    slide_name: str,
+    geometry: SlideGeometry,
+    coords: np.ndarray,
+    scores: np.ndarray,
+    max_scores: np.ndarray,
+    scale: ColourScale,
+    provenance: Mapping[str, Any] | None = None,
+) -> None:
     """QuPath-ready tiles: level-0 square polygons, scores as measurements, locked (so a click
     in QuPath does not move them).
 
@@ -446,55 +552,100 @@ def _write_geojson(path: Path, slide_name: str, geometry: SlideGeometry, coords:
     red = [int(v) for v in scale.to_rgb(np.array([scale.vmax]))[0]]
     features = []
     for (x, y), score, top in zip(coords.tolist(), scores.tolist(), max_scores.tolist()):
-        measurements = {name: float(v) for name, v in
-                        (("anomaly_score", score), ("anomaly_max", top)) if math.isfinite(v)}
-        properties: dict[str, Any] = {"objectType": "tile", "isLocked": True,
-                                      "measurements": measurements}
+        measurements = {
+            name: float(v)
+            for name, v in (("anomaly_score", score), ("anomaly_max", top))
+            if math.isfinite(v)
+        }
+        properties: dict[str, Any] = {
+            "objectType": "tile",
+            "isLocked": True,
+            "measurements": measurements,
+        }
         if math.isfinite(score) and score >= scale.vcenter:
             properties["classification"] = {"name": "Anomalous", "color": red}
-        features.append({
-            "type": "Feature",
-            "id": tile_uuid(slide_name, x, y),
-            "geometry": {"type": "Polygon", "coordinates": [
-                [[x, y], [x + side, y], [x + side, y + side], [x, y + side], [x, y]]]},
-            "properties": properties,
-        })
+        features.append(
+            {
+                "type": "Feature",
+                "id": tile_uuid(slide_name, x, y),
+                "geometry": {
+                    "type": "Polygon",
+                    "coordinates": [
+                        [[x, y], [x + side, y], [x + side, y + side], [x, y + side], [x, y]]
+                    ],
+                },
+                "properties": properties,
+            }
+        )
     with atomic_path(path) as tmp, open(tmp, "w", encoding="utf-8") as f:
-        json.dump({"type": "FeatureCollection",
-                   "properties": {"wsi_anomaly": dict(provenance or {})}, "features": features},
-                  f, allow_nan=False, separators=(",", ":"))
+        json.dump(
+            {
+                "type": "FeatureCollection",
+                "properties": {"wsi_anomaly": dict(provenance or {})},
+                "features": features,
+            },
+            f,
+            allow_nan=False,
+            separators=(",", ":"),
+        )
 
 
 TILE_TABLE_FIELDS = ("x", "y", "width", "height", "score", "max", "tissue_fraction", "class")
 
 
-def _write_tile_table(path: Path, geometry: SlideGeometry, coords: np.ndarray,
-                      scores: np.ndarray, max_scores: np.ndarray, scale: ColourScale,
-                      tissue_fraction: np.ndarray | None) -> None:
+def _write_tile_table(
+    path: Path,
+    geometry: SlideGeometry,
+    coords: np.ndarray,
+    scores: np.ndarray,
+    max_scores: np.ndarray,
+    scale: ColourScale,
+    tissue_fraction: np.ndarray | None,
+) -> None:
     """``tiles.csv``: one row per tile — level-0 x, y, width, height (px), score, max, tissue
     fraction and class ("Anomalous" at or above ``scale.vcenter``, else empty)."""
     import csv
 
     side = float(geometry.tile_size_l0)
     side_text = str(int(side)) if side.is_integer() else f"{side:g}"
-    fractions = (np.full(len(coords), np.nan) if tissue_fraction is None
-                 else np.asarray(tissue_fraction, np.float64))
+    fractions = (
+        np.full(len(coords), np.nan)
+        if tissue_fraction is None
+        else np.asarray(tissue_fraction, np.float64)
+    )
     with atomic_path(path) as tmp, open(tmp, "w", newline="", encoding="utf-8") as f:
         writer = csv.writer(f)
         writer.writerow(TILE_TABLE_FIELDS)
-        for (x, y), score, top, frac in zip(coords.tolist(), scores.tolist(),
-                                            max_scores.tolist(), fractions.tolist()):
+        for (x, y), score, top, frac in zip(
+            coords.tolist(), scores.tolist(), max_scores.tolist(), fractions.tolist()
+        ):
             anomalous = math.isfinite(score) and score >= scale.vcenter
-            writer.writerow([x, y, side_text, side_text, _num(score), _num(top), _num(frac),
-                             "Anomalous" if anomalous else ""])
+            writer.writerow(
+                [
+                    x,
+                    y,
+                    side_text,
+                    side_text,
+                    _num(score),
+                    _num(top),
+                    _num(frac),
+                    "Anomalous" if anomalous else "",
+                ]
+            )
 
 
 def _num(value: float) -> str:
     return f"{value:.6g}" if math.isfinite(value) else ""
 
 
-def _write_gallery(path: Path, top_tiles: list[tuple[int, np.ndarray]], coords: np.ndarray,
-                   scores: np.ndarray, max_scores: np.ndarray, geometry: SlideGeometry) -> None:
+def _write_gallery(
+    path: Path,
+    top_tiles: list[tuple[int, np.ndarray]],
+    coords: np.ndarray,
+    scores: np.ndarray,
+    max_scores: np.ndarray,
+    geometry: SlideGeometry,
+) -> None:
     """The most anomalous tiles in a grid, captioned with level-0 (x, y) and scores."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
@@ -502,8 +653,9 @@ def _write_gallery(path: Path, top_tiles: list[tuple[int, np.ndarray]], coords: 
     n = len(top_tiles)
     cols = min(5, max(n, 1))
     rows = max(1, math.ceil(n / cols))
-    fig = Figure(figsize=(2.4 * cols, 2.8 * rows + 0.3), dpi=100, facecolor="white",
-                 layout="constrained")
+    fig = Figure(
+        figsize=(2.4 * cols, 2.8 * rows + 0.3), dpi=100, facecolor="white", layout="constrained"
+    )
     FigureCanvasAgg(fig)
     if n == 0:
         fig.text(0.5, 0.5, "no tiles scored", ha="center", va="center")
@@ -513,10 +665,11 @@ def _write_gallery(path: Path, top_tiles: list[tuple[int, np.ndarray]], coords: 
         ax.set_xticks([])
         ax.set_yticks([])
         x, y = (int(v) for v in coords[index])
-        ax.set_title(f"#{rank + 1}  x={x}, y={y}\nscore {scores[index]:.3g}"
-                     f" · max {max_scores[index]:.3g}", fontsize=8)
+        ax.set_title(
+            f"#{rank + 1}  x={x}, y={y}\nscore {scores[index]:.3g} · max {max_scores[index]:.3g}",
+            fontsize=8,
+        )
     tile_um = geometry.tile_size_l0 * geometry.mpp
-    fig.suptitle(f"most anomalous tiles ({tile_um:.0f} µm; level-0 px coordinates)",
-                 fontsize=9)
+    fig.suptitle(f"most anomalous tiles ({tile_um:.0f} µm; level-0 px coordinates)", fontsize=9)
     with atomic_path(path) as tmp:
         fig.savefig(tmp, format="png")

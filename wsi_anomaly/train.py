@@ -35,8 +35,14 @@ from .models.registry import FAMILIES, family_sections, get_family
 from .outputs import check_free_space, check_output_file, validate_output_name
 from .runtime import Runtime, resolve_device
 
-__all__ = ["TrainResult", "calibrate", "resolve_device", "resume_path", "seed_everything",
-           "train_model"]
+__all__ = [
+    "TrainResult",
+    "calibrate",
+    "resolve_device",
+    "resume_path",
+    "seed_everything",
+    "train_model",
+]
 
 log = logging.getLogger(__name__)
 
@@ -71,9 +77,17 @@ class TrainResult:
 
 
 @torch.no_grad()
-def calibrate(family: ModelFamily, model: torch.nn.Module, dataset: Dataset, runtime: Runtime,
-              n_tiles: int, batch_size: int = 16, workers: int = 0, progress: bool = True,
-              reference: dict[str, Any] | None = None) -> dict[str, Any]:
+def calibrate(
+    family: ModelFamily,
+    model: torch.nn.Module,
+    dataset: Dataset,
+    runtime: Runtime,
+    n_tiles: int,
+    batch_size: int = 16,
+    workers: int = 0,
+    progress: bool = True,
+    reference: dict[str, Any] | None = None,
+) -> dict[str, Any]:
     """The family's calibration (training-normal mean map and/or score quantiles) from up to
     ``n_tiles`` tiles spread evenly over ``dataset`` (no augmentation). With ``reference`` (the
     training tiles' calibration), ``dataset`` holds held-out normal tiles scored as a slide's
@@ -82,9 +96,12 @@ def calibrate(family: ModelFamily, model: torch.nn.Module, dataset: Dataset, run
     n = _size(dataset)
     idx = np.unique(np.linspace(0, n - 1, num=min(n_tiles, n)).astype(int))
     loader = DataLoader(Subset(dataset, idx.tolist()), batch_size=batch_size, num_workers=workers)
-    parts = [family.calibration_batch(model, batch, runtime)
-             for batch in tqdm(loader, desc="calibrating", unit="batch", disable=not progress,
-                               leave=False)]
+    parts = [
+        family.calibration_batch(model, batch, runtime)
+        for batch in tqdm(
+            loader, desc="calibrating", unit="batch", disable=not progress, leave=False
+        )
+    ]
     return family.summarise_calibration(parts, reference)
 
 
@@ -98,8 +115,9 @@ def _size(dataset: Dataset) -> int:
 MIN_HOLDOUT_TILES = 20
 
 
-def holdout_split(dataset: Dataset, fraction: float, seed: int
-                  ) -> tuple[list[int], list[int], list[dict[str, Any]]]:
+def holdout_split(
+    dataset: Dataset, fraction: float, seed: int
+) -> tuple[list[int], list[int], list[dict[str, Any]]]:
     """Indices of the tiles to train on and of the normal tiles held out of training for the
     score scale, stratified by source: each tile store (one slide) or image folder of a
     ``ConcatDataset`` gives ``fraction`` of its tiles. Seeded, so a resumed run trains on the
@@ -117,8 +135,13 @@ def holdout_split(dataset: Dataset, fraction: float, seed: int
         held_part = sorted(int(i) + offset for i in order[:k])
         held.extend(held_part)
         train.extend(sorted(int(i) + offset for i in order[k:]))
-        groups.append({"source": str(getattr(part, "path", None) or getattr(part, "root", "")),
-                       "n_tiles": n, "n_held_out": k})
+        groups.append(
+            {
+                "source": str(getattr(part, "path", None) or getattr(part, "root", "")),
+                "n_tiles": n,
+                "n_held_out": k,
+            }
+        )
         offset += n
     return sorted(train), held, groups
 
@@ -127,28 +150,39 @@ def _without_epochs(section: Any) -> Any:
     return dataclasses.replace(section, epochs=0) if hasattr(section, "epochs") else section
 
 
-def _prepare_run(out: Path, config: Any, resume: bool, overwrite: bool
-                 ) -> tuple[Any, dict[str, Any] | None]:
+def _prepare_run(
+    out: Path, config: Any, resume: bool, overwrite: bool
+) -> tuple[Any, dict[str, Any] | None]:
     """Refuse to clobber ``out``; load the resumable checkpoint when resuming."""
     check_output_file(out, overwrite or resume)
     if not resume:
         return config, None
     partial = resume_path(out)
     if not partial.exists():
-        raise InvalidInputError(f"nothing to resume: {partial} does not exist "
-                                "(start without --resume)")
+        raise InvalidInputError(
+            f"nothing to resume: {partial} does not exist (start without --resume)"
+        )
     state = load_checkpoint(partial, expect_model=config.model.name, require_complete=False)
     saved = config_from_dict(state["config"])
     sections = [key for key, _ in family_sections()]
-    if (saved.model != config.model or saved.seed != config.seed
-            or any(_without_epochs(getattr(saved, key)) != _without_epochs(getattr(config, key))
-                   for key in sections)):
-        raise InvalidInputError(f"{partial} was trained with another model config or seed; "
-                                "resume with the same --config and --seed")
+    if (
+        saved.model != config.model
+        or saved.seed != config.seed
+        or any(
+            _without_epochs(getattr(saved, key)) != _without_epochs(getattr(config, key))
+            for key in sections
+        )
+    ):
+        raise InvalidInputError(
+            f"{partial} was trained with another model config or seed; "
+            "resume with the same --config and --seed"
+        )
     # The saved settings win; only the schedule length may be extended on resume.
     for key in ["train", *sections]:
-        saved = dataclasses.replace(saved, **{key: dataclasses.replace(
-            getattr(saved, key), epochs=getattr(config, key).epochs)})
+        saved = dataclasses.replace(
+            saved,
+            **{key: dataclasses.replace(getattr(saved, key), epochs=getattr(config, key).epochs)},
+        )
     log.info("resuming %s from epoch %d", partial, int(state["train_state"]["epoch"]) + 1)
     return saved, state
 
@@ -157,10 +191,18 @@ def _state_bytes(model: torch.nn.Module) -> int:
     return sum(t.numel() * t.element_size() for t in model.state_dict().values())
 
 
-def train_model(dataset: Dataset, config: Any, out: str | Path, device: str = "auto",
-                resume: bool = False, overwrite: bool = False, tile_mpp: float | None = None,
-                source: str | None = None, progress: bool = True,
-                anomalies: Dataset | None = None) -> TrainResult:
+def train_model(
+    dataset: Dataset,
+    config: Any,
+    out: str | Path,
+    device: str = "auto",
+    resume: bool = False,
+    overwrite: bool = False,
+    tile_mpp: float | None = None,
+    source: str | None = None,
+    progress: bool = True,
+    anomalies: Dataset | None = None,
+) -> TrainResult:
     """Train the configured model on ``dataset`` (float tensors 3×256×256 in [0, 1]).
 
     ``anomalies``: the few labelled anomalous tiles, for weakly supervised families (ATAC-Net).
@@ -174,16 +216,20 @@ def train_model(dataset: Dataset, config: Any, out: str | Path, device: str = "a
         raise InvalidInputError("no training tiles")
     family = get_family(config.model.name)
     if anomalies is not None and not family.weakly_supervised:
-        weak = ", ".join(f"{f.title}: pass --model {f.name}" for f in FAMILIES.values()
-                         if f.weakly_supervised)
-        raise InvalidInputError(f"labelled anomalies are used by weakly supervised models only "
-                                f"({weak}); {family.title} trains on normal tiles")
+        weak = ", ".join(
+            f"{f.title}: pass --model {f.name}" for f in FAMILIES.values() if f.weakly_supervised
+        )
+        raise InvalidInputError(
+            f"labelled anomalies are used by weakly supervised models only "
+            f"({weak}); {family.title} trains on normal tiles"
+        )
     runtime = Runtime.resolve(device)
     partial = resume_path(out)
     config, state = _prepare_run(out, config, resume, overwrite)
     normals = dataset
-    train_idx, held_idx, groups = holdout_split(dataset, config.train.calibration_holdout,
-                                                config.seed)
+    train_idx, held_idx, groups = holdout_split(
+        dataset, config.train.calibration_holdout, config.seed
+    )
     if len(held_idx) >= MIN_HOLDOUT_TILES and train_idx:
         dataset = Subset(normals, train_idx)
         log.info("%d normal tiles held out of training for the score scale", len(held_idx))
@@ -201,8 +247,9 @@ def train_model(dataset: Dataset, config: Any, out: str | Path, device: str = "a
     else:  # the backbone's weights and identity come from the checkpoint: no download
         backbone = state["backbone"]
         model = family.restore(config, state["state_dict"], backbone)
-    check_free_space(out.parent, 2 * _state_bytes(model) + CHECKPOINT_MARGIN_BYTES,
-                     f"the checkpoint {out.name}")
+    check_free_space(
+        out.parent, 2 * _state_bytes(model) + CHECKPOINT_MARGIN_BYTES, f"the checkpoint {out.name}"
+    )
     model = runtime.prepare_model(model)
     optimiser = family.optimiser(model, config)
     scheduler = family.scheduler(optimiser, config)
@@ -219,8 +266,10 @@ def train_model(dataset: Dataset, config: Any, out: str | Path, device: str = "a
         train_state: dict[str, Any] = {"epoch": epoch, "optimizer": optimiser.state_dict()}
         if scheduler is not None:
             train_state["scheduler"] = scheduler.state_dict()
-        return {**_payload(config, model, backbone, tile_mpp, source, history, train_state),
-                **extras}
+        return {
+            **_payload(config, model, backbone, tile_mpp, source, history, train_state),
+            **extras,
+        }
 
     t = config.train
     total_epochs = family.epochs(config)
@@ -232,13 +281,20 @@ def train_model(dataset: Dataset, config: Any, out: str | Path, device: str = "a
         loader = family.loader(data, config, rng, t.workers, pin_memory=runtime.is_cuda)
         sums: dict[str, float] = {}
         steps = 0
-        bar = tqdm(loader, desc=f"epoch {epoch + 1}/{total_epochs}", unit="batch",
-                   disable=not progress, leave=False)
+        bar = tqdm(
+            loader,
+            desc=f"epoch {epoch + 1}/{total_epochs}",
+            unit="batch",
+            disable=not progress,
+            leave=False,
+        )
         for batch in bar:
             stats = family.train_step(model, optimiser, batch, config, epoch, aug, runtime)
             if not math.isfinite(stats["loss"]):
-                raise InvalidInputError(f"training diverged at epoch {epoch + 1} (loss "
-                                        f"{stats['loss']}); lower {family.schedule_section}.lr")
+                raise InvalidInputError(
+                    f"training diverged at epoch {epoch + 1} (loss "
+                    f"{stats['loss']}); lower {family.schedule_section}.lr"
+                )
             seen += int(stats.pop("images"))
             steps += 1
             for k, v in stats.items():
@@ -254,57 +310,120 @@ def train_model(dataset: Dataset, config: Any, out: str | Path, device: str = "a
             save_checkpoint({**payload(epoch), "complete": False}, partial)
     seconds = time.perf_counter() - t0
 
-    calibration = calibrate(family, model, family.calibration_data(dataset, config), runtime,
-                            t.calibration_tiles, workers=t.workers, progress=progress)
-    in_sample = {k: calibration[k] for k in ("n_tiles", "score_quantiles", "max_score_quantiles")
-                 if k in calibration}
+    calibration = calibrate(
+        family,
+        model,
+        family.calibration_data(dataset, config),
+        runtime,
+        t.calibration_tiles,
+        workers=t.workers,
+        progress=progress,
+    )
+    in_sample = {
+        k: calibration[k]
+        for k in ("n_tiles", "score_quantiles", "max_score_quantiles")
+        if k in calibration
+    }
     if held_idx:
-        held = calibrate(family, model,
-                         family.calibration_data(Subset(normals, held_idx), config), runtime,
-                         t.calibration_tiles, workers=t.workers, progress=progress,
-                         reference=calibration)
-        calibration = {**held, "mean_map": calibration.get("mean_map"),
-                       "scale_source": "held-out normal tiles", "in_sample": in_sample,
-                       "holdout": {"fraction": float(t.calibration_holdout),
-                                   "n_tiles": len(held_idx), "sources": groups}}
+        held = calibrate(
+            family,
+            model,
+            family.calibration_data(Subset(normals, held_idx), config),
+            runtime,
+            t.calibration_tiles,
+            workers=t.workers,
+            progress=progress,
+            reference=calibration,
+        )
+        calibration = {
+            **held,
+            "mean_map": calibration.get("mean_map"),
+            "scale_source": "held-out normal tiles",
+            "in_sample": in_sample,
+            "holdout": {
+                "fraction": float(t.calibration_holdout),
+                "n_tiles": len(held_idx),
+                "sources": groups,
+            },
+        }
     else:
         if t.calibration_holdout == 0:
-            log.info("train.calibration_holdout is 0: the score scale comes from the training "
-                     "tiles")
+            log.info(
+                "train.calibration_holdout is 0: the score scale comes from the training tiles"
+            )
         else:
-            log.warning("too few normal tiles to hold %d%% out for the score scale (at least %d "
-                        "needed); it comes from the training tiles themselves, so more unseen "
-                        "normal tissue will be called anomalous than the 1 %% its threshold "
-                        "suggests", round(100 * t.calibration_holdout), MIN_HOLDOUT_TILES)
-        calibration = {**calibration, "scale_source": "training tiles (in-sample)",
-                       "holdout": {"fraction": 0.0, "n_tiles": 0, "sources": groups}}
-    return _finish(out, config, {**payload(total_epochs - 1), "train_seconds": seconds},
-                   calibration, total_epochs, seconds, seen, history)
+            log.warning(
+                "too few normal tiles to hold %d%% out for the score scale (at least %d "
+                "needed); it comes from the training tiles themselves, so more unseen "
+                "normal tissue will be called anomalous than the 1 %% its threshold "
+                "suggests",
+                round(100 * t.calibration_holdout),
+                MIN_HOLDOUT_TILES,
+            )
+        calibration = {
+            **calibration,
+            "scale_source": "training tiles (in-sample)",
+            "holdout": {"fraction": 0.0, "n_tiles": 0, "sources": groups},
+        }
+    return _finish(
+        out,
+        config,
+        {**payload(total_epochs - 1), "train_seconds": seconds},
+        calibration,
+        total_epochs,
+        seconds,
+        seen,
+        history,
+    )
 
 
-def _payload(config: Any, model: torch.nn.Module, backbone: str, tile_mpp: float | None,
-             source: str | None, history: list[dict[str, float]], train_state: dict[str, Any]
-             ) -> dict[str, Any]:
+def _payload(
+    config: Any,
+    model: torch.nn.Module,
+    backbone: str,
+    tile_mpp: float | None,
+    source: str | None,
+    history: list[dict[str, float]],
+    train_state: dict[str, Any],
+) -> dict[str, Any]:
     """The checkpoint fields every model family writes (see :mod:`wsi_anomaly.checkpoint`).
 
     Only tensors, dicts, lists, tuples, str, int, float, bool and None, so that the checkpoint
     loads with ``torch.load(weights_only=True)``.
     """
-    return {"model_name": config.model.name, "config": config.to_dict(),
-            "state_dict": {k: v.detach().cpu() for k, v in model.state_dict().items()},
-            "backbone": str(backbone), "tile_mpp": None if tile_mpp is None else float(tile_mpp),
-            "training_source": None if source is None else str(source),
-            "history": [{k: float(v) if k != "epoch" else int(v) for k, v in r.items()}
-                        for r in history],
-            "train_state": train_state}
+    return {
+        "model_name": config.model.name,
+        "config": config.to_dict(),
+        "state_dict": {k: v.detach().cpu() for k, v in model.state_dict().items()},
+        "backbone": str(backbone),
+        "tile_mpp": None if tile_mpp is None else float(tile_mpp),
+        "training_source": None if source is None else str(source),
+        "history": [
+            {k: float(v) if k != "epoch" else int(v) for k, v in r.items()} for r in history
+        ],
+        "train_state": train_state,
+    }
 
 
-def _finish(out: Path, config: Any, payload: dict[str, Any], calibration: dict[str, Any],
-            epochs: int, seconds: float, seen: int, history: list[dict[str, float]]
-            ) -> TrainResult:
+def _finish(
+    out: Path,
+    config: Any,
+    payload: dict[str, Any],
+    calibration: dict[str, Any],
+    epochs: int,
+    seconds: float,
+    seen: int,
+    history: list[dict[str, float]],
+) -> TrainResult:
     """Write the final checkpoint and the resolved config; drop the resumable checkpoint."""
     save_checkpoint({**payload, "complete": True, "calibration": calibration}, out)
     save_config(config, out.with_name(out.stem + ".config.yaml"))
     resume_path(out).unlink(missing_ok=True)
-    return TrainResult(out, epochs, seconds, seen / seconds if seconds > 0 else math.nan,
-                       history, calibration["score_quantiles"])
+    return TrainResult(
+        out,
+        epochs,
+        seconds,
+        seen / seconds if seconds > 0 else math.nan,
+        history,
+        calibration["score_quantiles"],
+    )

@@ -38,7 +38,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(
         prog="wsi-anomaly",
         description="Find anomalous tissue in whole-slide images: tile slides, train HaloAE on "
-                    "normal tissue, score every tile and draw slide heatmaps.")
+        "normal tissue, score every tile and draw slide heatmaps.",
+    )
     parser.add_argument("--version", action="version", version=f"wsi-anomaly {__version__}")
     add_verbosity_options(parser)
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
@@ -57,7 +58,7 @@ def _setup_logging(args: argparse.Namespace) -> None:
         handler.setFormatter(logging.Formatter("%(levelname)s: %(message)s"))
         root.addHandler(handler)
     root.setLevel(logging.WARNING)
-    level = (logging.DEBUG if args.verbose else logging.WARNING if args.quiet else logging.INFO)
+    level = logging.DEBUG if args.verbose else logging.WARNING if args.quiet else logging.INFO
     logging.getLogger("wsi_anomaly").setLevel(level)
 
 
@@ -87,10 +88,14 @@ def main(argv: Sequence[str] | None = None) -> int:
 
         where = exc.filename if exc.filename is not None else "a file"
         reason = describe_os_error(exc, where).split(": ", 1)[-1]
-        print(f"wsi-anomaly {args.command}: error: filesystem error on {str(where)[:120]}: "
-              f"{reason}", file=sys.stderr)
+        print(
+            f"wsi-anomaly {args.command}: error: filesystem error on {str(where)[:120]}: {reason}",
+            file=sys.stderr,
+        )
         return 2
     except KeyboardInterrupt:
-        print(f"wsi-anomaly {args.command}: interrupted; partial outputs were not kept",
-              file=sys.stderr)
+        print(
+            f"wsi-anomaly {args.command}: interrupted; partial outputs were not kept",
+            file=sys.stderr,
+        )
         return 130

@@ -9,18 +9,26 @@ from .options import add_device_option, check_output_folder, positive_int
 
 
 def add_parser(sub, parents: list[argparse.ArgumentParser]) -> None:
-    p = sub.add_parser("demo", parents=parents, help="the whole pipeline on a synthetic slide",
-                       description="Write a synthetic slide with known tumour and stroma, train "
-                                   "HaloAE on its tumour tiles (fast preset), draw the heatmap "
-                                   "of the whole slide and report how well tile scores separate "
-                                   "tumour from the rest (AUROC).")
+    p = sub.add_parser(
+        "demo",
+        parents=parents,
+        help="the whole pipeline on a synthetic slide",
+        description="Write a synthetic slide with known tumour and stroma, train "
+        "HaloAE on its tumour tiles (fast preset), draw the heatmap "
+        "of the whole slide and report how well tile scores separate "
+        "tumour from the rest (AUROC).",
+    )
     p.add_argument("--out", default="demo_out", help="output folder (default demo_out/)")
-    p.add_argument("--size", type=positive_int, default=8192,
-                   help="synthetic slide side in px (default 8192)")
+    p.add_argument(
+        "--size", type=positive_int, default=8192, help="synthetic slide side in px (default 8192)"
+    )
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--backbone-weights", default="random",
-                   help="VGG19 weights for the demo: random (default: works offline), imagenet "
-                        "or a state-dict file")
+    p.add_argument(
+        "--backbone-weights",
+        default="random",
+        help="VGG19 weights for the demo: random (default: works offline), imagenet "
+        "or a state-dict file",
+    )
     add_device_option(p)
     p.set_defaults(func=run)
 
@@ -29,16 +37,25 @@ def run(args: argparse.Namespace) -> int:
     from ..demo import run_demo
 
     check_output_folder(args.out)
-    result = run_demo(args.out, size_px=args.size, seed=args.seed,
-                      backbone_weights=args.backbone_weights, device=args.device,
-                      progress=not args.quiet)
+    result = run_demo(
+        args.out,
+        size_px=args.size,
+        seed=args.seed,
+        backbone_weights=args.backbone_weights,
+        device=args.device,
+        progress=not args.quiet,
+    )
     outputs = result.summary["outputs"]
-    print(f"\nAUROC of tile scores, tumour (like the training tiles) vs the rest of the tissue: "
-          f"{result.auroc:.3f} over {result.n_tiles} tiles")
+    print(
+        f"\nAUROC of tile scores, tumour (like the training tiles) vs the rest of the tissue: "
+        f"{result.auroc:.3f} over {result.n_tiles} tiles"
+    )
     print("pictures:")
     for name in ("heatmap", "overlay", "thumbnail", "top_tiles"):
         print(f"  {result.results / Path(outputs[name]).name}")
-    print(f"for viewers: {result.results / Path(outputs['ngff']).name} (NGFF: napari…), "
-          f"{result.results / Path(outputs['geojson']).name} (QuPath)")
+    print(
+        f"for viewers: {result.results / Path(outputs['ngff']).name} (NGFF: napari…), "
+        f"{result.results / Path(outputs['geojson']).name} (QuPath)"
+    )
     print(f"look at it in the browser: wsi-anomaly view {result.results.parent}")
     return 0

@@ -11,39 +11,74 @@ from . import options as opt
 
 
 def add_parser(sub, parents: list[argparse.ArgumentParser]) -> None:
-    p = sub.add_parser("heatmap", parents=parents, help="score slides and draw heatmaps",
-                       description="Tile each slide at the model's resolution, score every tissue "
-                                   "tile, and write heatmap.png, overlay.png, thumbnail.png, "
-                                   "heatmap.ome.zarr, tiles.geojson, top_tiles.png and "
-                                   "summary.json to OUT/<slide name>/, plus OUT/summary.csv. "
-                                   f"Exit status {EXIT_SLIDES_FAILED} when --skip-errors "
-                                   "recorded failed slides.")
+    p = sub.add_parser(
+        "heatmap",
+        parents=parents,
+        help="score slides and draw heatmaps",
+        description="Tile each slide at the model's resolution, score every tissue "
+        "tile, and write heatmap.png, overlay.png, thumbnail.png, "
+        "heatmap.ome.zarr, tiles.geojson, top_tiles.png and "
+        "summary.json to OUT/<slide name>/, plus OUT/summary.csv. "
+        f"Exit status {EXIT_SLIDES_FAILED} when --skip-errors "
+        "recorded failed slides.",
+    )
     p.add_argument("slides", nargs="+", help="slide files, folders of slides, or glob patterns")
     p.add_argument("--model", required=True, metavar="FILE", help="checkpoint written by `train`")
     p.add_argument("--out", default="results", help="output folder (default results/)")
-    p.add_argument("--mpp", type=opt.positive_float,
-                   help="tile resolution, µm/px (default: the model's training resolution)")
-    p.add_argument("--min-tissue", type=opt.fraction, default=0.5,
-                   help="score tiles with at least this tissue fraction (default 0.5)")
+    p.add_argument(
+        "--mpp",
+        type=opt.positive_float,
+        help="tile resolution, µm/px (default: the model's training resolution)",
+    )
+    p.add_argument(
+        "--min-tissue",
+        type=opt.fraction,
+        default=0.5,
+        help="score tiles with at least this tissue fraction (default 0.5)",
+    )
     opt.add_batch_size_option(p, 32, "tiles per model batch")
     opt.add_device_option(p)
-    p.add_argument("--keep-maps", action="store_true",
-                   help="also store each tile's 64×64 anomaly map in the tile store")
-    p.add_argument("--top-k", type=opt.positive_int, default=16,
-                   help="tiles in top_tiles.png (default 16)")
-    p.add_argument("--cmap", type=opt.colormap, default="coolwarm",
-                   help="matplotlib colour map (coolwarm as in the paper; viridis, inferno…)")
-    p.add_argument("--workers", type=opt.positive_int, default=None, metavar="N",
-                   help="dask worker processes: a local cluster of N processes, one slide per "
-                        "task (default: slides one after another in this process)")
-    p.add_argument("--scheduler", metavar="ADDRESS",
-                   help="use an existing dask.distributed scheduler (e.g. tcp://host:8786); GPU "
-                        "workers should be started with --resources GPU=1")
-    p.add_argument("--read-threads", type=opt.positive_int, default=None, metavar="N",
-                   help="slide-decoding threads per slide (default: one per CPU core)")
-    p.add_argument("--skip-errors", action="store_true",
-                   help="record a failing slide in summary.csv and go on (exit status "
-                        f"{EXIT_SLIDES_FAILED} if any failed)")
+    p.add_argument(
+        "--keep-maps",
+        action="store_true",
+        help="also store each tile's 64×64 anomaly map in the tile store",
+    )
+    p.add_argument(
+        "--top-k", type=opt.positive_int, default=16, help="tiles in top_tiles.png (default 16)"
+    )
+    p.add_argument(
+        "--cmap",
+        type=opt.colormap,
+        default="coolwarm",
+        help="matplotlib colour map (coolwarm as in the paper; viridis, inferno…)",
+    )
+    p.add_argument(
+        "--workers",
+        type=opt.positive_int,
+        default=None,
+        metavar="N",
+        help="dask worker processes: a local cluster of N processes, one slide per "
+        "task (default: slides one after another in this process)",
+    )
+    p.add_argument(
+        "--scheduler",
+        metavar="ADDRESS",
+        help="use an existing dask.distributed scheduler (e.g. tcp://host:8786); GPU "
+        "workers should be started with --resources GPU=1",
+    )
+    p.add_argument(
+        "--read-threads",
+        type=opt.positive_int,
+        default=None,
+        metavar="N",
+        help="slide-decoding threads per slide (default: one per CPU core)",
+    )
+    p.add_argument(
+        "--skip-errors",
+        action="store_true",
+        help="record a failing slide in summary.csv and go on (exit status "
+        f"{EXIT_SLIDES_FAILED} if any failed)",
+    )
     opt.add_overwrite_option(p, "redo slides that are already done")
     opt.add_slide_mpp_options(p)
     _add_slurm_options(p)
@@ -52,42 +87,93 @@ def add_parser(sub, parents: list[argparse.ArgumentParser]) -> None:
 
 def _add_slurm_options(p: argparse.ArgumentParser) -> None:
     slurm = p.add_argument_group(
-        "SLURM", "--cluster slurm runs the slides as dask workers in SLURM jobs "
-                 "(pip install 'wsi-anomaly[cluster]'); OUT must be on a filesystem the compute "
-                 "nodes share")
-    slurm.add_argument("--cluster", choices=["slurm"],
-                       help="start workers on this cluster scheduler")
-    slurm.add_argument("--slurm-partition", metavar="NAME",
-                       help="partition (queue) for the worker jobs (default: the site's default)")
-    slurm.add_argument("--slurm-cores", type=opt.positive_int, default=4, metavar="N",
-                       help="CPU cores per job (default 4)")
-    slurm.add_argument("--slurm-memory", default="16GB", metavar="SIZE",
-                       help="memory per job, e.g. 16GB (default 16GB)")
-    slurm.add_argument("--slurm-walltime", default="04:00:00", metavar="TIME",
-                       help="time limit per job, HH:MM:SS or D-HH:MM:SS (default 04:00:00)")
-    slurm.add_argument("--slurm-gpus", type=int, default=0, metavar="N",
-                       help="GPUs per job (--gres=gpu:N); one worker process per GPU (default 0)")
-    slurm.add_argument("--slurm-processes", type=opt.positive_int, default=None, metavar="N",
-                       help="worker processes per job, one slide each at a time (default 1, "
-                            "or one per GPU)")
-    slurm.add_argument("--slurm-jobs", default="1", metavar="N|MIN:MAX",
-                       help="N jobs for the whole run, or MIN:MAX to follow the work (jobs are "
-                            "submitted while slides wait and cancelled when idle; default 1)")
-    slurm.add_argument("--slurm-extra", action="append", default=[], metavar="DIRECTIVE",
-                       help="another #SBATCH option, e.g. --slurm-extra=--account=lab "
-                            "(repeatable)")
-    slurm.add_argument("--slurm-prologue", action="append", default=[], metavar="LINE",
-                       help="a shell line run in the job before the workers, e.g. "
-                            "'module load cuda' (repeatable)")
-    slurm.add_argument("--slurm-log-dir", metavar="DIR",
-                       help="folder for the jobs' output files (default: the current folder)")
-    slurm.add_argument("--slurm-local-dir", metavar="DIR",
-                       help="node-local scratch folder for the workers, e.g. /tmp or $TMPDIR")
-    slurm.add_argument("--slurm-python", metavar="PATH",
-                       help="Python on the compute nodes (default: this one, which must be "
-                            "visible there)")
-    slurm.add_argument("--slurm-interface", metavar="NAME",
-                       help="network interface the nodes reach each other on, e.g. ib0")
+        "SLURM",
+        "--cluster slurm runs the slides as dask workers in SLURM jobs "
+        "(pip install 'wsi-anomaly[cluster]'); OUT must be on a filesystem the compute "
+        "nodes share",
+    )
+    slurm.add_argument(
+        "--cluster", choices=["slurm"], help="start workers on this cluster scheduler"
+    )
+    slurm.add_argument(
+        "--slurm-partition",
+        metavar="NAME",
+        help="partition (queue) for the worker jobs (default: the site's default)",
+    )
+    slurm.add_argument(
+        "--slurm-cores",
+        type=opt.positive_int,
+        default=4,
+        metavar="N",
+        help="CPU cores per job (default 4)",
+    )
+    slurm.add_argument(
+        "--slurm-memory",
+        default="16GB",
+        metavar="SIZE",
+        help="memory per job, e.g. 16GB (default 16GB)",
+    )
+    slurm.add_argument(
+        "--slurm-walltime",
+        default="04:00:00",
+        metavar="TIME",
+        help="time limit per job, HH:MM:SS or D-HH:MM:SS (default 04:00:00)",
+    )
+    slurm.add_argument(
+        "--slurm-gpus",
+        type=int,
+        default=0,
+        metavar="N",
+        help="GPUs per job (--gres=gpu:N); one worker process per GPU (default 0)",
+    )
+    slurm.add_argument(
+        "--slurm-processes",
+        type=opt.positive_int,
+        default=None,
+        metavar="N",
+        help="worker processes per job, one slide each at a time (default 1, or one per GPU)",
+    )
+    slurm.add_argument(
+        "--slurm-jobs",
+        default="1",
+        metavar="N|MIN:MAX",
+        help="N jobs for the whole run, or MIN:MAX to follow the work (jobs are "
+        "submitted while slides wait and cancelled when idle; default 1)",
+    )
+    slurm.add_argument(
+        "--slurm-extra",
+        action="append",
+        default=[],
+        metavar="DIRECTIVE",
+        help="another #SBATCH option, e.g. --slurm-extra=--account=lab (repeatable)",
+    )
+    slurm.add_argument(
+        "--slurm-prologue",
+        action="append",
+        default=[],
+        metavar="LINE",
+        help="a shell line run in the job before the workers, e.g. 'module load cuda' (repeatable)",
+    )
+    slurm.add_argument(
+        "--slurm-log-dir",
+        metavar="DIR",
+        help="folder for the jobs' output files (default: the current folder)",
+    )
+    slurm.add_argument(
+        "--slurm-local-dir",
+        metavar="DIR",
+        help="node-local scratch folder for the workers, e.g. /tmp or $TMPDIR",
+    )
+    slurm.add_argument(
+        "--slurm-python",
+        metavar="PATH",
+        help="Python on the compute nodes (default: this one, which must be visible there)",
+    )
+    slurm.add_argument(
+        "--slurm-interface",
+        metavar="NAME",
+        help="network interface the nodes reach each other on, e.g. ib0",
+    )
 
 
 def _slurm_cluster(args: argparse.Namespace):
@@ -98,15 +184,24 @@ def _slurm_cluster(args: argparse.Namespace):
     from ..errors import InvalidInputError
 
     if args.workers or args.scheduler:
-        raise InvalidInputError("--cluster slurm starts its own workers; drop --workers and "
-                                "--scheduler")
+        raise InvalidInputError(
+            "--cluster slurm starts its own workers; drop --workers and --scheduler"
+        )
     options = SlurmOptions(
-        partition=args.slurm_partition, cores=args.slurm_cores, memory=args.slurm_memory,
-        walltime=args.slurm_walltime, gpus=args.slurm_gpus, processes=args.slurm_processes,
-        extra_directives=args.slurm_extra, prologue=args.slurm_prologue,
-        log_directory=args.slurm_log_dir, local_directory=args.slurm_local_dir,
-        python=args.slurm_python, interface=args.slurm_interface,
-        **parse_jobs(args.slurm_jobs))
+        partition=args.slurm_partition,
+        cores=args.slurm_cores,
+        memory=args.slurm_memory,
+        walltime=args.slurm_walltime,
+        gpus=args.slurm_gpus,
+        processes=args.slurm_processes,
+        extra_directives=args.slurm_extra,
+        prologue=args.slurm_prologue,
+        log_directory=args.slurm_log_dir,
+        local_directory=args.slurm_local_dir,
+        python=args.slurm_python,
+        interface=args.slurm_interface,
+        **parse_jobs(args.slurm_jobs),
+    )
     import distributed  # noqa: F401  (sets up its loggers on import; quiet them unless -v)
 
     if not getattr(args, "verbose", False):
@@ -129,22 +224,41 @@ def run(args: argparse.Namespace) -> int:
 
         check_scheduler(args.scheduler)
     settings = HeatmapSettings(
-        target_mpp=args.mpp, min_tissue=args.min_tissue, batch_size=args.batch_size,
-        device=args.device, keep_maps=args.keep_maps, top_k=args.top_k, cmap=args.cmap,
-        slide_mpp=args.slide_mpp, mpp_csv=args.mpp_csv, overwrite=args.overwrite,
-        progress=not args.quiet, read_workers=args.read_threads or 0)
+        target_mpp=args.mpp,
+        min_tissue=args.min_tissue,
+        batch_size=args.batch_size,
+        device=args.device,
+        keep_maps=args.keep_maps,
+        top_k=args.top_k,
+        cmap=args.cmap,
+        slide_mpp=args.slide_mpp,
+        mpp_csv=args.mpp_csv,
+        overwrite=args.overwrite,
+        progress=not args.quiet,
+        read_workers=args.read_threads or 0,
+    )
     cluster = _slurm_cluster(args) if args.cluster == "slurm" else None
     try:
-        rows = run_cohort(args.slides, out, args.model, settings, scheduler=args.scheduler,
-                          workers=args.workers, skip_errors=args.skip_errors, cluster=cluster)
+        rows = run_cohort(
+            args.slides,
+            out,
+            args.model,
+            settings,
+            scheduler=args.scheduler,
+            workers=args.workers,
+            skip_errors=args.skip_errors,
+            cluster=cluster,
+        )
     finally:
         if cluster is not None:
             cluster.close()  # cancels the worker jobs
     for row in rows:
         if row["status"] in ("ok", "skipped (done)"):
-            print(f"{row['slide']}: {row['status']}, {row['n_tiles']} tiles, "
-                  f"{float(row['fraction_anomalous'] or 0):.1%} above the training 99th "
-                  f"percentile → {row['output']}")
+            print(
+                f"{row['slide']}: {row['status']}, {row['n_tiles']} tiles, "
+                f"{float(row['fraction_anomalous'] or 0):.1%} above the training 99th "
+                f"percentile → {row['output']}"
+            )
         else:
             print(f"{row['slide']}: {row['status']}: {row['error']}")
     done = [r for r in rows if r["status"] in ("ok", "skipped (done)")]

@@ -10,11 +10,15 @@ from .options import add_slide_mpp_options, slide_override
 
 
 def add_parser(sub, parents: list[argparse.ArgumentParser]) -> None:
-    p = sub.add_parser("info", parents=parents, help="describe a slide: format, levels, mpp",
-                       description="Print a slide's format, dimensions, pyramid levels with "
-                                   "downsample and mpp, where the mpp came from, objective power "
-                                   "and associated images. A slide without resolution metadata "
-                                   "is described too (its resolution as unknown).")
+    p = sub.add_parser(
+        "info",
+        parents=parents,
+        help="describe a slide: format, levels, mpp",
+        description="Print a slide's format, dimensions, pyramid levels with "
+        "downsample and mpp, where the mpp came from, objective power "
+        "and associated images. A slide without resolution metadata "
+        "is described too (its resolution as unknown).",
+    )
     p.add_argument("slide", help="slide file (SVS, NDPI, MRXS, SCN, DICOM, TIFF, OME-TIFF…)")
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
     add_slide_mpp_options(p)
@@ -43,8 +47,13 @@ def run(args: argparse.Namespace) -> int:
             "mpp_source": res.source if res else None,
             "objective_power": slide.objective_power,
             "levels": [
-                {"level": lv.index, "width": lv.width, "height": lv.height,
-                 "downsample": round(lv.downsample, 4), "mpp": _round(lv.mpp, 4)}
+                {
+                    "level": lv.index,
+                    "width": lv.width,
+                    "height": lv.height,
+                    "downsample": round(lv.downsample, 4),
+                    "mpp": _round(lv.mpp, 4),
+                }
                 for lv in slide.levels
             ],
             "associated_images": list(slide.associated_images),
@@ -64,7 +73,9 @@ def run(args: argparse.Namespace) -> int:
     print(f"  levels          {len(info['levels'])}")
     for lv in info["levels"]:
         mpp = "unknown" if lv["mpp"] is None else f"{lv['mpp']:.4f}"
-        print(f"    {lv['level']:>2}  {lv['width']:>7} × {lv['height']:<7}  "
-              f"downsample {lv['downsample']:<8g}  {mpp} µm/px")
+        print(
+            f"    {lv['level']:>2}  {lv['width']:>7} × {lv['height']:<7}  "
+            f"downsample {lv['downsample']:<8g}  {mpp} µm/px"
+        )
     print(f"  associated      {', '.join(info['associated_images']) or 'none'}")
     return 0

@@ -10,53 +10,97 @@ from . import options as opt
 
 
 def add_parser(sub, parents: list[argparse.ArgumentParser]) -> None:
-    p = sub.add_parser("mvtec", parents=parents, help="MVTec AD benchmark, per category",
-                       description="Per MVTec AD category: train on train/good (or load a model "
-                                   "with --checkpoint-dir), score the test images and report "
-                                   "image AUROC (mean and max scores), pixel AUROC (at the masks' "
-                                   "resolution, and at 128×128 as the paper's code did) and "
-                                   "AUPRO@0.3 beside the HaloAE paper's Table 1. Writes "
-                                   "OUT/<category>/ (model.pt, metrics.json, scores.csv, "
-                                   "figures/) and OUT/results.csv, OUT/results.md; categories "
-                                   "with a metrics.json are skipped unless --overwrite.")
-    p.add_argument("--root", required=True,
-                   help="MVTec AD folder (<root>/<category>/train/good, test/<type>, "
-                        "ground_truth/<type>), or a single category folder")
-    p.add_argument("--category", nargs="+", default=["all"], metavar="C",
-                   help="categories to run, or all (default: every category found)")
-    opt.add_family_option(p,
-                      help="model family: haloae, or atacnet (weakly supervised protocol)")
-    p.add_argument("--config", default=None,
-                   help="preset name (haloae_paper, haloae_fast, atacnet, atacnet_fast) or YAML "
-                        "file (default: haloae_paper, or atacnet with --family atacnet)")
+    p = sub.add_parser(
+        "mvtec",
+        parents=parents,
+        help="MVTec AD benchmark, per category",
+        description="Per MVTec AD category: train on train/good (or load a model "
+        "with --checkpoint-dir), score the test images and report "
+        "image AUROC (mean and max scores), pixel AUROC (at the masks' "
+        "resolution, and at 128×128 as the paper's code did) and "
+        "AUPRO@0.3 beside the HaloAE paper's Table 1. Writes "
+        "OUT/<category>/ (model.pt, metrics.json, scores.csv, "
+        "figures/) and OUT/results.csv, OUT/results.md; categories "
+        "with a metrics.json are skipped unless --overwrite.",
+    )
+    p.add_argument(
+        "--root",
+        required=True,
+        help="MVTec AD folder (<root>/<category>/train/good, test/<type>, "
+        "ground_truth/<type>), or a single category folder",
+    )
+    p.add_argument(
+        "--category",
+        nargs="+",
+        default=["all"],
+        metavar="C",
+        help="categories to run, or all (default: every category found)",
+    )
+    opt.add_family_option(p, help="model family: haloae, or atacnet (weakly supervised protocol)")
+    p.add_argument(
+        "--config",
+        default=None,
+        help="preset name (haloae_paper, haloae_fast, atacnet, atacnet_fast) or YAML "
+        "file (default: haloae_paper, or atacnet with --family atacnet)",
+    )
     p.add_argument("--out", default="mvtec_results", help="output folder (default mvtec_results/)")
-    p.add_argument("--backbone-weights", metavar="imagenet|random|FILE",
-                   help="backbone weights (VGG19 for HaloAE, ResNet-50 for ATAC-Net): imagenet "
-                        "(default), a local state-dict file, or random (tests only)")
-    p.add_argument("--epochs", type=opt.positive_int,
-                   help="override train.epochs (atacnet.epochs for atacnet)")
-    p.add_argument("--anomalies", type=anomaly_count, metavar="N|paper",
-                   help="ATAC-Net: labelled anomalies drawn (with the seed) from each category's "
-                        "test anomalies and removed from its test set (default 10); 'paper' "
-                        "draws the ATAC-Net paper's own count per category (its Table 1: 1–8)")
-    p.add_argument("--setting", choices=("general", "hard"),
-                   help="ATAC-Net: general (anomalies of all defect types; default) or hard (one "
-                        "--known-type only; all its anomalies leave the test set)")
-    p.add_argument("--known-type", metavar="TYPE", help="ATAC-Net, --setting hard: the defect "
-                   "type the labelled anomalies come from")
-    p.add_argument("--seeds", type=opt.positive_int, metavar="N",
-                   help="ATAC-Net: repeat with seeds seed … seed+N-1, report mean ± std "
-                        "(default 3)")
+    p.add_argument(
+        "--backbone-weights",
+        metavar="imagenet|random|FILE",
+        help="backbone weights (VGG19 for HaloAE, ResNet-50 for ATAC-Net): imagenet "
+        "(default), a local state-dict file, or random (tests only)",
+    )
+    p.add_argument(
+        "--epochs", type=opt.positive_int, help="override train.epochs (atacnet.epochs for atacnet)"
+    )
+    p.add_argument(
+        "--anomalies",
+        type=anomaly_count,
+        metavar="N|paper",
+        help="ATAC-Net: labelled anomalies drawn (with the seed) from each category's "
+        "test anomalies and removed from its test set (default 10); 'paper' "
+        "draws the ATAC-Net paper's own count per category (its Table 1: 1–8)",
+    )
+    p.add_argument(
+        "--setting",
+        choices=("general", "hard"),
+        help="ATAC-Net: general (anomalies of all defect types; default) or hard (one "
+        "--known-type only; all its anomalies leave the test set)",
+    )
+    p.add_argument(
+        "--known-type",
+        metavar="TYPE",
+        help="ATAC-Net, --setting hard: the defect type the labelled anomalies come from",
+    )
+    p.add_argument(
+        "--seeds",
+        type=opt.positive_int,
+        metavar="N",
+        help="ATAC-Net: repeat with seeds seed … seed+N-1, report mean ± std (default 3)",
+    )
     p.add_argument("--seed", type=int, help="seed for everything (default from the config: 0)")
     opt.add_device_option(p)
-    p.add_argument("--checkpoint-dir", metavar="DIR",
-                   help="evaluate existing models (DIR/<category>/model.pt or DIR/<category>.pt) "
-                        "instead of training")
-    p.add_argument("--eval-batch-size", type=opt.positive_int, default=16, metavar="N",
-                   help="test images per model call (default 16)")
+    p.add_argument(
+        "--checkpoint-dir",
+        metavar="DIR",
+        help="evaluate existing models (DIR/<category>/model.pt or DIR/<category>.pt) "
+        "instead of training",
+    )
+    p.add_argument(
+        "--eval-batch-size",
+        type=opt.positive_int,
+        default=16,
+        metavar="N",
+        help="test images per model call (default 16)",
+    )
     opt.add_loader_workers_option(p, what="DataLoader worker processes (training and evaluation)")
-    p.add_argument("--figures", type=opt.non_negative_int, default=4, metavar="N",
-                   help="qualitative figures per category (default 4)")
+    p.add_argument(
+        "--figures",
+        type=opt.non_negative_int,
+        default=4,
+        metavar="N",
+        help="qualitative figures per category (default 4)",
+    )
     opt.add_overwrite_option(p, "redo categories that are done (retrain and re-evaluate)")
     p.set_defaults(func=run)
 
@@ -89,17 +133,28 @@ def run(args: argparse.Namespace) -> int:
     opt.check_output_folder(args.out)
     weak, preset, schedule = _family_defaults(args.family)
     if not weak:
-        for flag, value in (("--anomalies", args.anomalies), ("--setting", args.setting),
-                            ("--known-type", args.known_type), ("--seeds", args.seeds)):
+        for flag, value in (
+            ("--anomalies", args.anomalies),
+            ("--setting", args.setting),
+            ("--known-type", args.known_type),
+            ("--seeds", args.seeds),
+        ):
             if value is not None:
-                raise InvalidInputError(f"{flag} is for the weakly supervised protocol of a "
-                                        "family trained with labelled anomalies, such as "
-                                        "--family atacnet")
+                raise InvalidInputError(
+                    f"{flag} is for the weakly supervised protocol of a "
+                    "family trained with labelled anomalies, such as "
+                    "--family atacnet"
+                )
     config = load_config(args.config or preset, opt.config_overrides(args, schedule))
     settings = BenchmarkSettings(
-        device=args.device, eval_batch_size=args.eval_batch_size, workers=config.train.workers,
-        n_figures=args.figures, overwrite=args.overwrite, progress=not args.quiet,
-        checkpoint_dir=Path(args.checkpoint_dir) if args.checkpoint_dir else None)
+        device=args.device,
+        eval_batch_size=args.eval_batch_size,
+        workers=config.train.workers,
+        n_figures=args.figures,
+        overwrite=args.overwrite,
+        progress=not args.quiet,
+        checkpoint_dir=Path(args.checkpoint_dir) if args.checkpoint_dir else None,
+    )
 
     def report(record: dict) -> None:
         if "metrics" not in record:
@@ -107,34 +162,43 @@ def run(args: argparse.Namespace) -> int:
             return
         m = record["metrics"]
         image = ", ".join(f"{name} {_percent(v)}" for name, v in m["image_auroc"].items())
-        print(f"{record['category']}: {record['status']}; image AUROC % {image}; pixel AUROC % "
-              f"{_percent(m['pixel_auroc'])} (128² paper protocol {_percent(m['pixel_auroc_128_paper'])}); "
-              f"AUPRO@{m['aupro_fpr_limit']:g} % {_percent(m['aupro'])}; "
-              f"eval {record['timing']['eval_images_per_s']:.1f} images/s")
+        print(
+            f"{record['category']}: {record['status']}; image AUROC % {image}; pixel AUROC % "
+            f"{_percent(m['pixel_auroc'])} (128² paper protocol {_percent(m['pixel_auroc_128_paper'])}); "
+            f"AUPRO@{m['aupro_fpr_limit']:g} % {_percent(m['aupro'])}; "
+            f"eval {record['timing']['eval_images_per_s']:.1f} images/s"
+        )
 
     if weak:
         from ..mvtec.weak import WeakProtocol, run_weak_benchmark
 
         protocol = WeakProtocol(
             n=10 if args.anomalies is None else args.anomalies,
-            setting=args.setting or "general", known_type=args.known_type,
-            n_seeds=3 if args.seeds is None else args.seeds, first_seed=config.seed)
+            setting=args.setting or "general",
+            known_type=args.known_type,
+            n_seeds=3 if args.seeds is None else args.seeds,
+            first_seed=config.seed,
+        )
 
         def report_run(record: dict) -> None:
             if "metrics" not in record:
                 print(f"{record['category']} seed {record['seed']}: {record['status']}")
                 return
             auroc = next(iter(record["metrics"]["image_auroc"].values()))
-            print(f"{record['category']} seed {record['seed']}: {record['status']}; "
-                  f"image AUROC {'n/a' if auroc is None else f'{auroc:.3f}'} "
-                  f"({record['n_test']} test images, {record['n_labelled_anomalies']} labelled "
-                  "anomalies in training)")
+            print(
+                f"{record['category']} seed {record['seed']}: {record['status']}; "
+                f"image AUROC {'n/a' if auroc is None else f'{auroc:.3f}'} "
+                f"({record['n_test']} test images, {record['n_labelled_anomalies']} labelled "
+                "anomalies in training)"
+            )
 
-        result = run_weak_benchmark(args.root, args.category, config, args.out, settings,
-                                    protocol, on_run=report_run)
+        result = run_weak_benchmark(
+            args.root, args.category, config, args.out, settings, protocol, on_run=report_run
+        )
     else:
-        result = run_benchmark(args.root, args.category, config, args.out, settings,
-                               on_category=report)
+        result = run_benchmark(
+            args.root, args.category, config, args.out, settings, on_category=report
+        )
     print()
     print(result.markdown, end="")
     print(f"\ntables: {result.table_csv}, {result.table_md}")

@@ -63,7 +63,8 @@ def colormap(text: str) -> str:
 
     if text not in matplotlib.colormaps:
         raise argparse.ArgumentTypeError(
-            f"unknown matplotlib colour map {text!r} (e.g. coolwarm, viridis, inferno, magma)")
+            f"unknown matplotlib colour map {text!r} (e.g. coolwarm, viridis, inferno, magma)"
+        )
     return text
 
 
@@ -88,13 +89,20 @@ def add_moved_option(p: argparse.ArgumentParser, flag: str, hint: str) -> None:
 
 
 def add_moved_workers(p: argparse.ArgumentParser, right_flag: str, meaning: str) -> None:
-    add_moved_option(p, "--workers", f"use {right_flag} N ({meaning}); --workers is the number "
-                                     "of dask processes of heatmap")
+    add_moved_option(
+        p,
+        "--workers",
+        f"use {right_flag} N ({meaning}); --workers is the number of dask processes of heatmap",
+    )
 
 
 def add_moved_model(p: argparse.ArgumentParser) -> None:
-    add_moved_option(p, "--model", "the model family is --family {value}; --model names a "
-                                   "checkpoint file in score and heatmap")
+    add_moved_option(
+        p,
+        "--model",
+        "the model family is --family {value}; --model names a "
+        "checkpoint file in score and heatmap",
+    )
 
 
 # -- option groups ------------------------------------------------------------------------------
@@ -107,21 +115,38 @@ def common_parent() -> argparse.ArgumentParser:
 
 
 def add_verbosity_options(p: argparse.ArgumentParser, default: Any = False) -> None:
-    p.add_argument("-v", "--verbose", action="store_true", default=default,
-                   help="log the package's debug messages")
-    p.add_argument("-q", "--quiet", action="store_true", default=default,
-                   help="warnings and errors only: no progress bars, no info messages")
-    p.add_argument("--debug", action="store_true", default=default,
-                   help="show tracebacks for every error")
+    p.add_argument(
+        "-v",
+        "--verbose",
+        action="store_true",
+        default=default,
+        help="log the package's debug messages",
+    )
+    p.add_argument(
+        "-q",
+        "--quiet",
+        action="store_true",
+        default=default,
+        help="warnings and errors only: no progress bars, no info messages",
+    )
+    p.add_argument(
+        "--debug", action="store_true", default=default, help="show tracebacks for every error"
+    )
 
 
 def add_slide_mpp_options(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--slide-mpp", type=positive_float, metavar="MPP",
-                   help="level-0 microns per pixel of the slide, overriding its metadata "
-                        "(needed when the slide has none)")
-    p.add_argument("--mpp-csv", metavar="CSV",
-                   help="cohort overrides: a CSV with columns slide,mpp (slide = file name, "
-                        "stem or path)")
+    p.add_argument(
+        "--slide-mpp",
+        type=positive_float,
+        metavar="MPP",
+        help="level-0 microns per pixel of the slide, overriding its metadata "
+        "(needed when the slide has none)",
+    )
+    p.add_argument(
+        "--mpp-csv",
+        metavar="CSV",
+        help="cohort overrides: a CSV with columns slide,mpp (slide = file name, stem or path)",
+    )
 
 
 def slide_override(args: argparse.Namespace, slide: str) -> float | None:
@@ -136,27 +161,42 @@ def slide_override(args: argparse.Namespace, slide: str) -> float | None:
 
 
 def add_device_option(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--device", default="auto",
-                   help="auto (CUDA if present, with bf16 autocast), cpu or cuda")
+    p.add_argument(
+        "--device", default="auto", help="auto (CUDA if present, with bf16 autocast), cpu or cuda"
+    )
 
 
 def add_batch_size_option(p: argparse.ArgumentParser, default: int | None, what: str) -> None:
     shown = f" (default {default})" if default is not None else ""
-    p.add_argument("--batch-size", type=positive_int, default=default, metavar="N",
-                   help=f"{what}{shown}")
+    p.add_argument(
+        "--batch-size", type=positive_int, default=default, metavar="N", help=f"{what}{shown}"
+    )
 
 
 def add_read_threads_option(p: argparse.ArgumentParser, what: str) -> None:
-    p.add_argument("--read-threads", type=positive_int, default=None, metavar="N",
-                   help=f"{what} (default: one per CPU core)")
+    p.add_argument(
+        "--read-threads",
+        type=positive_int,
+        default=None,
+        metavar="N",
+        help=f"{what} (default: one per CPU core)",
+    )
     add_moved_workers(p, "--read-threads", "slide-decoding threads")
 
 
-def add_loader_workers_option(p: argparse.ArgumentParser, default: int | None = None,
-                              what: str = "DataLoader worker processes") -> None:
+def add_loader_workers_option(
+    p: argparse.ArgumentParser,
+    default: int | None = None,
+    what: str = "DataLoader worker processes",
+) -> None:
     shown = f"default {default}" if default is not None else "default from the config"
-    p.add_argument("--loader-workers", type=non_negative_int, default=default, metavar="N",
-                   help=f"{what}; 0 loads in the main process ({shown})")
+    p.add_argument(
+        "--loader-workers",
+        type=non_negative_int,
+        default=default,
+        metavar="N",
+        help=f"{what}; 0 loads in the main process ({shown})",
+    )
     add_moved_workers(p, "--loader-workers", "DataLoader worker processes")
 
 
@@ -171,13 +211,15 @@ def model_family(name: str):
     from ..models.registry import family_names, get_family
 
     if name not in family_names():
-        raise InvalidInputError(f"--family {name!r} is not a model family "
-                                f"(available: {', '.join(family_names())})")
+        raise InvalidInputError(
+            f"--family {name!r} is not a model family (available: {', '.join(family_names())})"
+        )
     return get_family(name)
 
 
-def add_overwrite_option(p: argparse.ArgumentParser, help: str = "replace existing outputs"
-                         ) -> None:
+def add_overwrite_option(
+    p: argparse.ArgumentParser, help: str = "replace existing outputs"
+) -> None:
     p.add_argument("--overwrite", action="store_true", help=help)
 
 
@@ -208,8 +250,9 @@ def check_output_file(path: str | Path, flag: str = "--out") -> Path:
     """``path`` will be written as a file: refuse an existing folder there."""
     path = Path(path)
     if path.is_dir():
-        raise InvalidInputError(f"{flag} {path} is a folder; give a file name (e.g. "
-                                f"{path / 'model.pt'})")
+        raise InvalidInputError(
+            f"{flag} {path} is a folder; give a file name (e.g. {path / 'model.pt'})"
+        )
     return path
 
 

@@ -9,9 +9,13 @@ from . import options as opt
 
 
 def add_parser(sub, parents: list[argparse.ArgumentParser]) -> None:
-    p = sub.add_parser("score", parents=parents, help="score images or folders of tiles",
-                       description="Score image files with a trained model: a CSV of per-image "
-                                   "mean and max anomaly scores, and optionally anomaly-map PNGs.")
+    p = sub.add_parser(
+        "score",
+        parents=parents,
+        help="score images or folders of tiles",
+        description="Score image files with a trained model: a CSV of per-image "
+        "mean and max anomaly scores, and optionally anomaly-map PNGs.",
+    )
     p.add_argument("paths", nargs="+", help="image files and/or folders (searched recursively)")
     p.add_argument("--model", required=True, metavar="FILE", help="checkpoint written by `train`")
     p.add_argument("--out", default="scores.csv", help="CSV to write (default scores.csv)")
@@ -29,14 +33,22 @@ def run(args: argparse.Namespace) -> int:
     out = opt.check_output_file(args.out)
     if out.exists() and not args.overwrite:
         raise InvalidInputError(f"{out} already exists; pass --overwrite to replace it")
-    summary = score_images(args.model, args.paths, out, maps_dir=args.maps, device=args.device,
-                           batch_size=args.batch_size, workers=args.loader_workers,
-                           progress=not args.quiet)
+    summary = score_images(
+        args.model,
+        args.paths,
+        out,
+        maps_dir=args.maps,
+        device=args.device,
+        batch_size=args.batch_size,
+        workers=args.loader_workers,
+        progress=not args.quiet,
+    )
     skipped = summary["skipped"]
     extra = ""
     if skipped["unreadable"] or skipped["too_small"]:
-        extra = (f" (skipped {skipped['unreadable']} unreadable, {skipped['too_small']} too small)")
-    print(f"scored {summary['scored']} images{extra} → {summary['csv']}"
-          + (f"; maps in {summary['maps']}" if summary["maps"] else ""))
+        extra = f" (skipped {skipped['unreadable']} unreadable, {skipped['too_small']} too small)"
+    print(
+        f"scored {summary['scored']} images{extra} → {summary['csv']}"
+        + (f"; maps in {summary['maps']}" if summary["maps"] else "")
+    )
     return 0
-

@@ -10,16 +10,26 @@ from .options import add_overwrite_option, positive_float, positive_int
 
 
 def add_parser(sub, parents: list[argparse.ArgumentParser]) -> None:
-    p = sub.add_parser("synth", parents=parents, help="write a synthetic slide",
-                       description="Write a pyramidal JPEG TIFF with stroma and tumour-like "
-                                   "textures, for trying the pipeline and for benchmarks.")
+    p = sub.add_parser(
+        "synth",
+        parents=parents,
+        help="write a synthetic slide",
+        description="Write a pyramidal JPEG TIFF with stroma and tumour-like "
+        "textures, for trying the pipeline and for benchmarks.",
+    )
     p.add_argument("out", help="output .tif path")
-    p.add_argument("--width", type=positive_int, default=8192,
-                   help="level-0 width in px (default 8192)")
-    p.add_argument("--height", type=positive_int, default=None,
-                   help="level-0 height (default: width)")
-    p.add_argument("--slide-mpp", type=positive_float, default=0.5,
-                   help="level-0 microns per pixel written to the file (default 0.5)")
+    p.add_argument(
+        "--width", type=positive_int, default=8192, help="level-0 width in px (default 8192)"
+    )
+    p.add_argument(
+        "--height", type=positive_int, default=None, help="level-0 height (default: width)"
+    )
+    p.add_argument(
+        "--slide-mpp",
+        type=positive_float,
+        default=0.5,
+        help="level-0 microns per pixel written to the file (default 0.5)",
+    )
     p.add_argument("--seed", type=int, default=0)
     add_overwrite_option(p)
     p.set_defaults(func=run)
@@ -31,8 +41,16 @@ def run(args: argparse.Namespace) -> int:
     out = Path(args.out)
     if out.exists() and not args.overwrite:
         raise InvalidInputError(f"{out} already exists; pass --overwrite to replace it")
-    slide = write_synthetic_slide(out, width=args.width, height=args.height or args.width,
-                                  mpp=args.slide_mpp, seed=args.seed, progress=not args.quiet)
-    print(f"wrote synthetic slide {slide.path} ({slide.width} × {slide.height} px, "
-          f"{slide.mpp:g} µm/px)")
+    slide = write_synthetic_slide(
+        out,
+        width=args.width,
+        height=args.height or args.width,
+        mpp=args.slide_mpp,
+        seed=args.seed,
+        progress=not args.quiet,
+    )
+    print(
+        f"wrote synthetic slide {slide.path} ({slide.width} × {slide.height} px, "
+        f"{slide.mpp:g} µm/px)"
+    )
     return 0

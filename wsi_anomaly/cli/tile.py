@@ -10,30 +10,60 @@ from . import options as opt
 
 
 def add_parser(sub, parents: list[argparse.ArgumentParser]) -> None:
-    p = sub.add_parser("tile", parents=parents, help="cut a slide's tissue into tiles (zarr)",
-                       description="Stream the tissue tiles of a slide into a zarr v3 store at a "
-                                   "chosen resolution. Tiles with less tissue than --min-tissue "
-                                   "are dropped.")
+    p = sub.add_parser(
+        "tile",
+        parents=parents,
+        help="cut a slide's tissue into tiles (zarr)",
+        description="Stream the tissue tiles of a slide into a zarr v3 store at a "
+        "chosen resolution. Tiles with less tissue than --min-tissue "
+        "are dropped.",
+    )
     p.add_argument("slide", help="slide file")
     p.add_argument("--out", required=True, help="output tile store, e.g. tiles.zarr")
-    p.add_argument("--mpp", type=opt.positive_float, default=0.5,
-                   help="target microns per pixel of the tiles (default 0.5 ≈ 20x)")
-    p.add_argument("--tile-px", type=opt.positive_int, default=256,
-                   help="tile side in pixels (default 256)")
-    p.add_argument("--stride", type=opt.positive_int, default=None, metavar="PX",
-                   help="step between tiles in pixels at the target mpp (default: tile size, "
-                        "no overlap; smaller overlaps)")
-    p.add_argument("--min-tissue", type=opt.fraction, default=0.5,
-                   help="keep tiles with at least this tissue fraction (default 0.5)")
-    p.add_argument("--annotations", metavar="GEOJSON",
-                   help="keep only tiles inside these polygons (QuPath GeoJSON, level-0 px)")
-    p.add_argument("--annotation-class", metavar="NAME",
-                   help="use only annotations of this QuPath class (e.g. Tumor)")
-    p.add_argument("--export-png", metavar="DIR",
-                   help="also write the tiles as PNG files (the input form of train --tiles)")
-    p.add_argument("--coords-h5", metavar="FILE",
-                   help="also write the tile coordinates as a CLAM/TRIDENT-style coords .h5 file "
-                        "(needs h5py: pip install 'wsi-anomaly[export]')")
+    p.add_argument(
+        "--mpp",
+        type=opt.positive_float,
+        default=0.5,
+        help="target microns per pixel of the tiles (default 0.5 ≈ 20x)",
+    )
+    p.add_argument(
+        "--tile-px", type=opt.positive_int, default=256, help="tile side in pixels (default 256)"
+    )
+    p.add_argument(
+        "--stride",
+        type=opt.positive_int,
+        default=None,
+        metavar="PX",
+        help="step between tiles in pixels at the target mpp (default: tile size, "
+        "no overlap; smaller overlaps)",
+    )
+    p.add_argument(
+        "--min-tissue",
+        type=opt.fraction,
+        default=0.5,
+        help="keep tiles with at least this tissue fraction (default 0.5)",
+    )
+    p.add_argument(
+        "--annotations",
+        metavar="GEOJSON",
+        help="keep only tiles inside these polygons (QuPath GeoJSON, level-0 px)",
+    )
+    p.add_argument(
+        "--annotation-class",
+        metavar="NAME",
+        help="use only annotations of this QuPath class (e.g. Tumor)",
+    )
+    p.add_argument(
+        "--export-png",
+        metavar="DIR",
+        help="also write the tiles as PNG files (the input form of train --tiles)",
+    )
+    p.add_argument(
+        "--coords-h5",
+        metavar="FILE",
+        help="also write the tile coordinates as a CLAM/TRIDENT-style coords .h5 file "
+        "(needs h5py: pip install 'wsi-anomaly[export]')",
+    )
     opt.add_read_threads_option(p, "slide-decoding threads")
     opt.add_overwrite_option(p)
     opt.add_slide_mpp_options(p)
@@ -45,10 +75,15 @@ def _tiling_settings(args: argparse.Namespace):
     from ..tiles import TilingSettings
 
     return TilingSettings(
-        target_mpp=args.mpp, tile_px=args.tile_px, stride_px=args.stride,
-        min_tissue=args.min_tissue, tissue=TissueSettings(),
-        annotations=args.annotations, annotation_class=args.annotation_class,
-        workers=args.read_threads or 0)
+        target_mpp=args.mpp,
+        tile_px=args.tile_px,
+        stride_px=args.stride,
+        min_tissue=args.min_tissue,
+        tissue=TissueSettings(),
+        annotations=args.annotations,
+        annotation_class=args.annotation_class,
+        workers=args.read_threads or 0,
+    )
 
 
 def run(args: argparse.Namespace) -> int:
@@ -57,17 +92,26 @@ def run(args: argparse.Namespace) -> int:
     if args.coords_h5:
         opt.check_output_file(args.coords_h5, "--coords-h5")
         if Path(args.coords_h5).exists() and not args.overwrite:
-            raise InvalidInputError(f"{args.coords_h5} already exists; pass --overwrite to "
-                                    "replace it")
+            raise InvalidInputError(
+                f"{args.coords_h5} already exists; pass --overwrite to replace it"
+            )
 
-    result = tile_slide(args.slide, args.out, _tiling_settings(args),
-                        slide_mpp=opt.slide_override(args, args.slide), overwrite=args.overwrite,
-                        export_png=args.export_png, progress=not args.quiet)
+    result = tile_slide(
+        args.slide,
+        args.out,
+        _tiling_settings(args),
+        slide_mpp=opt.slide_override(args, args.slide),
+        overwrite=args.overwrite,
+        export_png=args.export_png,
+        progress=not args.quiet,
+    )
     plan = result.plan
-    print(f"{Path(args.slide).name}: kept {result.n_tiles} of {result.n_grid} tiles "
-          f"(mean tissue fraction {result.tissue_fraction:.2f}) at {plan['actual_mpp']:.3f} mpp "
-          f"(requested {plan['target_mpp']:g}, level {plan['level']}) in {result.seconds:.1f} s, "
-          f"{result.tiles_per_s:.0f} tiles/s → {result.store}")
+    print(
+        f"{Path(args.slide).name}: kept {result.n_tiles} of {result.n_grid} tiles "
+        f"(mean tissue fraction {result.tissue_fraction:.2f}) at {plan['actual_mpp']:.3f} mpp "
+        f"(requested {plan['target_mpp']:g}, level {plan['level']}) in {result.seconds:.1f} s, "
+        f"{result.tiles_per_s:.0f} tiles/s → {result.store}"
+    )
     if args.export_png:
         print(f"tiles also written as PNG files to {args.export_png}")
     if args.coords_h5:

@@ -12,34 +12,59 @@ log = logging.getLogger("wsi_anomaly")
 
 
 def add_parser(sub, parents: list[argparse.ArgumentParser]) -> None:
-    p = sub.add_parser("train", parents=parents, help="train HaloAE (or ATAC-Net) on tiles",
-                       description="Train a model on tiles of normal (reference) tissue: tile "
-                                   "stores written by `tile`, or folders of images (png/jpg/tif, "
-                                   "searched recursively). Writes one checkpoint with the model, "
-                                   "its training-score calibration and the resolved config.")
-    p.add_argument("--tiles", nargs="+", required=True, metavar="DIR|ZARR",
-                   help="training tiles (normal tissue): folders of images and/or tile stores")
+    p = sub.add_parser(
+        "train",
+        parents=parents,
+        help="train HaloAE (or ATAC-Net) on tiles",
+        description="Train a model on tiles of normal (reference) tissue: tile "
+        "stores written by `tile`, or folders of images (png/jpg/tif, "
+        "searched recursively). Writes one checkpoint with the model, "
+        "its training-score calibration and the resolved config.",
+    )
+    p.add_argument(
+        "--tiles",
+        nargs="+",
+        required=True,
+        metavar="DIR|ZARR",
+        help="training tiles (normal tissue): folders of images and/or tile stores",
+    )
     p.add_argument("--out", required=True, help="checkpoint to write, e.g. model.pt")
-    opt.add_family_option(p, help="model family: haloae (normal tiles only, default) or atacnet "
-                              "(normal tiles plus a few labelled anomalies: --anomalies)")
-    p.add_argument("--anomalies", nargs="+", metavar="DIR|ZARR",
-                   help="ATAC-Net: a few labelled anomalous tiles (folders and/or tile stores)")
-    p.add_argument("--config",
-                   help="preset name (haloae_paper, haloae_fast, atacnet, atacnet_fast) or YAML "
-                        "file (default: haloae_paper, or atacnet with --family atacnet)")
+    opt.add_family_option(
+        p,
+        help="model family: haloae (normal tiles only, default) or atacnet "
+        "(normal tiles plus a few labelled anomalies: --anomalies)",
+    )
+    p.add_argument(
+        "--anomalies",
+        nargs="+",
+        metavar="DIR|ZARR",
+        help="ATAC-Net: a few labelled anomalous tiles (folders and/or tile stores)",
+    )
+    p.add_argument(
+        "--config",
+        help="preset name (haloae_paper, haloae_fast, atacnet, atacnet_fast) or YAML "
+        "file (default: haloae_paper, or atacnet with --family atacnet)",
+    )
     p.add_argument("--epochs", type=opt.positive_int, help="override train.epochs")
-    p.add_argument("--samples-per-epoch", type=opt.positive_int,
-                   help="override train.samples_per_epoch")
+    p.add_argument(
+        "--samples-per-epoch", type=opt.positive_int, help="override train.samples_per_epoch"
+    )
     opt.add_batch_size_option(p, None, "override train.batch_size (originals per step)")
     p.add_argument("--lr", type=opt.positive_float, help="override train.lr")
     opt.add_loader_workers_option(p)
-    p.add_argument("--backbone-weights", metavar="imagenet|random|FILE",
-                   help="VGG19 weights: imagenet (torchvision, default), a local state-dict file, "
-                        "or random (tests only)")
+    p.add_argument(
+        "--backbone-weights",
+        metavar="imagenet|random|FILE",
+        help="VGG19 weights: imagenet (torchvision, default), a local state-dict file, "
+        "or random (tests only)",
+    )
     opt.add_device_option(p)
     p.add_argument("--seed", type=int, help="seed for everything (default from the config: 0)")
-    p.add_argument("--mpp", type=opt.positive_float,
-                   help="µm/px of image-folder tiles (tile stores record their own)")
+    p.add_argument(
+        "--mpp",
+        type=opt.positive_float,
+        help="µm/px of image-folder tiles (tile stores record their own)",
+    )
     p.add_argument("--resume", action="store_true", help="continue an interrupted training run")
     opt.add_overwrite_option(p, "replace an existing checkpoint")
     p.set_defaults(func=run)
@@ -60,12 +85,16 @@ def _training_data(paths: list[str], tile_px: int, mpp: float | None):
     parts = [open_tiles(p, tile_px) for p in paths]
     store_mpps = [d.mpp for d in parts if isinstance(d, ZarrTileDataset)]
     if store_mpps and max(store_mpps) > 1.05 * min(store_mpps):
-        raise InvalidInputError(f"tile stores at different resolutions ({', '.join(f'{m:.3f}' for m in store_mpps)} "
-                                "µm/px); train on tiles of one resolution")
+        raise InvalidInputError(
+            f"tile stores at different resolutions ({', '.join(f'{m:.3f}' for m in store_mpps)} "
+            "µm/px); train on tiles of one resolution"
+        )
     tile_mpp = mpp if mpp is not None else (store_mpps[0] if store_mpps else None)
     if tile_mpp is None:
-        log.warning("tile resolution unknown: pass --mpp so heatmaps tile slides at the training "
-                    "resolution (assuming nothing for now)")
+        log.warning(
+            "tile resolution unknown: pass --mpp so heatmaps tile slides at the training "
+            "resolution (assuming nothing for now)"
+        )
     dataset = parts[0] if len(parts) == 1 else ConcatDataset(parts)
     return dataset, tile_mpp
 
@@ -85,21 +114,37 @@ def run(args: argparse.Namespace) -> int:
     if args.anomalies:
         if not family.weakly_supervised:
             weak = [name for name in family_names() if get_family(name).weakly_supervised]
-            raise InvalidInputError(f"--anomalies is for a weakly supervised family: add "
-                                    f"--family {' or '.join(weak)}")
+            raise InvalidInputError(
+                f"--anomalies is for a weakly supervised family: add --family {' or '.join(weak)}"
+            )
         anomalies, _ = _training_data(args.anomalies, config.tile_px, args.mpp)
-    print(family.describe_training(config, len(dataset),
-                                   len(anomalies) if anomalies is not None else 0))
-    result = train_model(dataset, config, args.out, device=args.device, resume=args.resume,
-                         overwrite=args.overwrite, tile_mpp=tile_mpp,
-                         source=", ".join(args.tiles), progress=not args.quiet,
-                         anomalies=anomalies)
+    print(
+        family.describe_training(
+            config, len(dataset), len(anomalies) if anomalies is not None else 0
+        )
+    )
+    result = train_model(
+        dataset,
+        config,
+        args.out,
+        device=args.device,
+        resume=args.resume,
+        overwrite=args.overwrite,
+        tile_mpp=tile_mpp,
+        source=", ".join(args.tiles),
+        progress=not args.quiet,
+        anomalies=anomalies,
+    )
     last = result.history[-1] if result.history else {}
     q = result.score_quantiles
     detail = ", ".join(f"{k} {last.get(k, float('nan')):.3f}" for k in family.loss_terms)
-    print(f"trained {result.epochs} epochs in {result.seconds:.0f} s "
-          f"({result.images_per_s:.1f} images/s); final loss {last.get('loss', float('nan')):.4f} "
-          f"({detail})")
-    print(f"training scores: median {q.get('0.5', float('nan')):.4g}, "
-          f"99th percentile {q.get('0.99', float('nan')):.4g} → {result.checkpoint}")
+    print(
+        f"trained {result.epochs} epochs in {result.seconds:.0f} s "
+        f"({result.images_per_s:.1f} images/s); final loss {last.get('loss', float('nan')):.4f} "
+        f"({detail})"
+    )
+    print(
+        f"training scores: median {q.get('0.5', float('nan')):.4g}, "
+        f"99th percentile {q.get('0.99', float('nan')):.4g} → {result.checkpoint}"
+    )
     return 0

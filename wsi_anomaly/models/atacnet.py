@@ -97,7 +97,10 @@ class ResNet50Trunk(nn.Module):
         net = torchvision.models.resnet50(weights=None)
         self.conv1, self.bn1, self.relu, self.maxpool = net.conv1, net.bn1, net.relu, net.maxpool
         self.layer1, self.layer2, self.layer3, self.layer4 = (
-            net.layer1, net.layer2, net.layer3, net.layer4
+            net.layer1,
+            net.layer2,
+            net.layer3,
+            net.layer4,
         )
         self.backbone_identity = backbone_identity
         if state_dict is not None:
@@ -105,9 +108,7 @@ class ResNet50Trunk(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.ndim != 4 or x.shape[1] != 3:
-            raise ValueError(
-                f"ResNet-50 needs B×3×H×W images, got shape {tuple(x.shape)}"
-            )
+            raise ValueError(f"ResNet-50 needs B×3×H×W images, got shape {tuple(x.shape)}")
         x = self.maxpool(self.relu(self.bn1(self.conv1(x))))
         return self.layer4(self.layer3(self.layer2(self.layer1(x))))
 
@@ -150,9 +151,15 @@ def load_resnet50(weights: str = "imagenet") -> ResNet50Trunk:
     from torchvision.models import ResNet50_Weights
 
     state, identity, source = backbone_state(
-        weights, "resnet50", "ResNet-50", lambda: ResNet50_Weights.IMAGENET1K_V1.get_state_dict(progress=False),
-        _WEIGHTS_HELP)
-    return ResNet50Trunk(None if state is None else _select_trunk_weights(state, source), backbone_identity=identity)
+        weights,
+        "resnet50",
+        "ResNet-50",
+        lambda: ResNet50_Weights.IMAGENET1K_V1.get_state_dict(progress=False),
+        _WEIGHTS_HELP,
+    )
+    return ResNet50Trunk(
+        None if state is None else _select_trunk_weights(state, source), backbone_identity=identity
+    )
 
 
 # --------------------------------------------------------------------------------------------
@@ -209,9 +216,7 @@ class SelfAttentionBlock(nn.Module):
         width = width or max(channels // 4, 1)
         relation_channels = relation_channels or max(width // 16, 1)
         if width % share_channels:
-            raise ValueError(
-                f"share_channels ({share_channels}) must divide width ({width})"
-            )
+            raise ValueError(f"share_channels ({share_channels}) must divide width ({width})")
         self.kernel_size = kernel_size
         self.share_channels = share_channels
         self.reduce = nn.Sequential(
@@ -236,7 +241,9 @@ class SelfAttentionBlock(nn.Module):
             nn.BatchNorm2d(channels),
         )
         for m in self.modules():
-            if isinstance(m, nn.Conv2d):  # He initialisation (the ATAC-Net paper's Algorithm 2, line 1)
+            if isinstance(
+                m, nn.Conv2d
+            ):  # He initialisation (the ATAC-Net paper's Algorithm 2, line 1)
                 nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
                 if m.bias is not None:
                     nn.init.zeros_(m.bias)
@@ -346,8 +353,9 @@ def attention_crop_boxes(
     peak, low = flat.amax(dim=1), flat.amin(dim=1)
     usable = torch.isfinite(flat).all(dim=1) & (peak > 0) & (peak - low > 1e-6 * peak)
     normalised = maps / torch.where(usable, peak, torch.ones_like(peak)).view(-1, 1, 1)
-    up = F.interpolate(normalised.unsqueeze(1), size=(height, width), mode="bilinear",
-                       align_corners=False).squeeze(1)
+    up = F.interpolate(
+        normalised.unsqueeze(1), size=(height, width), mode="bilinear", align_corners=False
+    ).squeeze(1)
     kept = up >= threshold
     rows, cols = kept.any(dim=2), kept.any(dim=1)  # B×H, B×W
     whole = ~usable | ~rows.any(dim=1) | kept.flatten(1).all(dim=1)
@@ -382,8 +390,9 @@ def crop_and_resize(
     for image, (x0, y0, x1, y1) in zip(x, boxes.tolist()):
         crop = image[:, y0:y1, x0:x1].unsqueeze(0)
         if crop.shape[-2:] != size:
-            crop = F.interpolate(crop, size=size, mode="bilinear", align_corners=False,
-                                 antialias=True)
+            crop = F.interpolate(
+                crop, size=size, mode="bilinear", align_corners=False, antialias=True
+            )
         crops.append(crop)
     return torch.cat(crops)
 
@@ -447,7 +456,8 @@ class ATACNet(nn.Module):
         self.normal_weight = float(normal_weight)
         self.backbone = backbone if backbone is not None else ResNet50Trunk()
         self.attention: SelfAttentionBlock | None = (
-            SelfAttentionBlock(BACKBONE_CHANNELS, attention_kernel) if variant == "atacnet"
+            SelfAttentionBlock(BACKBONE_CHANNELS, attention_kernel)
+            if variant == "atacnet"
             else None
         )
         self.head = nn.Conv2d(BACKBONE_CHANNELS, 1, 1)
@@ -494,8 +504,9 @@ class ATACNet(nn.Module):
 
     def crop_boxes(self, attention: torch.Tensor, image_size: tuple[int, int]) -> torch.Tensor:
         """:func:`attention_crop_boxes` with this model's ω, minimum side and padding."""
-        return attention_crop_boxes(attention, image_size, self.crop_threshold,
-                                    self.min_box_px, self.box_pad_px)
+        return attention_crop_boxes(
+            attention, image_size, self.crop_threshold, self.min_box_px, self.box_pad_px
+        )
 
     def score_details(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
         """Algorithm 2 scoring of the ATAC-Net paper, with its intermediate results.
@@ -511,8 +522,12 @@ class ATACNet(nn.Module):
             view; ``boxes`` ``B×4`` when cropping.
         """
         out = self(x)
-        details = {"score": out["score"], "a1": out["score"], "cells": out["cells"],
-                   "attention": out["attention"]}
+        details = {
+            "score": out["score"],
+            "a1": out["score"],
+            "cells": out["cells"],
+            "attention": out["attention"],
+        }
         if not self.uses_cropping:
             return details
         size = (x.shape[-2], x.shape[-1])
@@ -545,8 +560,9 @@ class ATACNet(nn.Module):
         """
         cells = self(x)["cells"]
         cells = cells if self.is_classifier else cells.abs()
-        return F.interpolate(cells.unsqueeze(1), size=x.shape[-2:], mode="bilinear",
-                             align_corners=False).squeeze(1)
+        return F.interpolate(
+            cells.unsqueeze(1), size=x.shape[-2:], mode="bilinear", align_corners=False
+        ).squeeze(1)
 
 
 # --------------------------------------------------------------------------------------------
@@ -554,9 +570,7 @@ class ATACNet(nn.Module):
 # --------------------------------------------------------------------------------------------
 
 
-def deviation_loss(
-    scores: torch.Tensor, labels: torch.Tensor, margin: float = 5.0
-) -> torch.Tensor:
+def deviation_loss(scores: torch.Tensor, labels: torch.Tensor, margin: float = 5.0) -> torch.Tensor:
     """DevNet's deviation loss with a standard-normal reference, batch mean.
 
     ``dev = (a − μ_R)/σ_R`` with the exact moments of N(0, 1), ``μ_R = 0`` and ``σ_R = 1``:
@@ -626,9 +640,7 @@ def atacnet_loss(
         return weighted_ce_loss(scores, labels, w_anomaly, w_normal)
     if variant in ("devnet", "atacnet"):
         return deviation_loss(scores, labels, margin)
-    raise ValueError(
-        f"unknown ATAC-Net variant {variant!r} (available: {', '.join(VARIANTS)})"
-    )
+    raise ValueError(f"unknown ATAC-Net variant {variant!r} (available: {', '.join(VARIANTS)})")
 
 
 # --------------------------------------------------------------------------------------------
@@ -648,8 +660,8 @@ class AtacNetConfig:
     ``train.calibration_tiles`` are shared with the other families.
     """
 
-    variant: str = "atacnet"            # cutmix_bce | weighted_ce | devnet | atacnet
-    crop_threshold: float = 0.5         # ω of Algorithm 1 (the ATAC-Net paper is silent)
+    variant: str = "atacnet"  # cutmix_bce | weighted_ce | devnet | atacnet
+    crop_threshold: float = 0.5  # ω of Algorithm 1 (the ATAC-Net paper is silent)
     topk_ratio: float = 0.1
     margin: float = 5.0
     min_box_px: int = 32
@@ -658,7 +670,7 @@ class AtacNetConfig:
     clahe: bool = True
     epochs: int = 50
     steps_per_epoch: int = 20
-    batch_size: int = 48                # half normal, half anomalous pool
+    batch_size: int = 48  # half normal, half anomalous pool
     lr: float = 2e-4
     weight_decay: float = 1e-5
     lr_step_epochs: int = 10
@@ -670,16 +682,20 @@ class AtacNetConfig:
 
 def make_optimiser(model: nn.Module, settings: AtacNetConfig) -> torch.optim.Adam:
     """Adam over ``model.trainable_parameters()`` with the settings' lr and weight decay."""
-    return torch.optim.Adam(cast(ATACNet, model).trainable_parameters(), lr=settings.lr,
-                            weight_decay=settings.weight_decay)
+    return torch.optim.Adam(
+        cast(ATACNet, model).trainable_parameters(),
+        lr=settings.lr,
+        weight_decay=settings.weight_decay,
+    )
 
 
 def make_scheduler(
     optimiser: torch.optim.Optimizer, settings: AtacNetConfig
 ) -> torch.optim.lr_scheduler.StepLR:
     """Step decay; call ``scheduler.step()`` once per epoch."""
-    return torch.optim.lr_scheduler.StepLR(optimiser, step_size=settings.lr_step_epochs,
-                                           gamma=settings.lr_gamma)
+    return torch.optim.lr_scheduler.StepLR(
+        optimiser, step_size=settings.lr_step_epochs, gamma=settings.lr_gamma
+    )
 
 
 def train_step(
@@ -716,13 +732,15 @@ def train_step(
     model.train()
     autocast = (
         torch.autocast(images.device.type, dtype=torch.bfloat16)
-        if precision == "bf16" else contextlib.nullcontext()
+        if precision == "bf16"
+        else contextlib.nullcontext()
     )
     with autocast:
         outputs = model.score_details(images)
     labels = labels.to(images.device).float()
-    loss = atacnet_loss(variant, outputs, labels, model.margin, model.anomaly_weight,
-                        model.normal_weight)
+    loss = atacnet_loss(
+        variant, outputs, labels, model.margin, model.anomaly_weight, model.normal_weight
+    )
     optimiser.zero_grad(set_to_none=True)
     loss.backward()
     params = [p for group in optimiser.param_groups for p in group["params"]]

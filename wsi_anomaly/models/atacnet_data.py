@@ -61,9 +61,7 @@ def _as_rgb_uint8(image: object) -> np.ndarray:
         return np.array(image.convert("RGB"))
     if isinstance(image, torch.Tensor):
         if image.ndim != 3 or image.shape[0] not in (1, 3, 4):
-            raise ValueError(
-                f"expected a C×H×W image tensor, got shape {tuple(image.shape)}"
-            )
+            raise ValueError(f"expected a C×H×W image tensor, got shape {tuple(image.shape)}")
         image = image.detach().cpu().permute(1, 2, 0).numpy()
     array = np.asarray(image)
     if array.ndim == 2:
@@ -77,9 +75,7 @@ def _as_rgb_uint8(image: object) -> np.ndarray:
         return np.ascontiguousarray(array)
     if np.issubdtype(array.dtype, np.floating):
         return np.round(np.clip(array, 0.0, 1.0) * 255.0).astype(np.uint8)
-    raise ValueError(
-        f"expected uint8 or float (in [0, 1]) pixels, got dtype {array.dtype}"
-    )
+    raise ValueError(f"expected uint8 or float (in [0, 1]) pixels, got dtype {array.dtype}")
 
 
 def equalise_contrast(rgb: np.ndarray, clip_limit: float = 0.01) -> np.ndarray:
@@ -246,8 +242,9 @@ class BalancedBatchSampler(Sampler[list[int]]):
             pool = torch.empty(n_pool, dtype=torch.long)
             pool[~real] = normals[n_normal:]
             if real.any():
-                picks = torch.randint(0, len(self.anomaly_indices), (int(real.sum()),),
-                                      generator=self.generator)
+                picks = torch.randint(
+                    0, len(self.anomaly_indices), (int(real.sum()),), generator=self.generator
+                )
                 pool[real] = self.anomaly_indices[picks]
             yield normals[:n_normal].tolist() + pool.tolist()
 
@@ -314,10 +311,12 @@ def random_rotation(
         return images
     fill = [-m / s for m, s in zip(ATACNET_MEAN, ATACNET_STD)]
     angles = (torch.rand(images.shape[0], generator=generator) * 2 - 1) * max_degrees
-    return torch.stack([
-        TF.rotate(img, float(angle), interpolation=InterpolationMode.BILINEAR, fill=fill)
-        for img, angle in zip(images, angles)
-    ])
+    return torch.stack(
+        [
+            TF.rotate(img, float(angle), interpolation=InterpolationMode.BILINEAR, fill=fill)
+            for img, angle in zip(images, angles)
+        ]
+    )
 
 
 class AtacNetData(Dataset):

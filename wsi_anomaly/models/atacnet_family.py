@@ -58,8 +58,10 @@ class AtacNetFamily(ModelFamily):
     def validate(self, config: Any) -> None:
         a = config.atacnet
         if a.variant not in VARIANTS:
-            raise ValueError("atacnet.variant must be cutmix_bce, weighted_ce, devnet or "
-                             f"atacnet, got {a.variant!r}")
+            raise ValueError(
+                "atacnet.variant must be cutmix_bce, weighted_ce, devnet or "
+                f"atacnet, got {a.variant!r}"
+            )
         for name in ("epochs", "steps_per_epoch", "lr_step_epochs", "image_px"):
             if getattr(a, name) < 1:
                 raise ValueError(f"atacnet.{name} must be at least 1")
@@ -70,32 +72,45 @@ class AtacNetFamily(ModelFamily):
         if not 0.0 < a.topk_ratio <= 1.0:
             raise ValueError(f"atacnet.topk_ratio must be in (0, 1], got {a.topk_ratio}")
         if not 0.0 <= a.real_anomaly_fraction <= 1.0:
-            raise ValueError("atacnet.real_anomaly_fraction must be between 0 and 1, "
-                             f"got {a.real_anomaly_fraction}")
+            raise ValueError(
+                "atacnet.real_anomaly_fraction must be between 0 and 1, "
+                f"got {a.real_anomaly_fraction}"
+            )
 
     def describe_schedule(self, config: Any) -> str:
         a = config.atacnet
-        return (f"variant {a.variant}, {a.epochs} epochs × {a.steps_per_epoch} batches of "
-                f"{a.batch_size}")
+        return (
+            f"variant {a.variant}, {a.epochs} epochs × {a.steps_per_epoch} batches of "
+            f"{a.batch_size}"
+        )
 
     def describe_training(self, config: Any, n_normal: int, n_anomalies: int) -> str:
         a = config.atacnet
-        return (f"training atacnet ({a.variant}) on {n_normal} normal tiles and {n_anomalies} "
-                f"labelled anomalies ({a.epochs} epochs × {a.steps_per_epoch} steps, batch "
-                f"{a.batch_size}, backbone {config.model.backbone_weights})")
+        return (
+            f"training atacnet ({a.variant}) on {n_normal} normal tiles and {n_anomalies} "
+            f"labelled anomalies ({a.epochs} epochs × {a.steps_per_epoch} steps, batch "
+            f"{a.batch_size}, backbone {config.model.backbone_weights})"
+        )
 
     # -- model ----------------------------------------------------------------------------------
     def _model(self, config: Any, backbone: ResNet50Trunk) -> ATACNet:
         a = config.atacnet
-        return ATACNet(variant=a.variant, backbone=backbone, crop_threshold=a.crop_threshold,
-                       topk_ratio=a.topk_ratio, margin=a.margin, min_box_px=a.min_box_px,
-                       box_pad_px=a.box_pad_px)
+        return ATACNet(
+            variant=a.variant,
+            backbone=backbone,
+            crop_threshold=a.crop_threshold,
+            topk_ratio=a.topk_ratio,
+            margin=a.margin,
+            min_box_px=a.min_box_px,
+            box_pad_px=a.box_pad_px,
+        )
 
     def build(self, config: Any) -> nn.Module:
         return self._model(config, load_resnet50(config.model.backbone_weights))
 
-    def restore(self, config: Any, state_dict: Mapping[str, torch.Tensor],
-                backbone_identity: str) -> nn.Module:
+    def restore(
+        self, config: Any, state_dict: Mapping[str, torch.Tensor], backbone_identity: str
+    ) -> nn.Module:
         model = self._model(config, ResNet50Trunk(backbone_identity=backbone_identity))
         model.load_state_dict(state_dict)
         return model
@@ -110,16 +125,21 @@ class AtacNetFamily(ModelFamily):
             views = (img.cpu() for img in images)
         return torch.stack([preprocess(v, size=a.image_px, clahe=a.clahe) for v in views])
 
-    def predict(self, model: nn.Module, x: torch.Tensor, calibration: Mapping[str, Any],
-                keep_maps: bool = True
-                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    def predict(
+        self,
+        model: nn.Module,
+        x: torch.Tensor,
+        calibration: Mapping[str, Any],
+        keep_maps: bool = True,
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
         atac = cast(ATACNet, model)
         score = atac.score(x).float()
         maps = None
         if keep_maps:
             cells = atac.anomaly_map(x).float()
-            maps = F.interpolate(cells.unsqueeze(1), size=(MAP_PX, MAP_PX), mode="bilinear",
-                                 align_corners=False).squeeze(1)
+            maps = F.interpolate(
+                cells.unsqueeze(1), size=(MAP_PX, MAP_PX), mode="bilinear", align_corners=False
+            ).squeeze(1)
         return score, score, maps
 
     # -- training -------------------------------------------------------------------------------
@@ -136,41 +156,74 @@ class AtacNetFamily(ModelFamily):
     def scheduler(self, optimiser: torch.optim.Optimizer, config: Any) -> Any | None:
         return make_scheduler(optimiser, config.atacnet)
 
-    def loader(self, data: Dataset, config: Any, rng: EpochRng, workers: int,
-               pin_memory: bool) -> Iterable[Any]:
+    def loader(
+        self, data: Dataset, config: Any, rng: EpochRng, workers: int, pin_memory: bool
+    ) -> Iterable[Any]:
         a = config.atacnet
-        sampler = BalancedBatchSampler(cast(AtacNetData, data).labels, a.batch_size, a.steps_per_epoch,
-                                       rng(SAMPLER_STREAM), a.real_anomaly_fraction)
+        sampler = BalancedBatchSampler(
+            cast(AtacNetData, data).labels,
+            a.batch_size,
+            a.steps_per_epoch,
+            rng(SAMPLER_STREAM),
+            a.real_anomaly_fraction,
+        )
         return DataLoader(data, batch_sampler=sampler, num_workers=workers, pin_memory=pin_memory)
 
     def augmenter(self, rng: EpochRng) -> torch.Generator:
         return rng(AUGMENT_STREAM)
 
-    def train_step(self, model: nn.Module, optimiser: torch.optim.Optimizer, batch: Any,
-                   config: Any, epoch: int, aug: torch.Generator, runtime: Any
-                   ) -> dict[str, float]:
+    def train_step(
+        self,
+        model: nn.Module,
+        optimiser: torch.optim.Optimizer,
+        batch: Any,
+        config: Any,
+        epoch: int,
+        aug: torch.Generator,
+        runtime: Any,
+    ) -> dict[str, float]:
         a = config.atacnet
         images, labels = batch
         images, targets = cutmix_anomalous_half(images, labels, aug)
         images = random_rotation(images, aug, a.rotation_degrees)
-        stats = train_step(cast(ATACNet, model), optimiser, images.to(runtime.device, non_blocking=True),
-                           targets, grad_clip_norm=a.grad_clip_norm, precision=runtime.precision)
-        return {"loss": stats["loss"], "score_normal": stats["score_normal"],
-                "score_anomalous": stats["score_anomalous"], "images": float(len(images))}
+        stats = train_step(
+            cast(ATACNet, model),
+            optimiser,
+            images.to(runtime.device, non_blocking=True),
+            targets,
+            grad_clip_norm=a.grad_clip_norm,
+            precision=runtime.precision,
+        )
+        return {
+            "loss": stats["loss"],
+            "score_normal": stats["score_normal"],
+            "score_anomalous": stats["score_anomalous"],
+            "images": float(len(images)),
+        }
 
-    def epoch_record(self, sums: Mapping[str, float], steps: int, config: Any, epoch: int,
-                     optimiser: torch.optim.Optimizer) -> dict[str, float]:
+    def epoch_record(
+        self,
+        sums: Mapping[str, float],
+        steps: int,
+        config: Any,
+        epoch: int,
+        optimiser: torch.optim.Optimizer,
+    ) -> dict[str, float]:
         steps_per_epoch = config.atacnet.steps_per_epoch
-        return {"epoch": epoch, **{k: v / steps_per_epoch for k, v in sums.items()},
-                "lr": optimiser.param_groups[0]["lr"]}
+        return {
+            "epoch": epoch,
+            **{k: v / steps_per_epoch for k, v in sums.items()},
+            "lr": optimiser.param_groups[0]["lr"],
+        }
 
     def calibration_batch(self, model: nn.Module, batch: Any, runtime: Any) -> torch.Tensor:
         x, _ = batch
         with runtime.autocast():
             return cast(ATACNet, model).score(runtime.to_device(x)).float().cpu()
 
-    def summarise_calibration(self, parts: list[torch.Tensor],
-                              reference: Mapping[str, Any] | None = None) -> dict[str, Any]:
+    def summarise_calibration(
+        self, parts: list[torch.Tensor], reference: Mapping[str, Any] | None = None
+    ) -> dict[str, Any]:
         values = torch.cat(parts)
         summary = score_summary(values, values)
         return {"mean_map": None, **summary}

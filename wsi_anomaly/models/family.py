@@ -43,11 +43,13 @@ def score_summary(mean_scores: torch.Tensor, max_scores: torch.Tensor) -> dict[s
     """Quantiles, mean and standard deviation of training scores (``N`` each), as plain floats."""
     means = mean_scores.numpy().astype(np.float64)
     peaks = max_scores.numpy().astype(np.float64)
-    return {"n_tiles": len(means),
-            "score_quantiles": {f"{q:g}": float(np.quantile(means, q)) for q in SCORE_QUANTILES},
-            "max_score_quantiles": {f"{q:g}": float(np.quantile(peaks, q))
-                                    for q in SCORE_QUANTILES},
-            "score_mean": float(means.mean()), "score_std": float(means.std())}
+    return {
+        "n_tiles": len(means),
+        "score_quantiles": {f"{q:g}": float(np.quantile(means, q)) for q in SCORE_QUANTILES},
+        "max_score_quantiles": {f"{q:g}": float(np.quantile(peaks, q)) for q in SCORE_QUANTILES},
+        "score_mean": float(means.mean()),
+        "score_std": float(means.std()),
+    }
 
 
 class ModelFamily:
@@ -101,8 +103,9 @@ class ModelFamily:
         """The model with its backbone weights resolved from ``config.model.backbone_weights``."""
         raise NotImplementedError
 
-    def restore(self, config: Any, state_dict: Mapping[str, torch.Tensor],
-                backbone_identity: str) -> nn.Module:
+    def restore(
+        self, config: Any, state_dict: Mapping[str, torch.Tensor], backbone_identity: str
+    ) -> nn.Module:
         """The model of a checkpoint: built unweighted, ``state_dict`` loaded over it."""
         raise NotImplementedError
 
@@ -113,14 +116,19 @@ class ModelFamily:
         """
         raise NotImplementedError
 
-    def calibration_to(self, calibration: Mapping[str, Any], device: torch.device
-                       ) -> dict[str, Any]:
+    def calibration_to(
+        self, calibration: Mapping[str, Any], device: torch.device
+    ) -> dict[str, Any]:
         """The parts of a checkpoint's calibration :meth:`predict` needs, on ``device``."""
         return {}
 
-    def predict(self, model: nn.Module, x: torch.Tensor, calibration: Mapping[str, Any],
-                keep_maps: bool = True
-                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    def predict(
+        self,
+        model: nn.Module,
+        x: torch.Tensor,
+        calibration: Mapping[str, Any],
+        keep_maps: bool = True,
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
         """``(score, max, map)``: image scores ``B`` and ``B×64×64`` maps (or ``None``)."""
         raise NotImplementedError
 
@@ -140,8 +148,9 @@ class ModelFamily:
         """A learning-rate scheduler stepped once per epoch, or ``None``."""
         return None
 
-    def loader(self, data: Dataset, config: Any, rng: EpochRng, workers: int,
-               pin_memory: bool) -> Iterable[Any]:
+    def loader(
+        self, data: Dataset, config: Any, rng: EpochRng, workers: int, pin_memory: bool
+    ) -> Iterable[Any]:
         """One epoch's batches."""
         raise NotImplementedError
 
@@ -149,17 +158,30 @@ class ModelFamily:
         """The generator of one epoch's augmentations, passed to every :meth:`train_step`."""
         raise NotImplementedError
 
-    def train_step(self, model: nn.Module, optimiser: torch.optim.Optimizer, batch: Any,
-                   config: Any, epoch: int, aug: torch.Generator, runtime: Any
-                   ) -> dict[str, float]:
+    def train_step(
+        self,
+        model: nn.Module,
+        optimiser: torch.optim.Optimizer,
+        batch: Any,
+        config: Any,
+        epoch: int,
+        aug: torch.Generator,
+        runtime: Any,
+    ) -> dict[str, float]:
         """One optimisation step; returns ``loss``, ``images`` and the family's terms.
 
         A non-finite loss is returned without stepping the optimiser (the loop stops there).
         """
         raise NotImplementedError
 
-    def epoch_record(self, sums: Mapping[str, float], steps: int, config: Any, epoch: int,
-                     optimiser: torch.optim.Optimizer) -> dict[str, float]:
+    def epoch_record(
+        self,
+        sums: Mapping[str, float],
+        steps: int,
+        config: Any,
+        epoch: int,
+        optimiser: torch.optim.Optimizer,
+    ) -> dict[str, float]:
         """The history entry of an epoch from the summed step statistics."""
         return {"epoch": epoch, **{k: v / max(steps, 1) for k, v in sums.items()}}
 
@@ -172,8 +194,9 @@ class ModelFamily:
         """What :meth:`summarise_calibration` needs from one batch of normal tiles (on the CPU)."""
         raise NotImplementedError
 
-    def summarise_calibration(self, parts: list[torch.Tensor],
-                              reference: Mapping[str, Any] | None = None) -> dict[str, Any]:
+    def summarise_calibration(
+        self, parts: list[torch.Tensor], reference: Mapping[str, Any] | None = None
+    ) -> dict[str, Any]:
         """The checkpoint's calibration from every :meth:`calibration_batch` result.
 
         ``reference``: the calibration of the training tiles, when ``parts`` come from normal
@@ -184,4 +207,3 @@ class ModelFamily:
     def checkpoint_extras(self, data: Dataset, normals: Dataset) -> dict[str, Any]:
         """Plain values the family records in its checkpoints besides the common fields."""
         return {}
-

@@ -191,6 +191,13 @@ def load_vgg19(weights: str = "imagenet") -> VGG19Features:
     from torchvision.models import VGG19_Weights
 
     state, identity, source = backbone_state(
-        weights, "vgg19", "VGG19", lambda: VGG19_Weights.IMAGENET1K_V1.get_state_dict(progress=False),
-        _WEIGHTS_HELP)
-    return VGG19Features(None if state is None else _select_feature_weights(state, source), backbone_identity=identity)
+        weights,
+        "vgg19",
+        "VGG19",
+        lambda: VGG19_Weights.IMAGENET1K_V1.get_state_dict(progress=False),
+        _WEIGHTS_HELP,
+    )
+    return VGG19Features(
+        None if state is None else _select_feature_weights(state, source),
+        backbone_identity=identity,
+    )

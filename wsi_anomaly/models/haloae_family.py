@@ -53,8 +53,9 @@ class HaloAEFamily(ModelFamily):
             raise ValueError(f"train.loss_weighting must be ews or equal, got {t.loss_weighting!r}")
         bad = set(t.loss_terms) - set(LOSS_TERMS)
         if bad or not t.loss_terms:
-            raise ValueError("train.loss_terms must be a non-empty subset of cls, fm, im; "
-                             f"got {t.loss_terms}")
+            raise ValueError(
+                f"train.loss_terms must be a non-empty subset of cls, fm, im; got {t.loss_terms}"
+            )
         if m.attention not in ATTENTIONS:
             raise ValueError(f"model.attention must be halo or conv, got {m.attention!r}")
 
@@ -63,20 +64,26 @@ class HaloAEFamily(ModelFamily):
         return f"{t.epochs} epochs × {t.samples_per_epoch} samples, batch {t.batch_size}"
 
     def describe_training(self, config: Any, n_normal: int, n_anomalies: int) -> str:
-        return (f"training {self.name} on {n_normal} tiles ({self.describe_schedule(config)}, "
-                f"backbone {config.model.backbone_weights})")
+        return (
+            f"training {self.name} on {n_normal} tiles ({self.describe_schedule(config)}, "
+            f"backbone {config.model.backbone_weights})"
+        )
 
     # -- model ----------------------------------------------------------------------------------
     def _model(self, config: Any, backbone: VGG19Features) -> HaloAE:
-        return HaloAE(backbone, attention=config.model.attention,
-                      released_mask=config.model.released_mask,
-                      released_init=config.model.released_init)
+        return HaloAE(
+            backbone,
+            attention=config.model.attention,
+            released_mask=config.model.released_mask,
+            released_init=config.model.released_init,
+        )
 
     def build(self, config: Any) -> nn.Module:
         return self._model(config, load_vgg19(config.model.backbone_weights))
 
-    def restore(self, config: Any, state_dict: Mapping[str, torch.Tensor],
-                backbone_identity: str) -> nn.Module:
+    def restore(
+        self, config: Any, state_dict: Mapping[str, torch.Tensor], backbone_identity: str
+    ) -> nn.Module:
         model = self._model(config, VGG19Features(backbone_identity=backbone_identity))
         model.load_state_dict(state_dict)
         return model
@@ -84,14 +91,19 @@ class HaloAEFamily(ModelFamily):
     def transform(self, images: torch.Tensor, config: Any) -> torch.Tensor:
         return normalise(to_unit_float(images))
 
-    def calibration_to(self, calibration: Mapping[str, Any], device: torch.device
-                       ) -> dict[str, Any]:
+    def calibration_to(
+        self, calibration: Mapping[str, Any], device: torch.device
+    ) -> dict[str, Any]:
         mean_map = calibration.get("mean_map")
         return {"mean_map": mean_map.to(device) if mean_map is not None else None}
 
-    def predict(self, model: nn.Module, x: torch.Tensor, calibration: Mapping[str, Any],
-                keep_maps: bool = True
-                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    def predict(
+        self,
+        model: nn.Module,
+        x: torch.Tensor,
+        calibration: Mapping[str, Any],
+        keep_maps: bool = True,
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
         out = score_batch(model, x, calibration.get("mean_map"))
         return out["mean"], out["max"], out["map"] if keep_maps else None
 
@@ -103,35 +115,61 @@ class HaloAEFamily(ModelFamily):
         return normals
 
     def optimiser(self, model: nn.Module, config: Any) -> torch.optim.Optimizer:
-        return torch.optim.Adam(cast(HaloAE, model).trainable_parameters(), lr=config.train.lr,
-                                weight_decay=config.train.weight_decay)
+        return torch.optim.Adam(
+            cast(HaloAE, model).trainable_parameters(),
+            lr=config.train.lr,
+            weight_decay=config.train.weight_decay,
+        )
 
-    def loader(self, data: Dataset, config: Any, rng: EpochRng, workers: int,
-               pin_memory: bool) -> Iterable[Any]:
+    def loader(
+        self, data: Dataset, config: Any, rng: EpochRng, workers: int, pin_memory: bool
+    ) -> Iterable[Any]:
         t = config.train
-        sampler = RandomSampler(cast(Sized, data), replacement=True, num_samples=t.samples_per_epoch,
-                                generator=rng(SAMPLER_STREAM))
-        return DataLoader(data, batch_size=t.batch_size, sampler=sampler, num_workers=workers,
-                          drop_last=False, persistent_workers=False, pin_memory=pin_memory)
+        sampler = RandomSampler(
+            cast(Sized, data),
+            replacement=True,
+            num_samples=t.samples_per_epoch,
+            generator=rng(SAMPLER_STREAM),
+        )
+        return DataLoader(
+            data,
+            batch_size=t.batch_size,
+            sampler=sampler,
+            num_workers=workers,
+            drop_last=False,
+            persistent_workers=False,
+            pin_memory=pin_memory,
+        )
 
     def augmenter(self, rng: EpochRng) -> torch.Generator:
         return rng(AUGMENT_STREAM)
 
-    def train_step(self, model: nn.Module, optimiser: torch.optim.Optimizer, batch: Any,
-                   config: Any, epoch: int, aug: torch.Generator, runtime: Any
-                   ) -> dict[str, float]:
+    def train_step(
+        self,
+        model: nn.Module,
+        optimiser: torch.optim.Optimizer,
+        batch: Any,
+        config: Any,
+        epoch: int,
+        aug: torch.Generator,
+        runtime: Any,
+    ) -> dict[str, float]:
         t = config.train
         weights = loss_weights(t.loss_weighting, epoch, t.epochs, t.loss_terms)
-        images, labels = make_cutpaste_batch(batch, aug, image_jitter=t.image_jitter,
-                                             patch_jitter=t.patch_jitter)
+        images, labels = make_cutpaste_batch(
+            batch, aug, image_jitter=t.image_jitter, patch_jitter=t.patch_jitter
+        )
         x = runtime.layout(normalise(images).to(runtime.device, non_blocking=True))
         labels = labels.to(runtime.device)
         with runtime.autocast():
             outputs = model(x)
             loss, parts = haloae_loss(outputs, x, labels, weights, t.loss_terms)
         value = float(loss.detach())
-        stats = {"loss": value, **{k: float(parts[k]) for k in self.loss_terms},
-                 "images": float(len(x))}
+        stats = {
+            "loss": value,
+            **{k: float(parts[k]) for k in self.loss_terms},
+            "images": float(len(x)),
+        }
         if not torch.isfinite(loss):
             return stats
         optimiser.zero_grad(set_to_none=True)
@@ -139,12 +177,23 @@ class HaloAEFamily(ModelFamily):
         optimiser.step()
         return stats
 
-    def epoch_record(self, sums: Mapping[str, float], steps: int, config: Any, epoch: int,
-                     optimiser: torch.optim.Optimizer) -> dict[str, float]:
+    def epoch_record(
+        self,
+        sums: Mapping[str, float],
+        steps: int,
+        config: Any,
+        epoch: int,
+        optimiser: torch.optim.Optimizer,
+    ) -> dict[str, float]:
         t = config.train
         w = loss_weights(t.loss_weighting, epoch, t.epochs, t.loss_terms)
-        return {"epoch": epoch, **{k: v / max(steps, 1) for k, v in sums.items()},
-                "w_cls": w[0], "w_fm": w[1], "w_im": w[2]}
+        return {
+            "epoch": epoch,
+            **{k: v / max(steps, 1) for k, v in sums.items()},
+            "w_cls": w[0],
+            "w_fm": w[1],
+            "w_im": w[2],
+        }
 
     def calibration_batch(self, model: nn.Module, batch: Any, runtime: Any) -> torch.Tensor:
         x = runtime.layout(normalise(runtime.to_device(batch)))
@@ -154,8 +203,9 @@ class HaloAEFamily(ModelFamily):
             raw = anomaly_map(fm, halo_ae.reconstruct_features(fm))
         return raw.float().cpu()
 
-    def summarise_calibration(self, parts: list[torch.Tensor],
-                              reference: Mapping[str, Any] | None = None) -> dict[str, Any]:
+    def summarise_calibration(
+        self, parts: list[torch.Tensor], reference: Mapping[str, Any] | None = None
+    ) -> dict[str, Any]:
         raw = torch.cat(parts)
         mean_map = raw.mean(dim=0) if reference is None else reference["mean_map"]
         maps = smooth_map(normalise_map(raw, mean_map))

@@ -90,8 +90,9 @@ def ews_weights(epoch: float, total_epochs: int = EWS_EPOCHS) -> tuple[float, fl
     return (raw[0] / total, raw[1] / total, raw[2] / total)
 
 
-def equal_weights(epoch: float = 0, total_epochs: int = EWS_EPOCHS,
-                  terms: Iterable[str] = LOSS_TERMS) -> tuple[float, float, float]:
+def equal_weights(
+    epoch: float = 0, total_epochs: int = EWS_EPOCHS, terms: Iterable[str] = LOSS_TERMS
+) -> tuple[float, float, float]:
     """Equal weighting (the paper's ablation baseline): ``1/n`` for each of the ``n`` active
     ``terms``, 0 for the others; same signature as :func:`ews_weights` plus ``terms``."""
     del epoch, total_epochs
@@ -110,8 +111,9 @@ def _as_triple(values: Sequence[float]) -> tuple[float, float, float]:
     return (values[0], values[1], values[2])
 
 
-def loss_weights(scheme: str, epoch: float, total_epochs: int,
-                 terms: Iterable[str] = LOSS_TERMS) -> tuple[float, float, float]:
+def loss_weights(
+    scheme: str, epoch: float, total_epochs: int, terms: Iterable[str] = LOSS_TERMS
+) -> tuple[float, float, float]:
     """``(α_cls, α_fm, α_im)`` of ``scheme`` at ``epoch`` of ``total_epochs`` for the active
     ``terms`` (loss ablations): inactive terms get 0 and the active ones sum to 1.
 
@@ -129,8 +131,9 @@ def loss_weights(scheme: str, epoch: float, total_epochs: int,
     if active == set(LOSS_TERMS):
         return weights
     total = sum(w for name, w in zip(LOSS_TERMS, weights) if name in active)
-    return _as_triple([w / total if name in active else 0.0
-                       for name, w in zip(LOSS_TERMS, weights)])
+    return _as_triple(
+        [w / total if name in active else 0.0 for name, w in zip(LOSS_TERMS, weights)]
+    )
 
 
 def _reconstruction_loss(target: torch.Tensor, prediction: torch.Tensor) -> torch.Tensor:
@@ -176,6 +179,7 @@ def haloae_loss(
         "fm": _reconstruction_loss(out["fm"][originals].detach(), out["fm_hat"][originals]),
         "im": _reconstruction_loss(images_norm[originals], out["im_hat"][originals]),
     }
-    total = torch.stack([w * losses[name] for name, w in zip(LOSS_TERMS, weights)
-                         if name in terms]).sum()
+    total = torch.stack(
+        [w * losses[name] for name, w in zip(LOSS_TERMS, weights) if name in terms]
+    ).sum()
     return total, {name: value.detach() for name, value in losses.items()}

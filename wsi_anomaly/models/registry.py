@@ -22,8 +22,9 @@ def get_family(name: str) -> ModelFamily:
     try:
         return FAMILIES[name]
     except KeyError:
-        raise ValueError(f"unknown model {name!r} (available: {', '.join(family_names())})"
-                         ) from None
+        raise ValueError(
+            f"unknown model {name!r} (available: {', '.join(family_names())})"
+        ) from None
 
 
 def family_sections() -> Iterator[tuple[str, type]]:
@@ -31,4 +32,3 @@ def family_sections() -> Iterator[tuple[str, type]]:
     for family in FAMILIES.values():
         if family.section is not None and family.section_type is not None:
             yield family.section, family.section_type
-

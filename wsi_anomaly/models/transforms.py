@@ -15,18 +15,22 @@ IMAGENET_MEAN: tuple[float, float, float] = (0.485, 0.456, 0.406)
 IMAGENET_STD: tuple[float, float, float] = (0.229, 0.224, 0.225)
 
 
-def channel_stats(x: torch.Tensor, mean: Sequence[float], std: Sequence[float]
-                  ) -> tuple[torch.Tensor, torch.Tensor]:
+def channel_stats(
+    x: torch.Tensor, mean: Sequence[float], std: Sequence[float]
+) -> tuple[torch.Tensor, torch.Tensor]:
     """``mean`` and ``std`` as ``3×1×1`` tensors of ``x``'s dtype and device.
 
     They broadcast over ``3×H×W`` and ``B×3×H×W`` alike: the channel axis is third from last.
     """
-    return (torch.tensor(tuple(mean), dtype=x.dtype, device=x.device).view(3, 1, 1),
-            torch.tensor(tuple(std), dtype=x.dtype, device=x.device).view(3, 1, 1))
+    return (
+        torch.tensor(tuple(mean), dtype=x.dtype, device=x.device).view(3, 1, 1),
+        torch.tensor(tuple(std), dtype=x.dtype, device=x.device).view(3, 1, 1),
+    )
 
 
-def normalise(x: torch.Tensor, mean: Sequence[float] = IMAGENET_MEAN,
-              std: Sequence[float] = IMAGENET_STD) -> torch.Tensor:
+def normalise(
+    x: torch.Tensor, mean: Sequence[float] = IMAGENET_MEAN, std: Sequence[float] = IMAGENET_STD
+) -> torch.Tensor:
     """Map RGB in [0, 1] to normalised values (ImageNet statistics unless given).
 
     Args:
@@ -40,8 +44,9 @@ def normalise(x: torch.Tensor, mean: Sequence[float] = IMAGENET_MEAN,
     return (x - m) / s
 
 
-def denormalise(x: torch.Tensor, mean: Sequence[float] = IMAGENET_MEAN,
-                std: Sequence[float] = IMAGENET_STD) -> torch.Tensor:
+def denormalise(
+    x: torch.Tensor, mean: Sequence[float] = IMAGENET_MEAN, std: Sequence[float] = IMAGENET_STD
+) -> torch.Tensor:
     """Inverse of :func:`normalise` (no clamping; reconstructions may leave [0, 1])."""
     m, s = channel_stats(x, mean, std)
     return x * s + m

@@ -28,9 +28,13 @@ def sha256_file(path: Path) -> str:
     return digest.hexdigest()
 
 
-def backbone_state(weights: str, family: str, label: str,
-                   imagenet_state: Callable[[], Mapping[str, torch.Tensor]], help_text: str,
-                   ) -> tuple[Mapping[str, torch.Tensor] | None, str, str]:
+def backbone_state(
+    weights: str,
+    family: str,
+    label: str,
+    imagenet_state: Callable[[], Mapping[str, torch.Tensor]],
+    help_text: str,
+) -> tuple[Mapping[str, torch.Tensor] | None, str, str]:
     """Resolve a ``--backbone-weights`` value.
 
     Args:
@@ -46,8 +50,11 @@ def backbone_state(weights: str, family: str, label: str,
         WeightsUnavailableError: the weights cannot be downloaded, read or matched.
     """
     if weights == "random":
-        logger.warning("%s backbone uses RANDOM weights: features are meaningless for anomaly "
-                       "detection; use this only for tests and demos", label)
+        logger.warning(
+            "%s backbone uses RANDOM weights: features are meaningless for anomaly "
+            "detection; use this only for tests and demos",
+            label,
+        )
         return None, f"{family}-random", "random"
     if weights == "imagenet":
         try:
@@ -61,7 +68,8 @@ def backbone_state(weights: str, family: str, label: str,
     if not path.is_file():
         raise WeightsUnavailableError(
             f"backbone weights {weights!r} are neither 'imagenet', 'random' nor an existing "
-            f"file; {help_text}")
+            f"file; {help_text}"
+        )
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # pickle errors, zip errors, permission errors
@@ -70,5 +78,6 @@ def backbone_state(weights: str, family: str, label: str,
         ) from exc
     if not isinstance(state, Mapping):
         raise WeightsUnavailableError(
-            f"{str(path)!r} does not hold a state dict (got {type(state).__name__}); {help_text}")
+            f"{str(path)!r} does not hold a state dict (got {type(state).__name__}); {help_text}"
+        )
     return state, f"{family}-file:{sha256_file(path)[:12]}", repr(str(path))

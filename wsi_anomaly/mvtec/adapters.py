@@ -70,8 +70,13 @@ class ScorerAdapter:
     whether its maps localise anomalies (``has_maps``; otherwise no pixel metrics are reported).
     """
 
-    def __init__(self, checkpoint: str | Path, device: str = "auto", precision: str = "auto",
-                 batch_size: int = 16):
+    def __init__(
+        self,
+        checkpoint: str | Path,
+        device: str = "auto",
+        precision: str = "auto",
+        batch_size: int = 16,
+    ):
         from ..score import Scorer
 
         self.scorer = Scorer(checkpoint, device=device, precision=precision, batch_size=batch_size)
@@ -105,17 +110,26 @@ def available_models() -> list[str]:
 
 def check_model_name(name: str) -> str:
     if name not in family_names():
-        raise InvalidInputError(f"--family {name!r} cannot be benchmarked yet "
-                                f"(available: {', '.join(available_models())})")
+        raise InvalidInputError(
+            f"--family {name!r} cannot be benchmarked yet "
+            f"(available: {', '.join(available_models())})"
+        )
     return name
 
 
-def load_adapter(checkpoint: str | Path, device: str = "auto", precision: str = "auto",
-                 batch_size: int = 16, expect_model: str | None = None) -> ModelAdapter:
+def load_adapter(
+    checkpoint: str | Path,
+    device: str = "auto",
+    precision: str = "auto",
+    batch_size: int = 16,
+    expect_model: str | None = None,
+) -> ModelAdapter:
     """The adapter for a finished checkpoint, whose ``model_name`` picks the family."""
     model_name = load_checkpoint(checkpoint, expect_model=expect_model)["model_name"]
     if model_name not in family_names():
-        raise CheckpointError(f"{checkpoint} holds a {model_name!r} model, which the MVTec "
-                              "benchmark cannot evaluate (available: "
-                              f"{', '.join(available_models())})")
+        raise CheckpointError(
+            f"{checkpoint} holds a {model_name!r} model, which the MVTec "
+            "benchmark cannot evaluate (available: "
+            f"{', '.join(available_models())})"
+        )
     return ScorerAdapter(checkpoint, device=device, precision=precision, batch_size=batch_size)

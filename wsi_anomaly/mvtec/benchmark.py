@@ -125,18 +125,25 @@ def _same_size_batches(images: list[torch.Tensor]) -> list[torch.Tensor]:
     return batches
 
 
-def evaluate(adapter: ModelAdapter, dataset: MVTecDataset, workers: int = 0,
-             progress: bool = True) -> Evaluation:
+def evaluate(
+    adapter: ModelAdapter, dataset: MVTecDataset, workers: int = 0, progress: bool = True
+) -> Evaluation:
     """Run ``adapter`` over every image of ``dataset`` in order, in batches of its batch size
     (split where images at their own resolution change size)."""
-    loader = DataLoader(dataset, batch_size=adapter.batch_size, num_workers=workers,
-                        collate_fn=_same_size_batches)
+    loader = DataLoader(
+        dataset, batch_size=adapter.batch_size, num_workers=workers, collate_fn=_same_size_batches
+    )
     scores: dict[str, list[np.ndarray]] = {name: [] for name in adapter.score_names}
     maps: list[np.ndarray] = []
     model_seconds = 0.0
     t0 = time.perf_counter()
-    with tqdm(total=len(dataset), desc=f"evaluating {dataset.name}", unit="image",
-              disable=not progress, leave=False) as bar:
+    with tqdm(
+        total=len(dataset),
+        desc=f"evaluating {dataset.name}",
+        unit="image",
+        disable=not progress,
+        leave=False,
+    ) as bar:
         for batches in loader:
             for images in batches:
                 t = time.perf_counter()
@@ -148,24 +155,34 @@ def evaluate(adapter: ModelAdapter, dataset: MVTecDataset, workers: int = 0,
                     maps.append(np.asarray(out.maps, dtype=np.float32))
                 bar.update(len(images))
     seconds = time.perf_counter() - t0
-    return Evaluation(dataset.labels, {k: np.concatenate(v) for k, v in scores.items()},
-                      np.concatenate(maps) if maps else None, seconds, model_seconds)
+    return Evaluation(
+        dataset.labels,
+        {k: np.concatenate(v) for k, v in scores.items()},
+        np.concatenate(maps) if maps else None,
+        seconds,
+        model_seconds,
+    )
 
 
 def _finite_or_none(value: float) -> float | None:
     return None if value is None or not math.isfinite(value) else float(value)
 
 
-def compute_metrics(evaluation: Evaluation, dataset: MVTecDataset,
-                    fpr_limit: float = AUPRO_FPR_LIMIT) -> dict[str, Any]:
+def compute_metrics(
+    evaluation: Evaluation, dataset: MVTecDataset, fpr_limit: float = AUPRO_FPR_LIMIT
+) -> dict[str, Any]:
     """Image AUROC per score; pixel AUROC at the masks' resolution and at 128×128 (the paper's
     protocol); AUPRO up to ``fpr_limit``. Fractions in [0, 1]; ``None`` where not applicable
     (no maps, or a single class). A data set without masks gets image metrics only: its pixel
     metrics are ``None`` and ``pixel_metrics`` says why (:data:`~.data.NO_MASKS`)."""
     metrics: dict[str, Any] = {
-        "image_auroc": {name: _finite_or_none(image_auroc(evaluation.labels, s))
-                        for name, s in evaluation.scores.items()},
-        "pixel_auroc": None, "pixel_auroc_128_paper": None, "aupro": None,
+        "image_auroc": {
+            name: _finite_or_none(image_auroc(evaluation.labels, s))
+            for name, s in evaluation.scores.items()
+        },
+        "pixel_auroc": None,
+        "pixel_auroc_128_paper": None,
+        "aupro": None,
         "aupro_fpr_limit": fpr_limit,
     }
     if evaluation.maps is None:
@@ -194,47 +211,71 @@ def find_checkpoint(checkpoint_dir: str | Path, category: str) -> Path:
     for path in candidates:
         if path.is_file():
             return path
-    raise InputNotFoundError(f"no checkpoint for category {category!r} in {checkpoint_dir} "
-                             f"(looked for {candidates[0]} and {candidates[1]})")
+    raise InputNotFoundError(
+        f"no checkpoint for category {category!r} in {checkpoint_dir} "
+        f"(looked for {candidates[0]} and {candidates[1]})"
+    )
 
 
 def _write_json(path: Path, data: dict[str, Any]) -> None:
     write_text(path, json.dumps(data, indent=2))
 
 
-def _train_or_reuse(category: MVTecCategory, config: Config, checkpoint: Path,
-                    settings: BenchmarkSettings) -> dict[str, Any]:
+def _train_or_reuse(
+    category: MVTecCategory, config: Config, checkpoint: Path, settings: BenchmarkSettings
+) -> dict[str, Any]:
     from ..train import resume_path, train_model
 
     if checkpoint.exists() and not settings.overwrite:
         saved = config_from_dict(load_checkpoint(checkpoint)["config"])
         if saved != config:
-            raise OutputExistsError(f"{checkpoint} was trained with another configuration; pass "
-                                    "--overwrite to retrain it, or choose another --out")
+            raise OutputExistsError(
+                f"{checkpoint} was trained with another configuration; pass "
+                "--overwrite to retrain it, or choose another --out"
+            )
         log.info("%s: reusing the finished model %s", category.name, checkpoint)
         return {"trained": False}
     resume = resume_path(checkpoint).exists() and not settings.overwrite
-    result = train_model(category.dataset("train", input_px(config)), config, checkpoint,
-                         device=settings.device, resume=resume, overwrite=True,
-                         source=str(category.path / "train" / "good"), progress=settings.progress)
-    return {"trained": True, "resumed": resume, "train_seconds": result.seconds,
-            "train_images_per_s": result.images_per_s / INPUTS_PER_ORIGINAL,
-            "train_network_images_per_s": result.images_per_s}
+    result = train_model(
+        category.dataset("train", input_px(config)),
+        config,
+        checkpoint,
+        device=settings.device,
+        resume=resume,
+        overwrite=True,
+        source=str(category.path / "train" / "good"),
+        progress=settings.progress,
+    )
+    return {
+        "trained": True,
+        "resumed": resume,
+        "train_seconds": result.seconds,
+        "train_images_per_s": result.images_per_s / INPUTS_PER_ORIGINAL,
+        "train_network_images_per_s": result.images_per_s,
+    }
 
 
-def _write_scores_csv(path: Path, category: MVTecCategory, dataset: MVTecDataset,
-                      evaluation: Evaluation) -> None:
+def _write_scores_csv(
+    path: Path, category: MVTecCategory, dataset: MVTecDataset, evaluation: Evaluation
+) -> None:
     names = list(evaluation.scores)
     with atomic_path(path) as tmp, tmp.open("w", newline="") as fh:
         writer = csv.writer(fh)
         writer.writerow(["image", "defect_type", "label", *(f"score_{n}" for n in names)])
         for i, sample in enumerate(dataset.samples):
-            writer.writerow([sample.image.relative_to(category.path).as_posix(), sample.defect_type,
-                             sample.label, *(f"{evaluation.scores[n][i]:.6g}" for n in names)])
+            writer.writerow(
+                [
+                    sample.image.relative_to(category.path).as_posix(),
+                    sample.defect_type,
+                    sample.label,
+                    *(f"{evaluation.scores[n][i]:.6g}" for n in names),
+                ]
+            )
 
 
-def _write_figures(folder: Path, dataset: MVTecDataset, evaluation: Evaluation,
-                   n: int) -> list[str]:
+def _write_figures(
+    folder: Path, dataset: MVTecDataset, evaluation: Evaluation, n: int
+) -> list[str]:
     if evaluation.maps is None or n <= 0:
         return []
     vmax = float(evaluation.maps.max())  # one colour scale per category
@@ -245,16 +286,22 @@ def _write_figures(folder: Path, dataset: MVTecDataset, evaluation: Evaluation,
         image = dataset.load_rgb(i)
         mask = dataset.load_mask(i) if dataset.has_masks else None
         name = f"{sample.defect_type}_{sample.image.stem}.png"
-        save_example_figure(folder / name, image, mask,
-                            resize_map(evaluation.maps[i], image.shape[:2]),
-                            f"{sample.defect_type}/{sample.image.name}   image score "
-                            f"({headline}) {evaluation.scores[headline][i]:.4g}", vmax)
+        save_example_figure(
+            folder / name,
+            image,
+            mask,
+            resize_map(evaluation.maps[i], image.shape[:2]),
+            f"{sample.defect_type}/{sample.image.name}   image score "
+            f"({headline}) {evaluation.scores[headline][i]:.4g}",
+            vmax,
+        )
         written.append(f"figures/{name}")
     return written
 
 
-def run_category(category: MVTecCategory, config: Config, out_dir: str | Path,
-                 settings: BenchmarkSettings) -> dict[str, Any]:
+def run_category(
+    category: MVTecCategory, config: Config, out_dir: str | Path, settings: BenchmarkSettings
+) -> dict[str, Any]:
     """Train (or load) one category's model, evaluate it and write its folder.
 
     Returns the ``metrics.json`` record with ``status`` ``ok`` or ``skipped (done)``.
@@ -275,8 +322,13 @@ def run_category(category: MVTecCategory, config: Config, out_dir: str | Path,
         checkpoint = out_dir / CHECKPOINT_NAME
         training = _train_or_reuse(category, config, checkpoint, settings)
 
-    adapter = load_adapter(checkpoint, device=settings.device, precision=settings.precision,
-                           batch_size=settings.eval_batch_size, expect_model=config.model.name)
+    adapter = load_adapter(
+        checkpoint,
+        device=settings.device,
+        precision=settings.precision,
+        batch_size=settings.eval_batch_size,
+        expect_model=config.model.name,
+    )
     dataset = category.dataset("test", input_px(config))
     evaluation = evaluate(adapter, dataset, workers=settings.workers, progress=settings.progress)
     t_metrics = time.perf_counter()
@@ -293,8 +345,13 @@ def run_category(category: MVTecCategory, config: Config, out_dir: str | Path,
         "model": adapter.name,
         "score_names": list(adapter.score_names),
         "metrics": metrics,
-        "paper": {"image_auroc": paper[0], "pixel_auroc": paper[1],
-                  "source": "HaloAE paper, Table 1 (percent)"} if paper else None,
+        "paper": {
+            "image_auroc": paper[0],
+            "pixel_auroc": paper[1],
+            "source": "HaloAE paper, Table 1 (percent)",
+        }
+        if paper
+        else None,
         "n_train": len(category.train_files),
         "n_test": len(dataset),
         "n_defective": int(evaluation.labels.sum()),
@@ -334,9 +391,14 @@ class BenchmarkResult:
     markdown: str = field(repr=False, default="")
 
 
-def run_benchmark(root: str | Path, categories: list[str] | None, config: Config,
-                  out: str | Path, settings: BenchmarkSettings,
-                  on_category: Callable[[dict[str, Any]], None] | None = None) -> BenchmarkResult:
+def run_benchmark(
+    root: str | Path,
+    categories: list[str] | None,
+    config: Config,
+    out: str | Path,
+    settings: BenchmarkSettings,
+    on_category: Callable[[dict[str, Any]], None] | None = None,
+) -> BenchmarkResult:
     """Every requested category of ``root`` (``None``/``["all"]``: all found), then the tables.
 
     Everything that can be checked up front is (layout, masks, categories, checkpoints), so a
@@ -388,11 +450,11 @@ def _columns(records: Iterable[dict[str, Any]]) -> list[tuple[str, Callable[[dic
             if r["metrics"].get("pixel_metrics") == NO_MASKS:
                 return NO_MASKS
             return _percent(r["metrics"][key])
+
         return get
 
     def image(name):
-        return lambda r: (_percent(r["metrics"]["image_auroc"].get(name))
-                          if "metrics" in r else None)
+        return lambda r: _percent(r["metrics"]["image_auroc"].get(name)) if "metrics" in r else None
 
     def paper(key):
         return lambda r: (r.get("paper") or {}).get(key)
@@ -434,8 +496,13 @@ def table_rows(records: list[dict[str, Any]]) -> tuple[list[str], list[list[Any]
         groups = [("mean textures", textures), ("mean objects", objects), ("mean", done)]
     for label, group in groups:
         if group:
-            rows.append([f"{label} ({len(group)})",
-                         *(_mean([get(r) for r in group]) for _, get, _ in columns), ""])
+            rows.append(
+                [
+                    f"{label} ({len(group)})",
+                    *(_mean([get(r) for r in group]) for _, get, _ in columns),
+                    "",
+                ]
+            )
     return header, rows
 
 
@@ -451,8 +518,10 @@ def markdown_table(records: list[dict[str, Any]], config: Config | None = None) 
     """The results as a Markdown table with the paper's Table 1 alongside, and notes."""
     header, rows = table_rows(records)
     decimals = [0, *(c[2] for c in _columns(records)), 0]
-    lines = ["| " + " | ".join(header) + " |",
-             "|" + "|".join(["---"] + ["---:"] * (len(header) - 2) + ["---"]) + "|"]
+    lines = [
+        "| " + " | ".join(header) + " |",
+        "|" + "|".join(["---"] + ["---:"] * (len(header) - 2) + ["---"]) + "|",
+    ]
     for row in rows:
         lines.append("| " + " | ".join(_fmt(v, d) for v, d in zip(row, decimals)) + " |")
     notes = [
@@ -470,22 +539,29 @@ def markdown_table(records: list[dict[str, Any]], config: Config | None = None) 
         "eval img/s: test images per second end to end (decode, resize, model, maps); n/a for "
         "models loaded rather than trained here.",
     ]
-    no_masks = [r["category"] for r in records
-                if r.get("metrics", {}).get("pixel_metrics") == NO_MASKS]
+    no_masks = [
+        r["category"] for r in records if r.get("metrics", {}).get("pixel_metrics") == NO_MASKS
+    ]
     if no_masks:
-        notes.append(f"Pixel metrics skipped for {', '.join(no_masks)} ({NO_MASKS}): no "
-                     "ground_truth/ folder, so only image-level metrics were computed.")
+        notes.append(
+            f"Pixel metrics skipped for {', '.join(no_masks)} ({NO_MASKS}): no "
+            "ground_truth/ folder, so only image-level metrics were computed."
+        )
     if config is not None:
         reference = paper_reference(config)
         if reference is not None and reference[0] != "HaloAE (Table 1)":
             label, (img, pix) = reference
-            notes.append(f"This configuration is the paper's ablation \"{label}\": mean {img} "
-                         f"image / {pix} pixel AUROC % (15 categories).")
+            notes.append(
+                f'This configuration is the paper\'s ablation "{label}": mean {img} '
+                f"image / {pix} pixel AUROC % (15 categories)."
+            )
         if config.model.name == "haloae" and config.model.attention == "conv":
-            notes.append(f"This configuration ({CONV_ATTENTION_LABEL}) has no paper counterpart: "
-                         "the paper's Table 4 \"Block C as CNN\" replaced the whole HaloNet "
-                         "auto-encoder by DFR's convolutional auto-encoder, a different network. "
-                         "The paper columns are the full HaloAE's.")
+            notes.append(
+                f"This configuration ({CONV_ATTENTION_LABEL}) has no paper counterpart: "
+                'the paper\'s Table 4 "Block C as CNN" replaced the whole HaloNet '
+                "auto-encoder by DFR's convolutional auto-encoder, a different network. "
+                "The paper columns are the full HaloAE's."
+            )
         note = mask_note(config) if config.model.name == "haloae" else None
         if note is not None:
             notes.append(note)
@@ -498,12 +574,17 @@ def write_csv(path: Path, header: list[str], rows: list[list[Any]], float_format
         writer = csv.writer(fh)
         writer.writerow(header)
         for row in rows:
-            writer.writerow(["" if v is None else (float_format.format(v) if isinstance(v, float)
-                                                   else v) for v in row])
+            writer.writerow(
+                [
+                    "" if v is None else (float_format.format(v) if isinstance(v, float) else v)
+                    for v in row
+                ]
+            )
 
 
-def write_tables(records: list[dict[str, Any]], out: str | Path,
-                 config: Config | None = None) -> tuple[Path, Path, str]:
+def write_tables(
+    records: list[dict[str, Any]], out: str | Path, config: Config | None = None
+) -> tuple[Path, Path, str]:
     """``<out>/results.csv`` (percent, 3 decimals) and ``<out>/results.md``."""
     out = Path(out)
     header, rows = table_rows(records)
@@ -514,4 +595,3 @@ def write_tables(records: list[dict[str, Any]], out: str | Path,
     markdown = markdown_table(records, config)
     write_text(md_path, markdown)
     return csv_path, md_path, markdown
-

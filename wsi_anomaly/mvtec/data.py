@@ -29,8 +29,10 @@ from ..errors import InputNotFoundError, InvalidInputError
 from ..tiles.dataset import IMAGE_SUFFIXES, to_tensor
 
 GOOD = "good"
-LAYOUT_HINT = ("expected <root>/<category>/train/good/*.png, <root>/<category>/test/<type>/*.png "
-               "and, for pixel metrics, <root>/<category>/ground_truth/<type>/<name>_mask.png")
+LAYOUT_HINT = (
+    "expected <root>/<category>/train/good/*.png, <root>/<category>/test/<type>/*.png "
+    "and, for pixel metrics, <root>/<category>/ground_truth/<type>/<name>_mask.png"
+)
 #: How tables and ``metrics.json`` show pixel metrics of a category without ``ground_truth/``.
 NO_MASKS = "n/a — no masks"
 
@@ -47,8 +49,9 @@ def _size(path: Path) -> tuple[int, int]:
         with Image.open(path) as im:
             return im.size
     except (UnidentifiedImageError, OSError, ValueError) as exc:
-        raise InvalidInputError(f"cannot read image {path} ({exc.__class__.__name__}); "
-                                "replace or remove the file") from exc
+        raise InvalidInputError(
+            f"cannot read image {path} ({exc.__class__.__name__}); replace or remove the file"
+        ) from exc
 
 
 def _is_category(path: Path) -> bool:
@@ -87,13 +90,16 @@ class MVTecCategory:
             raise InputNotFoundError(f"MVTec AD category folder not found: {self.path}")
         if not _is_category(self.path):
             raise InvalidInputError(
-                f"{self.path} is not an MVTec AD category folder: {LAYOUT_HINT}")
+                f"{self.path} is not an MVTec AD category folder: {LAYOUT_HINT}"
+            )
         self.name = self.path.name
         self.has_masks = (self.path / "ground_truth").is_dir()
         self.train_files = _images_in(self.path / "train" / GOOD)
         if not self.train_files:
-            raise InvalidInputError(f"no training images in {self.path / 'train' / GOOD} "
-                                    f"(looked for {', '.join(IMAGE_SUFFIXES)})")
+            raise InvalidInputError(
+                f"no training images in {self.path / 'train' / GOOD} "
+                f"(looked for {', '.join(IMAGE_SUFFIXES)})"
+            )
         self.test_samples = self._find_test_samples()
 
     def _find_test_samples(self) -> list[MVTecSample]:
@@ -108,14 +114,16 @@ class MVTecCategory:
                     if not mask.is_file():
                         raise InvalidInputError(
                             f"{self.name}: test image test/{kind}/{image.name} has no ground-truth "
-                            f"mask (expected ground_truth/{kind}/{image.stem}_mask.png)")
+                            f"mask (expected ground_truth/{kind}/{image.stem}_mask.png)"
+                        )
                     image_size, mask_size = _size(image), _size(mask)
                     if image_size != mask_size:
                         raise InvalidInputError(
                             f"{self.name}: mask ground_truth/{kind}/{mask.name} is "
                             f"{mask_size[0]}×{mask_size[1]} px but its image test/{kind}/"
                             f"{image.name} is {image_size[0]}×{image_size[1]} px; masks must "
-                            "match their images")
+                            "match their images"
+                        )
                 samples.append(MVTecSample(image, kind, mask))
         if not samples:
             raise InvalidInputError(f"no test images in {test}/<type>/ ({LAYOUT_HINT})")
@@ -130,17 +138,23 @@ class MVTecCategory:
         """``train`` (train/good) or ``test`` (every test image, with labels and masks);
         ``image_px=None`` gives the images at their own resolution."""
         if split == "train":
-            return MVTecDataset([MVTecSample(p, GOOD, None) for p in self.train_files], image_px,
-                                name=f"{self.name}/train")
+            return MVTecDataset(
+                [MVTecSample(p, GOOD, None) for p in self.train_files],
+                image_px,
+                name=f"{self.name}/train",
+            )
         if split == "test":
-            return MVTecDataset(self.test_samples, image_px, name=f"{self.name}/test",
-                                has_masks=self.has_masks)
+            return MVTecDataset(
+                self.test_samples, image_px, name=f"{self.name}/test", has_masks=self.has_masks
+            )
         raise InvalidInputError(f"split must be train or test, got {split!r}")
 
     def __repr__(self) -> str:
-        return (f"MVTecCategory({self.name!r}, train={len(self.train_files)}, "
-                f"test={len(self.test_samples)}, defects={self.defect_types}, "
-                f"masks={self.has_masks})")
+        return (
+            f"MVTecCategory({self.name!r}, train={len(self.train_files)}, "
+            f"test={len(self.test_samples)}, defects={self.defect_types}, "
+            f"masks={self.has_masks})"
+        )
 
 
 class MVTecDataset(Dataset):
@@ -153,8 +167,13 @@ class MVTecDataset(Dataset):
     ``has_masks`` False: the defective images have no ground truth (image-level data).
     """
 
-    def __init__(self, samples: list[MVTecSample], image_px: int | None = 256, name: str = "mvtec",
-                 has_masks: bool = True):
+    def __init__(
+        self,
+        samples: list[MVTecSample],
+        image_px: int | None = 256,
+        name: str = "mvtec",
+        has_masks: bool = True,
+    ):
         self.samples = list(samples)
         self.image_px = image_px
         self.name = name
@@ -181,8 +200,10 @@ class MVTecDataset(Dataset):
         """
         sample = self.samples[index]
         if sample.mask is None and sample.label and not self.has_masks:
-            raise InvalidInputError(f"{self.name}: no ground-truth mask for {sample.image.name} "
-                                    "(this data set has no ground_truth/ folder)")
+            raise InvalidInputError(
+                f"{self.name}: no ground-truth mask for {sample.image.name} "
+                "(this data set has no ground_truth/ folder)"
+            )
         if sample.mask is None:
             w, h = _size(sample.image)
             return np.zeros((h, w), dtype=bool)
@@ -194,8 +215,9 @@ class MVTecDataset(Dataset):
             im = file.convert("RGB")
             if self.image_px is not None and im.size != (self.image_px, self.image_px):
                 # PIL widens the bilinear kernel by the scale factor when shrinking: antialiased.
-                im = im.resize((self.image_px, self.image_px), Image.Resampling.BILINEAR,
-                               reducing_gap=None)
+                im = im.resize(
+                    (self.image_px, self.image_px), Image.Resampling.BILINEAR, reducing_gap=None
+                )
             return to_tensor(np.asarray(im))
 
 
@@ -237,6 +259,7 @@ def resolve_categories(root: str | Path, requested: list[str] | None = None) -> 
         if missing:
             raise InputNotFoundError(
                 f"category {', '.join(repr(m) for m in missing)} not found in {root} "
-                f"(available: {', '.join(sorted(found))})")
+                f"(available: {', '.join(sorted(found))})"
+            )
         names = list(dict.fromkeys(requested))
     return [MVTecCategory(found[n]) for n in names]

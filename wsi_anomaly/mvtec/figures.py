@@ -23,17 +23,27 @@ def pick_examples(samples: list[MVTecSample], n: int) -> list[int]:
         by_type.setdefault(s.defect_type, []).append(i)
     good = by_type.pop(GOOD, [])
     budget = n - 1 if good else n  # keep one place for a good image
-    round_robin = [by_type[t][depth] for depth in range(max(map(len, by_type.values()), default=0))
-                   for t in sorted(by_type) if depth < len(by_type[t])]
+    round_robin = [
+        by_type[t][depth]
+        for depth in range(max(map(len, by_type.values()), default=0))
+        for t in sorted(by_type)
+        if depth < len(by_type[t])
+    ]
     picked = round_robin[:budget]
     if good:
         picked.append(good[0])
     return picked
 
 
-def save_example_figure(path: str | Path, image: np.ndarray, mask: np.ndarray | None,
-                        score_map: np.ndarray, title: str, vmax: float,
-                        cmap: str = "jet") -> None:
+def save_example_figure(
+    path: str | Path,
+    image: np.ndarray,
+    mask: np.ndarray | None,
+    score_map: np.ndarray,
+    title: str,
+    vmax: float,
+    cmap: str = "jet",
+) -> None:
     """Write one three-panel PNG.
 
     Args:
@@ -52,8 +62,13 @@ def save_example_figure(path: str | Path, image: np.ndarray, mask: np.ndarray | 
     axes[0].imshow(image)
     axes[0].set_title("input", fontsize=9)
     axes[1].imshow(image)
-    truth = ("ground truth (no masks)" if mask is None
-             else "ground truth" if mask.any() else "ground truth (none)")
+    truth = (
+        "ground truth (no masks)"
+        if mask is None
+        else "ground truth"
+        if mask.any()
+        else "ground truth (none)"
+    )
     if mask is None:
         mask = np.zeros(image.shape[:2], dtype=bool)
     if mask.any():

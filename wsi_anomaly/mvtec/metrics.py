@@ -58,14 +58,17 @@ def image_auroc(labels: np.ndarray, scores: np.ndarray) -> float:
     return float(roc_auc_score(labels, scores))
 
 
-def _flatten(masks: Sequence[np.ndarray],
-             maps: Sequence[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
+def _flatten(
+    masks: Sequence[np.ndarray], maps: Sequence[np.ndarray]
+) -> tuple[np.ndarray, np.ndarray]:
     if len(masks) != len(maps):
         raise ValueError(f"{len(masks)} masks but {len(maps)} maps")
     for i, (mask, score_map) in enumerate(zip(masks, maps)):
         if mask.shape != score_map.shape:
-            raise ValueError(f"image {i}: mask {mask.shape} and map {score_map.shape} differ; "
-                             "resize the map to the mask first")
+            raise ValueError(
+                f"image {i}: mask {mask.shape} and map {score_map.shape} differ; "
+                "resize the map to the mask first"
+            )
     truth = np.concatenate([np.asarray(m, dtype=bool).ravel() for m in masks])
     dtype = np.result_type(*(np.asarray(m).dtype for m in maps), np.float32)  # float32 at least
     scores = np.concatenate([np.asarray(m, dtype=dtype).ravel() for m in maps])
@@ -83,8 +86,9 @@ def pixel_auroc(masks: Sequence[np.ndarray], maps: Sequence[np.ndarray]) -> floa
     return float(roc_auc_score(truth, scores))
 
 
-def pro_curve(masks: Sequence[np.ndarray],
-              maps: Sequence[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
+def pro_curve(
+    masks: Sequence[np.ndarray], maps: Sequence[np.ndarray]
+) -> tuple[np.ndarray, np.ndarray]:
     """The exact PRO-vs-FPR curve, one point per distinct score, from (0, 0) to (1, 1).
 
     Returns ``(fpr, pro)``: two float64 arrays, FPR non-decreasing. Raises
@@ -101,7 +105,7 @@ def pro_curve(masks: Sequence[np.ndarray],
             sizes = np.bincount(regions.ravel())
             inverse = np.zeros(n + 1)
             inverse[1:] = 1.0 / sizes[1:]
-            pro_step[start:start + regions.size] = inverse[regions.ravel()]
+            pro_step[start : start + regions.size] = inverse[regions.ravel()]
         n_regions += n
         start += regions.size
     normal = ~truth
@@ -137,8 +141,9 @@ def partial_area(x: np.ndarray, y: np.ndarray, x_max: float) -> float:
     return float(np.sum((xs[1:] - xs[:-1]) * (ys[1:] + ys[:-1]) / 2.0))
 
 
-def aupro(masks: Sequence[np.ndarray], maps: Sequence[np.ndarray],
-          fpr_limit: float = AUPRO_FPR_LIMIT) -> float:
+def aupro(
+    masks: Sequence[np.ndarray], maps: Sequence[np.ndarray], fpr_limit: float = AUPRO_FPR_LIMIT
+) -> float:
     """Area under the PRO curve up to ``fpr_limit``, normalised by ``fpr_limit`` (in [0, 1]).
 
     ``nan`` without any defect region or normal pixel.

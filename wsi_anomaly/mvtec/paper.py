@@ -41,8 +41,18 @@ TABLE1_MEAN_OBJECTS = (92.2, 92.7)
 
 #: MVTec AD categories in the paper's order: textures first, then objects.
 TEXTURES = ("carpet", "grid", "leather", "tile", "wood")
-OBJECTS = ("bottle", "cable", "capsule", "hazelnut", "metal_nut", "pill", "screw", "toothbrush",
-           "transistor", "zipper")
+OBJECTS = (
+    "bottle",
+    "cable",
+    "capsule",
+    "hazelnut",
+    "metal_nut",
+    "pill",
+    "screw",
+    "toothbrush",
+    "transistor",
+    "zipper",
+)
 CATEGORIES = TEXTURES + OBJECTS
 
 #: Ablation means (image %, pixel %) for the variants our config can express.
@@ -85,8 +95,11 @@ def paper_reference(config: Any) -> tuple[str, tuple[float, float]] | None:
     not change the key: it selects the attention layer the paper's numbers came from (see
     :func:`mask_note`).
     """
-    key = (config.train.loss_weighting, tuple(sorted(config.train.loss_terms)),
-           config.model.attention)
+    key = (
+        config.train.loss_weighting,
+        tuple(sorted(config.train.loss_terms)),
+        config.model.attention,
+    )
     return ABLATIONS.get(key)
 
 
@@ -99,18 +112,24 @@ def mask_note(config: Any) -> str | None:
     if config.model.attention != "halo":
         return None
     if config.model.released_mask:
-        return ("Halo attention: this run uses the authors' released layer with its inverted "
-                "padding mask (model.released_mask: true, a reproduction switch), the layer the "
-                "paper's numbers were produced with.")
-    return ("Halo attention: the paper's numbers came from the authors' released layer, whose "
-            "padding mask is inverted; this run uses the corrected layer (model.released_mask: "
-            "false), so the two columns differ in that layer as well.")
+        return (
+            "Halo attention: this run uses the authors' released layer with its inverted "
+            "padding mask (model.released_mask: true, a reproduction switch), the layer the "
+            "paper's numbers were produced with."
+        )
+    return (
+        "Halo attention: the paper's numbers came from the authors' released layer, whose "
+        "padding mask is inverted; this run uses the corrected layer (model.released_mask: "
+        "false), so the two columns differ in that layer as well."
+    )
 
 
 # -- ATAC-Net (the ATAC-Net paper), weakly supervised protocol; AUROC as fractions --------------
 #: The ATAC-Net paper's Table 1 column names for each ``atacnet.variant``.
 ATACNET_VARIANT_COLUMNS: dict[str, str] = {
-    "cutmix_bce": "CutMix", "weighted_ce": "Weighted CE", "devnet": "Deviation Loss",
+    "cutmix_bce": "CutMix",
+    "weighted_ce": "Weighted CE",
+    "devnet": "Deviation Loss",
     "atacnet": "ATAC-Net",
 }
 
@@ -153,8 +172,9 @@ ATACNET_TABLE2: dict[tuple[str, str], dict[int, tuple[float, float, float]]] = {
 }
 
 
-def atacnet_paper_columns(category: str, variant: str, setting: str, known_type: str | None,
-                          n_anomalies: int) -> dict[str, float | None]:
+def atacnet_paper_columns(
+    category: str, variant: str, setting: str, known_type: str | None, n_anomalies: int
+) -> dict[str, float | None]:
     """The ATAC-Net paper's numbers to print beside one category of a weakly supervised run.
 
     General: Table 1's column for ``variant`` (and ATAC-Net's when the variant is an ablation).
@@ -173,7 +193,7 @@ def atacnet_paper_columns(category: str, variant: str, setting: str, known_type:
         return out
     row2 = ATACNET_TABLE2.get((category, known_type or ""))
     out = {}
-    for n in ((n_anomalies,) if n_anomalies in (1, 10) else (1, 10)):
+    for n in (n_anomalies,) if n_anomalies in (1, 10) else (1, 10):
         for i, method in enumerate(("DevNet", "DRA", "ATAC-Net")):
             out[f"paper {method} ({n})"] = row2[n][i] if row2 else None
     return out

@@ -44,9 +44,17 @@ def _save(rgb: np.ndarray, path: Path, grey: bool) -> None:
     image.save(path)
 
 
-def write_synthetic_category(root: str | Path, name: str, size_px: int = 96, n_train: int = 4,
-                             n_good: int = 2, n_per_defect: int = 2, grey: bool = False,
-                             seed: int = 0, masks: bool = True) -> Path:
+def write_synthetic_category(
+    root: str | Path,
+    name: str,
+    size_px: int = 96,
+    n_train: int = 4,
+    n_good: int = 2,
+    n_per_defect: int = 2,
+    grey: bool = False,
+    seed: int = 0,
+    masks: bool = True,
+) -> Path:
     """Write ``<root>/<name>/`` with train/good, test/{good,scratch,spot} and ground_truth.
 
     Images are ``size_px``² PNGs (greyscale ``L`` if ``grey``); masks are 0/255 ``L`` PNGs of the
@@ -63,8 +71,11 @@ def write_synthetic_category(root: str | Path, name: str, size_px: int = 96, n_t
         for i in range(n_per_defect):
             image = _surface(rng, size_px, grey)
             mask = _defect_mask(rng, size_px, kind)
-            image[mask] = [0.95, 0.1, 0.1] if (kind == "spot" and not grey) else (
-                0.98 if kind == "spot" else 0.05)
+            image[mask] = (
+                [0.95, 0.1, 0.1]
+                if (kind == "spot" and not grey)
+                else (0.98 if kind == "spot" else 0.05)
+            )
             _save(image, folder / "test" / kind / f"{i:03d}.png", grey)
             if not masks:
                 continue

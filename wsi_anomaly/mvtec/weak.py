@@ -80,14 +80,25 @@ class WeakSplit:
 
     def to_dict(self) -> dict[str, Any]:
         """The ``split.json`` record: image paths relative to the category folder."""
-        return {"category": self.category.name, "category_path": str(self.category.path),
-                "setting": self.setting, "known_type": self.known_type, "seed": self.seed,
-                "n": self.n, "train_anomalies": self._relative(self.train_anomalies),
-                "test": self._relative(self.test)}
+        return {
+            "category": self.category.name,
+            "category_path": str(self.category.path),
+            "setting": self.setting,
+            "known_type": self.known_type,
+            "seed": self.seed,
+            "n": self.n,
+            "train_anomalies": self._relative(self.train_anomalies),
+            "test": self._relative(self.test),
+        }
 
 
-def draw_split(category: MVTecCategory, n: int, setting: str = "general",
-               known_type: str | None = None, seed: int = 0) -> WeakSplit:
+def draw_split(
+    category: MVTecCategory,
+    n: int,
+    setting: str = "general",
+    known_type: str | None = None,
+    seed: int = 0,
+) -> WeakSplit:
     """Draw ``n`` labelled anomalies from ``category``'s test anomalies and remove them from its
     test set (``hard``: remove every anomaly of ``known_type``).
 
@@ -101,11 +112,14 @@ def draw_split(category: MVTecCategory, n: int, setting: str = "general",
         raise InvalidInputError(f"--anomalies must be at least 1, got {n}")
     if setting == "hard":
         if not known_type:
-            raise InvalidInputError("--setting hard needs --known-type (the one defect type to "
-                                    "train on)")
+            raise InvalidInputError(
+                "--setting hard needs --known-type (the one defect type to train on)"
+            )
         if known_type not in category.defect_types:
-            raise InvalidInputError(f"{category.name}: defect type {known_type!r} not found "
-                                    f"(available: {', '.join(category.defect_types)})")
+            raise InvalidInputError(
+                f"{category.name}: defect type {known_type!r} not found "
+                f"(available: {', '.join(category.defect_types)})"
+            )
     elif known_type:
         raise InvalidInputError("--known-type is for --setting hard")
 
@@ -116,18 +130,23 @@ def draw_split(category: MVTecCategory, n: int, setting: str = "general",
     pool = [s for s in anomalies if s.defect_type == known_type] if setting == "hard" else anomalies
     where = f"of type {known_type!r} " if setting == "hard" else ""
     if len(pool) < n:
-        raise InvalidInputError(f"{category.name}: {n} labelled anomalies asked for but only "
-                                f"{len(pool)} test anomalies {where}are available; lower "
-                                "--anomalies")
+        raise InvalidInputError(
+            f"{category.name}: {n} labelled anomalies asked for but only "
+            f"{len(pool)} test anomalies {where}are available; lower "
+            "--anomalies"
+        )
     order = np.random.default_rng(seed).permutation(len(pool))
     drawn = [pool[i] for i in order[:n]]
     removed = {key(s) for s in (pool if setting == "hard" else drawn)}
     test = [s for s in category.test_samples if key(s) not in removed]
     if not any(s.label for s in test) or all(s.label for s in test):
-        raise InvalidInputError(f"{category.name}: drawing {n} anomalies {where}leaves a test set "
-                                "without both good and defective images; lower --anomalies")
-    return WeakSplit(category, setting, known_type if setting == "hard" else None, seed, n,
-                     drawn, test)
+        raise InvalidInputError(
+            f"{category.name}: drawing {n} anomalies {where}leaves a test set "
+            "without both good and defective images; lower --anomalies"
+        )
+    return WeakSplit(
+        category, setting, known_type if setting == "hard" else None, seed, n, drawn, test
+    )
 
 
 #: ``WeakProtocol.n`` that draws, per category, as many anomalies as the ATAC-Net paper's Table 1 did.
@@ -170,53 +189,78 @@ class WeakProtocol:
         if not self.paper_counts:
             return int(self.n)
         if self.setting != "general":
-            raise InvalidInputError("--anomalies paper is for --setting general (the ATAC-Net "
-                                    "paper's Table 1); its hard-setting Table 2 uses 1 and 10 "
-                                    "anomalies")
+            raise InvalidInputError(
+                "--anomalies paper is for --setting general (the ATAC-Net "
+                "paper's Table 1); its hard-setting Table 2 uses 1 and 10 "
+                "anomalies"
+            )
         row = ATACNET_TABLE1.get(category)
         if row is None:
-            raise InvalidInputError(f"{category}: not an MVTec AD category of the ATAC-Net "
-                                    "paper's Table 1, so there is no paper count; pass "
-                                    "--anomalies N")
+            raise InvalidInputError(
+                f"{category}: not an MVTec AD category of the ATAC-Net "
+                "paper's Table 1, so there is no paper count; pass "
+                "--anomalies N"
+            )
         return row[0]
 
     def describe(self) -> str:
         """How many anomalies are drawn, for the table notes."""
-        return ("the ATAC-Net paper's per-category count of labelled test anomalies (Table 1, "
-                "\"paper n anomalies\")" if self.paper_counts
-                else f"{self.n} labelled test anomalies per category")
+        return (
+            "the ATAC-Net paper's per-category count of labelled test anomalies (Table 1, "
+            '"paper n anomalies")'
+            if self.paper_counts
+            else f"{self.n} labelled test anomalies per category"
+        )
 
 
-def _train(split: WeakSplit, config: Config, checkpoint: Path,
-           settings: BenchmarkSettings) -> dict[str, Any]:
+def _train(
+    split: WeakSplit, config: Config, checkpoint: Path, settings: BenchmarkSettings
+) -> dict[str, Any]:
     from ..train import resume_path, train_model
 
     if checkpoint.exists() and not settings.overwrite:
         if config_from_dict(load_checkpoint(checkpoint)["config"]) != config:
-            raise OutputExistsError(f"{checkpoint} was trained with another configuration; pass "
-                                    "--overwrite to retrain it, or choose another --out")
+            raise OutputExistsError(
+                f"{checkpoint} was trained with another configuration; pass "
+                "--overwrite to retrain it, or choose another --out"
+            )
         return {"trained": False}
     resume = resume_path(checkpoint).exists() and not settings.overwrite
     category = split.category
-    anomalies = MVTecDataset(split.train_anomalies, input_px(config),
-                             name=f"{category.name}/labelled-anomalies")
-    result = train_model(category.dataset("train", input_px(config)), config, checkpoint,
-                         device=settings.device, resume=resume, overwrite=True,
-                         source=str(category.path / "train" / GOOD), progress=settings.progress,
-                         anomalies=anomalies)
-    return {"trained": True, "resumed": resume, "train_seconds": result.seconds,
-            "train_images_per_s": result.images_per_s}
+    anomalies = MVTecDataset(
+        split.train_anomalies, input_px(config), name=f"{category.name}/labelled-anomalies"
+    )
+    result = train_model(
+        category.dataset("train", input_px(config)),
+        config,
+        checkpoint,
+        device=settings.device,
+        resume=resume,
+        overwrite=True,
+        source=str(category.path / "train" / GOOD),
+        progress=settings.progress,
+        anomalies=anomalies,
+    )
+    return {
+        "trained": True,
+        "resumed": resume,
+        "train_seconds": result.seconds,
+        "train_images_per_s": result.images_per_s,
+    }
 
 
-def run_weak_seed(split: WeakSplit, config: Config, out_dir: str | Path,
-                  settings: BenchmarkSettings) -> dict[str, Any]:
+def run_weak_seed(
+    split: WeakSplit, config: Config, out_dir: str | Path, settings: BenchmarkSettings
+) -> dict[str, Any]:
     """Train on train/good + the split's anomalies, evaluate on its test set, write the folder."""
     out_dir = Path(out_dir)
     split_path, metrics_path = out_dir / SPLIT_NAME, out_dir / METRICS_NAME
     if split_path.exists() and not settings.overwrite:
         if json.loads(split_path.read_text()) != split.to_dict():
-            raise OutputExistsError(f"{split_path} holds another split (different --anomalies, "
-                                    "--setting or data); pass --overwrite or choose another --out")
+            raise OutputExistsError(
+                f"{split_path} holds another split (different --anomalies, "
+                "--setting or data); pass --overwrite or choose another --out"
+            )
         if metrics_path.exists():
             record = json.loads(metrics_path.read_text())
             record["status"] = "skipped (done)"
@@ -226,27 +270,48 @@ def run_weak_seed(split: WeakSplit, config: Config, out_dir: str | Path,
     _write_json(split_path, split.to_dict())
     checkpoint = out_dir / CHECKPOINT_NAME
     training = _train(split, config, checkpoint, settings)
-    adapter = load_adapter(checkpoint, device=settings.device, precision=settings.precision,
-                           batch_size=settings.eval_batch_size, expect_model=config.model.name)
-    dataset = MVTecDataset(split.test, input_px(config), name=f"{split.category.name}/test-weak",
-                           has_masks=split.category.has_masks)
+    adapter = load_adapter(
+        checkpoint,
+        device=settings.device,
+        precision=settings.precision,
+        batch_size=settings.eval_batch_size,
+        expect_model=config.model.name,
+    )
+    dataset = MVTecDataset(
+        split.test,
+        input_px(config),
+        name=f"{split.category.name}/test-weak",
+        has_masks=split.category.has_masks,
+    )
     evaluation = evaluate(adapter, dataset, workers=settings.workers, progress=settings.progress)
     metrics = compute_metrics(evaluation, dataset)
     _write_scores_csv(out_dir / "scores.csv", split.category, dataset, evaluation)
     record = {
-        "category": split.category.name, "status": "ok", "model": adapter.name,
-        "variant": config.atacnet.variant, "seed": split.seed, "setting": split.setting,
-        "known_type": split.known_type, "n_labelled_anomalies": split.n,
-        "score_names": list(adapter.score_names), "metrics": metrics,
-        "n_train": len(split.category.train_files), "n_test": len(dataset),
+        "category": split.category.name,
+        "status": "ok",
+        "model": adapter.name,
+        "variant": config.atacnet.variant,
+        "seed": split.seed,
+        "setting": split.setting,
+        "known_type": split.known_type,
+        "n_labelled_anomalies": split.n,
+        "score_names": list(adapter.score_names),
+        "metrics": metrics,
+        "n_train": len(split.category.train_files),
+        "n_test": len(dataset),
         "n_defective": int(evaluation.labels.sum()),
-        "timing": {"train_seconds": training.get("train_seconds"),
-                   "train_images_per_s": training.get("train_images_per_s"),
-                   "eval_images_per_s": evaluation.images_per_s,
-                   "total_seconds": time.perf_counter() - t0},
-        "trained_here": training["trained"], "checkpoint": str(checkpoint.resolve()),
-        "model_identity": adapter.identity, "device": str(adapter.device),
-        "config": load_checkpoint(checkpoint)["config"], "software_version": __version__,
+        "timing": {
+            "train_seconds": training.get("train_seconds"),
+            "train_images_per_s": training.get("train_images_per_s"),
+            "eval_images_per_s": evaluation.images_per_s,
+            "total_seconds": time.perf_counter() - t0,
+        },
+        "trained_here": training["trained"],
+        "checkpoint": str(checkpoint.resolve()),
+        "model_identity": adapter.identity,
+        "device": str(adapter.device),
+        "config": load_checkpoint(checkpoint)["config"],
+        "software_version": __version__,
     }
     _write_json(metrics_path, record)
     return record
@@ -265,9 +330,15 @@ def _mean_std(values: Sequence[float | None]) -> tuple[float | None, float | Non
     return float(np.mean(present)), std
 
 
-def run_weak_benchmark(root: str | Path, categories: list[str] | None, config: Config,
-                       out: str | Path, settings: BenchmarkSettings, protocol: WeakProtocol,
-                       on_run: Callable[[dict[str, Any]], None] | None = None) -> BenchmarkResult:
+def run_weak_benchmark(
+    root: str | Path,
+    categories: list[str] | None,
+    config: Config,
+    out: str | Path,
+    settings: BenchmarkSettings,
+    protocol: WeakProtocol,
+    on_run: Callable[[dict[str, Any]], None] | None = None,
+) -> BenchmarkResult:
     """Every requested category × seed of the weak protocol, then the tables.
 
     Every split is drawn (and so checked) before any training starts. Returns the per-category
@@ -278,12 +349,15 @@ def run_weak_benchmark(root: str | Path, categories: list[str] | None, config: C
     if protocol.n_seeds < 1:
         raise InvalidInputError(f"--seeds must be at least 1, got {protocol.n_seeds}")
     if settings.checkpoint_dir is not None:
-        raise InvalidInputError("--checkpoint-dir is not supported with --anomalies (each split "
-                                "trains its own model)")
+        raise InvalidInputError(
+            "--checkpoint-dir is not supported with --anomalies (each split trains its own model)"
+        )
     selected = resolve_categories(root, categories)
-    splits = {(c.name, s): draw_split(c, protocol.n_for(c.name), protocol.setting,
-                                      protocol.known_type, s)
-              for c in selected for s in protocol.seeds}
+    splits = {
+        (c.name, s): draw_split(c, protocol.n_for(c.name), protocol.setting, protocol.known_type, s)
+        for c in selected
+        for s in protocol.seeds
+    }
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     save_config(config, out / "config.yaml")
@@ -292,8 +366,12 @@ def run_weak_benchmark(root: str | Path, categories: list[str] | None, config: C
         runs = []
         for seed in protocol.seeds:
             try:
-                record = run_weak_seed(splits[category.name, seed], replace(config, seed=seed),
-                                       out / category.name / f"seed{seed}", settings)
+                record = run_weak_seed(
+                    splits[category.name, seed],
+                    replace(config, seed=seed),
+                    out / category.name / f"seed{seed}",
+                    settings,
+                )
             except WsiAnomalyError as exc:
                 if not settings.skip_errors:
                     raise
@@ -306,31 +384,62 @@ def run_weak_benchmark(root: str | Path, categories: list[str] | None, config: C
         per_seed = [_headline(r) for r in runs]
         mean, std = _mean_std(per_seed)
         failed = [r["status"] for r in runs if r["status"].startswith("error")]
-        summaries.append({
-            "category": category.name, "status": failed[0] if failed else "ok",
-            "seeds": protocol.seeds, "per_seed": per_seed,
-            "image_auroc_mean": mean, "image_auroc_std": std,
-            "n_labelled": n_labelled,
-            "n_test": runs[0].get("n_test"), "n_defective": runs[0].get("n_defective"),
-            "paper": atacnet_paper_columns(category.name, config.atacnet.variant,
-                                           protocol.setting, protocol.known_type, n_labelled),
-        })
+        summaries.append(
+            {
+                "category": category.name,
+                "status": failed[0] if failed else "ok",
+                "seeds": protocol.seeds,
+                "per_seed": per_seed,
+                "image_auroc_mean": mean,
+                "image_auroc_std": std,
+                "n_labelled": n_labelled,
+                "n_test": runs[0].get("n_test"),
+                "n_defective": runs[0].get("n_defective"),
+                "paper": atacnet_paper_columns(
+                    category.name,
+                    config.atacnet.variant,
+                    protocol.setting,
+                    protocol.known_type,
+                    n_labelled,
+                ),
+            }
+        )
     csv_path, md_path, markdown = write_weak_tables(summaries, out, config, protocol)
     return BenchmarkResult(summaries, csv_path, md_path, markdown)
 
 
 # -- tables ------------------------------------------------------------------------------------
-def weak_table_rows(summaries: list[dict[str, Any]],
-                    protocol: WeakProtocol) -> tuple[list[str], list[list[Any]]]:
+def weak_table_rows(
+    summaries: list[dict[str, Any]], protocol: WeakProtocol
+) -> tuple[list[str], list[list[Any]]]:
     """Header and rows: one per category, then the mean over categories (its ± is the std over
     seeds of the per-seed category mean)."""
     paper_keys = list(summaries[0]["paper"]) if summaries else []
-    header = ["category", "image AUROC mean", "image AUROC std", *(f"seed {s}" for s in
-              protocol.seeds), "n labelled", "n test", "n defective", *paper_keys, "status"]
-    rows = [[s["category"], s["image_auroc_mean"], s["image_auroc_std"], *s["per_seed"],
-             s["n_labelled"], s["n_test"], s["n_defective"],
-             *(s["paper"][k] for k in paper_keys), s["status"]]
-            for s in summaries]
+    header = [
+        "category",
+        "image AUROC mean",
+        "image AUROC std",
+        *(f"seed {s}" for s in protocol.seeds),
+        "n labelled",
+        "n test",
+        "n defective",
+        *paper_keys,
+        "status",
+    ]
+    rows = [
+        [
+            s["category"],
+            s["image_auroc_mean"],
+            s["image_auroc_std"],
+            *s["per_seed"],
+            s["n_labelled"],
+            s["n_test"],
+            s["n_defective"],
+            *(s["paper"][k] for k in paper_keys),
+            s["status"],
+        ]
+        for s in summaries
+    ]
     if summaries:
         by_seed = [[s["per_seed"][i] for s in summaries] for i in range(len(protocol.seeds))]
         seed_means = [_mean_std(v)[0] for v in by_seed]
@@ -340,8 +449,19 @@ def weak_table_rows(summaries: list[dict[str, Any]],
             values = [s["paper"][key] for s in summaries]
             return _mean_std(values)[0] if all(v is not None for v in values) else None
 
-        rows.append([f"mean ({len(summaries)})", mean, std, *seed_means, None, None, None,
-                     *(paper_mean(k) for k in paper_keys), ""])
+        rows.append(
+            [
+                f"mean ({len(summaries)})",
+                mean,
+                std,
+                *seed_means,
+                None,
+                None,
+                None,
+                *(paper_mean(k) for k in paper_keys),
+                "",
+            ]
+        )
     return header, rows
 
 
@@ -353,41 +473,58 @@ def _fmt(value: Any) -> str:
     return str(value)
 
 
-def write_weak_tables(summaries: list[dict[str, Any]], out: str | Path, config: Config,
-                      protocol: WeakProtocol) -> tuple[Path, Path, str]:
+def write_weak_tables(
+    summaries: list[dict[str, Any]], out: str | Path, config: Config, protocol: WeakProtocol
+) -> tuple[Path, Path, str]:
     """``<out>/results.csv`` and ``<out>/results.md`` (image AUROC as fractions, as the ATAC-Net paper)."""
     out = Path(out)
     header, rows = weak_table_rows(summaries, protocol)
     csv_path, md_path = out / "results.csv", out / "results.md"
     write_csv(csv_path, header, rows, "{:.4f}")
-    lines = ["| " + " | ".join(header) + " |",
-             "|" + "|".join(["---"] + ["---:"] * (len(header) - 2) + ["---"]) + "|"]
+    lines = [
+        "| " + " | ".join(header) + " |",
+        "|" + "|".join(["---"] + ["---:"] * (len(header) - 2) + ["---"]) + "|",
+    ]
     lines += ["| " + " | ".join(_fmt(v) for v in row) + " |" for row in rows]
     variant = config.atacnet.variant
-    what = (f"of known type {protocol.known_type!r} only; every anomaly of that type left the "
-            "test set" if protocol.setting == "hard"
-            else "drawn across all defect types and removed from the test set")
+    what = (
+        f"of known type {protocol.known_type!r} only; every anomaly of that type left the test set"
+        if protocol.setting == "hard"
+        else "drawn across all defect types and removed from the test set"
+    )
     notes = [
         "",
-        (f"Weakly supervised protocol ({protocol.setting}): {protocol.describe()}, {what}; seeds {', '.join(map(str, protocol.seeds))} "
-         "(std: sample std over seeds). Image AUROC on raw scores, as fractions."),
-        (f"Model: {config.model.name}, variant {variant} "
-         f"(the ATAC-Net paper's Table 1 column \"{ATACNET_VARIANT_COLUMNS.get(variant, variant)}\")."),
+        (
+            f"Weakly supervised protocol ({protocol.setting}): {protocol.describe()}, {what}; seeds {', '.join(map(str, protocol.seeds))} "
+            "(std: sample std over seeds). Image AUROC on raw scores, as fractions."
+        ),
+        (
+            f"Model: {config.model.name}, variant {variant} "
+            f'(the ATAC-Net paper\'s Table 1 column "{ATACNET_VARIANT_COLUMNS.get(variant, variant)}").'
+        ),
     ]
     if protocol.setting == "general":
-        printed = ", ".join(f"{ATACNET_VARIANT_COLUMNS[v]} {m}" for v, m in
-                            zip(ATACNET_VARIANT_COLUMNS, ATACNET_TABLE1_MEAN))
-        notes.append(f"Paper: ATAC-Net, Table 1 (its own per-category anomaly counts, "
-                     f"\"paper n anomalies\"); printed MVTec mean: {printed}.")
+        printed = ", ".join(
+            f"{ATACNET_VARIANT_COLUMNS[v]} {m}"
+            for v, m in zip(ATACNET_VARIANT_COLUMNS, ATACNET_TABLE1_MEAN)
+        )
+        notes.append(
+            f"Paper: ATAC-Net, Table 1 (its own per-category anomaly counts, "
+            f'"paper n anomalies"); printed MVTec mean: {printed}.'
+        )
     else:
         counts = sorted({int(s["n_labelled"]) for s in summaries})
         matched = counts in ([1], [10])
-        notes.append("Paper: ATAC-Net, Table 2 (hard setting; (1)/(10): one/ten labelled "
-                     "anomalies of the known type); only tile and metal_nut were reported. "
-                     + ("Only the paper's column with this run's number of labelled anomalies is "
-                        "printed." if matched else
-                        "This run's number of labelled anomalies is neither 1 nor 10: neither "
-                        "paper column is a like-for-like comparison."))
+        notes.append(
+            "Paper: ATAC-Net, Table 2 (hard setting; (1)/(10): one/ten labelled "
+            "anomalies of the known type); only tile and metal_nut were reported. "
+            + (
+                "Only the paper's column with this run's number of labelled anomalies is printed."
+                if matched
+                else "This run's number of labelled anomalies is neither 1 nor 10: neither "
+                "paper column is a like-for-like comparison."
+            )
+        )
     markdown = "\n".join(lines + notes) + "\n"
     write_text(md_path, markdown)
     return csv_path, md_path, markdown

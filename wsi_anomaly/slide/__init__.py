@@ -6,7 +6,19 @@ from .resolution import Resolution, load_mpp_csv, lookup_mpp, resolve_resolution
 from .tissue import TissueMask, TissueSettings, detect_tissue
 
 __all__ = [
-    "LevelInfo", "ReadPlan", "Resolution", "Slide", "TileGrid", "TissueMask", "TissueSettings",
-    "box_fractions", "detect_tissue", "load_mpp_csv", "lookup_mpp", "make_grid", "open_slide",
-    "plan_read", "resolve_resolution",
+    "LevelInfo",
+    "ReadPlan",
+    "Resolution",
+    "Slide",
+    "TileGrid",
+    "TissueMask",
+    "TissueSettings",
+    "box_fractions",
+    "detect_tissue",
+    "load_mpp_csv",
+    "lookup_mpp",
+    "make_grid",
+    "open_slide",
+    "plan_read",
+    "resolve_resolution",
 ]

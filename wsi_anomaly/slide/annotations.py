@@ -88,8 +88,10 @@ def _polygon_rings(geometry: dict) -> tuple[list[list[Ring]], str | None]:
     parts = [p for p in parts if not p.is_empty and p.area > 0]
     if not parts:
         return [], "no area"
-    return [[np.asarray(p.exterior.coords)[:, :2]]
-            + [np.asarray(r.coords)[:, :2] for r in p.interiors] for p in parts], None
+    return [
+        [np.asarray(p.exterior.coords)[:, :2]] + [np.asarray(r.coords)[:, :2] for r in p.interiors]
+        for p in parts
+    ], None
 
 
 def load_annotations(path: str | Path, class_filter: str | None = None) -> list[list[Ring]]:
@@ -127,14 +129,19 @@ def load_annotations(path: str | Path, class_filter: str | None = None) -> list[
             left_out[reason] += 1
         polys.extend(rings)
     if left_out:
-        log.warning("%s: %d annotation(s) left out (%s); %d polygon(s) kept", path.name,
-                    sum(left_out.values()),
-                    ", ".join(f"{n} {why}" for why, n in left_out.most_common()), len(polys))
+        log.warning(
+            "%s: %d annotation(s) left out (%s); %d polygon(s) kept",
+            path.name,
+            sum(left_out.values()),
+            ", ".join(f"{n} {why}" for why, n in left_out.most_common()),
+            len(polys),
+        )
     if not polys:
         which = f" of class {class_filter!r}" if class_filter else ""
         found = ", ".join(f"{k} ×{n}" for k, n in classes.most_common(8)) or "no features"
-        raise InvalidInputError(f"{path}: no Polygon/MultiPolygon annotations{which} found "
-                                f"(classes present: {found})")
+        raise InvalidInputError(
+            f"{path}: no Polygon/MultiPolygon annotations{which} found (classes present: {found})"
+        )
     return polys
 
 
@@ -145,7 +152,9 @@ def rasterize(polys: list[list[Ring]], shape: tuple[int, int], downsample: float
         region = np.zeros(shape, bool)
         for k, ring in enumerate(rings):
             # Pixel (i, j) covers level-0 [j·d, (j+1)·d); its centre is at (j + 0.5)·d.
-            rr, cc = draw_polygon(ring[:, 1] / downsample - 0.5, ring[:, 0] / downsample - 0.5, shape)
+            rr, cc = draw_polygon(
+                ring[:, 1] / downsample - 0.5, ring[:, 0] / downsample - 0.5, shape
+            )
             region[rr, cc] = k == 0
         mask |= region
     return mask

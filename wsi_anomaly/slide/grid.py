@@ -53,13 +53,15 @@ class ReadPlan:
 
 def _level_mpp(level: LevelInfo) -> float:
     if level.mpp is None:
-        raise InvalidInputError(f"level {level.index} has no known resolution (µm/px); "
-                                "tiles need the slide's mpp")
+        raise InvalidInputError(
+            f"level {level.index} has no known resolution (µm/px); tiles need the slide's mpp"
+        )
     return level.mpp
 
 
-def plan_read(levels: Sequence[LevelInfo], target_mpp: float, tile_px: int = 256,
-              stride_px: int | None = None) -> ReadPlan:
+def plan_read(
+    levels: Sequence[LevelInfo], target_mpp: float, tile_px: int = 256, stride_px: int | None = None
+) -> ReadPlan:
     """Choose the level and read size for tiles of ``tile_px`` at ``target_mpp`` (µm/px).
 
     The level is the one whose mpp is closest at or below the target (a level a hair coarser
@@ -76,7 +78,8 @@ def plan_read(levels: Sequence[LevelInfo], target_mpp: float, tile_px: int = 256
     if not candidates:
         raise InvalidInputError(
             f"target {target_mpp:g} µm/px is finer than the slide's level 0 ({levels[0].mpp:.3f} "
-            f"µm/px); choose --mpp ≥ {levels[0].mpp:.3f}")
+            f"µm/px); choose --mpp ≥ {levels[0].mpp:.3f}"
+        )
     level = max(candidates, key=_level_mpp)
     level_mpp = _level_mpp(level)
     if abs(level_mpp - target_mpp) <= MPP_TOLERANCE * target_mpp:
@@ -118,8 +121,15 @@ class TileGrid:
         return len(self.coords)
 
     def select(self, keep: np.ndarray) -> TileGrid:
-        return TileGrid(self.plan, self.cols, self.rows, self.coords[keep], self.level_xy[keep],
-                        self.grid_index[keep], self.tissue_fraction[keep])
+        return TileGrid(
+            self.plan,
+            self.cols,
+            self.rows,
+            self.coords[keep],
+            self.level_xy[keep],
+            self.grid_index[keep],
+            self.tissue_fraction[keep],
+        )
 
 
 def make_grid(plan: ReadPlan, level_size: tuple[int, int]) -> TileGrid:
@@ -135,8 +145,9 @@ def make_grid(plan: ReadPlan, level_size: tuple[int, int]) -> TileGrid:
     return TileGrid(plan, cols, rows, coords, level_xy, grid_index, zeros)
 
 
-def box_fractions(mask: np.ndarray, downsample: float, coords: np.ndarray, size_l0: float
-                  ) -> np.ndarray:
+def box_fractions(
+    mask: np.ndarray, downsample: float, coords: np.ndarray, size_l0: float
+) -> np.ndarray:
     """Fraction of ``mask`` that is true inside each square box.
 
     Args:

@@ -140,11 +140,21 @@ class _TiledPage:
 
         ``out``, if given, is filled in place and returned.
         """
-        if (out is not None and self._jpeg_args is not None and w == self.tile_w
-                and h == self.tile_h and x % w == 0 and y % h == 0 and x >= 0 and y >= 0
-                and x + w <= self.width and y + h <= self.height
-                and out.shape == (h, w, 3) and out.dtype == np.uint8
-                and out.flags.c_contiguous):
+        if (
+            out is not None
+            and self._jpeg_args is not None
+            and w == self.tile_w
+            and h == self.tile_h
+            and x % w == 0
+            and y % h == 0
+            and x >= 0
+            and y >= 0
+            and x + w <= self.width
+            and y + h <= self.height
+            and out.shape == (h, w, 3)
+            and out.dtype == np.uint8
+            and out.flags.c_contiguous
+        ):
             return self._decode_into((y // h) * self.tiles_across + x // w, out)
         x0, y0 = max(x, 0), max(y, 0)
         x1, y1 = min(x + w, self.width), min(y + h, self.height)
@@ -160,7 +170,9 @@ class _TiledPage:
                 ox, oy = tx * self.tile_w, ty * self.tile_h
                 sx0, sy0 = max(x0, ox), max(y0, oy)
                 sx1, sy1 = min(x1, ox + self.tile_w), min(y1, oy + self.tile_h)
-                out[sy0 - y:sy1 - y, sx0 - x:sx1 - x] = tile[sy0 - oy:sy1 - oy, sx0 - ox:sx1 - ox]
+                out[sy0 - y : sy1 - y, sx0 - x : sx1 - x] = tile[
+                    sy0 - oy : sy1 - oy, sx0 - ox : sx1 - ox
+                ]
         return out
 
 
@@ -170,15 +182,25 @@ def _direct_jpeg_args(page: Any) -> dict | None:
     try:
         from tifffile.tifffile import jpeg_decode_colorspace
 
-        if (int(page.compression) != 7 or page.samplesperpixel != 3 or page.extrasamples
-                or int(page.planarconfig) != 1 or page.bitspersample != 8):
+        if (
+            int(page.compression) != 7
+            or page.samplesperpixel != 3
+            or page.extrasamples
+            or int(page.planarconfig) != 1
+            or page.bitspersample != 8
+        ):
             return None
         colorspace, outcolorspace = jpeg_decode_colorspace(
-            int(page.photometric), int(page.planarconfig), page.extrasamples, page.is_jfif)
+            int(page.photometric), int(page.planarconfig), page.extrasamples, page.is_jfif
+        )
     except Exception:  # an older or newer tifffile without this helper: use its decode
         return None
-    return {"tables": page.jpegtables, "colorspace": colorspace, "outcolorspace": outcolorspace,
-            "shape": (int(page.tilelength), int(page.tilewidth))}
+    return {
+        "tables": page.jpegtables,
+        "colorspace": colorspace,
+        "outcolorspace": outcolorspace,
+        "shape": (int(page.tilelength), int(page.tilewidth)),
+    }
 
 
 def _into(out: np.ndarray | None, pixels: np.ndarray) -> np.ndarray:
@@ -217,8 +239,9 @@ class Slide:
         InputNotFoundError, UnsupportedSlideError, CorruptSlideError, ResolutionError.
     """
 
-    def __init__(self, path: str | Path, override_mpp: float | None = None,
-                 require_mpp: bool = True):
+    def __init__(
+        self, path: str | Path, override_mpp: float | None = None, require_mpp: bool = True
+    ):
         self.path = Path(path)
         self.name = self.path.name
         if not self.path.exists():
@@ -266,9 +289,11 @@ class Slide:
                 raise UnsupportedSlideError(
                     f"{self.path}: a DICOM file OpenSlide cannot read as a whole-slide image "
                     f"({exc}); OpenSlide reads tiled VL Whole Slide Microscopy Image series — "
-                    "export the slide as such, or as a pyramidal TIFF") from exc
-            raise CorruptSlideError(f"{self.path}: OpenSlide cannot read it ({exc}); "
-                                    "the file is damaged or truncated") from exc
+                    "export the slide as such, or as a pyramidal TIFF"
+                ) from exc
+            raise CorruptSlideError(
+                f"{self.path}: OpenSlide cannot read it ({exc}); the file is damaged or truncated"
+            ) from exc
         if self._osr is not None:
             self.backend = "openslide"
             self.format = self._osr.properties.get("openslide.vendor", "unknown")
@@ -309,16 +334,22 @@ class Slide:
             w, h = min(page.tile_w, page.width - x), min(page.tile_h, page.height - y)
             ds = self._downsamples[level]
             try:
-                ref = _to_rgb(np.asarray(self._osr.read_region((int(x * ds), int(y * ds)), level,
-                                                               (w, h))))
+                ref = _to_rgb(
+                    np.asarray(self._osr.read_region((int(x * ds), int(y * ds)), level, (w, h)))
+                )
                 ours = page.read(x, y, w, h)
                 # The same tile through the decode-into-the-caller's-array path.
                 direct = page.read(x, y, w, h, np.empty((h, w, 3), np.uint8))
             except Exception as exc:
-                raise CorruptSlideError(f"{self.path}: pixel data cannot be decoded ({exc})") from exc
-            if (ds != round(ds) or not np.array_equal(ref, ours)
-                    or not np.array_equal(ref, direct)):
-                log.debug("level %d of %s: direct decode differs from OpenSlide; not used", level, self.path)
+                raise CorruptSlideError(
+                    f"{self.path}: pixel data cannot be decoded ({exc})"
+                ) from exc
+            if ds != round(ds) or not np.array_equal(ref, ours) or not np.array_equal(ref, direct):
+                log.debug(
+                    "level %d of %s: direct decode differs from OpenSlide; not used",
+                    level,
+                    self.path,
+                )
                 del self._pages[level]
 
     def _open_tifffile(self, file_size: int) -> None:
@@ -335,29 +366,34 @@ class Slide:
             if magic in (b"II*\x00", b"MM\x00*", b"II+\x00", b"MM\x00+"):
                 raise CorruptSlideError(
                     f"{self.path} is a TIFF-based file that cannot be read ({exc}); it is "
-                    "damaged or truncated — copy it again from the source") from exc
+                    "damaged or truncated — copy it again from the source"
+                ) from exc
             if _is_dicom(self.path):
                 raise UnsupportedSlideError(
                     f"{self.path}: a DICOM file, but not a whole-slide image OpenSlide can read "
                     "(it reads tiled VL Whole Slide Microscopy Image series; a single DICOM "
-                    "image of another kind is not a slide)") from exc
+                    "image of another kind is not a slide)"
+                ) from exc
             raise UnsupportedSlideError(
                 f"{self.path} is not a slide OpenSlide or tifffile can read "
-                f"(supported: SVS, NDPI, MRXS, SCN, VMS, BIF, DICOM, tiled/flat/OME TIFF)") from exc
+                f"(supported: SVS, NDPI, MRXS, SCN, VMS, BIF, DICOM, tiled/flat/OME TIFF)"
+            ) from exc
         levels = list(series.levels)
         base = levels[0]
         axes = base.axes.replace("S", "C")
         if not (axes.startswith("YX") and axes in ("YX", "YXC")) or base.dtype != np.uint8:
             raise UnsupportedSlideError(
                 f"{self.path}: a {base.dtype} image with axes {base.axes} is not an 8-bit RGB "
-                "brightfield slide")
+                "brightfield slide"
+            )
         self.backend = "tifffile"
         self.format = "ome-tiff" if self._tiff.is_ome else "tiff"
         self._fd = os.open(self.path, os.O_RDONLY)
         self._dims = [(int(lv.shape[1]), int(lv.shape[0])) for lv in levels]
         self._downsamples = [self._dims[0][0] / w for (w, _) in self._dims]
         self.associated_images = tuple(
-            f"series{i}" for i in range(1, len(self._tiff.series)) if self._tiff.series[i].ndim >= 2)
+            f"series{i}" for i in range(1, len(self._tiff.series)) if self._tiff.series[i].ndim >= 2
+        )
         page0 = base.keyframe
         self.properties = _tiff_properties(page0)
         # A truncated file is damaged, whatever else it lacks (its metadata may look fine, or
@@ -366,14 +402,16 @@ class Slide:
         if _ifd_chain_broken(self.path, file_size):
             raise CorruptSlideError(
                 f"{self.path}: its TIFF directories point past the end of the file; it is "
-                "truncated or damaged — copy it again from the source")
+                "truncated or damaged — copy it again from the source"
+            )
         for lv in levels:
             for page in lv.pages:
                 ends = [o + c for o, c in zip(page.dataoffsets, page.databytecounts) if c]
                 if ends and max(ends) > file_size:
                     raise CorruptSlideError(
                         f"{self.path}: image data runs past the end of the file; it is "
-                        "truncated — copy it again from the source")
+                        "truncated — copy it again from the source"
+                    )
         for i, lv in enumerate(levels):
             page = lv.keyframe
             if len(lv.pages) == 1 and _TiledPage.usable(page):
@@ -435,8 +473,9 @@ class Slide:
         return h.hexdigest()
 
     # -- pixels ------------------------------------------------------------------------------
-    def read_level(self, level: int, x: int, y: int, w: int, h: int,
-                   out: np.ndarray | None = None) -> np.ndarray:
+    def read_level(
+        self, level: int, x: int, y: int, w: int, h: int, out: np.ndarray | None = None
+    ) -> np.ndarray:
         """Pixels of ``level`` at *level* coordinates [y, y+h) × [x, x+w): (h, w, 3) uint8 RGB.
 
         ``out``, an (h, w, 3) uint8 array, receives the pixels when given (saves a copy).
@@ -450,7 +489,9 @@ class Slide:
                 lw, lh = self._dims[level]
                 x0, y0, x1, y1 = max(x, 0), max(y, 0), min(x + w, lw), min(y + h, lh)
                 if x0 < x1 and y0 < y1:
-                    region[y0 - y:y1 - y, x0 - x:x1 - x] = _to_rgb(np.asarray(arr[y0:y1, x0:x1]))
+                    region[y0 - y : y1 - y, x0 - x : x1 - x] = _to_rgb(
+                        np.asarray(arr[y0:y1, x0:x1])
+                    )
                 return _into(out, region)
             ds = self._downsamples[level]
             assert self._osr is not None  # levels not read from the TIFF are OpenSlide's
@@ -464,7 +505,8 @@ class Slide:
             if isinstance(exc, (openslide.OpenSlideError, OSError, ValueError, RuntimeError)):
                 raise CorruptSlideError(
                     f"{self.path}: cannot read level {level} at ({x}, {y}): {exc} "
-                    "(damaged or truncated slide?)") from exc
+                    "(damaged or truncated slide?)"
+                ) from exc
             raise
 
     def read_region(self, x0: int, y0: int, level: int, w: int, h: int) -> np.ndarray:
@@ -472,8 +514,9 @@ class Slide:
         ds = self._downsamples[level]
         return self.read_level(level, int(math.floor(x0 / ds)), int(math.floor(y0 / ds)), w, h)
 
-    def thumbnail(self, max_px: int = 2048, mpp: float | None = None, block_px: int = 4096
-                  ) -> tuple[np.ndarray, float]:
+    def thumbnail(
+        self, max_px: int = 2048, mpp: float | None = None, block_px: int = 4096
+    ) -> tuple[np.ndarray, float]:
         """A thumbnail whose longer side is at most ``max_px``, streamed block by block.
 
         With ``mpp`` (µm per thumbnail pixel), the thumbnail is no finer than that either.
@@ -499,8 +542,10 @@ class Slide:
                 bw, bh = min(step, lw - x), min(step, lh - y)
                 block = self.read_level(level, x, y, bw, bh)
                 small = np.asarray(Image.fromarray(block).reduce(factor)) if factor > 1 else block
-                thumb[y // factor:y // factor + small.shape[0],
-                      x // factor:x // factor + small.shape[1]] = small
+                thumb[
+                    y // factor : y // factor + small.shape[0],
+                    x // factor : x // factor + small.shape[1],
+                ] = small
         return thumb, factor * self._downsamples[level]
 
     def associated_image(self, name: str) -> np.ndarray:
@@ -540,7 +585,9 @@ def _tiff_properties(page: Any) -> dict[str, str]:
     tags = page.tags
     unit = tags.get("ResolutionUnit")
     if unit is not None:
-        props["tiff.ResolutionUnit"] = {1: "none", 2: "inch", 3: "centimeter"}.get(int(unit.value), "none")
+        props["tiff.ResolutionUnit"] = {1: "none", 2: "inch", 3: "centimeter"}.get(
+            int(unit.value), "none"
+        )
     for name in ("XResolution", "YResolution"):
         tag = tags.get(name)
         if tag is not None:
@@ -583,8 +630,9 @@ def _ifd_chain_broken(path: Path, file_size: int, max_ifds: int = 100_000) -> bo
         bo = "<" if head[:2] == b"II" else ">"
         big = struct.unpack(bo + "H", head[2:4])[0] == 43
         count_fmt, entry_size, off_fmt = ("Q", 20, "Q") if big else ("H", 12, "I")
-        offset = struct.unpack(bo + "Q", head[8:16])[0] if big else \
-            struct.unpack(bo + "I", head[4:8])[0]
+        offset = (
+            struct.unpack(bo + "Q", head[8:16])[0] if big else struct.unpack(bo + "I", head[4:8])[0]
+        )
         seen: set[int] = set()
         while offset and len(seen) < max_ifds:
             if offset in seen:

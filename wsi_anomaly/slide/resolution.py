@@ -90,7 +90,11 @@ def resolve_resolution(
         mpp = 10.0 / power
         log.warning(
             "%s: no pixel size in the metadata; estimating %.3f µm/px from objective power %gx "
-            "(pass --slide-mpp to be exact)", slide_name, mpp, power)
+            "(pass --slide-mpp to be exact)",
+            slide_name,
+            mpp,
+            power,
+        )
         res = Resolution(mpp, mpp, "objective-power")
     else:
         raise ResolutionError(

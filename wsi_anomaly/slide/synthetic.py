@@ -139,9 +139,7 @@ class SyntheticLayout:
         if self.boundary_wave < 0:
             raise InvalidInputError(f"boundary_wave must be ≥ 0, got {self.boundary_wave}")
 
-    def labels(
-        self, x0: float, y0: float, w: int, h: int, downsample: float = 1.0
-    ) -> np.ndarray:
+    def labels(self, x0: float, y0: float, w: int, h: int, downsample: float = 1.0) -> np.ndarray:
         """Label image of a region, sampled at pixel centres.
 
         Args:
@@ -327,7 +325,9 @@ class _FieldMaker:
         field, contrast = self._smooth_noise(sigma_um)
         return field * contrast
 
-    def ridges(self, sigma_along_um: float, sigma_across_um: float, theta: float, width: float) -> np.ndarray:
+    def ridges(
+        self, sigma_along_um: float, sigma_across_um: float, theta: float, width: float
+    ) -> np.ndarray:
         """Fibre-like streaks along ``theta`` in ``[0, 1]``: the zero crossings of anisotropic noise."""
         field, contrast = self._smooth_noise(sigma_along_um, sigma_across_um, theta)
         streaks = np.exp(-((field / width) ** 2))
@@ -642,8 +642,13 @@ def write_synthetic_slide(
         bar = tqdm(total=sum(tiles_per_level), unit="tile", desc=f"synthetic {path.name}")
     log.info(
         "writing synthetic slide %s: %d×%d px, %d levels, %d tiles, mpp %s, seed %d",
-        path, width, height, len(levels), sum(tiles_per_level),
-        mpp if with_resolution else "not written", seed,
+        path,
+        width,
+        height,
+        len(levels),
+        sum(tiles_per_level),
+        mpp if with_resolution else "not written",
+        seed,
     )
     started = time.perf_counter()
     try:
@@ -658,9 +663,7 @@ def write_synthetic_slide(
                     return cast(bytes, imagecodecs.jpeg_encode(renderer.tile(*origin), **jpeg_args))
 
                 origins = (
-                    (x, y)
-                    for y in range(0, level_h, tile_px)
-                    for x in range(0, level_w, tile_px)
+                    (x, y) for y in range(0, level_h, tile_px) for x in range(0, level_w, tile_px)
                 )
                 encoded: Iterator[bytes] = map(encode, origins)
                 if bar is not None:
@@ -688,7 +691,9 @@ def write_synthetic_slide(
     seconds = time.perf_counter() - started
     log.info(
         "wrote %s in %.1f s (%.0f tiles/s)",
-        path, seconds, sum(tiles_per_level) / max(seconds, 1e-9),
+        path,
+        seconds,
+        sum(tiles_per_level) / max(seconds, 1e-9),
     )
     return SyntheticSlide(
         path=path,
@@ -700,4 +705,3 @@ def write_synthetic_slide(
         level_dimensions=tuple(size for _, size in levels),
         has_resolution=bool(with_resolution),
     )
-

@@ -68,8 +68,9 @@ def pen_mark_mask(rgb: np.ndarray, hsv: np.ndarray | None = None) -> np.ndarray:
     return ink_hue | black
 
 
-def detect_tissue(rgb: np.ndarray, mpp_thumb: float, settings: TissueSettings = TissueSettings()
-                  ) -> tuple[np.ndarray, float]:
+def detect_tissue(
+    rgb: np.ndarray, mpp_thumb: float, settings: TissueSettings = TissueSettings()
+) -> tuple[np.ndarray, float]:
     """Tissue mask of an RGB thumbnail whose pixels are ``mpp_thumb`` µm wide.
 
     Returns ``(mask, saturation_threshold)``; ``mask`` is boolean with the thumbnail's shape.
@@ -78,8 +79,9 @@ def detect_tissue(rgb: np.ndarray, mpp_thumb: float, settings: TissueSettings = 
         return np.zeros(rgb.shape[:2], bool), 1.0
     hsv = rgb_to_hsv(rgb)
     saturation = hsv[..., 1]
-    excluded = (pen_mark_mask(rgb, hsv) if settings.remove_pen_marks
-                else np.zeros(saturation.shape, bool))
+    excluded = (
+        pen_mark_mask(rgb, hsv) if settings.remove_pen_marks else np.zeros(saturation.shape, bool)
+    )
     candidates = saturation[~excluded]
     threshold = settings.min_saturation
     if candidates.size and candidates.max() > candidates.min():

@@ -160,14 +160,20 @@ class ImageFolderDataset(Dataset):
         self.tile_px = tile_px
         if not candidates:
             raise InvalidInputError(
-                f"no images in {self.root} (looked for {', '.join(IMAGE_SUFFIXES)}, recursively)")
+                f"no images in {self.root} (looked for {', '.join(IMAGE_SUFFIXES)}, recursively)"
+            )
         self.files: list[Path] = []
         unreadable, small = [], []
         for path in candidates:
             try:
                 h, w = read_image_rgb(path).shape[:2]
-            except (UnidentifiedImageError, OSError, ValueError, SyntaxError,
-                    Image.DecompressionBombError):
+            except (
+                UnidentifiedImageError,
+                OSError,
+                ValueError,
+                SyntaxError,
+                Image.DecompressionBombError,
+            ):
                 unreadable.append(path)
                 continue
             if min(w, h) < tile_px:
@@ -175,15 +181,25 @@ class ImageFolderDataset(Dataset):
                 continue
             self.files.append(path)
         if unreadable:
-            log.warning("%s: skipped %d unreadable image(s), e.g. %s", self.root, len(unreadable),
-                        unreadable[0].name)
+            log.warning(
+                "%s: skipped %d unreadable image(s), e.g. %s",
+                self.root,
+                len(unreadable),
+                unreadable[0].name,
+            )
         if small:
-            log.warning("%s: skipped %d image(s) smaller than %d px, e.g. %s", self.root,
-                        len(small), tile_px, small[0].name)
+            log.warning(
+                "%s: skipped %d image(s) smaller than %d px, e.g. %s",
+                self.root,
+                len(small),
+                tile_px,
+                small[0].name,
+            )
         if not self.files:
             raise InvalidInputError(
                 f"no usable images in {self.root}: {len(unreadable)} unreadable, {len(small)} "
-                f"smaller than the {tile_px} px tile size")
+                f"smaller than the {tile_px} px tile size"
+            )
         self.skipped = {"unreadable": len(unreadable), "too_small": len(small)}
 
     def __len__(self) -> int:
@@ -192,8 +208,9 @@ class ImageFolderDataset(Dataset):
     def load_rgb(self, index: int) -> np.ndarray:
         rgb = read_image_rgb(self.files[index])
         if rgb.shape[:2] != (self.tile_px, self.tile_px):
-            im = Image.fromarray(rgb).resize((self.tile_px, self.tile_px),
-                                             Image.Resampling.BILINEAR, reducing_gap=None)
+            im = Image.fromarray(rgb).resize(
+                (self.tile_px, self.tile_px), Image.Resampling.BILINEAR, reducing_gap=None
+            )
             rgb = np.asarray(im)
         return rgb
 

@@ -25,8 +25,9 @@ def write_coords_h5(store: TileStore, path: str | Path) -> Path:
     try:
         import h5py
     except ImportError:
-        raise InvalidInputError("writing coords .h5 files needs h5py: pip install "
-                                "'wsi-anomaly[export]'") from None
+        raise InvalidInputError(
+            "writing coords .h5 files needs h5py: pip install 'wsi-anomaly[export]'"
+        ) from None
     a = store.attrs
     tile_px = int(a["tile_px"])
     stride_px = int(a.get("stride_px") or tile_px)

@@ -59,14 +59,20 @@ def _compressor() -> BloscCodec:
     return BloscCodec(cname="lz4", clevel=1, shuffle="noshuffle")
 
 
-def _create_tiles_array(root: zarr.Group, n_tiles: int, tile_px: int, chunk: int, shard: int
-                        ) -> zarr.Array:
+def _create_tiles_array(
+    root: zarr.Group, n_tiles: int, tile_px: int, chunk: int, shard: int
+) -> zarr.Array:
     return root.create_array(
-        "tiles", shape=(n_tiles, tile_px, tile_px, 3), dtype="uint8",
-        chunks=(chunk, tile_px, tile_px, 3), shards=(shard, tile_px, tile_px, 3),
-        compressors=_compressor(), dimension_names=("tile", "y", "x", "rgb"),
+        "tiles",
+        shape=(n_tiles, tile_px, tile_px, 3),
+        dtype="uint8",
+        chunks=(chunk, tile_px, tile_px, 3),
+        shards=(shard, tile_px, tile_px, 3),
+        compressors=_compressor(),
+        dimension_names=("tile", "y", "x", "rgb"),
         # Tiles are never all-zero: skip zarr's per-chunk "is it empty?" comparison.
-        config={"write_empty_chunks": True})
+        config={"write_empty_chunks": True},
+    )
 
 
 class ShardEncoder:
@@ -85,10 +91,18 @@ class ShardEncoder:
         from numcodecs import Blosc
 
         codec = _compressor()
-        shuffle = {"noshuffle": Blosc.NOSHUFFLE, "shuffle": Blosc.SHUFFLE,
-                   "bitshuffle": Blosc.BITSHUFFLE}[codec.shuffle.value]
-        self.blosc = Blosc(cname=codec.cname.value, clevel=codec.clevel, shuffle=shuffle,
-                           blocksize=codec.blocksize, typesize=1)
+        shuffle = {
+            "noshuffle": Blosc.NOSHUFFLE,
+            "shuffle": Blosc.SHUFFLE,
+            "bitshuffle": Blosc.BITSHUFFLE,
+        }[codec.shuffle.value]
+        self.blosc = Blosc(
+            cname=codec.cname.value,
+            clevel=codec.clevel,
+            shuffle=shuffle,
+            blocksize=codec.blocksize,
+            typesize=1,
+        )
         self.crc32c = google_crc32c.value
         self.chunk_tiles = chunk_tiles
 
@@ -102,7 +116,7 @@ class ShardEncoder:
         index = np.empty((n_chunks, 2), "<u8")
         offset = 0
         for k in range(n_chunks):
-            part = self.blosc.encode(shard[k * self.chunk_tiles:(k + 1) * self.chunk_tiles])
+            part = self.blosc.encode(shard[k * self.chunk_tiles : (k + 1) * self.chunk_tiles])
             index[k] = (offset, len(part))
             offset += len(part)
             parts.append(part)
@@ -146,8 +160,11 @@ def is_tile_store(path: Path) -> bool:
         attrs = json.loads(meta.read_text(encoding="utf-8")).get("attributes", {})
     except (OSError, ValueError, AttributeError):
         return False
-    return isinstance(attrs, dict) and isinstance(attrs.get(ATTRS_KEY), dict) \
+    return (
+        isinstance(attrs, dict)
+        and isinstance(attrs.get(ATTRS_KEY), dict)
         and attrs[ATTRS_KEY].get("format") == STORE_FORMAT
+    )
 
 
 def prepare_output(path: Path, overwrite: bool) -> Path:
@@ -157,8 +174,10 @@ def prepare_output(path: Path, overwrite: bool) -> Path:
         if not overwrite:
             raise OutputExistsError(f"{path} already exists; pass --overwrite to replace it")
         if not is_tile_store(path):
-            raise OutputExistsError(f"{path} exists and is not a tile store written by "
-                                    "wsi-anomaly; refusing to replace it (choose another --out)")
+            raise OutputExistsError(
+                f"{path} exists and is not a tile store written by "
+                "wsi-anomaly; refusing to replace it (choose another --out)"
+            )
     tmp = temporary_path(path)
     if tmp.exists():
         log.info("removing partial output of an interrupted run: %s", tmp)
@@ -173,9 +192,17 @@ class TileStoreWriter:
     on error the partial store is removed.
     """
 
-    def __init__(self, path: str | Path, n_tiles: int, tile_px: int, coords: np.ndarray,
-                 grid_index: np.ndarray, tissue_fraction: np.ndarray, attrs: dict[str, Any],
-                 overwrite: bool = False):
+    def __init__(
+        self,
+        path: str | Path,
+        n_tiles: int,
+        tile_px: int,
+        coords: np.ndarray,
+        grid_index: np.ndarray,
+        tissue_fraction: np.ndarray,
+        attrs: dict[str, Any],
+        overwrite: bool = False,
+    ):
         self.path = Path(path)
         self.tmp = prepare_output(self.path, overwrite)
         self.n_tiles = n_tiles
@@ -187,14 +214,25 @@ class TileStoreWriter:
         self.shard_tiles = shard
         self.tiles = _create_tiles_array(root, n_tiles, tile_px, chunk, shard)
         self._encoder = shard_encoder(chunk)
-        root.create_array("coords", data=np.asarray(coords, np.int64).reshape(-1, 2),
-                          chunks=(max(1, n_tiles), 2))
-        root.create_array("grid_index", data=np.asarray(grid_index, np.int32).reshape(-1, 2),
-                          chunks=(max(1, n_tiles), 2))
-        root.create_array("tissue_fraction", data=np.asarray(tissue_fraction, np.float32),
-                          chunks=(max(1, n_tiles),))
-        self.attrs = {"format": STORE_FORMAT, "software_version": __version__, "complete": False,
-                      **attrs}
+        root.create_array(
+            "coords", data=np.asarray(coords, np.int64).reshape(-1, 2), chunks=(max(1, n_tiles), 2)
+        )
+        root.create_array(
+            "grid_index",
+            data=np.asarray(grid_index, np.int32).reshape(-1, 2),
+            chunks=(max(1, n_tiles), 2),
+        )
+        root.create_array(
+            "tissue_fraction",
+            data=np.asarray(tissue_fraction, np.float32),
+            chunks=(max(1, n_tiles),),
+        )
+        self.attrs = {
+            "format": STORE_FORMAT,
+            "software_version": __version__,
+            "complete": False,
+            **attrs,
+        }
         root.attrs[ATTRS_KEY] = self.attrs
         self.root = root
 
@@ -202,8 +240,9 @@ class TileStoreWriter:
         """Add the arrays the scorer fills: ``scores``/``max_scores`` (N,), ``maps`` (N, 64, 64)."""
         create_score_arrays(self.root, self.n_tiles, self.shard_tiles, keep_maps, map_px)
 
-    def write_scores(self, start: int, mean: np.ndarray, peak: np.ndarray,
-                     maps: np.ndarray | None = None) -> None:
+    def write_scores(
+        self, start: int, mean: np.ndarray, peak: np.ndarray, maps: np.ndarray | None = None
+    ) -> None:
         write_score_arrays(self.root, start, mean, peak, maps)
 
     def write(self, start: int, tiles: np.ndarray) -> None:
@@ -213,9 +252,13 @@ class TileStoreWriter:
         renamed, as zarr does); anything else goes through zarr.
         """
         shard = self.shard_tiles
-        if (self._encoder is None or start % shard or len(tiles) != shard
-                or tiles.shape[1:] != self.tiles.shape[1:]):
-            self.tiles[start:start + len(tiles)] = tiles
+        if (
+            self._encoder is None
+            or start % shard
+            or len(tiles) != shard
+            or tiles.shape[1:] != self.tiles.shape[1:]
+        ):
+            self.tiles[start : start + len(tiles)] = tiles
             return
         key = self.tiles.metadata.encode_chunk_key((start // shard, 0, 0, 0))
         path = self.tmp / "tiles" / key
@@ -226,7 +269,7 @@ class TileStoreWriter:
                 for data in self._encoder.encode(tiles):
                     view = memoryview(data)
                     while view:
-                        view = view[fh.write(view):]
+                        view = view[fh.write(view) :]
             os.replace(part, path)
         except BaseException:
             part.unlink(missing_ok=True)
@@ -248,21 +291,35 @@ class TileStoreWriter:
             self.abort()
 
 
-def create_score_arrays(root: zarr.Group, n_tiles: int, chunk: int, keep_maps: bool,
-                        map_px: int = 64) -> None:
+def create_score_arrays(
+    root: zarr.Group, n_tiles: int, chunk: int, keep_maps: bool, map_px: int = 64
+) -> None:
     """(Re)create the score arrays of a store, filled with NaN until scored."""
     chunk = max(1, min(chunk, n_tiles))
     for name in ("scores", "max_scores"):
-        root.create_array(name, shape=(n_tiles,), dtype="float32", chunks=(chunk,),
-                          fill_value=float("nan"), overwrite=True)
+        root.create_array(
+            name,
+            shape=(n_tiles,),
+            dtype="float32",
+            chunks=(chunk,),
+            fill_value=float("nan"),
+            overwrite=True,
+        )
     if keep_maps:
-        root.create_array("maps", shape=(n_tiles, map_px, map_px), dtype="float16",
-                          chunks=(min(chunk, 64), map_px, map_px), fill_value=float("nan"),
-                          compressors=_compressor(), overwrite=True)
+        root.create_array(
+            "maps",
+            shape=(n_tiles, map_px, map_px),
+            dtype="float16",
+            chunks=(min(chunk, 64), map_px, map_px),
+            fill_value=float("nan"),
+            compressors=_compressor(),
+            overwrite=True,
+        )
 
 
-def write_score_arrays(root: zarr.Group, start: int, mean: np.ndarray, peak: np.ndarray,
-                       maps: np.ndarray | None = None) -> None:
+def write_score_arrays(
+    root: zarr.Group, start: int, mean: np.ndarray, peak: np.ndarray, maps: np.ndarray | None = None
+) -> None:
     stop = start + len(mean)
     zarr_array(root, "scores")[start:stop] = np.asarray(mean, np.float32)
     zarr_array(root, "max_scores")[start:stop] = np.asarray(peak, np.float32)
@@ -279,7 +336,8 @@ class TileStore:
             if temporary_path(self.path).exists():
                 raise InvalidInputError(
                     f"{self.path} was never completed (an interrupted run left "
-                    f"{temporary_path(self.path).name}); run the tiler again")
+                    f"{temporary_path(self.path).name}); run the tiler again"
+                )
             raise InputNotFoundError(f"tile store not found: {self.path}")
         try:
             self.root = zarr.open_group(str(self.path), mode=mode)
@@ -317,8 +375,9 @@ class TileStore:
         """(Re)create empty score arrays to score this store again (opened with ``mode="r+"``)."""
         create_score_arrays(self.root, len(self), self.shard_tiles, keep_maps)
 
-    def write_scores(self, start: int, mean: np.ndarray, peak: np.ndarray,
-                     maps: np.ndarray | None = None) -> None:
+    def write_scores(
+        self, start: int, mean: np.ndarray, peak: np.ndarray, maps: np.ndarray | None = None
+    ) -> None:
         write_score_arrays(self.root, start, mean, peak, maps)
 
     def set_model(self, identity: dict[str, Any]) -> None:
@@ -343,7 +402,11 @@ class TileStore:
 
     @property
     def max_scores(self) -> np.ndarray | None:
-        return np.asarray(zarr_array(self.root, "max_scores")[:]) if "max_scores" in self.root else None
+        return (
+            np.asarray(zarr_array(self.root, "max_scores")[:])
+            if "max_scores" in self.root
+            else None
+        )
 
     @staticmethod
     def is_store(path: str | Path) -> bool:

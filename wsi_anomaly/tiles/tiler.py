@@ -91,8 +91,9 @@ def plan_tiles(slide: Slide, settings: TilingSettings) -> tuple[TileGrid, TileGr
     lv = slide.levels[plan.level]
     grid = make_grid(plan, (lv.width, lv.height))
     tissue = tissue_mask(slide, settings.tissue)
-    grid.tissue_fraction = box_fractions(tissue.mask, tissue.downsample, grid.coords,
-                                         plan.tile_size_l0)
+    grid.tissue_fraction = box_fractions(
+        tissue.mask, tissue.downsample, grid.coords, plan.tile_size_l0
+    )
     keep = grid.tissue_fraction >= settings.min_tissue
     if settings.min_tissue <= 0:  # "keep everything" must not depend on float round-off
         keep[:] = True
@@ -132,8 +133,9 @@ RING_BUFFERS = 6
 WRITE_THREADS = 2
 
 
-def iter_tile_batches(slide: Slide, grid: TileGrid, batch: int, workers: int = 0,
-                      busy: list[float] | None = None) -> Iterator[tuple[int, np.ndarray]]:
+def iter_tile_batches(
+    slide: Slide, grid: TileGrid, batch: int, workers: int = 0, busy: list[float] | None = None
+) -> Iterator[tuple[int, np.ndarray]]:
     """Yield ``(start, tiles)`` in order, decoding the next batches while the caller works.
 
     ``tiles`` is reused for a later batch once four more batches have been yielded: copy it to
@@ -151,15 +153,18 @@ def iter_tile_batches(slide: Slide, grid: TileGrid, batch: int, workers: int = 0
     tile_px = grid.plan.tile_px
     ring: list[np.ndarray] = []
     with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="tile-read") as pool:
+
         def submit(start: int) -> tuple[np.ndarray, list[Future]]:
             stop = min(start + batch, n)
             slot = (start // batch) % RING_BUFFERS
             if len(ring) <= slot:
                 ring.append(np.empty((min(batch, n), tile_px, tile_px, 3), np.uint8))
-            out = ring[slot][:stop - start]
+            out = ring[slot][: stop - start]
             step = math.ceil((stop - start) / workers)
-            return out, [pool.submit(_load_range, slide, grid, s, min(s + step, stop), out, start,
-                                     busy) for s in range(start, stop, step)]
+            return out, [
+                pool.submit(_load_range, slide, grid, s, min(s + step, stop), out, start, busy)
+                for s in range(start, stop, step)
+            ]
 
         pending: list[tuple[int, tuple[np.ndarray, list[Future]]]] = []
         starts = iter(range(0, n, batch))
@@ -177,8 +182,15 @@ def iter_tile_batches(slide: Slide, grid: TileGrid, batch: int, workers: int = 0
             yield start, out
 
 
-def _load_range(slide: Slide, grid: TileGrid, start: int, stop: int, out: np.ndarray,
-                offset: int, busy: list[float] | None = None) -> None:
+def _load_range(
+    slide: Slide,
+    grid: TileGrid,
+    start: int,
+    stop: int,
+    out: np.ndarray,
+    offset: int,
+    busy: list[float] | None = None,
+) -> None:
     t0 = time.perf_counter()
     for k in range(start, stop):
         read_tile(slide, grid, k, out[k - offset])
@@ -191,8 +203,13 @@ def _export_png(tiles: np.ndarray, coords: np.ndarray, folder: Path, stem: str) 
         Image.fromarray(tile).save(folder / f"{stem}_x{int(x)}_y{int(y)}.png", compress_level=1)
 
 
-def store_attributes(slide_path: str | Path, slide: Slide, grid: TileGrid,
-                     settings: TilingSettings, tissue: TissueMask) -> dict:
+def store_attributes(
+    slide_path: str | Path,
+    slide: Slide,
+    grid: TileGrid,
+    settings: TilingSettings,
+    tissue: TissueMask,
+) -> dict:
     """Provenance recorded in a tile store: the slide, its resolution, the grid and settings."""
     plan = grid.plan
     return {
@@ -217,10 +234,16 @@ def store_attributes(slide_path: str | Path, slide: Slide, grid: TileGrid,
     }
 
 
-def stream_to_store(slide: Slide, grid: TileGrid, writer: TileStoreWriter, read_threads: int = 0,
-                    on_batch: Callable[[int, np.ndarray], None] | None = None,
-                    timing: dict[str, float] | None = None, desc: str = "tiling",
-                    progress: bool = True) -> None:
+def stream_to_store(
+    slide: Slide,
+    grid: TileGrid,
+    writer: TileStoreWriter,
+    read_threads: int = 0,
+    on_batch: Callable[[int, np.ndarray], None] | None = None,
+    timing: dict[str, float] | None = None,
+    desc: str = "tiling",
+    progress: bool = True,
+) -> None:
     """Decode the tiles of ``grid`` once and write them to ``writer``: the one streaming loop
     behind ``tile`` and ``heatmap``.
 
@@ -234,13 +257,13 @@ def stream_to_store(slide: Slide, grid: TileGrid, writer: TileStoreWriter, read_
     for key in ("read_s", "read_wait_s", "write_s"):
         timing.setdefault(key, 0.0)
     busy = [0.0]
-    bar = tqdm(total=len(grid), unit="tile", desc=f"{desc} {slide.name}", disable=not progress,
-               leave=False)
+    bar = tqdm(
+        total=len(grid), unit="tile", desc=f"{desc} {slide.name}", disable=not progress, leave=False
+    )
     with ThreadPoolExecutor(max_workers=WRITE_THREADS, thread_name_prefix="tile-write") as io:
         pending: list[Future] = []
         t_wait = time.perf_counter()
-        for start, tiles in iter_tile_batches(slide, grid, writer.shard_tiles, read_threads,
-                                              busy):
+        for start, tiles in iter_tile_batches(slide, grid, writer.shard_tiles, read_threads, busy):
             timing["read_wait_s"] += time.perf_counter() - t_wait
             while len(pending) >= WRITE_THREADS:
                 pending.pop(0).result()
@@ -255,8 +278,9 @@ def stream_to_store(slide: Slide, grid: TileGrid, writer: TileStoreWriter, read_
     timing["read_s"] += busy[0]
 
 
-def _timed_write(timing: dict[str, float], writer: TileStoreWriter, start: int,
-                 tiles: np.ndarray) -> None:
+def _timed_write(
+    timing: dict[str, float], writer: TileStoreWriter, start: int, tiles: np.ndarray
+) -> None:
     t0 = time.perf_counter()
     try:
         writer.write(start, tiles)
@@ -270,9 +294,15 @@ def store_bytes_estimate(n_tiles: int, tile_px: int) -> int:
     return n_tiles * tile_px * tile_px * 3 + (16 << 20)
 
 
-def tile_slide(slide_path: str | Path, out: str | Path, settings: TilingSettings | None = None,
-               slide_mpp: float | None = None, overwrite: bool = False,
-               export_png: str | Path | None = None, progress: bool = True) -> TilingResult:
+def tile_slide(
+    slide_path: str | Path,
+    out: str | Path,
+    settings: TilingSettings | None = None,
+    slide_mpp: float | None = None,
+    overwrite: bool = False,
+    export_png: str | Path | None = None,
+    progress: bool = True,
+) -> TilingResult:
     """Tile one slide into a zarr store at ``out``.
 
     Only one run writes ``out`` at a time (a lock file next to it); ``overwrite`` replaces only a
@@ -295,15 +325,17 @@ def tile_slide(slide_path: str | Path, out: str | Path, settings: TilingSettings
     with OutputLock(out):
         png_tmp = prepare_output(png_dir, overwrite=True) if png_dir else None
         try:
-            return _tile_slide(slide_path, out, settings, slide_mpp, overwrite, png_dir, png_tmp,
-                               progress, t_start)
+            return _tile_slide(
+                slide_path, out, settings, slide_mpp, overwrite, png_dir, png_tmp, progress, t_start
+            )
         finally:
             if png_tmp is not None:
                 remove_path(png_tmp)
 
 
-def _tile_slide(slide_path, out, settings, slide_mpp, overwrite, png_dir, png_tmp, progress,
-                t_start) -> TilingResult:
+def _tile_slide(
+    slide_path, out, settings, slide_mpp, overwrite, png_dir, png_tmp, progress, t_start
+) -> TilingResult:
     with Slide(slide_path, override_mpp=slide_mpp) as slide:
         grid, kept, tissue = plan_tiles(slide, settings)
         plan = grid.plan
@@ -311,9 +343,16 @@ def _tile_slide(slide_path, out, settings, slide_mpp, overwrite, png_dir, png_tm
             what = "inside the annotations " if settings.annotations else ""
             raise NoTissueError(
                 f"{slide.name}: no tissue {what}— 0 of {len(grid)} tiles have ≥ "
-                f"{settings.min_tissue:.0%} tissue at {plan.actual_mpp:.3f} mpp (all background?)")
-        log.info("%s: %d of %d grid tiles kept (level %d, %.3f mpp)", slide.name, len(kept),
-                 len(grid), plan.level, plan.actual_mpp)
+                f"{settings.min_tissue:.0%} tissue at {plan.actual_mpp:.3f} mpp (all background?)"
+            )
+        log.info(
+            "%s: %d of %d grid tiles kept (level %d, %.3f mpp)",
+            slide.name,
+            len(kept),
+            len(grid),
+            plan.level,
+            plan.actual_mpp,
+        )
         need = store_bytes_estimate(len(kept), plan.tile_px) * (2 if png_tmp is not None else 1)
         check_free_space(out.parent, need, f"the tile store of {slide.name}")
         attrs = store_attributes(slide_path, slide, grid, settings, tissue)
@@ -324,15 +363,31 @@ def _tile_slide(slide_path, out, settings, slide_mpp, overwrite, png_dir, png_tm
 
         def export(start: int, tiles: np.ndarray) -> None:
             if png_tmp is not None:
-                _export_png(tiles, kept.coords[start:start + len(tiles)], png_tmp, stem)
+                _export_png(tiles, kept.coords[start : start + len(tiles)], png_tmp, stem)
 
-        with TileStoreWriter(out, len(kept), plan.tile_px, kept.coords, kept.grid_index,
-                             kept.tissue_fraction, attrs, overwrite=overwrite) as writer:
-            stream_to_store(slide, kept, writer, settings.workers, on_batch=export,
-                            desc="tiling", progress=progress)
+        with TileStoreWriter(
+            out,
+            len(kept),
+            plan.tile_px,
+            kept.coords,
+            kept.grid_index,
+            kept.tissue_fraction,
+            attrs,
+            overwrite=overwrite,
+        ) as writer:
+            stream_to_store(
+                slide,
+                kept,
+                writer,
+                settings.workers,
+                on_batch=export,
+                desc="tiling",
+                progress=progress,
+            )
             seconds = time.perf_counter() - t_start
             writer.close({"tiling_seconds": seconds})
         if png_tmp is not None and png_dir is not None:
             commit_dir(png_tmp, png_dir)
-    return TilingResult(out, len(kept), len(grid), float(kept.tissue_fraction.mean()), seconds,
-                        plan.to_dict())
+    return TilingResult(
+        out, len(kept), len(grid), float(kept.tissue_fraction.mean()), seconds, plan.to_dict()
+    )

@@ -30,8 +30,9 @@ TOP_TILES = 20
 def _environment():
     from jinja2 import Environment, FileSystemLoader, select_autoescape
 
-    return Environment(loader=FileSystemLoader(str(TEMPLATES)),
-                       autoescape=select_autoescape(["html"]))
+    return Environment(
+        loader=FileSystemLoader(str(TEMPLATES)), autoescape=select_autoescape(["html"])
+    )
 
 
 def slide_url(name: str) -> str:
@@ -64,16 +65,23 @@ def cohort_rows(results: ResultsFolder) -> list[dict[str, Any]]:
 
 
 def cohort_page(results: ResultsFolder) -> str:
-    return _environment().get_template("cohort.html").render(
-        root=str(results.root), rows=cohort_rows(results))
+    return (
+        _environment()
+        .get_template("cohort.html")
+        .render(root=str(results.root), rows=cohort_rows(results))
+    )
 
 
 def tile_records(entry: SlideResults) -> dict[str, Any]:
     """Tile values for the page: level-0 coordinates, scores, max, tissue fraction."""
     tiles = entry.tiles()
-    return {"x": tiles.coords[:, 0].tolist(), "y": tiles.coords[:, 1].tolist(),
-            "score": _finite_list(tiles.scores), "max": _finite_list(tiles.max_scores),
-            "tissue": _finite_list(tiles.tissue_fraction)}
+    return {
+        "x": tiles.coords[:, 0].tolist(),
+        "y": tiles.coords[:, 1].tolist(),
+        "score": _finite_list(tiles.scores),
+        "max": _finite_list(tiles.max_scores),
+        "tissue": _finite_list(tiles.tissue_fraction),
+    }
 
 
 def _finite_list(values: np.ndarray) -> list[float | None]:
@@ -109,13 +117,28 @@ def slide_figure(entry: SlideResults, slide_available: bool):
     # both axes, so tissue is not stretched).
     um_per_screen_px = max(width_um / PLOT_W, height_um / PLOT_H) * 1.02
     cx, cy = width_um / 2, -height_um / 2
-    x_range = Range1d(start=cx - um_per_screen_px * PLOT_W / 2,
-                      end=cx + um_per_screen_px * PLOT_W / 2, name="x_range")
-    y_range = Range1d(start=cy - um_per_screen_px * PLOT_H / 2,
-                      end=cy + um_per_screen_px * PLOT_H / 2, name="y_range")
-    fig = figure(width=PLOT_W, height=PLOT_H, x_range=x_range, y_range=y_range,
-                 tools="pan,reset,save", toolbar_location="above", name="slide_figure",
-                 output_backend="canvas", min_border=0, match_aspect=True)
+    x_range = Range1d(
+        start=cx - um_per_screen_px * PLOT_W / 2,
+        end=cx + um_per_screen_px * PLOT_W / 2,
+        name="x_range",
+    )
+    y_range = Range1d(
+        start=cy - um_per_screen_px * PLOT_H / 2,
+        end=cy + um_per_screen_px * PLOT_H / 2,
+        name="y_range",
+    )
+    fig = figure(
+        width=PLOT_W,
+        height=PLOT_H,
+        x_range=x_range,
+        y_range=y_range,
+        tools="pan,reset,save",
+        toolbar_location="above",
+        name="slide_figure",
+        output_backend="canvas",
+        min_border=0,
+        match_aspect=True,
+    )
     zoom = WheelZoomTool(zoom_on_axis=False)
     fig.add_tools(zoom)
     fig.toolbar.active_scroll = zoom
@@ -125,46 +148,110 @@ def slide_figure(entry: SlideResults, slide_available: bool):
 
     if slide_available:
         zmax = max_zoom_for(w0, h0)
-        world_um = TILE_PX * 2 ** zmax * mpp
-        pyramid = WMTSTileSource(url=base + "tiles/{Z}/{X}/{Y}.jpg", tile_size=TILE_PX,
-                                 min_zoom=0, max_zoom=zmax, initial_resolution=world_um / TILE_PX,
-                                 x_origin_offset=0, y_origin_offset=world_um, wrap_around=False)
+        world_um = TILE_PX * 2**zmax * mpp
+        pyramid = WMTSTileSource(
+            url=base + "tiles/{Z}/{X}/{Y}.jpg",
+            tile_size=TILE_PX,
+            min_zoom=0,
+            max_zoom=zmax,
+            initial_resolution=world_um / TILE_PX,
+            x_origin_offset=0,
+            y_origin_offset=world_um,
+            wrap_around=False,
+        )
         fig.add_tile(pyramid, name="slide_tiles", render_parents=True)
     elif (entry.folder / "thumbnail.png").is_file():
-        fig.image_url(url=[base + "files/thumbnail.png"], x=0, y=0, w=width_um, h=height_um,
-                      anchor="top_left", name="slide_thumbnail")
+        fig.image_url(
+            url=[base + "files/thumbnail.png"],
+            x=0,
+            y=0,
+            w=width_um,
+            h=height_um,
+            anchor="top_left",
+            name="slide_thumbnail",
+        )
 
     ox, oy = tiles.grid_origin
     stride_um = tiles.stride_l0 * mpp
     grid_w = max(tiles.grid_cols, 1) * stride_um
     grid_h = max(tiles.grid_rows, 1) * stride_um
-    heat = fig.image_url(url=[base + "overlay/cells.png"], x=ox * mpp, y=-oy * mpp, w=grid_w,
-                         h=grid_h, anchor="top_left", global_alpha=0.5, name="cell_overlay")
+    heat = fig.image_url(
+        url=[base + "overlay/cells.png"],
+        x=ox * mpp,
+        y=-oy * mpp,
+        w=grid_w,
+        h=grid_h,
+        anchor="top_left",
+        global_alpha=0.5,
+        name="cell_overlay",
+    )
     pixel = None
     if entry.pixel_map() is not None:
-        pixel = fig.image_url(url=[base + "overlay/pixels.png"], x=ox * mpp, y=-oy * mpp,
-                              w=grid_w, h=grid_h, anchor="top_left", global_alpha=0.5,
-                              visible=False, name="pixel_overlay")
+        pixel = fig.image_url(
+            url=[base + "overlay/pixels.png"],
+            x=ox * mpp,
+            y=-oy * mpp,
+            w=grid_w,
+            h=grid_h,
+            anchor="top_left",
+            global_alpha=0.5,
+            visible=False,
+            name="pixel_overlay",
+        )
 
     # numpy columns: bokeh sends them as binary arrays (compact and quick for many tiles).
     side_um = tiles.tile_size_l0 * mpp
     centres_um = (tiles.coords + tiles.tile_size_l0 / 2) * mpp
-    data = {"x": tiles.coords[:, 0], "y": tiles.coords[:, 1], "score": tiles.scores,
-            "max": tiles.max_scores, "tissue": tiles.tissue_fraction,
-            "cx": centres_um[:, 0], "cy": -centres_um[:, 1]}
+    data = {
+        "x": tiles.coords[:, 0],
+        "y": tiles.coords[:, 1],
+        "score": tiles.scores,
+        "max": tiles.max_scores,
+        "tissue": tiles.tissue_fraction,
+        "cx": centres_um[:, 0],
+        "cy": -centres_um[:, 1],
+    }
     source = ColumnDataSource(data, name="tile_source")
     # Invisible squares that answer hover and click; the clicked tile gets a green outline.
-    squares = fig.rect("cx", "cy", width=side_um, height=side_um, source=source,
-                       fill_alpha=0.0, line_alpha=0.0, name="tile_squares")
-    squares.selection_glyph = Rect(x="cx", y="cy", width=side_um, height=side_um,
-                                   fill_alpha=0.0, line_color="#00c000", line_width=2)
-    squares.nonselection_glyph = Rect(x="cx", y="cy", width=side_um, height=side_um,
-                                      fill_alpha=0.0, line_alpha=0.0)
-    fig.add_tools(HoverTool(renderers=[squares], tooltips=[
-        ("score", "@score{0.0000}"), ("max", "@max{0.0000}"),
-        ("tissue", "@tissue{0.00}"), ("level-0 x, y", "@x, @y")]))
+    squares = fig.rect(
+        "cx",
+        "cy",
+        width=side_um,
+        height=side_um,
+        source=source,
+        fill_alpha=0.0,
+        line_alpha=0.0,
+        name="tile_squares",
+    )
+    squares.selection_glyph = Rect(
+        x="cx",
+        y="cy",
+        width=side_um,
+        height=side_um,
+        fill_alpha=0.0,
+        line_color="#00c000",
+        line_width=2,
+    )
+    squares.nonselection_glyph = Rect(
+        x="cx", y="cy", width=side_um, height=side_um, fill_alpha=0.0, line_alpha=0.0
+    )
+    fig.add_tools(
+        HoverTool(
+            renderers=[squares],
+            tooltips=[
+                ("score", "@score{0.0000}"),
+                ("max", "@max{0.0000}"),
+                ("tissue", "@tissue{0.00}"),
+                ("level-0 x, y", "@x, @y"),
+            ],
+        )
+    )
     fig.add_tools(TapTool(renderers=[squares]))
-    source.selected.js_on_change("indices", CustomJS(args={"source": source}, code="""
+    source.selected.js_on_change(
+        "indices",
+        CustomJS(
+            args={"source": source},
+            code="""
         const i = source.selected.indices[0];
         if (i === undefined) { return; }
         const d = source.data;
@@ -172,20 +259,39 @@ def slide_figure(entry: SlideResults, slide_available: bool):
           window.wsiShowTile({index: i, x: d.x[i], y: d.y[i], score: d.score[i],
                               max: d.max[i], tissue: d.tissue[i]});
         }
-    """))
+    """,
+        ),
+    )
 
     # The colour bar: the fixed piecewise scale drawn on a linear score axis from vmin to vmax.
     values = np.linspace(scale.vmin, scale.vmax, 256)
     palette = ["#{:02x}{:02x}{:02x}".format(*(int(c) for c in rgb)) for rgb in scale.to_rgb(values)]
     mapper = LinearColorMapper(palette=palette, low=scale.vmin, high=scale.vmax)
-    fig.add_layout(ColorBar(color_mapper=mapper, title="tile anomaly score (fixed scale)",
-                            ticker=FixedTicker(ticks=[scale.vmin, scale.vcenter, scale.vmax]),
-                            major_label_overrides={scale.vmin: f"{scale.vmin:.3g} median",
-                                                   scale.vcenter: f"{scale.vcenter:.3g} p99",
-                                                   scale.vmax: f"{scale.vmax:.3g}+"},
-                            width=14, name="colour_bar"), "right")
-    fig.add_layout(ScaleBar(range=fig.x_range, unit="µm", dimensional=MetricLength(),
-                            location="bottom_left", bar_length=0.2, name="scale_bar"))
+    fig.add_layout(
+        ColorBar(
+            color_mapper=mapper,
+            title="tile anomaly score (fixed scale)",
+            ticker=FixedTicker(ticks=[scale.vmin, scale.vcenter, scale.vmax]),
+            major_label_overrides={
+                scale.vmin: f"{scale.vmin:.3g} median",
+                scale.vcenter: f"{scale.vcenter:.3g} p99",
+                scale.vmax: f"{scale.vmax:.3g}+",
+            },
+            width=14,
+            name="colour_bar",
+        ),
+        "right",
+    )
+    fig.add_layout(
+        ScaleBar(
+            range=fig.x_range,
+            unit="µm",
+            dimensional=MetricLength(),
+            location="bottom_left",
+            bar_length=0.2,
+            name="scale_bar",
+        )
+    )
     return fig, {"heat": heat.name, "pixel": pixel.name if pixel is not None else None}
 
 
@@ -199,15 +305,42 @@ def slide_page(entry: SlideResults, slide_available: bool, slide_error: str | No
     top = []
     for rank, i in enumerate(tiles.top(TOP_TILES)):
         x, y = (int(v) for v in tiles.coords[i])
-        top.append({"rank": rank + 1, "index": int(i), "x": x, "y": y,
-                    "score": float(tiles.scores[i]), "max": float(tiles.max_scores[i])})
+        top.append(
+            {
+                "rank": rank + 1,
+                "index": int(i),
+                "x": x,
+                "y": y,
+                "score": float(tiles.scores[i]),
+                "max": float(tiles.max_scores[i]),
+            }
+        )
     summary = entry.summary
-    config = {"mpp": mpp, "tile_size_l0": tiles.tile_size_l0, "names": names,
-              "slide_w": entry.dimensions[0], "slide_h": entry.dimensions[1]}
+    config = {
+        "mpp": mpp,
+        "tile_size_l0": tiles.tile_size_l0,
+        "names": names,
+        "slide_w": entry.dimensions[0],
+        "slide_h": entry.dimensions[1],
+    }
     from .server import bokeh_script_names
 
-    return _environment().get_template("slide.html").render(
-        name=entry.name, summary=summary, scale=entry.scale, top=top, bokeh_div=div,
-        bokeh_script=script, bokeh_js=bokeh_script_names(), config=json.dumps(config),
-        has_pixel_map=names["pixel"] is not None, slide_error=slide_error,
-        n_tiles=len(tiles.scores), mpp=mpp, tile_um=tiles.tile_size_l0 * mpp)
+    return (
+        _environment()
+        .get_template("slide.html")
+        .render(
+            name=entry.name,
+            summary=summary,
+            scale=entry.scale,
+            top=top,
+            bokeh_div=div,
+            bokeh_script=script,
+            bokeh_js=bokeh_script_names(),
+            config=json.dumps(config),
+            has_pixel_map=names["pixel"] is not None,
+            slide_error=slide_error,
+            n_tiles=len(tiles.scores),
+            mpp=mpp,
+            tile_um=tiles.tile_size_l0 * mpp,
+        )
+    )

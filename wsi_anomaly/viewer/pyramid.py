@@ -107,7 +107,7 @@ class SlidePyramid:
             slide = self._open()
             w0, h0 = slide.dimensions
             zmax = max_zoom_for(w0, h0)
-            if not (0 <= z <= zmax and 0 <= x < 2 ** z and 0 <= y < 2 ** z):
+            if not (0 <= z <= zmax and 0 <= x < 2**z and 0 <= y < 2**z):
                 return None
             ds = 2 ** (zmax - z)  # level-0 px per tile px
             x0, y0, side = x * TILE_PX * ds, y * TILE_PX * ds, TILE_PX * ds
@@ -120,8 +120,10 @@ class SlidePyramid:
         """(TILE_PX, TILE_PX, 3) uint8 of level-0 square [x0, x0+side)² at ``ds`` px per px."""
         if ds >= self._thumbnail(slide):
             return self._from_thumbnail(x0, y0, side)
-        level = max((lv for lv in slide.levels if lv.downsample <= ds * (1 + 1e-9)),
-                    key=lambda lv: lv.downsample)
+        level = max(
+            (lv for lv in slide.levels if lv.downsample <= ds * (1 + 1e-9)),
+            key=lambda lv: lv.downsample,
+        )
         lds = level.downsample
         lx, ly = math.floor(x0 / lds), math.floor(y0 / lds)
         n = max(1, round(side / lds))
@@ -172,8 +174,7 @@ class SlidePyramid:
 
 def _jpeg(pixels: np.ndarray) -> bytes:
     buffer = io.BytesIO()
-    Image.fromarray(np.ascontiguousarray(pixels)).save(buffer, format="JPEG",
-                                                       quality=JPEG_QUALITY)
+    Image.fromarray(np.ascontiguousarray(pixels)).save(buffer, format="JPEG", quality=JPEG_QUALITY)
     return buffer.getvalue()
 
 

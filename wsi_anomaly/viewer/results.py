@@ -35,19 +35,27 @@ SERVED_FILES = {
     "summary.json": "application/json",
 }
 
-COHORT_COLUMNS = ("slide", "status", "n_tiles", "fraction_anomalous", "score_mean", "score_max",
-                  "seconds", "error")
+COHORT_COLUMNS = (
+    "slide",
+    "status",
+    "n_tiles",
+    "fraction_anomalous",
+    "score_mean",
+    "score_max",
+    "seconds",
+    "error",
+)
 
 
 @dataclass(frozen=True)
 class TileTable:
     """The scored tiles of one slide. Lengths in level-0 px; arrays have length N."""
 
-    coords: np.ndarray            # (N, 2) int64 top-left x, y
-    grid_index: np.ndarray        # (N, 2) int64 col, row
-    scores: np.ndarray            # (N,) float32 tile mean score
-    max_scores: np.ndarray        # (N,) float32 tile max score
-    tissue_fraction: np.ndarray   # (N,) float32
+    coords: np.ndarray  # (N, 2) int64 top-left x, y
+    grid_index: np.ndarray  # (N, 2) int64 col, row
+    scores: np.ndarray  # (N,) float32 tile mean score
+    max_scores: np.ndarray  # (N,) float32 tile max score
+    tissue_fraction: np.ndarray  # (N,) float32
     tile_size_l0: float
     stride_l0: float
     grid_cols: int
@@ -79,7 +87,8 @@ class SlideResults:
         self._tiles: TileTable | None = None
         try:
             self.summary: dict[str, Any] = json.loads(
-                (folder / "summary.json").read_text(encoding="utf-8"))
+                (folder / "summary.json").read_text(encoding="utf-8")
+            )
         except (OSError, ValueError):
             self.summary = {}
 
@@ -105,8 +114,12 @@ class SlideResults:
     @property
     def scale(self) -> ColourScale:
         cs = self.summary["colour_scale"]
-        return ColourScale(float(cs["vmin"]), float(cs["vcenter"]), float(cs["vmax"]),
-                           str(cs.get("cmap", "coolwarm")))
+        return ColourScale(
+            float(cs["vmin"]),
+            float(cs["vcenter"]),
+            float(cs["vmax"]),
+            str(cs.get("cmap", "coolwarm")),
+        )
 
     def tiles(self) -> TileTable:
         """The tile table, read once from ``tiles.zarr``."""
@@ -124,8 +137,7 @@ class SlideResults:
                     coords=np.asarray(store.coords, np.int64).reshape(-1, 2),
                     grid_index=np.asarray(store.grid_index, np.int64).reshape(-1, 2),
                     scores=np.asarray(scores, np.float32),
-                    max_scores=np.asarray(scores if max_scores is None else max_scores,
-                                          np.float32),
+                    max_scores=np.asarray(scores if max_scores is None else max_scores, np.float32),
                     tissue_fraction=np.asarray(store.tissue_fraction, np.float32),
                     tile_size_l0=float(attrs["tile_size_l0"]),
                     stride_l0=float(attrs.get("stride_l0", attrs["tile_size_l0"])),
@@ -143,8 +155,7 @@ class SlideResults:
         import zarr
 
         try:
-            return np.asarray(zarr.open_array(str(path / "pixel" / "0"), mode="r")[...],
-                              np.float32)
+            return np.asarray(zarr.open_array(str(path / "pixel" / "0"), mode="r")[...], np.float32)
         except Exception as exc:  # a damaged or foreign store: the page simply lacks the layer
             log.warning("%s: pixel map unreadable: %s", self.name, exc)
             return None
@@ -164,8 +175,7 @@ def cell_overlay_rgba(tiles: TileTable, scale: ColourScale, max_px: int = 4096) 
     return np.repeat(np.repeat(grid, k, axis=0), k, axis=1)
 
 
-def pixel_overlay_rgba(pixel_map: np.ndarray, scale: ColourScale, max_px: int = 8192
-                       ) -> np.ndarray:
+def pixel_overlay_rgba(pixel_map: np.ndarray, scale: ColourScale, max_px: int = 8192) -> np.ndarray:
     """The pixel-level map as RGBA (NaN transparent), decimated to at most ``max_px`` a side."""
     step = max(1, math.ceil(max(pixel_map.shape) / max_px))
     values = pixel_map[::step, ::step]
@@ -208,16 +218,20 @@ class ResultsFolder:
             if not entry.summary:
                 continue
             self.slides[folder.name] = entry
-            self.rows.append({**{k: str(entry.summary.get(k, "")) for k in COHORT_COLUMNS},
-                              "slide_path": str(entry.summary.get("slide_path", "")),
-                              "seconds": str((entry.summary.get("timings_s") or {})
-                                             .get("total_s", "")),
-                              "status": str(entry.summary.get("status", "ok")),
-                              "folder": folder.name})
+            self.rows.append(
+                {
+                    **{k: str(entry.summary.get(k, "")) for k in COHORT_COLUMNS},
+                    "slide_path": str(entry.summary.get("slide_path", "")),
+                    "seconds": str((entry.summary.get("timings_s") or {}).get("total_s", "")),
+                    "status": str(entry.summary.get("status", "ok")),
+                    "folder": folder.name,
+                }
+            )
         if not self.rows:
             raise InputNotFoundError(
                 f"{self.root} holds no summary.csv and no slide results; point `view` at the "
-                "--out folder of `wsi-anomaly heatmap`")
+                "--out folder of `wsi-anomaly heatmap`"
+            )
 
     def slide(self, name: str) -> SlideResults | None:
         """The slide whose results folder is ``name``; None for any other name."""

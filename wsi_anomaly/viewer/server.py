@@ -160,8 +160,13 @@ class Handler(BaseHTTPRequestHandler):
         self._serve(head=False)
 
     def _refuse(self) -> None:
-        self._send(HTTPStatus.METHOD_NOT_ALLOWED, b"read-only\n", "text/plain; charset=utf-8",
-                   head=False, extra={"Allow": "GET, HEAD"})
+        self._send(
+            HTTPStatus.METHOD_NOT_ALLOWED,
+            b"read-only\n",
+            "text/plain; charset=utf-8",
+            head=False,
+            extra={"Allow": "GET, HEAD"},
+        )
 
     do_POST = do_PUT = do_DELETE = do_PATCH = _refuse
 
@@ -179,15 +184,24 @@ class Handler(BaseHTTPRequestHandler):
 
     def _serve(self, head: bool) -> None:
         if not self._host_allowed():
-            self._send(HTTPStatus.FORBIDDEN, b"unknown Host\n", "text/plain; charset=utf-8",
-                       head, {"Cache-Control": "no-cache"})
+            self._send(
+                HTTPStatus.FORBIDDEN,
+                b"unknown Host\n",
+                "text/plain; charset=utf-8",
+                head,
+                {"Cache-Control": "no-cache"},
+            )
             return
         try:
             routed = self._route(urlsplit(self.path).path)
         except Exception:  # a bug or an unreadable file must not kill the server thread
             log.exception("error serving %s", self.path)
-            routed = (HTTPStatus.INTERNAL_SERVER_ERROR, b"internal error\n",
-                      "text/plain; charset=utf-8", False)
+            routed = (
+                HTTPStatus.INTERNAL_SERVER_ERROR,
+                b"internal error\n",
+                "text/plain; charset=utf-8",
+                False,
+            )
         if routed is None:
             routed = (HTTPStatus.NOT_FOUND, b"not found\n", "text/plain; charset=utf-8", False)
         status, body, ctype, cacheable = routed
@@ -196,8 +210,14 @@ class Handler(BaseHTTPRequestHandler):
             extra["Location"] = body.decode()
         self._send(status, body, ctype, head, extra)
 
-    def _send(self, status: HTTPStatus, body: bytes, ctype: str, head: bool,
-              extra: dict[str, str] | None = None) -> None:
+    def _send(
+        self,
+        status: HTTPStatus,
+        body: bytes,
+        ctype: str,
+        head: bool,
+        extra: dict[str, str] | None = None,
+    ) -> None:
         self.send_response(status)
         self.send_header("Content-Type", ctype)
         self.send_header("Content-Length", str(len(body)))
@@ -220,7 +240,12 @@ class Handler(BaseHTTPRequestHandler):
         if raw_path == "/":
             from .pages import cohort_page
 
-            return HTTPStatus.OK, cohort_page(viewer.results).encode(), "text/html; charset=utf-8", False
+            return (
+                HTTPStatus.OK,
+                cohort_page(viewer.results).encode(),
+                "text/html; charset=utf-8",
+                False,
+            )
         if parts == ["favicon.ico"]:
             return HTTPStatus.NO_CONTENT, b"", "image/x-icon", True
         if parts == ["api", "cohort"]:
@@ -231,8 +256,12 @@ class Handler(BaseHTTPRequestHandler):
             path = viewer.static[parts[1]]
             return HTTPStatus.OK, path.read_bytes(), STATIC_TYPES[path.suffix], False
         if len(parts) == 2 and parts[0] == "bokeh" and parts[1] in _bokeh_assets():
-            return (HTTPStatus.OK, _bokeh_assets()[parts[1]].read_bytes(),
-                    STATIC_TYPES[".js"], True)
+            return (
+                HTTPStatus.OK,
+                _bokeh_assets()[parts[1]].read_bytes(),
+                STATIC_TYPES[".js"],
+                True,
+            )
         if len(parts) == 2 and parts[0] == "slide" and viewer.results.slide(parts[1]):
             # The page's links are relative to ".../<name>/".
             from .pages import slide_url
@@ -242,7 +271,9 @@ class Handler(BaseHTTPRequestHandler):
             return self._slide_route(parts[1], parts[2:])
         return None
 
-    def _slide_route(self, name: str, rest: list[str]) -> tuple[HTTPStatus, bytes, str, bool] | None:
+    def _slide_route(
+        self, name: str, rest: list[str]
+    ) -> tuple[HTTPStatus, bytes, str, bool] | None:
         viewer = self.viewer
         entry = viewer.results.slide(name)
         if entry is None:
@@ -264,14 +295,19 @@ class Handler(BaseHTTPRequestHandler):
             body = viewer.cached((name, "slide", z, x, y), lambda: pyramid.tile(z, x, y))
             return None if body is None else (HTTPStatus.OK, body, "image/jpeg", True)
         if rest == ["overlay", "cells.png"] and entry.viewable:
-            body = viewer.cached((name, "cells"), lambda: png_bytes(
-                cell_overlay_rgba(entry.tiles(), entry.scale)))
+            body = viewer.cached(
+                (name, "cells"), lambda: png_bytes(cell_overlay_rgba(entry.tiles(), entry.scale))
+            )
             return HTTPStatus.OK, body or b"", "image/png", True
         if rest == ["overlay", "pixels.png"] and entry.viewable:
+
             def make() -> bytes | None:
                 pixel_map = entry.pixel_map()
-                return None if pixel_map is None else png_bytes(
-                    pixel_overlay_rgba(pixel_map, entry.scale))
+                return (
+                    None
+                    if pixel_map is None
+                    else png_bytes(pixel_overlay_rgba(pixel_map, entry.scale))
+                )
 
             body = viewer.cached((name, "pixels"), make)
             return None if body is None else (HTTPStatus.OK, body, "image/png", True)
@@ -288,8 +324,7 @@ class Handler(BaseHTTPRequestHandler):
 
 
 def _json(value: Any) -> tuple[HTTPStatus, bytes, str, bool]:
-    return (HTTPStatus.OK, json.dumps(value, allow_nan=False).encode(),
-            "application/json", False)
+    return (HTTPStatus.OK, json.dumps(value, allow_nan=False).encode(), "application/json", False)
 
 
 LOOPBACK_NAMES = frozenset({"127.0.0.1", "localhost", "::1", "[::1]"})
@@ -309,8 +344,12 @@ class ViewerServer(ThreadingHTTPServer):
         super().handle_error(request, client_address)
 
 
-def make_server(results: str | Path | ResultsFolder, host: str = "127.0.0.1", port: int = 8000,
-                cache_bytes: int = 64 << 20) -> ViewerServer:
+def make_server(
+    results: str | Path | ResultsFolder,
+    host: str = "127.0.0.1",
+    port: int = 8000,
+    cache_bytes: int = 64 << 20,
+) -> ViewerServer:
     """A server over ``results`` (not yet serving: call ``serve_forever``). ``port=0`` picks a
     free port (``server.server_address[1]``). ``server.viewer`` is the :class:`Viewer`."""
     folder = results if isinstance(results, ResultsFolder) else ResultsFolder(results)
