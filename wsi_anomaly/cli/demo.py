@@ -5,19 +5,16 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from .options import add_device_option, check_output_folder, positive_int
+from .options import add_command, add_device_option, check_output_folder, positive_int
+
+HELP = "the whole pipeline on a synthetic slide"
+DESCRIPTION = """Write a synthetic slide with known tumour and stroma, train HaloAE on its
+tumour tiles (fast preset), draw the heatmap of the whole slide and report how well tile scores
+separate tumour from the rest (AUROC)."""
 
 
 def add_parser(sub, parents: list[argparse.ArgumentParser]) -> None:
-    p = sub.add_parser(
-        "demo",
-        parents=parents,
-        help="the whole pipeline on a synthetic slide",
-        description="Write a synthetic slide with known tumour and stroma, train "
-        "HaloAE on its tumour tiles (fast preset), draw the heatmap "
-        "of the whole slide and report how well tile scores separate "
-        "tumour from the rest (AUROC).",
-    )
+    p = add_command(sub, parents, "demo", HELP, DESCRIPTION, run)
     p.add_argument("--out", default="demo_out", help="output folder (default demo_out/)")
     p.add_argument(
         "--size", type=positive_int, default=8192, help="synthetic slide side in px (default 8192)"
@@ -30,7 +27,6 @@ def add_parser(sub, parents: list[argparse.ArgumentParser]) -> None:
         "or a state-dict file",
     )
     add_device_option(p)
-    p.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:

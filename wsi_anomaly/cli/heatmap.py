@@ -5,37 +5,29 @@ from __future__ import annotations
 import argparse
 import sys
 from pathlib import Path
+from typing import Any
 
 from ..errors import EXIT_SLIDES_FAILED
 from . import options as opt
 
+HELP = "score slides and draw heatmaps"
+DESCRIPTION = f"""Tile each slide at the model's resolution, score every tissue tile, and write
+heatmap.png, overlay.png, thumbnail.png, heatmap.ome.zarr, tiles.geojson, top_tiles.png and
+summary.json to OUT/<slide name>/, plus OUT/summary.csv. Exit status {EXIT_SLIDES_FAILED} when
+--skip-errors recorded failed slides."""
+
 
 def add_parser(sub, parents: list[argparse.ArgumentParser]) -> None:
-    p = sub.add_parser(
-        "heatmap",
-        parents=parents,
-        help="score slides and draw heatmaps",
-        description="Tile each slide at the model's resolution, score every tissue "
-        "tile, and write heatmap.png, overlay.png, thumbnail.png, "
-        "heatmap.ome.zarr, tiles.geojson, top_tiles.png and "
-        "summary.json to OUT/<slide name>/, plus OUT/summary.csv. "
-        f"Exit status {EXIT_SLIDES_FAILED} when --skip-errors "
-        "recorded failed slides.",
-    )
+    p = opt.add_command(sub, parents, "heatmap", HELP, DESCRIPTION, run)
     p.add_argument("slides", nargs="+", help="slide files, folders of slides, or glob patterns")
-    p.add_argument("--model", required=True, metavar="FILE", help="checkpoint written by `train`")
+    opt.add_model_option(p)
     p.add_argument("--out", default="results", help="output folder (default results/)")
     p.add_argument(
         "--mpp",
         type=opt.positive_float,
         help="tile resolution, µm/px (default: the model's training resolution)",
     )
-    p.add_argument(
-        "--min-tissue",
-        type=opt.fraction,
-        default=0.5,
-        help="score tiles with at least this tissue fraction (default 0.5)",
-    )
+    opt.add_min_tissue_option(p, "score")
     opt.add_batch_size_option(p, 32, "tiles per model batch")
     opt.add_device_option(p)
     p.add_argument(
@@ -43,22 +35,18 @@ def add_parser(sub, parents: list[argparse.ArgumentParser]) -> None:
         action="store_true",
         help="also store each tile's 64×64 anomaly map in the tile store",
     )
-    p.add_argument(
-        "--top-k", type=opt.positive_int, default=16, help="tiles in top_tiles.png (default 16)"
-    )
+    opt.add_count_option(p, "--top-k", "tiles in top_tiles.png", 16, metavar="TOP_K")
     p.add_argument(
         "--cmap",
         type=opt.colormap,
         default="coolwarm",
         help="matplotlib colour map (coolwarm as in the paper; viridis, inferno…)",
     )
-    p.add_argument(
+    opt.add_count_option(
+        p,
         "--workers",
-        type=opt.positive_int,
-        default=None,
-        metavar="N",
-        help="dask worker processes: a local cluster of N processes, one slide per "
-        "task (default: slides one after another in this process)",
+        "dask worker processes: a local cluster of N processes, one slide per task",
+        shown="default: slides one after another in this process",
     )
     p.add_argument(
         "--scheduler",
@@ -66,13 +54,7 @@ def add_parser(sub, parents: list[argparse.ArgumentParser]) -> None:
         help="use an existing dask.distributed scheduler (e.g. tcp://host:8786); GPU "
         "workers should be started with --resources GPU=1",
     )
-    p.add_argument(
-        "--read-threads",
-        type=opt.positive_int,
-        default=None,
-        metavar="N",
-        help="slide-decoding threads per slide (default: one per CPU core)",
-    )
+    opt.add_read_threads_option(p, "slide-decoding threads per slide", workers_moved=False)
     p.add_argument(
         "--skip-errors",
         action="store_true",
@@ -82,7 +64,105 @@ def add_parser(sub, parents: list[argparse.ArgumentParser]) -> None:
     opt.add_overwrite_option(p, "redo slides that are already done")
     opt.add_slide_mpp_options(p)
     _add_slurm_options(p)
-    p.set_defaults(func=run)
+
+
+#: The options of the SLURM jobs: flag, the SlurmOptions field it sets, metavar, further
+#: add_argument settings, help. (--slurm-jobs, N or MIN:MAX, sets jobs or minimum_jobs and
+#: maximum_jobs: parse_jobs.)
+_SLURM_OPTIONS: tuple[tuple[str, str, str, dict[str, Any], str], ...] = (
+    (
+        "--slurm-partition",
+        "partition",
+        "NAME",
+        {},
+        "partition (queue) for the worker jobs (default: the site's default)",
+    ),
+    (
+        "--slurm-cores",
+        "cores",
+        "N",
+        {"type": opt.positive_int, "default": 4},
+        "CPU cores per job (default 4)",
+    ),
+    (
+        "--slurm-memory",
+        "memory",
+        "SIZE",
+        {"default": "16GB"},
+        "memory per job, e.g. 16GB (default 16GB)",
+    ),
+    (
+        "--slurm-walltime",
+        "walltime",
+        "TIME",
+        {"default": "04:00:00"},
+        "time limit per job, HH:MM:SS or D-HH:MM:SS (default 04:00:00)",
+    ),
+    (
+        "--slurm-gpus",
+        "gpus",
+        "N",
+        {"type": int, "default": 0},
+        "GPUs per job (--gres=gpu:N); one worker process per GPU (default 0)",
+    ),
+    (
+        "--slurm-processes",
+        "processes",
+        "N",
+        {"type": opt.positive_int},
+        "worker processes per job, one slide each at a time (default 1, or one per GPU)",
+    ),
+    (
+        "--slurm-jobs",
+        "jobs",
+        "N|MIN:MAX",
+        {"default": "1"},
+        "N jobs for the whole run, or MIN:MAX to follow the work (jobs are "
+        "submitted while slides wait and cancelled when idle; default 1)",
+    ),
+    (
+        "--slurm-extra",
+        "extra_directives",
+        "DIRECTIVE",
+        {"action": "append", "default": []},
+        "another #SBATCH option, e.g. --slurm-extra=--account=lab (repeatable)",
+    ),
+    (
+        "--slurm-prologue",
+        "prologue",
+        "LINE",
+        {"action": "append", "default": []},
+        "a shell line run in the job before the workers, e.g. 'module load cuda' (repeatable)",
+    ),
+    (
+        "--slurm-log-dir",
+        "log_directory",
+        "DIR",
+        {},
+        "folder for the jobs' output files (default: the current folder)",
+    ),
+    (
+        "--slurm-local-dir",
+        "local_directory",
+        "DIR",
+        {},
+        "node-local scratch folder for the workers, e.g. /tmp or $TMPDIR",
+    ),
+    (
+        "--slurm-python",
+        "python",
+        "PATH",
+        {},
+        "Python on the compute nodes (default: this one, which must be visible there)",
+    ),
+    (
+        "--slurm-interface",
+        "interface",
+        "NAME",
+        {},
+        "network interface the nodes reach each other on, e.g. ib0",
+    ),
+)
 
 
 def _add_slurm_options(p: argparse.ArgumentParser) -> None:
@@ -95,85 +175,8 @@ def _add_slurm_options(p: argparse.ArgumentParser) -> None:
     slurm.add_argument(
         "--cluster", choices=["slurm"], help="start workers on this cluster scheduler"
     )
-    slurm.add_argument(
-        "--slurm-partition",
-        metavar="NAME",
-        help="partition (queue) for the worker jobs (default: the site's default)",
-    )
-    slurm.add_argument(
-        "--slurm-cores",
-        type=opt.positive_int,
-        default=4,
-        metavar="N",
-        help="CPU cores per job (default 4)",
-    )
-    slurm.add_argument(
-        "--slurm-memory",
-        default="16GB",
-        metavar="SIZE",
-        help="memory per job, e.g. 16GB (default 16GB)",
-    )
-    slurm.add_argument(
-        "--slurm-walltime",
-        default="04:00:00",
-        metavar="TIME",
-        help="time limit per job, HH:MM:SS or D-HH:MM:SS (default 04:00:00)",
-    )
-    slurm.add_argument(
-        "--slurm-gpus",
-        type=int,
-        default=0,
-        metavar="N",
-        help="GPUs per job (--gres=gpu:N); one worker process per GPU (default 0)",
-    )
-    slurm.add_argument(
-        "--slurm-processes",
-        type=opt.positive_int,
-        default=None,
-        metavar="N",
-        help="worker processes per job, one slide each at a time (default 1, or one per GPU)",
-    )
-    slurm.add_argument(
-        "--slurm-jobs",
-        default="1",
-        metavar="N|MIN:MAX",
-        help="N jobs for the whole run, or MIN:MAX to follow the work (jobs are "
-        "submitted while slides wait and cancelled when idle; default 1)",
-    )
-    slurm.add_argument(
-        "--slurm-extra",
-        action="append",
-        default=[],
-        metavar="DIRECTIVE",
-        help="another #SBATCH option, e.g. --slurm-extra=--account=lab (repeatable)",
-    )
-    slurm.add_argument(
-        "--slurm-prologue",
-        action="append",
-        default=[],
-        metavar="LINE",
-        help="a shell line run in the job before the workers, e.g. 'module load cuda' (repeatable)",
-    )
-    slurm.add_argument(
-        "--slurm-log-dir",
-        metavar="DIR",
-        help="folder for the jobs' output files (default: the current folder)",
-    )
-    slurm.add_argument(
-        "--slurm-local-dir",
-        metavar="DIR",
-        help="node-local scratch folder for the workers, e.g. /tmp or $TMPDIR",
-    )
-    slurm.add_argument(
-        "--slurm-python",
-        metavar="PATH",
-        help="Python on the compute nodes (default: this one, which must be visible there)",
-    )
-    slurm.add_argument(
-        "--slurm-interface",
-        metavar="NAME",
-        help="network interface the nodes reach each other on, e.g. ib0",
-    )
+    for flag, _, metavar, settings, help in _SLURM_OPTIONS:
+        slurm.add_argument(flag, metavar=metavar, help=help, **settings)
 
 
 def _slurm_cluster(args: argparse.Namespace):
@@ -187,21 +190,11 @@ def _slurm_cluster(args: argparse.Namespace):
         raise InvalidInputError(
             "--cluster slurm starts its own workers; drop --workers and --scheduler"
         )
-    options = SlurmOptions(
-        partition=args.slurm_partition,
-        cores=args.slurm_cores,
-        memory=args.slurm_memory,
-        walltime=args.slurm_walltime,
-        gpus=args.slurm_gpus,
-        processes=args.slurm_processes,
-        extra_directives=args.slurm_extra,
-        prologue=args.slurm_prologue,
-        log_directory=args.slurm_log_dir,
-        local_directory=args.slurm_local_dir,
-        python=args.slurm_python,
-        interface=args.slurm_interface,
-        **parse_jobs(args.slurm_jobs),
-    )
+    fields = {
+        field: getattr(args, flag[2:].replace("-", "_")) for flag, field, *_ in _SLURM_OPTIONS
+    }
+    fields.update(parse_jobs(fields.pop("jobs")))
+    options = SlurmOptions(**fields)
     import distributed  # noqa: F401  (sets up its loggers on import; quiet them unless -v)
 
     if not getattr(args, "verbose", False):

@@ -6,23 +6,19 @@ import argparse
 import json
 from typing import Any
 
-from .options import add_slide_mpp_options, slide_override
+from .options import add_command, add_slide_mpp_options, slide_override
+
+HELP = "describe a slide: format, levels, mpp"
+DESCRIPTION = """Print a slide's format, dimensions, pyramid levels with downsample and mpp,
+where the mpp came from, objective power and associated images. A slide without resolution
+metadata is described too (its resolution as unknown)."""
 
 
 def add_parser(sub, parents: list[argparse.ArgumentParser]) -> None:
-    p = sub.add_parser(
-        "info",
-        parents=parents,
-        help="describe a slide: format, levels, mpp",
-        description="Print a slide's format, dimensions, pyramid levels with "
-        "downsample and mpp, where the mpp came from, objective power "
-        "and associated images. A slide without resolution metadata "
-        "is described too (its resolution as unknown).",
-    )
+    p = add_command(sub, parents, "info", HELP, DESCRIPTION, run)
     p.add_argument("slide", help="slide file (SVS, NDPI, MRXS, SCN, DICOM, TIFF, OME-TIFF…)")
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
     add_slide_mpp_options(p)
-    p.set_defaults(func=run)
 
 
 def _round(value: float | None, digits: int) -> float | None:

@@ -8,21 +8,16 @@ from pathlib import Path
 from ..errors import InvalidInputError
 from . import options as opt
 
+HELP = "MVTec AD benchmark, per category"
+DESCRIPTION = """Per MVTec AD category: train on train/good (or load a model with
+--checkpoint-dir), score the test images and report image AUROC (mean and max scores), pixel
+AUROC (at the masks' resolution, and at 128×128 as the paper's code did) and AUPRO@0.3 beside the
+HaloAE paper's Table 1. Writes OUT/<category>/ (model.pt, metrics.json, scores.csv, figures/) and
+OUT/results.csv, OUT/results.md; categories with a metrics.json are skipped unless --overwrite."""
+
 
 def add_parser(sub, parents: list[argparse.ArgumentParser]) -> None:
-    p = sub.add_parser(
-        "mvtec",
-        parents=parents,
-        help="MVTec AD benchmark, per category",
-        description="Per MVTec AD category: train on train/good (or load a model "
-        "with --checkpoint-dir), score the test images and report "
-        "image AUROC (mean and max scores), pixel AUROC (at the masks' "
-        "resolution, and at 128×128 as the paper's code did) and "
-        "AUPRO@0.3 beside the HaloAE paper's Table 1. Writes "
-        "OUT/<category>/ (model.pt, metrics.json, scores.csv, "
-        "figures/) and OUT/results.csv, OUT/results.md; categories "
-        "with a metrics.json are skipped unless --overwrite.",
-    )
+    p = opt.add_command(sub, parents, "mvtec", HELP, DESCRIPTION, run)
     p.add_argument(
         "--root",
         required=True,
@@ -37,12 +32,7 @@ def add_parser(sub, parents: list[argparse.ArgumentParser]) -> None:
         help="categories to run, or all (default: every category found)",
     )
     opt.add_family_option(p, help="model family: haloae, or atacnet (weakly supervised protocol)")
-    p.add_argument(
-        "--config",
-        default=None,
-        help="preset name (haloae_paper, haloae_fast, atacnet, atacnet_fast) or YAML "
-        "file (default: haloae_paper, or atacnet with --family atacnet)",
-    )
+    opt.add_config_option(p)
     p.add_argument("--out", default="mvtec_results", help="output folder (default mvtec_results/)")
     p.add_argument(
         "--backbone-weights",
@@ -72,13 +62,13 @@ def add_parser(sub, parents: list[argparse.ArgumentParser]) -> None:
         metavar="TYPE",
         help="ATAC-Net, --setting hard: the defect type the labelled anomalies come from",
     )
-    p.add_argument(
+    opt.add_count_option(
+        p,
         "--seeds",
-        type=opt.positive_int,
-        metavar="N",
-        help="ATAC-Net: repeat with seeds seed … seed+N-1, report mean ± std (default 3)",
+        "ATAC-Net: repeat with seeds seed … seed+N-1, report mean ± std",
+        shown="default 3",
     )
-    p.add_argument("--seed", type=int, help="seed for everything (default from the config: 0)")
+    opt.add_seed_option(p)
     opt.add_device_option(p)
     p.add_argument(
         "--checkpoint-dir",
@@ -86,23 +76,12 @@ def add_parser(sub, parents: list[argparse.ArgumentParser]) -> None:
         help="evaluate existing models (DIR/<category>/model.pt or DIR/<category>.pt) "
         "instead of training",
     )
-    p.add_argument(
-        "--eval-batch-size",
-        type=opt.positive_int,
-        default=16,
-        metavar="N",
-        help="test images per model call (default 16)",
-    )
+    opt.add_count_option(p, "--eval-batch-size", "test images per model call", 16)
     opt.add_loader_workers_option(p, what="DataLoader worker processes (training and evaluation)")
-    p.add_argument(
-        "--figures",
-        type=opt.non_negative_int,
-        default=4,
-        metavar="N",
-        help="qualitative figures per category (default 4)",
+    opt.add_count_option(
+        p, "--figures", "qualitative figures per category", 4, type=opt.non_negative_int
     )
     opt.add_overwrite_option(p, "redo categories that are done (retrain and re-evaluate)")
-    p.set_defaults(func=run)
 
 
 def anomaly_count(text: str) -> int | str:

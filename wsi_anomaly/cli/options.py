@@ -105,6 +105,17 @@ def add_moved_model(p: argparse.ArgumentParser) -> None:
     )
 
 
+# -- subcommands ---------------------------------------------------------------------------------
+def add_command(
+    sub, parents: list[argparse.ArgumentParser], name: str, help: str, description: str, run
+) -> argparse.ArgumentParser:
+    """The parser of subcommand ``name``: ``help`` is its line in ``wsi-anomaly --help``,
+    ``description`` the text of its own --help (reflowed), ``run(args)`` does its work."""
+    p = sub.add_parser(name, parents=parents, help=help, description=description)
+    p.set_defaults(func=run)
+    return p
+
+
 # -- option groups ------------------------------------------------------------------------------
 def common_parent() -> argparse.ArgumentParser:
     """-v/-q/--debug after the subcommand. Their defaults live on the main parser (so that
@@ -173,15 +184,29 @@ def add_batch_size_option(p: argparse.ArgumentParser, default: int | None, what:
     )
 
 
-def add_read_threads_option(p: argparse.ArgumentParser, what: str) -> None:
-    p.add_argument(
-        "--read-threads",
-        type=positive_int,
-        default=None,
-        metavar="N",
-        help=f"{what} (default: one per CPU core)",
-    )
-    add_moved_workers(p, "--read-threads", "slide-decoding threads")
+def add_count_option(
+    p: argparse.ArgumentParser,
+    flag: str,
+    what: str,
+    default: int | None = None,
+    shown: str | None = None,
+    type: Any = positive_int,
+    metavar: str = "N",
+) -> None:
+    """``flag N``, a number of things: the help is ``what`` and, in brackets, the default
+    (``shown``, or else ``default <default>``)."""
+    shown = shown or f"default {default}"
+    p.add_argument(flag, type=type, default=default, metavar=metavar, help=f"{what} ({shown})")
+
+
+def add_read_threads_option(
+    p: argparse.ArgumentParser, what: str, workers_moved: bool = True
+) -> None:
+    """``--read-threads``; ``workers_moved``: ``--workers`` (not an option of this command)
+    names it."""
+    add_count_option(p, "--read-threads", what, shown="default: one per CPU core")
+    if workers_moved:
+        add_moved_workers(p, "--read-threads", "slide-decoding threads")
 
 
 def add_loader_workers_option(
@@ -189,15 +214,41 @@ def add_loader_workers_option(
     default: int | None = None,
     what: str = "DataLoader worker processes",
 ) -> None:
-    shown = f"default {default}" if default is not None else "default from the config"
-    p.add_argument(
+    add_count_option(
+        p,
         "--loader-workers",
+        f"{what}; 0 loads in the main process",
+        default,
+        shown="default from the config" if default is None else None,
         type=non_negative_int,
-        default=default,
-        metavar="N",
-        help=f"{what}; 0 loads in the main process ({shown})",
     )
     add_moved_workers(p, "--loader-workers", "DataLoader worker processes")
+
+
+def add_min_tissue_option(p: argparse.ArgumentParser, verb: str) -> None:
+    """``--min-tissue``: ``verb`` (keep, score…) the tiles with at least this tissue fraction."""
+    p.add_argument(
+        "--min-tissue",
+        type=fraction,
+        default=0.5,
+        help=f"{verb} tiles with at least this tissue fraction (default 0.5)",
+    )
+
+
+def add_model_option(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", required=True, metavar="FILE", help="checkpoint written by `train`")
+
+
+def add_config_option(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--config",
+        help="preset name (haloae_paper, haloae_fast, atacnet, atacnet_fast) or YAML "
+        "file (default: haloae_paper, or atacnet with --family atacnet)",
+    )
+
+
+def add_seed_option(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--seed", type=int, help="seed for everything (default from the config: 0)")
 
 
 def add_family_option(p: argparse.ArgumentParser, help: str) -> None:

@@ -7,24 +7,21 @@ import argparse
 from ..errors import InvalidInputError
 from . import options as opt
 
+HELP = "score images or folders of tiles"
+DESCRIPTION = """Score image files with a trained model: a CSV of per-image mean and max anomaly
+scores, and optionally anomaly-map PNGs."""
+
 
 def add_parser(sub, parents: list[argparse.ArgumentParser]) -> None:
-    p = sub.add_parser(
-        "score",
-        parents=parents,
-        help="score images or folders of tiles",
-        description="Score image files with a trained model: a CSV of per-image "
-        "mean and max anomaly scores, and optionally anomaly-map PNGs.",
-    )
+    p = opt.add_command(sub, parents, "score", HELP, DESCRIPTION, run)
     p.add_argument("paths", nargs="+", help="image files and/or folders (searched recursively)")
-    p.add_argument("--model", required=True, metavar="FILE", help="checkpoint written by `train`")
+    opt.add_model_option(p)
     p.add_argument("--out", default="scores.csv", help="CSV to write (default scores.csv)")
     p.add_argument("--maps", metavar="DIR", help="also write anomaly-map PNGs here")
     opt.add_batch_size_option(p, 16, "images per model batch")
     opt.add_loader_workers_option(p, default=0)
     opt.add_device_option(p)
     opt.add_overwrite_option(p)
-    p.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:

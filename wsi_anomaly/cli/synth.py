@@ -6,17 +6,15 @@ import argparse
 from pathlib import Path
 
 from ..errors import InvalidInputError
-from .options import add_overwrite_option, positive_float, positive_int
+from .options import add_command, add_overwrite_option, positive_float, positive_int
+
+HELP = "write a synthetic slide"
+DESCRIPTION = """Write a pyramidal JPEG TIFF with stroma and tumour-like textures, for trying the
+pipeline and for benchmarks."""
 
 
 def add_parser(sub, parents: list[argparse.ArgumentParser]) -> None:
-    p = sub.add_parser(
-        "synth",
-        parents=parents,
-        help="write a synthetic slide",
-        description="Write a pyramidal JPEG TIFF with stroma and tumour-like "
-        "textures, for trying the pipeline and for benchmarks.",
-    )
+    p = add_command(sub, parents, "synth", HELP, DESCRIPTION, run)
     p.add_argument("out", help="output .tif path")
     p.add_argument(
         "--width", type=positive_int, default=8192, help="level-0 width in px (default 8192)"
@@ -32,7 +30,6 @@ def add_parser(sub, parents: list[argparse.ArgumentParser]) -> None:
     )
     p.add_argument("--seed", type=int, default=0)
     add_overwrite_option(p)
-    p.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:

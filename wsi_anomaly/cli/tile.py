@@ -8,16 +8,13 @@ from pathlib import Path
 from ..errors import InvalidInputError
 from . import options as opt
 
+HELP = "cut a slide's tissue into tiles (zarr)"
+DESCRIPTION = """Stream the tissue tiles of a slide into a zarr v3 store at a chosen resolution.
+Tiles with less tissue than --min-tissue are dropped."""
+
 
 def add_parser(sub, parents: list[argparse.ArgumentParser]) -> None:
-    p = sub.add_parser(
-        "tile",
-        parents=parents,
-        help="cut a slide's tissue into tiles (zarr)",
-        description="Stream the tissue tiles of a slide into a zarr v3 store at a "
-        "chosen resolution. Tiles with less tissue than --min-tissue "
-        "are dropped.",
-    )
+    p = opt.add_command(sub, parents, "tile", HELP, DESCRIPTION, run)
     p.add_argument("slide", help="slide file")
     p.add_argument("--out", required=True, help="output tile store, e.g. tiles.zarr")
     p.add_argument(
@@ -26,9 +23,7 @@ def add_parser(sub, parents: list[argparse.ArgumentParser]) -> None:
         default=0.5,
         help="target microns per pixel of the tiles (default 0.5 ≈ 20x)",
     )
-    p.add_argument(
-        "--tile-px", type=opt.positive_int, default=256, help="tile side in pixels (default 256)"
-    )
+    opt.add_count_option(p, "--tile-px", "tile side in pixels", 256, metavar="TILE_PX")
     p.add_argument(
         "--stride",
         type=opt.positive_int,
@@ -37,12 +32,7 @@ def add_parser(sub, parents: list[argparse.ArgumentParser]) -> None:
         help="step between tiles in pixels at the target mpp (default: tile size, "
         "no overlap; smaller overlaps)",
     )
-    p.add_argument(
-        "--min-tissue",
-        type=opt.fraction,
-        default=0.5,
-        help="keep tiles with at least this tissue fraction (default 0.5)",
-    )
+    opt.add_min_tissue_option(p, "keep")
     p.add_argument(
         "--annotations",
         metavar="GEOJSON",
@@ -67,7 +57,6 @@ def add_parser(sub, parents: list[argparse.ArgumentParser]) -> None:
     opt.add_read_threads_option(p, "slide-decoding threads")
     opt.add_overwrite_option(p)
     opt.add_slide_mpp_options(p)
-    p.set_defaults(func=run)
 
 
 def _tiling_settings(args: argparse.Namespace):

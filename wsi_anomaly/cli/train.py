@@ -10,17 +10,14 @@ from . import options as opt
 
 log = logging.getLogger("wsi_anomaly")
 
+HELP = "train HaloAE (or ATAC-Net) on tiles"
+DESCRIPTION = """Train a model on tiles of normal (reference) tissue: tile stores written by
+`tile`, or folders of images (png/jpg/tif, searched recursively). Writes one checkpoint with the
+model, its training-score calibration and the resolved config."""
+
 
 def add_parser(sub, parents: list[argparse.ArgumentParser]) -> None:
-    p = sub.add_parser(
-        "train",
-        parents=parents,
-        help="train HaloAE (or ATAC-Net) on tiles",
-        description="Train a model on tiles of normal (reference) tissue: tile "
-        "stores written by `tile`, or folders of images (png/jpg/tif, "
-        "searched recursively). Writes one checkpoint with the model, "
-        "its training-score calibration and the resolved config.",
-    )
+    p = opt.add_command(sub, parents, "train", HELP, DESCRIPTION, run)
     p.add_argument(
         "--tiles",
         nargs="+",
@@ -40,11 +37,7 @@ def add_parser(sub, parents: list[argparse.ArgumentParser]) -> None:
         metavar="DIR|ZARR",
         help="ATAC-Net: a few labelled anomalous tiles (folders and/or tile stores)",
     )
-    p.add_argument(
-        "--config",
-        help="preset name (haloae_paper, haloae_fast, atacnet, atacnet_fast) or YAML "
-        "file (default: haloae_paper, or atacnet with --family atacnet)",
-    )
+    opt.add_config_option(p)
     p.add_argument("--epochs", type=opt.positive_int, help="override train.epochs")
     p.add_argument(
         "--samples-per-epoch", type=opt.positive_int, help="override train.samples_per_epoch"
@@ -59,7 +52,7 @@ def add_parser(sub, parents: list[argparse.ArgumentParser]) -> None:
         "or random (tests only)",
     )
     opt.add_device_option(p)
-    p.add_argument("--seed", type=int, help="seed for everything (default from the config: 0)")
+    opt.add_seed_option(p)
     p.add_argument(
         "--mpp",
         type=opt.positive_float,
@@ -67,7 +60,6 @@ def add_parser(sub, parents: list[argparse.ArgumentParser]) -> None:
     )
     p.add_argument("--resume", action="store_true", help="continue an interrupted training run")
     opt.add_overwrite_option(p, "replace an existing checkpoint")
-    p.set_defaults(func=run)
 
 
 def _family_defaults(family: str) -> tuple[str, str]:
