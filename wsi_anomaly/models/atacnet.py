@@ -112,22 +112,11 @@ RESNET50 = Backbone("resnet50", "ResNet-50", ResNet50Trunk, lambda: ResNet50Trun
 
 
 def load_resnet50(weights: str = "imagenet") -> ResNet50Trunk:
-    """Build φ with weights from one of three sources.
-
-    Args:
-        weights: ``"imagenet"`` for torchvision's ``ResNet50_Weights.IMAGENET1K_V1`` (the
-            weights of ``pretrained=True`` in the PyTorch 1.12 the ATAC-Net paper used; downloaded once into
-            the torch hub cache); ``"random"`` for random initialisation (tests, demos; a warning
-            is logged and the identity says so); anything else is the
-            path of a local torchvision state-dict file (full ``resnet50()`` or trunk keys only).
-
-    Returns:
-        A :class:`ResNet50Trunk` whose ``backbone_identity`` is ``"resnet50-imagenet1k-v1"``,
-        ``"resnet50-random"`` or ``"resnet50-file:<sha256 prefix>"``.
-
-    Raises:
-        WeightsUnavailableError: the weights cannot be downloaded, read or matched.
-    """
+    """φ with weights from ``weights`` (see :meth:`Backbone.load`): ``"imagenet"`` (torchvision's
+    ``ResNet50_Weights.IMAGENET1K_V1``, the weights of ``pretrained=True`` in the PyTorch 1.12 the
+    ATAC-Net paper used), ``"random"`` or the path of a full ``resnet50()`` or trunk-only state
+    dict. Its ``backbone_identity`` is ``"resnet50-imagenet1k-v1"``, ``"resnet50-random"`` or
+    ``"resnet50-file:<sha256 prefix>"``."""
     return RESNET50.load(weights)
 
 

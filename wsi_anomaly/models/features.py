@@ -156,20 +156,8 @@ VGG19 = Backbone(
 
 
 def load_vgg19(weights: str = "imagenet") -> VGG19Features:
-    """Build the frozen feature extractor with weights from one of three sources.
-
-    Args:
-        weights: ``"imagenet"`` for torchvision's ``VGG19_Weights.IMAGENET1K_V1`` (downloaded
-            once into the torch hub cache); ``"random"`` for random initialisation (tests,
-            demos; a warning is logged and the identity says so); anything else is the path of a
-            local torchvision state-dict file, either the full ``vgg19()`` state dict or the
-            ``features`` keys only.
-
-    Returns:
-        A :class:`VGG19Features` whose ``backbone_identity`` is ``"vgg19-imagenet1k-v1"``,
-        ``"vgg19-random"`` or ``"vgg19-file:<sha256 prefix>"``.
-
-    Raises:
-        WeightsUnavailableError: the weights cannot be downloaded, read or matched.
-    """
+    """The frozen feature extractor with weights from ``weights`` (see :meth:`Backbone.load`):
+    ``"imagenet"`` (torchvision's ``VGG19_Weights.IMAGENET1K_V1``), ``"random"`` or the path of a
+    full ``vgg19()`` or ``features``-only state dict. Its ``backbone_identity`` is
+    ``"vgg19-imagenet1k-v1"``, ``"vgg19-random"`` or ``"vgg19-file:<sha256 prefix>"``."""
     return VGG19.load(weights)
