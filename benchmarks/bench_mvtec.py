@@ -8,8 +8,10 @@
   ``--train-batch`` originals (each also yields two Cut&Paste copies, so the network sees 3×);
   a one-step warm-up run comes first; calibration is not counted. Precision is what training
   uses: bf16 autocast on CUDA, fp32 on CPU.
-- evaluation: the HaloAE adapter over the whole test split, exactly as the benchmark runs it:
-  end to end (decode and resize the PNGs, model, maps) and the model calls alone.
+- evaluation: the model's adapter over the whole test split, exactly as the benchmark runs it
+  (images at the benchmark's ``input_px``: the tile size, or their own size for families that
+  resize their input themselves): end to end (decode and resize the PNGs, model, maps) and the
+  model calls alone.
 
 Speed does not depend on the backbone weights, so ``--backbone-weights random`` is the default
 (no download). Prints a Markdown table; ``--json`` also writes the numbers.
@@ -25,32 +27,38 @@ from pathlib import Path
 
 import torch
 
-from wsi_anomaly.config import load_config
+from wsi_anomaly.config import Config, load_config
 from wsi_anomaly.mvtec import MVTecCategory, evaluate, load_adapter
+from wsi_anomaly.mvtec.benchmark import input_px
 from wsi_anomaly.train import resolve_device, train_model
 
 DEFAULT_ROOT = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "mvtec" / "hazelnut"
+
+
+def bench_config(args: argparse.Namespace, steps: int) -> Config:
+    """The ``--config`` preset shortened to one epoch of ``steps`` batches."""
+    return load_config(
+        args.config,
+        {
+            "model": {"backbone_weights": args.backbone_weights},
+            "train": {
+                "epochs": 1,
+                "samples_per_epoch": steps * args.train_batch,
+                "batch_size": args.train_batch,
+                "workers": args.loader_workers,
+                "calibration_tiles": args.train_batch,
+            },
+        },
+    )
 
 
 def train_speed(
     category: MVTecCategory, args: argparse.Namespace, folder: Path
 ) -> tuple[dict, Path]:
     def run(steps: int, name: str):
-        config = load_config(
-            args.config,
-            {
-                "model": {"backbone_weights": args.backbone_weights},
-                "train": {
-                    "epochs": 1,
-                    "samples_per_epoch": steps * args.train_batch,
-                    "batch_size": args.train_batch,
-                    "workers": args.loader_workers,
-                    "calibration_tiles": args.train_batch,
-                },
-            },
-        )
+        config = bench_config(args, steps)
         return train_model(
-            category.dataset("train"),
+            category.dataset("train", input_px(config)),
             config,
             folder / name,
             device=args.device,
@@ -74,7 +82,7 @@ def eval_speed(category: MVTecCategory, checkpoint: Path, args: argparse.Namespa
     adapter = load_adapter(
         checkpoint, device=args.device, precision=args.precision, batch_size=args.eval_batch
     )
-    dataset = category.dataset("test")
+    dataset = category.dataset("test", input_px(bench_config(args, args.train_steps)))
     adapter(torch.stack([dataset[i] for i in range(min(len(dataset), args.eval_batch))]))  # warm-up
     runs = [
         evaluate(adapter, dataset, workers=args.loader_workers, progress=False)

@@ -408,24 +408,25 @@ def _write_ngff(
     levels = [grid]
     if min(grid.shape) >= 2:
         levels.append(_nan_downsample2(grid))
-    datasets: list[dict[str, Any]] = []
-    for i, _ in enumerate(levels):
-        cell_l0 = stride * 2**i
-        datasets.append(
-            {
-                "path": str(i),
-                "coordinateTransformations": [
-                    {"type": "scale", "scale": [cell_l0 * geometry.mpp] * 2},
-                    {
-                        "type": "translation",
-                        "translation": [
-                            float((origin[1] + cell_l0 / 2) * geometry.mpp),
-                            float((origin[0] + cell_l0 / 2) * geometry.mpp),
-                        ],
-                    },
-                ],
-            }
-        )
+
+    def dataset(path: str, cell_l0: float) -> dict[str, Any]:
+        """An OME-Zarr level of ``cell_l0``-px cells (level 0) from ``origin``, in µm."""
+        centre = origin + cell_l0 / 2
+        return {
+            "path": path,
+            "coordinateTransformations": [
+                {"type": "scale", "scale": [cell_l0 * geometry.mpp] * 2},
+                {
+                    "type": "translation",
+                    "translation": [
+                        float(centre[1] * geometry.mpp),
+                        float(centre[0] * geometry.mpp),
+                    ],
+                },
+            ],
+        }
+
+    datasets = [dataset(str(i), stride * 2**i) for i in range(len(levels))]
     ome: dict[str, Any] = {
         "version": "0.5",
         "multiscales": [
@@ -492,21 +493,7 @@ def _write_ngff(
                     {
                         "name": f"{slide_name} pixel anomaly map",
                         "axes": ome["multiscales"][0]["axes"],
-                        "datasets": [
-                            {
-                                "path": "0",
-                                "coordinateTransformations": [
-                                    {"type": "scale", "scale": [px_l0 * geometry.mpp] * 2},
-                                    {
-                                        "type": "translation",
-                                        "translation": [
-                                            float((origin[1] + px_l0 / 2) * geometry.mpp),
-                                            float((origin[0] + px_l0 / 2) * geometry.mpp),
-                                        ],
-                                    },
-                                ],
-                            }
-                        ],
+                        "datasets": [dataset("0", px_l0)],
                     }
                 ],
             }

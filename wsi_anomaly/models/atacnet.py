@@ -28,12 +28,12 @@ import torch.nn.functional as F
 import torchvision
 from torch import nn
 
-from wsi_anomaly.errors import WeightsUnavailableError
-from wsi_anomaly.models.weights import backbone_state
+from wsi_anomaly.models.weights import Backbone
 
 __all__ = [
     "BACKBONE_CHANNELS",
     "CLASSIFICATION_VARIANTS",
+    "RESNET50",
     "VARIANTS",
     "ATACNet",
     "AtacNetConfig",
@@ -61,13 +61,6 @@ BACKBONE_STRIDE = 32
 VARIANTS: tuple[str, ...] = ("cutmix_bce", "weighted_ce", "devnet", "atacnet")
 #: Variants that end in a classification logit rather than a deviation score.
 CLASSIFICATION_VARIANTS: tuple[str, ...] = ("cutmix_bce", "weighted_ce")
-
-_WEIGHTS_HELP = (
-    "run once on a machine with internet to fill the torch hub cache "
-    "(python -c \"import torchvision; torchvision.models.resnet50(weights='IMAGENET1K_V1')\"), "
-    "or pass --backbone-weights /path/to/resnet50.pth (a torchvision ResNet-50 state dict), "
-    "or --backbone-weights random for tests"
-)
 
 
 # --------------------------------------------------------------------------------------------
@@ -113,53 +106,18 @@ class ResNet50Trunk(nn.Module):
         return self.layer4(self.layer3(self.layer2(self.layer1(x))))
 
 
-def _select_trunk_weights(
-    state: Mapping[str, torch.Tensor], source: str
-) -> dict[str, torch.Tensor]:
-    """The trunk's keys from a full torchvision ``resnet50()`` or a trunk-only state dict."""
-    reference = ResNet50Trunk().state_dict()
-    selected: dict[str, torch.Tensor] = {}
-    for key, ref in reference.items():
-        value = state.get(key)
-        if not isinstance(value, torch.Tensor) or value.shape != ref.shape:
-            found = "missing" if value is None else f"shape {tuple(getattr(value, 'shape', ()))}"
-            raise WeightsUnavailableError(
-                f"{source} is not a torchvision ResNet-50 state dict ({key}: expected shape "
-                f"{tuple(ref.shape)}, {found}); {_WEIGHTS_HELP}"
-            )
-        selected[key] = value.to(ref.dtype)
-    return selected
+#: ResNet-50 without ``avgpool`` and ``fc``; a full ``resnet50()`` state dict holds its keys as
+#: they are.
+RESNET50 = Backbone("resnet50", "ResNet-50", ResNet50Trunk, lambda: ResNet50Trunk().state_dict())
 
 
 def load_resnet50(weights: str = "imagenet") -> ResNet50Trunk:
-    """Build φ with weights from one of three sources.
-
-    Args:
-        weights: ``"imagenet"`` for torchvision's ``ResNet50_Weights.IMAGENET1K_V1`` (the
-            weights of ``pretrained=True`` in the PyTorch 1.12 the ATAC-Net paper used; downloaded once into
-            the torch hub cache); ``"random"`` for random initialisation (tests, demos; a warning
-            is logged and the identity says so); anything else is the
-            path of a local torchvision state-dict file (full ``resnet50()`` or trunk keys only).
-
-    Returns:
-        A :class:`ResNet50Trunk` whose ``backbone_identity`` is ``"resnet50-imagenet1k-v1"``,
-        ``"resnet50-random"`` or ``"resnet50-file:<sha256 prefix>"``.
-
-    Raises:
-        WeightsUnavailableError: the weights cannot be downloaded, read or matched.
-    """
-    from torchvision.models import ResNet50_Weights
-
-    state, identity, source = backbone_state(
-        weights,
-        "resnet50",
-        "ResNet-50",
-        lambda: ResNet50_Weights.IMAGENET1K_V1.get_state_dict(progress=False),
-        _WEIGHTS_HELP,
-    )
-    return ResNet50Trunk(
-        None if state is None else _select_trunk_weights(state, source), backbone_identity=identity
-    )
+    """φ with weights from ``weights`` (see :meth:`Backbone.load`): ``"imagenet"`` (torchvision's
+    ``ResNet50_Weights.IMAGENET1K_V1``, the weights of ``pretrained=True`` in the PyTorch 1.12 the
+    ATAC-Net paper used), ``"random"`` or the path of a full ``resnet50()`` or trunk-only state
+    dict. Its ``backbone_identity`` is ``"resnet50-imagenet1k-v1"``, ``"resnet50-random"`` or
+    ``"resnet50-file:<sha256 prefix>"``."""
+    return RESNET50.load(weights)
 
 
 # --------------------------------------------------------------------------------------------

@@ -15,11 +15,11 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
 from wsi_anomaly.models.atacnet import (
+    RESNET50,
     VARIANTS,
     ATACNet,
     AtacNetConfig,
     ResNet50Trunk,
-    load_resnet50,
     make_optimiser,
     make_scheduler,
     train_step,
@@ -33,8 +33,6 @@ from wsi_anomaly.models.atacnet_data import (
 )
 from wsi_anomaly.models.family import EpochRng, ModelFamily, score_summary
 
-#: Stream numbers of the training loop's per-epoch generators.
-SAMPLER_STREAM, AUGMENT_STREAM = 2, 3
 #: Side of the maps :meth:`AtacNetFamily.predict` returns (the 7×7 cells, up-sampled).
 MAP_PX = 64
 
@@ -50,6 +48,8 @@ class AtacNetFamily(ModelFamily):
     weakly_supervised = True
     score_names = ("score",)
     has_maps = False
+    backbone = RESNET50
+    sampler_stream, augment_stream = 2, 3
     #: CLAHE runs on the CPU, one image at a time: the transform comes before the copy.
     transforms_on_device = False
     #: The paper's order is CLAHE on the image at its own size, then one bicubic resize.
@@ -93,27 +93,17 @@ class AtacNetFamily(ModelFamily):
         )
 
     # -- model ----------------------------------------------------------------------------------
-    def _model(self, config: Any, backbone: ResNet50Trunk) -> ATACNet:
+    def make_model(self, config: Any, backbone: nn.Module) -> nn.Module:
         a = config.atacnet
         return ATACNet(
             variant=a.variant,
-            backbone=backbone,
+            backbone=cast(ResNet50Trunk, backbone),
             crop_threshold=a.crop_threshold,
             topk_ratio=a.topk_ratio,
             margin=a.margin,
             min_box_px=a.min_box_px,
             box_pad_px=a.box_pad_px,
         )
-
-    def build(self, config: Any) -> nn.Module:
-        return self._model(config, load_resnet50(config.model.backbone_weights))
-
-    def restore(
-        self, config: Any, state_dict: Mapping[str, torch.Tensor], backbone_identity: str
-    ) -> nn.Module:
-        model = self._model(config, ResNet50Trunk(backbone_identity=backbone_identity))
-        model.load_state_dict(state_dict)
-        return model
 
     def transform(self, images: torch.Tensor, config: Any) -> torch.Tensor:
         """The ATAC-Net paper's preprocessing of every image: CLAHE at the size it is given,
@@ -164,13 +154,10 @@ class AtacNetFamily(ModelFamily):
             cast(AtacNetData, data).labels,
             a.batch_size,
             a.steps_per_epoch,
-            rng(SAMPLER_STREAM),
+            rng(self.sampler_stream),
             a.real_anomaly_fraction,
         )
         return DataLoader(data, batch_sampler=sampler, num_workers=workers, pin_memory=pin_memory)
-
-    def augmenter(self, rng: EpochRng) -> torch.Generator:
-        return rng(AUGMENT_STREAM)
 
     def train_step(
         self,

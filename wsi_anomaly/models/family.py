@@ -9,9 +9,10 @@ The family owns:
 
 - its config section (a dataclass; ``section`` is its key in the YAML files, ``schedule_section``
   the section that holds its epochs, batch size and learning rate);
-- a builder that resolves backbone weights outside the model's ``__init__`` (:meth:`build`) and
-  its counterpart for checkpoints (:meth:`restore`, nothing to download, the identity the
-  checkpoint recorded);
+- its model around a backbone (:meth:`make_model`) and that backbone (:attr:`backbone`, a
+  :class:`~wsi_anomaly.models.weights.Backbone`): :meth:`build` resolves the backbone's weights
+  outside the model's ``__init__``, :meth:`restore` builds it for a checkpoint (nothing to
+  download, the identity the checkpoint recorded);
 - its input transform (:meth:`transform`: tiles as stored, or float images, to the model's input,
   on the device) and :meth:`predict` → ``(score, max, map)``;
 - the pieces of its training loop (:meth:`training_data`, :meth:`loader`, :meth:`train_step`, …);
@@ -31,6 +32,8 @@ import numpy as np
 import torch
 from torch import nn
 from torch.utils.data import Dataset
+
+from wsi_anomaly.models.weights import Backbone
 
 #: Quantiles of the training tiles' scores saved in every checkpoint's calibration.
 SCORE_QUANTILES = (0.0, 0.01, 0.05, 0.25, 0.5, 0.75, 0.95, 0.99, 1.0)
@@ -82,6 +85,12 @@ class ModelFamily:
     #: so image loaders that would resize first (the MVTec benchmark's) hand them over as they
     #: are. Slide tiles are always given at their tile size: for them the tile is the image.
     resizes_own_input: bool = False
+    #: The backbone the family's models are built around, and where its weights come from.
+    backbone: Backbone[nn.Module]
+    #: Stream numbers of the training loop's per-epoch generators (``rng(stream)``): the one
+    #: :meth:`loader` samples with and the one of :meth:`augmenter`.
+    sampler_stream: int = 0
+    augment_stream: int = 1
 
     # -- configuration -------------------------------------------------------------------------
     def validate(self, config: Any) -> None:
@@ -99,15 +108,22 @@ class ModelFamily:
         raise NotImplementedError
 
     # -- model ----------------------------------------------------------------------------------
+    def make_model(self, config: Any, backbone: nn.Module) -> nn.Module:
+        """The family's model around ``backbone`` (a module of :attr:`backbone`), from the
+        family's settings."""
+        raise NotImplementedError
+
     def build(self, config: Any) -> nn.Module:
         """The model with its backbone weights resolved from ``config.model.backbone_weights``."""
-        raise NotImplementedError
+        return self.make_model(config, self.backbone.load(config.model.backbone_weights))
 
     def restore(
         self, config: Any, state_dict: Mapping[str, torch.Tensor], backbone_identity: str
     ) -> nn.Module:
         """The model of a checkpoint: built unweighted, ``state_dict`` loaded over it."""
-        raise NotImplementedError
+        model = self.make_model(config, self.backbone.unweighted(backbone_identity))
+        model.load_state_dict(state_dict)
+        return model
 
     def transform(self, images: torch.Tensor, config: Any) -> torch.Tensor:
         """Model input from ``B×H×W×3`` uint8 tiles or ``B×3×H×W`` float images in [0, 1].
@@ -156,7 +172,7 @@ class ModelFamily:
 
     def augmenter(self, rng: EpochRng) -> torch.Generator:
         """The generator of one epoch's augmentations, passed to every :meth:`train_step`."""
-        raise NotImplementedError
+        return rng(self.augment_stream)
 
     def train_step(
         self,

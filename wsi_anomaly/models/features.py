@@ -16,11 +16,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from wsi_anomaly.errors import WeightsUnavailableError
-from wsi_anomaly.models.weights import backbone_state
+from wsi_anomaly.models.weights import Backbone
 
 __all__ = [
     "FEATURE_CHANNELS",
+    "VGG19",
     "VGG19Features",
     "aggregate_reference",
     "aggregate_taps",
@@ -37,13 +37,6 @@ _TAP_CHANNELS: tuple[int, ...] = (64, 128, 256, 256)
 FEATURE_CHANNELS: int = sum(_TAP_CHANNELS)  # 704
 #: spatial down-sampling of ``fm`` with respect to the input image.
 POOL: int = 4
-
-_WEIGHTS_HELP = (
-    "run once on a machine with internet to fill the torch hub cache "
-    "(python -c \"import torchvision; torchvision.models.vgg19(weights='IMAGENET1K_V1')\"), "
-    "or pass --backbone-weights /path/to/vgg19.pth (a torchvision VGG19 state dict), "
-    "or --backbone-weights random for tests"
-)
 
 
 def _make_layers() -> nn.Sequential:
@@ -152,52 +145,19 @@ class VGG19Features(nn.Module):
         return aggregate_taps(taps)
 
 
-def _select_feature_weights(
-    state: Mapping[str, torch.Tensor], source: str
-) -> dict[str, torch.Tensor]:
-    """Keep the conv weights up to conv3_4 from a full-VGG19 or a features-only state dict."""
-    reference = _make_layers().state_dict()
-    prefix = "features." if any(k.startswith("features.") for k in state) else ""
-    selected: dict[str, torch.Tensor] = {}
-    for key, ref in reference.items():
-        value = state.get(prefix + key)
-        if not isinstance(value, torch.Tensor) or value.shape != ref.shape:
-            found = "missing" if value is None else f"shape {tuple(getattr(value, 'shape', ()))}"
-            raise WeightsUnavailableError(
-                f"{source} is not a torchvision VGG19 state dict ({prefix + key}: expected "
-                f"shape {tuple(ref.shape)}, {found}); {_WEIGHTS_HELP}"
-            )
-        selected[key] = value.float()
-    return selected
+#: VGG19's feature stack up to conv3_4; a full ``vgg19()`` state dict holds it under ``features.``.
+VGG19 = Backbone(
+    "vgg19",
+    "VGG19",
+    VGG19Features,
+    lambda: _make_layers().state_dict(),
+    prefix="features.",
+)
 
 
 def load_vgg19(weights: str = "imagenet") -> VGG19Features:
-    """Build the frozen feature extractor with weights from one of three sources.
-
-    Args:
-        weights: ``"imagenet"`` for torchvision's ``VGG19_Weights.IMAGENET1K_V1`` (downloaded
-            once into the torch hub cache); ``"random"`` for random initialisation (tests,
-            demos; a warning is logged and the identity says so); anything else is the path of a
-            local torchvision state-dict file, either the full ``vgg19()`` state dict or the
-            ``features`` keys only.
-
-    Returns:
-        A :class:`VGG19Features` whose ``backbone_identity`` is ``"vgg19-imagenet1k-v1"``,
-        ``"vgg19-random"`` or ``"vgg19-file:<sha256 prefix>"``.
-
-    Raises:
-        WeightsUnavailableError: the weights cannot be downloaded, read or matched.
-    """
-    from torchvision.models import VGG19_Weights
-
-    state, identity, source = backbone_state(
-        weights,
-        "vgg19",
-        "VGG19",
-        lambda: VGG19_Weights.IMAGENET1K_V1.get_state_dict(progress=False),
-        _WEIGHTS_HELP,
-    )
-    return VGG19Features(
-        None if state is None else _select_feature_weights(state, source),
-        backbone_identity=identity,
-    )
+    """The frozen feature extractor with weights from ``weights`` (see :meth:`Backbone.load`):
+    ``"imagenet"`` (torchvision's ``VGG19_Weights.IMAGENET1K_V1``), ``"random"`` or the path of a
+    full ``vgg19()`` or ``features``-only state dict. Its ``backbone_identity`` is
+    ``"vgg19-imagenet1k-v1"``, ``"vgg19-random"`` or ``"vgg19-file:<sha256 prefix>"``."""
+    return VGG19.load(weights)

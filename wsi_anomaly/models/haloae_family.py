@@ -17,7 +17,7 @@ from torch.utils.data import DataLoader, Dataset, RandomSampler
 
 from wsi_anomaly.models.cutpaste import make_cutpaste_batch
 from wsi_anomaly.models.family import EpochRng, ModelFamily, score_summary
-from wsi_anomaly.models.features import VGG19Features, load_vgg19
+from wsi_anomaly.models.features import VGG19, VGG19Features
 from wsi_anomaly.models.haloae import HaloAE
 from wsi_anomaly.models.losses import LOSS_TERMS, haloae_loss, loss_weights
 from wsi_anomaly.models.scoring import (
@@ -31,8 +31,6 @@ from wsi_anomaly.models.transforms import normalise, to_unit_float
 
 LOSS_WEIGHTINGS = ("ews", "equal")
 ATTENTIONS = ("halo", "conv")
-#: Stream numbers of the training loop's per-epoch generators.
-SAMPLER_STREAM, AUGMENT_STREAM = 0, 1
 
 
 class HaloAEFamily(ModelFamily):
@@ -46,6 +44,7 @@ class HaloAEFamily(ModelFamily):
     weakly_supervised = False
     score_names = ("mean", "max")
     has_maps = True
+    backbone = VGG19
 
     def validate(self, config: Any) -> None:
         t, m = config.train, config.model
@@ -70,23 +69,13 @@ class HaloAEFamily(ModelFamily):
         )
 
     # -- model ----------------------------------------------------------------------------------
-    def _model(self, config: Any, backbone: VGG19Features) -> HaloAE:
+    def make_model(self, config: Any, backbone: nn.Module) -> nn.Module:
         return HaloAE(
-            backbone,
+            cast(VGG19Features, backbone),
             attention=config.model.attention,
             released_mask=config.model.released_mask,
             released_init=config.model.released_init,
         )
-
-    def build(self, config: Any) -> nn.Module:
-        return self._model(config, load_vgg19(config.model.backbone_weights))
-
-    def restore(
-        self, config: Any, state_dict: Mapping[str, torch.Tensor], backbone_identity: str
-    ) -> nn.Module:
-        model = self._model(config, VGG19Features(backbone_identity=backbone_identity))
-        model.load_state_dict(state_dict)
-        return model
 
     def transform(self, images: torch.Tensor, config: Any) -> torch.Tensor:
         return normalise(to_unit_float(images))
@@ -129,7 +118,7 @@ class HaloAEFamily(ModelFamily):
             cast(Sized, data),
             replacement=True,
             num_samples=t.samples_per_epoch,
-            generator=rng(SAMPLER_STREAM),
+            generator=rng(self.sampler_stream),
         )
         return DataLoader(
             data,
@@ -140,9 +129,6 @@ class HaloAEFamily(ModelFamily):
             persistent_workers=False,
             pin_memory=pin_memory,
         )
-
-    def augmenter(self, rng: EpochRng) -> torch.Generator:
-        return rng(AUGMENT_STREAM)
 
     def train_step(
         self,

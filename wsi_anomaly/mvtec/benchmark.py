@@ -19,7 +19,7 @@ import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -33,7 +33,7 @@ from ..errors import InputNotFoundError, OutputExistsError, WsiAnomalyError
 from ..models.registry import get_family
 from ..outputs import atomic_path, write_text
 from .adapters import ModelAdapter, check_model_name, load_adapter
-from .data import NO_MASKS, MVTecCategory, MVTecDataset, resolve_categories
+from .data import GOOD, NO_MASKS, MVTecCategory, MVTecDataset, resolve_categories
 from .figures import pick_examples, save_example_figure
 from .metrics import (
     AUPRO_FPR_LIMIT,
@@ -53,6 +53,9 @@ from .paper import (
     paper_category,
     paper_reference,
 )
+
+if TYPE_CHECKING:
+    from ..train import TrainResult
 
 log = logging.getLogger(__name__)
 
@@ -221,20 +224,31 @@ def _write_json(path: Path, data: dict[str, Any]) -> None:
     write_text(path, json.dumps(data, indent=2))
 
 
-def _train_or_reuse(
-    category: MVTecCategory, config: Config, checkpoint: Path, settings: BenchmarkSettings
-) -> dict[str, Any]:
+def train_category(
+    category: MVTecCategory,
+    config: Config,
+    checkpoint: Path,
+    settings: BenchmarkSettings,
+    anomalies: MVTecDataset | None = None,
+) -> tuple[TrainResult | None, bool]:
+    """Train ``category``'s model on train/good (and ``anomalies``, labelled ones) into
+    ``checkpoint``, resuming an interrupted run unless ``settings.overwrite``.
+
+    Returns ``(result, resumed)``; ``result`` is ``None`` when ``checkpoint`` is a finished model
+    of the same ``config``, reused as it is.
+
+    Raises:
+        OutputExistsError: ``checkpoint`` was trained with another configuration.
+    """
     from ..train import resume_path, train_model
 
     if checkpoint.exists() and not settings.overwrite:
-        saved = config_from_dict(load_checkpoint(checkpoint)["config"])
-        if saved != config:
+        if config_from_dict(load_checkpoint(checkpoint)["config"]) != config:
             raise OutputExistsError(
                 f"{checkpoint} was trained with another configuration; pass "
                 "--overwrite to retrain it, or choose another --out"
             )
-        log.info("%s: reusing the finished model %s", category.name, checkpoint)
-        return {"trained": False}
+        return None, False
     resume = resume_path(checkpoint).exists() and not settings.overwrite
     result = train_model(
         category.dataset("train", input_px(config)),
@@ -243,9 +257,20 @@ def _train_or_reuse(
         device=settings.device,
         resume=resume,
         overwrite=True,
-        source=str(category.path / "train" / "good"),
+        source=str(category.path / "train" / GOOD),
         progress=settings.progress,
+        anomalies=anomalies,
     )
+    return result, resume
+
+
+def _train_or_reuse(
+    category: MVTecCategory, config: Config, checkpoint: Path, settings: BenchmarkSettings
+) -> dict[str, Any]:
+    result, resume = train_category(category, config, checkpoint, settings)
+    if result is None:
+        log.info("%s: reusing the finished model %s", category.name, checkpoint)
+        return {"trained": False}
     return {
         "trained": True,
         "resumed": resume,
@@ -253,6 +278,20 @@ def _train_or_reuse(
         "train_images_per_s": result.images_per_s / INPUTS_PER_ORIGINAL,
         "train_network_images_per_s": result.images_per_s,
     }
+
+
+def evaluate_checkpoint(
+    checkpoint: Path, dataset: MVTecDataset, config: Config, settings: BenchmarkSettings
+) -> tuple[ModelAdapter, Evaluation]:
+    """Load ``checkpoint`` (a ``config.model.name`` model) and run it over ``dataset``."""
+    adapter = load_adapter(
+        checkpoint,
+        device=settings.device,
+        precision=settings.precision,
+        batch_size=settings.eval_batch_size,
+        expect_model=config.model.name,
+    )
+    return adapter, evaluate(adapter, dataset, workers=settings.workers, progress=settings.progress)
 
 
 def _write_scores_csv(
@@ -322,15 +361,8 @@ def run_category(
         checkpoint = out_dir / CHECKPOINT_NAME
         training = _train_or_reuse(category, config, checkpoint, settings)
 
-    adapter = load_adapter(
-        checkpoint,
-        device=settings.device,
-        precision=settings.precision,
-        batch_size=settings.eval_batch_size,
-        expect_model=config.model.name,
-    )
     dataset = category.dataset("test", input_px(config))
-    evaluation = evaluate(adapter, dataset, workers=settings.workers, progress=settings.progress)
+    adapter, evaluation = evaluate_checkpoint(checkpoint, dataset, config, settings)
     t_metrics = time.perf_counter()
     metrics = compute_metrics(evaluation, dataset)
     metrics_seconds = time.perf_counter() - t_metrics

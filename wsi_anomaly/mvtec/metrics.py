@@ -53,9 +53,14 @@ def image_auroc(labels: np.ndarray, scores: np.ndarray) -> float:
     scores = np.asarray(scores, dtype=np.float64).ravel()
     if labels.shape != scores.shape:
         raise ValueError(f"{labels.shape[0]} labels but {scores.shape[0]} scores")
-    if labels.all() or not labels.any():
+    return _auroc(labels, scores)
+
+
+def _auroc(truth: np.ndarray, scores: np.ndarray) -> float:
+    """ROC-AUC of ``scores`` against the bool ``truth``; ``nan`` when only one class is present."""
+    if truth.all() or not truth.any():
         return math.nan
-    return float(roc_auc_score(labels, scores))
+    return float(roc_auc_score(truth, scores))
 
 
 def _flatten(
@@ -80,10 +85,7 @@ def pixel_auroc(masks: Sequence[np.ndarray], maps: Sequence[np.ndarray]) -> floa
 
     ``nan`` when no pixel (or every pixel) is defective.
     """
-    truth, scores = _flatten(masks, maps)
-    if truth.all() or not truth.any():
-        return math.nan
-    return float(roc_auc_score(truth, scores))
+    return _auroc(*_flatten(masks, maps))
 
 
 def pro_curve(

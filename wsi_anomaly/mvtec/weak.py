@@ -31,10 +31,10 @@ import numpy as np
 
 from .. import __version__
 from ..checkpoint import load_checkpoint
-from ..config import Config, config_from_dict, save_config
+from ..config import Config, save_config
 from ..errors import InvalidInputError, OutputExistsError, WsiAnomalyError
 from ..outputs import write_text
-from .adapters import check_model_name, load_adapter
+from .adapters import check_model_name
 from .benchmark import (
     CHECKPOINT_NAME,
     METRICS_NAME,
@@ -43,8 +43,9 @@ from .benchmark import (
     _write_json,
     _write_scores_csv,
     compute_metrics,
-    evaluate,
+    evaluate_checkpoint,
     input_px,
+    train_category,
     write_csv,
 )
 from .data import GOOD, MVTecCategory, MVTecDataset, MVTecSample, resolve_categories
@@ -216,31 +217,13 @@ class WeakProtocol:
 def _train(
     split: WeakSplit, config: Config, checkpoint: Path, settings: BenchmarkSettings
 ) -> dict[str, Any]:
-    from ..train import resume_path, train_model
-
-    if checkpoint.exists() and not settings.overwrite:
-        if config_from_dict(load_checkpoint(checkpoint)["config"]) != config:
-            raise OutputExistsError(
-                f"{checkpoint} was trained with another configuration; pass "
-                "--overwrite to retrain it, or choose another --out"
-            )
-        return {"trained": False}
-    resume = resume_path(checkpoint).exists() and not settings.overwrite
     category = split.category
     anomalies = MVTecDataset(
         split.train_anomalies, input_px(config), name=f"{category.name}/labelled-anomalies"
     )
-    result = train_model(
-        category.dataset("train", input_px(config)),
-        config,
-        checkpoint,
-        device=settings.device,
-        resume=resume,
-        overwrite=True,
-        source=str(category.path / "train" / GOOD),
-        progress=settings.progress,
-        anomalies=anomalies,
-    )
+    result, resume = train_category(category, config, checkpoint, settings, anomalies)
+    if result is None:
+        return {"trained": False}
     return {
         "trained": True,
         "resumed": resume,
@@ -270,20 +253,13 @@ def run_weak_seed(
     _write_json(split_path, split.to_dict())
     checkpoint = out_dir / CHECKPOINT_NAME
     training = _train(split, config, checkpoint, settings)
-    adapter = load_adapter(
-        checkpoint,
-        device=settings.device,
-        precision=settings.precision,
-        batch_size=settings.eval_batch_size,
-        expect_model=config.model.name,
-    )
     dataset = MVTecDataset(
         split.test,
         input_px(config),
         name=f"{split.category.name}/test-weak",
         has_masks=split.category.has_masks,
     )
-    evaluation = evaluate(adapter, dataset, workers=settings.workers, progress=settings.progress)
+    adapter, evaluation = evaluate_checkpoint(checkpoint, dataset, config, settings)
     metrics = compute_metrics(evaluation, dataset)
     _write_scores_csv(out_dir / "scores.csv", split.category, dataset, evaluation)
     record = {

@@ -173,31 +173,25 @@ def slide_figure(entry: SlideResults, slide_available: bool):
 
     ox, oy = tiles.grid_origin
     stride_um = tiles.stride_l0 * mpp
-    grid_w = max(tiles.grid_cols, 1) * stride_um
-    grid_h = max(tiles.grid_rows, 1) * stride_um
-    heat = fig.image_url(
-        url=[base + "overlay/cells.png"],
-        x=ox * mpp,
-        y=-oy * mpp,
-        w=grid_w,
-        h=grid_h,
-        anchor="top_left",
-        global_alpha=0.5,
-        name="cell_overlay",
-    )
-    pixel = None
-    if entry.pixel_map() is not None:
-        pixel = fig.image_url(
-            url=[base + "overlay/pixels.png"],
+
+    def overlay(image: str, name: str, visible: bool = True) -> Any:
+        """A half-transparent image over the tile grid's extent."""
+        return fig.image_url(
+            url=[base + f"overlay/{image}"],
             x=ox * mpp,
             y=-oy * mpp,
-            w=grid_w,
-            h=grid_h,
+            w=max(tiles.grid_cols, 1) * stride_um,
+            h=max(tiles.grid_rows, 1) * stride_um,
             anchor="top_left",
             global_alpha=0.5,
-            visible=False,
-            name="pixel_overlay",
+            visible=visible,
+            name=name,
         )
+
+    heat = overlay("cells.png", "cell_overlay")
+    pixel = None
+    if entry.pixel_map() is not None:
+        pixel = overlay("pixels.png", "pixel_overlay", visible=False)
 
     # numpy columns: bokeh sends them as binary arrays (compact and quick for many tiles).
     side_um = tiles.tile_size_l0 * mpp
