@@ -2,6 +2,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from wsi_anomaly.models.family import Epoch
 from wsi_anomaly.models.losses import equal_weights, ews_weights, haloae_loss, loss_weights, ssim
 
 
@@ -163,16 +164,16 @@ def test_training_step_uses_the_renormalised_weights(monkeypatch):
         def forward(self, x):
             return {}
 
-    family.train_step(
+    ep = Epoch(
         Model(),
         torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=0.1),
-        torch.rand(1, 3, 256, 256),
         config,
         1,
         torch.Generator().manual_seed(0),
         Runtime(),
     )
+    family.train_step(ep, torch.rand(1, 3, 256, 256))
     ((weights, terms),) = seen
     assert terms == ("fm", "im") and weights[0] == 0.0 and sum(weights) == pytest.approx(1.0)
-    record = family.epoch_record({"loss": 1.0}, 1, config, 1, None)
+    record = family.epoch_record(ep, {"loss": 1.0}, 1)
     assert record["w_cls"] == 0.0 and record["w_fm"] + record["w_im"] == pytest.approx(1.0)

@@ -30,7 +30,7 @@ from tqdm.auto import tqdm
 from .checkpoint import load_checkpoint, save_checkpoint
 from .config import config_from_dict, save_config
 from .errors import InvalidInputError
-from .models.family import ModelFamily
+from .models.family import Epoch, ModelFamily
 from .models.registry import FAMILIES, family_sections, get_family
 from .outputs import check_free_space, check_output_file, validate_output_name
 from .runtime import Runtime, resolve_device
@@ -277,7 +277,7 @@ def train_model(
     for epoch in range(start_epoch, total_epochs):
         model.train()
         rng = functools.partial(epoch_generator, config.seed, epoch)
-        aug = family.augmenter(rng)
+        ep = Epoch(model, optimiser, config, epoch, family.augmenter(rng), runtime)
         loader = family.loader(data, config, rng, t.workers, pin_memory=runtime.is_cuda)
         sums: dict[str, float] = {}
         steps = 0
@@ -289,7 +289,7 @@ def train_model(
             leave=False,
         )
         for batch in bar:
-            stats = family.train_step(model, optimiser, batch, config, epoch, aug, runtime)
+            stats = family.train_step(ep, batch)
             if not math.isfinite(stats["loss"]):
                 raise InvalidInputError(
                     f"training diverged at epoch {epoch + 1} (loss "
@@ -303,7 +303,7 @@ def train_model(
         bar.close()
         if scheduler is not None:
             scheduler.step()
-        record = family.epoch_record(sums, steps, config, epoch, optimiser)
+        record = family.epoch_record(ep, sums, steps)
         history.append(record)
         log.info("epoch %d/%d  %s", epoch + 1, total_epochs, family.describe_epoch(record))
         if (epoch + 1) % t.checkpoint_every == 0 and epoch + 1 < total_epochs:

@@ -11,7 +11,7 @@ from typing import Any, cast
 
 import torch
 import torch.nn.functional as F
-from torch import nn
+from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset
 
 from wsi_anomaly.models.atacnet import (
@@ -31,7 +31,7 @@ from wsi_anomaly.models.atacnet_data import (
     preprocess,
     random_rotation,
 )
-from wsi_anomaly.models.family import EpochRng, ModelFamily, score_summary
+from wsi_anomaly.models.family import Epoch, EpochRng, ModelFamily, Prediction, score_summary
 
 #: Side of the maps :meth:`AtacNetFamily.predict` returns (the 7×7 cells, up-sampled).
 MAP_PX = 64
@@ -116,12 +116,8 @@ class AtacNetFamily(ModelFamily):
         return torch.stack([preprocess(v, size=a.image_px, clahe=a.clahe) for v in views])
 
     def predict(
-        self,
-        model: nn.Module,
-        x: torch.Tensor,
-        calibration: Mapping[str, Any],
-        keep_maps: bool = True,
-    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        self, model: nn.Module, x: Tensor, calibration: Mapping[str, Any], keep_maps: bool = True
+    ) -> Prediction:
         atac = cast(ATACNet, model)
         score = atac.score(x).float()
         maps = None
@@ -130,7 +126,7 @@ class AtacNetFamily(ModelFamily):
             maps = F.interpolate(
                 cells.unsqueeze(1), size=(MAP_PX, MAP_PX), mode="bilinear", align_corners=False
             ).squeeze(1)
-        return score, score, maps
+        return Prediction(score, score, maps)
 
     # -- training -------------------------------------------------------------------------------
     def training_data(self, normals: Dataset, anomalies: Dataset | None, config: Any) -> Dataset:
@@ -159,27 +155,18 @@ class AtacNetFamily(ModelFamily):
         )
         return DataLoader(data, batch_sampler=sampler, num_workers=workers, pin_memory=pin_memory)
 
-    def train_step(
-        self,
-        model: nn.Module,
-        optimiser: torch.optim.Optimizer,
-        batch: Any,
-        config: Any,
-        epoch: int,
-        aug: torch.Generator,
-        runtime: Any,
-    ) -> dict[str, float]:
-        a = config.atacnet
+    def train_step(self, ep: Epoch, batch: Any) -> dict[str, float]:
+        a = ep.config.atacnet
         images, labels = batch
-        images, targets = cutmix_anomalous_half(images, labels, aug)
-        images = random_rotation(images, aug, a.rotation_degrees)
+        images, targets = cutmix_anomalous_half(images, labels, ep.aug)
+        images = random_rotation(images, ep.aug, a.rotation_degrees)
         stats = train_step(
-            cast(ATACNet, model),
-            optimiser,
-            images.to(runtime.device, non_blocking=True),
+            cast(ATACNet, ep.model),
+            ep.optimiser,
+            images.to(ep.runtime.device, non_blocking=True),
             targets,
             grad_clip_norm=a.grad_clip_norm,
-            precision=runtime.precision,
+            precision=ep.runtime.precision,
         )
         return {
             "loss": stats["loss"],
@@ -188,19 +175,12 @@ class AtacNetFamily(ModelFamily):
             "images": float(len(images)),
         }
 
-    def epoch_record(
-        self,
-        sums: Mapping[str, float],
-        steps: int,
-        config: Any,
-        epoch: int,
-        optimiser: torch.optim.Optimizer,
-    ) -> dict[str, float]:
-        steps_per_epoch = config.atacnet.steps_per_epoch
+    def epoch_record(self, ep: Epoch, sums: Mapping[str, float], steps: int) -> dict[str, float]:
+        steps_per_epoch = ep.config.atacnet.steps_per_epoch
         return {
-            "epoch": epoch,
+            "epoch": ep.epoch,
             **{k: v / steps_per_epoch for k, v in sums.items()},
-            "lr": optimiser.param_groups[0]["lr"],
+            "lr": ep.optimiser.param_groups[0]["lr"],
         }
 
     def calibration_batch(self, model: nn.Module, batch: Any, runtime: Any) -> torch.Tensor:

@@ -26,11 +26,12 @@ into the package's typed errors.
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Mapping
-from typing import Any
+from dataclasses import dataclass
+from typing import Any, NamedTuple
 
 import numpy as np
 import torch
-from torch import nn
+from torch import Tensor, nn
 from torch.utils.data import Dataset
 
 from wsi_anomaly.models.weights import Backbone
@@ -53,6 +54,31 @@ def score_summary(mean_scores: torch.Tensor, max_scores: torch.Tensor) -> dict[s
         "score_mean": float(means.mean()),
         "score_std": float(means.std()),
     }
+
+
+class Prediction(NamedTuple):
+    """What :meth:`ModelFamily.predict` gives for a batch of ``B`` inputs."""
+
+    #: ``B`` image scores (the tile's anomaly score).
+    score: Tensor
+    #: ``B`` peak values of the anomaly maps (the score itself where a family has no maps).
+    max: Tensor
+    #: ``B×64×64`` anomaly maps, or ``None`` when not asked for.
+    map: Tensor | None
+
+
+@dataclass(frozen=True)
+class Epoch:
+    """What stays the same for every step of one training epoch."""
+
+    model: nn.Module
+    optimiser: torch.optim.Optimizer
+    config: Any
+    epoch: int
+    #: The epoch's augmentation generator (:meth:`ModelFamily.augmenter`).
+    aug: torch.Generator
+    #: The device and precision (:class:`wsi_anomaly.runtime.Runtime`).
+    runtime: Any
 
 
 class ModelFamily:
@@ -139,13 +165,9 @@ class ModelFamily:
         return {}
 
     def predict(
-        self,
-        model: nn.Module,
-        x: torch.Tensor,
-        calibration: Mapping[str, Any],
-        keep_maps: bool = True,
-    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
-        """``(score, max, map)``: image scores ``B`` and ``B×64×64`` maps (or ``None``)."""
+        self, model: nn.Module, x: Tensor, calibration: Mapping[str, Any], keep_maps: bool = True
+    ) -> Prediction:
+        """``Prediction(score, max, map)`` of a batch of model inputs."""
         raise NotImplementedError
 
     # -- training -------------------------------------------------------------------------------
@@ -174,32 +196,16 @@ class ModelFamily:
         """The generator of one epoch's augmentations, passed to every :meth:`train_step`."""
         return rng(self.augment_stream)
 
-    def train_step(
-        self,
-        model: nn.Module,
-        optimiser: torch.optim.Optimizer,
-        batch: Any,
-        config: Any,
-        epoch: int,
-        aug: torch.Generator,
-        runtime: Any,
-    ) -> dict[str, float]:
+    def train_step(self, ep: Epoch, batch: Any) -> dict[str, float]:
         """One optimisation step; returns ``loss``, ``images`` and the family's terms.
 
         A non-finite loss is returned without stepping the optimiser (the loop stops there).
         """
         raise NotImplementedError
 
-    def epoch_record(
-        self,
-        sums: Mapping[str, float],
-        steps: int,
-        config: Any,
-        epoch: int,
-        optimiser: torch.optim.Optimizer,
-    ) -> dict[str, float]:
+    def epoch_record(self, ep: Epoch, sums: Mapping[str, float], steps: int) -> dict[str, float]:
         """The history entry of an epoch from the summed step statistics."""
-        return {"epoch": epoch, **{k: v / max(steps, 1) for k, v in sums.items()}}
+        return {"epoch": ep.epoch, **{k: v / max(steps, 1) for k, v in sums.items()}}
 
     def describe_epoch(self, record: Mapping[str, float]) -> str:
         """The log line of an epoch's history entry (after ``epoch i/n``)."""

@@ -12,11 +12,11 @@ from collections.abc import Iterable, Mapping, Sized
 from typing import Any, cast
 
 import torch
-from torch import nn
+from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset, RandomSampler
 
 from wsi_anomaly.models.cutpaste import make_cutpaste_batch
-from wsi_anomaly.models.family import EpochRng, ModelFamily, score_summary
+from wsi_anomaly.models.family import Epoch, EpochRng, ModelFamily, Prediction, score_summary
 from wsi_anomaly.models.features import VGG19, VGG19Features
 from wsi_anomaly.models.haloae import HaloAE
 from wsi_anomaly.models.losses import LOSS_TERMS, haloae_loss, loss_weights
@@ -87,14 +87,10 @@ class HaloAEFamily(ModelFamily):
         return {"mean_map": mean_map.to(device) if mean_map is not None else None}
 
     def predict(
-        self,
-        model: nn.Module,
-        x: torch.Tensor,
-        calibration: Mapping[str, Any],
-        keep_maps: bool = True,
-    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        self, model: nn.Module, x: Tensor, calibration: Mapping[str, Any], keep_maps: bool = True
+    ) -> Prediction:
         out = score_batch(model, x, calibration.get("mean_map"))
-        return out["mean"], out["max"], out["map"] if keep_maps else None
+        return Prediction(out["mean"], out["max"], out["map"] if keep_maps else None)
 
     # -- training -------------------------------------------------------------------------------
     def training_data(self, normals: Dataset, anomalies: Dataset | None, config: Any) -> Dataset:
@@ -130,17 +126,9 @@ class HaloAEFamily(ModelFamily):
             pin_memory=pin_memory,
         )
 
-    def train_step(
-        self,
-        model: nn.Module,
-        optimiser: torch.optim.Optimizer,
-        batch: Any,
-        config: Any,
-        epoch: int,
-        aug: torch.Generator,
-        runtime: Any,
-    ) -> dict[str, float]:
-        t = config.train
+    def train_step(self, ep: Epoch, batch: Any) -> dict[str, float]:
+        model, optimiser, epoch, aug, runtime = ep.model, ep.optimiser, ep.epoch, ep.aug, ep.runtime
+        t = ep.config.train
         weights = loss_weights(t.loss_weighting, epoch, t.epochs, t.loss_terms)
         images, labels = make_cutpaste_batch(
             batch, aug, image_jitter=t.image_jitter, patch_jitter=t.patch_jitter
@@ -163,19 +151,11 @@ class HaloAEFamily(ModelFamily):
         optimiser.step()
         return stats
 
-    def epoch_record(
-        self,
-        sums: Mapping[str, float],
-        steps: int,
-        config: Any,
-        epoch: int,
-        optimiser: torch.optim.Optimizer,
-    ) -> dict[str, float]:
-        t = config.train
-        w = loss_weights(t.loss_weighting, epoch, t.epochs, t.loss_terms)
+    def epoch_record(self, ep: Epoch, sums: Mapping[str, float], steps: int) -> dict[str, float]:
+        t = ep.config.train
+        w = loss_weights(t.loss_weighting, ep.epoch, t.epochs, t.loss_terms)
         return {
-            "epoch": epoch,
-            **{k: v / max(steps, 1) for k, v in sums.items()},
+            **super().epoch_record(ep, sums, steps),
             "w_cls": w[0],
             "w_fm": w[1],
             "w_im": w[2],
