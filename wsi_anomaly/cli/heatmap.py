@@ -36,7 +36,7 @@ def add_parser(sub, parents: list[argparse.ArgumentParser]) -> None:
         default=0.5,
         help="score tiles with at least this tissue fraction (default 0.5)",
     )
-    opt.add_batch_size_option(p, 32, "tiles per model batch")
+    opt.add_scoring_options(p, "tiles per model batch")
     opt.add_device_option(p)
     p.add_argument(
         "--keep-maps",
@@ -71,7 +71,7 @@ def add_parser(sub, parents: list[argparse.ArgumentParser]) -> None:
         type=opt.positive_int,
         default=None,
         metavar="N",
-        help="slide-decoding threads per slide (default: one per CPU core)",
+        help="slide-decoding threads per slide (default: one per CPU core available)",
     )
     p.add_argument(
         "--skip-errors",
@@ -228,6 +228,7 @@ def run(args: argparse.Namespace) -> int:
         min_tissue=args.min_tissue,
         batch_size=args.batch_size,
         device=args.device,
+        compile=args.compile,
         keep_maps=args.keep_maps,
         top_k=args.top_k,
         cmap=args.cmap,
