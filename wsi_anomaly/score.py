@@ -338,13 +338,14 @@ class Scorer:
 
     def _cuda_streams(self) -> tuple[Any, Any, Any]:
         """Host→device copies, compute, device→host copies: one set per scorer."""
-        if self._streams is None:
-            self._streams = (
-                torch.cuda.Stream(self.device),
-                torch.cuda.Stream(self.device),
-                torch.cuda.Stream(self.device),
-            )
-        return self._streams
+        with self._lock:
+            if self._streams is None:
+                self._streams = (
+                    torch.cuda.Stream(self.device),
+                    torch.cuda.Stream(self.device),
+                    torch.cuda.Stream(self.device),
+                )
+            return self._streams
 
     @torch.no_grad()
     def _score_batches_cuda(
@@ -391,7 +392,7 @@ class Scorer:
                     h = torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
                     h.copy_(t, non_blocking=True)
                     host_out.append(h)
-                done = torch.cuda.Event()
+                done = torch.cuda.Event(blocking=True)  # waiting for it leaves the CPU free
                 done.record(to_host)
             mean_h, peak_h, maps_h = host_out
             assert mean_h is not None
