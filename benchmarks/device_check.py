@@ -8,18 +8,23 @@ It first installs what is missing there from wheels in ``.device_wheels/`` (made
 ``benchmarks/fetch_device_wheels.sh``; ``pip install --no-index``), makes the project importable,
 then measures:
 
-- model throughput (tiles/s through :class:`wsi_anomaly.score.Scorer`) in fp32 and bf16, eager
-  and ``torch.compile``, at several batch sizes;
+- the automatic batch size (``--batch-size auto``: the largest of 512, 256, … whose forward
+  pass stays under 85 % of the GPU's memory);
+- model throughput (tiles/s through :meth:`wsi_anomaly.score.Scorer.score_batches`, the
+  overlapped loop every command scores with) in fp32 and bf16: eager at batches 64 to 512 and
+  at the automatic size, and at the automatic size compiled with ``torch.compile`` modes
+  ``default`` and ``reduce-overhead`` (CUDA graphs);
 - bf16-vs-fp32 agreement: Spearman rank correlation of the tile scores (must be ≥ 0.999) and the
   fraction of tiles whose anomalous call (score ≥ the fp32 99th percentile) differs;
 - a synthetic slide (tissue everywhere, 0.5 µm/px; 70 000 × 70 000 px on the GPU) from file to
-  pictures through :func:`wsi_anomaly.pipeline.run_cohort`, with the per-stage times of its
-  ``summary.json``, the GPU's busy fraction while scoring (``nvidia-smi`` sampled every 200 ms)
-  and peak GPU and host memory.
+  pictures through :func:`wsi_anomaly.pipeline.run_cohort` at the automatic batch size, with
+  the per-stage times of its ``summary.json``, the GPU's busy fraction while scoring
+  (``nvidia-smi`` sampled every 200 ms) and peak GPU and host memory.
 
 The model is a tiny HaloAE trained for two steps with random backbone weights: speed does not
 depend on the weights. ``--smoke`` runs the same code on the CPU with tiny sizes (batches 2 and
-4, a 2048² slide tiled at 1 µm/px, no compile) in about a minute and a half.
+4, a 2048² slide tiled at 1 µm/px, no compile, no throughput row at the automatic size) in
+about a minute and a half.
 """
 
 from __future__ import annotations
@@ -247,41 +252,49 @@ def spearman(a, b) -> float:
 
 
 def model_throughput(
-    ckpt: Path, device: str, precision: str, compiled: bool, batch: int, iters: int
+    ckpt: Path, device: str, precision: str, compile_mode: str, batch: int | str, iters: int
 ) -> dict:
+    """Tiles/s through ``Scorer.score_batches`` (the loop every command scores with: on CUDA
+    the copies to and from the GPU overlap the forward passes) at ``batch`` tiles a batch
+    (``auto``: the scorer's own choice), ``compile_mode`` ``off`` (eager) or a torch.compile
+    mode."""
     import torch
 
     from wsi_anomaly.score import Scorer
 
-    scorer = Scorer(ckpt, device=device, precision=precision, batch_size=batch)
-    if compiled:
-        scorer.model = torch.compile(scorer.model)
+    scorer = Scorer(
+        ckpt, device=device, precision=precision, batch_size=batch, compile=compile_mode
+    )
+    size = scorer.batch_size
     # uint8 tiles in host memory, as the tile store hands them to the scorer: the measured rate
     # includes the host→device copy and the conversion on the device.
-    tiles = torch.randint(0, 256, (batch, 256, 256, 3), dtype=torch.uint8)
+    tiles = torch.randint(0, 256, (size, 256, 256, 3), dtype=torch.uint8).numpy()
 
-    def run():
-        return scorer.score(tiles, keep_maps=False).mean  # numpy: waits for the device
+    def run(n: int) -> None:
+        for _ in scorer.score_batches((tiles for _ in range(n)), keep_maps=False):
+            pass  # each result is on the host: the device has finished that batch
 
     if scorer.device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(scorer.device)
     t0 = time.perf_counter()
-    run()  # warm-up (and compilation)
+    run(1)  # warm-up (and compilation)
     warm_s = time.perf_counter() - t0
-    if compiled or iters > 1:
-        run()
+    if compile_mode != "off" or iters > 1:
+        run(2)  # CUDA graphs record on a later call
     t0 = time.perf_counter()
-    for _ in range(iters):
-        run()
+    run(iters)
     seconds = time.perf_counter() - t0
     row = {
         "section": "model",
         "precision": precision,
-        "mode": "compile" if compiled else "eager",
-        "batch": batch,
-        "tiles_per_s": batch * iters / seconds,
+        "mode": "eager" if compile_mode == "off" else f"compile {compile_mode}",
+        "batch": size,
+        "batch_setting": batch,
+        "tiles_per_s": size * iters / seconds,
         "first_call_s": warm_s,
     }
+    if batch == "auto":
+        row["batch_choice"] = scorer.batch_choice.to_dict()
     if scorer.device.type == "cuda":
         row["peak_gpu_mib"] = torch.cuda.max_memory_allocated(scorer.device) / 2**20
     scorer = tiles = None  # free the model before the next configuration
@@ -299,10 +312,11 @@ def agreement(ckpt: Path, device: str, n_tiles: int, batch: int) -> dict:
     scores = {}
     for precision in ("fp32", "bf16"):
         scorer = Scorer(ckpt, device=device, precision=precision, batch_size=batch)
-        parts = []
-        for start in range(0, n_tiles, batch):
-            x = torch.stack(distinct_tiles(min(batch, n_tiles - start), seed=start))
-            parts.append(scorer.score(x, keep_maps=False).mean)
+        batches = (
+            torch.stack(distinct_tiles(min(batch, n_tiles - start), seed=start))
+            for start in range(0, n_tiles, batch)
+        )
+        parts = [r.mean for r in scorer.score_batches(batches, keep_maps=False)]
         scores[precision] = np.concatenate(parts)
     fp32, bf16 = scores["fp32"], scores["bf16"]
     threshold = float(np.quantile(fp32, 0.99))
@@ -323,9 +337,11 @@ def whole_slide(
     size: int,
     device: str,
     precision: str,
-    batch: int,
+    batch: int | str,
     target_mpp: float | None = None,
 ) -> dict:
+    """The slide from file to pictures through ``run_cohort``: tiles scored through the
+    overlapped loop, at ``batch`` tiles a batch (``auto`` on a GPU: the scorer's choice)."""
     import torch
 
     from wsi_anomaly.pipeline import HeatmapSettings, run_cohort
@@ -371,7 +387,8 @@ def whole_slide(
         "section": "slide",
         "size_px": size,
         "precision": precision,
-        "batch": batch,
+        "batch": summary.get("batch_size"),
+        "batch_setting": batch,
         "tile_mpp": summary.get("actual_mpp"),
         "tiles": summary.get("n_tiles"),
         "write_slide_s": write_s,
@@ -408,7 +425,8 @@ def table(result: dict) -> str:
 
     for r in result["model"]:
         tps = r.get("tiles_per_s")
-        setting = f"{r['precision']} {r['mode']} batch {r['batch']}"
+        batch = r["batch"] if r.get("batch_setting") != "auto" else f"auto ({r['batch']})"
+        setting = f"{r['precision']} {r['mode']} batch {batch}"
         if "skipped" in r:
             add("model tiles/s", setting, r["skipped"])
             continue
@@ -429,8 +447,14 @@ def table(result: dict) -> str:
         a["spearman"] >= TARGETS["spearman"],
     )
     add("bf16 vs fp32 calls differing", "score ≥ fp32 p99", a["calls_differing"])
+    choice = result["auto_batch"]
+    add("batch size auto", f"{result['device']}, {choice['precision']}", choice["batch_size"])
     s = result["slide"]
-    setting = f"{s['size_px']}² px, {s['tiles']} tiles at {s['tile_mpp']:g} µm/px, {s['precision']}"
+    batch = s["batch"] if s["batch_setting"] != "auto" else f"auto ({s['batch']})"
+    setting = (
+        f"{s['size_px']}² px, {s['tiles']} tiles at {s['tile_mpp']:g} µm/px, {s['precision']}, "
+        f"batch {batch}"
+    )
     add(
         "slide file → pictures s",
         setting,
@@ -459,24 +483,28 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--wheels", type=Path, default=WHEELS, help="wheel folder for missing packages")
     p.add_argument("--work", type=Path, help="scratch folder (default: a temporary one)")
     p.add_argument("--slide-px", type=int, help="slide side, px (70000 on a GPU, 2048 smoke)")
-    p.add_argument("--batches", type=int, nargs="+", help="batch sizes for the model rows")
+    p.add_argument("--batches", type=int, nargs="+", help="batch sizes for the eager rows")
     p.add_argument("--no-compile", action="store_true", help="skip the torch.compile rows")
     args = p.parse_args(argv)
 
     installed = ensure_packages(args.wheels)
     import torch
 
+    from wsi_anomaly.score import Scorer
+    from wsi_anomaly.tiles.tiler import available_cores
+
     device = "cpu" if args.smoke or not torch.cuda.is_available() else "cuda"
     smoke = args.smoke or device == "cpu"
     batches = args.batches or ([2, 4] if smoke else [64, 128, 256, 512])
     slide_px = args.slide_px or (2048 if smoke else 70_000)
     iters = 1 if smoke else 20
-    compile_modes = [False] if (smoke or args.no_compile) else [False, True]
+    # Compiled rows at the automatic batch size only: each compilation takes a while.
+    compile_modes = [] if (smoke or args.no_compile) else ["default", "reduce-overhead"]
     work_ctx = tempfile.TemporaryDirectory(prefix="device_check_") if args.work is None else None
     work = Path(work_ctx.name) if work_ctx else args.work
     work.mkdir(parents=True, exist_ok=True)
     if smoke:
-        torch.set_num_threads(max(1, min(4, os.cpu_count() or 1)))
+        torch.set_num_threads(max(1, min(4, available_cores())))
 
     t_start = time.perf_counter()
     result: dict = {
@@ -489,45 +517,55 @@ def main(argv: list[str] | None = None) -> dict:
         "targets": TARGETS,
     }
     ckpt = tiny_checkpoint(work / "tiny.pt", device)
+    slide_precision = "bf16" if device == "cuda" else "fp32"
+    auto = Scorer(ckpt, device=device, precision=slide_precision, batch_size="auto")
+    result["auto_batch"] = {"precision": slide_precision, **auto.batch_choice.to_dict()}
+    auto = None
+    print(f"  auto batch {result['auto_batch']}", flush=True)
     rows = []
-    for compiled in [False, True]:
-        for precision in ("fp32", "bf16"):
-            for batch in batches:
-                if compiled not in compile_modes:
-                    rows.append(
-                        {
-                            "section": "model",
-                            "precision": precision,
-                            "mode": "compile",
-                            "batch": batch,
-                            "skipped": "skipped",
-                        }
-                    )
-                    continue
-                try:
-                    rows.append(model_throughput(ckpt, device, precision, compiled, batch, iters))
-                except Exception as exc:  # e.g. out of memory at the largest batch
-                    rows.append(
-                        {
-                            "section": "model",
-                            "precision": precision,
-                            "mode": "compile" if compiled else "eager",
-                            "batch": batch,
-                            "skipped": f"failed: {type(exc).__name__}",
-                        }
-                    )
-                print(f"  model {rows[-1]}", flush=True)
+    configurations: list[tuple[str, str, int | str]] = []
+    for precision in ("fp32", "bf16"):
+        configurations += [(precision, "off", batch) for batch in batches]
+        if not smoke:  # on the CPU auto is 32 tiles: too slow for the smoke run
+            configurations.append((precision, "off", "auto"))
+        for mode in ("default", "reduce-overhead"):
+            if mode in compile_modes:
+                configurations.append((precision, mode, "auto"))
+            else:
+                rows.append(
+                    {
+                        "section": "model",
+                        "precision": precision,
+                        "mode": f"compile {mode}",
+                        "batch": "auto",
+                        "skipped": "skipped",
+                    }
+                )
+    for precision, mode, batch in configurations:
+        try:
+            rows.append(model_throughput(ckpt, device, precision, mode, batch, iters))
+        except Exception as exc:  # e.g. out of memory at the largest batch
+            rows.append(
+                {
+                    "section": "model",
+                    "precision": precision,
+                    "mode": "eager" if mode == "off" else f"compile {mode}",
+                    "batch": batch,
+                    "skipped": f"failed: {type(exc).__name__}: {str(exc)[:200]}",
+                }
+            )
+        print(f"  model {rows[-1]}", flush=True)
     result["model"] = rows
     result["agreement"] = agreement(ckpt, device, 32 if smoke else 2048, min(64, max(batches)))
     print(f"  agreement {result['agreement']}", flush=True)
-    slide_batch = max(batches) if not smoke else 4
+    slide_batch: int | str = "auto" if not smoke else 4
     # The smoke run tiles its slide at 1 µm/px (≤ 16 tiles): the CPU scores ~2 tiles/s.
     result["slide"] = whole_slide(
         ckpt,
         work,
         slide_px,
         device,
-        "bf16" if device == "cuda" else "fp32",
+        slide_precision,
         slide_batch,
         1.0 if smoke else None,
     )

@@ -144,6 +144,12 @@ def test_quiet_silences_info(capsys, caplog, restore_loggers, small_slide):
             ["--batch-size", "must be"],
         ),
         (["heatmap", "s.svs", "--model", "m.pt", "--cmap", "nosuchmap"], ["--cmap", "'nosuchmap'"]),
+        (["heatmap", "s.svs", "--model", "m.pt", "--compile", "fast"], ["--compile", "'fast'"]),
+        (["score", "--model", "m.pt", "x", "--compile", "yes"], ["--compile", "reduce-overhead"]),
+        (
+            ["score", "--model", "m.pt", "x", "--batch-size", "biggest"],
+            ["--batch-size", "'biggest'"],
+        ),
     ],
 )
 def test_bad_option_values_stop_at_parsing(capsys, argv, needles):
@@ -295,3 +301,13 @@ def test_info_describes_a_slide_without_resolution(capsys, plain_tiff):
 def test_info_without_resolution_on_a_pyramid(capsys, no_mpp_slide):
     code, out, _ = run(capsys, "info", str(no_mpp_slide.path))
     assert code == 0 and "unknown — pass --slide-mpp MPP" in out and "1024 × 768" in out
+
+
+def test_batch_size_auto_and_compile_modes_parse():
+    for command in (["heatmap", "s.svs", "--model", "m.pt"], ["score", "--model", "m.pt", "x"]):
+        args = build_parser().parse_args(command)
+        assert args.batch_size == "auto" and args.compile == "off"
+        args = build_parser().parse_args(
+            [*command, "--batch-size", "64", "--compile", "reduce-overhead"]
+        )
+        assert args.batch_size == 64 and args.compile == "reduce-overhead"

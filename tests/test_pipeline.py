@@ -11,6 +11,7 @@ from conftest import CMU_SVS, needs_cmu
 from wsi_anomaly.cli import main
 from wsi_anomaly.errors import CorruptSlideError
 from wsi_anomaly.pipeline import HeatmapSettings, find_slides, process_slide, run_cohort
+from wsi_anomaly.score import ScoreBatch
 from wsi_anomaly.slide.synthetic import write_synthetic_slide
 from wsi_anomaly.tiles import TileStore
 
@@ -198,3 +199,73 @@ def test_keep_maps_gives_pixel_level_ngff(mini_slides, tiny_model, tmp_path):
         rtol=1e-2,
         atol=1e-4,
     )
+
+
+class _FakeScorer:
+    """Scores a tile by its first pixel, through a one-loop ``score_batches``."""
+
+    def __init__(self, batch_size):
+        self.batch_size = batch_size
+        self.batches = []
+
+    def score_batches(self, batches, keep_maps=False):
+        for tiles in batches:
+            self.batches.append(len(tiles))
+            first = tiles[:, 0, 0, 0].astype(np.float32)
+            maps = np.repeat(first[:, None, None], 64, 1).repeat(64, 2) if keep_maps else None
+            yield ScoreBatch(first, first + 1, maps)
+
+
+class _Sink:
+    def __init__(self):
+        self.writes = []
+
+    def write_scores(self, start, mean, peak, maps):
+        self.writes.append((start, mean.copy(), peak.copy(), None if maps is None else maps.copy()))
+
+
+@pytest.mark.parametrize("batch_size", [3, 5, 8, 64])
+def test_batches_span_shards_and_scores_land_on_their_shard(batch_size):
+    """Model batches of the scorer's size cross shard boundaries (a GPU batch may be larger
+    than a shard); each shard's scores are written once, at its own offset."""
+    from wsi_anomaly.pipeline import _score_shards
+
+    shard_sizes = [4, 4, 4, 2]
+    tiles = np.zeros((sum(shard_sizes), 2, 2, 3), np.uint8)
+    tiles[:, 0, 0, 0] = np.arange(len(tiles))
+    shards, start = [], 0
+    for n in shard_sizes:
+        shards.append((start, tiles[start : start + n]))
+        start += n
+    scorer, sink, timing = _FakeScorer(batch_size), _Sink(), {}
+    _score_shards(scorer, iter(shards), sink, HeatmapSettings(keep_maps=True), timing)
+    full, rest = divmod(len(tiles), batch_size)
+    assert scorer.batches == [batch_size] * full + ([rest] if rest else [])
+    assert [w[0] for w in sink.writes] == [0, 4, 8, 12]
+    for (start, mean, peak, maps), (s, shard) in zip(sink.writes, shards):
+        assert start == s
+        np.testing.assert_array_equal(mean, shard[:, 0, 0, 0])
+        np.testing.assert_array_equal(peak, mean + 1)
+        assert maps.shape == (len(shard), 64, 64) and (maps[:, 5, 7] == mean).all()
+    assert timing["model_s"] >= 0
+
+
+def test_rerun_with_another_batch_size_reuses_the_result(mini_slides, tiny_model, tmp_path):
+    _, a, _ = mini_slides
+    first = process_slide(a.path, tmp_path, tiny_model, settings())
+    saved = json.loads((tmp_path / "a.tif" / "summary.json").read_text())
+    assert saved["batch_size"] == 8 and saved["batch_size_choice"]["setting"] == 8
+    assert saved["compile"] == "off"
+    auto = HeatmapSettings(device="cpu", progress=False)  # batch size auto: 32 on a CPU
+    again = process_slide(a.path, tmp_path, tiny_model, auto)
+    assert again["status"] == "skipped (done)" and again["n_tiles"] == first["n_tiles"]
+
+
+def test_settings_are_checked():
+    from wsi_anomaly.errors import InvalidInputError
+
+    assert HeatmapSettings().batch_size == "auto" and HeatmapSettings().compile == "off"
+    with pytest.raises(InvalidInputError, match="--batch-size"):
+        HeatmapSettings(batch_size=0)
+    with pytest.raises(InvalidInputError, match="--compile"):
+        HeatmapSettings(compile="fastest")

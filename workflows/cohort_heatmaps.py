@@ -55,12 +55,17 @@ def main(argv: list[str] | None = None) -> int:
     )
     ap.add_argument("--partition", default="gpu")
     ap.add_argument("--walltime", default="04:00:00")
-    ap.add_argument("--batch-size", type=positive_int, default=64)
+    ap.add_argument(
+        "--batch-size",
+        type=lambda text: "auto" if text == "auto" else positive_int(text),
+        default="auto",
+        help="tiles per model batch, or auto (default: the largest that fits on the GPU)",
+    )
     ap.add_argument(
         "--read-threads",
         type=positive_int,
         metavar="N",
-        help="slide-decoding threads per slide (default: one per CPU core)",
+        help="slide-decoding threads per slide (default: one per CPU core available)",
     )
     ap.add_argument("--overwrite", action="store_true")
     args = ap.parse_args(argv)

@@ -28,7 +28,8 @@ import shutil
 import sys
 import threading
 import time
-from collections.abc import Sequence
+from collections import deque
+from collections.abc import Iterable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 from functools import lru_cache
@@ -60,7 +61,7 @@ from .outputs import (
     validate_output_name,
     write_json,
 )
-from .score import Scorer
+from .score import AUTO_BATCH, ScoreBatch, Scorer
 from .slide import Slide
 from .slide.resolution import load_mpp_csv, lookup_mpp
 from .stitch import SlideGeometry, colour_scale, write_slide_outputs
@@ -70,7 +71,7 @@ from .tiles.tiler import (
     plan_tiles,
     store_attributes,
     store_bytes_estimate,
-    stream_to_store,
+    stream_tiles,
 )
 
 log = logging.getLogger(__name__)
@@ -113,9 +114,10 @@ class HeatmapSettings:
     target_mpp: float | None = None
     min_tissue: float = 0.5
     stride_px: int | None = None
-    batch_size: int = 32
+    batch_size: int | str = AUTO_BATCH  # auto → 32 on a CPU, the largest that fits on a GPU
     device: str = "auto"
     precision: str = "auto"
+    compile: str = "off"  # off | default | max-autotune | reduce-overhead (torch.compile)
     read_workers: int = 0
     keep_maps: bool = False
     top_k: int = 16
@@ -126,6 +128,12 @@ class HeatmapSettings:
     overwrite: bool = False
     progress: bool = True
     slides_in_flight: int = 0  # 0 → two on a GPU, one on a CPU (see slides_in_flight)
+
+    def __post_init__(self) -> None:
+        from .score import check_batch_size, check_compile_mode
+
+        check_batch_size(self.batch_size)
+        check_compile_mode(self.compile)
 
 
 def find_slides(inputs: Sequence[str | Path]) -> list[Path]:
@@ -204,14 +212,20 @@ def _recorded_slide_path(folder: Path) -> str | None:
         return None
 
 
-_SCORERS: dict[tuple[str, str, str, int], Scorer] = {}
+_SCORERS: dict[tuple[str, str, str, int | str, str], Scorer] = {}
 _SCORERS_LOCK = threading.Lock()
 
 
 def _scorer(model: str | Path, settings: HeatmapSettings) -> Scorer:
     """One loaded model per process (dask workers reuse it across their slides, and slides in
     flight in one process share it)."""
-    key = (str(Path(model).resolve()), settings.device, settings.precision, settings.batch_size)
+    key = (
+        str(Path(model).resolve()),
+        settings.device,
+        settings.precision,
+        settings.batch_size,
+        settings.compile,
+    )
     with _SCORERS_LOCK:
         if key not in _SCORERS:
             _SCORERS[key] = Scorer(
@@ -219,6 +233,7 @@ def _scorer(model: str | Path, settings: HeatmapSettings) -> Scorer:
                 device=settings.device,
                 precision=settings.precision,
                 batch_size=settings.batch_size,
+                compile=settings.compile,
             )
         return _SCORERS[key]
 
@@ -226,11 +241,15 @@ def _scorer(model: str | Path, settings: HeatmapSettings) -> Scorer:
 def slides_in_flight(settings: HeatmapSettings) -> int:
     """Slides one process works on at once: two on a GPU — the next slide is planned, decoded
     and tiled on the CPU while the current one is scored, so the GPU does not wait between
-    slides — and one on a CPU, where the model already uses every core."""
+    slides — and one on a CPU, where the model already uses every core. With CUDA graphs
+    (``compile="reduce-overhead"``) one: their recorded graphs belong to the thread that
+    recorded them."""
     if settings.slides_in_flight:
         return settings.slides_in_flight
     from .runtime import resolve_device
 
+    if settings.compile == "reduce-overhead":
+        return 1
     return 2 if resolve_device(settings.device).type == "cuda" else 1
 
 
@@ -485,20 +504,16 @@ def _tile_and_score(
         attrs,
     ) as writer:
         writer.create_scores(settings.keep_maps)
-
-        def score(start: int, tiles: np.ndarray) -> None:
-            _score_batch_of_tiles(scorer, tiles, start, writer, settings, timing)
-
-        stream_to_store(
+        shards = stream_tiles(
             slide,
             kept,
             writer,
             settings.read_workers,
-            on_batch=score,
             timing=timing,
             desc="scoring",
             progress=settings.progress,
         )
+        _score_shards(scorer, shards, writer, settings, timing)
         writer.close({"model": scorer.identity})
     return len(kept)
 
@@ -512,7 +527,8 @@ def _score_store(
     bar = tqdm(
         total=n, unit="tile", desc=f"scoring {name}", disable=not settings.progress, leave=False
     )
-    with ThreadPoolExecutor(max_workers=2, thread_name_prefix="store-read") as pool:
+
+    def shards(pool: ThreadPoolExecutor) -> Iterator[tuple[int, np.ndarray]]:
         futures = {
             s: pool.submit(store.read, s, min(s + shard, n))
             for s in range(0, min(n, 2 * shard), shard)
@@ -524,37 +540,92 @@ def _score_store(
             nxt = start + 2 * shard
             if nxt < n:
                 futures[nxt] = pool.submit(store.read, nxt, min(nxt + shard, n))
-            _score_batch_of_tiles(scorer, tiles, start, store, settings, timing)
+            yield start, tiles
             bar.update(len(tiles))
+
+    with ThreadPoolExecutor(max_workers=2, thread_name_prefix="store-read") as pool:
+        _score_shards(scorer, shards(pool), store, settings, timing)
     bar.close()
     store.set_model(scorer.identity)
     return n
 
 
-def _score_batch_of_tiles(
+def _score_shards(
     scorer: Scorer,
-    tiles: np.ndarray,
-    start: int,
+    shards: Iterable[tuple[int, np.ndarray]],
     sink: TileStore | TileStoreWriter,
     settings: HeatmapSettings,
     timing: dict,
 ) -> None:
-    """Score a shard of (n, T, T, 3) uint8 tiles in model batches; write the scores."""
-    t0 = time.perf_counter()
-    means: list[np.ndarray] = []
-    maxes: list[np.ndarray] = []
-    maps: list[np.ndarray] = []
-    for b in range(0, len(tiles), scorer.batch_size):
-        # uint8 as stored: conversion and normalisation happen on the scoring device.
-        result = scorer.score(tiles[b : b + scorer.batch_size], keep_maps=settings.keep_maps)
-        means.append(result.mean)
-        maxes.append(result.max)
-        if settings.keep_maps:
-            assert result.maps is not None  # scored with keep_maps
-            maps.append(result.maps)
-    timing["model_s"] += time.perf_counter() - t0
-    sink.write_scores(
-        start, np.concatenate(means), np.concatenate(maxes), np.concatenate(maps) if maps else None
+    """Score consecutive shards of (n, T, T, 3) uint8 tiles, ``(start, tiles)`` in order, in
+    model batches of the scorer's batch size (a batch may span shards); write each shard's
+    scores once all its tiles are scored. ``timing["model_s"]`` accumulates the time spent
+    waiting for scores, less the time spent waiting for shards."""
+    timing.setdefault("model_s", 0.0)
+    pending: deque[tuple[int, int]] = deque()  # shards whose tiles are being scored
+    upstream = [0.0]  # seconds spent waiting for shards
+
+    def batches() -> Iterator[np.ndarray]:
+        held: list[np.ndarray] = []  # tiles not yet in a batch (views of the shards)
+        count = 0
+        source = iter(shards)
+        while True:
+            t0 = time.perf_counter()
+            item = next(source, None)
+            upstream[0] += time.perf_counter() - t0
+            if item is None:
+                break
+            start, tiles = item
+            pending.append((start, len(tiles)))
+            held.append(tiles)
+            count += len(tiles)
+            while count >= scorer.batch_size:
+                joined = held[0] if len(held) == 1 else np.concatenate(held)
+                # uint8 as stored: conversion and normalisation happen on the scoring device.
+                yield joined[: scorer.batch_size]
+                rest = joined[scorer.batch_size :]
+                held, count = ([rest] if len(rest) else []), len(rest)
+        if count:
+            yield held[0] if len(held) == 1 else np.concatenate(held)
+
+    parts: list[ScoreBatch] = []
+    have = 0
+    results = scorer.score_batches(batches(), keep_maps=settings.keep_maps)
+    while True:
+        t0, before = time.perf_counter(), upstream[0]
+        result = next(results, None)
+        timing["model_s"] += time.perf_counter() - t0 - (upstream[0] - before)
+        if result is None:
+            break
+        parts.append(result)
+        have += len(result.mean)
+        while pending and have >= pending[0][1]:
+            start, n = pending.popleft()
+            merged = _concat_scores(parts)
+            sink.write_scores(
+                start,
+                merged.mean[:n],
+                merged.max[:n],
+                merged.maps[:n] if merged.maps is not None else None,
+            )
+            rest = ScoreBatch(
+                merged.mean[n:],
+                merged.max[n:],
+                merged.maps[n:] if merged.maps is not None else None,
+            )
+            parts = [rest] if len(rest.mean) else []
+            have -= n
+    assert not pending and have == 0, "every shard's tiles were scored"
+
+
+def _concat_scores(parts: Sequence[ScoreBatch]) -> ScoreBatch:
+    if len(parts) == 1:
+        return parts[0]
+    maps = [p.maps for p in parts if p.maps is not None]
+    return ScoreBatch(
+        np.concatenate([p.mean for p in parts]),
+        np.concatenate([p.max for p in parts]),
+        np.concatenate(maps) if len(maps) == len(parts) else None,
     )
 
 
@@ -677,7 +748,9 @@ def _summarise(
             "model": rate(timing["model_s"]),
             "write": rate(timing["write_s"]),
         },
-        "batch_size": settings.batch_size,
+        "batch_size": scorer.batch_size,
+        "batch_size_choice": scorer.batch_choice.to_dict(),
+        "compile": scorer.compile_mode,
         "device": str(scorer.device),
         "precision": scorer.precision,
         "model": scorer.identity,

@@ -4,14 +4,28 @@ One :class:`Scorer` serves image folders (``wsi-anomaly score``), slide tile sto
 it owns the device, precision and batching (:class:`wsi_anomaly.runtime.Runtime`); the model's
 family (looked up by the checkpoint's ``model_name``) restores the model, turns tiles into its
 input and predicts ``(score, max, map)``.
+
+All scoring of a stream of batches goes through :meth:`Scorer.score_batches`. On CUDA it keeps
+the GPU busy: batch k+1 is copied to the device (uint8, from pinned host memory) on a copy
+stream while batch k runs on the compute stream, and the scores of batch k come back to pinned
+host memory on a third stream while batch k+1 runs; a batch's result is handed over once its
+copy back has finished (a lag of one batch). On the CPU it is a plain loop.
+
+``batch_size="auto"`` picks the batch size: 32 on the CPU; on CUDA the largest of 512, 256, …
+whose forward pass, at the run's precision, peaks below 85 % of the GPU's memory.
+``compile`` runs the model through ``torch.compile`` (``default``, ``max-autotune`` or
+``reduce-overhead``, the last with CUDA graphs); compiled models always see full batches (the
+last one is padded and the padding's results dropped), so they are compiled for one shape only.
 """
 
 from __future__ import annotations
 
 import csv
 import logging
-from collections.abc import Iterator, Sequence, Sized
-from dataclasses import dataclass
+import threading
+import time
+from collections.abc import Callable, Iterable, Iterator, Sequence, Sized
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -22,13 +36,99 @@ from tqdm.auto import tqdm
 
 from .checkpoint import file_hash, load_checkpoint
 from .config import config_from_dict
-from .errors import CheckpointError, InputNotFoundError, InvalidInputError
+from .errors import CheckpointError, DeviceUnavailableError, InputNotFoundError, InvalidInputError
 from .models.registry import get_family
 from .outputs import atomic_path
 from .runtime import Runtime
 from .tiles.dataset import IMAGE_SUFFIXES, ImageFolderDataset, find_images
 
 log = logging.getLogger(__name__)
+
+#: ``batch_size`` value that lets the scorer choose.
+AUTO_BATCH = "auto"
+#: The automatic batch size on the CPU.
+CPU_AUTO_BATCH = 32
+#: Batch sizes the automatic choice tries on CUDA, largest first.
+AUTO_BATCH_CANDIDATES = (512, 256, 128, 64, 32, 16, 8, 4, 2, 1)
+#: The automatic choice keeps a batch whose forward pass peaks below this share of GPU memory.
+MEMORY_GUARD = 0.85
+#: ``compile`` values: ``off`` runs eagerly; the others are ``torch.compile`` modes.
+COMPILE_MODES = ("off", "default", "max-autotune", "reduce-overhead")
+
+
+def check_batch_size(value: int | str) -> int | str:
+    """``auto`` or a whole number ≥ 1; anything else is an error naming ``--batch-size``."""
+    if value == AUTO_BATCH:
+        return AUTO_BATCH
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise InvalidInputError(f"--batch-size must be auto or a whole number, got {value!r}")
+    if value < 1:
+        raise InvalidInputError("--batch-size must be at least 1")
+    return value
+
+
+def check_compile_mode(value: str) -> str:
+    """One of :data:`COMPILE_MODES`; anything else is an error naming ``--compile``."""
+    if value not in COMPILE_MODES:
+        raise InvalidInputError(
+            f"--compile must be one of {', '.join(COMPILE_MODES)}, got {value!r}"
+        )
+    return value
+
+
+@dataclass
+class BatchChoice:
+    """How the batch size was chosen: ``setting`` as given, ``batch_size`` as used, and for the
+    automatic choice on CUDA the forward passes tried (``batch`` with ``peak_bytes`` or
+    ``out_of_memory``) against ``limit_bytes``."""
+
+    setting: int | str
+    batch_size: int
+    limit_bytes: int | None = None
+    tried: list[dict[str, Any]] = field(default_factory=list)
+    seconds: float = 0.0
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "setting": self.setting,
+            "batch_size": self.batch_size,
+            "limit_bytes": self.limit_bytes,
+            "tried": self.tried,
+            "seconds": self.seconds,
+        }
+
+
+def probe_batch_size(
+    forward: Callable[[int], int],
+    limit_bytes: int,
+    candidates: Sequence[int] = AUTO_BATCH_CANDIDATES,
+    after_out_of_memory: Callable[[], None] = lambda: None,
+) -> BatchChoice:
+    """The largest of ``candidates`` whose ``forward(batch)`` — one real forward pass that
+    returns its peak allocated bytes — neither runs out of memory nor peaks above
+    ``limit_bytes``. ``after_out_of_memory`` runs after each out-of-memory error (to empty the
+    allocator's cache), outside the handler so the failed pass's tensors are already freed."""
+    t0 = time.perf_counter()
+    tried: list[dict[str, Any]] = []
+    for batch in sorted(set(candidates), reverse=True):
+        out_of_memory = False
+        try:
+            peak = int(forward(batch))
+        except torch.cuda.OutOfMemoryError:
+            out_of_memory = True
+        if out_of_memory:
+            tried.append({"batch": batch, "out_of_memory": True})
+            after_out_of_memory()
+            continue
+        tried.append({"batch": batch, "peak_bytes": peak})
+        if peak <= limit_bytes:
+            choice = BatchChoice(AUTO_BATCH, batch, limit_bytes, tried)
+            choice.seconds = time.perf_counter() - t0
+            return choice
+    raise DeviceUnavailableError(
+        f"the model does not fit in the GPU's memory even one tile at a time (limit "
+        f"{limit_bytes / 2**30:.1f} GiB); free the GPU or use --device cpu"
+    )
 
 
 @dataclass
@@ -40,6 +140,21 @@ class ScoreBatch:
     maps: np.ndarray | None
 
 
+def _torch_compile(fn: Callable, mode: str) -> Callable:
+    return torch.compile(fn, mode=mode)
+
+
+@dataclass
+class _InFlight:
+    """A batch whose results are on their way back to pinned host memory."""
+
+    done: Any  # torch.cuda.Event, recorded after the copies back
+    mean: torch.Tensor
+    peak: torch.Tensor | None  # None: the peak is the mean (the family's max is its score)
+    maps: torch.Tensor | None
+    keep: tuple  # device tensors that must outlive the copies
+
+
 class Scorer:
     """A trained model ready to score batches of 256×256 RGB tiles.
 
@@ -47,7 +162,9 @@ class Scorer:
         checkpoint: path of a finished checkpoint.
         device: ``auto`` | ``cpu`` | ``cuda[:N]``.
         precision: ``auto`` (bf16 on CUDA, fp32 on CPU) | ``fp32`` | ``bf16``.
-        batch_size: tiles per forward pass.
+        batch_size: tiles per forward pass, or ``auto`` (see the module's description).
+        compile: ``off`` | ``default`` | ``max-autotune`` | ``reduce-overhead`` (CUDA graphs).
+        compiler: ``compiler(fn, mode)`` compiles the prediction function (``torch.compile``).
     """
 
     def __init__(
@@ -55,8 +172,12 @@ class Scorer:
         checkpoint: str | Path,
         device: str = "auto",
         precision: str = "auto",
-        batch_size: int = 32,
+        batch_size: int | str = AUTO_BATCH,
+        compile: str = "off",
+        compiler: Callable[[Callable, str], Callable] = _torch_compile,
     ):
+        batch_setting = check_batch_size(batch_size)
+        self.compile_mode = check_compile_mode(compile)
         self.path = Path(checkpoint)
         ckpt = load_checkpoint(self.path)
         self.checkpoint = ckpt
@@ -64,9 +185,6 @@ class Scorer:
         self.runtime = Runtime.resolve(device, precision)
         self.device = self.runtime.device
         self.precision = self.runtime.precision
-        if batch_size < 1:
-            raise InvalidInputError("--batch-size must be at least 1")
-        self.batch_size = batch_size
         self.model_name: str = ckpt["model_name"]
         try:
             self.family = get_family(self.model_name)
@@ -80,6 +198,18 @@ class Scorer:
         self.tile_mpp: float | None = ckpt.get("tile_mpp")
         self.model_hash = file_hash(self.path)
         self.tile_px = self.config.tile_px
+        # One forward pass at a time (slides in flight share the scorer); on CUDA all of them
+        # run on one compute stream, so their memory peaks do not add up.
+        self._lock = threading.Lock()
+        self._streams: tuple[Any, Any, Any] | None = None
+        self._compiler = compiler
+        self._compiled: dict[bool, Callable] = {}
+        if batch_setting == AUTO_BATCH:
+            self.batch_choice = self._auto_batch_size()
+        else:
+            assert isinstance(batch_setting, int)
+            self.batch_choice = BatchChoice(batch_setting, batch_setting)
+        self.batch_size: int = self.batch_choice.batch_size
 
     @property
     def identity(self) -> dict[str, Any]:
@@ -93,9 +223,41 @@ class Scorer:
             "software_version": self.checkpoint["software_version"],
         }
 
-    def _model_input(self, images: torch.Tensor | np.ndarray) -> torch.Tensor:
-        """The family's input on the device, from uint8 ``B×H×W×3`` tiles (as stored: 4× fewer
-        bytes to copy; converted and normalised on the device) or float ``B×3×H×W`` in [0, 1]."""
+    # -- batch size ------------------------------------------------------------------------------
+    def _auto_batch_size(self) -> BatchChoice:
+        if not self.runtime.is_cuda:
+            return BatchChoice(AUTO_BATCH, CPU_AUTO_BATCH)
+        total = torch.cuda.get_device_properties(self.device).total_memory
+        choice = probe_batch_size(
+            self._peak_bytes, int(MEMORY_GUARD * total), after_out_of_memory=torch.cuda.empty_cache
+        )
+        torch.cuda.empty_cache()
+        log.info(
+            "batch size %d (peak %.1f of %.1f GiB allowed)",
+            choice.batch_size,
+            choice.tried[-1]["peak_bytes"] / 2**30,
+            (choice.limit_bytes or 0) / 2**30,
+        )
+        return choice
+
+    @torch.no_grad()
+    def _peak_bytes(self, batch: int) -> int:
+        """Peak allocated CUDA memory of one eager forward pass of ``batch`` tiles (the
+        compiled model, when asked for, is compiled later for the chosen size only)."""
+        torch.cuda.synchronize(self.device)
+        torch.cuda.reset_peak_memory_stats(self.device)
+        tiles = torch.zeros((batch, self.tile_px, self.tile_px, 3), dtype=torch.uint8)
+        x = self.runtime.to_device(self._host_input(tiles))
+        out = self._predict(x, keep_maps=True, compiled=False)
+        torch.cuda.synchronize(self.device)
+        del x, out
+        return int(torch.cuda.max_memory_allocated(self.device))
+
+    # -- one batch -------------------------------------------------------------------------------
+    def _host_input(self, images: torch.Tensor | np.ndarray) -> torch.Tensor:
+        """The batch as a tensor, ready to copy: uint8 ``B×H×W×3`` tiles stay as they are (4×
+        fewer bytes to copy; converted and normalised on the device), float ``B×3×H×W`` images
+        in [0, 1] too, unless the family transforms on the host."""
         x = (
             torch.from_numpy(np.ascontiguousarray(images))
             if isinstance(images, np.ndarray)
@@ -103,27 +265,159 @@ class Scorer:
         )
         if x.dtype != torch.uint8 and not x.is_floating_point():
             raise InvalidInputError(f"tiles must be uint8 or float, got {x.dtype}")
+        if not self.family.transforms_on_device:
+            x = self.family.transform(x, self.config)
+        return x
+
+    def _prediction_fn(self, keep_maps: bool, compiled: bool) -> Callable:
+        def predict(x: torch.Tensor):
+            return self.family.predict(
+                self.model, x, self._predict_calibration, keep_maps=keep_maps
+            )
+
+        if not compiled or self.compile_mode == "off":
+            return predict
+        if keep_maps not in self._compiled:
+            self._compiled[keep_maps] = self._compiler(predict, self.compile_mode)
+        return self._compiled[keep_maps]
+
+    def _predict(
+        self, x: torch.Tensor, keep_maps: bool, compiled: bool = True
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """``(score, max, maps)`` of a batch already on the device (as :meth:`_host_input`
+        gives it). A compiled model sees full batches only: a short batch is padded with
+        zeros to the batch size, and the padding's results are dropped."""
+        n = len(x)
+        compiled = compiled and self.compile_mode != "off"
+        if compiled and n < self.batch_size:
+            x = torch.cat([x, x.new_zeros((self.batch_size - n, *x.shape[1:]))])
         if self.family.transforms_on_device:
-            x = self.family.transform(self.runtime.to_device(x), self.config)
-        else:
-            x = self.runtime.to_device(self.family.transform(x, self.config))
-        return self.runtime.layout(x)
+            x = self.family.transform(x, self.config)
+        x = self.runtime.layout(x)
+        fn = self._prediction_fn(keep_maps, compiled)
+        if compiled and self.compile_mode == "reduce-overhead":
+            torch.compiler.cudagraph_mark_step_begin()
+        with self.runtime.autocast():
+            score, peak, maps = fn(x)
+        if compiled:
+            # CUDA graphs write their outputs to the same memory on every run: copy them out.
+            # Padding's results are dropped either way.
+            same = peak is score
+            score = score[:n].clone()
+            peak = score if same else peak[:n].clone()
+            maps = maps[:n].clone() if maps is not None else None
+        return score, peak, maps
 
     @torch.no_grad()
     def score(self, images: torch.Tensor | np.ndarray, keep_maps: bool = True) -> ScoreBatch:
         """Score a batch: ``B×H×W×3`` uint8 tiles (numpy or tensor, as the tile store gives
         them) or ``B×3×H×W`` float images in [0, 1] (any device)."""
-        x = self._model_input(images)
-        with self.runtime.autocast():
-            score, peak, maps = self.family.predict(
-                self.model, x, self._predict_calibration, keep_maps=keep_maps
-            )
+        x = self.runtime.to_device(self._host_input(images))
+        with self._lock:
+            score, peak, maps = self._predict(x, keep_maps)
         mean = score.float().cpu().numpy()
         peak_values = peak.float().cpu().numpy()
         if peak is score:
             peak_values = peak_values.copy()
         out_maps = maps.float().cpu().numpy() if keep_maps and maps is not None else None
         return ScoreBatch(mean, peak_values, out_maps)
+
+    # -- a stream of batches ---------------------------------------------------------------------
+    def score_batches(
+        self, batches: Iterable[torch.Tensor | np.ndarray], keep_maps: bool = False
+    ) -> Iterator[ScoreBatch]:
+        """The scores of each batch of ``batches`` (as :meth:`score` takes them), in order.
+
+        On CUDA the copies to the device, the forward passes and the copies back overlap (see
+        the module's description); elsewhere each batch is scored in turn."""
+        if not self.runtime.is_cuda:
+            for images in batches:
+                yield self.score(images, keep_maps=keep_maps)
+            return
+        yield from self._score_batches_cuda(batches, keep_maps)
+
+    def _cuda_streams(self) -> tuple[Any, Any, Any]:
+        """Host→device copies, compute, device→host copies: one set per scorer."""
+        with self._lock:
+            if self._streams is None:
+                self._streams = (
+                    torch.cuda.Stream(self.device),
+                    torch.cuda.Stream(self.device),
+                    torch.cuda.Stream(self.device),
+                )
+            return self._streams
+
+    @torch.no_grad()
+    def _score_batches_cuda(
+        self, batches: Iterable[torch.Tensor | np.ndarray], keep_maps: bool
+    ) -> Iterator[ScoreBatch]:
+        to_gpu, compute, to_host = self._cuda_streams()
+
+        def stage(images: torch.Tensor | np.ndarray) -> tuple[torch.Tensor, Any, Any]:
+            """Start the copy of a batch to the device on the copy stream."""
+            x = self._host_input(images)
+            if x.device.type != "cpu":
+                ready = torch.cuda.Event()
+                ready.record(torch.cuda.current_stream(self.device))
+                return x, ready, None
+            host = x if x.is_pinned() else x.pin_memory()
+            with torch.cuda.stream(to_gpu):
+                x = host.to(self.device, non_blocking=True)
+                ready = torch.cuda.Event()
+                ready.record(to_gpu)
+            return x, ready, host  # the pinned copy is kept until the batch has run
+
+        def launch(staged: tuple[torch.Tensor, Any, Any]) -> _InFlight:
+            """Queue a batch's forward pass after its copy, and its results' copy back."""
+            x, ready, _host = staged
+            with self._lock, torch.cuda.stream(compute):
+                compute.wait_event(ready)
+                x.record_stream(compute)  # allocated on the copy stream, used here
+                score, peak, maps = self._predict(x, keep_maps)
+                outputs = [
+                    score.float(),
+                    None if peak is score else peak.float(),
+                    maps.float() if keep_maps and maps is not None else None,
+                ]
+                computed = torch.cuda.Event()
+                computed.record(compute)
+            with torch.cuda.stream(to_host):
+                to_host.wait_event(computed)
+                host_out: list[torch.Tensor | None] = []
+                for t in outputs:
+                    if t is None:
+                        host_out.append(None)
+                        continue
+                    t.record_stream(to_host)  # made on the compute stream, read here
+                    h = torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
+                    h.copy_(t, non_blocking=True)
+                    host_out.append(h)
+                done = torch.cuda.Event(blocking=True)  # waiting for it leaves the CPU free
+                done.record(to_host)
+            mean_h, peak_h, maps_h = host_out
+            assert mean_h is not None
+            return _InFlight(done, mean_h, peak_h, maps_h, (x, _host, *outputs))
+
+        def finish(batch: _InFlight) -> ScoreBatch:
+            batch.done.synchronize()
+            mean = batch.mean.numpy()
+            peak = mean.copy() if batch.peak is None else batch.peak.numpy()
+            maps = batch.maps.numpy() if batch.maps is not None else None
+            return ScoreBatch(mean, peak, maps)
+
+        source = iter(batches)
+        first = next(source, None)
+        staged = stage(first) if first is not None else None
+        previous: _InFlight | None = None
+        while staged is not None:
+            current = launch(staged)
+            following = next(source, None)  # read and copied while the batch runs
+            staged = stage(following) if following is not None else None
+            if previous is not None:
+                yield finish(previous)
+            previous = current
+        if previous is not None:
+            yield finish(previous)
 
     def score_dataset(
         self,
@@ -143,11 +437,11 @@ class Scorer:
         start = 0
         total = len(dataset) if isinstance(dataset, Sized) else None
         with tqdm(total=total, desc=desc, unit="tile", disable=not progress, leave=False) as bar:
-            for images in loader:
-                result = self.score(images, keep_maps=keep_maps)
+            for result in self.score_batches(loader, keep_maps=keep_maps):
+                n = len(result.mean)
                 yield start, result
-                start += len(images)
-                bar.update(len(images))
+                start += n
+                bar.update(n)
 
 
 def collect_image_paths(paths: Sequence[str | Path]) -> list[Path]:
@@ -193,14 +487,15 @@ def score_images(
     out_csv: str | Path,
     maps_dir: str | Path | None = None,
     device: str = "auto",
-    batch_size: int = 16,
+    batch_size: int | str = AUTO_BATCH,
     workers: int = 0,
     progress: bool = True,
+    compile: str = "off",
 ) -> dict[str, Any]:
     """Score image files; write a CSV of per-image scores and, optionally, anomaly-map PNGs."""
     from .stitch import colour_scale, save_map_png
 
-    scorer = Scorer(model, device=device, batch_size=batch_size)
+    scorer = Scorer(model, device=device, batch_size=batch_size, compile=compile)
     files = collect_image_paths(paths)
     dataset = ImageFolderDataset(files, scorer.tile_px)
     out_csv = Path(out_csv)

@@ -28,7 +28,7 @@ def add_parser(sub, parents: list[argparse.ArgumentParser]) -> None:
         help="tile resolution, µm/px (default: the model's training resolution)",
     )
     opt.add_min_tissue_option(p, "score")
-    opt.add_batch_size_option(p, 32, "tiles per model batch")
+    opt.add_scoring_options(p, "tiles per model batch")
     opt.add_device_option(p)
     p.add_argument(
         "--keep-maps",
@@ -221,6 +221,7 @@ def run(args: argparse.Namespace) -> int:
         min_tissue=args.min_tissue,
         batch_size=args.batch_size,
         device=args.device,
+        compile=args.compile,
         keep_maps=args.keep_maps,
         top_k=args.top_k,
         cmap=args.cmap,

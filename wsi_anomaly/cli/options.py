@@ -204,9 +204,42 @@ def add_read_threads_option(
 ) -> None:
     """``--read-threads``; ``workers_moved``: ``--workers`` (not an option of this command)
     names it."""
-    add_count_option(p, "--read-threads", what, shown="default: one per CPU core")
+    add_count_option(p, "--read-threads", what, shown="default: one per CPU core available")
     if workers_moved:
         add_moved_workers(p, "--read-threads", "slide-decoding threads")
+
+
+def batch_size(text: str) -> int | str:
+    """``auto`` or a whole number ≥ 1."""
+    return "auto" if text == "auto" else positive_int(text)
+
+
+def compile_mode(text: str) -> str:
+    from ..score import COMPILE_MODES
+
+    if text not in COMPILE_MODES:
+        raise argparse.ArgumentTypeError(f"{text!r} is not one of {', '.join(COMPILE_MODES)}")
+    return text
+
+
+def add_scoring_options(p: argparse.ArgumentParser, what: str) -> None:
+    """``--batch-size N|auto`` and ``--compile MODE`` of the commands that score with a model."""
+    p.add_argument(
+        "--batch-size",
+        type=batch_size,
+        default="auto",
+        metavar="N|auto",
+        help=f"{what}; auto (default): 32 on a CPU, on a GPU the largest of 512, 256, … "
+        "whose forward pass stays under 85%% of the GPU's memory",
+    )
+    p.add_argument(
+        "--compile",
+        type=compile_mode,
+        default="off",
+        metavar="MODE",
+        help="torch.compile the model: off (default), default, max-autotune or "
+        "reduce-overhead (CUDA graphs); the first batches are slow while it compiles",
+    )
 
 
 def add_loader_workers_option(

@@ -18,7 +18,7 @@ def add_parser(sub, parents: list[argparse.ArgumentParser]) -> None:
     opt.add_model_option(p)
     p.add_argument("--out", default="scores.csv", help="CSV to write (default scores.csv)")
     p.add_argument("--maps", metavar="DIR", help="also write anomaly-map PNGs here")
-    opt.add_batch_size_option(p, 16, "images per model batch")
+    opt.add_scoring_options(p, "images per model batch")
     opt.add_loader_workers_option(p, default=0)
     opt.add_device_option(p)
     opt.add_overwrite_option(p)
@@ -37,6 +37,7 @@ def run(args: argparse.Namespace) -> int:
         maps_dir=args.maps,
         device=args.device,
         batch_size=args.batch_size,
+        compile=args.compile,
         workers=args.loader_workers,
         progress=not args.quiet,
     )

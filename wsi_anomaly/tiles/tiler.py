@@ -54,7 +54,7 @@ class TilingSettings:
     annotations: str | None = None
     annotation_class: str | None = None
     min_annotation: float = 0.5
-    workers: int = 0  # 0 → one per CPU core
+    workers: int = 0  # 0 → one per CPU core available to this process
 
     def to_dict(self) -> dict:
         out = asdict(self)
@@ -133,6 +133,14 @@ RING_BUFFERS = 6
 WRITE_THREADS = 2
 
 
+def available_cores() -> int:
+    """CPU cores this process may run on (its affinity mask: a SLURM job's or container's
+    share of the machine, not every core of the machine)."""
+    if hasattr(os, "sched_getaffinity"):
+        return max(1, len(os.sched_getaffinity(0)))
+    return os.cpu_count() or 1
+
+
 def iter_tile_batches(
     slide: Slide, grid: TileGrid, batch: int, workers: int = 0, busy: list[float] | None = None
 ) -> Iterator[tuple[int, np.ndarray]]:
@@ -142,7 +150,7 @@ def iter_tile_batches(
     keep it longer. ``busy``, a one-element list, accumulates the decoding threads' busy seconds.
     """
     n = len(grid)
-    workers = workers or (os.cpu_count() or 1)
+    workers = workers or available_cores()
 
     # Each batch is split into `workers` contiguous parts so each thread stays within a few
     # neighbouring TIFF tiles (good for the decoded-tile cache); threads fill one preallocated
@@ -244,14 +252,31 @@ def stream_to_store(
     desc: str = "tiling",
     progress: bool = True,
 ) -> None:
-    """Decode the tiles of ``grid`` once and write them to ``writer``: the one streaming loop
-    behind ``tile`` and ``heatmap``.
+    """Decode the tiles of ``grid`` once and write them to ``writer``, calling ``on_batch(start,
+    tiles)`` on each shard while it is written (see :func:`stream_tiles`)."""
+    for start, tiles in stream_tiles(slide, grid, writer, read_threads, timing, desc, progress):
+        if on_batch is not None:
+            on_batch(start, tiles)
+
+
+def stream_tiles(
+    slide: Slide,
+    grid: TileGrid,
+    writer: TileStoreWriter,
+    read_threads: int = 0,
+    timing: dict[str, float] | None = None,
+    desc: str = "tiling",
+    progress: bool = True,
+) -> Iterator[tuple[int, np.ndarray]]:
+    """Decode the tiles of ``grid`` once, write them to ``writer`` and yield each shard as
+    ``(start, tiles)``: the one streaming loop behind ``tile`` and ``heatmap``.
 
     Decoding threads work a few shards ahead; each decoded shard is compressed and written in
-    the background (two at a time: zarr's write path is partly serial) while ``on_batch(start,
-    tiles)`` — the scorer, for ``heatmap`` — works on it, so the loop runs at the pace of its
-    slowest stage. ``timing`` (when given) accumulates ``read_s`` (decoding threads' busy time),
-    ``read_wait_s`` (time the caller waited for tiles) and ``write_s``.
+    the background (two at a time: zarr's write path is partly serial) while the caller — the
+    scorer, for ``heatmap`` — works on it, so the loop runs at the pace of its slowest stage.
+    ``tiles`` stays valid until four more shards have been yielded. ``timing`` (when given)
+    accumulates ``read_s`` (decoding threads' busy time), ``read_wait_s`` (time the caller
+    waited for tiles) and ``write_s``.
     """
     timing = timing if timing is not None else {}
     for key in ("read_s", "read_wait_s", "write_s"):
@@ -268,8 +293,7 @@ def stream_to_store(
             while len(pending) >= WRITE_THREADS:
                 pending.pop(0).result()
             pending.append(io.submit(_timed_write, timing, writer, start, tiles))
-            if on_batch is not None:
-                on_batch(start, tiles)
+            yield start, tiles
             bar.update(len(tiles))
             t_wait = time.perf_counter()
         for future in pending:
