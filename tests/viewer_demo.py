@@ -11,6 +11,7 @@ from pathlib import Path
 
 import numpy as np
 
+from wsi_anomaly.score import BatchChoice
 from wsi_anomaly.slide.synthetic import SyntheticLayout, write_synthetic_slide
 
 #: Slide size, level-0 px at 0.5 µm/px, and the tumour: an ellipse in the left half.
@@ -39,6 +40,8 @@ class StandInScorer:
     batch_size = 8
     device = "cpu"
     precision = "fp32"
+    compile_mode = "off"
+    batch_choice = BatchChoice(setting=8, batch_size=8)
 
     def __init__(self, path: Path):
         self.calibration = {
@@ -49,6 +52,9 @@ class StandInScorer:
 
     def score(self, x, keep_maps: bool = False) -> _Result:
         return _Result(x)
+
+    def score_batches(self, batches, keep_maps: bool = False):
+        return (_Result(x) for x in batches)
 
 
 def build_demo_results(folder: Path) -> Path:

@@ -63,7 +63,9 @@ from .outputs import (
 )
 from .score import AUTO_BATCH, ScoreBatch, Scorer
 from .slide import Slide
+from .slide.grid import TileGrid
 from .slide.resolution import load_mpp_csv, lookup_mpp
+from .slide.tissue import TissueMask
 from .stitch import SlideGeometry, colour_scale, write_slide_outputs
 from .tiles.store import TileStore, TileStoreWriter
 from .tiles.tiler import (
@@ -293,6 +295,20 @@ class SlidePlan:
     identity: dict[str, Any]  # slide fingerprint + model sha256 + scoring settings
 
 
+@dataclass
+class SlideRun:
+    """One slide being processed: its plan, the open slide, its grid and tissue, the model, the
+    settings and the stage timings (seconds, filled in as the stages run)."""
+
+    plan: SlidePlan
+    slide: Slide
+    grid: TileGrid
+    tissue: TissueMask
+    scorer: Scorer
+    settings: HeatmapSettings
+    timing: dict[str, float]
+
+
 def process_slide(
     slide_path: str | Path,
     out_root: str | Path,
@@ -423,22 +439,10 @@ def _run(plan: SlidePlan, model: str | Path, settings: HeatmapSettings) -> dict[
             n_scored = _tile_and_score(slide, kept, store_path, attrs, scorer, settings, timing)
             store = TileStore(store_path)
         pipeline_s = time.perf_counter() - t0 - timing["plan_s"]
-        outputs, scale = _render(plan, slide, grid, tissue, store, scorer, settings, timing)
+        run = SlideRun(plan, slide, grid, tissue, scorer, settings, timing)
+        outputs, scale = _render(run, store)
         timing["total_s"] = time.perf_counter() - t_start
-        summary = _summarise(
-            plan,
-            slide,
-            grid,
-            tissue,
-            store,
-            scorer,
-            settings,
-            scale,
-            timing,
-            n_scored,
-            pipeline_s,
-            outputs,
-        )
+        summary = _summarise(run, store, scale, n_scored, pipeline_s, outputs)
         write_json(plan.work / "summary.json", summary)
         mark_owned(plan.work, RESULT_KIND)
         commit_dir(plan.work, plan.final)
@@ -493,16 +497,7 @@ def _tile_and_score(
     timing: dict,
 ) -> int:
     """Decode tiles once: write them to the store and score them, overlapping the stages."""
-    plan = kept.plan
-    with TileStoreWriter(
-        store_path,
-        len(kept),
-        plan.tile_px,
-        kept.coords,
-        kept.grid_index,
-        kept.tissue_fraction,
-        attrs,
-    ) as writer:
+    with TileStoreWriter.for_tiles(store_path, kept, attrs) as writer:
         writer.create_scores(settings.keep_maps)
         shards = stream_tiles(
             slide,
@@ -629,38 +624,29 @@ def _concat_scores(parts: Sequence[ScoreBatch]) -> ScoreBatch:
     )
 
 
-def _render(
-    plan: SlidePlan,
-    slide: Slide,
-    grid,
-    tissue,
-    store: TileStore,
-    scorer: Scorer,
-    settings: HeatmapSettings,
-    timing: dict,
-) -> tuple[dict[str, str], Any]:
+def _render(run: SlideRun, store: TileStore) -> tuple[dict[str, str], Any]:
     """The pictures, NGFF, GeoJSON and tile table of a scored store."""
     t0 = time.perf_counter()
-    gp = grid.plan
+    gp = run.grid.plan
     scores, max_scores = store.scores, store.max_scores
     assert scores is not None and max_scores is not None  # the store has been scored
-    thumb, thumb_ds = slide.thumbnail(settings.max_px)
-    order = np.argsort(-scores)[: settings.top_k]
+    thumb, thumb_ds = run.slide.thumbnail(run.settings.max_px)
+    order = np.argsort(-scores)[: run.settings.top_k]
     top = [(int(i), store.read(int(i), int(i) + 1)[0]) for i in order]
     geometry = SlideGeometry(
-        width=slide.dimensions[0],
-        height=slide.dimensions[1],
-        mpp=slide.mpp,
+        width=run.slide.dimensions[0],
+        height=run.slide.dimensions[1],
+        mpp=run.slide.mpp,
         tile_size_l0=gp.tile_size_l0,
         stride_l0=gp.stride_l0,
-        grid_cols=grid.cols,
-        grid_rows=grid.rows,
+        grid_cols=run.grid.cols,
+        grid_rows=run.grid.rows,
     )
-    scale = colour_scale(scorer.calibration, "mean", settings.cmap)
-    identity = scorer.identity
+    scale = colour_scale(run.scorer.calibration, "mean", run.settings.cmap)
+    identity = run.scorer.identity
     provenance = {
-        "slide_name": slide.name,
-        "slide_fingerprint": plan.identity["slide_fingerprint"],
+        "slide_name": run.slide.name,
+        "slide_fingerprint": run.plan.identity["slide_fingerprint"],
         "model_sha256": identity.get("model_sha256"),
         "model_name": identity.get("model_name"),
         "backbone": identity.get("backbone"),
@@ -668,8 +654,8 @@ def _render(
         "software_version": __version__,
     }
     outputs = write_slide_outputs(
-        plan.work,
-        slide_name=slide.name,
+        run.plan.work,
+        slide_name=run.slide.name,
         geometry=geometry,
         coords=store.coords,
         grid_index=store.grid_index,
@@ -677,36 +663,30 @@ def _render(
         max_scores=max_scores,
         thumbnail=thumb,
         thumbnail_downsample=thumb_ds,
-        tissue_mask=tissue.mask,
-        mask_downsample=tissue.downsample,
+        tissue_mask=run.tissue.mask,
+        mask_downsample=run.tissue.downsample,
         scale=scale,
         top_tiles=top,
-        max_px=settings.max_px,
-        maps=store.maps if settings.keep_maps else None,
+        max_px=run.settings.max_px,
+        maps=store.maps if run.settings.keep_maps else None,
         tissue_fraction=store.tissue_fraction,
         provenance=provenance,
     )
-    timing["stitch_s"] = time.perf_counter() - t0
+    run.timing["stitch_s"] = time.perf_counter() - t0
     return outputs, scale
 
 
 def _summarise(
-    plan: SlidePlan,
-    slide: Slide,
-    grid,
-    tissue,
+    run: SlideRun,
     store: TileStore,
-    scorer: Scorer,
-    settings: HeatmapSettings,
     scale,
-    timing: dict,
     n_scored: int,
     pipeline_s: float,
     outputs: dict[str, str],
 ) -> dict[str, Any]:
     """summary.json: inputs, identity, counts, score statistics, timings; output paths point to
     the final folder (where they will be once it is renamed into place)."""
-    gp = grid.plan
+    gp = run.grid.plan
     scores = store.scores
     assert scores is not None  # the store has been scored
 
@@ -714,23 +694,23 @@ def _summarise(
         return n_scored / seconds if seconds > 0 else None
 
     return {
-        "slide": slide.name,
+        "slide": run.slide.name,
         "status": "ok",
-        "slide_path": str(plan.slide_path.resolve()),
-        "slide_fingerprint": plan.identity["slide_fingerprint"],
-        "identity": plan.identity,
-        "slide_dimensions": list(slide.dimensions),
-        "level0_mpp": slide.mpp,
-        "mpp_source": slide.known_resolution().source,
+        "slide_path": str(run.plan.slide_path.resolve()),
+        "slide_fingerprint": run.plan.identity["slide_fingerprint"],
+        "identity": run.plan.identity,
+        "slide_dimensions": list(run.slide.dimensions),
+        "level0_mpp": run.slide.mpp,
+        "mpp_source": run.slide.known_resolution().source,
         "target_mpp": gp.target_mpp,
         "actual_mpp": gp.actual_mpp,
         "level": gp.level,
         "tile_px": gp.tile_px,
         "tile_size_l0": gp.tile_size_l0,
-        "grid": [grid.cols, grid.rows],
-        "n_grid_tiles": len(grid),
+        "grid": [run.grid.cols, run.grid.rows],
+        "n_grid_tiles": len(run.grid),
         "n_tiles": int(len(scores)),
-        "tissue_fraction_slide": tissue.tissue_fraction,
+        "tissue_fraction_slide": run.tissue.tissue_fraction,
         "tissue_fraction_tiles_mean": float(store.tissue_fraction.mean()),
         "score_mean": float(np.mean(scores)),
         "score_median": float(np.median(scores)),
@@ -740,22 +720,22 @@ def _summarise(
         },
         "fraction_anomalous": float(np.mean(scores >= scale.vcenter)),
         "colour_scale": asdict(scale),
-        "timings_s": timing,
+        "timings_s": run.timing,
         "tiles_per_s": {
-            "end_to_end": len(scores) / timing["total_s"],
+            "end_to_end": len(scores) / run.timing["total_s"],
             "pipeline": rate(pipeline_s),
-            "read": rate(timing["read_s"]),
-            "model": rate(timing["model_s"]),
-            "write": rate(timing["write_s"]),
+            "read": rate(run.timing["read_s"]),
+            "model": rate(run.timing["model_s"]),
+            "write": rate(run.timing["write_s"]),
         },
-        "batch_size": scorer.batch_size,
-        "batch_size_choice": scorer.batch_choice.to_dict(),
-        "compile": scorer.compile_mode,
-        "device": str(scorer.device),
-        "precision": scorer.precision,
-        "model": scorer.identity,
+        "batch_size": run.scorer.batch_size,
+        "batch_size_choice": run.scorer.batch_choice.to_dict(),
+        "compile": run.scorer.compile_mode,
+        "device": str(run.scorer.device),
+        "precision": run.scorer.precision,
+        "model": run.scorer.identity,
         "outputs": {
-            key: str(plan.final / Path(path).relative_to(plan.work))
+            key: str(run.plan.final / Path(path).relative_to(run.plan.work))
             for key, path in outputs.items()
         },
         "command": " ".join(sys.argv),

@@ -219,9 +219,6 @@ def run(args: argparse.Namespace) -> int:
     settings = HeatmapSettings(
         target_mpp=args.mpp,
         min_tissue=args.min_tissue,
-        batch_size=args.batch_size,
-        device=args.device,
-        compile=args.compile,
         keep_maps=args.keep_maps,
         top_k=args.top_k,
         cmap=args.cmap,
@@ -230,6 +227,7 @@ def run(args: argparse.Namespace) -> int:
         overwrite=args.overwrite,
         progress=not args.quiet,
         read_workers=args.read_threads or 0,
+        **opt.scoring_settings(args),
     )
     cluster = _slurm_cluster(args) if args.cluster == "slurm" else None
     try:

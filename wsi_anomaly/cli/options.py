@@ -242,6 +242,12 @@ def add_scoring_options(p: argparse.ArgumentParser, what: str) -> None:
     )
 
 
+def scoring_settings(args: argparse.Namespace) -> dict[str, Any]:
+    """The scorer's keyword arguments from :func:`add_scoring_options` and
+    :func:`add_device_option`: ``device``, ``batch_size`` and ``compile``."""
+    return {"device": args.device, "batch_size": args.batch_size, "compile": args.compile}
+
+
 def add_loader_workers_option(
     p: argparse.ArgumentParser,
     default: int | None = None,

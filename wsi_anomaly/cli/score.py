@@ -35,11 +35,9 @@ def run(args: argparse.Namespace) -> int:
         args.paths,
         out,
         maps_dir=args.maps,
-        device=args.device,
-        batch_size=args.batch_size,
-        compile=args.compile,
         workers=args.loader_workers,
         progress=not args.quiet,
+        **opt.scoring_settings(args),
     )
     skipped = summary["skipped"]
     extra = ""

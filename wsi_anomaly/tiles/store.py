@@ -25,7 +25,7 @@ import shutil
 import uuid
 from functools import cache
 from pathlib import Path
-from typing import Any, Literal, cast
+from typing import TYPE_CHECKING, Any, Literal, cast
 
 import numpy as np
 import zarr
@@ -34,6 +34,9 @@ from zarr.codecs import BloscCodec
 from .. import __version__
 from ..errors import InputNotFoundError, InvalidInputError, OutputExistsError
 from ..outputs import commit_dir
+
+if TYPE_CHECKING:
+    from ..slide.grid import TileGrid
 
 log = logging.getLogger(__name__)
 
@@ -235,6 +238,23 @@ class TileStoreWriter:
         }
         root.attrs[ATTRS_KEY] = self.attrs
         self.root = root
+
+    @classmethod
+    def for_tiles(
+        cls, path: str | Path, kept: TileGrid, attrs: dict[str, Any], overwrite: bool = False
+    ) -> TileStoreWriter:
+        """A writer for the tiles ``kept`` of a slide's grid (their level-0 coordinates, grid
+        positions and tissue fractions), at the grid's tile size."""
+        return cls(
+            path,
+            len(kept),
+            kept.plan.tile_px,
+            kept.coords,
+            kept.grid_index,
+            kept.tissue_fraction,
+            attrs,
+            overwrite=overwrite,
+        )
 
     def create_scores(self, keep_maps: bool = False, map_px: int = 64) -> None:
         """Add the arrays the scorer fills: ``scores``/``max_scores`` (N,), ``maps`` (N, 64, 64)."""

@@ -389,16 +389,7 @@ def _tile_slide(
             if png_tmp is not None:
                 _export_png(tiles, kept.coords[start : start + len(tiles)], png_tmp, stem)
 
-        with TileStoreWriter(
-            out,
-            len(kept),
-            plan.tile_px,
-            kept.coords,
-            kept.grid_index,
-            kept.tissue_fraction,
-            attrs,
-            overwrite=overwrite,
-        ) as writer:
+        with TileStoreWriter.for_tiles(out, kept, attrs, overwrite=overwrite) as writer:
             stream_to_store(
                 slide,
                 kept,

@@ -323,18 +323,20 @@ def slide_page(entry: SlideResults, slide_available: bool, slide_error: str | No
         _environment()
         .get_template("slide.html")
         .render(
-            name=entry.name,
-            summary=summary,
-            scale=entry.scale,
-            top=top,
-            bokeh_div=div,
-            bokeh_script=script,
-            bokeh_js=bokeh_script_names(),
-            config=json.dumps(config),
-            has_pixel_map=names["pixel"] is not None,
-            slide_error=slide_error,
-            n_tiles=len(tiles.scores),
-            mpp=mpp,
-            tile_um=tiles.tile_size_l0 * mpp,
+            {
+                "name": entry.name,
+                "summary": summary,
+                "scale": entry.scale,
+                "top": top,
+                "bokeh_div": div,
+                "bokeh_script": script,
+                "bokeh_js": bokeh_script_names(),
+                "config": json.dumps(config),
+                "has_pixel_map": names["pixel"] is not None,
+                "slide_error": slide_error,
+                "n_tiles": len(tiles.scores),
+                "mpp": mpp,
+                "tile_um": tiles.tile_size_l0 * mpp,
+            }
         )
     )
