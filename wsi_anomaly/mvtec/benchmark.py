@@ -45,11 +45,10 @@ from .metrics import (
     resize_map,
 )
 from .paper import (
-    CONV_ATTENTION_LABEL,
     OBJECTS,
     TABLE1_MEAN,
     TEXTURES,
-    mask_note,
+    configuration_notes,
     paper_category,
     paper_reference,
 )
@@ -587,16 +586,7 @@ def markdown_table(records: list[dict[str, Any]], config: Config | None = None) 
                 f'This configuration is the paper\'s ablation "{label}": mean {img} '
                 f"image / {pix} pixel AUROC % (15 categories)."
             )
-        if config.model.name == "haloae" and config.model.attention == "conv":
-            notes.append(
-                f"This configuration ({CONV_ATTENTION_LABEL}) has no paper counterpart: "
-                'the paper\'s Table 4 "Block C as CNN" replaced the whole HaloNet '
-                "auto-encoder by DFR's convolutional auto-encoder, a different network. "
-                "The paper columns are the full HaloAE's."
-            )
-        note = mask_note(config) if config.model.name == "haloae" else None
-        if note is not None:
-            notes.append(note)
+        notes.extend(configuration_notes(config))
     return "\n".join(lines + notes) + "\n"
 
 

@@ -103,6 +103,25 @@ def paper_reference(config: Any) -> tuple[str, tuple[float, float]] | None:
     return ABLATIONS.get(key)
 
 
+def configuration_notes(config: Any) -> list[str]:
+    """Footnotes for a results table: what in this run's configuration differs from the runs
+    behind the paper's numbers (HaloAE's attention layer; none for the other families)."""
+    if config.model.name != "haloae":
+        return []
+    notes = []
+    if config.model.attention == "conv":
+        notes.append(
+            f"This configuration ({CONV_ATTENTION_LABEL}) has no paper counterpart: "
+            'the paper\'s Table 4 "Block C as CNN" replaced the whole HaloNet '
+            "auto-encoder by DFR's convolutional auto-encoder, a different network. "
+            "The paper columns are the full HaloAE's."
+        )
+    note = mask_note(config)
+    if note is not None:
+        notes.append(note)
+    return notes
+
+
 def mask_note(config: Any) -> str | None:
     """A footnote saying which halo attention layer a run used beside the paper's numbers.
 
