@@ -40,7 +40,7 @@ def main() -> None:
     from wsi_anomaly.slide.synthetic import write_synthetic_slide
     from wsi_anomaly.tiles import TileStore, TilingSettings, tile_slide
     from wsi_anomaly.tiles.dataset import ZarrTileDataset
-    from wsi_anomaly.train import train_model
+    from wsi_anomaly.training import train_model
 
     work = Path(args.workdir)
     work.mkdir(parents=True, exist_ok=True)

@@ -30,7 +30,7 @@ import torch
 from wsi_anomaly.config import Config, load_config
 from wsi_anomaly.mvtec import MVTecCategory, evaluate, load_adapter
 from wsi_anomaly.mvtec.benchmark import input_px
-from wsi_anomaly.train import resolve_device, train_model
+from wsi_anomaly.training import resolve_device, train_model
 
 DEFAULT_ROOT = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "mvtec" / "hazelnut"
 

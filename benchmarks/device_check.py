@@ -212,7 +212,7 @@ def distinct_tiles(n: int, seed: int):
 def tiny_checkpoint(out: Path, device: str) -> Path:
     """A HaloAE trained for two single-tile steps with random backbone weights."""
     from wsi_anomaly.config import load_config
-    from wsi_anomaly.train import train_model
+    from wsi_anomaly.training import train_model
 
     config = load_config(
         "haloae_fast",

@@ -70,7 +70,7 @@ def tiny_config(**train):
 def tiny_model(small_store, tmp_path_factory):
     """A checkpoint trained for two steps on ``small_store`` (random VGG19 weights)."""
     from wsi_anomaly.tiles.dataset import ZarrTileDataset
-    from wsi_anomaly.train import train_model
+    from wsi_anomaly.training import train_model
 
     out = tmp_path_factory.mktemp("models") / "tiny.pt"
     train_model(

@@ -15,7 +15,7 @@ from wsi_anomaly.score import Scorer
 from wsi_anomaly.slide.synthetic import write_synthetic_slide
 from wsi_anomaly.tiles import TileStore, TilingSettings, tile_slide
 from wsi_anomaly.tiles.dataset import ZarrTileDataset
-from wsi_anomaly.train import train_model
+from wsi_anomaly.training import train_model
 
 
 @pytest.mark.slow

@@ -43,7 +43,7 @@ def spearman(a: np.ndarray, b: np.ndarray) -> float:
 def tiny_checkpoint(tmp_path_factory):
     from conftest import tiny_config
 
-    from wsi_anomaly.train import train_model
+    from wsi_anomaly.training import train_model
 
     out = tmp_path_factory.mktemp("precision") / "tiny.pt"
     train_model(

@@ -16,7 +16,7 @@ from wsi_anomaly.models import (
     normalise,
 )
 from wsi_anomaly.tiles.dataset import ZarrTileDataset
-from wsi_anomaly.train import resolve_device, resume_path, train_model
+from wsi_anomaly.training import resolve_device, resume_path, train_model
 
 
 def test_a_few_steps_lower_the_loss(small_store):
@@ -187,7 +187,7 @@ def test_no_room_for_the_checkpoint_is_refused_before_training(small_store, tmp_
 def test_score_scale_comes_from_held_out_normal_tiles(small_store, tmp_path):
     from torch.utils.data import ConcatDataset
 
-    from wsi_anomaly.train import MIN_HOLDOUT_TILES, holdout_split
+    from wsi_anomaly.training import MIN_HOLDOUT_TILES, holdout_split
 
     one = ZarrTileDataset(small_store)
     two = ConcatDataset([one, one])  # two "slides"

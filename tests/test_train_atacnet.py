@@ -11,7 +11,7 @@ from wsi_anomaly.errors import InvalidInputError
 from wsi_anomaly.pipeline import HeatmapSettings, process_slide
 from wsi_anomaly.score import Scorer
 from wsi_anomaly.tiles.dataset import ZarrTileDataset
-from wsi_anomaly.train import resume_path, train_model
+from wsi_anomaly.training import resume_path, train_model
 
 
 class Marked(Dataset):

@@ -22,7 +22,7 @@ from .pipeline import HeatmapSettings, run_cohort
 from .slide.synthetic import SyntheticSlide, write_synthetic_slide
 from .tiles import TileStore, TilingSettings, tile_slide
 from .tiles.dataset import ZarrTileDataset
-from .train import train_model
+from .training import train_model
 
 log = logging.getLogger(__name__)
 

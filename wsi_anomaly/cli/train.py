@@ -68,37 +68,15 @@ def _family_defaults(family: str) -> tuple[str, str]:
     return entry.default_preset, entry.schedule_section
 
 
-def _training_data(paths: list[str], tile_px: int, mpp: float | None):
-    """A dataset over tile stores and/or image folders, and the tiles' mpp."""
-    from torch.utils.data import ConcatDataset
-
-    from ..tiles.dataset import ZarrTileDataset, open_tiles
-
-    parts = [open_tiles(p, tile_px) for p in paths]
-    store_mpps = [d.mpp for d in parts if isinstance(d, ZarrTileDataset)]
-    if store_mpps and max(store_mpps) > 1.05 * min(store_mpps):
-        raise InvalidInputError(
-            f"tile stores at different resolutions ({', '.join(f'{m:.3f}' for m in store_mpps)} "
-            "µm/px); train on tiles of one resolution"
-        )
-    tile_mpp = mpp if mpp is not None else (store_mpps[0] if store_mpps else None)
-    if tile_mpp is None:
-        log.warning(
-            "tile resolution unknown: pass --mpp so heatmaps tile slides at the training "
-            "resolution (assuming nothing for now)"
-        )
-    dataset = parts[0] if len(parts) == 1 else ConcatDataset(parts)
-    return dataset, tile_mpp
-
-
 def run(args: argparse.Namespace) -> int:
     from ..config import load_config
-    from ..train import train_model
+    from ..tiles.dataset import open_training_tiles
+    from ..training import train_model
 
     opt.check_output_file(args.out)
     preset, schedule = _family_defaults(args.family)
     config = load_config(args.config or preset, opt.config_overrides(args, schedule))
-    dataset, tile_mpp = _training_data(args.tiles, config.tile_px, args.mpp)
+    dataset, tile_mpp = open_training_tiles(args.tiles, config.tile_px, args.mpp)
     from ..models.registry import family_names, get_family
 
     family = get_family(config.model.name)
@@ -109,7 +87,7 @@ def run(args: argparse.Namespace) -> int:
             raise InvalidInputError(
                 f"--anomalies is for a weakly supervised family: add --family {' or '.join(weak)}"
             )
-        anomalies, _ = _training_data(args.anomalies, config.tile_px, args.mpp)
+        anomalies, _ = open_training_tiles(args.anomalies, config.tile_px, args.mpp)
     print(
         family.describe_training(
             config, len(dataset), len(anomalies) if anomalies is not None else 0

@@ -16,7 +16,7 @@ The family owns:
 - its input transform (:meth:`transform`: tiles as stored, or float images, to the model's input,
   on the device) and :meth:`predict` → ``(score, max, map)``;
 - the pieces of its training loop (:meth:`training_data`, :meth:`loader`, :meth:`train_step`, …);
-  the loop itself, progress bars, logging and checkpoints live in :mod:`wsi_anomaly.train`.
+  the loop itself, progress bars, logging and checkpoints live in :mod:`wsi_anomaly.training`.
 
 ``config`` below is the package's resolved ``Config`` (sections as attributes). Methods raise
 ``ValueError`` for values they cannot use; config validation and the training loop turn those

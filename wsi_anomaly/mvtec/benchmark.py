@@ -6,7 +6,7 @@ means the category is done and a re-run skips it (unless ``overwrite``). ``<out>
 and ``<out>/results.md`` tabulate every category of the run beside the paper's Table 1.
 
 The training-normal mean map that normalises HaloAE's anomaly maps comes from train/good (the
-calibration inside :func:`wsi_anomaly.train.train_model`); test images are only ever scored.
+calibration inside :func:`wsi_anomaly.training.train_model`); test images are only ever scored.
 """
 
 from __future__ import annotations
@@ -54,7 +54,7 @@ from .paper import (
 )
 
 if TYPE_CHECKING:
-    from ..train import TrainResult
+    from ..training import TrainResult
 
 log = logging.getLogger(__name__)
 
@@ -239,7 +239,7 @@ def train_category(
     Raises:
         OutputExistsError: ``checkpoint`` was trained with another configuration.
     """
-    from ..train import resume_path, train_model
+    from ..training import resume_path, train_model
 
     if checkpoint.exists() and not settings.overwrite:
         if config_from_dict(load_checkpoint(checkpoint)["config"]) != config:

@@ -162,7 +162,7 @@ class MVTecDataset(Dataset):
 
     ``dataset[i]`` is the model input, a float32 tensor ``(3, image_px, image_px)`` in [0, 1]
     (``(3, H, W)`` at the image's own resolution when ``image_px`` is ``None``)
-    (the same form as the slide-tile datasets, so :func:`wsi_anomaly.train.train_model` and the
+    (the same form as the slide-tile datasets, so :func:`wsi_anomaly.training.train_model` and the
     scorer take it as is). Labels, masks and native-resolution images are available by index.
     ``has_masks`` False: the defective images have no ground truth (image-level data).
     """

@@ -7,12 +7,14 @@ model package. Neither holds all tiles in memory.
 from __future__ import annotations
 
 import logging
+from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
 from PIL import Image, UnidentifiedImageError
-from torch.utils.data import Dataset
+from torch.utils.data import ConcatDataset, Dataset
 
 from ..errors import InputNotFoundError, InvalidInputError
 from .store import TileStore
@@ -224,3 +226,27 @@ def open_tiles(path: str | Path, tile_px: int = 256) -> Dataset:
     if TileStore.is_store(path) or path.suffix == ".zarr":
         return ZarrTileDataset(path)
     return ImageFolderDataset(path, tile_px)
+
+
+def open_training_tiles(
+    paths: Sequence[str | Path], tile_px: int = 256, mpp: float | None = None
+) -> tuple[Any, float | None]:
+    """One map-style dataset (with a length) over tile stores and/or image folders, and the tiles' µm/px: ``mpp`` when
+    given, else the stores' own (which must agree), else None (with a warning)."""
+    parts = [open_tiles(p, tile_px) for p in paths]
+    if not parts:
+        raise InvalidInputError("no tiles given: name tile stores or folders of images")
+    store_mpps = [d.mpp for d in parts if isinstance(d, ZarrTileDataset)]
+    if store_mpps and max(store_mpps) > 1.05 * min(store_mpps):
+        raise InvalidInputError(
+            f"tile stores at different resolutions ({', '.join(f'{m:.3f}' for m in store_mpps)} "
+            "µm/px); train on tiles of one resolution"
+        )
+    tile_mpp = mpp if mpp is not None else (store_mpps[0] if store_mpps else None)
+    if tile_mpp is None:
+        log.warning(
+            "tile resolution unknown: pass --mpp so heatmaps tile slides at the training "
+            "resolution (assuming nothing for now)"
+        )
+    dataset = parts[0] if len(parts) == 1 else ConcatDataset(parts)
+    return dataset, tile_mpp
