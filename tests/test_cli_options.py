@@ -311,3 +311,27 @@ def test_batch_size_auto_and_compile_modes_parse():
             [*command, "--batch-size", "64", "--compile", "reduce-overhead"]
         )
         assert args.batch_size == 64 and args.compile == "reduce-overhead"
+
+
+def test_bad_mpp_csv_header_is_one_error_line(capsys, tmp_path):
+    bad = tmp_path / "mpp.csv"
+    bad.write_text("name,res\na.svs,0.25\n")
+    code, _, err = run(
+        capsys,
+        "heatmap",
+        str(tmp_path / "none.svs"),
+        "--model",
+        str(tmp_path / "none.pt"),
+        "--out",
+        str(tmp_path / "out"),
+        "--mpp-csv",
+        str(bad),
+    )
+    assert_one_error_line(code, err, "slide,mpp", "wsi,mpp")
+    assert not (tmp_path / "out").exists()
+
+
+def test_recursive_flag_parses():
+    parse = build_parser().parse_args
+    assert not parse(["heatmap", "d", "--model", "m.pt"]).recursive
+    assert parse(["heatmap", "d", "--model", "m.pt", "--recursive"]).recursive

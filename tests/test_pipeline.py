@@ -145,6 +145,79 @@ def test_find_slides_inputs(mini_slides, tmp_path):
     assert find_slides([str(folder / "a*.tif"), a.path]) == [a.path]
 
 
+def _touch(path):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(b"")
+    return path
+
+
+@pytest.fixture
+def nested_cohort(tmp_path):
+    root = tmp_path / "cohort"
+    slides = [
+        _touch(root / "top.svs"),
+        _touch(root / "site1" / "p1" / "s1.svs"),
+        _touch(root / "site2" / "s2.ndpi"),
+    ]
+    for hidden in (
+        root / ".snapshot" / "old.svs",
+        root / "results" / "copy.svs",
+        root / "site1" / ".a.svs.partial" / "x.svs",
+        root / "site2" / "tiles.zarr" / "y.tif",
+        root / "site2" / "notes.txt",
+    ):
+        _touch(hidden)
+    return root, slides
+
+
+def test_discover_recursive_skips_hidden_and_results_folders(nested_cohort):
+    root, (top, s1, s2) = nested_cohort
+    assert find_slides([root]) == [top]  # the default stays one level deep
+    found = find_slides([root], recursive=True, skip=[root / "results"])
+    assert found == [s1, s2, top]  # sorted by path
+    assert find_slides([root, root / "site1", s1], recursive=True, skip=[root / "results"]) == [
+        s1,
+        s2,
+        top,
+    ]
+    # a folder named on the command line is searched even when hidden
+    assert find_slides([root / ".snapshot"], recursive=True) == [root / ".snapshot" / "old.svs"]
+
+
+def test_discover_follows_a_link_loop_once(nested_cohort):
+    root, slides = nested_cohort
+    (root / "site2" / "loop").symlink_to(root, target_is_directory=True)
+    found = find_slides([root], recursive=True, skip=[root / "results"])
+    assert found == sorted(slides)
+
+
+def test_glob_double_star_matches_any_depth(nested_cohort):
+    root, (top, s1, _) = nested_cohort
+    found = find_slides([str(root / "**" / "*.svs")], skip=[root / "results"])
+    assert found == [s1, top]
+    assert find_slides([str(root / "*" / "**" / "s1.svs")]) == [s1]
+    # no ** → one level, as before
+    assert find_slides([str(root / "*.svs")]) == [top]
+
+
+def test_glob_under_a_hidden_folder_named_in_the_pattern(tmp_path):
+    slide = _touch(tmp_path / ".data" / "cohort" / "sub" / "a.svs")
+    assert find_slides([str(tmp_path / ".data" / "cohort" / "**" / "*.svs")]) == [slide]
+
+
+def test_cohort_recursive_skips_its_own_results(mini_slides, tiny_model, tmp_path):
+    _, a, _ = mini_slides
+    root = tmp_path / "cohort"
+    (root / "site").mkdir(parents=True)
+    (root / "site" / "a.tif").symlink_to(a.path)
+    out = root / "results"
+    rows = run_cohort([root], out, tiny_model, settings(), recursive=True)
+    assert [r["slide"] for r in rows] == ["a.tif"] and rows[0]["status"] == "ok"
+    (out / "stray.tif").symlink_to(a.path)  # a slide inside the results folder is not entered
+    rows = run_cohort([root], out, tiny_model, settings(), recursive=True)
+    assert [r["slide"] for r in rows] == ["a.tif"] and rows[0]["status"] == "skipped (done)"
+
+
 def test_cli_heatmap_and_bad_input(mini_slides, tiny_model, tmp_path, capsys):
     _, a, _ = mini_slides
     code = main(

@@ -69,3 +69,24 @@ def test_cohort_csv(tmp_path):
     bad.write_text("name,res\na,1\n")
     with pytest.raises(InvalidInputError, match="slide,mpp"):
         load_mpp_csv(bad)
+
+
+def test_trident_csv_header(tmp_path):
+    csv = tmp_path / "trident.csv"
+    csv.write_text("wsi,mpp\n/data/x/a.svs,0.25\nb.ndpi,0.5\nc,1.0\n")
+    table = load_mpp_csv(csv)
+    assert lookup_mpp(table, "/data/x/a.svs") == 0.25
+    assert lookup_mpp(table, "/other/b.ndpi") == 0.5
+    assert lookup_mpp(table, "/data/c.svs") == 1.0
+    assert lookup_mpp(table, "/data/d.svs") is None
+    bom = tmp_path / "excel.csv"
+    bom.write_text("\ufeffwsi,mpp\na.svs,0.25\n", encoding="utf-8")
+    assert lookup_mpp(load_mpp_csv(bom), "a.svs") == 0.25
+
+
+@pytest.mark.parametrize("header", ["name,res", "wsi,microns", "slide", ""])
+def test_bad_csv_header_names_the_accepted_ones(tmp_path, header):
+    bad = tmp_path / "bad.csv"
+    bad.write_text(f"{header}\na,1\n" if header else "")
+    with pytest.raises(InvalidInputError, match="'slide,mpp' or 'wsi,mpp'"):
+        load_mpp_csv(bad)

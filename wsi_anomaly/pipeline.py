@@ -138,23 +138,33 @@ class HeatmapSettings:
         check_compile_mode(self.compile)
 
 
-def find_slides(inputs: Sequence[str | Path]) -> list[Path]:
-    """Slides from files, folders (not recursive) and glob patterns, in a stable order."""
+def find_slides(
+    inputs: Sequence[str | Path],
+    recursive: bool = False,
+    skip: Sequence[str | Path] = (),
+) -> list[Path]:
+    """Slides from files, folders and glob patterns (``**`` matches any depth), in a stable
+    order, each file once.
+
+    Folders are read one level deep unless ``recursive``; a recursive search, and a ``**``
+    pattern, never enter hidden folders, the folders in ``skip`` (the results folder) or this
+    tool's own work folders (``*.partial``, tile stores ``*.zarr``).
+    """
+    skipped = {Path(s).resolve() for s in skip}
     found: list[Path] = []
     for item in map(str, inputs):
         if any(ch in item for ch in "*?[") and not Path(item).exists():
-            matches = sorted(glob.glob(item))
+            matches = sorted(glob.glob(item, recursive=True))
             if not matches:
                 raise InputNotFoundError(f"no slide matches {item!r}")
-            found.extend(Path(m) for m in matches if Path(m).is_file())
-        elif Path(item).is_dir():
             found.extend(
-                sorted(
-                    p
-                    for p in Path(item).iterdir()
-                    if p.is_file() and p.suffix.lower() in SLIDE_SUFFIXES
-                )
+                Path(m)
+                for m in matches
+                if Path(m).is_file()
+                and ("**" not in item or not _in_skipped(Path(m), item, skipped))
             )
+        elif Path(item).is_dir():
+            found.extend(_slides_in_folder(Path(item), recursive, skipped))
         else:
             found.append(Path(item))  # a missing file is reported per slide, like any error
     seen: set[Path] = set()
@@ -169,6 +179,47 @@ def find_slides(inputs: Sequence[str | Path]) -> list[Path]:
             f"(looked for {', '.join(SLIDE_SUFFIXES)})"
         )
     return unique
+
+
+def _not_entered(folder: Path, skipped: set[Path]) -> bool:
+    """A folder discovery does not search: hidden, a results or work folder of ours."""
+    name = folder.name
+    return (
+        name.startswith(".") or name.endswith((".partial", ".zarr")) or folder.resolve() in skipped
+    )
+
+
+def _in_skipped(path: Path, pattern: str, skipped: set[Path]) -> bool:
+    """Whether a glob match lies inside a folder that discovery does not enter, below the
+    pattern's fixed start (``/data/.cohort/**/*.svs`` may search a hidden folder it names)."""
+    base = Path(pattern)
+    while any(ch in str(base) for ch in "*?[") and base != base.parent:
+        base = base.parent
+    return any(
+        _not_entered(parent, skipped)
+        for parent in path.parents
+        if parent != base and parent.is_relative_to(base)
+    )
+
+
+def _slides_in_folder(
+    folder: Path, recursive: bool, skipped: set[Path], visited: set[Path] | None = None
+) -> list[Path]:
+    """The slides in ``folder`` (and, when ``recursive``, its sub-folders), sorted by path.
+    A folder reached twice (a symbolic link back up the tree) is searched once."""
+    visited = set() if visited is None else visited
+    visited.add(folder.resolve())
+    slides: list[Path] = []
+    with os_errors_as_user_errors(folder):
+        entries = sorted(folder.iterdir())
+    for p in entries:
+        if p.is_file() and p.suffix.lower() in SLIDE_SUFFIXES:
+            slides.append(p)
+        elif (
+            recursive and p.is_dir() and not _not_entered(p, skipped) and p.resolve() not in visited
+        ):
+            slides.extend(_slides_in_folder(p, recursive, skipped, visited))
+    return sorted(slides)
 
 
 def output_name(slide: Path, out_root: Path, clash: bool = False) -> str:
@@ -843,12 +894,14 @@ def run_cohort(
     workers: int | None = None,
     skip_errors: bool = False,
     cluster: Any | None = None,
+    recursive: bool = False,
 ) -> list[dict[str, Any]]:
     """Heatmaps for many slides, one dask task per slide; writes ``out_root/summary.csv``.
 
     Rows have ``status`` ok, skipped (done), no tissue, failed or busy (another run holds the
     slide's lock). With ``skip_errors`` every slide is attempted and the table is written even
-    when some fail.
+    when some fail. ``recursive`` searches folders in ``slides`` to any depth (never
+    ``out_root`` itself).
     """
     import dask
     from dask import delayed
@@ -857,7 +910,7 @@ def run_cohort(
     validate_output_name(out_root)
     if out_root.exists() and not out_root.is_dir():
         raise OutputExistsError(f"--out {out_root} is a file; results go into a folder")
-    paths = [str(p) for p in find_slides(slides)]
+    paths = [str(p) for p in find_slides(slides, recursive, skip=[out_root])]
     if not Path(model).is_file():
         raise InputNotFoundError(f"model checkpoint not found: {model}")
     with os_errors_as_user_errors(out_root):

@@ -19,9 +19,20 @@ summary.json to OUT/<slide name>/, plus OUT/summary.csv. Exit status {EXIT_SLIDE
 
 def add_parser(sub, parents: list[argparse.ArgumentParser]) -> None:
     p = opt.add_command(sub, parents, "heatmap", HELP, DESCRIPTION, run)
-    p.add_argument("slides", nargs="+", help="slide files, folders of slides, or glob patterns")
+    p.add_argument(
+        "slides",
+        nargs="+",
+        help="slide files, folders of slides, or glob patterns ('**' matches any depth; "
+        "quote them)",
+    )
     opt.add_model_option(p)
     p.add_argument("--out", default="results", help="output folder (default results/)")
+    p.add_argument(
+        "--recursive",
+        action="store_true",
+        help="also search the folders' sub-folders for slides (hidden folders, OUT and "
+        "*.partial / *.zarr folders are skipped)",
+    )
     p.add_argument(
         "--mpp",
         type=opt.positive_float,
@@ -212,6 +223,10 @@ def run(args: argparse.Namespace) -> int:
     from ..pipeline import HeatmapSettings, run_cohort
 
     out = opt.check_output_folder(args.out)
+    if args.mpp_csv:
+        from ..slide.resolution import load_mpp_csv
+
+        load_mpp_csv(args.mpp_csv)  # a bad file stops the run before any slide work
     if args.scheduler:
         from ..cluster import check_scheduler
 
@@ -240,6 +255,7 @@ def run(args: argparse.Namespace) -> int:
             workers=args.workers,
             skip_errors=args.skip_errors,
             cluster=cluster,
+            recursive=args.recursive,
         )
     finally:
         if cluster is not None:

@@ -156,7 +156,8 @@ def add_slide_mpp_options(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--mpp-csv",
         metavar="CSV",
-        help="cohort overrides: a CSV with columns slide,mpp (slide = file name, stem or path)",
+        help="cohort overrides: a CSV with columns slide,mpp or TRIDENT's wsi,mpp "
+        "(slide = file name, stem or path)",
     )
 
 

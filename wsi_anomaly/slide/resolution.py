@@ -107,8 +107,12 @@ def resolve_resolution(
     return res
 
 
+#: The first column's accepted names: ours, and TRIDENT's.
+MPP_CSV_SLIDE_COLUMNS = ("slide", "wsi")
+
+
 def load_mpp_csv(path: str | Path) -> dict[str, float]:
-    """Read a cohort override file with columns ``slide,mpp``.
+    """Read a cohort override file with columns ``slide,mpp`` (or TRIDENT's ``wsi,mpp``).
 
     ``slide`` may be a file name, a stem or a full path; lookups try all three.
     """
@@ -116,15 +120,21 @@ def load_mpp_csv(path: str | Path) -> dict[str, float]:
     if not path.is_file():
         raise InvalidInputError(f"mpp CSV not found: {path}")
     out: dict[str, float] = {}
-    with path.open(newline="") as fh:
+    with path.open(newline="", encoding="utf-8-sig") as fh:
         reader = csv.DictReader(fh)
-        if reader.fieldnames is None or not {"slide", "mpp"} <= set(reader.fieldnames):
-            raise InvalidInputError(f"{path}: an mpp CSV needs the header 'slide,mpp'")
+        fields = [f.strip() for f in reader.fieldnames or []]
+        reader.fieldnames = fields
+        column = next((c for c in MPP_CSV_SLIDE_COLUMNS if c in fields), None)
+        if column is None or "mpp" not in fields:
+            raise InvalidInputError(
+                f"{path}: an mpp CSV needs the header 'slide,mpp' or 'wsi,mpp'"
+                + (f" (found {','.join(fields)!r})" if fields else "")
+            )
         for lineno, row in enumerate(reader, start=2):
             value = _float(row["mpp"])
             if value is None:
                 raise InvalidInputError(f"{path}:{lineno}: mpp {row['mpp']!r} is not a number")
-            out[row["slide"].strip()] = value
+            out[(row[column] or "").strip()] = value
     return out
 
 
