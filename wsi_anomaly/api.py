@@ -16,29 +16,18 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from . import _API
 from .config import load_config
 from .pipeline import HeatmapSettings, run_cohort
-from .score import Scorer
-from .slide import Slide
+from .score import Scorer as Scorer
+from .slide import Slide as Slide
 from .slide.synthetic import write_synthetic_slide
 from .tiles.dataset import open_training_tiles
-from .tiles.store import TileStore
+from .tiles.store import TileStore as TileStore
 from .tiles.tiler import TilingResult, TilingSettings, tile_slide
 from .training import TrainResult, train_model
 
-__all__ = [
-    "HeatmapSettings",
-    "Scorer",
-    "Slide",
-    "TileStore",
-    "TilingSettings",
-    "heatmap",
-    "load_config",
-    "open_slide",
-    "synthetic_slide",
-    "tile",
-    "train",
-]
+__all__ = list(_API)
 
 
 def open_slide(path: str | Path, mpp: float | None = None) -> Slide:

@@ -5,7 +5,13 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from .options import add_command, add_device_option, check_output_folder, positive_int
+from .options import (
+    add_command,
+    add_device_option,
+    add_out_folder_option,
+    check_output_folder,
+    positive_int,
+)
 
 HELP = "the whole pipeline on a synthetic slide"
 DESCRIPTION = """Write a synthetic slide with known tumour and stroma, train HaloAE on its
@@ -15,7 +21,7 @@ separate tumour from the rest (AUROC)."""
 
 def add_parser(sub, parents: list[argparse.ArgumentParser]) -> None:
     p = add_command(sub, parents, "demo", HELP, DESCRIPTION, run)
-    p.add_argument("--out", default="demo_out", help="output folder (default demo_out/)")
+    add_out_folder_option(p, "demo_out")
     p.add_argument(
         "--size", type=positive_int, default=8192, help="synthetic slide side in px (default 8192)"
     )

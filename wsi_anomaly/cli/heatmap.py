@@ -25,14 +25,14 @@ def add_parser(sub, parents: list[argparse.ArgumentParser]) -> None:
         help="slide files, folders of slides, or glob patterns ('**' matches any depth; "
         "quote them)",
     )
-    opt.add_model_option(p)
-    p.add_argument("--out", default="results", help="output folder (default results/)")
     p.add_argument(
         "--recursive",
         action="store_true",
         help="also search the folders' sub-folders for slides (hidden folders, OUT and "
         "*.partial / *.zarr folders are skipped)",
     )
+    opt.add_model_option(p)
+    opt.add_out_folder_option(p, "results")
     p.add_argument(
         "--mpp",
         type=opt.positive_float,

@@ -33,7 +33,7 @@ def add_parser(sub, parents: list[argparse.ArgumentParser]) -> None:
     )
     opt.add_family_option(p, help="model family: haloae, or atacnet (weakly supervised protocol)")
     opt.add_config_option(p)
-    p.add_argument("--out", default="mvtec_results", help="output folder (default mvtec_results/)")
+    opt.add_out_folder_option(p, "mvtec_results")
     p.add_argument(
         "--backbone-weights",
         metavar="imagenet|random|FILE",

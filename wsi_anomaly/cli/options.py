@@ -223,6 +223,11 @@ def compile_mode(text: str) -> str:
     return text
 
 
+def add_out_folder_option(p: argparse.ArgumentParser, default: str) -> None:
+    """``--out``, the folder a command writes its results into."""
+    p.add_argument("--out", default=default, help=f"output folder (default {default}/)")
+
+
 def add_scoring_options(p: argparse.ArgumentParser, what: str) -> None:
     """``--batch-size N|auto`` and ``--compile MODE`` of the commands that score with a model."""
     p.add_argument(
