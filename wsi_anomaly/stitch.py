@@ -186,7 +186,7 @@ def save_map_png(
 #: top-left).
 LEGEND_PANEL_PX = (260, 480)
 #: Characters per line of the panel's wrapped text.
-_PANEL_CHARS = 46
+_PANEL_CHARS = 38
 CONTOUR_RGB = (0, 200, 0)
 
 
@@ -400,7 +400,7 @@ def _legend_panel(
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
-    line_px = 11.5
+    line_px = 14.0
     head = _wrap([title]) if title else []
     tile_um = geometry.tile_size_l0 * geometry.mpp
     foot = _wrap(legend_words(scale))
@@ -419,7 +419,7 @@ def _legend_panel(
     ]
     width, min_h = LEGEND_PANEL_PX
     top_px = 14 + line_px * (len(head) + 1) + 26
-    bottom_px = 12 + line_px * len(foot) + 14
+    bottom_px = 12 + line_px * len(foot) + 30
     height = max(canvas_h, min_h, math.ceil(top_px + bottom_px + 60))
     fig = Figure(figsize=(width / 100, height / 100), dpi=100, facecolor="white")
     canvas = FigureCanvasAgg(fig)
