@@ -284,8 +284,14 @@ def test_slide_scale_is_labelled_and_changes_the_identity(mini_slides, tiny_mode
     fixed = process_slide(a.path, tmp_path, tiny_model, settings())
     fixed_png = (tmp_path / "a.tif" / "heatmap.png").read_bytes()
     fixed_csv = (tmp_path / "a.tif" / "tiles.csv").read_text()
-    own = process_slide(a.path, tmp_path, tiny_model, settings(scale="slide", alpha=0.8))
-    assert own["status"] == "ok"  # redone, not reused: the pictures differ
+    from wsi_anomaly.errors import OutputExistsError
+
+    with pytest.raises(OutputExistsError, match="settings differ"):  # not reused
+        process_slide(a.path, tmp_path, tiny_model, settings(scale="slide"))
+    own = process_slide(
+        a.path, tmp_path, tiny_model, settings(scale="slide", alpha=0.8, overwrite=True)
+    )
+    assert own["status"] == "ok"
     saved = json.loads((tmp_path / "a.tif" / "summary.json").read_text())
     assert saved["identity"]["scoring"]["scale"] == "slide"
     assert saved["identity"]["scoring"]["alpha"] == 0.8
