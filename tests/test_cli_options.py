@@ -144,6 +144,9 @@ def test_quiet_silences_info(capsys, caplog, restore_loggers, small_slide):
             ["--batch-size", "must be"],
         ),
         (["heatmap", "s.svs", "--model", "m.pt", "--cmap", "nosuchmap"], ["--cmap", "'nosuchmap'"]),
+        (["heatmap", "s.svs", "--model", "m.pt", "--alpha", "1.5"], ["--alpha", "between 0 and 1"]),
+        (["heatmap", "s.svs", "--model", "m.pt", "--alpha", "half"], ["--alpha", "'half'"]),
+        (["heatmap", "s.svs", "--model", "m.pt", "--scale", "auto"], ["--scale", "'auto'"]),
         (["heatmap", "s.svs", "--model", "m.pt", "--compile", "fast"], ["--compile", "'fast'"]),
         (["score", "--model", "m.pt", "x", "--compile", "yes"], ["--compile", "reduce-overhead"]),
         (
@@ -156,6 +159,14 @@ def test_bad_option_values_stop_at_parsing(capsys, argv, needles):
     code, _, err = run(capsys, *argv)
     assert code == 2
     assert_one_error_line(code, err, *needles)
+
+
+def test_scale_and_alpha_parse():
+    parse = build_parser().parse_args
+    args = parse(["heatmap", "s.svs", "--model", "m.pt"])
+    assert args.scale == "fixed" and args.alpha == 0.5
+    args = parse(["heatmap", "s.svs", "--model", "m.pt", "--scale", "slide", "--alpha", "0.8"])
+    assert args.scale == "slide" and args.alpha == 0.8
 
 
 def test_known_colour_maps_pass():

@@ -342,3 +342,38 @@ def test_settings_are_checked():
         HeatmapSettings(batch_size=0)
     with pytest.raises(InvalidInputError, match="--compile"):
         HeatmapSettings(compile="fastest")
+    with pytest.raises(InvalidInputError, match="--scale"):
+        HeatmapSettings(scale="auto")
+    with pytest.raises(InvalidInputError, match="--alpha"):
+        HeatmapSettings(alpha=1.5)
+
+
+def test_slide_scale_is_labelled_and_changes_the_identity(mini_slides, tiny_model, tmp_path):
+    from wsi_anomaly.pipeline import scoring_settings
+
+    assert scoring_settings(settings(), None) != scoring_settings(settings(scale="slide"), None)
+    assert scoring_settings(settings(), None) != scoring_settings(settings(alpha=0.8), None)
+    _, a, _ = mini_slides
+    fixed = process_slide(a.path, tmp_path, tiny_model, settings())
+    fixed_png = (tmp_path / "a.tif" / "heatmap.png").read_bytes()
+    fixed_csv = (tmp_path / "a.tif" / "tiles.csv").read_text()
+    from wsi_anomaly.errors import OutputExistsError
+
+    with pytest.raises(OutputExistsError, match="settings differ"):  # not reused
+        process_slide(a.path, tmp_path, tiny_model, settings(scale="slide"))
+    own = process_slide(
+        a.path, tmp_path, tiny_model, settings(scale="slide", alpha=0.8, overwrite=True)
+    )
+    assert own["status"] == "ok"
+    saved = json.loads((tmp_path / "a.tif" / "summary.json").read_text())
+    assert saved["identity"]["scoring"]["scale"] == "slide"
+    assert saved["identity"]["scoring"]["alpha"] == 0.8
+    cs, was = saved["colour_scale"], fixed["colour_scale"]
+    assert cs["basis"] == "slide" and was["basis"] == "training"
+    assert cs["vmin"] == pytest.approx(saved["score_quantiles"]["0.5"], rel=1e-5)
+    assert (cs["vmin"], cs["vcenter"]) != (was["vmin"], was["vcenter"])
+    # the Anomalous class keeps the model's threshold
+    assert cs["anomalous_at"] == pytest.approx(was["vcenter"])
+    assert saved["fraction_anomalous"] == fixed["fraction_anomalous"]
+    assert (tmp_path / "a.tif" / "tiles.csv").read_text() == fixed_csv
+    assert (tmp_path / "a.tif" / "heatmap.png").read_bytes() != fixed_png

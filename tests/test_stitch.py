@@ -368,3 +368,84 @@ def test_tile_table_geojson_lock_and_provenance(tmp_path):
     assert "." in attrs["wsi_anomaly"]["images"]
     window = attrs["ome"]["omero"]["channels"][0]["window"]
     assert (window["start"], window["end"]) == (0.0, 1.0)
+
+
+# -- --scale slide, --alpha, the title -----------------------------------------------------------
+def test_slide_scale_mirrors_the_fixed_one_on_the_slides_percentiles():
+    from wsi_anomaly.stitch import colour_scale, slide_colour_scale
+
+    scores = np.random.default_rng(3).gamma(2.0, 0.1, 500).astype(np.float32)
+    scores[:3] = np.nan  # ignored
+    own = slide_colour_scale(scores, SCALE)
+    finite = scores[np.isfinite(scores)]
+    quantiles = {"0.5": np.quantile(finite, 0.5), "0.99": np.quantile(finite, 0.99)}
+    same = colour_scale({"score_quantiles": quantiles}, "mean", SCALE.cmap)
+    assert (own.vmin, own.vcenter, own.vmax) == pytest.approx((same.vmin, same.vcenter, same.vmax))
+    assert own.basis == "slide" and same.basis == "training"
+    # the "Anomalous" class stays on the model's threshold
+    assert own.anomalous_at == SCALE.vcenter and own.threshold == SCALE.threshold == 0.5
+    assert ColourScale.from_dict(
+        {"vmin": 0, "vcenter": 1, "vmax": 2, "basis": "slide", "anomalous_at": 0.5}
+    ) == ColourScale(0.0, 1.0, 2.0, basis="slide", anomalous_at=0.5)
+
+
+def test_slide_scale_pictures_differ_and_are_labelled(written, tmp_path):
+    from wsi_anomaly.stitch import legend_words, scale_label, slide_colour_scale
+
+    out, inputs, paths = written
+    own = slide_colour_scale(inputs["scores"], SCALE)
+    slide_paths = write_slide_outputs(tmp_path, max_px=512, **{**inputs, "scale": own})
+    d, (w, h) = display_geometry(inputs["geometry"], 512)
+    fixed_png, slide_png = read_png(paths["heatmap"]), read_png(slide_paths["heatmap"])
+    assert fixed_png.shape == slide_png.shape
+    assert not (fixed_png[:h, :w] == slide_png[:h, :w]).all()  # other colours on the canvas
+    assert not (fixed_png[:, w:] == slide_png[:, w:]).all()  # another legend
+    assert "slide" in scale_label(own) and "fixed" in scale_label(SCALE)
+    assert "this slide's tiles" in legend_words(own)[-1]
+    assert "training tiles" in legend_words(SCALE)[-1]
+    omero = zarr.open_group(slide_paths["ngff"], mode="r").attrs["ome"]["omero"]
+    assert "this slide's scale" in omero["channels"][0]["label"]
+    assert omero["channels"][0]["window"]["end"] == pytest.approx(own.vmax)
+    fixed_omero = zarr.open_group(paths["ngff"], mode="r").attrs["ome"]["omero"]
+    assert "fixed training scale" in fixed_omero["channels"][0]["label"]
+    # the class is the model's, not the picture's: the same tiles are Anomalous either way
+    with open(paths["tiles_csv"]) as a, open(slide_paths["tiles_csv"]) as b:
+        assert a.read() == b.read()
+    classes = [
+        [f["properties"].get("classification", {}).get("name") for f in json.load(f)["features"]]
+        for f in (open(paths["geojson"]), open(slide_paths["geojson"]))
+    ]
+    assert classes[0] == classes[1] and "Anomalous" in classes[0]
+
+
+def test_alpha_sets_the_overlay_blend(written, tmp_path):
+    out, inputs, paths = written
+    d, (w, h) = display_geometry(inputs["geometry"], 512)
+    heat = read_png(paths["heatmap"])[:h, :w]
+    thumb = read_png(paths["thumbnail"])
+    opaque = read_png(write_slide_outputs(tmp_path, max_px=512, alpha=1.0, **inputs)["overlay"])
+    painted = heat[..., 3] == 255
+    assert (opaque[:h, :w][painted][:, :3] == heat[painted][:, :3]).all()
+    clear = read_png(
+        write_slide_outputs(tmp_path / "clear", max_px=512, alpha=0.0, **inputs)["overlay"]
+    )
+    slide_px = ~(thumb[..., :3] == (0, 200, 0)).all(axis=-1)  # not the tissue contour
+    assert (np.abs(clear[:h, :w, :3].astype(int) - thumb[..., :3])[slide_px] <= 1).all()
+    with pytest.raises(ValueError, match="alpha"):
+        write_slide_outputs(tmp_path / "bad", max_px=512, alpha=1.5, **inputs)
+
+
+def test_title_names_slide_and_model(written, tmp_path):
+    from wsi_anomaly.stitch import figure_title
+
+    provenance = {"model_file": "model.pt", "model_name": "haloae", "model_sha256": "ab" * 32}
+    title = figure_title("slide0", provenance)
+    assert title == "slide0 · model model.pt (haloae, sha256 abababababab)"
+    assert figure_title("s", {}) == "s · model unknown model"
+    out, inputs, paths = written
+    d, (w, h) = display_geometry(inputs["geometry"], 512)
+    titled = write_slide_outputs(tmp_path, max_px=512, provenance=provenance, **inputs)
+    for name in ("heatmap", "overlay"):
+        a, b = read_png(paths[name]), read_png(titled[name])
+        assert (a[:h, :w] == b[:h, :w]).all()  # the canvas is untouched
+        assert not (a[:40, w:] == b[:40, w:]).all()  # the title sits atop the panel

@@ -90,13 +90,7 @@ def read_results(path: str | list[str]) -> list[LayerData]:
 def _colour_scale(summary: dict[str, Any]) -> Any:
     from .stitch import ColourScale
 
-    cs = summary["colour_scale"]
-    return ColourScale(
-        vmin=float(cs["vmin"]),
-        vcenter=float(cs["vcenter"]),
-        vmax=float(cs["vmax"]),
-        cmap=str(cs.get("cmap", "coolwarm")),
-    )
+    return ColourScale.from_dict(summary["colour_scale"])
 
 
 def fixed_scale_colormap(scale: Any, steps: int = 256) -> Any:
@@ -108,7 +102,8 @@ def fixed_scale_colormap(scale: Any, steps: int = 256) -> Any:
     controls = np.linspace(0.0, 1.0, steps + 1)
     values = scale.vmin + controls * (scale.vmax - scale.vmin)
     colours = colormaps[scale.cmap](scale.normalise(values))
-    return Colormap(colors=colours, controls=controls, name=f"wsi-anomaly {scale.cmap} (fixed)")
+    basis = "slide" if getattr(scale, "basis", "training") == "slide" else "fixed"
+    return Colormap(colors=colours, controls=controls, name=f"wsi-anomaly {scale.cmap} ({basis})")
 
 
 def _score_layer(
@@ -139,6 +134,7 @@ def _score_layer(
                 "vcenter": scale.vcenter,
                 "vmax": scale.vmax,
                 "cmap": scale.cmap,
+                "basis": scale.basis,
             },
         },
     }

@@ -66,7 +66,13 @@ from .slide import Slide
 from .slide.grid import TileGrid
 from .slide.resolution import load_mpp_csv, lookup_mpp
 from .slide.tissue import TissueMask
-from .stitch import SlideGeometry, colour_scale, write_slide_outputs
+from .stitch import (
+    SCALE_BASES,
+    SlideGeometry,
+    colour_scale,
+    slide_colour_scale,
+    write_slide_outputs,
+)
 from .tiles.store import TileStore, TileStoreWriter
 from .tiles.tiler import (
     TilingSettings,
@@ -125,6 +131,8 @@ class HeatmapSettings:
     top_k: int = 16
     max_px: int = 2048
     cmap: str = "coolwarm"
+    scale: str = "fixed"  # fixed: the model's training scale | slide: this slide's percentiles
+    alpha: float = 0.5  # opacity of the heat colours in overlay.png
     slide_mpp: float | None = None
     mpp_csv: str | None = None
     overwrite: bool = False
@@ -136,6 +144,12 @@ class HeatmapSettings:
 
         check_batch_size(self.batch_size)
         check_compile_mode(self.compile)
+        if self.scale not in SCALE_BASES:
+            raise InvalidInputError(
+                f"--scale must be one of {', '.join(SCALE_BASES)}, got {self.scale!r}"
+            )
+        if not 0.0 <= self.alpha <= 1.0:
+            raise InvalidInputError(f"--alpha must be between 0 and 1, got {self.alpha}")
 
 
 def find_slides(
@@ -329,6 +343,8 @@ def scoring_settings(settings: HeatmapSettings, slide_mpp: float | None) -> dict
         "top_k": settings.top_k,
         "max_px": settings.max_px,
         "cmap": settings.cmap,
+        "scale": settings.scale,
+        "alpha": settings.alpha,
     }
 
 
@@ -694,12 +710,16 @@ def _render(run: SlideRun, store: TileStore) -> tuple[dict[str, str], Any]:
         grid_rows=run.grid.rows,
     )
     scale = colour_scale(run.scorer.calibration, "mean", run.settings.cmap)
+    if run.settings.scale == "slide":
+        scale = slide_colour_scale(scores, scale)
     identity = run.scorer.identity
+    model_path = identity.get("model_path")
     provenance = {
         "slide_name": run.slide.name,
         "slide_fingerprint": run.plan.identity["slide_fingerprint"],
         "model_sha256": identity.get("model_sha256"),
         "model_name": identity.get("model_name"),
+        "model_file": Path(model_path).name if model_path else None,
         "backbone": identity.get("backbone"),
         "colour_scale": asdict(scale),
         "software_version": __version__,
@@ -722,6 +742,7 @@ def _render(run: SlideRun, store: TileStore) -> tuple[dict[str, str], Any]:
         maps=store.maps if run.settings.keep_maps else None,
         tissue_fraction=store.tissue_fraction,
         provenance=provenance,
+        alpha=run.settings.alpha,
     )
     run.timing["stitch_s"] = time.perf_counter() - t0
     return outputs, scale
@@ -769,7 +790,7 @@ def _summarise(
         "score_quantiles": {
             f"{q:g}": float(np.quantile(scores, q)) for q in (0.01, 0.25, 0.5, 0.75, 0.99)
         },
-        "fraction_anomalous": float(np.mean(scores >= scale.vcenter)),
+        "fraction_anomalous": float(np.mean(scores >= scale.threshold)),
         "colour_scale": asdict(scale),
         "timings_s": run.timing,
         "tiles_per_s": {

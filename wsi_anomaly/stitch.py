@@ -1,10 +1,13 @@
-"""Scores → pictures, on a fixed colour scale.
+"""Scores → pictures, on a fixed colour scale (or, when asked, the slide's own).
 
 The colour scale is derived from the model's *training* score distribution (stored in the
 checkpoint), never from the scores being drawn, so the same score has the same colour on every
 slide and in every run. Diverging ``coolwarm`` by default, as in the HaloAE paper: blue at the
 training median (tissue like the training tissue), white at the training 99th percentile, red at
-twice that distance above it (anomalous).
+twice that distance above it (anomalous). :func:`slide_colour_scale` maps the slide's own median
+and 99th percentile the same way (``basis="slide"``), for slides where the fixed scale saturates;
+the "Anomalous" class stays on the model's fixed threshold either way
+(:attr:`ColourScale.anomalous_at`).
 
 :func:`write_slide_outputs` writes a slide's pictures and files (wsi.md §6) on one display canvas
 (:func:`display_geometry`) that lines up with the slide to the pixel.
@@ -28,12 +31,37 @@ from .outputs import atomic_path
 
 @dataclass(frozen=True)
 class ColourScale:
-    """A fixed piecewise-linear map from score to [0, 1] (then to a colour map)."""
+    """A fixed piecewise-linear map from score to [0, 1] (then to a colour map).
+
+    ``basis``: where vmin/vcenter are from — ``"training"`` (the model's calibration quantiles)
+    or ``"slide"`` (the scored slide's own). ``anomalous_at``: the model's fixed "Anomalous"
+    threshold (training 99th percentile) when it is not ``vcenter``, i.e. on a slide scale.
+    """
 
     vmin: float
     vcenter: float
     vmax: float
     cmap: str = "coolwarm"
+    basis: str = "training"
+    anomalous_at: float | None = None
+
+    @property
+    def threshold(self) -> float:
+        """The score at and above which a tile is classed "Anomalous" (the model's, always)."""
+        return self.vcenter if self.anomalous_at is None else self.anomalous_at
+
+    @classmethod
+    def from_dict(cls, cs: Mapping[str, Any]) -> ColourScale:
+        """The scale recorded in a summary.json (older ones have no basis: training)."""
+        at = cs.get("anomalous_at")
+        return cls(
+            float(cs["vmin"]),
+            float(cs["vcenter"]),
+            float(cs["vmax"]),
+            str(cs.get("cmap", "coolwarm")),
+            str(cs.get("basis", "training")),
+            None if at is None else float(at),
+        )
 
     def normalise(self, scores: np.ndarray) -> np.ndarray:
         s = np.asarray(scores, np.float64)
@@ -62,6 +90,72 @@ def colour_scale(
     return ColourScale(median, median + spread, median + 3 * spread, cmap)
 
 
+#: ``--scale`` choices: the model's fixed training scale, or the slide's own percentiles.
+SCALE_BASES = ("fixed", "slide")
+
+
+def slide_colour_scale(scores: np.ndarray, fixed: ColourScale) -> ColourScale:
+    """The slide's own scale, mapped as :func:`colour_scale` maps the training quantiles: this
+    slide's median → blue, its 99th percentile → white, twice that distance above → red.
+
+    ``fixed``: the model's scale, whose colour map is kept and whose threshold stays the
+    "Anomalous" class (``anomalous_at``). Non-finite scores are ignored; with none left the
+    fixed scale is returned unchanged.
+    """
+    s = np.asarray(scores, np.float64).reshape(-1)
+    s = s[np.isfinite(s)]
+    if len(s) == 0:
+        return fixed
+    median, p99 = float(np.quantile(s, 0.5)), float(np.quantile(s, 0.99))
+    spread = max(p99 - median, 1e-6)
+    return ColourScale(
+        median,
+        median + spread,
+        median + 3 * spread,
+        fixed.cmap,
+        basis="slide",
+        anomalous_at=fixed.threshold,
+    )
+
+
+def scale_label(scale: ColourScale) -> str:
+    """How the colour bar names its scale."""
+    return (
+        "tile anomaly score (this slide's scale)"
+        if scale.basis == "slide"
+        else "tile anomaly score (fixed scale)"
+    )
+
+
+def legend_words(scale: ColourScale) -> list[str]:
+    """The legend in words, one entry per colour (blue, white, red)."""
+    if scale.basis == "slide":
+        return [
+            "blue: this slide's median tile",
+            "white: this slide's 99th percentile",
+            "red: more anomalous than 99 % of this slide's tiles",
+        ]
+    return [
+        "blue: like the training tissue (median)",
+        "white: training 99th percentile",
+        "red: more anomalous than 99 % of training tiles",
+    ]
+
+
+def figure_title(slide_name: str, provenance: Mapping[str, Any] | None) -> str:
+    """The title of heatmap.png and overlay.png: the slide and the model (file name, family
+    and the first 12 hex digits of its sha256), as far as ``provenance`` records them."""
+    prov = provenance or {}
+    name, family, sha = prov.get("model_file"), prov.get("model_name"), prov.get("model_sha256")
+    details = [str(family)] if family and name else []
+    if sha:
+        details.append(f"sha256 {str(sha)[:12]}")
+    model = str(name or family or "unknown model")
+    if details:
+        model += f" ({', '.join(details)})"
+    return f"{slide_name} · model {model}"
+
+
 def save_map_png(
     score_map: np.ndarray,
     scale: ColourScale,
@@ -87,9 +181,12 @@ def save_map_png(
 # Per-slide outputs (wsi.md §6)
 # --------------------------------------------------------------------------------------------
 
-#: Width of the colour-bar/legend panel appended to the right of heatmap.png and overlay.png,
-#: and its minimum height (a tiny canvas gets a taller panel; the canvas stays top-left).
-LEGEND_PANEL_PX = (260, 360)
+#: Width of the title/colour-bar/legend panel appended to the right of heatmap.png and
+#: overlay.png, and its minimum height (a tiny canvas gets a taller panel; the canvas stays
+#: top-left).
+LEGEND_PANEL_PX = (260, 480)
+#: Characters per line of the panel's wrapped text.
+_PANEL_CHARS = 38
 CONTOUR_RGB = (0, 200, 0)
 
 
@@ -145,6 +242,7 @@ def write_slide_outputs(
     maps: np.ndarray | None = None,
     tissue_fraction: np.ndarray | None = None,
     provenance: Mapping[str, Any] | None = None,
+    alpha: float = 0.5,
 ) -> dict[str, str]:
     """Write heatmap/overlay/thumbnail PNGs, the NGFF score grid, QuPath GeoJSON and a gallery.
 
@@ -155,7 +253,9 @@ def write_slide_outputs(
         thumbnail: (h, w, 3) uint8; pixel (i, j) covers level-0 [j·d, (j+1)·d) × [i·d, (i+1)·d)
             with d = ``thumbnail_downsample``. ``tissue_mask``: (hm, wm) bool, likewise with
             ``mask_downsample``.
-        scale: the model's fixed colour scale (never derived from these scores).
+        scale: the colour scale: the model's fixed one (:func:`colour_scale`), or with
+            ``--scale slide`` this slide's own (:func:`slide_colour_scale`), which the legend
+            then names as such. The "Anomalous" class always uses ``scale.threshold``.
         top_tiles: (index into coords, (T, T, 3) uint8 RGB), most anomalous first.
         max_px: longest side of the aligned canvas of the PNGs (see :func:`display_geometry`).
         maps: optional (N, h, w) per-tile anomaly maps; when given (and tiles do not overlap)
@@ -163,15 +263,18 @@ def write_slide_outputs(
         tissue_fraction: optional (N,) tissue fraction per tile, for ``tiles.csv``.
         provenance: what made these scores (model sha256 and name, slide fingerprint, colour
             scale, software version), recorded in the NGFF attributes and the GeoJSON
-            collection so results of two models can be told apart.
+            collection so results of two models can be told apart; its slide and model make
+            the title of heatmap.png and overlay.png (:func:`figure_title`).
+        alpha: opacity of the heat colours in overlay.png (0 = slide only, 1 = heat only).
     Returns:
         Output name (``heatmap``, ``overlay``, ``thumbnail``, ``ngff``, ``geojson``,
         ``tiles_csv``, ``top_tiles``) → path written. Every file is written under a temporary name and renamed.
 
     The PNGs share one canvas: their top-left ``display_geometry(geometry, max_px)[1]`` pixels
     line up with the slide (canvas pixel (i, j) covers level-0 [j·d, (j+1)·d) × [i·d, (i+1)·d));
-    heatmap and overlay carry a legend panel to the right of it. ``d`` and the canvas size are
-    also stored as PNG text chunks (``display_downsample``, ``canvas_px``).
+    heatmap and overlay carry a panel to the right of it with the title (above the colour bar,
+    so the canvas keeps its place), colour bar and legend. ``d`` and the canvas size are also
+    stored as PNG text chunks (``display_downsample``, ``canvas_px``).
     """
     from skimage.segmentation import find_boundaries
 
@@ -182,6 +285,8 @@ def write_slide_outputs(
     max_scores = np.asarray(max_scores, np.float32).reshape(-1)
     if not len(coords) == len(grid_index) == len(scores) == len(max_scores):
         raise ValueError("coords, grid_index, scores and max_scores must have the same length")
+    if not 0.0 <= alpha <= 1.0:
+        raise ValueError(f"alpha must be between 0 and 1, got {alpha}")
 
     d, canvas = display_geometry(geometry, max_px)
     heat = _heat_canvas(geometry, d, canvas, coords, scores, scale)
@@ -194,11 +299,12 @@ def write_slide_outputs(
         )
         > 127
     )
-    panel = _legend_panel(scale, geometry, canvas[1])
+    title = figure_title(slide_name, provenance)
+    panel = _legend_panel(scale, geometry, canvas[1], title)
     info = {"display_downsample": repr(d), "canvas_px": f"{canvas[0]}x{canvas[1]}"}
 
     painted = heat[..., 3:] > 0
-    blended = np.where(painted, 0.5 * heat[..., :3] + 0.5 * slide_rgb, slide_rgb)
+    blended = np.where(painted, alpha * heat[..., :3] + (1 - alpha) * slide_rgb, slide_rgb)
     overlay = np.dstack([(blended + 0.5).astype(np.uint8), np.full(canvas[::-1], 255, np.uint8)])
     contoured = slide_rgb.copy()
     contoured[find_boundaries(tissue, mode="thick")] = CONTOUR_RGB
@@ -279,43 +385,75 @@ def _resample_to_canvas(
     return np.asarray(pil.resize((w, h), Image.Resampling.BILINEAR, box=box))
 
 
-def _legend_panel(scale: ColourScale, geometry: SlideGeometry, canvas_h: int) -> np.ndarray:
-    """(H, LEGEND_PANEL_PX[0], 4) uint8: colour bar on the fixed training scale and a legend."""
+def _wrap(lines: list[str]) -> list[str]:
+    import textwrap
+
+    return [w for line in lines for w in (textwrap.wrap(line, _PANEL_CHARS) or [""])]
+
+
+def _legend_panel(
+    scale: ColourScale, geometry: SlideGeometry, canvas_h: int, title: str = ""
+) -> np.ndarray:
+    """(H, LEGEND_PANEL_PX[0], 4) uint8: the title, the colour bar on the scale (named as the
+    fixed training scale or this slide's) and a legend in words."""
     from matplotlib import colormaps
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
+    line_px = 14.0
+    head = _wrap([title]) if title else []
+    tile_um = geometry.tile_size_l0 * geometry.mpp
+    foot = _wrap(legend_words(scale))
+    if scale.basis == "slide":
+        foot += _wrap(
+            [
+                f"class Anomalous (tiles.csv, GeoJSON): score ≥ {scale.threshold:.3g}, "
+                "the model's training 99th percentile"
+            ]
+        )
+    foot += [
+        f"one cell = one tile, {tile_um:.0f} µm",
+        f"({geometry.tile_size_l0:.0f} level-0 px)",
+        "transparent: no tile scored",
+        "(background or no tissue)",
+    ]
     width, min_h = LEGEND_PANEL_PX
-    height = max(canvas_h, min_h)
+    top_px = 14 + line_px * (len(head) + 1) + 26
+    bottom_px = 12 + line_px * len(foot) + 30
+    height = max(canvas_h, min_h, math.ceil(top_px + bottom_px + 60))
     fig = Figure(figsize=(width / 100, height / 100), dpi=100, facecolor="white")
     canvas = FigureCanvasAgg(fig)
     # Fixed pixel margins so the text keeps its size whatever the canvas height.
-    top, bottom = 1 - 40 / height, 120 / height
+    top, bottom = 1 - top_px / height, bottom_px / height
     ax = fig.add_axes((14 / width, bottom, 22 / width, top - bottom))
     gradient = colormaps[scale.cmap](np.linspace(1.0, 0.0, 256))[:, None, :3]
     ax.imshow(gradient, aspect="auto", extent=(0, 1, 0, 1), interpolation="nearest")
     ax.set_xticks([])
     ax.yaxis.tick_right()
     ax.set_yticks([0.0, 0.5, 1.0])
-    ax.set_yticklabels(
-        [
+    if scale.basis == "slide":
+        ticks = [
+            f"{scale.vmin:.3g}  this slide's\nmedian",
+            f"{scale.vcenter:.3g}  this slide's\n99th percentile",
+            f"{scale.vmax:.3g}+  high for\nthis slide",
+        ]
+    else:
+        ticks = [
             f"{scale.vmin:.3g}  training median\n(like training tissue)",
             f"{scale.vcenter:.3g}  training\n99th percentile",
             f"{scale.vmax:.3g}+  anomalous",
-        ],
-        fontsize=8,
-    )
-    fig.text(14 / width, 1 - 14 / height, "tile anomaly score (fixed scale)", fontsize=8, va="top")
-    tile_um = geometry.tile_size_l0 * geometry.mpp
+        ]
+    ax.set_yticklabels(ticks, fontsize=8)
+    if head:
+        fig.text(14 / width, 1 - 10 / height, "\n".join(head), fontsize=8, va="top", weight="bold")
     fig.text(
         14 / width,
-        12 / height,
-        f"one cell = one tile, {tile_um:.0f} µm\n"
-        f"({geometry.tile_size_l0:.0f} level-0 px)\n"
-        "transparent: no tile scored\n(background or no tissue)",
+        1 - (14 + line_px * len(head)) / height,
+        scale_label(scale),
         fontsize=8,
-        va="bottom",
+        va="top",
     )
+    fig.text(14 / width, 12 / height, "\n".join(foot), fontsize=8, va="bottom")
     canvas.draw()
     return np.asarray(canvas.buffer_rgba()).copy()
 
@@ -387,8 +525,9 @@ def _write_ngff(
     non-overlapping tiles, a sub-image ``pixel/`` (its own NGFF multiscales) holds the finer
     anomaly map, PIXEL_MAP_PX pixels per tile side.
 
-    Display hints (``omero``: the window of the model's fixed colour scale) let viewers show
-    the scores on the same scale as the PNGs; ``attrs["wsi_anomaly"]`` records the provenance
+    Display hints (``omero``: the window of the colour scale, labelled with its basis — the
+    model's fixed training scale or this slide's own) let viewers show the scores on the same
+    scale as the PNGs; ``attrs["wsi_anomaly"]`` records the provenance
     and lists the images in the group (``images``: path → what it is).
     """
 
@@ -443,11 +582,12 @@ def _write_ngff(
         ],
     }
     if scale is not None:
+        basis = "this slide's scale" if scale.basis == "slide" else "fixed training scale"
         ome["omero"] = {
-            "name": f"{slide_name} anomaly score",
+            "name": f"{slide_name} anomaly score ({basis})",
             "channels": [
                 {
-                    "label": "anomaly score",
+                    "label": f"anomaly score ({basis})",
                     "active": True,
                     "color": "FF0000",
                     "window": {
@@ -530,8 +670,8 @@ def _write_geojson(
     """QuPath-ready tiles: level-0 square polygons, scores as measurements, locked (so a click
     in QuPath does not move them).
 
-    Tiles at or above the training 99th percentile (``scale.vcenter``) are classified
-    "Anomalous"; a non-finite score is left out of the measurements (JSON has no NaN). The
+    Tiles at or above the training 99th percentile (``scale.threshold``, the model's, also on a
+    slide colour scale) are classified "Anomalous"; a non-finite score is left out of the measurements (JSON has no NaN). The
     collection's ``properties`` record the provenance (model sha256…).
     """
     side = float(geometry.tile_size_l0)
@@ -549,7 +689,7 @@ def _write_geojson(
             "isLocked": True,
             "measurements": measurements,
         }
-        if math.isfinite(score) and score >= scale.vcenter:
+        if math.isfinite(score) and score >= scale.threshold:
             properties["classification"] = {"name": "Anomalous", "color": red}
         features.append(
             {
@@ -590,7 +730,7 @@ def _write_tile_table(
     tissue_fraction: np.ndarray | None,
 ) -> None:
     """``tiles.csv``: one row per tile — level-0 x, y, width, height (px), score, max, tissue
-    fraction and class ("Anomalous" at or above ``scale.vcenter``, else empty)."""
+    fraction and class ("Anomalous" at or above the model's ``scale.threshold``, else empty)."""
     import csv
 
     side = float(geometry.tile_size_l0)
@@ -606,7 +746,7 @@ def _write_tile_table(
         for (x, y), score, top, frac in zip(
             coords.tolist(), scores.tolist(), max_scores.tolist(), fractions.tolist()
         ):
-            anomalous = math.isfinite(score) and score >= scale.vcenter
+            anomalous = math.isfinite(score) and score >= scale.threshold
             writer.writerow(
                 [
                     x,

@@ -53,6 +53,21 @@ def add_parser(sub, parents: list[argparse.ArgumentParser]) -> None:
         default="coolwarm",
         help="matplotlib colour map (coolwarm as in the paper; viridis, inferno…)",
     )
+    p.add_argument(
+        "--scale",
+        choices=["fixed", "slide"],
+        default="fixed",
+        help="colour scale: fixed = the model's training median (blue) and 99th percentile "
+        "(white), the same on every slide; slide = this slide's own median and 99th "
+        "percentile, for slides that come out all red (default fixed; the Anomalous class "
+        "in tiles.csv and tiles.geojson keeps the model's threshold)",
+    )
+    p.add_argument(
+        "--alpha",
+        type=opt.fraction,
+        default=0.5,
+        help="opacity of the heat colours in overlay.png, 0 to 1 (default 0.5)",
+    )
     opt.add_count_option(
         p,
         "--workers",
@@ -237,6 +252,8 @@ def run(args: argparse.Namespace) -> int:
         keep_maps=args.keep_maps,
         top_k=args.top_k,
         cmap=args.cmap,
+        scale=args.scale,
+        alpha=args.alpha,
         slide_mpp=args.slide_mpp,
         mpp_csv=args.mpp_csv,
         overwrite=args.overwrite,

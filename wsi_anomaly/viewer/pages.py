@@ -18,6 +18,7 @@ from urllib.parse import quote
 
 import numpy as np
 
+from ..stitch import scale_label
 from .pyramid import TILE_PX, max_zoom_for
 from .results import COHORT_COLUMNS, ResultsFolder, SlideResults
 
@@ -264,7 +265,7 @@ def slide_figure(entry: SlideResults, slide_available: bool):
     fig.add_layout(
         ColorBar(
             color_mapper=mapper,
-            title="tile anomaly score (fixed scale)",
+            title=scale_label(scale),
             ticker=FixedTicker(ticks=[scale.vmin, scale.vcenter, scale.vmax]),
             major_label_overrides={
                 scale.vmin: f"{scale.vmin:.3g} median",

@@ -113,13 +113,7 @@ class SlideResults:
 
     @property
     def scale(self) -> ColourScale:
-        cs = self.summary["colour_scale"]
-        return ColourScale(
-            float(cs["vmin"]),
-            float(cs["vcenter"]),
-            float(cs["vmax"]),
-            str(cs.get("cmap", "coolwarm")),
-        )
+        return ColourScale.from_dict(self.summary["colour_scale"])
 
     def tiles(self) -> TileTable:
         """The tile table, read once from ``tiles.zarr``."""
