@@ -177,6 +177,19 @@ def test_known_colour_maps_pass():
         )
 
 
+def heatmap_of_nothing(tmp_path, out=None) -> list[str]:
+    """``heatmap`` of a slide and model that do not exist: what is checked before slide work."""
+    out = out or tmp_path / "out"
+    return [
+        "heatmap",
+        str(tmp_path / "none.svs"),
+        "--model",
+        str(tmp_path / "none.pt"),
+        "--out",
+        str(out),
+    ]
+
+
 def _closed_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -185,17 +198,7 @@ def _closed_port() -> int:
 
 def test_dead_scheduler_is_refused_before_slide_work(capsys, tmp_path):
     address = f"tcp://127.0.0.1:{_closed_port()}"
-    code, _, err = run(
-        capsys,
-        "heatmap",
-        str(tmp_path / "none.svs"),
-        "--model",
-        str(tmp_path / "none.pt"),
-        "--out",
-        str(tmp_path / "out"),
-        "--scheduler",
-        address,
-    )
+    code, _, err = run(capsys, *heatmap_of_nothing(tmp_path), "--scheduler", address)
     assert code == 2
     assert_one_error_line(code, err, f"cannot reach dask scheduler at {address}")
     assert not (tmp_path / "out").exists()
@@ -206,15 +209,7 @@ def test_outputs_of_the_wrong_kind_are_refused(capsys, tmp_path):
     a_file.write_text("not a folder")
     a_folder = tmp_path / "folder"
     a_folder.mkdir()
-    code, _, err = run(
-        capsys,
-        "heatmap",
-        str(tmp_path / "none.svs"),
-        "--model",
-        str(tmp_path / "none.pt"),
-        "--out",
-        str(a_file),
-    )
+    code, _, err = run(capsys, *heatmap_of_nothing(tmp_path, out=a_file))
     assert_one_error_line(code, err, "--out", "is a file")
     code, _, err = run(capsys, "train", "--tiles", str(tmp_path / "none"), "--out", str(a_folder))
     assert_one_error_line(code, err, "--out", "is a folder")
@@ -327,17 +322,7 @@ def test_batch_size_auto_and_compile_modes_parse():
 def test_bad_mpp_csv_header_is_one_error_line(capsys, tmp_path):
     bad = tmp_path / "mpp.csv"
     bad.write_text("name,res\na.svs,0.25\n")
-    code, _, err = run(
-        capsys,
-        "heatmap",
-        str(tmp_path / "none.svs"),
-        "--model",
-        str(tmp_path / "none.pt"),
-        "--out",
-        str(tmp_path / "out"),
-        "--mpp-csv",
-        str(bad),
-    )
+    code, _, err = run(capsys, *heatmap_of_nothing(tmp_path), "--mpp-csv", str(bad))
     assert_one_error_line(code, err, "slide,mpp", "wsi,mpp")
     assert not (tmp_path / "out").exists()
 
