@@ -51,6 +51,20 @@ class ColourScale:
         return self.vcenter if self.anomalous_at is None else self.anomalous_at
 
     @classmethod
+    def from_quantiles(
+        cls,
+        median: float,
+        p99: float,
+        cmap: str,
+        basis: str = "training",
+        anomalous_at: float | None = None,
+    ) -> ColourScale:
+        """Median → blue (vmin), 99th percentile → white (vcenter), twice that distance above
+        → red (vmax)."""
+        spread = max(p99 - median, 1e-6)
+        return cls(median, median + spread, median + 3 * spread, cmap, basis, anomalous_at)
+
+    @classmethod
     def from_dict(cls, cs: Mapping[str, Any]) -> ColourScale:
         """The scale recorded in a summary.json (older ones have no basis: training)."""
         at = cs.get("anomalous_at")
@@ -85,9 +99,7 @@ def colour_scale(
     ``which`` picks the tile-mean (``"mean"``) or tile-max (``"max"``, for pixel maps) scores.
     """
     q = calibration["score_quantiles" if which == "mean" else "max_score_quantiles"]
-    median, p99 = float(q["0.5"]), float(q["0.99"])
-    spread = max(p99 - median, 1e-6)
-    return ColourScale(median, median + spread, median + 3 * spread, cmap)
+    return ColourScale.from_quantiles(float(q["0.5"]), float(q["0.99"]), cmap)
 
 
 #: ``--scale`` choices: the model's fixed training scale, or the slide's own percentiles.
@@ -106,12 +118,9 @@ def slide_colour_scale(scores: np.ndarray, fixed: ColourScale) -> ColourScale:
     s = s[np.isfinite(s)]
     if len(s) == 0:
         return fixed
-    median, p99 = float(np.quantile(s, 0.5)), float(np.quantile(s, 0.99))
-    spread = max(p99 - median, 1e-6)
-    return ColourScale(
-        median,
-        median + spread,
-        median + 3 * spread,
+    return ColourScale.from_quantiles(
+        float(np.quantile(s, 0.5)),
+        float(np.quantile(s, 0.99)),
         fixed.cmap,
         basis="slide",
         anomalous_at=fixed.threshold,
