@@ -90,13 +90,15 @@ def test_coords_h5_for_clam_and_trident(small_store, tmp_path):
     from wsi_anomaly.tiles.export import write_coords_h5
 
     store = TileStore(small_store)
-    path = write_coords_h5(store, tmp_path / "slide.h5")
-    with h5py.File(path, "r") as f:
-        coords = f["coords"]
-        np.testing.assert_array_equal(coords[:], store.coords)
-        assert coords.attrs["patch_size"] == store.tile_px
-        assert coords.attrs["patch_size_level0"] == round(store.attrs["tile_size_l0"])
-        assert coords.attrs["patch_level"] == store.attrs["level"]
-        assert coords.attrs["overlap"] == 0
-        assert coords.attrs["target_mpp"] == pytest.approx(0.5)
+    for tool in ("trident", "clam"):
+        path = write_coords_h5(store, tmp_path / f"{tool}.h5", tool)
+        with h5py.File(path, "r") as f:
+            coords = f["coords"]
+            np.testing.assert_array_equal(coords[:], store.coords)
+            assert coords.attrs["patch_size"] == store.tile_px
+            assert coords.attrs["patch_size_level0"] == round(store.attrs["tile_size_l0"])
+            if tool == "clam":
+                assert coords.attrs["patch_level"] == store.attrs["level"]
+            assert coords.attrs["overlap"] == 0
+            assert coords.attrs["target_mpp"] == pytest.approx(0.5)
     assert not list(tmp_path.glob(".*partial*"))

@@ -46,6 +46,13 @@ def add_parser(sub, parents: list[argparse.ArgumentParser]) -> None:
         action="store_true",
         help="also store each tile's 64×64 anomaly map in the tile store",
     )
+    p.add_argument(
+        "--coords-h5",
+        action="store_true",
+        help="also write each slide's tile coordinates for TRIDENT, CLAM and wsinfer under "
+        "OUT/coords/ (trident/patches/<slide>_patches.h5, clam/patches/<slide>.h5, "
+        "wsinfer/patches/<slide>.h5; needs h5py: pip install 'wsi-anomaly[export]')",
+    )
     opt.add_count_option(p, "--top-k", "tiles in top_tiles.png", 16, metavar="TOP_K")
     p.add_argument(
         "--cmap",
@@ -234,10 +241,26 @@ def _failed(rows: list[dict]) -> list[dict]:
     return [r for r in rows if r["status"] in bad]
 
 
+def _write_coords(rows: list[dict], folder: Path) -> None:
+    """Coordinate files for the slides done, from the tile store in each result folder."""
+    from ..tiles import TileStore
+    from ..tiles.export import write_coords_files
+
+    for row in rows:
+        store = Path(row["output"]) / "tiles.zarr"
+        if store.is_dir():
+            for line in write_coords_files(TileStore(store), folder).lines():
+                print(f"{row['slide']}: {line}")
+
+
 def run(args: argparse.Namespace) -> int:
     from ..pipeline import HeatmapSettings, run_cohort
 
     out = opt.check_output_folder(args.out)
+    if args.coords_h5:
+        from ..tiles.export import require_h5py
+
+        require_h5py()  # before any slide work
     if args.mpp_csv:
         from ..slide.resolution import load_mpp_csv
 
@@ -287,6 +310,8 @@ def run(args: argparse.Namespace) -> int:
         else:
             print(f"{row['slide']}: {row['status']}: {row['error']}")
     done = [r for r in rows if r["status"] in ("ok", "skipped (done)")]
+    if args.coords_h5:
+        _write_coords(done, Path(out) / "coords")
     summary = Path(out) / "summary.csv"
     print(f"{len(done)} of {len(rows)} slides done; cohort table {summary}")
     failed = _failed(rows)

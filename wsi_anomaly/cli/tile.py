@@ -50,8 +50,10 @@ def add_parser(sub, parents: list[argparse.ArgumentParser]) -> None:
     )
     p.add_argument(
         "--coords-h5",
-        metavar="FILE",
-        help="also write the tile coordinates as a CLAM/TRIDENT-style coords .h5 file "
+        metavar="DIR",
+        help="also write the tile coordinates for TRIDENT, CLAM and wsinfer, each where and "
+        "as that tool reads them: DIR/trident/patches/<slide>_patches.h5, "
+        "DIR/clam/patches/<slide>.h5, DIR/wsinfer/patches/<slide>.h5 "
         "(needs h5py: pip install 'wsi-anomaly[export]')",
     )
     opt.add_read_threads_option(p, "slide-decoding threads")
@@ -79,11 +81,16 @@ def run(args: argparse.Namespace) -> int:
     from ..tiles import tile_slide
 
     if args.coords_h5:
-        opt.check_output_file(args.coords_h5, "--coords-h5")
-        if Path(args.coords_h5).exists() and not args.overwrite:
-            raise InvalidInputError(
-                f"{args.coords_h5} already exists; pass --overwrite to replace it"
-            )
+        from ..tiles.export import COORD_TOOLS, coords_path
+
+        opt.check_output_folder(args.coords_h5, "--coords-h5")
+        stem = Path(args.slide).stem
+        for tool in COORD_TOOLS:
+            if coords_path(args.coords_h5, tool, stem).exists() and not args.overwrite:
+                raise InvalidInputError(
+                    f"{coords_path(args.coords_h5, tool, stem)} already exists; pass "
+                    "--overwrite to replace it"
+                )
 
     result = tile_slide(
         args.slide,
@@ -105,8 +112,8 @@ def run(args: argparse.Namespace) -> int:
         print(f"tiles also written as PNG files to {args.export_png}")
     if args.coords_h5:
         from ..tiles import TileStore
-        from ..tiles.export import write_coords_h5
+        from ..tiles.export import write_coords_files
 
-        write_coords_h5(TileStore(result.store), args.coords_h5)
-        print(f"tile coordinates also written to {args.coords_h5} (CLAM/TRIDENT coords)")
+        for line in write_coords_files(TileStore(result.store), args.coords_h5).lines():
+            print(line)
     return 0
