@@ -12,7 +12,13 @@ import pytest
 import zarr
 from PIL import Image
 
-from wsi_anomaly.stitch import ColourScale, SlideGeometry, display_geometry, write_slide_outputs
+from wsi_anomaly.stitch import (
+    ColourScale,
+    SlideGeometry,
+    display_geometry,
+    qupath_measurement_names,
+    write_slide_outputs,
+)
 
 SCALE = ColourScale(vmin=0.2, vcenter=0.5, vmax=0.9)
 OUTPUTS = {
@@ -193,7 +199,8 @@ def test_hot_tiles_geojson_at_their_coords(written):
         assert f["geometry"]["coordinates"] == [
             [[x, y], [x + s, y], [x + s, y + s], [x, y + s], [x, y]]
         ]
-        assert f["properties"]["measurements"]["anomaly_score"] == pytest.approx(1.5)
+        score_name = qupath_measurement_names(None)["anomaly_score"]
+        assert f["properties"]["measurements"][score_name] == pytest.approx(1.5)
 
 
 def test_geojson_follows_qupath_rules(tmp_path):
@@ -225,10 +232,37 @@ def test_geojson_follows_qupath_rules(tmp_path):
             cls = props["classification"]
             assert cls["name"] and len(cls["color"]) == 3
             assert all(isinstance(c, int) and 0 <= c <= 255 for c in cls["color"])
-    assert "anomaly_score" not in features[5]["properties"]["measurements"]
+    assert (
+        qupath_measurement_names(None)["anomaly_score"]
+        not in (features[5]["properties"]["measurements"])
+    )
     # ids are deterministic: the same slide written again gives the same ids
     again = write_slide_outputs(tmp_path, max_px=256, **inputs)
     assert [f["id"] for f in json.loads(open(again["geojson"]).read())["features"]] == ids
+
+
+def test_two_models_tiles_can_be_told_apart_in_qupath(tmp_path):
+    """QuPath drops the collection's properties: the model must show on every tile."""
+    inputs = synthetic_slide(seed=3)
+    docs = []
+    for sha in ("a" * 64, "b" * 64):
+        prov = {"model_sha256": sha, "model_name": "haloae", "slide_fingerprint": "f00"}
+        paths = write_slide_outputs(tmp_path / sha[0], max_px=256, provenance=prov, **inputs)
+        docs.append(json.loads(open(paths["geojson"]).read())["features"])
+    ids = [{f["id"] for f in features} for features in docs]
+    assert len(ids[0]) == len(docs[0]) and not ids[0] & ids[1]
+    for features, tag in zip(docs, ("aaaaaaaa", "bbbbbbbb")):
+        for f in features:
+            props = f["properties"]
+            assert props["name"] == f"haloae {tag}"
+            assert set(props["measurements"]) <= {
+                f"anomaly_score [{tag}]",
+                f"anomaly_max [{tag}]",
+                f"anomaly_threshold [{tag}]",
+            }
+            assert props["measurements"][f"anomaly_threshold [{tag}]"] == pytest.approx(
+                inputs["scale"].threshold
+            )
 
 
 def test_ngff_score_grid(written):

@@ -661,9 +661,24 @@ def _write_ngff(
         group.attrs["wsi_anomaly"] = {**(provenance or {}), "images": images}
 
 
-def tile_uuid(slide_name: str, x: int, y: int) -> str:
-    """The deterministic id of a tile: the same slide and coordinates give the same UUID."""
-    return str(uuid.uuid5(uuid.NAMESPACE_URL, f"wsi-anomaly:{slide_name}:{int(x)}:{int(y)}"))
+def model_short_id(provenance: Mapping[str, Any] | None) -> str:
+    """The first 8 hex digits of the model's sha256 ("nomodel" when unknown): the tag that
+    tells two models' tiles apart where only names survive (QuPath measurements)."""
+    sha = str((provenance or {}).get("model_sha256") or "")
+    return sha[:8] if sha else "nomodel"
+
+
+def tile_uuid(slide_name: str, x: int, y: int, model_sha256: str = "") -> str:
+    """The deterministic id of a tile: the same model, slide and coordinates give the same
+    UUID, so two models' tiles of one slide never share an id."""
+    key = f"wsi-anomaly:{model_sha256}:{slide_name}:{int(x)}:{int(y)}"
+    return str(uuid.uuid5(uuid.NAMESPACE_URL, key))
+
+
+def qupath_measurement_names(provenance: Mapping[str, Any] | None) -> dict[str, str]:
+    """The tile measurements' names in ``tiles.geojson``: each carries the short model id."""
+    mid = model_short_id(provenance)
+    return {key: f"{key} [{mid}]" for key in ("anomaly_score", "anomaly_max", "anomaly_threshold")}
 
 
 def _write_geojson(
@@ -676,25 +691,42 @@ def _write_geojson(
     scale: ColourScale,
     provenance: Mapping[str, Any] | None = None,
 ) -> None:
-    """QuPath-ready tiles: level-0 square polygons, scores as measurements, locked (so a click
-    in QuPath does not move them).
+    """QuPath-ready tiles (QuPath ≥ 0.4): level-0 square polygons, scores as measurements,
+    locked (so a click in QuPath does not move them).
 
-    Tiles at or above the training 99th percentile (``scale.threshold``, the model's, also on a
-    slide colour scale) are classified "Anomalous"; a non-finite score is left out of the measurements (JSON has no NaN). The
-    collection's ``properties`` record the provenance (model sha256…).
+    QuPath keeps a feature's id, name, classification and measurements but drops the
+    collection's ``properties``, so what tells models apart is on every tile: the id is unique
+    per model and slide, the name and the measurement names carry the short model id
+    (:func:`model_short_id`), and the model's threshold is a measurement. The collection's
+    ``properties`` still record the full provenance (model sha256, colour scale…) for other
+    readers. Tiles at or above the training 99th percentile (``scale.threshold``, the model's,
+    also on a slide colour scale) are classified "Anomalous"; a non-finite score is left out
+    of the measurements (JSON has no NaN).
     """
+    provenance = dict(provenance or {})
+    names = qupath_measurement_names(provenance)
+    sha = str(provenance.get("model_sha256") or "")
+    slide_key = str(provenance.get("slide_fingerprint") or slide_name)
+    label = " ".join(
+        str(v) for v in (provenance.get("model_name"), model_short_id(provenance)) if v
+    )
     side = float(geometry.tile_size_l0)
     side = int(side) if side.is_integer() else side
     red = [int(v) for v in scale.to_rgb(np.array([scale.vmax]))[0]]
     features = []
     for (x, y), score, top in zip(coords.tolist(), scores.tolist(), max_scores.tolist()):
         measurements = {
-            name: float(v)
-            for name, v in (("anomaly_score", score), ("anomaly_max", top))
+            names[key]: float(v)
+            for key, v in (
+                ("anomaly_score", score),
+                ("anomaly_max", top),
+                ("anomaly_threshold", scale.threshold),
+            )
             if math.isfinite(v)
         }
         properties: dict[str, Any] = {
             "objectType": "tile",
+            "name": label,
             "isLocked": True,
             "measurements": measurements,
         }
@@ -703,7 +735,7 @@ def _write_geojson(
         features.append(
             {
                 "type": "Feature",
-                "id": tile_uuid(slide_name, x, y),
+                "id": tile_uuid(slide_key, x, y, sha),
                 "geometry": {
                     "type": "Polygon",
                     "coordinates": [
@@ -717,7 +749,7 @@ def _write_geojson(
         json.dump(
             {
                 "type": "FeatureCollection",
-                "properties": {"wsi_anomaly": dict(provenance or {})},
+                "properties": {"wsi_anomaly": provenance},
                 "features": features,
             },
             f,
