@@ -103,9 +103,87 @@ def test_known_anomalous_square_lands_on_its_pixels(results):
     with Slide(slide_layer.metadata["slide_path"]) as slide:
         expected = slide.read_level(0, x0 + 100, y0 + 50, 1, 1)[0, 0]
     assert np.array_equal(np.asarray(level0[y0 + 50, x0 + 100]), expected)
-    # Tiles as shapes carry their scores, and the hot one is in the right place.
+    # The tiles layer (labels on the tile grid) carries the scores, the hot one in its place.
     tiles = layers["small.tif tiles"]
-    hot = int(np.argmax(tiles.features["anomaly_score"]))
-    corner = tiles.data[hot].min(axis=0)
-    assert np.allclose(corner, world(x0, y0))
-    assert tiles.features["class"][hot] == "Anomalous"
+    assert tiles._type_string == "labels" and not tiles.visible
+    tiles.visible = True  # napari reports no value for a hidden layer
+    label = tiles.get_value(world(x0 + TILE / 2, y0 + TILE / 2), world=True)
+    row = tiles.features[tiles.features["index"] == label].iloc[0]
+    assert row["anomaly_score"] == pytest.approx(0.95) and row["class"] == "Anomalous"
+    for x, y in ((x0 + 2, y0 + 2), (x0 + TILE - 2, y0 + TILE - 2)):
+        assert tiles.get_value(world(x, y), world=True) == label
+    assert tiles.get_value(world(x0 - 2, y0 + 2), world=True) != label
+    # Every layer is in micrometres, as its scale is.
+    for layer in viewer.layers:
+        assert [str(u) for u in layer.units] == ["micrometer", "micrometer"], layer.name
+
+
+@pytest.fixture
+def fresh_napari_settings(monkeypatch):
+    """napari settings of this test only (nothing read from or saved to the user's file)."""
+    import napari.settings as napari_settings
+
+    settings = napari_settings.NapariSettings(config_path=None)
+    monkeypatch.setattr(napari_settings, "_SETTINGS", settings)
+    return settings
+
+
+def _names(viewer):
+    return {layer.name for layer in viewer.layers}
+
+
+def test_napari_opens_a_results_folder_with_no_choice_to_make(results, fresh_napari_settings):
+    """napari's own open path (plugin=None), as `napari results/<slide>/` takes it."""
+    import npe2
+    from napari.components import ViewerModel
+
+    from wsi_anomaly.napari_reader import MARKER_NAME, prefer_for_results_folders
+    from wsi_anomaly.outputs import mark_owned
+    from wsi_anomaly.pipeline import RESULT_KIND
+
+    folder, _ = results
+    mark_owned(folder, RESULT_KIND)  # as heatmap marks every results folder
+    assert MARKER_NAME == ".wsi-anomaly" and (folder / MARKER_NAME).is_file()
+    npe2.PluginManager.instance().discover()
+    expected = {"small.tif", "small.tif anomaly score", "small.tif tiles"}
+
+    # The marker file is claimed by this reader alone: no choice, with or without preferences.
+    viewer = ViewerModel()
+    viewer.open(str(folder / MARKER_NAME), plugin=None)
+    assert _names(viewer) >= expected
+
+    # The folder: with the preference recorded, napari picks this reader by itself.
+    added = prefer_for_results_folders(fresh_napari_settings)
+    assert added and all(
+        fresh_napari_settings.plugins.extension2reader[p] == "wsi-anomaly" for p in added
+    )
+    assert prefer_for_results_folders(fresh_napari_settings) == []  # idempotent
+    viewer = ViewerModel()
+    viewer.open(str(folder), plugin=None)
+    assert _names(viewer) >= expected
+    assert not any(layer.name.endswith(".png") for layer in viewer.layers)  # not a PNG stack
+
+
+def test_other_folders_keep_napari_s_choice(tmp_path, fresh_napari_settings):
+    from napari.components import ViewerModel
+
+    from wsi_anomaly.napari_reader import get_reader, prefer_for_results_folders
+
+    prefer_for_results_folders(fresh_napari_settings)
+    plain = tmp_path / "images"
+    plain.mkdir()
+    Image = pytest.importorskip("PIL.Image")
+    Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(plain / "a.png")
+    assert get_reader(str(plain)) is None
+    viewer = ViewerModel()
+    viewer.open(str(plain), plugin="napari")  # napari's own reader still reads it
+    assert len(viewer.layers) == 1
+
+
+def test_napari_setup_command_records_the_preference(fresh_napari_settings, capsys):
+    from wsi_anomaly.cli import main
+
+    assert main(["napari-setup"]) == 0
+    assert "with the wsi-anomaly reader" in capsys.readouterr().out
+    prefs = fresh_napari_settings.plugins.extension2reader
+    assert prefs["*.svs/"] == "wsi-anomaly" and prefs["*.ndpi-*/"] == "wsi-anomaly"

@@ -7,7 +7,19 @@ Opening ``results/<slide>/`` (or its ``heatmap.ome.zarr``) in napari gives:
 - the tile anomaly scores (``heatmap.ome.zarr``) on the model's fixed colour scale, with the
   contrast limits of that scale, half transparent over the slide;
 - the pixel-level anomaly map when the run kept it (hidden at first);
-- the tiles as rectangles carrying their score, max and tissue fraction (hidden at first).
+- the tiles as a labels layer over the tile grid (label = tile number, drawn as outlines, red
+  where the tile is "Anomalous"), carrying each tile's score, max and tissue fraction as
+  features (hidden at first; built from ``tiles.csv`` in one vectorised pass, so it costs next
+  to nothing even for tens of thousands of tiles).
+
+Every layer says its units are micrometres (napari's ``units``), so it mixes with other
+physical-unit layers (an NGFF image from another reader) without napari switching units off.
+
+napari offers every reader that accepts folders for any folder (npe2 ignores filename patterns
+for folders), and asks the user to choose between them unless a reader preference matches the
+folder's path. :func:`prefer_for_results_folders` records such preferences for the names results
+folders have (``<slide file name>`` or ``<slide file name>-<hash>``), and the folder's marker file
+``.wsi-anomaly`` is a file only this reader claims.
 
 All layers use slide micrometres: a level-0 slide pixel (x, y) covers [x·mpp, (x+1)·mpp) ×
 [y·mpp, (y+1)·mpp), and napari places a pixel's centre at ``index·scale + translate``, so the
@@ -18,7 +30,6 @@ which drop them (and place the heatmap half a tile up and left).
 
 from __future__ import annotations
 
-import csv
 import json
 import logging
 from functools import lru_cache
@@ -30,6 +41,12 @@ import numpy as np
 log = logging.getLogger(__name__)
 
 LayerData = tuple[Any, dict[str, Any], str]
+
+#: napari's units for every layer: slide micrometres (a pint unit name).
+UNITS = ("micrometer", "micrometer")
+
+#: The file marking a folder the tool wrote (``outputs.MARKER``); only this reader claims it.
+MARKER_NAME = ".wsi-anomaly"
 
 #: Side of the lazily read slide chunks, in pixels of each level.
 CHUNK_PX = 1024
@@ -46,7 +63,7 @@ def get_reader(path: str | list[str]) -> Any:
 
 def results_folder(path: Path) -> Path | None:
     """The slide results folder ``path`` is, or holds the heatmap of; None otherwise."""
-    if path.name == "heatmap.ome.zarr":
+    if path.name in ("heatmap.ome.zarr", MARKER_NAME):
         path = path.parent
     if (path / "summary.json").is_file() and (path / "heatmap.ome.zarr").is_dir():
         return path
@@ -124,6 +141,7 @@ def _score_layer(
         "translate": tuple(transforms.get("translation", {}).get("translation", (0.0, 0.0))),
         "colormap": fixed_scale_colormap(scale),
         "contrast_limits": (scale.vmin, scale.vmax),
+        "units": UNITS,
         "opacity": 0.5,
         "blending": "translucent",
         "visible": visible,
@@ -182,6 +200,7 @@ def _slide_layer(summary: dict[str, Any]) -> LayerData | None:
         "multiscale": len(levels) > 1,
         "scale": (mpp, mpp),
         "translate": (0.5 * mpp, 0.5 * mpp),
+        "units": UNITS,
         "metadata": {"slide_path": path, "level0_mpp": mpp},
     }
     return (levels if len(levels) > 1 else levels[0]), kwargs, "image"
@@ -201,31 +220,87 @@ def _read_block(
 
 
 def _tiles_layer(table: Path, mpp: float, slide_name: str) -> LayerData:
-    """Tiles as rectangles in µm with their measurements as features."""
-    rects, score, peak, tissue, cls = [], [], [], [], []
-    with table.open(newline="", encoding="utf-8") as fh:
-        for row in csv.DictReader(fh):
-            x, y = float(row["x"]), float(row["y"])
-            w, h = float(row["width"]), float(row["height"])
-            rects.append([[y * mpp, x * mpp], [(y + h) * mpp, (x + w) * mpp]])
-            score.append(float(row["score"]) if row["score"] else np.nan)
-            peak.append(float(row["max"]) if row["max"] else np.nan)
-            tissue.append(float(row["tissue_fraction"]) if row["tissue_fraction"] else np.nan)
-            cls.append(row["class"])
-    features = {
-        "anomaly_score": np.asarray(score),
-        "anomaly_max": np.asarray(peak),
-        "tissue_fraction": np.asarray(tissue),
-        "class": np.asarray(cls, dtype=object),
-    }
-    edge = ["red" if c == "Anomalous" else "white" for c in cls]
+    """The tiles as a labels layer on the tile grid: label k + 1 is row k of ``tiles.csv``.
+
+    One grid cell per stride (the tiles' smallest common step); a tile covers the cells its
+    square starts in, so overlapping tiles show their top-left part (the later tile wins).
+    Features (``index`` = label) carry each tile's score, max, tissue fraction and class.
+    """
+    import pandas as pd
+    from napari.utils.colormaps import DirectLabelColormap
+
+    frame = pd.read_csv(table, keep_default_na=False, dtype={"class": str})
+    n = len(frame)
+    x = frame["x"].to_numpy(np.float64)
+    y = frame["y"].to_numpy(np.float64)
+    side = frame["width"].to_numpy(np.float64)
+    if n == 0:
+        step = 1.0
+        grid = np.zeros((1, 1), np.int32)
+    else:
+        xs, ys = np.unique(x), np.unique(y)
+        steps = np.concatenate([np.diff(xs), np.diff(ys), side[:1]])
+        step = float(steps[steps > 0].min())
+        per = max(1, int(round(float(side.max()) / step)))  # cells a tile spans
+        col, row = np.rint(x / step).astype(np.int64), np.rint(y / step).astype(np.int64)
+        grid = np.zeros((int(row.max()) + per, int(col.max()) + per), np.int32)
+        labels = np.arange(1, n + 1, dtype=np.int32)
+        for dy in range(per):
+            for dx in range(per):
+                grid[row + dy, col + dx] = labels
+
+    def numbers(name: str) -> np.ndarray:
+        return pd.to_numeric(frame[name], errors="coerce").to_numpy(np.float64)
+
+    cls = frame["class"].to_numpy(object)
+    features = pd.DataFrame(
+        {
+            "index": np.arange(1, n + 1),
+            "anomaly_score": numbers("score"),
+            "anomaly_max": numbers("max"),
+            "tissue_fraction": numbers("tissue_fraction"),
+            "class": cls,
+        }
+    )
+    # Tiles faintly white, "Anomalous" ones red: hovering shows any tile's features.
+    colours: dict[int | None, Any] = {None: (1.0, 1.0, 1.0, 0.25), 0: (0.0, 0.0, 0.0, 0.0)}
+    colours.update({int(k) + 1: (1.0, 0.0, 0.0, 0.6) for k in np.flatnonzero(cls == "Anomalous")})
     kwargs = {
         "name": f"{slide_name} tiles",
-        "shape_type": "rectangle",
+        "scale": (step * mpp, step * mpp),
+        # napari puts a cell's centre at index × scale + translate; cell k covers [k, k + 1).
+        "translate": (0.5 * step * mpp, 0.5 * step * mpp),
+        "units": UNITS,
         "features": features,
-        "edge_color": edge,
-        "face_color": "transparent",
-        "edge_width": 2 * mpp,
+        "colormap": DirectLabelColormap(color_dict=colours),
         "visible": False,
+        "metadata": {"level0_px_per_cell": step},
     }
-    return [np.asarray(r) for r in rects], kwargs, "shapes"
+    return grid, kwargs, "labels"
+
+
+def results_folder_patterns() -> list[str]:
+    """napari reader-preference patterns for the names results folders have: the slide's file
+    name, or that name and ``-<hash>`` when two slides share it (napari matches a folder's
+    real path with a trailing separator)."""
+    import os
+
+    from .pipeline import SLIDE_SUFFIXES
+
+    sep = os.sep
+    return [f"*{s}{sep}" for s in SLIDE_SUFFIXES] + [f"*{s}-*{sep}" for s in SLIDE_SUFFIXES]
+
+
+def prefer_for_results_folders(settings: Any = None) -> list[str]:
+    """Make this reader napari's preference for results folders (see the module docstring),
+    in napari's settings (``settings.plugins.extension2reader``, saved by napari); returns the
+    patterns added. Other preferences are kept."""
+    if settings is None:
+        from napari.settings import get_settings
+
+        settings = get_settings()
+    current = dict(settings.plugins.extension2reader)
+    added = [p for p in results_folder_patterns() if current.get(p) != "wsi-anomaly"]
+    current.update({p: "wsi-anomaly" for p in added})
+    settings.plugins.extension2reader = current
+    return added
