@@ -12,8 +12,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-pytest.importorskip("bokeh", reason="the viewer extra is not installed")
-pytest.importorskip("jinja2", reason="the viewer extra is not installed")
+pytest.importorskip("bokeh", reason="bokeh or jinja2 is not installed")
+pytest.importorskip("jinja2", reason="bokeh or jinja2 is not installed")
 
 from PIL import Image
 from viewer_demo import build_demo_results, tumour_mask

@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-pytest.importorskip("bokeh", reason="the viewer extra is not installed")
+pytest.importorskip("bokeh", reason="bokeh or jinja2 is not installed")
 playwright_api = pytest.importorskip(
     "playwright.sync_api", reason="playwright is not installed (.ci/install_browser.sh)"
 )

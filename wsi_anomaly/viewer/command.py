@@ -20,8 +20,7 @@ def add_parser(
         help="browse a results folder in a local web app (read-only)",
         description="Serve a `heatmap` results folder as a local, read-only web app: a cohort "
         "table and, per slide, a deep-zoom view of the original slide with the "
-        "anomaly heatmap over it. Needs the `viewer` extra: "
-        "pip install 'wsi-anomaly[viewer]'.",
+        "anomaly heatmap over it.",
     )
     parser.add_argument("results", help="the --out folder of `wsi-anomaly heatmap`")
     parser.add_argument("--port", type=int, default=8000, help="port (default 8000; 0: any free)")
@@ -45,8 +44,8 @@ def run(args: argparse.Namespace) -> int:
         import jinja2  # noqa: F401
     except ImportError as exc:
         print(
-            f"wsi-anomaly view needs the viewer extra ({exc.name} is missing): "
-            "pip install 'wsi-anomaly[viewer]'",
+            f"wsi-anomaly view needs {exc.name}, part of the default install: "
+            "pip install --force-reinstall wsi-anomaly",
             file=sys.stderr,
         )
         return 2
