@@ -60,7 +60,7 @@ def test_cohort_page_lists_every_slide_with_status_and_error(server):
     assert status == 200 and headers["Content-Type"].startswith("text/html")
     assert 'href="/slide/demo.tif/"' in html
     assert "missing.tif" in html and "slide not found" in html  # the failed slide, its error
-    assert "/slide/demo.tif/files/thumbnail.png" in html
+    assert "/slide/demo.tif/thumb.jpg" in html  # a small JPEG, not the full thumbnail PNG
     rows = {r["slide"]: r for r in json.loads(get(server, "/api/cohort")[1])}
     assert rows["demo.tif"]["status"] == "ok" and rows["demo.tif"]["n_tiles"] > 0
     assert rows["missing.tif"]["status"] == "failed" and rows["missing.tif"]["url"] is None

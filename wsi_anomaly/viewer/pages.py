@@ -3,8 +3,10 @@
 The slide view is a bokeh figure whose data units are slide micrometres, x to the right and y
 *downwards as negative numbers* (bokeh's tile grid counts its world from the bottom-left; the
 slide's top-left corner is the origin and the slide lies at y ≤ 0). Layers, bottom to top: the
-original slide (deep-zoom tiles), the tile-score overlay, the pixel-level map (when kept), and
-invisible tile squares that answer hover and click with the tile's stored values.
+original slide (deep-zoom tiles), the tile-score overlay, the pixel-level map (when kept), the
+tile squares (invisible until the overlay is thresholded or drawn as outlines; they answer hover
+and click with the tile's stored values) and the reviewer's marks. The figure fills the window;
+a small overview figure beside it shows the whole slide with the main view's extent.
 """
 
 from __future__ import annotations
@@ -23,8 +25,11 @@ from .pyramid import TILE_PX, max_zoom_for
 from .results import COHORT_COLUMNS, ResultsFolder, SlideResults
 
 TEMPLATES = Path(__file__).with_name("templates")
-PLOT_W, PLOT_H = 960, 720
+PLOT_W, PLOT_H = 960, 720  # the initial ranges' aspect; the canvas then fills the window
+OVERVIEW_PX = 260
 TOP_TILES = 20
+#: Review marks: name → outline colour (the GeoJSON export's classification colour too).
+MARK_COLOURS = {"anomalous": "#d50000", "artifact": "#ff9100", "normal": "#00c853"}
 
 
 @lru_cache(maxsize=1)
@@ -60,7 +65,7 @@ def cohort_rows(results: ResultsFolder) -> list[dict[str, Any]]:
         item["folder"] = folder
         item["url"] = slide_url(folder) if entry is not None and entry.viewable else None
         has_thumb = entry is not None and (entry.folder / "thumbnail.png").is_file()
-        item["thumbnail"] = (slide_url(folder) + "files/thumbnail.png") if has_thumb else None
+        item["thumbnail"] = (slide_url(folder) + "thumb.jpg") if has_thumb else None
         rows.append(item)
     return rows
 
@@ -128,9 +133,14 @@ def slide_figure(entry: SlideResults, slide_available: bool):
         end=cy + um_per_screen_px * PLOT_H / 2,
         name="y_range",
     )
+    # Zoom limits: out to four slide extents, in to a few level-0 pixels a screen pixel (the
+    # page's script sets the exact floor from the canvas width once it is laid out).
+    extent_um = 4 * max(width_um, height_um)
+    for r in (x_range, y_range):
+        r.max_interval = extent_um
+        r.min_interval = 64 * mpp
     fig = figure(
-        width=PLOT_W,
-        height=PLOT_H,
+        sizing_mode="stretch_both",
         x_range=x_range,
         y_range=y_range,
         tools="pan,reset,save",
@@ -138,7 +148,6 @@ def slide_figure(entry: SlideResults, slide_available: bool):
         name="slide_figure",
         output_backend="canvas",
         min_border=0,
-        match_aspect=True,
     )
     zoom = WheelZoomTool(zoom_on_axis=False)
     fig.add_tools(zoom)
@@ -206,29 +215,48 @@ def slide_figure(entry: SlideResults, slide_available: bool):
         "cx": centres_um[:, 0],
         "cy": -centres_um[:, 1],
     }
+    rgb = scale.to_rgb(np.nan_to_num(np.asarray(tiles.scores, np.float64), nan=scale.vmin))
+    data["color"] = np.array(["#{:02x}{:02x}{:02x}".format(*(int(c) for c in v)) for v in rgb])
+    # Per-tile fill and line opacity: the page's script sets them for the threshold and mode.
+    data["fa"] = np.zeros(len(tiles.scores))
+    data["la"] = np.zeros(len(tiles.scores))
     source = ColumnDataSource(data, name="tile_source")
-    # Invisible squares that answer hover and click; the clicked tile gets a green outline.
+    # Squares that answer hover and click, drawn when the overlay is thresholded or outlined;
+    # the clicked tile gets a green outline.
+    glyph = {"x": "cx", "y": "cy", "width": side_um, "height": side_um}
     squares = fig.rect(
-        "cx",
-        "cy",
-        width=side_um,
-        height=side_um,
+        **glyph,
         source=source,
-        fill_alpha=0.0,
-        line_alpha=0.0,
+        fill_color="color",
+        fill_alpha="fa",
+        line_color="color",
+        line_alpha="la",
+        line_width=2,
         name="tile_squares",
     )
     squares.selection_glyph = Rect(
-        x="cx",
-        y="cy",
-        width=side_um,
-        height=side_um,
-        fill_alpha=0.0,
-        line_color="#00c000",
-        line_width=2,
+        **glyph, fill_color="color", fill_alpha="fa", line_color="#00c000", line_width=3
     )
     squares.nonselection_glyph = Rect(
-        x="cx", y="cy", width=side_um, height=side_um, fill_alpha=0.0, line_alpha=0.0
+        **glyph,
+        fill_color="color",
+        fill_alpha="fa",
+        line_color="color",
+        line_alpha="la",
+        line_width=2,
+    )
+    # The reviewer's marks: dashed outlines in the mark's colour (filled in by the script).
+    marks = ColumnDataSource(
+        {"cx": np.zeros(0), "cy": np.zeros(0), "color": np.zeros(0, "U7")}, name="mark_source"
+    )
+    fig.rect(
+        **glyph,
+        source=marks,
+        fill_alpha=0.0,
+        line_color="color",
+        line_width=3,
+        line_dash="dashed",
+        name="mark_squares",
     )
     fig.add_tools(
         HoverTool(
@@ -287,14 +315,96 @@ def slide_figure(entry: SlideResults, slide_available: bool):
             name="scale_bar",
         )
     )
-    return fig, {"heat": heat.name, "pixel": pixel.name if pixel is not None else None}
+    overview = _overview_figure(entry, x_range, y_range, slide_available)
+    return fig, overview, {"heat": heat.name, "pixel": pixel.name if pixel is not None else None}
+
+
+def _thumbnail_extent_um(entry: SlideResults) -> tuple[float, float] | None:
+    """Width and height, µm, that ``thumbnail.png`` covers (its canvas may pad the slide)."""
+    from PIL import Image
+
+    path = entry.folder / "thumbnail.png"
+    if not path.is_file():
+        return None
+    with Image.open(path) as image:
+        d = _number(getattr(image, "text", {}).get("display_downsample"))
+        w, h = image.size
+    if d is None:
+        return entry.dimensions[0] * entry.mpp, entry.dimensions[1] * entry.mpp
+    return w * d * entry.mpp, h * d * entry.mpp
+
+
+def _overview_figure(entry: SlideResults, x_range: Any, y_range: Any, slide_available: bool):
+    """The whole slide, small, with a box showing the main view; a click centres it there."""
+    from bokeh.events import Tap
+    from bokeh.models import BoxAnnotation, CustomJS, Range1d
+    from bokeh.plotting import figure
+
+    w_um, h_um = entry.dimensions[0] * entry.mpp, entry.dimensions[1] * entry.mpp
+    height = max(60, int(round(OVERVIEW_PX * h_um / max(w_um, 1e-9))))
+    overview = figure(
+        width=OVERVIEW_PX,
+        height=min(height, 2 * OVERVIEW_PX),
+        x_range=Range1d(0, w_um),
+        y_range=Range1d(-h_um, 0),
+        tools="tap",
+        toolbar_location=None,
+        name="overview_figure",
+        min_border=0,
+        output_backend="canvas",
+    )
+    overview.axis.visible = False
+    overview.grid.visible = False
+    overview.background_fill_color = "#f4f4f4"
+    extent = _thumbnail_extent_um(entry)
+    if extent is not None:
+        overview.image_url(
+            url=[slide_url(entry.name) + "files/thumbnail.png"],
+            x=0,
+            y=0,
+            w=extent[0],
+            h=extent[1],
+            anchor="top_left",
+            name="overview_thumbnail",
+        )
+    box = BoxAnnotation(
+        left=x_range.start,
+        right=x_range.end,
+        bottom=y_range.start,
+        top=y_range.end,
+        fill_alpha=0.1,
+        fill_color="#00c000",
+        line_color="#00c000",
+        line_width=2,
+        name="overview_box",
+    )
+    overview.add_layout(box)
+    follow = CustomJS(
+        args={"box": box, "xr": x_range, "yr": y_range},
+        code="box.setv({left: xr.start, right: xr.end, bottom: yr.start, top: yr.end});",
+    )
+    for r in (x_range, y_range):
+        r.js_on_change("start", follow)
+        r.js_on_change("end", follow)
+    overview.js_on_event(
+        Tap,
+        CustomJS(
+            args={"xr": x_range, "yr": y_range},
+            code="""
+        const w = xr.end - xr.start, h = yr.end - yr.start;
+        xr.setv({start: cb_obj.x - w / 2, end: cb_obj.x + w / 2});
+        yr.setv({start: cb_obj.y - h / 2, end: cb_obj.y + h / 2});
+    """,
+        ),
+    )
+    return overview
 
 
 def slide_page(entry: SlideResults, slide_available: bool, slide_error: str | None) -> str:
     from bokeh.embed import components
 
-    fig, names = slide_figure(entry, slide_available)
-    script, div = components(fig)
+    fig, overview, names = slide_figure(entry, slide_available)
+    script, (div, overview_div) = components((fig, overview))
     tiles = entry.tiles()
     mpp = entry.mpp
     top = []
@@ -308,6 +418,7 @@ def slide_page(entry: SlideResults, slide_available: bool, slide_error: str | No
                 "y": y,
                 "score": float(tiles.scores[i]),
                 "max": float(tiles.max_scores[i]),
+                "image": f"tile-image/{int(i)}.jpg",
             }
         )
     summary = entry.summary
@@ -317,6 +428,13 @@ def slide_page(entry: SlideResults, slide_available: bool, slide_error: str | No
         "names": names,
         "slide_w": entry.dimensions[0],
         "slide_h": entry.dimensions[1],
+        "slide": entry.name,
+        "model_sha256": str((summary.get("identity") or {}).get("model_sha256") or ""),
+        "vmin": entry.scale.vmin,
+        "vcenter": entry.scale.vcenter,
+        "vmax": entry.scale.vmax,
+        "score_min": _number(np.nanmin(tiles.scores)) if len(tiles.scores) else None,
+        "mark_colours": MARK_COLOURS,
     }
     from .server import bokeh_script_names
 
@@ -330,6 +448,8 @@ def slide_page(entry: SlideResults, slide_available: bool, slide_error: str | No
                 "scale": entry.scale,
                 "top": top,
                 "bokeh_div": div,
+                "overview_div": overview_div,
+                "mark_colours": MARK_COLOURS,
                 "bokeh_script": script,
                 "bokeh_js": bokeh_script_names(),
                 "config": json.dumps(config),

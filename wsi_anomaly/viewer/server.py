@@ -10,6 +10,8 @@ Routes (GET and HEAD only):
 - ``/slide/<name>/overlay/pixels.png``   the pixel-level map, when it was kept
 - ``/slide/<name>/api/tiles``            the tile table as JSON
 - ``/slide/<name>/files/<file>``         one of :data:`results.SERVED_FILES`
+- ``/slide/<name>/thumb.jpg``            a small JPEG of the slide's thumbnail (cohort page)
+- ``/slide/<name>/tile-image/<i>.jpg``   tile ``i`` of the tile store, small (top-tiles list)
 - ``/static/<file>``, ``/bokeh/<file>``  the viewer's own assets and bokeh's JS, from the
   installed packages
 
@@ -20,10 +22,16 @@ No route turns a part of the URL into a file path: slide names, file names and a
 looked up in tables built when the server starts, so ``..``, encoded or not, and absolute paths
 find nothing. Python's ``http.server`` (``ThreadingHTTPServer``) is enough for one local user and
 adds no dependency.
+
+Every 200 answer carries an ``ETag`` (a hash of the body): a request whose ``If-None-Match``
+names it gets ``304 Not Modified`` and no body. Text answers (pages, JSON, scripts, styles) are
+gzip-compressed for clients that accept it.
 """
 
 from __future__ import annotations
 
+import gzip
+import hashlib
 import json
 import logging
 import re
@@ -47,6 +55,12 @@ STATIC_TYPES = {".css": "text/css; charset=utf-8", ".js": "text/javascript; char
 BOKEH_BUNDLES = ("bokeh.min.js",)
 
 _TILE = re.compile(r"^(\d{1,2})/(\d{1,7})/(\d{1,7})\.jpg$")
+_TILE_IMAGE = re.compile(r"^(\d{1,9})\.jpg$")
+#: Longest side of the cohort page's thumbnails and of the top-tiles list's tile images, px.
+THUMB_PX = 240
+TILE_IMAGE_PX = 96
+#: Content types worth compressing (images are compressed already).
+COMPRESSIBLE = ("text/", "application/json", "application/geo+json")
 
 
 def bokeh_script_names() -> list[str]:
@@ -77,7 +91,20 @@ class Viewer:
         self._slide_errors: dict[str, str] = {}
         self._pages: dict[str, bytes] = {}
         self._lock = threading.Lock()
+        self._gzipped: dict[str, bytes] = {}
         self.static = _static_assets()
+
+    def gzipped(self, etag: str, body: bytes) -> bytes:
+        """``body`` gzip-compressed, kept per ETag (bokeh's script is compressed once)."""
+        with self._lock:
+            packed = self._gzipped.get(etag)
+        if packed is None:
+            packed = gzip.compress(body, compresslevel=6, mtime=0)
+            with self._lock:
+                if len(self._gzipped) > 64:
+                    self._gzipped.clear()
+                self._gzipped[etag] = packed
+        return packed
 
     def warm_up(self) -> None:
         """Import what the first slide page needs (bokeh alone takes a second or more), so that
@@ -208,7 +235,26 @@ class Handler(BaseHTTPRequestHandler):
         extra = {"Cache-Control": "private, max-age=3600" if cacheable else "no-cache"}
         if status == HTTPStatus.MOVED_PERMANENTLY:
             extra["Location"] = body.decode()
+        if status == HTTPStatus.OK:
+            status, body = self._conditional(body, ctype, extra)
         self._send(status, body, ctype, head, extra)
+
+    def _conditional(
+        self, body: bytes, ctype: str, extra: dict[str, str]
+    ) -> tuple[HTTPStatus, bytes]:
+        """ETag and If-None-Match (304), then gzip for text when the client accepts it."""
+        etag = '"' + hashlib.blake2b(body, digest_size=12).hexdigest() + '"'
+        extra["ETag"] = etag
+        asked = self.headers.get("If-None-Match") or ""
+        if etag in {t.strip() for t in asked.split(",")} or asked.strip() == "*":
+            return HTTPStatus.NOT_MODIFIED, b""
+        if ctype.startswith(COMPRESSIBLE):
+            extra["Vary"] = "Accept-Encoding"
+            accepted = (self.headers.get("Accept-Encoding") or "").lower()
+            if "gzip" in accepted and len(body) > 256:
+                extra["Content-Encoding"] = "gzip"
+                return HTTPStatus.OK, self.viewer.gzipped(etag, body)
+        return HTTPStatus.OK, body
 
     def _send(
         self,
@@ -219,7 +265,8 @@ class Handler(BaseHTTPRequestHandler):
         extra: dict[str, str] | None = None,
     ) -> None:
         self.send_response(status)
-        self.send_header("Content-Type", ctype)
+        if status != HTTPStatus.NOT_MODIFIED:
+            self.send_header("Content-Type", ctype)
         self.send_header("Content-Length", str(len(body)))
         self.send_header("X-Content-Type-Options", "nosniff")
         for key, value in (extra or {}).items():
@@ -278,6 +325,20 @@ class Handler(BaseHTTPRequestHandler):
         entry = viewer.results.slide(name)
         if entry is None:
             return None
+        if rest == ["thumb.jpg"]:
+            body = viewer.cached(
+                (name, "thumb"), lambda: _small_jpeg(entry.folder / "thumbnail.png")
+            )
+            return None if body is None else (HTTPStatus.OK, body, "image/jpeg", True)
+        if rest[0] == "tile-image" and len(rest) == 2 and entry.viewable:
+            found = _TILE_IMAGE.match(rest[1])
+            if found is None:
+                return None
+            index = int(found.group(1))
+            body = viewer.cached(
+                (name, "tile-image", index), lambda: _tile_jpeg(entry.folder, index)
+            )
+            return None if body is None else (HTTPStatus.OK, body, "image/jpeg", True)
         if rest == [""]:
             if not entry.viewable:
                 return None
@@ -321,6 +382,38 @@ class Handler(BaseHTTPRequestHandler):
                 return None
             return HTTPStatus.OK, path.read_bytes(), SERVED_FILES[rest[1]], False
         return None
+
+
+def _jpeg(image: Any, max_px: int) -> bytes:
+    import io
+
+    image = image.convert("RGB")
+    image.thumbnail((max_px, max_px))
+    out = io.BytesIO()
+    image.save(out, "JPEG", quality=82, optimize=True)
+    return out.getvalue()
+
+
+def _small_jpeg(path: Path) -> bytes | None:
+    """A small JPEG of a results PNG (the cohort page's thumbnails: tens of kB, not MB)."""
+    from PIL import Image
+
+    if not path.is_file():
+        return None
+    with Image.open(path) as image:
+        return _jpeg(image, THUMB_PX)
+
+
+def _tile_jpeg(folder: Path, index: int) -> bytes | None:
+    """Tile ``index`` of the slide's tile store as a small JPEG; None past the last tile."""
+    from PIL import Image
+
+    from ..tiles import TileStore
+
+    store = TileStore(folder / "tiles.zarr")
+    if not 0 <= index < len(store):
+        return None
+    return _jpeg(Image.fromarray(store.read(index, index + 1)[0]), TILE_IMAGE_PX)
 
 
 def _json(value: Any) -> tuple[HTTPStatus, bytes, str, bool]:
