@@ -223,7 +223,7 @@ def slide_figure(entry: SlideResults, slide_available: bool):
     source = ColumnDataSource(data, name="tile_source")
     # Squares that answer hover and click, drawn when the overlay is thresholded or outlined;
     # the clicked tile gets a green outline.
-    glyph = {"x": "cx", "y": "cy", "width": side_um, "height": side_um}
+    glyph: dict[str, Any] = {"x": "cx", "y": "cy", "width": side_um, "height": side_um}
     squares = fig.rect(
         **glyph,
         source=source,
@@ -337,7 +337,8 @@ def _thumbnail_extent_um(entry: SlideResults) -> tuple[float, float] | None:
 def _overview_figure(entry: SlideResults, x_range: Any, y_range: Any, slide_available: bool):
     """The whole slide, small, with a box showing the main view; a click centres it there."""
     from bokeh.events import Tap
-    from bokeh.models import BoxAnnotation, CustomJS, Range1d
+    from bokeh.models import CustomJS, Range1d
+    from bokeh.models.annotations import BoxAnnotation
     from bokeh.plotting import figure
 
     w_um, h_um = entry.dimensions[0] * entry.mpp, entry.dimensions[1] * entry.mpp
@@ -345,8 +346,8 @@ def _overview_figure(entry: SlideResults, x_range: Any, y_range: Any, slide_avai
     overview = figure(
         width=OVERVIEW_PX,
         height=min(height, 2 * OVERVIEW_PX),
-        x_range=Range1d(0, w_um),
-        y_range=Range1d(-h_um, 0),
+        x_range=Range1d(start=0, end=w_um),
+        y_range=Range1d(start=-h_um, end=0),
         tools="tap",
         toolbar_location=None,
         name="overview_figure",
