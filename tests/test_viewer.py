@@ -328,3 +328,60 @@ def test_view_command_serves_until_stopped(results):
     finally:
         proc.send_signal(signal.SIGINT)
         assert proc.wait(timeout=30) == 0
+
+
+def get_with(server, path: str, headers: dict) -> tuple[int, bytes, dict]:
+    conn = http.client.HTTPConnection("127.0.0.1", server.server_address[1], timeout=30)
+    conn.request("GET", path, headers=headers)
+    response = conn.getresponse()
+    body = response.read()
+    conn.close()
+    return response.status, body, dict(response.getheaders())
+
+
+@pytest.mark.parametrize(
+    "path", ["/", "/slide/demo.tif/", "/slide/demo.tif/tiles/0/0/0.jpg", "/static/slide.js"]
+)
+def test_etag_answers_304_for_pages_and_tiles(server, path):
+    status, body, headers = get(server, path)
+    assert status == 200 and headers["ETag"].startswith('"') and body
+    status, again, headers304 = get_with(server, path, {"If-None-Match": headers["ETag"]})
+    assert status == 304 and again == b"" and headers304["ETag"] == headers["ETag"]
+    status, _, _ = get_with(server, path, {"If-None-Match": '"something-else"'})
+    assert status == 200
+
+
+def test_text_is_gzipped_for_clients_that_accept_it(server):
+    import gzip
+
+    plain = get(server, "/slide/demo.tif/")[1]
+    status, body, headers = get_with(server, "/slide/demo.tif/", {"Accept-Encoding": "gzip"})
+    assert status == 200 and headers["Content-Encoding"] == "gzip"
+    assert int(headers["Content-Length"]) == len(body) < len(plain) / 2
+    assert gzip.decompress(body) == plain
+    # Images are not compressed again.
+    _, _, headers = get_with(server, "/slide/demo.tif/tiles/0/0/0.jpg", {"Accept-Encoding": "gzip"})
+    assert "Content-Encoding" not in headers
+
+
+def test_cohort_thumbnails_are_small_jpegs(server, results):
+    status, body, headers = get(server, "/slide/demo.tif/thumb.jpg")
+    assert status == 200 and headers["Content-Type"] == "image/jpeg"
+    png_size = (results / "demo.tif" / "thumbnail.png").stat().st_size
+    image = Image.open(io.BytesIO(body))
+    assert image.format == "JPEG" and max(image.size) <= 240 and len(body) < png_size / 4
+    assert get(server, "/slide/missing.tif/thumb.jpg")[0] == 404
+
+
+def test_top_tile_images_come_from_the_tile_store(server, results):
+    store = TileStore(results / "demo.tif" / "tiles.zarr")
+    top = int(np.argmax(store.scores))
+    status, body, headers = get(server, f"/slide/demo.tif/tile-image/{top}.jpg")
+    assert status == 200 and headers["Content-Type"] == "image/jpeg"
+    image = np.asarray(Image.open(io.BytesIO(body)).convert("RGB"), np.float64)
+    tile = np.asarray(Image.fromarray(store.read(top, top + 1)[0]).resize(image.shape[:2][::-1]))
+    assert np.abs(image - tile).mean() < 12
+    html = get(server, "/slide/demo.tif/")[1].decode()
+    assert f'src="tile-image/{top}.jpg"' in html
+    for bad in (f"/slide/demo.tif/tile-image/{len(store)}.jpg", "/slide/demo.tif/tile-image/x.jpg"):
+        assert get(server, bad)[0] == 404
