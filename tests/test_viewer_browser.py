@@ -281,14 +281,13 @@ def test_navigation_fills_the_window_presets_keyboard_zoom_limit_and_overview(
     now = page.evaluate(VIEW_STATE)
     assert overview_box[0] == pytest.approx(now["cx"] - now["w"] / 2, rel=1e-6)
     canvas = page.evaluate(
-        """() => {
+        """(um) => {
       const doc = Bokeh.documents[0];
       const view = Bokeh.index.get_one(doc.get_model_by_name('overview_figure'));
       const r = view.canvas_view.el.getBoundingClientRect();
-      const um = [300 * %r, -1000 * %r];
       return [r.left + view.frame.x_scale.compute(um[0]), r.top + view.frame.y_scale.compute(um[1])];
-    }"""
-        % (mpp, mpp)
+    }""",
+        [300 * mpp, -1000 * mpp],
     )
     page.mouse.click(*canvas)
     page.wait_for_timeout(200)
@@ -331,8 +330,10 @@ def test_threshold_and_outline_mode_show_only_tiles_above_the_score(page, base_u
     scale = ColourScale(cs["vmin"], cs["vcenter"], cs["vmax"], cs["cmap"])
     red = scale.to_rgb(np.array([scores[high]]))[0].astype(int)
     assert np.abs(shot[round(p_edge[1]), round(p_edge[0])] - red).max() < 40
-    # Outline mode leaves the tile's inside to the slide.
+    # Outline mode leaves the tile's inside to the slide, and a tile below the threshold too.
     assert np.abs(shot[round(p_high[1]), round(p_high[0])] - red).max() > 40
+    blue = scale.to_rgb(np.array([scores[low]]))[0].astype(int)
+    assert np.abs(shot[round(p_low[1]), round(p_low[0])] - blue).max() > 40
 
 
 def test_marking_tiles_and_exporting_the_marks(page, base_url, results):
