@@ -85,11 +85,10 @@ def napari_tiles(n: int, folder: Path) -> dict[str, float]:
 
 
 def thumbnails(size: int, folder: Path) -> dict[str, float]:
-    from wsi_anomaly.stitch import ColourScale, SlideGeometry, write_slide_outputs
-    from wsi_anomaly.viewer.server import _small_jpeg
-
     from wsi_anomaly.slide import Slide
     from wsi_anomaly.slide.synthetic import write_synthetic_slide
+    from wsi_anomaly.stitch import ColourScale, SlideGeometry, write_slide_outputs
+    from wsi_anomaly.viewer.server import _small_jpeg
 
     # A synthetic slide's own thumbnail, as heatmap makes it (at most 2048 px a side).
     synthetic = write_synthetic_slide(folder / "bench.tif", width=size, height=size, mpp=0.25)
