@@ -185,3 +185,14 @@ def test_heatmap_writes_the_cohorts_coords(small_slide, tiny_model, tmp_path, ca
     with h5py.File(coords_path(out / "coords", "trident", "small"), "r") as f:
         np.testing.assert_array_equal(f["coords"][:], store.coords)
         assert f["coords"].attrs["patch_size"] == store.tile_px
+    # The same run's QuPath tiles name the model on every tile (QuPath drops collection
+    # properties): measurement names and the tile name carry the sha256's first 8 hex digits.
+    import json
+
+    summary = json.loads((out / "small.tif" / "summary.json").read_text())
+    tag = summary["identity"]["model_sha256"][:8]
+    features = json.loads((out / "small.tif" / "tiles.geojson").read_text())["features"]
+    assert len(tag) == 8 and features
+    for f in features:
+        assert f["properties"]["name"].endswith(tag)
+        assert all(name.endswith(f"[{tag}]") for name in f["properties"]["measurements"])
