@@ -24,17 +24,23 @@ seed gives the same matrix on every device), and greedy k-center (farthest-point
 on the projected rows, starting from a row chosen by ``seed``; the rows selected are returned in
 their original dimension. Greedy k-center is a 2-approximation of the optimal covering radius.
 
-Streaming (merge and reduce): the builder keeps a pool of at most ``pool_factor × budget``
-candidate rows. Whenever the pool is full, greedy k-center reduces it to ``budget`` rows and
-filling resumes; ``finish`` reduces the last pool. Memory is therefore bounded by the pool
-(``pool_factor × budget × (D + projection_dim)`` values) whatever the number of patches streamed,
-at the price of an approximation: a row dropped at one reduction was within that reduction's
-covering radius of a row kept, which may itself be dropped later, so every row streamed lies
-within the *sum* of the covering radii of the reductions it went through (not within one
-greedy radius over all rows, as a single pass over everything held in memory would give).
-Each reduction costs
-``O(pool_factor × budget² × projection_dim)``; streaming ``T`` rows costs about
-``T × budget × projection_dim × pool_factor / (pool_factor - 1)`` multiply-adds.
+Streaming (merge and reduce, with an arrival filter): the builder keeps a pool of at most
+``pool_factor × budget`` candidate rows. Whenever the pool is full, greedy k-center reduces it to
+``budget`` rows, and the covering radius ``r`` of that reduction (the largest distance, in the
+projection, from a pool row to the rows kept) is remembered. From then on a streamed row within
+``r`` of a row kept at the last reduction is dropped on arrival (one matrix product against the
+``budget`` kept rows: it is already covered as well as the rows the reduction dropped); only the
+rows farther than ``r`` enter the pool, and ``finish`` reduces the last pool. Memory is therefore
+bounded by the pool (``pool_factor × budget × (D + projection_dim)`` values plus one chunk)
+whatever the number of patches streamed. The approximation: a row dropped (at arrival or at a
+reduction) lies within that step's radius of a row kept, which may itself be dropped later, so
+every streamed row lies within the *sum* of the radii of the steps it went through, not within
+one greedy radius over all rows as a single pass over everything held in memory would give
+(rows arriving late in regions never seen before are kept as candidates, never filtered). Costs:
+each streamed row is projected (``D × projection_dim`` multiply-adds) and compared with the kept
+rows (``budget × projection_dim``, as a matrix product); each reduction is
+``O(pool_factor × budget² × projection_dim)``, sequential (matrix-vector) work, and happens
+only when rows outside the covered region have filled the pool.
 """
 
 from __future__ import annotations
@@ -57,10 +63,15 @@ def greedy_k_center(points: torch.Tensor, k: int, start: int = 0) -> torch.Tenso
     Returns:
         ``(min(k, P),)`` int64 indices on ``points``' device, in the order they were selected.
     """
+    return _greedy(points, k, start)[0]
+
+
+def _greedy(points: torch.Tensor, k: int, start: int) -> tuple[torch.Tensor, float]:
+    """:func:`greedy_k_center`'s indices and the covering radius they reach over ``points``."""
     n = points.shape[0]
     k = min(int(k), n)
     if k <= 0:
-        return torch.empty(0, dtype=torch.long, device=points.device)
+        return torch.empty(0, dtype=torch.long, device=points.device), float("inf")
     norms = (points * points).sum(dim=1)
     selected = torch.empty(k, dtype=torch.long, device=points.device)
     # squared distance of every row to its nearest selected row
@@ -73,7 +84,7 @@ def greedy_k_center(points: torch.Tensor, k: int, start: int = 0) -> torch.Tenso
         dist = torch.addmv(norms + norms[current], points, centre, alpha=-2.0)
         torch.minimum(nearest, dist, out=nearest)
         current = torch.argmax(nearest)
-    return selected
+    return selected, float(nearest[current].clamp_min(0.0).sqrt())
 
 
 class CoresetBuilder:
@@ -104,14 +115,19 @@ class CoresetBuilder:
         self.projection_dim = int(projection_dim)
         self.seed = int(seed)
         self.pool_factor = int(pool_factor)
+        #: rows added so far, rows dropped on arrival as already covered, reductions run
         self.total_seen = 0
+        self.filtered = 0
         self.reductions = 0
+        #: covering radius (in the projection) of the last reduction; ``None`` before the first
+        self.radius: float | None = None
         self._generator = torch.Generator().manual_seed(self.seed)
         self._dim: int | None = None
         self._projection: torch.Tensor | None = None
         self._features: torch.Tensor | None = None  # (capacity, D) pool, original rows
         self._projected: torch.Tensor | None = None  # (capacity, d) float32
         self._size = 0
+        self._retained = 0  # rows at the pool's front kept by the last reduction
 
     @property
     def capacity(self) -> int:
@@ -169,17 +185,23 @@ class CoresetBuilder:
             raise ValueError("coreset features hold NaN or infinite values")
         assert self._features is not None and self._projected is not None
         features = features.to(device=self._features.device, dtype=self._features.dtype)
+        self.total_seen += features.shape[0]
+        projected = self._project(features)
+        if self.radius is not None and self._retained > 0:
+            distance = nearest_distance(projected, self._projected[: self._retained])
+            far = distance > self.radius
+            self.filtered += int(far.numel() - int(far.sum()))
+            features, projected = features[far], projected[far]
         offset = 0
         while offset < features.shape[0]:
             if self._size == self.capacity:
                 self._reduce()
             take = min(self.capacity - self._size, features.shape[0] - offset)
-            piece = features[offset : offset + take]
-            self._features[self._size : self._size + take] = piece
-            self._projected[self._size : self._size + take] = self._project(piece)
-            self._size += take
+            end = self._size + take
+            self._features[self._size : end] = features[offset : offset + take]
+            self._projected[self._size : end] = projected[offset : offset + take]
+            self._size = end
             offset += take
-        self.total_seen += features.shape[0]
 
     def _reduce(self) -> None:
         """Greedy k-center over the pool down to ``budget`` rows (kept at the pool's front)."""
@@ -187,12 +209,13 @@ class CoresetBuilder:
         if self._size <= self.budget:
             return
         start = int(torch.randint(self._size, (1,), generator=self._generator))
-        keep = greedy_k_center(self._projected[: self._size], self.budget, start=start)
+        keep, radius = _greedy(self._projected[: self._size], self.budget, start=start)
         keep, _ = torch.sort(keep)  # keeps earlier rows first: the order streamed
         n = keep.shape[0]
         self._features[:n] = self._features[keep]
         self._projected[:n] = self._projected[keep]
-        self._size = n
+        self._size = self._retained = n
+        self.radius = radius
         self.reductions += 1
 
     def finish(self) -> torch.Tensor:
