@@ -84,6 +84,8 @@ class WideResNetPatchFeatures(nn.Module):
         self.layer1, self.layer2, self.layer3 = net.layer1, net.layer2, net.layer3
         self.register_buffer("mean", torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1), persistent=False)
         self.register_buffer("std", torch.tensor(IMAGENET_STD).view(1, 3, 1, 1), persistent=False)
+        self.mean: torch.Tensor
+        self.std: torch.Tensor
         self.pool = nn.AvgPool2d(kernel_size=3, stride=1, padding=1)
         self.target_dim = None if target_dim is None else int(target_dim)
         self.backbone_identity = backbone_identity
