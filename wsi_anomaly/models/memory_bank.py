@@ -7,7 +7,12 @@ Interface (all tensors are ``torch.Tensor``; ``N`` patches, ``D`` feature dimens
   ``add(features)`` takes a float ``(N, D)`` chunk, any ``N >= 0``, on any device, and may be
   called any number of times; ``finish()`` returns the bank, ``(M, D)`` with ``M <= budget``
   (``M = min(budget, total patches added)``), in the dtype and on the device of the first chunk
-  added, holding *original* (unprojected) feature rows. ``total_seen`` counts the rows added.
+  added, holding *original* (unprojected) feature rows. Read-only counters: ``total_seen``
+  (rows added), ``filtered`` (rows dropped on arrival), ``reductions``, ``radius`` (covering
+  radius of the last reduction, in the projection; ``None`` before the first), ``pooled`` and
+  ``capacity`` (candidate rows held now / at most).
+- :func:`greedy_k_center` ``(points (P, d), k, start=0)``: ``(min(k, P),)`` int64 indices in
+  the order farthest-point selection picks them.
 - :func:`nearest_distance` ``(queries (N, D), bank (M, D), chunk_rows=4096, chunk_bank=65536,
   return_index=False)``: the Euclidean distance from every query to its nearest bank row,
   ``(N,)`` float32 on the queries' device (plus the ``(N,)`` int64 index of that row when
