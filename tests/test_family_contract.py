@@ -341,3 +341,85 @@ def test_sections_validate_non_finite_values_set_in_code():
     bad = dataclasses.replace(config, train=dataclasses.replace(config.train, lr=float("inf")))
     with pytest.raises(InvalidInputError, match="train.lr must be a finite number"):
         bad.validate()
+
+
+# -- every registered family, end to end ----------------------------------------------------------
+#: Each family's smallest settings (a new family adds its entry here: the test fails without).
+TINY: dict[str, dict[str, Any]] = {
+    "haloae": {"train": {"epochs": 1, "samples_per_epoch": 2, "batch_size": 1}},
+    "atacnet": {"atacnet": {"epochs": 1, "steps_per_epoch": 1, "batch_size": 4}},
+    "patchcore": {"patchcore": {"target_dim": 32, "coreset_budget": 64, "image_px": 64}},
+}
+
+
+@pytest.mark.parametrize("name", registry.family_names())
+def test_every_family_runs_train_score_heatmap_mvtec(
+    capsys, name, small_store, small_slide, tmp_path
+):
+    """train (CLI) → score (CLI) → heatmap with maps (CLI) → mvtec (CLI) for a registered family."""
+    import zarr
+
+    from wsi_anomaly.checkpoint import load_checkpoint
+    from wsi_anomaly.mvtec import write_synthetic_category
+
+    assert name in TINY, f"add the smallest settings of the {name!r} family to TINY"
+    family = registry.get_family(name)
+    settings: dict[str, Any] = {
+        "model": {"name": name, "backbone_weights": "random"},
+        "train": {"workers": 0, "calibration_tiles": 8},
+    }
+    for key, values in TINY[name].items():
+        settings[key] = {**settings.get(key, {}), **values}
+    config = tmp_path / "tiny.yaml"
+    config.write_text(yaml.safe_dump(settings))
+    common = ["--family", name, "--config", str(config), "--device", "cpu", "-q"]
+
+    model = tmp_path / "model.pt"
+    weak = ["--anomalies", str(small_store)] if family.weakly_supervised else []
+    code, _, err = run(
+        capsys, "train", "--tiles", str(small_store), "--out", str(model), *weak, *common
+    )
+    assert code == 0, err
+    ckpt = load_checkpoint(model)
+    calibration = Calibration.from_dict(ckpt["calibration"])
+    assert calibration.threshold() >= calibration.median()
+
+    images = tmp_path / "images"
+    images.mkdir()
+    from PIL import Image
+
+    for i in range(2):
+        Image.fromarray(np.full((256, 256, 3), 60 * (i + 1), np.uint8)).save(images / f"{i}.png")
+    code, _, err = run(
+        capsys, "score", str(images), "--model", str(model), "--out", str(tmp_path / "s.csv"),
+        "--device", "cpu", "-q",
+    )  # fmt: skip
+    assert code == 0, err
+
+    results = tmp_path / "results"
+    code, _, err = run(
+        capsys, "heatmap", str(small_slide.path), "--model", str(model), "--out", str(results),
+        "--keep-maps", "--device", "cpu", "-q",
+    )  # fmt: skip
+    assert code == 0, err
+    folder = results / small_slide.path.name
+    side = family.map_size(ckpt_config(ckpt))
+    maps = zarr.open_group(str(folder / "tiles.zarr"), mode="r")["maps"]
+    assert maps.shape[1:] == (side, side)
+    assert (folder / "heatmap.ome.zarr" / "pixel").is_dir()
+
+    root = tmp_path / "mvtec"
+    write_synthetic_category(root, "widget", size_px=64, n_per_defect=3, n_good=4)
+    protocol = ["--anomalies", "1", "--seeds", "1"] if family.weakly_supervised else []
+    code, _, err = run(
+        capsys, "mvtec", "--root", str(root), "--category", "widget", "--out",
+        str(tmp_path / "bench"), "--figures", "0", *protocol, *common,
+    )  # fmt: skip
+    assert code == 0, err
+    assert (tmp_path / "bench" / "results.md").is_file()
+
+
+def ckpt_config(ckpt: dict[str, Any]) -> Any:
+    from wsi_anomaly.config import config_from_dict
+
+    return config_from_dict(ckpt["config"])

@@ -181,3 +181,38 @@ def test_missing_backbone_file_is_one_line(capsys, fitted, backbone_file, tmp_pa
         "--device", "cpu",
     )  # fmt: skip
     assert_one_error_line(code, err, "--backbone-weights")
+
+
+@pytest.mark.parametrize("name, grid", [("uni", 14), ("virchow2", 16)])
+def test_foundation_backbone_gives_maps_on_its_patch_grid(monkeypatch, name, grid):
+    """A foundation backbone (one transformer block, random weights) through fit, predict and
+    restore: maps on the model's own patch grid, the same model rebuilt from the checkpoint."""
+    import wsi_anomaly.models.patchcore_family as pc
+    from wsi_anomaly.models.foundation import build_foundation
+
+    monkeypatch.setattr(pc, "_foundation", lambda n, w: build_foundation(n, w, depth=1))
+    config = tiny(backbone=name, coreset_budget=32)
+    assert FAMILY.map_size(config) == grid
+    model = FAMILY.build(config)
+    tiles = torch.rand(2, 3, 256, 256)
+    model.observe(tiles)
+    model.finish_fit()
+    assert model.memory_bank.shape[0] == 32
+    prediction = FAMILY.predict(model, tiles, {})
+    assert prediction.map.shape == (2, grid, grid)
+    torch.testing.assert_close(prediction.score, prediction.map.amax(dim=(1, 2)))
+    again = FAMILY.restore(config, FAMILY.checkpoint_state(model), model.backbone_identity)
+    torch.testing.assert_close(FAMILY.predict(again, tiles, {}).score, prediction.score)
+
+
+def test_foundation_backbone_has_no_imagenet_weights():
+    from wsi_anomaly.errors import InvalidInputError, WeightsUnavailableError
+
+    config = tiny(backbone="uni")
+    import dataclasses
+
+    config = dataclasses.replace(
+        config, model=dataclasses.replace(config.model, backbone_weights="imagenet")
+    )
+    with pytest.raises((WeightsUnavailableError, InvalidInputError), match="--backbone-weights"):
+        FAMILY.build(config)

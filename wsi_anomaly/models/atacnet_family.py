@@ -43,6 +43,7 @@ class AtacNetFamily(ModelFamily):
     name = "atacnet"
     title = "ATAC-Net"
     default_preset = "atacnet"
+    fast_preset = "atacnet_fast"
     section = "atacnet"
     section_type = AtacNetConfig
     schedule_section = "atacnet"

@@ -93,8 +93,9 @@ class ModelFamily:
     name: str = ""
     #: How people write it ("HaloAE").
     title: str = ""
-    #: Preset used when no ``--config`` is given.
+    #: Preset used when no ``--config`` is given, and the short one for CPUs and the demo.
     default_preset: str = ""
+    fast_preset: str = ""
     #: The family's own config section (key in the YAML files) and its dataclass; ``None`` when
     #: the family keeps its knobs in the shared ``model`` and ``train`` sections.
     section: str | None = None

@@ -38,6 +38,7 @@ class HaloAEFamily(ModelFamily):
     name = "haloae"
     title = "HaloAE"
     default_preset = "haloae_paper"
+    fast_preset = "haloae_fast"
     section = None
     section_type = None
     schedule_section = "train"

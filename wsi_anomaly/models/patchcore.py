@@ -29,7 +29,7 @@ __all__ = ["BACKBONES", "PatchCore", "PatchCoreConfig"]
 
 #: ``patchcore.backbone`` values: torchvision's Wide ResNet-50-2 (layers 2 and 3, as the
 #: paper) or a pathology foundation model from a local weights file.
-BACKBONES = ("wide_resnet50_2", "uni", "virchow2", "h_optimus_0", "phikon_v2")
+BACKBONES = ("wide_resnet50_2", "uni", "virchow2", "h-optimus-0", "phikon-v2")
 
 
 @dataclass
@@ -67,7 +67,8 @@ class PatchCore(nn.Module):
 
     Args:
         features: the frozen backbone: float ``(B, 3, s, s)`` RGB in [0, 1] → ``(B, C, g, g)``.
-        input_px: the side ``s`` tiles are resized to before the backbone.
+        input_px: the side ``s`` tiles are resized to before the backbone; ``None`` hands them
+            over as they are (a backbone that resamples to its own input, as its card says).
         aggregate: average every patch over its 3×3 neighbourhood (PatchCore's local
             aggregation; off for a backbone that does it itself).
         coreset_budget, projection_dim, pool_factor, seed: the bank builder's settings
@@ -78,7 +79,7 @@ class PatchCore(nn.Module):
     def __init__(
         self,
         features: nn.Module,
-        input_px: int,
+        input_px: int | None,
         aggregate: bool,
         coreset_budget: int,
         projection_dim: int = 128,
@@ -89,7 +90,7 @@ class PatchCore(nn.Module):
         super().__init__()
         self.features = features
         self.features.requires_grad_(False)
-        self.input_px = int(input_px)
+        self.input_px = None if input_px is None else int(input_px)
         self.aggregate = aggregate
         self.coreset_budget = int(coreset_budget)
         self.projection_dim = int(projection_dim)
@@ -110,7 +111,7 @@ class PatchCore(nn.Module):
     @torch.no_grad()
     def patch_features(self, x: torch.Tensor) -> torch.Tensor:
         """``(B, C, g, g)`` patch features of ``(B, 3, H, W)`` images in [0, 1]."""
-        if x.shape[-1] != self.input_px or x.shape[-2] != self.input_px:
+        if self.input_px is not None and x.shape[-2:] != (self.input_px, self.input_px):
             x = F.interpolate(
                 x, size=(self.input_px, self.input_px), mode="bilinear", antialias=True
             )

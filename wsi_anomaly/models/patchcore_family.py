@@ -45,18 +45,6 @@ def _foundation(name: str, weights: str) -> nn.Module:
     return build_foundation(name, weights)
 
 
-def _input_px(config: Any, backbone: nn.Module | None = None) -> int:
-    p = config.patchcore
-    if p.backbone == "wide_resnet50_2":
-        return int(p.image_px)
-    spec = getattr(backbone, "spec", None)
-    if spec is None:
-        from wsi_anomaly.models.foundation import foundation_spec
-
-        spec = foundation_spec(p.backbone)
-    return int(spec.input_px)
-
-
 def load_backbone(config: Any, weights: str) -> tuple[nn.Module, str]:
     """The frozen backbone of ``config.patchcore.backbone`` with weights from ``weights``
     (``imagenet`` | ``random`` | a file) and its identity (``<name>-file:<full sha256>`` for a
@@ -75,7 +63,8 @@ def load_backbone(config: Any, weights: str) -> tuple[nn.Module, str]:
         else:
             module = _foundation(p.backbone, weights)
     if is_file:
-        identity = f"{p.backbone}-file:{sha256_file(Path(weights).expanduser())}"
+        digest = getattr(module, "weights_sha256", None) or sha256_file(Path(weights).expanduser())
+        identity = f"{p.backbone}-file:{digest}"
     elif weights == "random":
         identity = f"{p.backbone}-random"
     else:
@@ -122,6 +111,7 @@ class PatchCoreFamily(ModelFamily):
     name = "patchcore"
     title = "PatchCore"
     default_preset = "patchcore"
+    fast_preset = "patchcore_fast"
     section = "patchcore"
     section_type = PatchCoreConfig
     schedule_section = "patchcore"
@@ -154,17 +144,17 @@ class PatchCoreFamily(ModelFamily):
         p = config.patchcore
         if p.backbone == "wide_resnet50_2":
             return WideResNetPatchFeatures.grid(p.image_px, p.image_px)[0]
-        from wsi_anomaly.models.foundation import foundation_spec
+        from wsi_anomaly.models.foundation import FOUNDATION_MODELS
 
-        spec = foundation_spec(p.backbone)
-        return int(spec.input_px) // int(spec.patch_size)
+        return int(FOUNDATION_MODELS[p.backbone].grid)
 
     # -- model ----------------------------------------------------------------------------------
     def _make(self, config: Any, backbone: nn.Module, identity: str) -> PatchCore:
         p = config.patchcore
         model = PatchCore(
             backbone,
-            input_px=_input_px(config, backbone),
+            # foundation backbones resample tiles to their card's input themselves
+            input_px=p.image_px if p.backbone == "wide_resnet50_2" else None,
             # the Wide ResNet module averages each patch's neighbourhood itself
             aggregate=p.backbone != "wide_resnet50_2",
             coreset_budget=p.coreset_budget,
