@@ -423,3 +423,18 @@ def ckpt_config(ckpt: dict[str, Any]) -> Any:
     from wsi_anomaly.config import config_from_dict
 
     return config_from_dict(ckpt["config"])
+
+
+def test_backbone_weights_are_refused_for_a_checkpoint_that_holds_them(
+    capsys, tiny_model, tmp_path
+):
+    images = tmp_path / "images"
+    images.mkdir()
+    from PIL import Image
+
+    Image.fromarray(np.zeros((256, 256, 3), np.uint8)).save(images / "a.png")
+    code, _, err = run(
+        capsys, "score", str(images), "--model", str(tiny_model), "--out",
+        str(tmp_path / "s.csv"), "--backbone-weights", str(tiny_model), "--device", "cpu",
+    )  # fmt: skip
+    assert_one_error_line(code, err, "holds its backbone", "--backbone-weights")

@@ -639,6 +639,29 @@ class AtacNetConfig:
     rotation_degrees: float = 180.0
     real_anomaly_fraction: float = 0.5  # share of the anomalous half drawn from the labelled ones
 
+    def validate(self) -> None:
+        """Ranges of the section's values; ``ValueError`` naming the key."""
+        a = self
+        if a.variant not in VARIANTS:
+            raise ValueError(
+                "atacnet.variant must be cutmix_bce, weighted_ce, devnet or "
+                f"atacnet, got {a.variant!r}"
+            )
+        for name in ("epochs", "steps_per_epoch", "lr_step_epochs", "image_px"):
+            if getattr(a, name) < 1:
+                raise ValueError(f"atacnet.{name} must be at least 1")
+        if a.batch_size < 2:
+            raise ValueError("atacnet.batch_size must be at least 2 (half normal, half anomalous)")
+        if not 0.0 < a.crop_threshold < 1.0:
+            raise ValueError("atacnet.crop_threshold must be between 0 and 1")
+        if not 0.0 < a.topk_ratio <= 1.0:
+            raise ValueError(f"atacnet.topk_ratio must be in (0, 1], got {a.topk_ratio}")
+        if not 0.0 <= a.real_anomaly_fraction <= 1.0:
+            raise ValueError(
+                "atacnet.real_anomaly_fraction must be between 0 and 1, "
+                f"got {a.real_anomaly_fraction}"
+            )
+
 
 def make_optimiser(model: nn.Module, settings: AtacNetConfig) -> torch.optim.Adam:
     """Adam over ``model.trainable_parameters()`` with the settings' lr and weight decay."""

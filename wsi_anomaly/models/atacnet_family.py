@@ -16,7 +16,6 @@ from torch.utils.data import DataLoader, Dataset
 
 from wsi_anomaly.models.atacnet import (
     RESNET50,
-    VARIANTS,
     ATACNet,
     AtacNetConfig,
     ResNet50Trunk,
@@ -59,26 +58,7 @@ class AtacNetFamily(ModelFamily):
     resizes_own_input = True
 
     def validate(self, config: Any) -> None:
-        a = config.atacnet
-        if a.variant not in VARIANTS:
-            raise ValueError(
-                "atacnet.variant must be cutmix_bce, weighted_ce, devnet or "
-                f"atacnet, got {a.variant!r}"
-            )
-        for name in ("epochs", "steps_per_epoch", "lr_step_epochs", "image_px"):
-            if getattr(a, name) < 1:
-                raise ValueError(f"atacnet.{name} must be at least 1")
-        if a.batch_size < 2:
-            raise ValueError("atacnet.batch_size must be at least 2 (half normal, half anomalous)")
-        if not 0.0 < a.crop_threshold < 1.0:
-            raise ValueError("atacnet.crop_threshold must be between 0 and 1")
-        if not 0.0 < a.topk_ratio <= 1.0:
-            raise ValueError(f"atacnet.topk_ratio must be in (0, 1], got {a.topk_ratio}")
-        if not 0.0 <= a.real_anomaly_fraction <= 1.0:
-            raise ValueError(
-                "atacnet.real_anomaly_fraction must be between 0 and 1, "
-                f"got {a.real_anomaly_fraction}"
-            )
+        config.atacnet.validate()
 
     def describe_schedule(self, config: Any) -> str:
         a = config.atacnet

@@ -170,6 +170,11 @@ class ModelFamily:
         ``backbone_weights``: for a family whose checkpoints record the backbone's identity
         instead of holding it (:attr:`stores_backbone` false), the weights file to load, checked
         against that identity (``ValueError`` in one line when it differs or is missing)."""
+        if backbone_weights is not None:
+            raise ValueError(
+                f"a {self.title} checkpoint holds its backbone's weights; --backbone-weights "
+                "is for models whose checkpoint records the backbone instead"
+            )
         model = self.make_model(config, self.backbone.unweighted(backbone_identity))
         model.load_state_dict(state_dict)
         return model
