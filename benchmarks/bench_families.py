@@ -196,7 +196,14 @@ def main(argv: list[str] | None = None) -> list[dict]:
         out = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO)
         line = next((ln for ln in out.stdout.splitlines() if ln.startswith("ROW ")), None)
         if line is None:
-            rows.append({"family": name, "slide": f"failed: {out.stderr.strip()[-300:]}"})
+            why = (
+                f"killed by signal {-out.returncode} (out of memory?)"
+                if out.returncode < 0
+                else out.stderr.strip().splitlines()[-1][-300:]
+                if out.stderr.strip()
+                else f"exit code {out.returncode}"
+            )
+            rows.append({"family": name, "slide": f"failed: {why}"})
         else:
             rows.append(json.loads(line[4:]))
         print(f"  {rows[-1]}", flush=True)
