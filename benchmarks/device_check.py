@@ -22,7 +22,10 @@ then measures:
   (``nvidia-smi`` sampled every 200 ms) and peak GPU and host memory.
 
 The model is a tiny HaloAE trained for two steps with random backbone weights: speed does not
-depend on the weights. ``--smoke`` runs the same code on the CPU with tiny sizes (batches 2 and
+depend on the weights. The memory-bank family (PatchCore: Wide ResNet-50-2 features, random
+weights) gets its own rows: fp32 and bf16 tiles/s through the scorer with a bank of
+``--bank-rows`` rows (16 384 on the GPU), and the exact nearest-neighbour search alone (one
+batch of patch queries against that bank). ``--smoke`` runs the same code on the CPU with tiny sizes (batches 2 and
 4, a 2048² slide tiled at 1 µm/px, no compile, no throughput row at the automatic size) in
 about a minute and a half.
 """
@@ -238,6 +241,56 @@ def tiny_checkpoint(out: Path, device: str) -> Path:
         overwrite=True,
     )
     return out
+
+
+def bank_checkpoint(out: Path, device: str, bank_rows: int, dims: int) -> Path:
+    """A PatchCore checkpoint (random Wide ResNet-50-2) whose bank is ``bank_rows`` random
+    rows: a fit over a handful of tiles, then the bank replaced (speed depends on its size,
+    not on its values)."""
+    import torch
+
+    from wsi_anomaly.checkpoint import load_checkpoint, save_checkpoint
+    from wsi_anomaly.config import load_config
+    from wsi_anomaly.training import train_model
+
+    config = load_config(
+        "patchcore_fast",
+        {
+            "model": {"backbone_weights": "random"},
+            "patchcore": {"target_dim": dims, "coreset_budget": 64},
+            "train": {"workers": 0, "calibration_tiles": 8},
+        },
+    )
+    train_model(
+        distinct_tiles(8, seed=2), config, out, device=device, tile_mpp=0.5, progress=False,
+        overwrite=True,
+    )  # fmt: skip
+    ckpt = load_checkpoint(out)
+    ckpt["state_dict"]["memory_bank"] = torch.rand(bank_rows, dims)
+    save_checkpoint({k: v for k, v in ckpt.items() if not k.startswith("format")}, out)
+    return out
+
+
+def bank_search(device: str, bank_rows: int, dims: int, queries: int, iters: int) -> dict:
+    """Seconds of one exact nearest-neighbour search of ``queries`` patch rows against a bank of
+    ``bank_rows`` (chunked matrix products on ``device``)."""
+    import torch
+
+    from wsi_anomaly.models.memory_bank import nearest_distance
+
+    bank = torch.rand(bank_rows, dims, device=device)
+    q = torch.rand(queries, dims, device=device)
+    nearest_distance(q, bank)  # warm-up
+    if device == "cuda":
+        torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    for _ in range(iters):
+        nearest_distance(q, bank)
+    if device == "cuda":
+        torch.cuda.synchronize()
+    seconds = (time.perf_counter() - t0) / iters
+    return {"section": "bank", "bank_rows": bank_rows, "dims": dims, "queries": queries,
+            "seconds": seconds}  # fmt: skip
 
 
 def spearman(a, b) -> float:
@@ -471,6 +524,17 @@ def table(result: dict) -> str:
         "≥ 90" if gpu else "",
         (s["gpu_busy_pct"] or 0) >= TARGETS["gpu_busy_pct"] if gpu else None,
     )
+    for r in result.get("bank_family", []):
+        if r.get("section") == "bank":
+            add(
+                "bank search s",
+                f"{r['queries']} patches vs {r['bank_rows']} × {r['dims']}",
+                r["seconds"],
+            )
+        elif "skipped" in r:
+            add("patchcore tiles/s", f"{r['precision']} batch {r['batch']}", r["skipped"])
+        else:
+            add("patchcore tiles/s", f"{r['precision']} eager batch {r['batch']}", r["tiles_per_s"])
     add("peak GPU MiB", "max over model rows and slide", result.get("peak_gpu_mib"))
     add("peak host RSS MiB", "whole run", result["peak_rss_mib"])
     return "\n".join(lines)
@@ -485,6 +549,7 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--slide-px", type=int, help="slide side, px (70000 on a GPU, 2048 smoke)")
     p.add_argument("--batches", type=int, nargs="+", help="batch sizes for the eager rows")
     p.add_argument("--no-compile", action="store_true", help="skip the torch.compile rows")
+    p.add_argument("--bank-rows", type=int, help="memory-bank rows (16384 on a GPU, 256 smoke)")
     args = p.parse_args(argv)
 
     installed = ensure_packages(args.wheels)
@@ -569,7 +634,28 @@ def main(argv: list[str] | None = None) -> dict:
         slide_batch,
         1.0 if smoke else None,
     )
-    peaks = [r["peak_gpu_mib"] for r in rows if "peak_gpu_mib" in r]
+    bank_rows = args.bank_rows or (256 if smoke else 16384)
+    dims = 1024
+    bank_ckpt = bank_checkpoint(work / "bank.pt", device, bank_rows, dims)
+    bank_rows_out: list[dict] = []
+    for precision in ("fp32", "bf16"):
+        batch = 2 if smoke else 64
+        try:
+            bank_rows_out.append(
+                model_throughput(bank_ckpt, device, precision, "off", batch, iters)
+            )
+        except Exception as exc:
+            bank_rows_out.append(
+                {"precision": precision, "batch": batch, "skipped": f"failed: {exc}"[:200]}
+            )
+        print(f"  patchcore {bank_rows_out[-1]}", flush=True)
+    # one batch of 64 tiles on the 28×28 patch grid: 50 176 queries (smoke: 2 tiles)
+    bank_rows_out.append(
+        bank_search(device, bank_rows, dims, (2 if smoke else 64) * 28 * 28, 1 if smoke else 5)
+    )
+    print(f"  bank search {bank_rows_out[-1]}", flush=True)
+    result["bank_family"] = bank_rows_out
+    peaks = [r["peak_gpu_mib"] for r in rows + bank_rows_out if "peak_gpu_mib" in r]
     if "peak_gpu_mib" in result["slide"]:
         peaks.append(result["slide"]["peak_gpu_mib"])
     result["peak_gpu_mib"] = max(peaks) if peaks else None

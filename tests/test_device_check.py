@@ -57,3 +57,10 @@ def test_smoke_prints_the_table_and_bf16_agrees(tmp_path):
     assert slide["size_px"] == 2048 and 9 <= slide["tiles"] <= 16
     assert slide["file_to_pictures_s"] > 0 and "total_s" in slide["timings_s"]
     assert result["peak_rss_mib"] > 0
+    bank = result["bank_family"]
+    assert [r["precision"] for r in bank if "precision" in r] == ["fp32", "bf16"]
+    assert all(r["tiles_per_s"] > 0 for r in bank if "tiles_per_s" in r)
+    search = [r for r in bank if r.get("section") == "bank"]
+    assert len(search) == 1 and search[0]["seconds"] > 0 and search[0]["bank_rows"] == 256
+    for measure in ("patchcore tiles/s", "bank search s"):
+        assert f"| {measure} |" in text, measure

@@ -28,7 +28,7 @@ def test_scorer_matches_calibration_definition(tiny_model, small_store):
 def test_colour_scale_is_fixed_by_training_distribution(tiny_model):
     scorer = Scorer(tiny_model, device="cpu")
     scale = colour_scale(scorer.calibration)
-    q = scorer.calibration["score_quantiles"]
+    q = scorer.calibration.score_quantiles
     assert scale.vmin == pytest.approx(q["0.5"])
     rgb = scale.to_rgb(np.array([scale.vmin, scale.vcenter, scale.vmax]))
     assert rgb[0, 2] > rgb[0, 0]  # blue at the training median

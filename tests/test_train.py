@@ -43,7 +43,7 @@ def test_checkpoint_is_complete_and_calibrated(tiny_model):
     assert ckpt["backbone"] == "vgg19-random" and ckpt["tile_mpp"] == 0.5
     assert ckpt["config"]["model"]["backbone_weights"] == "random"
     cal = ckpt["calibration"]
-    assert cal["mean_map"].shape == (64, 64) and cal["n_tiles"] == 4
+    assert cal["extras"]["mean_map"].shape == (64, 64) and cal["n_tiles"] == 4
     q = [cal["score_quantiles"][k] for k in ("0", "0.5", "0.99", "1")]
     assert q == sorted(q) and q[0] >= 0
     assert ckpt["software_version"]
@@ -210,7 +210,7 @@ def test_score_scale_comes_from_held_out_normal_tiles(small_store, tmp_path):
     assert calibration["scale_source"] == "held-out normal tiles"
     assert calibration["holdout"]["n_tiles"] >= MIN_HOLDOUT_TILES
     assert calibration["in_sample"]["score_quantiles"] != calibration["score_quantiles"]
-    assert calibration["mean_map"] is not None
+    assert calibration["extras"]["mean_map"] is not None
     # Too few tiles to hold out: in-sample, and said so.
     small = tmp_path / "s.pt"
     train_model(

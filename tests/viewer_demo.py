@@ -42,6 +42,7 @@ class StandInScorer:
     precision = "fp32"
     compile_mode = "off"
     batch_choice = BatchChoice(setting=8, batch_size=8)
+    map_px = 64  # the side of its maps, as a family declares it
 
     def __init__(self, path: Path):
         self.calibration = {

@@ -14,6 +14,7 @@ checked up front, by type and by range: a mistake is one line naming the key.
 from __future__ import annotations
 
 import dataclasses
+import math
 import typing
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
@@ -26,6 +27,15 @@ from .models.registry import family_names, family_sections, get_family
 from .outputs import write_text
 
 PRESET_DIR = Path(__file__).resolve().parent / "configs"
+
+
+def check_finite(section: Any, key: str) -> None:
+    """Every number of the dataclass ``section`` (called ``key``) is finite, or one-line
+    :class:`InvalidInputError` naming it (a YAML ``.inf`` or ``.nan`` is refused)."""
+    for f in fields(section):
+        value = getattr(section, f.name)
+        if isinstance(value, float) and not math.isfinite(value):
+            raise InvalidInputError(f"{key}.{f.name} must be a finite number, got {value}")
 
 
 @dataclass
@@ -63,29 +73,45 @@ class TrainConfig:
     calibration_tiles: int = 2000  # tiles used for the mean map and score quantiles
     calibration_holdout: float = 0.1  # normal tiles held out of training for the score scale
 
+    def validate(self) -> None:
+        """Types were checked on loading; here finiteness and ranges (one line naming the key)."""
+        check_finite(self, "train")
+        for name in (
+            "epochs",
+            "samples_per_epoch",
+            "batch_size",
+            "checkpoint_every",
+            "calibration_tiles",
+        ):
+            if getattr(self, name) < 1:
+                raise InvalidInputError(
+                    f"train.{name} must be at least 1, got {getattr(self, name)}"
+                )
+        if self.workers < 0:
+            raise InvalidInputError("train.workers must be ≥ 0")
+        if not 0.0 <= self.calibration_holdout < 1.0:
+            raise InvalidInputError(
+                f"train.calibration_holdout must be in [0, 1), got {self.calibration_holdout}"
+            )
+
 
 def _to_dict(self: Any) -> dict[str, Any]:
     return asdict(self)
 
 
 def _validate(self: Any) -> Any:
-    """Check ranges and the family's settings; returns ``self``."""
-    t = self.train
-    for name in (
-        "epochs",
-        "samples_per_epoch",
-        "batch_size",
-        "checkpoint_every",
-        "calibration_tiles",
-    ):
-        if getattr(t, name) < 1:
-            raise InvalidInputError(f"train.{name} must be at least 1, got {getattr(t, name)}")
-    if t.workers < 0:
-        raise InvalidInputError("train.workers must be ≥ 0")
-    if not 0.0 <= t.calibration_holdout < 1.0:
-        raise InvalidInputError(
-            f"train.calibration_holdout must be in [0, 1), got {t.calibration_holdout}"
-        )
+    """Check every section (each validates itself: types, finiteness, ranges) and the family's
+    settings; returns ``self``."""
+    for section in fields(self):
+        value = getattr(self, section.name)
+        if dataclasses.is_dataclass(value):
+            check_finite(value, section.name)
+            own = getattr(value, "validate", None)
+            if callable(own):
+                try:
+                    own()
+                except ValueError as exc:
+                    raise InvalidInputError(str(exc)) from None
     _check_positive(self)
     if self.model.name not in family_names():
         raise InvalidInputError(
@@ -175,6 +201,8 @@ def _check_value(where: str, hint: Any, value: Any) -> Any:
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise InvalidInputError(f"config key {where} must be a number, got {value!r}")
         value = float(value)
+        if not math.isfinite(value):
+            raise InvalidInputError(f"config key {where} must be a finite number, got {value!r}")
     elif kind == "str":
         if not isinstance(value, str):
             raise InvalidInputError(f"config key {where} must be a string, got {value!r}")

@@ -2,7 +2,7 @@
 
 1. Write a synthetic slide whose tumour and stroma regions are known.
 2. Tile its tumour region only (as a pathologist would from QuPath annotations).
-3. Train HaloAE on those tiles with the fast preset.
+3. Train a model (HaloAE by default) on those tiles with its family's fast preset.
 4. Score every tissue tile of the whole slide and draw the heatmap.
 5. Measure how well tile scores separate tumour (like the training tissue) from stroma.
 """
@@ -18,6 +18,8 @@ from pathlib import Path
 import numpy as np
 
 from .config import load_config
+from .errors import InvalidInputError
+from .models.registry import family_names, get_family
 from .pipeline import HeatmapSettings, run_cohort
 from .slide.synthetic import SyntheticSlide, write_synthetic_slide
 from .tiles import TileStore, TilingSettings, tile_slide
@@ -72,8 +74,24 @@ def run_demo(
     device: str = "auto",
     progress: bool = True,
     echo=print,
+    family: str = "haloae",
 ) -> DemoResult:
     from sklearn.metrics import roc_auc_score
+
+    try:
+        entry = get_family(family)
+    except ValueError as exc:
+        raise InvalidInputError(f"--family: {exc}") from None
+    if entry.weakly_supervised or not entry.fast_preset:
+        demo_families = [
+            n
+            for n in family_names()
+            if get_family(n).fast_preset and not get_family(n).weakly_supervised
+        ]
+        raise InvalidInputError(
+            f"the demo trains on normal tiles only: --family must be one of "
+            f"{', '.join(demo_families)}"
+        )
 
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
@@ -99,13 +117,10 @@ def run_demo(
 
     model = out / "model.pt"
     config = load_config(
-        "haloae_fast",
+        entry.fast_preset,
         {"model": {"backbone_weights": backbone_weights}, "train": DEMO_TRAIN, "seed": seed},
     )
-    echo(
-        f"[3/4] training HaloAE (fast preset, {config.train.epochs} epochs, VGG19 weights: "
-        f"{backbone_weights}) → {model}"
-    )
+    echo(f"[3/4] {entry.describe_training(config, tiled.n_tiles, 0)} → {model}")
     trained = train_model(
         ZarrTileDataset(store),
         config,

@@ -126,6 +126,7 @@ class HeatmapSettings:
     device: str = "auto"
     precision: str = "auto"
     compile: str = "off"  # off | default | max-autotune | reduce-overhead (torch.compile)
+    backbone_weights: str | None = None  # for models whose checkpoint records the backbone's hash
     read_workers: int = 0
     keep_maps: bool = False
     top_k: int = 16
@@ -279,7 +280,7 @@ def _recorded_slide_path(folder: Path) -> str | None:
         return None
 
 
-_SCORERS: dict[tuple[str, str, str, int | str, str], Scorer] = {}
+_SCORERS: dict[tuple[str, str, str, int | str, str, str | None], Scorer] = {}
 _SCORERS_LOCK = threading.Lock()
 
 
@@ -292,6 +293,7 @@ def _scorer(model: str | Path, settings: HeatmapSettings) -> Scorer:
         settings.precision,
         settings.batch_size,
         settings.compile,
+        settings.backbone_weights,
     )
     with _SCORERS_LOCK:
         if key not in _SCORERS:
@@ -301,6 +303,7 @@ def _scorer(model: str | Path, settings: HeatmapSettings) -> Scorer:
                 precision=settings.precision,
                 batch_size=settings.batch_size,
                 compile=settings.compile,
+                backbone_weights=settings.backbone_weights,
             )
         return _SCORERS[key]
 
@@ -565,7 +568,7 @@ def _tile_and_score(
 ) -> int:
     """Decode tiles once: write them to the store and score them, overlapping the stages."""
     with TileStoreWriter.for_tiles(store_path, kept, attrs) as writer:
-        writer.create_scores(settings.keep_maps)
+        writer.create_scores(settings.keep_maps, scorer.map_px)
         shards = stream_tiles(
             slide,
             kept,
@@ -585,7 +588,7 @@ def _score_store(
 ) -> int:
     """Score an existing tile store in place, shard by shard with read-ahead."""
     n, shard = len(store), store.shard_tiles
-    store.reset_scores(settings.keep_maps)
+    store.reset_scores(settings.keep_maps, scorer.map_px)
     bar = tqdm(
         total=n, unit="tile", desc=f"scoring {name}", disable=not settings.progress, leave=False
     )

@@ -37,6 +37,7 @@ from tqdm.auto import tqdm
 from .checkpoint import file_hash, load_checkpoint
 from .config import config_from_dict
 from .errors import CheckpointError, DeviceUnavailableError, InputNotFoundError, InvalidInputError
+from .models.calibration import Calibration
 from .models.registry import get_family
 from .outputs import atomic_path
 from .runtime import Runtime
@@ -133,7 +134,8 @@ def probe_batch_size(
 
 @dataclass
 class ScoreBatch:
-    """Scores of a batch: ``mean`` and ``max`` (B,) float32, ``maps`` (B, 64, 64) float32."""
+    """Scores of a batch: ``mean`` and ``max`` (B,) float32, ``maps`` (B, m, m) float32 (``m``:
+    the family's map size)."""
 
     mean: np.ndarray
     max: np.ndarray
@@ -164,6 +166,9 @@ class Scorer:
         precision: ``auto`` (bf16 on CUDA, fp32 on CPU) | ``fp32`` | ``bf16``.
         batch_size: tiles per forward pass, or ``auto`` (see the module's description).
         compile: ``off`` | ``default`` | ``max-autotune`` | ``reduce-overhead`` (CUDA graphs).
+        backbone_weights: the backbone weights file, for a family whose checkpoints record the
+            backbone's identity (name, sha256) instead of holding it; refused when its hash
+            differs.
         compiler: ``compiler(fn, mode)`` compiles the prediction function (``torch.compile``).
     """
 
@@ -175,6 +180,7 @@ class Scorer:
         batch_size: int | str = AUTO_BATCH,
         compile: str = "off",
         compiler: Callable[[Callable, str], Callable] = _torch_compile,
+        backbone_weights: str | None = None,
     ):
         batch_setting = check_batch_size(batch_size)
         self.compile_mode = check_compile_mode(compile)
@@ -191,9 +197,19 @@ class Scorer:
         except ValueError as exc:
             raise CheckpointError(f"{self.path}: {exc}") from None
         self.backbone: str = ckpt.get("backbone", "unknown")
-        model = self.family.restore(self.config, ckpt["state_dict"], self.backbone)
+        try:
+            model = self.family.restore(
+                self.config, ckpt["state_dict"], self.backbone, backbone_weights
+            )
+        except ValueError as exc:
+            raise CheckpointError(f"{self.path}: {exc}") from None
         self.model = self.runtime.prepare_model(model.eval())
-        self.calibration: dict[str, Any] = ckpt["calibration"]
+        try:
+            self.calibration = Calibration.from_dict(ckpt["calibration"])
+        except (KeyError, ValueError) as exc:
+            raise CheckpointError(f"{self.path}: {exc}; retrain the model") from None
+        #: Side of the maps the model gives (its family's patch grid or map size).
+        self.map_px: int = self.family.map_size(self.config)
         self._predict_calibration = self.family.calibration_to(self.calibration, self.device)
         self.tile_mpp: float | None = ckpt.get("tile_mpp")
         self.model_hash = file_hash(self.path)
@@ -491,11 +507,18 @@ def score_images(
     workers: int = 0,
     progress: bool = True,
     compile: str = "off",
+    backbone_weights: str | None = None,
 ) -> dict[str, Any]:
     """Score image files; write a CSV of per-image scores and, optionally, anomaly-map PNGs."""
     from .stitch import colour_scale, save_map_png
 
-    scorer = Scorer(model, device=device, batch_size=batch_size, compile=compile)
+    scorer = Scorer(
+        model,
+        device=device,
+        batch_size=batch_size,
+        compile=compile,
+        backbone_weights=backbone_weights,
+    )
     files = collect_image_paths(paths)
     dataset = ImageFolderDataset(files, scorer.tile_px)
     out_csv = Path(out_csv)

@@ -21,12 +21,15 @@ import uuid
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 from PIL import Image
 
 from .outputs import atomic_path
+
+if TYPE_CHECKING:
+    from .models.calibration import Calibration
 
 
 @dataclass(frozen=True)
@@ -92,14 +95,22 @@ class ColourScale:
 
 
 def colour_scale(
-    calibration: Mapping[str, Any], which: str = "mean", cmap: str = "coolwarm"
+    calibration: Calibration | Mapping[str, Any], which: str = "mean", cmap: str = "coolwarm"
 ) -> ColourScale:
-    """The fixed scale of a model: training median → blue, 99th percentile → white.
+    """The fixed scale of a model: training median → blue, 99th percentile → white; the
+    "Anomalous" threshold is the model's (:meth:`Calibration.threshold`).
 
     ``which`` picks the tile-mean (``"mean"``) or tile-max (``"max"``, for pixel maps) scores.
     """
-    q = calibration["score_quantiles" if which == "mean" else "max_score_quantiles"]
-    return ColourScale.from_quantiles(float(q["0.5"]), float(q["0.99"]), cmap)
+    if isinstance(calibration, Mapping):  # a checkpoint's plain calibration
+        q = calibration["score_quantiles" if which == "mean" else "max_score_quantiles"]
+        median, p99, threshold = float(q["0.5"]), float(q["0.99"]), float(q["0.99"])
+    else:
+        q = calibration.quantiles(which)
+        median, p99, threshold = float(q["0.5"]), float(q["0.99"]), calibration.threshold(which)
+    return ColourScale.from_quantiles(
+        median, p99, cmap, anomalous_at=None if threshold == p99 else threshold
+    )
 
 
 #: ``--scale`` choices: the model's fixed training scale, or the slide's own percentiles.
@@ -500,14 +511,21 @@ def _nan_downsample2(grid: np.ndarray) -> np.ndarray:
         return np.where(count > 0, total / count, np.nan).astype(np.float32)
 
 
-#: Pixels per tile side in the NGFF pixel-level map (each 64×64 tile map is area-averaged).
+#: At most this many pixels per tile side in the NGFF pixel-level map (a 64×64 tile map is
+#: area-averaged to 16×16; smaller patch grids, 14×14 say, keep their own side).
 PIXEL_MAP_PX = 16
 
 
+def pixel_map_side(map_px: int) -> int:
+    """Pixels per tile side of the NGFF pixel-level map for ``map_px``-square tile maps: the
+    largest divisor of ``map_px`` not above :data:`PIXEL_MAP_PX` (exact area averages)."""
+    return max(d for d in range(1, min(map_px, PIXEL_MAP_PX) + 1) if map_px % d == 0)
+
+
 def _pixel_grid(geometry: SlideGeometry, grid_index: np.ndarray, maps: np.ndarray) -> np.ndarray:
-    """Tile maps (N, h, w) laid side by side: (rows·f, cols·f) float32, NaN where no tile."""
+    """Tile maps (N, h, h) laid side by side: (rows·f, cols·f) float32, NaN where no tile."""
     n, h, w = maps.shape
-    f = PIXEL_MAP_PX
+    f = pixel_map_side(h)
     small = maps.astype(np.float32).reshape(n, f, h // f, f, w // f).mean(axis=(2, 4))
     grid = np.full((geometry.grid_rows * f, geometry.grid_cols * f), np.nan, np.float32)
     for (col, row), tile in zip(grid_index, small):
@@ -530,9 +548,9 @@ def _write_ngff(
 
     Physical units are slide micrometres; a pixel centre lies at ``index·scale + translation``
     (napari's convention), i.e. level-0 cell c is centred on [x, x+stride)'s middle. Level "1"
-    (2× nan-mean) is added when the grid is at least 2×2. With ``maps`` (N, 64, 64) and
+    (2× nan-mean) is added when the grid is at least 2×2. With square ``maps`` (N, m, m) and
     non-overlapping tiles, a sub-image ``pixel/`` (its own NGFF multiscales) holds the finer
-    anomaly map, PIXEL_MAP_PX pixels per tile side.
+    anomaly map, :func:`pixel_map_side` pixels per tile side.
 
     Display hints (``omero``: the window of the colour scale, labelled with its basis — the
     model's fixed training scale or this slide's own) let viewers show the scores on the same
@@ -629,12 +647,15 @@ def _write_ngff(
             maps is not None
             and len(maps) == len(grid_index)
             and abs(geometry.stride_l0 - geometry.tile_size_l0) < 1e-6
-            and maps.shape[1] % PIXEL_MAP_PX == 0
-            and maps.shape[2] % PIXEL_MAP_PX == 0
+            and maps.ndim == 3
+            and maps.shape[1] == maps.shape[2]
+            and maps.shape[1] > 0
         )
         if fine:
+            assert maps is not None
+            side = pixel_map_side(maps.shape[1])
             pixel = _pixel_grid(geometry, grid_index, np.asarray(maps))
-            px_l0 = stride / PIXEL_MAP_PX
+            px_l0 = stride / side
             sub = group.create_group("pixel")
             sub.attrs["ome"] = {
                 "version": "0.5",
@@ -655,7 +676,7 @@ def _write_ngff(
                 dimension_names=["y", "x"],
             )[...] = pixel
             images["pixel"] = (
-                f"pixel-level anomaly map, {PIXEL_MAP_PX} pixels per tile side "
+                f"pixel-level anomaly map, {side} pixels per tile side "
                 "(its own OME-NGFF multiscales image)"
             )
         group.attrs["wsi_anomaly"] = {**(provenance or {}), "images": images}

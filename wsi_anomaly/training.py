@@ -30,6 +30,7 @@ from tqdm.auto import tqdm
 from .checkpoint import load_checkpoint, save_checkpoint
 from .config import config_from_dict, save_config
 from .errors import InvalidInputError
+from .models.calibration import Calibration
 from .models.family import Epoch, ModelFamily
 from .models.registry import FAMILIES, family_sections, get_family
 from .outputs import check_free_space, check_output_file, validate_output_name
@@ -86,8 +87,8 @@ def calibrate(
     batch_size: int = 16,
     workers: int = 0,
     progress: bool = True,
-    reference: dict[str, Any] | None = None,
-) -> dict[str, Any]:
+    reference: Calibration | None = None,
+) -> Calibration:
     """The family's calibration (training-normal mean map and/or score quantiles) from up to
     ``n_tiles`` tiles spread evenly over ``dataset`` (no augmentation). With ``reference`` (the
     training tiles' calibration), ``dataset`` holds held-out normal tiles scored as a slide's
@@ -102,7 +103,10 @@ def calibrate(
             loader, desc="calibrating", unit="batch", disable=not progress, leave=False
         )
     ]
-    return family.summarise_calibration(parts, reference)
+    try:
+        return family.summarise_calibration(parts, reference)
+    except ValueError as exc:
+        raise InvalidInputError(f"calibration failed: {exc}; no checkpoint written") from None
 
 
 def _size(dataset: Dataset) -> int:
@@ -179,6 +183,8 @@ def _prepare_run(
         )
     # The saved settings win; only the schedule length may be extended on resume.
     for key in ["train", *sections]:
+        if not hasattr(getattr(saved, key), "epochs"):
+            continue
         saved = dataclasses.replace(
             saved,
             **{key: dataclasses.replace(getattr(saved, key), epochs=getattr(config, key).epochs)},
@@ -243,7 +249,7 @@ def train_model(
     seed_everything(config.seed)
     if state is None:
         model = family.build(config)
-        backbone = str(model.backbone_identity)
+        backbone = str(getattr(model, "backbone_identity", "none"))
     else:  # the backbone's weights and identity come from the checkpoint: no download
         backbone = state["backbone"]
         model = family.restore(config, state["state_dict"], backbone)
@@ -252,10 +258,11 @@ def train_model(
     )
     model = runtime.prepare_model(model)
     optimiser = family.optimiser(model, config)
-    scheduler = family.scheduler(optimiser, config)
+    scheduler = family.scheduler(optimiser, config) if optimiser is not None else None
     start_epoch, history = 0, []
     if state is not None:
-        optimiser.load_state_dict(state["train_state"]["optimizer"])
+        if optimiser is not None:
+            optimiser.load_state_dict(state["train_state"]["optimizer"])
         if scheduler is not None:
             scheduler.load_state_dict(state["train_state"]["scheduler"])
         start_epoch = int(state["train_state"]["epoch"]) + 1
@@ -263,7 +270,9 @@ def train_model(
     extras = family.checkpoint_extras(data, dataset)
 
     def payload(epoch: int) -> dict[str, Any]:
-        train_state: dict[str, Any] = {"epoch": epoch, "optimizer": optimiser.state_dict()}
+        train_state: dict[str, Any] = {"epoch": epoch}
+        if optimiser is not None:
+            train_state["optimizer"] = optimiser.state_dict()
         if scheduler is not None:
             train_state["scheduler"] = scheduler.state_dict()
         return {
@@ -289,12 +298,7 @@ def train_model(
             leave=False,
         )
         for batch in bar:
-            stats = family.train_step(ep, batch)
-            if not math.isfinite(stats["loss"]):
-                raise InvalidInputError(
-                    f"training diverged at epoch {epoch + 1} (loss "
-                    f"{stats['loss']}); lower {family.schedule_section}.lr"
-                )
+            stats = _step(family, ep, batch, steps)
             seen += int(stats.pop("images"))
             steps += 1
             for k, v in stats.items():
@@ -306,8 +310,12 @@ def train_model(
         record = family.epoch_record(ep, sums, steps)
         history.append(record)
         log.info("epoch %d/%d  %s", epoch + 1, total_epochs, family.describe_epoch(record))
-        if (epoch + 1) % t.checkpoint_every == 0 and epoch + 1 < total_epochs:
+        # A fit without an optimiser keeps what it gathers outside the weights until
+        # fit_end: only gradient fits can stop and resume between epochs.
+        resumable = optimiser is not None
+        if resumable and (epoch + 1) % t.checkpoint_every == 0 and epoch + 1 < total_epochs:
             save_checkpoint({**payload(epoch), "complete": False}, partial)
+    family.fit_end(model, config)
     seconds = time.perf_counter() - t0
 
     calibration = calibrate(
@@ -320,9 +328,9 @@ def train_model(
         progress=progress,
     )
     in_sample = {
-        k: calibration[k]
-        for k in ("n_tiles", "score_quantiles", "max_score_quantiles")
-        if k in calibration
+        "n_tiles": calibration.n_tiles,
+        "score_quantiles": calibration.score_quantiles,
+        "max_score_quantiles": calibration.max_score_quantiles,
     }
     if held_idx:
         held = calibrate(
@@ -335,17 +343,16 @@ def train_model(
             progress=progress,
             reference=calibration,
         )
-        calibration = {
-            **held,
-            "mean_map": calibration.get("mean_map"),
-            "scale_source": "held-out normal tiles",
-            "in_sample": in_sample,
-            "holdout": {
+        calibration = held.with_scale(
+            extras=calibration.extras,
+            scale_source="held-out normal tiles",
+            in_sample=in_sample,
+            holdout={
                 "fraction": float(t.calibration_holdout),
                 "n_tiles": len(held_idx),
                 "sources": groups,
             },
-        }
+        )
     else:
         if t.calibration_holdout == 0:
             log.info(
@@ -360,11 +367,10 @@ def train_model(
                 round(100 * t.calibration_holdout),
                 MIN_HOLDOUT_TILES,
             )
-        calibration = {
-            **calibration,
-            "scale_source": "training tiles (in-sample)",
-            "holdout": {"fraction": 0.0, "n_tiles": 0, "sources": groups},
-        }
+        calibration = calibration.with_scale(
+            scale_source="training tiles (in-sample)",
+            holdout={"fraction": 0.0, "n_tiles": 0, "sources": groups},
+        )
     return _finish(
         out,
         config,
@@ -394,7 +400,10 @@ def _payload(
     return {
         "model_name": config.model.name,
         "config": config.to_dict(),
-        "state_dict": {k: v.detach().cpu() for k, v in model.state_dict().items()},
+        "state_dict": {
+            k: v.detach().cpu()
+            for k, v in get_family(config.model.name).checkpoint_state(model).items()
+        },
         "backbone": str(backbone),
         "tile_mpp": None if tile_mpp is None else float(tile_mpp),
         "training_source": None if source is None else str(source),
@@ -409,14 +418,14 @@ def _finish(
     out: Path,
     config: Any,
     payload: dict[str, Any],
-    calibration: dict[str, Any],
+    calibration: Calibration,
     epochs: int,
     seconds: float,
     seen: int,
     history: list[dict[str, float]],
 ) -> TrainResult:
     """Write the final checkpoint and the resolved config; drop the resumable checkpoint."""
-    save_checkpoint({**payload, "complete": True, "calibration": calibration}, out)
+    save_checkpoint({**payload, "complete": True, "calibration": calibration.to_dict()}, out)
     save_config(config, out.with_name(out.stem + ".config.yaml"))
     resume_path(out).unlink(missing_ok=True)
     return TrainResult(
@@ -425,5 +434,33 @@ def _finish(
         seconds,
         seen / seconds if seconds > 0 else math.nan,
         history,
-        calibration["score_quantiles"],
+        calibration.score_quantiles,
     )
+
+
+def _step(family: ModelFamily, ep: Epoch, batch: Any, step: int) -> dict[str, float]:
+    """One batch of a fit: the family's step, then, with an optimiser, ``backward`` and the
+    optimiser's step. A non-finite loss stops training before the weights change."""
+    if ep.optimiser is None:
+        with torch.no_grad():
+            result = family.train_step(ep, batch)
+    else:
+        result = family.train_step(ep, batch)
+    stats = dict(result.stats)
+    if result.loss is None:
+        if ep.optimiser is not None:
+            raise RuntimeError(f"{family.name}: a family with an optimiser must give a loss")
+        return stats
+    value = float(result.loss.detach())
+    if not math.isfinite(value):
+        raise InvalidInputError(
+            f"training diverged at epoch {ep.epoch + 1}, step {step + 1} (loss {value}); "
+            f"no checkpoint written — lower {family.schedule_section}.lr"
+        )
+    stats["loss"] = value
+    if ep.optimiser is not None:
+        ep.optimiser.zero_grad(set_to_none=True)
+        result.loss.backward()
+        stats.update(family.before_optimiser_step(ep))
+        ep.optimiser.step()
+    return stats

@@ -33,6 +33,13 @@ def add_parser(sub, parents: list[argparse.ArgumentParser]) -> None:
         "or a state-dict file",
     )
     add_device_option(p)
+    p.add_argument(
+        "--family",
+        default="haloae",
+        metavar="FAMILY",
+        help="model family trained on the tumour tiles with its fast preset (haloae, default; "
+        "patchcore)",
+    )
 
 
 def run(args: argparse.Namespace) -> int:
@@ -46,6 +53,7 @@ def run(args: argparse.Namespace) -> int:
         backbone_weights=args.backbone_weights,
         device=args.device,
         progress=not args.quiet,
+        family=args.family,
     )
     outputs = result.summary["outputs"]
     print(

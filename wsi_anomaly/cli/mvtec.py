@@ -122,7 +122,7 @@ def run(args: argparse.Namespace) -> int:
                 raise InvalidInputError(
                     f"{flag} is for the weakly supervised protocol of a "
                     "family trained with labelled anomalies, such as "
-                    "--family atacnet"
+                    + " or ".join(f"--family {n}" for n in _weak_families())
                 )
     config = load_config(args.config or preset, opt.config_overrides(args, schedule))
     settings = BenchmarkSettings(
@@ -182,3 +182,9 @@ def run(args: argparse.Namespace) -> int:
     print(result.markdown, end="")
     print(f"\ntables: {result.table_csv}, {result.table_md}")
     return 0
+
+
+def _weak_families() -> list[str]:
+    from ..models.registry import family_names, get_family
+
+    return [name for name in family_names() if get_family(name).weakly_supervised]

@@ -229,7 +229,14 @@ def add_out_folder_option(p: argparse.ArgumentParser, default: str) -> None:
 
 
 def add_scoring_options(p: argparse.ArgumentParser, what: str) -> None:
-    """``--batch-size N|auto`` and ``--compile MODE`` of the commands that score with a model."""
+    """``--batch-size N|auto``, ``--compile MODE`` and ``--backbone-weights FILE`` of the
+    commands that score with a model."""
+    p.add_argument(
+        "--backbone-weights",
+        metavar="FILE",
+        help="the backbone weights file a model was fitted with, for models whose checkpoint "
+        "records the backbone's sha256 instead of holding it (checked against that hash)",
+    )
     p.add_argument(
         "--batch-size",
         type=batch_size,
@@ -250,8 +257,14 @@ def add_scoring_options(p: argparse.ArgumentParser, what: str) -> None:
 
 def scoring_settings(args: argparse.Namespace) -> dict[str, Any]:
     """The scorer's keyword arguments from :func:`add_scoring_options` and
-    :func:`add_device_option`: ``device``, ``batch_size`` and ``compile``."""
-    return {"device": args.device, "batch_size": args.batch_size, "compile": args.compile}
+    :func:`add_device_option`: ``device``, ``batch_size``, ``compile`` and
+    ``backbone_weights``."""
+    return {
+        "device": args.device,
+        "batch_size": args.batch_size,
+        "compile": args.compile,
+        "backbone_weights": args.backbone_weights,
+    }
 
 
 def add_loader_workers_option(

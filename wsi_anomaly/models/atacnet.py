@@ -49,6 +49,8 @@ __all__ = [
     "make_scheduler",
     "topk_count",
     "topk_score",
+    "clip_gradients",
+    "step_loss",
     "train_step",
     "weighted_ce_loss",
 ]
@@ -637,6 +639,29 @@ class AtacNetConfig:
     rotation_degrees: float = 180.0
     real_anomaly_fraction: float = 0.5  # share of the anomalous half drawn from the labelled ones
 
+    def validate(self) -> None:
+        """Ranges of the section's values; ``ValueError`` naming the key."""
+        a = self
+        if a.variant not in VARIANTS:
+            raise ValueError(
+                "atacnet.variant must be cutmix_bce, weighted_ce, devnet or "
+                f"atacnet, got {a.variant!r}"
+            )
+        for name in ("epochs", "steps_per_epoch", "lr_step_epochs", "image_px"):
+            if getattr(a, name) < 1:
+                raise ValueError(f"atacnet.{name} must be at least 1")
+        if a.batch_size < 2:
+            raise ValueError("atacnet.batch_size must be at least 2 (half normal, half anomalous)")
+        if not 0.0 < a.crop_threshold < 1.0:
+            raise ValueError("atacnet.crop_threshold must be between 0 and 1")
+        if not 0.0 < a.topk_ratio <= 1.0:
+            raise ValueError(f"atacnet.topk_ratio must be in (0, 1], got {a.topk_ratio}")
+        if not 0.0 <= a.real_anomaly_fraction <= 1.0:
+            raise ValueError(
+                "atacnet.real_anomaly_fraction must be between 0 and 1, "
+                f"got {a.real_anomaly_fraction}"
+            )
+
 
 def make_optimiser(model: nn.Module, settings: AtacNetConfig) -> torch.optim.Adam:
     """Adam over ``model.trainable_parameters()`` with the settings' lr and weight decay."""
@@ -656,28 +681,24 @@ def make_scheduler(
     )
 
 
-def train_step(
+def step_loss(
     model: ATACNet,
-    optimiser: torch.optim.Optimizer,
     images: torch.Tensor,
     labels: torch.Tensor,
     variant: str | None = None,
-    grad_clip_norm: float | None = 1.0,
     precision: str = "fp32",
-) -> dict[str, float]:
-    """One optimisation step of the ATAC-Net paper's Algorithm 2 on a balanced batch.
+) -> tuple[torch.Tensor, dict[str, float]]:
+    """The loss of the ATAC-Net paper's Algorithm 2 on a balanced batch, before ``backward``.
 
     Args:
         model: an :class:`ATACNet`; switched to training mode.
-        optimiser: over ``model.trainable_parameters()``.
         images: ``B×3×H×W`` standardised images on the model's device.
         labels: ``B`` targets (0 normal, 1 anomalous pool).
         variant: the loss to use; ``None`` (or equal to ``model.variant``) for the model's own.
-        grad_clip_norm: clip the global gradient norm to this (``None``: no clipping).
         precision: ``"fp32"`` or ``"bf16"`` (autocast of the forward pass).
 
     Returns:
-        ``loss``, ``grad_norm`` (before clipping), ``score_normal`` and ``score_anomalous`` (batch
+        The scalar loss (with its graph) and ``score_normal`` and ``score_anomalous`` (batch
         means; NaN when the batch has none) as floats.
     """
     variant = model.variant if variant is None else variant
@@ -699,17 +720,45 @@ def train_step(
     loss = atacnet_loss(
         variant, outputs, labels, model.margin, model.anomaly_weight, model.normal_weight
     )
-    optimiser.zero_grad(set_to_none=True)
-    loss.backward()
-    params = [p for group in optimiser.param_groups for p in group["params"]]
-    max_norm = float("inf") if grad_clip_norm is None else grad_clip_norm
-    grad_norm = torch.nn.utils.clip_grad_norm_(params, max_norm)
-    optimiser.step()
     scores = outputs["score"].detach().float()
     normal, anomalous = scores[labels < 0.5], scores[labels >= 0.5]
-    return {
-        "loss": float(loss.detach()),
-        "grad_norm": float(grad_norm),
+    return loss, {
         "score_normal": float(normal.mean()) if len(normal) else float("nan"),
         "score_anomalous": float(anomalous.mean()) if len(anomalous) else float("nan"),
     }
+
+
+def clip_gradients(optimiser: torch.optim.Optimizer, grad_clip_norm: float | None) -> float:
+    """Clip the global gradient norm of ``optimiser``'s parameters to ``grad_clip_norm``
+    (``None``: no clipping); returns the norm before clipping."""
+    params = [p for group in optimiser.param_groups for p in group["params"]]
+    max_norm = float("inf") if grad_clip_norm is None else grad_clip_norm
+    return float(torch.nn.utils.clip_grad_norm_(params, max_norm))
+
+
+def train_step(
+    model: ATACNet,
+    optimiser: torch.optim.Optimizer,
+    images: torch.Tensor,
+    labels: torch.Tensor,
+    variant: str | None = None,
+    grad_clip_norm: float | None = 1.0,
+    precision: str = "fp32",
+) -> dict[str, float]:
+    """One optimisation step of Algorithm 2 (:func:`step_loss`, then ``backward``, clipping and
+    the optimiser's step), for scripts outside the training loop. A non-finite loss is
+    returned without touching the weights.
+
+    Returns:
+        ``loss``, ``grad_norm`` (before clipping; NaN when not stepped), ``score_normal`` and
+        ``score_anomalous`` as floats.
+    """
+    loss, stats = step_loss(model, images, labels, variant, precision)
+    value = float(loss.detach())
+    if not math.isfinite(value):
+        return {"loss": value, "grad_norm": float("nan"), **stats}
+    optimiser.zero_grad(set_to_none=True)
+    loss.backward()
+    grad_norm = clip_gradients(optimiser, grad_clip_norm)
+    optimiser.step()
+    return {"loss": value, "grad_norm": grad_norm, **stats}

@@ -16,13 +16,13 @@ from torch.utils.data import DataLoader, Dataset
 
 from wsi_anomaly.models.atacnet import (
     RESNET50,
-    VARIANTS,
     ATACNet,
     AtacNetConfig,
     ResNet50Trunk,
+    clip_gradients,
     make_optimiser,
     make_scheduler,
-    train_step,
+    step_loss,
 )
 from wsi_anomaly.models.atacnet_data import (
     AtacNetData,
@@ -31,7 +31,8 @@ from wsi_anomaly.models.atacnet_data import (
     preprocess,
     random_rotation,
 )
-from wsi_anomaly.models.family import Epoch, EpochRng, ModelFamily, Prediction, score_summary
+from wsi_anomaly.models.calibration import Calibration
+from wsi_anomaly.models.family import Epoch, EpochRng, ModelFamily, Prediction, Step
 
 #: Side of the maps :meth:`AtacNetFamily.predict` returns (the 7×7 cells, up-sampled).
 MAP_PX = 64
@@ -41,6 +42,7 @@ class AtacNetFamily(ModelFamily):
     name = "atacnet"
     title = "ATAC-Net"
     default_preset = "atacnet"
+    fast_preset = "atacnet_fast"
     section = "atacnet"
     section_type = AtacNetConfig
     schedule_section = "atacnet"
@@ -56,26 +58,7 @@ class AtacNetFamily(ModelFamily):
     resizes_own_input = True
 
     def validate(self, config: Any) -> None:
-        a = config.atacnet
-        if a.variant not in VARIANTS:
-            raise ValueError(
-                "atacnet.variant must be cutmix_bce, weighted_ce, devnet or "
-                f"atacnet, got {a.variant!r}"
-            )
-        for name in ("epochs", "steps_per_epoch", "lr_step_epochs", "image_px"):
-            if getattr(a, name) < 1:
-                raise ValueError(f"atacnet.{name} must be at least 1")
-        if a.batch_size < 2:
-            raise ValueError("atacnet.batch_size must be at least 2 (half normal, half anomalous)")
-        if not 0.0 < a.crop_threshold < 1.0:
-            raise ValueError("atacnet.crop_threshold must be between 0 and 1")
-        if not 0.0 < a.topk_ratio <= 1.0:
-            raise ValueError(f"atacnet.topk_ratio must be in (0, 1], got {a.topk_ratio}")
-        if not 0.0 <= a.real_anomaly_fraction <= 1.0:
-            raise ValueError(
-                "atacnet.real_anomaly_fraction must be between 0 and 1, "
-                f"got {a.real_anomaly_fraction}"
-            )
+        config.atacnet.validate()
 
     def describe_schedule(self, config: Any) -> str:
         a = config.atacnet
@@ -155,32 +138,30 @@ class AtacNetFamily(ModelFamily):
         )
         return DataLoader(data, batch_sampler=sampler, num_workers=workers, pin_memory=pin_memory)
 
-    def train_step(self, ep: Epoch, batch: Any) -> dict[str, float]:
+    def train_step(self, ep: Epoch, batch: Any) -> Step:
         a = ep.config.atacnet
         images, labels = batch
         images, targets = cutmix_anomalous_half(images, labels, ep.aug)
         images = random_rotation(images, ep.aug, a.rotation_degrees)
-        stats = train_step(
+        loss, stats = step_loss(
             cast(ATACNet, ep.model),
-            ep.optimiser,
             images.to(ep.runtime.device, non_blocking=True),
             targets,
-            grad_clip_norm=a.grad_clip_norm,
             precision=ep.runtime.precision,
         )
-        return {
-            "loss": stats["loss"],
-            "score_normal": stats["score_normal"],
-            "score_anomalous": stats["score_anomalous"],
-            "images": float(len(images)),
-        }
+        return Step(loss, {**stats, "images": float(len(images))})
+
+    def before_optimiser_step(self, ep: Epoch) -> dict[str, float]:
+        assert ep.optimiser is not None
+        clip_gradients(ep.optimiser, ep.config.atacnet.grad_clip_norm)
+        return {}
 
     def epoch_record(self, ep: Epoch, sums: Mapping[str, float], steps: int) -> dict[str, float]:
         steps_per_epoch = ep.config.atacnet.steps_per_epoch
         return {
             "epoch": ep.epoch,
             **{k: v / steps_per_epoch for k, v in sums.items()},
-            "lr": ep.optimiser.param_groups[0]["lr"],
+            "lr": ep.optimiser.param_groups[0]["lr"] if ep.optimiser is not None else 0.0,
         }
 
     def calibration_batch(self, model: nn.Module, batch: Any, runtime: Any) -> torch.Tensor:
@@ -189,11 +170,10 @@ class AtacNetFamily(ModelFamily):
             return cast(ATACNet, model).score(runtime.to_device(x)).float().cpu()
 
     def summarise_calibration(
-        self, parts: list[torch.Tensor], reference: Mapping[str, Any] | None = None
-    ) -> dict[str, Any]:
+        self, parts: list[torch.Tensor], reference: Calibration | None = None
+    ) -> Calibration:
         values = torch.cat(parts)
-        summary = score_summary(values, values)
-        return {"mean_map": None, **summary}
+        return Calibration.from_scores(values, values)
 
     def checkpoint_extras(self, data: Dataset, normals: Dataset) -> dict[str, Any]:
         return {"n_labelled_anomalies": len(cast(Sized, data)) - len(cast(Sized, normals))}

@@ -15,8 +15,17 @@ The family owns:
   download, the identity the checkpoint recorded);
 - its input transform (:meth:`transform`: tiles as stored, or float images, to the model's input,
   on the device) and :meth:`predict` → ``(score, max, map)``;
-- the pieces of its training loop (:meth:`training_data`, :meth:`loader`, :meth:`train_step`, …);
-  the loop itself, progress bars, logging and checkpoints live in :mod:`wsi_anomaly.training`.
+- the pieces of its training loop (:meth:`training_data`, :meth:`loader`, :meth:`train_step`,
+  :meth:`fit_end`, …); the loop itself, ``backward`` and the optimiser's step, the non-finite
+  loss rule, progress bars, logging and checkpoints live in :mod:`wsi_anomaly.training`;
+- its map size (:attr:`map_px`) and its calibration (:meth:`summarise_calibration` →
+  :class:`~wsi_anomaly.models.calibration.Calibration`, with the family's own ``extras``).
+
+Two kinds of fit share the loop. A family with an optimiser (:meth:`optimiser` returns one)
+gives a loss per step (:class:`Step`) and the loop does ``backward`` and ``step``; a family
+without one (the default, ``None``) is fitted by passes over normal tiles with no gradient (its
+:meth:`train_step` runs under ``torch.no_grad`` and gives no loss), then :meth:`fit_end` (e.g.
+selecting a coreset) runs once before calibration.
 
 ``config`` below is the package's resolved ``Config`` (sections as attributes). Methods raise
 ``ValueError`` for values they cannot use; config validation and the training loop turn those
@@ -29,31 +38,15 @@ from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any, NamedTuple
 
-import numpy as np
 import torch
 from torch import Tensor, nn
 from torch.utils.data import Dataset
 
+from wsi_anomaly.models.calibration import Calibration
 from wsi_anomaly.models.weights import Backbone
-
-#: Quantiles of the training tiles' scores saved in every checkpoint's calibration.
-SCORE_QUANTILES = (0.0, 0.01, 0.05, 0.25, 0.5, 0.75, 0.95, 0.99, 1.0)
 
 #: ``rng(stream)``: the training loop's reproducible generator of one purpose for this epoch.
 EpochRng = Callable[[int], torch.Generator]
-
-
-def score_summary(mean_scores: torch.Tensor, max_scores: torch.Tensor) -> dict[str, Any]:
-    """Quantiles, mean and standard deviation of training scores (``N`` each), as plain floats."""
-    means = mean_scores.numpy().astype(np.float64)
-    peaks = max_scores.numpy().astype(np.float64)
-    return {
-        "n_tiles": len(means),
-        "score_quantiles": {f"{q:g}": float(np.quantile(means, q)) for q in SCORE_QUANTILES},
-        "max_score_quantiles": {f"{q:g}": float(np.quantile(peaks, q)) for q in SCORE_QUANTILES},
-        "score_mean": float(means.mean()),
-        "score_std": float(means.std()),
-    }
 
 
 class Prediction(NamedTuple):
@@ -63,8 +56,19 @@ class Prediction(NamedTuple):
     score: Tensor
     #: ``B`` peak values of the anomaly maps (the score itself where a family has no maps).
     max: Tensor
-    #: ``B×64×64`` anomaly maps, or ``None`` when not asked for.
+    #: ``B×map_px×map_px`` anomaly maps (:attr:`ModelFamily.map_px`), or ``None`` when not
+    #: asked for.
     map: Tensor | None
+
+
+class Step(NamedTuple):
+    """What :meth:`ModelFamily.train_step` gives for one batch."""
+
+    #: The scalar to minimise, with its graph (the loop calls ``backward``); ``None`` for a fit
+    #: without gradients.
+    loss: Tensor | None
+    #: The family's terms (:attr:`ModelFamily.loss_terms`) and ``images`` (inputs seen), floats.
+    stats: dict[str, float]
 
 
 @dataclass(frozen=True)
@@ -72,7 +76,8 @@ class Epoch:
     """What stays the same for every step of one training epoch."""
 
     model: nn.Module
-    optimiser: torch.optim.Optimizer
+    #: ``None`` for a family fitted without gradients.
+    optimiser: torch.optim.Optimizer | None
     config: Any
     epoch: int
     #: The epoch's augmentation generator (:meth:`ModelFamily.augmenter`).
@@ -88,8 +93,9 @@ class ModelFamily:
     name: str = ""
     #: How people write it ("HaloAE").
     title: str = ""
-    #: Preset used when no ``--config`` is given.
+    #: Preset used when no ``--config`` is given, and the short one for CPUs and the demo.
     default_preset: str = ""
+    fast_preset: str = ""
     #: The family's own config section (key in the YAML files) and its dataclass; ``None`` when
     #: the family keeps its knobs in the shared ``model`` and ``train`` sections.
     section: str | None = None
@@ -105,6 +111,15 @@ class ModelFamily:
     score_names: tuple[str, ...] = ("mean", "max")
     #: Whether :meth:`predict` gives maps that localise anomalies (pixel metrics make sense).
     has_maps: bool = True
+    #: Side of the square maps :meth:`predict` gives (any patch grid: 14, 16, 28, 64, …).
+    map_px: int = 64
+    #: Whether checkpoints hold the backbone's weights; when false they record its identity
+    #: (name and sha256) and :meth:`checkpoint_state` leaves the backbone out.
+    stores_backbone: bool = True
+    #: Network inputs each training image yields (HaloAE: the original and two Cut&Paste
+    #: copies), so throughput tables count images, and how those tables say it.
+    inputs_per_image: int = 1
+    throughput_note: str = "training images per second"
     #: Whether :meth:`transform` runs on the device (after the copy) or on the CPU (before it).
     transforms_on_device: bool = True
     #: Whether :meth:`transform` wants whole images at their own size (it resizes them itself),
@@ -144,9 +159,22 @@ class ModelFamily:
         return self.make_model(config, self.backbone.load(config.model.backbone_weights))
 
     def restore(
-        self, config: Any, state_dict: Mapping[str, torch.Tensor], backbone_identity: str
+        self,
+        config: Any,
+        state_dict: Mapping[str, torch.Tensor],
+        backbone_identity: str,
+        backbone_weights: str | None = None,
     ) -> nn.Module:
-        """The model of a checkpoint: built unweighted, ``state_dict`` loaded over it."""
+        """The model of a checkpoint: built unweighted, ``state_dict`` loaded over it.
+
+        ``backbone_weights``: for a family whose checkpoints record the backbone's identity
+        instead of holding it (:attr:`stores_backbone` false), the weights file to load, checked
+        against that identity (``ValueError`` in one line when it differs or is missing)."""
+        if backbone_weights is not None:
+            raise ValueError(
+                f"a {self.title} checkpoint holds its backbone's weights; --backbone-weights "
+                "is for models whose checkpoint records the backbone instead"
+            )
         model = self.make_model(config, self.backbone.unweighted(backbone_identity))
         model.load_state_dict(state_dict)
         return model
@@ -158,9 +186,7 @@ class ModelFamily:
         """
         raise NotImplementedError
 
-    def calibration_to(
-        self, calibration: Mapping[str, Any], device: torch.device
-    ) -> dict[str, Any]:
+    def calibration_to(self, calibration: Calibration, device: torch.device) -> dict[str, Any]:
         """The parts of a checkpoint's calibration :meth:`predict` needs, on ``device``."""
         return {}
 
@@ -179,8 +205,9 @@ class ModelFamily:
         """Normal tiles as :meth:`calibration_batch` takes them."""
         raise NotImplementedError
 
-    def optimiser(self, model: nn.Module, config: Any) -> torch.optim.Optimizer:
-        raise NotImplementedError
+    def optimiser(self, model: nn.Module, config: Any) -> torch.optim.Optimizer | None:
+        """The optimiser of a gradient fit, or ``None`` (the default): a fit without gradients."""
+        return None
 
     def scheduler(self, optimiser: torch.optim.Optimizer, config: Any) -> Any | None:
         """A learning-rate scheduler stepped once per epoch, or ``None``."""
@@ -196,12 +223,18 @@ class ModelFamily:
         """The generator of one epoch's augmentations, passed to every :meth:`train_step`."""
         return rng(self.augment_stream)
 
-    def train_step(self, ep: Epoch, batch: Any) -> dict[str, float]:
-        """One optimisation step; returns ``loss``, ``images`` and the family's terms.
-
-        A non-finite loss is returned without stepping the optimiser (the loop stops there).
-        """
+    def train_step(self, ep: Epoch, batch: Any) -> Step:
+        """The loss of one batch (the loop checks it is finite, then steps the optimiser), or,
+        without an optimiser, one batch of the fit (run under ``torch.no_grad``)."""
         raise NotImplementedError
+
+    def before_optimiser_step(self, ep: Epoch) -> dict[str, float]:
+        """Called between ``backward`` and the optimiser's step (e.g. gradient clipping); the
+        statistics it returns join the step's."""
+        return {}
+
+    def fit_end(self, model: nn.Module, config: Any) -> None:
+        """Called once after the last epoch, before calibration (e.g. coreset selection)."""
 
     def epoch_record(self, ep: Epoch, sums: Mapping[str, float], steps: int) -> dict[str, float]:
         """The history entry of an epoch from the summed step statistics."""
@@ -210,6 +243,8 @@ class ModelFamily:
     def describe_epoch(self, record: Mapping[str, float]) -> str:
         """The log line of an epoch's history entry (after ``epoch i/n``)."""
         terms = "  ".join(f"{k} {record[k]:.4f}" for k in self.loss_terms if k in record)
+        if "loss" not in record:
+            return terms or "fitted"
         return f"loss {record['loss']:.4f}  {terms}"
 
     def calibration_batch(self, model: nn.Module, batch: Any, runtime: Any) -> torch.Tensor:
@@ -217,14 +252,26 @@ class ModelFamily:
         raise NotImplementedError
 
     def summarise_calibration(
-        self, parts: list[torch.Tensor], reference: Mapping[str, Any] | None = None
-    ) -> dict[str, Any]:
+        self, parts: list[torch.Tensor], reference: Calibration | None = None
+    ) -> Calibration:
         """The checkpoint's calibration from every :meth:`calibration_batch` result.
 
         ``reference``: the calibration of the training tiles, when ``parts`` come from normal
-        tiles held out of training — whatever normalises scores (HaloAE's mean map) is taken
-        from it, so held-out scores are the scores a slide's tiles will get."""
-        raise NotImplementedError
+        tiles held out of training — whatever normalises scores (the family's ``extras``, e.g.
+        HaloAE's mean map) is taken from it, so held-out scores are the scores a slide's tiles
+        will get. The default: ``parts`` are ``(B, 2)`` rows of (score, max) as :meth:`predict`
+        gives them."""
+        values = torch.cat(parts).float()
+        return Calibration.from_scores(values[:, 0], values[:, 1])
+
+    def checkpoint_state(self, model: nn.Module) -> dict[str, torch.Tensor]:
+        """The tensors a checkpoint keeps of ``model`` (all of its state by default)."""
+        return dict(model.state_dict())
+
+    def map_size(self, config: Any) -> int:
+        """Side of the maps :meth:`predict` gives under ``config`` (:attr:`map_px` unless the
+        family's settings change it, e.g. a backbone's patch grid)."""
+        return self.map_px
 
     def checkpoint_extras(self, data: Dataset, normals: Dataset) -> dict[str, Any]:
         """Plain values the family records in its checkpoints besides the common fields."""

@@ -15,8 +15,9 @@ import torch
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset, RandomSampler
 
+from wsi_anomaly.models.calibration import Calibration
 from wsi_anomaly.models.cutpaste import make_cutpaste_batch
-from wsi_anomaly.models.family import Epoch, EpochRng, ModelFamily, Prediction, score_summary
+from wsi_anomaly.models.family import Epoch, EpochRng, ModelFamily, Prediction, Step
 from wsi_anomaly.models.features import VGG19, VGG19Features
 from wsi_anomaly.models.haloae import HaloAE
 from wsi_anomaly.models.losses import LOSS_TERMS, haloae_loss, loss_weights
@@ -37,6 +38,7 @@ class HaloAEFamily(ModelFamily):
     name = "haloae"
     title = "HaloAE"
     default_preset = "haloae_paper"
+    fast_preset = "haloae_fast"
     section = None
     section_type = None
     schedule_section = "train"
@@ -45,6 +47,8 @@ class HaloAEFamily(ModelFamily):
     score_names = ("mean", "max")
     has_maps = True
     backbone = VGG19
+    inputs_per_image = 3
+    throughput_note = "training images per second (each also yields two Cut&Paste copies)"
 
     def validate(self, config: Any) -> None:
         t, m = config.train, config.model
@@ -80,10 +84,8 @@ class HaloAEFamily(ModelFamily):
     def transform(self, images: torch.Tensor, config: Any) -> torch.Tensor:
         return normalise(to_unit_float(images))
 
-    def calibration_to(
-        self, calibration: Mapping[str, Any], device: torch.device
-    ) -> dict[str, Any]:
-        mean_map = calibration.get("mean_map")
+    def calibration_to(self, calibration: Calibration, device: torch.device) -> dict[str, Any]:
+        mean_map = calibration.extras.get("mean_map")
         return {"mean_map": mean_map.to(device) if mean_map is not None else None}
 
     def predict(
@@ -126,8 +128,8 @@ class HaloAEFamily(ModelFamily):
             pin_memory=pin_memory,
         )
 
-    def train_step(self, ep: Epoch, batch: Any) -> dict[str, float]:
-        model, optimiser, epoch, aug, runtime = ep.model, ep.optimiser, ep.epoch, ep.aug, ep.runtime
+    def train_step(self, ep: Epoch, batch: Any) -> Step:
+        model, epoch, aug, runtime = ep.model, ep.epoch, ep.aug, ep.runtime
         t = ep.config.train
         weights = loss_weights(t.loss_weighting, epoch, t.epochs, t.loss_terms)
         images, labels = make_cutpaste_batch(
@@ -138,18 +140,8 @@ class HaloAEFamily(ModelFamily):
         with runtime.autocast():
             outputs = model(x)
             loss, parts = haloae_loss(outputs, x, labels, weights, t.loss_terms)
-        value = float(loss.detach())
-        stats = {
-            "loss": value,
-            **{k: float(parts[k]) for k in self.loss_terms},
-            "images": float(len(x)),
-        }
-        if not torch.isfinite(loss):
-            return stats
-        optimiser.zero_grad(set_to_none=True)
-        loss.backward()
-        optimiser.step()
-        return stats
+        stats = {**{k: float(parts[k]) for k in self.loss_terms}, "images": float(len(x))}
+        return Step(loss, stats)
 
     def epoch_record(self, ep: Epoch, sums: Mapping[str, float], steps: int) -> dict[str, float]:
         t = ep.config.train
@@ -170,10 +162,10 @@ class HaloAEFamily(ModelFamily):
         return raw.float().cpu()
 
     def summarise_calibration(
-        self, parts: list[torch.Tensor], reference: Mapping[str, Any] | None = None
-    ) -> dict[str, Any]:
+        self, parts: list[torch.Tensor], reference: Calibration | None = None
+    ) -> Calibration:
         raw = torch.cat(parts)
-        mean_map = raw.mean(dim=0) if reference is None else reference["mean_map"]
+        mean_map = raw.mean(dim=0) if reference is None else reference.extras["mean_map"]
         maps = smooth_map(normalise_map(raw, mean_map))
         mean_scores, max_scores = tile_scores(maps)
-        return {"mean_map": mean_map, **score_summary(mean_scores, max_scores)}
+        return Calibration.from_scores(mean_scores, max_scores, {"mean_map": mean_map})

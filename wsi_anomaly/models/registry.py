@@ -8,8 +8,11 @@ from collections.abc import Iterator
 from .atacnet_family import AtacNetFamily
 from .family import ModelFamily
 from .haloae_family import HaloAEFamily
+from .patchcore_family import PatchCoreFamily
 
-FAMILIES: dict[str, ModelFamily] = {f.name: f for f in (HaloAEFamily(), AtacNetFamily())}
+FAMILIES: dict[str, ModelFamily] = {
+    f.name: f for f in (HaloAEFamily(), AtacNetFamily(), PatchCoreFamily())
+}
 
 
 def family_names() -> list[str]:

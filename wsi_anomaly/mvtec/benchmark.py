@@ -16,7 +16,7 @@ import json
 import logging
 import math
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -30,7 +30,7 @@ from .. import __version__
 from ..checkpoint import load_checkpoint
 from ..config import Config, config_from_dict, save_config
 from ..errors import InputNotFoundError, OutputExistsError, WsiAnomalyError
-from ..models.registry import get_family
+from ..models.registry import family_names, get_family
 from ..outputs import atomic_path, write_text
 from .adapters import ModelAdapter, check_model_name, load_adapter
 from .data import GOOD, NO_MASKS, MVTecCategory, MVTecDataset, resolve_categories
@@ -46,7 +46,7 @@ from .metrics import (
 )
 from .paper import (
     OBJECTS,
-    TABLE1_MEAN,
+    PUBLISHED,
     TEXTURES,
     configuration_notes,
     paper_category,
@@ -60,8 +60,6 @@ log = logging.getLogger(__name__)
 
 CHECKPOINT_NAME = "model.pt"
 METRICS_NAME = "metrics.json"
-#: make_cutpaste_batch turns B originals into 3B network inputs (original, normal, scar copies).
-INPUTS_PER_ORIGINAL = 3
 
 
 @dataclass
@@ -274,7 +272,7 @@ def _train_or_reuse(
         "trained": True,
         "resumed": resume,
         "train_seconds": result.seconds,
-        "train_images_per_s": result.images_per_s / INPUTS_PER_ORIGINAL,
+        "train_images_per_s": result.images_per_s / get_family(config.model.name).inputs_per_image,
         "train_network_images_per_s": result.images_per_s,
     }
 
@@ -368,7 +366,8 @@ def run_category(
     _write_scores_csv(out_dir / "scores.csv", category, dataset, evaluation)
     figures = _write_figures(out_dir / "figures", dataset, evaluation, settings.n_figures)
 
-    paper = paper_category(category.name)
+    paper = paper_category(category.name, config.model.name)
+    published = PUBLISHED.get(config.model.name)
     checkpoint_config = load_checkpoint(checkpoint)["config"]
     record = {
         "category": category.name,
@@ -379,9 +378,9 @@ def run_category(
         "paper": {
             "image_auroc": paper[0],
             "pixel_auroc": paper[1],
-            "source": "HaloAE paper, Table 1 (percent)",
+            "source": f"{published[0]} (percent)",
         }
-        if paper
+        if paper and published
         else None,
         "n_train": len(category.train_files),
         "n_test": len(dataset),
@@ -466,7 +465,7 @@ def _percent(value: float | None) -> float | None:
     return None if value is None else 100.0 * value
 
 
-def _columns(records: Iterable[dict[str, Any]]) -> list[tuple[str, Callable[[dict], Any], int]]:
+def _columns(records: list[dict[str, Any]]) -> list[tuple[str, Callable[[dict], Any], int]]:
     """(header, getter, decimals) of every numeric column. Image AUROC: one column per score."""
     score_names: list[str] = []
     for r in records:
@@ -498,8 +497,15 @@ def _columns(records: Iterable[dict[str, Any]]) -> list[tuple[str, Callable[[dic
         ("pixel AUROC %", metric("pixel_auroc"), 1),
         (f"pixel AUROC {PAPER_PIXEL_PX}² (paper protocol) %", metric("pixel_auroc_128_paper"), 1),
         (f"AUPRO@{AUPRO_FPR_LIMIT:g} %", metric("aupro"), 1),
-        ("paper image AUROC %", paper("image_auroc"), 1),
-        ("paper pixel AUROC %", paper("pixel_auroc"), 1),
+        # A family without published numbers is never printed beside another's paper.
+        *(
+            (
+                ("paper image AUROC %", paper("image_auroc"), 1),
+                ("paper pixel AUROC %", paper("pixel_auroc"), 1),
+            )
+            if any(r.get("paper") for r in records)
+            else ()
+        ),
         ("train img/s", timing("train_images_per_s"), 2),
         ("eval img/s", timing("eval_images_per_s"), 2),
         ("time s", timing("total_seconds"), 0),
@@ -563,13 +569,23 @@ def markdown_table(records: list[dict[str, Any]], config: Config | None = None) 
         f"{PAPER_PIXEL_PX}×{PAPER_PIXEL_PX}) and is the one comparable with the paper's pixel "
         f"AUROC. AUPRO: area under the per-region-overlap curve up to FPR {AUPRO_FPR_LIMIT:g}, "
         f"divided by {AUPRO_FPR_LIMIT:g}.",
-        f"Paper: HaloAE, Table 1 (mean over the 15 categories: {TABLE1_MEAN[0]} image / "
-        f"{TABLE1_MEAN[1]} pixel AUROC %). Its scoring script flipped labels when an AUROC fell "
-        "below 0.5.",
-        "train img/s: training images per second (each also yields two Cut&Paste copies); "
-        "eval img/s: test images per second end to end (decode, resize, model, maps); n/a for "
-        "models loaded rather than trained here.",
     ]
+    name = (
+        config.model.name if config is not None else (records[0].get("model") if records else None)
+    )
+    family = get_family(name) if name in family_names() else None
+    published = PUBLISHED.get(name or "")
+    if published is not None:
+        source, _, mean = published
+        notes.append(
+            f"Paper: {source} (mean over the 15 categories: {mean[0]} image / {mean[1]} pixel "
+            "AUROC %). Its scoring script flipped labels when an AUROC fell below 0.5."
+        )
+    throughput = family.throughput_note if family is not None else "training images per second"
+    notes.append(
+        f"train img/s: {throughput}; eval img/s: test images per second end to end (decode, "
+        "resize, model, maps); n/a for models loaded rather than trained here."
+    )
     no_masks = [
         r["category"] for r in records if r.get("metrics", {}).get("pixel_metrics") == NO_MASKS
     ]

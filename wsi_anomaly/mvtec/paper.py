@@ -82,19 +82,31 @@ ABLATIONS: dict[tuple[str, tuple[str, ...], str], tuple[str, tuple[float, float]
 CONV_ATTENTION_LABEL = "attention layers replaced by 3×3 convolutions in the same blocks"
 
 
-def paper_category(category: str) -> tuple[float, float] | None:
-    """HaloAE's (image, pixel) AUROC % for an MVTec category, or ``None`` if not in Table 1."""
-    return TABLE1_HALOAE.get(category)
+#: Published full-MVTec (image, pixel) AUROC % by model family (``model.name``): where they
+#: were printed, per category, and the mean row. A family without an entry is never printed
+#: beside another family's paper.
+PUBLISHED: dict[str, tuple[str, dict[str, tuple[float, float]], tuple[float, float]]] = {
+    "haloae": ("HaloAE paper, Table 1", TABLE1_HALOAE, TABLE1_MEAN),
+}
+
+
+def paper_category(category: str, family: str) -> tuple[float, float] | None:
+    """The published (image, pixel) AUROC % of ``family`` for an MVTec category, or ``None``."""
+    entry = PUBLISHED.get(family)
+    return None if entry is None else entry[1].get(category)
 
 
 def paper_reference(config: Any) -> tuple[str, tuple[float, float]] | None:
-    """The paper's mean (image, pixel) AUROC % for the variant a :class:`Config` trains.
+    """The paper's mean (image, pixel) AUROC % for the variant a :class:`Config` trains
+    (``None`` for a family without published numbers).
 
     ``None`` for variants the paper did not report, among them ``model.attention: conv`` (see
     :data:`CONV_ATTENTION_LABEL`; not Table 4's "Block C as CNN"). ``model.released_mask`` does
     not change the key: it selects the attention layer the paper's numbers came from (see
     :func:`mask_note`).
     """
+    if config.model.name not in PUBLISHED:
+        return None
     key = (
         config.train.loss_weighting,
         tuple(sorted(config.train.loss_terms)),
@@ -106,7 +118,7 @@ def paper_reference(config: Any) -> tuple[str, tuple[float, float]] | None:
 def configuration_notes(config: Any) -> list[str]:
     """Footnotes for a results table: what in this run's configuration differs from the runs
     behind the paper's numbers (HaloAE's attention layer; none for the other families)."""
-    if config.model.name != "haloae":
+    if config.model.name not in PUBLISHED:
         return []
     notes = []
     if config.model.attention == "conv":

@@ -8,7 +8,7 @@ Layout::
       grid_index       int32   (N, 2)        (col, row) in the slide's tile grid
       tissue_fraction  float32 (N,)
       scores           float32 (N,)          written by the scorer
-      maps             float16 (N, 64, 64)   optional, written by the scorer
+      maps             float16 (N, m, m)     optional, written by the scorer (m: the model's map side)
       attrs["wsi_anomaly"] = provenance (slide, fingerprint, mpp and source, level, tile size,
                              stride, tissue settings, software version, complete = True)
 
@@ -257,7 +257,8 @@ class TileStoreWriter:
         )
 
     def create_scores(self, keep_maps: bool = False, map_px: int = 64) -> None:
-        """Add the arrays the scorer fills: ``scores``/``max_scores`` (N,), ``maps`` (N, 64, 64)."""
+        """Add the arrays the scorer fills: ``scores``/``max_scores`` (N,), ``maps`` (N, m, m)
+        with ``m = map_px``, the side of the model's maps."""
         create_score_arrays(self.root, self.n_tiles, self.shard_tiles, keep_maps, map_px)
 
     def write_scores(
@@ -391,9 +392,10 @@ class TileStore:
         """Tiles [start, stop) as (n, T, T, 3) uint8."""
         return np.asarray(self.tiles[start:stop])
 
-    def reset_scores(self, keep_maps: bool = False) -> None:
-        """(Re)create empty score arrays to score this store again (opened with ``mode="r+"``)."""
-        create_score_arrays(self.root, len(self), self.shard_tiles, keep_maps)
+    def reset_scores(self, keep_maps: bool = False, map_px: int = 64) -> None:
+        """(Re)create empty score arrays to score this store again (opened with ``mode="r+"``);
+        ``map_px``: the side of the model's maps."""
+        create_score_arrays(self.root, len(self), self.shard_tiles, keep_maps, map_px)
 
     def write_scores(
         self, start: int, mean: np.ndarray, peak: np.ndarray, maps: np.ndarray | None = None
@@ -412,7 +414,7 @@ class TileStore:
 
     @property
     def maps(self) -> np.ndarray | None:
-        """Per-tile anomaly maps (N, 64, 64) when kept."""
+        """Per-tile anomaly maps (N, m, m) when kept (m: the model's map side)."""
         return np.asarray(zarr_array(self.root, "maps")[:]) if "maps" in self.root else None
 
     @property

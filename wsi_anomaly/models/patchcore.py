@@ -1,0 +1,168 @@
+"""PatchCore: nearest-neighbour distance of patch features to a memory bank of normal patches.
+
+Roth et al. 2022, "Towards total recall in industrial anomaly detection": frozen backbone features
+at a patch grid (Wide ResNet-50-2 layers 2 and 3, or a pathology foundation model's patch
+tokens), each averaged over its 3×3 neighbourhood; a greedy k-center coreset of the normal
+tiles' patches (after a random projection) as the memory bank; the anomaly map of a tile is, at
+every patch, the Euclidean distance to the nearest bank row; the tile's score is the map's
+maximum. In pathology the same nearest-neighbour distance over foundation-model features is the
+reference method (Dippel et al. 2024).
+
+:class:`PatchCore` is a pure ``nn.Module``: the fit is :meth:`PatchCore.begin_fit`,
+:meth:`PatchCore.observe` (no gradient, streaming: the bank builder holds a bounded pool, never
+every patch of the training set) and :meth:`PatchCore.finish_fit`;
+:meth:`PatchCore.forward` gives the distance maps. The bank is a buffer (the only state a
+checkpoint needs: the backbone is rebuilt from its recorded identity).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from wsi_anomaly.models.memory_bank import CoresetBuilder, nearest_distance
+
+__all__ = ["BACKBONES", "PatchCore", "PatchCoreConfig"]
+
+#: ``patchcore.backbone`` values: torchvision's Wide ResNet-50-2 (layers 2 and 3, as the
+#: paper) or a pathology foundation model from a local weights file.
+BACKBONES = ("wide_resnet50_2", "uni", "virchow2", "h-optimus-0", "phikon-v2")
+
+
+@dataclass
+class PatchCoreConfig:
+    """The ``patchcore`` config section."""
+
+    backbone: str = "wide_resnet50_2"  # see BACKBONES
+    image_px: int = 224  # Wide ResNet input side (28×28 patch grid); foundation models use theirs
+    target_dim: int = 1024  # Wide ResNet channels per patch after channel pooling (1536 → this)
+    coreset_budget: int = 10000  # rows of the memory bank
+    projection_dim: int = 128  # random projection the coreset selection works in
+    pool_factor: int = 4  # the streaming builder's pool: pool_factor × coreset_budget rows
+    batch_size: int = 16  # tiles per forward pass while fitting
+    search_chunk: int = 4096  # query rows per distance block of the nearest-neighbour search
+
+    def validate(self) -> None:
+        """Ranges of every value; ``ValueError`` naming the key."""
+        if self.backbone not in BACKBONES:
+            raise ValueError(
+                f"patchcore.backbone must be one of {', '.join(BACKBONES)}, got {self.backbone!r}"
+            )
+        for name in ("image_px", "coreset_budget", "projection_dim", "batch_size", "search_chunk"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"patchcore.{name} must be at least 1, got {getattr(self, name)}")
+        if self.image_px < 32:
+            raise ValueError(f"patchcore.image_px must be at least 32, got {self.image_px}")
+        if not 1 <= self.target_dim <= 1536:
+            raise ValueError(f"patchcore.target_dim must be in [1, 1536], got {self.target_dim}")
+        if self.pool_factor < 2:
+            raise ValueError(f"patchcore.pool_factor must be at least 2, got {self.pool_factor}")
+
+
+class PatchCore(nn.Module):
+    """Frozen patch features and a memory bank.
+
+    Args:
+        features: the frozen backbone: float ``(B, 3, s, s)`` RGB in [0, 1] → ``(B, C, g, g)``.
+        input_px: the side ``s`` tiles are resized to before the backbone; ``None`` hands them
+            over as they are (a backbone that resamples to its own input, as its card says).
+        aggregate: average every patch over its 3×3 neighbourhood (PatchCore's local
+            aggregation; off for a backbone that does it itself).
+        coreset_budget, projection_dim, pool_factor, seed: the bank builder's settings
+            (:class:`~wsi_anomaly.models.memory_bank.CoresetBuilder`).
+        search_chunk: query rows per block of the exact nearest-neighbour search.
+    """
+
+    def __init__(
+        self,
+        features: nn.Module,
+        input_px: int | None,
+        aggregate: bool,
+        coreset_budget: int,
+        projection_dim: int = 128,
+        pool_factor: int = 4,
+        seed: int = 0,
+        search_chunk: int = 4096,
+    ) -> None:
+        super().__init__()
+        self.features = features
+        self.features.requires_grad_(False)
+        self.input_px = None if input_px is None else int(input_px)
+        self.aggregate = aggregate
+        self.coreset_budget = int(coreset_budget)
+        self.projection_dim = int(projection_dim)
+        self.pool_factor = int(pool_factor)
+        self.seed = int(seed)
+        self.search_chunk = int(search_chunk)
+        self.backbone_identity = str(getattr(features, "backbone_identity", "unknown"))
+        self.register_buffer("memory_bank", torch.empty(0))
+        self.memory_bank: torch.Tensor
+        self._builder: CoresetBuilder | None = None
+
+    def train(self, mode: bool = True) -> PatchCore:
+        """The backbone stays in eval mode (frozen; its batch norms keep their statistics)."""
+        super().train(mode)
+        self.features.eval()
+        return self
+
+    @torch.no_grad()
+    def patch_features(self, x: torch.Tensor) -> torch.Tensor:
+        """``(B, C, g, g)`` patch features of ``(B, 3, H, W)`` images in [0, 1]."""
+        if self.input_px is not None and x.shape[-2:] != (self.input_px, self.input_px):
+            x = F.interpolate(
+                x, size=(self.input_px, self.input_px), mode="bilinear", antialias=True
+            )
+        f = self.features(x)
+        if self.aggregate:
+            f = F.avg_pool2d(f, kernel_size=3, stride=1, padding=1)
+        return f
+
+    # -- fitting -----------------------------------------------------------------------------------
+    def begin_fit(self) -> None:
+        """Start a new bank (what :meth:`observe` streams into)."""
+        self._builder = CoresetBuilder(
+            self.coreset_budget, self.projection_dim, seed=self.seed, pool_factor=self.pool_factor
+        )
+
+    @torch.no_grad()
+    def observe(self, x: torch.Tensor) -> int:
+        """Stream the patches of a batch of normal tiles into the bank builder; returns how
+        many patches."""
+        if self._builder is None:
+            self.begin_fit()
+        assert self._builder is not None
+        f = self.patch_features(x).float()
+        rows = f.permute(0, 2, 3, 1).reshape(-1, f.shape[1])
+        self._builder.add(rows)
+        return rows.shape[0]
+
+    def finish_fit(self) -> None:
+        """Select the coreset: the bank is ``(M, C)`` with ``M ≤ coreset_budget``."""
+        if self._builder is None:
+            raise ValueError("no normal patches were seen: nothing to build a memory bank from")
+        self.memory_bank = self._builder.finish().float().contiguous()
+        self._builder = None
+
+    def load_bank(self, bank: torch.Tensor) -> None:
+        """Install a checkpoint's bank (``(M, C)`` float)."""
+        if bank.ndim != 2 or bank.shape[0] < 1:
+            raise ValueError(
+                f"the memory bank must be a non-empty (M, C) matrix, got {tuple(bank.shape)}"
+            )
+        self.memory_bank = bank.float().contiguous()
+
+    # -- scoring -----------------------------------------------------------------------------------
+    @torch.no_grad()
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """``(B, g, g)`` float32 distance of every patch to its nearest bank row."""
+        if self.memory_bank.numel() == 0:
+            raise ValueError("the memory bank is empty: fit the model first")
+        f = self.patch_features(x)
+        b, c, h, w = f.shape
+        queries = f.permute(0, 2, 3, 1).reshape(-1, c).float()
+        bank = self.memory_bank.to(queries.device)
+        distances = nearest_distance(queries, bank, chunk_rows=self.search_chunk)
+        return distances.reshape(b, h, w)
