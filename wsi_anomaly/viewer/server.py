@@ -175,12 +175,8 @@ class Handler(BaseHTTPRequestHandler):
         allowed = self.server.allowed_hosts  # type: ignore[attr-defined]
         if allowed is None:
             return True
-        host = (self.headers.get("Host") or "").strip().lower()
-        if host.startswith("["):  # [v6]:port
-            host = host[: host.find("]") + 1]
-        elif host.count(":") == 1:
-            host = host.split(":", 1)[0]
-        return host in allowed
+        host = host_name(self.headers.get("Host") or "")
+        return host is not None and host in allowed
 
     def _serve(self, head: bool) -> None:
         if not self._host_allowed():
@@ -316,11 +312,24 @@ class Handler(BaseHTTPRequestHandler):
 
             return _json(tile_records(entry))
         if len(rest) == 2 and rest[0] == "files" and rest[1] in SERVED_FILES:
-            path = entry.folder / rest[1]
-            if not path.is_file():
+            path = entry.file(rest[1])
+            if path is None or not path.is_file():
                 return None
             return HTTPStatus.OK, path.read_bytes(), SERVED_FILES[rest[1]], False
         return None
+
+
+#: A Host header: a name or IPv4 address, or an IPv6 address in brackets; then an optional port.
+_HOST = re.compile(r"(\[[0-9a-f:.]+\]|[a-z0-9](?:[a-z0-9.-]*[a-z0-9])?)(?::([0-9]{1,5}))?")
+
+
+def host_name(header: str) -> str | None:
+    """The host of a ``Host`` header, lower-cased (IPv6 in brackets); None when the header is
+    not one host with an optional port (``[::1].example.com``, two ports, spaces inside)."""
+    match = _HOST.fullmatch(header.strip().lower())
+    if match is None or (match.group(2) is not None and int(match.group(2)) > 65535):
+        return None
+    return match.group(1)
 
 
 def _json(value: Any) -> tuple[HTTPStatus, bytes, str, bool]:
