@@ -185,8 +185,9 @@ def find_slides(
     seen: set[Path] = set()
     unique: list[Path] = []
     for p in found:
-        if p.resolve() not in seen:
-            seen.add(p.resolve())
+        real = _real_path(p)
+        if real not in seen:
+            seen.add(real)
             unique.append(p)
     if not unique:
         raise InvalidInputError(
@@ -194,6 +195,15 @@ def find_slides(
             f"(looked for {', '.join(SLIDE_SUFFIXES)})"
         )
     return unique
+
+
+def _real_path(path: Path) -> Path:
+    """``path`` resolved; as given (absolute) when it cannot be — a symlink loop, reported per
+    slide like any other unreadable slide."""
+    try:
+        return path.resolve()
+    except (RuntimeError, OSError):
+        return path.absolute()
 
 
 def _not_entered(folder: Path, skipped: set[Path]) -> bool:
@@ -242,7 +252,7 @@ def output_name(slide: Path, out_root: Path, clash: bool = False) -> str:
     the same name is in the same run (``clash``) or already owns that folder — then the name
     plus a short hash of the slide's full path, so two slides never share a folder."""
     slide = Path(slide)
-    mine = str(slide.resolve())
+    mine = str(_real_path(slide))
     hashed = f"{slide.name}-{hashlib.sha1(mine.encode()).hexdigest()[:8]}"
     if _recorded_slide_path(out_root / hashed) == mine:
         return hashed  # where an earlier run put it
@@ -908,7 +918,7 @@ def _slide_task(
         return _row(
             {
                 "slide": Path(slide).name,
-                "slide_path": str(Path(slide).resolve()),
+                "slide_path": str(_real_path(Path(slide))),
                 "status": status,
                 "error": message,
                 "output": str(Path(out_root) / name),

@@ -199,7 +199,13 @@ class Scorer:
             raise CheckpointError(f"{self.path}: {exc}") from None
         self.backbone: str = ckpt.get("backbone", "unknown")
         # The weights are checked against the family's model before one is built.
-        expected = expected_state(self.family, self.config, self.backbone)
+        try:
+            expected = expected_state(self.family, self.config, self.backbone)
+        except (RuntimeError, TypeError, ValueError, KeyError, AttributeError) as exc:
+            raise CheckpointError(
+                f"{self.path}: its config does not describe a {self.model_name} model "
+                f"({exc.__class__.__name__}); the checkpoint is damaged or not ours"
+            ) from exc
         check_state_dict(ckpt["state_dict"], expected, self.path)
         self.calibration: dict[str, Any] = ckpt["calibration"]
         try:
