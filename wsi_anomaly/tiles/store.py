@@ -22,6 +22,7 @@ import json
 import logging
 import os
 import shutil
+import time
 import uuid
 from functools import cache
 from pathlib import Path
@@ -210,6 +211,7 @@ class TileStoreWriter:
         self.tmp = Path(work) if work is not None else checked
         self.n_tiles = n_tiles
         self.tile_px = tile_px
+        self._aborted = False
         try:
             self._create(n_tiles, tile_px, coords, grid_index, tissue_fraction, attrs)
         except BaseException:  # Ctrl-C included: nothing half-made stays behind
@@ -292,6 +294,8 @@ class TileStoreWriter:
         A whole shard is encoded here and written as one file (under a temporary name, then
         renamed, as zarr does); anything else goes through zarr.
         """
+        if self._aborted:
+            raise RuntimeError(f"{self.path}: the store was abandoned")
         shard = self.shard_tiles
         if (
             self._encoder is None
@@ -322,7 +326,16 @@ class TileStoreWriter:
         commit_dir(self.tmp, self.path)
 
     def abort(self) -> None:
-        shutil.rmtree(self.tmp, ignore_errors=True)
+        """Remove the unfinished store. Writes still in flight on other threads (the run was
+        interrupted while waiting for them) are refused from now on; one that was already
+        under way may recreate a folder, so removal is retried until the folder stays gone."""
+        self._aborted = True
+        deadline = time.monotonic() + 10.0
+        while True:
+            shutil.rmtree(self.tmp, ignore_errors=True)
+            if not self.tmp.exists() or time.monotonic() > deadline:
+                return
+            time.sleep(0.05)
 
     def __enter__(self) -> TileStoreWriter:
         return self

@@ -359,6 +359,7 @@ def tile_slide(
             png_tmp = png_lock.work_path()
             held.callback(remove_path, png_tmp)
         work = lock.work_path()
+        held.callback(remove_path, work)  # this run's own: whatever stopped it, it goes
         return _tile_slide(
             slide_path,
             out,
