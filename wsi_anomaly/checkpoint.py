@@ -33,6 +33,7 @@ from typing import Any
 import torch
 
 from . import __version__
+from .checkpoint_checks import check_archive, check_record
 from .errors import CheckpointError, InputNotFoundError, UnsafeCheckpointError
 from .outputs import atomic_path, os_errors_as_user_errors
 
@@ -64,6 +65,7 @@ def load_checkpoint(
     path = Path(path)
     if not path.is_file():
         raise InputNotFoundError(f"model checkpoint not found: {path}")
+    check_archive(path)  # sizes bounded before anything is inflated
     try:
         data = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:
@@ -102,6 +104,7 @@ def load_checkpoint(
             f"{path} is an unfinished training checkpoint; finish it with "
             "`wsi-anomaly train ... --resume`"
         )
+    check_record(data, path, require_complete)
     return data
 
 

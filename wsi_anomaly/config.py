@@ -25,6 +25,7 @@ import yaml
 from .errors import InputNotFoundError, InvalidInputError
 from .models.registry import family_names, family_sections, get_family
 from .outputs import write_text
+from .untrusted import load_yaml
 
 PRESET_DIR = Path(__file__).resolve().parent / "configs"
 
@@ -248,22 +249,9 @@ def resolve_preset(name_or_path: str) -> Path:
 
 
 def read_yaml(path: Path) -> Any:
-    """Parse a UTF-8 YAML file with ``yaml.safe_load``; errors name the file and line."""
-    raw = path.read_bytes()
-    try:
-        text = raw.decode("utf-8")
-    except UnicodeDecodeError as exc:
-        line = raw[: exc.start].count(b"\n") + 1
-        raise InvalidInputError(
-            f"{path}:{line}: not UTF-8 text (byte 0x{raw[exc.start]:02x}); save the config as UTF-8"
-        ) from None
-    try:
-        return yaml.safe_load(text)
-    except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        where = f"{path}:{mark.line + 1}" if mark is not None else str(path)
-        problem = getattr(exc, "problem", None) or type(exc).__name__
-        raise InvalidInputError(f"{where}: not valid YAML ({problem})") from None
+    """Parse a UTF-8 YAML file with the safe loader, bounded in size, aliases and nesting
+    (:func:`wsi_anomaly.untrusted.load_yaml`); errors name the file and line."""
+    return load_yaml(path, "config")
 
 
 def load_config(name_or_path: str | None = None, overrides: dict[str, Any] | None = None) -> Any:

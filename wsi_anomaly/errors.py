@@ -63,6 +63,10 @@ class OutputLockedError(WsiAnomalyError):
     exit_code = 4
 
 
+class NonFiniteScoresError(WsiAnomalyError):
+    """A model produced NaN or infinite scores or maps: its results cannot be used."""
+
+
 class UnsafeCheckpointError(CheckpointError):
     """A checkpoint holds objects other than tensors and plain data (possible code execution)."""
 

@@ -13,9 +13,11 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import glob
 import json
 import logging
 import os
+import re
 import shutil
 import socket
 import threading
@@ -38,6 +40,26 @@ def temporary_sibling(path: Path) -> Path:
     """A hidden, unique temporary name next to ``path`` keeping its suffix (so writers that infer
     the format from the suffix still work)."""
     return path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}{PARTIAL_TAG}{path.suffix}")
+
+
+def working_name(path: Path, token: str | None = None) -> Path:
+    """A run's own working folder for ``path``: hidden, unique to the run (``token``), so no
+    other run ever builds, removes or publishes it."""
+    return path.with_name(f".{path.name}.{token or uuid.uuid4().hex[:12]}{PARTIAL_TAG}")
+
+
+def leftover_work(path: Path) -> list[Path]:
+    """Working files and folders that runs left next to ``path`` (``.<name>.<hex>.partial*``,
+    and the older fixed ``.<name>.partial``). Only the holder of ``path``'s lock may remove
+    them: then no live run is writing them."""
+    pattern = re.compile(
+        rf"\.{re.escape(path.name)}(\.[0-9a-f]{{8,32}})?{re.escape(PARTIAL_TAG)}(\..*)?"
+    )
+    try:
+        siblings = list(path.parent.iterdir())
+    except OSError:
+        return []
+    return sorted(p for p in siblings if pattern.fullmatch(p.name))
 
 
 def describe_os_error(exc: OSError, path: Path | str) -> str:
@@ -269,15 +291,58 @@ class OutputLock:
             "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
             "time": time.time(),
         }
+        # The lock appears with its content already in it (a hard link to a written file is
+        # atomic, and exclusive, on local filesystems and NFS): a run killed at any instant never
+        # leaves an empty lock that nobody can prove dead.
+        draft = self.path.with_name(f"{self.path.name}.{self._token[:12]}.new")
+        try:
+            draft.write_text(json.dumps(info), encoding="utf-8")
+            try:
+                os.link(draft, self.path)
+            except FileExistsError:
+                return False
+            except OSError as exc:
+                if exc.errno not in (errno.EPERM, errno.ENOTSUP, errno.EOPNOTSUPP, errno.EXDEV):
+                    raise
+                return self._create_exclusive(info)  # a filesystem without hard links
+        except OSError as exc:
+            raise OutputWriteError(describe_os_error(exc, self.path)) from exc
+        finally:
+            with contextlib.suppress(OSError):
+                draft.unlink()
+        return True
+
+    def _create_exclusive(self, info: dict[str, Any]) -> bool:
         try:
             fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
         except FileExistsError:
             return False
-        except OSError as exc:
-            raise OutputWriteError(describe_os_error(exc, self.path)) from exc
         with os.fdopen(fd, "w") as fh:
             json.dump(info, fh)
         return True
+
+    # -- this run's working names, and what dead runs left -----------------------------------
+    def work_path(self, path: Path | None = None) -> Path:
+        """This run's own working folder for ``path`` (default: the locked output)."""
+        return working_name(path or self.target, self._token[:12])
+
+    def leftovers(self, path: Path | None = None) -> list[Path]:
+        """Working files that earlier runs left next to ``path`` (default: the locked output),
+        never this run's own. Safe to remove only while the lock is held: every live writer of
+        the output holds its lock, so whatever else is there belongs to a run that is gone."""
+        if not self.held:
+            raise RuntimeError("leftovers() needs the lock held")
+        own = self.work_path(path)
+        return [p for p in leftover_work(path or self.target) if p != own]
+
+    def remove_leftovers(self, path: Path | None = None) -> None:
+        for leftover in self.leftovers(path):
+            log.info("removing the unfinished work of a run that is gone: %s", leftover)
+            remove_path(leftover)
+        own_draft = f"{self.path.name}.{self._token[:12]}.new"
+        for draft in self.path.parent.glob(f"{glob.escape(self.path.name)}.*.new"):
+            if draft.name != own_draft:
+                remove_path(draft)
 
     def _read(self) -> dict[str, Any]:
         try:

@@ -24,6 +24,7 @@ import glob
 import hashlib
 import json
 import logging
+import os
 import shutil
 import sys
 import threading
@@ -185,8 +186,9 @@ def find_slides(
     seen: set[Path] = set()
     unique: list[Path] = []
     for p in found:
-        if p.resolve() not in seen:
-            seen.add(p.resolve())
+        real = _real_path(p)
+        if real not in seen:
+            seen.add(real)
             unique.append(p)
     if not unique:
         raise InvalidInputError(
@@ -194,6 +196,15 @@ def find_slides(
             f"(looked for {', '.join(SLIDE_SUFFIXES)})"
         )
     return unique
+
+
+def _real_path(path: Path) -> Path:
+    """``path`` resolved; as given (absolute) when it cannot be — a symlink loop, reported per
+    slide like any other unreadable slide."""
+    try:
+        return path.resolve()
+    except (RuntimeError, OSError):
+        return path.absolute()
 
 
 def _not_entered(folder: Path, skipped: set[Path]) -> bool:
@@ -242,7 +253,7 @@ def output_name(slide: Path, out_root: Path, clash: bool = False) -> str:
     the same name is in the same run (``clash``) or already owns that folder — then the name
     plus a short hash of the slide's full path, so two slides never share a folder."""
     slide = Path(slide)
-    mine = str(slide.resolve())
+    mine = str(_real_path(slide))
     hashed = f"{slide.name}-{hashlib.sha1(mine.encode()).hexdigest()[:8]}"
     if _recorded_slide_path(out_root / hashed) == mine:
         return hashed  # where an earlier run put it
@@ -360,7 +371,7 @@ class SlidePlan:
 
     slide_path: Path
     final: Path  # results/<name>/
-    work: Path  # results/.<name>.partial/, renamed to ``final`` when complete
+    work: Path  # results/.<name>.<run>.partial/, renamed to ``final`` when complete
     slide_mpp: float | None  # the user's level-0 mpp override, if any
     identity: dict[str, Any]  # slide fingerprint + model sha256 + scoring settings
 
@@ -395,16 +406,27 @@ def process_slide(
     """
     slide_path, out_root = Path(slide_path), Path(out_root)
     name = name or output_name(slide_path, out_root)
-    with OutputLock(out_root / name):
-        plan = _plan(slide_path, out_root, name, model, settings)
+    with OutputLock(out_root / name) as lock:
+        plan = _plan(slide_path, out_root, name, model, settings, lock.work_path())
         done = _reusable_result(plan, settings)
         if done is not None:
             return done
-        return _run(plan, model, settings)
+        try:
+            return _run(plan, model, settings, lock.leftovers())
+        except Exception:
+            # A failed run leaves nothing; an interrupted one (Ctrl-C) keeps its working folder
+            # so that the next run can take over its finished tile store.
+            remove_path(plan.work)
+            raise
 
 
 def _plan(
-    slide_path: Path, out_root: Path, name: str, model: str | Path, settings: HeatmapSettings
+    slide_path: Path,
+    out_root: Path,
+    name: str,
+    model: str | Path,
+    settings: HeatmapSettings,
+    work: Path,
 ) -> SlidePlan:
     override = settings.slide_mpp
     if override is None and settings.mpp_csv:
@@ -417,7 +439,7 @@ def _plan(
         "model_sha256": model_sha256(model),
         "scoring": scoring_settings(settings, override),
     }
-    return SlidePlan(slide_path, out_root / name, out_root / f".{name}.partial", override, identity)
+    return SlidePlan(slide_path, out_root / name, work, override, identity)
 
 
 def _reusable_result(plan: SlidePlan, settings: HeatmapSettings) -> dict[str, Any] | None:
@@ -457,7 +479,9 @@ def _reusable_result(plan: SlidePlan, settings: HeatmapSettings) -> dict[str, An
     )
 
 
-def _run(plan: SlidePlan, model: str | Path, settings: HeatmapSettings) -> dict[str, Any]:
+def _run(
+    plan: SlidePlan, model: str | Path, settings: HeatmapSettings, leftovers: list[Path]
+) -> dict[str, Any]:
     t_start = time.perf_counter()
     scorer = _scorer(model, settings)
     target_mpp = settings.target_mpp or scorer.tile_mpp
@@ -485,7 +509,7 @@ def _run(plan: SlidePlan, model: str | Path, settings: HeatmapSettings) -> dict[
                 f"{settings.min_tissue:.0%} tissue at "
                 f"{grid.plan.actual_mpp:.3f} mpp"
             )
-        reusable = _ensure_work_dir(plan, grid.plan.to_dict(), settings.min_tissue)
+        reusable = _ensure_work_dir(plan, grid.plan.to_dict(), settings.min_tissue, leftovers)
         if reusable is None:
             check_free_space(
                 plan.work.parent,
@@ -520,27 +544,33 @@ def _run(plan: SlidePlan, model: str | Path, settings: HeatmapSettings) -> dict[
     return summary
 
 
-def _ensure_work_dir(plan: SlidePlan, grid_plan: dict, min_tissue: float) -> Path | None:
-    """Prepare ``plan.work``, keeping a matching tile store of an interrupted or earlier run of
-    this slide (same content, grid and tissue threshold). Returns the reused store or None."""
+def _ensure_work_dir(
+    plan: SlidePlan, grid_plan: dict, min_tissue: float, leftovers: list[Path]
+) -> Path | None:
+    """Create this run's ``plan.work`` folder, taking over a matching, complete tile store (same
+    content, grid and tissue threshold) from what an interrupted run left (``leftovers``,
+    working folders of runs that are gone) or from the finished results; everything else the
+    interrupted runs left is removed. Returns the reused store or None."""
     fingerprint = plan.identity["slide_fingerprint"]
+    candidates = [p / "tiles.zarr" for p in leftovers if p.is_dir() and not p.is_symlink()]
     reusable = next(
         (
             p
-            for p in (plan.work / "tiles.zarr", plan.final / "tiles.zarr")
+            for p in (*candidates, plan.final / "tiles.zarr")
             if _store_matches(p, fingerprint, grid_plan, min_tissue)
         ),
         None,
     )
-    if reusable is not None and reusable.parent != plan.work:
-        remove_path(plan.work)
-        plan.work.mkdir(parents=True)
-        shutil.copytree(reusable, plan.work / "tiles.zarr")
-        return plan.work / "tiles.zarr"
-    if reusable is None:
-        remove_path(plan.work)
-        plan.work.mkdir(parents=True)
-    return reusable
+    remove_path(plan.work)
+    plan.work.mkdir(parents=True)
+    store = plan.work / "tiles.zarr"
+    if reusable is not None and reusable.parent == plan.final:
+        shutil.copytree(reusable, store)
+    elif reusable is not None:
+        os.replace(reusable, store)  # only the complete store moves over, nothing else
+    for leftover in leftovers:
+        remove_path(leftover)
+    return store if reusable is not None else None
 
 
 def _store_matches(store_path: Path, fingerprint: str, plan: dict, min_tissue: float) -> bool:
@@ -875,8 +905,6 @@ def _slide_task(
         summary = process_slide(slide, out_root, model, settings, name=name)
         return _row(summary)
     except Exception as exc:
-        if not isinstance(exc, OutputLockedError):
-            remove_path(Path(out_root) / f".{name}.partial")
         if not skip_errors:
             raise
         if isinstance(exc, NoTissueError):
@@ -893,7 +921,7 @@ def _slide_task(
         return _row(
             {
                 "slide": Path(slide).name,
-                "slide_path": str(Path(slide).resolve()),
+                "slide_path": str(_real_path(Path(slide))),
                 "status": status,
                 "error": message,
                 "output": str(Path(out_root) / name),

@@ -35,8 +35,15 @@ from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
 from .checkpoint import file_hash, load_checkpoint
+from .checkpoint_checks import check_state_dict, expected_state
 from .config import config_from_dict
-from .errors import CheckpointError, DeviceUnavailableError, InputNotFoundError, InvalidInputError
+from .errors import (
+    CheckpointError,
+    DeviceUnavailableError,
+    InputNotFoundError,
+    InvalidInputError,
+    NonFiniteScoresError,
+)
 from .models.calibration import Calibration
 from .models.registry import get_family
 from .outputs import atomic_path
@@ -197,17 +204,31 @@ class Scorer:
         except ValueError as exc:
             raise CheckpointError(f"{self.path}: {exc}") from None
         self.backbone: str = ckpt.get("backbone", "unknown")
+        # The weights are checked against the family's model before one is built.
+        try:
+            expected = expected_state(self.family, self.config, self.backbone)
+        except (RuntimeError, TypeError, ValueError, KeyError, AttributeError) as exc:
+            raise CheckpointError(
+                f"{self.path}: its config does not describe a {self.model_name} model "
+                f"({exc.__class__.__name__}); the checkpoint is damaged or not ours"
+            ) from exc
+        check_state_dict(ckpt["state_dict"], expected, self.path)
+        try:
+            self.calibration = Calibration.from_dict(ckpt["calibration"])
+        except (KeyError, ValueError, TypeError) as exc:
+            raise CheckpointError(f"{self.path}: {exc}; retrain the model") from None
         try:
             model = self.family.restore(
                 self.config, ckpt["state_dict"], self.backbone, backbone_weights
             )
         except ValueError as exc:
             raise CheckpointError(f"{self.path}: {exc}") from None
+        except (RuntimeError, TypeError, KeyError, AttributeError) as exc:
+            raise CheckpointError(
+                f"{self.path} cannot be restored ({exc.__class__.__name__}: "
+                f"{str(exc).splitlines()[0][:200] if str(exc) else 'no detail'})"
+            ) from exc
         self.model = self.runtime.prepare_model(model.eval())
-        try:
-            self.calibration = Calibration.from_dict(ckpt["calibration"])
-        except (KeyError, ValueError) as exc:
-            raise CheckpointError(f"{self.path}: {exc}; retrain the model") from None
         #: Side of the maps the model gives (its family's patch grid or map size).
         self.map_px: int = self.family.map_size(self.config)
         self._predict_calibration = self.family.calibration_to(self.calibration, self.device)
@@ -324,10 +345,17 @@ class Scorer:
             maps = maps[:n].clone() if maps is not None else None
         return score, peak, maps
 
-    @torch.no_grad()
     def score(self, images: torch.Tensor | np.ndarray, keep_maps: bool = True) -> ScoreBatch:
         """Score a batch: ``B×H×W×3`` uint8 tiles (numpy or tensor, as the tile store gives
-        them) or ``B×3×H×W`` float images in [0, 1] (any device)."""
+        them) or ``B×3×H×W`` float images in [0, 1] (any device).
+
+        Raises:
+            NonFiniteScoresError when a score or map value is NaN or infinite.
+        """
+        return self._checked(self._score_unchecked(images, keep_maps), 0)
+
+    @torch.no_grad()
+    def _score_unchecked(self, images: torch.Tensor | np.ndarray, keep_maps: bool) -> ScoreBatch:
         x = self.runtime.to_device(self._host_input(images))
         with self._lock:
             score, peak, maps = self._predict(x, keep_maps)
@@ -338,6 +366,24 @@ class Scorer:
         out_maps = maps.float().cpu().numpy() if keep_maps and maps is not None else None
         return ScoreBatch(mean, peak_values, out_maps)
 
+    def _checked(self, result: ScoreBatch, start: int) -> ScoreBatch:
+        """``result`` when every score and map value is finite; otherwise one error naming the
+        tiles (their index in the stream: ``start`` is the batch's first)."""
+        bad = ~(np.isfinite(result.mean) & np.isfinite(result.max))
+        what = "scores"
+        if not bad.any() and result.maps is not None:
+            bad = ~np.isfinite(result.maps.reshape(len(result.maps), -1)).all(axis=1)
+            what = "anomaly maps"
+        if not bad.any():
+            return result
+        tiles = (np.flatnonzero(bad) + start).tolist()
+        shown = ", ".join(map(str, tiles[:5])) + (", …" if len(tiles) > 5 else "")
+        raise NonFiniteScoresError(
+            f"{self.path.name} produced non-finite {what} (NaN or infinity) for {len(tiles)} of "
+            f"{len(result.mean)} tiles (tile {shown}); the model is unusable — retrain it or use "
+            "another checkpoint"
+        )
+
     # -- a stream of batches ---------------------------------------------------------------------
     def score_batches(
         self, batches: Iterable[torch.Tensor | np.ndarray], keep_maps: bool = False
@@ -346,11 +392,17 @@ class Scorer:
 
         On CUDA the copies to the device, the forward passes and the copies back overlap (see
         the module's description); elsewhere each batch is scored in turn."""
+        start = 0
         if not self.runtime.is_cuda:
             for images in batches:
-                yield self.score(images, keep_maps=keep_maps)
+                result = self._checked(self._score_unchecked(images, keep_maps), start)
+                start += len(result.mean)
+                yield result
             return
-        yield from self._score_batches_cuda(batches, keep_maps)
+        for result in self._score_batches_cuda(batches, keep_maps):
+            self._checked(result, start)
+            start += len(result.mean)
+            yield result
 
     def _cuda_streams(self) -> tuple[Any, Any, Any]:
         """Host→device copies, compute, device→host copies: one set per scorer."""

@@ -10,21 +10,43 @@ a non-zero exit code; tracebacks are kept for bugs (and shown for everything wit
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
+import signal
 import sys
-from collections.abc import Sequence
+import threading
+from collections.abc import Iterator, Sequence
+from typing import Any
 
 from .. import __version__
 from ..errors import WsiAnomalyError
-from ..viewer import command as view
-from . import demo, heatmap, info, mvtec, napari_setup, score, synth, tile, train
-from .mvtec import anomaly_count
-from .options import add_verbosity_options, common_parent
 
 __all__ = ["anomaly_count", "build_parser", "main"]
 
-#: Subcommands in the order ``--help`` lists them.
-COMMANDS = (info, tile, train, score, mvtec, synth, heatmap, demo, view, napari_setup)
+#: Exit status after SIGTERM (128 + 15, as a shell reports it).
+EXIT_TERMINATED = 143
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM (a batch system's cancel, ``kill``): unwinds like Ctrl-C, so every working
+    folder of the run is cleaned up on the way out."""
+
+
+def __getattr__(name: str) -> Any:
+    if name == "anomaly_count":
+        from .mvtec import anomaly_count
+
+        return anomaly_count
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def _commands() -> tuple:
+    """Subcommands in the order ``--help`` lists them (imported here, inside :func:`main`'s
+    handling of Ctrl-C, not when the package is imported)."""
+    from ..viewer import command as view
+    from . import demo, heatmap, info, mvtec, napari_setup, score, synth, tile, train
+
+    return (info, tile, train, score, mvtec, synth, heatmap, demo, view, napari_setup)
 
 
 class _Parser(argparse.ArgumentParser):
@@ -40,11 +62,13 @@ def build_parser() -> argparse.ArgumentParser:
         description="Find anomalous tissue in whole-slide images: tile slides, train HaloAE on "
         "normal tissue, score every tile and draw slide heatmaps.",
     )
+    from .options import add_verbosity_options, common_parent
+
     parser.add_argument("--version", action="version", version=f"wsi-anomaly {__version__}")
     add_verbosity_options(parser)
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     common = [common_parent()]
-    for command in COMMANDS:
+    for command in _commands():
         command.add_parser(sub, common)
     return parser
 
@@ -62,7 +86,43 @@ def _setup_logging(args: argparse.Namespace) -> None:
     logging.getLogger("wsi_anomaly").setLevel(level)
 
 
+@contextlib.contextmanager
+def _sigterm_unwinds() -> Iterator[None]:
+    """While the command runs, SIGTERM raises :class:`Terminated` in the main thread (when
+    nothing else handles SIGTERM), so it cleans up as Ctrl-C does."""
+
+    def terminate(signum: int, frame: Any) -> None:
+        raise Terminated()
+
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    try:
+        previous = signal.getsignal(signal.SIGTERM)
+    except (ValueError, OSError):
+        previous = None
+    if previous is not signal.SIG_DFL:
+        yield
+        return
+    signal.signal(signal.SIGTERM, terminate)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
+    with _sigterm_unwinds():
+        try:
+            return _main(argv)
+        except KeyboardInterrupt as exc:
+            # Ctrl-C or SIGTERM before a command started (while the modules load).
+            stopped = "terminated" if isinstance(exc, Terminated) else "interrupted"
+            print(f"wsi-anomaly: {stopped}", file=sys.stderr)
+            return EXIT_TERMINATED if isinstance(exc, Terminated) else 130
+
+
+def _main(argv: Sequence[str] | None) -> int:
     parser = build_parser()
     try:
         args = parser.parse_args(argv)
@@ -93,9 +153,12 @@ def main(argv: Sequence[str] | None = None) -> int:
             file=sys.stderr,
         )
         return 2
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as exc:
+        if args.debug:
+            raise
+        stopped = "terminated" if isinstance(exc, Terminated) else "interrupted"
         print(
-            f"wsi-anomaly {args.command}: interrupted; partial outputs were not kept",
+            f"wsi-anomaly {args.command}: {stopped}; partial outputs were not kept",
             file=sys.stderr,
         )
-        return 130
+        return EXIT_TERMINATED if isinstance(exc, Terminated) else 130

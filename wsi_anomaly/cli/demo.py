@@ -11,6 +11,7 @@ from .options import (
     add_out_folder_option,
     check_output_folder,
     positive_int,
+    seed,
 )
 
 HELP = "the whole pipeline on a synthetic slide"
@@ -25,7 +26,7 @@ def add_parser(sub, parents: list[argparse.ArgumentParser]) -> None:
     p.add_argument(
         "--size", type=positive_int, default=8192, help="synthetic slide side in px (default 8192)"
     )
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=seed, default=0)
     p.add_argument(
         "--backbone-weights",
         default="random",

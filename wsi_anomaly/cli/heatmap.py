@@ -35,7 +35,7 @@ def add_parser(sub, parents: list[argparse.ArgumentParser]) -> None:
     opt.add_out_folder_option(p, "results")
     p.add_argument(
         "--mpp",
-        type=opt.positive_float,
+        type=opt.mpp,
         help="tile resolution, µm/px (default: the model's training resolution)",
     )
     opt.add_min_tissue_option(p, "score")

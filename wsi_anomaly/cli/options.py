@@ -12,6 +12,7 @@ One flag means one thing in every command that has it:
 from __future__ import annotations
 
 import argparse
+import math
 from pathlib import Path
 from typing import Any
 
@@ -23,10 +24,46 @@ from ..errors import InvalidInputError
 # -- argparse types ----------------------------------------------------------------------------
 def _number(text: str, kind: type) -> Any:
     try:
-        return kind(text)
+        value = kind(text)
     except ValueError:
         noun = "a whole number" if kind is int else "a number"
         raise argparse.ArgumentTypeError(f"{text!r} is not {noun}") from None
+    if kind is float and not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a finite number")
+    return value
+
+
+#: Microns per pixel a slide or a tile resolution may have (a microscope's range).
+MPP_RANGE = (0.05, 20.0)
+#: Seeds every generator the package seeds accepts (numpy's are 32-bit).
+SEED_MAX = 2**32 - 1
+
+
+def mpp(text: str) -> float:
+    """A resolution in µm/px: finite, in :data:`MPP_RANGE` (lower bound excluded)."""
+    value = _number(text, float)
+    low, high = MPP_RANGE
+    if not low < value <= high:
+        raise argparse.ArgumentTypeError(
+            f"{text} µm/px is out of range (expected {low:g} < mpp ≤ {high:g})"
+        )
+    return value
+
+
+def seed(text: str) -> int:
+    """A seed: a whole number from 0 to 2³²−1."""
+    value = _number(text, int)
+    if not 0 <= value <= SEED_MAX:
+        raise argparse.ArgumentTypeError(f"{text} is out of range (0 to {SEED_MAX})")
+    return value
+
+
+def port(text: str) -> int:
+    """A TCP port: 0 (any free one) to 65535."""
+    value = _number(text, int)
+    if not 0 <= value <= 65535:
+        raise argparse.ArgumentTypeError(f"{text} is not a port (0 to 65535)")
+    return value
 
 
 def positive_int(text: str) -> int:
@@ -306,7 +343,7 @@ def add_config_option(p: argparse.ArgumentParser) -> None:
 
 
 def add_seed_option(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--seed", type=int, help="seed for everything (default from the config: 0)")
+    p.add_argument("--seed", type=seed, help="seed for everything (default from the config: 0)")
 
 
 def add_family_option(p: argparse.ArgumentParser, help: str) -> None:

@@ -6,7 +6,7 @@ import argparse
 from pathlib import Path
 
 from ..errors import InvalidInputError
-from .options import add_command, add_overwrite_option, positive_float, positive_int
+from .options import add_command, add_overwrite_option, positive_float, positive_int, seed
 
 HELP = "write a synthetic slide"
 DESCRIPTION = """Write a pyramidal JPEG TIFF with stroma and tumour-like textures, for trying the
@@ -28,7 +28,7 @@ def add_parser(sub, parents: list[argparse.ArgumentParser]) -> None:
         default=0.5,
         help="level-0 microns per pixel written to the file (default 0.5)",
     )
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=seed, default=0)
     add_overwrite_option(p)
 
 

@@ -19,7 +19,7 @@ def add_parser(sub, parents: list[argparse.ArgumentParser]) -> None:
     p.add_argument("--out", required=True, help="output tile store, e.g. tiles.zarr")
     p.add_argument(
         "--mpp",
-        type=opt.positive_float,
+        type=opt.mpp,
         default=0.5,
         help="target microns per pixel of the tiles (default 0.5 ≈ 20x)",
     )

@@ -55,7 +55,7 @@ def add_parser(sub, parents: list[argparse.ArgumentParser]) -> None:
     opt.add_seed_option(p)
     p.add_argument(
         "--mpp",
-        type=opt.positive_float,
+        type=opt.mpp,
         help="µm/px of image-folder tiles (tile stores record their own)",
     )
     p.add_argument("--resume", action="store_true", help="continue an interrupted training run")

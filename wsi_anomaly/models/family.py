@@ -268,6 +268,14 @@ class ModelFamily:
         """The tensors a checkpoint keeps of ``model`` (all of its state by default)."""
         return dict(model.state_dict())
 
+    def expected_state(self, config: Any, backbone_identity: str) -> dict[str, torch.Tensor]:
+        """What :meth:`checkpoint_state` holds for ``config``: keys, shapes and dtypes as tensors
+        on the ``meta`` device (nothing allocated), checked against a checkpoint before any model
+        is built. A 0 in a shape stands for any length."""
+        with torch.device("meta"):
+            model = self.make_model(config, self.backbone.unweighted(backbone_identity))
+        return dict(self.checkpoint_state(model))
+
     def map_size(self, config: Any) -> int:
         """Side of the maps :meth:`predict` gives under ``config`` (:attr:`map_px` unless the
         family's settings change it, e.g. a backbone's patch grid)."""

@@ -197,6 +197,10 @@ class PatchCoreFamily(ModelFamily):
         model.load_bank(state_dict["memory_bank"])
         return model
 
+    def expected_state(self, config: Any, backbone_identity: str) -> dict[str, torch.Tensor]:
+        # the bank's rows and width depend on the fit and the backbone: any (M, C) float matrix
+        return {"memory_bank": torch.empty((0, 0), device="meta")}
+
     def checkpoint_state(self, model: nn.Module) -> dict[str, torch.Tensor]:
         return {"memory_bank": cast(PatchCore, model).memory_bank}
 

@@ -14,7 +14,6 @@ that one. Nothing is dropped silently: what was left out, and why, is counted an
 
 from __future__ import annotations
 
-import json
 import logging
 from collections import Counter
 from collections.abc import Iterable
@@ -22,9 +21,9 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from skimage.draw import polygon as draw_polygon
 
 from ..errors import InputNotFoundError, InvalidInputError
+from ..untrusted import load_json
 
 log = logging.getLogger(__name__)
 
@@ -66,11 +65,56 @@ def class_matches(name: str | None, wanted: str) -> bool:
     return name == wanted or name.startswith(wanted + ": ")
 
 
+#: Vertices in one annotation file: beyond this, refused (QuPath's detailed exports stay far
+#: below; a bound keeps memory and time small whatever the file).
+MAX_VERTICES = 2_000_000
+#: Geometries with more vertices than this skip shapely's validity repair (whose cost grows
+#: faster than the vertex count): :func:`rasterize`'s even-odd fill gives a self-intersecting
+#: ring a definite inside by itself.
+REPAIR_MAX_VERTICES = 10_000
+#: Edge-row crossings :func:`rasterize` computes for one file (its time and memory).
+MAX_CROSSINGS = 10_000_000
+
+
+def _raw_rings(geometry: dict) -> list[list[Ring]] | None:
+    """A Polygon's or MultiPolygon's rings straight from its coordinates, checked finite; None
+    for other geometry types."""
+    kind = geometry.get("type")
+    coords = geometry.get("coordinates")
+    if kind == "Polygon":
+        polygons = [coords]
+    elif kind == "MultiPolygon" and isinstance(coords, list):
+        polygons = coords
+    else:
+        return None
+    out: list[list[Ring]] = []
+    for polygon in polygons:
+        if not isinstance(polygon, list):
+            raise InvalidInputError(f"malformed {kind} coordinates (not a list of rings)")
+        rings = []
+        for ring in polygon:
+            try:
+                xy = np.asarray(ring, dtype=np.float64)
+            except (TypeError, ValueError):
+                raise InvalidInputError(f"malformed {kind} coordinates (not numbers)") from None
+            if xy.ndim != 2 or xy.shape[1] < 2:
+                raise InvalidInputError(f"malformed {kind} coordinates (a ring of points)")
+            if not np.isfinite(xy).all():
+                raise InvalidInputError(f"{kind} coordinates that are not finite numbers")
+            rings.append(xy[:, :2])
+        out.append(rings)
+    return out
+
+
 def _polygon_rings(geometry: dict) -> tuple[list[list[Ring]], str | None]:
     """The polygons of a GeoJSON geometry as rings; the reason when it yields none."""
     from shapely.geometry import shape
     from shapely.validation import make_valid
 
+    raw = _raw_rings(geometry)
+    if raw is not None and sum(len(r) for rings in raw for r in rings) > REPAIR_MAX_VERTICES:
+        kept = [rings for rings in raw if rings and len(rings[0]) >= 3]
+        return (kept, None) if kept else ([], "no area")
     try:
         geom = shape(geometry)
     except Exception as exc:  # shapely raises several types for malformed coordinates
@@ -103,13 +147,11 @@ def load_annotations(path: str | Path, class_filter: str | None = None) -> list[
     path = Path(path)
     if not path.is_file():
         raise InputNotFoundError(f"annotation file not found: {path}")
-    try:
-        doc = json.loads(path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise InvalidInputError(f"{path} is not a GeoJSON file ({exc})") from exc
+    doc = load_json(path, "GeoJSON file")
     polys: list[list[Ring]] = []
     left_out: Counter[str] = Counter()
     classes: Counter[str] = Counter()
+    vertices = 0
     for feature in _features(doc):
         props = feature.get("properties") or {}
         name = class_name(props) if isinstance(props, dict) else None
@@ -128,6 +170,12 @@ def load_annotations(path: str | Path, class_filter: str | None = None) -> list[
         if reason:
             left_out[reason] += 1
         polys.extend(rings)
+        vertices += sum(len(r) for p in rings for r in p)
+        if vertices > MAX_VERTICES:
+            raise InvalidInputError(
+                f"{path}: more than {MAX_VERTICES} polygon vertices; simplify the annotations "
+                "(QuPath: Objects › Annotations › Simplify shape) and export again"
+            )
     if left_out:
         log.warning(
             "%s: %d annotation(s) left out (%s); %d polygon(s) kept",
@@ -146,15 +194,58 @@ def load_annotations(path: str | Path, class_filter: str | None = None) -> list[
 
 
 def rasterize(polys: list[list[Ring]], shape: tuple[int, int], downsample: float) -> np.ndarray:
-    """Fill polygons (holes subtracted) on a (H, W) grid of ``downsample`` level-0 px per pixel."""
+    """Fill polygons (holes subtracted) on a (H, W) grid of ``downsample`` level-0 px per pixel.
+
+    Each ring is filled by the even-odd rule along pixel-centre rows: the work is one step per
+    edge and row it crosses, whatever the vertex count; a file that would need more than
+    :data:`MAX_CROSSINGS` steps at this scale is refused with one line.
+    """
+    height, width = shape
+    # Pixel (i, j) covers level-0 [j·d, (j+1)·d); its centre is at (j + 0.5)·d.
+    scaled = [[ring / downsample - 0.5 for ring in rings] for rings in polys]
+    crossings = sum(
+        int(np.abs(np.diff(np.floor(np.clip(r[:, 1], -1, height)))).sum())
+        for rings in scaled
+        for r in rings
+    )
+    if crossings > MAX_CROSSINGS:
+        raise InvalidInputError(
+            f"annotations too intricate to draw ({crossings} edge crossings at this scale, at "
+            f"most {MAX_CROSSINGS}); simplify them and export again"
+        )
     mask = np.zeros(shape, bool)
-    for rings in polys:
-        region = np.zeros(shape, bool)
-        for k, ring in enumerate(rings):
-            # Pixel (i, j) covers level-0 [j·d, (j+1)·d); its centre is at (j + 0.5)·d.
-            rr, cc = draw_polygon(
-                ring[:, 1] / downsample - 0.5, ring[:, 0] / downsample - 0.5, shape
-            )
-            region[rr, cc] = k == 0
+    for rings in scaled:
+        region = _fill_even_odd(rings[0], height, width)
+        for hole in rings[1:]:
+            region &= ~_fill_even_odd(hole, height, width)
         mask |= region
     return mask
+
+
+def _fill_even_odd(ring: Ring, height: int, width: int) -> np.ndarray:
+    """(H, W) bool: pixel centres (row i, column j) inside ``ring`` (x, y in pixel units)."""
+    x0, y0 = ring[:, 0], ring[:, 1]
+    x1, y1 = np.roll(x0, -1), np.roll(y0, -1)
+    # Rows r with min(y0, y1) <= r < max(y0, y1), the half-open rule: a vertex on a row counts
+    # once, a horizontal edge never.
+    lo = np.clip(np.ceil(np.minimum(y0, y1)), 0, height).astype(np.int64)
+    hi = np.clip(np.ceil(np.maximum(y0, y1)), 0, height).astype(np.int64)
+    counts = hi - lo
+    keep = counts > 0
+    x0, y0, x1, y1, lo, counts = x0[keep], y0[keep], x1[keep], y1[keep], lo[keep], counts[keep]
+    filled = np.zeros((height, width), bool)
+    if not len(counts):
+        return filled
+    edge = np.repeat(np.arange(len(counts)), counts)
+    offset = np.arange(len(edge)) - np.repeat(np.cumsum(counts) - counts, counts)
+    rows = lo[edge] + offset
+    t = (rows - y0[edge]) / (y1[edge] - y0[edge])
+    xs = x0[edge] + t * (x1[edge] - x0[edge])
+    # Pixel centre j is inside when an odd number of crossings lie at x ≤ j: each crossing
+    # toggles the columns from ceil(x) onwards.
+    cols = np.clip(np.ceil(xs), 0, width).astype(np.int64)
+    top, bottom = int(rows.min()), int(rows.max()) + 1  # only the rows the ring spans
+    flat = (rows - top) * (width + 1) + cols
+    toggles = np.bincount(flat, minlength=(bottom - top) * (width + 1)).reshape(-1, width + 1)
+    filled[top:bottom] = (np.cumsum(toggles[:, :width] & 1, axis=1) & 1).astype(bool)
+    return filled

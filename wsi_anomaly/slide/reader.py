@@ -245,6 +245,10 @@ class Slide:
         self.path = Path(path)
         self.name = self.path.name
         if not self.path.exists():
+            if self.path.is_symlink():
+                raise InputNotFoundError(
+                    f"{self.path} is a symbolic link that leads nowhere (broken, or a loop)"
+                )
             raise InputNotFoundError(f"slide not found: {self.path}")
         if self.path.is_dir():
             raise UnsupportedSlideError(f"{self.path} is a folder, not a slide file")

@@ -7,13 +7,14 @@ a warning). Missing everywhere → an error that names the override.
 
 from __future__ import annotations
 
-import csv
 import logging
+import math
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
 from ..errors import InvalidInputError, ResolutionError
+from ..untrusted import read_csv
 
 log = logging.getLogger(__name__)
 
@@ -119,22 +120,27 @@ def load_mpp_csv(path: str | Path) -> dict[str, float]:
     path = Path(path)
     if not path.is_file():
         raise InvalidInputError(f"mpp CSV not found: {path}")
+    fields, rows = read_csv(path, "mpp CSV")
+    column = next((c for c in MPP_CSV_SLIDE_COLUMNS if c in fields), None)
+    if column is None or "mpp" not in fields:
+        raise InvalidInputError(
+            f"{path}: an mpp CSV needs the header 'slide,mpp' or 'wsi,mpp'"
+            + (f" (found {','.join(fields)[:80]!r})" if fields else "")
+        )
     out: dict[str, float] = {}
-    with path.open(newline="", encoding="utf-8-sig") as fh:
-        reader = csv.DictReader(fh)
-        fields = [f.strip() for f in reader.fieldnames or []]
-        reader.fieldnames = fields
-        column = next((c for c in MPP_CSV_SLIDE_COLUMNS if c in fields), None)
-        if column is None or "mpp" not in fields:
+    first_line: dict[str, int] = {}
+    for lineno, row in rows:
+        value = _float(row["mpp"])
+        if value is None or not math.isfinite(value):
+            raise InvalidInputError(f"{path}:{lineno}: mpp {row['mpp'][:40]!r} is not a number")
+        slide = (row[column] or "").strip()
+        if slide in out and out[slide] != value:
             raise InvalidInputError(
-                f"{path}: an mpp CSV needs the header 'slide,mpp' or 'wsi,mpp'"
-                + (f" (found {','.join(fields)!r})" if fields else "")
+                f"{path}:{lineno}: slide {slide[:120]!r} is listed twice with different mpp "
+                f"({out[slide]:g} on line {first_line[slide]}, {value:g} here); keep one"
             )
-        for lineno, row in enumerate(reader, start=2):
-            value = _float(row["mpp"])
-            if value is None:
-                raise InvalidInputError(f"{path}:{lineno}: mpp {row['mpp']!r} is not a number")
-            out[(row[column] or "").strip()] = value
+        first_line.setdefault(slide, lineno)
+        out[slide] = value
     return out
 
 

@@ -22,6 +22,7 @@ import json
 import logging
 import os
 import shutil
+import time
 import uuid
 from functools import cache
 from pathlib import Path
@@ -33,7 +34,7 @@ from zarr.codecs import BloscCodec
 
 from .. import __version__
 from ..errors import InputNotFoundError, InvalidInputError, OutputExistsError
-from ..outputs import commit_dir
+from ..outputs import commit_dir, leftover_work, working_name
 
 if TYPE_CHECKING:
     from ..slide.grid import TileGrid
@@ -150,7 +151,8 @@ def shard_encoder(chunk_tiles: int) -> ShardEncoder | None:
 
 
 def temporary_path(final: Path) -> Path:
-    return final.with_name(f".{final.name}.partial")
+    """A new, unique working name for a store at ``final`` (no other run ever uses it)."""
+    return working_name(final)
 
 
 def is_tile_store(path: Path) -> bool:
@@ -171,8 +173,9 @@ def is_tile_store(path: Path) -> bool:
 
 
 def prepare_output(path: Path, overwrite: bool) -> Path:
-    """Refuse an existing output unless ``overwrite`` *and* it is a tile store this tool wrote;
-    clear stale partial output. Returns the temporary path to build the store in."""
+    """Refuse an existing output unless ``overwrite`` *and* it is a tile store this tool wrote.
+    Returns a new, unique working path to build the store in; nothing is created or removed
+    here (what interrupted runs left is cleared by the holder of the output's lock)."""
     if path.exists() or path.is_symlink():
         if not overwrite:
             raise OutputExistsError(f"{path} already exists; pass --overwrite to replace it")
@@ -181,11 +184,7 @@ def prepare_output(path: Path, overwrite: bool) -> Path:
                 f"{path} exists and is not a tile store written by "
                 "wsi-anomaly; refusing to replace it (choose another --out)"
             )
-    tmp = temporary_path(path)
-    if tmp.exists():
-        log.info("removing partial output of an interrupted run: %s", tmp)
-        shutil.rmtree(tmp, ignore_errors=True)
-    return tmp
+    return temporary_path(path)
 
 
 class TileStoreWriter:
@@ -205,11 +204,29 @@ class TileStoreWriter:
         tissue_fraction: np.ndarray,
         attrs: dict[str, Any],
         overwrite: bool = False,
+        work: Path | None = None,
     ):
         self.path = Path(path)
-        self.tmp = prepare_output(self.path, overwrite)
+        checked = prepare_output(self.path, overwrite)
+        self.tmp = Path(work) if work is not None else checked
         self.n_tiles = n_tiles
         self.tile_px = tile_px
+        self._aborted = False
+        try:
+            self._create(n_tiles, tile_px, coords, grid_index, tissue_fraction, attrs)
+        except BaseException:  # Ctrl-C included: nothing half-made stays behind
+            self.abort()
+            raise
+
+    def _create(
+        self,
+        n_tiles: int,
+        tile_px: int,
+        coords: np.ndarray,
+        grid_index: np.ndarray,
+        tissue_fraction: np.ndarray,
+        attrs: dict[str, Any],
+    ) -> None:
         root = zarr.open_group(str(self.tmp), mode="w", zarr_format=3)
         shard = max(1, min(SHARD_TILES, n_tiles))
         chunk = min(CHUNK_TILES, shard)
@@ -241,7 +258,12 @@ class TileStoreWriter:
 
     @classmethod
     def for_tiles(
-        cls, path: str | Path, kept: TileGrid, attrs: dict[str, Any], overwrite: bool = False
+        cls,
+        path: str | Path,
+        kept: TileGrid,
+        attrs: dict[str, Any],
+        overwrite: bool = False,
+        work: Path | None = None,
     ) -> TileStoreWriter:
         """A writer for the tiles ``kept`` of a slide's grid (their level-0 coordinates, grid
         positions and tissue fractions), at the grid's tile size."""
@@ -254,6 +276,7 @@ class TileStoreWriter:
             kept.tissue_fraction,
             attrs,
             overwrite=overwrite,
+            work=work,
         )
 
     def create_scores(self, keep_maps: bool = False, map_px: int = 64) -> None:
@@ -272,6 +295,8 @@ class TileStoreWriter:
         A whole shard is encoded here and written as one file (under a temporary name, then
         renamed, as zarr does); anything else goes through zarr.
         """
+        if self._aborted:
+            raise RuntimeError(f"{self.path}: the store was abandoned")
         shard = self.shard_tiles
         if (
             self._encoder is None
@@ -302,7 +327,16 @@ class TileStoreWriter:
         commit_dir(self.tmp, self.path)
 
     def abort(self) -> None:
-        shutil.rmtree(self.tmp, ignore_errors=True)
+        """Remove the unfinished store. Writes still in flight on other threads (the run was
+        interrupted while waiting for them) are refused from now on; one that was already
+        under way may recreate a folder, so removal is retried until the folder stays gone."""
+        self._aborted = True
+        deadline = time.monotonic() + 10.0
+        while True:
+            shutil.rmtree(self.tmp, ignore_errors=True)
+            if not self.tmp.exists() or time.monotonic() > deadline:
+                return
+            time.sleep(0.05)
 
     def __enter__(self) -> TileStoreWriter:
         return self
@@ -354,10 +388,11 @@ class TileStore:
     def __init__(self, path: str | Path, mode: Literal["r", "r+"] = "r"):
         self.path = Path(path)
         if not self.path.exists():
-            if temporary_path(self.path).exists():
+            left = leftover_work(self.path)
+            if left:
                 raise InvalidInputError(
                     f"{self.path} was never completed (an interrupted run left "
-                    f"{temporary_path(self.path).name}); run the tiler again"
+                    f"{left[0].name}); run the tiler again"
                 )
             raise InputNotFoundError(f"tile store not found: {self.path}")
         try:

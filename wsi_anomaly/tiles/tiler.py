@@ -7,6 +7,7 @@ tiles whatever the slide size.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import os
@@ -341,24 +342,40 @@ def tile_slide(
     validate_output_name(out)
     settings = settings if settings is not None else TilingSettings()
     t_start = time.perf_counter()
-    # Refuse early, before any work, if the output is there already.
+    # Refuse early, before any work, if the output is there already (nothing is touched here).
     prepare_output(out, overwrite)
     png_dir = Path(export_png) if export_png else None
     if png_dir is not None:
         check_replaceable(png_dir, overwrite, (PNG_FOLDER_KIND,), "PNG tile folder")
-    with OutputLock(out):
-        png_tmp = prepare_output(png_dir, overwrite=True) if png_dir else None
-        try:
-            return _tile_slide(
-                slide_path, out, settings, slide_mpp, overwrite, png_dir, png_tmp, progress, t_start
-            )
-        finally:
-            if png_tmp is not None:
-                remove_path(png_tmp)
+    with contextlib.ExitStack() as held:
+        # The lock comes first: a run refused here has created and removed nothing.
+        lock = held.enter_context(OutputLock(out))
+        prepare_output(out, overwrite)  # again: another run may have finished it meanwhile
+        lock.remove_leftovers()
+        png_tmp = None
+        if png_dir is not None:
+            png_lock = held.enter_context(OutputLock(png_dir))
+            png_lock.remove_leftovers()
+            png_tmp = png_lock.work_path()
+            held.callback(remove_path, png_tmp)
+        work = lock.work_path()
+        held.callback(remove_path, work)  # this run's own: whatever stopped it, it goes
+        return _tile_slide(
+            slide_path,
+            out,
+            settings,
+            slide_mpp,
+            overwrite,
+            png_dir,
+            png_tmp,
+            progress,
+            t_start,
+            work,
+        )
 
 
 def _tile_slide(
-    slide_path, out, settings, slide_mpp, overwrite, png_dir, png_tmp, progress, t_start
+    slide_path, out, settings, slide_mpp, overwrite, png_dir, png_tmp, progress, t_start, work
 ) -> TilingResult:
     with Slide(slide_path, override_mpp=slide_mpp) as slide:
         grid, kept, tissue = plan_tiles(slide, settings)
@@ -389,7 +406,7 @@ def _tile_slide(
             if png_tmp is not None:
                 _export_png(tiles, kept.coords[start : start + len(tiles)], png_tmp, stem)
 
-        with TileStoreWriter.for_tiles(out, kept, attrs, overwrite=overwrite) as writer:
+        with TileStoreWriter.for_tiles(out, kept, attrs, overwrite=overwrite, work=work) as writer:
             stream_to_store(
                 slide,
                 kept,

@@ -14,6 +14,8 @@ def add_parser(
 ) -> argparse.ArgumentParser:
     """Register ``view`` on the CLI's subparsers (``parents``: the options every subcommand
     shares). The parsed arguments carry ``func`` (and ``run``): :func:`run`."""
+    from ..cli.options import port, positive_int
+
     parser = subparsers.add_parser(
         "view",
         parents=parents or [],
@@ -23,7 +25,7 @@ def add_parser(
         "anomaly heatmap over it.",
     )
     parser.add_argument("results", help="the --out folder of `wsi-anomaly heatmap`")
-    parser.add_argument("--port", type=int, default=8000, help="port (default 8000; 0: any free)")
+    parser.add_argument("--port", type=port, default=8000, help="port (default 8000; 0: any free)")
     parser.add_argument(
         "--host",
         default="127.0.0.1",
@@ -31,7 +33,10 @@ def add_parser(
     )
     parser.add_argument("--no-browser", action="store_true", help="do not open a browser")
     parser.add_argument(
-        "--cache-mb", type=int, default=64, help="memory for encoded tiles, MiB (default 64)"
+        "--cache-mb",
+        type=positive_int,
+        default=64,
+        help="memory for encoded tiles, MiB (default 64)",
     )
     parser.set_defaults(func=run, run=run)
     return parser

@@ -76,8 +76,25 @@ class TileTable:
         return order[:k]
 
 
+def contained(path: Path, root: Path) -> Path | None:
+    """``path`` with every symlink resolved, when it lies inside ``root`` (resolved); None when
+    it leads anywhere else, or cannot be resolved (a symlink loop)."""
+    try:
+        real = path.resolve()
+        return real if real.is_relative_to(root.resolve()) else None
+    except (OSError, RuntimeError, ValueError):
+        return None
+
+
+#: The largest summary.json read (they are a few kB).
+MAX_SUMMARY_BYTES = 8 << 20
+
+
 class SlideResults:
-    """One slide's results folder: its summary, tile table and derived overlay images."""
+    """One slide's results folder: its summary, tile table and derived overlay images.
+
+    Every file is read through :meth:`file`: resolved, and refused when it leads outside the
+    slide's folder (a symlink to elsewhere)."""
 
     def __init__(self, name: str, folder: Path, row: dict[str, str] | None = None):
         self.name = name
@@ -85,17 +102,26 @@ class SlideResults:
         self.row = row or {}
         self._lock = threading.Lock()
         self._tiles: TileTable | None = None
+        self.summary: dict[str, Any] = {}
+        summary = self.file("summary.json")
         try:
-            self.summary: dict[str, Any] = json.loads(
-                (folder / "summary.json").read_text(encoding="utf-8")
-            )
-        except (OSError, ValueError):
+            if summary is not None and summary.stat().st_size <= MAX_SUMMARY_BYTES:
+                loaded = json.loads(summary.read_text(encoding="utf-8"))
+                self.summary = loaded if isinstance(loaded, dict) else {}
+        except (OSError, ValueError, RecursionError):
             self.summary = {}
+
+    def file(self, name: str) -> Path | None:
+        """The resolved path of ``name`` in the slide's folder; None when it is absent or
+        leads outside the folder."""
+        path = contained(self.folder / name, self.folder)
+        return path if path is not None and path.exists() else None
 
     @property
     def viewable(self) -> bool:
         """Whether the slide page can be drawn: a finished summary and a scored tile store."""
-        return bool(self.summary.get("colour_scale")) and (self.folder / "tiles.zarr").is_dir()
+        store = self.file("tiles.zarr")
+        return bool(self.summary.get("colour_scale")) and store is not None and store.is_dir()
 
     @property
     def slide_path(self) -> Path | None:
@@ -121,7 +147,10 @@ class SlideResults:
             if self._tiles is None:
                 from ..tiles.store import TileStore
 
-                store = TileStore(self.folder / "tiles.zarr")
+                path = self.file("tiles.zarr")
+                if path is None:
+                    raise InvalidInputError(f"{self.folder / 'tiles.zarr'} is not in its folder")
+                store = TileStore(path)
                 scores = store.scores
                 if scores is None:
                     raise InvalidInputError(f"{self.folder / 'tiles.zarr'} holds no scores")
@@ -143,8 +172,8 @@ class SlideResults:
     def pixel_map(self) -> np.ndarray | None:
         """The pixel-level anomaly map of ``heatmap.ome.zarr`` (rows·f, cols·f) float32, or None
         when the maps were not kept."""
-        path = self.folder / "heatmap.ome.zarr"
-        if not (path / "pixel").is_dir():
+        path = self.file("heatmap.ome.zarr")
+        if path is None or not (path / "pixel").is_dir():
             return None
         import zarr
 
@@ -202,11 +231,13 @@ class ResultsFolder:
             if name:
                 row["folder"] = name
                 folder = self.root / name
-                if folder.is_dir() and name not in self.slides:
+                if self._inside(folder) and folder.is_dir() and name not in self.slides:
                     self.slides[name] = SlideResults(name, folder, row)
         for summary in sorted(self.root.glob("*/summary.json")):
             folder = summary.parent
             if folder.name.startswith(".") or folder.name in self.slides:
+                continue
+            if not self._inside(folder):
                 continue
             entry = SlideResults(folder.name, folder)
             if not entry.summary:
@@ -226,6 +257,13 @@ class ResultsFolder:
                 f"{self.root} holds no summary.csv and no slide results; point `view` at the "
                 "--out folder of `wsi-anomaly heatmap`"
             )
+
+    def _inside(self, folder: Path) -> bool:
+        """A slide folder is listed only when it really lies in the results folder."""
+        if contained(folder, self.root) is None:
+            log.warning("%s leads outside %s; not served", folder.name, self.root)
+            return False
+        return True
 
     def slide(self, name: str) -> SlideResults | None:
         """The slide whose results folder is ``name``; None for any other name."""

@@ -202,12 +202,8 @@ class Handler(BaseHTTPRequestHandler):
         allowed = self.server.allowed_hosts  # type: ignore[attr-defined]
         if allowed is None:
             return True
-        host = (self.headers.get("Host") or "").strip().lower()
-        if host.startswith("["):  # [v6]:port
-            host = host[: host.find("]") + 1]
-        elif host.count(":") == 1:
-            host = host.split(":", 1)[0]
-        return host in allowed
+        host = host_name(self.headers.get("Host") or "")
+        return host is not None and host in allowed
 
     def _serve(self, head: bool) -> None:
         if not self._host_allowed():
@@ -326,9 +322,7 @@ class Handler(BaseHTTPRequestHandler):
         if entry is None:
             return None
         if rest == ["thumb.jpg"]:
-            body = viewer.cached(
-                (name, "thumb"), lambda: _small_jpeg(entry.folder / "thumbnail.png")
-            )
+            body = viewer.cached((name, "thumb"), lambda: _small_jpeg(entry.file("thumbnail.png")))
             return None if body is None else (HTTPStatus.OK, body, "image/jpeg", True)
         if rest[0] == "tile-image" and len(rest) == 2 and entry.viewable:
             found = _TILE_IMAGE.match(rest[1])
@@ -336,7 +330,7 @@ class Handler(BaseHTTPRequestHandler):
                 return None
             index = int(found.group(1))
             body = viewer.cached(
-                (name, "tile-image", index), lambda: _tile_jpeg(entry.folder, index)
+                (name, "tile-image", index), lambda: _tile_jpeg(entry.file("tiles.zarr"), index)
             )
             return None if body is None else (HTTPStatus.OK, body, "image/jpeg", True)
         if rest == [""]:
@@ -377,8 +371,8 @@ class Handler(BaseHTTPRequestHandler):
 
             return _json(tile_records(entry))
         if len(rest) == 2 and rest[0] == "files" and rest[1] in SERVED_FILES:
-            path = entry.folder / rest[1]
-            if not path.is_file():
+            path = entry.file(rest[1])
+            if path is None or not path.is_file():
                 return None
             return HTTPStatus.OK, path.read_bytes(), SERVED_FILES[rest[1]], False
         return None
@@ -394,26 +388,43 @@ def _jpeg(image: Any, max_px: int) -> bytes:
     return out.getvalue()
 
 
-def _small_jpeg(path: Path) -> bytes | None:
-    """A small JPEG of a results PNG (the cohort page's thumbnails: tens of kB, not MB)."""
+def _small_jpeg(path: Path | None) -> bytes | None:
+    """A small JPEG of a results PNG (the cohort page's thumbnails: tens of kB, not MB); ``path``
+    as :meth:`SlideResults.file` resolved it (None: absent or outside the folder)."""
     from PIL import Image
 
-    if not path.is_file():
+    if path is None or not path.is_file():
         return None
     with Image.open(path) as image:
         return _jpeg(image, THUMB_PX)
 
 
-def _tile_jpeg(folder: Path, index: int) -> bytes | None:
-    """Tile ``index`` of the slide's tile store as a small JPEG; None past the last tile."""
+def _tile_jpeg(store_path: Path | None, index: int) -> bytes | None:
+    """Tile ``index`` of the slide's tile store (resolved inside the slide's folder) as a small
+    JPEG; None past the last tile."""
     from PIL import Image
 
     from ..tiles import TileStore
 
-    store = TileStore(folder / "tiles.zarr")
+    if store_path is None:
+        return None
+    store = TileStore(store_path)
     if not 0 <= index < len(store):
         return None
     return _jpeg(Image.fromarray(store.read(index, index + 1)[0]), TILE_IMAGE_PX)
+
+
+#: A Host header: a name or IPv4 address, or an IPv6 address in brackets; then an optional port.
+_HOST = re.compile(r"(\[[0-9a-f:.]+\]|[a-z0-9](?:[a-z0-9.-]*[a-z0-9])?)(?::([0-9]{1,5}))?")
+
+
+def host_name(header: str) -> str | None:
+    """The host of a ``Host`` header, lower-cased (IPv6 in brackets); None when the header is
+    not one host with an optional port (``[::1].example.com``, two ports, spaces inside)."""
+    match = _HOST.fullmatch(header.strip().lower())
+    if match is None or (match.group(2) is not None and int(match.group(2)) > 65535):
+        return None
+    return match.group(1)
 
 
 def _json(value: Any) -> tuple[HTTPStatus, bytes, str, bool]:
