@@ -127,3 +127,23 @@ def test_first_flag_labels_prefer_artifacts_over_border():
     fold = 1 << FLAG_NAMES.index("fold")
     labels = first_flag_labels(np.array([0, border, border | fold], np.uint16))
     assert labels.tolist() == [0, FLAG_NAMES.index("border") + 1, FLAG_NAMES.index("fold") + 1]
+
+
+def test_tile_takes_the_qc_thresholds(capsys, small_slide, tmp_path):
+    from wsi_anomaly.tiles import TileStore
+
+    strict = tmp_path / "strict.yaml"
+    strict.write_text("qc:\n  min_sharpness: 100\n", encoding="utf-8")
+    out = tmp_path / "t.zarr"
+    code, _, _ = run(capsys, "tile", small_slide.path, "--out", out, "--qc-config", strict, "-q")
+    assert code == 0
+    store = TileStore(out)
+    assert store.qc["settings"]["min_sharpness"] == 100
+    assert (store.qc_flags & 1).all()  # every tile "blurred" at that threshold
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("qc:\n  min_sharpness: many\n", encoding="utf-8")
+    code, _, err = run(
+        capsys, "tile", small_slide.path, "--out", tmp_path / "u.zarr", "--qc-config", bad
+    )
+    assert_one_error_line(code, err, "min_sharpness")
+    assert not (tmp_path / "u.zarr").exists()

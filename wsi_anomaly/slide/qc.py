@@ -10,10 +10,11 @@ never read a second time), vectorised over a batch of tiles:
   (its contrast): low on strongly blurred tiles, where both scales of ``focus`` are gone.
 * ``pen_green``, ``pen_blue``, ``pen_black``, ``pen_red``: fraction of the tile's pixels in a
   marker-ink colour class (HSV hue, saturation and value windows outside H&E's pink→purple).
-* ``fold``: fraction of tissue pixels whose optical density (summed over RGB) is as high as
-  doubled tissue gives (folds, thick tissue), excluding black ink.
-* ``bubble``: fraction of pixels on thin bright lines inside tissue (a white top-hat of the
-  grey image): bubble rims and coverslip edges.
+* ``fold``: fraction of tissue pixels whose optical density (summed over RGB, averaged over
+  ~20 px) exceeds a multiple of the slide's median tissue density (:func:`reference_od`, from
+  the thumbnail): doubled, thick tissue.
+* ``bubble``: fraction of pixels on thin bright lines (brighter than both neighbours a few
+  pixels away, across or along): bubble rims and coverslip edges.
 * ``brightness``: mean grey level of the tile (0–1): over- and under-exposure.
 * ``stain_od``: mean optical density of the tissue pixels: faint staining.
 * ``border_um``: distance from the tile's centre to the nearest background of the tissue mask,
@@ -282,7 +283,7 @@ def measure_tiles(
     ``reference``: the slide's median tissue density (:func:`reference_od`; NaN → 1).
 
     Colour classes and densities are measured on every 4th pixel (marker strokes, folds and
-    bubble rims are several pixels wide); focus at the tiles' own resolution (on every 2nd
+    bubble rims are several pixels wide); focus at the tiles' own resolution (on every 4th
     row) against a 4× coarser scale.
     """
     settings = settings or QCSettings()
@@ -336,8 +337,8 @@ def measure_tiles(
     )
     # Full-resolution Laplacian on every 4th row (rows 1, 5, 9…, with the rows above and below).
     rows = tiles.shape[1] // 4 * 4
-    green = tiles[:, :rows, :, 1].reshape(n, rows // 4, 4, -1)[:, :, :3].astype(np.int16)
-    fine = _laplacian_energy_rows(green)
+    triples = tiles[:, :rows, :, 1].reshape(n, rows // 4, 4, -1)[:, :, :3].astype(np.int16)
+    fine = _laplacian_energy_rows(triples)
     coarse = _laplacian_energy(np.ascontiguousarray(sample[..., 1]).astype(np.int16))
     out[:, _COL["focus"]] = np.where(coarse > 1.0, fine / np.maximum(coarse, 1.0), np.nan)
     contrast = sample[..., 1].reshape(n, -1).astype(np.float32).var(axis=1)
@@ -409,6 +410,16 @@ def flag_labels(flags: np.ndarray) -> list[str]:
     ]
 
 
+def first_flags(flags: np.ndarray) -> list[tuple[str, tuple[int, int, int]] | None]:
+    """Per tile, its first flag in :data:`FLAG_NAMES` order (artifacts before ``border``) and
+    the flag's colour; None for a clean tile."""
+    out: list[tuple[str, tuple[int, int, int]] | None] = []
+    for bits in np.asarray(flags, np.uint16).tolist():
+        k = (bits & -bits).bit_length() - 1 if bits else -1
+        out.append((FLAG_NAMES[k], FLAG_COLOURS[FLAG_NAMES[k]]) if k >= 0 else None)
+    return out
+
+
 def artifact_mask(flags: np.ndarray) -> np.ndarray:
     """(n,) bool: tiles with any artifact flag (every flag but ``border``)."""
     bits = sum(1 << FLAG_NAMES.index(name) for name in ARTIFACT_FLAGS)
@@ -425,6 +436,25 @@ class TileQC:
     settings: QCSettings
     names: tuple[str, ...] = VALUE_NAMES
     flag_names: tuple[str, ...] = FLAG_NAMES
+
+    def measurements(self, i: int) -> dict[str, float]:
+        """Tile ``i``'s measurements as ``qc_<name>`` (finite ones) and its ``qc_flags`` bits,
+        for QuPath."""
+        out = {
+            f"qc_{n}": float(v)
+            for n, v in zip(self.names, self.values[i].tolist())
+            if math.isfinite(v)
+        }
+        out["qc_flags"] = float(self.flags[i])
+        return out
+
+    def table_cells(self) -> list[list[str]]:
+        """Per tile: its flag names (``;``-separated) and each measurement, as text."""
+        labels = flag_labels(self.flags)
+        return [
+            [label, *(f"{v:.6g}" if math.isfinite(v) else "" for v in row)]
+            for label, row in zip(labels, self.values.tolist())
+        ]
 
     def fractions(self, among: np.ndarray | None = None) -> dict[str, float]:
         """Fraction of tiles per flag and for ``any_artifact`` (of ``among``, a bool mask)."""
