@@ -328,3 +328,24 @@ def test_view_command_serves_until_stopped(results):
     finally:
         proc.send_signal(signal.SIGINT)
         assert proc.wait(timeout=30) == 0
+
+
+def test_qc_flags_overlay_and_toggle(server, results):
+    from wsi_anomaly.quality import first_flag_labels
+    from wsi_anomaly.slide.qc import FLAG_COLOURS, FLAG_NAMES
+
+    store = TileStore(results / "demo.tif" / "tiles.zarr")
+    flags = store.qc_flags
+    assert flags is not None and (flags != 0).any()  # the demo's edge tiles at least
+    status, body, _ = get(server, "/slide/demo.tif/")
+    assert status == 200 and 'id="show-qc"' in body.decode()
+    status, body, _ = get(server, "/slide/demo.tif/overlay/qc.png")
+    assert status == 200
+    overlay = np.asarray(Image.open(io.BytesIO(body)).convert("RGBA"))
+    k = overlay.shape[0] // store.attrs["grid_rows"]
+    for (col, row), label in zip(store.grid_index, first_flag_labels(flags)):
+        pixel = tuple(int(v) for v in overlay[row * k + k // 2, col * k + k // 2])
+        if label:
+            assert pixel == (*FLAG_COLOURS[FLAG_NAMES[label - 1]], 255)
+        else:
+            assert pixel[3] == 0

@@ -7,7 +7,9 @@ Opening ``results/<slide>/`` (or its ``heatmap.ome.zarr``) in napari gives:
 - the tile anomaly scores (``heatmap.ome.zarr``) on the model's fixed colour scale, with the
   contrast limits of that scale, half transparent over the slide;
 - the pixel-level anomaly map when the run kept it (hidden at first);
-- the tiles as rectangles carrying their score, max and tissue fraction (hidden at first).
+- the tiles as rectangles carrying their score, max and tissue fraction (hidden at first);
+- the tissue QC flags (``heatmap.ome.zarr/labels/qc``), one label per tile in its flag's colour
+  (hidden at first: show it to see which tiles are artifacts rather than findings).
 
 All layers use slide micrometres: a level-0 slide pixel (x, y) covers [x·mpp, (x+1)·mpp) ×
 [y·mpp, (y+1)·mpp), and napari places a pixel's centre at ``index·scale + translate``, so the
@@ -80,11 +82,40 @@ def read_results(path: str | list[str]) -> list[LayerData]:
                 visible=False,
             )
         )
+    if (folder / "heatmap.ome.zarr" / "labels" / "qc" / "zarr.json").is_file():
+        layers.append(_qc_layer(folder / "heatmap.ome.zarr" / "labels" / "qc", summary["slide"]))
     if (folder / "tiles.csv").is_file():
         layers.append(
             _tiles_layer(folder / "tiles.csv", float(summary["level0_mpp"]), summary["slide"])
         )
     return layers
+
+
+def _qc_layer(labels: Path, slide_name: str) -> LayerData:
+    """The QC labels image: label k + 1 is flag k, in its colour (see ``image-label``)."""
+    import zarr
+
+    from .tiles.store import zarr_array
+
+    group = zarr.open_group(str(labels), mode="r")
+    ome = cast(dict[str, Any], group.attrs["ome"])
+    dataset = ome["multiscales"][0]["datasets"][0]
+    transforms = {t["type"]: t for t in dataset["coordinateTransformations"]}
+    info = ome.get("image-label", {})
+    colours: dict[int | None, Any] = {None: (0, 0, 0, 0), 0: (0, 0, 0, 0)}
+    for entry in info.get("colors", []):
+        colours[int(entry["label-value"])] = tuple(v / 255 for v in entry["rgba"])
+    names = {int(p["label-value"]): p["class"] for p in info.get("properties", [])}
+    kwargs = {
+        "name": f"{slide_name} QC flags",
+        "scale": tuple(transforms["scale"]["scale"]),
+        "translate": tuple(transforms.get("translation", {}).get("translation", (0.0, 0.0))),
+        "colormap": colours,
+        "opacity": 0.6,
+        "visible": False,
+        "metadata": {"qc_classes": names},
+    }
+    return np.asarray(zarr_array(group, dataset["path"])[...]), kwargs, "labels"
 
 
 def _colour_scale(summary: dict[str, Any]) -> Any:
@@ -202,7 +233,7 @@ def _read_block(
 
 def _tiles_layer(table: Path, mpp: float, slide_name: str) -> LayerData:
     """Tiles as rectangles in µm with their measurements as features."""
-    rects, score, peak, tissue, cls = [], [], [], [], []
+    rects, score, peak, tissue, cls, qc = [], [], [], [], [], []
     with table.open(newline="", encoding="utf-8") as fh:
         for row in csv.DictReader(fh):
             x, y = float(row["x"]), float(row["y"])
@@ -212,11 +243,13 @@ def _tiles_layer(table: Path, mpp: float, slide_name: str) -> LayerData:
             peak.append(float(row["max"]) if row["max"] else np.nan)
             tissue.append(float(row["tissue_fraction"]) if row["tissue_fraction"] else np.nan)
             cls.append(row["class"])
+            qc.append(row.get("qc_flags") or "")
     features = {
         "anomaly_score": np.asarray(score),
         "anomaly_max": np.asarray(peak),
         "tissue_fraction": np.asarray(tissue),
         "class": np.asarray(cls, dtype=object),
+        "qc_flags": np.asarray(qc, dtype=object),
     }
     edge = ["red" if c == "Anomalous" else "white" for c in cls]
     kwargs = {
