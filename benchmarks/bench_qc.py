@@ -126,6 +126,44 @@ def evaluate(store, seed: int = 0) -> dict:
     }
 
 
+def demo_top_tiles(folder: Path, k: int = 8) -> dict:
+    """The demo's most anomalous tiles with ``--qc flag`` (the default) and ``--qc exclude``:
+    their scores, QC flags and distance to the tissue border."""
+    import csv
+
+    from wsi_anomaly.demo import run_demo
+    from wsi_anomaly.pipeline import HeatmapSettings, process_slide
+
+    slide = folder / "synthetic_slide.tif"
+    model = folder / "model.pt"
+    if not (folder / "results" / slide.name / "summary.json").is_file():
+        run_demo(folder, device="cpu", progress=False, echo=lambda *a, **kw: None)
+    out = {}
+    for mode in ("flag", "exclude"):
+        results = folder / f"results-qc-{mode}"
+        settings = HeatmapSettings(qc=mode, device="cpu", progress=False)
+        summary = process_slide(slide, results, model, settings)
+        with open(results / slide.name / "tiles.csv", newline="", encoding="utf-8") as fh:
+            rows = [r for r in csv.DictReader(fh) if r["score"]]
+        rows.sort(key=lambda r: -float(r["score"]))
+        out[mode] = {
+            "fraction_anomalous": summary["fraction_anomalous"],
+            "n_scored": summary["n_scored"],
+            "n_tiles": summary["n_tiles"],
+            "top": [
+                {
+                    "x": int(r["x"]),
+                    "y": int(r["y"]),
+                    "score": float(r["score"]),
+                    "qc_flags": r["qc_flags"],
+                    "border_um": float(r["qc_border_um"]),
+                }
+                for r in rows[:k]
+            ],
+        }
+    return out
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -133,6 +171,12 @@ def main() -> None:
     ap.add_argument("--workdir", default="/tmp/wsi-bench-qc")
     ap.add_argument("--synthetic-px", type=int, default=4096, help="synthetic slide side, px")
     ap.add_argument("--json", help="also write the results here")
+    ap.add_argument(
+        "--demo",
+        metavar="DIR",
+        help="also show the top tiles of `wsi-anomaly demo` (run into DIR if not there) "
+        "with --qc flag and --qc exclude",
+    )
     args = ap.parse_args()
     from wsi_anomaly.slide.synthetic import write_synthetic_slide
 
@@ -185,6 +229,21 @@ def main() -> None:
             f"{r['tiling_ms_per_tile']:.2f} | {r['qc_ms_per_tile']:.2f} | "
             f"{r['added_fraction']:.0%} |"
         )
+    if args.demo:
+        demo = demo_top_tiles(Path(args.demo))
+        results["demo"] = demo
+        for mode, r in demo.items():
+            print(
+                f"\ndemo, --qc {mode}: {r['n_scored']} of {r['n_tiles']} tiles scored, "
+                f"{r['fraction_anomalous']:.1%} anomalous"
+            )
+            print("| rank | x, y | score | QC flags | border distance (µm) |")
+            print("|---|---|---|---|---|")
+            for rank, t in enumerate(r["top"], 1):
+                print(
+                    f"| {rank} | {t['x']}, {t['y']} | {t['score']:.3g} | "
+                    f"{t['qc_flags'] or '—'} | {t['border_um']:.0f} |"
+                )
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=2), encoding="utf-8")
 
