@@ -126,7 +126,7 @@ def evaluate(store, seed: int = 0) -> dict:
     }
 
 
-def demo_top_tiles(folder: Path, k: int = 8) -> dict:
+def demo_top_tiles(folder: Path, k: int = 8, size_px: int = 8192) -> dict:
     """The demo's most anomalous tiles with ``--qc flag`` (the default) and ``--qc exclude``:
     their scores, QC flags and distance to the tissue border."""
     import csv
@@ -137,7 +137,7 @@ def demo_top_tiles(folder: Path, k: int = 8) -> dict:
     slide = folder / "synthetic_slide.tif"
     model = folder / "model.pt"
     if not (folder / "results" / slide.name / "summary.json").is_file():
-        run_demo(folder, device="cpu", progress=False, echo=lambda *a, **kw: None)
+        run_demo(folder, size_px, device="cpu", progress=False, echo=lambda *a, **kw: None)
     out = {}
     for mode in ("flag", "exclude"):
         results = folder / f"results-qc-{mode}"
@@ -177,6 +177,7 @@ def main() -> None:
         help="also show the top tiles of `wsi-anomaly demo` (run into DIR if not there) "
         "with --qc flag and --qc exclude",
     )
+    ap.add_argument("--demo-size", type=int, default=8192, help="the demo slide's side, px")
     args = ap.parse_args()
     from wsi_anomaly.slide.synthetic import write_synthetic_slide
 
@@ -230,7 +231,7 @@ def main() -> None:
             f"{r['added_fraction']:.0%} |"
         )
     if args.demo:
-        demo = demo_top_tiles(Path(args.demo))
+        demo = demo_top_tiles(Path(args.demo), size_px=args.demo_size)
         results["demo"] = demo
         for mode, r in demo.items():
             print(
