@@ -13,6 +13,7 @@ from wsi_anomaly.stitch import ColourScale, SlideGeometry, write_slide_outputs  
 
 TILE = 256
 HOT = (3, 2)  # (column, row) of the one anomalous tile
+QC_TILE = (5, 4)  # (column, row) of the one blurred tile
 
 
 @pytest.fixture(scope="module")
@@ -53,6 +54,15 @@ def results(small_slide, tmp_path_factory):
         top_tiles=[],
         tissue_fraction=np.ones(len(coords)),
     )
+    # The QC flags of every tile: one known blurred tile.
+    from wsi_anomaly.quality import write_qc_labels
+    from wsi_anomaly.slide.qc import FLAG_NAMES
+
+    flags = np.zeros(len(coords), np.uint16)
+    flags[int(np.flatnonzero((grid_index == QC_TILE).all(axis=1))[0])] = 1 << FLAG_NAMES.index(
+        "blur"
+    )
+    write_qc_labels(folder / "heatmap.ome.zarr", (rows, cols), grid_index, flags)
     (folder / "summary.json").write_text(
         json.dumps(
             {
@@ -187,3 +197,23 @@ def test_napari_setup_command_records_the_preference(fresh_napari_settings, caps
     assert "with the wsi-anomaly reader" in capsys.readouterr().out
     prefs = fresh_napari_settings.plugins.extension2reader
     assert prefs["*.svs/"] == "wsi-anomaly" and prefs["*.ndpi-*/"] == "wsi-anomaly"
+
+
+def test_qc_flags_layer_marks_the_flagged_tile(results):
+    import npe2
+    from napari.components import ViewerModel
+
+    from wsi_anomaly.slide.qc import FLAG_NAMES
+
+    folder, mpp = results
+    npe2.PluginManager.instance().discover()
+    viewer = ViewerModel()
+    viewer.open(str(folder), plugin="wsi-anomaly")
+    layer = {lay.name: lay for lay in viewer.layers}["small.tif QC flags"]
+    assert not layer.visible  # shown on demand
+    layer.visible = True
+    x0, y0 = QC_TILE[0] * TILE, QC_TILE[1] * TILE
+    inside = ((y0 + TILE / 2) * mpp, (x0 + TILE / 2) * mpp)
+    outside = ((y0 + TILE / 2) * mpp, (x0 - TILE / 2) * mpp)
+    assert layer.get_value(inside, world=True) == FLAG_NAMES.index("blur") + 1
+    assert layer.get_value(outside, world=True) == 0

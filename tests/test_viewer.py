@@ -385,3 +385,24 @@ def test_top_tile_images_come_from_the_tile_store(server, results):
     assert f'src="tile-image/{top}.jpg"' in html
     for bad in (f"/slide/demo.tif/tile-image/{len(store)}.jpg", "/slide/demo.tif/tile-image/x.jpg"):
         assert get(server, bad)[0] == 404
+
+
+def test_qc_flags_overlay_and_toggle(server, results):
+    from wsi_anomaly.quality import first_flag_labels
+    from wsi_anomaly.slide.qc import FLAG_COLOURS, FLAG_NAMES
+
+    store = TileStore(results / "demo.tif" / "tiles.zarr")
+    flags = store.qc_flags
+    assert flags is not None and (flags != 0).any()  # the demo's edge tiles at least
+    status, body, _ = get(server, "/slide/demo.tif/")
+    assert status == 200 and 'id="show-qc"' in body.decode()
+    status, body, _ = get(server, "/slide/demo.tif/overlay/qc.png")
+    assert status == 200
+    overlay = np.asarray(Image.open(io.BytesIO(body)).convert("RGBA"))
+    k = overlay.shape[0] // store.attrs["grid_rows"]
+    for (col, row), label in zip(store.grid_index, first_flag_labels(flags)):
+        pixel = tuple(int(v) for v in overlay[row * k + k // 2, col * k + k // 2])
+        if label:
+            assert pixel == (*FLAG_COLOURS[FLAG_NAMES[label - 1]], 255)
+        else:
+            assert pixel[3] == 0

@@ -21,6 +21,9 @@ folder's path. :func:`prefer_for_results_folders` records such preferences for t
 folders have (``<slide file name>`` or ``<slide file name>-<hash>``), and the folder's marker file
 ``.wsi-anomaly`` is a file only this reader claims.
 
+The tissue QC flags (``heatmap.ome.zarr/labels/qc``) come as one label per tile in its flag's
+colour (hidden at first: show it to see which tiles are artifacts rather than findings).
+
 All layers use slide micrometres: a level-0 slide pixel (x, y) covers [x·mpp, (x+1)·mpp) ×
 [y·mpp, (y+1)·mpp), and napari places a pixel's centre at ``index·scale + translate``, so the
 slide gets a half-pixel translation and the score grids the translations written in their NGFF
@@ -97,11 +100,40 @@ def read_results(path: str | list[str]) -> list[LayerData]:
                 visible=False,
             )
         )
+    if (folder / "heatmap.ome.zarr" / "labels" / "qc" / "zarr.json").is_file():
+        layers.append(_qc_layer(folder / "heatmap.ome.zarr" / "labels" / "qc", summary["slide"]))
     if (folder / "tiles.csv").is_file():
         layers.append(
             _tiles_layer(folder / "tiles.csv", float(summary["level0_mpp"]), summary["slide"])
         )
     return layers
+
+
+def _qc_layer(labels: Path, slide_name: str) -> LayerData:
+    """The QC labels image: label k + 1 is flag k, in its colour (see ``image-label``)."""
+    import zarr
+
+    from .tiles.store import zarr_array
+
+    group = zarr.open_group(str(labels), mode="r")
+    ome = cast(dict[str, Any], group.attrs["ome"])
+    dataset = ome["multiscales"][0]["datasets"][0]
+    transforms = {t["type"]: t for t in dataset["coordinateTransformations"]}
+    info = ome.get("image-label", {})
+    colours: dict[int | None, Any] = {None: (0, 0, 0, 0), 0: (0, 0, 0, 0)}
+    for entry in info.get("colors", []):
+        colours[int(entry["label-value"])] = tuple(v / 255 for v in entry["rgba"])
+    names = {int(p["label-value"]): p["class"] for p in info.get("properties", [])}
+    kwargs = {
+        "name": f"{slide_name} QC flags",
+        "scale": tuple(transforms["scale"]["scale"]),
+        "translate": tuple(transforms.get("translation", {}).get("translation", (0.0, 0.0))),
+        "colormap": colours,
+        "opacity": 0.6,
+        "visible": False,
+        "metadata": {"qc_classes": names},
+    }
+    return np.asarray(zarr_array(group, dataset["path"])[...]), kwargs, "labels"
 
 
 def _colour_scale(summary: dict[str, Any]) -> Any:
@@ -260,6 +292,7 @@ def _tiles_layer(table: Path, mpp: float, slide_name: str) -> LayerData:
             "anomaly_max": numbers("max"),
             "tissue_fraction": numbers("tissue_fraction"),
             "class": cls,
+            "qc_flags": frame["qc_flags"].to_numpy(object) if "qc_flags" in frame else "",
         }
     )
     # Tiles faintly white, "Anomalous" ones red: hovering shows any tile's features.

@@ -32,7 +32,7 @@ import time
 from collections import deque
 from collections.abc import Iterable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from functools import lru_cache
 from pathlib import Path
 from typing import Any
@@ -65,6 +65,7 @@ from .outputs import (
 from .score import AUTO_BATCH, ScoreBatch, Scorer
 from .slide import Slide
 from .slide.grid import TileGrid
+from .slide.qc import QCSettings, TileQC, TileQCMeter, artifact_mask, qc_record
 from .slide.resolution import load_mpp_csv, lookup_mpp
 from .slide.tissue import TissueMask
 from .stitch import (
@@ -78,6 +79,7 @@ from .tiles.store import TileStore, TileStoreWriter
 from .tiles.tiler import (
     TilingSettings,
     plan_tiles,
+    qc_meter,
     store_attributes,
     store_bytes_estimate,
     stream_tiles,
@@ -140,6 +142,10 @@ class HeatmapSettings:
     overwrite: bool = False
     progress: bool = True
     slides_in_flight: int = 0  # 0 → two on a GPU, one on a CPU (see slides_in_flight)
+    #: tissue QC: flag (every output carries the flags), exclude (flagged tiles are not
+    #: scored) or off
+    qc: str = "flag"
+    qc_settings: QCSettings = field(default_factory=QCSettings)
 
     def __post_init__(self) -> None:
         from .score import check_batch_size, check_compile_mode
@@ -152,6 +158,12 @@ class HeatmapSettings:
             )
         if not 0.0 <= self.alpha <= 1.0:
             raise InvalidInputError(f"--alpha must be between 0 and 1, got {self.alpha}")
+        if self.qc not in QC_MODES:
+            raise InvalidInputError(f"--qc must be one of {', '.join(QC_MODES)}, got {self.qc!r}")
+
+
+#: ``--qc`` choices.
+QC_MODES = ("flag", "exclude", "off")
 
 
 def find_slides(
@@ -359,6 +371,8 @@ def scoring_settings(settings: HeatmapSettings, slide_mpp: float | None) -> dict
         "cmap": settings.cmap,
         "scale": settings.scale,
         "alpha": settings.alpha,
+        "qc": settings.qc,
+        "qc_settings": settings.qc_settings.to_dict() if settings.qc != "off" else None,
     }
 
 
@@ -500,6 +514,7 @@ def _run(
             stride_px=settings.stride_px,
             min_tissue=settings.min_tissue,
             workers=settings.read_workers,
+            qc=settings.qc_settings if settings.qc != "off" else None,
         )
         t0 = time.perf_counter()
         grid, kept, tissue = plan_tiles(slide, tiling)
@@ -524,14 +539,19 @@ def _run(
             "write_s": 0.0,
         }
         store_path = plan.work / "tiles.zarr"
+        meter = qc_meter(slide, kept, tissue, tiling.qc)
         if reusable is not None:
             log.info("%s: reusing the tile store of an earlier run", slide.name)
             store = TileStore(store_path, mode="r+")
-            n_scored = _score_store(store, scorer, settings, timing, slide.name)
+            n_scored = _score_store(store, scorer, settings, timing, slide.name, meter)
         else:
             attrs = store_attributes(plan.slide_path, slide, grid, tiling, tissue)
-            n_scored = _tile_and_score(slide, kept, store_path, attrs, scorer, settings, timing)
+            n_scored = _tile_and_score(
+                slide, kept, store_path, attrs, scorer, settings, timing, meter
+            )
             store = TileStore(store_path)
+        if meter is not None:
+            timing["qc_s"] = meter.seconds
         pipeline_s = time.perf_counter() - t0 - timing["plan_s"]
         run = SlideRun(plan, slide, grid, tissue, scorer, settings, timing)
         outputs, scale = _render(run, store)
@@ -595,11 +615,15 @@ def _tile_and_score(
     scorer: Scorer,
     settings: HeatmapSettings,
     timing: dict,
+    meter: TileQCMeter | None = None,
 ) -> int:
-    """Decode tiles once: write them to the store and score them, overlapping the stages."""
+    """Decode tiles once: write them to the store and score them, overlapping the stages (and
+    measure their quality on the way, with ``meter``)."""
     with TileStoreWriter.for_tiles(store_path, kept, attrs) as writer:
         writer.create_scores(settings.keep_maps, scorer.map_px)
-        shards = stream_tiles(
+        if meter is not None:
+            writer.create_qc(qc_record(meter.settings, meter.reference))
+        shards: Iterable[tuple[int, np.ndarray]] = stream_tiles(
             slide,
             kept,
             writer,
@@ -608,17 +632,44 @@ def _tile_and_score(
             desc="scoring",
             progress=settings.progress,
         )
-        _score_shards(scorer, shards, writer, settings, timing)
+        skip: dict[int, np.ndarray] = {}
+        if meter is not None:
+            shards = _measured(shards, meter, writer, skip if settings.qc == "exclude" else None)
+        _score_shards(scorer, shards, writer, settings, timing, skip)
         writer.close({"model": scorer.identity})
-    return len(kept)
+    return len(kept) - sum(int(m.sum()) for m in skip.values())
+
+
+def _measured(
+    shards: Iterable[tuple[int, np.ndarray]],
+    meter: TileQCMeter,
+    sink: TileStore | TileStoreWriter,
+    skip: dict[int, np.ndarray] | None,
+) -> Iterator[tuple[int, np.ndarray]]:
+    """Pass shards through, measuring each one's QC and writing it to ``sink``; with ``skip``,
+    record there which of the shard's tiles are flagged (not to be scored)."""
+    for start, tiles in shards:
+        values, flags = meter(start, tiles)
+        sink.write_qc(start, values, flags)
+        if skip is not None:
+            skip[start] = flags != 0
+        yield start, tiles
 
 
 def _score_store(
-    store: TileStore, scorer: Scorer, settings: HeatmapSettings, timing: dict, name: str
+    store: TileStore,
+    scorer: Scorer,
+    settings: HeatmapSettings,
+    timing: dict,
+    name: str,
+    meter: TileQCMeter | None = None,
 ) -> int:
-    """Score an existing tile store in place, shard by shard with read-ahead."""
+    """Score an existing tile store in place, shard by shard with read-ahead (measuring the
+    tiles' quality again from the store with ``meter``: its settings may differ)."""
     n, shard = len(store), store.shard_tiles
     store.reset_scores(settings.keep_maps, scorer.map_px)
+    if meter is not None:
+        store.reset_qc(qc_record(meter.settings, meter.reference))
     bar = tqdm(
         total=n, unit="tile", desc=f"scoring {name}", disable=not settings.progress, leave=False
     )
@@ -638,11 +689,15 @@ def _score_store(
             yield start, tiles
             bar.update(len(tiles))
 
+    skip: dict[int, np.ndarray] = {}
     with ThreadPoolExecutor(max_workers=2, thread_name_prefix="store-read") as pool:
-        _score_shards(scorer, shards(pool), store, settings, timing)
+        source: Iterable[tuple[int, np.ndarray]] = shards(pool)
+        if meter is not None:
+            source = _measured(source, meter, store, skip if settings.qc == "exclude" else None)
+        _score_shards(scorer, source, store, settings, timing, skip)
     bar.close()
     store.set_model(scorer.identity)
-    return n
+    return n - sum(int(m.sum()) for m in skip.values())
 
 
 def _score_shards(
@@ -651,13 +706,19 @@ def _score_shards(
     sink: TileStore | TileStoreWriter,
     settings: HeatmapSettings,
     timing: dict,
+    skip: dict[int, np.ndarray] | None = None,
 ) -> None:
     """Score consecutive shards of (n, T, T, 3) uint8 tiles, ``(start, tiles)`` in order, in
     model batches of the scorer's batch size (a batch may span shards); write each shard's
     scores once all its tiles are scored. ``timing["model_s"]`` accumulates the time spent
-    waiting for scores, less the time spent waiting for shards."""
+    waiting for scores, less the time spent waiting for shards.
+
+    ``skip``: shard start → (n,) bool, the tiles not to score (filled in by the time the
+    shard is drawn from ``shards``); their scores stay NaN."""
     timing.setdefault("model_s", 0.0)
-    pending: deque[tuple[int, int]] = deque()  # shards whose tiles are being scored
+    skip = skip if skip is not None else {}
+    # shards whose tiles are being scored: start, tiles, tiles to score, the mask of skipped
+    pending: deque[tuple[int, int, int, np.ndarray | None]] = deque()
     upstream = [0.0]  # seconds spent waiting for shards
 
     def batches() -> Iterator[np.ndarray]:
@@ -671,9 +732,17 @@ def _score_shards(
             if item is None:
                 break
             start, tiles = item
-            pending.append((start, len(tiles)))
-            held.append(tiles)
-            count += len(tiles)
+            skipped = skip.get(start)
+            if skipped is not None and skipped.any():
+                tiles = tiles[~skipped]
+            else:
+                skipped = None
+            pending.append(
+                (start, len(skipped) if skipped is not None else len(tiles), len(tiles), skipped)
+            )
+            if len(tiles):
+                held.append(tiles)
+                count += len(tiles)
             while count >= scorer.batch_size:
                 joined = held[0] if len(held) == 1 else np.concatenate(held)
                 # uint8 as stored: conversion and normalisation happen on the scoring device.
@@ -694,23 +763,46 @@ def _score_shards(
             break
         parts.append(result)
         have += len(result.mean)
-        while pending and have >= pending[0][1]:
-            start, n = pending.popleft()
-            merged = _concat_scores(parts)
-            sink.write_scores(
-                start,
-                merged.mean[:n],
-                merged.max[:n],
-                merged.maps[:n] if merged.maps is not None else None,
-            )
-            rest = ScoreBatch(
-                merged.mean[n:],
-                merged.max[n:],
-                merged.maps[n:] if merged.maps is not None else None,
-            )
-            parts = [rest] if len(rest.mean) else []
-            have -= n
+        while pending and have >= pending[0][2]:
+            parts, have = _write_shard(sink, pending.popleft(), parts, have)
+    while pending and pending[0][2] == 0:  # shards at the end with every tile skipped
+        parts, have = _write_shard(sink, pending.popleft(), parts, have)
     assert not pending and have == 0, "every shard's tiles were scored"
+
+
+def _write_shard(
+    sink: TileStore | TileStoreWriter,
+    shard: tuple[int, int, int, np.ndarray | None],
+    parts: list[ScoreBatch],
+    have: int,
+) -> tuple[list[ScoreBatch], int]:
+    """Write the scores of one shard (the first ``n`` of ``parts``; NaN for its skipped tiles);
+    returns the scores left over and their count."""
+    start, n_tiles, n, skipped = shard
+    if n == 0:
+        nan = np.full(n_tiles, np.nan, np.float32)
+        sink.write_scores(start, nan, nan)
+        return parts, have
+    merged = _concat_scores(parts)
+    mean, peak = merged.mean[:n], merged.max[:n]
+    maps = merged.maps[:n] if merged.maps is not None else None
+    if skipped is not None:
+        mean, peak = _spread(mean, skipped), _spread(peak, skipped)
+        maps = _spread(maps, skipped) if maps is not None else None
+    sink.write_scores(start, mean, peak, maps)
+    rest = ScoreBatch(
+        merged.mean[n:],
+        merged.max[n:],
+        merged.maps[n:] if merged.maps is not None else None,
+    )
+    return ([rest] if len(rest.mean) else []), have - n
+
+
+def _spread(scored: np.ndarray, skipped: np.ndarray) -> np.ndarray:
+    """Values of the scored tiles back in their shard's places, NaN for the skipped ones."""
+    out = np.full((len(skipped), *scored.shape[1:]), np.nan, np.float32)
+    out[~skipped] = scored
+    return out
 
 
 def _concat_scores(parts: Sequence[ScoreBatch]) -> ScoreBatch:
@@ -730,8 +822,10 @@ def _render(run: SlideRun, store: TileStore) -> tuple[dict[str, str], Any]:
     gp = run.grid.plan
     scores, max_scores = store.scores, store.max_scores
     assert scores is not None and max_scores is not None  # the store has been scored
+    flags = store.qc_flags if run.settings.qc != "off" else None
     thumb, thumb_ds = run.slide.thumbnail(run.settings.max_px)
     order = np.argsort(-scores)[: run.settings.top_k]
+    order = order[np.isfinite(scores[order])]  # tiles left out by --qc exclude are not ranked
     top = [(int(i), store.read(int(i), int(i) + 1)[0]) for i in order]
     geometry = SlideGeometry(
         width=run.slide.dimensions[0],
@@ -776,9 +870,24 @@ def _render(run: SlideRun, store: TileStore) -> tuple[dict[str, str], Any]:
         tissue_fraction=store.tissue_fraction,
         provenance=provenance,
         alpha=run.settings.alpha,
+        qc=_tile_qc(store, run.settings),
     )
+    if flags is not None:
+        from .quality import write_qc_labels
+
+        write_qc_labels(
+            Path(outputs["ngff"]), (run.grid.rows, run.grid.cols), store.grid_index, flags
+        )
     run.timing["stitch_s"] = time.perf_counter() - t0
     return outputs, scale
+
+
+def _tile_qc(store: TileStore, settings: HeatmapSettings) -> TileQC | None:
+    """The store's QC of its tiles, unless ``--qc off``."""
+    values, flags = store.qc_values, store.qc_flags
+    if settings.qc == "off" or values is None or flags is None:
+        return None
+    return TileQC(values, flags, settings.qc_settings)
 
 
 def _summarise(
@@ -792,8 +901,12 @@ def _summarise(
     """summary.json: inputs, identity, counts, score statistics, timings; output paths point to
     the final folder (where they will be once it is renamed into place)."""
     gp = run.grid.plan
-    scores = store.scores
-    assert scores is not None  # the store has been scored
+    all_scores = store.scores
+    assert all_scores is not None  # the store has been scored
+    # Tiles left out by --qc exclude have no score: statistics are of the scored tiles.
+    scores = all_scores[np.isfinite(all_scores)]
+    if len(scores) == 0:
+        scores = np.full(1, np.nan, np.float32)
 
     def rate(seconds: float) -> float | None:
         return n_scored / seconds if seconds > 0 else None
@@ -814,7 +927,8 @@ def _summarise(
         "tile_size_l0": gp.tile_size_l0,
         "grid": [run.grid.cols, run.grid.rows],
         "n_grid_tiles": len(run.grid),
-        "n_tiles": int(len(scores)),
+        "n_tiles": int(len(all_scores)),
+        "n_scored": int(np.isfinite(all_scores).sum()),
         "tissue_fraction_slide": run.tissue.tissue_fraction,
         "tissue_fraction_tiles_mean": float(store.tissue_fraction.mean()),
         "score_mean": float(np.mean(scores)),
@@ -824,10 +938,11 @@ def _summarise(
             f"{q:g}": float(np.quantile(scores, q)) for q in (0.01, 0.25, 0.5, 0.75, 0.99)
         },
         "fraction_anomalous": float(np.mean(scores >= scale.threshold)),
+        "qc": _qc_summary(store, run.settings),
         "colour_scale": asdict(scale),
         "timings_s": run.timing,
         "tiles_per_s": {
-            "end_to_end": len(scores) / run.timing["total_s"],
+            "end_to_end": len(all_scores) / run.timing["total_s"],
             "pipeline": rate(pipeline_s),
             "read": rate(run.timing["read_s"]),
             "model": rate(run.timing["model_s"]),
@@ -846,6 +961,31 @@ def _summarise(
         "command": " ".join(sys.argv),
         "software_version": __version__,
         "package_versions": package_versions(),
+    }
+
+
+def _qc_summary(store: TileStore, settings: HeatmapSettings) -> dict[str, Any]:
+    """summary.json's ``qc``: the mode, the settings, the fraction of tiles and of tissue per
+    flag, the verdict and how many tiles were left unscored."""
+    qc = _tile_qc(store, settings)
+    if qc is None:
+        return {"mode": settings.qc}
+    from .quality import tissue_fractions
+    from .slide.qc import slide_verdict
+
+    tissue = tissue_fractions(qc, store.tissue_fraction)
+    verdict, reasons = slide_verdict(tissue, settings.qc_settings)
+    scores = store.scores
+    return {
+        "mode": settings.qc,
+        "settings": settings.qc_settings.to_dict(),
+        "tile_fractions": qc.fractions(),
+        "tissue_fractions": tissue,
+        "n_flagged": int((qc.flags != 0).sum()),
+        "n_artifact": int(artifact_mask(qc.flags).sum()),
+        "n_excluded": int((~np.isfinite(scores)).sum()) if scores is not None else 0,
+        "verdict": verdict,
+        "reasons": reasons,
     }
 
 

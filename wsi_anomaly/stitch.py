@@ -27,6 +27,7 @@ import numpy as np
 from PIL import Image
 
 from .outputs import atomic_path
+from .slide.qc import TileQC, first_flags
 
 if TYPE_CHECKING:
     from .models.calibration import Calibration
@@ -263,6 +264,7 @@ def write_slide_outputs(
     tissue_fraction: np.ndarray | None = None,
     provenance: Mapping[str, Any] | None = None,
     alpha: float = 0.5,
+    qc: TileQC | None = None,
 ) -> dict[str, str]:
     """Write heatmap/overlay/thumbnail PNGs, the NGFF score grid, QuPath GeoJSON and a gallery.
 
@@ -286,6 +288,10 @@ def write_slide_outputs(
             collection so results of two models can be told apart; its slide and model make
             the title of heatmap.png and overlay.png (:func:`figure_title`).
         alpha: opacity of the heat colours in overlay.png (0 = slide only, 1 = heat only).
+        qc: optional tissue QC of the tiles (measurements and flags, one row per tile): added
+            to ``tiles.csv`` (``qc_flags`` and a ``qc_<name>`` column per measurement) and to
+            ``tiles.geojson`` (measurements, and the class ``QC: <first flag>`` in the flag's
+            colour for a flagged tile).
     Returns:
         Output name (``heatmap``, ``overlay``, ``thumbnail``, ``ngff``, ``geojson``,
         ``tiles_csv``, ``top_tiles``) → path written. Every file is written under a temporary name and renamed.
@@ -346,10 +352,10 @@ def write_slide_outputs(
         paths["ngff"], slide_name, geometry, coords, grid_index, scores, maps, scale, provenance
     )
     _write_geojson(
-        paths["geojson"], slide_name, geometry, coords, scores, max_scores, scale, provenance
+        paths["geojson"], slide_name, geometry, coords, scores, max_scores, scale, provenance, qc
     )
     _write_tile_table(
-        paths["tiles_csv"], geometry, coords, scores, max_scores, scale, tissue_fraction
+        paths["tiles_csv"], geometry, coords, scores, max_scores, scale, tissue_fraction, qc
     )
     _write_gallery(paths["top_tiles"], top_tiles, coords, scores, max_scores, geometry)
     return {name: str(p) for name, p in paths.items()}
@@ -711,6 +717,7 @@ def _write_geojson(
     max_scores: np.ndarray,
     scale: ColourScale,
     provenance: Mapping[str, Any] | None = None,
+    qc: TileQC | None = None,
 ) -> None:
     """QuPath-ready tiles (QuPath ≥ 0.4): level-0 square polygons, scores as measurements,
     locked (so a click in QuPath does not move them).
@@ -723,6 +730,11 @@ def _write_geojson(
     readers. Tiles at or above the training 99th percentile (``scale.threshold``, the model's,
     also on a slide colour scale) are classified "Anomalous"; a non-finite score is left out
     of the measurements (JSON has no NaN).
+
+    With ``qc``, each tile's QC measurements are added (``qc_<name>``) with its flag bits
+    (``qc_flags``); a flagged tile is classified ``QC: <first flag>`` in the flag's colour,
+    instead of "Anomalous" for an artifact (an artifact is not a finding), not for a tile
+    only at the tissue border.
     """
     provenance = dict(provenance or {})
     names = qupath_measurement_names(provenance)
@@ -735,7 +747,10 @@ def _write_geojson(
     side = int(side) if side.is_integer() else side
     red = [int(v) for v in scale.to_rgb(np.array([scale.vmax]))[0]]
     features = []
-    for (x, y), score, top in zip(coords.tolist(), scores.tolist(), max_scores.tolist()):
+    qc_classes = first_flags(qc.flags) if qc is not None else None
+    for i, ((x, y), score, top) in enumerate(
+        zip(coords.tolist(), scores.tolist(), max_scores.tolist())
+    ):
         measurements = {
             names[key]: float(v)
             for key, v in (
@@ -745,6 +760,8 @@ def _write_geojson(
             )
             if math.isfinite(v)
         }
+        if qc is not None:
+            measurements.update(qc.measurements(i))
         properties: dict[str, Any] = {
             "objectType": "tile",
             "name": label,
@@ -753,6 +770,12 @@ def _write_geojson(
         }
         if math.isfinite(score) and score >= scale.threshold:
             properties["classification"] = {"name": "Anomalous", "color": red}
+        first = qc_classes[i] if qc_classes is not None else None
+        # An artifact is not a finding: its class wins. A tile only at the tissue border
+        # keeps "Anomalous" when it is.
+        if first is not None and (first[0] != "border" or "classification" not in properties):
+            name, colour = first
+            properties["classification"] = {"name": f"QC: {name}", "color": list(colour)}
         features.append(
             {
                 "type": "Feature",
@@ -790,9 +813,12 @@ def _write_tile_table(
     max_scores: np.ndarray,
     scale: ColourScale,
     tissue_fraction: np.ndarray | None,
+    qc: TileQC | None = None,
 ) -> None:
     """``tiles.csv``: one row per tile — level-0 x, y, width, height (px), score, max, tissue
-    fraction and class ("Anomalous" at or above the model's ``scale.threshold``, else empty)."""
+    fraction and class ("Anomalous" at or above the model's ``scale.threshold``, else empty);
+    with ``qc`` also ``qc_flags`` (the flag names, ``;``-separated) and ``qc_<name>`` per
+    measurement."""
     import csv
 
     side = float(geometry.tile_size_l0)
@@ -804,9 +830,11 @@ def _write_tile_table(
     )
     with atomic_path(path) as tmp, open(tmp, "w", newline="", encoding="utf-8") as f:
         writer = csv.writer(f)
-        writer.writerow(TILE_TABLE_FIELDS)
-        for (x, y), score, top, frac in zip(
-            coords.tolist(), scores.tolist(), max_scores.tolist(), fractions.tolist()
+        qc_header = [] if qc is None else ["qc_flags", *(f"qc_{n}" for n in qc.names)]
+        qc_cells = [] if qc is None else qc.table_cells()
+        writer.writerow([*TILE_TABLE_FIELDS, *qc_header])
+        for i, ((x, y), score, top, frac) in enumerate(
+            zip(coords.tolist(), scores.tolist(), max_scores.tolist(), fractions.tolist())
         ):
             anomalous = math.isfinite(score) and score >= scale.threshold
             writer.writerow(
@@ -819,6 +847,7 @@ def _write_tile_table(
                     _num(top),
                     _num(frac),
                     "Anomalous" if anomalous else "",
+                    *(qc_cells[i] if qc_cells else []),
                 ]
             )
 

@@ -75,6 +75,16 @@ def add_parser(sub, parents: list[argparse.ArgumentParser]) -> None:
         default=0.5,
         help="opacity of the heat colours in overlay.png, 0 to 1 (default 0.5)",
     )
+    p.add_argument(
+        "--qc",
+        choices=["flag", "exclude", "off"],
+        default="flag",
+        help="tissue quality control of every tile (blur, pen, folds, bubbles, exposure, "
+        "tissue border): flag = score every tile and mark the flagged ones in every output "
+        "(default); exclude = do not score flagged tiles (they count in neither "
+        "fraction_anomalous nor the top tiles); off = no QC",
+    )
+    opt.add_qc_config_option(p)
     opt.add_count_option(
         p,
         "--workers",
@@ -269,7 +279,11 @@ def run(args: argparse.Namespace) -> int:
         from ..cluster import check_scheduler
 
         check_scheduler(args.scheduler)
+    from ..slide.qc import load_qc_settings
+
     settings = HeatmapSettings(
+        qc=args.qc,
+        qc_settings=load_qc_settings(args.qc_config),
         target_mpp=args.mpp,
         min_tissue=args.min_tissue,
         keep_maps=args.keep_maps,

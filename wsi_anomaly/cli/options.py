@@ -363,6 +363,16 @@ def model_family(name: str):
     return get_family(name)
 
 
+def add_qc_config_option(p: argparse.ArgumentParser) -> None:
+    """``--qc-config``: the thresholds of the tissue QC flags."""
+    p.add_argument(
+        "--qc-config",
+        metavar="NAME|FILE",
+        help="tissue QC thresholds: a preset name (qc_default) or a YAML file; keys left out "
+        "keep the preset's values (default qc_default)",
+    )
+
+
 def add_overwrite_option(
     p: argparse.ArgumentParser, help: str = "replace existing outputs"
 ) -> None:

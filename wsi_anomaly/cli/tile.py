@@ -56,12 +56,14 @@ def add_parser(sub, parents: list[argparse.ArgumentParser]) -> None:
         "DIR/clam/patches/<slide>.h5, DIR/wsinfer/patches/<slide>.h5 "
         "(needs h5py: pip install 'wsi-anomaly[export]')",
     )
+    opt.add_qc_config_option(p)
     opt.add_read_threads_option(p, "slide-decoding threads")
     opt.add_overwrite_option(p)
     opt.add_slide_mpp_options(p)
 
 
 def _tiling_settings(args: argparse.Namespace):
+    from ..slide.qc import load_qc_settings
     from ..slide.tissue import TissueSettings
     from ..tiles import TilingSettings
 
@@ -74,6 +76,7 @@ def _tiling_settings(args: argparse.Namespace):
         annotations=args.annotations,
         annotation_class=args.annotation_class,
         workers=args.read_threads or 0,
+        qc=load_qc_settings(args.qc_config),
     )
 
 

@@ -43,6 +43,9 @@ class TissueMask:
     mask: np.ndarray
     downsample: float
     threshold: float
+    #: median optical density (summed over RGB) of the thumbnail's tissue: the slide's own
+    #: staining level, which quality control compares tiles with (NaN when not measured)
+    reference_od: float = float("nan")
 
     @property
     def tissue_fraction(self) -> float:

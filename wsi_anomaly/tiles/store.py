@@ -9,6 +9,8 @@ Layout::
       tissue_fraction  float32 (N,)
       scores           float32 (N,)          written by the scorer
       maps             float16 (N, m, m)     optional, written by the scorer (m: the model's map side)
+      qc_values        float32 (N, K)        tissue QC measurements (attrs["qc"]["names"])
+      qc_flags         uint16  (N,)          QC flag bits (bit k ⇔ attrs["qc"]["flags"][k])
       attrs["wsi_anomaly"] = provenance (slide, fingerprint, mpp and source, level, tile size,
                              stride, tissue settings, software version, complete = True)
 
@@ -289,6 +291,15 @@ class TileStoreWriter:
     ) -> None:
         write_score_arrays(self.root, start, mean, peak, maps)
 
+    def create_qc(self, qc: dict[str, Any]) -> None:
+        """Add the QC arrays (see :func:`create_qc_arrays`); ``qc`` is recorded in the attrs."""
+        create_qc_arrays(self.root, self.n_tiles, self.shard_tiles, qc)
+        self.attrs["qc"] = qc
+        self.root.attrs[ATTRS_KEY] = self.attrs
+
+    def write_qc(self, start: int, values: np.ndarray, flags: np.ndarray) -> None:
+        write_qc_arrays(self.root, start, values, flags)
+
     def write(self, start: int, tiles: np.ndarray) -> None:
         """Write tiles [start, start + len(tiles)); callers pass whole shards for speed.
 
@@ -382,6 +393,29 @@ def write_score_arrays(
         zarr_array(root, "maps")[start:stop] = np.asarray(maps, np.float16)
 
 
+def create_qc_arrays(root: zarr.Group, n_tiles: int, chunk: int, qc: dict[str, Any]) -> None:
+    """(Re)create ``qc_values`` (N, K) float32 (NaN until measured) and ``qc_flags`` (N,)
+    uint16; ``qc["names"]`` names the K columns."""
+    chunk = max(1, min(chunk, n_tiles))
+    root.create_array(
+        "qc_values",
+        shape=(n_tiles, len(qc["names"])),
+        dtype="float32",
+        chunks=(chunk, len(qc["names"])),
+        fill_value=float("nan"),
+        overwrite=True,
+    )
+    root.create_array(
+        "qc_flags", shape=(n_tiles,), dtype="uint16", chunks=(chunk,), fill_value=0, overwrite=True
+    )
+
+
+def write_qc_arrays(root: zarr.Group, start: int, values: np.ndarray, flags: np.ndarray) -> None:
+    stop = start + len(flags)
+    zarr_array(root, "qc_values")[start:stop] = np.asarray(values, np.float32)
+    zarr_array(root, "qc_flags")[start:stop] = np.asarray(flags, np.uint16)
+
+
 class TileStore:
     """A finished tile store opened for reading (tiles are read lazily, shard by shard)."""
 
@@ -446,6 +480,32 @@ class TileStore:
     def model(self) -> dict[str, Any] | None:
         """Identity of the model whose scores the store holds, if scored."""
         return self.attrs.get("model")
+
+    @property
+    def qc(self) -> dict[str, Any] | None:
+        """The QC record (``names``, ``flags``, ``settings``) when the store has QC arrays
+        (stores written before QC existed have none)."""
+        qc = self.attrs.get("qc")
+        return qc if isinstance(qc, dict) and "qc_values" in self.root else None
+
+    @property
+    def qc_values(self) -> np.ndarray | None:
+        """(N, K) float32 QC measurements, columns ``qc["names"]``; None without QC."""
+        return np.asarray(zarr_array(self.root, "qc_values")[:]) if self.qc else None
+
+    @property
+    def qc_flags(self) -> np.ndarray | None:
+        """(N,) uint16 QC flag bits, bit k ⇔ ``qc["flags"][k]``; None without QC."""
+        return np.asarray(zarr_array(self.root, "qc_flags")[:]) if self.qc else None
+
+    def reset_qc(self, qc: dict[str, Any]) -> None:
+        """(Re)create the QC arrays to measure this store again (opened with ``mode="r+"``)."""
+        create_qc_arrays(self.root, len(self), self.shard_tiles, qc)
+        self.attrs = {**self.attrs, "qc": qc}
+        self.root.attrs[ATTRS_KEY] = self.attrs
+
+    def write_qc(self, start: int, values: np.ndarray, flags: np.ndarray) -> None:
+        write_qc_arrays(self.root, start, values, flags)
 
     @property
     def maps(self) -> np.ndarray | None:

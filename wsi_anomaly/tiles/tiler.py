@@ -33,6 +33,7 @@ from ..outputs import (
 )
 from ..slide.annotations import load_annotations, rasterize
 from ..slide.grid import TileGrid, box_fractions, make_grid, plan_read
+from ..slide.qc import QCSettings, TileQCMeter, qc_record, reference_od, tissue_border_um
 from ..slide.reader import Slide
 from ..slide.tissue import TissueMask, TissueSettings, detect_tissue
 from .store import TileStoreWriter, prepare_output
@@ -56,10 +57,13 @@ class TilingSettings:
     annotation_class: str | None = None
     min_annotation: float = 0.5
     workers: int = 0  # 0 → one per CPU core available to this process
+    #: tissue quality control measured on the decoded tiles (None: no QC arrays)
+    qc: QCSettings | None = field(default_factory=QCSettings)
 
     def to_dict(self) -> dict:
         out = asdict(self)
         out["tissue"] = self.tissue.to_dict()
+        out["qc"] = self.qc.to_dict() if self.qc is not None else None
         return out
 
 
@@ -81,7 +85,7 @@ def tissue_mask(slide: Slide, settings: TissueSettings) -> TissueMask:
     """Tissue mask on a streamed thumbnail of the slide."""
     thumb, downsample = slide.thumbnail(settings.thumbnail_max_px, settings.thumbnail_mpp)
     mask, threshold = detect_tissue(thumb, slide.mpp * downsample, settings)
-    return TissueMask(mask, downsample, threshold)
+    return TissueMask(mask, downsample, threshold, reference_od(thumb, mask))
 
 
 def plan_tiles(slide: Slide, settings: TilingSettings) -> tuple[TileGrid, TileGrid, TissueMask]:
@@ -313,6 +317,17 @@ def _timed_write(
         timing["write_s"] += time.perf_counter() - t0  # a float add under the GIL
 
 
+def qc_meter(
+    slide: Slide, kept: TileGrid, tissue: TissueMask, settings: QCSettings | None
+) -> TileQCMeter | None:
+    """The QC meter of the tiles ``kept`` (their tissue-border distances come from the tissue
+    mask), or None when ``settings`` is None."""
+    if settings is None:
+        return None
+    border = tissue_border_um(tissue, slide.mpp, kept.coords, kept.plan.tile_size_l0)
+    return TileQCMeter(settings, border, tissue.reference_od)
+
+
 def store_bytes_estimate(n_tiles: int, tile_px: int) -> int:
     """Disk space a store of ``n_tiles`` needs: the raw bytes (lz4 keeps 80–95 % of tissue)
     plus room for the small arrays."""
@@ -402,11 +417,17 @@ def _tile_slide(
             mark_owned(png_tmp, PNG_FOLDER_KIND)
         stem = Path(slide.name).stem
 
+        meter = qc_meter(slide, kept, tissue, settings.qc)
+
         def export(start: int, tiles: np.ndarray) -> None:
+            if meter is not None:
+                writer.write_qc(start, *meter(start, tiles))
             if png_tmp is not None:
                 _export_png(tiles, kept.coords[start : start + len(tiles)], png_tmp, stem)
 
         with TileStoreWriter.for_tiles(out, kept, attrs, overwrite=overwrite, work=work) as writer:
+            if meter is not None:
+                writer.create_qc(qc_record(meter.settings, meter.reference))
             stream_to_store(
                 slide,
                 kept,
@@ -417,7 +438,9 @@ def _tile_slide(
                 progress=progress,
             )
             seconds = time.perf_counter() - t_start
-            writer.close({"tiling_seconds": seconds})
+            writer.close(
+                {"tiling_seconds": seconds, "qc_seconds": meter.seconds if meter else None}
+            )
         if png_tmp is not None and png_dir is not None:
             commit_dir(png_tmp, png_dir)
     return TilingResult(

@@ -202,6 +202,9 @@ def slide_figure(entry: SlideResults, slide_available: bool):
     pixel = None
     if entry.pixel_map() is not None:
         pixel = overlay("pixels.png", "pixel_overlay", visible=False)
+    qc = None
+    if tiles.qc_flags is not None:
+        qc = overlay("qc.png", "qc_overlay", visible=False)
 
     # numpy columns: bokeh sends them as binary arrays (compact and quick for many tiles).
     side_um = tiles.tile_size_l0 * mpp
@@ -212,6 +215,7 @@ def slide_figure(entry: SlideResults, slide_available: bool):
         "score": tiles.scores,
         "max": tiles.max_scores,
         "tissue": tiles.tissue_fraction,
+        "qc": _qc_labels(tiles),
         "cx": centres_um[:, 0],
         "cy": -centres_um[:, 1],
     }
@@ -265,6 +269,7 @@ def slide_figure(entry: SlideResults, slide_available: bool):
                 ("score", "@score{0.0000}"),
                 ("max", "@max{0.0000}"),
                 ("tissue", "@tissue{0.00}"),
+                ("QC", "@qc"),
                 ("level-0 x, y", "@x, @y"),
             ],
         )
@@ -280,7 +285,7 @@ def slide_figure(entry: SlideResults, slide_available: bool):
         const d = source.data;
         if (window.wsiShowTile) {
           window.wsiShowTile({index: i, x: d.x[i], y: d.y[i], score: d.score[i],
-                              max: d.max[i], tissue: d.tissue[i]});
+                              max: d.max[i], tissue: d.tissue[i], qc: d.qc[i]});
         }
     """,
         ),
@@ -316,7 +321,15 @@ def slide_figure(entry: SlideResults, slide_available: bool):
         )
     )
     overview = _overview_figure(entry, x_range, y_range, slide_available)
-    return fig, overview, {"heat": heat.name, "pixel": pixel.name if pixel is not None else None}
+    return (
+        fig,
+        overview,
+        {
+            "heat": heat.name,
+            "pixel": pixel.name if pixel is not None else None,
+            "qc": qc.name if qc is not None else None,
+        },
+    )
 
 
 def _thumbnail_extent_um(entry: SlideResults) -> tuple[float, float] | None:
@@ -401,6 +414,15 @@ def _overview_figure(entry: SlideResults, x_range: Any, y_range: Any, slide_avai
     return overview
 
 
+def _qc_labels(tiles: Any) -> list[str]:
+    """Each tile's QC flags as text ("" when clean or not measured)."""
+    if tiles.qc_flags is None:
+        return [""] * len(tiles.scores)
+    from ..slide.qc import flag_labels
+
+    return flag_labels(tiles.qc_flags)
+
+
 def slide_page(entry: SlideResults, slide_available: bool, slide_error: str | None) -> str:
     from bokeh.embed import components
 
@@ -455,6 +477,7 @@ def slide_page(entry: SlideResults, slide_available: bool, slide_error: str | No
                 "bokeh_js": bokeh_script_names(),
                 "config": json.dumps(config),
                 "has_pixel_map": names["pixel"] is not None,
+                "has_qc": names["qc"] is not None,
                 "slide_error": slide_error,
                 "n_tiles": len(tiles.scores),
                 "mpp": mpp,

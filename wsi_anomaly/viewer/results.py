@@ -60,6 +60,7 @@ class TileTable:
     stride_l0: float
     grid_cols: int
     grid_rows: int
+    qc_flags: np.ndarray | None = None  # (N,) uint16 tissue QC flag bits, when measured
 
     @property
     def grid_origin(self) -> tuple[float, float]:
@@ -166,6 +167,7 @@ class SlideResults:
                     stride_l0=float(attrs.get("stride_l0", attrs["tile_size_l0"])),
                     grid_cols=int(attrs["grid_cols"]),
                     grid_rows=int(attrs["grid_rows"]),
+                    qc_flags=store.qc_flags,
                 )
             return self._tiles
 
@@ -194,6 +196,24 @@ def cell_overlay_rgba(tiles: TileTable, scale: ColourScale, max_px: int = 4096) 
     inside = (col >= 0) & (col < cols) & (row >= 0) & (row < rows)
     grid[row[inside], col[inside], :3] = scale.to_rgb(tiles.scores[ok][inside])
     grid[row[inside], col[inside], 3] = 255
+    k = max(1, min(16, max_px // max(rows, cols)))
+    return np.repeat(np.repeat(grid, k, axis=0), k, axis=1)
+
+
+def qc_overlay_rgba(tiles: TileTable, max_px: int = 4096) -> np.ndarray:
+    """The tiles' QC flags as an RGBA image on the grid of :func:`cell_overlay_rgba`: each
+    flagged cell in the colour of its first flag, clean cells transparent."""
+    from ..quality import first_flag_labels
+    from ..slide.qc import FLAG_COLOURS, FLAG_NAMES
+
+    rows, cols = max(tiles.grid_rows, 1), max(tiles.grid_cols, 1)
+    grid = np.zeros((rows, cols, 4), np.uint8)
+    if tiles.qc_flags is not None:
+        labels = first_flag_labels(tiles.qc_flags)
+        lut = np.array([(0, 0, 0, 0)] + [(*FLAG_COLOURS[n], 255) for n in FLAG_NAMES], np.uint8)
+        col, row = tiles.grid_index[:, 0], tiles.grid_index[:, 1]
+        inside = (col >= 0) & (col < cols) & (row >= 0) & (row < rows)
+        grid[row[inside], col[inside]] = lut[labels[inside]]
     k = max(1, min(16, max_px // max(rows, cols)))
     return np.repeat(np.repeat(grid, k, axis=0), k, axis=1)
 

@@ -8,6 +8,7 @@ Routes (GET and HEAD only):
 - ``/slide/<name>/tiles/<z>/<x>/<y>.jpg`` deep-zoom tiles of the original slide
 - ``/slide/<name>/overlay/cells.png``    tile scores on the fixed colour scale
 - ``/slide/<name>/overlay/pixels.png``   the pixel-level map, when it was kept
+- ``/slide/<name>/overlay/qc.png``       the tissue QC flags, when measured
 - ``/slide/<name>/api/tiles``            the tile table as JSON
 - ``/slide/<name>/files/<file>``         one of :data:`results.SERVED_FILES`
 - ``/slide/<name>/thumb.jpg``            a small JPEG of the slide's thumbnail (cohort page)
@@ -45,7 +46,13 @@ from typing import Any
 from urllib.parse import unquote, urlsplit
 
 from .pyramid import SlidePyramid, TileCache, png_bytes
-from .results import SERVED_FILES, ResultsFolder, cell_overlay_rgba, pixel_overlay_rgba
+from .results import (
+    SERVED_FILES,
+    ResultsFolder,
+    cell_overlay_rgba,
+    pixel_overlay_rgba,
+    qc_overlay_rgba,
+)
 
 log = logging.getLogger(__name__)
 
@@ -354,6 +361,9 @@ class Handler(BaseHTTPRequestHandler):
                 (name, "cells"), lambda: png_bytes(cell_overlay_rgba(entry.tiles(), entry.scale))
             )
             return HTTPStatus.OK, body or b"", "image/png", True
+        if rest == ["overlay", "qc.png"] and entry.viewable and entry.tiles().qc_flags is not None:
+            body = viewer.cached((name, "qc"), lambda: png_bytes(qc_overlay_rgba(entry.tiles())))
+            return None if body is None else (HTTPStatus.OK, body, "image/png", True)
         if rest == ["overlay", "pixels.png"] and entry.viewable:
 
             def make() -> bytes | None:

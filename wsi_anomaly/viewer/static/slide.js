@@ -27,6 +27,7 @@
     const dl = document.createElement("dl");
     [["score", fmt(t.score, 5)], ["max", fmt(t.max, 5)],
      ["tissue fraction", t.tissue === null ? "–" : Number(t.tissue).toFixed(2)],
+     ["QC flags", t.qc ? t.qc.split(";").join(", ") : "–"],
      ["level-0 x, y", t.x + ", " + t.y],
      ["µm", (t.x * config.mpp).toFixed(0) + ", " + (t.y * config.mpp).toFixed(0)]]
       .forEach(function (pair) {
@@ -139,6 +140,11 @@
       el.addEventListener("input", applyOverlay);
       el.addEventListener("change", applyOverlay);
     });
+    const qc = model(config.names.qc);
+    const showQc = document.getElementById("show-qc");
+    if (showQc && qc) {
+      showQc.addEventListener("change", function (e) { qc.visible = e.target.checked; });
+    }
     const showPixels = document.getElementById("show-pixels");
     if (showPixels && pixel) {
       showPixels.addEventListener("change", function (e) { pixel.visible = e.target.checked; });

@@ -1,0 +1,204 @@
+"""Tissue quality control: each flag raised on its artifact and not on clean tissue."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from wsi_anomaly.errors import InputNotFoundError, InvalidInputError
+from wsi_anomaly.slide import artifacts
+from wsi_anomaly.slide.qc import (
+    FLAG_NAMES,
+    VALUE_NAMES,
+    QCSettings,
+    border_distance_um,
+    flag_labels,
+    flag_masks,
+    flag_tiles,
+    load_qc_settings,
+    measure_tiles,
+    slide_verdict,
+)
+from wsi_anomaly.tiles import TileStore
+
+
+@pytest.fixture(scope="module")
+def clean(small_store) -> np.ndarray:
+    """Tissue tiles of the synthetic slide (sharp, H&E colours, no artifact)."""
+    store = TileStore(small_store)
+    return store.read(0, len(store))
+
+
+def flags_of(tiles: np.ndarray, reference: float = 0.67) -> dict[str, np.ndarray]:
+    return flag_masks(flag_tiles(measure_tiles(tiles, reference=reference)))
+
+
+ARTIFACT_FLAGS = [name for name in FLAG_NAMES if name != "border"]
+
+
+def test_clean_tissue_raises_no_artifact_flag(clean):
+    flags = flags_of(clean)
+    for name in ARTIFACT_FLAGS:
+        assert not flags[name].any(), name
+
+
+@pytest.mark.parametrize("sigma", [1.0, 2.0, 4.0])
+def test_blur_is_flagged(clean, sigma):
+    blurred = np.stack([artifacts.blur(t, sigma) for t in clean])
+    assert flags_of(blurred)["blur"].all()
+    assert not flags_of(clean)["blur"].any()
+
+
+@pytest.mark.parametrize("ink", ["green", "blue", "black", "red"])
+def test_pen_ink_is_flagged_by_its_colour(clean, ink):
+    rng = np.random.default_rng(0)
+    inked = np.stack([artifacts.pen(t, ink, rng) for t in clean])
+    flags = flags_of(inked)
+    assert flags[f"pen_{ink}"].all()
+    others = [f"pen_{c}" for c in artifacts.INK_RGB if c != ink]
+    assert not any(flags[o].any() for o in others)
+
+
+def flat_tissue(rng: np.random.Generator) -> tuple[np.ndarray, float]:
+    """A uniformly stained, slightly noisy tissue tile and its optical density (the slide's
+    reference staining)."""
+    colour = np.array((200, 120, 170))
+    tile = np.clip(colour + rng.normal(0, 6, (256, 256, 3)), 0, 255).astype(np.uint8)
+    return tile, float(-np.log(colour / 255).sum())
+
+
+def test_fold_is_flagged_against_the_slides_staining():
+    rng = np.random.default_rng(1)
+    tile, reference = flat_tissue(rng)
+    folded = artifacts.fold(tile, rng, darken=0.5)
+    assert not flags_of(tile[None], reference)["fold"].any()
+    assert flags_of(folded[None], reference)["fold"].all()
+    # The same tile on a slide whose own tissue is that dark is not a fold.
+    assert not flags_of(folded[None], reference * 3)["fold"].any()
+
+
+def test_fold_on_synthetic_tissue(clean):
+    rng = np.random.default_rng(1)
+    folded = np.stack([artifacts.fold(t, rng, darken=0.5) for t in clean])
+    assert flags_of(folded)["fold"].mean() >= 0.5
+    assert not flags_of(clean)["fold"].any()
+
+
+def test_bubble_rims_are_flagged():
+    rng = np.random.default_rng(2)
+    tile, reference = flat_tissue(rng)
+    foam = tile
+    for _ in range(4):
+        foam = artifacts.bubble(foam, rng, rim_px=6)
+    settings = QCSettings(max_bubble=0.02)
+    clean_flags = flag_masks(flag_tiles(measure_tiles(tile[None], settings, reference), settings))
+    foam_flags = flag_masks(flag_tiles(measure_tiles(foam[None], settings, reference), settings))
+    assert not clean_flags["bubble"].any()
+    assert foam_flags["bubble"].all()
+
+
+def test_exposure_and_faint_staining(clean):
+    tile = clean[:1].astype(np.float32)
+    bright = np.clip(tile * 0.1 + 240, 0, 255).astype(np.uint8)
+    dark = (tile * 0.15).astype(np.uint8)
+    faint = np.clip(255 - (255 - tile) * 0.15, 0, 255).astype(np.uint8)
+    assert flags_of(bright)["overexposed"].all()
+    assert flags_of(dark)["underexposed"].all()
+    assert flags_of(faint)["faint"].all()
+    normal = flags_of(clean[:1])
+    assert not (normal["overexposed"] | normal["underexposed"] | normal["faint"]).any()
+
+
+def test_border_distance_and_flag():
+    mask = np.zeros((20, 30), bool)
+    mask[2:18, 2:28] = True
+    # Mask pixels of 10 level-0 px at 0.5 µm/px (5 µm); tiles of 20 level-0 px.
+    coords = np.array([[100, 80], [20, 20], [0, 0]])
+    dist = border_distance_um(mask, 10.0, 0.5, coords, 20)
+    assert dist[2] == 0  # centre on background
+    assert dist[0] > dist[1] > 0
+    values = np.full((3, len(VALUE_NAMES)), np.nan, np.float32)
+    values[:, VALUE_NAMES.index("border_um")] = dist
+    border = flag_masks(flag_tiles(values, QCSettings(border_um=float(dist[1]) + 1)))["border"]
+    assert border.tolist() == [False, True, True]
+    off = flag_masks(flag_tiles(values, QCSettings(border_um=0)))["border"]
+    assert not off.any()
+
+
+def test_flag_labels_name_the_bits():
+    flags = np.array([0, 1, 1 << FLAG_NAMES.index("pen_red") | 1], np.uint16)
+    assert flag_labels(flags) == ["", "blur", "blur;pen_red"]
+
+
+def test_verdict():
+    settings = QCSettings()
+    assert slide_verdict({"any_artifact": 0.0}, settings) == ("pass", [])
+    verdict, reasons = slide_verdict({"any_artifact": 0.12, "blur": 0.06}, settings)
+    assert verdict == "check" and any("blur" in r for r in reasons)
+    verdict, _ = slide_verdict({"any_artifact": 0.5, "pen_blue": 0.5}, settings)
+    assert verdict == "fail"
+
+
+def test_preset_loads_and_overrides(tmp_path):
+    default = load_qc_settings()
+    assert default == load_qc_settings("qc_default")
+    path = tmp_path / "mine.yaml"
+    path.write_text("qc:\n  min_focus: 0.5\n  pen_blue_hue: [0.5, 0.7]\n", encoding="utf-8")
+    mine = load_qc_settings(str(path))
+    assert mine.min_focus == 0.5 and mine.pen_blue_hue == (0.5, 0.7)
+    assert mine.max_pen == default.max_pen
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        "qc:\n  min_focus: -1\n",
+        "qc:\n  min_fokus: 0.1\n",
+        "qc:\n  max_pen: 2\n",
+        "qc:\n  min_focus: fast\n",
+        "qc:\n  pen_red_hue: 0.5\n",
+        "qc:\n  min_brightness: 0.9\n  max_brightness: 0.5\n",
+        "- a list\n",
+    ],
+)
+def test_bad_settings_are_one_clear_error(tmp_path, text):
+    path = tmp_path / "bad.yaml"
+    path.write_text(text, encoding="utf-8")
+    with pytest.raises(InvalidInputError):
+        load_qc_settings(str(path))
+
+
+def test_unknown_preset():
+    with pytest.raises(InputNotFoundError):
+        load_qc_settings("no_such_preset")
+
+
+def test_store_keeps_qc_beside_the_tiles(small_store):
+    store = TileStore(small_store)
+    assert store.qc is not None and store.qc["names"] == list(VALUE_NAMES)
+    values, flags = store.qc_values, store.qc_flags
+    assert values is not None and flags is not None
+    assert values.shape == (len(store), len(VALUE_NAMES)) and flags.shape == (len(store),)
+    assert np.isfinite(values).all()
+    # The values are those of the stored tiles (same pixels, no second read of the slide).
+    again = measure_tiles(store.read(0, len(store)), reference=store.qc["reference_od"])
+    focus = VALUE_NAMES.index("focus")
+    np.testing.assert_allclose(values[:, focus], again[:, focus], rtol=1e-5)
+
+
+def test_store_without_qc_still_reads(small_store, tmp_path):
+    import shutil
+
+    import zarr
+
+    old = tmp_path / "old.zarr"
+    shutil.copytree(small_store, old)
+    root = zarr.open_group(str(old), mode="r+")
+    attrs = dict(root.attrs["wsi_anomaly"])
+    attrs.pop("qc")
+    root.attrs["wsi_anomaly"] = attrs
+    shutil.rmtree(old / "qc_values")
+    shutil.rmtree(old / "qc_flags")
+    store = TileStore(old)
+    assert store.qc is None and store.qc_values is None and store.qc_flags is None
+    assert len(store.read(0, 2)) == 2
