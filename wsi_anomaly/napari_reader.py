@@ -128,6 +128,7 @@ def _qc_layer(labels: Path, slide_name: str) -> LayerData:
         "name": f"{slide_name} QC flags",
         "scale": tuple(transforms["scale"]["scale"]),
         "translate": tuple(transforms.get("translation", {}).get("translation", (0.0, 0.0))),
+        "units": UNITS,
         "colormap": colours,
         "opacity": 0.6,
         "visible": False,
