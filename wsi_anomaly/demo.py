@@ -23,6 +23,7 @@ from .slide.synthetic import SyntheticSlide, write_synthetic_slide
 from .tiles import TileStore, TilingSettings, tile_slide
 from .tiles.dataset import ZarrTileDataset
 from .training import train_model
+from .words import count
 
 log = logging.getLogger(__name__)
 
@@ -103,7 +104,7 @@ def run_demo(
         {"model": {"backbone_weights": backbone_weights}, "train": DEMO_TRAIN, "seed": seed},
     )
     echo(
-        f"[3/4] training HaloAE (fast preset, {config.train.epochs} epochs, VGG19 weights: "
+        f"[3/4] training HaloAE (fast preset, {count(config.train.epochs, 'epoch')}, VGG19 weights: "
         f"{backbone_weights}) → {model}"
     )
     trained = train_model(

@@ -885,8 +885,9 @@ def _slide_task(
         message = (
             str(exc) if isinstance(exc, WsiAnomalyError) else f"{exc.__class__.__name__}: {exc}"
         )
-        log.warning("%s: %s: %s", Path(slide).name, status, message)
-        log.debug("%s failed", slide, exc_info=True)
+        # Reported once, by the caller, from the returned row (a dask worker's log may be in
+        # another process or on another node).
+        log.debug("%s: %s: %s", Path(slide).name, status, message, exc_info=True)
         return _row(
             {
                 "slide": Path(slide).name,

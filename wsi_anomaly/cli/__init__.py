@@ -11,11 +11,13 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 
 from .. import __version__
-from ..errors import WsiAnomalyError
+from ..errors import EXIT_SLIDES_FAILED, WsiAnomalyError
 from ..viewer import command as view
 from . import demo, heatmap, info, mvtec, score, synth, tile, train
 from .mvtec import anomaly_count
@@ -62,6 +64,50 @@ def _setup_logging(args: argparse.Namespace) -> None:
     logging.getLogger("wsi_anomaly").setLevel(level)
 
 
+#: Exit status when the reader of the output went away (``info --json | head -1``): the status
+#: a shell reports for a program ended by SIGPIPE (128 + 13).
+EXIT_BROKEN_PIPE = 141
+
+#: Options that name an output file or folder a command may create.
+_OUTPUT_OPTIONS = ("out", "maps", "export_png", "coords_h5")
+
+
+def _missing_folders(args: argparse.Namespace) -> list[Path]:
+    """The output paths of ``args`` and their parent folders that do not exist yet, deepest
+    first: what a failed run may remove again if it leaves them empty."""
+    missing: list[Path] = []
+    for name in _OUTPUT_OPTIONS:
+        value = getattr(args, name, None)
+        if not isinstance(value, str | os.PathLike) or not str(value):
+            continue
+        for path in (Path(value).absolute(), *Path(value).absolute().parents):
+            if path.exists() or os.path.lexists(path):
+                break
+            if path not in missing:
+                missing.append(path)
+    return sorted(missing, key=lambda p: len(p.parts), reverse=True)
+
+
+def _remove_empty(folders: list[Path]) -> None:
+    """Remove the folders (deepest first) that exist and are empty; leave everything else."""
+    for folder in folders:
+        if folder.is_dir() and not folder.is_symlink():
+            try:
+                folder.rmdir()
+            except OSError:  # not empty, or not ours to remove: keep it
+                pass
+
+
+def _quiet_stdout() -> None:
+    """The reader of stdout has gone (a closed pipe): send what is left to /dev/null so that the
+    interpreter's last flush does not report the same broken pipe again."""
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+    except (OSError, ValueError):  # stdout is not a real file (e.g. captured in tests)
+        pass
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     try:
@@ -72,8 +118,28 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.print_help()
         return 2
     _setup_logging(args)
+    new_folders = _missing_folders(args)
+    code = 1
     try:
-        return int(args.func(args) or 0)
+        code = _run(args)
+    finally:
+        if code not in (0, EXIT_SLIDES_FAILED):
+            # A failed run leaves no empty output folder behind that it created itself.
+            _remove_empty(new_folders)
+    return code
+
+
+def _run(args: argparse.Namespace) -> int:
+    """``args.func(args)`` with every user error, filesystem error and interruption as one
+    line on stderr and an exit status."""
+    try:
+        code = int(args.func(args) or 0)
+        sys.stdout.flush()  # a closed pipe shows here, not at interpreter exit
+        return code
+    except BrokenPipeError:
+        # The reader stopped reading (``| head``): nothing to report, as other Unix tools do.
+        _quiet_stdout()
+        return EXIT_BROKEN_PIPE
     except WsiAnomalyError as exc:
         if args.debug:
             raise

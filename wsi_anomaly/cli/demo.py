@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from ..words import count
 from .options import (
     add_command,
     add_device_option,
@@ -50,7 +51,7 @@ def run(args: argparse.Namespace) -> int:
     outputs = result.summary["outputs"]
     print(
         f"\nAUROC of tile scores, tumour (like the training tiles) vs the rest of the tissue: "
-        f"{result.auroc:.3f} over {result.n_tiles} tiles"
+        f"{result.auroc:.3f} over {count(result.n_tiles, 'tile')}"
     )
     print("pictures:")
     for name in ("heatmap", "overlay", "thumbnail", "top_tiles"):

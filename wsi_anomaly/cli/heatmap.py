@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import EXIT_SLIDES_FAILED
+from ..words import count
 from . import options as opt
 
 HELP = "score slides and draw heatmaps"
@@ -280,12 +281,12 @@ def run(args: argparse.Namespace) -> int:
     for row in rows:
         if row["status"] in ("ok", "skipped (done)"):
             print(
-                f"{row['slide']}: {row['status']}, {row['n_tiles']} tiles, "
+                f"{row['slide']}: {row['status']}, {count(int(row['n_tiles']), 'tile')}, "
                 f"{float(row['fraction_anomalous'] or 0):.1%} above the training 99th "
                 f"percentile → {row['output']}"
             )
-        else:
-            print(f"{row['slide']}: {row['status']}: {row['error']}")
+        else:  # the one report of a failed slide
+            print(f"{row['slide']}: {row['status']}: {row['error']}", file=sys.stderr)
     done = [r for r in rows if r["status"] in ("ok", "skipped (done)")]
     summary = Path(out) / "summary.csv"
     print(f"{len(done)} of {len(rows)} slides done; cohort table {summary}")

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 
 from ..errors import InvalidInputError
+from ..words import count
 from . import options as opt
 
 HELP = "score images or folders of tiles"
@@ -44,7 +45,7 @@ def run(args: argparse.Namespace) -> int:
     if skipped["unreadable"] or skipped["too_small"]:
         extra = f" (skipped {skipped['unreadable']} unreadable, {skipped['too_small']} too small)"
     print(
-        f"scored {summary['scored']} images{extra} → {summary['csv']}"
+        f"scored {count(summary['scored'], 'image')}{extra} → {summary['csv']}"
         + (f"; maps in {summary['maps']}" if summary["maps"] else "")
     )
     return 0

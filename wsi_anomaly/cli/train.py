@@ -6,6 +6,7 @@ import argparse
 import logging
 
 from ..errors import InvalidInputError
+from ..words import count
 from . import options as opt
 
 log = logging.getLogger("wsi_anomaly")
@@ -109,7 +110,7 @@ def run(args: argparse.Namespace) -> int:
     q = result.score_quantiles
     detail = ", ".join(f"{k} {last.get(k, float('nan')):.3f}" for k in family.loss_terms)
     print(
-        f"trained {result.epochs} epochs in {result.seconds:.0f} s "
+        f"trained {count(result.epochs, 'epoch')} in {result.seconds:.0f} s "
         f"({result.images_per_s:.1f} images/s); final loss {last.get('loss', float('nan')):.4f} "
         f"({detail})"
     )

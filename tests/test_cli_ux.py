@@ -1,0 +1,134 @@
+"""What a user sees around the work: no empty folders left by a failed run, quiet exits into a
+closed pipe, one report per failed slide, counts with the right noun form."""
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from PIL import Image
+from test_cli import assert_one_error_line, run
+
+from wsi_anomaly.cli import EXIT_BROKEN_PIPE
+from wsi_anomaly.words import count
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _cli(*argv, **kwargs):
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    return subprocess.run(
+        [sys.executable, "-m", "wsi_anomaly", *argv], env=env, text=True, **kwargs
+    )
+
+
+# -- a failed run leaves no empty --out folder it created ------------------------------------------
+def test_failed_heatmap_removes_the_out_folders_it_created(capsys, tmp_path):
+    bad = tmp_path / "bad.svs"
+    bad.write_text("not a slide")
+    model = tmp_path / "m.pt"
+    model.write_bytes(b"")
+    out = tmp_path / "new" / "results"
+    code, _, err = run(capsys, "heatmap", str(bad), "--model", str(model), "--out", str(out))
+    assert_one_error_line(code, err, "not a slide")
+    assert not out.exists() and not (tmp_path / "new").exists()
+
+
+def test_failed_run_keeps_a_folder_that_was_there(capsys, tmp_path):
+    bad = tmp_path / "bad.svs"
+    bad.write_text("not a slide")
+    out = tmp_path / "results"
+    out.mkdir()
+    code, _, err = run(capsys, "tile", str(bad), "--out", str(out / "sub" / "t.zarr"))
+    assert_one_error_line(code, err, "not a slide")
+    assert out.is_dir() and not (out / "sub").exists()
+
+
+def test_failed_run_keeps_a_created_folder_with_content(capsys, tmp_path, monkeypatch):
+    """Only empty folders go: a folder the run filled before failing stays as it is."""
+    import wsi_anomaly.cli.info as info
+    from wsi_anomaly.errors import InvalidInputError
+
+    out = tmp_path / "made"
+
+    def fails(args):
+        out.mkdir()
+        (out / "kept.txt").write_text("x")
+        raise InvalidInputError("stop")
+
+    monkeypatch.setattr(info, "run", fails)
+    code, _, err = run(capsys, "info", "x.svs")  # info has no --out: nothing is tracked
+    assert_one_error_line(code, err, "stop")
+    assert (out / "kept.txt").is_file()
+
+
+# -- output into a closed pipe ------------------------------------------------------------------
+def test_output_into_a_closed_pipe_exits_quietly(small_slide):
+    read, write = os.pipe()
+    os.close(read)  # the reader is gone before the first byte, as with `| head -1` on a long output
+    try:
+        done = _cli("info", "--json", str(small_slide.path), stdout=write, stderr=subprocess.PIPE)
+    finally:
+        os.close(write)
+    assert done.stderr == ""
+    assert done.returncode == EXIT_BROKEN_PIPE == 141
+
+
+def test_head_of_info_json(small_slide):
+    done = subprocess.run(
+        f"{sys.executable} -m wsi_anomaly info --json {small_slide.path} | head -1",
+        shell=True,
+        capture_output=True,
+        text=True,
+        env={**os.environ, "PYTHONPATH": str(REPO)},
+    )
+    assert done.stdout == "{\n" and done.stderr == ""
+
+
+# -- --skip-errors reports each failure once ------------------------------------------------------
+def test_skip_errors_reports_each_failure_once(tmp_path):
+    bad = tmp_path / "bad.svs"
+    bad.write_text("not a slide")
+    model = tmp_path / "m.pt"
+    model.write_bytes(b"")
+    done = _cli(
+        "heatmap",
+        str(bad),
+        "--model",
+        str(model),
+        "--out",
+        str(tmp_path / "results"),
+        "--skip-errors",
+        capture_output=True,
+    )
+    assert done.returncode == 5
+    both = done.stdout + done.stderr
+    assert both.count("is not a slide") == 1, both
+    assert "bad.svs: failed: " in done.stderr
+
+
+# -- counts --------------------------------------------------------------------------------------
+@pytest.mark.parametrize(
+    "n,noun,plural,expected",
+    [
+        (1, "epoch", None, "1 epoch"),
+        (0, "epoch", None, "0 epochs"),
+        (3, "tile", None, "3 tiles"),
+        (1, "category", "categories", "1 category"),
+        (2, "category", "categories", "2 categories"),
+    ],
+)
+def test_count(n, noun, plural, expected):
+    assert count(n, noun, plural) == expected
+
+
+def test_score_counts_one_image(capsys, tmp_path, tiny_model):
+    images = tmp_path / "imgs"
+    images.mkdir()
+    Image.new("RGB", (256, 256), (200, 100, 150)).save(images / "a.png")
+    code, out, err = run(
+        capsys, "score", "--model", str(tiny_model), str(images), "--out", str(tmp_path / "s.csv")
+    )
+    assert code == 0, err
+    assert "scored 1 image →" in out
