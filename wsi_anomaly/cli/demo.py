@@ -18,10 +18,11 @@ HELP = "the whole pipeline on a synthetic slide"
 DESCRIPTION = """Write a synthetic slide with known tumour and stroma, train HaloAE on its
 tumour tiles (fast preset), draw the heatmap of the whole slide and report how well tile scores
 separate tumour from the rest (AUROC)."""
+EXAMPLES = ("wsi-anomaly demo --out demo_out/",)
 
 
 def add_parser(sub, parents: list[argparse.ArgumentParser]) -> None:
-    p = add_command(sub, parents, "demo", HELP, DESCRIPTION, run)
+    p = add_command(sub, parents, "demo", HELP, DESCRIPTION, run, EXAMPLES)
     add_out_folder_option(p, "demo_out")
     p.add_argument(
         "--size", type=positive_int, default=8192, help="synthetic slide side in px (default 8192)"

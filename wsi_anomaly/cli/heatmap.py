@@ -16,10 +16,14 @@ DESCRIPTION = f"""Tile each slide at the model's resolution, score every tissue 
 heatmap.png, overlay.png, thumbnail.png, heatmap.ome.zarr, tiles.geojson, top_tiles.png and
 summary.json to OUT/<slide name>/, plus OUT/summary.csv. Exit status {EXIT_SLIDES_FAILED} when
 --skip-errors recorded failed slides."""
+EXAMPLES = (
+    "wsi-anomaly heatmap slide.svs --model model.pt --out results/",
+    "wsi-anomaly heatmap /data/cohort/ --model model.pt --out results/ --skip-errors",
+)
 
 
 def add_parser(sub, parents: list[argparse.ArgumentParser]) -> None:
-    p = opt.add_command(sub, parents, "heatmap", HELP, DESCRIPTION, run)
+    p = opt.add_command(sub, parents, "heatmap", HELP, DESCRIPTION, run, EXAMPLES)
     p.add_argument(
         "slides",
         nargs="+",
@@ -58,8 +62,9 @@ def add_parser(sub, parents: list[argparse.ArgumentParser]) -> None:
         "--scale",
         choices=["fixed", "slide"],
         default="fixed",
-        help="colour scale: fixed = the model's training median (blue) and 99th percentile "
-        "(white), the same on every slide; slide = this slide's own median and 99th "
+        help="colour scale: fixed = the model's calibration, the median (blue) and 99th "
+        "percentile (white) of normal tiles held out of training (of the training tiles when "
+        "too few were given), the same on every slide; slide = this slide's own median and 99th "
         "percentile, for slides that come out all red (default fixed; the Anomalous class "
         "in tiles.csv and tiles.geojson keeps the model's threshold)",
     )

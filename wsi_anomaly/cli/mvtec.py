@@ -14,10 +14,13 @@ DESCRIPTION = """Per MVTec AD category: train on train/good (or load a model wit
 AUROC (at the masks' resolution, and at 128×128 as the paper's code did) and AUPRO@0.3 beside the
 HaloAE paper's Table 1. Writes OUT/<category>/ (model.pt, metrics.json, scores.csv, figures/) and
 OUT/results.csv, OUT/results.md; categories with a metrics.json are skipped unless --overwrite."""
+EXAMPLES = (
+    "wsi-anomaly mvtec --root /data/mvtec_anomaly_detection --category hazelnut --out mvtec_results",
+)
 
 
 def add_parser(sub, parents: list[argparse.ArgumentParser]) -> None:
-    p = opt.add_command(sub, parents, "mvtec", HELP, DESCRIPTION, run)
+    p = opt.add_command(sub, parents, "mvtec", HELP, DESCRIPTION, run, EXAMPLES)
     p.add_argument(
         "--root",
         required=True,

@@ -15,10 +15,14 @@ HELP = "train HaloAE (or ATAC-Net) on tiles"
 DESCRIPTION = """Train a model on tiles of normal (reference) tissue: tile stores written by
 `tile`, or folders of images (png/jpg/tif, searched recursively). Writes one checkpoint with the
 model, its training-score calibration and the resolved config."""
+EXAMPLES = (
+    "wsi-anomaly train --tiles tumour.zarr --out model.pt --config haloae_fast",
+    "wsi-anomaly train --tiles tumour.zarr --out model.pt --resume  # continue a run",
+)
 
 
 def add_parser(sub, parents: list[argparse.ArgumentParser]) -> None:
-    p = opt.add_command(sub, parents, "train", HELP, DESCRIPTION, run)
+    p = opt.add_command(sub, parents, "train", HELP, DESCRIPTION, run, EXAMPLES)
     p.add_argument(
         "--tiles",
         nargs="+",
