@@ -132,3 +132,40 @@ def test_score_counts_one_image(capsys, tmp_path, tiny_model):
     )
     assert code == 0, err
     assert "scored 1 image →" in out
+
+
+# -- calibration warnings in plain words ------------------------------------------------------------
+@pytest.mark.parametrize("fraction", [0.1, 0.25, 0.05])
+def test_tiles_for_holdout_is_the_fewest_that_hold_enough_out(fraction):
+    import torch
+    from torch.utils.data import TensorDataset
+
+    from wsi_anomaly.training import MIN_HOLDOUT_TILES, holdout_split, tiles_for_holdout
+
+    n = tiles_for_holdout(fraction)
+    held = len(holdout_split(TensorDataset(torch.zeros(n)), fraction, seed=0)[1])
+    fewer = len(holdout_split(TensorDataset(torch.zeros(n - 1)), fraction, seed=0)[1])
+    assert held >= MIN_HOLDOUT_TILES > fewer
+
+
+def test_too_few_tiles_to_hold_out_says_how_many_are_needed(small_store, tmp_path, caplog):
+    import logging
+
+    from conftest import tiny_config
+
+    from wsi_anomaly.checkpoint import load_checkpoint
+    from wsi_anomaly.tiles.dataset import ZarrTileDataset
+    from wsi_anomaly.training import tiles_for_holdout, train_model
+
+    tiles = ZarrTileDataset(small_store)
+    caplog.set_level(logging.WARNING, logger="wsi_anomaly")
+    out = tmp_path / "m.pt"
+    train_model(tiles, tiny_config(), out, device="cpu", tile_mpp=0.5, progress=False)
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    message = next(w for w in warnings if "held-out calibration" in w)
+    n = len(tiles)
+    assert message.startswith(f"{n} normal tiles given; ")
+    assert f"needs at least {tiles_for_holdout(0.1)} tiles (20 held out at 10 %" in message
+    assert f"here {round(0.1 * n)})" in message
+    assert "calibrating on the training tiles instead" in message
+    assert load_checkpoint(out)["calibration"]["scale_source"].endswith("(in-sample)")
