@@ -169,3 +169,44 @@ def test_too_few_tiles_to_hold_out_says_how_many_are_needed(small_store, tmp_pat
     assert f"here {round(0.1 * n)})" in message
     assert "calibrating on the training tiles instead" in message
     assert load_checkpoint(out)["calibration"]["scale_source"].endswith("(in-sample)")
+
+
+# -- scoring progress per scored batch ----------------------------------------------------------------
+def test_scoring_progress_moves_with_every_batch(small_slide, tiny_model, tmp_path, monkeypatch):
+    import math
+
+    import wsi_anomaly as wa
+    import wsi_anomaly.pipeline as pipeline
+
+    bars = []
+
+    class Bar:  # records what the scoring bar is told
+        def __init__(self, *args, **kwargs):
+            self.total, self.updates = kwargs.get("total"), []
+            bars.append(self)
+
+        def update(self, n):
+            self.updates.append(n)
+
+        def close(self):
+            pass
+
+    monkeypatch.setattr(pipeline, "tqdm", Bar)
+    seen = []
+    rows = wa.heatmap(
+        small_slide.path,
+        tiny_model,
+        out=tmp_path / "results",
+        device="cpu",
+        batch_size=3,
+        progress=True,
+        on_progress=seen.append,
+    )
+    n = int(rows[0]["n_tiles"])
+    assert n > 6
+    assert len(seen) == math.ceil(n / 3)  # one report per model batch of 3
+    assert [p.done for p in seen] == [min(3 * (i + 1), n) for i in range(len(seen))]
+    assert all(p.total == n and p.slide == small_slide.path.name for p in seen)
+    assert all(p.tiles_per_s > 0 and p.eta_s >= 0 for p in seen) and seen[-1].eta_s == 0
+    (bar,) = [b for b in bars if b.total == n]
+    assert bar.updates == [3] * (n // 3) + ([n % 3] if n % 3 else [])

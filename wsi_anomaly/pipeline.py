@@ -29,7 +29,7 @@ import sys
 import threading
 import time
 from collections import deque
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 from functools import lru_cache
@@ -115,6 +115,26 @@ SUMMARY_FIELDS = (
 )
 
 
+@dataclass(frozen=True)
+class ScoringProgress:
+    """Where a slide's scoring stands, after each scored model batch."""
+
+    slide: str  # the slide's file name
+    done: int  # tiles scored so far
+    total: int  # tiles to score
+    seconds: float  # since the slide's scoring began
+
+    @property
+    def tiles_per_s(self) -> float:
+        return self.done / self.seconds if self.seconds > 0 else float("nan")
+
+    @property
+    def eta_s(self) -> float:
+        """Seconds left at the speed so far (NaN before the first batch)."""
+        rate = self.tiles_per_s
+        return (self.total - self.done) / rate if rate > 0 else float("nan")
+
+
 @dataclass
 class HeatmapSettings:
     """Per-slide options. ``target_mpp`` None → the model's training mpp."""
@@ -137,6 +157,9 @@ class HeatmapSettings:
     mpp_csv: str | None = None
     overwrite: bool = False
     progress: bool = True
+    #: called after every scored model batch with a ScoringProgress (in this process only:
+    #: dask workers in other processes get no callback)
+    on_progress: Callable[[ScoringProgress], None] | None = None
     slides_in_flight: int = 0  # 0 → two on a GPU, one on a CPU (see slides_in_flight)
 
     def __post_init__(self) -> None:
@@ -573,9 +596,9 @@ def _tile_and_score(
             settings.read_workers,
             timing=timing,
             desc="scoring",
-            progress=settings.progress,
+            progress=False,  # the scoring bar below moves per scored batch
         )
-        _score_shards(scorer, shards, writer, settings, timing)
+        _score_shards(scorer, shards, writer, settings, timing, len(kept), slide.name)
         writer.close({"model": scorer.identity})
     return len(kept)
 
@@ -586,9 +609,6 @@ def _score_store(
     """Score an existing tile store in place, shard by shard with read-ahead."""
     n, shard = len(store), store.shard_tiles
     store.reset_scores(settings.keep_maps)
-    bar = tqdm(
-        total=n, unit="tile", desc=f"scoring {name}", disable=not settings.progress, leave=False
-    )
 
     def shards(pool: ThreadPoolExecutor) -> Iterator[tuple[int, np.ndarray]]:
         futures = {
@@ -603,11 +623,9 @@ def _score_store(
             if nxt < n:
                 futures[nxt] = pool.submit(store.read, nxt, min(nxt + shard, n))
             yield start, tiles
-            bar.update(len(tiles))
 
     with ThreadPoolExecutor(max_workers=2, thread_name_prefix="store-read") as pool:
-        _score_shards(scorer, shards(pool), store, settings, timing)
-    bar.close()
+        _score_shards(scorer, shards(pool), store, settings, timing, n, name)
     store.set_model(scorer.identity)
     return n
 
@@ -618,11 +636,14 @@ def _score_shards(
     sink: TileStore | TileStoreWriter,
     settings: HeatmapSettings,
     timing: dict,
+    total: int = 0,
+    name: str = "",
 ) -> None:
     """Score consecutive shards of (n, T, T, 3) uint8 tiles, ``(start, tiles)`` in order, in
     model batches of the scorer's batch size (a batch may span shards); write each shard's
     scores once all its tiles are scored. ``timing["model_s"]`` accumulates the time spent
-    waiting for scores, less the time spent waiting for shards."""
+    waiting for scores, less the time spent waiting for shards. Progress (``total`` tiles of
+    slide ``name``: the bar, ``settings.on_progress``) moves with every scored batch."""
     timing.setdefault("model_s", 0.0)
     pending: deque[tuple[int, int]] = deque()  # shards whose tiles are being scored
     upstream = [0.0]  # seconds spent waiting for shards
@@ -651,7 +672,11 @@ def _score_shards(
             yield held[0] if len(held) == 1 else np.concatenate(held)
 
     parts: list[ScoreBatch] = []
-    have = 0
+    have = done = 0
+    bar = tqdm(
+        total=total, unit="tile", desc=f"scoring {name}", disable=not settings.progress, leave=False
+    )
+    started = time.perf_counter()
     results = scorer.score_batches(batches(), keep_maps=settings.keep_maps)
     while True:
         t0, before = time.perf_counter(), upstream[0]
@@ -661,6 +686,10 @@ def _score_shards(
             break
         parts.append(result)
         have += len(result.mean)
+        done += len(result.mean)
+        bar.update(len(result.mean))
+        if settings.on_progress is not None:
+            settings.on_progress(ScoringProgress(name, done, total, time.perf_counter() - started))
         while pending and have >= pending[0][1]:
             start, n = pending.popleft()
             merged = _concat_scores(parts)
@@ -677,6 +706,7 @@ def _score_shards(
             )
             parts = [rest] if len(rest.mean) else []
             have -= n
+    bar.close()
     assert not pending and have == 0, "every shard's tiles were scored"
 
 
@@ -1002,7 +1032,7 @@ def _quiet(settings: HeatmapSettings) -> HeatmapSettings:
     """Progress bars from many worker processes would interleave: turn them off."""
     from dataclasses import replace
 
-    return replace(settings, progress=False)
+    return replace(settings, progress=False, on_progress=None)
 
 
 def _write_cohort_summary(path: Path, rows: list[dict[str, Any]]) -> None:
