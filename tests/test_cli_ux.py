@@ -210,3 +210,65 @@ def test_scoring_progress_moves_with_every_batch(small_slide, tiny_model, tmp_pa
     assert all(p.tiles_per_s > 0 and p.eta_s >= 0 for p in seen) and seen[-1].eta_s == 0
     (bar,) = [b for b in bars if b.total == n]
     assert bar.updates == [3] * (n // 3) + ([n % 3] if n % 3 else [])
+
+
+# -- interruption messages say what is left and what a re-run reuses ---------------------------------
+def test_interrupted_heatmap_says_what_is_kept(capsys, tmp_path, monkeypatch):
+    import wsi_anomaly.pipeline as pipeline
+
+    out = tmp_path / "results"
+
+    def interrupted_cohort(slides, out_root, *args, **kwargs):
+        (out_root / "a.svs").mkdir(parents=True)
+        (out_root / "a.svs" / "summary.json").write_text("{}")
+        (out_root / ".b.svs.partial").mkdir()
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(pipeline, "run_cohort", interrupted_cohort)
+    model = tmp_path / "m.pt"
+    model.write_bytes(b"")
+    code, _, err = run(capsys, "heatmap", "s.svs", "--model", str(model), "--out", str(out))
+    assert code == 130
+    (line,) = err.strip().splitlines()
+    assert line.startswith("wsi-anomaly heatmap: interrupted; 1 finished slide in ")
+    assert ".b.svs.partial" in line and "skips the finished slides" in line
+    assert "not kept" not in line
+
+
+@pytest.mark.parametrize("with_resume", [True, False])
+def test_interrupted_training_says_whether_it_can_resume(
+    capsys, tmp_path, monkeypatch, small_store, with_resume
+):
+    import wsi_anomaly.training as training
+
+    out = tmp_path / "model.pt"
+
+    def interrupted_training(*args, **kwargs):
+        if with_resume:
+            training.resume_path(out).write_bytes(b"checkpoint")
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(training, "train_model", interrupted_training)
+    code, _, err = run(
+        capsys, "train", "--tiles", str(small_store), "--out", str(out), "--config", "haloae_fast"
+    )
+    assert code == 130
+    (line,) = err.strip().splitlines()
+    if with_resume:
+        assert "model.resume.pt, is kept: add --resume" in line
+    else:
+        assert "no resumable checkpoint had been written yet" in line
+
+
+def test_interrupted_tile_says_nothing_was_kept(capsys, tmp_path, monkeypatch, small_slide):
+    import wsi_anomaly.tiles as tiles
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(tiles, "tile_slide", interrupted)
+    code, _, err = run(capsys, "tile", str(small_slide.path), "--out", str(tmp_path / "t.zarr"))
+    assert code == 130
+    assert err.strip() == (
+        "wsi-anomaly tile: interrupted; partial outputs were not kept; a re-run starts over"
+    )

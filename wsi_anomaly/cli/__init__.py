@@ -160,8 +160,8 @@ def _run(args: argparse.Namespace) -> int:
         )
         return 2
     except KeyboardInterrupt:
-        print(
-            f"wsi-anomaly {args.command}: interrupted; partial outputs were not kept",
-            file=sys.stderr,
-        )
+        from .options import nothing_kept
+
+        what = getattr(args, "interrupted", None) or nothing_kept
+        print(f"wsi-anomaly {args.command}: interrupted; {what(args)}", file=sys.stderr)
         return 130

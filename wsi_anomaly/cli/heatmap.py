@@ -23,7 +23,9 @@ EXAMPLES = (
 
 
 def add_parser(sub, parents: list[argparse.ArgumentParser]) -> None:
-    p = opt.add_command(sub, parents, "heatmap", HELP, DESCRIPTION, run, EXAMPLES)
+    p = opt.add_command(
+        sub, parents, "heatmap", HELP, DESCRIPTION, run, EXAMPLES, interrupted=interrupted
+    )
     p.add_argument(
         "slides",
         nargs="+",
@@ -300,3 +302,22 @@ def run(args: argparse.Namespace) -> int:
         print(f"{len(failed)} of {len(rows)} slides failed (see {summary})", file=sys.stderr)
         return EXIT_SLIDES_FAILED
     return 0
+
+
+def interrupted(args: argparse.Namespace) -> str:
+    """After Ctrl-C: which slides are finished, which were in progress, what a re-run reuses."""
+    out = Path(args.out)
+    folders = [p for p in out.iterdir() if p.is_dir()] if out.is_dir() else []
+    done = [p for p in folders if not p.name.startswith(".") and (p / "summary.json").is_file()]
+    partial = sorted(p.name for p in folders if p.name.endswith(".partial"))
+    said = [f"{count(len(done), 'finished slide')} in {out}"]
+    if partial:
+        shown = ", ".join(partial[:3]) + (
+            f" and {len(partial) - 3} more" if len(partial) > 3 else ""
+        )
+        said.append(f"unfinished work kept in {out}: {shown}")
+    return (
+        "; ".join(said)
+        + ". Running the same command again skips the finished slides and reuses a slide's "
+        "tiles when all of them had been cut; its scores are computed again"
+    )

@@ -6,6 +6,7 @@ import argparse
 from pathlib import Path
 
 from ..errors import InvalidInputError
+from ..words import count
 from . import options as opt
 
 HELP = "MVTec AD benchmark, per category"
@@ -20,7 +21,9 @@ EXAMPLES = (
 
 
 def add_parser(sub, parents: list[argparse.ArgumentParser]) -> None:
-    p = opt.add_command(sub, parents, "mvtec", HELP, DESCRIPTION, run, EXAMPLES)
+    p = opt.add_command(
+        sub, parents, "mvtec", HELP, DESCRIPTION, run, EXAMPLES, interrupted=interrupted
+    )
     p.add_argument(
         "--root",
         required=True,
@@ -185,3 +188,17 @@ def run(args: argparse.Namespace) -> int:
     print(result.markdown, end="")
     print(f"\ntables: {result.table_csv}, {result.table_md}")
     return 0
+
+
+def interrupted(args: argparse.Namespace) -> str:
+    """After Ctrl-C: the categories that are finished, and that a re-run skips them."""
+    from pathlib import Path
+
+    from ..mvtec.benchmark import METRICS_NAME
+
+    done = sorted({p.parent.name for p in Path(args.out).glob(f"**/{METRICS_NAME}")})
+    return (
+        f"{count(len(done), 'finished category', 'finished categories')} in {args.out} "
+        "(those with a metrics.json); running the same command again skips them and redoes "
+        "the others from the start"
+    )

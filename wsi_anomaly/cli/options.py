@@ -12,7 +12,7 @@ One flag means one thing in every command that has it:
 from __future__ import annotations
 
 import argparse
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -135,10 +135,12 @@ def add_command(
     description: str,
     run,
     examples: Sequence[str] = (),
+    interrupted: Callable[[argparse.Namespace], str] | None = None,
 ) -> argparse.ArgumentParser:
     """The parser of subcommand ``name``: ``help`` is its line in ``wsi-anomaly --help``,
     ``description`` the text of its own --help (reflowed), ``examples`` one or two command lines
-    that end it, ``run(args)`` does its work."""
+    that end it, ``run(args)`` does its work; ``interrupted(args)`` says, after Ctrl-C, what is
+    left and what a re-run reuses (default: nothing was kept)."""
     p = sub.add_parser(
         name,
         parents=parents,
@@ -147,8 +149,13 @@ def add_command(
         epilog=examples_epilog(examples) if examples else None,
         formatter_class=HelpFormatter,
     )
-    p.set_defaults(func=run)
+    p.set_defaults(func=run, interrupted=interrupted or nothing_kept)
     return p
+
+
+def nothing_kept(args: argparse.Namespace) -> str:
+    """After Ctrl-C, for a command whose outputs appear only when complete."""
+    return "partial outputs were not kept; a re-run starts over"
 
 
 # -- option groups ------------------------------------------------------------------------------

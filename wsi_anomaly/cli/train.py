@@ -22,7 +22,9 @@ EXAMPLES = (
 
 
 def add_parser(sub, parents: list[argparse.ArgumentParser]) -> None:
-    p = opt.add_command(sub, parents, "train", HELP, DESCRIPTION, run, EXAMPLES)
+    p = opt.add_command(
+        sub, parents, "train", HELP, DESCRIPTION, run, EXAMPLES, interrupted=interrupted
+    )
     p.add_argument(
         "--tiles",
         nargs="+",
@@ -123,3 +125,21 @@ def run(args: argparse.Namespace) -> int:
         f"99th percentile {q.get('0.99', float('nan')):.4g} → {result.checkpoint}"
     )
     return 0
+
+
+def interrupted(args: argparse.Namespace) -> str:
+    """After Ctrl-C: whether a resumable checkpoint is there to continue from."""
+    from pathlib import Path
+
+    from ..training import resume_path
+
+    resume = resume_path(Path(args.out))
+    if resume.is_file():
+        return (
+            f"{args.out} was not written; the last resumable checkpoint, {resume}, is kept: "
+            "add --resume to the same command to continue from it"
+        )
+    return (
+        f"{args.out} was not written and no resumable checkpoint had been written yet; "
+        "a re-run starts from the first epoch"
+    )
