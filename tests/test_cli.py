@@ -140,7 +140,7 @@ def test_train_and_score_commands(capsys, tmp_path, small_store, tiny_model):
         "-q",
     )
     assert code == 0, err
-    assert "trained 1 epochs" in out and model.is_file()
+    assert "trained 1 epoch in" in out and model.is_file()
     code, out, err = run(
         capsys,
         "score",

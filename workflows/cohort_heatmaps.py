@@ -109,6 +109,9 @@ def main(argv: list[str] | None = None) -> int:
         if cluster is not None:
             cluster.close()
     done = [r for r in rows if r["status"] in ("ok", "skipped (done)")]
+    for row in rows:
+        if row not in done:
+            print(f"{row['slide']}: {row['status']}: {row['error']}", file=sys.stderr)
     print(f"{len(done)} of {len(rows)} slides done; see {args.out}/summary.csv")
     return EXIT_SLIDES_FAILED if len(done) < len(rows) else 0
 

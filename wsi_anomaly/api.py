@@ -119,7 +119,9 @@ def heatmap(
     """Score and draw every slide (files, folders, glob patterns) into ``out/<slide>/`` (as
     ``wsi-anomaly heatmap``); returns one row per slide, as in ``out/summary.csv``. Keywords
     are :class:`HeatmapSettings` fields (``mpp`` for ``target_mpp``, ``batch_size``,
-    ``device``, ``keep_maps``, ``cmap``, ``overwrite``, …)."""
+    ``device``, ``keep_maps``, ``cmap``, ``overwrite``, …); ``on_progress=callback`` is called
+    after every scored model batch with a :class:`~wsi_anomaly.pipeline.ScoringProgress`
+    (``slide``, ``done``, ``total``, ``seconds``, ``tiles_per_s``, ``eta_s``)."""
     if "mpp" in settings:
         settings["target_mpp"] = settings.pop("mpp")
     if isinstance(slides, str | Path):

@@ -73,3 +73,10 @@ class UnsafeCheckpointError(CheckpointError):
 
 #: Exit status of a cohort run that finished but where at least one slide failed (--skip-errors).
 EXIT_SLIDES_FAILED = 5
+
+
+class NotBrightfieldError(WsiAnomalyError):
+    """The slide is not one a brightfield model can judge (e.g. fluorescence: a dark
+    background with light in one or a few channels)."""
+
+    exit_code = 6

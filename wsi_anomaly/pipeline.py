@@ -30,7 +30,7 @@ import sys
 import threading
 import time
 from collections import deque
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from functools import lru_cache
@@ -118,6 +118,26 @@ SUMMARY_FIELDS = (
 )
 
 
+@dataclass(frozen=True)
+class ScoringProgress:
+    """Where a slide's scoring stands, after each scored model batch."""
+
+    slide: str  # the slide's file name
+    done: int  # tiles scored so far
+    total: int  # tiles to score
+    seconds: float  # since the slide's scoring began
+
+    @property
+    def tiles_per_s(self) -> float:
+        return self.done / self.seconds if self.seconds > 0 else float("nan")
+
+    @property
+    def eta_s(self) -> float:
+        """Seconds left at the speed so far (NaN before the first batch)."""
+        rate = self.tiles_per_s
+        return (self.total - self.done) / rate if rate > 0 else float("nan")
+
+
 @dataclass
 class HeatmapSettings:
     """Per-slide options. ``target_mpp`` None → the model's training mpp."""
@@ -141,6 +161,9 @@ class HeatmapSettings:
     mpp_csv: str | None = None
     overwrite: bool = False
     progress: bool = True
+    #: called after every scored model batch with a ScoringProgress (in this process only:
+    #: dask workers in other processes get no callback)
+    on_progress: Callable[[ScoringProgress], None] | None = None
     slides_in_flight: int = 0  # 0 → two on a GPU, one on a CPU (see slides_in_flight)
     #: tissue QC: flag (every output carries the flags), exclude (flagged tiles are not
     #: scored) or off
@@ -630,12 +653,12 @@ def _tile_and_score(
             settings.read_workers,
             timing=timing,
             desc="scoring",
-            progress=settings.progress,
+            progress=False,  # the scoring bar below moves per scored batch
         )
         skip: dict[int, np.ndarray] = {}
         if meter is not None:
             shards = _measured(shards, meter, writer, skip if settings.qc == "exclude" else None)
-        _score_shards(scorer, shards, writer, settings, timing, skip)
+        _score_shards(scorer, shards, writer, settings, timing, skip, len(kept), slide.name)
         writer.close({"model": scorer.identity})
     return len(kept) - sum(int(m.sum()) for m in skip.values())
 
@@ -670,9 +693,6 @@ def _score_store(
     store.reset_scores(settings.keep_maps, scorer.map_px)
     if meter is not None:
         store.reset_qc(qc_record(meter.settings, meter.reference))
-    bar = tqdm(
-        total=n, unit="tile", desc=f"scoring {name}", disable=not settings.progress, leave=False
-    )
 
     def shards(pool: ThreadPoolExecutor) -> Iterator[tuple[int, np.ndarray]]:
         futures = {
@@ -687,15 +707,13 @@ def _score_store(
             if nxt < n:
                 futures[nxt] = pool.submit(store.read, nxt, min(nxt + shard, n))
             yield start, tiles
-            bar.update(len(tiles))
 
     skip: dict[int, np.ndarray] = {}
     with ThreadPoolExecutor(max_workers=2, thread_name_prefix="store-read") as pool:
         source: Iterable[tuple[int, np.ndarray]] = shards(pool)
         if meter is not None:
             source = _measured(source, meter, store, skip if settings.qc == "exclude" else None)
-        _score_shards(scorer, source, store, settings, timing, skip)
-    bar.close()
+        _score_shards(scorer, source, store, settings, timing, skip, n, name)
     store.set_model(scorer.identity)
     return n - sum(int(m.sum()) for m in skip.values())
 
@@ -707,6 +725,8 @@ def _score_shards(
     settings: HeatmapSettings,
     timing: dict,
     skip: dict[int, np.ndarray] | None = None,
+    total: int = 0,
+    name: str = "",
 ) -> None:
     """Score consecutive shards of (n, T, T, 3) uint8 tiles, ``(start, tiles)`` in order, in
     model batches of the scorer's batch size (a batch may span shards); write each shard's
@@ -714,12 +734,15 @@ def _score_shards(
     waiting for scores, less the time spent waiting for shards.
 
     ``skip``: shard start → (n,) bool, the tiles not to score (filled in by the time the
-    shard is drawn from ``shards``); their scores stay NaN."""
+    shard is drawn from ``shards``); their scores stay NaN. Progress (``total`` tiles of slide
+    ``name``: the bar, ``settings.on_progress``) moves with every scored batch; skipped tiles
+    count as done when their shard is drawn."""
     timing.setdefault("model_s", 0.0)
     skip = skip if skip is not None else {}
     # shards whose tiles are being scored: start, tiles, tiles to score, the mask of skipped
     pending: deque[tuple[int, int, int, np.ndarray | None]] = deque()
     upstream = [0.0]  # seconds spent waiting for shards
+    passed = [0]  # tiles skipped so far (they count as done for progress)
 
     def batches() -> Iterator[np.ndarray]:
         held: list[np.ndarray] = []  # tiles not yet in a batch (views of the shards)
@@ -735,6 +758,7 @@ def _score_shards(
             skipped = skip.get(start)
             if skipped is not None and skipped.any():
                 tiles = tiles[~skipped]
+                passed[0] += int(skipped.sum())
             else:
                 skipped = None
             pending.append(
@@ -753,7 +777,20 @@ def _score_shards(
             yield held[0] if len(held) == 1 else np.concatenate(held)
 
     parts: list[ScoreBatch] = []
-    have = 0
+    have = done = 0
+    bar = tqdm(
+        total=total, unit="tile", desc=f"scoring {name}", disable=not settings.progress, leave=False
+    )
+    started = time.perf_counter()
+    shown = [0]
+
+    def report(scored: int) -> None:
+        now = done + passed[0]
+        bar.update(now - shown[0])
+        shown[0] = now
+        if scored and settings.on_progress is not None:
+            settings.on_progress(ScoringProgress(name, now, total, time.perf_counter() - started))
+
     results = scorer.score_batches(batches(), keep_maps=settings.keep_maps)
     while True:
         t0, before = time.perf_counter(), upstream[0]
@@ -765,8 +802,12 @@ def _score_shards(
         have += len(result.mean)
         while pending and have >= pending[0][2]:
             parts, have = _write_shard(sink, pending.popleft(), parts, have)
+        done += len(result.mean)
+        report(len(result.mean))
     while pending and pending[0][2] == 0:  # shards at the end with every tile skipped
         parts, have = _write_shard(sink, pending.popleft(), parts, have)
+    report(0)
+    bar.close()
     assert not pending and have == 0, "every shard's tiles were scored"
 
 
@@ -1056,8 +1097,9 @@ def _slide_task(
         message = (
             str(exc) if isinstance(exc, WsiAnomalyError) else f"{exc.__class__.__name__}: {exc}"
         )
-        log.warning("%s: %s: %s", Path(slide).name, status, message)
-        log.debug("%s failed", slide, exc_info=True)
+        # Reported once, by the caller, from the returned row (a dask worker's log may be in
+        # another process or on another node).
+        log.debug("%s: %s: %s", Path(slide).name, status, message, exc_info=True)
         return _row(
             {
                 "slide": Path(slide).name,
@@ -1172,7 +1214,7 @@ def _quiet(settings: HeatmapSettings) -> HeatmapSettings:
     """Progress bars from many worker processes would interleave: turn them off."""
     from dataclasses import replace
 
-    return replace(settings, progress=False)
+    return replace(settings, progress=False, on_progress=None)
 
 
 def _write_cohort_summary(path: Path, rows: list[dict[str, Any]]) -> None:

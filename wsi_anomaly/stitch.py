@@ -187,6 +187,7 @@ def save_map_png(
 ) -> None:
     """An anomaly map (h × w) as a ``size``² PNG, blended over ``image`` when given.
 
+    A colour bar of the scale (median, 99th percentile, anomalous) is drawn to the right.
     Written under a temporary name and renamed.
     """
     rgb = scale.to_rgb(score_map)
@@ -194,8 +195,48 @@ def save_map_png(
     if image is not None:
         heat = (alpha * heat + (1 - alpha) * image[..., :3]).astype(np.uint8)
         heat = np.concatenate([image[..., :3], heat], axis=1)
+    heat = np.concatenate(
+        [heat, np.asarray(colour_bar_figure(scale, size).canvas.buffer_rgba())[..., :3]], axis=1
+    )
     with atomic_path(path) as tmp:
         Image.fromarray(heat).save(tmp, format="PNG")
+
+
+#: Width of the colour bar beside a ``score --maps`` picture, as a share of its height.
+COLOUR_BAR_SHARE = 0.62
+
+
+def colour_bar_figure(scale: ColourScale, height_px: int):
+    """A drawn matplotlib Figure, ``height_px`` tall: the colour bar of ``scale`` with its three
+    values named, text at least :data:`MIN_TEXT_SHARE` of the height (and 10 px)."""
+    from matplotlib import colormaps
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    height_px = max(int(height_px), 64)
+    width_px = max(140, round(COLOUR_BAR_SHARE * height_px))
+    text_px = max(10.0, 0.045 * height_px)
+    fig = Figure(figsize=(width_px / 100, height_px / 100), dpi=100, facecolor="white")
+    FigureCanvasAgg(fig)
+    # room below for the two-line label at the bottom tick, above for the one-line one
+    below, above = 1.6 * text_px / height_px, 0.8 * text_px / height_px
+    ax = fig.add_axes((0.08, below, 0.12, 1 - below - above))
+    gradient = colormaps[scale.cmap](np.linspace(1.0, 0.0, 256))[:, None, :3]
+    ax.imshow(gradient, aspect="auto", extent=(0, 1, 0, 1), interpolation="nearest")
+    ax.set_xticks([])
+    ax.yaxis.tick_right()
+    ax.set_yticks([0.0, 0.5, 1.0])
+    where = "this slide's" if scale.basis == "slide" else "normal"
+    ax.set_yticklabels(
+        [
+            f"{scale.vmin:.3g}\n{where} median",
+            f"{scale.vcenter:.3g}\n99th pct",
+            f"{scale.vmax:.3g}+",
+        ],
+        fontsize=text_px * 72 / 100,
+    )
+    fig.canvas.draw()
+    return fig
 
 
 # --------------------------------------------------------------------------------------------
@@ -209,6 +250,10 @@ LEGEND_PANEL_PX = (260, 480)
 #: Characters per line of the panel's wrapped text.
 _PANEL_CHARS = 38
 CONTOUR_RGB = (0, 200, 0)
+#: The smallest text in heatmap.png and overlay.png, as a share of the picture's height.
+MIN_TEXT_SHARE = 0.02
+#: Width of the tissue outline in thumbnail.png, as a share of the picture's longer side.
+CONTOUR_SHARE = 0.004
 
 
 @dataclass(frozen=True)
@@ -302,7 +347,6 @@ def write_slide_outputs(
     so the canvas keeps its place), colour bar and legend. ``d`` and the canvas size are also
     stored as PNG text chunks (``display_downsample``, ``canvas_px``).
     """
-    from skimage.segmentation import find_boundaries
 
     out_dir = Path(out_dir)
     coords = np.asarray(coords, np.int64).reshape(-1, 2)
@@ -333,7 +377,7 @@ def write_slide_outputs(
     blended = np.where(painted, alpha * heat[..., :3] + (1 - alpha) * slide_rgb, slide_rgb)
     overlay = np.dstack([(blended + 0.5).astype(np.uint8), np.full(canvas[::-1], 255, np.uint8)])
     contoured = slide_rgb.copy()
-    contoured[find_boundaries(tissue, mode="thick")] = CONTOUR_RGB
+    contoured[tissue_outline(tissue)] = CONTOUR_RGB
 
     paths = {
         "heatmap": out_dir / "heatmap.png",
@@ -359,6 +403,18 @@ def write_slide_outputs(
     )
     _write_gallery(paths["top_tiles"], top_tiles, coords, scores, max_scores, geometry)
     return {name: str(p) for name, p in paths.items()}
+
+
+def tissue_outline(tissue: np.ndarray) -> np.ndarray:
+    """The outline of a tissue mask, :data:`CONTOUR_SHARE` of the picture's longer side wide
+    (at least 2 px), so that it shows at the picture's native size."""
+    from skimage.morphology import isotropic_dilation
+    from skimage.segmentation import find_boundaries
+
+    edge = find_boundaries(tissue, mode="inner")
+    width = max(2, round(CONTOUR_SHARE * max(tissue.shape)))
+    # grown into the tissue only, so the outline never hides the background around it
+    return isotropic_dilation(edge, width - 1) & tissue
 
 
 def _heat_canvas(
@@ -420,14 +476,52 @@ def _wrap(lines: list[str]) -> list[str]:
 def _legend_panel(
     scale: ColourScale, geometry: SlideGeometry, canvas_h: int, title: str = ""
 ) -> np.ndarray:
-    """(H, LEGEND_PANEL_PX[0], 4) uint8: the title, the colour bar on the scale (named as the
-    fixed training scale or this slide's) and a legend in words."""
+    """(H, W, 4) uint8: the title, the colour bar on the scale (named as the fixed training
+    scale or this slide's) and a legend in words; W is LEGEND_PANEL_PX[0] on a small canvas and
+    grows with a tall one so that the text stays readable (:func:`_legend_figure`)."""
+    fig = _legend_figure(scale, geometry, canvas_h, title)
+    fig.canvas.draw()
+    return np.asarray(fig.canvas.buffer_rgba()).copy()
+
+
+def _legend_zoom(canvas_h: int) -> float:
+    """How much larger than its base size (8 pt text at 100 dpi) the legend panel is drawn, so
+    that its text is at least :data:`MIN_TEXT_SHARE` of the picture's height."""
+    base_text_px = 8 * 100 / 72
+    return max(1.0, 1.01 * MIN_TEXT_SHARE * canvas_h / base_text_px)  # 1 %: pixel rounding
+
+
+def _fitted_lines(text: str, width_px: float, fontsize: float = 8, weight: str = "bold"):
+    """``text`` wrapped into lines that fit ``width_px`` at 100 dpi (measured, not guessed from
+    a character count: a long model file name in a bold font is wider than it looks)."""
+    import textwrap
+
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(width_px / 100, 1), dpi=100)
+    renderer = FigureCanvasAgg(fig).get_renderer()
+    probe = fig.text(0, 0.5, "", fontsize=fontsize, weight=weight)
+    chars = _PANEL_CHARS
+    while True:
+        lines = textwrap.wrap(text, chars) or [""]
+        probe.set_text("\n".join(lines))
+        if chars <= 8 or probe.get_window_extent(renderer).x1 <= width_px:
+            return lines
+        chars -= 2
+
+
+def _legend_figure(scale: ColourScale, geometry: SlideGeometry, canvas_h: int, title: str = ""):
+    """The matplotlib Figure of :func:`_legend_panel` (laid out in base pixels, drawn at
+    ``_legend_zoom(canvas_h)`` times 100 dpi)."""
     from matplotlib import colormaps
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
+    zoom = _legend_zoom(canvas_h)
+    canvas_h = math.floor(canvas_h / zoom)  # in base pixels from here on
     line_px = 14.0
-    head = _wrap([title]) if title else []
+    head = _fitted_lines(title, LEGEND_PANEL_PX[0] - 22) if title else []
     tile_um = geometry.tile_size_l0 * geometry.mpp
     foot = _wrap(legend_words(scale))
     if scale.basis == "slide":
@@ -447,8 +541,8 @@ def _legend_panel(
     top_px = 14 + line_px * (len(head) + 1) + 26
     bottom_px = 12 + line_px * len(foot) + 30
     height = max(canvas_h, min_h, math.ceil(top_px + bottom_px + 60))
-    fig = Figure(figsize=(width / 100, height / 100), dpi=100, facecolor="white")
-    canvas = FigureCanvasAgg(fig)
+    fig = Figure(figsize=(width / 100, height / 100), dpi=100 * zoom, facecolor="white")
+    FigureCanvasAgg(fig)
     # Fixed pixel margins so the text keeps its size whatever the canvas height.
     top, bottom = 1 - top_px / height, bottom_px / height
     ax = fig.add_axes((14 / width, bottom, 22 / width, top - bottom))
@@ -480,8 +574,7 @@ def _legend_panel(
         va="top",
     )
     fig.text(14 / width, 12 / height, "\n".join(foot), fontsize=8, va="bottom")
-    canvas.draw()
-    return np.asarray(canvas.buffer_rgba()).copy()
+    return fig
 
 
 def _with_panel(canvas_rgba: np.ndarray, panel: np.ndarray) -> np.ndarray:

@@ -35,6 +35,7 @@ from .models.family import Epoch, ModelFamily
 from .models.registry import FAMILIES, family_sections, get_family
 from .outputs import check_free_space, check_output_file, validate_output_name
 from .runtime import Runtime, resolve_device
+from .words import count
 
 __all__ = [
     "TrainResult",
@@ -117,6 +118,15 @@ def _size(dataset: Dataset) -> int:
 
 #: Fewer held-out tiles than this make no score scale: calibrate in-sample then (and say so).
 MIN_HOLDOUT_TILES = 20
+
+
+def tiles_for_holdout(fraction: float, minimum: int = MIN_HOLDOUT_TILES) -> int:
+    """The fewest normal tiles (from one source) of which ``fraction`` is ``minimum`` held-out
+    tiles, with the rounding of :func:`holdout_split`."""
+    n = max(1, math.ceil((minimum - 1) / fraction))
+    while int(round(fraction * n)) < minimum:
+        n += 1
+    return n
 
 
 def holdout_split(
@@ -236,6 +246,7 @@ def train_model(
     train_idx, held_idx, groups = holdout_split(
         dataset, config.train.calibration_holdout, config.seed
     )
+    n_given, n_held = len(train_idx) + len(held_idx), len(held_idx)
     if len(held_idx) >= MIN_HOLDOUT_TILES and train_idx:
         dataset = Subset(normals, train_idx)
         log.info("%d normal tiles held out of training for the score scale", len(held_idx))
@@ -360,12 +371,16 @@ def train_model(
             )
         else:
             log.warning(
-                "too few normal tiles to hold %d%% out for the score scale (at least %d "
-                "needed); it comes from the training tiles themselves, so more unseen "
-                "normal tissue will be called anomalous than the 1 %% its threshold "
-                "suggests",
-                round(100 * t.calibration_holdout),
+                "%s given; a held-out calibration needs at least %d tiles (%d held out at "
+                "%g %%, here %d); calibrating on the training tiles instead, so more unseen "
+                "normal tissue may be called anomalous than the 1 %% its threshold suggests "
+                "(train.calibration_holdout: 0 calibrates on the training tiles without this "
+                "warning)",
+                count(n_given, "normal tile"),
+                tiles_for_holdout(t.calibration_holdout),
                 MIN_HOLDOUT_TILES,
+                100 * t.calibration_holdout,
+                n_held,
             )
         calibration = calibration.with_scale(
             scale_source="training tiles (in-sample)",

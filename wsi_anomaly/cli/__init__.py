@@ -12,14 +12,16 @@ from __future__ import annotations
 import argparse
 import contextlib
 import logging
+import os
 import signal
 import sys
 import threading
 from collections.abc import Iterator, Sequence
+from pathlib import Path
 from typing import Any
 
 from .. import __version__
-from ..errors import WsiAnomalyError
+from ..errors import EXIT_SLIDES_FAILED, WsiAnomalyError
 
 __all__ = ["anomaly_count", "build_parser", "main"]
 
@@ -111,6 +113,50 @@ def _sigterm_unwinds() -> Iterator[None]:
         signal.signal(signal.SIGTERM, signal.SIG_DFL)
 
 
+#: Exit status when the reader of the output went away (``info --json | head -1``): the status
+#: a shell reports for a program ended by SIGPIPE (128 + 13).
+EXIT_BROKEN_PIPE = 141
+
+#: Options that name an output file or folder a command may create.
+_OUTPUT_OPTIONS = ("out", "maps", "export_png", "coords_h5")
+
+
+def _missing_folders(args: argparse.Namespace) -> list[Path]:
+    """The output paths of ``args`` and their parent folders that do not exist yet, deepest
+    first: what a failed run may remove again if it leaves them empty."""
+    missing: list[Path] = []
+    for name in _OUTPUT_OPTIONS:
+        value = getattr(args, name, None)
+        if not isinstance(value, str | os.PathLike) or not str(value):
+            continue
+        for path in (Path(value).absolute(), *Path(value).absolute().parents):
+            if path.exists() or os.path.lexists(path):
+                break
+            if path not in missing:
+                missing.append(path)
+    return sorted(missing, key=lambda p: len(p.parts), reverse=True)
+
+
+def _remove_empty(folders: list[Path]) -> None:
+    """Remove the folders (deepest first) that exist and are empty; leave everything else."""
+    for folder in folders:
+        if folder.is_dir() and not folder.is_symlink():
+            try:
+                folder.rmdir()
+            except OSError:  # not empty, or not ours to remove: keep it
+                pass
+
+
+def _quiet_stdout() -> None:
+    """The reader of stdout has gone (a closed pipe): send what is left to /dev/null so that the
+    interpreter's last flush does not report the same broken pipe again."""
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+    except (OSError, ValueError):  # stdout is not a real file (e.g. captured in tests)
+        pass
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     with _sigterm_unwinds():
         try:
@@ -132,8 +178,28 @@ def _main(argv: Sequence[str] | None) -> int:
         parser.print_help()
         return 2
     _setup_logging(args)
+    new_folders = _missing_folders(args)
+    code = 1
     try:
-        return int(args.func(args) or 0)
+        code = _run(args)
+    finally:
+        if code not in (0, EXIT_SLIDES_FAILED):
+            # A failed run leaves no empty output folder behind that it created itself.
+            _remove_empty(new_folders)
+    return code
+
+
+def _run(args: argparse.Namespace) -> int:
+    """``args.func(args)`` with every user error, filesystem error and interruption as one
+    line on stderr and an exit status."""
+    try:
+        code = int(args.func(args) or 0)
+        sys.stdout.flush()  # a closed pipe shows here, not at interpreter exit
+        return code
+    except BrokenPipeError:
+        # The reader stopped reading (``| head``): nothing to report, as other Unix tools do.
+        _quiet_stdout()
+        return EXIT_BROKEN_PIPE
     except WsiAnomalyError as exc:
         if args.debug:
             raise
@@ -156,9 +222,9 @@ def _main(argv: Sequence[str] | None) -> int:
     except KeyboardInterrupt as exc:
         if args.debug:
             raise
+        from .options import nothing_kept
+
         stopped = "terminated" if isinstance(exc, Terminated) else "interrupted"
-        print(
-            f"wsi-anomaly {args.command}: {stopped}; partial outputs were not kept",
-            file=sys.stderr,
-        )
+        what = getattr(args, "interrupted", None) or nothing_kept
+        print(f"wsi-anomaly {args.command}: {stopped}; {what(args)}", file=sys.stderr)
         return EXIT_TERMINATED if isinstance(exc, Terminated) else 130

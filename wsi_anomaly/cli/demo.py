@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from ..words import count
 from .options import (
     add_command,
     add_device_option,
@@ -18,10 +19,11 @@ HELP = "the whole pipeline on a synthetic slide"
 DESCRIPTION = """Write a synthetic slide with known tumour and stroma, train HaloAE on its
 tumour tiles (fast preset), draw the heatmap of the whole slide and report how well tile scores
 separate tumour from the rest (AUROC)."""
+EXAMPLES = ("wsi-anomaly demo --out demo_out/",)
 
 
 def add_parser(sub, parents: list[argparse.ArgumentParser]) -> None:
-    p = add_command(sub, parents, "demo", HELP, DESCRIPTION, run)
+    p = add_command(sub, parents, "demo", HELP, DESCRIPTION, run, EXAMPLES)
     add_out_folder_option(p, "demo_out")
     p.add_argument(
         "--size", type=positive_int, default=8192, help="synthetic slide side in px (default 8192)"
@@ -59,7 +61,7 @@ def run(args: argparse.Namespace) -> int:
     outputs = result.summary["outputs"]
     print(
         f"\nAUROC of tile scores, tumour (like the training tiles) vs the rest of the tissue: "
-        f"{result.auroc:.3f} over {result.n_tiles} tiles"
+        f"{result.auroc:.3f} over {count(result.n_tiles, 'tile')}"
     )
     print("pictures:")
     for name in ("heatmap", "overlay", "thumbnail", "top_tiles"):

@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import EXIT_SLIDES_FAILED
+from ..words import count
 from . import options as opt
 
 HELP = "score slides and draw heatmaps"
@@ -15,10 +16,16 @@ DESCRIPTION = f"""Tile each slide at the model's resolution, score every tissue 
 heatmap.png, overlay.png, thumbnail.png, heatmap.ome.zarr, tiles.geojson, top_tiles.png and
 summary.json to OUT/<slide name>/, plus OUT/summary.csv. Exit status {EXIT_SLIDES_FAILED} when
 --skip-errors recorded failed slides."""
+EXAMPLES = (
+    "wsi-anomaly heatmap slide.svs --model model.pt --out results/",
+    "wsi-anomaly heatmap /data/cohort/ --model model.pt --out results/ --skip-errors",
+)
 
 
 def add_parser(sub, parents: list[argparse.ArgumentParser]) -> None:
-    p = opt.add_command(sub, parents, "heatmap", HELP, DESCRIPTION, run)
+    p = opt.add_command(
+        sub, parents, "heatmap", HELP, DESCRIPTION, run, EXAMPLES, interrupted=interrupted
+    )
     p.add_argument(
         "slides",
         nargs="+",
@@ -64,8 +71,9 @@ def add_parser(sub, parents: list[argparse.ArgumentParser]) -> None:
         "--scale",
         choices=["fixed", "slide"],
         default="fixed",
-        help="colour scale: fixed = the model's training median (blue) and 99th percentile "
-        "(white), the same on every slide; slide = this slide's own median and 99th "
+        help="colour scale: fixed = the model's calibration, the median (blue) and 99th "
+        "percentile (white) of normal tiles held out of training (of the training tiles when "
+        "too few were given), the same on every slide; slide = this slide's own median and 99th "
         "percentile, for slides that come out all red (default fixed; the Anomalous class "
         "in tiles.csv and tiles.geojson keeps the model's threshold)",
     )
@@ -317,12 +325,12 @@ def run(args: argparse.Namespace) -> int:
     for row in rows:
         if row["status"] in ("ok", "skipped (done)"):
             print(
-                f"{row['slide']}: {row['status']}, {row['n_tiles']} tiles, "
+                f"{row['slide']}: {row['status']}, {count(int(row['n_tiles']), 'tile')}, "
                 f"{float(row['fraction_anomalous'] or 0):.1%} above the training 99th "
                 f"percentile → {row['output']}"
             )
-        else:
-            print(f"{row['slide']}: {row['status']}: {row['error']}")
+        else:  # the one report of a failed slide
+            print(f"{row['slide']}: {row['status']}: {row['error']}", file=sys.stderr)
     done = [r for r in rows if r["status"] in ("ok", "skipped (done)")]
     if args.coords_h5:
         _write_coords(done, Path(out) / "coords")
@@ -333,3 +341,22 @@ def run(args: argparse.Namespace) -> int:
         print(f"{len(failed)} of {len(rows)} slides failed (see {summary})", file=sys.stderr)
         return EXIT_SLIDES_FAILED
     return 0
+
+
+def interrupted(args: argparse.Namespace) -> str:
+    """After Ctrl-C: which slides are finished, which were in progress, what a re-run reuses."""
+    out = Path(args.out)
+    folders = [p for p in out.iterdir() if p.is_dir()] if out.is_dir() else []
+    done = [p for p in folders if not p.name.startswith(".") and (p / "summary.json").is_file()]
+    partial = sorted(p.name for p in folders if p.name.endswith(".partial"))
+    said = [f"{count(len(done), 'finished slide')} in {out}"]
+    if partial:
+        shown = ", ".join(partial[:3]) + (
+            f" and {len(partial) - 3} more" if len(partial) > 3 else ""
+        )
+        said.append(f"unfinished work kept in {out}: {shown}")
+    return (
+        "; ".join(said)
+        + ". Running the same command again skips the finished slides and reuses a slide's "
+        "tiles when all of them had been cut; its scores are computed again"
+    )

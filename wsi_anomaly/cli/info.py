@@ -12,10 +12,14 @@ HELP = "describe a slide: format, levels, mpp"
 DESCRIPTION = """Print a slide's format, dimensions, pyramid levels with downsample and mpp,
 where the mpp came from, objective power and associated images. A slide without resolution
 metadata is described too (its resolution as unknown)."""
+EXAMPLES = (
+    "wsi-anomaly info slide.svs",
+    "wsi-anomaly info slide.ndpi --json",
+)
 
 
 def add_parser(sub, parents: list[argparse.ArgumentParser]) -> None:
-    p = add_command(sub, parents, "info", HELP, DESCRIPTION, run)
+    p = add_command(sub, parents, "info", HELP, DESCRIPTION, run, EXAMPLES)
     p.add_argument("slide", help="slide file (SVS, NDPI, MRXS, SCN, DICOM, TIFF, OME-TIFF…)")
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
     add_slide_mpp_options(p)

@@ -6,6 +6,7 @@ import argparse
 from pathlib import Path
 
 from ..errors import InvalidInputError
+from ..words import count
 from . import options as opt
 
 HELP = "MVTec AD benchmark, per category"
@@ -14,10 +15,15 @@ DESCRIPTION = """Per MVTec AD category: train on train/good (or load a model wit
 AUROC (at the masks' resolution, and at 128×128 as the paper's code did) and AUPRO@0.3 beside the
 HaloAE paper's Table 1. Writes OUT/<category>/ (model.pt, metrics.json, scores.csv, figures/) and
 OUT/results.csv, OUT/results.md; categories with a metrics.json are skipped unless --overwrite."""
+EXAMPLES = (
+    "wsi-anomaly mvtec --root /data/mvtec_anomaly_detection --category hazelnut --out mvtec_results",
+)
 
 
 def add_parser(sub, parents: list[argparse.ArgumentParser]) -> None:
-    p = opt.add_command(sub, parents, "mvtec", HELP, DESCRIPTION, run)
+    p = opt.add_command(
+        sub, parents, "mvtec", HELP, DESCRIPTION, run, EXAMPLES, interrupted=interrupted
+    )
     p.add_argument(
         "--root",
         required=True,
@@ -188,3 +194,17 @@ def _weak_families() -> list[str]:
     from ..models.registry import family_names, get_family
 
     return [name for name in family_names() if get_family(name).weakly_supervised]
+
+
+def interrupted(args: argparse.Namespace) -> str:
+    """After Ctrl-C: the categories that are finished, and that a re-run skips them."""
+    from pathlib import Path
+
+    from ..mvtec.benchmark import METRICS_NAME
+
+    done = sorted({p.parent.name for p in Path(args.out).glob(f"**/{METRICS_NAME}")})
+    return (
+        f"{count(len(done), 'finished category', 'finished categories')} in {args.out} "
+        "(those with a metrics.json); running the same command again skips them and redoes "
+        "the others from the start"
+    )

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import math
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -143,14 +144,55 @@ def add_moved_model(p: argparse.ArgumentParser) -> None:
 
 
 # -- subcommands ---------------------------------------------------------------------------------
+#: The heading of the examples that end each command's --help.
+EXAMPLES_HEADING = "examples:"
+
+
+class HelpFormatter(argparse.HelpFormatter):
+    """argparse's formatter, except that the examples at the end keep their lines as written
+    (the description is still reflowed to the terminal's width)."""
+
+    def _fill_text(self, text: str, width: int, indent: str) -> str:
+        if text.startswith(EXAMPLES_HEADING):
+            return "".join(indent + line for line in text.splitlines(keepends=True))
+        return super()._fill_text(text, width, indent)
+
+
+def examples_epilog(examples: Sequence[str]) -> str:
+    """The end of a --help: ``examples:`` and one command line per entry (a comment after
+    two spaces and ``#`` is allowed)."""
+    return "\n".join([EXAMPLES_HEADING, *(f"  {line}" for line in examples)])
+
+
 def add_command(
-    sub, parents: list[argparse.ArgumentParser], name: str, help: str, description: str, run
+    sub,
+    parents: list[argparse.ArgumentParser],
+    name: str,
+    help: str,
+    description: str,
+    run,
+    examples: Sequence[str] = (),
+    interrupted: Callable[[argparse.Namespace], str] | None = None,
 ) -> argparse.ArgumentParser:
     """The parser of subcommand ``name``: ``help`` is its line in ``wsi-anomaly --help``,
-    ``description`` the text of its own --help (reflowed), ``run(args)`` does its work."""
-    p = sub.add_parser(name, parents=parents, help=help, description=description)
-    p.set_defaults(func=run)
+    ``description`` the text of its own --help (reflowed), ``examples`` one or two command lines
+    that end it, ``run(args)`` does its work; ``interrupted(args)`` says, after Ctrl-C, what is
+    left and what a re-run reuses (default: nothing was kept)."""
+    p = sub.add_parser(
+        name,
+        parents=parents,
+        help=help,
+        description=description,
+        epilog=examples_epilog(examples) if examples else None,
+        formatter_class=HelpFormatter,
+    )
+    p.set_defaults(func=run, interrupted=interrupted or nothing_kept)
     return p
+
+
+def nothing_kept(args: argparse.Namespace) -> str:
+    """After Ctrl-C, for a command whose outputs appear only when complete."""
+    return "partial outputs were not kept; a re-run starts over"
 
 
 # -- option groups ------------------------------------------------------------------------------

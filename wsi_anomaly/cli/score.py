@@ -5,15 +5,17 @@ from __future__ import annotations
 import argparse
 
 from ..errors import InvalidInputError
+from ..words import count
 from . import options as opt
 
 HELP = "score images or folders of tiles"
 DESCRIPTION = """Score image files with a trained model: a CSV of per-image mean and max anomaly
 scores, and optionally anomaly-map PNGs."""
+EXAMPLES = ("wsi-anomaly score --model model.pt tiles/ --out scores.csv --maps maps/",)
 
 
 def add_parser(sub, parents: list[argparse.ArgumentParser]) -> None:
-    p = opt.add_command(sub, parents, "score", HELP, DESCRIPTION, run)
+    p = opt.add_command(sub, parents, "score", HELP, DESCRIPTION, run, EXAMPLES)
     p.add_argument("paths", nargs="+", help="image files and/or folders (searched recursively)")
     opt.add_model_option(p)
     p.add_argument("--out", default="scores.csv", help="CSV to write (default scores.csv)")
@@ -44,7 +46,7 @@ def run(args: argparse.Namespace) -> int:
     if skipped["unreadable"] or skipped["too_small"]:
         extra = f" (skipped {skipped['unreadable']} unreadable, {skipped['too_small']} too small)"
     print(
-        f"scored {summary['scored']} images{extra} → {summary['csv']}"
+        f"scored {count(summary['scored'], 'image')}{extra} → {summary['csv']}"
         + (f"; maps in {summary['maps']}" if summary["maps"] else "")
     )
     return 0

@@ -11,10 +11,11 @@ from .options import add_command, add_overwrite_option, positive_float, positive
 HELP = "write a synthetic slide"
 DESCRIPTION = """Write a pyramidal JPEG TIFF with stroma and tumour-like textures, for trying the
 pipeline and for benchmarks."""
+EXAMPLES = ("wsi-anomaly synth slide.tif --width 20000 --height 15000",)
 
 
 def add_parser(sub, parents: list[argparse.ArgumentParser]) -> None:
-    p = add_command(sub, parents, "synth", HELP, DESCRIPTION, run)
+    p = add_command(sub, parents, "synth", HELP, DESCRIPTION, run, EXAMPLES)
     p.add_argument("out", help="output .tif path")
     p.add_argument(
         "--width", type=positive_int, default=8192, help="level-0 width in px (default 8192)"

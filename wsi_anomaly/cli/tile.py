@@ -11,10 +11,14 @@ from . import options as opt
 HELP = "cut a slide's tissue into tiles (zarr)"
 DESCRIPTION = """Stream the tissue tiles of a slide into a zarr v3 store at a chosen resolution.
 Tiles with less tissue than --min-tissue are dropped."""
+EXAMPLES = (
+    "wsi-anomaly tile slide.svs --out slide.zarr --mpp 0.5",
+    "wsi-anomaly tile slide.svs --out tumour.zarr --annotations regions.geojson --annotation-class Tumor",
+)
 
 
 def add_parser(sub, parents: list[argparse.ArgumentParser]) -> None:
-    p = opt.add_command(sub, parents, "tile", HELP, DESCRIPTION, run)
+    p = opt.add_command(sub, parents, "tile", HELP, DESCRIPTION, run, EXAMPLES)
     p.add_argument("slide", help="slide file")
     p.add_argument("--out", required=True, help="output tile store, e.g. tiles.zarr")
     p.add_argument(

@@ -6,6 +6,7 @@ import argparse
 import logging
 
 from ..errors import InvalidInputError
+from ..words import count
 from . import options as opt
 
 log = logging.getLogger("wsi_anomaly")
@@ -14,10 +15,16 @@ HELP = "train HaloAE (or ATAC-Net) on tiles"
 DESCRIPTION = """Train a model on tiles of normal (reference) tissue: tile stores written by
 `tile`, or folders of images (png/jpg/tif, searched recursively). Writes one checkpoint with the
 model, its training-score calibration and the resolved config."""
+EXAMPLES = (
+    "wsi-anomaly train --tiles tumour.zarr --out model.pt --config haloae_fast",
+    "wsi-anomaly train --tiles tumour.zarr --out model.pt --resume  # continue a run",
+)
 
 
 def add_parser(sub, parents: list[argparse.ArgumentParser]) -> None:
-    p = opt.add_command(sub, parents, "train", HELP, DESCRIPTION, run)
+    p = opt.add_command(
+        sub, parents, "train", HELP, DESCRIPTION, run, EXAMPLES, interrupted=interrupted
+    )
     p.add_argument(
         "--tiles",
         nargs="+",
@@ -109,7 +116,7 @@ def run(args: argparse.Namespace) -> int:
     q = result.score_quantiles
     detail = ", ".join(f"{k} {last.get(k, float('nan')):.3f}" for k in family.loss_terms)
     print(
-        f"trained {result.epochs} epochs in {result.seconds:.0f} s "
+        f"trained {count(result.epochs, 'epoch')} in {result.seconds:.0f} s "
         f"({result.images_per_s:.1f} images/s); final loss {last.get('loss', float('nan')):.4f} "
         f"({detail})"
     )
@@ -118,3 +125,21 @@ def run(args: argparse.Namespace) -> int:
         f"99th percentile {q.get('0.99', float('nan')):.4g} → {result.checkpoint}"
     )
     return 0
+
+
+def interrupted(args: argparse.Namespace) -> str:
+    """After Ctrl-C: whether a resumable checkpoint is there to continue from."""
+    from pathlib import Path
+
+    from ..training import resume_path
+
+    resume = resume_path(Path(args.out))
+    if resume.is_file():
+        return (
+            f"{args.out} was not written; the last resumable checkpoint, {resume}, is kept: "
+            "add --resume to the same command to continue from it"
+        )
+    return (
+        f"{args.out} was not written and no resumable checkpoint had been written yet; "
+        "a re-run starts from the first epoch"
+    )

@@ -33,6 +33,7 @@ from wsi_anomaly.models.atacnet_data import (
 )
 from wsi_anomaly.models.calibration import Calibration
 from wsi_anomaly.models.family import Epoch, EpochRng, ModelFamily, Prediction, Step
+from wsi_anomaly.words import count
 
 #: Side of the maps :meth:`AtacNetFamily.predict` returns (the 7×7 cells, up-sampled).
 MAP_PX = 64
@@ -63,7 +64,7 @@ class AtacNetFamily(ModelFamily):
     def describe_schedule(self, config: Any) -> str:
         a = config.atacnet
         return (
-            f"variant {a.variant}, {a.epochs} epochs × {a.steps_per_epoch} batches of "
+            f"variant {a.variant}, {count(a.epochs, 'epoch')} × {a.steps_per_epoch} batches of "
             f"{a.batch_size}"
         )
 
@@ -71,7 +72,7 @@ class AtacNetFamily(ModelFamily):
         a = config.atacnet
         return (
             f"training atacnet ({a.variant}) on {n_normal} normal tiles and {n_anomalies} "
-            f"labelled anomalies ({a.epochs} epochs × {a.steps_per_epoch} steps, batch "
+            f"labelled anomalies ({count(a.epochs, 'epoch')} × {a.steps_per_epoch} steps, batch "
             f"{a.batch_size}, backbone {config.model.backbone_weights})"
         )
 

@@ -29,6 +29,7 @@ from wsi_anomaly.models.scoring import (
     tile_scores,
 )
 from wsi_anomaly.models.transforms import normalise, to_unit_float
+from wsi_anomaly.words import count
 
 LOSS_WEIGHTINGS = ("ews", "equal")
 ATTENTIONS = ("halo", "conv")
@@ -64,7 +65,7 @@ class HaloAEFamily(ModelFamily):
 
     def describe_schedule(self, config: Any) -> str:
         t = config.train
-        return f"{t.epochs} epochs × {t.samples_per_epoch} samples, batch {t.batch_size}"
+        return f"{count(t.epochs, 'epoch')} × {t.samples_per_epoch} samples, batch {t.batch_size}"
 
     def describe_training(self, config: Any, n_normal: int, n_anomalies: int) -> str:
         return (

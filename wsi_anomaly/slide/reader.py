@@ -292,8 +292,9 @@ class Slide:
             if _is_dicom(self.path):
                 raise UnsupportedSlideError(
                     f"{self.path}: a DICOM file OpenSlide cannot read as a whole-slide image "
-                    f"({exc}); OpenSlide reads tiled VL Whole Slide Microscopy Image series — "
-                    "export the slide as such, or as a pyramidal TIFF"
+                    f"({exc}); OpenSlide reads VL Whole Slide Microscopy Image series stored "
+                    "uncompressed, as JPEG or as JPEG 2000 (RGB), every file of the series in one "
+                    "folder — convert other encodings, or export a pyramidal TIFF"
                 ) from exc
             raise CorruptSlideError(
                 f"{self.path}: OpenSlide cannot read it ({exc}); the file is damaged or truncated"

@@ -21,7 +21,7 @@ import numpy as np
 from PIL import Image
 from tqdm.auto import tqdm
 
-from ..errors import InvalidInputError, NoTissueError
+from ..errors import InvalidInputError, NotBrightfieldError, NoTissueError
 from ..outputs import (
     OutputLock,
     check_free_space,
@@ -35,6 +35,7 @@ from ..slide.annotations import load_annotations, rasterize
 from ..slide.grid import TileGrid, box_fractions, make_grid, plan_read
 from ..slide.qc import QCSettings, TileQCMeter, qc_record, reference_od, tissue_border_um
 from ..slide.reader import Slide
+from ..slide.stain import brightfield_problem
 from ..slide.tissue import TissueMask, TissueSettings, detect_tissue
 from .store import TileStoreWriter, prepare_output
 
@@ -84,6 +85,8 @@ class TilingResult:
 def tissue_mask(slide: Slide, settings: TissueSettings) -> TissueMask:
     """Tissue mask on a streamed thumbnail of the slide."""
     thumb, downsample = slide.thumbnail(settings.thumbnail_max_px, settings.thumbnail_mpp)
+    if (problem := brightfield_problem(thumb)) is not None:
+        raise NotBrightfieldError(f"{slide.name} {problem}")
     mask, threshold = detect_tissue(thumb, slide.mpp * downsample, settings)
     return TissueMask(mask, downsample, threshold, reference_od(thumb, mask))
 

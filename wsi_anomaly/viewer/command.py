@@ -14,15 +14,21 @@ def add_parser(
 ) -> argparse.ArgumentParser:
     """Register ``view`` on the CLI's subparsers (``parents``: the options every subcommand
     shares). The parsed arguments carry ``func`` (and ``run``): :func:`run`."""
-    from ..cli.options import port, positive_int
+    from ..cli.options import add_command, port, positive_int
 
-    parser = subparsers.add_parser(
+    parser = add_command(
+        subparsers,
+        parents or [],
         "view",
-        parents=parents or [],
         help="browse a results folder in a local web app (read-only)",
         description="Serve a `heatmap` results folder as a local, read-only web app: a cohort "
         "table and, per slide, a deep-zoom view of the original slide with the "
         "anomaly heatmap over it.",
+        run=run,
+        examples=[
+            "wsi-anomaly view results/                        # opens a browser",
+            "wsi-anomaly view results/ --port 8080 --no-browser",
+        ],
     )
     parser.add_argument("results", help="the --out folder of `wsi-anomaly heatmap`")
     parser.add_argument("--port", type=port, default=8000, help="port (default 8000; 0: any free)")
