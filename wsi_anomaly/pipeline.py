@@ -786,8 +786,9 @@ def _score_shards(
 
     def report(scored: int) -> None:
         now = done + passed[0]
-        bar.update(now - shown[0])
-        shown[0] = now
+        if now > shown[0]:
+            bar.update(now - shown[0])
+            shown[0] = now
         if scored and settings.on_progress is not None:
             settings.on_progress(ScoringProgress(name, now, total, time.perf_counter() - started))
 
