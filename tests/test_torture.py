@@ -105,7 +105,12 @@ def test_a_heatmap_rerun_after_kill_9_while_drawing_publishes_only_complete_file
 ):
     results = tmp_path / "results"
     args = ("heatmap", str(small_slide.path), "--model", str(tiny_model), "--out", str(results))
-    args += ("--mpp", "1", "--min-tissue", "0.05")  # a few tiles: the point is the folders, not the scores
+    args += (
+        "--mpp",
+        "1",
+        "--min-tissue",
+        "0.05",
+    )  # a few tiles: the point is the folders, not the scores
     code, _, err = run(capsys, *args, "--device", "cpu", "-q")
     assert code == 0, err
     final = results / Path(small_slide.path).name
