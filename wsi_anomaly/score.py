@@ -161,7 +161,8 @@ class Scorer:
     Args:
         checkpoint: path of a finished checkpoint.
         device: ``auto`` | ``cpu`` | ``cuda[:N]``.
-        precision: ``auto`` (bf16 on CUDA, fp32 on CPU) | ``fp32`` | ``bf16``.
+        precision: ``auto`` (bf16 autocast on CUDA and on CPUs with native bf16, else fp32,
+            see :mod:`wsi_anomaly.runtime`) | ``fp32`` | ``bf16``.
         batch_size: tiles per forward pass, or ``auto`` (see the module's description).
         compile: ``off`` | ``default`` | ``max-autotune`` | ``reduce-overhead`` (CUDA graphs).
         compiler: ``compiler(fn, mode)`` compiles the prediction function (``torch.compile``).
@@ -491,11 +492,14 @@ def score_images(
     workers: int = 0,
     progress: bool = True,
     compile: str = "off",
+    precision: str = "auto",
 ) -> dict[str, Any]:
     """Score image files; write a CSV of per-image scores and, optionally, anomaly-map PNGs."""
     from .stitch import colour_scale, save_map_png
 
-    scorer = Scorer(model, device=device, batch_size=batch_size, compile=compile)
+    scorer = Scorer(
+        model, device=device, precision=precision, batch_size=batch_size, compile=compile
+    )
     files = collect_image_paths(paths)
     dataset = ImageFolderDataset(files, scorer.tile_px)
     out_csv = Path(out_csv)
@@ -535,4 +539,6 @@ def score_images(
         "skipped": dataset.skipped,
         "csv": str(out_csv),
         "maps": str(maps_path) if maps_path else None,
+        "device": str(scorer.device),
+        "precision": scorer.precision,
     }

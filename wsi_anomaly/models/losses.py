@@ -45,9 +45,14 @@ def ssim(a: torch.Tensor, b: torch.Tensor, window: int = 11, sigma: float = 1.5)
     centred on every pixel with zero padding (the convention of the widely used ``pytorch-ssim``,
     which gives one value per pixel as the paper's eq. 2 sums), with ``C1 = 0.01²`` and
     ``C2 = 0.03²`` (dynamic range 1), then averaged over batch, channels and pixels. Computed in
-    float32 whatever the input dtype.
+    float32 whatever the input dtype, autocast or not: the variances are differences of nearly
+    equal moments, which bf16 blurs round to zero or below, and the ratio then runs off to ±inf.
     """
-    a, b = a.float(), b.float()
+    with torch.autocast(a.device.type, enabled=False):
+        return _ssim_fp32(a.float(), b.float(), window, sigma)
+
+
+def _ssim_fp32(a: torch.Tensor, b: torch.Tensor, window: int, sigma: float) -> torch.Tensor:
     channels = a.shape[1]
     g = _gaussian_window(window, sigma, a.dtype, a.device)
     # The 2-D Gaussian is separable: two 1-D depthwise passes cost 2·window instead of window².
