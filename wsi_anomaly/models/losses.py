@@ -8,6 +8,7 @@ from collections.abc import Iterable, Mapping, Sequence
 
 import torch
 import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
 
 __all__ = [
     "EWS_EPOCHS",
@@ -142,6 +143,16 @@ def loss_weights(
 
 
 def _reconstruction_loss(target: torch.Tensor, prediction: torch.Tensor) -> torch.Tensor:
+    """MSE + (1 − SSIM). With a gradient to take, its float32 intermediates (SSIM's five
+    moments and their blurs, 704 channels deep for the features) are recomputed in the backward
+    pass instead of being kept (activation checkpointing; a pure function, so the gradient is
+    the same)."""
+    if torch.is_grad_enabled() and prediction.requires_grad:
+        return checkpoint(_mse_plus_ssim, target, prediction, use_reentrant=False)
+    return _mse_plus_ssim(target, prediction)
+
+
+def _mse_plus_ssim(target: torch.Tensor, prediction: torch.Tensor) -> torch.Tensor:
     return F.mse_loss(prediction.float(), target.float()) + (1.0 - ssim(target, prediction))
 
 
