@@ -11,8 +11,14 @@ Measures, in one run:
   D and E run although scoring does not need them;
 - trainable parameters, FLOPs per image (``torch.utils.flop_counter``) and peak memory.
 
-Prints a Markdown table; ``--json`` also writes the numbers. Example::
+``--precision both`` (the default) measures fp32 and bf16 autocast in the same run, interleaved
+(fp32, bf16, bf16, fp32, … so that other work on a shared machine slows both alike), and gives
+for each the median images/s, the median CPU seconds per image (this process's CPU time, which
+other processes disturb less than the wall clock) and the peak RSS; then the bf16/fp32 ratios.
 
+Prints a Markdown table; ``--json`` also writes the numbers. Examples::
+
+    python benchmarks/bench_haloae.py --batch-size 8 --iters 4 --skip-released
     python benchmarks/bench_haloae.py --device cuda --precision bf16 --channels-last
 """
 
@@ -26,9 +32,11 @@ import json
 import os
 import platform
 import resource
+import statistics
 import threading
 import time
 from collections.abc import Callable
+from functools import partial
 
 import torch
 import torchvision
@@ -169,7 +177,12 @@ def main(argv: list[str] | None = None) -> dict[str, object]:
     parser.add_argument("--iters", type=int, default=3, help="timed iterations per measurement")
     parser.add_argument("--warmup", type=int, default=1, help="untimed iterations first")
     parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
-    parser.add_argument("--precision", choices=("fp32", "bf16"), default="fp32")
+    parser.add_argument(
+        "--precision",
+        choices=("fp32", "bf16", "both"),
+        default="both",
+        help="both (default): fp32 and bf16 autocast interleaved in one run",
+    )
     parser.add_argument("--channels-last", action="store_true")
     parser.add_argument("--compile", action="store_true", help="torch.compile the model paths")
     parser.add_argument("--skip-released", action="store_true")
@@ -183,22 +196,46 @@ def main(argv: list[str] | None = None) -> dict[str, object]:
     torch.set_num_threads(cores or 1)
     torch.manual_seed(0)
     memory_format = torch.channels_last if args.channels_last else torch.contiguous_format
-    autocast = (
-        (lambda: torch.autocast(device.type, dtype=torch.bfloat16))
-        if args.precision == "bf16"
-        else contextlib.nullcontext
-    )
+    precisions = ("fp32", "bf16") if args.precision == "both" else (args.precision,)
 
-    def measure(step: Callable[[], object], batch_size: int) -> tuple[float, str]:
-        """(images/s, peak memory) of ``step`` processing ``batch_size`` images per call."""
-        if device.type == "cuda":
-            torch.cuda.reset_peak_memory_stats()
-        with PeakRSS() as rss:
-            seconds = _timed(step, args.iters, args.warmup, device)
-        memory = f"{rss.peak_mib:.0f} MiB RSS"
-        if device.type == "cuda":
-            memory = f"{torch.cuda.max_memory_allocated() / 2**20:.0f} MiB CUDA, " + memory
-        return batch_size / seconds, memory
+    def autocast(precision: str) -> contextlib.AbstractContextManager:
+        if precision == "bf16":
+            return torch.autocast(device.type, dtype=torch.bfloat16)
+        return contextlib.nullcontext()
+
+    def measure(step: Callable[[str], object], batch_size: int) -> dict[str, dict[str, float]]:
+        """Per precision: images/s, CPU s/image (medians over ``--iters`` calls) and peak memory
+        of ``step(precision)`` processing ``batch_size`` images per call; the precisions take
+        turns, in alternating order."""
+        for precision in precisions:
+            for _ in range(args.warmup):
+                step(precision)
+        walls: dict[str, list[float]] = {p: [] for p in precisions}
+        cpus: dict[str, list[float]] = {p: [] for p in precisions}
+        peaks = dict.fromkeys(precisions, 0.0)
+        cuda_peaks = dict.fromkeys(precisions, 0.0)
+        for i in range(args.iters):
+            for precision in precisions if i % 2 == 0 else precisions[::-1]:
+                if device.type == "cuda":
+                    torch.cuda.reset_peak_memory_stats()
+                with PeakRSS() as rss:
+                    cpu0 = time.process_time()
+                    walls[precision].append(_timed(partial(step, precision), 1, 0, device))
+                    cpus[precision].append(time.process_time() - cpu0)
+                peaks[precision] = max(peaks[precision], rss.peak_mib)
+                if device.type == "cuda":
+                    cuda_peaks[precision] = max(
+                        cuda_peaks[precision], torch.cuda.max_memory_allocated() / 2**20
+                    )
+        return {
+            p: {
+                "images_per_s": batch_size / statistics.median(walls[p]),
+                "cpu_s_per_image": statistics.median(cpus[p]) / batch_size,
+                "peak_rss_mib": peaks[p],
+                **({"peak_cuda_mib": cuda_peaks[p]} if device.type == "cuda" else {}),
+            }
+            for p in precisions
+        }
 
     model = HaloAE(load_vgg19("random")).to(device, memory_format=memory_format).eval()
     released = ReleasedStyleInference(model).to(device, memory_format=memory_format).eval()
@@ -209,7 +246,7 @@ def main(argv: list[str] | None = None) -> dict[str, object]:
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else _cpu_name(),
         "threads": torch.get_num_threads(),
         "torch": torch.__version__,
-        "precision": args.precision,
+        "precisions": list(precisions),
         "channels_last": args.channels_last,
         "compile": args.compile,
         "trainable_parameters": trainable,
@@ -251,86 +288,98 @@ def main(argv: list[str] | None = None) -> dict[str, object]:
     # Inference: B + C + scoring math.
     x = images(args.batch_size)
 
-    def infer() -> None:
-        with torch.inference_mode(), autocast():
+    def infer(precision: str) -> None:
+        with torch.inference_mode(), autocast(precision):
             score_batch(model, x, mean_map)
 
-    results["inference_images_per_s"], results["inference_peak_memory"] = measure(
-        infer, args.batch_size
-    )
+    results["inference"] = measure(infer, args.batch_size)
 
     # Released-style inference for comparison.
     if not args.skip_released:
         xr = images(args.released_batch_size)
 
-        def infer_released() -> None:
-            with torch.inference_mode(), autocast():
+        def infer_released(precision: str) -> None:
+            with torch.inference_mode(), autocast(precision):
                 released(xr)
 
-        results["released_images_per_s"], results["released_peak_memory"] = measure(
-            infer_released, args.released_batch_size
-        )
+        results["released"] = measure(infer_released, args.released_batch_size)
 
     # Training: Cut&Paste on the CPU, forward of 3B images, EWS loss, backward, Adam step.
     model.train()
     optimiser = torch.optim.Adam(model.trainable_parameters(), lr=1e-4, weight_decay=1e-5)
     originals = torch.rand(args.train_batch_size, 3, IMAGE_SIZE, IMAGE_SIZE, generator=generator)
 
-    def train_step() -> None:
+    def train_step(precision: str) -> None:
         batch, labels = make_cutpaste_batch(originals, generator)
         xt = normalise(batch).to(device).contiguous(memory_format=memory_format)
-        with autocast():
+        with autocast(precision):
             out = model(xt)
             loss, _ = haloae_loss(out, xt, labels.to(device), weights)
         optimiser.zero_grad(set_to_none=True)
         loss.backward()
         optimiser.step()
 
-    results["train_originals_per_s"], results["train_peak_memory"] = measure(
-        train_step, args.train_batch_size
-    )
-    results["train_images_per_s"] = 3 * results["train_originals_per_s"]
+    results["train"] = measure(train_step, args.train_batch_size)
 
     setup = (
         f"{results['device']}, {results['threads']} threads, torch {torch.__version__}, "
-        f"{args.precision}{', channels-last' if args.channels_last else ''}"
+        f"{' vs '.join(precisions)}{', channels-last' if args.channels_last else ''}"
         f"{', compiled' if args.compile else ''}, random weights, 256×256 inputs, "
-        f"{args.iters} timed iter(s) after {args.warmup} warm-up"
+        f"median of {args.iters} timed iter(s) after {args.warmup} warm-up"
     )
     rows += [
         ("trainable parameters", f"{trainable:,}"),
-        (
-            f"inference images/s (batch {args.batch_size}, B+C+scoring)",
-            f"{results['inference_images_per_s']:.2f}",
-        ),
         ("inference GFLOP/image", f"{results['gflops_inference_per_image']:.1f}"),
-        ("inference peak memory", str(results["inference_peak_memory"])),
     ]
+
+    def phase_rows(key: str, label: str, images_per_call: int = 1) -> None:
+        """Rows of one measured phase: rate, CPU time and memory per precision, then ratios."""
+        phase = results[key]
+        assert isinstance(phase, dict)
+        for p in precisions:
+            m = phase[p]
+            memory = f"{m['peak_rss_mib']:.0f} MiB RSS"
+            if "peak_cuda_mib" in m:
+                memory = f"{m['peak_cuda_mib']:.0f} MiB CUDA, " + memory
+            rows.append((f"{label} images/s, {p}", f"{images_per_call * m['images_per_s']:.2f}"))
+            rows.append(
+                (f"{label} CPU s/image, {p}", f"{m['cpu_s_per_image'] / images_per_call:.2f}")
+            )
+            rows.append((f"{label} peak memory, {p}", memory))
+        if len(precisions) == 2:
+            fp32, bf16 = phase["fp32"], phase["bf16"]
+            phase["bf16_speedup"] = bf16["images_per_s"] / fp32["images_per_s"]
+            phase["bf16_cpu_speedup"] = fp32["cpu_s_per_image"] / bf16["cpu_s_per_image"]
+            rows.append((f"{label}: bf16 / fp32 images/s", f"{phase['bf16_speedup']:.2f}×"))
+            rows.append(
+                (f"{label}: fp32 / bf16 CPU time per image", f"{phase['bf16_cpu_speedup']:.2f}×")
+            )
+
+    phase_rows("inference", f"inference (batch {args.batch_size}, B+C+scoring)")
     if not args.skip_released:
-        speedup = results["inference_images_per_s"] / results["released_images_per_s"]
-        results["speedup_vs_released"] = speedup
-        rows += [
-            (
-                f"released-style images/s (batch {args.released_batch_size}, VGG to conv5, "
-                "naive aggregation, runs D+E)",
-                f"{results['released_images_per_s']:.2f}",
-            ),
-            ("released-style GFLOP/image", f"{results['gflops_released_per_image']:.1f}"),
-            ("released-style peak memory", str(results["released_peak_memory"])),
-            ("inference speed-up vs released-style", f"{speedup:.2f}×"),
-        ]
-    rows += [
-        (
-            f"training originals/s (batch {args.train_batch_size} → "
-            f"{3 * args.train_batch_size} with Cut&Paste)",
-            f"{results['train_originals_per_s']:.2f} ({results['train_images_per_s']:.2f} images/s)",
-        ),
+        released_phase = results["released"]
+        inference_phase = results["inference"]
+        assert isinstance(released_phase, dict) and isinstance(inference_phase, dict)
+        phase_rows(
+            "released",
+            f"released-style (batch {args.released_batch_size}, VGG to conv5, naive "
+            "aggregation, runs D+E)",
+        )
+        rows.append(("released-style GFLOP/image", f"{results['gflops_released_per_image']:.1f}"))
+        for p in precisions:
+            speedup = inference_phase[p]["images_per_s"] / released_phase[p]["images_per_s"]
+            rows.append((f"inference speed-up vs released-style, {p}", f"{speedup:.2f}×"))
+    phase_rows(
+        "train",
+        f"training (batch {args.train_batch_size} → {3 * args.train_batch_size} with Cut&Paste)",
+        images_per_call=3,
+    )
+    rows.append(
         (
             "training GFLOP/original (fwd+bwd, 3 images)",
             f"{results['gflops_train_per_original']:.1f}",
-        ),
-        ("training peak memory", str(results["train_peak_memory"])),
-    ]
+        )
+    )
     print(f"HaloAE benchmark: {setup}\n")
     print("| metric | value |\n|---|---|")
     for name, value in rows:

@@ -72,6 +72,7 @@ TARGETS = {
     "slide_total_s": 60.0,
     "gpu_busy_pct": 90.0,
     "spearman": 0.999,
+    "anomalous_calls_differing": 0.005,
 }
 
 
@@ -374,12 +375,22 @@ def agreement(ckpt: Path, device: str, n_tiles: int, batch: int) -> dict:
     fp32, bf16 = scores["fp32"], scores["bf16"]
     threshold = float(np.quantile(fp32, 0.99))
     differ = float(np.mean((fp32 >= threshold) != (bf16 >= threshold)))
+    from wsi_anomaly.runtime import Runtime, cpu_has_native_bf16
+    from wsi_anomaly.stitch import colour_scale
+
+    # The "Anomalous" class of tiles.csv and tiles.geojson: the model's own threshold.
+    anomalous_at = colour_scale(scorer.calibration).threshold
     return {
         "section": "agreement",
         "tiles": n_tiles,
         "spearman": spearman(fp32, bf16),
         "threshold": threshold,
         "calls_differing": differ,
+        "anomalous_calls_differing": float(
+            np.mean((fp32 >= anomalous_at) != (bf16 >= anomalous_at))
+        ),
+        "auto_precision": Runtime.resolve(device, "auto").precision,
+        "cpu_native_bf16": cpu_has_native_bf16(),
         "max_rel_diff": float(np.max(np.abs(bf16 - fp32) / np.maximum(np.abs(fp32), 1e-12))),
     }
 
@@ -500,6 +511,18 @@ def table(result: dict) -> str:
         a["spearman"] >= TARGETS["spearman"],
     )
     add("bf16 vs fp32 calls differing", "score ≥ fp32 p99", a["calls_differing"])
+    add(
+        "bf16 vs fp32 Anomalous calls differing",
+        "score ≥ the model's threshold",
+        a["anomalous_calls_differing"],
+        f"≤ {TARGETS['anomalous_calls_differing']:g}",
+        a["anomalous_calls_differing"] <= TARGETS["anomalous_calls_differing"],
+    )
+    add(
+        "precision auto picks",
+        f"{result['device']}, CPU native bf16: {'yes' if a['cpu_native_bf16'] else 'no'}",
+        a["auto_precision"],
+    )
     choice = result["auto_batch"]
     add("batch size auto", f"{result['device']}, {choice['precision']}", choice["batch_size"])
     s = result["slide"]
@@ -555,6 +578,7 @@ def main(argv: list[str] | None = None) -> dict:
     installed = ensure_packages(args.wheels)
     import torch
 
+    from wsi_anomaly.runtime import Runtime
     from wsi_anomaly.score import Scorer
     from wsi_anomaly.tiles.tiler import available_cores
 
@@ -582,7 +606,8 @@ def main(argv: list[str] | None = None) -> dict:
         "targets": TARGETS,
     }
     ckpt = tiny_checkpoint(work / "tiny.pt", device)
-    slide_precision = "bf16" if device == "cuda" else "fp32"
+    # The slide runs at the default precision: bf16 on a GPU and on a CPU with native bf16.
+    slide_precision = Runtime.resolve(device, "auto").precision
     auto = Scorer(ckpt, device=device, precision=slide_precision, batch_size="auto")
     result["auto_batch"] = {"precision": slide_precision, **auto.batch_choice.to_dict()}
     auto = None

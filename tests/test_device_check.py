@@ -37,6 +37,8 @@ def test_smoke_prints_the_table_and_bf16_agrees(tmp_path):
     for measure in (
         "bf16 vs fp32 Spearman",
         "bf16 vs fp32 calls differing",
+        "bf16 vs fp32 Anomalous calls differing",
+        "precision auto picks",
         "slide file → pictures s",
         "GPU busy % while scoring",
         "peak host RSS MiB",
@@ -51,6 +53,10 @@ def test_smoke_prints_the_table_and_bf16_agrees(tmp_path):
     assert agreement["tiles"] >= 32
     assert agreement["spearman"] >= 0.999, agreement
     assert agreement["calls_differing"] <= 1 / 32, agreement
+    assert agreement["anomalous_calls_differing"] <= 0.005, agreement
+    from wsi_anomaly.runtime import cpu_has_native_bf16
+
+    assert agreement["auto_precision"] == ("bf16" if cpu_has_native_bf16() else "fp32")
     slide = result["slide"]
     # Tissue everywhere: 2048 px at 0.5 µm/px tiled at 1 µm/px is a 4 × 4 grid (tissue
     # detection may drop a few border tiles).

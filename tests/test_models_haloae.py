@@ -117,3 +117,64 @@ def test_blocks_c_d_e_can_start_from_the_released_codes_kaiming_initialisation()
     # The frozen backbone is left alone.
     for key, value in model.backbone.state_dict().items():
         assert torch.equal(value, before[key]), key
+
+
+def test_recomputed_blocks_give_the_plain_gradients(monkeypatch):
+    # Activation checkpointing must not change the maths: a bottleneck (attention recomputed
+    # in the backward pass) and block D (recomputed whole) give the gradients of plain calls.
+    import copy
+
+    from wsi_anomaly.models import haloae as haloae_module
+    from wsi_anomaly.models.haloae import Bottleneck, ImageReconstructor
+
+    torch.manual_seed(0)
+    calls = []
+
+    def counting_checkpoint(fn, *args, **kwargs):
+        calls.append(fn)
+        return torch.utils.checkpoint.checkpoint(fn, *args, **kwargs)
+
+    def gradients(block, x, recomputed: bool) -> list[torch.Tensor]:
+        block = copy.deepcopy(block).train()
+        x = x.clone().requires_grad_()
+        with monkeypatch.context() as patch:
+            if recomputed:
+                patch.setattr(haloae_module, "checkpoint", counting_checkpoint)
+            else:
+                patch.setattr(haloae_module, "recompute", lambda m, t: m(t))
+            out = block(x) if isinstance(block, Bottleneck) else haloae_module.recompute(block, x)
+            (out**2).mean().backward()
+        return [p.grad for p in block.parameters()] + [x.grad]
+
+    for block, x in (
+        (Bottleneck(29, 29, 59, 4, 3), torch.randn(2, 29, 24, 24)),
+        (ImageReconstructor(), torch.randn(1, 704, 8, 8)),
+    ):
+        for a, b in zip(gradients(block, x, True), gradients(block, x, False), strict=True):
+            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7)
+    assert len(calls) == 2  # both blocks really went through the checkpoint
+
+
+def test_a_few_bf16_steps_lower_the_loss():
+    # Training under bf16 autocast on the CPU (the default where the CPU has native bf16),
+    # with the recomputed blocks: Adam steps on one Cut&Paste batch lower its loss.
+    from wsi_anomaly.models import ews_weights, haloae_loss, make_cutpaste_batch, normalise
+
+    torch.manual_seed(0)
+    model = HaloAE(load_vgg19("random")).train()
+    optimiser = torch.optim.Adam(model.trainable_parameters(), lr=3e-4)
+    g = torch.Generator().manual_seed(0)
+    images, labels = make_cutpaste_batch(torch.rand(1, 3, 256, 256, generator=g), g)
+    x = normalise(images)
+    weights = ews_weights(125)
+    losses = []
+    for _ in range(4):
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            loss, _ = haloae_loss(model(x), x, labels, weights)
+        assert torch.isfinite(loss)
+        losses.append(float(loss.detach()))
+        optimiser.zero_grad(set_to_none=True)
+        loss.backward()
+        assert all(p.grad is not None for p in model.encoder.parameters())
+        optimiser.step()
+    assert losses[-1] < losses[0], losses

@@ -177,3 +177,18 @@ def test_training_step_uses_the_renormalised_weights(monkeypatch):
     assert terms == ("fm", "im") and weights[0] == 0.0 and sum(weights) == pytest.approx(1.0)
     record = family.epoch_record(ep, {"loss": 1.0}, 1)
     assert record["w_cls"] == 0.0 and record["w_fm"] + record["w_im"] == pytest.approx(1.0)
+
+
+def test_ssim_stays_float32_under_bf16_autocast():
+    # Close images: their variances are differences of nearly equal moments, which a bf16 blur
+    # rounds to zero or below; computed in fp32 the value is the same inside autocast or not.
+    g = torch.Generator().manual_seed(0)
+    a = 0.5 + 0.01 * torch.rand(2, 3, 32, 32, generator=g)
+    b = a + 1e-3 * torch.randn(2, 3, 32, 32, generator=g)
+    reference = ssim(a, b)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        inside = ssim(a.bfloat16(), b)
+    assert inside.dtype == torch.float32
+    assert torch.isfinite(inside)
+    assert float(inside) == pytest.approx(float(ssim(a.bfloat16().float(), b)), abs=1e-6)
+    assert 0.0 < float(reference) <= 1.0

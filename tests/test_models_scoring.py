@@ -78,3 +78,14 @@ def test_score_batch_composes_the_steps():
     assert result["pixel_map"].shape == (2, 64, 64)
     with pytest.raises(ValueError, match="eval"):
         score_batch(model.train(), x, mean_map=None)
+
+
+def test_map_arithmetic_stays_float32_under_bf16_autocast():
+    # Smoothing is a convolution: under autocast it would run in bf16 and round the scores.
+    maps = 1.0 + torch.rand(3, 64, 64, generator=torch.Generator().manual_seed(0)) * 1e-3
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        smoothed = smooth_map(maps)
+        pixels = upsample_map(maps, 256)
+    assert smoothed.dtype == pixels.dtype == torch.float32
+    assert torch.equal(smoothed, smooth_map(maps))
+    assert torch.equal(pixels, upsample_map(maps, 256))

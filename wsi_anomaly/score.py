@@ -170,7 +170,8 @@ class Scorer:
     Args:
         checkpoint: path of a finished checkpoint.
         device: ``auto`` | ``cpu`` | ``cuda[:N]``.
-        precision: ``auto`` (bf16 on CUDA, fp32 on CPU) | ``fp32`` | ``bf16``.
+        precision: ``auto`` (bf16 autocast on CUDA and on CPUs with native bf16, else fp32,
+            see :mod:`wsi_anomaly.runtime`) | ``fp32`` | ``bf16``.
         batch_size: tiles per forward pass, or ``auto`` (see the module's description).
         compile: ``off`` | ``default`` | ``max-autotune`` | ``reduce-overhead`` (CUDA graphs).
         backbone_weights: the backbone weights file, for a family whose checkpoints record the
@@ -560,6 +561,7 @@ def score_images(
     progress: bool = True,
     compile: str = "off",
     backbone_weights: str | None = None,
+    precision: str = "auto",
 ) -> dict[str, Any]:
     """Score image files; write a CSV of per-image scores and, optionally, anomaly-map PNGs."""
     from .stitch import colour_scale, save_map_png
@@ -567,6 +569,7 @@ def score_images(
     scorer = Scorer(
         model,
         device=device,
+        precision=precision,
         batch_size=batch_size,
         compile=compile,
         backbone_weights=backbone_weights,
@@ -610,4 +613,6 @@ def score_images(
         "skipped": dataset.skipped,
         "csv": str(out_csv),
         "maps": str(maps_path) if maps_path else None,
+        "device": str(scorer.device),
+        "precision": scorer.precision,
     }

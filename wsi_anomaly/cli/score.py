@@ -23,6 +23,7 @@ def add_parser(sub, parents: list[argparse.ArgumentParser]) -> None:
     opt.add_scoring_options(p, "images per model batch")
     opt.add_loader_workers_option(p, default=0)
     opt.add_device_option(p)
+    opt.add_precision_option(p)
     opt.add_overwrite_option(p)
 
 

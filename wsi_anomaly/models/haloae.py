@@ -27,6 +27,7 @@ from collections.abc import Iterator, Sequence
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from wsi_anomaly.models.features import FEATURE_CHANNELS, VGG19Features
 from wsi_anomaly.models.halo import HaloAttention
@@ -41,7 +42,19 @@ __all__ = [
     "HaloEncoder",
     "ImageReconstructor",
     "init_weights",
+    "recompute",
 ]
+
+
+def recompute(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """``module(x)``, keeping none of its intermediate tensors for the backward pass, which runs
+    it again instead (activation checkpointing), when a gradient will be taken through it;
+    a plain call otherwise. Only for modules without state that a second run would change
+    (no batch norm in training mode): the gradients are then exactly those of a plain call."""
+    if torch.is_grad_enabled() and module.training and x.requires_grad:
+        return checkpoint(module, x, use_reentrant=False)
+    return module(x)
+
 
 #: (in, width, out, heads, K) per bottleneck stage, as in the authors' released code (the paper's
 #: figure gives the HaloNet layout; these widths, heads and kernels are the code's).
@@ -123,7 +136,9 @@ class Bottleneck(nn.Module):
         )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = F.relu(self.attention(self.reduce(x)))
+        # The attention (no batch norm) is recomputed in the backward pass rather than storing
+        # its windows, padded keys and values: the largest saved tensors of the block.
+        y = F.relu(recompute(self.attention, self.reduce(x)))
         return F.relu(self.expand(y) + self.skip(x))
 
 
@@ -293,7 +308,10 @@ class HaloAE(nn.Module):
         Returns:
             ``fm`` and ``fm_hat`` ``B×704×64×64``, ``im_hat`` ``B×3×256×256``, ``logits`` ``B×2``.
         """
-        fm = self.features(x)
+        with torch.no_grad():  # the frozen backbone: no autograd state, whatever the caller
+            fm = self.features(x)
         fm_hat = self.reconstruct_features(fm)
-        im_hat = self.image_reconstructor(fm_hat)
+        # Block D has no batch norm: recomputed in the backward pass instead of keeping its
+        # reflection-padded inputs at 64², 128² and 256².
+        im_hat = recompute(self.image_reconstructor, fm_hat)
         return {"fm": fm, "fm_hat": fm_hat, "im_hat": im_hat, "logits": self.classifier(im_hat)}

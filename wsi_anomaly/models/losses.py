@@ -8,6 +8,7 @@ from collections.abc import Iterable, Mapping, Sequence
 
 import torch
 import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
 
 __all__ = [
     "EWS_EPOCHS",
@@ -45,9 +46,14 @@ def ssim(a: torch.Tensor, b: torch.Tensor, window: int = 11, sigma: float = 1.5)
     centred on every pixel with zero padding (the convention of the widely used ``pytorch-ssim``,
     which gives one value per pixel as the paper's eq. 2 sums), with ``C1 = 0.01²`` and
     ``C2 = 0.03²`` (dynamic range 1), then averaged over batch, channels and pixels. Computed in
-    float32 whatever the input dtype.
+    float32 whatever the input dtype, autocast or not: the variances are differences of nearly
+    equal moments, which bf16 blurs round to zero or below, and the ratio then runs off to ±inf.
     """
-    a, b = a.float(), b.float()
+    with torch.autocast(a.device.type, enabled=False):
+        return _ssim_fp32(a.float(), b.float(), window, sigma)
+
+
+def _ssim_fp32(a: torch.Tensor, b: torch.Tensor, window: int, sigma: float) -> torch.Tensor:
     channels = a.shape[1]
     g = _gaussian_window(window, sigma, a.dtype, a.device)
     # The 2-D Gaussian is separable: two 1-D depthwise passes cost 2·window instead of window².
@@ -137,6 +143,16 @@ def loss_weights(
 
 
 def _reconstruction_loss(target: torch.Tensor, prediction: torch.Tensor) -> torch.Tensor:
+    """MSE + (1 − SSIM). With a gradient to take, its float32 intermediates (SSIM's five
+    moments and their blurs, 704 channels deep for the features) are recomputed in the backward
+    pass instead of being kept (activation checkpointing; a pure function, so the gradient is
+    the same)."""
+    if torch.is_grad_enabled() and prediction.requires_grad:
+        return checkpoint(_mse_plus_ssim, target, prediction, use_reentrant=False)
+    return _mse_plus_ssim(target, prediction)
+
+
+def _mse_plus_ssim(target: torch.Tensor, prediction: torch.Tensor) -> torch.Tensor:
     return F.mse_loss(prediction.float(), target.float()) + (1.0 - ssim(target, prediction))
 
 

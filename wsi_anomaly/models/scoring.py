@@ -6,6 +6,7 @@ smoothing → tile score (mean; max also exposed) and, on demand, a bilinear pix
 
 from __future__ import annotations
 
+import contextlib
 from typing import TYPE_CHECKING, cast
 
 import torch
@@ -39,6 +40,13 @@ def anomaly_map(fm: torch.Tensor, fm_hat: torch.Tensor) -> torch.Tensor:
     return (fm.float() - fm_hat.float()).pow(2).mean(dim=1)
 
 
+def _fp32_maps(maps: torch.Tensor) -> contextlib.AbstractContextManager:
+    """Autocast off: the map arithmetic after the model stays in float32 under bf16 autocast
+    (its smoothing is a convolution, which autocast would otherwise run in bf16 and so round
+    every map value to 3 significant digits, enough to swap the ranks of close tiles)."""
+    return torch.autocast(maps.device.type, enabled=False)
+
+
 def normalise_map(maps: torch.Tensor, mean_map: torch.Tensor) -> torch.Tensor:
     """``|A − mean_map|``: deviation from the mean map of the *training* normals.
 
@@ -54,8 +62,9 @@ def smooth_map(maps: torch.Tensor) -> torch.Tensor:
     which is OpenCV's default ``BORDER_REFLECT_101``; a constant map therefore stays constant.
     """
     kernel = BINOMIAL_KERNEL.to(device=maps.device, dtype=maps.dtype).view(1, 1, 3, 3)
-    padded = F.pad(maps.unsqueeze(1), (1, 1, 1, 1), mode="reflect")
-    return F.conv2d(padded, kernel).squeeze(1)
+    with _fp32_maps(maps):
+        padded = F.pad(maps.unsqueeze(1), (1, 1, 1, 1), mode="reflect")
+        return F.conv2d(padded, kernel).squeeze(1)
 
 
 def tile_scores(maps: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -66,8 +75,9 @@ def tile_scores(maps: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 def upsample_map(maps: torch.Tensor, size: int | tuple[int, int]) -> torch.Tensor:
     """Bilinear up-sampling of ``B×h×w`` maps to ``B×H×W`` (``size`` = ``H`` or ``(H, W)``)."""
-    maps = F.interpolate(maps.unsqueeze(1), size=size, mode="bilinear", align_corners=False)
-    return maps.squeeze(1)
+    with _fp32_maps(maps):
+        maps = F.interpolate(maps.unsqueeze(1), size=size, mode="bilinear", align_corners=False)
+        return maps.squeeze(1)
 
 
 @torch.no_grad()
