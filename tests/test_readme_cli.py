@@ -106,7 +106,7 @@ def read_readme(path: Path = README) -> Readme:
         if heading:
             level = len(heading.group(1))
             if level <= 3:
-                command_of_section = re.findall(r"`wsi-anomaly ([a-z]+)", heading.group(2))
+                command_of_section = re.findall(r"`wsi-anomaly ([a-z][a-z-]*)", heading.group(2))
                 # a section about a script (`python benchmarks/x.py …`) documents its options
                 script = "`python " in heading.group(2)
                 readme.general.append("")

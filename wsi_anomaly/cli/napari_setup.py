@@ -16,7 +16,15 @@ viewer.open(folder) show the slide, heatmap and tiles directly. Other preference
 
 
 def add_parser(sub, parents: list[argparse.ArgumentParser]) -> None:
-    add_command(sub, parents, "napari-setup", HELP, DESCRIPTION, run)
+    add_command(
+        sub,
+        parents,
+        "napari-setup",
+        HELP,
+        DESCRIPTION,
+        run,
+        examples=["wsi-anomaly napari-setup                 # then: napari results/slide.svs/"],
+    )
 
 
 def run(args: argparse.Namespace) -> int:

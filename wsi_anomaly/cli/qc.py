@@ -19,7 +19,18 @@ recorded failed slides."""
 
 
 def add_parser(sub, parents: list[argparse.ArgumentParser]) -> None:
-    p = opt.add_command(sub, parents, "qc", HELP, DESCRIPTION, run)
+    p = opt.add_command(
+        sub,
+        parents,
+        "qc",
+        HELP,
+        DESCRIPTION,
+        run,
+        examples=[
+            "wsi-anomaly qc slides/*.svs --out qc/",
+            "wsi-anomaly qc cohort/ --recursive --out qc/ --qc-config my_qc.yaml --skip-errors",
+        ],
+    )
     p.add_argument(
         "slides",
         nargs="+",
