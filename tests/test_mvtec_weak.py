@@ -319,7 +319,7 @@ def test_workflow_runs_the_weak_protocol_with_paper_counts(capsys, atac_yaml, tm
     assert rows[0]["category"] == "bottle" and rows[0]["n labelled"] == "3"
     assert float(rows[0]["paper ATAC-Net"]) == ATACNET_TABLE1["bottle"][4]
     summary = (out / "summary.md").read_text()
-    assert "| bottle seed 0 | ok |" in summary and "1 epochs × 1 batches of 4" in summary
+    assert "| bottle seed 0 | ok |" in summary and "1 epoch × 1 batches of 4" in summary
     assert "per-category count" in summary
 
 

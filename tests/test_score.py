@@ -12,7 +12,8 @@ from wsi_anomaly.tiles.dataset import ZarrTileDataset
 
 
 def test_scorer_matches_calibration_definition(tiny_model, small_store):
-    scorer = Scorer(tiny_model, device="cpu", batch_size=4)
+    # fp32: the comparison is of memory layouts, not of precisions
+    scorer = Scorer(tiny_model, device="cpu", precision="fp32", batch_size=4)
     ds = ZarrTileDataset(small_store)
     images = torch.stack([ds[i] for i in range(3)])
     out = scorer.score(images)
@@ -67,7 +68,8 @@ def test_score_nothing_usable(tiny_model, tmp_path):
 
 def test_scorer_takes_uint8_tiles_as_stored(tiny_model, small_store):
     """``B×H×W×3`` uint8 (numpy or tensor) scores like the same tiles as float ``B×3×H×W``."""
-    scorer = Scorer(tiny_model, device="cpu", batch_size=4)
+    # fp32: the comparison is of memory layouts, not of precisions
+    scorer = Scorer(tiny_model, device="cpu", precision="fp32", batch_size=4)
     ds = ZarrTileDataset(small_store)
     floats = torch.stack([ds[i] for i in range(2)])
     stored = (floats.permute(0, 2, 3, 1) * 255).round().to(torch.uint8)

@@ -169,10 +169,12 @@ def _check_finite(value: Any, where: str, depth: int = 0) -> None:
             )
 
 
-def expected_state(family: Any, config: Any, backbone_identity: str) -> dict[str, torch.Tensor]:
+def expected_state(
+    family: Any, config: Any, backbone_identity: str
+) -> dict[str, torch.Tensor] | None:
     """The state dict (keys, shapes, dtypes; no data) of the model ``family`` restores for a
     checkpoint — built on the ``meta`` device, so nothing is allocated or initialised."""
-    return dict(family.expected_state(config, backbone_identity))
+    return family.expected_state(config, backbone_identity)
 
 
 def check_state_dict(

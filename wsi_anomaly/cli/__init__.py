@@ -130,7 +130,10 @@ def _missing_folders(args: argparse.Namespace) -> list[Path]:
         if not isinstance(value, str | os.PathLike) or not str(value):
             continue
         for path in (Path(value).absolute(), *Path(value).absolute().parents):
-            if path.exists() or os.path.lexists(path):
+            try:
+                if path.exists() or os.path.lexists(path):
+                    break
+            except OSError:  # a name the filesystem refuses (too long…): nothing was created
                 break
             if path not in missing:
                 missing.append(path)

@@ -268,12 +268,17 @@ class ModelFamily:
         """The tensors a checkpoint keeps of ``model`` (all of its state by default)."""
         return dict(model.state_dict())
 
-    def expected_state(self, config: Any, backbone_identity: str) -> dict[str, torch.Tensor]:
+    def expected_state(self, config: Any, backbone_identity: str) -> dict[str, torch.Tensor] | None:
         """What :meth:`checkpoint_state` holds for ``config``: keys, shapes and dtypes as tensors
         on the ``meta`` device (nothing allocated), checked against a checkpoint before any model
-        is built. A 0 in a shape stands for any length."""
-        with torch.device("meta"):
-            model = self.make_model(config, self.backbone.unweighted(backbone_identity))
+        is built. A 0 in a shape stands for any length. None for a family that builds its models
+        only in :meth:`build` and :meth:`restore` (no :meth:`make_model`): its :meth:`restore`
+        is then what refuses weights that do not fit."""
+        try:
+            with torch.device("meta"):
+                model = self.make_model(config, self.backbone.unweighted(backbone_identity))
+        except NotImplementedError:
+            return None
         return dict(self.checkpoint_state(model))
 
     def map_size(self, config: Any) -> int:
