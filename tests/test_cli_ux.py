@@ -272,3 +272,34 @@ def test_interrupted_tile_says_nothing_was_kept(capsys, tmp_path, monkeypatch, s
     assert err.strip() == (
         "wsi-anomaly tile: interrupted; partial outputs were not kept; a re-run starts over"
     )
+
+
+# -- a preset belongs to its family -----------------------------------------------------------------
+def test_a_preset_picks_its_family_and_another_family_is_refused(tmp_path, capsys):
+    import argparse
+
+    from wsi_anomaly.cli import main
+    from wsi_anomaly.cli.options import family_of_run
+
+    def family(config, given):
+        return family_of_run(argparse.Namespace(config=config, family=given))
+
+    assert family("atacnet_fast", None) == "atacnet"
+    assert family("patchcore_fast", None) == "patchcore"
+    assert family(None, None) == "haloae"
+    assert family("haloae_fast", "haloae") == "haloae"
+    plain = tmp_path / "plain.yaml"  # a config that names no family keeps --family's choice
+    plain.write_text("train:\n  epochs: 1\n")
+    assert family(str(plain), "atacnet") == "atacnet"
+
+    tiles = tmp_path / "tiles"
+    tiles.mkdir()
+    out = tmp_path / "m.pt"
+    code = main(
+        ["train", "--tiles", str(tiles), "--out", str(out), "--config", "atacnet_fast",
+         "--family", "haloae"]
+    )  # fmt: skip
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and len(err.splitlines()) == 1
+    assert "atacnet" in err and "haloae_fast" in err and "leave out --family" in err
+    assert not out.exists()

@@ -215,7 +215,8 @@ def test_weak_rerun_skips_done_seeds(capsys, weak_run, data_root, atac_yaml):
             ],
             ["only 2", "'spot'"],
         ),
-        (["--anomalies", "2"], ["--anomalies", "--family atacnet"]),
+        # a HaloAE preset (the later --config wins): --anomalies needs a weakly supervised family
+        (["--config", "haloae_fast", "--anomalies", "2"], ["--anomalies", "--family atacnet"]),
         (
             [
                 "--family",

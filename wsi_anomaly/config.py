@@ -248,6 +248,16 @@ def resolve_preset(name_or_path: str) -> Path:
     )
 
 
+def config_family(name_or_path: str) -> str | None:
+    """The model family a preset or YAML config names (``model.name``), None where it names
+    none."""
+    path = resolve_preset(name_or_path)
+    data = read_yaml(path) or {}
+    model = data.get("model") if isinstance(data, dict) else None
+    name = model.get("name") if isinstance(model, dict) else None
+    return name if isinstance(name, str) and name else None
+
+
 def read_yaml(path: Path) -> Any:
     """Parse a UTF-8 YAML file with the safe loader, bounded in size, aliases and nesting
     (:func:`wsi_anomaly.untrusted.load_yaml`); errors name the file and line."""

@@ -116,6 +116,7 @@ def run(args: argparse.Namespace) -> int:
     from ..mvtec.benchmark import BenchmarkSettings, run_benchmark
 
     opt.check_output_folder(args.out)
+    args.family = opt.family_of_run(args)
     weak, preset, schedule = _family_defaults(args.family)
     if not weak:
         for flag, value in (

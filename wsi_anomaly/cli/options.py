@@ -12,6 +12,7 @@ One flag means one thing in every command that has it:
 from __future__ import annotations
 
 import argparse
+import logging
 import math
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -20,6 +21,8 @@ from typing import Any
 from ..errors import InvalidInputError
 
 #: Model families that ``train`` and ``mvtec`` accept with ``--family``.
+
+log = logging.getLogger("wsi_anomaly")
 
 
 # -- argparse types ----------------------------------------------------------------------------
@@ -399,9 +402,36 @@ def add_seed_option(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=seed, help="seed for everything (default from the config: 0)")
 
 
+#: The family trained when neither ``--family`` nor a ``--config`` preset names one.
+DEFAULT_FAMILY = "haloae"
+
+
 def add_family_option(p: argparse.ArgumentParser, help: str) -> None:
-    p.add_argument("--family", default="haloae", metavar="FAMILY", help=help)
+    p.add_argument("--family", metavar="FAMILY", help=help)
     add_moved_model(p)
+
+
+def family_of_run(args: argparse.Namespace) -> str:
+    """The family a run trains. A preset belongs to the family it names (``model.name``): with
+    ``--config`` alone that family is trained (a preset says which model its settings are for);
+    ``--family`` with a preset of another family is refused, since one family's schedule would
+    silently run with the other's model."""
+    from ..config import config_family
+
+    named = config_family(args.config) if getattr(args, "config", None) else None
+    if args.family is None:
+        family = named or DEFAULT_FAMILY
+        if named is not None:
+            log.info("family %s, as the config %s names it", named, args.config)
+        return family
+    if named is not None and named != args.family:
+        own = model_family(args.family)
+        raise InvalidInputError(
+            f"--config {args.config} is a preset of the {named} family, not of {args.family}: "
+            f"leave out --family to train {named}, or pass a {args.family} config such as "
+            f"{own.fast_preset or own.default_preset}"
+        )
+    return args.family
 
 
 def model_family(name: str):

@@ -11,7 +11,7 @@ from . import options as opt
 
 log = logging.getLogger("wsi_anomaly")
 
-HELP = "train HaloAE (or ATAC-Net) on tiles"
+HELP = "train a model (HaloAE, ATAC-Net or PatchCore) on tiles"
 DESCRIPTION = """Train a model on tiles of normal (reference) tissue: tile stores written by
 `tile`, or folders of images (png/jpg/tif, searched recursively). Writes one checkpoint with the
 model, its training-score calibration and the resolved config."""
@@ -35,8 +35,9 @@ def add_parser(sub, parents: list[argparse.ArgumentParser]) -> None:
     p.add_argument("--out", required=True, help="checkpoint to write, e.g. model.pt")
     opt.add_family_option(
         p,
-        help="model family: haloae (normal tiles only, default) or atacnet "
-        "(normal tiles plus a few labelled anomalies: --anomalies)",
+        help="model family: haloae (normal tiles only), atacnet (normal tiles plus a few "
+        "labelled anomalies: --anomalies) or patchcore (a memory bank of normal patches); "
+        "default: the family the --config preset names, else haloae",
     )
     p.add_argument(
         "--anomalies",
@@ -81,6 +82,7 @@ def run(args: argparse.Namespace) -> int:
     from ..training import train_model
 
     opt.check_output_file(args.out)
+    args.family = opt.family_of_run(args)
     preset, schedule = _family_defaults(args.family)
     config = load_config(args.config or preset, opt.config_overrides(args, schedule))
     dataset, tile_mpp = open_training_tiles(args.tiles, config.tile_px, args.mpp)
