@@ -26,18 +26,7 @@ def add_parser(sub, parents: list[argparse.ArgumentParser]) -> None:
     p = opt.add_command(
         sub, parents, "heatmap", HELP, DESCRIPTION, run, EXAMPLES, interrupted=interrupted
     )
-    p.add_argument(
-        "slides",
-        nargs="+",
-        help="slide files, folders of slides, or glob patterns ('**' matches any depth; "
-        "quote them)",
-    )
-    p.add_argument(
-        "--recursive",
-        action="store_true",
-        help="also search the folders' sub-folders for slides (hidden folders, OUT and "
-        "*.partial / *.zarr folders are skipped)",
-    )
+    opt.add_slides_arguments(p)
     opt.add_model_option(p)
     opt.add_out_folder_option(p, "results")
     p.add_argument(

@@ -406,6 +406,23 @@ def add_seed_option(p: argparse.ArgumentParser) -> None:
 DEFAULT_FAMILY = "haloae"
 
 
+def add_slides_arguments(p: argparse.ArgumentParser) -> None:
+    """The slides of a cohort command (``heatmap``, ``qc``): files, folders or glob patterns,
+    and ``--recursive`` (both found by :func:`wsi_anomaly.pipeline.find_slides`)."""
+    p.add_argument(
+        "slides",
+        nargs="+",
+        help="slide files, folders of slides, or glob patterns ('**' matches any depth; "
+        "quote them)",
+    )
+    p.add_argument(
+        "--recursive",
+        action="store_true",
+        help="also search the folders' sub-folders for slides (hidden folders, OUT and "
+        "*.partial / *.zarr folders are skipped)",
+    )
+
+
 def add_family_option(p: argparse.ArgumentParser, help: str) -> None:
     p.add_argument("--family", metavar="FAMILY", help=help)
     add_moved_model(p)

@@ -31,21 +31,11 @@ def add_parser(sub, parents: list[argparse.ArgumentParser]) -> None:
             "wsi-anomaly qc cohort/ --recursive --out qc/ --qc-config my_qc.yaml --skip-errors",
         ],
     )
-    p.add_argument(
-        "slides",
-        nargs="+",
-        help="slide files, folders of slides, or glob patterns ('**' matches any depth; "
-        "quote them)",
-    )
-    p.add_argument(
-        "--recursive",
-        action="store_true",
-        help="also search the folders' sub-folders for slides",
-    )
+    opt.add_slides_arguments(p)
     opt.add_out_folder_option(p, "qc")
     p.add_argument(
         "--mpp",
-        type=opt.positive_float,
+        type=opt.mpp,
         default=0.5,
         help="tile resolution, µm/px (default 0.5 ≈ 20x)",
     )
