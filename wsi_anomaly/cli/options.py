@@ -445,7 +445,7 @@ def family_of_run(args: argparse.Namespace) -> str:
         own = model_family(args.family)
         raise InvalidInputError(
             f"--config {args.config} is a preset of the {named} family, not of {args.family}: "
-            f"leave out --family to train {named}, or pass a {args.family} config such as "
+            f"leave out --family to train {named}, or pass a config of {args.family}, such as "
             f"{own.fast_preset or own.default_preset}"
         )
     return args.family
