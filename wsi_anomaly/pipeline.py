@@ -126,6 +126,7 @@ class HeatmapSettings:
     device: str = "auto"
     precision: str = "auto"
     compile: str = "off"  # off | default | max-autotune | reduce-overhead (torch.compile)
+    engine: str = "torch"  # torch | onnx (ONNX Runtime on the exported graph)
     read_workers: int = 0
     keep_maps: bool = False
     top_k: int = 16
@@ -279,7 +280,7 @@ def _recorded_slide_path(folder: Path) -> str | None:
         return None
 
 
-_SCORERS: dict[tuple[str, str, str, int | str, str], Scorer] = {}
+_SCORERS: dict[tuple[str, str, str, int | str, str, str], Scorer] = {}
 _SCORERS_LOCK = threading.Lock()
 
 
@@ -292,6 +293,7 @@ def _scorer(model: str | Path, settings: HeatmapSettings) -> Scorer:
         settings.precision,
         settings.batch_size,
         settings.compile,
+        settings.engine,
     )
     with _SCORERS_LOCK:
         if key not in _SCORERS:
@@ -301,6 +303,7 @@ def _scorer(model: str | Path, settings: HeatmapSettings) -> Scorer:
                 precision=settings.precision,
                 batch_size=settings.batch_size,
                 compile=settings.compile,
+                engine=settings.engine,
             )
         return _SCORERS[key]
 
@@ -807,6 +810,7 @@ def _summarise(
         "compile": run.scorer.compile_mode,
         "device": str(run.scorer.device),
         "precision": run.scorer.precision,
+        "runtime": run.scorer.engine,
         "model": run.scorer.identity,
         "outputs": {
             key: str(run.plan.final / Path(path).relative_to(run.plan.work))

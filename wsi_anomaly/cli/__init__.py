@@ -17,14 +17,14 @@ from collections.abc import Sequence
 from .. import __version__
 from ..errors import WsiAnomalyError
 from ..viewer import command as view
-from . import demo, heatmap, info, mvtec, score, synth, tile, train
+from . import demo, export, heatmap, info, mvtec, score, synth, tile, train
 from .mvtec import anomaly_count
 from .options import add_verbosity_options, common_parent
 
 __all__ = ["anomaly_count", "build_parser", "main"]
 
 #: Subcommands in the order ``--help`` lists them.
-COMMANDS = (info, tile, train, score, mvtec, synth, heatmap, demo, view)
+COMMANDS = (info, tile, train, score, export, mvtec, synth, heatmap, demo, view)
 
 
 class _Parser(argparse.ArgumentParser):

@@ -188,6 +188,17 @@ def add_precision_option(p: argparse.ArgumentParser) -> None:
     )
 
 
+def add_runtime_option(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--runtime",
+        choices=("torch", "onnx"),
+        default="torch",
+        help="torch (default), or onnx: ONNX Runtime on the CPU with the graph `wsi-anomaly "
+        "export MODEL` wrote beside the checkpoint (MODEL with the .onnx suffix; needs "
+        "pip install -e '.[onnx]')",
+    )
+
+
 def add_batch_size_option(p: argparse.ArgumentParser, default: int | None, what: str) -> None:
     shown = f" (default {default})" if default is not None else ""
     p.add_argument(
@@ -267,6 +278,7 @@ def scoring_settings(args: argparse.Namespace) -> dict[str, Any]:
         "precision": getattr(args, "precision", "auto"),
         "batch_size": args.batch_size,
         "compile": args.compile,
+        "engine": getattr(args, "runtime", "torch"),
     }
 
 

@@ -45,6 +45,7 @@ class HaloAEFamily(ModelFamily):
     score_names = ("mean", "max")
     has_maps = True
     backbone = VGG19
+    exportable = True
 
     def validate(self, config: Any) -> None:
         t, m = config.train, config.model
