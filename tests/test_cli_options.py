@@ -151,6 +151,7 @@ def test_quiet_silences_info(capsys, caplog, restore_loggers, small_slide):
         (["heatmap", "s.svs", "--model", "m.pt", "--compile", "fast"], ["--compile", "'fast'"]),
         (["score", "--model", "m.pt", "x", "--compile", "yes"], ["--compile", "reduce-overhead"]),
         (["score", "--model", "m.pt", "x", "--precision", "fp16"], ["--precision", "'fp16'"]),
+        (["heatmap", "s.svs", "--model", "m.pt", "--runtime", "tvm"], ["--runtime", "'tvm'"]),
         (
             ["score", "--model", "m.pt", "x", "--batch-size", "biggest"],
             ["--batch-size", "'biggest'"],
@@ -320,8 +321,10 @@ def test_batch_size_auto_and_compile_modes_parse():
         )
         assert args.batch_size == 64 and args.compile == "reduce-overhead"
         assert scoring_settings(args)["precision"] == "auto"
-        args = build_parser().parse_args([*command, "--precision", "bf16"])
+        assert scoring_settings(args)["engine"] == "torch"
+        args = build_parser().parse_args([*command, "--precision", "bf16", "--runtime", "onnx"])
         assert scoring_settings(args)["precision"] == "bf16"
+        assert scoring_settings(args)["engine"] == "onnx"
 
 
 def test_bad_mpp_csv_header_is_one_error_line(capsys, tmp_path):

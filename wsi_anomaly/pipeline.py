@@ -150,6 +150,7 @@ class HeatmapSettings:
     precision: str = "auto"
     compile: str = "off"  # off | default | max-autotune | reduce-overhead (torch.compile)
     backbone_weights: str | None = None  # for models whose checkpoint records the backbone's hash
+    engine: str = "torch"  # torch | onnx (ONNX Runtime on the exported graph)
     read_workers: int = 0
     keep_maps: bool = False
     top_k: int = 16
@@ -326,7 +327,7 @@ def _recorded_slide_path(folder: Path) -> str | None:
         return None
 
 
-_SCORERS: dict[tuple[str, str, str, int | str, str, str | None], Scorer] = {}
+_SCORERS: dict[tuple[str, str, str, int | str, str, str | None, str], Scorer] = {}
 _SCORERS_LOCK = threading.Lock()
 
 
@@ -340,6 +341,7 @@ def _scorer(model: str | Path, settings: HeatmapSettings) -> Scorer:
         settings.batch_size,
         settings.compile,
         settings.backbone_weights,
+        settings.engine,
     )
     with _SCORERS_LOCK:
         if key not in _SCORERS:
@@ -350,6 +352,7 @@ def _scorer(model: str | Path, settings: HeatmapSettings) -> Scorer:
                 batch_size=settings.batch_size,
                 compile=settings.compile,
                 backbone_weights=settings.backbone_weights,
+                engine=settings.engine,
             )
         return _SCORERS[key]
 
@@ -997,6 +1000,7 @@ def _summarise(
         "compile": run.scorer.compile_mode,
         "device": str(run.scorer.device),
         "precision": run.scorer.precision,
+        "runtime": run.scorer.engine,
         "model": run.scorer.identity,
         "outputs": {
             key: str(run.plan.final / Path(path).relative_to(run.plan.work))

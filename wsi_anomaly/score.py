@@ -62,6 +62,8 @@ AUTO_BATCH_CANDIDATES = (512, 256, 128, 64, 32, 16, 8, 4, 2, 1)
 MEMORY_GUARD = 0.85
 #: ``compile`` values: ``off`` runs eagerly; the others are ``torch.compile`` modes.
 COMPILE_MODES = ("off", "default", "max-autotune", "reduce-overhead")
+#: ``engine`` values (``--runtime``): PyTorch, or ONNX Runtime on a graph ``export`` wrote.
+ENGINES = ("torch", "onnx")
 
 
 def check_batch_size(value: int | str) -> int | str:
@@ -178,6 +180,9 @@ class Scorer:
             backbone's identity (name, sha256) instead of holding it; refused when its hash
             differs.
         compiler: ``compiler(fn, mode)`` compiles the prediction function (``torch.compile``).
+        engine: ``torch``, or ``onnx``: ONNX Runtime on the CPU runs the fp32 graph that
+            ``wsi-anomaly export`` wrote for this checkpoint (``onnx_model``, by default the
+            checkpoint's path with the ``.onnx`` suffix).
     """
 
     def __init__(
@@ -189,14 +194,26 @@ class Scorer:
         compile: str = "off",
         compiler: Callable[[Callable, str], Callable] = _torch_compile,
         backbone_weights: str | None = None,
+        engine: str = "torch",
+        onnx_model: str | Path | None = None,
     ):
+        if engine not in ENGINES:
+            raise InvalidInputError(f"--runtime must be torch or onnx, got {engine!r}")
+        if engine == "onnx" and (device.startswith("cuda") or precision == "bf16"):
+            raise InvalidInputError(
+                "--runtime onnx scores the exported fp32 graph on the CPU: use --device cpu "
+                "and --precision fp32 or auto with it"
+            )
+        self.engine = engine
         batch_setting = check_batch_size(batch_size)
         self.compile_mode = check_compile_mode(compile)
         self.path = Path(checkpoint)
         ckpt = load_checkpoint(self.path)
         self.checkpoint = ckpt
         self.config = config_from_dict(ckpt["config"])
-        self.runtime = Runtime.resolve(device, precision)
+        self.runtime = Runtime.resolve(
+            "cpu" if engine == "onnx" else device, "fp32" if engine == "onnx" else precision
+        )
         self.device = self.runtime.device
         self.precision = self.runtime.precision
         self.model_name: str = ckpt["model_name"]
@@ -237,6 +254,7 @@ class Scorer:
         self.tile_mpp: float | None = ckpt.get("tile_mpp")
         self.model_hash = file_hash(self.path)
         self.tile_px = self.config.tile_px
+        self._onnx = self._onnx_session(onnx_model) if engine == "onnx" else None
         # One forward pass at a time (slides in flight share the scorer); on CUDA all of them
         # run on one compute stream, so their memory peaks do not add up.
         self._lock = threading.Lock()
@@ -249,6 +267,22 @@ class Scorer:
             assert isinstance(batch_setting, int)
             self.batch_choice = BatchChoice(batch_setting, batch_setting)
         self.batch_size: int = self.batch_choice.batch_size
+
+    def _onnx_session(self, onnx_model: str | Path | None) -> Any:
+        """ONNX Runtime's session on this checkpoint's exported graph (checked by its sha256)."""
+        from .export import onnx_session
+
+        path = Path(onnx_model) if onnx_model else self.path.with_suffix(".onnx")
+        hint = f"write it with: wsi-anomaly export {self.path} --out {path}"
+        if not path.is_file():
+            raise InputNotFoundError(f"--runtime onnx: no exported model at {path}; {hint}")
+        session = onnx_session(path)
+        recorded = session.get_modelmeta().custom_metadata_map.get("model_sha256")
+        if recorded != self.model_hash:
+            raise InvalidInputError(
+                f"--runtime onnx: {path} was exported from another checkpoint; {hint} --overwrite"
+            )
+        return session
 
     @property
     def identity(self) -> dict[str, Any]:
@@ -326,6 +360,8 @@ class Scorer:
         """``(score, max, maps)`` of a batch already on the device (as :meth:`_host_input`
         gives it). A compiled model sees full batches only: a short batch is padded with
         zeros to the batch size, and the padding's results are dropped."""
+        if self._onnx is not None:  # the exported fp32 graph; --compile does not apply
+            return self._predict_onnx(x, keep_maps)
         n = len(x)
         compiled = compiled and self.compile_mode != "off"
         if compiled and n < self.batch_size:
@@ -347,6 +383,19 @@ class Scorer:
             maps = maps[:n].clone() if maps is not None else None
         return score, peak, maps
 
+    def _predict_onnx(
+        self, x: torch.Tensor, keep_maps: bool
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        from .export import INPUT_NAME
+
+        if self.family.transforms_on_device:
+            x = self.family.transform(x, self.config)
+        assert self._onnx is not None
+        arrays = self._onnx.run(None, {INPUT_NAME: x.float().numpy()})
+        tile_score, tile_max, tile_map = (torch.from_numpy(a) for a in arrays)
+        return tile_score, tile_max, (tile_map if keep_maps else None)
+
+    @torch.no_grad()
     def score(self, images: torch.Tensor | np.ndarray, keep_maps: bool = True) -> ScoreBatch:
         """Score a batch: ``B×H×W×3`` uint8 tiles (numpy or tensor, as the tile store gives
         them) or ``B×3×H×W`` float images in [0, 1] (any device).
@@ -563,6 +612,7 @@ def score_images(
     compile: str = "off",
     backbone_weights: str | None = None,
     precision: str = "auto",
+    engine: str = "torch",
 ) -> dict[str, Any]:
     """Score image files; write a CSV of per-image scores and, optionally, anomaly-map PNGs."""
     from .stitch import colour_scale, save_map_png
@@ -574,6 +624,7 @@ def score_images(
         batch_size=batch_size,
         compile=compile,
         backbone_weights=backbone_weights,
+        engine=engine,
     )
     files = collect_image_paths(paths)
     dataset = ImageFolderDataset(files, scorer.tile_px)
@@ -616,4 +667,5 @@ def score_images(
         "maps": str(maps_path) if maps_path else None,
         "device": str(scorer.device),
         "precision": scorer.precision,
+        "runtime": scorer.engine,
     }

@@ -38,6 +38,7 @@ def add_parser(sub, parents: list[argparse.ArgumentParser]) -> None:
     opt.add_scoring_options(p, "tiles per model batch")
     opt.add_device_option(p)
     opt.add_precision_option(p)
+    opt.add_runtime_option(p)
     p.add_argument(
         "--keep-maps",
         action="store_true",

@@ -270,6 +270,17 @@ def add_precision_option(p: argparse.ArgumentParser) -> None:
     )
 
 
+def add_runtime_option(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--runtime",
+        choices=("torch", "onnx"),
+        default="torch",
+        help="torch (default), or onnx: ONNX Runtime on the CPU with the graph `wsi-anomaly "
+        "export MODEL` wrote beside the checkpoint (MODEL with the .onnx suffix; needs "
+        "pip install -e '.[onnx]')",
+    )
+
+
 def add_batch_size_option(p: argparse.ArgumentParser, default: int | None, what: str) -> None:
     shown = f" (default {default})" if default is not None else ""
     p.add_argument(
@@ -357,6 +368,7 @@ def scoring_settings(args: argparse.Namespace) -> dict[str, Any]:
         "batch_size": args.batch_size,
         "compile": args.compile,
         "backbone_weights": args.backbone_weights,
+        "engine": getattr(args, "runtime", "torch"),
     }
 
 

@@ -24,6 +24,7 @@ def add_parser(sub, parents: list[argparse.ArgumentParser]) -> None:
     opt.add_loader_workers_option(p, default=0)
     opt.add_device_option(p)
     opt.add_precision_option(p)
+    opt.add_runtime_option(p)
     opt.add_overwrite_option(p)
 
 

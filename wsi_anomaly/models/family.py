@@ -132,6 +132,8 @@ class ModelFamily:
     #: :meth:`loader` samples with and the one of :meth:`augmenter`.
     sampler_stream: int = 0
     augment_stream: int = 1
+    #: Whether :meth:`scoring_module` traces to ONNX (opset 18) with every op it uses.
+    exportable: bool = False
 
     # -- configuration -------------------------------------------------------------------------
     def validate(self, config: Any) -> None:
@@ -195,6 +197,12 @@ class ModelFamily:
     ) -> Prediction:
         """``Prediction(score, max, map)`` of a batch of model inputs."""
         raise NotImplementedError
+
+    def scoring_module(self, model: nn.Module, calibration: Calibration) -> nn.Module:
+        """The scoring path as one module with the calibration baked in, for export: model
+        inputs (what :meth:`transform` gives) ``B×3×H×W`` → ``(score, max, map)``, ``B``,
+        ``B`` and ``B×64×64``. Meaningful where :attr:`exportable` is set."""
+        return ScoringModule(self, model, self.calibration_to(calibration, torch.device("cpu")))
 
     # -- training -------------------------------------------------------------------------------
     def training_data(self, normals: Dataset, anomalies: Dataset | None, config: Any) -> Dataset:
@@ -289,3 +297,20 @@ class ModelFamily:
     def checkpoint_extras(self, data: Dataset, normals: Dataset) -> dict[str, Any]:
         """Plain values the family records in its checkpoints besides the common fields."""
         return {}
+
+
+class ScoringModule(nn.Module):
+    """``family.predict`` of ``model`` with a fixed calibration, as a module of one input."""
+
+    def __init__(
+        self, family: ModelFamily, model: nn.Module, calibration: Mapping[str, Any]
+    ) -> None:
+        super().__init__()
+        self.family = family
+        self.model = model
+        self.calibration = dict(calibration)
+
+    def forward(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        score, peak, maps = self.family.predict(self.model, x, self.calibration, keep_maps=True)
+        assert maps is not None
+        return score, peak, maps

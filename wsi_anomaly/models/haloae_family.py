@@ -50,6 +50,7 @@ class HaloAEFamily(ModelFamily):
     backbone = VGG19
     inputs_per_image = 3
     throughput_note = "training images per second (each also yields two Cut&Paste copies)"
+    exportable = True
 
     def validate(self, config: Any) -> None:
         t, m = config.train, config.model
