@@ -5,7 +5,8 @@ Builds HaloAE with random weights and a random calibration mean map, exports its
 against PyTorch's, then times the three engines on the same batch, interleaved (each round runs
 all three, in alternating order) so that other work on a shared machine slows them alike.
 Reports the median tiles/s, the median CPU seconds per tile (this process's CPU time) and the
-ratios to PyTorch fp32. ``--int8`` adds ONNX Runtime's dynamic int8 quantisation of the same
+ratios to PyTorch fp32, and the process's peak RSS while each engine ran (the model, the
+sessions and the inputs are all resident, so compare the rows' differences). ``--int8`` adds ONNX Runtime's dynamic int8 quantisation of the same
 graph, with its largest relative score difference.
 
 Example::
@@ -21,6 +22,7 @@ import json
 import os
 import statistics
 import tempfile
+import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -36,6 +38,7 @@ from wsi_anomaly.export import (
     onnx_session,
 )
 from wsi_anomaly.models import HaloAE, load_vgg19
+from wsi_anomaly.models.calibration import Calibration
 from wsi_anomaly.models.registry import get_family
 
 
@@ -51,7 +54,10 @@ def main(argv: list[str] | None = None) -> dict[str, object]:
     torch.manual_seed(0)
     family = get_family("haloae")
     model = HaloAE(load_vgg19("random")).eval()
-    module = family.scoring_module(model, {"mean_map": torch.rand(64, 64)}).eval()
+    calibration = Calibration.from_scores(
+        torch.rand(16), torch.rand(16), {"mean_map": torch.rand(64, 64)}
+    )
+    module = family.scoring_module(model, calibration).eval()
     x = torch.randn(args.batch_size, 3, 256, 256)
     t0 = time.perf_counter()
     with torch.no_grad():
@@ -99,15 +105,32 @@ def main(argv: list[str] | None = None) -> dict[str, object]:
         engines[name] = lambda s=session: s.run(None, feed)[0]
     reference = engines["torch fp32"]()
     rel = {name: max_relative_difference(reference, run()) for name, run in engines.items()}
+    peak_rss = {n: 0.0 for n in engines}
+
+    def rss_mib() -> float:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+
+    running = [""]
+
+    def sample() -> None:  # the process's RSS while each engine runs, every 5 ms
+        while True:
+            if running[0]:
+                peak_rss[running[0]] = max(peak_rss[running[0]], rss_mib())
+            time.sleep(0.005)
+
+    threading.Thread(target=sample, daemon=True).start()
     walls: dict[str, list[float]] = {n: [] for n in engines}
     cpus: dict[str, list[float]] = {n: [] for n in engines}
     names = list(engines)
     for i in range(args.rounds):
         for name in names if i % 2 == 0 else names[::-1]:
+            running[0] = name
             w0, c0 = time.perf_counter(), time.process_time()
             engines[name]()
             walls[name].append(time.perf_counter() - w0)
             cpus[name].append(time.process_time() - c0)
+            running[0] = ""
     b = args.batch_size
     base_wall = statistics.median(walls["torch fp32"])
     base_cpu = statistics.median(cpus["torch fp32"])
@@ -124,6 +147,7 @@ def main(argv: list[str] | None = None) -> dict[str, object]:
                 "speedup": base_wall / statistics.median(walls[n]),
                 "cpu_speedup": base_cpu / statistics.median(cpus[n]),
                 "max_rel_diff_vs_torch_fp32": rel[n],
+                "peak_rss_mib": peak_rss[n],
             }
             for n in engines
         },
@@ -132,14 +156,18 @@ def main(argv: list[str] | None = None) -> dict[str, object]:
         f"HaloAE scoring, batch {b}, {results['threads']} threads, median of {args.rounds} "
         f"interleaved rounds; ONNX graph {results['nodes']} nodes, exported in {export_s:.0f} s\n"
     )
-    print("| engine | tiles/s | CPU s/tile | × torch fp32 (wall) | × (CPU time) | max rel. diff |")
-    print("|---|---|---|---|---|---|")
+    print(
+        "| engine | tiles/s | CPU s/tile | × torch fp32 (wall) | × (CPU time) | max rel. diff "
+        "| peak RSS MiB |"
+    )
+    print("|---|---|---|---|---|---|---|")
     engines_out = results["engines"]
     assert isinstance(engines_out, dict)
     for n, r in engines_out.items():
         print(
             f"| {n} | {r['tiles_per_s']:.2f} | {r['cpu_s_per_tile']:.2f} | {r['speedup']:.2f}× | "
-            f"{r['cpu_speedup']:.2f}× | {r['max_rel_diff_vs_torch_fp32']:.1e} |"
+            f"{r['cpu_speedup']:.2f}× | {r['max_rel_diff_vs_torch_fp32']:.1e} | "
+            f"{r['peak_rss_mib']:.0f} |"
         )
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=2))

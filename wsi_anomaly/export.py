@@ -21,7 +21,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from .errors import InvalidInputError, WsiAnomalyError
+from .errors import InputNotFoundError, InvalidInputError, WsiAnomalyError
 from .outputs import atomic_path
 
 log = logging.getLogger(__name__)
@@ -89,25 +89,106 @@ def max_relative_difference(reference: np.ndarray, other: np.ndarray) -> float:
     return float(np.max(diff / np.maximum(np.abs(ref), 1e-12)))
 
 
-def export_model(
-    checkpoint: str | Path, out: str | Path, fmt: str = "onnx", max_rel_diff: float = MAX_REL_DIFF
-) -> dict[str, Any]:
-    """Write ``checkpoint``'s scoring path to ``out`` as ONNX after checking it (see the
-    module's description); returns what was written and the check's numbers."""
-    if fmt not in FORMATS:
-        raise InvalidInputError(f"--format must be one of {', '.join(FORMATS)}, got {fmt!r}")
+def _one_line(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    return f"{type(exc).__name__}: {text[0][:200] if text else 'no detail'}"
+
+
+def check_exported(proto: Any, model_hash: str, input_shape: tuple[int, ...], where: str) -> None:
+    """Refuse a graph that is not the export of the checkpoint whose sha256 is ``model_hash``:
+    its metadata must record that hash, its tensors must all be inside it (no external data
+    files, which would be read from paths the file names), and it must take one float input
+    ``images`` of ``B×input_shape`` (``3×H×W``, what the family's transform gives) with a free
+    batch size and give :data:`OUTPUT_NAMES`."""
+    from onnx import TensorProto
+    from onnx.external_data_helper import uses_external_data
+
+    hint = "export it again with: wsi-anomaly export MODEL --overwrite"
+    meta = {p.key: p.value for p in proto.metadata_props}
+    recorded = meta.get("model_sha256")
+    if recorded is None:
+        raise InvalidInputError(
+            f"{where} records no source checkpoint (not written by export); {hint}"
+        )
+    if recorded != model_hash:
+        raise InvalidInputError(
+            f"{where} was exported from another checkpoint (sha256 {recorded[:12]}…, this "
+            f"model's is {model_hash[:12]}…); {hint}"
+        )
+    if any(uses_external_data(t) for t in proto.graph.initializer):
+        raise InvalidInputError(f"{where} refers to external data files; {hint}")
+    inputs = [
+        i for i in proto.graph.input if i.name not in {t.name for t in proto.graph.initializer}
+    ]
+    shape = None
+    if len(inputs) == 1 and inputs[0].name == INPUT_NAME:
+        tensor = inputs[0].type.tensor_type
+        if tensor.elem_type == TensorProto.FLOAT:
+            shape = [d.dim_param or d.dim_value for d in tensor.shape.dim]
+    if shape is None or not isinstance(shape[0], str) or shape[1:] != list(input_shape):
+        wanted = "×".join(str(n) for n in ("B", *input_shape))
+        raise InvalidInputError(
+            f"{where} does not take float32 {INPUT_NAME} of {wanted} with a free batch size "
+            f"(it takes {shape}); {hint}"
+        )
+    outputs = tuple(o.name for o in proto.graph.output)
+    if outputs != OUTPUT_NAMES:
+        raise InvalidInputError(f"{where} gives {list(outputs)}, not {list(OUTPUT_NAMES)}; {hint}")
+
+
+def load_exported(path: str | Path, model_hash: str, input_shape: tuple[int, ...]) -> Any:
+    """ONNX Runtime's session on an exported file, once :func:`check_exported` accepts it.
+    The file is untrusted: one-line errors for a missing, damaged or foreign file."""
     require_onnx()
     import onnx
+    from google.protobuf.message import DecodeError
 
-    from .score import Scorer
+    path = Path(path)
+    try:
+        data = path.read_bytes()
+    except FileNotFoundError:
+        raise InputNotFoundError(f"no exported model at {path}") from None
+    except OSError as exc:
+        raise InvalidInputError(f"{path} cannot be read ({_one_line(exc)})") from None
+    try:
+        proto = onnx.load_model_from_string(data)
+    except (DecodeError, ValueError, RuntimeError) as exc:
+        raise InvalidInputError(
+            f"{path} is not an ONNX model (damaged or another kind of file: {_one_line(exc)})"
+        ) from None
+    check_exported(proto, model_hash, input_shape, str(path))
+    try:
+        return onnx_session(data)
+    except Exception as exc:  # ONNX Runtime's errors are untyped
+        raise InvalidInputError(
+            f"{path} cannot be loaded by ONNX Runtime ({_one_line(exc)}); export it again"
+        ) from None
 
-    scorer = Scorer(checkpoint, device="cpu", precision="fp32", batch_size=CHECK_TILES)
-    family = scorer.family
-    if not family.exportable:
-        raise ExportError(f"{family.title} models cannot be exported to ONNX (yet)")
-    module = family.scoring_module(scorer.model, scorer.calibration).eval()
-    x = sample_inputs(scorer)  # more than one tile: a batch of 1 would fix the batch size
-    t0 = time.perf_counter()
+
+def _max_difference(expected: list[np.ndarray], got: list[np.ndarray]) -> float:
+    """The worst relative difference of the tile scores and maxima, and of the maps relative to
+    their largest value (a map's near-zero pixels have no meaningful relative difference)."""
+    worst = max(max_relative_difference(e, g) for e, g in zip(expected[:2], got[:2], strict=True))
+    scale = max(float(np.abs(expected[2]).max()), 1e-12)
+    maps = float(np.abs(np.asarray(got[2], np.float64) - expected[2]).max()) / scale
+    return max(worst, maps)
+
+
+def export_scoring_module(
+    module: torch.nn.Module,
+    x: torch.Tensor,
+    metadata: dict[str, str],
+    what: str,
+    max_rel_diff: float = MAX_REL_DIFF,
+) -> tuple[Any, float]:
+    """``module`` (a family's :meth:`~wsi_anomaly.models.family.ModelFamily.scoring_module`)
+    as an ONNX model proto with ``metadata`` recorded, checked on the sample inputs ``x``
+    (``B×C×H×W``, ``B`` ≥ 2: a batch of one would fix the graph's batch size) and on one of
+    them; returns the proto and the largest relative difference from PyTorch. ``ExportError``
+    when the exporter fails, the graph fixes the batch size, or the difference is above
+    ``max_rel_diff``. ``what`` names the model in those errors."""
+    require_onnx()
+    module = module.eval()
     with torch.no_grad():
         expected = [t.numpy() for t in module(x)]
         try:
@@ -123,28 +204,71 @@ def export_model(
             )
         except Exception as exc:  # the exporter's errors are many and untyped
             raise ExportError(
-                f"{family.title}: the scoring path could not be exported to ONNX: "
-                f"{type(exc).__name__}: {str(exc).splitlines()[0][:200]}"
+                f"{what}: the scoring path could not be exported to ONNX: {_one_line(exc)}"
             ) from None
     assert program is not None
     proto = program.model_proto
+    for key, value in metadata.items():
+        entry = proto.metadata_props.add()
+        entry.key, entry.value = key, value
+    try:
+        check_exported(proto, metadata["model_sha256"], tuple(x.shape[1:]), "the exported graph")
+    except InvalidInputError as exc:  # e.g. an op that fixed the batch size while tracing
+        raise ExportError(f"{what}: {str(exc).split('; ')[0]}: not written") from None
+    session = onnx_session(proto.SerializeToString())
+    # the sample tiles, and fewer of them: the same scores whatever the batch size
+    rel = max(
+        _max_difference(expected, session.run(None, {INPUT_NAME: x.numpy()})),
+        _max_difference([e[:1] for e in expected], session.run(None, {INPUT_NAME: x[:1].numpy()})),
+    )
+    if not rel <= max_rel_diff:
+        raise ExportError(
+            f"{what}: ONNX Runtime's scores differ from PyTorch's by up to {rel:.2e} "
+            f"(relative), above the bound {max_rel_diff:g}: not written"
+        )
+    return proto, rel
+
+
+def export_model(
+    checkpoint: str | Path,
+    out: str | Path,
+    fmt: str = "onnx",
+    max_rel_diff: float = MAX_REL_DIFF,
+    backbone_weights: str | None = None,
+) -> dict[str, Any]:
+    """Write ``checkpoint``'s scoring path to ``out`` as ONNX after checking it (see the
+    module's description); returns what was written and the check's numbers.
+    ``backbone_weights``: as :class:`~wsi_anomaly.score.Scorer` takes it (families whose
+    checkpoints record their backbone instead of holding it)."""
+    if fmt not in FORMATS:
+        raise InvalidInputError(f"--format must be one of {', '.join(FORMATS)}, got {fmt!r}")
+    require_onnx()
+    import onnx
+
+    from .score import Scorer
+
+    scorer = Scorer(
+        checkpoint,
+        device="cpu",
+        precision="fp32",
+        batch_size=CHECK_TILES,
+        backbone_weights=backbone_weights,
+    )
+    family = scorer.family
+    if not family.exportable:
+        raise ExportError(
+            f"{family.title} models cannot be exported to ONNX: {family.not_exportable}"
+        )
     meta = {
         "model_sha256": scorer.model_hash,
         "model_name": scorer.model_name,
         "backbone": scorer.backbone,
         "software_version": str(scorer.checkpoint["software_version"]),
     }
-    for key, value in meta.items():
-        entry = proto.metadata_props.add()
-        entry.key, entry.value = key, value
-    data = proto.SerializeToString()
-    got = onnx_session(data).run(None, {INPUT_NAME: x.numpy()})
-    rel = max_relative_difference(expected[0], got[0])
-    if not rel <= max_rel_diff:
-        raise ExportError(
-            f"ONNX Runtime's tile scores differ from PyTorch's by up to {rel:.2e} (relative), "
-            f"above the bound {max_rel_diff:g}: not written"
-        )
+    module = family.scoring_module(scorer.model, scorer.calibration)
+    x = sample_inputs(scorer)
+    t0 = time.perf_counter()
+    proto, rel = export_scoring_module(module, x, meta, family.title, max_rel_diff)
     out = Path(out)
     with atomic_path(out) as tmp:
         onnx.save_model(proto, str(tmp))

@@ -269,20 +269,20 @@ class Scorer:
         self.batch_size: int = self.batch_choice.batch_size
 
     def _onnx_session(self, onnx_model: str | Path | None) -> Any:
-        """ONNX Runtime's session on this checkpoint's exported graph (checked by its sha256)."""
-        from .export import onnx_session
+        """ONNX Runtime's session on this checkpoint's exported graph (an untrusted file: its
+        recorded checkpoint sha256, tensors and input shape are checked first)."""
+        from .export import load_exported
 
         path = Path(onnx_model) if onnx_model else self.path.with_suffix(".onnx")
-        hint = f"write it with: wsi-anomaly export {self.path} --out {path}"
         if not path.is_file():
-            raise InputNotFoundError(f"--runtime onnx: no exported model at {path}; {hint}")
-        session = onnx_session(path)
-        recorded = session.get_modelmeta().custom_metadata_map.get("model_sha256")
-        if recorded != self.model_hash:
-            raise InvalidInputError(
-                f"--runtime onnx: {path} was exported from another checkpoint; {hint} --overwrite"
+            raise InputNotFoundError(
+                f"--runtime onnx: no exported model at {path}; write it with: "
+                f"wsi-anomaly export {self.path} --out {path}"
             )
-        return session
+        px = self.tile_px
+        tile = torch.zeros(1, px, px, 3, dtype=torch.uint8)
+        shape = tuple(self.family.transform(tile, self.config).shape[1:])
+        return load_exported(path, self.model_hash, shape)
 
     @property
     def identity(self) -> dict[str, Any]:

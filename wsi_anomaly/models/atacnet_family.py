@@ -57,6 +57,7 @@ class AtacNetFamily(ModelFamily):
     transforms_on_device = False
     #: The paper's order is CLAHE on the image at its own size, then one bicubic resize.
     resizes_own_input = True
+    not_exportable = "its crops are cut at boxes that depend on each image's attention"
 
     def validate(self, config: Any) -> None:
         config.atacnet.validate()

@@ -132,8 +132,10 @@ class ModelFamily:
     #: :meth:`loader` samples with and the one of :meth:`augmenter`.
     sampler_stream: int = 0
     augment_stream: int = 1
-    #: Whether :meth:`scoring_module` traces to ONNX (opset 18) with every op it uses.
+    #: Whether :meth:`scoring_module` exports to ONNX (opset 18) with a free batch size, and
+    #: why not where it does not (the end of a one-line refusal).
     exportable: bool = False
+    not_exportable: str = "its scoring path has not been made exportable"
 
     # -- configuration -------------------------------------------------------------------------
     def validate(self, config: Any) -> None:
@@ -201,7 +203,8 @@ class ModelFamily:
     def scoring_module(self, model: nn.Module, calibration: Calibration) -> nn.Module:
         """The scoring path as one module with the calibration baked in, for export: model
         inputs (what :meth:`transform` gives) ``B×3×H×W`` → ``(score, max, map)``, ``B``,
-        ``B`` and ``B×64×64``. Meaningful where :attr:`exportable` is set."""
+        ``B`` and ``B×map_px×map_px``, as :meth:`predict` gives them. Meaningful where
+        :attr:`exportable` is set."""
         return ScoringModule(self, model, self.calibration_to(calibration, torch.device("cpu")))
 
     # -- training -------------------------------------------------------------------------------

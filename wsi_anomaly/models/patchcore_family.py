@@ -24,7 +24,15 @@ import torch
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset
 
-from wsi_anomaly.models.family import Epoch, EpochRng, ModelFamily, Prediction, Step
+from wsi_anomaly.models.calibration import Calibration
+from wsi_anomaly.models.family import (
+    Epoch,
+    EpochRng,
+    ModelFamily,
+    Prediction,
+    ScoringModule,
+    Step,
+)
 from wsi_anomaly.models.patchcore import PatchCore, PatchCoreConfig
 from wsi_anomaly.models.transforms import to_unit_float
 from wsi_anomaly.models.weights import Backbone, sha256_file
@@ -123,6 +131,7 @@ class PatchCoreFamily(ModelFamily):
     stores_backbone = False
     throughput_note = "normal images per second through the backbone and into the memory bank"
     backbone = Backbone("patchcore", "PatchCore backbone", _no_backbone, dict)
+    exportable = True
 
     def validate(self, config: Any) -> None:
         config.patchcore.validate()
@@ -207,6 +216,14 @@ class PatchCoreFamily(ModelFamily):
     def transform(self, images: torch.Tensor, config: Any) -> torch.Tensor:
         return to_unit_float(images)
 
+    def scoring_module(self, model: nn.Module, calibration: Calibration) -> nn.Module:
+        # the chunked search's loop would fix the batch size in the graph: one product instead
+        return ScoringModule(
+            self,
+            _SearchInOneProduct(cast(PatchCore, model)),
+            self.calibration_to(calibration, torch.device("cpu")),
+        )
+
     def predict(
         self, model: nn.Module, x: Tensor, calibration: Mapping[str, Any], keep_maps: bool = True
     ) -> Prediction:
@@ -257,3 +274,24 @@ class PatchCoreFamily(ModelFamily):
 
     def checkpoint_extras(self, data: Dataset, normals: Dataset) -> dict[str, Any]:
         return {}
+
+
+class _SearchInOneProduct(nn.Module):
+    """A fitted :class:`PatchCore` whose nearest-neighbour search is one matrix product and a
+    minimum over the whole bank (what an exported graph can hold for any batch size): the same
+    expansion as :func:`~wsi_anomaly.models.memory_bank.nearest_distance`, and the distance to
+    the row found recomputed directly. Memory: ``B × patches × bank rows`` floats."""
+
+    def __init__(self, model: PatchCore) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, x: Tensor) -> Tensor:
+        """``(B, g, g)`` float32 distance of every patch to its nearest bank row."""
+        f = self.model.patch_features(x)
+        b, c, h, w = f.shape
+        queries = f.permute(0, 2, 3, 1).reshape(-1, c).float()
+        bank = self.model.memory_bank.float()
+        d2 = torch.addmm((bank * bank).sum(dim=1).unsqueeze(0), queries, bank.T, alpha=-2.0)
+        nearest = (d2 + (queries * queries).sum(dim=1, keepdim=True)).argmin(dim=1)
+        return (queries - bank[nearest]).norm(dim=1).reshape(b, h, w)
