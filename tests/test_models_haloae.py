@@ -120,12 +120,13 @@ def test_blocks_c_d_e_can_start_from_the_released_codes_kaiming_initialisation()
 
 
 def test_recomputed_blocks_give_the_plain_gradients(monkeypatch):
-    # Activation checkpointing must not change the maths: a bottleneck (attention recomputed
-    # in the backward pass) and block D (recomputed whole) give the gradients of plain calls.
+    # Activation checkpointing must not change the maths: a bottleneck (batch norms included,
+    # recomputed whole), the encoder's head and block D give the gradients of plain calls, and
+    # the batch norms' running statistics are updated once, as by a plain call.
     import copy
 
     from wsi_anomaly.models import haloae as haloae_module
-    from wsi_anomaly.models.haloae import Bottleneck, ImageReconstructor
+    from wsi_anomaly.models.haloae import Bottleneck, HaloEncoder, ImageReconstructor
 
     torch.manual_seed(0)
     calls = []
@@ -134,25 +135,39 @@ def test_recomputed_blocks_give_the_plain_gradients(monkeypatch):
         calls.append(fn)
         return torch.utils.checkpoint.checkpoint(fn, *args, **kwargs)
 
-    def gradients(block, x, recomputed: bool) -> list[torch.Tensor]:
+    def gradients(block, x, recomputed: bool) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
         block = copy.deepcopy(block).train()
-        x = x.clone().requires_grad_()
+        x = x.clone().requires_grad_(x.shape[1] != 704)  # the encoder's input: no gradient
         with monkeypatch.context() as patch:
             if recomputed:
                 patch.setattr(haloae_module, "checkpoint", counting_checkpoint)
             else:
                 patch.setattr(haloae_module, "recompute", lambda m, t: m(t))
-            out = block(x) if isinstance(block, Bottleneck) else haloae_module.recompute(block, x)
+            run = block if isinstance(block, HaloEncoder) else haloae_module.recompute
+            out = run(x) if run is block else run(block, x)
             (out**2).mean().backward()
-        return [p.grad for p in block.parameters()] + [x.grad]
+        grads = [p.grad for p in block.parameters()] + ([x.grad] if x.requires_grad else [])
+        return grads, [b.clone() for b in block.buffers()]
 
+    encoder = HaloEncoder()
     for block, x in (
         (Bottleneck(29, 29, 59, 4, 3), torch.randn(2, 29, 24, 24)),
         (ImageReconstructor(), torch.randn(1, 704, 8, 8)),
+        (encoder, torch.randn(1, 704, 16, 16)),
     ):
-        for a, b in zip(gradients(block, x, True), gradients(block, x, False), strict=True):
+        (grads, stats), (plain_grads, plain_stats) = (
+            gradients(block, x, True),
+            gradients(block, x, False),
+        )
+        for a, b in zip(grads, plain_grads, strict=True):
             torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7)
-    assert len(calls) == 2  # both blocks really went through the checkpoint
+        for a, b in zip(stats, plain_stats, strict=True):
+            torch.testing.assert_close(a, b, rtol=0, atol=0)
+        if isinstance(block, Bottleneck):  # the statistics did move: the check can fail
+            assert not torch.equal(stats[0], next(block.buffers()))
+    # every block really went through the checkpoint: the bottleneck, block D, and the
+    # encoder's head and four stages
+    assert len(calls) == 2 + 1 + len(encoder.stages)
 
 
 def test_a_few_bf16_steps_lower_the_loss():

@@ -22,7 +22,9 @@ the released code does (:func:`init_weights`: Kaiming-normal, fan-in, zero biase
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Iterator, Sequence
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -48,12 +50,39 @@ __all__ = [
 
 def recompute(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
     """``module(x)``, keeping none of its intermediate tensors for the backward pass, which runs
-    it again instead (activation checkpointing), when a gradient will be taken through it;
-    a plain call otherwise. Only for modules without state that a second run would change
-    (no batch norm in training mode): the gradients are then exactly those of a plain call."""
-    if torch.is_grad_enabled() and module.training and x.requires_grad:
-        return checkpoint(module, x, use_reentrant=False)
+    it again instead (activation checkpointing), when a gradient will be taken through it or
+    its parameters; a plain call otherwise. The gradients are exactly those of a plain call:
+    the second run sees the same input under the same autocast state, and a batch norm in
+    training mode normalises with the same batch statistics — its running statistics, which
+    the second run would update again, are put back as the first run left them."""
+    if (
+        torch.is_grad_enabled()
+        and module.training
+        and (x.requires_grad or any(p.requires_grad for p in module.parameters()))
+    ):
+        return checkpoint(
+            module, x, use_reentrant=False, context_fn=lambda: _norm_statistics_kept(module)
+        )
     return module(x)
+
+
+def _norm_statistics_kept(module: nn.Module) -> tuple[Any, Any]:
+    """``checkpoint``'s contexts: nothing around the first run, the running statistics of
+    ``module``'s batch norms restored after the second."""
+    return contextlib.nullcontext(), _restored_running_statistics(module)
+
+
+@contextlib.contextmanager
+def _restored_running_statistics(module: nn.Module) -> Iterator[None]:
+    norms = [m for m in module.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    saved = [[b.clone() for b in m.buffers()] for m in norms]
+    try:
+        yield
+    finally:
+        with torch.no_grad():
+            for m, buffers in zip(norms, saved, strict=True):
+                for live, kept in zip(m.buffers(), buffers, strict=True):
+                    live.copy_(kept)
 
 
 #: (in, width, out, heads, K) per bottleneck stage, as in the authors' released code (the paper's
@@ -136,9 +165,7 @@ class Bottleneck(nn.Module):
         )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # The attention (no batch norm) is recomputed in the backward pass rather than storing
-        # its windows, padded keys and values: the largest saved tensors of the block.
-        y = F.relu(recompute(self.attention, self.reduce(x)))
+        y = F.relu(self.attention(self.reduce(x)))
         return F.relu(self.expand(y) + self.skip(x))
 
 
@@ -151,6 +178,15 @@ def _stages(
             for i, w, o, heads, k in table
         )
     )
+
+
+def _recomputed_in_turn(stages: nn.Sequential, x: torch.Tensor) -> torch.Tensor:
+    """``stages(x)``, each stage recomputed in the backward pass (:func:`recompute`): training
+    keeps only the stages' inputs — not their attention windows, padded keys and values, batch
+    norm inputs and 703-channel expansions, the largest saved tensors of a training step."""
+    for stage in stages:
+        x = recompute(stage, x)
+    return x
 
 
 class HaloEncoder(nn.Module):
@@ -170,7 +206,7 @@ class HaloEncoder(nn.Module):
         self.stages = _stages(ENCODER_STAGES, attention, released_mask)
 
     def forward(self, fm: torch.Tensor) -> torch.Tensor:
-        return self.stages(self.head(fm))
+        return _recomputed_in_turn(self.stages, recompute(self.head, fm))
 
 
 class HaloDecoder(nn.Module):
@@ -187,7 +223,7 @@ class HaloDecoder(nn.Module):
     def forward(self, z: torch.Tensor, size: tuple[int, int] | None = None) -> torch.Tensor:
         if size is None:
             size = (z.shape[-2] + ENCODER_HEAD_KERNEL - 1, z.shape[-1] + ENCODER_HEAD_KERNEL - 1)
-        return F.interpolate(self.stages(z), size=size, mode="nearest")
+        return F.interpolate(_recomputed_in_turn(self.stages, z), size=size, mode="nearest")
 
 
 class ImageReconstructor(nn.Module):
