@@ -193,3 +193,20 @@ def test_a_few_bf16_steps_lower_the_loss():
         assert all(p.grad is not None for p in model.encoder.parameters())
         optimiser.step()
     assert losses[-1] < losses[0], losses
+
+
+def test_training_pass_takes_the_backbone_a_few_images_at_a_time(monkeypatch):
+    # Each image's features are its own: the backbone in chunks gives the whole batch's.
+    from wsi_anomaly.models import haloae as haloae_module
+
+    torch.manual_seed(0)
+    model = HaloAE(load_vgg19("random")).train()
+    x = torch.randn(3, 3, 256, 256)
+    seen = []
+    features = model.features
+    monkeypatch.setattr(haloae_module, "BACKBONE_CHUNK", 2)
+    monkeypatch.setattr(model, "features", lambda t: seen.append(len(t)) or features(t))
+    fm = model(x)["fm"]
+    assert seen == [2, 1]
+    with torch.no_grad():
+        torch.testing.assert_close(fm, features(x), rtol=1e-4, atol=1e-5)

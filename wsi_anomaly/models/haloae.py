@@ -103,6 +103,8 @@ DECODER_STAGES: tuple[tuple[int, int, int, int, int], ...] = (
 ENCODER_HEAD_CHANNELS = 234
 ENCODER_HEAD_KERNEL = 5  # valid conv: 64 -> 60 = 5 blocks of 12
 IMAGE_SIZE = 256
+#: Images the frozen backbone takes at once in a training pass.
+BACKBONE_CHUNK = 4
 RECONSTRUCTOR_CHANNELS = (FEATURE_CHANNELS, 380, 190, 95, 47, 23, 3)
 
 
@@ -345,7 +347,9 @@ class HaloAE(nn.Module):
             ``fm`` and ``fm_hat`` ``B×704×64×64``, ``im_hat`` ``B×3×256×256``, ``logits`` ``B×2``.
         """
         with torch.no_grad():  # the frozen backbone: no autograd state, whatever the caller
-            fm = self.features(x)
+            # a few images at a time: its 256²×64 activations of a whole Cut&Paste batch are
+            # the step's largest transient tensors (each image's features are its own)
+            fm = torch.cat([self.features(part) for part in x.split(BACKBONE_CHUNK)])
         fm_hat = self.reconstruct_features(fm)
         # Block D has no batch norm: recomputed in the backward pass instead of keeping its
         # reflection-padded inputs at 64², 128² and 256².
