@@ -34,7 +34,7 @@ from .models.calibration import Calibration
 from .models.family import Epoch, ModelFamily
 from .models.registry import FAMILIES, family_sections, get_family
 from .outputs import check_free_space, check_output_file, validate_output_name
-from .runtime import Runtime, resolve_device
+from .runtime import Runtime, resolve_device, return_freed_tensors_to_the_os
 from .words import count
 
 __all__ = [
@@ -240,6 +240,8 @@ def train_model(
             f"({weak}); {family.title} trains on normal tiles"
         )
     runtime = Runtime.resolve(device)
+    if runtime.device.type == "cpu":  # freed activations go back to the OS: a lower peak RSS
+        return_freed_tensors_to_the_os()
     partial = resume_path(out)
     config, state = _prepare_run(out, config, resume, overwrite)
     normals = dataset
