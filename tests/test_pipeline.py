@@ -91,7 +91,7 @@ def test_crash_then_rerun_completes_with_same_scores(
     _, a, _ = mini_slides
     clean = process_slide(a.path, tmp_path / "clean", tiny_model, settings())
 
-    import wsi_anomaly.pipeline as pipeline
+    import wsi_anomaly.pipeline.render as pipeline
 
     def crash(*args, **kwargs):
         raise KeyboardInterrupt
@@ -301,7 +301,7 @@ class _Sink:
 def test_batches_span_shards_and_scores_land_on_their_shard(batch_size):
     """Model batches of the scorer's size cross shard boundaries (a GPU batch may be larger
     than a shard); each shard's scores are written once, at its own offset."""
-    from wsi_anomaly.pipeline import _score_shards
+    from wsi_anomaly.pipeline.slide_run import _score_shards
 
     shard_sizes = [4, 4, 4, 2]
     tiles = np.zeros((sum(shard_sizes), 2, 2, 3), np.uint8)

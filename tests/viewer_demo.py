@@ -64,8 +64,8 @@ def build_demo_results(folder: Path) -> Path:
         return _BUILT["results"]
     import pytest
 
-    from wsi_anomaly import pipeline
     from wsi_anomaly.pipeline import HeatmapSettings, run_cohort
+    from wsi_anomaly.pipeline import slide_run as pipeline
     from wsi_anomaly.tiles import TileStore
 
     model = folder / "stand-in.pt"
