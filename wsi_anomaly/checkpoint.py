@@ -25,7 +25,6 @@ the file. A file holding anything else (a pickled object, a function) is refused
 
 from __future__ import annotations
 
-import hashlib
 import pickle
 from pathlib import Path
 from typing import Any
@@ -106,12 +105,3 @@ def load_checkpoint(
         )
     check_record(data, path, require_complete)
     return data
-
-
-def file_hash(path: str | Path) -> str:
-    """sha256 of a checkpoint file: the model identity recorded next to scores."""
-    h = hashlib.sha256()
-    with Path(path).open("rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()

@@ -1,17 +1,26 @@
-"""A scored slide's pictures, NGFF, GeoJSON and tile table."""
+"""A scored slide's pictures, NGFF, GeoJSON and tile table: the slide run gathers what they are
+drawn from into one :class:`~wsi_anomaly.stitch.SlideOutputs`, and :mod:`wsi_anomaly.stitch`
+draws them."""
 
 from __future__ import annotations
 
 import time
 from dataclasses import asdict
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from .. import __version__
 from ..slide.qc import TileQC
-from ..stitch import SlideGeometry, colour_scale, slide_colour_scale, write_slide_outputs
+from ..stitch import (
+    ColourScale,
+    SlideGeometry,
+    SlideOutputs,
+    colour_scale,
+    render_slide_outputs,
+    slide_colour_scale,
+)
 from ..tiles.store import TileStore
 from .settings import HeatmapSettings
 
@@ -19,15 +28,15 @@ if TYPE_CHECKING:
     from .slide_run import SlideRun
 
 
-def render_slide(run: SlideRun, store: TileStore) -> tuple[dict[str, str], Any]:
-    """The pictures, NGFF, GeoJSON and tile table of a scored store."""
-    t0 = time.perf_counter()
+def slide_outputs(run: SlideRun, store: TileStore) -> SlideOutputs:
+    """What a scored slide's outputs are drawn from: the store's scores, the slide's thumbnail
+    and tissue, the model's colour scale and the run's display settings."""
+    display = run.settings.display
     gp = run.grid.plan
     scores, max_scores = store.scores, store.max_scores
     assert scores is not None and max_scores is not None  # the store has been scored
-    flags = store.qc_flags if run.settings.qc != "off" else None
-    thumb, thumb_ds = run.slide.thumbnail(run.settings.max_px)
-    order = np.argsort(-scores)[: run.settings.top_k]
+    thumb, thumb_ds = run.slide.thumbnail(display.max_px)
+    order = np.argsort(-scores)[: display.top_k]
     order = order[np.isfinite(scores[order])]  # tiles left out by --qc exclude are not ranked
     top = [(int(i), store.read(int(i), int(i) + 1)[0]) for i in order]
     geometry = SlideGeometry(
@@ -39,10 +48,10 @@ def render_slide(run: SlideRun, store: TileStore) -> tuple[dict[str, str], Any]:
         grid_cols=run.grid.cols,
         grid_rows=run.grid.rows,
     )
-    scale = colour_scale(run.scorer.calibration, "mean", run.settings.cmap)
-    if run.settings.scale == "slide":
+    scale = colour_scale(run.model.calibration, "mean", display.cmap)
+    if display.scale == "slide":
         scale = slide_colour_scale(scores, scale)
-    identity = run.scorer.identity
+    identity = run.model.identity
     model_path = identity.get("model_path")
     provenance = {
         "slide_name": run.slide.name,
@@ -54,8 +63,7 @@ def render_slide(run: SlideRun, store: TileStore) -> tuple[dict[str, str], Any]:
         "colour_scale": asdict(scale),
         "software_version": __version__,
     }
-    outputs = write_slide_outputs(
-        run.plan.work,
+    return SlideOutputs(
         slide_name=run.slide.name,
         geometry=geometry,
         coords=store.coords,
@@ -68,21 +76,29 @@ def render_slide(run: SlideRun, store: TileStore) -> tuple[dict[str, str], Any]:
         mask_downsample=run.tissue.downsample,
         scale=scale,
         top_tiles=top,
-        max_px=run.settings.max_px,
+        display=display,
         maps=store.maps if run.settings.keep_maps else None,
         tissue_fraction=store.tissue_fraction,
         provenance=provenance,
-        alpha=run.settings.alpha,
         qc=_tile_qc(store, run.settings),
     )
+
+
+def render_slide(run: SlideRun, store: TileStore) -> tuple[dict[str, str], ColourScale]:
+    """Write the outputs of a scored store into the run's working folder; returns the output
+    paths and the colour scale they were drawn on."""
+    t0 = time.perf_counter()
+    outputs = slide_outputs(run, store)
+    paths = render_slide_outputs(run.plan.work, outputs)
+    flags = store.qc_flags if run.settings.qc != "off" else None
     if flags is not None:
         from ..quality import write_qc_labels
 
         write_qc_labels(
-            Path(outputs["ngff"]), (run.grid.rows, run.grid.cols), store.grid_index, flags
+            Path(paths["ngff"]), (run.grid.rows, run.grid.cols), store.grid_index, flags
         )
     run.timing["stitch_s"] = time.perf_counter() - t0
-    return outputs, scale
+    return paths, outputs.scale
 
 
 def _tile_qc(store: TileStore, settings: HeatmapSettings) -> TileQC | None:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import shutil
@@ -12,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import OutputExistsError, WsiAnomalyError
+from ..hashing import tagged_name
 from ..outputs import is_owned, remove_path
 from ..tiles.store import TileStore
 from .discovery import _real_path
@@ -27,7 +27,7 @@ def output_name(slide: Path, out_root: Path, clash: bool = False) -> str:
     plus a short hash of the slide's full path, so two slides never share a folder."""
     slide = Path(slide)
     mine = str(_real_path(slide))
-    hashed = f"{slide.name}-{hashlib.sha1(mine.encode()).hexdigest()[:8]}"
+    hashed = tagged_name(slide.name, mine)
     if _recorded_slide_path(out_root / hashed) == mine:
         return hashed  # where an earlier run put it
     if not clash:

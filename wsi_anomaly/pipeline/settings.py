@@ -9,7 +9,7 @@ from typing import Any
 from ..errors import InvalidInputError
 from ..score import AUTO_BATCH
 from ..slide.qc import QCSettings
-from ..stitch import SCALE_BASES
+from ..stitch import SCALE_BASES, DisplaySettings
 
 
 @dataclass(frozen=True)
@@ -63,6 +63,13 @@ class HeatmapSettings:
     #: scored) or off
     qc: str = "flag"
     qc_settings: QCSettings = field(default_factory=QCSettings)
+
+    @property
+    def display(self) -> DisplaySettings:
+        """How the slide's outputs are drawn."""
+        return DisplaySettings(
+            cmap=self.cmap, scale=self.scale, alpha=self.alpha, max_px=self.max_px, top_k=self.top_k
+        )
 
     def __post_init__(self) -> None:
         from ..score import check_batch_size, check_compile_mode

@@ -3,21 +3,18 @@
 from __future__ import annotations
 
 import logging
-import threading
 import time
-from collections import deque
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 from tqdm.auto import tqdm
 
-from ..checkpoint import file_hash
 from ..errors import InvalidInputError, NoTissueError
+from ..loaded_model import LoadedModel, load_model
 from ..outputs import (
     OutputLock,
     check_free_space,
@@ -27,8 +24,8 @@ from ..outputs import (
     remove_path,
     write_json,
 )
-from ..score import ScoreBatch, Scorer
-from ..slide import Slide
+from ..score import Scorer, score_shards, shared_scorer
+from ..slide import Slide, slide_fingerprint
 from ..slide.grid import TileGrid
 from ..slide.qc import TileQCMeter, qc_record
 from ..slide.resolution import load_mpp_csv, lookup_mpp
@@ -49,54 +46,35 @@ from .summary import slide_summary
 
 log = logging.getLogger(__name__)
 
-_SCORERS: dict[tuple[str, str, str, int | str, str, str | None], Scorer] = {}
-_SCORERS_LOCK = threading.Lock()
 
-
-def _scorer(model: str | Path, settings: HeatmapSettings) -> Scorer:
-    """One loaded model per process (dask workers reuse it across their slides, and slides in
-    flight in one process share it)."""
-    key = (
-        str(Path(model).resolve()),
-        settings.device,
-        settings.precision,
-        settings.batch_size,
-        settings.compile,
-        settings.backbone_weights,
+def _scorer(model: LoadedModel, settings: HeatmapSettings) -> Scorer:
+    """The process's scorer of ``model`` at the run's device, precision, batch size and
+    compile mode."""
+    return shared_scorer(
+        model,
+        device=settings.device,
+        precision=settings.precision,
+        batch_size=settings.batch_size,
+        compile=settings.compile,
+        backbone_weights=settings.backbone_weights,
     )
-    with _SCORERS_LOCK:
-        if key not in _SCORERS:
-            _SCORERS[key] = Scorer(
-                model,
-                device=settings.device,
-                precision=settings.precision,
-                batch_size=settings.batch_size,
-                compile=settings.compile,
-                backbone_weights=settings.backbone_weights,
-            )
-        return _SCORERS[key]
-
-
-@lru_cache(maxsize=64)
-def _model_sha256(path: str, mtime_ns: int, size: int) -> str:
-    return file_hash(path)
 
 
 def model_sha256(model: str | Path) -> str:
-    """sha256 of a checkpoint file, computed once per file version."""
-    st = Path(model).stat()
-    return _model_sha256(str(Path(model).resolve()), st.st_mtime_ns, st.st_size)
+    """sha256 of a checkpoint file, computed once per file version in a process."""
+    return load_model(model).sha256
 
 
 @dataclass
 class SlideRun:
-    """One slide being processed: its plan, the open slide, its grid and tissue, the model, the
-    settings and the stage timings (seconds, filled in as the stages run)."""
+    """One slide being processed: its plan, the open slide, its grid and tissue, the model (as
+    read from its checkpoint) and its scorer, the settings and the stage timings (seconds, filled in as the stages run)."""
 
     plan: SlidePlan
     slide: Slide
     grid: TileGrid
     tissue: TissueMask
+    model: LoadedModel
     scorer: Scorer
     settings: HeatmapSettings
     timing: dict[str, float]
@@ -105,11 +83,14 @@ class SlideRun:
 def process_slide(
     slide_path: str | Path,
     out_root: str | Path,
-    model: str | Path,
+    model: str | Path | LoadedModel,
     settings: HeatmapSettings,
     name: str | None = None,
 ) -> dict[str, Any]:
     """Tile, score and stitch one slide into ``out_root/<name>/``; returns its summary.
+
+    ``model``: a checkpoint file (read once per process, see :func:`load_model`) or the model
+    read from one. The slide is opened once, after the reuse check.
 
     ``name`` defaults to :func:`output_name`. Only one run works on a slide's results at a time
     (a lock file beside them). Finished results are reused only when they are the same work —
@@ -119,12 +100,12 @@ def process_slide(
     slide_path, out_root = Path(slide_path), Path(out_root)
     name = name or output_name(slide_path, out_root)
     with OutputLock(out_root / name) as lock:
-        plan = _plan(slide_path, out_root, name, model, settings, lock.work_path())
+        plan, loaded = _plan(slide_path, out_root, name, model, settings, lock.work_path())
         done = _reusable_result(plan, settings)
         if done is not None:
             return done
         try:
-            return _run(plan, model, settings, lock.leftovers())
+            return _run(plan, loaded, settings, lock.leftovers())
         except Exception:
             # A failed run leaves nothing; an interrupted one (Ctrl-C) keeps its working folder
             # so that the next run can take over its finished tile store.
@@ -136,33 +117,35 @@ def _plan(
     slide_path: Path,
     out_root: Path,
     name: str,
-    model: str | Path,
+    model: str | Path | LoadedModel,
     settings: HeatmapSettings,
     work: Path,
-) -> SlidePlan:
+) -> tuple[SlidePlan, LoadedModel]:
+    """The slide's identity (its file's fingerprint, the model's sha256, the scoring settings)
+    and the model; the slide is not opened."""
     override = settings.slide_mpp
     if override is None and settings.mpp_csv:
         override = lookup_mpp(load_mpp_csv(settings.mpp_csv), slide_path)
-    with Slide(slide_path, override_mpp=override) as slide:
-        fingerprint = slide.fingerprint()
+    fingerprint = slide_fingerprint(slide_path)
+    loaded = model if isinstance(model, LoadedModel) else load_model(model)
     identity = {
         "slide_path": str(slide_path.resolve()),
         "slide_fingerprint": fingerprint,
-        "model_sha256": model_sha256(model),
+        "model_sha256": loaded.sha256,
         "scoring": scoring_settings(settings, override),
     }
-    return SlidePlan(slide_path, out_root / name, work, override, identity)
+    return SlidePlan(slide_path, out_root / name, work, override, identity), loaded
 
 
 def _run(
-    plan: SlidePlan, model: str | Path, settings: HeatmapSettings, leftovers: list[Path]
+    plan: SlidePlan, model: LoadedModel, settings: HeatmapSettings, leftovers: list[Path]
 ) -> dict[str, Any]:
     t_start = time.perf_counter()
     scorer = _scorer(model, settings)
-    target_mpp = settings.target_mpp or scorer.tile_mpp
+    target_mpp = settings.target_mpp or model.tile_mpp
     if target_mpp is None:
         raise InvalidInputError(
-            f"{model} does not record its tiles' resolution; pass --mpp "
+            f"{model.path} does not record its tiles' resolution; pass --mpp "
             "(µm/px the model was trained at)"
         )
     with (
@@ -171,7 +154,7 @@ def _run(
     ):
         tiling = TilingSettings(
             target_mpp=target_mpp,
-            tile_px=scorer.tile_px,
+            tile_px=model.tile_px,
             stride_px=settings.stride_px,
             min_tissue=settings.min_tissue,
             workers=settings.read_workers,
@@ -214,7 +197,7 @@ def _run(
         if meter is not None:
             timing["qc_s"] = meter.seconds
         pipeline_s = time.perf_counter() - t0 - timing["plan_s"]
-        run = SlideRun(plan, slide, grid, tissue, scorer, settings, timing)
+        run = SlideRun(plan, slide, grid, tissue, model, scorer, settings, timing)
         outputs, scale = render_slide(run, store)
         timing["total_s"] = time.perf_counter() - t_start
         summary = slide_summary(run, store, scale, n_scored, pipeline_s, outputs)
@@ -323,9 +306,9 @@ def _score_shards(
     total: int = 0,
     name: str = "",
 ) -> None:
-    """Score consecutive shards of (n, T, T, 3) uint8 tiles, ``(start, tiles)`` in order, in
-    model batches of the scorer's batch size (a batch may span shards); write each shard's
-    scores once all its tiles are scored. ``timing["model_s"]`` accumulates the time spent
+    """Score consecutive shards of (n, T, T, 3) uint8 tiles, ``(start, tiles)`` in order (the
+    scorer's :func:`~wsi_anomaly.score.score_shards` re-chunks them into model batches) and
+    write each shard's scores to ``sink`` once all its tiles are scored. ``timing["model_s"]`` accumulates the time spent
     waiting for scores, less the time spent waiting for shards.
 
     ``skip``: shard start → (n,) bool, the tiles not to score (filled in by the time the
@@ -333,121 +316,20 @@ def _score_shards(
     ``name``: the bar, ``settings.on_progress``) moves with every scored batch; skipped tiles
     count as done when their shard is drawn."""
     timing.setdefault("model_s", 0.0)
-    skip = skip if skip is not None else {}
-    # shards whose tiles are being scored: start, tiles, tiles to score, the mask of skipped
-    pending: deque[tuple[int, int, int, np.ndarray | None]] = deque()
-    upstream = [0.0]  # seconds spent waiting for shards
-    passed = [0]  # tiles skipped so far (they count as done for progress)
-
-    def batches() -> Iterator[np.ndarray]:
-        held: list[np.ndarray] = []  # tiles not yet in a batch (views of the shards)
-        count = 0
-        source = iter(shards)
-        while True:
-            t0 = time.perf_counter()
-            item = next(source, None)
-            upstream[0] += time.perf_counter() - t0
-            if item is None:
-                break
-            start, tiles = item
-            skipped = skip.get(start)
-            if skipped is not None and skipped.any():
-                tiles = tiles[~skipped]
-                passed[0] += int(skipped.sum())
-            else:
-                skipped = None
-            pending.append(
-                (start, len(skipped) if skipped is not None else len(tiles), len(tiles), skipped)
-            )
-            if len(tiles):
-                held.append(tiles)
-                count += len(tiles)
-            while count >= scorer.batch_size:
-                joined = held[0] if len(held) == 1 else np.concatenate(held)
-                # uint8 as stored: conversion and normalisation happen on the scoring device.
-                yield joined[: scorer.batch_size]
-                rest = joined[scorer.batch_size :]
-                held, count = ([rest] if len(rest) else []), len(rest)
-        if count:
-            yield held[0] if len(held) == 1 else np.concatenate(held)
-
-    parts: list[ScoreBatch] = []
-    have = done = 0
     bar = tqdm(
         total=total, unit="tile", desc=f"scoring {name}", disable=not settings.progress, leave=False
     )
     started = time.perf_counter()
     shown = [0]
 
-    def report(scored: int) -> None:
-        now = done + passed[0]
-        if now > shown[0]:
-            bar.update(now - shown[0])
-            shown[0] = now
+    def on_batch(done: int, scored: int, seconds: float) -> None:
+        timing["model_s"] += seconds
+        if done > shown[0]:
+            bar.update(done - shown[0])
+            shown[0] = done
         if scored and settings.on_progress is not None:
-            settings.on_progress(ScoringProgress(name, now, total, time.perf_counter() - started))
+            settings.on_progress(ScoringProgress(name, done, total, time.perf_counter() - started))
 
-    results = scorer.score_batches(batches(), keep_maps=settings.keep_maps)
-    while True:
-        t0, before = time.perf_counter(), upstream[0]
-        result = next(results, None)
-        timing["model_s"] += time.perf_counter() - t0 - (upstream[0] - before)
-        if result is None:
-            break
-        parts.append(result)
-        have += len(result.mean)
-        while pending and have >= pending[0][2]:
-            parts, have = _write_shard(sink, pending.popleft(), parts, have)
-        done += len(result.mean)
-        report(len(result.mean))
-    while pending and pending[0][2] == 0:  # shards at the end with every tile skipped
-        parts, have = _write_shard(sink, pending.popleft(), parts, have)
-    report(0)
+    for start, scores in score_shards(scorer, shards, skip, settings.keep_maps, on_batch):
+        sink.write_scores(start, scores.mean, scores.max, scores.maps)
     bar.close()
-    assert not pending and have == 0, "every shard's tiles were scored"
-
-
-def _write_shard(
-    sink: TileStore | TileStoreWriter,
-    shard: tuple[int, int, int, np.ndarray | None],
-    parts: list[ScoreBatch],
-    have: int,
-) -> tuple[list[ScoreBatch], int]:
-    """Write the scores of one shard (the first ``n`` of ``parts``; NaN for its skipped tiles);
-    returns the scores left over and their count."""
-    start, n_tiles, n, skipped = shard
-    if n == 0:
-        nan = np.full(n_tiles, np.nan, np.float32)
-        sink.write_scores(start, nan, nan)
-        return parts, have
-    merged = _concat_scores(parts)
-    mean, peak = merged.mean[:n], merged.max[:n]
-    maps = merged.maps[:n] if merged.maps is not None else None
-    if skipped is not None:
-        mean, peak = _spread(mean, skipped), _spread(peak, skipped)
-        maps = _spread(maps, skipped) if maps is not None else None
-    sink.write_scores(start, mean, peak, maps)
-    rest = ScoreBatch(
-        merged.mean[n:],
-        merged.max[n:],
-        merged.maps[n:] if merged.maps is not None else None,
-    )
-    return ([rest] if len(rest.mean) else []), have - n
-
-
-def _spread(scored: np.ndarray, skipped: np.ndarray) -> np.ndarray:
-    """Values of the scored tiles back in their shard's places, NaN for the skipped ones."""
-    out = np.full((len(skipped), *scored.shape[1:]), np.nan, np.float32)
-    out[~skipped] = scored
-    return out
-
-
-def _concat_scores(parts: Sequence[ScoreBatch]) -> ScoreBatch:
-    if len(parts) == 1:
-        return parts[0]
-    maps = [p.maps for p in parts if p.maps is not None]
-    return ScoreBatch(
-        np.concatenate([p.mean for p in parts]),
-        np.concatenate([p.max for p in parts]),
-        np.concatenate(maps) if len(maps) == len(parts) else None,
-    )

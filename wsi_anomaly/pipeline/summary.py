@@ -82,7 +82,7 @@ def slide_summary(
         "compile": run.scorer.compile_mode,
         "device": str(run.scorer.device),
         "precision": run.scorer.precision,
-        "model": run.scorer.identity,
+        "model": run.model.identity,
         "outputs": {
             key: str(run.plan.final / Path(path).relative_to(run.plan.work))
             for key, path in outputs.items()
