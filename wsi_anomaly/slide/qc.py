@@ -28,6 +28,7 @@ preset (``qc_default``) and validated. Flags are bits of a ``uint16``: bit ``k``
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, fields
@@ -48,6 +49,7 @@ VALUE_NAMES = (
     "pen_black",
     "pen_red",
     "fold",
+    "fold_step",
     "bubble",
     "brightness",
     "stain_od",
@@ -111,14 +113,22 @@ class QCSettings:
     #: black ink: value (max of RGB) below this with low saturation.
     pen_black_max_value: float = 0.2
     #: fold: tissue optical density (sum over RGB) above ``fold_od_ratio`` × the slide's median
-    #: tissue density (:func:`reference_od`), on at least ``max_fold`` of the tissue pixels.
+    #: tissue density (:func:`reference_od`), on at least ``max_fold`` of the tissue pixels …
     fold_od_ratio: float = 2.5
     max_fold: float = 0.45
-    #: bubble/coverslip edge: thin bright lines (white top-hat of the grey image above
-    #: ``bubble_contrast``) on at least ``max_bubble`` of the pixels.
-    bubble_contrast: float = 0.1
-    bubble_min_grey: float = 0.9
-    max_bubble: float = 0.1
+    #: … or a straight edge across which the mean density of strips ``fold_step_width`` (of the
+    #: tile side) wide steps up by at least ``max_fold_step`` × the slide's median density.
+    fold_step_width: float = 0.2
+    max_fold_step: float = 1.5
+    #: bubble/coverslip edge: thin bright lines (brighter than both sides by ``bubble_contrast``,
+    #: grey at least ``bubble_min_grey``) that follow a circle (``bubble_inliers`` of a line's
+    #: pixels within ``bubble_fit_px`` of it, at half resolution) along at least ``max_bubble``
+    #: tile sides.
+    bubble_contrast: float = 0.08
+    bubble_min_grey: float = 0.7
+    bubble_fit_px: float = 1.0
+    bubble_inliers: float = 0.6
+    max_bubble: float = 0.5
     #: exposure: mean grey level of the tile above / below these.
     max_brightness: float = 0.92
     min_brightness: float = 0.25
@@ -153,7 +163,8 @@ class QCSettings:
         for name in (
             "max_pen",
             "max_fold",
-            "max_bubble",
+            "fold_step_width",
+            "bubble_inliers",
             "max_brightness",
             "min_brightness",
             "pen_min_saturation",
@@ -240,6 +251,34 @@ def _in_hue(h: np.ndarray, window: tuple[float, float]) -> np.ndarray:
     return (h >= lo) & (h <= hi) if lo <= hi else (h >= lo) | (h <= hi)
 
 
+#: Ink classes as bits of the colour lookup table.
+_GREEN, _BLUE, _BLACK, _RED = 1, 2, 4, 8
+#: Bits of each colour channel kept by the lookup table (64 levels per channel).
+_LUT_BITS = 6
+
+
+@functools.lru_cache(maxsize=8)
+def _ink_lut(settings: QCSettings) -> np.ndarray:
+    """Ink class bits of every colour quantised to 6 bits per channel: one table lookup per
+    pixel instead of an HSV conversion (262 144 entries, computed once per settings)."""
+    levels = 1 << _LUT_BITS
+    centre = (np.arange(levels, dtype=np.float32) + 0.5) / levels
+    r, g, b = np.meshgrid(centre, centre, centre, indexing="ij")
+    h, s, v = _hsv(r, g, b)
+    coloured = s >= settings.pen_min_saturation
+    lut = np.zeros(r.shape, np.uint8)
+    lut |= (coloured & _in_hue(h, settings.pen_green_hue)).astype(np.uint8) * _GREEN
+    lut |= (coloured & _in_hue(h, settings.pen_blue_hue)).astype(np.uint8) * _BLUE
+    lut |= ((v < settings.pen_black_max_value) & (s < 0.5)).astype(np.uint8) * _BLACK
+    red = (s >= settings.pen_red_min_saturation) & _in_hue(h, settings.pen_red_hue) & (v > 0.4)
+    lut |= red.astype(np.uint8) * _RED
+    return lut.ravel()
+
+
+#: Optical density of each 8-bit channel value, −log(transmission) (floor 1/255).
+_OD_LUT = (-np.log(np.maximum(np.arange(256, dtype=np.float32), 1) / 255)).astype(np.float32)
+
+
 def _laplacian_energy(grey: np.ndarray, step: int = 1) -> np.ndarray:
     """Mean squared 4-neighbour Laplacian of (n, h, w) int16 images on every ``step``-th
     interior row (every row's neighbours are used, so the Laplacian is the full-resolution one)."""
@@ -261,18 +300,138 @@ def _laplacian_energy_rows(rows: np.ndarray) -> np.ndarray:
 
 def _line_response(grey: np.ndarray, d: int) -> np.ndarray:
     """How much brighter each pixel of (n, h, w) images is than both of its neighbours ``d``
-    pixels away, across or along (the larger of the two): high on thin bright lines, low on
-    wide bright areas and on edges."""
+    pixels away on the other side, in the best of four directions (across, along and both
+    diagonals): high on thin bright lines of any orientation, low on wide bright areas and on
+    edges."""
     out = np.zeros_like(grey)
     c = grey[:, d:-d, d:-d]
-    across = np.minimum(c - grey[:, d:-d, : -2 * d], c - grey[:, d:-d, 2 * d :])
-    along = np.minimum(c - grey[:, : -2 * d, d:-d], c - grey[:, 2 * d :, d:-d])
-    out[:, d:-d, d:-d] = np.maximum(across, along)
+    best = np.minimum(c - grey[:, d:-d, : -2 * d], c - grey[:, d:-d, 2 * d :])
+    for a, b in (
+        (grey[:, : -2 * d, d:-d], grey[:, 2 * d :, d:-d]),
+        (grey[:, : -2 * d, : -2 * d], grey[:, 2 * d :, 2 * d :]),
+        (grey[:, : -2 * d, 2 * d :], grey[:, 2 * d :, : -2 * d]),
+    ):
+        np.maximum(best, np.minimum(c - a, c - b), out=best)
+    out[:, d:-d, d:-d] = best
     return out
 
 
-#: Colour and density measurements use every SAMPLE_STEP-th pixel of each row and column.
+#: 8-connected components within each image of a (n, h, w) stack, never across images.
+_PLANE = np.zeros((3, 3, 3), bool)
+_PLANE[1] = True
+#: Angular bins of an arc's coverage of its circle.
+_ARC_BINS = 32
+
+
+def arc_lengths(lines: np.ndarray, fit_px: float, min_inliers: float) -> np.ndarray:
+    """Longest circular arc among the line pixels of each (n, h, w) bool image, in image sides.
+
+    Each connected line (8-connected, at least a quarter of the image side long) gets a circle
+    fitted by algebraic least squares (Kåsa), refitted once on the pixels within ``3·fit_px``
+    of the first circle (so that side branches do not pull it). A line is an arc when at least
+    ``min_inliers`` of its pixels lie within ``fit_px`` of its circle and the radius is between
+    a tenth of the image side and three sides; its length is the angle its inliers cover × the
+    radius. All components of all images are fitted at once (sums by ``np.bincount``).
+    """
+    n, size = len(lines), lines.shape[-1]
+    out = np.zeros(n, np.float32)
+    labels, n_lab = ndimage.label(lines, _PLANE)
+    if n_lab == 0:
+        return out
+    count = np.bincount(labels.ravel(), minlength=n_lab + 1).astype(np.float64)
+    fit = count >= size / 4
+    fit[0] = False
+    if not fit.any():
+        return out
+    # Only the pixels of lines long enough to be fitted.
+    z, yi, xi = np.nonzero(fit[labels])
+    lab = labels[z, yi, xi]
+    y, x = yi.astype(np.float64), xi.astype(np.float64)
+    weight = np.ones_like(x)
+    r2 = x * x + y * y
+    cx = cy = radius = np.zeros(n_lab + 1)
+    dist = np.zeros_like(x)
+    for _ in range(2):
+
+        def total(v: np.ndarray, w: np.ndarray = weight) -> np.ndarray:
+            return np.bincount(lab, v * w, minlength=n_lab + 1)
+
+        sx, sy, sn = total(x), total(y), total(np.ones_like(x))
+        sxy = total(x * y)
+        normal = np.stack(
+            [
+                np.stack([total(x * x), sxy, sx], -1),
+                np.stack([sxy, total(y * y), sy], -1),
+                np.stack([sx, sy, sn], -1),
+            ],
+            -2,
+        )[fit]
+        rhs = -np.stack([total(x * r2), total(y * r2), total(r2)], -1)[fit]
+        coef = np.zeros((n_lab + 1, 3))
+        ok = np.abs(np.linalg.det(normal)) > 1e-9
+        coef_fit = np.zeros((len(normal), 3))
+        coef_fit[ok] = np.linalg.solve(normal[ok], rhs[ok, :, None])[..., 0]
+        coef[fit] = coef_fit
+        cx, cy = -coef[:, 0] / 2, -coef[:, 1] / 2
+        radius = np.sqrt(np.maximum(cx * cx + cy * cy - coef[:, 2], 0))
+        dist = np.abs(np.hypot(x - cx[lab], y - cy[lab]) - radius[lab])
+        weight = (dist < 3 * fit_px).astype(np.float64)
+    inlier = dist < fit_px
+    n_in = np.bincount(lab, inlier.astype(np.float64), minlength=n_lab + 1)
+    angle = np.arctan2(y - cy[lab], x - cx[lab])
+    sector = ((angle + np.pi) * (_ARC_BINS / (2 * np.pi))).astype(np.int64) % _ARC_BINS
+    covered = np.bincount((lab * _ARC_BINS + sector)[inlier], minlength=(n_lab + 1) * _ARC_BINS)
+    coverage = (covered.reshape(n_lab + 1, _ARC_BINS) > 0).sum(axis=1) / _ARC_BINS
+    arc = fit & (n_in >= min_inliers * count) & (radius > size / 10) & (radius < 3 * size)
+    length = np.where(arc, coverage * 2 * np.pi * radius / size, 0.0)
+    image = np.zeros(n_lab + 1, np.int64)
+    image[lab] = z
+    np.maximum.at(out, image[1:], length[1:].astype(np.float32))
+    return out
+
+
+@functools.lru_cache(maxsize=4)
+def _step_strips(grid: int, width: float) -> tuple[np.ndarray, np.ndarray]:
+    """Pairs of strips ``width`` (of the tile side) wide on either side of straight lines
+    (24 directions × 15 offsets) on a ``grid``² block map: (L, grid²) float32 each."""
+    yy, xx = (np.mgrid[0:grid, 0:grid] + 0.5) / grid - 0.5
+    near, far = [], []
+    for theta in np.linspace(0, 2 * np.pi, 24, endpoint=False):
+        u = xx * np.cos(theta) + yy * np.sin(theta)
+        for c in np.linspace(-0.35, 0.35, 15):
+            near.append((u > c) & (u < c + width))
+            far.append((u < c) & (u > c - width))
+    a, b = (np.array(m, np.float32).reshape(len(m), -1) for m in (near, far))
+    keep = (a.sum(1) >= 0.6 * width * grid * grid) & (b.sum(1) >= 0.6 * width * grid * grid)
+    return a[keep], b[keep]
+
+
+def _fold_step(od: np.ndarray, tissue: np.ndarray, reference: float, width: float) -> np.ndarray:
+    """Largest step in mean optical density across a straight line of (n, h, w) density maps,
+    over tissue on both sides, in units of the slide's reference density: the edge of a fold,
+    where the tissue underneath continues and a second layer adds its whole density."""
+    n, h, w = od.shape
+    grid = 32 if h % 32 == 0 and w == h else 0
+    if grid == 0:
+        return np.full(n, np.nan, np.float32)
+    k = h // grid
+    t = tissue.astype(np.float32)
+    dens = (od * t).reshape(n, grid, k, grid, k).sum((2, 4)).reshape(n, -1)
+    cover = t.reshape(n, grid, k, grid, k).sum((2, 4)).reshape(n, -1)
+    near, far = _step_strips(grid, width)
+    full = np.float32(k * k * 0.7)
+    s_near, c_near = dens @ near.T, cover @ near.T
+    s_far, c_far = dens @ far.T, cover @ far.T
+    ok = (c_near >= full * near.sum(1)) & (c_far >= full * far.sum(1))
+    step = s_near / np.maximum(c_near, 1) - s_far / np.maximum(c_far, 1)
+    step = np.where(ok, step, 0).max(axis=1)
+    return (step / (reference if math.isfinite(reference) else 1.0)).astype(np.float32)
+
+
+#: Colour and density measurements use every SAMPLE_STEP-th pixel of each row and column;
+#: bubble rims every BUBBLE_STEP-th.
 SAMPLE_STEP = 4
+BUBBLE_STEP = 2
 
 
 def measure_tiles(
@@ -282,9 +441,9 @@ def measure_tiles(
     :data:`VALUE_NAMES` (``border_um`` is NaN here: see :func:`border_distance_um`).
     ``reference``: the slide's median tissue density (:func:`reference_od`; NaN → 1).
 
-    Colour classes and densities are measured on every 4th pixel (marker strokes, folds and
-    bubble rims are several pixels wide); focus at the tiles' own resolution (on every 4th
-    row) against a 4× coarser scale.
+    Colour classes and densities are measured on every 4th pixel (marker strokes and folds are
+    several pixels wide), bubble rims on every 2nd; focus at the tiles' own resolution (on
+    every 4th row) against a 4× coarser scale.
     """
     settings = settings or QCSettings()
     tiles = np.asarray(tiles)
@@ -296,40 +455,45 @@ def measure_tiles(
         return out
     step = SAMPLE_STEP
     sample = np.ascontiguousarray(tiles[:, step // 2 :: step, step // 2 :: step, :3])
-    scale = np.float32(1 / 255)
-    r, g, b = (sample[..., k].astype(np.float32) * scale for k in range(3))
-    grey = np.float32(0.299) * r + np.float32(0.587) * g + np.float32(0.114) * b
-    h, s, v = _hsv(r, g, b)
+    r, g, b = sample[..., 0], sample[..., 1], sample[..., 2]
+    shift = 8 - _LUT_BITS
+    key = (r.astype(np.int32) >> shift) << (2 * _LUT_BITS)
+    key |= (g.astype(np.int32) >> shift) << _LUT_BITS
+    key |= b.astype(np.int32) >> shift
+    ink = _ink_lut(settings)[key]
     # Optical density summed over R, G, B: −log of the product of the transmissions.
-    floor = np.float32(1 / 255)
-    od = -np.log(np.maximum(r, floor) * np.maximum(g, floor) * np.maximum(b, floor))
-    coloured = s >= settings.pen_min_saturation
-    green = coloured & _in_hue(h, settings.pen_green_hue)
-    blue = coloured & _in_hue(h, settings.pen_blue_hue)
-    red = (s >= settings.pen_red_min_saturation) & _in_hue(h, settings.pen_red_hue) & (v > 0.4)
-    black = (v < settings.pen_black_max_value) & (s < 0.5)
-    tissue = (od > 0.3) & ~black & ~green & ~blue & ~red
+    od = _OD_LUT[r] + _OD_LUT[g] + _OD_LUT[b]
+    grey = (r * np.float32(0.299 / 255) + g * np.float32(0.587 / 255)) + b * np.float32(0.114 / 255)
+    tissue = (od > 0.3) & (ink == 0)
 
-    n_px = np.float32(h.shape[1] * h.shape[2])
+    n_px = np.float32(r.shape[1] * r.shape[2])
+    flat_ink = ink.reshape(n, -1)
 
     def count(mask: np.ndarray) -> np.ndarray:
         return np.count_nonzero(mask.reshape(n, -1), axis=1).astype(np.float32)
 
-    def mean(mask: np.ndarray) -> np.ndarray:
-        return count(mask) / n_px
-
     n_tissue = np.maximum(count(tissue), 1)
-    out[:, _COL["pen_green"]] = mean(green)
-    out[:, _COL["pen_blue"]] = mean(blue)
-    out[:, _COL["pen_black"]] = mean(black)
-    out[:, _COL["pen_red"]] = mean(red)
+    for name, bit in (
+        ("pen_green", _GREEN),
+        ("pen_blue", _BLUE),
+        ("pen_black", _BLACK),
+        ("pen_red", _RED),
+    ):
+        out[:, _COL[name]] = np.count_nonzero(flat_ink & bit, axis=1) / n_px
     # Folds: a dark patch, not a dark nucleus — the density averaged over 5×5 sampled pixels
-    # (20 px of the tile, larger than a nucleus).
+    # (20 px of the tile, larger than a nucleus) ...
     od_smooth = ndimage.uniform_filter(od, size=(1, 5, 5))
-    fold_od = settings.fold_od_ratio * (reference if math.isfinite(reference) else 1.0)
-    out[:, _COL["fold"]] = count(tissue & (od_smooth > fold_od)) / n_tissue
-    lines = (_line_response(grey, 2) > settings.bubble_contrast) & (grey > settings.bubble_min_grey)
-    out[:, _COL["bubble"]] = mean(lines)
+    ref = reference if math.isfinite(reference) else 1.0
+    out[:, _COL["fold"]] = count(tissue & (od_smooth > settings.fold_od_ratio * ref)) / n_tissue
+    # ... or a straight edge across which the density steps up by a whole layer of tissue.
+    out[:, _COL["fold_step"]] = _fold_step(od, tissue, reference, settings.fold_step_width)
+    # Bubble rims: long thin bright lines that follow a circle, on every 2nd pixel.
+    bstep = BUBBLE_STEP
+    half = tiles[:, bstep // 2 :: bstep, bstep // 2 :: bstep, 1].astype(np.int16)
+    lines = (_line_response(half, 2) > round(255 * settings.bubble_contrast)) & (
+        half > round(255 * settings.bubble_min_grey)
+    )
+    out[:, _COL["bubble"]] = arc_lengths(lines, settings.bubble_fit_px, settings.bubble_inliers)
     out[:, _COL["brightness"]] = grey.reshape(n, -1).mean(axis=1)
     out[:, _COL["stain_od"]] = (
         np.einsum("ni,ni->n", od.reshape(n, -1), tissue.reshape(n, -1).astype(np.float32))
@@ -339,9 +503,9 @@ def measure_tiles(
     rows = tiles.shape[1] // 4 * 4
     triples = tiles[:, :rows, :, 1].reshape(n, rows // 4, 4, -1)[:, :, :3].astype(np.int16)
     fine = _laplacian_energy_rows(triples)
-    coarse = _laplacian_energy(np.ascontiguousarray(sample[..., 1]).astype(np.int16))
+    coarse = _laplacian_energy(g.astype(np.int16))
     out[:, _COL["focus"]] = np.where(coarse > 1.0, fine / np.maximum(coarse, 1.0), np.nan)
-    contrast = sample[..., 1].reshape(n, -1).astype(np.float32).var(axis=1)
+    contrast = g.reshape(n, -1).astype(np.float32).var(axis=1)
     out[:, _COL["sharpness"]] = np.where(contrast > 1.0, fine / np.maximum(contrast, 1.0), np.nan)
     return out
 
@@ -380,7 +544,8 @@ def flag_tiles(values: np.ndarray, settings: QCSettings | None = None) -> np.nda
             "pen_blue": col["pen_blue"] >= settings.max_pen if settings.max_pen else None,
             "pen_black": col["pen_black"] >= settings.max_pen if settings.max_pen else None,
             "pen_red": col["pen_red"] >= settings.max_pen if settings.max_pen else None,
-            "fold": col["fold"] >= settings.max_fold if settings.max_fold else None,
+            "fold": (col["fold"] >= settings.max_fold if settings.max_fold else False)
+            | (col["fold_step"] >= settings.max_fold_step if settings.max_fold_step else False),
             "bubble": col["bubble"] >= settings.max_bubble if settings.max_bubble else None,
             "overexposed": col["brightness"] > settings.max_brightness,
             "underexposed": col["brightness"] < settings.min_brightness,
@@ -391,7 +556,7 @@ def flag_tiles(values: np.ndarray, settings: QCSettings | None = None) -> np.nda
     for k, name in enumerate(FLAG_NAMES):
         hit = tests[name]
         if hit is not None:
-            flags |= hit.astype(np.uint16) << k
+            flags |= np.asarray(hit, bool).astype(np.uint16) << k
     return flags
 
 
