@@ -229,9 +229,10 @@ def test_store_keeps_qc_beside_the_tiles(small_store):
     assert values.shape == (len(store), len(VALUE_NAMES)) and flags.shape == (len(store),)
     assert np.isfinite(values).all()
     # The values are those of the stored tiles (same pixels, no second read of the slide).
+    # Measured in the decoding threads, part by part: the same as all tiles measured at once.
     again = measure_tiles(store.read(0, len(store)), reference=store.qc["reference_od"])
-    focus = VALUE_NAMES.index("focus")
-    np.testing.assert_allclose(values[:, focus], again[:, focus], rtol=1e-5)
+    own = [k for k, name in enumerate(VALUE_NAMES) if name != "border_um"]
+    np.testing.assert_allclose(values[:, own], again[:, own], rtol=1e-5, atol=1e-6)
 
 
 def test_store_without_qc_still_reads(small_store, tmp_path):
