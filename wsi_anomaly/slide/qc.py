@@ -122,14 +122,15 @@ class QCSettings:
     fold_step_width: float = 0.2
     max_fold_step: float = 1.5
     #: bubble/coverslip edge: thin bright lines (brighter than both sides by ``bubble_contrast``,
-    #: grey at least ``bubble_min_grey``) that follow a circle (``bubble_inliers`` of a line's
-    #: pixels within ``bubble_fit_px`` of it, at half resolution) along at least ``max_bubble``
-    #: tile sides.
+    #: grey at least ``bubble_min_grey``) that follow a circle continuously (see
+    #: :func:`arc_lengths`: ``bubble_fit_px`` at half resolution, ``bubble_inliers``,
+    #: ``bubble_fill``) along at least ``max_bubble`` tile sides.
     bubble_contrast: float = 0.08
-    bubble_min_grey: float = 0.7
-    bubble_fit_px: float = 1.0
-    bubble_inliers: float = 0.6
-    max_bubble: float = 0.5
+    bubble_min_grey: float = 0.6
+    bubble_fit_px: float = 1.5
+    bubble_inliers: float = 0.1
+    bubble_fill: float = 0.7
+    max_bubble: float = 0.6
     #: exposure: mean grey level of the tile above / below these.
     max_brightness: float = 0.92
     min_brightness: float = 0.25
@@ -166,6 +167,7 @@ class QCSettings:
             "max_fold",
             "fold_step_width",
             "bubble_inliers",
+            "bubble_fill",
             "max_brightness",
             "min_brightness",
             "pen_min_saturation",
@@ -324,15 +326,21 @@ _PLANE[1] = True
 _ARC_BINS = 32
 
 
-def arc_lengths(lines: np.ndarray, fit_px: float, min_inliers: float) -> np.ndarray:
+def arc_lengths(
+    lines: np.ndarray, fit_px: float, min_inliers: float, fill: float = 0.7
+) -> np.ndarray:
     """Longest circular arc among the line pixels of each (n, h, w) bool image, in image sides.
 
     Each connected line (8-connected, at least a quarter of the image side long) gets a circle
-    fitted by algebraic least squares (Kåsa), refitted once on the pixels within ``3·fit_px``
-    of the first circle (so that side branches do not pull it). A line is an arc when at least
+    fitted by algebraic least squares (Kåsa), refitted three times on the pixels ever closer to
+    the previous circle (within 8/3, 4/3 and 1 × ``fit_px`` in turn), so that a rim joined to
+    other lines (gaps between fibres crossing it) still finds its own circle. The circle is
+    split into 32 sectors; a sector is covered when its pixels within ``fit_px`` of the circle
+    are at least ``fill`` × what a continuous 1-px line through the sector would leave (short,
+    broken lines that happen to touch a circle do not cover it). A line is an arc when at least
     ``min_inliers`` of its pixels lie within ``fit_px`` of its circle and the radius is between
-    a tenth of the image side and three sides; its length is the angle its inliers cover × the
-    radius. All components of all images are fitted at once (sums by ``np.bincount``).
+    a tenth of the image side and three sides; its length is the covered angle × the radius.
+    All components of all images are fitted at once (sums by ``np.bincount``).
     """
     n, size = len(lines), lines.shape[-1]
     out = np.zeros(n, np.float32)
@@ -348,11 +356,13 @@ def arc_lengths(lines: np.ndarray, fit_px: float, min_inliers: float) -> np.ndar
     z, yi, xi = np.nonzero(fit[labels])
     lab = labels[z, yi, xi]
     y, x = yi.astype(np.float64), xi.astype(np.float64)
-    weight = np.ones_like(x)
     r2 = x * x + y * y
+    weight = np.ones_like(x)
     cx = cy = radius = np.zeros(n_lab + 1)
     dist = np.zeros_like(x)
-    for _ in range(2):
+    for tolerance in (None, 8 / 3 * fit_px, 4 / 3 * fit_px, fit_px):
+        if tolerance is not None:
+            weight = (dist < tolerance).astype(np.float64)
 
         def total(v: np.ndarray, w: np.ndarray = weight) -> np.ndarray:
             return np.bincount(lab, v * w, minlength=n_lab + 1)
@@ -376,13 +386,15 @@ def arc_lengths(lines: np.ndarray, fit_px: float, min_inliers: float) -> np.ndar
         cx, cy = -coef[:, 0] / 2, -coef[:, 1] / 2
         radius = np.sqrt(np.maximum(cx * cx + cy * cy - coef[:, 2], 0))
         dist = np.abs(np.hypot(x - cx[lab], y - cy[lab]) - radius[lab])
-        weight = (dist < 3 * fit_px).astype(np.float64)
     inlier = dist < fit_px
     n_in = np.bincount(lab, inlier.astype(np.float64), minlength=n_lab + 1)
     angle = np.arctan2(y - cy[lab], x - cx[lab])
     sector = ((angle + np.pi) * (_ARC_BINS / (2 * np.pi))).astype(np.int64) % _ARC_BINS
-    covered = np.bincount((lab * _ARC_BINS + sector)[inlier], minlength=(n_lab + 1) * _ARC_BINS)
-    coverage = (covered.reshape(n_lab + 1, _ARC_BINS) > 0).sum(axis=1) / _ARC_BINS
+    per_sector = np.bincount(
+        (lab * _ARC_BINS + sector)[inlier], minlength=(n_lab + 1) * _ARC_BINS
+    ).reshape(n_lab + 1, _ARC_BINS)
+    need = np.maximum(fill * 2 * np.pi * radius / _ARC_BINS, 1)
+    coverage = (per_sector >= need[:, None]).sum(axis=1) / _ARC_BINS
     arc = fit & (n_in >= min_inliers * count) & (radius > size / 10) & (radius < 3 * size)
     length = np.where(arc, coverage * 2 * np.pi * radius / size, 0.0)
     image = np.zeros(n_lab + 1, np.int64)
@@ -500,7 +512,9 @@ def measure_tiles(
     lines = (_line_response(half, 2) > round(255 * settings.bubble_contrast)) & (
         half > round(255 * settings.bubble_min_grey)
     )
-    out[:, _COL["bubble"]] = arc_lengths(lines, settings.bubble_fit_px, settings.bubble_inliers)
+    out[:, _COL["bubble"]] = arc_lengths(
+        lines, settings.bubble_fit_px, settings.bubble_inliers, settings.bubble_fill
+    )
     out[:, _COL["brightness"]] = grey.reshape(n, -1).mean(axis=1)
     out[:, _COL["stain_od"]] = (
         np.einsum("ni,ni->n", od.reshape(n, -1), tissue.reshape(n, -1).astype(np.float32))
