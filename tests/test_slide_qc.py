@@ -93,6 +93,18 @@ def test_bubble_rims_are_flagged():
     assert flags_of(foam[None], reference)["bubble"].all()
 
 
+def test_a_flag_turned_off_skips_its_measurement():
+    rng = np.random.default_rng(2)
+    tile, reference = flat_tissue(rng)
+    foam = artifacts.bubble(tile, rng, rim_px=6)
+    off = QCSettings(max_bubble=0, max_fold_step=0)
+    values = measure_tiles(foam[None], off, reference)
+    assert np.isnan(values[0, VALUE_NAMES.index("bubble")])
+    assert np.isnan(values[0, VALUE_NAMES.index("fold_step")])
+    assert not flag_masks(flag_tiles(values, off))["bubble"].any()
+    assert flags_of(foam[None], reference)["bubble"].all()
+
+
 def test_short_bright_gaps_are_not_bubbles():
     """Bright gaps between fibres: as thin and as bright as a rim, but short and irregular."""
     rng = np.random.default_rng(5)

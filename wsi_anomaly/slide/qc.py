@@ -522,16 +522,19 @@ def measure_tiles(
     ref = reference if math.isfinite(reference) else 1.0
     out[:, _COL["fold"]] = count(tissue & (od_smooth > settings.fold_od_ratio * ref)) / n_tissue
     # ... or a straight edge across which the density steps up by a whole layer of tissue.
-    out[:, _COL["fold_step"]] = _fold_step(od, tissue, reference, settings.fold_step_width)
+    # (A flag turned off, threshold 0, skips its measurement: NaN.)
+    if settings.max_fold_step:
+        out[:, _COL["fold_step"]] = _fold_step(od, tissue, reference, settings.fold_step_width)
     # Bubble rims: long thin bright lines that follow a circle, on every 2nd pixel.
-    bstep = BUBBLE_STEP
-    half = tiles[:, bstep // 2 :: bstep, bstep // 2 :: bstep, 1].astype(np.int16)
-    lines = (_line_response(half, 2) > round(255 * settings.bubble_contrast)) & (
-        half > round(255 * settings.bubble_min_grey)
-    )
-    out[:, _COL["bubble"]] = arc_lengths(
-        lines, settings.bubble_fit_px, settings.bubble_inliers, settings.bubble_fill
-    )
+    if settings.max_bubble:
+        bstep = BUBBLE_STEP
+        half = tiles[:, bstep // 2 :: bstep, bstep // 2 :: bstep, 1].astype(np.int16)
+        lines = (_line_response(half, 2) > round(255 * settings.bubble_contrast)) & (
+            half > round(255 * settings.bubble_min_grey)
+        )
+        out[:, _COL["bubble"]] = arc_lengths(
+            lines, settings.bubble_fit_px, settings.bubble_inliers, settings.bubble_fill
+        )
     out[:, _COL["brightness"]] = grey.reshape(n, -1).mean(axis=1)
     out[:, _COL["stain_od"]] = (
         np.einsum("ni,ni->n", od.reshape(n, -1), tissue.reshape(n, -1).astype(np.float32))
