@@ -136,6 +136,18 @@ def test_arc_length_of_circles_lines_and_noise():
     assert lengths[2] == 0 and lengths[3] == 0
 
 
+def test_a_dense_texture_is_no_arc_but_a_rim_inside_one_is():
+    """Bright lines on 40 % of the pixels join into one component that any circle crosses
+    densely; the band beside the circle is as full as the ring, so nothing is covered."""
+    rng = np.random.default_rng(1)
+    yy, xx = np.mgrid[0:128, 0:128]
+    texture = rng.random((4, 128, 128)) < 0.4
+    ring = np.abs(np.hypot(yy - 64, xx - 64) - 40) < 1.2
+    speckled_ring = ring | (rng.random((128, 128)) < 0.05)
+    assert (arc_lengths(texture, 1.5, 0.1, 0.7) < QCSettings().max_bubble).all()
+    assert arc_lengths(speckled_ring[None], 1.5, 0.1, 0.7)[0] > 1.5
+
+
 def test_fold_edge_is_a_density_step_across_a_straight_line():
     rng = np.random.default_rng(3)
     tile, density = flat_tissue(rng)

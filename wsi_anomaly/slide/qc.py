@@ -345,7 +345,8 @@ def arc_lengths(
     other lines (gaps between fibres crossing it) still finds its own circle. The circle is
     split into 32 sectors; a sector is covered when its pixels within ``fit_px`` of the circle
     are at least ``fill`` × what a continuous 1-px line through the sector would leave (short,
-    broken lines that happen to touch a circle do not cover it). A line is an arc when at least
+    broken lines that happen to touch a circle do not cover it) and outnumber the line's pixels
+    in the twice-as-wide band beside the ring (a blob or a dense texture fills both alike). A line is an arc when at least
     ``min_inliers`` of its pixels lie within ``fit_px`` of its circle and the radius is between
     a tenth of the image side and three sides; its length is the covered angle × the radius.
     All components of all images are fitted at once (sums by ``np.bincount``).
@@ -407,11 +408,17 @@ def arc_lengths(
     n_in = 2 * np.bincount(lab, inlier.astype(np.float64), minlength=n_lab + 1)
     angle = np.arctan2(y - cy[lab], x - cx[lab])
     sector = ((angle + np.pi) * (_ARC_BINS / (2 * np.pi))).astype(np.int64) % _ARC_BINS
-    per_sector = np.bincount(
-        (lab * _ARC_BINS + sector)[inlier], minlength=(n_lab + 1) * _ARC_BINS
-    ).reshape(n_lab + 1, _ARC_BINS)
+    bins = lab * _ARC_BINS + sector
+    per_sector = np.bincount(bins[inlier], minlength=(n_lab + 1) * _ARC_BINS)
+    # The band on either side of the ring (fit_px to 3·fit_px away: twice the ring's width):
+    # a rim stands out from it; a blob or a dense texture fills it as much as the ring.
+    beside = (dist >= fit_px) & (dist < 3 * fit_px)
+    per_beside = np.bincount(bins[beside], minlength=(n_lab + 1) * _ARC_BINS)
     need = np.maximum(fill * np.pi * radius / _ARC_BINS, 1)  # half: on the checkerboard
-    coverage = (per_sector >= need[:, None]).sum(axis=1) / _ARC_BINS
+    covered = (per_sector.reshape(n_lab + 1, _ARC_BINS) >= need[:, None]) & (
+        per_beside <= per_sector
+    ).reshape(n_lab + 1, _ARC_BINS)
+    coverage = covered.sum(axis=1) / _ARC_BINS
     arc = fit & (n_in >= min_inliers * count) & (radius > size / 10) & (radius < 3 * size)
     length = np.where(arc, coverage * 2 * np.pi * radius / size, 0.0)
     image = np.zeros(n_lab + 1, np.int64)
