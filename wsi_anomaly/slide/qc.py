@@ -9,18 +9,23 @@ never read a second time), vectorised over a batch of tiles:
 * ``sharpness``: the Laplacian energy at the tile's resolution over the tile's grey variance
   (its contrast): low on strongly blurred tiles, where both scales of ``focus`` are gone.
 * ``pen_green``, ``pen_blue``, ``pen_black``, ``pen_red``: fraction of the tile's pixels in a
-  marker-ink colour class (HSV hue, saturation and value windows outside H&E's pink→purple).
+  marker-ink colour class (HSV hue, saturation and value windows outside H&E's pink→purple,
+  precomputed into one colour lookup table).
 * ``fold``: fraction of tissue pixels whose optical density (summed over RGB, averaged over
   ~20 px) exceeds a multiple of the slide's median tissue density (:func:`reference_od`, from
   the thumbnail): doubled, thick tissue.
-* ``bubble``: fraction of pixels on thin bright lines (brighter than both neighbours a few
-  pixels away, across or along): bubble rims and coverslip edges.
+* ``fold_step``: the largest step in mean density across a straight line with tissue on both
+  sides, in units of the slide's median density: the edge of a fold, where a second layer of
+  tissue starts over tissue that continues underneath.
+* ``bubble``: the longest circular arc covered continuously by thin bright lines, in tile sides
+  (:func:`arc_lengths`): bubble rims and coverslip edges, told from the short, irregular bright
+  gaps between fibres by their shape.
 * ``brightness``: mean grey level of the tile (0–1): over- and under-exposure.
 * ``stain_od``: mean optical density of the tissue pixels: faint staining.
 * ``border_um``: distance from the tile's centre to the nearest background of the tissue mask,
   µm (computed once per slide from the mask, not from the tile).
 
-Each flag compares one measurement with a threshold of :class:`QCSettings`, loaded from a YAML
+Each flag compares one or two measurements with a threshold of :class:`QCSettings`, loaded from a YAML
 preset (``qc_default``) and validated. Flags are bits of a ``uint16``: bit ``k`` is
 ``FLAG_NAMES[k]``.
 """
