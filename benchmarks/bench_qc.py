@@ -4,8 +4,9 @@ For each slide (CMU-1-Small-Region, real H&E, and a synthetic slide of
 ``wsi_anomaly.slide.synthetic``) the tissue tiles are cut at 0.5 µm/px (stride 128 px on CMU-1
 for more tiles), then every tissue tile is also copied with each artifact drawn on it
 (``wsi_anomaly.slide.artifacts``): Gaussian blur (σ = 1, 2, 4 px), a pen stroke of each ink
-(green, blue, black, red), a fold (a darkened, shifted copy of the tissue over itself) and a
-bubble rim. Each copy keeps its tile's position (its tissue-border distance) and the slide's
+(green, blue, black, red), a fold (a darkened, shifted copy of the tissue over itself), a
+folded-over flap (a mirrored copy over the neighbouring tissue, bare glass where it came from)
+and a bubble rim. Each copy keeps its tile's position (its tissue-border distance) and the slide's
 reference staining, as if the artifact had been on the slide at that tile.
 
 Reported per class: tile-level precision (of the tiles flagged with that class, how many carry
@@ -43,7 +44,11 @@ def injections():
 
     out = [(f"blur σ={s:g}", "blur", lambda t, r, s=s: a.blur(t, s)) for s in BLUR_SIGMAS]
     out += [(f"pen {ink}", f"pen_{ink}", lambda t, r, ink=ink: a.pen(t, ink, r)) for ink in INKS]
-    out += [("fold", "fold", lambda t, r: a.fold(t, r)), ("bubble", "bubble", a.bubble)]
+    out += [
+        ("fold", "fold", lambda t, r: a.fold(t, r)),
+        ("fold (mirrored flap)", "fold", lambda t, r: a.fold_flap(t, r)),
+        ("bubble", "bubble", a.bubble),
+    ]
     return out
 
 

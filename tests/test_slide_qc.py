@@ -275,3 +275,20 @@ def test_store_without_qc_still_reads(small_store, tmp_path):
     store = TileStore(old)
     assert store.qc is None and store.qc_values is None and store.qc_flags is None
     assert len(store.read(0, 2)) == 2
+
+
+def test_a_folded_flap_doubles_the_tissue_it_covers_and_bares_the_glass():
+    rng = np.random.default_rng(4)
+    tile, density = flat_tissue(rng)
+    flapped = artifacts.fold_flap(tile, rng)
+    od = -np.log(np.maximum(flapped.astype(np.float32), 1) / 255).sum(axis=-1)
+    glass = np.all(flapped == 242, axis=-1).mean()
+    # 20–40 % of the tile is bare glass, as much again carries two layers (~2× the density,
+    # and a little more for the thicker stack); the rest is untouched.
+    assert 0.1 < glass < 0.45
+    doubled = (od > 1.8 * density).mean()
+    assert abs(doubled - glass) < 0.1
+    assert np.median(od[(od > 0.3) & (od < 1.5 * density)]) == pytest.approx(density, rel=0.1)
+    # Over glass a flap is a single layer: glass is never darkened.
+    blank = np.full((256, 256, 3), 242, np.uint8)
+    assert (artifacts.fold_flap(blank, rng) == 242).all()
