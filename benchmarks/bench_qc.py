@@ -92,7 +92,6 @@ def evaluate(store, seed: int = 0) -> dict:
     reference = store.qc.get("reference_od") or float("nan")
     tiles = store.read(0, len(store))
     border = store.qc_values[:, VALUE_NAMES.index("border_um")]
-    rng = np.random.default_rng(seed)
 
     def flags_of(batch: np.ndarray) -> np.ndarray:
         values = measure_tiles(batch, settings, reference)
@@ -101,7 +100,9 @@ def evaluate(store, seed: int = 0) -> dict:
 
     clean = flags_of(tiles)
     sets = [("clean", None, clean)]
-    for label, flag, inject in injections():
+    for k, (label, flag, inject) in enumerate(injections()):
+        # Each injection draws from its own stream: adding one does not move the others.
+        rng = np.random.default_rng([seed, k])
         sets.append((label, flag, flags_of(np.stack([inject(t, rng) for t in tiles]))))
     rows = {}
     for flag in dict.fromkeys(f for _, f, _ in sets if f):
@@ -183,6 +184,7 @@ def main() -> None:
     ap.add_argument("--workdir", default="/tmp/wsi-bench-qc")
     ap.add_argument("--synthetic-px", type=int, default=4096, help="synthetic slide side, px")
     ap.add_argument("--json", help="also write the results here")
+    ap.add_argument("--seed", type=int, default=0, help="seed of the injected artifacts' shapes")
     ap.add_argument(
         "--demo",
         metavar="DIR",
@@ -210,7 +212,7 @@ def main() -> None:
     for slide, stride in slides:
         t0 = time.perf_counter()
         timing = tile_with_and_without_qc(slide, work, stride)
-        res = evaluate(timing.pop("store"))
+        res = evaluate(timing.pop("store"), args.seed)
         res.update(timing)
         res["compute_fraction"] = timing["qc_ms_per_tile"] / timing["tiling_ms_per_tile"]
         res["added_fraction"] = timing["tiling_qc_ms_per_tile"] / timing["tiling_ms_per_tile"] - 1
