@@ -45,7 +45,8 @@ class TileBank(nn.Module):
         coreset_budget, projection_dim, pool_factor, seed: the bank builder's settings.
         search_chunk: query rows per block of the exact nearest-neighbour search.
 
-    ``forward``: ``(B, D)`` float tile vectors → ``(B,)`` float32 distances.
+    ``forward``: ``(B, D)`` float tile vectors → ``(B,)`` float32 distances (computed in float32
+    under any autocast).
     """
 
     def __init__(
@@ -109,4 +110,7 @@ class TileBank(nn.Module):
         if x.ndim != 2 or x.shape[1] != self.feature_dim:
             raise ValueError(f"tile vectors must be (B, {self.feature_dim}), got {tuple(x.shape)}")
         bank = self.memory_bank.to(x.device)
-        return nearest_distance(x.float(), bank, chunk_rows=self.search_chunk)
+        # float32 whatever the autocast: one vector per tile is little work, and the training
+        # calibration and the slides' scores must come from the same arithmetic
+        with torch.autocast(device_type=x.device.type, enabled=False):
+            return nearest_distance(x.float(), bank, chunk_rows=self.search_chunk)
