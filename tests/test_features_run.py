@@ -165,6 +165,11 @@ def test_heatmap_from_trident_features_ranks_the_shifted_tiles_first(
 def test_heatmap_from_clam_features_needs_the_tile_side(capsys, small_slide, knn_model, tmp_path):
     coords = grid_coords(2048, 1536)
     features, anomalous = slide_vectors(coords, seed=11)
+    # CLAM lays one grid per tissue region, from the region's corner: the right half's grid
+    # starts 37 px further right and 11 px lower (its tiles still overlap none of the left's)
+    right = coords[:, 0] >= 1024
+    coords[right] += np.array([37, 11])
+    anomalous = {(x + 37, y + 11) if x >= 1024 else (x, y) for x, y in anomalous}
     feat_dir = tmp_path / "clam_features"
     write_features(feat_dir / "h5_files" / f"{small_slide.path.stem}.h5", features, coords, "clam")
     base = [
@@ -175,16 +180,24 @@ def test_heatmap_from_clam_features_needs_the_tile_side(capsys, small_slide, knn
     assert_one_error_line(code, err, "does not record its tile size", "--patch-size-level0")
     code, _, err = run(capsys, *base, "--patch-size-level0", str(SIDE))
     assert code == 0, err
-    ranked = sorted(read_table(tmp_path / "results" / small_slide.path.name),
-                    key=lambda r: -float(r["score"]))  # fmt: skip
+    folder = tmp_path / "results" / small_slide.path.name
+    rows = read_table(folder)
+    ranked = sorted(rows, key=lambda r: -float(r["score"]))
     assert {(int(r["x"]), int(r["y"])) for r in ranked[: len(anomalous)]} == anomalous
+    assert len(rows) == 48
+    summary = json.loads((folder / "summary.json").read_text())
+    assert summary["features"]["tiles_off_grid"] == 24 and summary["grid"] == [8, 6]
+    import zarr
+
+    cells = np.asarray(zarr.open_group(str(folder / "heatmap.ome.zarr"), mode="r")["0"][:])
+    assert cells.shape == (6, 8) and np.isfinite(cells).all()  # every tile in its own cell
 
 
 @pytest.mark.parametrize(
     "case, needles",
     [
         ("outside", ["outside the 2048×1536 px slide", "do not belong together"]),
-        ("off-grid", ["not on the 256 px grid"]),
+        ("off-grid", ["tiles 3 at (868, 0) and 4 at (1024, 0) overlap", "256 px tile grid"]),
         ("dimension", ["16-dimensional", "24-dimensional", "another encoder"]),
         ("encoder", ["conch_v15", "uni_v1"]),
         ("slide size", ["4096×4096 px slide", "do not belong together"]),
@@ -201,7 +214,7 @@ def test_mismatched_features_are_refused_with_one_line(
     if case == "outside":
         coords = coords + np.array([1024, 0])
     elif case == "off-grid":
-        coords[7] += np.array([100, 0])
+        coords[3] += np.array([100, 0])
     elif case == "dimension":
         features = features[:, :16]
     elif case == "encoder":
@@ -296,3 +309,17 @@ def test_feature_files_are_found_in_trident_and_clam_layouts(tmp_path):
         feature_file_for_slide("s1.svs", [job])
     with pytest.raises(InvalidInputError, match="more than one folder"):
         training_feature_files([job])
+
+
+def test_first_overlap_finds_tiles_closer_than_the_grid_step():
+    from wsi_anomaly.tiles.feature_files import first_overlap
+
+    grid = grid_coords(1024, 1024)
+    assert first_overlap(grid, SIDE) is None
+    shifted = grid.copy()
+    shifted[grid[:, 0] >= 512] += np.array([5, 3])  # a second region's grid: no overlap
+    assert first_overlap(shifted, SIDE) is None
+    assert first_overlap(grid, SIDE + 1) is not None  # tiles of another size
+    bumped = grid.copy()
+    bumped[5] += np.array([0, 255])
+    assert first_overlap(bumped, SIDE) in {(5, 9), (9, 5)}

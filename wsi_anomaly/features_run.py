@@ -9,7 +9,8 @@ and scoring pixels:
    and read (bounded, untrusted-input safe);
 2. its vectors are checked against what the model was fitted on (the checkpoint's
    ``tile_features`` record: encoder, width, patch size and magnification) and its coordinates
-   against the slide (level-0 size, inside it, no tile twice, on one tile grid);
+   against the slide (level-0 size, inside it, no tile twice, on one tile grid — or, where
+   CLAM laid one grid per tissue region, no two tiles overlapping);
 3. each vector is scored against the memory bank; the slide is opened only for its
    fingerprint, thumbnail, tissue outline and the few top tiles' pictures;
 4. the same outputs as a pixel heatmap are written (:func:`~wsi_anomaly.stitch.
@@ -44,7 +45,7 @@ from .slide.grid import box_fractions
 from .slide.resolution import load_mpp_csv, lookup_mpp
 from .slide.tissue import TissueSettings
 from .stitch import SlideGeometry, colour_scale, slide_colour_scale, write_slide_outputs
-from .tiles.feature_files import feature_file_for_slide
+from .tiles.feature_files import feature_file_for_slide, first_overlap
 from .tiles.features_h5 import TileFeatures, check_coordinates, read_tile_features
 from .tiles.tiler import tissue_mask
 
@@ -236,10 +237,26 @@ def _run(plan: Any, h5: Path, model: str | Path, settings: Any) -> dict[str, Any
         step = _step_px(tiles, side)
         coords = tiles.coords
         origin = (int(coords[0, 0]) % step, int(coords[0, 1]) % step) if len(coords) else (0, 0)
-        check_coordinates(tiles, width, height, sources.patch_size_level0, step, origin)
+        check_coordinates(tiles, width, height, sources.patch_size_level0)
         if len(tiles) == 0:
             raise NoTissueError(f"{slide.name}: {h5.name} holds no tiles")
-        grid_index = (coords - np.asarray(origin)) // step
+        off_grid = int(((coords - np.asarray(origin)) % step).any(axis=1).sum())
+        if off_grid:
+            # CLAM lays one grid per tissue region (from the region's corner): tiles off the
+            # first tile's grid are fine as long as no two share a cell's worth of slide
+            pair = first_overlap(coords, step)
+            if pair is not None:
+                i, j = pair
+                raise InvalidInputError(
+                    f"{h5.name}: tiles {i} at {tuple(coords[i].tolist())} and {j} at "
+                    f"{tuple(coords[j].tolist())} overlap on a {step} px tile grid: the features "
+                    "were cut on another tile grid or tile size"
+                )
+        # the nearest cell of the first tile's grid (exact for tiles on it), from column/row 0
+        grid_index = np.floor((coords - np.asarray(origin)) / step + 0.5).astype(np.int64)
+        low = grid_index.min(axis=0)
+        grid_index -= low
+        origin = (origin[0] + int(low[0]) * step, origin[1] + int(low[1]) * step)
         cols, rows = (int(v) + 1 for v in grid_index.max(axis=0))
 
         t0 = time.perf_counter()
@@ -328,6 +345,7 @@ def _run(plan: Any, h5: Path, model: str | Path, settings: Any) -> dict[str, Any
                 "dim": tiles.dim,
                 "patch_size_level0": side,
                 "grid_origin_l0": list(origin),
+                "tiles_off_grid": off_grid,
                 "attrs": tiles.attrs,
             },
             "tissue_fraction_slide": tissue.tissue_fraction,

@@ -18,6 +18,8 @@ Interface:
 - :func:`open_training_features` ``(sources)`` → a ``ConcatDataset`` of
   :class:`FeatureFileDataset` (one per file, ``(D,)`` float32 tensors, one file in memory at a
   time) whose ``tile_features`` attribute is :func:`source_record` of the files.
+- :func:`first_overlap` ``(coords, step_px)``: two tiles closer than the grid step in both
+  axes (cut on another grid), or None.
 - :func:`source_record` ``(files)``: what the files say about their encoder, feature width and
   tile geometry, checked to agree across files (one-line
   :class:`~wsi_anomaly.errors.InvalidInputError` otherwise).
@@ -40,6 +42,7 @@ from .features_h5 import TileFeatures, read_tile_features
 __all__ = [
     "FeatureFileDataset",
     "feature_file_for_slide",
+    "first_overlap",
     "open_training_features",
     "source_record",
     "training_feature_files",
@@ -120,6 +123,27 @@ def training_feature_files(sources: Sequence[str | Path]) -> list[Path]:
             )
     unique = list(dict.fromkeys(p.resolve() for p in files))
     return unique
+
+
+def first_overlap(coords: np.ndarray, step_px: int) -> tuple[int, int] | None:
+    """Two tiles (indices) closer than ``step_px`` in both x and y — their cells overlap — or
+    None. ``coords``: ``(N, 2)`` level-0 top-left corners. Tiles are bucketed by cell, so only
+    neighbouring cells are compared (linear in N for tiles on grids)."""
+    cells: dict[tuple[int, int], list[int]] = {}
+    for i, (cx, cy) in enumerate((coords // step_px).tolist()):
+        cells.setdefault((cx, cy), []).append(i)
+    xy = coords.tolist()
+    for (cx, cy), members in cells.items():
+        for dx in (-1, 0, 1):
+            for dy in (-1, 0, 1):
+                for j in cells.get((cx + dx, cy + dy), ()):
+                    for i in members:
+                        if i < j and (
+                            abs(xy[i][0] - xy[j][0]) < step_px
+                            and abs(xy[i][1] - xy[j][1]) < step_px
+                        ):
+                            return i, j
+    return None
 
 
 def _number(value: Any) -> float | None:
