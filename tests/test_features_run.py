@@ -323,3 +323,19 @@ def test_first_overlap_finds_tiles_closer_than_the_grid_step():
     bumped = grid.copy()
     bumped[5] += np.array([0, 255])
     assert first_overlap(bumped, SIDE) in {(5, 9), (9, 5)}
+
+
+def test_python_api_trains_on_features_and_scores_slides_from_them(
+    small_slide, trident_job, tmp_path
+):
+    import wsi_anomaly as wa
+
+    folder = trident_job / "20x_256px_0px_overlap" / "features_uni_v1"
+    trained = wa.train_on_features([folder], tmp_path / "api.pt", device="cpu")
+    assert trained.checkpoint.is_file() and trained.epochs == 1
+    rows = wa.heatmap(
+        [small_slide.path], trained.checkpoint, out=tmp_path / "results", device="cpu",
+        features=[trident_job / "slides"],
+    )  # fmt: skip
+    assert rows[0]["status"] == "ok" and int(rows[0]["n_tiles"]) == 48
+    assert (tmp_path / "results" / "summary.csv").is_file()
