@@ -11,9 +11,10 @@ from . import options as opt
 
 log = logging.getLogger("wsi_anomaly")
 
-HELP = "train a model (HaloAE, ATAC-Net or PatchCore) on tiles"
+HELP = "train a model (HaloAE, ATAC-Net or PatchCore) on tiles, or on TRIDENT/CLAM features"
 DESCRIPTION = """Train a model on tiles of normal (reference) tissue: tile stores written by
-`tile`, or folders of images (png/jpg/tif, searched recursively). Writes one checkpoint with the
+`tile`, or folders of images (png/jpg/tif, searched recursively); or on the tile features
+TRIDENT or CLAM extracted from normal slides (--features). Writes one checkpoint with the
 model, its training-score calibration and the resolved config."""
 EXAMPLES = (
     "wsi-anomaly train --tiles tumour.zarr --out model.pt --config haloae_fast",
@@ -45,8 +46,9 @@ def add_parser(sub, parents: list[argparse.ArgumentParser]) -> None:
     opt.add_family_option(
         p,
         help="model family: haloae (normal tiles only), atacnet (normal tiles plus a few "
-        "labelled anomalies: --anomalies) or patchcore (a memory bank of normal patches); "
-        "default: the family the --config preset names, else haloae",
+        "labelled anomalies: --anomalies), patchcore (a memory bank of normal patches) or "
+        "features-knn (a memory bank of tile vectors, with --features); default: the family "
+        "the --config preset names, else haloae (features-knn with --features)",
     )
     p.add_argument(
         "--anomalies",
