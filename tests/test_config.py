@@ -68,7 +68,9 @@ def test_wrong_types_and_ranges_name_the_key(overrides, key):
 
 
 def test_unknown_family_lists_the_registered_ones():
-    with pytest.raises(InvalidInputError, match="model.name .*atacnet, haloae, patchcore"):
+    with pytest.raises(
+        InvalidInputError, match="model.name .*atacnet, features-knn, haloae, patchcore"
+    ):
         load_config(None, {"model": {"name": "nosuchfamily"}})
 
 

@@ -169,6 +169,9 @@ class HeatmapSettings:
     #: scored) or off
     qc: str = "flag"
     qc_settings: QCSettings = field(default_factory=QCSettings)
+    #: score tile features another tool extracted instead of tiling the slides
+    #: (:class:`wsi_anomaly.features_run.FeatureSources`); None: tile and score pixels
+    features: Any | None = None
 
     def __post_init__(self) -> None:
         from .score import check_batch_size, check_compile_mode
@@ -351,7 +354,13 @@ def _scorer(model: str | Path, settings: HeatmapSettings) -> Scorer:
                 compile=settings.compile,
                 backbone_weights=settings.backbone_weights,
             )
-        return _SCORERS[key]
+        scorer = _SCORERS[key]
+    if scorer.family.inputs != "images":
+        raise InvalidInputError(
+            f"{Path(model).name} is a {scorer.family.title} model: it scores tile feature vectors, "
+            "not the slide's pixels; pass the slides' TRIDENT or CLAM files with --features DIR"
+        )
+    return scorer
 
 
 def slides_in_flight(settings: HeatmapSettings) -> int:
@@ -445,6 +454,10 @@ def process_slide(
     """
     slide_path, out_root = Path(slide_path), Path(out_root)
     name = name or output_name(slide_path, out_root)
+    if settings.features is not None:  # the slide's tile vectors exist already: no tiling
+        from .features_run import process_features_slide
+
+        return process_features_slide(slide_path, out_root, model, settings, name)
     with OutputLock(out_root / name) as lock:
         plan = _plan(slide_path, out_root, name, model, settings, lock.work_path())
         done = _reusable_result(plan, settings)

@@ -107,7 +107,7 @@ def _percent(value: float | None) -> str:
 def _family_defaults(family: str) -> tuple[bool, str, str]:
     """(weakly supervised protocol?, preset used without --config, config section of the
     schedule knobs) of a family."""
-    entry = opt.model_family(family)
+    entry = opt.model_family(family, inputs="images")
     return entry.weakly_supervised, entry.default_preset, entry.schedule_section
 
 

@@ -451,15 +451,30 @@ def family_of_run(args: argparse.Namespace) -> str:
     return args.family
 
 
-def model_family(name: str):
-    """The registered model family ``--family`` names (checked when the command runs, so that
-    building the parser does not import the models)."""
+def family_for_inputs(inputs: str) -> str:
+    """The first registered family (by name) whose models take ``inputs`` (``"images"`` or
+    ``"tile features"``): the default family of a run given those inputs."""
     from ..models.registry import family_names, get_family
 
-    if name not in family_names():
-        raise InvalidInputError(
-            f"--family {name!r} is not a model family (available: {', '.join(family_names())})"
+    if inputs == "images":
+        return DEFAULT_FAMILY
+    return next(name for name in family_names() if get_family(name).inputs == inputs)
+
+
+def model_family(name: str, inputs: str | None = None):
+    """The registered model family ``--family`` names (checked when the command runs, so that
+    building the parser does not import the models); with ``inputs``, one whose models take
+    those (``"images"`` for a command that has no tile features to give)."""
+    from ..models.registry import family_names, get_family
+
+    names = [n for n in family_names() if inputs is None or get_family(n).inputs == inputs]
+    if name not in names:
+        what = (
+            f"a family of {get_family(name).inputs}, not {inputs}"
+            if name in family_names()
+            else "not a model family"
         )
+        raise InvalidInputError(f"--family {name!r} is {what} (available: {', '.join(names)})")
     return get_family(name)
 
 

@@ -11,13 +11,15 @@ from . import options as opt
 
 log = logging.getLogger("wsi_anomaly")
 
-HELP = "train a model (HaloAE, ATAC-Net or PatchCore) on tiles"
+HELP = "train a model (HaloAE, ATAC-Net or PatchCore) on tiles, or on TRIDENT/CLAM features"
 DESCRIPTION = """Train a model on tiles of normal (reference) tissue: tile stores written by
-`tile`, or folders of images (png/jpg/tif, searched recursively). Writes one checkpoint with the
+`tile`, or folders of images (png/jpg/tif, searched recursively); or on the tile features
+TRIDENT or CLAM extracted from normal slides (--features). Writes one checkpoint with the
 model, its training-score calibration and the resolved config."""
 EXAMPLES = (
     "wsi-anomaly train --tiles tumour.zarr --out model.pt --config haloae_fast",
     "wsi-anomaly train --tiles tumour.zarr --out model.pt --resume  # continue a run",
+    "wsi-anomaly train --features trident/20x_256px_0px_overlap/features_uni_v1/ --out knn.pt",
 )
 
 
@@ -25,19 +27,28 @@ def add_parser(sub, parents: list[argparse.ArgumentParser]) -> None:
     p = opt.add_command(
         sub, parents, "train", HELP, DESCRIPTION, run, EXAMPLES, interrupted=interrupted
     )
-    p.add_argument(
+    source = p.add_mutually_exclusive_group(required=True)
+    source.add_argument(
         "--tiles",
         nargs="+",
-        required=True,
         metavar="DIR|ZARR",
         help="training tiles (normal tissue): folders of images and/or tile stores",
+    )
+    source.add_argument(
+        "--features",
+        nargs="+",
+        metavar="DIR|H5",
+        help="instead of tiles, the tile features TRIDENT or CLAM extracted from normal slides "
+        "(their .h5 files, or folders of them): fits a memory bank of tile vectors "
+        "(family features-knn)",
     )
     p.add_argument("--out", required=True, help="checkpoint to write, e.g. model.pt")
     opt.add_family_option(
         p,
         help="model family: haloae (normal tiles only), atacnet (normal tiles plus a few "
-        "labelled anomalies: --anomalies) or patchcore (a memory bank of normal patches); "
-        "default: the family the --config preset names, else haloae",
+        "labelled anomalies: --anomalies), patchcore (a memory bank of normal patches) or "
+        "features-knn (a memory bank of tile vectors, with --features); default: the family "
+        "the --config preset names, else haloae (features-knn with --features)",
     )
     p.add_argument(
         "--anomalies",
@@ -82,13 +93,30 @@ def run(args: argparse.Namespace) -> int:
     from ..training import train_model
 
     opt.check_output_file(args.out)
+    if args.features and args.family is None and not args.config:
+        args.family = opt.family_for_inputs("tile features")
     args.family = opt.family_of_run(args)
     preset, schedule = _family_defaults(args.family)
     config = load_config(args.config or preset, opt.config_overrides(args, schedule))
-    dataset, tile_mpp = open_training_tiles(args.tiles, config.tile_px, args.mpp)
     from ..models.registry import family_names, get_family
 
     family = get_family(config.model.name)
+    if args.features and family.inputs != "tile features":
+        raise InvalidInputError(
+            f"--features gives tile vectors, and {family.title} is trained on tiles: pass "
+            f"--family {opt.family_for_inputs('tile features')} (or leave out --family)"
+        )
+    if args.tiles and family.inputs != "images":
+        raise InvalidInputError(
+            f"{family.title} is trained on tile features: pass --features with the TRIDENT or "
+            "CLAM .h5 files (or their folder) instead of --tiles"
+        )
+    if args.features:
+        from ..tiles.feature_files import open_training_features
+
+        dataset, tile_mpp = open_training_features(args.features), args.mpp
+    else:
+        dataset, tile_mpp = open_training_tiles(args.tiles, config.tile_px, args.mpp)
     anomalies = None
     if args.anomalies:
         if not family.weakly_supervised:
@@ -110,7 +138,7 @@ def run(args: argparse.Namespace) -> int:
         resume=args.resume,
         overwrite=args.overwrite,
         tile_mpp=tile_mpp,
-        source=", ".join(args.tiles),
+        source=", ".join(args.tiles or args.features),
         progress=not args.quiet,
         anomalies=anomalies,
     )

@@ -106,6 +106,9 @@ class ModelFamily:
     loss_terms: tuple[str, ...] = ()
     #: Trains on normal tiles plus a few labelled anomalies.
     weakly_supervised: bool = False
+    #: What the family's models take: ``"images"`` (tiles of slides, image folders) or
+    #: ``"tile features"`` (one vector per tile that another tool extracted: TRIDENT, CLAM).
+    inputs: str = "images"
     #: Names of the image scores :meth:`predict` gives (``score`` then ``max``), headline first;
     #: one name when both are the same value.
     score_names: tuple[str, ...] = ("mean", "max")

@@ -9,9 +9,10 @@ from .atacnet_family import AtacNetFamily
 from .family import ModelFamily
 from .haloae_family import HaloAEFamily
 from .patchcore_family import PatchCoreFamily
+from .tile_bank_family import TileBankFamily
 
 FAMILIES: dict[str, ModelFamily] = {
-    f.name: f for f in (HaloAEFamily(), AtacNetFamily(), PatchCoreFamily())
+    f.name: f for f in (HaloAEFamily(), AtacNetFamily(), PatchCoreFamily(), TileBankFamily())
 }
 
 

@@ -21,7 +21,7 @@ import torch
 
 from ..checkpoint import load_checkpoint
 from ..errors import CheckpointError, InvalidInputError
-from ..models.registry import family_names
+from ..models.registry import family_names, get_family
 
 
 @dataclass
@@ -104,12 +104,12 @@ class ScorerAdapter:
 
 
 def available_models() -> list[str]:
-    """Model names the benchmark can evaluate: every registered family."""
-    return family_names()
+    """Model names the benchmark can evaluate: every registered family that scores images."""
+    return [name for name in family_names() if get_family(name).inputs == "images"]
 
 
 def check_model_name(name: str) -> str:
-    if name not in family_names():
+    if name not in available_models():
         raise InvalidInputError(
             f"--family {name!r} cannot be benchmarked yet "
             f"(available: {', '.join(available_models())})"
@@ -126,7 +126,7 @@ def load_adapter(
 ) -> ModelAdapter:
     """The adapter for a finished checkpoint, whose ``model_name`` picks the family."""
     model_name = load_checkpoint(checkpoint, expect_model=expect_model)["model_name"]
-    if model_name not in family_names():
+    if model_name not in available_models():
         raise CheckpointError(
             f"{checkpoint} holds a {model_name!r} model, which the MVTec "
             "benchmark cannot evaluate (available: "
