@@ -163,3 +163,37 @@ def test_patchcore_resumes_after_its_fit(small_store, tmp_path, monkeypatch):
     train_model(ds, cfg, out, device="cpu", resume=True, progress=False)
     done = load_checkpoint(out)
     assert torch.equal(done["state_dict"]["memory_bank"], bank["state_dict"]["memory_bank"])
+
+
+def test_atacnet_resumes_its_scheduler_at_the_end_of_an_epoch(small_store, tmp_path, monkeypatch):
+    """Stopped after the last batch of epoch 2, before the epoch's end (the scheduler's step):
+    the resumed run trains nothing again and ends as the run never stopped."""
+    from test_train_atacnet import Marked, atac_config
+
+    import wsi_anomaly.models.atacnet_family as atacnet_family
+
+    normals = ZarrTileDataset(small_store)
+    anomalies = Marked(normals, range(3))
+    cfg = atac_config(epochs=2, steps_per_epoch=1, lr_step_epochs=1)
+    straight, out = tmp_path / "straight.pt", tmp_path / "resumed.pt"
+    train_model(normals, cfg, straight, device="cpu", anomalies=anomalies, progress=False)
+
+    real = atacnet_family.cutmix_anomalous_half
+    calls = {"n": 0}
+
+    def cutmix(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 2:
+            os.kill(os.getpid(), signal.SIGINT)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(atacnet_family, "cutmix_anomalous_half", cutmix)
+    with pytest.raises(KeyboardInterrupt):
+        train_model(normals, cfg, out, device="cpu", anomalies=anomalies, progress=False)
+    state = load_checkpoint(resume_path(out), require_complete=False)["train_state"]
+    assert (state["epoch"], state["step"], state["epoch_batches"]) == (0, 1, 1)
+    train_model(normals, cfg, out, device="cpu", anomalies=anomalies, resume=True, progress=False)
+    assert calls["n"] == 2  # nothing trained again
+    a, b = load_checkpoint(straight), load_checkpoint(out)
+    same_run(a, b)
+    assert a["train_state"]["scheduler"] == b["train_state"]["scheduler"]

@@ -18,6 +18,8 @@ The family owns:
 - the pieces of its training loop (:meth:`training_data`, :meth:`loader`, :meth:`train_step`,
   :meth:`fit_end`, …); the loop itself, ``backward`` and the optimiser's step, the non-finite
   loss rule, progress bars, logging and checkpoints live in :mod:`wsi_anomaly.training`;
+- how its training loss reads (:meth:`loss_weights` of its terms per epoch, shown on the
+  progress bar; :meth:`explain_loss`, said once when training starts);
 - its map size (:attr:`map_px`) and its calibration (:meth:`summarise_calibration` →
   :class:`~wsi_anomaly.models.calibration.Calibration`, with the family's own ``extras``).
 
@@ -151,7 +153,8 @@ class ModelFamily:
     def loss_weights(self, config: Any, epoch: int) -> dict[str, float]:
         """The weight of each of :attr:`loss_terms` in the loss of ``epoch`` (0-based), for a
         family whose loss is a weighted sum of them; empty (the default) for any other. Shown on
-        the training bar, and recorded as ``w_<term>`` in each epoch's history entry."""
+        the training bar; an :meth:`epoch_record` that keeps them as ``w_<term>`` has its epoch
+        line written as that weighted sum (:meth:`describe_epoch`)."""
         return {}
 
     def explain_loss(self, config: Any) -> str:
