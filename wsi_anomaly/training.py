@@ -487,7 +487,7 @@ def _fit(
         ep = Epoch(model, optimiser, config, epoch, family.augmenter(rng), runtime)
         if at.step == 0:
             at.put_back(None, partial)
-        loader = family.loader(data, config, rng, config.train.workers, runtime.is_cuda)
+        loader = family.loader(data, config, rng, config.train.workers, pin_memory=runtime.is_cuda)
         at.epoch, at.batches = epoch, _length(loader)
         batches: Iterator[Any] = iter(loader)
         for _ in range(at.step):  # a resume within the epoch: the same draws, not trained again
