@@ -8,7 +8,8 @@ weights' values) and prints a table: the estimate, the time the rest of the trai
 (from the estimate to the start of calibration), their ratio, the time of one batch, and the time
 and size of the resume point written after each epoch.
 
-    python benchmarks/bench_train_estimate.py --config haloae_fast --epochs 2
+    python benchmarks/bench_train_estimate.py --config haloae_fast --epochs 2 \
+        --samples-per-epoch 4 --batch-size 1 --calibration-tiles 4
 """
 
 from __future__ import annotations
@@ -37,6 +38,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--config", default="haloae_fast")
     parser.add_argument("--epochs", type=int, default=2)
+    parser.add_argument("--samples-per-epoch", type=int, help="override train.samples_per_epoch")
+    parser.add_argument("--batch-size", type=int, help="override train.batch_size")
+    parser.add_argument("--calibration-tiles", type=int, help="override train.calibration_tiles")
     parser.add_argument("--size", type=int, default=4096, help="side of the synthetic slide, px")
     parser.add_argument("--json", type=Path, help="also write the row here")
     args = parser.parse_args()
@@ -48,6 +52,7 @@ def main() -> None:
 
     def on_estimate(estimate: training.DurationEstimate) -> None:
         marks["estimate"], marks["at"] = estimate, time.perf_counter()
+        print(f"estimated time to the end of training: {estimate.describe()}", flush=True)
 
     def calibrate(*a: Any, **k: Any) -> Any:
         marks.setdefault("calibration", time.perf_counter())
@@ -67,9 +72,18 @@ def main() -> None:
         )
         store = folder / "s.zarr"
         tile_slide(slide.path, store, progress=False)
+        schedule = {
+            "epochs": args.epochs,
+            "samples_per_epoch": args.samples_per_epoch,
+            "batch_size": args.batch_size,
+            "calibration_tiles": args.calibration_tiles,
+        }
         config = load_config(
             args.config,
-            {"model": {"backbone_weights": "random"}, "train": {"epochs": args.epochs}},
+            {
+                "model": {"backbone_weights": "random"},
+                "train": {k: v for k, v in schedule.items() if v is not None},
+            },
         )
         training.train_model(
             ZarrTileDataset(store),
@@ -80,6 +94,8 @@ def main() -> None:
             on_estimate=on_estimate,
         )
     estimate: training.DurationEstimate = marks["estimate"]
+    t = config.train
+    config_text = f"{t.epochs} epochs × {t.samples_per_epoch} samples, batch {t.batch_size}"
     actual = marks["calibration"] - marks["at"]
     save_s = [s for s, _ in marks["saves"]]
     row = {
@@ -102,7 +118,7 @@ def main() -> None:
     )
     print("|---|---|---|---|---|---|---|---|")
     print(
-        f"| {args.config}, {args.epochs} epochs | {estimate.batches_left} | {row['estimate']} "
+        f"| {args.config}, {config_text} | {estimate.batches_left} | {row['estimate']} "
         f"({row['estimate_s']} s) | {row['actual_s']} s | {row['actual_over_estimate']} "
         f"| {row['s_per_batch']} | {row['resume_point_s']} s | {row['resume_point_mib']} MiB |"
     )
