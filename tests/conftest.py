@@ -60,7 +60,6 @@ def tiny_config(**train):
         "batch_size": 1,
         "workers": 0,
         "calibration_tiles": 4,
-        "checkpoint_every": 1,
         **train,
     }
     return load_config("haloae_fast", {"model": {"backbone_weights": "random"}, "train": settings})

@@ -70,7 +70,7 @@ class TrainConfig:
     image_jitter: float = 0.1  # colour jitter of the whole image (histology: 0.05)
     patch_jitter: float = 0.1  # colour jitter of the pasted patch
     workers: int = 2  # data-loading processes
-    checkpoint_every: int = 10  # epochs between resumable checkpoints
+    checkpoint_every: int = 0  # a numbered copy of the resume point every N epochs (0: none)
     calibration_tiles: int = 2000  # tiles used for the mean map and score quantiles
     calibration_holdout: float = 0.1  # normal tiles held out of training for the score scale
 
@@ -81,7 +81,6 @@ class TrainConfig:
             "epochs",
             "samples_per_epoch",
             "batch_size",
-            "checkpoint_every",
             "calibration_tiles",
         ):
             if getattr(self, name) < 1:
@@ -90,6 +89,11 @@ class TrainConfig:
                 )
         if self.workers < 0:
             raise InvalidInputError("train.workers must be ≥ 0")
+        if self.checkpoint_every < 0:
+            raise InvalidInputError(
+                f"train.checkpoint_every must be ≥ 0 (0: no numbered copies), "
+                f"got {self.checkpoint_every}"
+            )
         if not 0.0 <= self.calibration_holdout < 1.0:
             raise InvalidInputError(
                 f"train.calibration_holdout must be in [0, 1), got {self.calibration_holdout}"

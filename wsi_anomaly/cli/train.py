@@ -4,10 +4,15 @@ from __future__ import annotations
 
 import argparse
 import logging
+import sys
+from typing import TYPE_CHECKING
 
 from ..errors import InvalidInputError
 from ..words import count
 from . import options as opt
+
+if TYPE_CHECKING:
+    from ..training import DurationEstimate
 
 log = logging.getLogger("wsi_anomaly")
 
@@ -20,6 +25,7 @@ EXAMPLES = (
     "wsi-anomaly train --tiles tumour.zarr --out model.pt --config haloae_fast",
     "wsi-anomaly train --tiles tumour.zarr --out model.pt --resume  # continue a run",
     "wsi-anomaly train --features trident/20x_256px_0px_overlap/features_uni_v1/ --out knn.pt",
+    "wsi-anomaly train --tiles tumour.zarr --out model.pt --yes  # a long CPU run from a batch job",
 )
 
 
@@ -78,6 +84,11 @@ def add_parser(sub, parents: list[argparse.ArgumentParser]) -> None:
         help="µm/px of image-folder tiles (tile stores record their own)",
     )
     p.add_argument("--resume", action="store_true", help="continue an interrupted training run")
+    p.add_argument(
+        "--yes",
+        action="store_true",
+        help="start a run estimated to take over a day on the CPU without asking",
+    )
     opt.add_overwrite_option(p, "replace an existing checkpoint")
 
 
@@ -141,6 +152,7 @@ def run(args: argparse.Namespace) -> int:
         source=", ".join(args.tiles or args.features),
         progress=not args.quiet,
         anomalies=anomalies,
+        on_estimate=lambda estimate: confirm_duration(estimate, args.yes, family.fast_preset),
     )
     last = result.history[-1] if result.history else {}
     q = result.score_quantiles
@@ -157,17 +169,44 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
+#: A run estimated to take longer than this on a CPU asks first (or needs --yes).
+ASK_ABOVE_S = 24 * 3600
+
+
+def confirm_duration(estimate: DurationEstimate, yes: bool, fast_preset: str) -> None:
+    """Print the estimate; on a CPU, when it is over a day, ask on a terminal (or go on with
+    ``--yes``) and refuse in one line anywhere else."""
+    print(f"estimated time to the end of training on this machine: {estimate.describe()}")
+    sys.stdout.flush()
+    if yes or not estimate.on_cpu or estimate.seconds <= ASK_ABOVE_S:
+        return
+    shorter = f"--config {fast_preset} or fewer --epochs" if fast_preset else "fewer --epochs"
+    if not (sys.stdin.isatty() and sys.stdout.isatty()):
+        raise InvalidInputError(
+            f"training on the CPU is estimated at {estimate.describe()}, over a day; add --yes "
+            f"to run it anyway, use a GPU (--device cuda), or shorten it ({shorter})"
+        )
+    answer = input(f"over a day on the CPU; continue? (or shorten it: {shorter}) [y/N] ")
+    if answer.strip().lower() not in ("y", "yes"):
+        raise InvalidInputError(
+            f"not continued: training on the CPU is estimated at {estimate.describe()}; "
+            "no model was written"
+        )
+
+
 def interrupted(args: argparse.Namespace) -> str:
     """After Ctrl-C: whether a resumable checkpoint is there to continue from."""
     from pathlib import Path
 
-    from ..training import resume_path
+    from ..training import describe_resume_point, resume_path
 
     resume = resume_path(Path(args.out))
     if resume.is_file():
+        held = describe_resume_point(Path(args.out))
+        reuses = f"; a re-run with --resume reuses {held} and goes on from there" if held else ""
         return (
             f"{args.out} was not written; the last resumable checkpoint, {resume}, is kept: "
-            "add --resume to the same command to continue from it"
+            f"add --resume to the same command to continue from it{reuses}"
         )
     return (
         f"{args.out} was not written and no resumable checkpoint had been written yet; "

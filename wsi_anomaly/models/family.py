@@ -18,6 +18,8 @@ The family owns:
 - the pieces of its training loop (:meth:`training_data`, :meth:`loader`, :meth:`train_step`,
   :meth:`fit_end`, …); the loop itself, ``backward`` and the optimiser's step, the non-finite
   loss rule, progress bars, logging and checkpoints live in :mod:`wsi_anomaly.training`;
+- how its training loss reads (:meth:`loss_weights` of its terms per epoch, shown on the
+  progress bar; :meth:`explain_loss`, said once when training starts);
 - its map size (:attr:`map_px`) and its calibration (:meth:`summarise_calibration` →
   :class:`~wsi_anomaly.models.calibration.Calibration`, with the family's own ``extras``).
 
@@ -151,6 +153,19 @@ class ModelFamily:
         """One line announcing a training run."""
         raise NotImplementedError
 
+    def loss_weights(self, config: Any, epoch: int) -> dict[str, float]:
+        """The weight of each of :attr:`loss_terms` in the loss of ``epoch`` (0-based), for a
+        family whose loss is a weighted sum of them; empty (the default) for any other. Shown on
+        the training bar; an :meth:`epoch_record` that keeps them as ``w_<term>`` has its epoch
+        line written as that weighted sum (:meth:`describe_epoch`)."""
+        return {}
+
+    def explain_loss(self, config: Any) -> str:
+        """One or two sentences printed once when training starts: what the loss printed per
+        epoch is, where it could be misread (e.g. weights that change from epoch to epoch make
+        the total rise while every term falls); empty when there is nothing to say."""
+        return ""
+
     # -- model ----------------------------------------------------------------------------------
     def make_model(self, config: Any, backbone: nn.Module) -> nn.Module:
         """The family's model around ``backbone`` (a module of :attr:`backbone`), from the
@@ -244,11 +259,17 @@ class ModelFamily:
         return {"epoch": ep.epoch, **{k: v / max(steps, 1) for k, v in sums.items()}}
 
     def describe_epoch(self, record: Mapping[str, float]) -> str:
-        """The log line of an epoch's history entry (after ``epoch i/n``)."""
-        terms = "  ".join(f"{k} {record[k]:.4f}" for k in self.loss_terms if k in record)
+        """The log line of an epoch's history entry (after ``epoch i/n``): the loss and its
+        terms; where the record holds the terms' weights (``w_<term>``), the loss is written as
+        the weighted sum it is, ``loss 1.4600 = 0.20×cls 0.6931 + …``."""
+        terms = [k for k in self.loss_terms if k in record]
+        if all(f"w_{k}" in record for k in terms) and terms and "loss" in record:
+            parts = " + ".join(f"{record[f'w_{k}']:.2f}×{k} {record[k]:.4f}" for k in terms)
+            return f"loss {record['loss']:.4f} = {parts}"
+        text = "  ".join(f"{k} {record[k]:.4f}" for k in terms)
         if "loss" not in record:
-            return terms or "fitted"
-        return f"loss {record['loss']:.4f}  {terms}"
+            return text or "fitted"
+        return f"loss {record['loss']:.4f}  {text}"
 
     def calibration_batch(self, model: nn.Module, batch: Any, runtime: Any) -> torch.Tensor:
         """What :meth:`summarise_calibration` needs from one batch of normal tiles (on the CPU)."""

@@ -73,6 +73,38 @@ class HaloAEFamily(ModelFamily):
             f"backbone {config.model.backbone_weights})"
         )
 
+    def settings(self, config: Any) -> Any:
+        """The section holding HaloAE's schedule and loss settings (the one place that names
+        it for the methods below)."""
+        return getattr(config, self.schedule_section)
+
+    def loss_weights(self, config: Any, epoch: int) -> dict[str, float]:
+        t = self.settings(config)
+        weights = loss_weights(t.loss_weighting, epoch, t.epochs, t.loss_terms)
+        return {k: w for k, w in zip(LOSS_TERMS, weights) if k in t.loss_terms}
+
+    def explain_loss(self, config: Any) -> str:
+        t = self.settings(config)
+        terms = [k for k in LOSS_TERMS if k in t.loss_terms]
+        if len(terms) == 1:
+            return f"loss: the {terms[0]} term alone (weight 1)"
+        first, last = self.loss_weights(config, 0), self.loss_weights(config, t.epochs - 1)
+        names = ", ".join(terms[:-1]) + f" and {terms[-1]}"
+        if t.loss_weighting != "ews" or first == last:
+            each = " ".join(f"{k} {w:.2f}" for k, w in first.items())
+            return f"loss: the weighted sum of {names}, fixed weights {each}"
+
+        def shown(weights: dict[str, float]) -> str:
+            return " ".join(f"{k} {w:.2f}" for k, w in weights.items())
+
+        return (
+            f"loss: the weighted sum of {names}, whose weights evolve over the epochs "
+            f"(EWS, {self.schedule_section}.loss_weighting: ews) from {shown(first)} in epoch 1 to {shown(last)} "
+            f"in epoch {t.epochs}, shifting from classification to reconstruction; the weighted "
+            "loss can rise from one epoch to the next while every term falls: each epoch's line "
+            "shows the weights and the unweighted terms"
+        )
+
     # -- model ----------------------------------------------------------------------------------
     def make_model(self, config: Any, backbone: nn.Module) -> nn.Module:
         return HaloAE(
