@@ -23,9 +23,8 @@ TRIDENT or CLAM extracted from normal slides (--features). Writes one checkpoint
 model, its training-score calibration and the resolved config."""
 EXAMPLES = (
     "wsi-anomaly train --tiles tumour.zarr --out model.pt --config haloae_fast",
-    "wsi-anomaly train --tiles tumour.zarr --out model.pt --resume  # continue a run",
     "wsi-anomaly train --features trident/20x_256px_0px_overlap/features_uni_v1/ --out knn.pt",
-    "wsi-anomaly train --tiles tumour.zarr --out model.pt --yes  # a long CPU run from a batch job",
+    "wsi-anomaly train --tiles tumour.zarr --out model.pt --resume --yes  # continue a long run from a batch job",
 )
 
 
