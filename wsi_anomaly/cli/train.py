@@ -6,6 +6,7 @@ import argparse
 import logging
 
 from ..errors import InvalidInputError
+from ..models.registry import DEFAULT_FAMILY, family_names
 from ..words import count
 from . import options as opt
 
@@ -35,9 +36,9 @@ def add_parser(sub, parents: list[argparse.ArgumentParser]) -> None:
     p.add_argument("--out", required=True, help="checkpoint to write, e.g. model.pt")
     opt.add_family_option(
         p,
-        help="model family: haloae (normal tiles only), atacnet (normal tiles plus a few "
-        "labelled anomalies: --anomalies) or patchcore (a memory bank of normal patches); "
-        "default: the family the --config preset names, else haloae",
+        help=f"model family: {', '.join(family_names())} (a weakly supervised one also takes "
+        "a few labelled anomalies: --anomalies); default: the family the --config preset "
+        f"names, else {DEFAULT_FAMILY}",
     )
     p.add_argument(
         "--anomalies",
@@ -46,12 +47,14 @@ def add_parser(sub, parents: list[argparse.ArgumentParser]) -> None:
         help="ATAC-Net: a few labelled anomalous tiles (folders and/or tile stores)",
     )
     opt.add_config_option(p)
-    p.add_argument("--epochs", type=opt.positive_int, help="override train.epochs")
+    p.add_argument("--epochs", type=opt.positive_int, help="override <family>.epochs")
     p.add_argument(
-        "--samples-per-epoch", type=opt.positive_int, help="override train.samples_per_epoch"
+        "--samples-per-epoch",
+        type=opt.positive_int,
+        help="override <family>.samples_per_epoch (families that draw samples per epoch)",
     )
-    opt.add_batch_size_option(p, None, "override train.batch_size (originals per step)")
-    p.add_argument("--lr", type=opt.positive_float, help="override train.lr")
+    opt.add_batch_size_option(p, None, "override <family>.batch_size (originals per step)")
+    p.add_argument("--lr", type=opt.positive_float, help="override <family>.lr")
     opt.add_loader_workers_option(p)
     p.add_argument(
         "--backbone-weights",
