@@ -81,8 +81,9 @@ class TrainConfig:
             )
 
 
-#: The order sections are written in (a saved config reads top-down: shared, then families).
 def _section_order() -> list[str]:
+    """The order sections are written in: a saved config reads top-down, the shared sections,
+    then each family's, then the tile size and the seed."""
     return ["model", "train", *(key for key, _ in family_sections()), "tile_px", "seed"]
 
 
