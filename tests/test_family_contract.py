@@ -314,7 +314,7 @@ def test_old_calibration_layout_loads():
 @pytest.mark.parametrize(
     "yaml_text, needles",
     [
-        ("train:\n  lr: .inf\n", ["train.lr", "finite"]),
+        ("haloae:\n  lr: .inf\n", ["haloae.lr", "finite"]),
         ("train:\n  calibration_holdout: .nan\n", ["train.calibration_holdout", "finite"]),
         ("model:\n  name: atacnet\natacnet:\n  lr: .inf\n", ["atacnet.lr", "finite"]),
     ],
@@ -338,15 +338,15 @@ def test_sections_validate_non_finite_values_set_in_code():
     from wsi_anomaly.errors import InvalidInputError
 
     config = load_config("haloae_fast")
-    bad = dataclasses.replace(config, train=dataclasses.replace(config.train, lr=float("inf")))
-    with pytest.raises(InvalidInputError, match="train.lr must be a finite number"):
+    bad = dataclasses.replace(config, haloae=dataclasses.replace(config.haloae, lr=float("inf")))
+    with pytest.raises(InvalidInputError, match="haloae.lr must be a finite number"):
         bad.validate()
 
 
 # -- every registered family, end to end ----------------------------------------------------------
 #: Each family's smallest settings (a new family adds its entry here: the test fails without).
 TINY: dict[str, dict[str, Any]] = {
-    "haloae": {"train": {"epochs": 1, "samples_per_epoch": 2, "batch_size": 1}},
+    "haloae": {"haloae": {"epochs": 1, "samples_per_epoch": 2, "batch_size": 1}},
     "atacnet": {"atacnet": {"epochs": 1, "steps_per_epoch": 1, "batch_size": 4}},
     "patchcore": {"patchcore": {"target_dim": 32, "coreset_budget": 64, "image_px": 64}},
     "features-knn": {"features_knn": {"coreset_budget": 16, "batch_size": 8}},

@@ -20,6 +20,7 @@ from typing import Any
 
 from . import _API
 from .config import load_config
+from .models.registry import DEFAULT_FAMILY, get_family
 from .pipeline import HeatmapSettings, run_cohort
 from .score import Scorer as Scorer
 from .slide import Slide as Slide
@@ -74,7 +75,7 @@ def train(
     tiles: Sequence[str | Path],
     out: str | Path,
     *,
-    config: Any = "haloae_fast",
+    config: Any = None,
     overrides: Mapping[str, Any] | None = None,
     device: str = "auto",
     mpp: float | None = None,
@@ -85,8 +86,11 @@ def train(
 ) -> TrainResult:
     """Train on normal tiles (tile stores and/or folders of images) and write the checkpoint
     ``out`` (as ``wsi-anomaly train``). ``config``: a preset name, a YAML file or a resolved
-    config (:func:`load_config`); ``overrides``: nested values on top of it. ``anomalies``: labelled
-    anomalous tiles, for a weakly supervised family (ATAC-Net)."""
+    config (:func:`load_config`; default: the default family's fast preset); ``overrides``:
+    nested values on top of it. ``anomalies``: labelled anomalous tiles, for a weakly supervised
+    family."""
+    if config is None:
+        config = get_family(DEFAULT_FAMILY).fast_preset
     if isinstance(config, str | Path):
         config = load_config(str(config), dict(overrides or {}))
     elif overrides:

@@ -5,7 +5,7 @@ A checkpoint is a ``torch.save`` dict::
     format            "wsi-anomaly-checkpoint"
     format_version    CHECKPOINT_VERSION
     software_version  wsi_anomaly.__version__ that wrote it
-    model_name        "haloae", …
+    model_name        the model family's name (``model.name``)
     config            the resolved Config as a dict (model knobs, training settings, seed)
     state_dict        the model's weights (the frozen backbone included, so scoring needs no
                       download)

@@ -8,6 +8,7 @@ import sys
 from typing import TYPE_CHECKING
 
 from ..errors import InvalidInputError
+from ..models.registry import DEFAULT_FAMILY, family_names
 from ..words import count
 from . import options as opt
 
@@ -50,10 +51,9 @@ def add_parser(sub, parents: list[argparse.ArgumentParser]) -> None:
     p.add_argument("--out", required=True, help="checkpoint to write, e.g. model.pt")
     opt.add_family_option(
         p,
-        help="model family: haloae (normal tiles only), atacnet (normal tiles plus a few "
-        "labelled anomalies: --anomalies), patchcore (a memory bank of normal patches) or "
-        "features-knn (a memory bank of tile vectors, with --features); default: the family "
-        "the --config preset names, else haloae (features-knn with --features)",
+        help=f"model family: {', '.join(family_names())} (a weakly supervised one also takes "
+        "a few labelled anomalies: --anomalies; a tile-feature one takes --features); default: the family the --config preset "
+        f"names, else {DEFAULT_FAMILY}",
     )
     p.add_argument(
         "--anomalies",
@@ -62,12 +62,14 @@ def add_parser(sub, parents: list[argparse.ArgumentParser]) -> None:
         help="ATAC-Net: a few labelled anomalous tiles (folders and/or tile stores)",
     )
     opt.add_config_option(p)
-    p.add_argument("--epochs", type=opt.positive_int, help="override train.epochs")
+    p.add_argument("--epochs", type=opt.positive_int, help="override <family>.epochs")
     p.add_argument(
-        "--samples-per-epoch", type=opt.positive_int, help="override train.samples_per_epoch"
+        "--samples-per-epoch",
+        type=opt.positive_int,
+        help="override <family>.samples_per_epoch (families that draw samples per epoch)",
     )
-    opt.add_batch_size_option(p, None, "override train.batch_size (originals per step)")
-    p.add_argument("--lr", type=opt.positive_float, help="override train.lr")
+    opt.add_batch_size_option(p, None, "override <family>.batch_size (originals per step)")
+    p.add_argument("--lr", type=opt.positive_float, help="override <family>.lr")
     opt.add_loader_workers_option(p)
     p.add_argument(
         "--backbone-weights",

@@ -69,9 +69,6 @@ class TileBankFamily(ModelFamily):
     throughput_note = "tile vectors per second into the memory bank"
     backbone = Backbone("none", "no backbone", _no_backbone, dict)
 
-    def validate(self, config: Any) -> None:
-        config.features_knn.validate()
-
     def epochs(self, config: Any) -> int:
         return 1
 

@@ -65,8 +65,9 @@ class ModelAdapter(Protocol):
 class ScorerAdapter:
     """Any trained model, through :class:`wsi_anomaly.score.Scorer` and its family.
 
-    The family says what the scores are called (``score_names``: the headline first; HaloAE's
-    ``mean`` and ``max`` of its normalised, smoothed 64×64 map, ATAC-Net's one ``score``) and
+    The family says what the scores are called (``score_names``: the headline first, ``mean``
+    and ``max`` of the anomaly map for a family with maps in its own order, or one score's name
+    for a family without) and
     whether its maps localise anomalies (``has_maps``; otherwise no pixel metrics are reported).
     """
 
@@ -98,8 +99,9 @@ class ScorerAdapter:
 
     def __call__(self, images: torch.Tensor) -> AdapterOutput:
         result = self.scorer.score(images, keep_maps=self.has_maps)
-        values = (np.asarray(result.mean), np.asarray(result.max))
-        scores = dict(zip(self.score_names, values))
+        by_name = {"mean": np.asarray(result.mean), "max": np.asarray(result.max)}
+        # ``mean`` and ``max`` name the two values; a family's one other name is its score
+        scores = {n: by_name.get(n, by_name["mean"]) for n in self.score_names}
         return AdapterOutput(scores, result.maps if self.has_maps else None)
 
 
