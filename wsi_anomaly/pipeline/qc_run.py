@@ -146,7 +146,11 @@ def qc_slide(
         bar = tqdm(
             total=len(kept), unit="tile", desc=f"qc {slide.name}", disable=not settings.progress
         )
-        for start, tiles in iter_tile_batches(slide, kept, 256, settings.read_workers):
+        # Each part of a batch is measured in the thread that decoded it.
+        batches = iter_tile_batches(
+            slide, kept, 256, settings.read_workers, on_decoded=meter.measure
+        )
+        for start, tiles in batches:
             values[start : start + len(tiles)], flags[start : start + len(tiles)] = meter(
                 start, tiles
             )

@@ -63,6 +63,9 @@ class HeatmapSettings:
     #: scored) or off
     qc: str = "flag"
     qc_settings: QCSettings = field(default_factory=QCSettings)
+    #: score tile features another tool extracted instead of tiling the slides
+    #: (:class:`wsi_anomaly.features_run.FeatureSources`); None: tile and score pixels
+    features: Any | None = None
 
     @property
     def display(self) -> DisplaySettings:

@@ -50,7 +50,7 @@ log = logging.getLogger(__name__)
 def _scorer(model: LoadedModel, settings: HeatmapSettings) -> Scorer:
     """The process's scorer of ``model`` at the run's device, precision, batch size and
     compile mode."""
-    return shared_scorer(
+    scorer = shared_scorer(
         model,
         device=settings.device,
         precision=settings.precision,
@@ -58,6 +58,12 @@ def _scorer(model: LoadedModel, settings: HeatmapSettings) -> Scorer:
         compile=settings.compile,
         backbone_weights=settings.backbone_weights,
     )
+    if scorer.family.inputs != "images":
+        raise InvalidInputError(
+            f"{model.path.name} is a {scorer.family.title} model: it scores tile feature vectors, "
+            "not the slide's pixels; pass the slides' TRIDENT or CLAM files with --features DIR"
+        )
+    return scorer
 
 
 def model_sha256(model: str | Path) -> str:
@@ -99,6 +105,11 @@ def process_slide(
     """
     slide_path, out_root = Path(slide_path), Path(out_root)
     name = name or output_name(slide_path, out_root)
+    if settings.features is not None:  # the slide's tile vectors exist already: no tiling
+        from ..features_run import process_features_slide
+
+        path = model.path if isinstance(model, LoadedModel) else model
+        return process_features_slide(slide_path, out_root, path, settings, name)
     with OutputLock(out_root / name) as lock:
         plan, loaded = _plan(slide_path, out_root, name, model, settings, lock.work_path())
         done = _reusable_result(plan, settings)
