@@ -243,6 +243,8 @@ def _tile_and_score(
             timing=timing,
             desc="scoring",
             progress=False,  # the scoring bar below moves per scored batch
+            # each part of a shard has its quality measured in the thread that decoded it
+            on_decoded=meter.measure if meter is not None else None,
         )
         skip: dict[int, np.ndarray] = {}
         if meter is not None:
