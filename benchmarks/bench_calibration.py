@@ -102,9 +102,8 @@ def main() -> None:
             {
                 "model": {"backbone_weights": "random"},
                 "seed": args.seed,
+                "haloae": {"epochs": args.epochs, "samples_per_epoch": args.samples_per_epoch},
                 "train": {
-                    "epochs": args.epochs,
-                    "samples_per_epoch": args.samples_per_epoch,
                     "workers": 0,
                     "calibration_holdout": holdout,
                     "calibration_tiles": max(args.train_tiles, args.holdout_tiles),

@@ -56,12 +56,8 @@ def main() -> None:
             "haloae_fast",
             {
                 "model": {"backbone_weights": "random"},
-                "train": {
-                    "epochs": 1,
-                    "samples_per_epoch": 1,
-                    "batch_size": 1,
-                    "calibration_tiles": 8,
-                },
+                "haloae": {"epochs": 1, "samples_per_epoch": 1, "batch_size": 1},
+                "train": {"calibration_tiles": 8},
             },
         )
         train_model(

@@ -41,10 +41,12 @@ def bench_config(args: argparse.Namespace, steps: int) -> Config:
         args.config,
         {
             "model": {"backbone_weights": args.backbone_weights},
-            "train": {
+            "haloae": {
                 "epochs": 1,
                 "samples_per_epoch": steps * args.train_batch,
                 "batch_size": args.train_batch,
+            },
+            "train": {
                 "workers": args.loader_workers,
                 "calibration_tiles": args.train_batch,
             },

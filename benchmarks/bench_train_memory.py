@@ -47,14 +47,13 @@ def _one(preset: str, setting: str, steps: int, calibration_tiles: int) -> dict[
         haloae.recompute = lambda module, x: module(x)
         losses._reconstruction_loss = losses._mse_plus_ssim
     config = load_config(preset, {"model": {"backbone_weights": "random"}})
-    batch = config.train.batch_size
+    batch = config.haloae.batch_size
     config = load_config(
         preset,
         {
             "model": {"backbone_weights": "random"},
+            "haloae": {"epochs": 1, "samples_per_epoch": steps * batch},
             "train": {
-                "epochs": 1,
-                "samples_per_epoch": steps * batch,
                 "calibration_tiles": calibration_tiles,
                 "calibration_holdout": 0.0,
                 "workers": 0,

@@ -222,10 +222,8 @@ def tiny_checkpoint(out: Path, device: str) -> Path:
         "haloae_fast",
         {
             "model": {"backbone_weights": "random"},
+            "haloae": {"epochs": 1, "samples_per_epoch": 2, "batch_size": 1},
             "train": {
-                "epochs": 1,
-                "samples_per_epoch": 2,
-                "batch_size": 1,
                 "workers": 0,
                 "calibration_tiles": 4,
                 "checkpoint_every": 1,

@@ -50,20 +50,24 @@ def small_store(small_slide, tmp_path_factory):
     return out
 
 
-def tiny_config(**train):
-    """The fast preset shrunk to seconds: random backbone, a couple of single-tile steps."""
-    from wsi_anomaly.config import load_config
+def tiny_config(**settings):
+    """The fast preset shrunk to seconds: random backbone, a couple of single-tile steps.
 
-    settings = {
-        "epochs": 1,
-        "samples_per_epoch": 2,
-        "batch_size": 1,
-        "workers": 0,
-        "calibration_tiles": 4,
-        "checkpoint_every": 1,
-        **train,
-    }
-    return load_config("haloae_fast", {"model": {"backbone_weights": "random"}, "train": settings})
+    ``settings``: keys of the ``haloae`` section or of the shared ``train`` section."""
+    from dataclasses import fields
+
+    from wsi_anomaly.config import load_config
+    from wsi_anomaly.models.haloae_config import HaloAEConfig
+
+    own = {f.name for f in fields(HaloAEConfig)}
+    schedule = {"epochs": 1, "samples_per_epoch": 2, "batch_size": 1}
+    train = {"workers": 0, "calibration_tiles": 4}
+    for key, value in settings.items():
+        (schedule if key in own else train)[key] = value
+    return load_config(
+        "haloae_fast",
+        {"model": {"backbone_weights": "random"}, "haloae": schedule, "train": train},
+    )
 
 
 @pytest.fixture(scope="session")

@@ -176,7 +176,7 @@ def test_scoring_progress_moves_with_every_batch(small_slide, tiny_model, tmp_pa
     import math
 
     import wsi_anomaly as wa
-    import wsi_anomaly.pipeline as pipeline
+    import wsi_anomaly.pipeline.slide_run as pipeline
 
     bars = []
 

@@ -107,7 +107,7 @@ def test_overwrite_never_deletes_foreign_folders(twins, tiny_model, tmp_path):
 
 
 def test_skip_errors_records_any_failure(twins, tiny_model, tmp_path, monkeypatch):
-    import wsi_anomaly.pipeline as pipeline
+    import wsi_anomaly.pipeline.cohort as pipeline
 
     a, b = twins
     real = pipeline.process_slide

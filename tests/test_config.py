@@ -7,28 +7,28 @@ from wsi_anomaly.errors import InputNotFoundError, InvalidInputError
 def test_presets_load_and_differ():
     paper = load_config("haloae_paper")
     fast = load_config("haloae_fast")
-    assert paper.train.epochs == 251 and paper.train.samples_per_epoch == 3000
-    assert paper.train.batch_size == 4 and paper.train.lr == pytest.approx(1e-4)
-    assert paper.train.weight_decay == pytest.approx(1e-5)
-    assert fast.train.epochs < paper.train.epochs
+    assert paper.haloae.epochs == 251 and paper.haloae.samples_per_epoch == 3000
+    assert paper.haloae.batch_size == 4 and paper.haloae.lr == pytest.approx(1e-4)
+    assert paper.haloae.weight_decay == pytest.approx(1e-5)
+    assert fast.haloae.epochs < paper.haloae.epochs
     assert paper.model == fast.model
 
 
 def test_overrides_and_round_trip():
     cfg = load_config(
-        "haloae_fast", {"train": {"epochs": 3}, "seed": 7, "model": {"backbone_weights": "random"}}
+        "haloae_fast", {"haloae": {"epochs": 3}, "seed": 7, "model": {"backbone_weights": "random"}}
     )
-    assert cfg.train.epochs == 3 and cfg.seed == 7 and cfg.model.backbone_weights == "random"
+    assert cfg.haloae.epochs == 3 and cfg.seed == 7 and cfg.model.backbone_weights == "random"
     assert config_from_dict(cfg.to_dict()) == cfg
 
 
 def test_bad_configs(tmp_path):
     with pytest.raises(InvalidInputError, match="unknown config key"):
-        load_config(None, {"train": {"epoch": 3}})
+        load_config(None, {"haloae": {"epoch": 3}})
     with pytest.raises(InvalidInputError, match="at least 1"):
-        load_config(None, {"train": {"epochs": 0}})
+        load_config(None, {"haloae": {"epochs": 0}})
     with pytest.raises(InvalidInputError, match="loss_terms"):
-        load_config(None, {"train": {"loss_terms": ["cls", "xyz"]}})
+        load_config(None, {"haloae": {"loss_terms": ["cls", "xyz"]}})
     with pytest.raises(InputNotFoundError, match="haloae_fast"):
         load_config("no_such_preset")
     bad = tmp_path / "bad.yaml"
@@ -44,18 +44,21 @@ def test_bad_configs(tmp_path):
 @pytest.mark.parametrize(
     "overrides, key",
     [
-        ({"train": {"epochs": 1.5}}, "train.epochs"),
-        ({"train": {"lr": -1}}, "train.lr"),
-        ({"train": {"lr": 0}}, "train.lr"),
-        ({"train": {"loss_terms": 5}}, "train.loss_terms"),
-        ({"train": {"loss_terms": "cls"}}, "train.loss_terms"),
-        ({"train": {"epochs": True}}, "train.epochs"),
-        ({"train": {"lr": False}}, "train.lr"),
-        ({"train": {"weight_decay": -0.1}}, "train.weight_decay"),
+        ({"haloae": {"epochs": 1.5}}, "haloae.epochs"),
+        ({"haloae": {"lr": -1}}, "haloae.lr"),
+        ({"haloae": {"lr": 0}}, "haloae.lr"),
+        ({"haloae": {"loss_terms": 5}}, "haloae.loss_terms"),
+        ({"haloae": {"loss_terms": "cls"}}, "haloae.loss_terms"),
+        ({"haloae": {"epochs": True}}, "haloae.epochs"),
+        ({"haloae": {"lr": False}}, "haloae.lr"),
+        ({"haloae": {"weight_decay": -0.1}}, "haloae.weight_decay"),
+        ({"haloae": {"attention": "dense"}}, "haloae.attention"),
+        ({"train": {"calibration_tiles": 0}}, "train.calibration_tiles"),
+        ({"train": {"workers": 1.5}}, "train.workers"),
         ({"atacnet": {"lr": -2e-4}}, "atacnet.lr"),
         ({"atacnet": {"batch_size": 4.5}}, "atacnet.batch_size"),
         ({"model": {"name": 3}}, "model.name"),
-        ({"model": {"released_mask": 1}}, "model.released_mask"),
+        ({"haloae": {"released_mask": 1}}, "haloae.released_mask"),
         ({"seed": 0.5}, "seed"),
         ({"model": {"nam": "haloae"}}, "nam"),
     ],
@@ -68,14 +71,16 @@ def test_wrong_types_and_ranges_name_the_key(overrides, key):
 
 
 def test_unknown_family_lists_the_registered_ones():
-    with pytest.raises(InvalidInputError, match="model.name .*atacnet, haloae, patchcore"):
+    with pytest.raises(
+        InvalidInputError, match="model.name .*atacnet, features-knn, haloae, patchcore"
+    ):
         load_config(None, {"model": {"name": "nosuchfamily"}})
 
 
 def test_yaml_file_values_are_checked_too(tmp_path):
     path = tmp_path / "c.yaml"
-    path.write_text("train:\n  epochs: 1.5\n")
-    with pytest.raises(InvalidInputError, match="train.epochs"):
+    path.write_text("haloae:\n  epochs: 1.5\n")
+    with pytest.raises(InvalidInputError, match="haloae.epochs"):
         load_config(str(path))
 
 
@@ -116,3 +121,4 @@ def test_family_sections_come_from_the_registry():
         # a fit without gradients (PatchCore) has no schedule to lengthen: one pass
         assert family.epochs(config) >= 1
         assert hasattr(getattr(config, family.schedule_section), "batch_size")
+        assert family.batch_size(config) >= 1

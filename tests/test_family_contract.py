@@ -314,7 +314,7 @@ def test_old_calibration_layout_loads():
 @pytest.mark.parametrize(
     "yaml_text, needles",
     [
-        ("train:\n  lr: .inf\n", ["train.lr", "finite"]),
+        ("haloae:\n  lr: .inf\n", ["haloae.lr", "finite"]),
         ("train:\n  calibration_holdout: .nan\n", ["train.calibration_holdout", "finite"]),
         ("model:\n  name: atacnet\natacnet:\n  lr: .inf\n", ["atacnet.lr", "finite"]),
     ],
@@ -338,17 +338,18 @@ def test_sections_validate_non_finite_values_set_in_code():
     from wsi_anomaly.errors import InvalidInputError
 
     config = load_config("haloae_fast")
-    bad = dataclasses.replace(config, train=dataclasses.replace(config.train, lr=float("inf")))
-    with pytest.raises(InvalidInputError, match="train.lr must be a finite number"):
+    bad = dataclasses.replace(config, haloae=dataclasses.replace(config.haloae, lr=float("inf")))
+    with pytest.raises(InvalidInputError, match="haloae.lr must be a finite number"):
         bad.validate()
 
 
 # -- every registered family, end to end ----------------------------------------------------------
 #: Each family's smallest settings (a new family adds its entry here: the test fails without).
 TINY: dict[str, dict[str, Any]] = {
-    "haloae": {"train": {"epochs": 1, "samples_per_epoch": 2, "batch_size": 1}},
+    "haloae": {"haloae": {"epochs": 1, "samples_per_epoch": 2, "batch_size": 1}},
     "atacnet": {"atacnet": {"epochs": 1, "steps_per_epoch": 1, "batch_size": 4}},
     "patchcore": {"patchcore": {"target_dim": 32, "coreset_budget": 64, "image_px": 64}},
+    "features-knn": {"features_knn": {"coreset_budget": 16, "batch_size": 8}},
 }
 
 
@@ -375,6 +376,9 @@ def test_every_family_runs_train_score_heatmap_mvtec(
     common = ["--family", name, "--config", str(config), "--device", "cpu", "-q"]
 
     model = tmp_path / "model.pt"
+    if family.inputs == "tile features":
+        tile_features_family_runs(capsys, family, common, small_slide, tmp_path)
+        return
     weak = ["--anomalies", str(small_store)] if family.weakly_supervised else []
     code, _, err = run(
         capsys, "train", "--tiles", str(small_store), "--out", str(model), *weak, *common
@@ -417,6 +421,52 @@ def test_every_family_runs_train_score_heatmap_mvtec(
     )  # fmt: skip
     assert code == 0, err
     assert (tmp_path / "bench" / "results.md").is_file()
+
+
+def tile_features_family_runs(capsys, family, common, small_slide, tmp_path) -> None:
+    """A family of tile vectors (TRIDENT/CLAM .h5 files): train → heatmap from features; image
+    commands (score, mvtec) refuse it with one line."""
+    from test_features_run import grid_coords, slide_vectors, write_features
+
+    coords = grid_coords(2048, 1536)
+    features, _ = slide_vectors(coords)
+    h5 = write_features(tmp_path / "features" / f"{small_slide.path.stem}.h5", features, coords)
+    model = tmp_path / "model.pt"
+    code, _, err = run(capsys, "train", "--features", str(h5), "--out", str(model), *common)
+    assert code == 0, err
+    calibration = Calibration.from_dict(load_checkpoint_dict(model)["calibration"])
+    assert calibration.threshold() >= calibration.median()
+    results = tmp_path / "results"
+    code, _, err = run(
+        capsys, "heatmap", str(small_slide.path), "--features", str(h5.parent), "--model",
+        str(model), "--out", str(results), "--device", "cpu", "-q",
+    )  # fmt: skip
+    assert code == 0, err
+    assert (results / small_slide.path.name / "heatmap.ome.zarr").is_dir()
+    images = tmp_path / "images"
+    images.mkdir()
+    from PIL import Image
+
+    Image.fromarray(np.zeros((256, 256, 3), np.uint8)).save(images / "a.png")
+    code, _, err = run(
+        capsys, "score", str(images), "--model", str(model), "--out", str(tmp_path / "s.csv"),
+        "--device", "cpu", "-q",
+    )  # fmt: skip
+    assert_one_error_line(code, err, "tile feature vectors", "not images")
+    from wsi_anomaly.mvtec import write_synthetic_category
+
+    write_synthetic_category(tmp_path / "mvtec", "widget", size_px=64, n_per_defect=3, n_good=4)
+    code, _, err = run(
+        capsys, "mvtec", "--root", str(tmp_path / "mvtec"), "--category", "widget", "--out",
+        str(tmp_path / "bench"), "--figures", "0", *common,
+    )  # fmt: skip
+    assert_one_error_line(code, err, "family of tile features, not images", "available:")
+
+
+def load_checkpoint_dict(path) -> dict[str, Any]:
+    from wsi_anomaly.checkpoint import load_checkpoint
+
+    return load_checkpoint(path)
 
 
 def ckpt_config(ckpt: dict[str, Any]) -> Any:

@@ -142,7 +142,7 @@ def test_training_step_uses_the_renormalised_weights(monkeypatch):
         "haloae_fast",
         {
             "model": {"backbone_weights": "random"},
-            "train": {"loss_terms": ["fm", "im"], "epochs": 4},
+            "haloae": {"loss_terms": ["fm", "im"], "epochs": 4},
         },
     )
     family = haloae_family.HaloAEFamily()

@@ -148,7 +148,10 @@ def test_scoring_checks_the_backbone_file(capsys, fitted, backbone_file, small_s
     store = zarr.open_group(str(folder / "tiles.zarr"), mode="r")
     maps = np.asarray(store["maps"][:], np.float32)
     assert maps.shape[1:] == (8, 8)
-    np.testing.assert_allclose(maps.max(axis=(1, 2)), store["scores"][:], rtol=1e-2)
+    # the tile's peak and mean, in the columns every family with maps fills
+    np.testing.assert_allclose(maps.max(axis=(1, 2)), store["max_scores"][:], rtol=1e-2)
+    np.testing.assert_allclose(maps.mean(axis=(1, 2)), store["scores"][:], rtol=1e-2)
+    assert (store["max_scores"][:] > store["scores"][:]).all()
     fine = zarr.open_group(str(folder / "heatmap.ome.zarr"), mode="r")["pixel"]["0"]
     coarse = zarr.open_group(str(folder / "heatmap.ome.zarr"), mode="r")["0"]
     assert fine.shape == (coarse.shape[0] * 8, coarse.shape[1] * 8)
@@ -200,7 +203,8 @@ def test_foundation_backbone_gives_maps_on_its_patch_grid(monkeypatch, name, gri
     assert model.memory_bank.shape[0] == 32
     prediction = FAMILY.predict(model, tiles, {})
     assert prediction.map.shape == (2, grid, grid)
-    torch.testing.assert_close(prediction.score, prediction.map.amax(dim=(1, 2)))
+    torch.testing.assert_close(prediction.score, prediction.map.mean(dim=(1, 2)))
+    torch.testing.assert_close(prediction.max, prediction.map.amax(dim=(1, 2)))
     again = FAMILY.restore(config, FAMILY.checkpoint_state(model), model.backbone_identity)
     torch.testing.assert_close(FAMILY.predict(again, tiles, {}).score, prediction.score)
 
@@ -216,3 +220,21 @@ def test_foundation_backbone_has_no_imagenet_weights():
     )
     with pytest.raises((WeightsUnavailableError, InvalidInputError), match="--backbone-weights"):
         FAMILY.build(config)
+
+
+def test_mvtec_scores_are_the_map_max_then_its_mean(fitted):
+    """PatchCore's headline image score is the map's maximum; its mean comes too, in the
+    columns every family with maps fills (the scorer's mean and max)."""
+    from wsi_anomaly.mvtec.adapters import ScorerAdapter
+
+    adapter = ScorerAdapter(fitted, device="cpu", batch_size=2)
+    assert adapter.score_names == ("max", "mean")
+    images = torch.rand(3, 3, 256, 256, generator=torch.Generator().manual_seed(4))
+    out = adapter(images)
+    assert list(out.scores) == ["max", "mean"]
+    np.testing.assert_allclose(out.scores["max"], out.maps.max(axis=(1, 2)), rtol=1e-5)
+    np.testing.assert_allclose(out.scores["mean"], out.maps.mean(axis=(1, 2)), rtol=1e-5)
+    assert (out.scores["max"] > out.scores["mean"]).all()
+    cal = Calibration.from_dict(load_checkpoint(fitted)["calibration"])
+    # the two scales are of the two statistics: the peaks' sit above the means'
+    assert cal.threshold("max") > cal.threshold("mean")

@@ -378,7 +378,7 @@ def test_conv_attention_is_not_labelled_as_the_papers_cnn_row():
         "timing": {},
     }
     conv = tiny_config()
-    conv.model.attention = "conv"
+    conv.haloae.attention = "conv"
     assert paper_reference(conv) is None
     table = markdown_table([record], conv)
     assert "Table 4" in table and "85.0" not in table and "90.4" not in table
@@ -389,6 +389,6 @@ def test_conv_attention_is_not_labelled_as_the_papers_cnn_row():
     assert "the paper's numbers came from the authors' released layer" in corrected
     assert "this run uses the corrected layer" in corrected
     released = tiny_config()
-    released.model.released_mask = True
+    released.haloae.released_mask = True
     assert paper_reference(released) == paper_reference(tiny_config())
     assert "reproduction switch" in markdown_table([record], released)

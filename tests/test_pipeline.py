@@ -91,12 +91,12 @@ def test_crash_then_rerun_completes_with_same_scores(
     _, a, _ = mini_slides
     clean = process_slide(a.path, tmp_path / "clean", tiny_model, settings())
 
-    import wsi_anomaly.pipeline as pipeline
+    import wsi_anomaly.pipeline.render as pipeline
 
     def crash(*args, **kwargs):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(pipeline, "write_slide_outputs", crash)
+    monkeypatch.setattr(pipeline, "render_slide_outputs", crash)
     with pytest.raises(KeyboardInterrupt):
         process_slide(a.path, tmp_path / "run", tiny_model, settings())
     assert not (tmp_path / "run" / "a.tif").exists()  # nothing that looks finished
@@ -301,7 +301,7 @@ class _Sink:
 def test_batches_span_shards_and_scores_land_on_their_shard(batch_size):
     """Model batches of the scorer's size cross shard boundaries (a GPU batch may be larger
     than a shard); each shard's scores are written once, at its own offset."""
-    from wsi_anomaly.pipeline import _score_shards
+    from wsi_anomaly.pipeline.slide_run import _score_shards
 
     shard_sizes = [4, 4, 4, 2]
     tiles = np.zeros((sum(shard_sizes), 2, 2, 3), np.uint8)
@@ -377,3 +377,41 @@ def test_slide_scale_is_labelled_and_changes_the_identity(mini_slides, tiny_mode
     assert saved["fraction_anomalous"] == fixed["fraction_anomalous"]
     assert (tmp_path / "a.tif" / "tiles.csv").read_text() == fixed_csv
     assert (tmp_path / "a.tif" / "heatmap.png").read_bytes() != fixed_png
+
+
+def test_a_run_opens_each_slide_once_and_reads_the_model_once(
+    mini_slides, tiny_model, tmp_path, monkeypatch
+):
+    from pathlib import Path
+
+    from wsi_anomaly import loaded_model
+    from wsi_anomaly.slide import reader
+
+    folder, a, b = mini_slides
+    opened, hashed, read = [], [], []
+    real_init, real_hash, real_read = (
+        reader.Slide.__init__,
+        loaded_model.sha256_file,
+        loaded_model.read_model,
+    )
+
+    def counting_init(self, path, *args, **kwargs):
+        opened.append(Path(path).name)
+        real_init(self, path, *args, **kwargs)
+
+    monkeypatch.setattr(reader.Slide, "__init__", counting_init)
+    monkeypatch.setattr(loaded_model, "sha256_file", lambda p: hashed.append(p) or real_hash(p))
+    monkeypatch.setattr(loaded_model, "read_model", lambda p: read.append(p) or real_read(p))
+    loaded_model._cached.cache_clear()
+    rows = run_cohort([a.path, b.path], tmp_path, tiny_model, settings())
+    assert [r["status"] for r in rows] == ["ok", "ok"]
+    assert sorted(opened) == ["a.tif", "b.tif"]
+    assert len(hashed) == 1 and len(read) == 1
+    opened.clear()
+    again = run_cohort([a.path, b.path], tmp_path, tiny_model, settings())
+    assert [r["status"] for r in again] == ["skipped (done)"] * 2
+    assert opened == []  # a finished slide is recognised from its file, not opened
+    assert len(hashed) == 1
+    summary = json.loads((tmp_path / "a.tif" / "summary.json").read_text())
+    assert summary["model"]["model_sha256"] == real_hash(tiny_model)
+    assert summary["identity"]["model_sha256"] == summary["model"]["model_sha256"]

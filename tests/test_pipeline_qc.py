@@ -12,7 +12,8 @@ import zarr
 
 from wsi_anomaly.cli import main
 from wsi_anomaly.errors import OutputExistsError
-from wsi_anomaly.pipeline import HeatmapSettings, _score_shards, process_slide
+from wsi_anomaly.pipeline import HeatmapSettings, process_slide
+from wsi_anomaly.pipeline.slide_run import _score_shards
 from wsi_anomaly.score import ScoreBatch
 from wsi_anomaly.slide.qc import FLAG_NAMES, QCSettings, flag_masks
 from wsi_anomaly.slide.synthetic import write_synthetic_slide

@@ -195,3 +195,30 @@ def test_cmu_tiles_equal_openslide(tmp_path):
         x, y = (int(v) for v in store.coords[i])
         ref = np.asarray(osr.read_region((x, y), 0, (256, 256)))[..., :3]
         np.testing.assert_array_equal(store.read(i, i + 1)[0], ref)
+
+
+def test_decoded_parts_reach_the_hook_once_each(small_slide):
+    """Per-tile work in the decoding threads sees every tile once, with its own pixels."""
+    import threading
+
+    from wsi_anomaly.slide.reader import Slide
+    from wsi_anomaly.tiles.tiler import iter_tile_batches, plan_tiles
+
+    seen: dict[int, float] = {}
+    threads: set[str] = set()
+    lock = threading.Lock()
+
+    def hook(start: int, tiles: np.ndarray) -> None:
+        with lock:
+            threads.add(threading.current_thread().name)
+            for k, tile in enumerate(tiles):
+                assert start + k not in seen
+                seen[start + k] = float(tile.mean())
+
+    with Slide(small_slide.path) as slide:
+        _, kept, _ = plan_tiles(slide, TilingSettings())
+        means = {}
+        for start, tiles in iter_tile_batches(slide, kept, 5, workers=2, on_decoded=hook):
+            means.update({start + k: float(t.mean()) for k, t in enumerate(tiles)})
+    assert sorted(seen) == list(range(len(kept))) and seen == means
+    assert all(name.startswith("tile-read") for name in threads)

@@ -32,6 +32,24 @@ class _Result:
         self.maps = 1.0 - grey.reshape(n, 64, t // 64, 64, t // 64).mean(axis=(2, 4))
 
 
+class StandInModel:
+    """What the pipeline asks of a checkpoint, answered without one."""
+
+    tile_px = 256
+    tile_mpp = 0.5
+
+    def __init__(self, path: Path):
+        from wsi_anomaly.hashing import sha256_file
+
+        self.path = path
+        self.sha256 = sha256_file(path)
+        self.calibration = {
+            "score_quantiles": {"0.5": 0.2, "0.99": 0.4},
+            "max_score_quantiles": {"0.5": 0.2, "0.99": 0.4},
+        }
+        self.identity = {"path": str(path), "model_sha256": "stand-in", "family": "stand-in"}
+
+
 class StandInScorer:
     """What the pipeline asks of a model, answered without one (darker tiles score higher)."""
 
@@ -64,8 +82,8 @@ def build_demo_results(folder: Path) -> Path:
         return _BUILT["results"]
     import pytest
 
-    from wsi_anomaly import pipeline
     from wsi_anomaly.pipeline import HeatmapSettings, run_cohort
+    from wsi_anomaly.pipeline import slide_run as pipeline
     from wsi_anomaly.tiles import TileStore
 
     model = folder / "stand-in.pt"
@@ -83,7 +101,8 @@ def build_demo_results(folder: Path) -> Path:
     )
     results = folder / "results"
     with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(pipeline, "_scorer", lambda path, settings: StandInScorer(Path(path)))
+        patch.setattr(pipeline, "load_model", lambda path: StandInModel(Path(path)))
+        patch.setattr(pipeline, "_scorer", lambda model, settings: StandInScorer(model.path))
         run_cohort(
             [slide.path, folder / "missing.tif"],
             results,

@@ -35,7 +35,7 @@ import torch
 from wsi_anomaly import __version__
 from wsi_anomaly.config import load_config
 from wsi_anomaly.errors import InvalidInputError, WsiAnomalyError
-from wsi_anomaly.models.registry import get_family
+from wsi_anomaly.models.registry import DEFAULT_FAMILY, get_family
 from wsi_anomaly.mvtec import CATEGORIES, BenchmarkSettings, find_categories, run_benchmark
 from wsi_anomaly.mvtec.weak import WeakProtocol, anomaly_count, run_weak_benchmark
 from wsi_anomaly.outputs import write_text
@@ -88,7 +88,11 @@ def main(argv: list[str] | None = None) -> int:
     )
     ap.add_argument("--root", required=True, help="the MVTec AD folder (15 category folders)")
     ap.add_argument("--out", default="mvtec_results")
-    ap.add_argument("--config", default="haloae_paper", help="preset name or YAML file")
+    ap.add_argument(
+        "--config",
+        default=get_family(DEFAULT_FAMILY).default_preset,
+        help="preset name or YAML file (default: the default family's paper preset)",
+    )
     ap.add_argument(
         "--categories",
         nargs="+",

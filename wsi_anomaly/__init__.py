@@ -26,6 +26,7 @@ _API = (
     "synthetic_slide",
     "tile",
     "train",
+    "train_on_features",
 )
 
 __all__ = ["__version__", *_API]

@@ -8,6 +8,8 @@ Reached as ``import wsi_anomaly as wa``; each function is the library side of on
     wa.train(["normal.zarr"], "model.pt")                   # a checkpoint, calibrated
     wa.Scorer("model.pt").score(tiles)                      # scores of uint8 B×256×256×3 tiles
     wa.heatmap(["slide.svs"], "model.pt", out="results")    # pictures, NGFF, GeoJSON, tables
+    wa.train_on_features(["trident/features_uni_v1"], "knn.pt")   # TRIDENT/CLAM tile vectors
+    wa.heatmap(["slide.svs"], "knn.pt", features=["trident/features_uni_v1"])
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ from typing import Any
 
 from . import _API
 from .config import load_config
+from .models.registry import DEFAULT_FAMILY, get_family
 from .pipeline import HeatmapSettings, run_cohort
 from .score import Scorer as Scorer
 from .slide import Slide as Slide
@@ -72,7 +75,7 @@ def train(
     tiles: Sequence[str | Path],
     out: str | Path,
     *,
-    config: Any = "haloae_fast",
+    config: Any = None,
     overrides: Mapping[str, Any] | None = None,
     device: str = "auto",
     mpp: float | None = None,
@@ -83,8 +86,11 @@ def train(
 ) -> TrainResult:
     """Train on normal tiles (tile stores and/or folders of images) and write the checkpoint
     ``out`` (as ``wsi-anomaly train``). ``config``: a preset name, a YAML file or a resolved
-    config (:func:`load_config`); ``overrides``: nested values on top of it. ``anomalies``: labelled
-    anomalous tiles, for a weakly supervised family (ATAC-Net)."""
+    config (:func:`load_config`; default: the default family's fast preset); ``overrides``:
+    nested values on top of it. ``anomalies``: labelled anomalous tiles, for a weakly supervised
+    family."""
+    if config is None:
+        config = get_family(DEFAULT_FAMILY).fast_preset
     if isinstance(config, str | Path):
         config = load_config(str(config), dict(overrides or {}))
     elif overrides:
@@ -105,6 +111,36 @@ def train(
     )
 
 
+def train_on_features(
+    features: Sequence[str | Path],
+    out: str | Path,
+    *,
+    config: Any = "features_knn",
+    overrides: Mapping[str, Any] | None = None,
+    device: str = "auto",
+    overwrite: bool = False,
+    progress: bool = False,
+) -> TrainResult:
+    """Fit a memory bank of normal tile vectors on TRIDENT or CLAM features files (``.h5``
+    files, or folders in their layouts) and write the checkpoint ``out`` (as ``wsi-anomaly
+    train --features``); score slides with :func:`heatmap` and ``features=``."""
+    from .tiles.feature_files import open_training_features
+
+    if isinstance(config, str | Path):
+        config = load_config(str(config), dict(overrides or {}))
+    elif overrides:
+        raise ValueError("overrides apply to a preset or a YAML file, not to a resolved config")
+    return train_model(
+        open_training_features(features),
+        config,
+        out,
+        device=device,
+        overwrite=overwrite,
+        source=", ".join(str(f) for f in features),
+        progress=progress,
+    )
+
+
 def heatmap(
     slides: Sequence[str | Path] | str | Path,
     model: str | Path,
@@ -114,6 +150,8 @@ def heatmap(
     scheduler: str | None = None,
     skip_errors: bool = False,
     progress: bool = False,
+    features: Sequence[str | Path] | None = None,
+    patch_size_level0: int | None = None,
     **settings: Any,
 ) -> list[dict[str, Any]]:
     """Score and draw every slide (files, folders, glob patterns) into ``out/<slide>/`` (as
@@ -121,7 +159,14 @@ def heatmap(
     are :class:`HeatmapSettings` fields (``mpp`` for ``target_mpp``, ``batch_size``,
     ``device``, ``keep_maps``, ``cmap``, ``overwrite``, …); ``on_progress=callback`` is called
     after every scored model batch with a :class:`~wsi_anomaly.pipeline.ScoringProgress`
-    (``slide``, ``done``, ``total``, ``seconds``, ``tiles_per_s``, ``eta_s``)."""
+    (``slide``, ``done``, ``total``, ``seconds``, ``tiles_per_s``, ``eta_s``). ``features``:
+    score the slides' TRIDENT or CLAM tile features (folders or ``.h5`` files) instead of their
+    pixels, with a model from :func:`train_on_features` (``patch_size_level0``: the tile side
+    for files that do not record it)."""
+    if features is not None:
+        from .features_run import FeatureSources
+
+        settings["features"] = FeatureSources(tuple(map(str, features)), patch_size_level0)
     if "mpp" in settings:
         settings["target_mpp"] = settings.pop("mpp")
     if isinstance(slides, str | Path):

@@ -5,7 +5,7 @@ A checkpoint is a ``torch.save`` dict::
     format            "wsi-anomaly-checkpoint"
     format_version    CHECKPOINT_VERSION
     software_version  wsi_anomaly.__version__ that wrote it
-    model_name        "haloae", …
+    model_name        the model family's name (``model.name``)
     config            the resolved Config as a dict (model knobs, training settings, seed)
     state_dict        the model's weights (the frozen backbone included, so scoring needs no
                       download)
@@ -14,6 +14,8 @@ A checkpoint is a ``torch.save`` dict::
     calibration       {"mean_map": 64×64 tensor, "score_quantiles": {q: value}, …} — what makes
                       scores comparable across slides; absent in intermediate checkpoints
     train_state       {"epoch", "optimizer", …} for ``--resume``
+    tile_features     (a model fitted on TRIDENT/CLAM tile vectors only) their encoder, width
+                      and tile geometry, checked before a slide's vectors are scored
     complete          True once training finished and calibration is in
 
 Written to a temporary name and renamed, so a crash never leaves a truncated checkpoint.
@@ -25,7 +27,6 @@ the file. A file holding anything else (a pickled object, a function) is refused
 
 from __future__ import annotations
 
-import hashlib
 import pickle
 from pathlib import Path
 from typing import Any
@@ -106,12 +107,3 @@ def load_checkpoint(
         )
     check_record(data, path, require_complete)
     return data
-
-
-def file_hash(path: str | Path) -> str:
-    """sha256 of a checkpoint file: the model identity recorded next to scores."""
-    h = hashlib.sha256()
-    with Path(path).open("rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()

@@ -89,6 +89,7 @@ OPTIONAL_FIELDS: dict[str, tuple[type, ...]] = {
     "calibration": (dict, type(None)),
     "complete": (bool,),
     "train_state": (dict,),
+    "tile_features": (dict,),
 }
 #: Calibration entries the package reads whatever the family: score quantiles by name.
 QUANTILE_FIELDS = ("score_quantiles", "max_score_quantiles")

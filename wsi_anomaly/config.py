@@ -1,19 +1,26 @@
 """Typed configuration: dataclasses loaded from YAML presets and overridden on the command line.
 
 The resolved configuration is saved next to every output and inside every checkpoint.
-Presets live in ``configs/`` (``haloae_paper.yaml``, ``haloae_fast.yaml``, ``atacnet.yaml``,
-``atacnet_fast.yaml``); ``--config NAME`` finds a preset by name, ``--config FILE`` reads any
-YAML file.
+Presets live in ``configs/`` (each family's default and fast preset); ``--config NAME`` finds a
+preset by name, ``--config FILE`` reads any YAML file.
 
-Sections: ``model`` (``name`` selects the model family), ``train`` (run knobs every family
-shares, and HaloAE's schedule), then one section per family that has its own (``atacnet``),
-contributed by the family's registry entry in :mod:`wsi_anomaly.models.registry`. Every value is
-checked up front, by type and by range: a mistake is one line naming the key.
+Sections: ``model`` (``name`` selects the model family, ``backbone_weights``) and ``train`` (run
+knobs every family shares: data-loading workers, checkpoint interval, calibration), then one
+section per family holding all of that family's own settings, architecture and schedule
+(:class:`~wsi_anomaly.models.registry.FamilySettings`), then ``tile_px`` and ``seed``. Every
+section validates itself, by type and by range: a mistake is one line naming the key. Loading a
+config imports no torch.
+
+Configs written before a family had its own section (its keys in ``model`` or ``train``) are
+read as the new layout: each key the family's section lists in ``former_keys`` moves there
+(e.g. ``train.epochs`` → ``<family>.epochs``) when the file has no such section; in a file that
+has it, the same key in the old place is an error naming where it belongs.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import logging
 import math
 import typing
 from dataclasses import asdict, dataclass, field, fields
@@ -23,9 +30,11 @@ from typing import Any
 import yaml
 
 from .errors import InputNotFoundError, InvalidInputError
-from .models.registry import family_names, family_sections, get_family
+from .models.registry import DEFAULT_FAMILY, FamilySettings, family_names, family_sections
 from .outputs import write_text
 from .untrusted import load_yaml
+
+log = logging.getLogger(__name__)
 
 PRESET_DIR = Path(__file__).resolve().parent / "configs"
 
@@ -41,90 +50,83 @@ def check_finite(section: Any, key: str) -> None:
 
 @dataclass
 class ModelConfig:
-    """Which model family, its backbone weights, and HaloAE's architecture switches."""
+    """Which model family, and where its backbone's weights come from."""
 
-    name: str = "haloae"
+    name: str = DEFAULT_FAMILY
     backbone_weights: str = "imagenet"  # imagenet | random | path to a state-dict file
-    attention: str = "halo"  # halo | conv (attention layers replaced by 3×3 convs
-    #                                     in the same blocks; no paper counterpart)
-    released_mask: bool = False  # reproduction switch: the authors' released halo layer
-    #                                     with its inverted mask (the paper's numbers used it)
-    released_init: bool = False  # start blocks C, D, E as the released code does
-    #                                     (Kaiming-normal fan-in, zero biases); default PyTorch's
 
 
 @dataclass
 class TrainConfig:
-    """Run knobs shared by every family (``workers``, ``checkpoint_every``,
-    ``calibration_tiles``) and HaloAE's schedule (the HaloAE paper: Adam 1e-4, wd 1e-5,
-    batch 4, 251 epochs × 3000 samples)."""
+    """Run knobs every family shares; each family's schedule is in its own section."""
 
-    epochs: int = 251
-    samples_per_epoch: int = 3000
-    batch_size: int = 4  # originals; each yields two Cut&Paste copies
-    lr: float = 1e-4
-    weight_decay: float = 1e-5
-    loss_weighting: str = "ews"  # ews | equal (1/n for each of the n active terms)
-    # A subset is a loss ablation: the weights are renormalised over the active terms (sum 1).
-    loss_terms: list[str] = field(default_factory=lambda: ["cls", "fm", "im"])
-    image_jitter: float = 0.1  # colour jitter of the whole image (histology: 0.05)
-    patch_jitter: float = 0.1  # colour jitter of the pasted patch
     workers: int = 2  # data-loading processes
-    checkpoint_every: int = 10  # epochs between resumable checkpoints
+    checkpoint_every: int = 0  # a numbered copy of the resume point every N epochs (0: none)
     calibration_tiles: int = 2000  # tiles used for the mean map and score quantiles
     calibration_holdout: float = 0.1  # normal tiles held out of training for the score scale
 
     def validate(self) -> None:
         """Types were checked on loading; here finiteness and ranges (one line naming the key)."""
         check_finite(self, "train")
-        for name in (
-            "epochs",
-            "samples_per_epoch",
-            "batch_size",
-            "checkpoint_every",
-            "calibration_tiles",
-        ):
+        for name in ("calibration_tiles",):
             if getattr(self, name) < 1:
                 raise InvalidInputError(
                     f"train.{name} must be at least 1, got {getattr(self, name)}"
                 )
         if self.workers < 0:
             raise InvalidInputError("train.workers must be ≥ 0")
+        if self.checkpoint_every < 0:
+            raise InvalidInputError(
+                f"train.checkpoint_every must be ≥ 0 (0: no numbered copies), "
+                f"got {self.checkpoint_every}"
+            )
         if not 0.0 <= self.calibration_holdout < 1.0:
             raise InvalidInputError(
                 f"train.calibration_holdout must be in [0, 1), got {self.calibration_holdout}"
             )
 
 
-def _to_dict(self: Any) -> dict[str, Any]:
-    return asdict(self)
+def _section_order() -> list[str]:
+    """The order sections are written in: a saved config reads top-down, the shared sections,
+    then each family's, then the tile size and the seed."""
+    return ["model", "train", *(key for key, _ in family_sections()), "tile_px", "seed"]
 
 
-def _validate(self: Any) -> Any:
-    """Check every section (each validates itself: types, finiteness, ranges) and the family's
-    settings; returns ``self``."""
-    for section in fields(self):
-        value = getattr(self, section.name)
-        if dataclasses.is_dataclass(value):
-            check_finite(value, section.name)
-            own = getattr(value, "validate", None)
-            if callable(own):
-                try:
-                    own()
-                except ValueError as exc:
-                    raise InvalidInputError(str(exc)) from None
-    _check_positive(self)
-    if self.model.name not in family_names():
-        raise InvalidInputError(
-            f"model.name must be one of {', '.join(family_names())}, got {self.model.name!r}"
-        )
-    if self.tile_px != 256:
-        raise InvalidInputError("tiles are 256×256 (tile_px must be 256)")
-    try:
-        get_family(self.model.name).validate(self)
-    except ValueError as exc:
-        raise InvalidInputError(str(exc)) from None
-    return self
+@dataclass
+class Config(FamilySettings):
+    """The resolved configuration of a run: the shared sections, every family's own section
+    (:class:`~wsi_anomaly.models.registry.FamilySettings`), the tile size and the seed."""
+
+    model: ModelConfig = field(default_factory=ModelConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    tile_px: int = 256
+    seed: int = 0
+
+    def to_dict(self) -> dict[str, Any]:
+        data = asdict(self)
+        return {key: data[key] for key in _section_order()}
+
+    def validate(self) -> Config:
+        """Check every section (each validates itself: types, finiteness, ranges) and the
+        family's name; returns ``self``."""
+        for section in fields(self):
+            value = getattr(self, section.name)
+            if dataclasses.is_dataclass(value):
+                check_finite(value, section.name)
+                own = getattr(value, "validate", None)
+                if callable(own):
+                    try:
+                        own()
+                    except ValueError as exc:
+                        raise InvalidInputError(str(exc)) from None
+        _check_positive(self)
+        if self.model.name not in family_names():
+            raise InvalidInputError(
+                f"model.name must be one of {', '.join(family_names())}, got {self.model.name!r}"
+            )
+        if self.tile_px != 256:
+            raise InvalidInputError("tiles are 256×256 (tile_px must be 256)")
+        return self
 
 
 #: Values that must be positive (> 0) or non-negative (≥ 0) wherever a section has them.
@@ -154,31 +156,6 @@ def _check_positive(config: Any) -> None:
                 raise InvalidInputError(
                     f"{section.name}.{name} must be 0 or more, got {getattr(value, name)}"
                 )
-
-
-def _make_config_class() -> type:
-    """``Config``: ``model``, ``train``, each family's own section, ``tile_px``, ``seed``."""
-    spec: list[Any] = [
-        ("model", ModelConfig, field(default_factory=ModelConfig)),
-        ("train", TrainConfig, field(default_factory=TrainConfig)),
-    ]
-    for key, section_type in family_sections():
-        spec.append((key, section_type, field(default_factory=section_type)))
-    spec += [("tile_px", int, field(default=256)), ("seed", int, field(default=0))]
-    cls = dataclasses.make_dataclass(
-        "Config",
-        spec,
-        namespace={
-            "to_dict": _to_dict,
-            "validate": _validate,
-            "__doc__": "The resolved configuration of a run.",
-        },
-    )
-    cls.__module__ = __name__
-    return cls
-
-
-Config: Any = _make_config_class()
 
 
 def _kind(hint: Any) -> str:
@@ -264,25 +241,77 @@ def read_yaml(path: Path) -> Any:
     return load_yaml(path, "config")
 
 
-def load_config(name_or_path: str | None = None, overrides: dict[str, Any] | None = None) -> Any:
-    """Defaults ← preset/YAML file ← ``overrides`` (a nested dict, e.g. from CLI flags)."""
+def former_keys() -> dict[tuple[str, str], str]:
+    """The documented moves from the old layout: ``(old section, key)`` → the family section
+    that holds the key now (from each section's ``former_keys``)."""
+    moves: dict[tuple[str, str], str] = {}
+    for section, section_type in family_sections():
+        for old, keys in getattr(section_type, "former_keys", {}).items():
+            for key in keys:
+                moves[(old, key)] = section
+    return moves
+
+
+def migrate_layout(data: dict[str, Any]) -> tuple[dict[str, Any], list[str]]:
+    """``data`` (a config mapping as read) in the current layout, and the moves made.
+
+    A mapping without the family section a key now belongs to is in the old layout: the key
+    moves there (``train.epochs`` → ``<family>.epochs``). A mapping that has that section already
+    is in the new layout: the key in the old place is a mistake, one line naming where it
+    belongs."""
+    moved: list[str] = []
+    out = dict(data)
+    for (old, key), section in former_keys().items():
+        values = out.get(old)
+        if not isinstance(values, dict) or key not in values:
+            continue
+        if section in data:
+            raise InvalidInputError(
+                f"config key {old}.{key} belongs in the {section} section: write it as "
+                f"{section}.{key}"
+            )
+        target = out.get(section)
+        out[old] = {k: v for k, v in values.items() if k != key}
+        out[section] = {**(target if isinstance(target, dict) else {}), key: values[key]}
+        moved.append(f"{old}.{key} → {section}.{key}")
+    return out, moved
+
+
+def _merge_layout(config: Config, data: dict[str, Any], source: str, quiet: bool = False) -> Config:
+    data, moved = migrate_layout(data)
+    if moved:
+        log.log(
+            logging.DEBUG if quiet else logging.WARNING,
+            "%s uses the old config layout; read as %s",
+            source,
+            ", ".join(moved),
+        )
+    merged: Config = _merge(config, data, "")
+    return merged
+
+
+def load_config(name_or_path: str | None = None, overrides: dict[str, Any] | None = None) -> Config:
+    """Defaults ← preset/YAML file ← ``overrides`` (a nested dict, e.g. from CLI flags).
+
+    Either may be in the old layout (:func:`migrate_layout`)."""
     config = Config()
     if name_or_path:
         path = resolve_preset(name_or_path)
         data = read_yaml(path) or {}
         if not isinstance(data, dict):
             raise InvalidInputError(f"{path}: a config file must be a mapping")
-        config = _merge(config, data, "")
+        config = _merge_layout(config, data, str(path))
     if overrides:
-        config = _merge(config, overrides, "")
+        config = _merge_layout(config, overrides, "the overrides", quiet=True)
     return config.validate()
 
 
-def config_from_dict(data: dict[str, Any]) -> Any:
-    """Rebuild a :class:`Config` saved with :meth:`Config.to_dict` (e.g. from a checkpoint)."""
-    return _merge(Config(), data, "")
+def config_from_dict(data: dict[str, Any]) -> Config:
+    """Rebuild a :class:`Config` saved with :meth:`Config.to_dict` (e.g. from a checkpoint),
+    old layouts included (:func:`migrate_layout`)."""
+    return _merge_layout(Config(), data, "a saved config", quiet=True)
 
 
-def save_config(config: Any, path: str | Path) -> None:
+def save_config(config: Config, path: str | Path) -> None:
     """Write the resolved config as YAML, atomically."""
     write_text(path, yaml.safe_dump(config.to_dict(), sort_keys=False))

@@ -12,14 +12,14 @@ from __future__ import annotations
 import json
 import logging
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from pathlib import Path
 
 import numpy as np
 
 from .config import load_config
 from .errors import InvalidInputError
-from .models.registry import family_names, get_family
+from .models.registry import DEFAULT_FAMILY, family_names, family_sections, get_family
 from .pipeline import HeatmapSettings, run_cohort
 from .slide.synthetic import SyntheticSlide, write_synthetic_slide
 from .tiles import TileStore, TilingSettings, tile_slide
@@ -31,7 +31,17 @@ log = logging.getLogger(__name__)
 #: The demo's tiles: 1 µm/px keeps the tile count (and CPU time) small while the textures stay
 #: recognisable; its training schedule is the fast preset shortened to about a minute on 2 cores.
 DEMO_MPP = 1.0
-DEMO_TRAIN = {"epochs": 3, "samples_per_epoch": 8, "batch_size": 2, "calibration_tiles": 24}
+DEMO_TRAIN = {"calibration_tiles": 24}
+#: The schedule, for a family trained over epochs: each key its section has.
+DEMO_SCHEDULE = {"epochs": 3, "samples_per_epoch": 8, "batch_size": 2}
+
+
+def _demo_schedule(section: str) -> dict[str, int]:
+    """:data:`DEMO_SCHEDULE`'s keys that the family's schedule ``section`` has (none for a
+    family fitted in one pass, without epochs)."""
+    settings = dict(family_sections()).get(section)
+    own = {f.name for f in fields(settings)} if settings is not None else set()
+    return {k: v for k, v in DEMO_SCHEDULE.items() if k in own} if "epochs" in own else {}
 
 
 @dataclass
@@ -74,7 +84,7 @@ def run_demo(
     device: str = "auto",
     progress: bool = True,
     echo=print,
-    family: str = "haloae",
+    family: str = DEFAULT_FAMILY,
 ) -> DemoResult:
     from sklearn.metrics import roc_auc_score
 
@@ -118,7 +128,12 @@ def run_demo(
     model = out / "model.pt"
     config = load_config(
         entry.fast_preset,
-        {"model": {"backbone_weights": backbone_weights}, "train": DEMO_TRAIN, "seed": seed},
+        {
+            "model": {"backbone_weights": backbone_weights},
+            "train": DEMO_TRAIN,
+            entry.schedule_section: _demo_schedule(entry.schedule_section),
+            "seed": seed,
+        },
     )
     echo(f"[3/4] {entry.describe_training(config, tiled.n_tiles, 0)} → {model}")
     trained = train_model(

@@ -24,6 +24,7 @@ import csv
 import logging
 import threading
 import time
+from collections import deque
 from collections.abc import Callable, Iterable, Iterator, Sequence, Sized
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -34,18 +35,14 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
-from .checkpoint import file_hash, load_checkpoint
-from .checkpoint_checks import check_state_dict, expected_state
-from .config import config_from_dict
 from .errors import (
-    CheckpointError,
     DeviceUnavailableError,
     InputNotFoundError,
     InvalidInputError,
     NonFiniteScoresError,
 )
-from .models.calibration import Calibration
-from .models.registry import get_family
+from .hashing import tagged_name
+from .loaded_model import LoadedModel, read_model
 from .outputs import atomic_path
 from .runtime import Runtime
 from .tiles.dataset import IMAGE_SUFFIXES, ImageFolderDataset, find_images
@@ -170,7 +167,8 @@ class Scorer:
     """A trained model ready to score batches of 256×256 RGB tiles.
 
     Args:
-        checkpoint: path of a finished checkpoint.
+        checkpoint: path of a finished checkpoint, or the model read from one
+            (:class:`~wsi_anomaly.loaded_model.LoadedModel`).
         device: ``auto`` | ``cpu`` | ``cuda[:N]``.
         precision: ``auto`` (bf16 autocast on CUDA and on CPUs with native bf16, else fp32,
             see :mod:`wsi_anomaly.runtime`) | ``fp32`` | ``bf16``.
@@ -187,7 +185,7 @@ class Scorer:
 
     def __init__(
         self,
-        checkpoint: str | Path,
+        checkpoint: str | Path | LoadedModel,
         device: str = "auto",
         precision: str = "auto",
         batch_size: int | str = AUTO_BATCH,
@@ -207,53 +205,28 @@ class Scorer:
         self.engine = engine
         batch_setting = check_batch_size(batch_size)
         self.compile_mode = check_compile_mode(compile)
-        self.path = Path(checkpoint)
-        ckpt = load_checkpoint(self.path)
-        self.checkpoint = ckpt
-        self.config = config_from_dict(ckpt["config"])
+        loaded = checkpoint if isinstance(checkpoint, LoadedModel) else read_model(checkpoint)
+        #: The checkpoint as read (identity, family, config, calibration, tile size and mpp).
+        self.loaded = loaded
+        self.path = loaded.path
+        self.checkpoint = loaded.checkpoint
+        self.config = loaded.config
         self.runtime = Runtime.resolve(
             "cpu" if engine == "onnx" else device, "fp32" if engine == "onnx" else precision
         )
         self.device = self.runtime.device
         self.precision = self.runtime.precision
-        self.model_name: str = ckpt["model_name"]
-        try:
-            self.family = get_family(self.model_name)
-        except ValueError as exc:
-            raise CheckpointError(f"{self.path}: {exc}") from None
-        self.backbone: str = ckpt.get("backbone", "unknown")
-        # The weights are checked against the family's model before one is built.
-        try:
-            expected = expected_state(self.family, self.config, self.backbone)
-        except (RuntimeError, TypeError, ValueError, KeyError, AttributeError) as exc:
-            raise CheckpointError(
-                f"{self.path}: its config does not describe a {self.model_name} model "
-                f"({exc.__class__.__name__}); the checkpoint is damaged or not ours"
-            ) from exc
-        # (a family without a model to compare with: every weight is still checked finite)
-        check_state_dict(ckpt["state_dict"], expected or ckpt["state_dict"], self.path)
-        try:
-            self.calibration = Calibration.from_dict(ckpt["calibration"])
-        except (KeyError, ValueError, TypeError) as exc:
-            raise CheckpointError(f"{self.path}: {exc}; retrain the model") from None
-        try:
-            model = self.family.restore(
-                self.config, ckpt["state_dict"], self.backbone, backbone_weights
-            )
-        except ValueError as exc:
-            raise CheckpointError(f"{self.path}: {exc}") from None
-        except (RuntimeError, TypeError, KeyError, AttributeError) as exc:
-            raise CheckpointError(
-                f"{self.path} cannot be restored ({exc.__class__.__name__}: "
-                f"{str(exc).splitlines()[0][:200] if str(exc) else 'no detail'})"
-            ) from exc
-        self.model = self.runtime.prepare_model(model.eval())
+        self.model_name: str = loaded.model_name
+        self.family = loaded.family
+        self.backbone: str = loaded.backbone
+        self.calibration = loaded.calibration
+        self.model = self.runtime.prepare_model(loaded.restore(backbone_weights))
         #: Side of the maps the model gives (its family's patch grid or map size).
-        self.map_px: int = self.family.map_size(self.config)
+        self.map_px: int = loaded.map_px
         self._predict_calibration = self.family.calibration_to(self.calibration, self.device)
-        self.tile_mpp: float | None = ckpt.get("tile_mpp")
-        self.model_hash = file_hash(self.path)
-        self.tile_px = self.config.tile_px
+        self.tile_mpp: float | None = loaded.tile_mpp
+        self.model_hash = loaded.sha256
+        self.tile_px = loaded.tile_px
         self._onnx = self._onnx_session(onnx_model) if engine == "onnx" else None
         # One forward pass at a time (slides in flight share the scorer); on CUDA all of them
         # run on one compute stream, so their memory peaks do not add up.
@@ -287,14 +260,7 @@ class Scorer:
     @property
     def identity(self) -> dict[str, Any]:
         """What to record next to scores so they can be traced to this model."""
-        return {
-            "model_path": str(self.path.resolve()),
-            "model_sha256": self.model_hash,
-            "model_name": self.checkpoint["model_name"],
-            "backbone": self.backbone,
-            "tile_mpp": self.tile_mpp,
-            "software_version": self.checkpoint["software_version"],
-        }
+        return self.loaded.identity
 
     # -- batch size ------------------------------------------------------------------------------
     def _auto_batch_size(self) -> BatchChoice:
@@ -585,8 +551,6 @@ def unique_map_names(files: Sequence[Path]) -> list[str]:
     """``<stem>_map.png`` per image; images whose stems collide (same name in two folders, or
     ``a.png`` beside ``a.jpg``) get ``<stem>-<8 hex of a hash of the path>_map.png`` instead,
     so no map overwrites another."""
-    import hashlib
-
     stems: dict[str, int] = {}
     for f in files:
         stems[f.stem] = stems.get(f.stem, 0) + 1
@@ -595,8 +559,7 @@ def unique_map_names(files: Sequence[Path]) -> list[str]:
         if stems[f.stem] == 1:
             names.append(f"{f.stem}_map.png")
         else:
-            digest = hashlib.sha1(str(Path(f).resolve()).encode()).hexdigest()[:8]
-            names.append(f"{f.stem}-{digest}_map.png")
+            names.append(f"{tagged_name(f.stem, Path(f).resolve())}_map.png")
     return names
 
 
@@ -669,3 +632,158 @@ def score_images(
         "precision": scorer.precision,
         "runtime": scorer.engine,
     }
+
+
+_SHARED: dict[tuple[int, str, str, int | str, str, str | None, str], Scorer] = {}
+_SHARED_LOCK = threading.Lock()
+
+
+def shared_scorer(
+    model: LoadedModel,
+    device: str = "auto",
+    precision: str = "auto",
+    batch_size: int | str = AUTO_BATCH,
+    compile: str = "off",
+    backbone_weights: str | None = None,
+    engine: str = "torch",
+) -> Scorer:
+    """One scorer per loaded model and runtime settings in a process: the slides of a run, the
+    slides in flight in one process and a dask worker's slides share it."""
+    key = (id(model), device, precision, batch_size, compile, backbone_weights, engine)
+    with _SHARED_LOCK:
+        scorer = _SHARED.get(key)
+        if scorer is None or scorer.loaded is not model:
+            scorer = _SHARED[key] = Scorer(
+                model,
+                device=device,
+                precision=precision,
+                batch_size=batch_size,
+                compile=compile,
+                backbone_weights=backbone_weights,
+                engine=engine,
+            )
+        return scorer
+
+
+def score_shards(
+    scorer: Any,
+    shards: Iterable[tuple[int, np.ndarray]],
+    skip: dict[int, np.ndarray] | None = None,
+    keep_maps: bool = False,
+    on_batch: Callable[[int, int, float], None] | None = None,
+) -> Iterator[tuple[int, ScoreBatch]]:
+    """The scores of consecutive shards of (n, T, T, 3) uint8 tiles, ``(start, tiles)`` in
+    order, as ``(start, scores)`` per shard, in order: the tiles are scored in model batches of
+    ``scorer.batch_size`` (a batch may span shards) through ``scorer.score_batches``, and a
+    shard's scores come out once all its tiles are scored.
+
+    ``skip``: shard start → (n,) bool, the tiles not to score (filled in by the time the shard
+    is drawn from ``shards``); their scores are NaN (maps too; a shard skipped whole has no
+    maps). ``on_batch(done, scored, seconds)`` runs after every model batch, and once more at
+    the end with ``scored`` 0: ``done`` tiles so far (skipped tiles count when their shard is
+    drawn), ``scored`` in this batch, ``seconds`` spent waiting for its scores less the time
+    spent waiting for shards.
+    """
+    skip = skip if skip is not None else {}
+    # shards whose tiles are being scored: start, tiles, tiles to score, the mask of skipped
+    pending: deque[tuple[int, int, int, np.ndarray | None]] = deque()
+    upstream = [0.0]  # seconds spent waiting for shards
+    passed = [0]  # tiles skipped so far (they count as done)
+    batch_size = scorer.batch_size
+
+    def batches() -> Iterator[np.ndarray]:
+        held: list[np.ndarray] = []  # tiles not yet in a batch (views of the shards)
+        count = 0
+        source = iter(shards)
+        while True:
+            t0 = time.perf_counter()
+            item = next(source, None)
+            upstream[0] += time.perf_counter() - t0
+            if item is None:
+                break
+            start, tiles = item
+            skipped = skip.get(start)
+            if skipped is not None and skipped.any():
+                tiles = tiles[~skipped]
+                passed[0] += int(skipped.sum())
+            else:
+                skipped = None
+            pending.append(
+                (start, len(skipped) if skipped is not None else len(tiles), len(tiles), skipped)
+            )
+            if len(tiles):
+                held.append(tiles)
+                count += len(tiles)
+            while count >= batch_size:
+                joined = held[0] if len(held) == 1 else np.concatenate(held)
+                # uint8 as stored: conversion and normalisation happen on the scoring device.
+                yield joined[:batch_size]
+                rest = joined[batch_size:]
+                held, count = ([rest] if len(rest) else []), len(rest)
+        if count:
+            yield held[0] if len(held) == 1 else np.concatenate(held)
+
+    parts: list[ScoreBatch] = []
+    have = done = 0
+    results = scorer.score_batches(batches(), keep_maps=keep_maps)
+    while True:
+        t0, before = time.perf_counter(), upstream[0]
+        result = next(results, None)
+        seconds = time.perf_counter() - t0 - (upstream[0] - before)
+        if result is None:
+            break
+        parts.append(result)
+        have += len(result.mean)
+        while pending and have >= pending[0][2]:
+            start, shard_scores, parts, have = _take_shard(pending.popleft(), parts, have)
+            yield start, shard_scores
+        done += len(result.mean)
+        if on_batch is not None:
+            on_batch(done + passed[0], len(result.mean), seconds)
+    while pending and pending[0][2] == 0:  # shards at the end with every tile skipped
+        start, shard_scores, parts, have = _take_shard(pending.popleft(), parts, have)
+        yield start, shard_scores
+    if on_batch is not None:
+        on_batch(done + passed[0], 0, seconds)
+    assert not pending and have == 0, "every shard's tiles were scored"
+
+
+def _take_shard(
+    shard: tuple[int, int, int, np.ndarray | None], parts: list[ScoreBatch], have: int
+) -> tuple[int, ScoreBatch, list[ScoreBatch], int]:
+    """One shard's scores (the first ``n`` of ``parts``; NaN for its skipped tiles); returns its
+    start, its scores, the scores left over and their count."""
+    start, n_tiles, n, skipped = shard
+    if n == 0:
+        nan = np.full(n_tiles, np.nan, np.float32)
+        return start, ScoreBatch(nan, nan, None), parts, have
+    merged = _concat_scores(parts)
+    mean, peak = merged.mean[:n], merged.max[:n]
+    maps = merged.maps[:n] if merged.maps is not None else None
+    if skipped is not None:
+        mean, peak = _spread(mean, skipped), _spread(peak, skipped)
+        maps = _spread(maps, skipped) if maps is not None else None
+    rest = ScoreBatch(
+        merged.mean[n:],
+        merged.max[n:],
+        merged.maps[n:] if merged.maps is not None else None,
+    )
+    return start, ScoreBatch(mean, peak, maps), ([rest] if len(rest.mean) else []), have - n
+
+
+def _spread(scored: np.ndarray, skipped: np.ndarray) -> np.ndarray:
+    """Values of the scored tiles back in their shard's places, NaN for the skipped ones."""
+    out = np.full((len(skipped), *scored.shape[1:]), np.nan, np.float32)
+    out[~skipped] = scored
+    return out
+
+
+def _concat_scores(parts: Sequence[ScoreBatch]) -> ScoreBatch:
+    if len(parts) == 1:
+        return parts[0]
+    maps = [p.maps for p in parts if p.maps is not None]
+    return ScoreBatch(
+        np.concatenate([p.mean for p in parts]),
+        np.concatenate([p.max for p in parts]),
+        np.concatenate(maps) if len(maps) == len(parts) else None,
+    )

@@ -9,8 +9,9 @@ and 99th percentile the same way (``basis="slide"``), for slides where the fixed
 the "Anomalous" class stays on the model's fixed threshold either way
 (:attr:`ColourScale.anomalous_at`).
 
-:func:`write_slide_outputs` writes a slide's pictures and files (wsi.md §6) on one display canvas
-(:func:`display_geometry`) that lines up with the slide to the pixel.
+:func:`render_slide_outputs` writes a slide's pictures and files (wsi.md §6) from one
+:class:`SlideOutputs` on one display canvas (:func:`display_geometry`) that lines up with the
+slide to the pixel; :func:`write_slide_outputs` is the same with the pieces as keywords.
 """
 
 from __future__ import annotations
@@ -269,6 +270,67 @@ class SlideGeometry:
     grid_rows: int
 
 
+def grid_origin(
+    coords: np.ndarray, grid_index: np.ndarray, stride_l0: float
+) -> tuple[float, float]:
+    """Level-0 (x, y) of grid cell (0, 0)'s top-left corner: 0 for the grids the tiler lays,
+    derived from the tiles so that an offset grid still fits. ``coords`` (N, 2) level-0 x, y;
+    ``grid_index`` (N, 2) col, row."""
+    if len(coords) == 0:
+        return 0.0, 0.0
+    origin = (np.asarray(coords) - np.asarray(grid_index) * float(stride_l0)).mean(axis=0)
+    return float(origin[0]), float(origin[1])
+
+
+@dataclass(frozen=True)
+class DisplaySettings:
+    """How a slide's outputs are drawn — what a re-draw from stored scores may change."""
+
+    cmap: str = "coolwarm"
+    scale: str = "fixed"  # fixed: the model's training scale | slide: the slide's percentiles
+    alpha: float = 0.5  # opacity of the heat colours in overlay.png
+    max_px: int = 2048  # longest side of the pictures' canvas
+    top_k: int = 16  # tiles in top_tiles.png
+
+
+@dataclass
+class SlideOutputs:
+    """Everything a slide's outputs are drawn from (see :func:`render_slide_outputs`).
+
+    Each piece is kept with the results or can be read again: the per-tile arrays, the tiles of
+    the gallery and the QC are the slide's tile store (``tiles.zarr``); the geometry, provenance
+    and colour scale are in ``summary.json`` (``scale`` follows from the model's calibration, the
+    scores and ``display``); the thumbnail and tissue mask come from the slide
+    (``summary.json``'s ``slide_path``) as the tiler makes them.
+
+    Shapes: ``coords`` (N, 2) int64 level-0 top-left (x, y) of the scored tiles; ``grid_index``
+    (N, 2) (col, row) of each in the grid; ``scores``, ``max_scores`` (N,) float32 tile mean and
+    max anomaly score (NaN: not scored); ``thumbnail`` (h, w, 3) uint8, pixel (i, j) covering
+    level-0 [j·d, (j+1)·d) × [i·d, (i+1)·d) with d = ``thumbnail_downsample``; ``tissue_mask``
+    (hm, wm) bool, likewise with ``mask_downsample``; ``top_tiles`` (index into coords, (T, T, 3)
+    uint8 RGB), most anomalous first; ``maps`` (N, h, w) per-tile anomaly maps or None;
+    ``tissue_fraction`` (N,) or None.
+    """
+
+    slide_name: str
+    geometry: SlideGeometry
+    coords: np.ndarray
+    grid_index: np.ndarray
+    scores: np.ndarray
+    max_scores: np.ndarray
+    thumbnail: np.ndarray
+    thumbnail_downsample: float
+    tissue_mask: np.ndarray
+    mask_downsample: float
+    scale: ColourScale
+    top_tiles: list[tuple[int, np.ndarray]]
+    display: DisplaySettings = DisplaySettings()
+    maps: np.ndarray | None = None
+    tissue_fraction: np.ndarray | None = None
+    provenance: Mapping[str, Any] | None = None
+    qc: TileQC | None = None
+
+
 def display_geometry(geometry: SlideGeometry, max_px: int = 2048) -> tuple[float, tuple[int, int]]:
     """The display downsample ``d`` (level-0 px per PNG px) and canvas size ``(w, h)`` in px.
 
@@ -311,20 +373,49 @@ def write_slide_outputs(
     alpha: float = 0.5,
     qc: TileQC | None = None,
 ) -> dict[str, str]:
+    """:func:`render_slide_outputs` with the pieces of :class:`SlideOutputs` as keywords (the
+    display settings as the scale, ``max_px`` and ``alpha`` give them)."""
+    display = DisplaySettings(
+        cmap=scale.cmap,
+        scale="slide" if scale.basis == "slide" else "fixed",
+        alpha=alpha,
+        max_px=max_px,
+        top_k=len(top_tiles),
+    )
+    return render_slide_outputs(
+        out_dir,
+        SlideOutputs(
+            slide_name=slide_name,
+            geometry=geometry,
+            coords=coords,
+            grid_index=grid_index,
+            scores=scores,
+            max_scores=max_scores,
+            thumbnail=thumbnail,
+            thumbnail_downsample=thumbnail_downsample,
+            tissue_mask=tissue_mask,
+            mask_downsample=mask_downsample,
+            scale=scale,
+            top_tiles=top_tiles,
+            display=display,
+            maps=maps,
+            tissue_fraction=tissue_fraction,
+            provenance=provenance,
+            qc=qc,
+        ),
+    )
+
+
+def render_slide_outputs(out_dir: Path, outputs: SlideOutputs) -> dict[str, str]:
     """Write heatmap/overlay/thumbnail PNGs, the NGFF score grid, QuPath GeoJSON and a gallery.
 
-    Args:
-        coords: (N, 2) int64 level-0 top-left (x, y) of the scored tiles.
-        grid_index: (N, 2) int32 (col, row) of each tile in the grid.
-        scores, max_scores: (N,) float32 tile mean / max anomaly score.
-        thumbnail: (h, w, 3) uint8; pixel (i, j) covers level-0 [j·d, (j+1)·d) × [i·d, (i+1)·d)
-            with d = ``thumbnail_downsample``. ``tissue_mask``: (hm, wm) bool, likewise with
-            ``mask_downsample``.
+    ``outputs`` (:class:`SlideOutputs`, shapes there):
         scale: the colour scale: the model's fixed one (:func:`colour_scale`), or with
             ``--scale slide`` this slide's own (:func:`slide_colour_scale`), which the legend
             then names as such. The "Anomalous" class always uses ``scale.threshold``.
         top_tiles: (index into coords, (T, T, 3) uint8 RGB), most anomalous first.
-        max_px: longest side of the aligned canvas of the PNGs (see :func:`display_geometry`).
+        display.max_px: longest side of the aligned canvas of the PNGs (see
+            :func:`display_geometry`).
         maps: optional (N, h, w) per-tile anomaly maps; when given (and tiles do not overlap)
             the NGFF output also holds a finer, pixel-level map (see :func:`_write_ngff`).
         tissue_fraction: optional (N,) tissue fraction per tile, for ``tiles.csv``.
@@ -332,7 +423,7 @@ def write_slide_outputs(
             scale, software version), recorded in the NGFF attributes and the GeoJSON
             collection so results of two models can be told apart; its slide and model make
             the title of heatmap.png and overlay.png (:func:`figure_title`).
-        alpha: opacity of the heat colours in overlay.png (0 = slide only, 1 = heat only).
+        display.alpha: opacity of the heat colours in overlay.png (0 = slide only, 1 = heat only).
         qc: optional tissue QC of the tiles (measurements and flags, one row per tile): added
             to ``tiles.csv`` (``qc_flags`` and a ``qc_<name>`` column per measurement) and to
             ``tiles.geojson`` (measurements, and the class ``QC: <first flag>`` in the flag's
@@ -347,8 +438,15 @@ def write_slide_outputs(
     so the canvas keeps its place), colour bar and legend. ``d`` and the canvas size are also
     stored as PNG text chunks (``display_downsample``, ``canvas_px``).
     """
-
     out_dir = Path(out_dir)
+    slide_name, geometry, scale = outputs.slide_name, outputs.geometry, outputs.scale
+    coords, grid_index = outputs.coords, outputs.grid_index
+    scores, max_scores = outputs.scores, outputs.max_scores
+    thumbnail, thumbnail_downsample = outputs.thumbnail, outputs.thumbnail_downsample
+    tissue_mask, mask_downsample = outputs.tissue_mask, outputs.mask_downsample
+    top_tiles, maps, qc = outputs.top_tiles, outputs.maps, outputs.qc
+    tissue_fraction, provenance = outputs.tissue_fraction, outputs.provenance
+    max_px, alpha = outputs.display.max_px, outputs.display.alpha
     coords = np.asarray(coords, np.int64).reshape(-1, 2)
     grid_index = np.asarray(grid_index, np.int64).reshape(-1, 2)
     scores = np.asarray(scores, np.float32).reshape(-1)
@@ -668,8 +766,7 @@ def _write_ngff(
     )
     grid[grid_index[inside, 1], grid_index[inside, 0]] = scores[inside]
     stride = float(geometry.stride_l0)
-    # Grid origin in level-0 px (0 for the grids we lay; derived so an offset grid still fits).
-    origin = (coords - grid_index * stride).mean(axis=0) if len(coords) else np.zeros(2)
+    origin = np.array(grid_origin(coords, grid_index, stride))
     levels = [grid]
     if min(grid.shape) >= 2:
         levels.append(_nan_downsample2(grid))

@@ -7,6 +7,17 @@ progress bars, logging, resumable checkpoints and the final checkpoint.
 Determinism: every epoch's randomness (which tiles are drawn, the augmentations) comes from
 generators seeded with ``(seed, epoch)``, so a run resumed from a checkpoint continues exactly as
 if it had never stopped, whatever the number of data-loading workers.
+
+Resume points: after every epoch, and when the run is stopped (Ctrl-C, or SIGTERM where the
+caller turns it into :class:`KeyboardInterrupt` as the command line does), the loop writes
+:func:`resume_path` atomically. A signal that arrives during a batch is held until that batch's
+optimiser step is done (a second one stops at once), so the point written is never half a step:
+the weights, the optimiser and the scheduler, the random states (the epoch's augmentation
+generator and the global torch, NumPy and Python ones), the epoch and the batches of it done.
+A fit without an optimiser (PatchCore's memory bank) gathers what it learns outside its weights
+until :meth:`~wsi_anomaly.models.family.ModelFamily.fit_end`: its resume point is written once
+the fit is finished, so a run stopped during calibration does not fit again, and one stopped
+during the pass starts the pass again.
 """
 
 from __future__ import annotations
@@ -16,8 +27,11 @@ import functools
 import logging
 import math
 import random
+import shutil
+import signal
+import threading
 import time
-from collections.abc import Sized
+from collections.abc import Callable, Iterator, Sized
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -29,20 +43,23 @@ from tqdm.auto import tqdm
 
 from .checkpoint import load_checkpoint, save_checkpoint
 from .config import config_from_dict, save_config
-from .errors import InvalidInputError
+from .errors import CheckpointError, InvalidInputError
 from .models.calibration import Calibration
 from .models.family import Epoch, ModelFamily
 from .models.registry import FAMILIES, family_sections, get_family
-from .outputs import check_free_space, check_output_file, validate_output_name
+from .outputs import atomic_path, check_free_space, check_output_file, validate_output_name
 from .runtime import Runtime, resolve_device, return_freed_tensors_to_the_os
-from .words import count
+from .words import about, count
 
 __all__ = [
+    "DurationEstimate",
     "TrainResult",
     "calibrate",
+    "describe_resume_point",
     "resolve_device",
     "resume_path",
     "seed_everything",
+    "snapshot_path",
     "train_model",
 ]
 
@@ -64,8 +81,155 @@ def epoch_generator(seed: int, epoch: int, stream: int) -> torch.Generator:
 
 
 def resume_path(out: Path) -> Path:
-    """Where periodic, resumable checkpoints go (the final name is written only at the end)."""
+    """Where the resume point goes (rewritten after every epoch and when a run is stopped; the
+    final name is written only at the end)."""
     return out.with_name(out.stem + ".resume" + out.suffix)
+
+
+def snapshot_path(out: Path, epoch: int) -> Path:
+    """The numbered copy of the resume point after ``epoch`` (1-based) epochs, kept every
+    ``train.checkpoint_every`` epochs."""
+    return out.with_name(f"{out.stem}.epoch{epoch}.resume{out.suffix}")
+
+
+#: Batches timed (after the first, which warms up) before the duration is estimated.
+ESTIMATE_BATCHES = 2
+
+
+@dataclass(frozen=True)
+class DurationEstimate:
+    """What the rest of a training run will take on this machine, from its first batches."""
+
+    seconds: float
+    seconds_per_batch: float
+    batches_left: int
+    #: ``cpu`` or ``cuda``: where the run trains.
+    device: str
+
+    @property
+    def on_cpu(self) -> bool:
+        return self.device == "cpu"
+
+    def describe(self) -> str:
+        """``"about 2 h 5 min (0.84 s per batch × 9000 batches to go, then calibration)"``."""
+        return (
+            f"{about(self.seconds)} ({self.seconds_per_batch:.3g} s per batch × "
+            f"{self.batches_left} batches to go, then calibration)"
+        )
+
+
+def _seconds_per_batch(durations: list[float]) -> float:
+    """The typical time of one batch from the timed ones (their median: one slow batch, e.g. a
+    cold read, does not make the estimate)."""
+    return float(np.median(durations))
+
+
+def describe_resume_point(out: Path) -> str | None:
+    """What the resume point of ``out`` holds, in words ("epochs 1–2 of 8 and 5 of 16 batches of
+    epoch 3"), or ``None`` when there is none or it cannot be read."""
+    try:
+        state = load_checkpoint(resume_path(out), require_complete=False)
+        train_state = state["train_state"]
+        config = config_from_dict(state["config"])
+        total = get_family(config.model.name).epochs(config)
+        done = int(train_state["epoch"]) + 1
+        step = int(train_state.get("step", 0))
+    except Exception:  # noqa: BLE001 - only a detail of a message: any failure leaves it out
+        return None
+    if train_state.get("fitted"):
+        return f"the finished fit ({count(total, 'epoch')}); it goes on with calibration"
+    held = f"epochs 1–{done} of {total}" if done > 1 else f"epoch 1 of {total}" if done else ""
+    if step:
+        batches = int(train_state.get("epoch_batches", 0))
+        part = f"{step} of {batches} batches" if batches else count(step, "batch", "batches")
+        held = f"{held} and " if held else ""
+        held += f"{part} of epoch {done + 1}"
+    return held or None
+
+
+def _rng_state(cuda: bool) -> dict[str, Any]:
+    """The global random states (torch, NumPy, Python) as tensors and plain data, so that a
+    checkpoint holding them loads with ``weights_only``."""
+    kind, keys, pos, has_gauss, cached = np.random.get_state(legacy=True)
+    version, internal, gauss_next = random.getstate()
+    state: dict[str, Any] = {
+        "torch": torch.get_rng_state(),
+        "numpy": {
+            "kind": str(kind),
+            "keys": torch.from_numpy(np.asarray(keys, dtype=np.int64)),
+            "pos": int(pos),
+            "has_gauss": int(has_gauss),
+            "cached_gaussian": float(cached),
+        },
+        "python": {"version": int(version), "state": list(internal), "gauss_next": gauss_next},
+    }
+    if cuda:
+        state["cuda"] = list(torch.cuda.get_rng_state_all())
+    return state
+
+
+def _set_rng_state(state: dict[str, Any]) -> None:
+    torch.set_rng_state(state["torch"])
+    n = state["numpy"]
+    np.random.set_state(
+        (
+            n["kind"],
+            n["keys"].numpy().astype(np.uint32),
+            int(n["pos"]),
+            int(n["has_gauss"]),
+            float(n["cached_gaussian"]),
+        )
+    )
+    p = state["python"]
+    random.setstate((p["version"], tuple(p["state"]), p["gauss_next"]))
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+class _SignalsWaitForStep:
+    """Within the block, SIGINT and SIGTERM are held until it ends, then raised as their
+    handlers would have raised them (``KeyboardInterrupt``, or the caller's own for SIGTERM), so
+    one batch is never cut between its forward pass and its optimiser step. A second signal
+    during the block raises at once. Signals whose handler is not a Python function (SIGTERM's
+    default, which ends the process) are left alone, as is everything outside the main thread."""
+
+    SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+    def __init__(self) -> None:
+        self.previous: dict[int, Any] = {}
+        self.pending: int | None = None
+
+    def __enter__(self) -> _SignalsWaitForStep:
+        if threading.current_thread() is not threading.main_thread():
+            return self
+        for sig in self.SIGNALS:
+            handler = signal.getsignal(sig)
+            if callable(handler):
+                self.previous[sig] = handler
+                signal.signal(sig, self._hold)
+        return self
+
+    def _hold(self, signum: int, frame: Any) -> None:
+        handler = self.previous.get(signum, signal.default_int_handler)
+        if self.pending is not None:
+            self._restore()
+            handler(signum, frame)
+            return
+        self.pending = signum
+        log.warning(
+            "stopping after this batch to write a resume point (press Ctrl-C again to stop now)"
+        )
+
+    def _restore(self) -> None:
+        for sig, handler in self.previous.items():
+            signal.signal(sig, handler)
+        self.previous = {}
+
+    def __exit__(self, kind: type[BaseException] | None, *rest: object) -> None:
+        handler = self.previous.get(self.pending or 0, signal.default_int_handler)
+        self._restore()
+        if self.pending is not None and kind is None:
+            handler(self.pending, None)
 
 
 @dataclass
@@ -207,6 +371,187 @@ def _state_bytes(model: torch.nn.Module) -> int:
     return sum(t.numel() * t.element_size() for t in model.state_dict().values())
 
 
+@dataclass
+class _Position:
+    """Where a fit stands: what a resume point records besides the weights, the optimiser and
+    the scheduler."""
+
+    #: The epoch in progress, or the next one to start (0-based).
+    epoch: int = 0
+    #: Its batches done, of ``batches`` (0: a length the loader does not know).
+    step: int = 0
+    batches: int = 0
+    #: The step statistics summed over those batches (the epoch's record is made from them).
+    sums: dict[str, float] = field(default_factory=dict)
+    #: The epoch's augmentation generator and the global random states at this point.
+    aug: torch.Tensor | None = None
+    rng: dict[str, Any] | None = None
+    #: ``fit_end`` has run: only calibration is left.
+    fitted: bool = False
+    #: The model and optimiser are at this point (not inside a batch or ``fit_end``).
+    clean: bool = True
+    #: The resume point on disk is this point.
+    saved: bool = False
+    #: Read from a resume point: its random states are still to be put back.
+    restoring: bool = False
+    seen_this_run: int = 0
+
+    def train_state(self) -> dict[str, Any]:
+        state: dict[str, Any] = {
+            "step": self.step,
+            "epoch_batches": self.batches,
+            "epoch_sums": dict(self.sums),
+            "fitted": self.fitted,
+        }
+        if self.rng is not None:
+            state["rng"] = self.rng
+        if self.aug is not None and self.step:
+            state["aug_state"] = self.aug
+        return state
+
+    @classmethod
+    def restored(cls, saved: dict[str, Any], path: Path) -> _Position:
+        """The position of a resume point's ``train_state`` (one written before resume points
+        held the step and random states resumes at its epoch, as it was written to)."""
+        try:
+            at = cls(
+                epoch=int(saved["epoch"]) + 1,
+                step=int(saved.get("step", 0)),
+                batches=int(saved.get("epoch_batches", 0)),
+                sums={str(k): float(v) for k, v in dict(saved.get("epoch_sums", {})).items()},
+                aug=saved.get("aug_state"),
+                rng=saved.get("rng"),
+                fitted=bool(saved.get("fitted", False)),
+                saved=True,
+            )
+        except (TypeError, ValueError, KeyError) as exc:
+            raise CheckpointError(f"{path}: its training state is damaged ({exc})") from None
+        if at.step and (at.aug is None or at.rng is None):
+            raise CheckpointError(f"{path}: a resume point within an epoch lacks its random state")
+        at.restoring = at.rng is not None
+        return at
+
+    def put_back(self, aug: torch.Generator | None, path: Path) -> None:
+        """Restore the random states of the resume point (once)."""
+        if not self.restoring or self.rng is None:
+            return
+        try:
+            if aug is not None and self.aug is not None:
+                aug.set_state(self.aug)
+            _set_rng_state(self.rng)
+        except (TypeError, ValueError, KeyError, RuntimeError, AttributeError) as exc:
+            raise CheckpointError(f"{path}: its random state is damaged ({exc})") from None
+        self.restoring = False
+
+
+def _length(loader: Any) -> int:
+    try:
+        return len(loader)
+    except TypeError:
+        return 0
+
+
+def _keep_snapshot(partial: Path, out: Path, epochs_done: int, every: int) -> None:
+    """Copy the resume point to :func:`snapshot_path` every ``every`` epochs (0: never)."""
+    if every and epochs_done % every == 0:
+        with atomic_path(snapshot_path(out, epochs_done)) as tmp:
+            shutil.copyfile(partial, tmp)
+
+
+def _fit(
+    family: ModelFamily,
+    model: torch.nn.Module,
+    optimiser: torch.optim.Optimizer | None,
+    scheduler: Any,
+    data: Dataset,
+    config: Any,
+    runtime: Runtime,
+    at: _Position,
+    history: list[dict[str, float]],
+    total_epochs: int,
+    save: Callable[[], None] | None,
+    snapshot: Callable[[int], None],
+    progress: bool,
+    on_estimate: Callable[[DurationEstimate], None] | None,
+    partial: Path,
+) -> None:
+    """The epochs from ``at`` to the end, ``at`` kept up to date after every batch; ``save``
+    writes the resume point after every epoch but the last (``None``: a fit that cannot resume
+    before its end)."""
+    timed: list[float] = []
+    estimated = False
+    last = None  # when the previous batch ended (the first one, warming up, is not timed)
+    for epoch in range(at.epoch, total_epochs):
+        model.train()
+        rng = functools.partial(epoch_generator, config.seed, epoch)
+        ep = Epoch(model, optimiser, config, epoch, family.augmenter(rng), runtime)
+        if at.step == 0:
+            at.put_back(None, partial)
+        loader = family.loader(data, config, rng, config.train.workers, pin_memory=runtime.is_cuda)
+        at.epoch, at.batches = epoch, _length(loader)
+        batches: Iterator[Any] = iter(loader)
+        for _ in range(at.step):  # a resume within the epoch: the same draws, not trained again
+            next(batches)
+        at.put_back(ep.aug, partial)
+        weights = family.loss_weights(config, epoch)
+        desc = f"epoch {epoch + 1}/{total_epochs}"
+        if weights:
+            desc += " weights " + " ".join(f"{k} {w:.2f}" for k, w in weights.items())
+        bar = tqdm(
+            batches,
+            total=at.batches or None,
+            initial=at.step,
+            desc=desc,
+            unit="batch",
+            disable=not progress,
+            leave=False,
+        )
+        for batch in bar:
+            with _SignalsWaitForStep():
+                at.clean = False
+                stats = _step(family, ep, batch, at.step)
+                at.seen_this_run += int(stats.pop("images"))
+                at.step += 1
+                for k, v in stats.items():
+                    at.sums[k] = at.sums.get(k, 0.0) + v
+                at.aug, at.rng = ep.aug.get_state(), _rng_state(runtime.is_cuda)
+                at.clean, at.saved = True, False
+            bar.set_postfix({k: f"{v:.3f}" for k, v in stats.items()})
+            now = time.perf_counter()
+            if last is not None:
+                timed.append(now - last)
+            last = now
+            if not estimated and len(timed) >= ESTIMATE_BATCHES and at.batches:
+                estimated = True
+                per_batch = _seconds_per_batch(timed)
+                left = at.batches - at.step + (total_epochs - epoch - 1) * at.batches
+                estimate = DurationEstimate(per_batch * left, per_batch, left, runtime.device.type)
+                bar.clear()
+                if on_estimate is not None:
+                    try:
+                        on_estimate(estimate)
+                    except BaseException:  # a refusal, or Ctrl-C at a prompt: no bar left
+                        bar.close()
+                        raise
+                else:
+                    log.info("estimated time to the end of training: %s", estimate.describe())
+                bar.refresh()
+        bar.close()
+        with _SignalsWaitForStep():
+            at.clean = False
+            if scheduler is not None:
+                scheduler.step()
+            record = family.epoch_record(ep, at.sums, at.step)
+            history.append(record)
+            at.epoch, at.step, at.sums, at.aug = epoch + 1, 0, {}, None
+            at.rng = _rng_state(runtime.is_cuda)
+            at.clean, at.saved = True, False
+            log.info("epoch %d/%d  %s", epoch + 1, total_epochs, family.describe_epoch(record))
+            if save is not None and epoch + 1 < total_epochs:
+                save()
+                snapshot(epoch + 1)
+
+
 def train_model(
     dataset: Dataset,
     config: Any,
@@ -218,12 +563,18 @@ def train_model(
     source: str | None = None,
     progress: bool = True,
     anomalies: Dataset | None = None,
+    on_estimate: Callable[[DurationEstimate], None] | None = None,
 ) -> TrainResult:
     """Train the configured model on ``dataset`` (float tensors 3×256×256 in [0, 1]).
 
     ``anomalies``: the few labelled anomalous tiles, for weakly supervised families (ATAC-Net).
-    Periodic checkpoints go to :func:`resume_path`; the final checkpoint, with the calibration
-    (mean map, score quantiles), is written to ``out`` only when training is complete.
+    The resume point goes to :func:`resume_path` after every epoch and when the run is stopped
+    (see the module's docstring); the final checkpoint, with the calibration (mean map, score
+    quantiles), is written to ``out`` only when training is complete.
+
+    ``on_estimate``: called once, after the first few batches, with the estimated duration of
+    the rest of the run (logged when not given); it may raise to stop the run (e.g. a user who
+    does not want to wait a week), nothing is written then.
     """
     out = Path(out)
     validate_output_name(out)
@@ -272,18 +623,22 @@ def train_model(
     model = runtime.prepare_model(model)
     optimiser = family.optimiser(model, config)
     scheduler = family.scheduler(optimiser, config) if optimiser is not None else None
-    start_epoch, history = 0, []
-    if state is not None:
-        if optimiser is not None:
-            optimiser.load_state_dict(state["train_state"]["optimizer"])
-        if scheduler is not None:
-            scheduler.load_state_dict(state["train_state"]["scheduler"])
-        start_epoch = int(state["train_state"]["epoch"]) + 1
-        history = list(state.get("history", []))
     extras = family.checkpoint_extras(data, dataset)
+    history: list[dict[str, float]] = []
+    at = _Position()
+    if state is not None:
+        saved = state["train_state"]
+        if optimiser is not None:
+            optimiser.load_state_dict(saved["optimizer"])
+        if scheduler is not None:
+            scheduler.load_state_dict(saved["scheduler"])
+        history = list(state.get("history", []))
+        at = _Position.restored(saved, partial)
+        if at.fitted and at.epoch < family.epochs(config):  # --epochs extended the schedule
+            at.fitted = False
 
-    def payload(epoch: int) -> dict[str, Any]:
-        train_state: dict[str, Any] = {"epoch": epoch}
+    def payload(last_epoch: int) -> dict[str, Any]:
+        train_state: dict[str, Any] = {"epoch": last_epoch}
         if optimiser is not None:
             train_state["optimizer"] = optimiser.state_dict()
         if scheduler is not None:
@@ -293,44 +648,51 @@ def train_model(
             **extras,
         }
 
-    t = config.train
+    def save_resume_point() -> None:
+        record = payload(at.epoch - 1)
+        record["train_state"].update(at.train_state())
+        save_checkpoint({**record, "complete": False}, partial)
+        at.saved = True
+
     total_epochs = family.epochs(config)
-    seen, t0 = 0, time.perf_counter()
-    for epoch in range(start_epoch, total_epochs):
-        model.train()
-        rng = functools.partial(epoch_generator, config.seed, epoch)
-        ep = Epoch(model, optimiser, config, epoch, family.augmenter(rng), runtime)
-        loader = family.loader(data, config, rng, t.workers, pin_memory=runtime.is_cuda)
-        sums: dict[str, float] = {}
-        steps = 0
-        bar = tqdm(
-            loader,
-            desc=f"epoch {epoch + 1}/{total_epochs}",
-            unit="batch",
-            disable=not progress,
-            leave=False,
-        )
-        for batch in bar:
-            stats = _step(family, ep, batch, steps)
-            seen += int(stats.pop("images"))
-            steps += 1
-            for k, v in stats.items():
-                sums[k] = sums.get(k, 0.0) + v
-            bar.set_postfix({k: f"{v:.3f}" for k, v in stats.items()})
-        bar.close()
-        if scheduler is not None:
-            scheduler.step()
-        record = family.epoch_record(ep, sums, steps)
-        history.append(record)
-        log.info("epoch %d/%d  %s", epoch + 1, total_epochs, family.describe_epoch(record))
-        # A fit without an optimiser keeps what it gathers outside the weights until
-        # fit_end: only gradient fits can stop and resume between epochs.
-        resumable = optimiser is not None
-        if resumable and (epoch + 1) % t.checkpoint_every == 0 and epoch + 1 < total_epochs:
-            save_checkpoint({**payload(epoch), "complete": False}, partial)
-    family.fit_end(model, config)
+    # A fit without an optimiser keeps what it gathers outside the weights until fit_end:
+    # only gradient fits can stop and resume between (and within) epochs.
+    resumable_mid_fit = optimiser is not None
+    explanation = family.explain_loss(config)
+    if explanation and not at.fitted:
+        log.info("%s", explanation)
+    t0 = time.perf_counter()
+    try:
+        if not at.fitted:
+            _fit(
+                family,
+                model,
+                optimiser,
+                scheduler,
+                data,
+                config,
+                runtime,
+                at,
+                history,
+                total_epochs,
+                save_resume_point if resumable_mid_fit else None,
+                lambda epoch: _keep_snapshot(partial, out, epoch, config.train.checkpoint_every),
+                progress,
+                on_estimate,
+                partial,
+            )
+            at.clean = False  # a fit_end cut short leaves no state to resume from
+            family.fit_end(model, config)
+            at.fitted, at.clean, at.saved = True, True, False
+            save_resume_point()
+    except KeyboardInterrupt:
+        if at.clean and not at.saved and (resumable_mid_fit or at.fitted):
+            save_resume_point()
+            log.info("resume point written to %s", partial)
+        raise
     seconds = time.perf_counter() - t0
 
+    t = config.train
     calibration = calibrate(
         family,
         model,
@@ -395,7 +757,7 @@ def train_model(
         calibration,
         total_epochs,
         seconds,
-        seen,
+        at.seen_this_run,
         history,
     )
 

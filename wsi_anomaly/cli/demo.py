@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from ..models.registry import DEFAULT_FAMILY
 from ..words import count
 from .options import (
     add_command,
@@ -38,10 +39,10 @@ def add_parser(sub, parents: list[argparse.ArgumentParser]) -> None:
     add_device_option(p)
     p.add_argument(
         "--family",
-        default="haloae",
+        default=DEFAULT_FAMILY,
         metavar="FAMILY",
-        help="model family trained on the tumour tiles with its fast preset (haloae, default; "
-        "patchcore)",
+        help="model family trained on the tumour tiles with its fast preset (default "
+        f"{DEFAULT_FAMILY}; any family trained on normal tiles only)",
     )
 
 

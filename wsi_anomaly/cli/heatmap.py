@@ -19,6 +19,8 @@ summary.json to OUT/<slide name>/, plus OUT/summary.csv. Exit status {EXIT_SLIDE
 EXAMPLES = (
     "wsi-anomaly heatmap slide.svs --model model.pt --out results/",
     "wsi-anomaly heatmap /data/cohort/ --model model.pt --out results/ --skip-errors",
+    "wsi-anomaly heatmap /data/cohort/ --features trident/20x_256px_0px_overlap/ "
+    "--model knn.pt --out results/",
 )
 
 
@@ -33,6 +35,21 @@ def add_parser(sub, parents: list[argparse.ArgumentParser]) -> None:
         "--mpp",
         type=opt.mpp,
         help="tile resolution, µm/px (default: the model's training resolution)",
+    )
+    p.add_argument(
+        "--features",
+        nargs="+",
+        metavar="DIR|H5",
+        help="score the tile features TRIDENT or CLAM already extracted instead of tiling the "
+        "slides: folders in their layouts (features_<encoder>/, h5_files/) or .h5 files named "
+        "after the slides; needs a model trained with `train --features`",
+    )
+    p.add_argument(
+        "--patch-size-level0",
+        type=opt.positive_int,
+        metavar="PX",
+        help="with --features: the tile side in level-0 pixels, for files that do not record "
+        "it (CLAM's)",
     )
     opt.add_min_tissue_option(p, "score")
     opt.add_scoring_options(p, "tiles per model batch")
@@ -280,6 +297,16 @@ def run(args: argparse.Namespace) -> int:
         check_scheduler(args.scheduler)
     from ..slide.qc import load_qc_settings
 
+    features = None
+    if args.features:
+        from ..features_run import FeatureSources
+
+        features = FeatureSources(tuple(args.features), args.patch_size_level0)
+    elif args.patch_size_level0 is not None:
+        from ..errors import InvalidInputError
+
+        raise InvalidInputError("--patch-size-level0 goes with --features")
+
     settings = HeatmapSettings(
         qc=args.qc,
         qc_settings=load_qc_settings(args.qc_config),
@@ -295,6 +322,7 @@ def run(args: argparse.Namespace) -> int:
         overwrite=args.overwrite,
         progress=not args.quiet,
         read_workers=args.read_threads or 0,
+        features=features,
         **opt.scoring_settings(args),
     )
     cluster = _slurm_cluster(args) if args.cluster == "slurm" else None

@@ -6,6 +6,7 @@ import argparse
 from pathlib import Path
 
 from ..errors import InvalidInputError
+from ..models.registry import DEFAULT_FAMILY, family_names
 from ..words import count
 from . import options as opt
 
@@ -37,7 +38,11 @@ def add_parser(sub, parents: list[argparse.ArgumentParser]) -> None:
         metavar="C",
         help="categories to run, or all (default: every category found)",
     )
-    opt.add_family_option(p, help="model family: haloae, or atacnet (weakly supervised protocol)")
+    opt.add_family_option(
+        p,
+        help=f"model family: {', '.join(family_names())} (a weakly supervised one runs the "
+        f"weakly supervised protocol; default {DEFAULT_FAMILY})",
+    )
     opt.add_config_option(p)
     opt.add_out_folder_option(p, "mvtec_results")
     p.add_argument(
@@ -47,7 +52,9 @@ def add_parser(sub, parents: list[argparse.ArgumentParser]) -> None:
         "(default), a local state-dict file, or random (tests only)",
     )
     p.add_argument(
-        "--epochs", type=opt.positive_int, help="override train.epochs (atacnet.epochs for atacnet)"
+        "--epochs",
+        type=opt.positive_int,
+        help="override <family>.epochs (the family's own section)",
     )
     p.add_argument(
         "--anomalies",
@@ -107,7 +114,7 @@ def _percent(value: float | None) -> str:
 def _family_defaults(family: str) -> tuple[bool, str, str]:
     """(weakly supervised protocol?, preset used without --config, config section of the
     schedule knobs) of a family."""
-    entry = opt.model_family(family)
+    entry = opt.model_family(family, inputs="images")
     return entry.weakly_supervised, entry.default_preset, entry.schedule_section
 
 

@@ -12,6 +12,7 @@ One flag means one thing in every command that has it:
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import logging
 import math
 from collections.abc import Callable, Sequence
@@ -19,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import InvalidInputError
+from ..models.registry import DEFAULT_FAMILY, family_sections
 
 #: Model families that ``train`` and ``mvtec`` accept with ``--family``.
 
@@ -405,8 +407,8 @@ def add_model_option(p: argparse.ArgumentParser) -> None:
 def add_config_option(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--config",
-        help="preset name (haloae_paper, haloae_fast, atacnet, atacnet_fast) or YAML "
-        "file (default: haloae_paper, or atacnet with --family atacnet)",
+        help="preset name (every family has a default and a fast one: "
+        f"{', '.join(_preset_names())}) or YAML file (default: the family's default preset)",
     )
 
 
@@ -414,8 +416,10 @@ def add_seed_option(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=seed, help="seed for everything (default from the config: 0)")
 
 
-#: The family trained when neither ``--family`` nor a ``--config`` preset names one.
-DEFAULT_FAMILY = "haloae"
+def _preset_names() -> list[str]:
+    from ..config import PRESET_DIR
+
+    return sorted(p.stem for p in PRESET_DIR.glob("*.yaml") if not p.stem.startswith("qc_"))
 
 
 def add_slides_arguments(p: argparse.ArgumentParser) -> None:
@@ -463,15 +467,30 @@ def family_of_run(args: argparse.Namespace) -> str:
     return args.family
 
 
-def model_family(name: str):
-    """The registered model family ``--family`` names (checked when the command runs, so that
-    building the parser does not import the models)."""
+def family_for_inputs(inputs: str) -> str:
+    """The first registered family (by name) whose models take ``inputs`` (``"images"`` or
+    ``"tile features"``): the default family of a run given those inputs."""
     from ..models.registry import family_names, get_family
 
-    if name not in family_names():
-        raise InvalidInputError(
-            f"--family {name!r} is not a model family (available: {', '.join(family_names())})"
+    if inputs == "images":
+        return DEFAULT_FAMILY
+    return next(name for name in family_names() if get_family(name).inputs == inputs)
+
+
+def model_family(name: str, inputs: str | None = None):
+    """The registered model family ``--family`` names (checked when the command runs, so that
+    building the parser does not import the models); with ``inputs``, one whose models take
+    those (``"images"`` for a command that has no tile features to give)."""
+    from ..models.registry import family_names, get_family
+
+    names = [n for n in family_names() if inputs is None or get_family(n).inputs == inputs]
+    if name not in names:
+        what = (
+            f"a family of {get_family(name).inputs}, not {inputs}"
+            if name in family_names()
+            else "not a model family"
         )
+        raise InvalidInputError(f"--family {name!r} is {what} (available: {', '.join(names)})")
     return get_family(name)
 
 
@@ -493,18 +512,26 @@ def add_overwrite_option(
 
 # -- config overrides ----------------------------------------------------------------------------
 def config_overrides(args: argparse.Namespace, schedule_section: str) -> dict:
-    """Command-line values into a config: the schedule knobs (epochs, batch size, lr) go to
-    ``schedule_section`` (the chosen family's own schedule)."""
+    """Command-line values into a config: the schedule knobs (``--epochs``, ``--batch-size``,
+    ``--lr``, ``--samples-per-epoch``) go to ``schedule_section`` (the chosen family's own
+    section); a knob that section does not have is one error line."""
     model: dict = {"name": args.family}
     if getattr(args, "backbone_weights", None):
         model["backbone_weights"] = args.backbone_weights
     sections: dict[str, dict] = {"model": model, "train": {}, schedule_section: {}}
-    for name in ("epochs", "batch_size", "lr"):
+    settings = dict(family_sections()).get(schedule_section)
+    own = {f.name for f in dataclasses.fields(settings)} if settings is not None else set()
+    for name in ("epochs", "batch_size", "lr", "samples_per_epoch"):
         value = getattr(args, name, None)
-        if value is not None:
-            sections[schedule_section][name] = value
-    if getattr(args, "samples_per_epoch", None) is not None:
-        sections["train"]["samples_per_epoch"] = args.samples_per_epoch
+        if value is None:
+            continue
+        if settings is not None and name not in own:
+            flag = "--" + name.replace("_", "-")
+            raise InvalidInputError(
+                f"{flag} does not apply to the {schedule_section} schedule (its settings: "
+                f"{', '.join(sorted(own))}); set them in --config"
+            )
+        sections[schedule_section][name] = value
     if getattr(args, "loader_workers", None) is not None:
         sections["train"]["workers"] = args.loader_workers
     out: dict = {key: section for key, section in sections.items() if section}

@@ -54,7 +54,7 @@ def add_parser(sub, parents: list[argparse.ArgumentParser]) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..quality import QCRunSettings, run_qc
+    from ..pipeline.qc_run import QCRunSettings, run_qc
     from ..slide.qc import load_qc_settings
 
     out = opt.check_output_folder(args.out)

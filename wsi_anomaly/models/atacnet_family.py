@@ -7,7 +7,7 @@ Its knobs live in its own ``atacnet`` section (:class:`~wsi_anomaly.models.atacn
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping, Sized
-from typing import Any, cast
+from typing import TYPE_CHECKING, Any, cast
 
 import torch
 import torch.nn.functional as F
@@ -35,6 +35,9 @@ from wsi_anomaly.models.calibration import Calibration
 from wsi_anomaly.models.family import Epoch, EpochRng, ModelFamily, Prediction, Step
 from wsi_anomaly.words import count
 
+if TYPE_CHECKING:
+    from wsi_anomaly.config import Config
+
 #: Side of the maps :meth:`AtacNetFamily.predict` returns (the 7×7 cells, up-sampled).
 MAP_PX = 64
 
@@ -59,17 +62,17 @@ class AtacNetFamily(ModelFamily):
     resizes_own_input = True
     not_exportable = "its crops are cut at boxes that depend on each image's attention"
 
-    def validate(self, config: Any) -> None:
-        config.atacnet.validate()
+    def variant(self, config: Config) -> str:
+        return config.atacnet.variant
 
-    def describe_schedule(self, config: Any) -> str:
+    def describe_schedule(self, config: Config) -> str:
         a = config.atacnet
         return (
             f"variant {a.variant}, {count(a.epochs, 'epoch')} × {a.steps_per_epoch} batches of "
             f"{a.batch_size}"
         )
 
-    def describe_training(self, config: Any, n_normal: int, n_anomalies: int) -> str:
+    def describe_training(self, config: Config, n_normal: int, n_anomalies: int) -> str:
         a = config.atacnet
         return (
             f"training atacnet ({a.variant}) on {n_normal} normal tiles and {n_anomalies} "
@@ -78,7 +81,7 @@ class AtacNetFamily(ModelFamily):
         )
 
     # -- model ----------------------------------------------------------------------------------
-    def make_model(self, config: Any, backbone: nn.Module) -> nn.Module:
+    def make_model(self, config: Config, backbone: nn.Module) -> nn.Module:
         a = config.atacnet
         return ATACNet(
             variant=a.variant,
@@ -90,7 +93,7 @@ class AtacNetFamily(ModelFamily):
             box_pad_px=a.box_pad_px,
         )
 
-    def transform(self, images: torch.Tensor, config: Any) -> torch.Tensor:
+    def transform(self, images: torch.Tensor, config: Config) -> torch.Tensor:
         """The ATAC-Net paper's preprocessing of every image: CLAHE at the size it is given,
         one bicubic resize to ``atacnet.image_px``, standardisation."""
         a = config.atacnet
@@ -114,21 +117,21 @@ class AtacNetFamily(ModelFamily):
         return Prediction(score, score, maps)
 
     # -- training -------------------------------------------------------------------------------
-    def training_data(self, normals: Dataset, anomalies: Dataset | None, config: Any) -> Dataset:
+    def training_data(self, normals: Dataset, anomalies: Dataset | None, config: Config) -> Dataset:
         a = config.atacnet
         return AtacNetData(normals, anomalies, a.image_px, a.clahe)
 
-    def calibration_data(self, normals: Dataset, config: Any) -> Dataset:
+    def calibration_data(self, normals: Dataset, config: Config) -> Dataset:
         return self.training_data(normals, None, config)
 
-    def optimiser(self, model: nn.Module, config: Any) -> torch.optim.Optimizer:
+    def optimiser(self, model: nn.Module, config: Config) -> torch.optim.Optimizer:
         return make_optimiser(model, config.atacnet)
 
-    def scheduler(self, optimiser: torch.optim.Optimizer, config: Any) -> Any | None:
+    def scheduler(self, optimiser: torch.optim.Optimizer, config: Config) -> Any | None:
         return make_scheduler(optimiser, config.atacnet)
 
     def loader(
-        self, data: Dataset, config: Any, rng: EpochRng, workers: int, pin_memory: bool
+        self, data: Dataset, config: Config, rng: EpochRng, workers: int, pin_memory: bool
     ) -> Iterable[Any]:
         a = config.atacnet
         sampler = BalancedBatchSampler(

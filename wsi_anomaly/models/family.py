@@ -1,14 +1,15 @@
 """What a model family is: everything the rest of the package may ask about a model.
 
 A family (HaloAE, ATAC-Net, the next one) is one :class:`ModelFamily` subclass registered in
-:mod:`wsi_anomaly.models.registry`. Training, scoring, the MVTec benchmark and config validation
-look the family up by ``model.name`` and call the methods below; none of them branches on a
+:mod:`wsi_anomaly.models.registry`. Training, scoring and the MVTec benchmark look the family up by ``model.name`` and call the methods below; none of them branches on a
 family's name.
 
 The family owns:
 
-- its config section (a dataclass; ``section`` is its key in the YAML files, ``schedule_section``
-  the section that holds its epochs, batch size and learning rate);
+- its config section (a dataclass in a torch-free module, a field of
+  :class:`~wsi_anomaly.models.registry.FamilySettings` that validates itself; ``section`` is its
+  key in the YAML files, ``schedule_section`` the section that holds its epochs, batch size and
+  learning rate);
 - its model around a backbone (:meth:`make_model`) and that backbone (:attr:`backbone`, a
   :class:`~wsi_anomaly.models.weights.Backbone`): :meth:`build` resolves the backbone's weights
   outside the model's ``__init__``, :meth:`restore` builds it for a checkpoint (nothing to
@@ -18,6 +19,8 @@ The family owns:
 - the pieces of its training loop (:meth:`training_data`, :meth:`loader`, :meth:`train_step`,
   :meth:`fit_end`, …); the loop itself, ``backward`` and the optimiser's step, the non-finite
   loss rule, progress bars, logging and checkpoints live in :mod:`wsi_anomaly.training`;
+- how its training loss reads (:meth:`loss_weights` of its terms per epoch, shown on the
+  progress bar; :meth:`explain_loss`, said once when training starts);
 - its map size (:attr:`map_px`) and its calibration (:meth:`summarise_calibration` →
   :class:`~wsi_anomaly.models.calibration.Calibration`, with the family's own ``extras``).
 
@@ -27,16 +30,17 @@ without one (the default, ``None``) is fitted by passes over normal tiles with n
 :meth:`train_step` runs under ``torch.no_grad`` and gives no loss), then :meth:`fit_end` (e.g.
 selecting a coreset) runs once before calibration.
 
-``config`` below is the package's resolved ``Config`` (sections as attributes). Methods raise
-``ValueError`` for values they cannot use; config validation and the training loop turn those
-into the package's typed errors.
+``config`` below is the package's resolved :class:`~wsi_anomaly.config.Config` (sections as
+attributes; a family reads ``model``, ``train``, ``seed`` and its own section). Methods raise
+``ValueError`` for values they cannot use; the training loop turns those into the package's typed
+errors.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
-from typing import Any, NamedTuple
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 import torch
 from torch import Tensor, nn
@@ -45,6 +49,9 @@ from torch.utils.data import Dataset
 from wsi_anomaly.models.calibration import Calibration
 from wsi_anomaly.models.weights import Backbone
 
+if TYPE_CHECKING:
+    from wsi_anomaly.config import Config
+
 #: ``rng(stream)``: the training loop's reproducible generator of one purpose for this epoch.
 EpochRng = Callable[[int], torch.Generator]
 
@@ -52,7 +59,9 @@ EpochRng = Callable[[int], torch.Generator]
 class Prediction(NamedTuple):
     """What :meth:`ModelFamily.predict` gives for a batch of ``B`` inputs."""
 
-    #: ``B`` image scores (the tile's anomaly score).
+    #: ``B`` image scores: the mean of each anomaly map (the tile's score in tile tables, the
+    #: ``mean`` of :attr:`ModelFamily.score_names`), or, for a family without maps, its one
+    #: score.
     score: Tensor
     #: ``B`` peak values of the anomaly maps (the score itself where a family has no maps).
     max: Tensor
@@ -78,7 +87,7 @@ class Epoch:
     model: nn.Module
     #: ``None`` for a family fitted without gradients.
     optimiser: torch.optim.Optimizer | None
-    config: Any
+    config: Config
     epoch: int
     #: The epoch's augmentation generator (:meth:`ModelFamily.augmenter`).
     aug: torch.Generator
@@ -96,18 +105,24 @@ class ModelFamily:
     #: Preset used when no ``--config`` is given, and the short one for CPUs and the demo.
     default_preset: str = ""
     fast_preset: str = ""
-    #: The family's own config section (key in the YAML files) and its dataclass; ``None`` when
-    #: the family keeps its knobs in the shared ``model`` and ``train`` sections.
+    #: The family's own config section (key in the YAML files, a field of
+    #: :class:`~wsi_anomaly.models.registry.FamilySettings`) and its dataclass; ``None`` for a
+    #: family without settings of its own.
     section: str | None = None
     section_type: type | None = None
-    #: The section holding ``epochs``, ``batch_size`` and ``lr`` (command-line overrides).
-    schedule_section: str = "train"
+    #: The section holding ``epochs``, ``batch_size`` and ``lr`` (and, where the family has
+    #: them, ``samples_per_epoch``): where the command line's schedule flags go.
+    schedule_section: str = ""
     #: History keys worth reporting after training, besides ``loss``.
     loss_terms: tuple[str, ...] = ()
     #: Trains on normal tiles plus a few labelled anomalies.
     weakly_supervised: bool = False
-    #: Names of the image scores :meth:`predict` gives (``score`` then ``max``), headline first;
-    #: one name when both are the same value.
+    #: What the family's models take: ``"images"`` (tiles of slides, image folders) or
+    #: ``"tile features"`` (one vector per tile that another tool extracted: TRIDENT, CLAM).
+    inputs: str = "images"
+    #: Names of the image scores :meth:`predict` gives, headline first: ``mean`` (its ``score``)
+    #: and ``max`` (its ``max``) for a family with maps, in the order the family ranks them;
+    #: one other name (its ``score``) for a family whose two values are the same.
     score_names: tuple[str, ...] = ("mean", "max")
     #: Whether :meth:`predict` gives maps that localise anomalies (pixel metrics make sense).
     has_maps: bool = True
@@ -138,33 +153,54 @@ class ModelFamily:
     not_exportable: str = "its scoring path has not been made exportable"
 
     # -- configuration -------------------------------------------------------------------------
-    def validate(self, config: Any) -> None:
-        """Raise ``ValueError`` naming the key when the family's settings cannot be used."""
-
-    def epochs(self, config: Any) -> int:
+    def epochs(self, config: Config) -> int:
         return int(getattr(config, self.schedule_section).epochs)
 
-    def describe_schedule(self, config: Any) -> str:
+    def batch_size(self, config: Config) -> int | None:
+        """Training images per batch (for reports); ``None`` for a family whose schedule has
+        no batch size."""
+        value = getattr(getattr(config, self.schedule_section, None), "batch_size", None)
+        return None if value is None else int(value)
+
+    def variant(self, config: Config) -> str | None:
+        """The name of the variant of the family ``config`` trains (e.g. an ablation), for
+        tables and reports; ``None`` for a family without variants."""
+        return None
+
+    def describe_schedule(self, config: Config) -> str:
         """One phrase: the length of a training run (for tables and reports)."""
         raise NotImplementedError
 
-    def describe_training(self, config: Any, n_normal: int, n_anomalies: int) -> str:
+    def describe_training(self, config: Config, n_normal: int, n_anomalies: int) -> str:
         """One line announcing a training run."""
         raise NotImplementedError
 
+    def loss_weights(self, config: Any, epoch: int) -> dict[str, float]:
+        """The weight of each of :attr:`loss_terms` in the loss of ``epoch`` (0-based), for a
+        family whose loss is a weighted sum of them; empty (the default) for any other. Shown on
+        the training bar; an :meth:`epoch_record` that keeps them as ``w_<term>`` has its epoch
+        line written as that weighted sum (:meth:`describe_epoch`)."""
+        return {}
+
+    def explain_loss(self, config: Any) -> str:
+        """One or two sentences printed once when training starts: what the loss printed per
+        epoch is, where it could be misread (e.g. weights that change from epoch to epoch make
+        the total rise while every term falls); empty when there is nothing to say."""
+        return ""
+
     # -- model ----------------------------------------------------------------------------------
-    def make_model(self, config: Any, backbone: nn.Module) -> nn.Module:
+    def make_model(self, config: Config, backbone: nn.Module) -> nn.Module:
         """The family's model around ``backbone`` (a module of :attr:`backbone`), from the
         family's settings."""
         raise NotImplementedError
 
-    def build(self, config: Any) -> nn.Module:
+    def build(self, config: Config) -> nn.Module:
         """The model with its backbone weights resolved from ``config.model.backbone_weights``."""
         return self.make_model(config, self.backbone.load(config.model.backbone_weights))
 
     def restore(
         self,
-        config: Any,
+        config: Config,
         state_dict: Mapping[str, torch.Tensor],
         backbone_identity: str,
         backbone_weights: str | None = None,
@@ -183,7 +219,7 @@ class ModelFamily:
         model.load_state_dict(state_dict)
         return model
 
-    def transform(self, images: torch.Tensor, config: Any) -> torch.Tensor:
+    def transform(self, images: torch.Tensor, config: Config) -> torch.Tensor:
         """Model input from ``B×H×W×3`` uint8 tiles or ``B×3×H×W`` float images in [0, 1].
 
         Called on the device the images were copied to.
@@ -208,24 +244,24 @@ class ModelFamily:
         return ScoringModule(self, model, self.calibration_to(calibration, torch.device("cpu")))
 
     # -- training -------------------------------------------------------------------------------
-    def training_data(self, normals: Dataset, anomalies: Dataset | None, config: Any) -> Dataset:
+    def training_data(self, normals: Dataset, anomalies: Dataset | None, config: Config) -> Dataset:
         """What :meth:`loader` draws from; ``ValueError`` when anomalies cannot be used."""
         raise NotImplementedError
 
-    def calibration_data(self, normals: Dataset, config: Any) -> Dataset:
+    def calibration_data(self, normals: Dataset, config: Config) -> Dataset:
         """Normal tiles as :meth:`calibration_batch` takes them."""
         raise NotImplementedError
 
-    def optimiser(self, model: nn.Module, config: Any) -> torch.optim.Optimizer | None:
+    def optimiser(self, model: nn.Module, config: Config) -> torch.optim.Optimizer | None:
         """The optimiser of a gradient fit, or ``None`` (the default): a fit without gradients."""
         return None
 
-    def scheduler(self, optimiser: torch.optim.Optimizer, config: Any) -> Any | None:
+    def scheduler(self, optimiser: torch.optim.Optimizer, config: Config) -> Any | None:
         """A learning-rate scheduler stepped once per epoch, or ``None``."""
         return None
 
     def loader(
-        self, data: Dataset, config: Any, rng: EpochRng, workers: int, pin_memory: bool
+        self, data: Dataset, config: Config, rng: EpochRng, workers: int, pin_memory: bool
     ) -> Iterable[Any]:
         """One epoch's batches."""
         raise NotImplementedError
@@ -244,7 +280,7 @@ class ModelFamily:
         statistics it returns join the step's."""
         return {}
 
-    def fit_end(self, model: nn.Module, config: Any) -> None:
+    def fit_end(self, model: nn.Module, config: Config) -> None:
         """Called once after the last epoch, before calibration (e.g. coreset selection)."""
 
     def epoch_record(self, ep: Epoch, sums: Mapping[str, float], steps: int) -> dict[str, float]:
@@ -252,11 +288,17 @@ class ModelFamily:
         return {"epoch": ep.epoch, **{k: v / max(steps, 1) for k, v in sums.items()}}
 
     def describe_epoch(self, record: Mapping[str, float]) -> str:
-        """The log line of an epoch's history entry (after ``epoch i/n``)."""
-        terms = "  ".join(f"{k} {record[k]:.4f}" for k in self.loss_terms if k in record)
+        """The log line of an epoch's history entry (after ``epoch i/n``): the loss and its
+        terms; where the record holds the terms' weights (``w_<term>``), the loss is written as
+        the weighted sum it is, ``loss 1.4600 = 0.20×cls 0.6931 + …``."""
+        terms = [k for k in self.loss_terms if k in record]
+        if all(f"w_{k}" in record for k in terms) and terms and "loss" in record:
+            parts = " + ".join(f"{record[f'w_{k}']:.2f}×{k} {record[k]:.4f}" for k in terms)
+            return f"loss {record['loss']:.4f} = {parts}"
+        text = "  ".join(f"{k} {record[k]:.4f}" for k in terms)
         if "loss" not in record:
-            return terms or "fitted"
-        return f"loss {record['loss']:.4f}  {terms}"
+            return text or "fitted"
+        return f"loss {record['loss']:.4f}  {text}"
 
     def calibration_batch(self, model: nn.Module, batch: Any, runtime: Any) -> torch.Tensor:
         """What :meth:`summarise_calibration` needs from one batch of normal tiles (on the CPU)."""
@@ -279,7 +321,9 @@ class ModelFamily:
         """The tensors a checkpoint keeps of ``model`` (all of its state by default)."""
         return dict(model.state_dict())
 
-    def expected_state(self, config: Any, backbone_identity: str) -> dict[str, torch.Tensor] | None:
+    def expected_state(
+        self, config: Config, backbone_identity: str
+    ) -> dict[str, torch.Tensor] | None:
         """What :meth:`checkpoint_state` holds for ``config``: keys, shapes and dtypes as tensors
         on the ``meta`` device (nothing allocated), checked against a checkpoint before any model
         is built. A 0 in a shape stands for any length. None for a family that builds its models
@@ -292,7 +336,7 @@ class ModelFamily:
             return None
         return dict(self.checkpoint_state(model))
 
-    def map_size(self, config: Any) -> int:
+    def map_size(self, config: Config) -> int:
         """Side of the maps :meth:`predict` gives under ``config`` (:attr:`map_px` unless the
         family's settings change it, e.g. a backbone's patch grid)."""
         return self.map_px

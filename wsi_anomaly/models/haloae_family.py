@@ -1,15 +1,16 @@
 """The HaloAE family: normal tiles only, Cut&Paste self-supervision, 64×64 anomaly maps.
 
-Its knobs live in the shared sections: ``model.attention`` and ``model.released_mask`` (the
-architecture: ``conv`` replaces the attention layers by 3×3 convolutions in the same blocks;
-``released_mask`` reproduces the authors' inverted halo mask) and ``train`` (epochs, samples per epoch, batch size, learning rate, loss terms and
-weighting, colour jitter).
+Its knobs live in its own ``haloae`` section (:class:`~wsi_anomaly.models.haloae_config.
+HaloAEConfig`): the architecture (``attention: conv`` replaces the attention layers by 3×3
+convolutions in the same blocks; ``released_mask`` reproduces the authors' inverted halo mask) and
+the schedule (epochs, samples per epoch, batch size, learning rate, loss terms and weighting,
+colour jitter). ``train.workers``, ``train.checkpoint_every`` and the calibration are shared.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping, Sized
-from typing import Any, cast
+from typing import TYPE_CHECKING, Any, cast
 
 import torch
 from torch import Tensor, nn
@@ -20,7 +21,8 @@ from wsi_anomaly.models.cutpaste import make_cutpaste_batch
 from wsi_anomaly.models.family import Epoch, EpochRng, ModelFamily, Prediction, Step
 from wsi_anomaly.models.features import VGG19, VGG19Features
 from wsi_anomaly.models.haloae import HaloAE
-from wsi_anomaly.models.losses import LOSS_TERMS, haloae_loss, loss_weights
+from wsi_anomaly.models.haloae_config import LOSS_TERMS, HaloAEConfig
+from wsi_anomaly.models.losses import haloae_loss, loss_weights
 from wsi_anomaly.models.scoring import (
     anomaly_map,
     normalise_map,
@@ -31,8 +33,8 @@ from wsi_anomaly.models.scoring import (
 from wsi_anomaly.models.transforms import normalise, to_unit_float
 from wsi_anomaly.words import count
 
-LOSS_WEIGHTINGS = ("ews", "equal")
-ATTENTIONS = ("halo", "conv")
+if TYPE_CHECKING:
+    from wsi_anomaly.config import Config
 
 
 class HaloAEFamily(ModelFamily):
@@ -40,9 +42,9 @@ class HaloAEFamily(ModelFamily):
     title = "HaloAE"
     default_preset = "haloae_paper"
     fast_preset = "haloae_fast"
-    section = None
-    section_type = None
-    schedule_section = "train"
+    section = "haloae"
+    section_type = HaloAEConfig
+    schedule_section = "haloae"
     loss_terms = ("cls", "fm", "im")
     weakly_supervised = False
     score_names = ("mean", "max")
@@ -52,38 +54,58 @@ class HaloAEFamily(ModelFamily):
     throughput_note = "training images per second (each also yields two Cut&Paste copies)"
     exportable = True
 
-    def validate(self, config: Any) -> None:
-        t, m = config.train, config.model
-        if t.loss_weighting not in LOSS_WEIGHTINGS:
-            raise ValueError(f"train.loss_weighting must be ews or equal, got {t.loss_weighting!r}")
-        bad = set(t.loss_terms) - set(LOSS_TERMS)
-        if bad or not t.loss_terms:
-            raise ValueError(
-                f"train.loss_terms must be a non-empty subset of cls, fm, im; got {t.loss_terms}"
-            )
-        if m.attention not in ATTENTIONS:
-            raise ValueError(f"model.attention must be halo or conv, got {m.attention!r}")
-
-    def describe_schedule(self, config: Any) -> str:
-        t = config.train
+    def describe_schedule(self, config: Config) -> str:
+        t = config.haloae
         return f"{count(t.epochs, 'epoch')} × {t.samples_per_epoch} samples, batch {t.batch_size}"
 
-    def describe_training(self, config: Any, n_normal: int, n_anomalies: int) -> str:
+    def describe_training(self, config: Config, n_normal: int, n_anomalies: int) -> str:
         return (
             f"training {self.name} on {n_normal} tiles ({self.describe_schedule(config)}, "
             f"backbone {config.model.backbone_weights})"
         )
 
-    # -- model ----------------------------------------------------------------------------------
-    def make_model(self, config: Any, backbone: nn.Module) -> nn.Module:
-        return HaloAE(
-            cast(VGG19Features, backbone),
-            attention=config.model.attention,
-            released_mask=config.model.released_mask,
-            released_init=config.model.released_init,
+    def settings(self, config: Any) -> Any:
+        """The section holding HaloAE's schedule and loss settings (the one place that names
+        it for the methods below)."""
+        return getattr(config, self.schedule_section)
+
+    def loss_weights(self, config: Any, epoch: int) -> dict[str, float]:
+        t = self.settings(config)
+        weights = loss_weights(t.loss_weighting, epoch, t.epochs, t.loss_terms)
+        return {k: w for k, w in zip(LOSS_TERMS, weights) if k in t.loss_terms}
+
+    def explain_loss(self, config: Any) -> str:
+        t = self.settings(config)
+        terms = [k for k in LOSS_TERMS if k in t.loss_terms]
+        if len(terms) == 1:
+            return f"loss: the {terms[0]} term alone (weight 1)"
+        first, last = self.loss_weights(config, 0), self.loss_weights(config, t.epochs - 1)
+        names = ", ".join(terms[:-1]) + f" and {terms[-1]}"
+        if t.loss_weighting != "ews" or first == last:
+            each = " ".join(f"{k} {w:.2f}" for k, w in first.items())
+            return f"loss: the weighted sum of {names}, fixed weights {each}"
+
+        def shown(weights: dict[str, float]) -> str:
+            return " ".join(f"{k} {w:.2f}" for k, w in weights.items())
+
+        return (
+            f"loss: the weighted sum of {names}, whose weights evolve over the epochs "
+            f"(EWS, {self.schedule_section}.loss_weighting: ews) from {shown(first)} in epoch 1 to {shown(last)} "
+            f"in epoch {t.epochs}, shifting from classification to reconstruction; the weighted "
+            "loss can rise from one epoch to the next while every term falls: each epoch's line "
+            "shows the weights and the unweighted terms"
         )
 
-    def transform(self, images: torch.Tensor, config: Any) -> torch.Tensor:
+    # -- model ----------------------------------------------------------------------------------
+    def make_model(self, config: Config, backbone: nn.Module) -> nn.Module:
+        return HaloAE(
+            cast(VGG19Features, backbone),
+            attention=config.haloae.attention,
+            released_mask=config.haloae.released_mask,
+            released_init=config.haloae.released_init,
+        )
+
+    def transform(self, images: torch.Tensor, config: Config) -> torch.Tensor:
         return normalise(to_unit_float(images))
 
     def calibration_to(self, calibration: Calibration, device: torch.device) -> dict[str, Any]:
@@ -97,23 +119,23 @@ class HaloAEFamily(ModelFamily):
         return Prediction(out["mean"], out["max"], out["map"] if keep_maps else None)
 
     # -- training -------------------------------------------------------------------------------
-    def training_data(self, normals: Dataset, anomalies: Dataset | None, config: Any) -> Dataset:
+    def training_data(self, normals: Dataset, anomalies: Dataset | None, config: Config) -> Dataset:
         return normals  # normal tiles only: the loop refuses anomalies (not weakly supervised)
 
-    def calibration_data(self, normals: Dataset, config: Any) -> Dataset:
+    def calibration_data(self, normals: Dataset, config: Config) -> Dataset:
         return normals
 
-    def optimiser(self, model: nn.Module, config: Any) -> torch.optim.Optimizer:
+    def optimiser(self, model: nn.Module, config: Config) -> torch.optim.Optimizer:
         return torch.optim.Adam(
             cast(HaloAE, model).trainable_parameters(),
-            lr=config.train.lr,
-            weight_decay=config.train.weight_decay,
+            lr=config.haloae.lr,
+            weight_decay=config.haloae.weight_decay,
         )
 
     def loader(
-        self, data: Dataset, config: Any, rng: EpochRng, workers: int, pin_memory: bool
+        self, data: Dataset, config: Config, rng: EpochRng, workers: int, pin_memory: bool
     ) -> Iterable[Any]:
-        t = config.train
+        t = config.haloae
         sampler = RandomSampler(
             cast(Sized, data),
             replacement=True,
@@ -132,7 +154,7 @@ class HaloAEFamily(ModelFamily):
 
     def train_step(self, ep: Epoch, batch: Any) -> Step:
         model, epoch, aug, runtime = ep.model, ep.epoch, ep.aug, ep.runtime
-        t = ep.config.train
+        t = ep.config.haloae
         weights = loss_weights(t.loss_weighting, epoch, t.epochs, t.loss_terms)
         images, labels = make_cutpaste_batch(
             batch, aug, image_jitter=t.image_jitter, patch_jitter=t.patch_jitter
@@ -146,7 +168,7 @@ class HaloAEFamily(ModelFamily):
         return Step(loss, stats)
 
     def epoch_record(self, ep: Epoch, sums: Mapping[str, float], steps: int) -> dict[str, float]:
-        t = ep.config.train
+        t = ep.config.haloae
         w = loss_weights(t.loss_weighting, ep.epoch, t.epochs, t.loss_terms)
         return {
             **super().epoch_record(ep, sums, steps),

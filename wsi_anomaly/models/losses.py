@@ -10,6 +10,8 @@ import torch
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
+from wsi_anomaly.models.haloae_config import LOSS_TERMS
+
 __all__ = [
     "EWS_EPOCHS",
     "LOSS_TERMS",
@@ -20,7 +22,6 @@ __all__ = [
     "ssim",
 ]
 
-LOSS_TERMS: tuple[str, str, str] = ("cls", "fm", "im")
 #: Length of the paper's schedule; EWS curves are defined on epochs 0 … EWS_EPOCHS − 1.
 EWS_EPOCHS = 251
 # (a, b, c, d) of w(e) = b + (a − b) / (1 + exp(d·(e − c/2))) for cls, fm, im.

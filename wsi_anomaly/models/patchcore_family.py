@@ -5,7 +5,9 @@ PatchCoreConfig`); ``model.backbone_weights`` says where the backbone comes from
 for Wide ResNet-50-2, ``random`` for tests, or a local weights file — the only source of a
 foundation model). The fit is one pass over the normal tiles with no gradient, streaming patch
 features into the coreset builder; :meth:`PatchCoreFamily.fit_end` selects the coreset; the
-calibration follows. The tile score is the maximum of the map (PatchCore's image score).
+calibration follows. The headline image score is the maximum of the map (PatchCore's); the
+map's mean is given too, as the other families with maps give both (``score_mean`` and
+``score_max`` of the scorer, the ``score`` and ``max`` columns of ``tiles.csv``).
 
 The backbone is never copied into checkpoints (a foundation model is a gigabyte, often under a
 licence that forbids copying it): the checkpoint holds the memory bank and records the
@@ -18,7 +20,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
 from pathlib import Path
-from typing import Any, cast
+from typing import TYPE_CHECKING, Any, cast
 
 import torch
 from torch import Tensor, nn
@@ -38,6 +40,9 @@ from wsi_anomaly.models.transforms import to_unit_float
 from wsi_anomaly.models.weights import Backbone, sha256_file
 from wsi_anomaly.models.wide_resnet import WideResNetPatchFeatures, load_wide_resnet50
 
+if TYPE_CHECKING:
+    from wsi_anomaly.config import Config
+
 #: The seed every randomly initialised backbone is built from, so that a checkpoint fitted on
 #: random weights (tests, demos) rebuilds the same backbone when it is scored.
 RANDOM_BACKBONE_SEED = 0
@@ -53,7 +58,7 @@ def _foundation(name: str, weights: str) -> nn.Module:
     return build_foundation(name, weights)
 
 
-def load_backbone(config: Any, weights: str) -> tuple[nn.Module, str]:
+def load_backbone(config: Config, weights: str) -> tuple[nn.Module, str]:
     """The frozen backbone of ``config.patchcore.backbone`` with weights from ``weights``
     (``imagenet`` | ``random`` | a file) and its identity (``<name>-file:<full sha256>`` for a
     file)."""
@@ -125,31 +130,28 @@ class PatchCoreFamily(ModelFamily):
     schedule_section = "patchcore"
     loss_terms = ()
     weakly_supervised = False
-    #: The tile's score and its peak are both the map's maximum (PatchCore's image score).
-    score_names = ("max",)
+    #: The map's maximum is PatchCore's image score, its mean the second.
+    score_names = ("max", "mean")
     has_maps = True
     stores_backbone = False
     throughput_note = "normal images per second through the backbone and into the memory bank"
     backbone = Backbone("patchcore", "PatchCore backbone", _no_backbone, dict)
     exportable = True
 
-    def validate(self, config: Any) -> None:
-        config.patchcore.validate()
-
-    def epochs(self, config: Any) -> int:
+    def epochs(self, config: Config) -> int:
         return 1
 
-    def describe_schedule(self, config: Any) -> str:
+    def describe_schedule(self, config: Config) -> str:
         p = config.patchcore
         return f"one pass, {p.backbone} features, bank of at most {p.coreset_budget} patches"
 
-    def describe_training(self, config: Any, n_normal: int, n_anomalies: int) -> str:
+    def describe_training(self, config: Config, n_normal: int, n_anomalies: int) -> str:
         return (
             f"fitting patchcore on {n_normal} tiles ({self.describe_schedule(config)}, backbone "
             f"weights {config.model.backbone_weights})"
         )
 
-    def map_size(self, config: Any) -> int:
+    def map_size(self, config: Config) -> int:
         p = config.patchcore
         if p.backbone == "wide_resnet50_2":
             return WideResNetPatchFeatures.grid(p.image_px, p.image_px)[0]
@@ -158,7 +160,7 @@ class PatchCoreFamily(ModelFamily):
         return int(FOUNDATION_MODELS[p.backbone].grid)
 
     # -- model ----------------------------------------------------------------------------------
-    def _make(self, config: Any, backbone: nn.Module, identity: str) -> PatchCore:
+    def _make(self, config: Config, backbone: nn.Module, identity: str) -> PatchCore:
         p = config.patchcore
         model = PatchCore(
             backbone,
@@ -175,10 +177,10 @@ class PatchCoreFamily(ModelFamily):
         model.backbone_identity = identity
         return model
 
-    def make_model(self, config: Any, backbone: nn.Module) -> nn.Module:
+    def make_model(self, config: Config, backbone: nn.Module) -> nn.Module:
         return self._make(config, backbone, str(getattr(backbone, "backbone_identity", "")))
 
-    def build(self, config: Any) -> nn.Module:
+    def build(self, config: Config) -> nn.Module:
         try:
             backbone, identity = load_backbone(config, config.model.backbone_weights)
         except ValueError as exc:
@@ -189,7 +191,7 @@ class PatchCoreFamily(ModelFamily):
 
     def restore(
         self,
-        config: Any,
+        config: Config,
         state_dict: Mapping[str, torch.Tensor],
         backbone_identity: str,
         backbone_weights: str | None = None,
@@ -206,14 +208,14 @@ class PatchCoreFamily(ModelFamily):
         model.load_bank(state_dict["memory_bank"])
         return model
 
-    def expected_state(self, config: Any, backbone_identity: str) -> dict[str, torch.Tensor]:
+    def expected_state(self, config: Config, backbone_identity: str) -> dict[str, torch.Tensor]:
         # the bank's rows and width depend on the fit and the backbone: any (M, C) float matrix
         return {"memory_bank": torch.empty((0, 0), device="meta")}
 
     def checkpoint_state(self, model: nn.Module) -> dict[str, torch.Tensor]:
         return {"memory_bank": cast(PatchCore, model).memory_bank}
 
-    def transform(self, images: torch.Tensor, config: Any) -> torch.Tensor:
+    def transform(self, images: torch.Tensor, config: Config) -> torch.Tensor:
         return to_unit_float(images)
 
     def scoring_module(self, model: nn.Module, calibration: Calibration) -> nn.Module:
@@ -228,18 +230,17 @@ class PatchCoreFamily(ModelFamily):
         self, model: nn.Module, x: Tensor, calibration: Mapping[str, Any], keep_maps: bool = True
     ) -> Prediction:
         maps = model(x).float()
-        peak = maps.amax(dim=(1, 2))
-        return Prediction(peak, peak, maps if keep_maps else None)
+        return Prediction(maps.mean(dim=(1, 2)), maps.amax(dim=(1, 2)), maps if keep_maps else None)
 
     # -- fitting --------------------------------------------------------------------------------
-    def training_data(self, normals: Dataset, anomalies: Dataset | None, config: Any) -> Dataset:
+    def training_data(self, normals: Dataset, anomalies: Dataset | None, config: Config) -> Dataset:
         return normals
 
-    def calibration_data(self, normals: Dataset, config: Any) -> Dataset:
+    def calibration_data(self, normals: Dataset, config: Config) -> Dataset:
         return normals
 
     def loader(
-        self, data: Dataset, config: Any, rng: EpochRng, workers: int, pin_memory: bool
+        self, data: Dataset, config: Config, rng: EpochRng, workers: int, pin_memory: bool
     ) -> Iterable[Any]:
         # every normal tile once, in order: the bank does not depend on an order of draws
         return DataLoader(
@@ -256,7 +257,7 @@ class PatchCoreFamily(ModelFamily):
             patches = cast(PatchCore, ep.model).observe(x)
         return Step(None, {"images": float(len(x)), "patches": float(patches)})
 
-    def fit_end(self, model: nn.Module, config: Any) -> None:
+    def fit_end(self, model: nn.Module, config: Config) -> None:
         cast(PatchCore, model).finish_fit()
 
     def epoch_record(self, ep: Epoch, sums: Mapping[str, float], steps: int) -> dict[str, float]:
@@ -269,8 +270,7 @@ class PatchCoreFamily(ModelFamily):
         x = runtime.layout(to_unit_float(runtime.to_device(batch)))
         with runtime.autocast():
             maps = model(x).float()
-        peak = maps.amax(dim=(1, 2))
-        return torch.stack([peak, peak], dim=1).cpu()
+        return torch.stack([maps.mean(dim=(1, 2)), maps.amax(dim=(1, 2))], dim=1).cpu()
 
     def checkpoint_extras(self, data: Dataset, normals: Dataset) -> dict[str, Any]:
         return {}

@@ -8,7 +8,6 @@ loads the checkpoint's state dict and takes the backbone identity the checkpoint
 
 from __future__ import annotations
 
-import hashlib
 import logging
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -19,18 +18,11 @@ import torch
 from torch import nn
 
 from wsi_anomaly.errors import WeightsUnavailableError
+from wsi_anomaly.hashing import sha256_file
 
 logger = logging.getLogger(__name__)
 
 M = TypeVar("M", bound=nn.Module, covariant=True)
-
-
-def sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def backbone_state(

@@ -21,7 +21,7 @@ import torch
 
 from ..checkpoint import load_checkpoint
 from ..errors import CheckpointError, InvalidInputError
-from ..models.registry import family_names
+from ..models.registry import family_names, get_family
 
 
 @dataclass
@@ -65,8 +65,9 @@ class ModelAdapter(Protocol):
 class ScorerAdapter:
     """Any trained model, through :class:`wsi_anomaly.score.Scorer` and its family.
 
-    The family says what the scores are called (``score_names``: the headline first; HaloAE's
-    ``mean`` and ``max`` of its normalised, smoothed 64×64 map, ATAC-Net's one ``score``) and
+    The family says what the scores are called (``score_names``: the headline first, ``mean``
+    and ``max`` of the anomaly map for a family with maps in its own order, or one score's name
+    for a family without) and
     whether its maps localise anomalies (``has_maps``; otherwise no pixel metrics are reported).
     """
 
@@ -98,18 +99,19 @@ class ScorerAdapter:
 
     def __call__(self, images: torch.Tensor) -> AdapterOutput:
         result = self.scorer.score(images, keep_maps=self.has_maps)
-        values = (np.asarray(result.mean), np.asarray(result.max))
-        scores = dict(zip(self.score_names, values))
+        by_name = {"mean": np.asarray(result.mean), "max": np.asarray(result.max)}
+        # ``mean`` and ``max`` name the two values; a family's one other name is its score
+        scores = {n: by_name.get(n, by_name["mean"]) for n in self.score_names}
         return AdapterOutput(scores, result.maps if self.has_maps else None)
 
 
 def available_models() -> list[str]:
-    """Model names the benchmark can evaluate: every registered family."""
-    return family_names()
+    """Model names the benchmark can evaluate: every registered family that scores images."""
+    return [name for name in family_names() if get_family(name).inputs == "images"]
 
 
 def check_model_name(name: str) -> str:
-    if name not in family_names():
+    if name not in available_models():
         raise InvalidInputError(
             f"--family {name!r} cannot be benchmarked yet "
             f"(available: {', '.join(available_models())})"
@@ -126,7 +128,7 @@ def load_adapter(
 ) -> ModelAdapter:
     """The adapter for a finished checkpoint, whose ``model_name`` picks the family."""
     model_name = load_checkpoint(checkpoint, expect_model=expect_model)["model_name"]
-    if model_name not in family_names():
+    if model_name not in available_models():
         raise CheckpointError(
             f"{checkpoint} holds a {model_name!r} model, which the MVTec "
             "benchmark cannot evaluate (available: "

@@ -48,9 +48,9 @@ from .paper import (
     OBJECTS,
     PUBLISHED,
     TEXTURES,
+    ablation_note,
     configuration_notes,
     paper_category,
-    paper_reference,
 )
 
 if TYPE_CHECKING:
@@ -368,7 +368,7 @@ def run_category(
 
     paper = paper_category(category.name, config.model.name)
     published = PUBLISHED.get(config.model.name)
-    checkpoint_config = load_checkpoint(checkpoint)["config"]
+    trained = config_from_dict(load_checkpoint(checkpoint)["config"])
     record = {
         "category": category.name,
         "status": "ok",
@@ -404,8 +404,8 @@ def run_category(
         "device": str(adapter.device),
         "precision": adapter.precision,
         "eval_batch_size": adapter.batch_size,
-        "train_batch_size": checkpoint_config["train"]["batch_size"],
-        "config": checkpoint_config,
+        "train_batch_size": get_family(trained.model.name).batch_size(trained),
+        "config": trained.to_dict(),
         "figures": figures,
         "software_version": __version__,
     }
@@ -595,13 +595,9 @@ def markdown_table(records: list[dict[str, Any]], config: Config | None = None) 
             "ground_truth/ folder, so only image-level metrics were computed."
         )
     if config is not None:
-        reference = paper_reference(config)
-        if reference is not None and reference[0] != "HaloAE (Table 1)":
-            label, (img, pix) = reference
-            notes.append(
-                f'This configuration is the paper\'s ablation "{label}": mean {img} '
-                f"image / {pix} pixel AUROC % (15 categories)."
-            )
+        ablation = ablation_note(config)
+        if ablation is not None:
+            notes.append(ablation)
         notes.extend(configuration_notes(config))
     return "\n".join(lines + notes) + "\n"
 

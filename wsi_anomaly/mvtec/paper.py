@@ -6,14 +6,17 @@ pixel-level ROC-AUC of HaloAE), and the mean rows of the ablation Tables 3 and 4
 Caveats worth printing next to these numbers: the authors' scoring script computed pixel AUROC on
 masks and maps resized to 128×128 (our ``pixel_auroc_128_paper`` column), and flipped the labels
 whenever an AUROC fell below 0.5 (we never do). Every number here was produced with the authors'
-released halo attention layer, whose padding mask is inverted; ``model.released_mask: true`` is a
+released halo attention layer, whose padding mask is inverted; ``haloae.released_mask: true`` is a
 reproduction switch that restores that layer (it is not one of the paper's ablations), and
 :func:`mask_note` says which layer a run used beside these numbers.
 """
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from ..config import Config
 
 #: HaloAE, Table 1: category → (image AUROC %, pixel AUROC %).
 TABLE1_HALOAE: dict[str, tuple[float, float]] = {
@@ -56,7 +59,7 @@ OBJECTS = (
 CATEGORIES = TEXTURES + OBJECTS
 
 #: Ablation means (image %, pixel %) for the variants our config can express.
-#: Key: (train.loss_weighting, sorted train.loss_terms, model.attention). The paper's unweighted
+#: Key: (haloae.loss_weighting, sorted haloae.loss_terms, haloae.attention). The paper's unweighted
 #: sums (``L_fm + L_im``, ``L_cls`` alone, ``L_fm`` alone) are our ``equal`` weighting, which is
 #: ``1/n`` over the ``n`` active terms (the sum up to a constant factor; one term alone is that
 #: term unscaled); its α(t) rows are ``ews`` over the listed terms, renormalised over them so the
@@ -64,12 +67,15 @@ CATEGORIES = TEXTURES + OBJECTS
 #: Table 3 rows (loss function). Table 4 prints (91.4, 91.2) for the final model, Table 1 (92.0,
 #: 91.2); we keep Table 1's.
 #:
-#: ``model.attention: conv`` has no paper counterpart and is deliberately absent: it replaces each
+#: ``haloae.attention: conv`` has no paper counterpart and is deliberately absent: it replaces each
 #: halo attention layer by a 3×3 convolution inside the same bottleneck blocks, whereas Table 4's
 #: "Block C as CNN" (85.0 / 90.4) replaced the whole HaloNet auto-encoder by DFR's convolutional
 #: auto-encoder, a different network.
+#: The label of the published model itself among :data:`ABLATIONS`.
+HEADLINE = "HaloAE (Table 1)"
+
 ABLATIONS: dict[tuple[str, tuple[str, ...], str], tuple[str, tuple[float, float]]] = {
-    ("ews", ("cls", "fm", "im"), "halo"): ("HaloAE (Table 1)", TABLE1_MEAN),
+    ("ews", ("cls", "fm", "im"), "halo"): (HEADLINE, TABLE1_MEAN),
     ("equal", ("cls", "fm", "im"), "halo"): ("Table 3: equal weights", (79.0, 86.3)),
     ("ews", ("cls", "fm"), "halo"): ("Table 3: cls + fm (no image reconstruction)", (71.43, 79.1)),
     ("ews", ("cls", "im"), "halo"): ("Table 3: cls + im (no feature reconstruction)", (72.5, 82.2)),
@@ -78,7 +84,7 @@ ABLATIONS: dict[tuple[str, tuple[str, ...], str], tuple[str, tuple[float, float]
     ("equal", ("fm",), "halo"): ("Table 3: fm only", (79.6, 90.3)),
 }
 
-#: What ``model.attention: conv`` is, for tables and notes.
+#: What ``haloae.attention: conv`` is, for tables and notes.
 CONV_ATTENTION_LABEL = "attention layers replaced by 3×3 convolutions in the same blocks"
 
 
@@ -96,32 +102,41 @@ def paper_category(category: str, family: str) -> tuple[float, float] | None:
     return None if entry is None else entry[1].get(category)
 
 
-def paper_reference(config: Any) -> tuple[str, tuple[float, float]] | None:
+def paper_reference(config: Config) -> tuple[str, tuple[float, float]] | None:
     """The paper's mean (image, pixel) AUROC % for the variant a :class:`Config` trains
     (``None`` for a family without published numbers).
 
-    ``None`` for variants the paper did not report, among them ``model.attention: conv`` (see
-    :data:`CONV_ATTENTION_LABEL`; not Table 4's "Block C as CNN"). ``model.released_mask`` does
+    ``None`` for variants the paper did not report, among them ``haloae.attention: conv`` (see
+    :data:`CONV_ATTENTION_LABEL`; not Table 4's "Block C as CNN"). ``haloae.released_mask`` does
     not change the key: it selects the attention layer the paper's numbers came from (see
     :func:`mask_note`).
     """
     if config.model.name not in PUBLISHED:
         return None
-    key = (
-        config.train.loss_weighting,
-        tuple(sorted(config.train.loss_terms)),
-        config.model.attention,
+    h = config.haloae
+    return ABLATIONS.get((h.loss_weighting, tuple(sorted(h.loss_terms)), h.attention))
+
+
+def ablation_note(config: Config) -> str | None:
+    """A footnote naming the paper's ablation a run reproduces, ``None`` for the published
+    model itself, for a variant the paper did not report and for another family."""
+    reference = paper_reference(config)
+    if reference is None or reference[0] == HEADLINE:
+        return None
+    label, (img, pix) = reference
+    return (
+        f'This configuration is the paper\'s ablation "{label}": mean {img} image / {pix} pixel '
+        "AUROC % (15 categories)."
     )
-    return ABLATIONS.get(key)
 
 
-def configuration_notes(config: Any) -> list[str]:
+def configuration_notes(config: Config) -> list[str]:
     """Footnotes for a results table: what in this run's configuration differs from the runs
     behind the paper's numbers (HaloAE's attention layer; none for the other families)."""
     if config.model.name not in PUBLISHED:
         return []
     notes = []
-    if config.model.attention == "conv":
+    if config.haloae.attention == "conv":
         notes.append(
             f"This configuration ({CONV_ATTENTION_LABEL}) has no paper counterpart: "
             'the paper\'s Table 4 "Block C as CNN" replaced the whole HaloNet '
@@ -134,23 +149,23 @@ def configuration_notes(config: Any) -> list[str]:
     return notes
 
 
-def mask_note(config: Any) -> str | None:
+def mask_note(config: Config) -> str | None:
     """A footnote saying which halo attention layer a run used beside the paper's numbers.
 
     The paper's numbers came from the released layer with the inverted padding mask. ``None``
-    when the run has no halo attention (``model.attention: conv``).
+    when the run has no halo attention (``haloae.attention: conv``).
     """
-    if config.model.attention != "halo":
+    if config.haloae.attention != "halo":
         return None
-    if config.model.released_mask:
+    if config.haloae.released_mask:
         return (
             "Halo attention: this run uses the authors' released layer with its inverted "
-            "padding mask (model.released_mask: true, a reproduction switch), the layer the "
+            "padding mask (haloae.released_mask: true, a reproduction switch), the layer the "
             "paper's numbers were produced with."
         )
     return (
         "Halo attention: the paper's numbers came from the authors' released layer, whose "
-        "padding mask is inverted; this run uses the corrected layer (model.released_mask: "
+        "padding mask is inverted; this run uses the corrected layer (haloae.released_mask: "
         "false), so the two columns differ in that layer as well."
     )
 

@@ -33,6 +33,7 @@ from .. import __version__
 from ..checkpoint import load_checkpoint
 from ..config import Config, save_config
 from ..errors import InvalidInputError, OutputExistsError, WsiAnomalyError
+from ..models.registry import get_family
 from ..outputs import write_text
 from .adapters import check_model_name
 from .benchmark import (
@@ -91,6 +92,11 @@ class WeakSplit:
             "train_anomalies": self._relative(self.train_anomalies),
             "test": self._relative(self.test),
         }
+
+
+def _variant(config: Config) -> str:
+    """The variant the family says ``config`` trains (its name when it has none)."""
+    return get_family(config.model.name).variant(config) or config.model.name
 
 
 def draw_split(
@@ -266,7 +272,7 @@ def run_weak_seed(
         "category": split.category.name,
         "status": "ok",
         "model": adapter.name,
-        "variant": config.atacnet.variant,
+        "variant": _variant(config),
         "seed": split.seed,
         "setting": split.setting,
         "known_type": split.known_type,
@@ -373,7 +379,7 @@ def run_weak_benchmark(
                 "n_defective": runs[0].get("n_defective"),
                 "paper": atacnet_paper_columns(
                     category.name,
-                    config.atacnet.variant,
+                    _variant(config),
                     protocol.setting,
                     protocol.known_type,
                     n_labelled,
@@ -462,7 +468,7 @@ def write_weak_tables(
         "|" + "|".join(["---"] + ["---:"] * (len(header) - 2) + ["---"]) + "|",
     ]
     lines += ["| " + " | ".join(_fmt(v) for v in row) + " |" for row in rows]
-    variant = config.atacnet.variant
+    variant = _variant(config)
     what = (
         f"of known type {protocol.known_type!r} only; every anomaly of that type left the test set"
         if protocol.setting == "hard"

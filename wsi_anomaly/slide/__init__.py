@@ -1,7 +1,7 @@
 """Open slides, resolve their resolution, find tissue and lay the tile grid (no torch here)."""
 
 from .grid import ReadPlan, TileGrid, box_fractions, make_grid, plan_read
-from .reader import LevelInfo, Slide, open_slide
+from .reader import LevelInfo, Slide, open_slide, slide_fingerprint
 from .resolution import Resolution, load_mpp_csv, lookup_mpp, resolve_resolution
 from .tissue import TissueMask, TissueSettings, detect_tissue
 
@@ -21,4 +21,5 @@ __all__ = [
     "open_slide",
     "plan_read",
     "resolve_resolution",
+    "slide_fingerprint",
 ]

@@ -2,7 +2,9 @@
 
 Each function returns a new (T, T, 3) uint8 tile: ``blur`` (Gaussian, out of focus), ``pen``
 (a marker stroke of one ink colour, transmissive like real ink), ``fold`` (a darkened, shifted
-copy of the tissue laid over itself) and ``bubble`` (the bright rim of an air bubble).
+copy of the tissue laid over itself), ``fold_flap`` (a flap of tissue turned over along a
+straight line onto its neighbour, leaving bare glass where it came from) and ``bubble`` (the
+bright rim of an air bubble).
 """
 
 from __future__ import annotations
@@ -71,4 +73,53 @@ def bubble(tile: np.ndarray, rng: np.random.Generator, rim_px: float = 5) -> np.
     r = np.hypot(yy - cy, xx - cx)
     rim = np.clip(1 - np.abs(r - radius) / (rim_px / 2), 0, 1)[..., None]
     out = tile.astype(np.float32) * (1 - rim) + 245 * rim
+    return np.clip(out + 0.5, 0, 255).astype(np.uint8)
+
+
+def fold_flap(
+    tile: np.ndarray,
+    rng: np.random.Generator,
+    darken: float = 0.9,
+    glass_rgb: tuple[int, int, int] = (242, 242, 242),
+) -> np.ndarray:
+    """A flap of tissue folded over along a straight line, as happens when a section is laid
+    on the slide: the tissue on one side of the line, up to a flap width of 20–40 % of the tile,
+    is turned over (mirrored across the line) onto the tissue on the other side. Light crosses
+    both layers there (transmissions multiply) and the doubled tissue is a little darker still
+    (``darken``: thicker, compressed); where the flap came from is bare glass (``glass_rgb``).
+    Unlike :func:`fold`, the second layer is a mirrored copy, nothing wraps around the tile's
+    edges, and glass is never darkened."""
+    size = tile.shape[0]
+    theta = rng.uniform(0, 2 * np.pi)
+    normal = np.array([np.sin(theta), np.cos(theta)])  # (row, column)
+    offset = rng.uniform(-0.15, 0.15) * size
+    width = rng.uniform(0.2, 0.4) * size
+    yy, xx = np.mgrid[0:size, 0:size].astype(np.float32)
+    u = (yy - size / 2) * normal[0] + (xx - size / 2) * normal[1] - offset
+    # The destination (−width < u < 0) sees the tissue mirrored from u' = −u.
+    src_y = yy - 2 * u * normal[0]
+    src_x = xx - 2 * u * normal[1]
+    flap = np.stack(
+        [
+            ndimage.map_coordinates(
+                tile[..., c].astype(np.float32), [src_y, src_x], order=1, mode="mirror"
+            )
+            for c in range(3)
+        ],
+        axis=-1,
+    )
+    out = tile.astype(np.float32)
+    under = (u > -width) & (u < 0)
+    source = (u >= 0) & (u < width)
+    # Transmission of the flap relative to bare glass (the slide's white): light crosses the
+    # glass once whatever lies on it.
+    glass = np.array(glass_rgb, np.float32)
+    doubled = out * np.minimum(flap / glass, 1)
+    # Only where both layers hold tissue is the stack thicker than one section.
+    flap_od = -np.log(np.clip(flap / glass, 1 / 255, 1)).sum(axis=-1)
+    tissue_od = -np.log(np.clip(out / glass, 1 / 255, 1)).sum(axis=-1)
+    both = (flap_od > 0.3) & (tissue_od > 0.3)
+    doubled[both] *= darken
+    out[under] = doubled[under]
+    out[source] = glass
     return np.clip(out + 0.5, 0, 255).astype(np.uint8)

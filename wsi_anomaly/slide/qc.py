@@ -9,18 +9,23 @@ never read a second time), vectorised over a batch of tiles:
 * ``sharpness``: the Laplacian energy at the tile's resolution over the tile's grey variance
   (its contrast): low on strongly blurred tiles, where both scales of ``focus`` are gone.
 * ``pen_green``, ``pen_blue``, ``pen_black``, ``pen_red``: fraction of the tile's pixels in a
-  marker-ink colour class (HSV hue, saturation and value windows outside H&E's pink→purple).
+  marker-ink colour class (HSV hue, saturation and value windows outside H&E's pink→purple,
+  precomputed into one colour lookup table).
 * ``fold``: fraction of tissue pixels whose optical density (summed over RGB, averaged over
   ~20 px) exceeds a multiple of the slide's median tissue density (:func:`reference_od`, from
   the thumbnail): doubled, thick tissue.
-* ``bubble``: fraction of pixels on thin bright lines (brighter than both neighbours a few
-  pixels away, across or along): bubble rims and coverslip edges.
+* ``fold_step``: the largest step in mean density across a straight line with tissue on both
+  sides, in units of the slide's median density: the edge of a fold, where a second layer of
+  tissue starts over tissue that continues underneath.
+* ``bubble``: the longest circular arc covered continuously by thin bright lines, in tile sides
+  (:func:`arc_lengths`): bubble rims and coverslip edges, told from the short, irregular bright
+  gaps between fibres by their shape.
 * ``brightness``: mean grey level of the tile (0–1): over- and under-exposure.
 * ``stain_od``: mean optical density of the tissue pixels: faint staining.
 * ``border_um``: distance from the tile's centre to the nearest background of the tissue mask,
   µm (computed once per slide from the mask, not from the tile).
 
-Each flag compares one measurement with a threshold of :class:`QCSettings`, loaded from a YAML
+Each flag compares one or two measurements with a threshold of :class:`QCSettings`, loaded from a YAML
 preset (``qc_default``) and validated. Flags are bits of a ``uint16``: bit ``k`` is
 ``FLAG_NAMES[k]``.
 """
@@ -28,7 +33,9 @@ preset (``qc_default``) and validated. Flags are bits of a ``uint16``: bit ``k``
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
+import time
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
@@ -48,6 +55,7 @@ VALUE_NAMES = (
     "pen_black",
     "pen_red",
     "fold",
+    "fold_step",
     "bubble",
     "brightness",
     "stain_od",
@@ -111,14 +119,23 @@ class QCSettings:
     #: black ink: value (max of RGB) below this with low saturation.
     pen_black_max_value: float = 0.2
     #: fold: tissue optical density (sum over RGB) above ``fold_od_ratio`` × the slide's median
-    #: tissue density (:func:`reference_od`), on at least ``max_fold`` of the tissue pixels.
+    #: tissue density (:func:`reference_od`), on at least ``max_fold`` of the tissue pixels …
     fold_od_ratio: float = 2.5
     max_fold: float = 0.45
-    #: bubble/coverslip edge: thin bright lines (white top-hat of the grey image above
-    #: ``bubble_contrast``) on at least ``max_bubble`` of the pixels.
-    bubble_contrast: float = 0.1
-    bubble_min_grey: float = 0.9
-    max_bubble: float = 0.1
+    #: … or a straight edge across which the mean density of strips ``fold_step_width`` (of the
+    #: tile side) wide steps up by at least ``max_fold_step`` × the slide's median density.
+    fold_step_width: float = 0.2
+    max_fold_step: float = 1.5
+    #: bubble/coverslip edge: thin bright lines (brighter than both sides by ``bubble_contrast``,
+    #: grey at least ``bubble_min_grey``) that follow a circle continuously (see
+    #: :func:`arc_lengths`: ``bubble_fit_px`` at half resolution, ``bubble_inliers``,
+    #: ``bubble_fill``) along at least ``max_bubble`` tile sides.
+    bubble_contrast: float = 0.08
+    bubble_min_grey: float = 0.6
+    bubble_fit_px: float = 1.5
+    bubble_inliers: float = 0.1
+    bubble_fill: float = 0.7
+    max_bubble: float = 0.6
     #: exposure: mean grey level of the tile above / below these.
     max_brightness: float = 0.92
     min_brightness: float = 0.25
@@ -153,7 +170,9 @@ class QCSettings:
         for name in (
             "max_pen",
             "max_fold",
-            "max_bubble",
+            "fold_step_width",
+            "bubble_inliers",
+            "bubble_fill",
             "max_brightness",
             "min_brightness",
             "pen_min_saturation",
@@ -240,6 +259,34 @@ def _in_hue(h: np.ndarray, window: tuple[float, float]) -> np.ndarray:
     return (h >= lo) & (h <= hi) if lo <= hi else (h >= lo) | (h <= hi)
 
 
+#: Ink classes as bits of the colour lookup table.
+_GREEN, _BLUE, _BLACK, _RED = 1, 2, 4, 8
+#: Bits of each colour channel kept by the lookup table (64 levels per channel).
+_LUT_BITS = 6
+
+
+@functools.lru_cache(maxsize=8)
+def _ink_lut(settings: QCSettings) -> np.ndarray:
+    """Ink class bits of every colour quantised to 6 bits per channel: one table lookup per
+    pixel instead of an HSV conversion (262 144 entries, computed once per settings)."""
+    levels = 1 << _LUT_BITS
+    centre = (np.arange(levels, dtype=np.float32) + 0.5) / levels
+    r, g, b = np.meshgrid(centre, centre, centre, indexing="ij")
+    h, s, v = _hsv(r, g, b)
+    coloured = s >= settings.pen_min_saturation
+    lut = np.zeros(r.shape, np.uint8)
+    lut |= (coloured & _in_hue(h, settings.pen_green_hue)).astype(np.uint8) * _GREEN
+    lut |= (coloured & _in_hue(h, settings.pen_blue_hue)).astype(np.uint8) * _BLUE
+    lut |= ((v < settings.pen_black_max_value) & (s < 0.5)).astype(np.uint8) * _BLACK
+    red = (s >= settings.pen_red_min_saturation) & _in_hue(h, settings.pen_red_hue) & (v > 0.4)
+    lut |= red.astype(np.uint8) * _RED
+    return lut.ravel()
+
+
+#: Optical density of each 8-bit channel value, −log(transmission) (floor 1/255).
+_OD_LUT = (-np.log(np.maximum(np.arange(256, dtype=np.float32), 1) / 255)).astype(np.float32)
+
+
 def _laplacian_energy(grey: np.ndarray, step: int = 1) -> np.ndarray:
     """Mean squared 4-neighbour Laplacian of (n, h, w) int16 images on every ``step``-th
     interior row (every row's neighbours are used, so the Laplacian is the full-resolution one)."""
@@ -261,18 +308,178 @@ def _laplacian_energy_rows(rows: np.ndarray) -> np.ndarray:
 
 def _line_response(grey: np.ndarray, d: int) -> np.ndarray:
     """How much brighter each pixel of (n, h, w) images is than both of its neighbours ``d``
-    pixels away, across or along (the larger of the two): high on thin bright lines, low on
-    wide bright areas and on edges."""
+    pixels away on the other side, in the best of four directions (across, along and both
+    diagonals): high on thin bright lines of any orientation, low on wide bright areas and on
+    edges."""
     out = np.zeros_like(grey)
     c = grey[:, d:-d, d:-d]
-    across = np.minimum(c - grey[:, d:-d, : -2 * d], c - grey[:, d:-d, 2 * d :])
-    along = np.minimum(c - grey[:, : -2 * d, d:-d], c - grey[:, 2 * d :, d:-d])
-    out[:, d:-d, d:-d] = np.maximum(across, along)
+    best = np.minimum(c - grey[:, d:-d, : -2 * d], c - grey[:, d:-d, 2 * d :])
+    for a, b in (
+        (grey[:, : -2 * d, d:-d], grey[:, 2 * d :, d:-d]),
+        (grey[:, : -2 * d, : -2 * d], grey[:, 2 * d :, 2 * d :]),
+        (grey[:, : -2 * d, 2 * d :], grey[:, 2 * d :, : -2 * d]),
+    ):
+        np.maximum(best, np.minimum(c - a, c - b), out=best)
+    out[:, d:-d, d:-d] = best
     return out
 
 
-#: Colour and density measurements use every SAMPLE_STEP-th pixel of each row and column.
+#: 8-connected components within each image of a (n, h, w) stack, never across images.
+_PLANE = np.zeros((3, 3, 3), bool)
+_PLANE[1] = True
+
+
+@functools.lru_cache(maxsize=4)
+def _checkerboard(shape: tuple[int, int]) -> np.ndarray:
+    yy, xx = np.indices(shape)
+    return (yy + xx) % 2 == 0
+
+
+#: Angular bins of an arc's coverage of its circle.
+_ARC_BINS = 32
+
+
+def arc_lengths(
+    lines: np.ndarray, fit_px: float, min_inliers: float, fill: float = 0.7
+) -> np.ndarray:
+    """Longest circular arc among the line pixels of each (n, h, w) bool image, in image sides.
+
+    Each connected line (8-connected, at least a quarter of the image side long) gets a circle
+    fitted by algebraic least squares (Kåsa), refitted three times on the pixels ever closer to
+    the previous circle (within 8/3, 4/3 and 1 × ``fit_px`` in turn), so that a rim joined to
+    other lines (gaps between fibres crossing it) still finds its own circle. The circle is
+    split into 32 sectors; a sector is covered when its pixels within ``fit_px`` of the circle
+    are at least ``fill`` × what a continuous 1-px line through the sector would leave (short,
+    broken lines that happen to touch a circle do not cover it) and outnumber the line's pixels
+    in the twice-as-wide band beside the ring (a blob or a dense texture fills both alike). A line is an arc when at least
+    ``min_inliers`` of its pixels lie within ``fit_px`` of its circle and the radius is between
+    a tenth of the image side and three sides; its length is the covered angle × the radius.
+    All components of all images are fitted at once (sums by ``np.bincount``).
+    """
+    n, size = len(lines), lines.shape[-1]
+    out = np.zeros(n, np.float32)
+    labels, n_all = ndimage.label(lines, _PLANE)
+    if n_all == 0:
+        return out
+    size_all = np.bincount(labels.ravel(), minlength=n_all + 1)
+    fit_all = size_all >= size / 4
+    fit_all[0] = False
+    if not fit_all.any():
+        return out
+    # Only the pixels of lines long enough to be fitted, renumbered 1…n_lab, and of those every
+    # other one on a checkerboard: lines are 2–3 px thick, so circles and sector coverage are
+    # unchanged at half the arithmetic (counts are doubled back below).
+    z, yi, xi = np.nonzero(lines & _checkerboard(lines.shape[1:]))
+    renumber = np.where(fit_all, np.cumsum(fit_all), 0)
+    lab = renumber[labels[z, yi, xi]]
+    keep = lab > 0
+    z, yi, xi, lab = z[keep], yi[keep], xi[keep], lab[keep]
+    n_lab = int(fit_all.sum())
+    count = 2 * np.bincount(lab, minlength=n_lab + 1).astype(np.float64)
+    fit = np.ones(n_lab + 1, bool)
+    fit[0] = False
+    y, x = yi.astype(np.float64), xi.astype(np.float64)
+    r2 = x * x + y * y
+    weight = np.ones_like(x)
+    cx = cy = radius = np.zeros(n_lab + 1)
+    dist = np.zeros_like(x)
+    for tolerance in (None, 8 / 3 * fit_px, 4 / 3 * fit_px, fit_px):
+        if tolerance is not None:
+            weight = (dist < tolerance).astype(np.float64)
+
+        def total(v: np.ndarray, w: np.ndarray = weight) -> np.ndarray:
+            return np.bincount(lab, v * w, minlength=n_lab + 1)
+
+        sx, sy, sn = total(x), total(y), total(np.ones_like(x))
+        sxy = total(x * y)
+        normal = np.stack(
+            [
+                np.stack([total(x * x), sxy, sx], -1),
+                np.stack([sxy, total(y * y), sy], -1),
+                np.stack([sx, sy, sn], -1),
+            ],
+            -2,
+        )[fit]
+        rhs = -np.stack([total(x * r2), total(y * r2), total(r2)], -1)[fit]
+        coef = np.zeros((n_lab + 1, 3))
+        ok = np.abs(np.linalg.det(normal)) > 1e-9
+        coef_fit = np.zeros((len(normal), 3))
+        coef_fit[ok] = np.linalg.solve(normal[ok], rhs[ok, :, None])[..., 0]
+        coef[fit] = coef_fit
+        cx, cy = -coef[:, 0] / 2, -coef[:, 1] / 2
+        radius = np.sqrt(np.maximum(cx * cx + cy * cy - coef[:, 2], 0))
+        dist = np.abs(np.hypot(x - cx[lab], y - cy[lab]) - radius[lab])
+    inlier = dist < fit_px
+    n_in = 2 * np.bincount(lab, inlier.astype(np.float64), minlength=n_lab + 1)
+    angle = np.arctan2(y - cy[lab], x - cx[lab])
+    sector = ((angle + np.pi) * (_ARC_BINS / (2 * np.pi))).astype(np.int64) % _ARC_BINS
+    bins = lab * _ARC_BINS + sector
+    per_sector = np.bincount(bins[inlier], minlength=(n_lab + 1) * _ARC_BINS)
+    # The band on either side of the ring (fit_px to 3·fit_px away: twice the ring's width):
+    # a rim stands out from it; a blob or a dense texture fills it as much as the ring.
+    beside = (dist >= fit_px) & (dist < 3 * fit_px)
+    per_beside = np.bincount(bins[beside], minlength=(n_lab + 1) * _ARC_BINS)
+    need = np.maximum(fill * np.pi * radius / _ARC_BINS, 1)  # half: on the checkerboard
+    covered = (per_sector.reshape(n_lab + 1, _ARC_BINS) >= need[:, None]) & (
+        per_beside <= per_sector
+    ).reshape(n_lab + 1, _ARC_BINS)
+    coverage = covered.sum(axis=1) / _ARC_BINS
+    arc = fit & (n_in >= min_inliers * count) & (radius > size / 10) & (radius < 3 * size)
+    length = np.where(arc, coverage * 2 * np.pi * radius / size, 0.0)
+    image = np.zeros(n_lab + 1, np.int64)
+    image[lab] = z
+    np.maximum.at(out, image[1:], length[1:].astype(np.float32))
+    return out
+
+
+@functools.lru_cache(maxsize=4)
+def _step_strips(grid: int, width: float) -> tuple[np.ndarray, np.ndarray]:
+    """Pairs of strips ``width`` (of the tile side) wide on either side of straight lines
+    (24 directions × 15 offsets) on a ``grid``² block map: (L, grid²) float32 each."""
+    yy, xx = (np.mgrid[0:grid, 0:grid] + 0.5) / grid - 0.5
+    near, far = [], []
+    for theta in np.linspace(0, 2 * np.pi, 24, endpoint=False):
+        u = xx * np.cos(theta) + yy * np.sin(theta)
+        for c in np.linspace(-0.35, 0.35, 15):
+            near.append((u > c) & (u < c + width))
+            far.append((u < c) & (u > c - width))
+    a, b = (np.array(m, np.float32).reshape(len(m), -1) for m in (near, far))
+    keep = (a.sum(1) >= 0.6 * width * grid * grid) & (b.sum(1) >= 0.6 * width * grid * grid)
+    return a[keep], b[keep]
+
+
+#: The density map of the fold-edge search: the tile in _STEP_GRID² blocks.
+_STEP_GRID = 16
+
+
+def _fold_step(od: np.ndarray, tissue: np.ndarray, reference: float, width: float) -> np.ndarray:
+    """Largest step in mean optical density across a straight line of (n, h, w) density maps,
+    over tissue on both sides, in units of the slide's reference density: the edge of a fold,
+    where the tissue underneath continues and a second layer adds its whole density."""
+    n, h, w = od.shape
+    grid = _STEP_GRID
+    k = min(h, w) // grid
+    if k == 0:
+        return np.full(n, np.nan, np.float32)
+    t = tissue[:, : grid * k, : grid * k].astype(np.float32)
+    # Block sums as two small matrix products (much faster than a 5-d reshape-sum).
+    pool = np.kron(np.eye(grid, dtype=np.float32), np.ones((1, k), np.float32))
+    dens = (pool @ (od[:, : grid * k, : grid * k] * t) @ pool.T).reshape(n, -1)
+    cover = (pool @ t @ pool.T).reshape(n, -1)
+    near, far = _step_strips(grid, width)
+    full = np.float32(k * k * 0.7)
+    s_near, c_near = dens @ near.T, cover @ near.T
+    s_far, c_far = dens @ far.T, cover @ far.T
+    ok = (c_near >= full * near.sum(1)) & (c_far >= full * far.sum(1))
+    step = s_near / np.maximum(c_near, 1) - s_far / np.maximum(c_far, 1)
+    step = np.where(ok, step, 0).max(axis=1)
+    return (step / (reference if math.isfinite(reference) else 1.0)).astype(np.float32)
+
+
+#: Colour and density measurements use every SAMPLE_STEP-th pixel of each row and column;
+#: bubble rims every BUBBLE_STEP-th.
 SAMPLE_STEP = 4
+BUBBLE_STEP = 2
 
 
 def measure_tiles(
@@ -282,9 +489,9 @@ def measure_tiles(
     :data:`VALUE_NAMES` (``border_um`` is NaN here: see :func:`border_distance_um`).
     ``reference``: the slide's median tissue density (:func:`reference_od`; NaN → 1).
 
-    Colour classes and densities are measured on every 4th pixel (marker strokes, folds and
-    bubble rims are several pixels wide); focus at the tiles' own resolution (on every 4th
-    row) against a 4× coarser scale.
+    Colour classes and densities are measured on every 4th pixel (marker strokes and folds are
+    several pixels wide), bubble rims on every 2nd; focus at the tiles' own resolution (on
+    every 4th row) against a 4× coarser scale.
     """
     settings = settings or QCSettings()
     tiles = np.asarray(tiles)
@@ -296,40 +503,50 @@ def measure_tiles(
         return out
     step = SAMPLE_STEP
     sample = np.ascontiguousarray(tiles[:, step // 2 :: step, step // 2 :: step, :3])
-    scale = np.float32(1 / 255)
-    r, g, b = (sample[..., k].astype(np.float32) * scale for k in range(3))
-    grey = np.float32(0.299) * r + np.float32(0.587) * g + np.float32(0.114) * b
-    h, s, v = _hsv(r, g, b)
+    r, g, b = sample[..., 0], sample[..., 1], sample[..., 2]
+    shift = 8 - _LUT_BITS
+    key = (r.astype(np.int32) >> shift) << (2 * _LUT_BITS)
+    key |= (g.astype(np.int32) >> shift) << _LUT_BITS
+    key |= b.astype(np.int32) >> shift
+    ink = _ink_lut(settings)[key]
     # Optical density summed over R, G, B: −log of the product of the transmissions.
-    floor = np.float32(1 / 255)
-    od = -np.log(np.maximum(r, floor) * np.maximum(g, floor) * np.maximum(b, floor))
-    coloured = s >= settings.pen_min_saturation
-    green = coloured & _in_hue(h, settings.pen_green_hue)
-    blue = coloured & _in_hue(h, settings.pen_blue_hue)
-    red = (s >= settings.pen_red_min_saturation) & _in_hue(h, settings.pen_red_hue) & (v > 0.4)
-    black = (v < settings.pen_black_max_value) & (s < 0.5)
-    tissue = (od > 0.3) & ~black & ~green & ~blue & ~red
+    od = _OD_LUT[r] + _OD_LUT[g] + _OD_LUT[b]
+    grey = (r * np.float32(0.299 / 255) + g * np.float32(0.587 / 255)) + b * np.float32(0.114 / 255)
+    tissue = (od > 0.3) & (ink == 0)
 
-    n_px = np.float32(h.shape[1] * h.shape[2])
+    n_px = np.float32(r.shape[1] * r.shape[2])
+    flat_ink = ink.reshape(n, -1)
 
     def count(mask: np.ndarray) -> np.ndarray:
         return np.count_nonzero(mask.reshape(n, -1), axis=1).astype(np.float32)
 
-    def mean(mask: np.ndarray) -> np.ndarray:
-        return count(mask) / n_px
-
     n_tissue = np.maximum(count(tissue), 1)
-    out[:, _COL["pen_green"]] = mean(green)
-    out[:, _COL["pen_blue"]] = mean(blue)
-    out[:, _COL["pen_black"]] = mean(black)
-    out[:, _COL["pen_red"]] = mean(red)
+    for name, bit in (
+        ("pen_green", _GREEN),
+        ("pen_blue", _BLUE),
+        ("pen_black", _BLACK),
+        ("pen_red", _RED),
+    ):
+        out[:, _COL[name]] = np.count_nonzero(flat_ink & bit, axis=1) / n_px
     # Folds: a dark patch, not a dark nucleus — the density averaged over 5×5 sampled pixels
-    # (20 px of the tile, larger than a nucleus).
+    # (20 px of the tile, larger than a nucleus) ...
     od_smooth = ndimage.uniform_filter(od, size=(1, 5, 5))
-    fold_od = settings.fold_od_ratio * (reference if math.isfinite(reference) else 1.0)
-    out[:, _COL["fold"]] = count(tissue & (od_smooth > fold_od)) / n_tissue
-    lines = (_line_response(grey, 2) > settings.bubble_contrast) & (grey > settings.bubble_min_grey)
-    out[:, _COL["bubble"]] = mean(lines)
+    ref = reference if math.isfinite(reference) else 1.0
+    out[:, _COL["fold"]] = count(tissue & (od_smooth > settings.fold_od_ratio * ref)) / n_tissue
+    # ... or a straight edge across which the density steps up by a whole layer of tissue.
+    # (A flag turned off, threshold 0, skips its measurement: NaN.)
+    if settings.max_fold_step:
+        out[:, _COL["fold_step"]] = _fold_step(od, tissue, reference, settings.fold_step_width)
+    # Bubble rims: long thin bright lines that follow a circle, on every 2nd pixel.
+    if settings.max_bubble:
+        bstep = BUBBLE_STEP
+        half = tiles[:, bstep // 2 :: bstep, bstep // 2 :: bstep, 1].astype(np.int16)
+        lines = (_line_response(half, 2) > round(255 * settings.bubble_contrast)) & (
+            half > round(255 * settings.bubble_min_grey)
+        )
+        out[:, _COL["bubble"]] = arc_lengths(
+            lines, settings.bubble_fit_px, settings.bubble_inliers, settings.bubble_fill
+        )
     out[:, _COL["brightness"]] = grey.reshape(n, -1).mean(axis=1)
     out[:, _COL["stain_od"]] = (
         np.einsum("ni,ni->n", od.reshape(n, -1), tissue.reshape(n, -1).astype(np.float32))
@@ -339,9 +556,9 @@ def measure_tiles(
     rows = tiles.shape[1] // 4 * 4
     triples = tiles[:, :rows, :, 1].reshape(n, rows // 4, 4, -1)[:, :, :3].astype(np.int16)
     fine = _laplacian_energy_rows(triples)
-    coarse = _laplacian_energy(np.ascontiguousarray(sample[..., 1]).astype(np.int16))
+    coarse = _laplacian_energy(g.astype(np.int16))
     out[:, _COL["focus"]] = np.where(coarse > 1.0, fine / np.maximum(coarse, 1.0), np.nan)
-    contrast = sample[..., 1].reshape(n, -1).astype(np.float32).var(axis=1)
+    contrast = g.reshape(n, -1).astype(np.float32).var(axis=1)
     out[:, _COL["sharpness"]] = np.where(contrast > 1.0, fine / np.maximum(contrast, 1.0), np.nan)
     return out
 
@@ -380,7 +597,8 @@ def flag_tiles(values: np.ndarray, settings: QCSettings | None = None) -> np.nda
             "pen_blue": col["pen_blue"] >= settings.max_pen if settings.max_pen else None,
             "pen_black": col["pen_black"] >= settings.max_pen if settings.max_pen else None,
             "pen_red": col["pen_red"] >= settings.max_pen if settings.max_pen else None,
-            "fold": col["fold"] >= settings.max_fold if settings.max_fold else None,
+            "fold": (col["fold"] >= settings.max_fold if settings.max_fold else False)
+            | (col["fold_step"] >= settings.max_fold_step if settings.max_fold_step else False),
             "bubble": col["bubble"] >= settings.max_bubble if settings.max_bubble else None,
             "overexposed": col["brightness"] > settings.max_brightness,
             "underexposed": col["brightness"] < settings.min_brightness,
@@ -391,7 +609,7 @@ def flag_tiles(values: np.ndarray, settings: QCSettings | None = None) -> np.nda
     for k, name in enumerate(FLAG_NAMES):
         hit = tests[name]
         if hit is not None:
-            flags |= hit.astype(np.uint16) << k
+            flags |= np.asarray(hit, bool).astype(np.uint16) << k
     return flags
 
 
@@ -519,7 +737,9 @@ class TileQCMeter:
     """Measures and flags a slide's tiles shard by shard as they stream past.
 
     ``border_um`` (N,): each tile's distance to the tissue border (:func:`border_distance_um`).
-    Calling the meter with ``(start, tiles)`` returns that shard's ``(values, flags)``.
+    Calling the meter with ``(start, tiles)`` returns that shard's ``(values, flags)``; tiles
+    already passed to :meth:`measure` (by the decoding threads, as each part of a shard is
+    decoded) are not measured again.
     """
 
     def __init__(
@@ -528,14 +748,26 @@ class TileQCMeter:
         self.settings = settings
         self.reference = reference
         self.border_um = np.asarray(border_um, np.float32)
+        self.values = np.full((len(self.border_um), len(VALUE_NAMES)), np.nan, np.float32)
+        self._measured = np.zeros(len(self.border_um), bool)
         self.seconds = 0.0
 
-    def __call__(self, start: int, tiles: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        import time
-
+    def measure(self, start: int, tiles: np.ndarray) -> None:
+        """Measure tiles ``start…start+len(tiles)`` and keep their values. Safe to call from
+        several threads at once on disjoint ranges."""
         t0 = time.perf_counter()
-        values = measure_tiles(tiles, self.settings, self.reference)
-        values[:, _COL["border_um"]] = self.border_um[start : start + len(tiles)]
+        stop = start + len(tiles)
+        self.values[start:stop] = measure_tiles(tiles, self.settings, self.reference)
+        self._measured[start:stop] = True
+        self.seconds += time.perf_counter() - t0  # a float add under the GIL
+
+    def __call__(self, start: int, tiles: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        stop = start + len(tiles)
+        if not self._measured[start:stop].all():
+            self.measure(start, tiles)
+        t0 = time.perf_counter()
+        values = self.values[start:stop].copy()
+        values[:, _COL["border_um"]] = self.border_um[start:stop]
         flags = flag_tiles(values, self.settings)
         self.seconds += time.perf_counter() - t0
         return values, flags

@@ -26,6 +26,7 @@ import numpy as np
 from PIL import Image
 
 from ..errors import CorruptSlideError, InputNotFoundError, ResolutionError, UnsupportedSlideError
+from ..outputs import os_errors_as_user_errors
 from .resolution import Resolution, resolve_resolution
 
 if TYPE_CHECKING:
@@ -467,15 +468,8 @@ class Slide:
         return tuple(sorted(self._pages))
 
     def fingerprint(self) -> str:
-        """A content fingerprint: sha256 over the size and the first and last MiB of the file."""
-        size = self.path.stat().st_size
-        h = hashlib.sha256(str(size).encode())
-        with self.path.open("rb") as fh:
-            h.update(fh.read(1 << 20))
-            if size > (1 << 20):
-                fh.seek(max(size - (1 << 20), 1 << 20))
-                h.update(fh.read())
-        return h.hexdigest()
+        """The slide file's content fingerprint (:func:`slide_fingerprint`)."""
+        return slide_fingerprint(self.path)
 
     # -- pixels ------------------------------------------------------------------------------
     def read_level(
@@ -665,6 +659,33 @@ def _is_dicom(path: Path) -> bool:
             return fh.read(4) == b"DICM"
     except OSError:
         return False
+
+
+def slide_fingerprint(path: str | Path) -> str:
+    """A content fingerprint of a slide file, without opening it as a slide: sha256 over the
+    size and the first and last MiB of the file.
+
+    Raises:
+        InputNotFoundError, UnsupportedSlideError (a folder), as :class:`Slide` does.
+    """
+    path = Path(path)
+    if not path.exists():
+        if path.is_symlink():
+            raise InputNotFoundError(
+                f"{path} is a symbolic link that leads nowhere (broken, or a loop)"
+            )
+        raise InputNotFoundError(f"slide not found: {path}")
+    if path.is_dir():
+        raise UnsupportedSlideError(f"{path} is a folder, not a slide file")
+    with os_errors_as_user_errors(path):
+        size = path.stat().st_size
+        h = hashlib.sha256(str(size).encode())
+        with path.open("rb") as fh:
+            h.update(fh.read(1 << 20))
+            if size > (1 << 20):
+                fh.seek(max(size - (1 << 20), 1 << 20))
+                h.update(fh.read())
+    return h.hexdigest()
 
 
 def open_slide(path: str | Path, override_mpp: float | None = None) -> Slide:

@@ -150,12 +150,20 @@ def available_cores() -> int:
 
 
 def iter_tile_batches(
-    slide: Slide, grid: TileGrid, batch: int, workers: int = 0, busy: list[float] | None = None
+    slide: Slide,
+    grid: TileGrid,
+    batch: int,
+    workers: int = 0,
+    busy: list[float] | None = None,
+    on_decoded: Callable[[int, np.ndarray], None] | None = None,
 ) -> Iterator[tuple[int, np.ndarray]]:
     """Yield ``(start, tiles)`` in order, decoding the next batches while the caller works.
 
     ``tiles`` is reused for a later batch once four more batches have been yielded: copy it to
     keep it longer. ``busy``, a one-element list, accumulates the decoding threads' busy seconds.
+    ``on_decoded(start, tiles)`` is called in the decoding thread on each part of a batch as
+    soon as it is decoded (disjoint parts, from several threads at once): per-tile work there
+    runs in parallel with decoding instead of in the caller's thread.
     """
     n = len(grid)
     workers = workers or available_cores()
@@ -178,7 +186,9 @@ def iter_tile_batches(
             out = ring[slot][: stop - start]
             step = math.ceil((stop - start) / workers)
             return out, [
-                pool.submit(_load_range, slide, grid, s, min(s + step, stop), out, start, busy)
+                pool.submit(
+                    _load_range, slide, grid, s, min(s + step, stop), out, start, busy, on_decoded
+                )
                 for s in range(start, stop, step)
             ]
 
@@ -206,12 +216,15 @@ def _load_range(
     out: np.ndarray,
     offset: int,
     busy: list[float] | None = None,
+    on_decoded: Callable[[int, np.ndarray], None] | None = None,
 ) -> None:
     t0 = time.perf_counter()
     for k in range(start, stop):
         read_tile(slide, grid, k, out[k - offset])
     if busy is not None:
         busy[0] += time.perf_counter() - t0  # a float add under the GIL: safe across threads
+    if on_decoded is not None and stop > start:
+        on_decoded(start, out[start - offset : stop - offset])
 
 
 def _export_png(tiles: np.ndarray, coords: np.ndarray, folder: Path, stem: str) -> None:
@@ -259,10 +272,13 @@ def stream_to_store(
     timing: dict[str, float] | None = None,
     desc: str = "tiling",
     progress: bool = True,
+    on_decoded: Callable[[int, np.ndarray], None] | None = None,
 ) -> None:
     """Decode the tiles of ``grid`` once and write them to ``writer``, calling ``on_batch(start,
     tiles)`` on each shard while it is written (see :func:`stream_tiles`)."""
-    for start, tiles in stream_tiles(slide, grid, writer, read_threads, timing, desc, progress):
+    for start, tiles in stream_tiles(
+        slide, grid, writer, read_threads, timing, desc, progress, on_decoded
+    ):
         if on_batch is not None:
             on_batch(start, tiles)
 
@@ -275,6 +291,7 @@ def stream_tiles(
     timing: dict[str, float] | None = None,
     desc: str = "tiling",
     progress: bool = True,
+    on_decoded: Callable[[int, np.ndarray], None] | None = None,
 ) -> Iterator[tuple[int, np.ndarray]]:
     """Decode the tiles of ``grid`` once, write them to ``writer`` and yield each shard as
     ``(start, tiles)``: the one streaming loop behind ``tile`` and ``heatmap``.
@@ -284,7 +301,7 @@ def stream_tiles(
     scorer, for ``heatmap`` — works on it, so the loop runs at the pace of its slowest stage.
     ``tiles`` stays valid until four more shards have been yielded. ``timing`` (when given)
     accumulates ``read_s`` (decoding threads' busy time), ``read_wait_s`` (time the caller
-    waited for tiles) and ``write_s``.
+    waited for tiles) and ``write_s``. ``on_decoded``: see :func:`iter_tile_batches`.
     """
     timing = timing if timing is not None else {}
     for key in ("read_s", "read_wait_s", "write_s"):
@@ -296,7 +313,8 @@ def stream_tiles(
     with ThreadPoolExecutor(max_workers=WRITE_THREADS, thread_name_prefix="tile-write") as io:
         pending: list[Future] = []
         t_wait = time.perf_counter()
-        for start, tiles in iter_tile_batches(slide, grid, writer.shard_tiles, read_threads, busy):
+        batches = iter_tile_batches(slide, grid, writer.shard_tiles, read_threads, busy, on_decoded)
+        for start, tiles in batches:
             timing["read_wait_s"] += time.perf_counter() - t_wait
             while len(pending) >= WRITE_THREADS:
                 pending.pop(0).result()
@@ -439,6 +457,8 @@ def _tile_slide(
                 on_batch=export,
                 desc="tiling",
                 progress=progress,
+                # QC measures each part of a shard in the thread that decoded it.
+                on_decoded=meter.measure if meter is not None else None,
             )
             seconds = time.perf_counter() - t_start
             writer.close(

@@ -30,6 +30,15 @@ OVERVIEW_PX = 260
 TOP_TILES = 20
 #: Review marks: name → outline colour (the GeoJSON export's classification colour too).
 MARK_COLOURS = {"anomalous": "#d50000", "artifact": "#ff9100", "normal": "#00c853"}
+#: bokeh's JS bundles the pages load (the slide figure needs the core bundle only); the server
+#: serves them under ``/bokeh/``.
+BOKEH_BUNDLES = ("bokeh.min.js",)
+
+
+def bokeh_script_names() -> list[str]:
+    import bokeh
+
+    return [f"/bokeh/{name}?v={bokeh.__version__}" for name in BOKEH_BUNDLES]
 
 
 @lru_cache(maxsize=1)
@@ -459,8 +468,6 @@ def slide_page(entry: SlideResults, slide_available: bool, slide_error: str | No
         "score_min": _number(np.nanmin(tiles.scores)) if len(tiles.scores) else None,
         "mark_colours": MARK_COLOURS,
     }
-    from .server import bokeh_script_names
-
     return (
         _environment()
         .get_template("slide.html")

@@ -20,7 +20,7 @@ from typing import Any
 import numpy as np
 
 from ..errors import InputNotFoundError, InvalidInputError
-from ..stitch import ColourScale
+from ..stitch import ColourScale, grid_origin
 
 log = logging.getLogger(__name__)
 
@@ -65,10 +65,7 @@ class TileTable:
     @property
     def grid_origin(self) -> tuple[float, float]:
         """Level-0 (x, y) of grid cell (0, 0)'s top-left corner."""
-        if len(self.coords) == 0:
-            return 0.0, 0.0
-        origin = (self.coords - self.grid_index * self.stride_l0).mean(axis=0)
-        return float(origin[0]), float(origin[1])
+        return grid_origin(self.coords, self.grid_index, self.stride_l0)
 
     def top(self, k: int) -> np.ndarray:
         """Indices of the ``k`` highest finite scores, highest first."""

@@ -45,6 +45,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import unquote, urlsplit
 
+from .pages import BOKEH_BUNDLES
 from .pyramid import SlidePyramid, TileCache, png_bytes
 from .results import (
     SERVED_FILES,
@@ -58,8 +59,6 @@ log = logging.getLogger(__name__)
 
 STATIC = Path(__file__).with_name("static")
 STATIC_TYPES = {".css": "text/css; charset=utf-8", ".js": "text/javascript; charset=utf-8"}
-#: bokeh's JS bundles the pages load (the slide figure needs the core bundle only).
-BOKEH_BUNDLES = ("bokeh.min.js",)
 
 _TILE = re.compile(r"^(\d{1,2})/(\d{1,7})/(\d{1,7})\.jpg$")
 _TILE_IMAGE = re.compile(r"^(\d{1,9})\.jpg$")
@@ -68,12 +67,6 @@ THUMB_PX = 240
 TILE_IMAGE_PX = 96
 #: Content types worth compressing (images are compressed already).
 COMPRESSIBLE = ("text/", "application/json", "application/geo+json")
-
-
-def bokeh_script_names() -> list[str]:
-    import bokeh
-
-    return [f"/bokeh/{name}?v={bokeh.__version__}" for name in BOKEH_BUNDLES]
 
 
 @lru_cache(maxsize=1)
