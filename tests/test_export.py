@@ -25,7 +25,7 @@ def exported(tiny_model, tmp_path_factory):
 def test_export_scores_as_pytorch_does(exported, tiny_model):
     import onnx
 
-    from wsi_anomaly.checkpoint import file_hash
+    from wsi_anomaly.hashing import sha256_file as file_hash
     from wsi_anomaly.export import INPUT_NAME, MAX_REL_DIFF, onnx_session
     from wsi_anomaly.score import Scorer
 
@@ -129,7 +129,7 @@ def test_an_onnx_file_is_untrusted_input(exported, tiny_model, tmp_path, capsys)
     import onnx
     from onnx import TensorProto, helper
 
-    from wsi_anomaly.checkpoint import file_hash
+    from wsi_anomaly.hashing import sha256_file as file_hash
     from wsi_anomaly.cli import main
 
     out, _ = exported
