@@ -25,8 +25,8 @@ def exported(tiny_model, tmp_path_factory):
 def test_export_scores_as_pytorch_does(exported, tiny_model):
     import onnx
 
-    from wsi_anomaly.hashing import sha256_file as file_hash
     from wsi_anomaly.export import INPUT_NAME, MAX_REL_DIFF, onnx_session
+    from wsi_anomaly.hashing import sha256_file as file_hash
     from wsi_anomaly.score import Scorer
 
     out, done = exported
@@ -129,8 +129,8 @@ def test_an_onnx_file_is_untrusted_input(exported, tiny_model, tmp_path, capsys)
     import onnx
     from onnx import TensorProto, helper
 
-    from wsi_anomaly.hashing import sha256_file as file_hash
     from wsi_anomaly.cli import main
+    from wsi_anomaly.hashing import sha256_file as file_hash
 
     out, _ = exported
     shutil.copy(tiny_model, tmp_path / "m.pt")
