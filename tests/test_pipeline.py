@@ -403,6 +403,7 @@ def test_a_run_opens_each_slide_once_and_reads_the_model_once(
     monkeypatch.setattr(loaded_model, "sha256_file", lambda p: hashed.append(p) or real_hash(p))
     monkeypatch.setattr(loaded_model, "read_model", lambda p: read.append(p) or real_read(p))
     loaded_model._cached.cache_clear()
+    loaded_model._cached_sha256.cache_clear()
     rows = run_cohort([a.path, b.path], tmp_path, tiny_model, settings())
     assert [r["status"] for r in rows] == ["ok", "ok"]
     assert sorted(opened) == ["a.tif", "b.tif"]

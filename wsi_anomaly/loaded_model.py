@@ -104,7 +104,7 @@ def read_model(path: str | Path) -> LoadedModel:
         raise CheckpointError(f"{path}: {exc}; retrain the model") from None
     return LoadedModel(
         path=path,
-        sha256=sha256_file(path),
+        sha256=checkpoint_sha256(path),
         checkpoint=ckpt,
         config=config,
         model_name=model_name,
@@ -130,3 +130,16 @@ def load_model(path: str | Path) -> LoadedModel:
 @lru_cache(maxsize=8)
 def _cached(path: str, resolved: str, mtime_ns: int, size: int) -> LoadedModel:
     return read_model(path)
+
+
+def checkpoint_sha256(path: str | Path) -> str:
+    """sha256 of a checkpoint file, computed once per file version in a process (planning a
+    slide's identity and reading the model share it)."""
+    resolved = Path(path).resolve()
+    st = resolved.stat()
+    return _cached_sha256(str(resolved), st.st_mtime_ns, st.st_size)
+
+
+@lru_cache(maxsize=8)
+def _cached_sha256(resolved: str, mtime_ns: int, size: int) -> str:
+    return sha256_file(resolved)

@@ -14,7 +14,7 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from ..errors import InvalidInputError, NoTissueError
-from ..loaded_model import LoadedModel, load_model
+from ..loaded_model import LoadedModel, checkpoint_sha256, load_model
 from ..outputs import (
     OutputLock,
     check_free_space,
@@ -67,9 +67,14 @@ def _scorer(model: LoadedModel, settings: HeatmapSettings) -> Scorer:
     return scorer
 
 
-def model_sha256(model: str | Path) -> str:
-    """sha256 of a checkpoint file, computed once per file version in a process."""
-    return load_model(model).sha256
+def model_sha256(model: str | Path | LoadedModel) -> str:
+    """sha256 of a checkpoint file, computed once per file version in a process (the model
+    itself is read later, once, by :func:`load_model`, which shares this hash)."""
+    if isinstance(model, LoadedModel):
+        return model.sha256
+    if not Path(model).is_file():
+        return load_model(model).sha256  # reports the missing file in one line
+    return checkpoint_sha256(model)
 
 
 @dataclass
@@ -112,12 +117,12 @@ def process_slide(
         path = model.path if isinstance(model, LoadedModel) else model
         return process_features_slide(slide_path, out_root, path, settings, name)
     with OutputLock(out_root / name) as lock:
-        plan, loaded = _plan(slide_path, out_root, name, model, settings, lock.work_path())
+        plan = _plan(slide_path, out_root, name, model, settings, lock.work_path())
         done = _reusable_result(plan, settings)
         if done is not None:
             return done
         try:
-            return _run(plan, loaded, settings, lock.leftovers())
+            return _run(plan, model, settings, lock.leftovers())
         except Exception:
             # A failed run leaves nothing; an interrupted one (Ctrl-C) keeps its working folder
             # so that the next run can take over its finished tile store.
@@ -132,38 +137,42 @@ def _plan(
     model: str | Path | LoadedModel,
     settings: HeatmapSettings,
     work: Path,
-) -> tuple[SlidePlan, LoadedModel]:
-    """The slide's identity (its file's fingerprint, the model's sha256, the scoring settings)
-    and the model; the slide is not opened."""
+) -> SlidePlan:
+    """The slide's identity (its file's fingerprint, the model file's sha256, the scoring
+    settings); neither the slide nor the model is opened yet."""
     override = settings.slide_mpp
     if override is None and settings.mpp_csv:
         override = lookup_mpp(load_mpp_csv(settings.mpp_csv), slide_path)
     fingerprint = slide_fingerprint(slide_path)
-    loaded = model if isinstance(model, LoadedModel) else load_model(model)
     identity = {
         "slide_path": str(slide_path.resolve()),
         "slide_fingerprint": fingerprint,
-        "model_sha256": loaded.sha256,
+        "model_sha256": model_sha256(model),
         "scoring": scoring_settings(settings, override),
     }
-    return SlidePlan(slide_path, out_root / name, work, override, identity), loaded
+    return SlidePlan(slide_path, out_root / name, work, override, identity)
 
 
 def _run(
-    plan: SlidePlan, model: LoadedModel, settings: HeatmapSettings, leftovers: list[Path]
+    plan: SlidePlan,
+    model_file: str | Path | LoadedModel,
+    settings: HeatmapSettings,
+    leftovers: list[Path],
 ) -> dict[str, Any]:
     t_start = time.perf_counter()
-    scorer = _scorer(model, settings)
-    target_mpp = settings.target_mpp or model.tile_mpp
-    if target_mpp is None:
-        raise InvalidInputError(
-            f"{model.path} does not record its tiles' resolution; pass --mpp "
-            "(µm/px the model was trained at)"
-        )
     with (
         os_errors_as_user_errors(plan.final),
         Slide(plan.slide_path, override_mpp=plan.slide_mpp) as slide,
     ):
+        # The slide is opened first: a file that is not a slide is named before the model.
+        model = model_file if isinstance(model_file, LoadedModel) else load_model(model_file)
+        scorer = _scorer(model, settings)
+        target_mpp = settings.target_mpp or model.tile_mpp
+        if target_mpp is None:
+            raise InvalidInputError(
+                f"{model.path} does not record its tiles' resolution; pass --mpp "
+                "(µm/px the model was trained at)"
+            )
         tiling = TilingSettings(
             target_mpp=target_mpp,
             tile_px=model.tile_px,
