@@ -22,7 +22,7 @@ EXAMPLES = (
 
 
 def add_parser(sub, parents: list[argparse.ArgumentParser]) -> None:
-    p = add_command(sub, parents, "render", HELP, DESCRIPTION, run, EXAMPLES)
+    p = add_command(sub, parents, "render", HELP, DESCRIPTION, run, EXAMPLES, interrupted)
     p.add_argument(
         "folders", nargs="+", metavar="FOLDER", help="slide results folder(s) or a results root"
     )
@@ -50,6 +50,13 @@ def add_parser(sub, parents: list[argparse.ArgumentParser]) -> None:
     )
     opt.add_count_option(
         p, "--top-k", "tiles in top_tiles.png", None, "default: as recorded", metavar="TOP_K"
+    )
+
+
+def interrupted(args: argparse.Namespace) -> str:
+    return (
+        "the folders re-drawn so far are complete; the one being re-drawn is marked stale "
+        "(status redrawing in its summary.json) and a re-run re-draws it"
     )
 
 

@@ -25,7 +25,7 @@ on dask, and the cohort table).
 
 from .cohort import SUMMARY_FIELDS, run_cohort, slides_in_flight
 from .discovery import SLIDE_SUFFIXES, find_slides
-from .render import redraw_results
+from .render import redraw_folder, redraw_results
 from .results import (
     RESULT_KIND,
     SlidePlan,
@@ -61,6 +61,7 @@ __all__ = [
     "output_name",
     "package_versions",
     "process_slide",
+    "redraw_folder",
     "redraw_results",
     "run_cohort",
     "scoring_settings",
