@@ -158,3 +158,34 @@ def test_render_command_refuses_other_folders(tmp_path, capsys):
     assert main(["render", str(tmp_path / "missing")]) != 0
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "Traceback" not in err
+
+
+def test_older_slide_scale_results_take_the_scale_from_their_model(results, no_scoring):
+    """Results of the older layout drawn on the slide's own scale do not record the model's
+    scale: ``render`` reads it from the checkpoint they name (its sha256 must match)."""
+    from wsi_anomaly.pipeline import redraw_folder
+
+    _, _, folder = results
+    summary = read_summary(folder)
+    model_scale = summary.pop("model_colour_scale")
+    summary["colour_scale"] = {**summary["colour_scale"], "basis": "slide", "vcenter": 123.0}
+    identity = summary["identity"]
+    identity["scoring"].update(identity.pop("display"))
+    (folder / "summary.json").write_text(json.dumps(summary))
+    redraw_folder(folder, scale="fixed")
+    saved = read_summary(folder)
+    assert saved["colour_scale"]["vcenter"] == pytest.approx(model_scale["vcenter"])
+    assert saved["identity"]["display"]["scale"] == "fixed"
+
+
+def test_render_needs_the_scored_slide(results, tmp_path, capsys):
+    _, _, folder = results
+    summary = read_summary(folder)
+    summary["slide_path"] = str(tmp_path / "gone.tif")
+    (folder / "summary.json").write_text(json.dumps(summary))
+    overlay = (folder / "overlay.png").read_bytes()
+    assert main(["render", str(folder), "--cmap", "magma"]) != 0
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "gone.tif is not there" in err
+    assert (folder / "overlay.png").read_bytes() == overlay
+    assert read_summary(folder)["status"] == "ok"  # nothing was touched
