@@ -58,7 +58,8 @@ def test_other_cmap_redraws_without_scoring(results, tiny_model, no_scoring):
     overlay = (folder / "overlay.png").read_bytes()
     scores = TileStore(folder / "tiles.zarr").scores.copy()
     summary = process_slide(slide, root, tiny_model, settings(cmap="viridis", top_k=4))
-    assert summary["status"] == "ok" and "redrawn" in summary
+    assert summary["status"] == "redrawn" and "redrawn" in summary
+    assert read_summary(folder)["status"] == "ok"
     assert (folder / "overlay.png").read_bytes() != overlay
     saved = read_summary(folder)
     assert saved["identity"]["display"]["cmap"] == "viridis"
@@ -129,7 +130,7 @@ def test_interrupted_redraw_is_redrawn_next_time(results, tiny_model, no_scoring
     monkeypatch.setattr(render, "render_slide_outputs", real)
     # even the old settings are re-drawn now: the summary no longer vouches for the pictures
     again = process_slide(slide, root, tiny_model, settings(cmap="viridis"))
-    assert again["status"] == "ok"
+    assert again["status"] == "redrawn"
     assert (folder / "overlay.png").read_bytes() != overlay
     assert read_summary(folder)["identity"]["display"]["cmap"] == "viridis"
     assert not list(folder.glob(".redraw.*"))
@@ -189,3 +190,13 @@ def test_render_needs_the_scored_slide(results, tmp_path, capsys):
     assert len(err.splitlines()) == 1 and "gone.tif is not there" in err
     assert (folder / "overlay.png").read_bytes() == overlay
     assert read_summary(folder)["status"] == "ok"  # nothing was touched
+
+
+def test_heatmap_command_redraws_on_another_cmap(results, tiny_model, no_scoring, capsys):
+    slide, root, folder = results
+    overlay = (folder / "overlay.png").read_bytes()
+    args = ["heatmap", str(slide), "--model", str(tiny_model), "--out", str(root)]
+    assert main([*args, "--device", "cpu", "--cmap", "magma", "-q"]) == 0
+    out = capsys.readouterr().out
+    assert "r.tif: redrawn" in out and "1 of 1 slides done" in out
+    assert (folder / "overlay.png").read_bytes() != overlay

@@ -166,7 +166,8 @@ def redraw_results(
     Safe against interruption: summary.json is first marked stale (``status`` "redrawing",
     no display in its identity, so any later run re-draws), the outputs are drawn into a
     hidden folder inside the results folder and each renamed into place, and summary.json is
-    written last. The caller holds the folder's lock."""
+    written last. The caller holds the folder's lock. The summary returned has ``status``
+    "redrawn" (the one written says "ok")."""
     from .results import recorded_identity
 
     final = Path(final)
@@ -258,6 +259,7 @@ def redraw_results(
         }
     )
     write_json(summary_path, summary)
+    summary["status"] = "redrawn"  # in the cohort table; summary.json says ok
     summary["output"] = str(final)
     return summary
 
