@@ -349,25 +349,27 @@ def test_settings_are_checked():
 
 
 def test_slide_scale_is_labelled_and_changes_the_identity(mini_slides, tiny_model, tmp_path):
-    from wsi_anomaly.pipeline import scoring_settings
+    from wsi_anomaly.pipeline import display_settings, scoring_settings
 
-    assert scoring_settings(settings(), None) != scoring_settings(settings(scale="slide"), None)
-    assert scoring_settings(settings(), None) != scoring_settings(settings(alpha=0.8), None)
+    # how scores are drawn is the display part of the identity, not the scoring part
+    assert display_settings(settings()) != display_settings(settings(scale="slide"))
+    assert display_settings(settings()) != display_settings(settings(alpha=0.8))
+    assert scoring_settings(settings(), None) == scoring_settings(settings(alpha=0.8), None)
     _, a, _ = mini_slides
     fixed = process_slide(a.path, tmp_path, tiny_model, settings())
     fixed_png = (tmp_path / "a.tif" / "heatmap.png").read_bytes()
     fixed_csv = (tmp_path / "a.tif" / "tiles.csv").read_text()
     from wsi_anomaly.errors import OutputExistsError
 
-    with pytest.raises(OutputExistsError, match="settings differ"):  # not reused
-        process_slide(a.path, tmp_path, tiny_model, settings(scale="slide"))
+    with pytest.raises(OutputExistsError, match="settings differ: stride_px"):  # not reused
+        process_slide(a.path, tmp_path, tiny_model, settings(scale="slide", stride_px=128))
     own = process_slide(
         a.path, tmp_path, tiny_model, settings(scale="slide", alpha=0.8, overwrite=True)
     )
     assert own["status"] == "ok"
     saved = json.loads((tmp_path / "a.tif" / "summary.json").read_text())
-    assert saved["identity"]["scoring"]["scale"] == "slide"
-    assert saved["identity"]["scoring"]["alpha"] == 0.8
+    assert saved["identity"]["display"]["scale"] == "slide"
+    assert saved["identity"]["display"]["alpha"] == 0.8
     cs, was = saved["colour_scale"], fixed["colour_scale"]
     assert cs["basis"] == "slide" and was["basis"] == "training"
     assert cs["vmin"] == pytest.approx(saved["score_quantiles"]["0.5"], rel=1e-5)

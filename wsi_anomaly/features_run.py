@@ -156,7 +156,7 @@ def process_features_slide(
     summary. ``settings`` is the heatmap's :class:`~wsi_anomaly.pipeline.HeatmapSettings`, with
     ``features`` a :class:`FeatureSources`."""
     from .pipeline.results import SlidePlan, _reusable_result
-    from .pipeline.settings import scoring_settings
+    from .pipeline.settings import display_settings, scoring_settings
     from .pipeline.slide_run import model_sha256
 
     sources: FeatureSources = settings.features
@@ -176,6 +176,7 @@ def process_features_slide(
             "slide_fingerprint": fingerprint,
             "model_sha256": model_sha256(model),
             "scoring": scoring,
+            "display": display_settings(settings),
         }
         plan = SlidePlan(slide_path, out_root / name, lock.work_path(), override, identity)
         done = _reusable_result(plan, settings)

@@ -46,9 +46,36 @@ def _commands() -> tuple:
     """Subcommands in the order ``--help`` lists them (imported here, inside :func:`main`'s
     handling of Ctrl-C, not when the package is imported)."""
     from ..viewer import command as view
-    from . import demo, export, heatmap, info, mvtec, napari_setup, qc, score, synth, tile, train
+    from . import (
+        demo,
+        export,
+        heatmap,
+        info,
+        mvtec,
+        napari_setup,
+        qc,
+        render,
+        score,
+        synth,
+        tile,
+        train,
+    )
 
-    return (info, tile, qc, train, score, export, mvtec, synth, heatmap, demo, view, napari_setup)
+    return (
+        info,
+        tile,
+        qc,
+        train,
+        score,
+        export,
+        mvtec,
+        synth,
+        heatmap,
+        render,
+        demo,
+        view,
+        napari_setup,
+    )
 
 
 class _Parser(argparse.ArgumentParser):

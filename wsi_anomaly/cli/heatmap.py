@@ -342,7 +342,7 @@ def run(args: argparse.Namespace) -> int:
         if cluster is not None:
             cluster.close()  # cancels the worker jobs
     for row in rows:
-        if row["status"] in ("ok", "skipped (done)"):
+        if row["status"] in ("ok", "redrawn", "skipped (done)"):
             print(
                 f"{row['slide']}: {row['status']}, {count(int(row['n_tiles']), 'tile')}, "
                 f"{float(row['fraction_anomalous'] or 0):.1%} above the training 99th "
@@ -350,7 +350,7 @@ def run(args: argparse.Namespace) -> int:
             )
         else:  # the one report of a failed slide
             print(f"{row['slide']}: {row['status']}: {row['error']}", file=sys.stderr)
-    done = [r for r in rows if r["status"] in ("ok", "skipped (done)")]
+    done = [r for r in rows if r["status"] in ("ok", "redrawn", "skipped (done)")]
     if args.coords_h5:
         _write_coords(done, Path(out) / "coords")
     summary = Path(out) / "summary.csv"

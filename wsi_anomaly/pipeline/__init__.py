@@ -13,8 +13,9 @@ Each slide's outputs are built in ``results/.<name>.partial/`` and renamed to
 ``results/<name>/`` when complete (``name`` is the slide's file name, plus a short hash of its
 path when two slides share a name). A lock file beside them keeps two runs from working on one
 slide at once. A finished slide is skipped on re-run only when it is the same work — same slide
-content, model file and scoring settings; results of other work are refused unless
-``overwrite``.
+content, model file and scoring settings; one that differs only in how it is drawn (colour
+map, scale, opacity, picture size, top tiles) is re-drawn from its stored scores; results of
+other work are refused unless ``overwrite``.
 
 The stages, one module each: :mod:`.discovery` (which files are slides), :mod:`.results`
 (results folders: names, identity, reuse), :mod:`.slide_run` (one slide end to end),
@@ -24,6 +25,7 @@ on dask, and the cohort table).
 
 from .cohort import SUMMARY_FIELDS, run_cohort, slides_in_flight
 from .discovery import SLIDE_SUFFIXES, find_slides
+from .render import redraw_folder, redraw_results
 from .results import (
     RESULT_KIND,
     SlidePlan,
@@ -31,11 +33,19 @@ from .results import (
     output_name,
     slide_output_dir,
 )
-from .settings import QC_MODES, HeatmapSettings, ScoringProgress, scoring_settings
+from .settings import (
+    DISPLAY_KEYS,
+    QC_MODES,
+    HeatmapSettings,
+    ScoringProgress,
+    display_settings,
+    scoring_settings,
+)
 from .slide_run import SlideRun, model_sha256, process_slide
 from .summary import package_versions
 
 __all__ = [
+    "DISPLAY_KEYS",
     "QC_MODES",
     "RESULT_KIND",
     "SLIDE_SUFFIXES",
@@ -45,11 +55,14 @@ __all__ = [
     "SlidePlan",
     "SlideRun",
     "cohort_output_names",
+    "display_settings",
     "find_slides",
     "model_sha256",
     "output_name",
     "package_versions",
     "process_slide",
+    "redraw_folder",
+    "redraw_results",
     "run_cohort",
     "scoring_settings",
     "slide_output_dir",

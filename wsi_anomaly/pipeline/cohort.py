@@ -124,7 +124,8 @@ def run_cohort(
 ) -> list[dict[str, Any]]:
     """Heatmaps for many slides, one dask task per slide; writes ``out_root/summary.csv``.
 
-    Rows have ``status`` ok, skipped (done), no tissue, failed or busy (another run holds the
+    Rows have ``status`` ok, redrawn (only the display settings differed: drawn again from the
+    stored scores), skipped (done), no tissue, failed or busy (another run holds the
     slide's lock). With ``skip_errors`` every slide is attempted and the table is written even
     when some fail. ``recursive`` searches folders in ``slides`` to any depth (never
     ``out_root`` itself).

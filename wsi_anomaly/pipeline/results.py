@@ -15,7 +15,7 @@ from ..hashing import tagged_name
 from ..outputs import is_owned, remove_path
 from ..tiles.store import TileStore
 from .discovery import _real_path
-from .settings import HeatmapSettings
+from .settings import DISPLAY_KEYS, HeatmapSettings
 
 #: Marker kind of a slide's results folder (only such folders are replaced with --overwrite).
 RESULT_KIND = "slide-results"
@@ -83,41 +83,83 @@ class SlidePlan:
     identity: dict[str, Any]  # slide fingerprint + model sha256 + scoring settings
 
 
-def _reusable_result(plan: SlidePlan, settings: HeatmapSettings) -> dict[str, Any] | None:
-    """The finished summary when ``plan.final`` holds this very work; None when there is nothing
-    to reuse (or ``overwrite``); raises when it holds other work and not ``overwrite``."""
+def recorded_identity(summary: dict[str, Any]) -> dict[str, Any]:
+    """A summary's identity in the current form: results of older versions kept the display
+    settings among the scoring ones; they move to ``display`` here."""
+    identity = dict(summary.get("identity") or {})
+    scoring = dict(identity.get("scoring") or {})
+    if "display" not in identity:
+        identity["display"] = {k: scoring.pop(k) for k in DISPLAY_KEYS if k in scoring} or None
+    identity["scoring"] = scoring
+    return identity
+
+
+def _show(value: Any) -> str:
+    return json.dumps(value) if isinstance(value, (dict, list)) else str(value)
+
+
+def identity_differences(recorded: dict[str, Any], wanted: dict[str, Any]) -> list[str]:
+    """What makes ``recorded`` other work than ``wanted`` (the display aside), for a refusal:
+    ``slide content differs``, ``model differs: sha256 … → …``, and ``settings differ:`` with
+    each differing setting and both values (``stride_px 128 → 256``)."""
+    out = []
+    if recorded.get("slide_fingerprint") != wanted["slide_fingerprint"]:
+        out.append("slide content differs")
+    if recorded.get("model_sha256") != wanted["model_sha256"]:
+        old, new = recorded.get("model_sha256") or "none", wanted["model_sha256"] or "none"
+        out.append(f"model differs: sha256 {str(old)[:12]} → {str(new)[:12]}")
+    old_s, new_s = recorded.get("scoring") or {}, wanted["scoring"] or {}
+    changed = [
+        f"{key} {_show(old_s.get(key, 'unset'))} → {_show(new_s.get(key, 'unset'))}"
+        for key in (*new_s, *(k for k in old_s if k not in new_s))
+        if old_s.get(key, "unset") != new_s.get(key, "unset")
+    ]
+    if changed:
+        out.append(f"settings differ: {', '.join(changed)}")
+    return out
+
+
+def reuse_decision(plan: SlidePlan, settings: HeatmapSettings) -> tuple[str, dict[str, Any]]:
+    """What to do with what ``plan.final`` holds: ``("run", {})`` when there is nothing to reuse
+    (or ``overwrite``), ``("done", summary)`` when it holds this very work, ``("redraw",
+    summary)`` when it holds the same scores drawn otherwise; raises when it holds other work
+    and not ``overwrite``, naming each setting that differs."""
     final = plan.final
     if not final.exists() and not final.is_symlink():
-        return None
+        return "run", {}
     if final.is_symlink() or not final.is_dir() or not _is_results_folder(final):
         raise OutputExistsError(
             f"{final} exists and is not a slide results folder written by "
             "wsi-anomaly; refusing to replace it (choose another --out)"
         )
     if settings.overwrite:
-        return None
+        return "run", {}
     try:
         summary = json.loads((final / "summary.json").read_text(encoding="utf-8"))
     except (OSError, ValueError):
         summary = {}
-    recorded = summary.get("identity") or {}
-    differs = [
-        label
-        for key, label in (
-            ("slide_fingerprint", "slide content"),
-            ("model_sha256", "model"),
-            ("scoring", "settings"),
+    if not isinstance(summary, dict):
+        summary = {}
+    recorded = recorded_identity(summary)
+    differs = identity_differences(recorded, plan.identity)
+    if differs:
+        raise OutputExistsError(
+            f"{final} holds results of other work ({'; '.join(differs)}); "
+            "pass --overwrite to replace them, or choose another --out"
         )
-        if recorded.get(key) != plan.identity[key]
-    ]
-    if not differs:
-        summary["status"] = "skipped (done)"
-        summary["output"] = str(final)
-        return summary
-    raise OutputExistsError(
-        f"{final} holds results of other work ({', '.join(differs)} differ); pass --overwrite "
-        "to replace them, or choose another --out"
-    )
+    if recorded.get("display") != plan.identity.get("display"):
+        return "redraw", summary
+    summary["status"] = "skipped (done)"
+    summary["output"] = str(final)
+    return "done", summary
+
+
+def _reusable_result(plan: SlidePlan, settings: HeatmapSettings) -> dict[str, Any] | None:
+    """The finished summary when ``plan.final`` holds this very work; None when there is
+    nothing to reuse, it is drawn otherwise (re-made here), or ``overwrite``; raises when it
+    holds other work and not ``overwrite``."""
+    decision, summary = reuse_decision(plan, settings)
+    return summary if decision == "done" else None
 
 
 def _ensure_work_dir(

@@ -95,21 +95,29 @@ QC_MODES = ("flag", "exclude", "off")
 
 
 def scoring_settings(settings: HeatmapSettings, slide_mpp: float | None) -> dict[str, Any]:
-    """The settings that change a slide's results: a result is reused only when these, the
+    """The settings that change a slide's scores: a result is reused only when these, the
     slide's content and the model all match. The device, precision, runtime and batch size
     are not among them: they change scores only within the agreement measured for bf16
-    (Spearman ≥ 0.999, ≤ 0.5 % of calls), and summary.json records them."""
+    (Spearman ≥ 0.999, ≤ 0.5 % of calls), and summary.json records them. How the scores are
+    drawn is not among them either (:func:`display_settings`): a result that differs only
+    there is re-drawn from its stored scores."""
     return {
         "target_mpp": settings.target_mpp,
         "min_tissue": settings.min_tissue,
         "stride_px": settings.stride_px,
         "slide_mpp": slide_mpp,
         "keep_maps": settings.keep_maps,
-        "top_k": settings.top_k,
-        "max_px": settings.max_px,
-        "cmap": settings.cmap,
-        "scale": settings.scale,
-        "alpha": settings.alpha,
         "qc": settings.qc,
         "qc_settings": settings.qc_settings.to_dict() if settings.qc != "off" else None,
     }
+
+
+#: The settings of :func:`display_settings` (older results kept them among the scoring ones).
+DISPLAY_KEYS = ("cmap", "scale", "alpha", "max_px", "top_k")
+
+
+def display_settings(settings: HeatmapSettings) -> dict[str, Any]:
+    """How a slide's scores are drawn (``identity["display"]``): changing them re-draws the
+    pictures, tables and GeoJSON from the stored scores — the results folder's tile store
+    holds every tile, so the top tiles are re-drawn too — without scoring a tile."""
+    return {key: getattr(settings, key) for key in DISPLAY_KEYS}

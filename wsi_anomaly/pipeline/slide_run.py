@@ -30,6 +30,7 @@ from ..slide.grid import TileGrid
 from ..slide.qc import TileQCMeter, qc_record
 from ..slide.resolution import load_mpp_csv, lookup_mpp
 from ..slide.tissue import TissueMask
+from ..stitch import colour_scale
 from ..tiles.store import TileStore, TileStoreWriter
 from ..tiles.tiler import (
     TilingSettings,
@@ -39,9 +40,9 @@ from ..tiles.tiler import (
     store_bytes_estimate,
     stream_tiles,
 )
-from .render import render_slide
-from .results import RESULT_KIND, SlidePlan, _ensure_work_dir, _reusable_result, output_name
-from .settings import HeatmapSettings, ScoringProgress, scoring_settings
+from .render import redraw_results, render_slide
+from .results import RESULT_KIND, SlidePlan, _ensure_work_dir, output_name, reuse_decision
+from .settings import HeatmapSettings, ScoringProgress, display_settings, scoring_settings
 from .summary import slide_summary
 
 log = logging.getLogger(__name__)
@@ -65,6 +66,10 @@ def _scorer(model: LoadedModel, settings: HeatmapSettings) -> Scorer:
             "not the slide's pixels; pass the slides' TRIDENT or CLAM files with --features DIR"
         )
     return scorer
+
+
+def _loaded(model: str | Path | LoadedModel) -> LoadedModel:
+    return model if isinstance(model, LoadedModel) else load_model(model)
 
 
 def model_sha256(model: str | Path | LoadedModel) -> str:
@@ -106,8 +111,9 @@ def process_slide(
 
     ``name`` defaults to :func:`output_name`. Only one run works on a slide's results at a time
     (a lock file beside them). Finished results are reused only when they are the same work —
-    same slide content, model file and scoring settings; results of other work are refused
-    unless ``settings.overwrite``.
+    same slide content, model file and scoring settings; when only the display settings differ
+    they are re-drawn from their stored scores (no tile is scored); results of other work are
+    refused unless ``settings.overwrite``.
     """
     slide_path, out_root = Path(slide_path), Path(out_root)
     name = name or output_name(slide_path, out_root)
@@ -118,9 +124,19 @@ def process_slide(
         return process_features_slide(slide_path, out_root, path, settings, name)
     with OutputLock(out_root / name) as lock:
         plan = _plan(slide_path, out_root, name, model, settings, lock.work_path())
-        done = _reusable_result(plan, settings)
-        if done is not None:
+        decision, done = reuse_decision(plan, settings)
+        if decision == "done":
             return done
+        if decision == "redraw":  # the same scores, drawn otherwise: no tile is scored
+            log.info("%s: re-drawing the results from their stored scores", slide_path.name)
+            return redraw_results(
+                plan.final,
+                settings.display,
+                colour_scale(_loaded(model).calibration, "mean", settings.cmap),
+                plan.identity,
+                slide_path,
+                settings.qc_settings,
+            )
         try:
             return _run(plan, model, settings, lock.leftovers())
         except Exception:
@@ -149,6 +165,7 @@ def _plan(
         "slide_fingerprint": fingerprint,
         "model_sha256": model_sha256(model),
         "scoring": scoring_settings(settings, override),
+        "display": display_settings(settings),
     }
     return SlidePlan(slide_path, out_root / name, work, override, identity)
 
@@ -165,7 +182,7 @@ def _run(
         Slide(plan.slide_path, override_mpp=plan.slide_mpp) as slide,
     ):
         # The slide is opened first: a file that is not a slide is named before the model.
-        model = model_file if isinstance(model_file, LoadedModel) else load_model(model_file)
+        model = _loaded(model_file)
         scorer = _scorer(model, settings)
         target_mpp = settings.target_mpp or model.tile_mpp
         if target_mpp is None:

@@ -11,6 +11,7 @@ import numpy as np
 
 from .. import __version__
 from ..slide.qc import artifact_mask
+from ..stitch import colour_scale
 from ..tiles.store import TileStore
 from .render import _tile_qc
 from .settings import HeatmapSettings
@@ -69,6 +70,8 @@ def slide_summary(
         "fraction_anomalous": float(np.mean(scores >= scale.threshold)),
         "qc": _qc_summary(store, run.settings),
         "colour_scale": asdict(scale),
+        # the model's own scale, which a re-draw on another --scale or --cmap starts from
+        "model_colour_scale": asdict(colour_scale(run.model.calibration, "mean", scale.cmap)),
         "timings_s": run.timing,
         "tiles_per_s": {
             "end_to_end": len(all_scores) / run.timing["total_s"],
