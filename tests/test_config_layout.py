@@ -48,7 +48,6 @@ train:
   image_jitter: 0.1
   patch_jitter: 0.1
   workers: 4
-  checkpoint_every: 10
   calibration_tiles: 3000
 tile_px: 256
 seed: 0

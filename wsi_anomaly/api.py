@@ -115,7 +115,7 @@ def train_on_features(
     features: Sequence[str | Path],
     out: str | Path,
     *,
-    config: Any = "features_knn",
+    config: Any = None,
     overrides: Mapping[str, Any] | None = None,
     device: str = "auto",
     overwrite: bool = False,
@@ -124,8 +124,15 @@ def train_on_features(
     """Fit a memory bank of normal tile vectors on TRIDENT or CLAM features files (``.h5``
     files, or folders in their layouts) and write the checkpoint ``out`` (as ``wsi-anomaly
     train --features``); score slides with :func:`heatmap` and ``features=``."""
+    from .models.registry import family_names, get_family
     from .tiles.feature_files import open_training_features
 
+    if config is None:  # the preset of the family that takes tile features
+        config = next(
+            get_family(n).default_preset
+            for n in family_names()
+            if get_family(n).inputs == "tile features"
+        )
     if isinstance(config, str | Path):
         config = load_config(str(config), dict(overrides or {}))
     elif overrides:
