@@ -66,6 +66,27 @@ def test_flag_puts_the_flags_in_every_output(slide, tiny_model, tmp_path):
     assert summary["n_scored"] == summary["n_tiles"]
 
 
+def test_top_tiles_show_unflagged_tissue_first(slide, tiny_model, tmp_path, monkeypatch):
+    import wsi_anomaly.pipeline.render as render
+
+    drawn = []
+    real = render.render_slide_outputs
+    monkeypatch.setattr(render, "render_slide_outputs", lambda d, o: drawn.append(o) or real(d, o))
+    process_slide(slide.path, tmp_path, tiny_model, settings(qc_settings=EDGE, top_k=5))
+    store = TileStore(tmp_path / slide.path.name / "tiles.zarr")
+    flags, scores = store.qc_flags, store.scores
+    assert flags is not None and 0 < (flags == 0).sum() < 5 and (flags != 0).sum() >= 5
+    top = [i for i, _ in drawn[0].top_tiles]
+    clean, flagged = np.flatnonzero(flags == 0), np.flatnonzero(flags != 0)
+    ranked = [*clean[np.argsort(-scores[clean])], *flagged[np.argsort(-scores[flagged])]]
+    assert top == [int(i) for i in ranked[:5]]  # every clean tile, then the best flagged ones
+    # without QC the same slide's top tiles are the highest scores, flagged or not
+    drawn.clear()
+    process_slide(slide.path, tmp_path / "off", tiny_model, settings(qc="off", top_k=5))
+    off = TileStore(tmp_path / "off" / slide.path.name / "tiles.zarr").scores
+    assert [i for i, _ in drawn[0].top_tiles] == np.argsort(-off)[:5].tolist()
+
+
 def test_exclude_leaves_flagged_tiles_unscored(slide, tiny_model, tmp_path):
     flagged = process_slide(slide.path, tmp_path / "f", tiny_model, settings(qc_settings=EDGE))
     summary = process_slide(

@@ -71,8 +71,12 @@ def _outputs(
     scores, max_scores = store.scores, store.max_scores
     assert scores is not None and max_scores is not None  # the store has been scored
     thumb, thumb_ds = slide.thumbnail(display.max_px)
-    order = np.argsort(-scores)[: display.top_k]
+    order = np.argsort(-scores)
     order = order[np.isfinite(scores[order])]  # tiles left out by --qc exclude are not ranked
+    if qc is not None:  # with QC, tiles with no flag (artifact or tissue edge) come first
+        clean = qc.flags[order] == 0
+        order = np.concatenate([order[clean], order[~clean]])
+    order = order[: display.top_k]
     top = [(int(i), store.read(int(i), int(i) + 1)[0]) for i in order]
     geometry = SlideGeometry(
         width=slide.dimensions[0],
