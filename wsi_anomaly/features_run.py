@@ -209,7 +209,7 @@ def _gallery_tile(slide: Slide, x: int, y: int, side: int) -> np.ndarray:
 
 def _run(plan: Any, h5: Path, model: str | Path, settings: Any) -> dict[str, Any]:
     from .pipeline.results import RESULT_KIND
-    from .pipeline.summary import package_versions
+    from .pipeline.summary import package_versions, score_statistics
 
     t_start = time.perf_counter()
     sources: FeatureSources = settings.features
@@ -345,13 +345,7 @@ def _run(plan: Any, h5: Path, model: str | Path, settings: Any) -> dict[str, Any
             },
             "tissue_fraction_slide": tissue.tissue_fraction,
             "tissue_fraction_tiles_mean": float(fractions.mean()),
-            "score_mean": float(np.mean(scores)),
-            "score_median": float(np.median(scores)),
-            "score_max": float(np.max(scores)),
-            "score_quantiles": {
-                f"{q:g}": float(np.quantile(scores, q)) for q in (0.01, 0.25, 0.5, 0.75, 0.99)
-            },
-            "fraction_anomalous": float(np.mean(scores >= scale.threshold)),
+            **score_statistics(scores, scale.threshold),
             "qc": {"mode": "off (tile features: no pixels are read)"},
             "colour_scale": asdict(scale),
             "timings_s": {

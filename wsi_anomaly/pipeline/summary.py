@@ -61,13 +61,7 @@ def slide_summary(
         "n_scored": int(np.isfinite(all_scores).sum()),
         "tissue_fraction_slide": run.tissue.tissue_fraction,
         "tissue_fraction_tiles_mean": float(store.tissue_fraction.mean()),
-        "score_mean": float(np.mean(scores)),
-        "score_median": float(np.median(scores)),
-        "score_max": float(np.max(scores)),
-        "score_quantiles": {
-            f"{q:g}": float(np.quantile(scores, q)) for q in (0.01, 0.25, 0.5, 0.75, 0.99)
-        },
-        "fraction_anomalous": float(np.mean(scores >= scale.threshold)),
+        **score_statistics(scores, scale.threshold),
         "qc": _qc_summary(store, run.settings),
         "colour_scale": asdict(scale),
         # the model's own scale, which a re-draw on another --scale or --cmap starts from
@@ -119,6 +113,20 @@ def _qc_summary(store: TileStore, settings: HeatmapSettings) -> dict[str, Any]:
         "n_excluded": int((~np.isfinite(scores)).sum()) if scores is not None else 0,
         "verdict": verdict,
         "reasons": reasons,
+    }
+
+
+def score_statistics(scores: np.ndarray, threshold: float) -> dict[str, Any]:
+    """summary.json's statistics of a slide's (finite) tile scores, and the fraction of its
+    tiles at or above the model's "Anomalous" ``threshold``."""
+    return {
+        "score_mean": float(np.mean(scores)),
+        "score_median": float(np.median(scores)),
+        "score_max": float(np.max(scores)),
+        "score_quantiles": {
+            f"{q:g}": float(np.quantile(scores, q)) for q in (0.01, 0.25, 0.5, 0.75, 0.99)
+        },
+        "fraction_anomalous": float(np.mean(scores >= threshold)),
     }
 
 
