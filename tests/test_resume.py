@@ -20,6 +20,15 @@ from wsi_anomaly.training import (
 )
 
 
+@pytest.fixture(autouse=True)
+def python_sigint_handler():
+    """Ctrl-C as Python handles it by default: a library imported by another test (dask-jobqueue
+    installs its own SIGINT handler on import) must not decide what these tests see."""
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    yield
+    signal.signal(signal.SIGINT, previous)
+
+
 class Stopped(KeyboardInterrupt):
     """What the test's SIGTERM handler raises (the command line's unwinds like Ctrl-C too)."""
 

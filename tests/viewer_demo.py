@@ -59,6 +59,7 @@ class StandInScorer:
     device = "cpu"
     precision = "fp32"
     compile_mode = "off"
+    engine = "torch"
     batch_choice = BatchChoice(setting=8, batch_size=8)
     map_px = 64  # the side of its maps, as a family declares it
 
