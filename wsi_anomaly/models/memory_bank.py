@@ -20,6 +20,9 @@ Interface (all tensors are ``torch.Tensor``; ``N`` patches, ``D`` feature dimens
   intermediate is ``chunk_rows × chunk_bank`` float32.
 - :func:`covering_radius` ``(points, centres)``: ``max`` over points of their distance to the
   nearest centre (a float), the quantity greedy k-center minimises.
+- :class:`BankModule`: an ``nn.Module`` holding a bank as its ``memory_bank`` buffer, fitted by
+  streaming rows into a :class:`CoresetBuilder` (``begin_fit``, ``add_rows``, ``finish_fit``),
+  restored with ``load_bank`` and searched with ``search``: what the memory-bank models share.
 
 Selection, as PatchCore does it (Roth et al. 2022, "Towards total recall in industrial anomaly
 detection"): features are mapped by a fixed random projection to ``projection_dim`` dimensions
@@ -53,8 +56,15 @@ from __future__ import annotations
 from typing import Literal, overload
 
 import torch
+from torch import nn
 
-__all__ = ["CoresetBuilder", "covering_radius", "greedy_k_center", "nearest_distance"]
+__all__ = [
+    "BankModule",
+    "CoresetBuilder",
+    "covering_radius",
+    "greedy_k_center",
+    "nearest_distance",
+]
 
 
 def greedy_k_center(points: torch.Tensor, k: int, start: int = 0) -> torch.Tensor:
@@ -331,3 +341,76 @@ def covering_radius(
         return 0.0
     distances = nearest_distance(points, centres, chunk_rows=chunk_rows, chunk_bank=chunk_bank)
     return float(distances.max())
+
+
+class BankModule(nn.Module):
+    """A module whose state is a memory bank of normal rows (the ``memory_bank`` buffer).
+
+    Args:
+        coreset_budget, projection_dim, pool_factor, seed: the :class:`CoresetBuilder`'s settings.
+        search_chunk: query rows per block of the exact nearest-neighbour search.
+        what: what the rows are, for error messages ("patches", "tile vectors").
+    """
+
+    def __init__(
+        self,
+        coreset_budget: int,
+        projection_dim: int = 128,
+        pool_factor: int = 4,
+        seed: int = 0,
+        search_chunk: int = 4096,
+        what: str = "rows",
+    ) -> None:
+        super().__init__()
+        self.coreset_budget = int(coreset_budget)
+        self.projection_dim = int(projection_dim)
+        self.pool_factor = int(pool_factor)
+        self.seed = int(seed)
+        self.search_chunk = int(search_chunk)
+        self._what = what
+        self.register_buffer("memory_bank", torch.empty(0))
+        self.memory_bank: torch.Tensor
+        self._builder: CoresetBuilder | None = None
+
+    def begin_fit(self) -> None:
+        """Start a new bank (what :meth:`add_rows` streams into)."""
+        self._builder = CoresetBuilder(
+            self.coreset_budget, self.projection_dim, seed=self.seed, pool_factor=self.pool_factor
+        )
+
+    @torch.no_grad()
+    def add_rows(self, rows: torch.Tensor) -> int:
+        """Stream ``(N, D)`` normal rows into the bank builder; returns ``N``."""
+        if self._builder is None:
+            self.begin_fit()
+        assert self._builder is not None
+        self._builder.add(rows.float())
+        return int(rows.shape[0])
+
+    def finish_fit(self) -> None:
+        """Select the coreset: the bank is ``(M, D)`` with ``M ≤ coreset_budget``."""
+        if self._builder is None:
+            raise ValueError(f"no normal {self._what} were seen: nothing to build a bank from")
+        self.memory_bank = self._builder.finish().float().contiguous()
+        self._builder = None
+
+    def load_bank(self, bank: torch.Tensor) -> None:
+        """Install a checkpoint's bank (``(M, D)`` float, ``M, D ≥ 1``)."""
+        if bank.ndim != 2 or bank.shape[0] < 1 or bank.shape[1] < 1:
+            raise ValueError(
+                f"the memory bank must be a non-empty (M, D) matrix, got {tuple(bank.shape)}"
+            )
+        self.memory_bank = bank.float().contiguous()
+
+    @property
+    def feature_dim(self) -> int:
+        """``D``, the width of the bank's rows (0 before the fit)."""
+        return int(self.memory_bank.shape[1]) if self.memory_bank.ndim == 2 else 0
+
+    @torch.no_grad()
+    def search(self, queries: torch.Tensor) -> torch.Tensor:
+        """``(N,)`` float32 distance of every ``(N, D)`` query row to its nearest bank row."""
+        if self.memory_bank.numel() == 0:
+            raise ValueError("the memory bank is empty: fit the model first")
+        bank = self.memory_bank.to(queries.device)
+        return nearest_distance(queries.float(), bank, chunk_rows=self.search_chunk)

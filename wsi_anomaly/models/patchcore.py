@@ -21,13 +21,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from wsi_anomaly.models.memory_bank import CoresetBuilder, nearest_distance
+from wsi_anomaly.models.memory_bank import BankModule
 from wsi_anomaly.models.patchcore_config import BACKBONES, PatchCoreConfig
 
 __all__ = ["BACKBONES", "PatchCore", "PatchCoreConfig"]
 
 
-class PatchCore(nn.Module):
+class PatchCore(BankModule):
     """Frozen patch features and a memory bank.
 
     Args:
@@ -52,20 +52,14 @@ class PatchCore(nn.Module):
         seed: int = 0,
         search_chunk: int = 4096,
     ) -> None:
-        super().__init__()
+        super().__init__(
+            coreset_budget, projection_dim, pool_factor, seed, search_chunk, what="patches"
+        )
         self.features = features
         self.features.requires_grad_(False)
         self.input_px = None if input_px is None else int(input_px)
         self.aggregate = aggregate
-        self.coreset_budget = int(coreset_budget)
-        self.projection_dim = int(projection_dim)
-        self.pool_factor = int(pool_factor)
-        self.seed = int(seed)
-        self.search_chunk = int(search_chunk)
         self.backbone_identity = str(getattr(features, "backbone_identity", "unknown"))
-        self.register_buffer("memory_bank", torch.empty(0))
-        self.memory_bank: torch.Tensor
-        self._builder: CoresetBuilder | None = None
 
     def train(self, mode: bool = True) -> PatchCore:
         """The backbone stays in eval mode (frozen; its batch norms keep their statistics)."""
@@ -86,38 +80,13 @@ class PatchCore(nn.Module):
         return f
 
     # -- fitting -----------------------------------------------------------------------------------
-    def begin_fit(self) -> None:
-        """Start a new bank (what :meth:`observe` streams into)."""
-        self._builder = CoresetBuilder(
-            self.coreset_budget, self.projection_dim, seed=self.seed, pool_factor=self.pool_factor
-        )
-
+    # (begin_fit, finish_fit and load_bank are the bank's own)
     @torch.no_grad()
     def observe(self, x: torch.Tensor) -> int:
         """Stream the patches of a batch of normal tiles into the bank builder; returns how
         many patches."""
-        if self._builder is None:
-            self.begin_fit()
-        assert self._builder is not None
         f = self.patch_features(x).float()
-        rows = f.permute(0, 2, 3, 1).reshape(-1, f.shape[1])
-        self._builder.add(rows)
-        return rows.shape[0]
-
-    def finish_fit(self) -> None:
-        """Select the coreset: the bank is ``(M, C)`` with ``M ≤ coreset_budget``."""
-        if self._builder is None:
-            raise ValueError("no normal patches were seen: nothing to build a memory bank from")
-        self.memory_bank = self._builder.finish().float().contiguous()
-        self._builder = None
-
-    def load_bank(self, bank: torch.Tensor) -> None:
-        """Install a checkpoint's bank (``(M, C)`` float)."""
-        if bank.ndim != 2 or bank.shape[0] < 1:
-            raise ValueError(
-                f"the memory bank must be a non-empty (M, C) matrix, got {tuple(bank.shape)}"
-            )
-        self.memory_bank = bank.float().contiguous()
+        return self.add_rows(f.permute(0, 2, 3, 1).reshape(-1, f.shape[1]))
 
     # -- scoring -----------------------------------------------------------------------------------
     @torch.no_grad()
@@ -127,7 +96,4 @@ class PatchCore(nn.Module):
             raise ValueError("the memory bank is empty: fit the model first")
         f = self.patch_features(x)
         b, c, h, w = f.shape
-        queries = f.permute(0, 2, 3, 1).reshape(-1, c).float()
-        bank = self.memory_bank.to(queries.device)
-        distances = nearest_distance(queries, bank, chunk_rows=self.search_chunk)
-        return distances.reshape(b, h, w)
+        return self.search(f.permute(0, 2, 3, 1).reshape(-1, c)).reshape(b, h, w)
