@@ -9,7 +9,12 @@ napari = pytest.importorskip("napari", reason="napari is not installed (pip inst
 
 from wsi_anomaly.napari_reader import get_reader  # noqa: E402
 from wsi_anomaly.slide import Slide  # noqa: E402
-from wsi_anomaly.stitch import ColourScale, SlideGeometry, write_slide_outputs  # noqa: E402
+from wsi_anomaly.stitch import (  # noqa: E402
+    ColourScale,
+    SlideGeometry,
+    SlideOutputs,
+    render_slide_outputs,
+)
 
 TILE = 256
 HOT = (3, 2)  # (column, row) of the one anomalous tile
@@ -38,21 +43,23 @@ def results(small_slide, tmp_path_factory):
         grid_cols=cols,
         grid_rows=rows,
     )
-    write_slide_outputs(
+    render_slide_outputs(
         folder,
-        slide_name="small.tif",
-        geometry=geometry,
-        coords=coords,
-        grid_index=grid_index,
-        scores=scores,
-        max_scores=scores,
-        thumbnail=np.full((96, 128, 3), 200, np.uint8),
-        thumbnail_downsample=16.0,
-        tissue_mask=np.ones((96, 128), bool),
-        mask_downsample=16.0,
-        scale=scale,
-        top_tiles=[],
-        tissue_fraction=np.ones(len(coords)),
+        SlideOutputs(
+            slide_name="small.tif",
+            geometry=geometry,
+            coords=coords,
+            grid_index=grid_index,
+            scores=scores,
+            max_scores=scores,
+            thumbnail=np.full((96, 128, 3), 200, np.uint8),
+            thumbnail_downsample=16.0,
+            tissue_mask=np.ones((96, 128), bool),
+            mask_downsample=16.0,
+            scale=scale,
+            top_tiles=[],
+            tissue_fraction=np.ones(len(coords)),
+        ),
     )
     # The QC flags of every tile: one known blurred tile.
     from wsi_anomaly.quality import write_qc_labels
