@@ -135,6 +135,24 @@ def test_known_anomalous_square_lands_on_its_pixels(results):
         assert [str(u) for u in layer.units] == ["micrometer", "micrometer"], layer.name
 
 
+def test_layers_say_which_tile_score_they_show(results, tmp_path):
+    import shutil
+
+    from wsi_anomaly.napari_reader import read_results
+
+    folder, _ = results
+    layers = {kwargs["name"]: kwargs for _, kwargs, _ in read_results(str(folder))}
+    # a summary that records no tile score: the map's mean, as results had before
+    assert layers["small.tif tiles"]["metadata"]["tile_score"] == "mean"
+    copy = tmp_path / "small.tif"
+    shutil.copytree(folder, copy)
+    summary = json.loads((copy / "summary.json").read_text())
+    (copy / "summary.json").write_text(json.dumps({**summary, "tile_score": "max"}))
+    layers = {kwargs["name"]: kwargs for _, kwargs, _ in read_results(str(copy))}
+    assert "small.tif anomaly score (map max)" in layers
+    assert layers["small.tif tiles"]["metadata"]["tile_score"] == "max"
+
+
 @pytest.fixture
 def fresh_napari_settings(monkeypatch):
     """napari settings of this test only (nothing read from or saved to the user's file)."""
