@@ -180,6 +180,16 @@ def test_patchcore_redraw_keeps_the_map_maximum(patchcore_model, patchcore_resul
     tiles = entry.tiles()
     assert tiles.tile_score == "max"
     np.testing.assert_array_equal(tiles.top(3), np.argsort(-store.max_scores, kind="stable")[:3])
+    from wsi_anomaly.viewer.pages import slide_page
+    from wsi_anomaly.viewer.results import cell_overlay_rgba
+
+    # the overlay colours each cell by its peak, one pixel per cell
+    rgba = cell_overlay_rgba(tiles, entry.scale, max_px=max(tiles.grid_rows, tiles.grid_cols))
+    for i in (int(np.argmax(store.max_scores)), int(np.argmin(store.max_scores))):
+        col, row = tiles.grid_index[i]
+        expected = entry.scale.to_rgb(np.array([store.max_scores[i]]))[0]
+        assert tuple(rgba[row, col, :3]) == tuple(expected)
+    assert "score (map max) ≥" in slide_page(entry, True, None)
 
 
 def test_results_that_record_no_tile_score_are_of_the_mean(patchcore_results, tmp_path):
