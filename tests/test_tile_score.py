@@ -192,6 +192,28 @@ def test_patchcore_redraw_keeps_the_map_maximum(patchcore_model, patchcore_resul
     assert "score (map max) ≥" in slide_page(entry, True, None)
 
 
+def test_heatmap_rerun_with_other_display_settings_redraws_by_the_maximum(
+    patchcore_model, patchcore_results, small_slide, tmp_path, monkeypatch
+):
+    from wsi_anomaly.pipeline import slide_run
+
+    source_root, source, before = patchcore_results
+    root = tmp_path / "results"
+    shutil.copytree(source_root, root)
+    folder = root / source.name
+    classes = read_classes(folder)
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("a tile was scored")
+
+    monkeypatch.setattr(slide_run, "_score_shards", refuse)
+    summary = process_slide(small_slide.path, root, patchcore_model, settings(cmap="magma"))
+    assert summary["status"] == "redrawn" and summary["tile_score"] == "max"
+    assert summary["fraction_anomalous"] == pytest.approx(before["fraction_anomalous"])
+    assert summary["colour_scale"]["vcenter"] == pytest.approx(before["colour_scale"]["vcenter"])
+    assert (read_classes(folder) == classes).all()
+
+
 def test_results_that_record_no_tile_score_are_of_the_mean(patchcore_results, tmp_path):
     from wsi_anomaly.viewer.results import ResultsFolder
 
