@@ -87,7 +87,12 @@ def napari_tiles(n: int, folder: Path) -> dict[str, float]:
 def thumbnails(size: int, folder: Path) -> dict[str, float]:
     from wsi_anomaly.slide import Slide
     from wsi_anomaly.slide.synthetic import write_synthetic_slide
-    from wsi_anomaly.stitch import ColourScale, SlideGeometry, write_slide_outputs
+    from wsi_anomaly.stitch import (
+        ColourScale,
+        SlideGeometry,
+        SlideOutputs,
+        render_slide_outputs,
+    )
     from wsi_anomaly.viewer.server import _small_jpeg
 
     # A synthetic slide's own thumbnail, as heatmap makes it (at most 2048 px a side).
@@ -98,20 +103,22 @@ def thumbnails(size: int, folder: Path) -> dict[str, float]:
     cols = rows = max(1, size // tile)
     grid = np.array([(c, r) for r in range(rows) for c in range(cols)], np.int64)
     rng = np.random.default_rng(0)
-    paths = write_slide_outputs(
+    paths = render_slide_outputs(
         folder,
-        slide_name="bench.tif",
-        geometry=SlideGeometry(size, size, 0.25, tile, tile, cols, rows),
-        coords=grid * tile,
-        grid_index=grid,
-        scores=rng.random(len(grid)).astype(np.float32),
-        max_scores=rng.random(len(grid)).astype(np.float32),
-        thumbnail=thumb,
-        thumbnail_downsample=thumb_ds,
-        tissue_mask=np.ones((256, 256), bool),
-        mask_downsample=size / 256,
-        scale=ColourScale(vmin=0.2, vcenter=0.5, vmax=0.8),
-        top_tiles=[],
+        SlideOutputs(
+            slide_name="bench.tif",
+            geometry=SlideGeometry(size, size, 0.25, tile, tile, cols, rows),
+            coords=grid * tile,
+            grid_index=grid,
+            scores=rng.random(len(grid)).astype(np.float32),
+            max_scores=rng.random(len(grid)).astype(np.float32),
+            thumbnail=thumb,
+            thumbnail_downsample=thumb_ds,
+            tissue_mask=np.ones((256, 256), bool),
+            mask_downsample=size / 256,
+            scale=ColourScale(vmin=0.2, vcenter=0.5, vmax=0.8),
+            top_tiles=[],
+        ),
     )
     png = Path(paths["thumbnail"]).stat().st_size
     jpeg = len(_small_jpeg(Path(paths["thumbnail"])) or b"")

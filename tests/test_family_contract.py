@@ -5,6 +5,7 @@ with one line and no checkpoint, calibration quantiles are finite, config values
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterable, Mapping
 from typing import Any
 
@@ -222,6 +223,62 @@ def test_stub_family_runs_train_score_heatmap_mvtec(
     assert code == 0, err
     table = (tmp_path / "bench" / "results.md").read_text()
     assert "widget" in table and "HaloAE" not in table
+
+
+class PeakStubFamily(StubFamily):
+    """The stub ranking its tiles by their map's peak, as PatchCore does."""
+
+    name = "stubpeak"
+    score_names = ("max", "mean")
+    tile_score = "max"
+
+
+def test_a_family_ranking_by_the_peak_runs_train_and_heatmap(
+    capsys, monkeypatch, small_store, small_slide, tmp_path
+):
+    import csv
+
+    import zarr
+
+    from wsi_anomaly.checkpoint import load_checkpoint
+
+    family = PeakStubFamily()
+    monkeypatch.setitem(registry.FAMILIES, family.name, family)
+    config = tmp_path / "peak.yaml"
+    config.write_text(
+        yaml.safe_dump(
+            {
+                "model": {"name": family.name, "backbone_weights": "random"},
+                "train": {"workers": 0, "calibration_tiles": 64},
+            }
+        )
+    )
+    model = tmp_path / "peak.pt"
+    code, _, err = run(
+        capsys, "train", "--tiles", str(small_store), "--out", str(model),
+        "--family", family.name, "--config", str(config), "--device", "cpu", "-q",
+    )  # fmt: skip
+    assert code == 0, err
+    threshold = Calibration.from_dict(load_checkpoint(model)["calibration"]).threshold("max")
+    results = tmp_path / "results"
+    code, _, err = run(
+        capsys, "heatmap", str(small_slide.path), "--model", str(model), "--out", str(results),
+        "--device", "cpu", "-q",
+    )  # fmt: skip
+    assert code == 0, err
+    folder = results / small_slide.path.name
+    store = zarr.open_group(str(folder / "tiles.zarr"), mode="r")
+    peaks = np.asarray(store["max_scores"][:])
+    with open(folder / "tiles.csv", newline="") as fh:
+        classes = [row["class"] == "Anomalous" for row in csv.DictReader(fh)]
+    assert classes == (peaks >= threshold).tolist()
+    summary = json.loads((folder / "summary.json").read_text())
+    assert summary["tile_score"] == "max"
+    assert summary["fraction_anomalous"] == pytest.approx(float(np.mean(peaks >= threshold)))
+    assert summary["score_max"] == pytest.approx(float(peaks.max()))
+    grid = np.asarray(zarr.open_group(str(folder / "heatmap.ome.zarr"), mode="r")["0"][...])
+    col, row = np.asarray(store["grid_index"][:]).T
+    np.testing.assert_allclose(grid[row, col], peaks)
 
 
 def test_pixel_map_side_keeps_patch_grids():

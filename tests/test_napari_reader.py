@@ -9,7 +9,12 @@ napari = pytest.importorskip("napari", reason="napari is not installed (pip inst
 
 from wsi_anomaly.napari_reader import get_reader  # noqa: E402
 from wsi_anomaly.slide import Slide  # noqa: E402
-from wsi_anomaly.stitch import ColourScale, SlideGeometry, write_slide_outputs  # noqa: E402
+from wsi_anomaly.stitch import (  # noqa: E402
+    ColourScale,
+    SlideGeometry,
+    SlideOutputs,
+    render_slide_outputs,
+)
 
 TILE = 256
 HOT = (3, 2)  # (column, row) of the one anomalous tile
@@ -38,21 +43,23 @@ def results(small_slide, tmp_path_factory):
         grid_cols=cols,
         grid_rows=rows,
     )
-    write_slide_outputs(
+    render_slide_outputs(
         folder,
-        slide_name="small.tif",
-        geometry=geometry,
-        coords=coords,
-        grid_index=grid_index,
-        scores=scores,
-        max_scores=scores,
-        thumbnail=np.full((96, 128, 3), 200, np.uint8),
-        thumbnail_downsample=16.0,
-        tissue_mask=np.ones((96, 128), bool),
-        mask_downsample=16.0,
-        scale=scale,
-        top_tiles=[],
-        tissue_fraction=np.ones(len(coords)),
+        SlideOutputs(
+            slide_name="small.tif",
+            geometry=geometry,
+            coords=coords,
+            grid_index=grid_index,
+            scores=scores,
+            max_scores=scores,
+            thumbnail=np.full((96, 128, 3), 200, np.uint8),
+            thumbnail_downsample=16.0,
+            tissue_mask=np.ones((96, 128), bool),
+            mask_downsample=16.0,
+            scale=scale,
+            top_tiles=[],
+            tissue_fraction=np.ones(len(coords)),
+        ),
     )
     # The QC flags of every tile: one known blurred tile.
     from wsi_anomaly.quality import write_qc_labels
@@ -126,6 +133,24 @@ def test_known_anomalous_square_lands_on_its_pixels(results):
     # Every layer is in micrometres, as its scale is.
     for layer in viewer.layers:
         assert [str(u) for u in layer.units] == ["micrometer", "micrometer"], layer.name
+
+
+def test_layers_say_which_tile_score_they_show(results, tmp_path):
+    import shutil
+
+    from wsi_anomaly.napari_reader import read_results
+
+    folder, _ = results
+    layers = {kwargs["name"]: kwargs for _, kwargs, _ in read_results(str(folder))}
+    # a summary that records no tile score: the map's mean, as results had before
+    assert layers["small.tif tiles"]["metadata"]["tile_score"] == "mean"
+    copy = tmp_path / "small.tif"
+    shutil.copytree(folder, copy)
+    summary = json.loads((copy / "summary.json").read_text())
+    (copy / "summary.json").write_text(json.dumps({**summary, "tile_score": "max"}))
+    layers = {kwargs["name"]: kwargs for _, kwargs, _ in read_results(str(copy))}
+    assert "small.tif anomaly score (map max)" in layers
+    assert layers["small.tif tiles"]["metadata"]["tile_score"] == "max"
 
 
 @pytest.fixture

@@ -14,10 +14,12 @@ from PIL import Image
 
 from wsi_anomaly.stitch import (
     ColourScale,
+    DisplaySettings,
     SlideGeometry,
+    SlideOutputs,
     display_geometry,
     qupath_measurement_names,
-    write_slide_outputs,
+    render_slide_outputs,
 )
 
 SCALE = ColourScale(vmin=0.2, vcenter=0.5, vmax=0.9)
@@ -36,7 +38,7 @@ TISSUE_L0 = (640, 320, 2560, 1600)  # x0, y0, x1, y1 of the tissue rectangle
 
 
 def synthetic_slide(width=3000, height=2200, stride=256.0, hot_score=1.5, seed=0, shared=None):
-    """Inputs for write_slide_outputs: every grid cell but SKIPPED scored, HOT ones high.
+    """The pieces of a SlideOutputs: every grid cell but SKIPPED scored, HOT ones high.
 
     ``shared`` = ((col, row), score) forces one cell's score (for cross-slide colour checks).
     """
@@ -84,6 +86,12 @@ def synthetic_slide(width=3000, height=2200, stride=256.0, hot_score=1.5, seed=0
     )
 
 
+def draw(out, max_px: int = 2048, alpha: float = 0.5, **pieces) -> dict[str, str]:
+    """The outputs of a :class:`SlideOutputs` of ``pieces`` drawn at ``max_px`` and ``alpha``."""
+    display = DisplaySettings(max_px=max_px, alpha=alpha)
+    return render_slide_outputs(out, SlideOutputs(**pieces, display=display))
+
+
 def read_png(path) -> np.ndarray:
     return np.asarray(Image.open(path).convert("RGBA"))
 
@@ -92,7 +100,7 @@ def read_png(path) -> np.ndarray:
 def written(tmp_path_factory):
     out = tmp_path_factory.mktemp("slide")
     inputs = synthetic_slide()
-    paths = write_slide_outputs(out, max_px=512, **inputs)
+    paths = draw(out, max_px=512, **inputs)
     return out, inputs, paths
 
 
@@ -206,7 +214,7 @@ def test_hot_tiles_geojson_at_their_coords(written):
 def test_geojson_follows_qupath_rules(tmp_path):
     inputs = synthetic_slide(seed=3)
     inputs["scores"][5] = np.nan  # a failed tile must not produce NaN in JSON
-    paths = write_slide_outputs(tmp_path, max_px=256, **inputs)
+    paths = draw(tmp_path, max_px=256, **inputs)
 
     def no_constants(name):
         raise AssertionError(f"non-JSON constant {name}")
@@ -237,7 +245,7 @@ def test_geojson_follows_qupath_rules(tmp_path):
         not in (features[5]["properties"]["measurements"])
     )
     # ids are deterministic: the same slide written again gives the same ids
-    again = write_slide_outputs(tmp_path, max_px=256, **inputs)
+    again = draw(tmp_path, max_px=256, **inputs)
     assert [f["id"] for f in json.loads(open(again["geojson"]).read())["features"]] == ids
 
 
@@ -247,7 +255,7 @@ def test_two_models_tiles_can_be_told_apart_in_qupath(tmp_path):
     docs = []
     for sha in ("a" * 64, "b" * 64):
         prov = {"model_sha256": sha, "model_name": "haloae", "slide_fingerprint": "f00"}
-        paths = write_slide_outputs(tmp_path / sha[0], max_px=256, provenance=prov, **inputs)
+        paths = draw(tmp_path / sha[0], max_px=256, provenance=prov, **inputs)
         docs.append(json.loads(open(paths["geojson"]).read())["features"])
     ids = [{f["id"] for f in features} for features in docs]
     assert len(ids[0]) == len(docs[0]) and not ids[0] & ids[1]
@@ -312,7 +320,7 @@ def test_same_score_same_colour_on_two_slides(tmp_path):
     for name, inputs, max_px in (("a", a, 512), ("b", b, 300)):
         out = tmp_path / name
         out.mkdir()
-        paths = write_slide_outputs(out, max_px=max_px, **inputs)
+        paths = draw(out, max_px=max_px, **inputs)
         d, _ = display_geometry(inputs["geometry"], max_px)
         stride = inputs["geometry"].stride_l0
         px = (int((1.5 * stride) / d), int((7.5 * stride) / d))
@@ -323,11 +331,11 @@ def test_same_score_same_colour_on_two_slides(tmp_path):
 
 def test_no_temporary_files_left_and_rewrite(tmp_path):
     inputs = synthetic_slide(seed=4)
-    paths = write_slide_outputs(tmp_path, max_px=128, **inputs)
+    paths = draw(tmp_path, max_px=128, **inputs)
     assert set(os.listdir(tmp_path)) == OUTPUTS
     assert {os.path.basename(p) for p in paths.values()} == OUTPUTS
     inputs["scores"][:] = 0.25  # a re-run replaces every output, the zarr directory included
-    write_slide_outputs(tmp_path, max_px=128, **inputs)
+    draw(tmp_path, max_px=128, **inputs)
     assert set(os.listdir(tmp_path)) == OUTPUTS
     grid = zarr.open_group(str(tmp_path / "heatmap.ome.zarr"), mode="r")["0"][...]
     assert np.nanmax(grid) == pytest.approx(0.25)
@@ -340,7 +348,7 @@ def test_no_tissue_slide_still_writes_every_output(tmp_path):
     for key in ("scores", "max_scores"):
         inputs[key] = inputs[key][:0]
     inputs["top_tiles"] = []
-    paths = write_slide_outputs(tmp_path, max_px=128, **inputs)
+    paths = draw(tmp_path, max_px=128, **inputs)
     assert set(os.listdir(tmp_path)) == OUTPUTS
     _, (w, h) = display_geometry(inputs["geometry"], 128)
     assert (read_png(paths["heatmap"])[:h, :w, 3] == 0).all()
@@ -359,8 +367,6 @@ def test_tile_table_geojson_lock_and_provenance(tmp_path):
 
     import zarr
 
-    from wsi_anomaly.stitch import ColourScale, SlideGeometry, write_slide_outputs
-
     geometry = SlideGeometry(
         width=1024, height=512, mpp=0.5, tile_size_l0=256, stride_l0=256, grid_cols=4, grid_rows=2
     )
@@ -369,22 +375,24 @@ def test_tile_table_geojson_lock_and_provenance(tmp_path):
     scores = np.array([0.1, 0.9, np.nan], np.float32)
     scale = ColourScale(vmin=0.0, vcenter=0.5, vmax=1.0, cmap="coolwarm")
     provenance = {"model_sha256": "abc123", "slide_fingerprint": "f00"}
-    outputs = write_slide_outputs(
+    outputs = render_slide_outputs(
         tmp_path,
-        slide_name="s.tif",
-        geometry=geometry,
-        coords=coords,
-        grid_index=grid_index,
-        scores=scores,
-        max_scores=scores + 0.05,
-        thumbnail=np.full((64, 128, 3), 255, np.uint8),
-        thumbnail_downsample=8.0,
-        tissue_mask=np.ones((64, 128), bool),
-        mask_downsample=8.0,
-        scale=scale,
-        top_tiles=[],
-        tissue_fraction=np.array([1.0, 0.75, 0.5]),
-        provenance=provenance,
+        SlideOutputs(
+            slide_name="s.tif",
+            geometry=geometry,
+            coords=coords,
+            grid_index=grid_index,
+            scores=scores,
+            max_scores=scores + 0.05,
+            thumbnail=np.full((64, 128, 3), 255, np.uint8),
+            thumbnail_downsample=8.0,
+            tissue_mask=np.ones((64, 128), bool),
+            mask_downsample=8.0,
+            scale=scale,
+            top_tiles=[],
+            tissue_fraction=np.array([1.0, 0.75, 0.5]),
+            provenance=provenance,
+        ),
     )
     rows = list(_csv.DictReader(open(outputs["tiles_csv"])))
     assert [(r["x"], r["y"], r["width"], r["class"]) for r in rows] == [
@@ -428,7 +436,7 @@ def test_slide_scale_pictures_differ_and_are_labelled(written, tmp_path):
 
     out, inputs, paths = written
     own = slide_colour_scale(inputs["scores"], SCALE)
-    slide_paths = write_slide_outputs(tmp_path, max_px=512, **{**inputs, "scale": own})
+    slide_paths = draw(tmp_path, max_px=512, **{**inputs, "scale": own})
     d, (w, h) = display_geometry(inputs["geometry"], 512)
     fixed_png, slide_png = read_png(paths["heatmap"]), read_png(slide_paths["heatmap"])
     assert fixed_png.shape == slide_png.shape
@@ -457,16 +465,14 @@ def test_alpha_sets_the_overlay_blend(written, tmp_path):
     d, (w, h) = display_geometry(inputs["geometry"], 512)
     heat = read_png(paths["heatmap"])[:h, :w]
     thumb = read_png(paths["thumbnail"])
-    opaque = read_png(write_slide_outputs(tmp_path, max_px=512, alpha=1.0, **inputs)["overlay"])
+    opaque = read_png(draw(tmp_path, max_px=512, alpha=1.0, **inputs)["overlay"])
     painted = heat[..., 3] == 255
     assert (opaque[:h, :w][painted][:, :3] == heat[painted][:, :3]).all()
-    clear = read_png(
-        write_slide_outputs(tmp_path / "clear", max_px=512, alpha=0.0, **inputs)["overlay"]
-    )
+    clear = read_png(draw(tmp_path / "clear", max_px=512, alpha=0.0, **inputs)["overlay"])
     slide_px = ~(thumb[..., :3] == (0, 200, 0)).all(axis=-1)  # not the tissue contour
     assert (np.abs(clear[:h, :w, :3].astype(int) - thumb[..., :3])[slide_px] <= 1).all()
     with pytest.raises(ValueError, match="alpha"):
-        write_slide_outputs(tmp_path / "bad", max_px=512, alpha=1.5, **inputs)
+        draw(tmp_path / "bad", max_px=512, alpha=1.5, **inputs)
 
 
 def test_title_names_slide_and_model(written, tmp_path):
@@ -478,8 +484,71 @@ def test_title_names_slide_and_model(written, tmp_path):
     assert figure_title("s", {}) == "s · model unknown model"
     out, inputs, paths = written
     d, (w, h) = display_geometry(inputs["geometry"], 512)
-    titled = write_slide_outputs(tmp_path, max_px=512, provenance=provenance, **inputs)
+    titled = draw(tmp_path, max_px=512, provenance=provenance, **inputs)
     for name in ("heatmap", "overlay"):
         a, b = read_png(paths[name]), read_png(titled[name])
         assert (a[:h, :w] == b[:h, :w]).all()  # the canvas is untouched
         assert not (a[:40, w:] == b[:40, w:]).all()  # the title sits atop the panel
+
+
+def test_tile_score_max_colours_classes_and_grids_by_the_peak(tmp_path):
+    """A family that ranks tiles by their map's maximum: the peaks are coloured, put in the
+    NGFF grid and classed; tiles.csv and the GeoJSON keep the mean as ``score`` beside them."""
+    import csv as _csv
+
+    inputs = synthetic_slide()
+    means = inputs["scores"]
+    hot = np.array([tuple(c) in HOT for c in inputs["grid_index"].tolist()])
+    # the peaks order tiles otherwise than the means: the HOT tiles (high means) have low peaks,
+    # a few tiles with low means have the high ones
+    peaks = np.full(len(means), 0.3, np.float32)
+    peaks[hot] = 0.35
+    high_peak = np.flatnonzero(~hot)[:5]
+    peaks[high_peak] = 1.5
+    inputs = {**inputs, "max_scores": peaks}
+    paths = draw(tmp_path, max_px=512, tile_score="max", **inputs)
+
+    rows = list(_csv.DictReader(open(paths["tiles_csv"])))
+    classed = np.array([r["class"] == "Anomalous" for r in rows])
+    assert (classed == (peaks >= SCALE.threshold)).all() and classed.sum() == len(high_peak)
+    assert not classed[hot].any()  # high means, but their peaks are below the threshold
+    np.testing.assert_allclose([float(r["score"]) for r in rows], means, rtol=1e-5)
+    np.testing.assert_allclose([float(r["max"]) for r in rows], peaks, rtol=1e-5)
+
+    doc = json.loads(open(paths["geojson"]).read())
+    geo_classed = np.array(["classification" in f["properties"] for f in doc["features"]])
+    assert (geo_classed == classed).all()
+    names = qupath_measurement_names(None)
+    first = doc["features"][int(high_peak[0])]["properties"]["measurements"]
+    assert first[names["anomaly_max"]] == pytest.approx(1.5)
+    assert first[names["anomaly_score"]] == pytest.approx(float(means[high_peak[0]]))
+
+    grid = zarr.open_group(paths["ngff"], mode="r")["0"][...]
+    col, row = inputs["grid_index"][:, 0], inputs["grid_index"][:, 1]
+    np.testing.assert_allclose(grid[row, col], peaks)
+
+    # the heatmap paints each cell in its peak's colour
+    d, (w, h) = display_geometry(inputs["geometry"], 512)
+    k = inputs["geometry"].stride_l0 / d
+    heat = read_png(paths["heatmap"])[:h, :w]
+    for i in (int(high_peak[0]), int(np.flatnonzero(hot)[0])):
+        c, r = inputs["grid_index"][i]
+        pixel = heat[int((r + 0.5) * k), int((c + 0.5) * k), :3]
+        assert tuple(pixel) == tuple(SCALE.to_rgb(np.array([peaks[i]]))[0])
+
+    # the same pieces on the mean: the HOT tiles are the anomalous ones, as before
+    by_mean = draw(tmp_path / "mean", max_px=512, **inputs)
+    mean_rows = list(_csv.DictReader(open(by_mean["tiles_csv"])))
+    assert [r["class"] == "Anomalous" for r in mean_rows] == hot.tolist()
+    with pytest.raises(ValueError, match="tile_score"):
+        draw(tmp_path / "bad", max_px=512, tile_score="median", **inputs)
+
+
+def test_recorded_tile_score_defaults_to_the_mean_and_refuses_others():
+    from wsi_anomaly.errors import InvalidInputError
+    from wsi_anomaly.stitch import recorded_tile_score
+
+    assert recorded_tile_score({}) == "mean" and recorded_tile_score(None) == "mean"
+    assert recorded_tile_score({"tile_score": "max"}) == "max"
+    with pytest.raises(InvalidInputError, match="summary.json.*'p95'"):
+        recorded_tile_score({"tile_score": "p95"}, "summary.json")

@@ -32,11 +32,18 @@ class _Result:
         self.maps = 1.0 - grey.reshape(n, 64, t // 64, 64, t // 64).mean(axis=(2, 4))
 
 
+class StandInFamily:
+    """What the pipeline asks of a model family: which value is a tile's score."""
+
+    tile_score = "mean"
+
+
 class StandInModel:
     """What the pipeline asks of a checkpoint, answered without one."""
 
     tile_px = 256
     tile_mpp = 0.5
+    family = StandInFamily()
 
     def __init__(self, path: Path):
         from wsi_anomaly.hashing import sha256_file
@@ -62,6 +69,7 @@ class StandInScorer:
     engine = "torch"
     batch_choice = BatchChoice(setting=8, batch_size=8)
     map_px = 64  # the side of its maps, as a family declares it
+    family = StandInFamily()
 
     def __init__(self, path: Path):
         self.calibration = {

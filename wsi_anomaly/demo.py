@@ -4,7 +4,8 @@
 2. Tile its tumour region only (as a pathologist would from QuPath annotations).
 3. Train a model (HaloAE by default) on those tiles with its family's fast preset.
 4. Score every tissue tile of the whole slide and draw the heatmap.
-5. Measure how well tile scores separate tumour (like the training tissue) from stroma.
+5. Measure how well tile scores (each tile's score as the model's family ranks it: the map's
+   mean or its maximum, ``tile_score``) separate tumour (like the training tissue) from stroma.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from .errors import InvalidInputError
 from .models.registry import DEFAULT_FAMILY, family_names, family_sections, get_family
 from .pipeline import HeatmapSettings, run_cohort
 from .slide.synthetic import SyntheticSlide, write_synthetic_slide
+from .stitch import headline_scores, recorded_tile_score
 from .tiles import TileStore, TilingSettings, tile_slide
 from .tiles.dataset import ZarrTileDataset
 from .training import train_model
@@ -159,14 +161,12 @@ def run_demo(
     )
     summary = json.loads((results / slide_path.name / "summary.json").read_text())
     scored = TileStore(results / slide_path.name / "tiles.zarr")
+    assert scored.scores is not None and scored.max_scores is not None  # scored above
+    ranked = headline_scores(scored.scores, scored.max_scores, recorded_tile_score(summary))
     fractions = slide.tile_labels(scored.coords, scored.attrs["tile_size_l0"])
     is_tumour = fractions[:, 2] >= 0.5
     labels = (~is_tumour).astype(int)  # anomalous = not the training tissue
-    auroc = (
-        float(roc_auc_score(labels, scored.scores))
-        if 0 < labels.sum() < len(labels)
-        else float("nan")
-    )
+    auroc = float(roc_auc_score(labels, ranked)) if 0 < labels.sum() < len(labels) else float("nan")
     return DemoResult(
         slide_path, model, results / slide_path.name, int(len(labels)), auroc, summary
     )

@@ -14,8 +14,10 @@ and scoring pixels:
 3. each vector is scored against the memory bank; the slide is opened only for its
    fingerprint, thumbnail, tissue outline and the few top tiles' pictures;
 4. the same outputs as a pixel heatmap are written (:func:`~wsi_anomaly.stitch.
-   write_slide_outputs`: heatmap, overlay, thumbnail, NGFF, GeoJSON, tiles.csv, top tiles)
-   plus ``summary.json``, in a working folder renamed into place when complete.
+   render_slide_outputs`: heatmap, overlay, thumbnail, NGFF, GeoJSON, tiles.csv, top tiles),
+   the tiles ranked, coloured and classed by the score the model's family ranks by
+   (``tile_score``), plus ``summary.json``, in a working folder renamed into place when
+   complete.
 
 A result is reused only when the slide, the model, the settings and the features file (its
 sha256) are the same.
@@ -44,7 +46,15 @@ from .slide import Slide, slide_fingerprint
 from .slide.grid import box_fractions
 from .slide.resolution import load_mpp_csv, lookup_mpp
 from .slide.tissue import TissueSettings
-from .stitch import SlideGeometry, colour_scale, slide_colour_scale, write_slide_outputs
+from .stitch import (
+    DisplaySettings,
+    SlideGeometry,
+    SlideOutputs,
+    colour_scale,
+    headline_scores,
+    render_slide_outputs,
+    slide_colour_scale,
+)
 from .tiles.feature_files import feature_file_for_slide, first_overlap
 from .tiles.features_h5 import TileFeatures, check_coordinates, read_tile_features
 from .tiles.tiler import tissue_mask
@@ -267,8 +277,11 @@ def _run(plan: Any, h5: Path, model: str | Path, settings: Any) -> dict[str, Any
         t0 = time.perf_counter()
         tissue = tissue_mask(slide, TissueSettings())
         fractions = box_fractions(tissue.mask, tissue.downsample, coords, side)
-        thumb, thumb_ds = slide.thumbnail(settings.max_px)
-        order = np.argsort(-scores)[: settings.top_k]
+        display: DisplaySettings = settings.display
+        thumb, thumb_ds = slide.thumbnail(display.max_px)
+        tile_score = scorer.family.tile_score
+        ranked = headline_scores(scores, max_scores, tile_score)
+        order = np.argsort(-ranked)[: display.top_k]
         top = [
             (int(i), _gallery_tile(slide, int(coords[i, 0]), int(coords[i, 1]), side))
             for i in order
@@ -282,9 +295,9 @@ def _run(plan: Any, h5: Path, model: str | Path, settings: Any) -> dict[str, Any
             grid_cols=cols,
             grid_rows=rows,
         )
-        scale = colour_scale(scorer.calibration, "mean", settings.cmap)
-        if settings.scale == "slide":
-            scale = slide_colour_scale(scores, scale)
+        scale = colour_scale(scorer.calibration, tile_score, display.cmap)
+        if display.scale == "slide":
+            scale = slide_colour_scale(ranked, scale)
         identity = scorer.identity
         provenance = {
             "slide_name": slide.name,
@@ -295,27 +308,30 @@ def _run(plan: Any, h5: Path, model: str | Path, settings: Any) -> dict[str, Any
             "backbone": tiles.encoder or expected.get("encoder"),
             "features_file": h5.name,
             "features_sha256": plan.identity["scoring"]["features"]["sha256"],
+            "tile_score": tile_score,
             "colour_scale": asdict(scale),
             "software_version": __version__,
         }
-        outputs = write_slide_outputs(
+        outputs = render_slide_outputs(
             plan.work,
-            slide_name=slide.name,
-            geometry=geometry,
-            coords=coords,
-            grid_index=grid_index,
-            scores=scores,
-            max_scores=max_scores,
-            thumbnail=thumb,
-            thumbnail_downsample=thumb_ds,
-            tissue_mask=tissue.mask,
-            mask_downsample=tissue.downsample,
-            scale=scale,
-            top_tiles=top,
-            max_px=settings.max_px,
-            tissue_fraction=fractions,
-            provenance=provenance,
-            alpha=settings.alpha,
+            SlideOutputs(
+                slide_name=slide.name,
+                geometry=geometry,
+                coords=coords,
+                grid_index=grid_index,
+                scores=scores,
+                max_scores=max_scores,
+                thumbnail=thumb,
+                thumbnail_downsample=thumb_ds,
+                tissue_mask=tissue.mask,
+                mask_downsample=tissue.downsample,
+                scale=scale,
+                top_tiles=top,
+                display=display,
+                tissue_fraction=fractions,
+                provenance=provenance,
+                tile_score=tile_score,
+            ),
         )
         stitch_s = time.perf_counter() - t0
         total_s = time.perf_counter() - t_start
@@ -345,7 +361,8 @@ def _run(plan: Any, h5: Path, model: str | Path, settings: Any) -> dict[str, Any
             },
             "tissue_fraction_slide": tissue.tissue_fraction,
             "tissue_fraction_tiles_mean": float(fractions.mean()),
-            **score_statistics(scores, scale.threshold),
+            "tile_score": tile_score,
+            **score_statistics(ranked, scale.threshold),
             "qc": {"mode": "off (tile features: no pixels are read)"},
             "colour_scale": asdict(scale),
             "timings_s": {

@@ -4,12 +4,13 @@ Opening ``results/<slide>/`` (or its ``heatmap.ome.zarr``) in napari gives:
 
 - the original slide as a multiscale RGB image, read lazily tile by tile from the slide file
   recorded in ``summary.json`` (when it is still there);
-- the tile anomaly scores (``heatmap.ome.zarr``) on the model's fixed colour scale, with the
-  contrast limits of that scale, half transparent over the slide;
+- the tile anomaly scores (``heatmap.ome.zarr``: each tile's score as the model's family ranks
+  it, its map's mean or maximum — ``summary.json``'s ``tile_score``) on the model's fixed colour
+  scale, with the contrast limits of that scale, half transparent over the slide;
 - the pixel-level anomaly map when the run kept it (hidden at first);
 - the tiles as a labels layer over the tile grid (label = tile number, drawn as outlines, red
-  where the tile is "Anomalous"), carrying each tile's score, max and tissue fraction as
-  features (hidden at first; built from ``tiles.csv`` in one vectorised pass, so it costs next
+  where the tile is "Anomalous" by its tile score), carrying each tile's score (the map's mean),
+  max and tissue fraction as features (hidden at first; built from ``tiles.csv`` in one vectorised pass, so it costs next
   to nothing even for tens of thousands of tiles).
 
 Every layer says its units are micrometres (napari's ``units``), so it mixes with other
@@ -79,15 +80,17 @@ def read_results(path: str | list[str]) -> list[LayerData]:
     if folder is None:
         raise ValueError(f"{path} is not a wsi-anomaly slide results folder")
     summary = json.loads((folder / "summary.json").read_text(encoding="utf-8"))
+    from .stitch import recorded_tile_score
+
+    tile_score = recorded_tile_score(summary, str(folder / "summary.json"))
+    label = "anomaly score (map max)" if tile_score == "max" else "anomaly score"
     layers: list[LayerData] = []
     slide_layer = _slide_layer(summary)
     if slide_layer is not None:
         layers.append(slide_layer)
     scale = _colour_scale(summary)
     layers.append(
-        _score_layer(
-            folder / "heatmap.ome.zarr", ".", scale, summary["slide"], "anomaly score", visible=True
-        )
+        _score_layer(folder / "heatmap.ome.zarr", ".", scale, summary["slide"], label, visible=True)
     )
     if (folder / "heatmap.ome.zarr" / "pixel" / "zarr.json").is_file():
         layers.append(
@@ -104,7 +107,9 @@ def read_results(path: str | list[str]) -> list[LayerData]:
         layers.append(_qc_layer(folder / "heatmap.ome.zarr" / "labels" / "qc", summary["slide"]))
     if (folder / "tiles.csv").is_file():
         layers.append(
-            _tiles_layer(folder / "tiles.csv", float(summary["level0_mpp"]), summary["slide"])
+            _tiles_layer(
+                folder / "tiles.csv", float(summary["level0_mpp"]), summary["slide"], tile_score
+            )
         )
     return layers
 
@@ -252,12 +257,13 @@ def _read_block(
     return _open_slide(slide_path, mpp).read_level(level, x0, y0, x1 - x0, y1 - y0)
 
 
-def _tiles_layer(table: Path, mpp: float, slide_name: str) -> LayerData:
+def _tiles_layer(table: Path, mpp: float, slide_name: str, tile_score: str = "mean") -> LayerData:
     """The tiles as a labels layer on the tile grid: label k + 1 is row k of ``tiles.csv``.
 
     One grid cell per stride (the tiles' smallest common step); a tile covers the cells its
     square starts in, so overlapping tiles show their top-left part (the later tile wins).
-    Features (``index`` = label) carry each tile's score, max, tissue fraction and class.
+    Features (``index`` = label) carry each tile's score (its map's mean), max, tissue
+    fraction and class (by ``tile_score``, recorded in the layer's metadata).
     """
     import pandas as pd
     from napari.utils.colormaps import DirectLabelColormap
@@ -308,7 +314,7 @@ def _tiles_layer(table: Path, mpp: float, slide_name: str) -> LayerData:
         "features": features,
         "colormap": DirectLabelColormap(color_dict=colours),
         "visible": False,
-        "metadata": {"level0_px_per_cell": step},
+        "metadata": {"level0_px_per_cell": step, "tile_score": tile_score},
     }
     return grid, kwargs, "labels"
 

@@ -11,7 +11,13 @@ the "Anomalous" class stays on the model's fixed threshold either way
 
 :func:`render_slide_outputs` writes a slide's pictures and files (wsi.md §6) from one
 :class:`SlideOutputs` on one display canvas (:func:`display_geometry`) that lines up with the
-slide to the pixel; :func:`write_slide_outputs` is the same with the pieces as keywords.
+slide to the pixel.
+
+Every tile has two values, the mean of its anomaly map and the map's peak; the model family
+decides which one is the tile's score (``tile_score``, :data:`TILE_SCORES`): the one that ranks,
+colours and classes tiles here, against the calibration's quantiles of the same value. Results
+record the choice, so they are re-drawn the same way without the model
+(:func:`recorded_tile_score`).
 """
 
 from __future__ import annotations
@@ -27,11 +33,36 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 from PIL import Image
 
+from .errors import InvalidInputError
 from .outputs import atomic_path
 from .slide.qc import TileQC, first_flags
 
 if TYPE_CHECKING:
     from .models.calibration import Calibration
+
+
+#: What a tile's score can be (``ModelFamily.tile_score``): the mean of its anomaly map (the
+#: ``score`` column of tile tables) or the map's peak (the ``max`` column).
+TILE_SCORES = ("mean", "max")
+
+
+def recorded_tile_score(record: Mapping[str, Any] | None, where: str = "the result") -> str:
+    """The tile score a result records (``summary.json``, a tile store's attributes): ``"mean"``
+    when it records none (results written before the choice was recorded);
+    :class:`~wsi_anomaly.errors.InvalidInputError` in one line for anything but
+    :data:`TILE_SCORES`."""
+    value = (record or {}).get("tile_score", "mean")
+    if value not in TILE_SCORES:
+        raise InvalidInputError(
+            f"{where} records tile_score {value!r}, which is not one of "
+            f"{', '.join(TILE_SCORES)}; re-draw it with heatmap and the model"
+        )
+    return str(value)
+
+
+def headline_scores(scores: np.ndarray, max_scores: np.ndarray, tile_score: str) -> np.ndarray:
+    """The tiles' scores by ``tile_score``: ``max_scores`` for ``"max"``, else ``scores``."""
+    return max_scores if tile_score == "max" else scores
 
 
 @dataclass(frozen=True)
@@ -102,7 +133,8 @@ def colour_scale(
     """The fixed scale of a model: training median → blue, 99th percentile → white; the
     "Anomalous" threshold is the model's (:meth:`Calibration.threshold`).
 
-    ``which`` picks the tile-mean (``"mean"``) or tile-max (``"max"``, for pixel maps) scores.
+    ``which`` picks the tile-mean (``"mean"``) or tile-max (``"max"``: pixel maps, and tiles
+    of a family whose tile score is the map's peak) quantiles.
     """
     if isinstance(calibration, Mapping):  # a checkpoint's plain calibration
         q = calibration["score_quantiles" if which == "mean" else "max_score_quantiles"]
@@ -310,6 +342,11 @@ class SlideOutputs:
     (hm, wm) bool, likewise with ``mask_downsample``; ``top_tiles`` (index into coords, (T, T, 3)
     uint8 RGB), most anomalous first; ``maps`` (N, h, w) per-tile anomaly maps or None;
     ``tissue_fraction`` (N,) or None.
+
+    ``tile_score`` (:data:`TILE_SCORES`, the model family's): which of ``scores`` and
+    ``max_scores`` is the tiles' score (:attr:`headline`) — what the pictures colour, the NGFF
+    score grid holds and the "Anomalous" class compares with ``scale.threshold``; ``scale`` is
+    then on the calibration's quantiles of the same value, and ``top_tiles`` ranked by it.
     """
 
     slide_name: str
@@ -329,6 +366,16 @@ class SlideOutputs:
     tissue_fraction: np.ndarray | None = None
     provenance: Mapping[str, Any] | None = None
     qc: TileQC | None = None
+    tile_score: str = "mean"
+
+    @property
+    def headline(self) -> np.ndarray:
+        """(N,) float32: the tiles' scores by :attr:`tile_score`."""
+        return headline_scores(
+            np.asarray(self.scores, np.float32).reshape(-1),
+            np.asarray(self.max_scores, np.float32).reshape(-1),
+            self.tile_score,
+        )
 
 
 def display_geometry(geometry: SlideGeometry, max_px: int = 2048) -> tuple[float, tuple[int, int]]:
@@ -351,68 +398,17 @@ def display_geometry(geometry: SlideGeometry, max_px: int = 2048) -> tuple[float
     return d, (math.ceil(geometry.width / d), math.ceil(geometry.height / d))
 
 
-def write_slide_outputs(
-    out_dir: Path,
-    *,
-    slide_name: str,
-    geometry: SlideGeometry,
-    coords: np.ndarray,
-    grid_index: np.ndarray,
-    scores: np.ndarray,
-    max_scores: np.ndarray,
-    thumbnail: np.ndarray,
-    thumbnail_downsample: float,
-    tissue_mask: np.ndarray,
-    mask_downsample: float,
-    scale: ColourScale,
-    top_tiles: list[tuple[int, np.ndarray]],
-    max_px: int = 2048,
-    maps: np.ndarray | None = None,
-    tissue_fraction: np.ndarray | None = None,
-    provenance: Mapping[str, Any] | None = None,
-    alpha: float = 0.5,
-    qc: TileQC | None = None,
-) -> dict[str, str]:
-    """:func:`render_slide_outputs` with the pieces of :class:`SlideOutputs` as keywords (the
-    display settings as the scale, ``max_px`` and ``alpha`` give them)."""
-    display = DisplaySettings(
-        cmap=scale.cmap,
-        scale="slide" if scale.basis == "slide" else "fixed",
-        alpha=alpha,
-        max_px=max_px,
-        top_k=len(top_tiles),
-    )
-    return render_slide_outputs(
-        out_dir,
-        SlideOutputs(
-            slide_name=slide_name,
-            geometry=geometry,
-            coords=coords,
-            grid_index=grid_index,
-            scores=scores,
-            max_scores=max_scores,
-            thumbnail=thumbnail,
-            thumbnail_downsample=thumbnail_downsample,
-            tissue_mask=tissue_mask,
-            mask_downsample=mask_downsample,
-            scale=scale,
-            top_tiles=top_tiles,
-            display=display,
-            maps=maps,
-            tissue_fraction=tissue_fraction,
-            provenance=provenance,
-            qc=qc,
-        ),
-    )
-
-
 def render_slide_outputs(out_dir: Path, outputs: SlideOutputs) -> dict[str, str]:
     """Write heatmap/overlay/thumbnail PNGs, the NGFF score grid, QuPath GeoJSON and a gallery.
 
     ``outputs`` (:class:`SlideOutputs`, shapes there):
-        scale: the colour scale: the model's fixed one (:func:`colour_scale`), or with
-            ``--scale slide`` this slide's own (:func:`slide_colour_scale`), which the legend
-            then names as such. The "Anomalous" class always uses ``scale.threshold``.
+        scale: the colour scale: the model's fixed one (:func:`colour_scale` of the
+            ``tile_score`` quantiles), or with ``--scale slide`` this slide's own
+            (:func:`slide_colour_scale`), which the legend then names as such. The "Anomalous"
+            class always uses ``scale.threshold``.
+        tile_score: which value is the tiles' score (coloured, put in the NGFF grid, classed);
+            ``tiles.csv`` and the GeoJSON keep both (``score``/``anomaly_score``: the map's
+            mean, ``max``/``anomaly_max``: its peak) whichever it is.
         top_tiles: (index into coords, (T, T, 3) uint8 RGB), most anomalous first.
         display.max_px: longest side of the aligned canvas of the PNGs (see
             :func:`display_geometry`).
@@ -455,9 +451,12 @@ def render_slide_outputs(out_dir: Path, outputs: SlideOutputs) -> dict[str, str]
         raise ValueError("coords, grid_index, scores and max_scores must have the same length")
     if not 0.0 <= alpha <= 1.0:
         raise ValueError(f"alpha must be between 0 and 1, got {alpha}")
+    if outputs.tile_score not in TILE_SCORES:
+        raise ValueError(f"tile_score must be one of {', '.join(TILE_SCORES)}")
+    headline = outputs.headline
 
     d, canvas = display_geometry(geometry, max_px)
-    heat = _heat_canvas(geometry, d, canvas, coords, scores, scale)
+    heat = _heat_canvas(geometry, d, canvas, coords, headline, scale)
     slide_rgb = _resample_to_canvas(
         np.asarray(thumbnail)[..., :3], thumbnail_downsample, d, canvas, fill=255
     )
@@ -468,7 +467,7 @@ def render_slide_outputs(out_dir: Path, outputs: SlideOutputs) -> dict[str, str]
         > 127
     )
     title = figure_title(slide_name, provenance)
-    panel = _legend_panel(scale, geometry, canvas[1], title)
+    panel = _legend_panel(scale, geometry, canvas[1], title, outputs.tile_score)
     info = {"display_downsample": repr(d), "canvas_px": f"{canvas[0]}x{canvas[1]}"}
 
     painted = heat[..., 3:] > 0
@@ -491,15 +490,34 @@ def render_slide_outputs(out_dir: Path, outputs: SlideOutputs) -> dict[str, str]
     _save_png(_with_panel(overlay, panel), paths["overlay"], info)
     _save_png(contoured, paths["thumbnail"], info)
     _write_ngff(
-        paths["ngff"], slide_name, geometry, coords, grid_index, scores, maps, scale, provenance
+        paths["ngff"], slide_name, geometry, coords, grid_index, headline, maps, scale, provenance
     )
     _write_geojson(
-        paths["geojson"], slide_name, geometry, coords, scores, max_scores, scale, provenance, qc
+        paths["geojson"],
+        slide_name,
+        geometry,
+        coords,
+        scores,
+        max_scores,
+        scale,
+        provenance,
+        qc,
+        headline,
     )
     _write_tile_table(
-        paths["tiles_csv"], geometry, coords, scores, max_scores, scale, tissue_fraction, qc
+        paths["tiles_csv"],
+        geometry,
+        coords,
+        scores,
+        max_scores,
+        scale,
+        tissue_fraction,
+        qc,
+        headline,
     )
-    _write_gallery(paths["top_tiles"], top_tiles, coords, scores, max_scores, geometry)
+    _write_gallery(
+        paths["top_tiles"], top_tiles, coords, scores, max_scores, geometry, outputs.tile_score
+    )
     return {name: str(p) for name, p in paths.items()}
 
 
@@ -572,12 +590,16 @@ def _wrap(lines: list[str]) -> list[str]:
 
 
 def _legend_panel(
-    scale: ColourScale, geometry: SlideGeometry, canvas_h: int, title: str = ""
+    scale: ColourScale,
+    geometry: SlideGeometry,
+    canvas_h: int,
+    title: str = "",
+    tile_score: str = "mean",
 ) -> np.ndarray:
     """(H, W, 4) uint8: the title, the colour bar on the scale (named as the fixed training
     scale or this slide's) and a legend in words; W is LEGEND_PANEL_PX[0] on a small canvas and
     grows with a tall one so that the text stays readable (:func:`_legend_figure`)."""
-    fig = _legend_figure(scale, geometry, canvas_h, title)
+    fig = _legend_figure(scale, geometry, canvas_h, title, tile_score)
     fig.canvas.draw()
     return np.asarray(fig.canvas.buffer_rgba()).copy()
 
@@ -609,9 +631,16 @@ def _fitted_lines(text: str, width_px: float, fontsize: float = 8, weight: str =
         chars -= 2
 
 
-def _legend_figure(scale: ColourScale, geometry: SlideGeometry, canvas_h: int, title: str = ""):
+def _legend_figure(
+    scale: ColourScale,
+    geometry: SlideGeometry,
+    canvas_h: int,
+    title: str = "",
+    tile_score: str = "mean",
+):
     """The matplotlib Figure of :func:`_legend_panel` (laid out in base pixels, drawn at
-    ``_legend_zoom(canvas_h)`` times 100 dpi)."""
+    ``_legend_zoom(canvas_h)`` times 100 dpi); a tile score other than the map's mean is
+    named in the legend."""
     from matplotlib import colormaps
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
@@ -622,6 +651,8 @@ def _legend_figure(scale: ColourScale, geometry: SlideGeometry, canvas_h: int, t
     head = _fitted_lines(title, LEGEND_PANEL_PX[0] - 22) if title else []
     tile_um = geometry.tile_size_l0 * geometry.mpp
     foot = _wrap(legend_words(scale))
+    if tile_score == "max":
+        foot += _wrap(["tile score: the maximum of its anomaly map"])
     if scale.basis == "slide":
         foot += _wrap(
             [
@@ -741,7 +772,8 @@ def _write_ngff(
     scale: ColourScale | None = None,
     provenance: Mapping[str, Any] | None = None,
 ) -> None:
-    """The score grid as an OME-NGFF 0.5 (zarr v3) image: level "0" one pixel per cell.
+    """The score grid as an OME-NGFF 0.5 (zarr v3) image: level "0" one pixel per cell
+    (``scores``: the tiles' scores, the family's tile score).
 
     Physical units are slide micrometres; a pixel centre lies at ``index·scale + translation``
     (napari's convention), i.e. level-0 cell c is centred on [x, x+stride)'s middle. Level "1"
@@ -824,6 +856,8 @@ def _write_ngff(
             "rdefs": {"model": "color"},
         }
     images = {".": "tile anomaly score, one pixel per grid cell"}
+    if (provenance or {}).get("tile_score") == "max":
+        images["."] = "tile anomaly score (its anomaly map's maximum), one pixel per grid cell"
 
     with atomic_path(path) as tmp:
         group = zarr.open_group(str(tmp), mode="w", zarr_format=3)
@@ -908,6 +942,7 @@ def _write_geojson(
     scale: ColourScale,
     provenance: Mapping[str, Any] | None = None,
     qc: TileQC | None = None,
+    headline: np.ndarray | None = None,
 ) -> None:
     """QuPath-ready tiles (QuPath ≥ 0.4): level-0 square polygons, scores as measurements,
     locked (so a click in QuPath does not move them).
@@ -917,9 +952,10 @@ def _write_geojson(
     per model and slide, the name and the measurement names carry the short model id
     (:func:`model_short_id`), and the model's threshold is a measurement. The collection's
     ``properties`` still record the full provenance (model sha256, colour scale…) for other
-    readers. Tiles at or above the training 99th percentile (``scale.threshold``, the model's,
-    also on a slide colour scale) are classified "Anomalous"; a non-finite score is left out
-    of the measurements (JSON has no NaN).
+    readers. Tiles whose score (``headline``: ``scores`` or ``max_scores``, the family's tile
+    score; ``scores`` when not given) is at or above the training 99th percentile
+    (``scale.threshold``, the model's, also on a slide colour scale) are classified
+    "Anomalous"; a non-finite score is left out of the measurements (JSON has no NaN).
 
     With ``qc``, each tile's QC measurements are added (``qc_<name>``) with its flag bits
     (``qc_flags``); a flagged tile is classified ``QC: <first flag>`` in the flag's colour,
@@ -938,8 +974,9 @@ def _write_geojson(
     red = [int(v) for v in scale.to_rgb(np.array([scale.vmax]))[0]]
     features = []
     qc_classes = first_flags(qc.flags) if qc is not None else None
-    for i, ((x, y), score, top) in enumerate(
-        zip(coords.tolist(), scores.tolist(), max_scores.tolist())
+    ranked = (scores if headline is None else headline).tolist()
+    for i, ((x, y), score, top, value) in enumerate(
+        zip(coords.tolist(), scores.tolist(), max_scores.tolist(), ranked)
     ):
         measurements = {
             names[key]: float(v)
@@ -958,7 +995,7 @@ def _write_geojson(
             "isLocked": True,
             "measurements": measurements,
         }
-        if math.isfinite(score) and score >= scale.threshold:
+        if math.isfinite(value) and value >= scale.threshold:
             properties["classification"] = {"name": "Anomalous", "color": red}
         first = qc_classes[i] if qc_classes is not None else None
         # An artifact is not a finding: its class wins. A tile only at the tissue border
@@ -1004,11 +1041,13 @@ def _write_tile_table(
     scale: ColourScale,
     tissue_fraction: np.ndarray | None,
     qc: TileQC | None = None,
+    headline: np.ndarray | None = None,
 ) -> None:
-    """``tiles.csv``: one row per tile — level-0 x, y, width, height (px), score, max, tissue
-    fraction and class ("Anomalous" at or above the model's ``scale.threshold``, else empty);
-    with ``qc`` also ``qc_flags`` (the flag names, ``;``-separated) and ``qc_<name>`` per
-    measurement."""
+    """``tiles.csv``: one row per tile — level-0 x, y, width, height (px), score (the map's
+    mean), max (its peak), tissue fraction and class ("Anomalous" when the tile's score,
+    ``headline`` — ``scores`` or ``max_scores``, the family's tile score; ``scores`` when not
+    given — is at or above the model's ``scale.threshold``, else empty); with ``qc`` also
+    ``qc_flags`` (the flag names, ``;``-separated) and ``qc_<name>`` per measurement."""
     import csv
 
     side = float(geometry.tile_size_l0)
@@ -1023,10 +1062,11 @@ def _write_tile_table(
         qc_header = [] if qc is None else ["qc_flags", *(f"qc_{n}" for n in qc.names)]
         qc_cells = [] if qc is None else qc.table_cells()
         writer.writerow([*TILE_TABLE_FIELDS, *qc_header])
-        for i, ((x, y), score, top, frac) in enumerate(
-            zip(coords.tolist(), scores.tolist(), max_scores.tolist(), fractions.tolist())
+        ranked = (scores if headline is None else headline).tolist()
+        for i, ((x, y), score, top, frac, value) in enumerate(
+            zip(coords.tolist(), scores.tolist(), max_scores.tolist(), fractions.tolist(), ranked)
         ):
-            anomalous = math.isfinite(score) and score >= scale.threshold
+            anomalous = math.isfinite(value) and value >= scale.threshold
             writer.writerow(
                 [
                     x,
@@ -1053,8 +1093,10 @@ def _write_gallery(
     scores: np.ndarray,
     max_scores: np.ndarray,
     geometry: SlideGeometry,
+    tile_score: str = "mean",
 ) -> None:
-    """The most anomalous tiles in a grid, captioned with level-0 (x, y) and scores."""
+    """The most anomalous tiles in a grid, captioned with level-0 (x, y) and both values, the
+    tile's score (``tile_score``) first."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
@@ -1073,10 +1115,10 @@ def _write_gallery(
         ax.set_xticks([])
         ax.set_yticks([])
         x, y = (int(v) for v in coords[index])
-        ax.set_title(
-            f"#{rank + 1}  x={x}, y={y}\nscore {scores[index]:.3g} · max {max_scores[index]:.3g}",
-            fontsize=8,
-        )
+        values = f"score {scores[index]:.3g} · max {max_scores[index]:.3g}"
+        if tile_score == "max":
+            values = f"max {max_scores[index]:.3g} · mean {scores[index]:.3g}"
+        ax.set_title(f"#{rank + 1}  x={x}, y={y}\n{values}", fontsize=8)
     tile_um = geometry.tile_size_l0 * geometry.mpp
     fig.suptitle(f"most anomalous tiles ({tile_um:.0f} µm; level-0 px coordinates)", fontsize=9)
     with atomic_path(path) as tmp:

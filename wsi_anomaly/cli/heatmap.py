@@ -343,10 +343,11 @@ def run(args: argparse.Namespace) -> int:
             cluster.close()  # cancels the worker jobs
     for row in rows:
         if row["status"] in ("ok", "redrawn", "skipped (done)"):
+            of_what = " of map maxima" if row.get("tile_score") == "max" else ""
             print(
                 f"{row['slide']}: {row['status']}, {count(int(row['n_tiles']), 'tile')}, "
                 f"{float(row['fraction_anomalous'] or 0):.1%} above the training 99th "
-                f"percentile → {row['output']}"
+                f"percentile{of_what} → {row['output']}"
             )
         else:  # the one report of a failed slide
             print(f"{row['slide']}: {row['status']}: {row['error']}", file=sys.stderr)

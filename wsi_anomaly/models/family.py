@@ -59,8 +59,8 @@ EpochRng = Callable[[int], torch.Generator]
 class Prediction(NamedTuple):
     """What :meth:`ModelFamily.predict` gives for a batch of ``B`` inputs."""
 
-    #: ``B`` image scores: the mean of each anomaly map (the tile's score in tile tables, the
-    #: ``mean`` of :attr:`ModelFamily.score_names`), or, for a family without maps, its one
+    #: ``B`` image scores: the mean of each anomaly map (the ``score`` column of tile tables,
+    #: the ``mean`` of :attr:`ModelFamily.score_names`), or, for a family without maps, its one
     #: score.
     score: Tensor
     #: ``B`` peak values of the anomaly maps (the score itself where a family has no maps).
@@ -124,6 +124,13 @@ class ModelFamily:
     #: and ``max`` (its ``max``) for a family with maps, in the order the family ranks them;
     #: one other name (its ``score``) for a family whose two values are the same.
     score_names: tuple[str, ...] = ("mean", "max")
+    #: Which of :meth:`predict`'s two values is a tile's score on slides — what ranks, colours
+    #: and classes tiles (heatmaps, "Anomalous" class, top tiles, ``fraction_anomalous``),
+    #: against the calibration's matching quantiles: ``"mean"`` (:attr:`Prediction.score`, the
+    #: map's mean) or ``"max"`` (:attr:`Prediction.max`, its peak). The headline of
+    #: :attr:`score_names` for a family with maps; either for a family whose two values are the
+    #: same. Results record it (``tile_score``), so they are re-drawn without the model.
+    tile_score: str = "mean"
     #: Whether :meth:`predict` gives maps that localise anomalies (pixel metrics make sense).
     has_maps: bool = True
     #: Side of the square maps :meth:`predict` gives (any patch grid: 14, 16, 28, 64, …).

@@ -132,6 +132,8 @@ class PatchCoreFamily(ModelFamily):
     weakly_supervised = False
     #: The map's maximum is PatchCore's image score, its mean the second.
     score_names = ("max", "mean")
+    #: so slides rank, colour and class tiles by the map's maximum too
+    tile_score = "max"
     has_maps = True
     stores_backbone = False
     throughput_note = "normal images per second through the backbone and into the memory bank"

@@ -36,6 +36,9 @@ SUMMARY_FIELDS = (
     "seconds",
     "output",
     "error",
+    # which of each tile's values score_mean, score_max and fraction_anomalous are of: the
+    # anomaly map's mean or its maximum (the model family's tile score)
+    "tile_score",
 )
 
 
@@ -68,6 +71,7 @@ def _row(summary: dict[str, Any]) -> dict[str, Any]:
         "seconds": (summary.get("timings_s") or {}).get("total_s", ""),
         "output": summary.get("output", ""),
         "error": summary.get("error", ""),
+        "tile_score": summary.get("tile_score", ""),
     }
 
 

@@ -26,6 +26,8 @@ from ..stitch import (
     SlideGeometry,
     SlideOutputs,
     colour_scale,
+    headline_scores,
+    recorded_tile_score,
     render_slide_outputs,
     slide_colour_scale,
 )
@@ -39,8 +41,11 @@ if TYPE_CHECKING:
 
 def slide_outputs(run: SlideRun, store: TileStore) -> SlideOutputs:
     """What a scored slide's outputs are drawn from: the store's scores, the slide's thumbnail
-    and tissue, the model's colour scale and the run's display settings."""
-    fixed = colour_scale(run.model.calibration, "mean", run.settings.cmap)
+    and tissue, the model's colour scale and the run's display settings; the tiles' score is
+    the one the model's family ranks by (its ``tile_score``), on the calibration's quantiles
+    of it."""
+    tile_score = run.model.family.tile_score
+    fixed = colour_scale(run.model.calibration, tile_score, run.settings.cmap)
     return _outputs(
         run.slide,
         run.grid,
@@ -52,6 +57,7 @@ def slide_outputs(run: SlideRun, store: TileStore) -> SlideOutputs:
         run.model.identity,
         run.settings.keep_maps,
         _tile_qc(store, run.settings),
+        tile_score,
     )
 
 
@@ -66,13 +72,15 @@ def _outputs(
     model_identity: dict[str, Any],
     keep_maps: bool,
     qc: TileQC | None,
+    tile_score: str,
 ) -> SlideOutputs:
     gp = grid.plan
     scores, max_scores = store.scores, store.max_scores
     assert scores is not None and max_scores is not None  # the store has been scored
+    ranked = headline_scores(scores, max_scores, tile_score)
     thumb, thumb_ds = slide.thumbnail(display.max_px)
-    order = np.argsort(-scores)
-    order = order[np.isfinite(scores[order])]  # tiles left out by --qc exclude are not ranked
+    order = np.argsort(-ranked)
+    order = order[np.isfinite(ranked[order])]  # tiles left out by --qc exclude are not ranked
     if qc is not None:  # with QC, tiles with no flag (artifact or tissue edge) come first
         clean = qc.flags[order] == 0
         order = np.concatenate([order[clean], order[~clean]])
@@ -89,7 +97,7 @@ def _outputs(
     )
     scale = replace(fixed, cmap=display.cmap)
     if display.scale == "slide":
-        scale = slide_colour_scale(scores, scale)
+        scale = slide_colour_scale(ranked, scale)
     model_path = model_identity.get("model_path")
     provenance = {
         "slide_name": slide.name,
@@ -98,6 +106,7 @@ def _outputs(
         "model_name": model_identity.get("model_name"),
         "model_file": Path(model_path).name if model_path else None,
         "backbone": model_identity.get("backbone"),
+        "tile_score": tile_score,
         "colour_scale": asdict(scale),
         "software_version": __version__,
     }
@@ -119,6 +128,7 @@ def _outputs(
         tissue_fraction=store.tissue_fraction,
         provenance=provenance,
         qc=qc,
+        tile_score=tile_score,
     )
 
 
@@ -158,14 +168,17 @@ def redraw_results(
     identity: dict[str, Any] | None = None,
     slide_path: Path | None = None,
     qc_settings: QCSettings | None = None,
+    tile_score: str | None = None,
 ) -> dict[str, Any]:
     """Re-draw a slide results folder's pictures, NGFF, GeoJSON and tile table from its stored
     scores with ``display``; no tile is scored. Returns the rewritten summary.
 
-    ``fixed``: the model's colour scale (from its calibration); None → the one summary.json
-    records. ``identity``: the identity to record (the heatmap run's; None → the folder's,
-    with ``display``). ``slide_path``: the slide (None → the one summary.json records; its
-    content must be what was scored).
+    ``fixed``: the model's colour scale (from its calibration, of ``tile_score``); None → the
+    one summary.json records. ``identity``: the identity to record (the heatmap run's; None →
+    the folder's, with ``display``). ``slide_path``: the slide (None → the one summary.json
+    records; its content must be what was scored). ``tile_score``: which stored value is the
+    tiles' score (the model family's); None → the one summary.json records ("mean" when it
+    records none: results written before it was recorded).
 
     Safe against interruption: summary.json is first marked stale (``status`` "redrawing",
     no display in its identity, so any later run re-draws), the outputs are drawn into a
@@ -173,6 +186,7 @@ def redraw_results(
     written last. The caller holds the folder's lock. The summary returned has ``status``
     "redrawn" (the one written says "ok")."""
     from .results import recorded_identity
+    from .summary import score_statistics
 
     final = Path(final)
     t0 = time.perf_counter()
@@ -186,8 +200,10 @@ def redraw_results(
         raise InvalidInputError(f"{final} is not a slide results folder with scores")
     recorded = recorded_identity(summary)
     scoring = recorded.get("scoring") or {}
+    if tile_score is None:
+        tile_score = recorded_tile_score(summary, str(summary_path))
     if fixed is None:
-        fixed = recorded_model_scale(summary, final)
+        fixed = recorded_model_scale(summary, final, tile_score)
     slide_path = Path(slide_path or summary.get("slide_path") or "")
     if not slide_path.is_file():
         raise InvalidInputError(
@@ -229,6 +245,7 @@ def redraw_results(
             summary.get("model") or {},
             bool(scoring.get("keep_maps")),
             _tile_qc(store, settings),
+            tile_score,
         )
         for old in final.glob(REDRAW_PREFIX + "*"):
             remove_path(old)
@@ -249,29 +266,33 @@ def redraw_results(
             os.replace(entry, target)
         remove_path(work)
     scale = outputs.scale
-    scores = store.scores[np.isfinite(store.scores)]
+    scores = outputs.headline[np.isfinite(outputs.headline)]
     summary.update(
         {
             "status": "ok",
             "identity": identity,
+            "tile_score": tile_score,
             "colour_scale": asdict(scale),
             "model_colour_scale": asdict(replace(fixed, cmap=display.cmap)),
-            "fraction_anomalous": float(np.mean(scores >= scale.threshold))
-            if len(scores)
-            else float("nan"),
+            **(score_statistics(scores, scale.threshold) if len(scores) else {}),
             "redrawn": {"software_version": __version__, "seconds": time.perf_counter() - t0},
         }
     )
+    if not len(scores):
+        summary["fraction_anomalous"] = float("nan")
     write_json(summary_path, summary)
     summary["status"] = "redrawn"  # in the cohort table; summary.json says ok
     summary["output"] = str(final)
     return summary
 
 
-def recorded_model_scale(summary: dict[str, Any], final: Path) -> ColourScale:
+def recorded_model_scale(
+    summary: dict[str, Any], final: Path, tile_score: str = "mean"
+) -> ColourScale:
     """The model's fixed colour scale that a results folder records: ``model_colour_scale``, or
     (older results) ``colour_scale`` when it was the model's. Results drawn on the slide's own
-    scale by an older version need the model: its checkpoint at the path they record."""
+    scale by an older version need the model: its checkpoint at the path they record (its
+    calibration's quantiles of ``tile_score``)."""
     for key in ("model_colour_scale", "colour_scale"):
         value = summary.get(key)
         if isinstance(value, dict) and value.get("basis") == "training":
@@ -285,7 +306,7 @@ def recorded_model_scale(summary: dict[str, Any], final: Path) -> ColourScale:
 
         model = load_model(model_path)
         if model.sha256 == (summary.get("identity") or {}).get("model_sha256"):
-            return colour_scale(model.calibration, "mean")
+            return colour_scale(model.calibration, tile_score)
     raise InvalidInputError(
         f"{final} does not record its model's colour scale and its model is not at "
         f"{model_path}; re-draw it with heatmap and the model"

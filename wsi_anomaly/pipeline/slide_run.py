@@ -129,13 +129,16 @@ def process_slide(
             return done
         if decision == "redraw":  # the same scores, drawn otherwise: no tile is scored
             log.info("%s: re-drawing the results from their stored scores", slide_path.name)
+            loaded = _loaded(model)
+            tile_score = loaded.family.tile_score
             return redraw_results(
                 plan.final,
                 settings.display,
-                colour_scale(_loaded(model).calibration, "mean", settings.cmap),
+                colour_scale(loaded.calibration, tile_score, settings.cmap),
                 plan.identity,
                 slide_path,
                 settings.qc_settings,
+                tile_score,
             )
         try:
             return _run(plan, model, settings, lock.leftovers())
@@ -277,7 +280,7 @@ def _tile_and_score(
         if meter is not None:
             shards = _measured(shards, meter, writer, skip if settings.qc == "exclude" else None)
         _score_shards(scorer, shards, writer, settings, timing, skip, len(kept), slide.name)
-        writer.close({"model": scorer.identity})
+        writer.close({"model": scorer.identity, "tile_score": scorer.family.tile_score})
     return len(kept) - sum(int(m.sum()) for m in skip.values())
 
 
@@ -332,7 +335,7 @@ def _score_store(
         if meter is not None:
             source = _measured(source, meter, store, skip if settings.qc == "exclude" else None)
         _score_shards(scorer, source, store, settings, timing, skip, n, name)
-    store.set_model(scorer.identity)
+    store.set_model(scorer.identity, scorer.family.tile_score)
     return n - sum(int(m.sum()) for m in skip.values())
 
 

@@ -11,7 +11,7 @@ import numpy as np
 
 from .. import __version__
 from ..slide.qc import artifact_mask
-from ..stitch import colour_scale
+from ..stitch import colour_scale, headline_scores
 from ..tiles.store import TileStore
 from .render import _tile_qc
 from .settings import HeatmapSettings
@@ -29,10 +29,13 @@ def slide_summary(
     outputs: dict[str, str],
 ) -> dict[str, Any]:
     """summary.json: inputs, identity, counts, score statistics, timings; output paths point to
-    the final folder (where they will be once it is renamed into place)."""
+    the final folder (where they will be once it is renamed into place). The statistics and
+    ``fraction_anomalous`` are of the tiles' scores as the model's family ranks them
+    (``tile_score``: the map's mean or its maximum)."""
     gp = run.grid.plan
-    all_scores = store.scores
-    assert all_scores is not None  # the store has been scored
+    tile_score = run.model.family.tile_score
+    assert store.scores is not None and store.max_scores is not None  # the store is scored
+    all_scores = headline_scores(store.scores, store.max_scores, tile_score)
     # Tiles left out by --qc exclude have no score: statistics are of the scored tiles.
     scores = all_scores[np.isfinite(all_scores)]
     if len(scores) == 0:
@@ -61,11 +64,12 @@ def slide_summary(
         "n_scored": int(np.isfinite(all_scores).sum()),
         "tissue_fraction_slide": run.tissue.tissue_fraction,
         "tissue_fraction_tiles_mean": float(store.tissue_fraction.mean()),
+        "tile_score": tile_score,
         **score_statistics(scores, scale.threshold),
         "qc": _qc_summary(store, run.settings),
         "colour_scale": asdict(scale),
         # the model's own scale, which a re-draw on another --scale or --cmap starts from
-        "model_colour_scale": asdict(colour_scale(run.model.calibration, "mean", scale.cmap)),
+        "model_colour_scale": asdict(colour_scale(run.model.calibration, tile_score, scale.cmap)),
         "timings_s": run.timing,
         "tiles_per_s": {
             "end_to_end": len(all_scores) / run.timing["total_s"],
@@ -117,8 +121,9 @@ def _qc_summary(store: TileStore, settings: HeatmapSettings) -> dict[str, Any]:
 
 
 def score_statistics(scores: np.ndarray, threshold: float) -> dict[str, Any]:
-    """summary.json's statistics of a slide's (finite) tile scores, and the fraction of its
-    tiles at or above the model's "Anomalous" ``threshold``."""
+    """summary.json's statistics of a slide's (finite) tile scores — each tile's score as its
+    model's family ranks it (``tile_score``) — and the fraction of its tiles at or above the
+    model's "Anomalous" ``threshold`` (of the same score)."""
     return {
         "score_mean": float(np.mean(scores)),
         "score_median": float(np.median(scores)),

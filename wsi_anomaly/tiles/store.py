@@ -7,12 +7,16 @@ Layout::
       coords           int64   (N, 2)        level-0 top-left (x, y)
       grid_index       int32   (N, 2)        (col, row) in the slide's tile grid
       tissue_fraction  float32 (N,)
-      scores           float32 (N,)          written by the scorer
+      scores           float32 (N,)          written by the scorer: each tile's map mean
+      max_scores       float32 (N,)          written by the scorer: each tile's map peak
       maps             float16 (N, m, m)     optional, written by the scorer (m: the model's map side)
       qc_values        float32 (N, K)        tissue QC measurements (attrs["qc"]["names"])
       qc_flags         uint16  (N,)          QC flag bits (bit k ⇔ attrs["qc"]["flags"][k])
       attrs["wsi_anomaly"] = provenance (slide, fingerprint, mpp and source, level, tile size,
-                             stride, tissue settings, software version, complete = True)
+                             stride, tissue settings, software version, complete = True);
+                             once scored, the model's identity (``model``) and which of
+                             the two scores is the tiles' score (``tile_score``: "mean" or
+                             "max"; absent: "mean")
 
 A store is written under a temporary name and renamed when complete, so an interrupted run
 never leaves something that looks finished.
@@ -471,9 +475,10 @@ class TileStore:
     ) -> None:
         write_score_arrays(self.root, start, mean, peak, maps)
 
-    def set_model(self, identity: dict[str, Any]) -> None:
-        """Record which model wrote the scores (its path, sha256, backbone)."""
-        self.attrs = {**self.attrs, "model": identity}
+    def set_model(self, identity: dict[str, Any], tile_score: str = "mean") -> None:
+        """Record which model wrote the scores (its path, sha256, backbone) and which of them
+        is the tiles' score (its family's ``tile_score``)."""
+        self.attrs = {**self.attrs, "model": identity, "tile_score": tile_score}
         self.root.attrs[ATTRS_KEY] = self.attrs
 
     @property

@@ -223,12 +223,14 @@ def slide_figure(entry: SlideResults, slide_available: bool):
         "y": tiles.coords[:, 1],
         "score": tiles.scores,
         "max": tiles.max_scores,
+        # the tiles' score as the model's family ranks them: what is coloured and thresholded
+        "headline": tiles.headline,
         "tissue": tiles.tissue_fraction,
         "qc": _qc_labels(tiles),
         "cx": centres_um[:, 0],
         "cy": -centres_um[:, 1],
     }
-    rgb = scale.to_rgb(np.nan_to_num(np.asarray(tiles.scores, np.float64), nan=scale.vmin))
+    rgb = scale.to_rgb(np.nan_to_num(np.asarray(tiles.headline, np.float64), nan=scale.vmin))
     data["color"] = np.array(["#{:02x}{:02x}{:02x}".format(*(int(c) for c in v)) for v in rgb])
     # Per-tile fill and line opacity: the page's script sets them for the threshold and mode.
     data["fa"] = np.zeros(len(tiles.scores))
@@ -275,8 +277,11 @@ def slide_figure(entry: SlideResults, slide_available: bool):
         HoverTool(
             renderers=[squares],
             tooltips=[
-                ("score", "@score{0.0000}"),
-                ("max", "@max{0.0000}"),
+                *(
+                    [("score (map max)", "@max{0.0000}"), ("map mean", "@score{0.0000}")]
+                    if tiles.tile_score == "max"
+                    else [("score", "@score{0.0000}"), ("max", "@max{0.0000}")]
+                ),
                 ("tissue", "@tissue{0.00}"),
                 ("QC", "@qc"),
                 ("level-0 x, y", "@x, @y"),
@@ -450,6 +455,7 @@ def slide_page(entry: SlideResults, slide_available: bool, slide_error: str | No
                 "y": y,
                 "score": float(tiles.scores[i]),
                 "max": float(tiles.max_scores[i]),
+                "value": float(tiles.headline[i]),
                 "image": f"tile-image/{int(i)}.jpg",
             }
         )
@@ -465,7 +471,8 @@ def slide_page(entry: SlideResults, slide_available: bool, slide_error: str | No
         "vmin": entry.scale.vmin,
         "vcenter": entry.scale.vcenter,
         "vmax": entry.scale.vmax,
-        "score_min": _number(np.nanmin(tiles.scores)) if len(tiles.scores) else None,
+        "score_min": _number(np.nanmin(tiles.headline)) if len(tiles.scores) else None,
+        "tile_score": tiles.tile_score,
         "mark_colours": MARK_COLOURS,
     }
     return (
@@ -487,6 +494,7 @@ def slide_page(entry: SlideResults, slide_available: bool, slide_error: str | No
                 "has_qc": names["qc"] is not None,
                 "slide_error": slide_error,
                 "n_tiles": len(tiles.scores),
+                "tile_score": tiles.tile_score,
                 "mpp": mpp,
                 "tile_um": tiles.tile_size_l0 * mpp,
             }

@@ -20,7 +20,7 @@ from typing import Any
 import numpy as np
 
 from ..errors import InputNotFoundError, InvalidInputError
-from ..stitch import ColourScale, grid_origin
+from ..stitch import ColourScale, grid_origin, headline_scores, recorded_tile_score
 
 log = logging.getLogger(__name__)
 
@@ -49,7 +49,11 @@ COHORT_COLUMNS = (
 
 @dataclass(frozen=True)
 class TileTable:
-    """The scored tiles of one slide. Lengths in level-0 px; arrays have length N."""
+    """The scored tiles of one slide. Lengths in level-0 px; arrays have length N.
+
+    ``tile_score``: which of ``scores`` and ``max_scores`` is the tiles' score (the model
+    family's, as the results record it): what the overlay colours, the threshold compares and
+    the most anomalous tiles are ranked by (:attr:`headline`)."""
 
     coords: np.ndarray  # (N, 2) int64 top-left x, y
     grid_index: np.ndarray  # (N, 2) int64 col, row
@@ -61,6 +65,12 @@ class TileTable:
     grid_cols: int
     grid_rows: int
     qc_flags: np.ndarray | None = None  # (N,) uint16 tissue QC flag bits, when measured
+    tile_score: str = "mean"
+
+    @property
+    def headline(self) -> np.ndarray:
+        """(N,) float32: the tiles' scores by :attr:`tile_score`."""
+        return headline_scores(self.scores, self.max_scores, self.tile_score)
 
     @property
     def grid_origin(self) -> tuple[float, float]:
@@ -68,9 +78,10 @@ class TileTable:
         return grid_origin(self.coords, self.grid_index, self.stride_l0)
 
     def top(self, k: int) -> np.ndarray:
-        """Indices of the ``k`` highest finite scores, highest first."""
-        finite = np.flatnonzero(np.isfinite(self.scores))
-        order = finite[np.argsort(-self.scores[finite], kind="stable")]
+        """Indices of the ``k`` highest finite tile scores (:attr:`headline`), highest first."""
+        ranked = self.headline
+        finite = np.flatnonzero(np.isfinite(ranked))
+        order = finite[np.argsort(-ranked[finite], kind="stable")]
         return order[:k]
 
 
@@ -117,9 +128,21 @@ class SlideResults:
 
     @property
     def viewable(self) -> bool:
-        """Whether the slide page can be drawn: a finished summary and a scored tile store."""
+        """Whether the slide page can be drawn: a finished summary (that names a known tile
+        score, or none) and a scored tile store."""
         store = self.file("tiles.zarr")
+        try:
+            _ = self.tile_score  # a value it does not know: not drawn
+        except InvalidInputError as exc:
+            log.warning("%s", exc)
+            return False
         return bool(self.summary.get("colour_scale")) and store is not None and store.is_dir()
+
+    @property
+    def tile_score(self) -> str:
+        """Which stored value is the tiles' score, as summary.json records it ("mean" when it
+        records none)."""
+        return recorded_tile_score(self.summary, f"{self.folder / 'summary.json'}")
 
     @property
     def slide_path(self) -> Path | None:
@@ -165,6 +188,7 @@ class SlideResults:
                     grid_cols=int(attrs["grid_cols"]),
                     grid_rows=int(attrs["grid_rows"]),
                     qc_flags=store.qc_flags,
+                    tile_score=self.tile_score,
                 )
             return self._tiles
 
@@ -184,14 +208,16 @@ class SlideResults:
 
 
 def cell_overlay_rgba(tiles: TileTable, scale: ColourScale, max_px: int = 4096) -> np.ndarray:
-    """The tile scores as an RGBA image, one grid cell = ``k × k`` pixels (crisp when the browser
-    scales it), transparent where no tile was scored. Returns (rows·k, cols·k, 4) uint8."""
+    """The tile scores (:attr:`TileTable.headline`) as an RGBA image, one grid cell = ``k × k``
+    pixels (crisp when the browser scales it), transparent where no tile was scored. Returns
+    (rows·k, cols·k, 4) uint8."""
     rows, cols = max(tiles.grid_rows, 1), max(tiles.grid_cols, 1)
     grid = np.zeros((rows, cols, 4), np.uint8)
-    ok = np.isfinite(tiles.scores)
+    ranked = tiles.headline
+    ok = np.isfinite(ranked)
     col, row = tiles.grid_index[ok, 0], tiles.grid_index[ok, 1]
     inside = (col >= 0) & (col < cols) & (row >= 0) & (row < rows)
-    grid[row[inside], col[inside], :3] = scale.to_rgb(tiles.scores[ok][inside])
+    grid[row[inside], col[inside], :3] = scale.to_rgb(ranked[ok][inside])
     grid[row[inside], col[inside], 3] = 255
     k = max(1, min(16, max_px // max(rows, cols)))
     return np.repeat(np.repeat(grid, k, axis=0), k, axis=1)

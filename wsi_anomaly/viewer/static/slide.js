@@ -129,7 +129,7 @@
       const fa = new Float64Array(n), la = new Float64Array(n);
       if (on && !image) {
         for (let i = 0; i < n; i++) {
-          const s = d.score[i];
+          const s = d.headline[i];  // the tile's score as the model ranks it
           if (s === null || Number.isNaN(s) || s < t) { continue; }
           if (mode.value === "fill") { fa[i] = a; } else { la[i] = Math.max(a, 0.3); }
         }
@@ -175,7 +175,7 @@
         cx.push(d.cx[i]); cy.push(d.cy[i]); color.push(config.mark_colours[marks[i]]);
         const li = document.createElement("li");
         li.dataset.index = i; li.dataset.mark = marks[i];
-        li.textContent = marks[i] + " · x " + d.x[i] + ", y " + d.y[i] + " · " + fmt(d.score[i], 4);
+        li.textContent = marks[i] + " · x " + d.x[i] + ", y " + d.y[i] + " · " + fmt(d.headline[i], 4);
         list.appendChild(li);
       });
       marksSource.data = {cx: cx, cy: cy, color: color};
