@@ -235,6 +235,38 @@ def test_results_that_record_no_tile_score_are_of_the_mean(patchcore_results, tm
     assert code == 2
 
 
+def test_older_results_of_a_max_family_are_redrawn_by_the_maximum(
+    patchcore_model, patchcore_results, small_slide, tmp_path, monkeypatch
+):
+    """Results that record no tile score were ranked by the mean: a re-run with the same
+    settings re-draws them by the family's maximum, scoring no tile."""
+    from wsi_anomaly.pipeline import slide_run
+
+    source_root, source, before = patchcore_results
+    root = tmp_path / "results"
+    shutil.copytree(source_root, root)
+    folder = root / source.name
+    classes = read_classes(folder)
+    summary = json.loads((folder / "summary.json").read_text())
+    del summary["tile_score"]
+    summary["fraction_anomalous"] = 0.0  # what ranking by the mean gave this calibration
+    (folder / "summary.json").write_text(json.dumps(summary))
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("a tile was scored")
+
+    monkeypatch.setattr(slide_run, "_score_shards", refuse)
+    again = process_slide(small_slide.path, root, patchcore_model, settings())
+    assert again["status"] == "redrawn" and again["tile_score"] == "max"
+    assert before["fraction_anomalous"] > 0
+    assert again["fraction_anomalous"] == pytest.approx(before["fraction_anomalous"])
+    assert (read_classes(folder) == classes).all()
+    # now recorded: the next re-run is reused as it is
+    assert process_slide(small_slide.path, root, patchcore_model, settings())["status"] == (
+        "skipped (done)"
+    )
+
+
 def test_haloae_tiles_stay_on_the_map_mean(tiny_model, small_slide, tmp_path):
     root = tmp_path / "results"
     summary = process_slide(small_slide.path, root, tiny_model, settings())

@@ -125,6 +125,11 @@ def process_slide(
     with OutputLock(out_root / name) as lock:
         plan = _plan(slide_path, out_root, name, model, settings, lock.work_path())
         decision, done = reuse_decision(plan, settings)
+        if decision == "done" and "tile_score" not in done:
+            # Results written before the tile score was recorded ranked tiles by their mean:
+            # the same scores, re-drawn when the model's family ranks them otherwise.
+            if _loaded(model).family.tile_score != "mean":
+                decision = "redraw"
         if decision == "done":
             return done
         if decision == "redraw":  # the same scores, drawn otherwise: no tile is scored
