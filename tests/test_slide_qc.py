@@ -11,6 +11,7 @@ from wsi_anomaly.slide.qc import (
     FLAG_NAMES,
     VALUE_NAMES,
     QCSettings,
+    TileQCMeter,
     arc_lengths,
     border_distance_um,
     colour_reference_od,
@@ -353,3 +354,14 @@ def test_a_second_layer_is_a_fold_and_dense_epithelium_is_not():
     # Judged against one density for the whole slide, the epithelium itself would look doubled.
     alone = measure_tiles(tile[None], None, reference)[0, fold]
     assert alone > QCSettings().max_fold
+
+
+def test_meter_counts_its_own_cpu_time(clean, slide_refs):
+    meter = TileQCMeter(QCSettings(), np.full(len(clean), 100.0), *slide_refs)
+    meter.measure(0, clean)
+    assert 0 < meter.cpu_seconds and 0 < meter.seconds
+    # Flagging tiles already measured adds only the flagging, not a second measurement.
+    before = meter.cpu_seconds
+    values, flags = meter(0, clean)
+    assert meter.cpu_seconds - before < before and len(flags) == len(clean)
+    assert meter.record()["colour_reference_od"] == [float(v) for v in slide_refs[1]]

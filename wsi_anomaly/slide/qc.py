@@ -343,11 +343,18 @@ _ARC_BINS = 32
 
 
 def arc_lengths(
-    lines: np.ndarray, fit_px: float, min_inliers: float, fill: float = 0.7
+    lines: np.ndarray,
+    fit_px: float,
+    min_inliers: float,
+    fill: float = 0.7,
+    min_length: float = 0.0,
 ) -> np.ndarray:
-    """Longest circular arc among the line pixels of each (n, h, w) bool image, in image sides.
+    """Longest circular arc among the line pixels of each (n, h, w) bool image, in image sides
+    (arcs shorter than ``min_length`` sides may read 0: lines too short to hold one are not
+    fitted).
 
-    Each connected line (8-connected, at least a quarter of the image side long) gets a circle
+    Each connected line (8-connected, at least a quarter of the image side and ``fill`` ×
+    ``min_length`` sides in pixels) gets a circle
     fitted by algebraic least squares (Kåsa), refitted three times on the pixels ever closer to
     the previous circle (within 8/3, 4/3 and 1 × ``fit_px`` in turn), so that a rim joined to
     other lines (gaps between fibres crossing it) still finds its own circle. The circle is
@@ -365,7 +372,8 @@ def arc_lengths(
     if n_all == 0:
         return out
     size_all = np.bincount(labels.ravel(), minlength=n_all + 1)
-    fit_all = size_all >= size / 4
+    # A line shorter than fill × min_length image sides cannot cover an arc that long.
+    fit_all = size_all >= size * max(0.25, fill * min_length)
     fit_all[0] = False
     if not fit_all.any():
         return out
@@ -455,41 +463,58 @@ def _step_strips(grid: int, width: float) -> tuple[np.ndarray, np.ndarray]:
 _STEP_GRID = 16
 
 
-def _fold_step(
-    od_rgb: tuple[np.ndarray, np.ndarray, np.ndarray],
-    tissue: np.ndarray,
-    table: np.ndarray,
-    width: float,
-) -> np.ndarray:
-    """Largest step in mean optical density across a straight line of (n, h, w) per-channel
-    density maps, over tissue on both sides, in units of the slide's median density of tissue
-    of the denser side's stain colour (``table``, :func:`colour_reference_od`): the edge of a
-    fold, where the tissue underneath continues and a second layer of the same tissue adds its
-    whole density (dense epithelium beside stroma steps up too, but to its own colour's
-    density: no more than one of its own layers)."""
+def _block_sums(
+    od_rgb: tuple[np.ndarray, np.ndarray, np.ndarray], tissue: np.ndarray
+) -> tuple[np.ndarray, np.ndarray, int] | None:
+    """Per-channel optical density summed over the tissue of each block of a
+    :data:`_STEP_GRID`² grid of (n, h, w) maps: (n, grid², 3) sums, (n, grid²) tissue pixels,
+    and the pixels of a block; None when the maps are smaller than the grid."""
     n, h, w = tissue.shape
     grid = _STEP_GRID
     k = min(h, w) // grid
     if k == 0:
-        return np.full(n, np.nan, np.float32)
+        return None
     t = tissue[:, : grid * k, : grid * k].astype(np.float32)
     # Block sums as two small matrix products (much faster than a 5-d reshape-sum).
     pool = np.kron(np.eye(grid, dtype=np.float32), np.ones((1, k), np.float32))
     cover = (pool @ t @ pool.T).reshape(n, -1)
-    near, far = _step_strips(grid, width)
+    sums = np.stack(
+        [(pool @ (c[:, : grid * k, : grid * k] * t) @ pool.T).reshape(n, -1) for c in od_rgb],
+        axis=-1,
+    )
+    return sums, cover, k * k
+
+
+def _doubled_fraction(
+    sums: np.ndarray, cover: np.ndarray, block_px: int, table: np.ndarray, ratio: float
+) -> np.ndarray:
+    """Fraction of the tissue in blocks (:func:`_block_sums`; blocks at least half tissue)
+    whose mean density is at least ``ratio`` × ``table`` at the block's stain colour."""
+    dens = sums.sum(axis=-1) / np.maximum(cover, 1)
+    single = table[_colour_bins(sums[..., 0], sums[..., 1], sums[..., 2])]
+    doubled = (cover >= 0.5 * block_px) & (dens >= np.float32(ratio) * single)
+    return (cover * doubled).sum(axis=1) / np.maximum(cover.sum(axis=1), 1)
+
+
+def _fold_step(
+    sums: np.ndarray, cover: np.ndarray, block_px: int, table: np.ndarray, width: float
+) -> np.ndarray:
+    """Largest step in mean optical density across a straight line of block density sums
+    (:func:`_block_sums`), over tissue on both sides, in units of the slide's median density
+    of tissue of the denser side's stain colour (``table``, :func:`colour_reference_od`): the
+    edge of a fold, where the tissue underneath continues and a second layer of the same
+    tissue adds its whole density (dense epithelium beside stroma steps up too, but to its own
+    colour's density: no more than one of its own layers)."""
+    near, far = _step_strips(_STEP_GRID, width)
     c_near, c_far = cover @ near.T, cover @ far.T
-    full = np.float32(k * k * 0.7)
+    full = np.float32(0.7 * block_px)
     ok = (c_near >= full * near.sum(1)) & (c_far >= full * far.sum(1))
-    step = np.zeros(ok.shape, np.float32)
-    s_near = []
-    for channel in od_rgb:
-        dens = (pool @ (channel[:, : grid * k, : grid * k] * t) @ pool.T).reshape(n, -1)
-        s_c = dens @ near.T
-        s_near.append(s_c)
-        step += s_c / np.maximum(c_near, 1) - (dens @ far.T) / np.maximum(c_far, 1)
-    single = table[_colour_bins(*s_near)]
-    step = np.where(ok, step / single, 0).max(axis=1)
-    return step.astype(np.float32)
+    channels = np.ascontiguousarray(sums.transpose(0, 2, 1))  # (n, 3, grid²)
+    s_near = channels @ near.T  # (n, 3, lines)
+    s_far = channels @ far.T
+    step = s_near.sum(1) / np.maximum(c_near, 1) - s_far.sum(1) / np.maximum(c_far, 1)
+    single = table[_colour_bins(s_near[:, 0], s_near[:, 1], s_near[:, 2])]
+    return np.where(ok, step / single, 0).max(axis=1).astype(np.float32)
 
 
 #: Colour and density measurements use every SAMPLE_STEP-th pixel of each row and column;
@@ -531,7 +556,8 @@ def measure_tiles(
     key |= b.astype(np.int32) >> shift
     ink = _ink_lut(settings)[key]
     # Optical density summed over R, G, B: −log of the product of the transmissions.
-    od = _OD_LUT[r] + _OD_LUT[g] + _OD_LUT[b]
+    od_rgb = (_OD_LUT[r], _OD_LUT[g], _OD_LUT[b])
+    od = od_rgb[0] + od_rgb[1] + od_rgb[2]
     grey = (r * np.float32(0.299 / 255) + g * np.float32(0.587 / 255)) + b * np.float32(0.114 / 255)
     tissue = (od > 0.3) & (ink == 0)
 
@@ -551,19 +577,16 @@ def measure_tiles(
         out[:, _COL[name]] = np.count_nonzero(flat_ink & bit, axis=1) / n_px
     # Folds: two layers of tissue, whose densities add — tissue about twice as dense as the
     # slide's own tissue of the same stain colour (a doubled layer keeps its hue; nuclei-dense
-    # epithelium is dense but bluer than stroma), averaged over 5×5 sampled pixels (20 px of
+    # epithelium is dense but bluer than stroma), in blocks of 4×4 sampled pixels (16 px of
     # the tile, larger than a nucleus) ...
     table = _colour_table(colour_reference, reference)
-    if settings.max_fold:
-        out[:, _COL["fold"]] = (
-            count(_doubled(r, g, b, tissue, table, settings.fold_od_ratio)) / n_tissue
-        )
+    blocks = _block_sums(od_rgb, tissue) if settings.max_fold or settings.max_fold_step else None
+    if blocks is not None and settings.max_fold:
+        out[:, _COL["fold"]] = _doubled_fraction(*blocks, table, settings.fold_od_ratio)
     # ... or a straight edge across which the density steps up by a whole layer of tissue.
     # (A flag turned off, threshold 0, skips its measurement: NaN.)
-    if settings.max_fold_step:
-        out[:, _COL["fold_step"]] = _fold_step(
-            (_OD_LUT[r], _OD_LUT[g], _OD_LUT[b]), tissue, table, settings.fold_step_width
-        )
+    if blocks is not None and settings.max_fold_step:
+        out[:, _COL["fold_step"]] = _fold_step(*blocks, table, settings.fold_step_width)
     # Bubble rims: long thin bright lines that follow a circle, on every 2nd pixel.
     if settings.max_bubble:
         bstep = BUBBLE_STEP
@@ -572,7 +595,11 @@ def measure_tiles(
             half > round(255 * settings.bubble_min_grey)
         )
         out[:, _COL["bubble"]] = arc_lengths(
-            lines, settings.bubble_fit_px, settings.bubble_inliers, settings.bubble_fill
+            lines,
+            settings.bubble_fit_px,
+            settings.bubble_inliers,
+            settings.bubble_fill,
+            settings.max_bubble,
         )
     out[:, _COL["brightness"]] = grey.reshape(n, -1).mean(axis=1)
     out[:, _COL["stain_od"]] = (
@@ -790,27 +817,6 @@ def _colour_table(colour_reference: np.ndarray | None, reference: float) -> np.n
     if colour_reference is not None and len(colour_reference) == _COLOUR_BINS:
         return np.asarray(colour_reference, np.float32)
     return np.full(_COLOUR_BINS, reference if math.isfinite(reference) else 1.0, np.float32)
-
-
-def _doubled(
-    r: np.ndarray,
-    g: np.ndarray,
-    b: np.ndarray,
-    tissue: np.ndarray,
-    table: np.ndarray,
-    ratio: float,
-) -> np.ndarray:
-    """(n, h, w) bool: tissue whose optical density, averaged over 5×5 pixels of tissue, is at
-    least ``ratio`` × ``table`` at its own stain colour (:func:`_colour_bins`)."""
-    weight = tissue.astype(np.float32)
-    size = (1, 5, 5)
-    cover = ndimage.uniform_filter(weight, size=size)
-    od_r = ndimage.uniform_filter(_OD_LUT[r] * weight, size=size)
-    od_g = ndimage.uniform_filter(_OD_LUT[g] * weight, size=size)
-    od_b = ndimage.uniform_filter(_OD_LUT[b] * weight, size=size)
-    dens = (od_r + od_g + od_b) / np.maximum(cover, np.float32(1e-3))
-    single = table[_colour_bins(od_r, od_g, od_b)]
-    return tissue & (cover > 0.5) & (dens >= np.float32(ratio) * single)
 
 
 def reference_od(thumbnail: np.ndarray, mask: np.ndarray) -> float:
