@@ -138,7 +138,7 @@ class QCSettings:
     bubble_fit_px: float = 1.5
     bubble_inliers: float = 0.1
     bubble_fill: float = 0.7
-    max_bubble: float = 0.6
+    max_bubble: float = 0.55
     #: exposure: mean grey level of the tile above / below these.
     max_brightness: float = 0.92
     min_brightness: float = 0.25
@@ -332,12 +332,6 @@ _PLANE = np.zeros((3, 3, 3), bool)
 _PLANE[1] = True
 
 
-@functools.lru_cache(maxsize=4)
-def _checkerboard(shape: tuple[int, int]) -> np.ndarray:
-    yy, xx = np.indices(shape)
-    return (yy + xx) % 2 == 0
-
-
 #: Angular bins of an arc's coverage of its circle.
 _ARC_BINS = 32
 
@@ -371,7 +365,9 @@ def arc_lengths(
     labels, n_all = ndimage.label(lines, _PLANE)
     if n_all == 0:
         return out
-    size_all = np.bincount(labels.ravel(), minlength=n_all + 1)
+    flat = labels.ravel()
+    on = np.flatnonzero(flat)  # the line pixels only (a small part of the image)
+    size_all = np.bincount(flat[on], minlength=n_all + 1)
     # A line shorter than fill × min_length image sides cannot cover an arc that long.
     fit_all = size_all >= size * max(0.25, fill * min_length)
     fit_all[0] = False
@@ -380,11 +376,13 @@ def arc_lengths(
     # Only the pixels of lines long enough to be fitted, renumbered 1…n_lab, and of those every
     # other one on a checkerboard: lines are 2–3 px thick, so circles and sector coverage are
     # unchanged at half the arithmetic (counts are doubled back below).
-    z, yi, xi = np.nonzero(lines & _checkerboard(lines.shape[1:]))
+    h, w = lines.shape[1:]
     renumber = np.where(fit_all, np.cumsum(fit_all), 0)
-    lab = renumber[labels[z, yi, xi]]
-    keep = lab > 0
-    z, yi, xi, lab = z[keep], yi[keep], xi[keep], lab[keep]
+    lab = renumber[flat[on]]
+    zr, rest = np.divmod(on, h * w)
+    yi, xi = np.divmod(rest, w)
+    keep = (lab > 0) & ((yi + xi) % 2 == 0)
+    z, yi, xi, lab = zr[keep], yi[keep], xi[keep], lab[keep]
     n_lab = int(fit_all.sum())
     count = 2 * np.bincount(lab, minlength=n_lab + 1).astype(np.float64)
     fit = np.ones(n_lab + 1, bool)
