@@ -354,6 +354,10 @@ def test_a_second_layer_is_a_fold_and_dense_epithelium_is_not():
     # Judged against one density for the whole slide, the epithelium itself would look doubled.
     alone = measure_tiles(tile[None], None, reference)[0, fold]
     assert alone > QCSettings().max_fold
+    # A threshold of 0 turns the flag off and skips the measurement.
+    off = QCSettings(max_fold=0)
+    values = measure_tiles(folded[None], off, reference, colour)
+    assert np.isnan(values[0, fold]) and not flag_masks(flag_tiles(values, off))["fold"].any()
 
 
 def test_meter_counts_its_own_cpu_time(clean, slide_refs):

@@ -11,8 +11,8 @@ never read a second time), vectorised over a batch of tiles:
 * ``pen_green``, ``pen_blue``, ``pen_black``, ``pen_red``: fraction of the tile's pixels in a
   marker-ink colour class (HSV hue, saturation and value windows outside H&E's pink→purple,
   precomputed into one colour lookup table).
-* ``fold``: fraction of tissue pixels whose optical density (summed over RGB, averaged over
-  ~20 px) is about twice the slide's median density of tissue of the same stain colour
+* ``fold``: fraction of the tissue whose optical density (summed over RGB, averaged over
+  16-px blocks) is about twice the slide's median density of tissue of the same stain colour
   (:func:`colour_reference_od`, from the thumbnail): two layers of tissue, whose densities add
   while their hue stays (dense epithelium is dense too, but bluer than the stroma it borders).
 * ``fold_step``: the largest step in mean density across a straight line with tissue on both
@@ -348,8 +348,8 @@ def arc_lengths(
     fitted).
 
     Each connected line (8-connected, at least a quarter of the image side and ``fill`` ×
-    ``min_length`` sides in pixels) gets a circle
-    fitted by algebraic least squares (Kåsa), refitted three times on the pixels ever closer to
+    ``min_length`` sides in pixels) gets a circle fitted by algebraic least squares (Kåsa),
+    refitted three times on the pixels ever closer to
     the previous circle (within 8/3, 4/3 and 1 × ``fit_px`` in turn), so that a rim joined to
     other lines (gaps between fibres crossing it) still finds its own circle. The circle is
     split into 32 sectors; a sector is covered when its pixels within ``fit_px`` of the circle
@@ -582,7 +582,7 @@ def measure_tiles(
     if blocks is not None and settings.max_fold:
         out[:, _COL["fold"]] = _doubled_fraction(*blocks, table, settings.fold_od_ratio)
     # ... or a straight edge across which the density steps up by a whole layer of tissue.
-    # (A flag turned off, threshold 0, skips its measurement: NaN.)
+    # (A threshold of 0 turns its flag off and skips its measurement: NaN.)
     if blocks is not None and settings.max_fold_step:
         out[:, _COL["fold_step"]] = _fold_step(*blocks, table, settings.fold_step_width)
     # Bubble rims: long thin bright lines that follow a circle, on every 2nd pixel.
@@ -767,16 +767,17 @@ def slide_verdict(fractions: Mapping[str, float], settings: QCSettings) -> tuple
 _COLOUR_BINS = 36
 #: Thumbnail pixels a colour bin needs for its own median (others take the nearest bin's).
 _MIN_BIN_PIXELS = 50
-#: The two axes of the plane perpendicular to grey in (R, G, B) density space.
-_CHROMA_U = np.array([1, -1, 0], np.float32) / np.sqrt(np.float32(2))
-_CHROMA_V = np.array([1, 1, -2], np.float32) / np.sqrt(np.float32(6))
+#: Unit axes of the plane perpendicular to grey in (R, G, B) density space: (1, −1, 0)/√2 and
+#: (1, 1, −2)/√6.
+_CHROMA_U = np.float32(1 / math.sqrt(2))
+_CHROMA_V = np.float32(1 / math.sqrt(6))
 
 
 def _colour_bins(od_r: np.ndarray, od_g: np.ndarray, od_b: np.ndarray) -> np.ndarray:
     """Colour bin (0 … _COLOUR_BINS − 1) of each pixel from its per-channel optical densities
     (any common scale)."""
-    u = (od_r - od_g) * _CHROMA_U[0]
-    v = (od_r + od_g - 2 * od_b) * _CHROMA_V[0]
+    u = (od_r - od_g) * _CHROMA_U
+    v = (od_r + od_g - 2 * od_b) * _CHROMA_V
     angle = np.arctan2(v, u)
     k = ((angle + np.float32(np.pi)) * np.float32(_COLOUR_BINS / (2 * np.pi))).astype(np.int32)
     return np.minimum(k, _COLOUR_BINS - 1)
@@ -785,8 +786,8 @@ def _colour_bins(od_r: np.ndarray, od_g: np.ndarray, od_b: np.ndarray) -> np.nda
 def colour_reference_od(thumbnail: np.ndarray, mask: np.ndarray) -> np.ndarray:
     """Median optical density (summed over RGB) of a thumbnail's tissue per stain colour
     (:data:`_COLOUR_BINS` bins of the hue of the density, :func:`_colour_bins`; bins with
-    too few pixels take the nearest populated bin's value): the density of one layer of this slide's
-    tissue of each colour, which folds are judged against. Empty without tissue."""
+    too few pixels take the nearest populated bin's value): the density of one layer of this
+    slide's tissue of each colour, which folds are judged against. Empty without tissue."""
     rgb = np.asarray(thumbnail)[..., :3][np.asarray(mask, bool)]
     od = _OD_LUT[rgb]
     dens = od.sum(axis=-1)
@@ -819,7 +820,8 @@ def _colour_table(colour_reference: np.ndarray | None, reference: float) -> np.n
 
 def reference_od(thumbnail: np.ndarray, mask: np.ndarray) -> float:
     """Median optical density (summed over RGB) of a thumbnail's tissue pixels: the slide's
-    staining level (NaN without tissue). Folds are judged against it."""
+    staining level (NaN without tissue). Folds are judged against it where the density per
+    stain colour (:func:`colour_reference_od`) is unknown."""
     if not np.any(mask):
         return float("nan")
     rgb = np.asarray(thumbnail)[..., :3][np.asarray(mask, bool)].astype(np.float32) / 255
