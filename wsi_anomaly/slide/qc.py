@@ -767,6 +767,8 @@ def slide_verdict(fractions: Mapping[str, float], settings: QCSettings) -> tuple
 _COLOUR_BINS = 36
 #: Thumbnail pixels a colour bin needs for its own median (others take the nearest bin's).
 _MIN_BIN_PIXELS = 50
+#: Thumbnail tissue pixels the per-colour medians are taken from, at most (about).
+_MAX_REFERENCE_PIXELS = 400_000
 #: Unit axes of the plane perpendicular to grey in (R, G, B) density space: (1, −1, 0)/√2 and
 #: (1, 1, −2)/√6.
 _CHROMA_U = np.float32(1 / math.sqrt(2))
@@ -789,6 +791,9 @@ def colour_reference_od(thumbnail: np.ndarray, mask: np.ndarray) -> np.ndarray:
     too few pixels take the nearest populated bin's value): the density of one layer of this
     slide's tissue of each colour, which folds are judged against. Empty without tissue."""
     rgb = np.asarray(thumbnail)[..., :3][np.asarray(mask, bool)]
+    # Medians need no more than a few hundred thousand pixels: an evenly spread subset of a
+    # large thumbnail's tissue keeps the memory small.
+    rgb = rgb[:: max(1, len(rgb) // _MAX_REFERENCE_PIXELS)]
     od = _OD_LUT[rgb]
     dens = od.sum(axis=-1)
     on = dens > 0.3
