@@ -369,3 +369,18 @@ def test_meter_counts_its_own_cpu_time(clean, slide_refs):
     values, flags = meter(0, clean)
     assert meter.cpu_seconds - before < before and len(flags) == len(clean)
     assert meter.record()["colour_reference_od"] == [float(v) for v in slide_refs[1]]
+
+
+def test_a_shifted_fold_over_glass_leaves_glass():
+    """Two layers only where both hold tissue: glass under glass stays glass, one layer of
+    tissue over glass is that layer, not darker."""
+    rng = np.random.default_rng(8)
+    tile, density = flat_tissue(rng)
+    tile[:, 128:] = 242  # the right half is bare glass
+    folded = artifacts.fold(tile, rng)
+    glass_both = (tile == 242).all(axis=-1) & (folded == 242).all(axis=-1)
+    assert glass_both.mean() > 0.05  # some glass lies under glass and is left alone
+    od = -np.log(np.maximum(folded.astype(np.float32), 1) / 242).sum(axis=-1)
+    # Nowhere denser than two layers of the tissue, darkened for the stack.
+    assert od.max() < 2 * density + 3 * -np.log(0.85) + 0.3
+    assert (artifacts.fold(np.full((256, 256, 3), 242, np.uint8), rng) == 242).all()
