@@ -11,14 +11,18 @@ from wsi_anomaly.slide.qc import (
     FLAG_NAMES,
     VALUE_NAMES,
     QCSettings,
+    TileQCMeter,
     arc_lengths,
     border_distance_um,
+    colour_reference_od,
     flag_labels,
     flag_masks,
     flag_tiles,
     load_qc_settings,
     measure_tiles,
+    reference_od,
     slide_verdict,
+    stored_colour_reference,
 )
 from wsi_anomaly.tiles import TileStore
 
@@ -30,31 +34,40 @@ def clean(small_store) -> np.ndarray:
     return store.read(0, len(store))
 
 
-def flags_of(tiles: np.ndarray, reference: float = 0.67) -> dict[str, np.ndarray]:
-    return flag_masks(flag_tiles(measure_tiles(tiles, reference=reference)))
+@pytest.fixture(scope="module")
+def slide_refs(small_store) -> tuple[float, np.ndarray | None]:
+    """The synthetic slide's reference densities (overall, and per stain colour)."""
+    store = TileStore(small_store)
+    return store.qc["reference_od"], stored_colour_reference(store.qc)
+
+
+def flags_of(
+    tiles: np.ndarray, reference: float = 0.67, colour: np.ndarray | None = None
+) -> dict[str, np.ndarray]:
+    return flag_masks(flag_tiles(measure_tiles(tiles, None, reference, colour)))
 
 
 ARTIFACT_FLAGS = [name for name in FLAG_NAMES if name != "border"]
 
 
-def test_clean_tissue_raises_no_artifact_flag(clean):
-    flags = flags_of(clean)
+def test_clean_tissue_raises_no_artifact_flag(clean, slide_refs):
+    flags = flags_of(clean, *slide_refs)
     for name in ARTIFACT_FLAGS:
         assert not flags[name].any(), name
 
 
 @pytest.mark.parametrize("sigma", [1.0, 2.0, 4.0])
-def test_blur_is_flagged(clean, sigma):
+def test_blur_is_flagged(clean, sigma, slide_refs):
     blurred = np.stack([artifacts.blur(t, sigma) for t in clean])
-    assert flags_of(blurred)["blur"].all()
-    assert not flags_of(clean)["blur"].any()
+    assert flags_of(blurred, *slide_refs)["blur"].all()
+    assert not flags_of(clean, *slide_refs)["blur"].any()
 
 
 @pytest.mark.parametrize("ink", ["green", "blue", "black", "red"])
-def test_pen_ink_is_flagged_by_its_colour(clean, ink):
+def test_pen_ink_is_flagged_by_its_colour(clean, ink, slide_refs):
     rng = np.random.default_rng(0)
     inked = np.stack([artifacts.pen(t, ink, rng) for t in clean])
-    flags = flags_of(inked)
+    flags = flags_of(inked, *slide_refs)
     assert flags[f"pen_{ink}"].all()
     others = [f"pen_{c}" for c in artifacts.INK_RGB if c != ink]
     assert not any(flags[o].any() for o in others)
@@ -78,11 +91,11 @@ def test_fold_is_flagged_against_the_slides_staining():
     assert not flags_of(folded[None], reference * 3)["fold"].any()
 
 
-def test_fold_on_synthetic_tissue(clean):
+def test_fold_on_synthetic_tissue(clean, slide_refs):
     rng = np.random.default_rng(1)
     folded = np.stack([artifacts.fold(t, rng, darken=0.5) for t in clean])
-    assert flags_of(folded)["fold"].mean() >= 0.5
-    assert not flags_of(clean)["fold"].any()
+    assert flags_of(folded, *slide_refs)["fold"].mean() >= 0.5
+    assert not flags_of(clean, *slide_refs)["fold"].any()
 
 
 def test_bubble_rims_are_flagged():
@@ -165,19 +178,23 @@ def test_fold_edge_is_a_density_step_across_a_straight_line():
     )
     assert v_doubled[step] >= QCSettings().max_fold_step
     assert v_tile[step] < 0.2 and v_graded[step] < QCSettings().max_fold_step
-    flags = flags_of(np.stack([tile, doubled, graded]), reference)["fold"]
+    # The edge alone (the dense-tissue measurement off: the ramp's dark end is 2.7 × this
+    # slide's median density, which ``fold`` rightly calls thick).
+    edge_only = QCSettings(max_fold=0)
+    values = measure_tiles(np.stack([tile, doubled, graded]), edge_only, reference)
+    flags = flag_masks(flag_tiles(values, edge_only))["fold"]
     assert flags.tolist() == [False, True, False]
 
 
-def test_exposure_and_faint_staining(clean):
+def test_exposure_and_faint_staining(clean, slide_refs):
     tile = clean[:1].astype(np.float32)
     bright = np.clip(tile * 0.1 + 240, 0, 255).astype(np.uint8)
     dark = (tile * 0.15).astype(np.uint8)
     faint = np.clip(255 - (255 - tile) * 0.15, 0, 255).astype(np.uint8)
-    assert flags_of(bright)["overexposed"].all()
-    assert flags_of(dark)["underexposed"].all()
-    assert flags_of(faint)["faint"].all()
-    normal = flags_of(clean[:1])
+    assert flags_of(bright, *slide_refs)["overexposed"].all()
+    assert flags_of(dark, *slide_refs)["underexposed"].all()
+    assert flags_of(faint, *slide_refs)["faint"].all()
+    normal = flags_of(clean[:1], *slide_refs)
     assert not (normal["overexposed"] | normal["underexposed"] | normal["faint"]).any()
 
 
@@ -254,7 +271,9 @@ def test_store_keeps_qc_beside_the_tiles(small_store):
     assert np.isfinite(values).all()
     # The values are those of the stored tiles (same pixels, no second read of the slide).
     # Measured in the decoding threads, part by part: the same as all tiles measured at once.
-    again = measure_tiles(store.read(0, len(store)), reference=store.qc["reference_od"])
+    colour = stored_colour_reference(store.qc)
+    assert colour is not None  # the slide's density per stain colour, for the fold measurement
+    again = measure_tiles(store.read(0, len(store)), None, store.qc["reference_od"], colour)
     own = [k for k, name in enumerate(VALUE_NAMES) if name != "border_um"]
     np.testing.assert_allclose(values[:, own], again[:, own], rtol=1e-5, atol=1e-6)
 
@@ -292,3 +311,76 @@ def test_a_folded_flap_doubles_the_tissue_it_covers_and_bares_the_glass():
     # Over glass a flap is a single layer: glass is never darkened.
     blank = np.full((256, 256, 3), 242, np.uint8)
     assert (artifacts.fold_flap(blank, rng) == 242).all()
+
+
+def two_tissues(rng: np.random.Generator) -> np.ndarray:
+    """Pale pink stroma on the left, nuclei-dense purple epithelium (2.6 × its density) on
+    the right, slightly noisy."""
+    tile = np.empty((256, 256, 3), np.float32)
+    tile[:, :128] = (225, 150, 200)
+    tile[:, 128:] = (120, 80, 160)
+    return np.clip(tile + rng.normal(0, 4, tile.shape), 0, 255).astype(np.uint8)
+
+
+def test_colour_reference_is_each_stains_own_density():
+    tile = two_tissues(np.random.default_rng(6))
+    table = colour_reference_od(tile, np.ones(tile.shape[:2], bool))
+    od = -np.log(np.maximum(tile.astype(np.float32), 1) / 255).sum(axis=-1)
+    stroma, epithelium = np.median(od[:, :128]), np.median(od[:, 128:])
+    values = np.unique(np.round(table, 1))
+    # Each stain colour has its own single-layer density; colours not on the slide take the
+    # nearest one's.
+    assert values.min() == pytest.approx(stroma, abs=0.1)
+    assert values.max() == pytest.approx(epithelium, abs=0.1)
+    assert len(colour_reference_od(tile, np.zeros(tile.shape[:2], bool))) == 0
+
+
+def test_a_second_layer_is_a_fold_and_dense_epithelium_is_not():
+    rng = np.random.default_rng(7)
+    tile = two_tissues(rng)
+    colour = colour_reference_od(tile, np.ones(tile.shape[:2], bool))
+    # A slide mostly of stroma: its median density is the stroma's.
+    reference = reference_od(tile[:, :100], np.ones((256, 100), bool))
+    # A second layer of stroma over the middle of the stroma (transmissions multiply; a
+    # folded stack is a little darker still).
+    folded = tile.astype(np.float32)
+    folded[:, 32:96] *= tile[:, 32:96] / 242 * 0.9
+    folded = np.clip(folded, 0, 255).astype(np.uint8)
+    fold = VALUE_NAMES.index("fold")
+    v_clean, v_folded = measure_tiles(np.stack([tile, folded]), None, reference, colour)
+    # The second layer covers a quarter of the tissue.
+    assert v_clean[fold] < 0.01 and 0.15 < v_folded[fold] <= 0.25
+    assert flags_of(np.stack([tile, folded]), reference, colour)["fold"].tolist() == [False, True]
+    # Judged against one density for the whole slide, the epithelium itself would look doubled.
+    alone = measure_tiles(tile[None], None, reference)[0, fold]
+    assert alone > QCSettings().max_fold
+    # A threshold of 0 turns the flag off and skips the measurement.
+    off = QCSettings(max_fold=0)
+    values = measure_tiles(folded[None], off, reference, colour)
+    assert np.isnan(values[0, fold]) and not flag_masks(flag_tiles(values, off))["fold"].any()
+
+
+def test_meter_counts_its_own_cpu_time(clean, slide_refs):
+    meter = TileQCMeter(QCSettings(), np.full(len(clean), 100.0), *slide_refs)
+    meter.measure(0, clean)
+    assert 0 < meter.cpu_seconds and 0 < meter.seconds
+    # Flagging tiles already measured adds only the flagging, not a second measurement.
+    before = meter.cpu_seconds
+    values, flags = meter(0, clean)
+    assert meter.cpu_seconds - before < before and len(flags) == len(clean)
+    assert meter.record()["colour_reference_od"] == [float(v) for v in slide_refs[1]]
+
+
+def test_a_shifted_fold_over_glass_leaves_glass():
+    """Two layers only where both hold tissue: glass under glass stays glass, one layer of
+    tissue over glass is that layer, not darker."""
+    rng = np.random.default_rng(8)
+    tile, density = flat_tissue(rng)
+    tile[:, 128:] = 242  # the right half is bare glass
+    folded = artifacts.fold(tile, rng)
+    glass_both = (tile == 242).all(axis=-1) & (folded == 242).all(axis=-1)
+    assert glass_both.mean() > 0.05  # some glass lies under glass and is left alone
+    od = -np.log(np.maximum(folded.astype(np.float32), 1) / 242).sum(axis=-1)
+    # Nowhere denser than two layers of the tissue, darkened for the stack.
+    assert od.max() < 2 * density + 3 * -np.log(0.85) + 0.3
+    assert (artifacts.fold(np.full((256, 256, 3), 242, np.uint8), rng) == 242).all()

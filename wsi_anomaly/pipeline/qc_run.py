@@ -190,6 +190,7 @@ def qc_slide(
                     "timings_s": {
                         "tiles_s": tiles_s,
                         "qc_s": meter.seconds,
+                        "qc_cpu_s": meter.cpu_seconds,
                         "total_s": time.perf_counter() - t_start,
                     },
                     "outputs": {

@@ -27,7 +27,7 @@ from ..outputs import (
 from ..score import Scorer, score_shards, shared_scorer
 from ..slide import Slide, slide_fingerprint
 from ..slide.grid import TileGrid
-from ..slide.qc import TileQCMeter, qc_record
+from ..slide.qc import TileQCMeter
 from ..slide.resolution import load_mpp_csv, lookup_mpp
 from ..slide.tissue import TissueMask
 from ..stitch import colour_scale
@@ -269,7 +269,7 @@ def _tile_and_score(
     with TileStoreWriter.for_tiles(store_path, kept, attrs) as writer:
         writer.create_scores(settings.keep_maps, scorer.map_px)
         if meter is not None:
-            writer.create_qc(qc_record(meter.settings, meter.reference))
+            writer.create_qc(meter.record())
         shards: Iterable[tuple[int, np.ndarray]] = stream_tiles(
             slide,
             kept,
@@ -318,7 +318,7 @@ def _score_store(
     n, shard = len(store), store.shard_tiles
     store.reset_scores(settings.keep_maps, scorer.map_px)
     if meter is not None:
-        store.reset_qc(qc_record(meter.settings, meter.reference))
+        store.reset_qc(meter.record())
 
     def shards(pool: ThreadPoolExecutor) -> Iterator[tuple[int, np.ndarray]]:
         futures = {

@@ -1,8 +1,8 @@
 """Synthetic slide artifacts drawn onto tiles, to test and measure quality control.
 
 Each function returns a new (T, T, 3) uint8 tile: ``blur`` (Gaussian, out of focus), ``pen``
-(a marker stroke of one ink colour, transmissive like real ink), ``fold`` (a darkened, shifted
-copy of the tissue laid over itself), ``fold_flap`` (a flap of tissue turned over along a
+(a marker stroke of one ink colour, transmissive like real ink), ``fold`` (a shifted copy of
+the tissue laid over itself), ``fold_flap`` (a flap of tissue turned over along a
 straight line onto its neighbour, leaving bare glass where it came from) and ``bubble`` (the
 bright rim of an air bubble).
 """
@@ -50,13 +50,28 @@ def pen(tile: np.ndarray, ink: str, rng: np.random.Generator, width_px: float = 
     return np.clip(out + 0.5, 0, 255).astype(np.uint8)
 
 
-def fold(tile: np.ndarray, rng: np.random.Generator, darken: float = 0.85) -> np.ndarray:
-    """Tissue folded onto itself over part of the tile: the tile multiplied (transmission) by a
-    shifted copy of itself and darkened, on a band covering about half of the tile."""
+def _layer_od(rgb: np.ndarray, glass: np.ndarray) -> np.ndarray:
+    """Optical density (summed over RGB) of a layer relative to bare glass."""
+    return -np.log(np.clip(rgb / glass, 1 / 255, 1)).sum(axis=-1)
+
+
+def fold(
+    tile: np.ndarray,
+    rng: np.random.Generator,
+    darken: float = 0.85,
+    glass_rgb: tuple[int, int, int] = (242, 242, 242),
+) -> np.ndarray:
+    """Tissue folded onto itself over part of the tile: on a band covering about half of the
+    tile, a shifted copy of the tissue lies over it. Light crosses both layers (transmissions
+    relative to the bare glass ``glass_rgb`` multiply) and where both hold tissue the stack is
+    darker still (``darken``: thicker, compressed); glass under glass stays glass."""
     size = tile.shape[0]
     shift = rng.integers(size // 8, size // 3, 2) * rng.choice([-1, 1], 2)
     shifted = np.roll(tile, tuple(int(s) for s in shift), axis=(0, 1)).astype(np.float32)
-    folded = tile.astype(np.float32) * (shifted / 255) * darken
+    glass = np.array(glass_rgb, np.float32)
+    folded = tile.astype(np.float32) * np.minimum(shifted / glass, 1)
+    both = (_layer_od(shifted, glass) > 0.3) & (_layer_od(tile.astype(np.float32), glass) > 0.3)
+    folded[both] *= darken
     band = _stroke_mask(size, rng, size * rng.uniform(0.5, 0.7))
     out = tile.astype(np.float32)
     out[band] = folded[band]
@@ -116,9 +131,7 @@ def fold_flap(
     glass = np.array(glass_rgb, np.float32)
     doubled = out * np.minimum(flap / glass, 1)
     # Only where both layers hold tissue is the stack thicker than one section.
-    flap_od = -np.log(np.clip(flap / glass, 1 / 255, 1)).sum(axis=-1)
-    tissue_od = -np.log(np.clip(out / glass, 1 / 255, 1)).sum(axis=-1)
-    both = (flap_od > 0.3) & (tissue_od > 0.3)
+    both = (_layer_od(flap, glass) > 0.3) & (_layer_od(out, glass) > 0.3)
     doubled[both] *= darken
     out[under] = doubled[under]
     out[source] = glass

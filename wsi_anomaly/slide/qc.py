@@ -11,12 +11,13 @@ never read a second time), vectorised over a batch of tiles:
 * ``pen_green``, ``pen_blue``, ``pen_black``, ``pen_red``: fraction of the tile's pixels in a
   marker-ink colour class (HSV hue, saturation and value windows outside H&E's pink→purple,
   precomputed into one colour lookup table).
-* ``fold``: fraction of tissue pixels whose optical density (summed over RGB, averaged over
-  ~20 px) exceeds a multiple of the slide's median tissue density (:func:`reference_od`, from
-  the thumbnail): doubled, thick tissue.
+* ``fold``: fraction of the tissue whose optical density (summed over RGB, averaged over
+  16-px blocks) is about twice the slide's median density of tissue of the same stain colour
+  (:func:`colour_reference_od`, from the thumbnail): two layers of tissue, whose densities add
+  while their hue stays (dense epithelium is dense too, but bluer than the stroma it borders).
 * ``fold_step``: the largest step in mean density across a straight line with tissue on both
-  sides, in units of the slide's median density: the edge of a fold, where a second layer of
-  tissue starts over tissue that continues underneath.
+  sides, in units of the slide's median density of tissue of the denser side's colour: the
+  edge of a fold, where a second layer of tissue starts over tissue that continues underneath.
 * ``bubble``: the longest circular arc covered continuously by thin bright lines, in tile sides
   (:func:`arc_lengths`): bubble rims and coverslip edges, told from the short, irregular bright
   gaps between fibres by their shape.
@@ -118,14 +119,16 @@ class QCSettings:
     pen_red_min_saturation: float = 0.6
     #: black ink: value (max of RGB) below this with low saturation.
     pen_black_max_value: float = 0.2
-    #: fold: tissue optical density (sum over RGB) above ``fold_od_ratio`` × the slide's median
-    #: tissue density (:func:`reference_od`), on at least ``max_fold`` of the tissue pixels …
-    fold_od_ratio: float = 2.5
-    max_fold: float = 0.45
+    #: fold: tissue optical density (sum over RGB) at least ``fold_od_ratio`` × the slide's
+    #: median density of tissue of the same stain colour (:func:`colour_reference_od`), on at
+    #: least ``max_fold`` of the tissue pixels …
+    fold_od_ratio: float = 2.0
+    max_fold: float = 0.14
     #: … or a straight edge across which the mean density of strips ``fold_step_width`` (of the
-    #: tile side) wide steps up by at least ``max_fold_step`` × the slide's median density.
+    #: tile side) wide steps up by at least ``max_fold_step`` × the slide's median density of
+    #: tissue of the denser strip's colour.
     fold_step_width: float = 0.2
-    max_fold_step: float = 1.5
+    max_fold_step: float = 1.2
     #: bubble/coverslip edge: thin bright lines (brighter than both sides by ``bubble_contrast``,
     #: grey at least ``bubble_min_grey``) that follow a circle continuously (see
     #: :func:`arc_lengths`: ``bubble_fit_px`` at half resolution, ``bubble_inliers``,
@@ -135,7 +138,7 @@ class QCSettings:
     bubble_fit_px: float = 1.5
     bubble_inliers: float = 0.1
     bubble_fill: float = 0.7
-    max_bubble: float = 0.6
+    max_bubble: float = 0.55
     #: exposure: mean grey level of the tile above / below these.
     max_brightness: float = 0.92
     min_brightness: float = 0.25
@@ -329,23 +332,24 @@ _PLANE = np.zeros((3, 3, 3), bool)
 _PLANE[1] = True
 
 
-@functools.lru_cache(maxsize=4)
-def _checkerboard(shape: tuple[int, int]) -> np.ndarray:
-    yy, xx = np.indices(shape)
-    return (yy + xx) % 2 == 0
-
-
 #: Angular bins of an arc's coverage of its circle.
 _ARC_BINS = 32
 
 
 def arc_lengths(
-    lines: np.ndarray, fit_px: float, min_inliers: float, fill: float = 0.7
+    lines: np.ndarray,
+    fit_px: float,
+    min_inliers: float,
+    fill: float = 0.7,
+    min_length: float = 0.0,
 ) -> np.ndarray:
-    """Longest circular arc among the line pixels of each (n, h, w) bool image, in image sides.
+    """Longest circular arc among the line pixels of each (n, h, w) bool image, in image sides
+    (arcs shorter than ``min_length`` sides may read 0: lines too short to hold one are not
+    fitted).
 
-    Each connected line (8-connected, at least a quarter of the image side long) gets a circle
-    fitted by algebraic least squares (Kåsa), refitted three times on the pixels ever closer to
+    Each connected line (8-connected, at least a quarter of the image side and ``fill`` ×
+    ``min_length`` sides in pixels) gets a circle fitted by algebraic least squares (Kåsa),
+    refitted three times on the pixels ever closer to
     the previous circle (within 8/3, 4/3 and 1 × ``fit_px`` in turn), so that a rim joined to
     other lines (gaps between fibres crossing it) still finds its own circle. The circle is
     split into 32 sectors; a sector is covered when its pixels within ``fit_px`` of the circle
@@ -361,19 +365,24 @@ def arc_lengths(
     labels, n_all = ndimage.label(lines, _PLANE)
     if n_all == 0:
         return out
-    size_all = np.bincount(labels.ravel(), minlength=n_all + 1)
-    fit_all = size_all >= size / 4
+    flat = labels.ravel()
+    on = np.flatnonzero(flat)  # the line pixels only (a small part of the image)
+    size_all = np.bincount(flat[on], minlength=n_all + 1)
+    # A line shorter than fill × min_length image sides cannot cover an arc that long.
+    fit_all = size_all >= size * max(0.25, fill * min_length)
     fit_all[0] = False
     if not fit_all.any():
         return out
     # Only the pixels of lines long enough to be fitted, renumbered 1…n_lab, and of those every
     # other one on a checkerboard: lines are 2–3 px thick, so circles and sector coverage are
     # unchanged at half the arithmetic (counts are doubled back below).
-    z, yi, xi = np.nonzero(lines & _checkerboard(lines.shape[1:]))
+    h, w = lines.shape[1:]
     renumber = np.where(fit_all, np.cumsum(fit_all), 0)
-    lab = renumber[labels[z, yi, xi]]
-    keep = lab > 0
-    z, yi, xi, lab = z[keep], yi[keep], xi[keep], lab[keep]
+    lab = renumber[flat[on]]
+    zr, rest = np.divmod(on, h * w)
+    yi, xi = np.divmod(rest, w)
+    keep = (lab > 0) & ((yi + xi) % 2 == 0)
+    z, yi, xi, lab = zr[keep], yi[keep], xi[keep], lab[keep]
     n_lab = int(fit_all.sum())
     count = 2 * np.bincount(lab, minlength=n_lab + 1).astype(np.float64)
     fit = np.ones(n_lab + 1, bool)
@@ -452,28 +461,58 @@ def _step_strips(grid: int, width: float) -> tuple[np.ndarray, np.ndarray]:
 _STEP_GRID = 16
 
 
-def _fold_step(od: np.ndarray, tissue: np.ndarray, reference: float, width: float) -> np.ndarray:
-    """Largest step in mean optical density across a straight line of (n, h, w) density maps,
-    over tissue on both sides, in units of the slide's reference density: the edge of a fold,
-    where the tissue underneath continues and a second layer adds its whole density."""
-    n, h, w = od.shape
+def _block_sums(
+    od_rgb: tuple[np.ndarray, np.ndarray, np.ndarray], tissue: np.ndarray
+) -> tuple[np.ndarray, np.ndarray, int] | None:
+    """Per-channel optical density summed over the tissue of each block of a
+    :data:`_STEP_GRID`² grid of (n, h, w) maps: (n, grid², 3) sums, (n, grid²) tissue pixels,
+    and the pixels of a block; None when the maps are smaller than the grid."""
+    n, h, w = tissue.shape
     grid = _STEP_GRID
     k = min(h, w) // grid
     if k == 0:
-        return np.full(n, np.nan, np.float32)
+        return None
     t = tissue[:, : grid * k, : grid * k].astype(np.float32)
     # Block sums as two small matrix products (much faster than a 5-d reshape-sum).
     pool = np.kron(np.eye(grid, dtype=np.float32), np.ones((1, k), np.float32))
-    dens = (pool @ (od[:, : grid * k, : grid * k] * t) @ pool.T).reshape(n, -1)
     cover = (pool @ t @ pool.T).reshape(n, -1)
-    near, far = _step_strips(grid, width)
-    full = np.float32(k * k * 0.7)
-    s_near, c_near = dens @ near.T, cover @ near.T
-    s_far, c_far = dens @ far.T, cover @ far.T
+    sums = np.stack(
+        [(pool @ (c[:, : grid * k, : grid * k] * t) @ pool.T).reshape(n, -1) for c in od_rgb],
+        axis=-1,
+    )
+    return sums, cover, k * k
+
+
+def _doubled_fraction(
+    sums: np.ndarray, cover: np.ndarray, block_px: int, table: np.ndarray, ratio: float
+) -> np.ndarray:
+    """Fraction of the tissue in blocks (:func:`_block_sums`; blocks at least half tissue)
+    whose mean density is at least ``ratio`` × ``table`` at the block's stain colour."""
+    dens = sums.sum(axis=-1) / np.maximum(cover, 1)
+    single = table[_colour_bins(sums[..., 0], sums[..., 1], sums[..., 2])]
+    doubled = (cover >= 0.5 * block_px) & (dens >= np.float32(ratio) * single)
+    return (cover * doubled).sum(axis=1) / np.maximum(cover.sum(axis=1), 1)
+
+
+def _fold_step(
+    sums: np.ndarray, cover: np.ndarray, block_px: int, table: np.ndarray, width: float
+) -> np.ndarray:
+    """Largest step in mean optical density across a straight line of block density sums
+    (:func:`_block_sums`), over tissue on both sides, in units of the slide's median density
+    of tissue of the denser side's stain colour (``table``, :func:`colour_reference_od`): the
+    edge of a fold, where the tissue underneath continues and a second layer of the same
+    tissue adds its whole density (dense epithelium beside stroma steps up too, but to its own
+    colour's density: no more than one of its own layers)."""
+    near, far = _step_strips(_STEP_GRID, width)
+    c_near, c_far = cover @ near.T, cover @ far.T
+    full = np.float32(0.7 * block_px)
     ok = (c_near >= full * near.sum(1)) & (c_far >= full * far.sum(1))
-    step = s_near / np.maximum(c_near, 1) - s_far / np.maximum(c_far, 1)
-    step = np.where(ok, step, 0).max(axis=1)
-    return (step / (reference if math.isfinite(reference) else 1.0)).astype(np.float32)
+    channels = np.ascontiguousarray(sums.transpose(0, 2, 1))  # (n, 3, grid²)
+    s_near = channels @ near.T  # (n, 3, lines)
+    s_far = channels @ far.T
+    step = s_near.sum(1) / np.maximum(c_near, 1) - s_far.sum(1) / np.maximum(c_far, 1)
+    single = table[_colour_bins(s_near[:, 0], s_near[:, 1], s_near[:, 2])]
+    return np.where(ok, step / single, 0).max(axis=1).astype(np.float32)
 
 
 #: Colour and density measurements use every SAMPLE_STEP-th pixel of each row and column;
@@ -483,11 +522,16 @@ BUBBLE_STEP = 2
 
 
 def measure_tiles(
-    tiles: np.ndarray, settings: QCSettings | None = None, reference: float = float("nan")
+    tiles: np.ndarray,
+    settings: QCSettings | None = None,
+    reference: float = float("nan"),
+    colour_reference: np.ndarray | None = None,
 ) -> np.ndarray:
     """QC measurements of (n, T, T, 3) uint8 RGB tiles → (n, K) float32, columns
     :data:`VALUE_NAMES` (``border_um`` is NaN here: see :func:`border_distance_um`).
-    ``reference``: the slide's median tissue density (:func:`reference_od`; NaN → 1).
+    ``reference``: the slide's median tissue density (:func:`reference_od`; NaN → 1);
+    ``colour_reference``: its median density per stain colour (:func:`colour_reference_od`;
+    None or empty → ``reference`` for every colour).
 
     Colour classes and densities are measured on every 4th pixel (marker strokes and folds are
     several pixels wide), bubble rims on every 2nd; focus at the tiles' own resolution (on
@@ -510,7 +554,8 @@ def measure_tiles(
     key |= b.astype(np.int32) >> shift
     ink = _ink_lut(settings)[key]
     # Optical density summed over R, G, B: −log of the product of the transmissions.
-    od = _OD_LUT[r] + _OD_LUT[g] + _OD_LUT[b]
+    od_rgb = (_OD_LUT[r], _OD_LUT[g], _OD_LUT[b])
+    od = od_rgb[0] + od_rgb[1] + od_rgb[2]
     grey = (r * np.float32(0.299 / 255) + g * np.float32(0.587 / 255)) + b * np.float32(0.114 / 255)
     tissue = (od > 0.3) & (ink == 0)
 
@@ -528,15 +573,18 @@ def measure_tiles(
         ("pen_red", _RED),
     ):
         out[:, _COL[name]] = np.count_nonzero(flat_ink & bit, axis=1) / n_px
-    # Folds: a dark patch, not a dark nucleus — the density averaged over 5×5 sampled pixels
-    # (20 px of the tile, larger than a nucleus) ...
-    od_smooth = ndimage.uniform_filter(od, size=(1, 5, 5))
-    ref = reference if math.isfinite(reference) else 1.0
-    out[:, _COL["fold"]] = count(tissue & (od_smooth > settings.fold_od_ratio * ref)) / n_tissue
+    # Folds: two layers of tissue, whose densities add — tissue about twice as dense as the
+    # slide's own tissue of the same stain colour (a doubled layer keeps its hue; nuclei-dense
+    # epithelium is dense but bluer than stroma), in blocks of 4×4 sampled pixels (16 px of
+    # the tile, larger than a nucleus) ...
+    table = _colour_table(colour_reference, reference)
+    blocks = _block_sums(od_rgb, tissue) if settings.max_fold or settings.max_fold_step else None
+    if blocks is not None and settings.max_fold:
+        out[:, _COL["fold"]] = _doubled_fraction(*blocks, table, settings.fold_od_ratio)
     # ... or a straight edge across which the density steps up by a whole layer of tissue.
-    # (A flag turned off, threshold 0, skips its measurement: NaN.)
-    if settings.max_fold_step:
-        out[:, _COL["fold_step"]] = _fold_step(od, tissue, reference, settings.fold_step_width)
+    # (A threshold of 0 turns its flag off and skips its measurement: NaN.)
+    if blocks is not None and settings.max_fold_step:
+        out[:, _COL["fold_step"]] = _fold_step(*blocks, table, settings.fold_step_width)
     # Bubble rims: long thin bright lines that follow a circle, on every 2nd pixel.
     if settings.max_bubble:
         bstep = BUBBLE_STEP
@@ -545,7 +593,11 @@ def measure_tiles(
             half > round(255 * settings.bubble_min_grey)
         )
         out[:, _COL["bubble"]] = arc_lengths(
-            lines, settings.bubble_fit_px, settings.bubble_inliers, settings.bubble_fill
+            lines,
+            settings.bubble_fit_px,
+            settings.bubble_inliers,
+            settings.bubble_fill,
+            settings.max_bubble,
         )
     out[:, _COL["brightness"]] = grey.reshape(n, -1).mean(axis=1)
     out[:, _COL["stain_od"]] = (
@@ -708,24 +760,107 @@ def slide_verdict(fractions: Mapping[str, float], settings: QCSettings) -> tuple
     return verdict, reasons
 
 
+#: Stain colours of :func:`colour_reference_od`: the hue of a pixel's optical density — the
+#: direction of its (R, G, B) densities once their grey part (the mean) is taken away, which
+#: neither a second layer of the same stain (it scales) nor a grey loss of light (it adds
+#: the same to every channel) moves — in this many bins of the circle.
+_COLOUR_BINS = 36
+#: Thumbnail pixels a colour bin needs for its own median (others take the nearest bin's).
+_MIN_BIN_PIXELS = 50
+#: Thumbnail tissue pixels the per-colour medians are taken from, at most (about).
+_MAX_REFERENCE_PIXELS = 400_000
+#: Unit axes of the plane perpendicular to grey in (R, G, B) density space: (1, −1, 0)/√2 and
+#: (1, 1, −2)/√6.
+_CHROMA_U = np.float32(1 / math.sqrt(2))
+_CHROMA_V = np.float32(1 / math.sqrt(6))
+
+
+def _colour_bins(od_r: np.ndarray, od_g: np.ndarray, od_b: np.ndarray) -> np.ndarray:
+    """Colour bin (0 … _COLOUR_BINS − 1) of each pixel from its per-channel optical densities
+    (any common scale)."""
+    u = (od_r - od_g) * _CHROMA_U
+    v = (od_r + od_g - 2 * od_b) * _CHROMA_V
+    angle = np.arctan2(v, u)
+    k = ((angle + np.float32(np.pi)) * np.float32(_COLOUR_BINS / (2 * np.pi))).astype(np.int32)
+    return np.minimum(k, _COLOUR_BINS - 1)
+
+
+def colour_reference_od(thumbnail: np.ndarray, mask: np.ndarray) -> np.ndarray:
+    """Median optical density (summed over RGB) of a thumbnail's tissue per stain colour
+    (:data:`_COLOUR_BINS` bins of the hue of the density, :func:`_colour_bins`; bins with
+    too few pixels take the nearest populated bin's value): the density of one layer of this
+    slide's tissue of each colour, which folds are judged against. Empty without tissue."""
+    rgb = np.asarray(thumbnail)[..., :3][np.asarray(mask, bool)]
+    # Medians need no more than a few hundred thousand pixels: an evenly spread subset of a
+    # large thumbnail's tissue keeps the memory small.
+    rgb = rgb[:: max(1, len(rgb) // _MAX_REFERENCE_PIXELS)]
+    od = _OD_LUT[rgb]
+    dens = od.sum(axis=-1)
+    on = dens > 0.3
+    if np.count_nonzero(on) < _MIN_BIN_PIXELS:
+        return np.zeros(0, np.float32)
+    od, dens = od[on], dens[on]
+    bins = _colour_bins(od[:, 0], od[:, 1], od[:, 2])
+    order = np.argsort(bins, kind="stable")
+    bins, dens = bins[order], dens[order]
+    edges = np.searchsorted(bins, np.arange(_COLOUR_BINS + 1))
+    table = np.full(_COLOUR_BINS, np.nan, np.float32)
+    for k in np.nonzero(np.diff(edges) >= _MIN_BIN_PIXELS)[0]:
+        table[k] = np.median(dens[edges[k] : edges[k + 1]])
+    filled = np.nonzero(np.isfinite(table))[0]
+    if len(filled) == 0:
+        return np.full(_COLOUR_BINS, np.median(dens), np.float32)
+    # Empty bins take the nearest filled one's value, around the circle.
+    every = np.arange(_COLOUR_BINS)
+    gap = np.abs(every[:, None] - filled[None, :])
+    gap = np.minimum(gap, _COLOUR_BINS - gap)
+    return table[filled[np.argmin(gap, axis=1)]].astype(np.float32)
+
+
+def _colour_table(colour_reference: np.ndarray | None, reference: float) -> np.ndarray:
+    if colour_reference is not None and len(colour_reference) == _COLOUR_BINS:
+        return np.asarray(colour_reference, np.float32)
+    return np.full(_COLOUR_BINS, reference if math.isfinite(reference) else 1.0, np.float32)
+
+
 def reference_od(thumbnail: np.ndarray, mask: np.ndarray) -> float:
     """Median optical density (summed over RGB) of a thumbnail's tissue pixels: the slide's
-    staining level (NaN without tissue). Folds are judged against it."""
+    staining level (NaN without tissue). Folds are judged against it where the density per
+    stain colour (:func:`colour_reference_od`) is unknown."""
     if not np.any(mask):
         return float("nan")
     rgb = np.asarray(thumbnail)[..., :3][np.asarray(mask, bool)].astype(np.float32) / 255
     return float(np.median(-np.log(np.maximum(rgb, 1 / 255)).sum(axis=-1)))
 
 
-def qc_record(settings: QCSettings, reference: float = float("nan")) -> dict[str, Any]:
+def qc_record(
+    settings: QCSettings,
+    reference: float = float("nan"),
+    colour_reference: np.ndarray | None = None,
+) -> dict[str, Any]:
     """What a tile store records of its QC: the column names of ``qc_values``, the bit names
-    of ``qc_flags``, the settings and the slide's reference density (None when unknown)."""
+    of ``qc_flags``, the settings, the slide's reference density (None when unknown) and its
+    reference density per stain colour (``colour_reference_od``, a list; None when unknown)."""
     return {
         "names": list(VALUE_NAMES),
         "flags": list(FLAG_NAMES),
         "settings": settings.to_dict(),
         "reference_od": reference if math.isfinite(reference) else None,
+        "colour_reference_od": (
+            [float(v) for v in colour_reference]
+            if colour_reference is not None and len(colour_reference)
+            else None
+        ),
     }
+
+
+def stored_colour_reference(record: Mapping[str, Any] | None) -> np.ndarray | None:
+    """The per-colour reference density of a store's QC record (None when it has none)."""
+    values = (record or {}).get("colour_reference_od")
+    if not isinstance(values, list) or len(values) != _COLOUR_BINS:
+        return None
+    table = np.asarray(values, np.float32)
+    return table if np.isfinite(table).all() else None
 
 
 def tissue_border_um(tissue: Any, level0_mpp: float, coords: np.ndarray, tile_l0: float):
@@ -743,31 +878,49 @@ class TileQCMeter:
     """
 
     def __init__(
-        self, settings: QCSettings, border_um: np.ndarray, reference: float = float("nan")
+        self,
+        settings: QCSettings,
+        border_um: np.ndarray,
+        reference: float = float("nan"),
+        colour_reference: np.ndarray | None = None,
     ):
         self.settings = settings
         self.reference = reference
+        self.colour_reference = colour_reference
         self.border_um = np.asarray(border_um, np.float32)
         self.values = np.full((len(self.border_um), len(VALUE_NAMES)), np.nan, np.float32)
         self._measured = np.zeros(len(self.border_um), bool)
+        #: wall time spent measuring, summed over the threads that measured
         self.seconds = 0.0
+        #: CPU time of the same (each thread's own, :func:`time.thread_time`): what QC costs
+        #: whatever else the machine is doing
+        self.cpu_seconds = 0.0
 
     def measure(self, start: int, tiles: np.ndarray) -> None:
         """Measure tiles ``start…start+len(tiles)`` and keep their values. Safe to call from
         several threads at once on disjoint ranges."""
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.thread_time()
         stop = start + len(tiles)
-        self.values[start:stop] = measure_tiles(tiles, self.settings, self.reference)
+        self.values[start:stop] = measure_tiles(
+            tiles, self.settings, self.reference, self.colour_reference
+        )
         self._measured[start:stop] = True
-        self.seconds += time.perf_counter() - t0  # a float add under the GIL
+        # Float adds under the GIL.
+        self.cpu_seconds += time.thread_time() - c0
+        self.seconds += time.perf_counter() - t0
+
+    def record(self) -> dict[str, Any]:
+        """The store's QC record of this meter (:func:`qc_record`)."""
+        return qc_record(self.settings, self.reference, self.colour_reference)
 
     def __call__(self, start: int, tiles: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         stop = start + len(tiles)
         if not self._measured[start:stop].all():
             self.measure(start, tiles)
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.thread_time()
         values = self.values[start:stop].copy()
         values[:, _COL["border_um"]] = self.border_um[start:stop]
         flags = flag_tiles(values, self.settings)
+        self.cpu_seconds += time.thread_time() - c0
         self.seconds += time.perf_counter() - t0
         return values, flags

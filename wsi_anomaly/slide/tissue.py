@@ -46,6 +46,8 @@ class TissueMask:
     #: median optical density (summed over RGB) of the thumbnail's tissue: the slide's own
     #: staining level, which quality control compares tiles with (NaN when not measured)
     reference_od: float = float("nan")
+    #: the same per stain colour (``qc.colour_reference_od``; None when not measured)
+    colour_reference_od: np.ndarray | None = None
 
     @property
     def tissue_fraction(self) -> float:

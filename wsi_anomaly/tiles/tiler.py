@@ -33,7 +33,13 @@ from ..outputs import (
 )
 from ..slide.annotations import load_annotations, rasterize
 from ..slide.grid import TileGrid, box_fractions, make_grid, plan_read
-from ..slide.qc import QCSettings, TileQCMeter, qc_record, reference_od, tissue_border_um
+from ..slide.qc import (
+    QCSettings,
+    TileQCMeter,
+    colour_reference_od,
+    reference_od,
+    tissue_border_um,
+)
 from ..slide.reader import Slide
 from ..slide.stain import brightfield_problem
 from ..slide.tissue import TissueMask, TissueSettings, detect_tissue
@@ -88,7 +94,9 @@ def tissue_mask(slide: Slide, settings: TissueSettings) -> TissueMask:
     if (problem := brightfield_problem(thumb)) is not None:
         raise NotBrightfieldError(f"{slide.name} {problem}")
     mask, threshold = detect_tissue(thumb, slide.mpp * downsample, settings)
-    return TissueMask(mask, downsample, threshold, reference_od(thumb, mask))
+    return TissueMask(
+        mask, downsample, threshold, reference_od(thumb, mask), colour_reference_od(thumb, mask)
+    )
 
 
 def plan_tiles(slide: Slide, settings: TilingSettings) -> tuple[TileGrid, TileGrid, TissueMask]:
@@ -346,7 +354,7 @@ def qc_meter(
     if settings is None:
         return None
     border = tissue_border_um(tissue, slide.mpp, kept.coords, kept.plan.tile_size_l0)
-    return TileQCMeter(settings, border, tissue.reference_od)
+    return TileQCMeter(settings, border, tissue.reference_od, tissue.colour_reference_od)
 
 
 def store_bytes_estimate(n_tiles: int, tile_px: int) -> int:
@@ -448,7 +456,7 @@ def _tile_slide(
 
         with TileStoreWriter.for_tiles(out, kept, attrs, overwrite=overwrite, work=work) as writer:
             if meter is not None:
-                writer.create_qc(qc_record(meter.settings, meter.reference))
+                writer.create_qc(meter.record())
             stream_to_store(
                 slide,
                 kept,
@@ -462,7 +470,11 @@ def _tile_slide(
             )
             seconds = time.perf_counter() - t_start
             writer.close(
-                {"tiling_seconds": seconds, "qc_seconds": meter.seconds if meter else None}
+                {
+                    "tiling_seconds": seconds,
+                    "qc_seconds": meter.seconds if meter else None,
+                    "qc_cpu_seconds": meter.cpu_seconds if meter else None,
+                }
             )
         if png_tmp is not None and png_dir is not None:
             commit_dir(png_tmp, png_dir)
