@@ -17,21 +17,11 @@ import os
 import platform
 import resource
 import shutil
-import subprocess
 import sys
 import time
 from pathlib import Path
 
 import numpy as np
-
-
-def _node_ready() -> bool:
-    if shutil.which("sinfo") is None:
-        return False
-    state = subprocess.run(["sinfo", "-h", "-o", "%t"], check=False, capture_output=True, text=True)
-    return state.returncode == 0 and any(
-        s.startswith(("idle", "mix", "alloc")) for s in state.stdout.split()
-    )
 
 
 def main() -> None:
@@ -47,7 +37,9 @@ def main() -> None:
     ap.add_argument("--batch-size", type=int, default=8)
     ap.add_argument("--workdir", default="/tmp/wsi-anomaly-bench-slurm")
     args = ap.parse_args()
-    if not _node_ready():
+    from wsi_anomaly.cluster import slurm_node_ready
+
+    if not slurm_node_ready():
         sys.exit(
             "error: no SLURM node is idle (sinfo); start one, e.g. sudo bash .ci/install_slurm.sh"
         )

@@ -7,7 +7,6 @@ The cohort tests need a running slurmctld: the fixture starts a single-node one 
 from __future__ import annotations
 
 import json
-import shutil
 import subprocess
 import sys
 import threading
@@ -23,6 +22,7 @@ from wsi_anomaly.cluster import (
     gpu_for_worker,
     make_slurm_cluster,
     parse_jobs,
+    slurm_node_ready,
     walltime_s,
     worker_lifetime_s,
 )
@@ -159,19 +159,10 @@ def test_missing_jobqueue_names_the_extra(monkeypatch):
 # -- a real scheduler ---------------------------------------------------------------------------
 
 
-def _node_ready() -> bool:
-    if shutil.which("sinfo") is None:
-        return False
-    state = subprocess.run(["sinfo", "-h", "-o", "%t"], check=False, capture_output=True, text=True)
-    return state.returncode == 0 and any(
-        s.startswith(("idle", "mix", "alloc")) for s in state.stdout.split()
-    )
-
-
 @pytest.fixture(scope="module")
 def slurm():
     """A SLURM controller with an idle node: found running, or started by the install script."""
-    if _node_ready():
+    if slurm_node_ready():
         return
     try:
         result = subprocess.run(
@@ -182,7 +173,7 @@ def slurm():
     if result.returncode != 0:
         reason = (result.stderr.strip().splitlines() or ["no reason given"])[-1]
         pytest.skip(f"SLURM not available: {reason}")
-    assert _node_ready(), "install_slurm.sh succeeded but sinfo shows no idle node"
+    assert slurm_node_ready(), "install_slurm.sh succeeded but sinfo shows no idle node"
 
 
 @pytest.fixture(scope="module")

@@ -212,6 +212,17 @@ def worker_lifetime_s(walltime: str) -> int | None:
     return total - margin if total >= 2 * margin else None
 
 
+def slurm_node_ready() -> bool:
+    """Whether ``sinfo`` answers and shows a node that can take jobs (idle, mixed or
+    allocated)."""
+    if shutil.which("sinfo") is None:
+        return False
+    state = subprocess.run(["sinfo", "-h", "-o", "%t"], check=False, capture_output=True, text=True)
+    return state.returncode == 0 and any(
+        s.startswith(("idle", "mix", "alloc")) for s in state.stdout.split()
+    )
+
+
 def make_slurm_cluster(options: SlurmOptions) -> Any:
     """A dask-jobqueue ``SLURMCluster`` for ``options``, already scaled (or adapting).
 
