@@ -12,6 +12,7 @@ from wsi_anomaly.slide.qc import (
     VALUE_NAMES,
     QCSettings,
     TileQCMeter,
+    _bright_lines,
     arc_lengths,
     border_distance_um,
     colour_reference_od,
@@ -147,6 +148,32 @@ def test_arc_length_of_circles_lines_and_noise():
     assert lengths[1] == pytest.approx(np.pi * 40 / 128, rel=0.15)
     # A straight line fits no circle of bounded radius; scattered pixels form no long line.
     assert lengths[2] == 0 and lengths[3] == 0
+
+
+@pytest.mark.parametrize("contrast, min_grey", [(20, 153), (0, 0), (255, 0), (300, 100)])
+def test_bright_lines_match_the_signed_definition(contrast, min_grey):
+    """The uint8 line map is the signed one: brighter than ``min_grey`` and, in some
+    direction, brighter than both neighbours 2 px away by more than ``contrast``."""
+    rng = np.random.default_rng(7)
+    grey = rng.integers(0, 256, (3, 40, 48), dtype=np.uint8)
+    grey[0, 10:30, 20] = 255  # a vertical line on noise
+    g = grey.astype(np.int32)
+    d = 2
+    c = g[:, d:-d, d:-d]
+    pairs = [
+        (g[:, d:-d, : -2 * d], g[:, d:-d, 2 * d :]),
+        (g[:, : -2 * d, d:-d], g[:, 2 * d :, d:-d]),
+        (g[:, : -2 * d, : -2 * d], g[:, 2 * d :, 2 * d :]),
+        (g[:, : -2 * d, 2 * d :], g[:, 2 * d :, : -2 * d]),
+    ]
+    response = np.max([np.minimum(c - a, c - b) for a, b in pairs], axis=0)
+    expected = np.zeros(grey.shape, bool)
+    expected[:, d:-d, d:-d] = (response > contrast) & (c > min_grey)
+    got = _bright_lines(grey, d, contrast, min_grey)
+    assert got.dtype == bool
+    np.testing.assert_array_equal(got, expected)
+    if contrast == 20:
+        assert got[0, 12:28, 20].all()
 
 
 def test_a_dense_texture_is_no_arc_but_a_rim_inside_one_is():

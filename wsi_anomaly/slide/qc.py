@@ -309,21 +309,27 @@ def _laplacian_energy_rows(rows: np.ndarray) -> np.ndarray:
     return np.einsum("ni,ni->n", lap, lap) / max(lap.shape[1], 1)
 
 
-def _line_response(grey: np.ndarray, d: int) -> np.ndarray:
-    """How much brighter each pixel of (n, h, w) images is than both of its neighbours ``d``
-    pixels away on the other side, in the best of four directions (across, along and both
-    diagonals): high on thin bright lines of any orientation, low on wide bright areas and on
-    edges."""
-    out = np.zeros_like(grey)
+def _bright_lines(grey: np.ndarray, d: int, contrast: int, min_grey: int) -> np.ndarray:
+    """Thin bright lines of (n, h, w) uint8 images, as a bool map: pixels brighter than
+    ``min_grey`` that exceed both of their neighbours ``d`` pixels away on either side by more
+    than ``contrast``, in at least one of four directions (across, along and both diagonals):
+    any orientation of thin line, not wide bright areas nor edges. The ``d``-px frame is False.
+
+    A pixel passes in a direction when it exceeds the brighter of that direction's two
+    neighbours, so one minimum over the four directions' maxima decides (in uint8, no signed
+    copy of the images)."""
+    out = np.zeros(grey.shape, bool)
     c = grey[:, d:-d, d:-d]
-    best = np.minimum(c - grey[:, d:-d, : -2 * d], c - grey[:, d:-d, 2 * d :])
+    darkest = np.maximum(grey[:, d:-d, : -2 * d], grey[:, d:-d, 2 * d :])
     for a, b in (
         (grey[:, : -2 * d, d:-d], grey[:, 2 * d :, d:-d]),
         (grey[:, : -2 * d, : -2 * d], grey[:, 2 * d :, 2 * d :]),
         (grey[:, : -2 * d, 2 * d :], grey[:, 2 * d :, : -2 * d]),
     ):
-        np.maximum(best, np.minimum(c - a, c - b), out=best)
-    out[:, d:-d, d:-d] = best
+        np.minimum(darkest, np.maximum(a, b), out=darkest)
+    # c − contrast > darkest, without wrapping below 0: c ≤ contrast never passes.
+    lifted = np.maximum(c, np.uint8(min(contrast, 255))) - np.uint8(min(contrast, 255))
+    out[:, d:-d, d:-d] = (lifted > darkest) & (c > min_grey)
     return out
 
 
@@ -366,7 +372,8 @@ def arc_lengths(
     if n_all == 0:
         return out
     flat = labels.ravel()
-    on = np.flatnonzero(flat)  # the line pixels only (a small part of the image)
+    # The line pixels only (a small part of the image), found on the 1-byte map.
+    on = np.flatnonzero(np.asarray(lines, bool))
     size_all = np.bincount(flat[on], minlength=n_all + 1)
     # A line shorter than fill × min_length image sides cannot cover an arc that long.
     fit_all = size_all >= size * max(0.25, fill * min_length)
@@ -588,9 +595,12 @@ def measure_tiles(
     # Bubble rims: long thin bright lines that follow a circle, on every 2nd pixel.
     if settings.max_bubble:
         bstep = BUBBLE_STEP
-        half = tiles[:, bstep // 2 :: bstep, bstep // 2 :: bstep, 1].astype(np.int16)
-        lines = (_line_response(half, 2) > round(255 * settings.bubble_contrast)) & (
-            half > round(255 * settings.bubble_min_grey)
+        half = tiles[:, bstep // 2 :: bstep, bstep // 2 :: bstep, 1]
+        lines = _bright_lines(
+            np.ascontiguousarray(half, np.uint8),
+            2,
+            round(255 * settings.bubble_contrast),
+            round(255 * settings.bubble_min_grey),
         )
         out[:, _COL["bubble"]] = arc_lengths(
             lines,
