@@ -176,6 +176,20 @@ def test_bright_lines_match_the_signed_definition(contrast, min_grey):
         assert got[0, 12:28, 20].all()
 
 
+def test_arcs_of_stacked_images_never_join_across_images():
+    """Lines of one image end at its last row and the next image's start at its first: each
+    image keeps its own arcs, as when measured alone (and likewise when no line touches the
+    first or last rows)."""
+    yy, xx = np.mgrid[0:128, 0:128]
+    low_arc = np.abs(np.hypot(yy - 127, xx - 64) - 50) < 1.2  # a half circle on the last row
+    high_arc = np.abs(np.hypot(yy, xx - 64) - 50) < 1.2  # and one on the first row
+    ring = np.abs(np.hypot(yy - 64, xx - 64) - 40) < 1.2
+    for stack in (np.stack([low_arc, high_arc, ring]), np.stack([ring, ring & (xx < 64)])):
+        alone = [arc_lengths(image[None], 1.5, 0.1, 0.7)[0] for image in stack]
+        np.testing.assert_allclose(arc_lengths(stack, 1.5, 0.1, 0.7), alone)
+        assert min(alone) > 0.5
+
+
 def test_a_dense_texture_is_no_arc_but_a_rim_inside_one_is():
     """Bright lines on 40 % of the pixels join into one component that any circle crosses
     densely; the band beside the circle is as full as the ring, so nothing is covered."""
