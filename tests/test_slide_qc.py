@@ -255,6 +255,32 @@ def test_border_distance_and_flag():
     assert not off.any()
 
 
+def test_border_distance_is_the_whole_masks_transform():
+    """Measured on the tissue's bounding box, the distances are those of the whole mask: tissue
+    in a corner, touching the slide's edge, or in pieces; centres on glass or off the slide
+    read 0."""
+    from scipy import ndimage
+
+    rng = np.random.default_rng(5)
+    masks = [np.zeros((40, 60), bool) for _ in range(3)]
+    masks[0][25:40, 40:60] = True  # a corner, touching two slide edges
+    masks[1][5:15, 10:20] = True  # two pieces
+    masks[1][20:35, 30:55] = True
+    masks[2] = ndimage.binary_opening(rng.random((40, 60)) < 0.6)
+    coords = np.stack(np.meshgrid(np.arange(-20, 620, 7), np.arange(-20, 420, 7)), -1)
+    coords = coords.reshape(-1, 2)
+    for mask in masks:
+        whole = ndimage.distance_transform_edt(np.pad(mask, 1))[1:-1, 1:-1]
+        centre = (coords + 5) / 10.0
+        j = np.clip(centre[:, 0].astype(int), 0, mask.shape[1] - 1)
+        i = np.clip(centre[:, 1].astype(int), 0, mask.shape[0] - 1)
+        expected = (whole[i, j] * 10.0 * 0.5).astype(np.float32)
+        np.testing.assert_array_equal(border_distance_um(mask, 10.0, 0.5, coords, 10), expected)
+        assert (expected > 0).any() and (expected == 0).any()
+    empty = border_distance_um(np.zeros((5, 5), bool), 10.0, 0.5, coords[:3], 10)
+    assert empty.tolist() == [0, 0, 0]
+
+
 def test_flag_labels_name_the_bits():
     flags = np.array([0, 1, 1 << FLAG_NAMES.index("pen_red") | 1], np.uint16)
     assert flag_labels(flags) == ["", "blur", "blur;pen_red"]

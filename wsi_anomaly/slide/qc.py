@@ -644,12 +644,23 @@ def border_distance_um(
     coords = np.asarray(coords, np.float64).reshape(-1, 2)
     if len(coords) == 0 or mask.size == 0:
         return np.zeros(len(coords), np.float32)
-    # Pad with background so the slide's own edge counts as a border.
-    dist = ndimage.distance_transform_edt(np.pad(np.asarray(mask, bool), 1))[1:-1, 1:-1]
+    mask = np.asarray(mask, bool)
+    rows, cols = np.flatnonzero(mask.any(axis=1)), np.flatnonzero(mask.any(axis=0))
+    if len(rows) == 0:
+        return np.zeros(len(coords), np.float32)
+    # Everything outside the tissue's bounding box is background, so the transform of the box
+    # padded with one ring of background (which also makes the slide's own edge a border) is
+    # exact, and costs what the box's area costs rather than the slide's.
+    top, left = int(rows[0]), int(cols[0])
+    box = mask[top : int(rows[-1]) + 1, left : int(cols[-1]) + 1]
+    dist = ndimage.distance_transform_edt(np.pad(box, 1))
     centre = (coords + tile_l0 / 2) / downsample
-    j = np.clip(centre[:, 0].astype(np.int64), 0, mask.shape[1] - 1)
-    i = np.clip(centre[:, 1].astype(np.int64), 0, mask.shape[0] - 1)
-    return (dist[i, j] * downsample * level0_mpp).astype(np.float32)
+    j = np.clip(centre[:, 0].astype(np.int64), 0, mask.shape[1] - 1) - left + 1
+    i = np.clip(centre[:, 1].astype(np.int64), 0, mask.shape[0] - 1) - top + 1
+    inside = (i >= 1) & (i <= box.shape[0]) & (j >= 1) & (j <= box.shape[1])
+    out = np.zeros(len(coords), np.float64)
+    out[inside] = dist[i[inside], j[inside]]
+    return (out * downsample * level0_mpp).astype(np.float32)
 
 
 def flag_tiles(values: np.ndarray, settings: QCSettings | None = None) -> np.ndarray:
