@@ -320,16 +320,17 @@ def _bright_lines(grey: np.ndarray, d: int, contrast: int, min_grey: int) -> np.
     copy of the images)."""
     out = np.zeros(grey.shape, bool)
     c = grey[:, d:-d, d:-d]
-    darkest = np.maximum(grey[:, d:-d, : -2 * d], grey[:, d:-d, 2 * d :])
+    # The bar to clear: the brighter neighbour, in the direction where it is dimmest.
+    bar = np.maximum(grey[:, d:-d, : -2 * d], grey[:, d:-d, 2 * d :])
     for a, b in (
         (grey[:, : -2 * d, d:-d], grey[:, 2 * d :, d:-d]),
         (grey[:, : -2 * d, : -2 * d], grey[:, 2 * d :, 2 * d :]),
         (grey[:, : -2 * d, 2 * d :], grey[:, 2 * d :, : -2 * d]),
     ):
-        np.minimum(darkest, np.maximum(a, b), out=darkest)
-    # c − contrast > darkest, without wrapping below 0: c ≤ contrast never passes.
+        np.minimum(bar, np.maximum(a, b), out=bar)
+    # c − contrast > bar, without wrapping below 0: c ≤ contrast never passes.
     lifted = np.maximum(c, np.uint8(min(contrast, 255))) - np.uint8(min(contrast, 255))
-    out[:, d:-d, d:-d] = (lifted > darkest) & (c > min_grey)
+    out[:, d:-d, d:-d] = (lifted > bar) & (c > min_grey)
     return out
 
 
@@ -404,7 +405,8 @@ def arc_lengths(
     y, x = yi.astype(np.float64), xi.astype(np.float64)
     r2 = x * x + y * y
     # Per line, the sums of the Kåsa fit's moments: one sparse product (line × pixel) per fit.
-    # Coordinates are integers and weights 0 or 1, so the sums are exact in any order.
+    # Coordinates are integers and weights 0 or 1, so the sums are exact in any order (below
+    # 2**53: images up to about 1500 px a side).
     moments = np.stack([x * x, x * y, y * y, x, y, np.ones_like(x), x * r2, y * r2, r2], 1)
     members = sparse.csr_array(
         (np.ones(len(lab)), (lab, np.arange(len(lab)))), shape=(n_lab + 1, len(lab))
