@@ -1,8 +1,11 @@
 """Tissue quality control: detection of injected artifacts, false flags, and its cost.
 
-For each slide (CMU-1-Small-Region, real H&E, and a synthetic slide of
-``wsi_anomaly.slide.synthetic``) the tissue tiles are cut at 0.5 µm/px (stride 128 px on CMU-1
-for more tiles), then every tissue tile is also copied with each artifact drawn on it
+For each slide (CMU-1-Small-Region, real H&E scanned at 0.5 µm/px; a synthetic slide of
+``wsi_anomaly.slide.synthetic`` written at 0.5 µm/px; and one written at 0.25 µm/px, as a 40×
+scanner writes most cohort slides, covering the same tissue area) the tissue tiles are cut at
+0.5 µm/px (stride 128 px on CMU-1 for more tiles) — on the first two each tile is one small
+JPEG decode, the cheapest tiling there is; on the 0.25 µm/px slide each tile decodes 4× the
+pixels and is downsampled 2×, which is what tiling a cohort costs — then every tissue tile is also copied with each artifact drawn on it
 (``wsi_anomaly.slide.artifacts``): Gaussian blur (σ = 1, 2, 4 px), a pen stroke of each ink
 (green, blue, black, red), a fold (a darkened, shifted copy of the tissue over itself), a
 folded-over flap (a mirrored copy over the neighbouring tissue, bare glass where it came from)
@@ -21,6 +24,7 @@ QC (``time.process_time``, every thread: tissue mask, decoding, compression, wri
 CPU time the run adds with QC on — a shared machine slows both alike, so their ratio holds.
 
     python benchmarks/bench_qc.py --workdir /tmp/wsi-bench-qc [--json out.json]
+    python benchmarks/bench_qc.py --fine-px 0          # without the 0.25 µm/px slide
     python benchmarks/bench_qc.py --demo /tmp/demo --demo-family patchcore
 """
 
@@ -214,6 +218,13 @@ def main() -> None:
     )
     ap.add_argument("--workdir", default="/tmp/wsi-bench-qc")
     ap.add_argument("--synthetic-px", type=int, default=4096, help="synthetic slide side, px")
+    ap.add_argument(
+        "--fine-px",
+        type=int,
+        default=8192,
+        help="side of the synthetic slide written at 0.25 µm/px and tiled at 0.5 µm/px, px "
+        "(default: the 0.5 µm/px slide's tissue area; 0 leaves it out)",
+    )
     ap.add_argument("--json", help="also write the results here")
     ap.add_argument("--seed", type=int, default=0, help="seed of the injected artifacts' shapes")
     ap.add_argument(
@@ -237,6 +248,13 @@ def main() -> None:
     if not synthetic.exists():
         write_synthetic_slide(synthetic, args.synthetic_px, args.synthetic_px, mpp=0.5, seed=3)
     slides = [(synthetic, None)]
+    if args.fine_px > 0:
+        # Written at 0.25 µm/px: level 0 is read and downsampled 2× for every 0.5 µm/px tile
+        # (its next level, 4× coarser, is too coarse).
+        fine = work / f"synthetic-0.25mpp-{args.fine_px}.tif"
+        if not fine.exists():
+            write_synthetic_slide(fine, args.fine_px, args.fine_px, mpp=0.25, seed=3)
+        slides.append((fine, None))
     if CMU.is_file():
         slides.insert(0, (CMU, 128))
     results = {}

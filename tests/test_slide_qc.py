@@ -12,6 +12,7 @@ from wsi_anomaly.slide.qc import (
     VALUE_NAMES,
     QCSettings,
     TileQCMeter,
+    _bright_lines,
     arc_lengths,
     border_distance_um,
     colour_reference_od,
@@ -149,6 +150,46 @@ def test_arc_length_of_circles_lines_and_noise():
     assert lengths[2] == 0 and lengths[3] == 0
 
 
+@pytest.mark.parametrize("contrast, min_grey", [(20, 153), (0, 0), (255, 0), (300, 100)])
+def test_bright_lines_match_the_signed_definition(contrast, min_grey):
+    """The uint8 line map is the signed one: brighter than ``min_grey`` and, in some
+    direction, brighter than both neighbours 2 px away by more than ``contrast``."""
+    rng = np.random.default_rng(7)
+    grey = rng.integers(0, 256, (3, 40, 48), dtype=np.uint8)
+    grey[0, 10:30, 20] = 255  # a vertical line on noise
+    g = grey.astype(np.int32)
+    d = 2
+    c = g[:, d:-d, d:-d]
+    pairs = [
+        (g[:, d:-d, : -2 * d], g[:, d:-d, 2 * d :]),
+        (g[:, : -2 * d, d:-d], g[:, 2 * d :, d:-d]),
+        (g[:, : -2 * d, : -2 * d], g[:, 2 * d :, 2 * d :]),
+        (g[:, : -2 * d, 2 * d :], g[:, 2 * d :, : -2 * d]),
+    ]
+    response = np.max([np.minimum(c - a, c - b) for a, b in pairs], axis=0)
+    expected = np.zeros(grey.shape, bool)
+    expected[:, d:-d, d:-d] = (response > contrast) & (c > min_grey)
+    got = _bright_lines(grey, d, contrast, min_grey)
+    assert got.dtype == bool
+    np.testing.assert_array_equal(got, expected)
+    if contrast == 20:
+        assert got[0, 12:28, 20].all()
+
+
+def test_arcs_of_stacked_images_never_join_across_images():
+    """Lines of one image end at its last row and the next image's start at its first: each
+    image keeps its own arcs, as when measured alone (and likewise when no line touches the
+    first or last rows)."""
+    yy, xx = np.mgrid[0:128, 0:128]
+    low_arc = np.abs(np.hypot(yy - 127, xx - 64) - 50) < 1.2  # a half circle on the last row
+    high_arc = np.abs(np.hypot(yy, xx - 64) - 50) < 1.2  # and one on the first row
+    ring = np.abs(np.hypot(yy - 64, xx - 64) - 40) < 1.2
+    for stack in (np.stack([low_arc, high_arc, ring]), np.stack([ring, ring & (xx < 64)])):
+        alone = [arc_lengths(image[None], 1.5, 0.1, 0.7)[0] for image in stack]
+        np.testing.assert_allclose(arc_lengths(stack, 1.5, 0.1, 0.7), alone)
+        assert min(alone) > 0.5
+
+
 def test_a_dense_texture_is_no_arc_but_a_rim_inside_one_is():
     """Bright lines on 40 % of the pixels join into one component that any circle crosses
     densely; the band beside the circle is as full as the ring, so nothing is covered."""
@@ -212,6 +253,32 @@ def test_border_distance_and_flag():
     assert border.tolist() == [False, True, True]
     off = flag_masks(flag_tiles(values, QCSettings(border_um=0)))["border"]
     assert not off.any()
+
+
+def test_border_distance_is_the_whole_masks_transform():
+    """Measured on the tissue's bounding box, the distances are those of the whole mask: tissue
+    in a corner, touching the slide's edge, or in pieces; centres on glass or off the slide
+    read 0."""
+    from scipy import ndimage
+
+    rng = np.random.default_rng(5)
+    masks = [np.zeros((40, 60), bool) for _ in range(3)]
+    masks[0][25:40, 40:60] = True  # a corner, touching two slide edges
+    masks[1][5:15, 10:20] = True  # two pieces
+    masks[1][20:35, 30:55] = True
+    masks[2] = ndimage.binary_opening(rng.random((40, 60)) < 0.6)
+    coords = np.stack(np.meshgrid(np.arange(-20, 620, 7), np.arange(-20, 420, 7)), -1)
+    coords = coords.reshape(-1, 2)
+    for mask in masks:
+        whole = ndimage.distance_transform_edt(np.pad(mask, 1))[1:-1, 1:-1]
+        centre = (coords + 5) / 10.0
+        j = np.clip(centre[:, 0].astype(int), 0, mask.shape[1] - 1)
+        i = np.clip(centre[:, 1].astype(int), 0, mask.shape[0] - 1)
+        expected = (whole[i, j] * 10.0 * 0.5).astype(np.float32)
+        np.testing.assert_array_equal(border_distance_um(mask, 10.0, 0.5, coords, 10), expected)
+        assert (expected > 0).any() and (expected == 0).any()
+    empty = border_distance_um(np.zeros((5, 5), bool), 10.0, 0.5, coords[:3], 10)
+    assert empty.tolist() == [0, 0, 0]
 
 
 def test_flag_labels_name_the_bits():

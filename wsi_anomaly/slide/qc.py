@@ -43,7 +43,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from scipy import ndimage
+from scipy import ndimage, sparse
 
 from ..errors import InputNotFoundError, InvalidInputError
 
@@ -309,27 +309,35 @@ def _laplacian_energy_rows(rows: np.ndarray) -> np.ndarray:
     return np.einsum("ni,ni->n", lap, lap) / max(lap.shape[1], 1)
 
 
-def _line_response(grey: np.ndarray, d: int) -> np.ndarray:
-    """How much brighter each pixel of (n, h, w) images is than both of its neighbours ``d``
-    pixels away on the other side, in the best of four directions (across, along and both
-    diagonals): high on thin bright lines of any orientation, low on wide bright areas and on
-    edges."""
-    out = np.zeros_like(grey)
+def _bright_lines(grey: np.ndarray, d: int, contrast: int, min_grey: int) -> np.ndarray:
+    """Thin bright lines of (n, h, w) uint8 images, as a bool map: pixels brighter than
+    ``min_grey`` that exceed both of their neighbours ``d`` pixels away on either side by more
+    than ``contrast``, in at least one of four directions (across, along and both diagonals):
+    any orientation of thin line, not wide bright areas nor edges. The ``d``-px frame is False.
+
+    A pixel passes in a direction when it exceeds the brighter of that direction's two
+    neighbours, so one minimum over the four directions' maxima decides (in uint8, no signed
+    copy of the images)."""
+    out = np.zeros(grey.shape, bool)
     c = grey[:, d:-d, d:-d]
-    best = np.minimum(c - grey[:, d:-d, : -2 * d], c - grey[:, d:-d, 2 * d :])
+    # The bar to clear: the brighter neighbour, in the direction where it is dimmest.
+    bar = np.maximum(grey[:, d:-d, : -2 * d], grey[:, d:-d, 2 * d :])
     for a, b in (
         (grey[:, : -2 * d, d:-d], grey[:, 2 * d :, d:-d]),
         (grey[:, : -2 * d, : -2 * d], grey[:, 2 * d :, 2 * d :]),
         (grey[:, : -2 * d, 2 * d :], grey[:, 2 * d :, : -2 * d]),
     ):
-        np.maximum(best, np.minimum(c - a, c - b), out=best)
-    out[:, d:-d, d:-d] = best
+        np.minimum(bar, np.maximum(a, b), out=bar)
+    # c − contrast > bar, without wrapping below 0: c ≤ contrast never passes.
+    lifted = np.maximum(c, np.uint8(min(contrast, 255))) - np.uint8(min(contrast, 255))
+    out[:, d:-d, d:-d] = (lifted > bar) & (c > min_grey)
     return out
 
 
 #: 8-connected components within each image of a (n, h, w) stack, never across images.
 _PLANE = np.zeros((3, 3, 3), bool)
 _PLANE[1] = True
+_SQUARE = np.ones((3, 3), bool)
 
 
 #: Angular bins of an arc's coverage of its circle.
@@ -362,11 +370,18 @@ def arc_lengths(
     """
     n, size = len(lines), lines.shape[-1]
     out = np.zeros(n, np.float32)
-    labels, n_all = ndimage.label(lines, _PLANE)
+    lines = np.asarray(lines, bool)
+    if not (lines[:, 0].any() or lines[:, -1].any()):
+        # With every image's first and last rows empty, stacked images touch nowhere: one 2-d
+        # labelling of the stack (faster than the 3-d one with a per-plane structure).
+        labels, n_all = ndimage.label(lines.reshape(-1, lines.shape[-1]), _SQUARE)
+    else:
+        labels, n_all = ndimage.label(lines, _PLANE)
     if n_all == 0:
         return out
     flat = labels.ravel()
-    on = np.flatnonzero(flat)  # the line pixels only (a small part of the image)
+    # The line pixels only (a small part of the image), found on the 1-byte map.
+    on = np.flatnonzero(lines)
     size_all = np.bincount(flat[on], minlength=n_all + 1)
     # A line shorter than fill × min_length image sides cannot cover an arc that long.
     fit_all = size_all >= size * max(0.25, fill * min_length)
@@ -381,7 +396,7 @@ def arc_lengths(
     lab = renumber[flat[on]]
     zr, rest = np.divmod(on, h * w)
     yi, xi = np.divmod(rest, w)
-    keep = (lab > 0) & ((yi + xi) % 2 == 0)
+    keep = (lab > 0) & ((yi + xi) & 1 == 0)
     z, yi, xi, lab = zr[keep], yi[keep], xi[keep], lab[keep]
     n_lab = int(fit_all.sum())
     count = 2 * np.bincount(lab, minlength=n_lab + 1).astype(np.float64)
@@ -389,27 +404,27 @@ def arc_lengths(
     fit[0] = False
     y, x = yi.astype(np.float64), xi.astype(np.float64)
     r2 = x * x + y * y
-    weight = np.ones_like(x)
+    # Per line, the sums of the Kåsa fit's moments: one sparse product (line × pixel) per fit.
+    # Coordinates are integers and weights 0 or 1, so the sums are exact in any order (below
+    # 2**53: images up to about 1500 px a side).
+    moments = np.stack([x * x, x * y, y * y, x, y, np.ones_like(x), x * r2, y * r2, r2], 1)
+    members = sparse.csr_array(
+        (np.ones(len(lab)), (lab, np.arange(len(lab)))), shape=(n_lab + 1, len(lab))
+    )
     cx = cy = radius = np.zeros(n_lab + 1)
     dist = np.zeros_like(x)
     for tolerance in (None, 8 / 3 * fit_px, 4 / 3 * fit_px, fit_px):
-        if tolerance is not None:
-            weight = (dist < tolerance).astype(np.float64)
-
-        def total(v: np.ndarray, w: np.ndarray = weight) -> np.ndarray:
-            return np.bincount(lab, v * w, minlength=n_lab + 1)
-
-        sx, sy, sn = total(x), total(y), total(np.ones_like(x))
-        sxy = total(x * y)
+        weighted = moments if tolerance is None else moments * (dist < tolerance)[:, None]
+        sxx, sxy, syy, sx, sy, sn, sxr, syr, sr = (members @ weighted).T
         normal = np.stack(
             [
-                np.stack([total(x * x), sxy, sx], -1),
-                np.stack([sxy, total(y * y), sy], -1),
+                np.stack([sxx, sxy, sx], -1),
+                np.stack([sxy, syy, sy], -1),
                 np.stack([sx, sy, sn], -1),
             ],
             -2,
         )[fit]
-        rhs = -np.stack([total(x * r2), total(y * r2), total(r2)], -1)[fit]
+        rhs = -np.stack([sxr, syr, sr], -1)[fit]
         coef = np.zeros((n_lab + 1, 3))
         ok = np.abs(np.linalg.det(normal)) > 1e-9
         coef_fit = np.zeros((len(normal), 3))
@@ -417,7 +432,8 @@ def arc_lengths(
         coef[fit] = coef_fit
         cx, cy = -coef[:, 0] / 2, -coef[:, 1] / 2
         radius = np.sqrt(np.maximum(cx * cx + cy * cy - coef[:, 2], 0))
-        dist = np.abs(np.hypot(x - cx[lab], y - cy[lab]) - radius[lab])
+        dx, dy = x - cx[lab], y - cy[lab]
+        dist = np.abs(np.sqrt(dx * dx + dy * dy) - radius[lab])  # (np.hypot is 4× slower)
     inlier = dist < fit_px
     n_in = 2 * np.bincount(lab, inlier.astype(np.float64), minlength=n_lab + 1)
     angle = np.arctan2(y - cy[lab], x - cx[lab])
@@ -588,9 +604,12 @@ def measure_tiles(
     # Bubble rims: long thin bright lines that follow a circle, on every 2nd pixel.
     if settings.max_bubble:
         bstep = BUBBLE_STEP
-        half = tiles[:, bstep // 2 :: bstep, bstep // 2 :: bstep, 1].astype(np.int16)
-        lines = (_line_response(half, 2) > round(255 * settings.bubble_contrast)) & (
-            half > round(255 * settings.bubble_min_grey)
+        half = tiles[:, bstep // 2 :: bstep, bstep // 2 :: bstep, 1]
+        lines = _bright_lines(
+            np.ascontiguousarray(half, np.uint8),
+            2,
+            round(255 * settings.bubble_contrast),
+            round(255 * settings.bubble_min_grey),
         )
         out[:, _COL["bubble"]] = arc_lengths(
             lines,
@@ -627,12 +646,23 @@ def border_distance_um(
     coords = np.asarray(coords, np.float64).reshape(-1, 2)
     if len(coords) == 0 or mask.size == 0:
         return np.zeros(len(coords), np.float32)
-    # Pad with background so the slide's own edge counts as a border.
-    dist = ndimage.distance_transform_edt(np.pad(np.asarray(mask, bool), 1))[1:-1, 1:-1]
+    mask = np.asarray(mask, bool)
+    rows, cols = np.flatnonzero(mask.any(axis=1)), np.flatnonzero(mask.any(axis=0))
+    if len(rows) == 0:
+        return np.zeros(len(coords), np.float32)
+    # Everything outside the tissue's bounding box is background, so the transform of the box
+    # padded with one ring of background (which also makes the slide's own edge a border) is
+    # exact, and costs what the box's area costs rather than the slide's.
+    top, left = int(rows[0]), int(cols[0])
+    box = mask[top : int(rows[-1]) + 1, left : int(cols[-1]) + 1]
+    dist = ndimage.distance_transform_edt(np.pad(box, 1))
     centre = (coords + tile_l0 / 2) / downsample
-    j = np.clip(centre[:, 0].astype(np.int64), 0, mask.shape[1] - 1)
-    i = np.clip(centre[:, 1].astype(np.int64), 0, mask.shape[0] - 1)
-    return (dist[i, j] * downsample * level0_mpp).astype(np.float32)
+    j = np.clip(centre[:, 0].astype(np.int64), 0, mask.shape[1] - 1) - left + 1
+    i = np.clip(centre[:, 1].astype(np.int64), 0, mask.shape[0] - 1) - top + 1
+    inside = (i >= 1) & (i <= box.shape[0]) & (j >= 1) & (j <= box.shape[1])
+    out = np.zeros(len(coords), np.float64)
+    out[inside] = dist[i[inside], j[inside]]
+    return (out * downsample * level0_mpp).astype(np.float32)
 
 
 def flag_tiles(values: np.ndarray, settings: QCSettings | None = None) -> np.ndarray:
