@@ -16,6 +16,9 @@ shortened by ``--train-epochs`` / ``--train-steps`` and random backbone weights:
 - the size of the checkpoint's tensors and of its memory bank (rows × dims) when it has one;
 - the process's peak RSS.
 
+A family that takes tile features another tool extracted instead of images is listed and
+skipped: ``benchmarks/bench_features.py`` measures it.
+
 **Random weights say nothing about real accuracy**: the AUROCs only show that the path runs
 end to end and what it costs. Real numbers need ImageNet or foundation-model weights.
 """
@@ -186,10 +189,15 @@ def main(argv: list[str] | None = None) -> list[dict]:
     if args.one:
         print("ROW " + json.dumps(one_family(args.one, args)), flush=True)
         return []
-    from wsi_anomaly.models.registry import family_names
+    from wsi_anomaly.models.registry import family_names, get_family
 
     rows = []
     for name in args.families or family_names():
+        inputs = get_family(name).inputs
+        if inputs != "images":  # neither MVTec images nor slide pixels: its own benchmark
+            rows.append({"family": name, "slide": f"skipped: takes {inputs} (bench_features.py)"})
+            print(f"  {rows[-1]}", flush=True)
+            continue
         cmd = [sys.executable, __file__, "--one", name, "--root", str(args.root),
                "--slide-px", str(args.slide_px), "--train-epochs", str(args.train_epochs),
                "--train-steps", str(args.train_steps), "--threads", str(args.threads)]  # fmt: skip
