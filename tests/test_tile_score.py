@@ -27,6 +27,24 @@ def settings(**kw):
     return HeatmapSettings(device="cpu", batch_size=8, progress=False, **kw)
 
 
+def copied_results(patchcore_results, tmp_path):
+    """A copy of the fitted PatchCore's results root (tests change it) and its slide folder."""
+    source_root, source, _ = patchcore_results
+    root = tmp_path / "results"
+    shutil.copytree(source_root, root)
+    return root, root / source.name
+
+
+def forbid_scoring(monkeypatch) -> None:
+    """Any tile scored from here on fails the test."""
+    from wsi_anomaly.pipeline import slide_run
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("a tile was scored")
+
+    monkeypatch.setattr(slide_run, "_score_shards", refuse)
+
+
 def read_classes(folder) -> np.ndarray:
     with open(folder / "tiles.csv", newline="") as fh:
         return np.array([row["class"] == "Anomalous" for row in csv.DictReader(fh)])
@@ -145,10 +163,7 @@ def test_patchcore_slide_tiles_are_classed_by_the_map_maximum(patchcore_model, p
 def test_patchcore_redraw_keeps_the_map_maximum(patchcore_model, patchcore_results, tmp_path):
     """``render`` re-draws without the model (moved away) and ranks, colours and classes by the
     recorded tile score; the viewer and the napari reader read it too."""
-    source_root, source, _ = patchcore_results
-    root = tmp_path / "results"
-    shutil.copytree(source_root, root)
-    folder = root / source.name
+    root, folder = copied_results(patchcore_results, tmp_path)
     classes = read_classes(folder)
     before = json.loads((folder / "summary.json").read_text())
     model_path = before["model"]["model_path"]
@@ -195,18 +210,10 @@ def test_patchcore_redraw_keeps_the_map_maximum(patchcore_model, patchcore_resul
 def test_heatmap_rerun_with_other_display_settings_redraws_by_the_maximum(
     patchcore_model, patchcore_results, small_slide, tmp_path, monkeypatch
 ):
-    from wsi_anomaly.pipeline import slide_run
-
-    source_root, source, before = patchcore_results
-    root = tmp_path / "results"
-    shutil.copytree(source_root, root)
-    folder = root / source.name
+    root, folder = copied_results(patchcore_results, tmp_path)
+    before = patchcore_results[2]
     classes = read_classes(folder)
-
-    def refuse(*args, **kwargs):
-        raise AssertionError("a tile was scored")
-
-    monkeypatch.setattr(slide_run, "_score_shards", refuse)
+    forbid_scoring(monkeypatch)
     summary = process_slide(small_slide.path, root, patchcore_model, settings(cmap="magma"))
     assert summary["status"] == "redrawn" and summary["tile_score"] == "max"
     assert summary["fraction_anomalous"] == pytest.approx(before["fraction_anomalous"])
@@ -217,10 +224,7 @@ def test_heatmap_rerun_with_other_display_settings_redraws_by_the_maximum(
 def test_results_that_record_no_tile_score_are_of_the_mean(patchcore_results, tmp_path):
     from wsi_anomaly.viewer.results import ResultsFolder
 
-    source_root, source, _ = patchcore_results
-    root = tmp_path / "results"
-    shutil.copytree(source_root, root)
-    folder = root / source.name
+    root, folder = copied_results(patchcore_results, tmp_path)
     summary = json.loads((folder / "summary.json").read_text())
     del summary["tile_score"]
     (folder / "summary.json").write_text(json.dumps(summary))
@@ -240,22 +244,14 @@ def test_older_results_of_a_max_family_are_redrawn_by_the_maximum(
 ):
     """Results that record no tile score were ranked by the mean: a re-run with the same
     settings re-draws them by the family's maximum, scoring no tile."""
-    from wsi_anomaly.pipeline import slide_run
-
-    source_root, source, before = patchcore_results
-    root = tmp_path / "results"
-    shutil.copytree(source_root, root)
-    folder = root / source.name
+    root, folder = copied_results(patchcore_results, tmp_path)
+    before = patchcore_results[2]
     classes = read_classes(folder)
     summary = json.loads((folder / "summary.json").read_text())
     del summary["tile_score"]
     summary["fraction_anomalous"] = 0.0  # what ranking by the mean gave this calibration
     (folder / "summary.json").write_text(json.dumps(summary))
-
-    def refuse(*args, **kwargs):
-        raise AssertionError("a tile was scored")
-
-    monkeypatch.setattr(slide_run, "_score_shards", refuse)
+    forbid_scoring(monkeypatch)
     again = process_slide(small_slide.path, root, patchcore_model, settings())
     assert again["status"] == "redrawn" and again["tile_score"] == "max"
     assert before["fraction_anomalous"] > 0
