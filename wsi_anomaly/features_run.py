@@ -53,6 +53,7 @@ from .stitch import (
     colour_scale,
     headline_scores,
     render_slide_outputs,
+    result_provenance,
     slide_colour_scale,
 )
 from .tiles.feature_files import feature_file_for_slide, first_overlap
@@ -299,19 +300,16 @@ def _run(plan: Any, h5: Path, model: str | Path, settings: Any) -> dict[str, Any
         if display.scale == "slide":
             scale = slide_colour_scale(ranked, scale)
         identity = scorer.identity
-        provenance = {
-            "slide_name": slide.name,
-            "slide_fingerprint": plan.identity["slide_fingerprint"],
-            "model_sha256": identity.get("model_sha256"),
-            "model_name": identity.get("model_name"),
-            "model_file": Path(identity["model_path"]).name,
-            "backbone": tiles.encoder or expected.get("encoder"),
-            "features_file": h5.name,
-            "features_sha256": plan.identity["scoring"]["features"]["sha256"],
-            "tile_score": tile_score,
-            "colour_scale": asdict(scale),
-            "software_version": __version__,
-        }
+        provenance = result_provenance(
+            slide.name,
+            plan.identity["slide_fingerprint"],
+            identity,
+            tiles.encoder or expected.get("encoder"),
+            tile_score,
+            scale,
+            features_file=h5.name,
+            features_sha256=plan.identity["scoring"]["features"]["sha256"],
+        )
         outputs = render_slide_outputs(
             plan.work,
             SlideOutputs(

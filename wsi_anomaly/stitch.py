@@ -26,13 +26,14 @@ import json
 import math
 import uuid
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 from PIL import Image
 
+from . import __version__
 from .errors import InvalidInputError
 from .outputs import atomic_path
 from .slide.qc import TileQC, first_flags
@@ -194,6 +195,34 @@ def legend_words(scale: ColourScale) -> list[str]:
         "white: training 99th percentile",
         "red: more anomalous than 99 % of training tiles",
     ]
+
+
+def result_provenance(
+    slide_name: str,
+    slide_fingerprint: str | None,
+    model_identity: Mapping[str, Any],
+    backbone: str | None,
+    tile_score: str,
+    scale: ColourScale,
+    **inputs: Any,
+) -> dict[str, Any]:
+    """What made a slide's scores, as recorded in its outputs (NGFF attributes, GeoJSON,
+    figure titles): the slide, the model file and family with its sha256, the backbone, the
+    tile score, the colour scale and the software version, plus ``inputs`` (e.g. the feature
+    file a run read)."""
+    model_path = model_identity.get("model_path")
+    return {
+        "slide_name": slide_name,
+        "slide_fingerprint": slide_fingerprint,
+        "model_sha256": model_identity.get("model_sha256"),
+        "model_name": model_identity.get("model_name"),
+        "model_file": Path(model_path).name if model_path else None,
+        "backbone": backbone,
+        **inputs,
+        "tile_score": tile_score,
+        "colour_scale": asdict(scale),
+        "software_version": __version__,
+    }
 
 
 def figure_title(slide_name: str, provenance: Mapping[str, Any] | None) -> str:

@@ -29,6 +29,7 @@ from ..stitch import (
     headline_scores,
     recorded_tile_score,
     render_slide_outputs,
+    result_provenance,
     slide_colour_scale,
 )
 from ..tiles.store import TileStore
@@ -98,18 +99,14 @@ def _outputs(
     scale = replace(fixed, cmap=display.cmap)
     if display.scale == "slide":
         scale = slide_colour_scale(ranked, scale)
-    model_path = model_identity.get("model_path")
-    provenance = {
-        "slide_name": slide.name,
-        "slide_fingerprint": fingerprint,
-        "model_sha256": model_identity.get("model_sha256"),
-        "model_name": model_identity.get("model_name"),
-        "model_file": Path(model_path).name if model_path else None,
-        "backbone": model_identity.get("backbone"),
-        "tile_score": tile_score,
-        "colour_scale": asdict(scale),
-        "software_version": __version__,
-    }
+    provenance = result_provenance(
+        slide.name,
+        fingerprint,
+        model_identity,
+        model_identity.get("backbone"),
+        tile_score,
+        scale,
+    )
     return SlideOutputs(
         slide_name=slide.name,
         geometry=geometry,
