@@ -92,6 +92,25 @@ def test_fold_is_flagged_against_the_slides_staining():
     assert not flags_of(folded[None], reference * 3)["fold"].any()
 
 
+def test_a_second_layer_beside_its_single_layer_is_a_fold_denser_tissue_is_not():
+    """Half of a tile at the slide's median density of its colour; the other half either
+    twice as dense behind a straight edge (a second layer of the same tissue, ×0.9 where the
+    layers overlap) or 1.7× as dense (tissue of the same colour, more densely stained)."""
+    rng = np.random.default_rng(5)
+    tile, reference = flat_tissue(rng)
+    transmission = tile.astype(np.float32) / 255
+
+    def right_half_od_times(factor: float, darken: float = 1.0) -> np.ndarray:
+        out = transmission.copy()
+        out[:, 128:] = out[:, 128:] ** factor * darken
+        return np.clip(out * 255, 0, 255).astype(np.uint8)
+
+    doubled = right_half_od_times(2.0, 0.9)
+    denser = right_half_od_times(1.7)
+    flags = flags_of(np.stack([tile, doubled, denser]), reference)["fold"]
+    assert flags.tolist() == [False, True, False]
+
+
 def test_fold_on_synthetic_tissue(clean, slide_refs):
     rng = np.random.default_rng(1)
     folded = np.stack([artifacts.fold(t, rng, darken=0.5) for t in clean])
