@@ -295,14 +295,16 @@ def _measured(
     sink: TileStore | TileStoreWriter,
     skip: dict[int, np.ndarray] | None,
 ) -> Iterator[tuple[int, np.ndarray]]:
-    """Pass shards through, measuring each one's QC and writing it to ``sink``; with ``skip``,
-    record there which of the shard's tiles are flagged (not to be scored)."""
+    """Pass shards through, measuring each one's QC; with ``skip``, record there which of the
+    shard's tiles are flagged (not to be scored). Once every shard has passed, all tiles' QC is
+    written to ``sink`` at once (a write per shard costs more than measuring it)."""
     for start, tiles in shards:
-        values, flags = meter(start, tiles)
-        sink.write_qc(start, values, flags)
         if skip is not None:
-            skip[start] = flags != 0
+            skip[start] = meter(start, tiles)[1] != 0
+        else:
+            meter.ensure_measured(start, tiles)
         yield start, tiles
+    sink.write_qc(0, *meter.results())
 
 
 def _score_store(

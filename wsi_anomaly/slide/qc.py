@@ -943,10 +943,29 @@ class TileQCMeter:
         """The store's QC record of this meter (:func:`qc_record`)."""
         return qc_record(self.settings, self.reference, self.colour_reference)
 
-    def __call__(self, start: int, tiles: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        stop = start + len(tiles)
-        if not self._measured[start:stop].all():
+    def ensure_measured(self, start: int, tiles: np.ndarray) -> None:
+        """Measure tiles ``start…start+len(tiles)`` unless :meth:`measure` already did."""
+        if not self._measured[start : start + len(tiles)].all():
             self.measure(start, tiles)
+
+    def __call__(self, start: int, tiles: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """This shard's ``(values, flags)``, measuring its tiles first when needed."""
+        self.ensure_measured(start, tiles)
+        return self._flagged(start, start + len(tiles))
+
+    def results(self) -> tuple[np.ndarray, np.ndarray]:
+        """Every tile's ``(values, flags)`` at once, (N, K) float32 and (N,) uint16: one pass
+        for a whole slide instead of one per shard.
+
+        Raises:
+            RuntimeError when some tile was never measured (a caller's bug, not a user's).
+        """
+        if not self._measured.all():
+            missing = int((~self._measured).sum())
+            raise RuntimeError(f"{missing} of {len(self._measured)} tiles were never measured")
+        return self._flagged(0, len(self._measured))
+
+    def _flagged(self, start: int, stop: int) -> tuple[np.ndarray, np.ndarray]:
         t0, c0 = time.perf_counter(), time.thread_time()
         values = self.values[start:stop].copy()
         values[:, _COL["border_um"]] = self.border_um[start:stop]

@@ -297,7 +297,7 @@ class TileStoreWriter:
 
     def create_qc(self, qc: dict[str, Any]) -> None:
         """Add the QC arrays (see :func:`create_qc_arrays`); ``qc`` is recorded in the attrs."""
-        create_qc_arrays(self.root, self.n_tiles, self.shard_tiles, qc)
+        create_qc_arrays(self.root, self.n_tiles, qc)
         self.attrs["qc"] = qc
         self.root.attrs[ATTRS_KEY] = self.attrs
 
@@ -397,10 +397,11 @@ def write_score_arrays(
         zarr_array(root, "maps")[start:stop] = np.asarray(maps, np.float16)
 
 
-def create_qc_arrays(root: zarr.Group, n_tiles: int, chunk: int, qc: dict[str, Any]) -> None:
+def create_qc_arrays(root: zarr.Group, n_tiles: int, qc: dict[str, Any]) -> None:
     """(Re)create ``qc_values`` (N, K) float32 (NaN until measured) and ``qc_flags`` (N,)
-    uint16; ``qc["names"]`` names the K columns."""
-    chunk = max(1, min(chunk, n_tiles))
+    uint16; ``qc["names"]`` names the K columns. One chunk each (N × K floats are small): they
+    are written once for the whole slide and read whole."""
+    chunk = max(1, n_tiles)
     root.create_array(
         "qc_values",
         shape=(n_tiles, len(qc["names"])),
@@ -505,7 +506,7 @@ class TileStore:
 
     def reset_qc(self, qc: dict[str, Any]) -> None:
         """(Re)create the QC arrays to measure this store again (opened with ``mode="r+"``)."""
-        create_qc_arrays(self.root, len(self), self.shard_tiles, qc)
+        create_qc_arrays(self.root, len(self), qc)
         self.attrs = {**self.attrs, "qc": qc}
         self.root.attrs[ATTRS_KEY] = self.attrs
 
