@@ -231,15 +231,15 @@ def test_qc_rows_of_every_shard_are_written_once(small_slide, tmp_path, monkeypa
     from wsi_anomaly.slide.qc import VALUE_NAMES, flag_tiles, measure_tiles, stored_colour_reference
 
     writes = []
-    real = store_mod.write_qc_arrays
+    real = store_mod.TileStoreWriter.write_qc
 
-    def counted(root, start, values, flags):
+    def counted(self, start, values, flags):
         writes.append((start, len(flags)))
-        real(root, start, values, flags)
+        real(self, start, values, flags)
 
     monkeypatch.setattr(store_mod, "SHARD_TILES", 8)
     monkeypatch.setattr(store_mod, "CHUNK_TILES", 4)
-    monkeypatch.setattr(store_mod, "write_qc_arrays", counted)
+    monkeypatch.setattr(store_mod.TileStoreWriter, "write_qc", counted)
     out = tmp_path / "s.zarr"
     tile_slide(small_slide.path, out, TilingSettings(stride_px=128), progress=False)
     store = TileStore(out)
