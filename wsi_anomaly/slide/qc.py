@@ -382,7 +382,8 @@ def arc_lengths(
     flat = labels.ravel()
     # The line pixels only (a small part of the image), found on the 1-byte map.
     on = np.flatnonzero(lines)
-    size_all = np.bincount(flat[on], minlength=n_all + 1)
+    label_on = flat[on]
+    size_all = np.bincount(label_on, minlength=n_all + 1)
     # A line shorter than fill × min_length image sides cannot cover an arc that long.
     fit_all = size_all >= size * max(0.25, fill * min_length)
     fit_all[0] = False
@@ -393,10 +394,13 @@ def arc_lengths(
     # unchanged at half the arithmetic (counts are doubled back below).
     h, w = lines.shape[1:]
     renumber = np.where(fit_all, np.cumsum(fit_all), 0)
-    lab = renumber[flat[on]]
+    lab = renumber[label_on]
+    # Fitted lines first (a small part of the line pixels on H&E), then the checkerboard.
+    fitted = np.flatnonzero(lab)
+    on, lab = on[fitted], lab[fitted]
     zr, rest = np.divmod(on, h * w)
     yi, xi = np.divmod(rest, w)
-    keep = (lab > 0) & ((yi + xi) & 1 == 0)
+    keep = np.flatnonzero((yi + xi) & 1 == 0)
     z, yi, xi, lab = zr[keep], yi[keep], xi[keep], lab[keep]
     n_lab = int(fit_all.sum())
     count = 2 * np.bincount(lab, minlength=n_lab + 1).astype(np.float64)
