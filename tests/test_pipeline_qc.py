@@ -139,6 +139,40 @@ def test_qc_settings_are_part_of_the_identity(slide, tiny_model, tmp_path):
     assert (TileStore(tmp_path / slide.path.name / "tiles.zarr").qc_flags == 0).all()
 
 
+def test_a_rerun_after_an_interruption_has_qc_rows_for_every_tile(
+    slide, tiny_model, tmp_path, monkeypatch
+):
+    """The QC rows are written once, with the finished tile store; a run interrupted after
+    tiling leaves a store the next run takes over, and its QC rows are those of a clean run."""
+    import wsi_anomaly.pipeline.render as render
+
+    for mode in ("flag", "exclude"):
+        clean = tmp_path / f"clean-{mode}"
+        process_slide(slide.path, clean, tiny_model, settings(qc=mode, qc_settings=EDGE))
+
+        def crash(*args, **kwargs):
+            raise KeyboardInterrupt
+
+        monkeypatch.setattr(render, "render_slide_outputs", crash)
+        run = tmp_path / f"run-{mode}"
+        with pytest.raises(KeyboardInterrupt):
+            process_slide(slide.path, run, tiny_model, settings(qc=mode, qc_settings=EDGE))
+        monkeypatch.undo()
+        left = [p for p in run.rglob("tiles.zarr") if p.is_dir()]
+        assert len(left) == 1  # the interrupted run's finished store, with its QC rows
+        assert TileStore(left[0]).qc_values is not None
+        resumed = process_slide(slide.path, run, tiny_model, settings(qc=mode, qc_settings=EDGE))
+        assert resumed["status"] == "ok"
+        want = TileStore(clean / slide.path.name / "tiles.zarr")
+        got = TileStore(run / slide.path.name / "tiles.zarr")
+        assert got.qc_values is not None and want.qc_values is not None
+        assert np.isfinite(got.qc_values).all()
+        np.testing.assert_allclose(got.qc_values, want.qc_values, rtol=1e-5, atol=1e-6)
+        np.testing.assert_array_equal(got.qc_flags, want.qc_flags)
+        assert 0 < (got.qc_flags != 0).sum() < len(got)
+        np.testing.assert_array_equal(np.isnan(got.scores), np.isnan(want.scores))
+
+
 class _FirstPixelScorer:
     def __init__(self, batch_size):
         self.batch_size = batch_size

@@ -102,3 +102,34 @@ def test_coords_h5_for_clam_and_trident(small_store, tmp_path):
             assert coords.attrs["overlap"] == 0
             assert coords.attrs["target_mpp"] == pytest.approx(0.5)
     assert not list(tmp_path.glob(".*partial*"))
+
+
+@pytest.mark.parametrize("rows", ["all at once", "in parts", "none"])
+def test_qc_arrays_whatever_rows_were_written(tmp_path, rows):
+    """QC arrays made lazily: rows written at once, in parts, or never (NaN) all read back."""
+    from wsi_anomaly.slide.qc import QCSettings, qc_record
+
+    n = 10
+    coords = np.stack([np.arange(n) * 64, np.zeros(n, int)], 1)
+    writer = TileStoreWriter(
+        tmp_path / "s.zarr", n, 32, coords, np.zeros((n, 2), int), np.ones(n), {}
+    )
+    record = qc_record(QCSettings())
+    writer.create_qc(record)
+    k = len(record["names"])
+    values = np.arange(n * k, dtype=np.float32).reshape(n, k)
+    flags = np.arange(n, dtype=np.uint16)
+    if rows == "all at once":
+        writer.write_qc(0, values, flags)
+    elif rows == "in parts":
+        writer.write_qc(4, values[4:], flags[4:])
+        writer.write_qc(0, values[:4], flags[:4])
+    writer.write(0, np.zeros((n, 32, 32, 3), np.uint8))
+    writer.close()
+    store = TileStore(tmp_path / "s.zarr")
+    assert store.qc is not None and store.qc["names"] == record["names"]
+    if rows == "none":
+        assert np.isnan(store.qc_values).all() and (store.qc_flags == 0).all()
+    else:
+        np.testing.assert_array_equal(store.qc_values, values)
+        np.testing.assert_array_equal(store.qc_flags, flags)

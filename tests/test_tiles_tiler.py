@@ -222,3 +222,50 @@ def test_decoded_parts_reach_the_hook_once_each(small_slide):
             means.update({start + k: float(t.mean()) for k, t in enumerate(tiles)})
     assert sorted(seen) == list(range(len(kept))) and seen == means
     assert all(name.startswith("tile-read") for name in threads)
+
+
+def test_qc_rows_of_every_shard_are_written_once(small_slide, tmp_path, monkeypatch):
+    """QC rows are kept in memory and written once for the whole slide: with many small shards
+    every tile still gets its own row, the one measured from its stored pixels."""
+    import wsi_anomaly.tiles.store as store_mod
+    from wsi_anomaly.slide.qc import VALUE_NAMES, flag_tiles, measure_tiles, stored_colour_reference
+
+    writes = []
+    real = store_mod.TileStoreWriter.write_qc
+
+    def counted(self, start, values, flags):
+        writes.append((start, len(flags)))
+        real(self, start, values, flags)
+
+    monkeypatch.setattr(store_mod, "SHARD_TILES", 8)
+    monkeypatch.setattr(store_mod, "CHUNK_TILES", 4)
+    monkeypatch.setattr(store_mod.TileStoreWriter, "write_qc", counted)
+    out = tmp_path / "s.zarr"
+    tile_slide(small_slide.path, out, TilingSettings(stride_px=128), progress=False)
+    store = TileStore(out)
+    assert store.shard_tiles == 8 and len(store) > 3 * store.shard_tiles
+    assert writes == [(0, len(store))]
+    values, flags = store.qc_values, store.qc_flags
+    assert values is not None and flags is not None and store.qc is not None
+    assert np.isfinite(values).all()
+    colour = stored_colour_reference(store.qc)
+    again = measure_tiles(store.read(0, len(store)), None, store.qc["reference_od"], colour)
+    own = [k for k, name in enumerate(VALUE_NAMES) if name != "border_um"]
+    np.testing.assert_allclose(values[:, own], again[:, own], rtol=1e-5, atol=1e-6)
+    np.testing.assert_array_equal(flags, flag_tiles(values))
+
+
+def test_a_meter_refuses_results_with_tiles_unmeasured():
+    from wsi_anomaly.slide.qc import QCSettings, TileQCMeter
+
+    meter = TileQCMeter(QCSettings(), np.full(4, 100.0))
+    tiles = np.full((2, 64, 64, 3), 200, np.uint8)
+    meter.measure(0, tiles)
+    with pytest.raises(RuntimeError, match="2 of 4"):
+        meter.results()
+    meter.ensure_measured(2, tiles)
+    values, flags = meter.results()
+    assert values.shape[0] == 4 and flags.shape == (4,)
+    np.testing.assert_array_equal(
+        values[:, :-1], meter(0, np.concatenate([tiles, tiles]))[0][:, :-1]
+    )

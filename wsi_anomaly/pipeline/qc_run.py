@@ -26,8 +26,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-
 from .. import __version__
 from ..errors import NoTissueError, OutputExistsError, OutputLockedError, WsiAnomalyError
 from ..outputs import (
@@ -42,7 +40,7 @@ from ..outputs import (
     write_json,
 )
 from ..quality import qc_canvas, tissue_fractions, write_qc_picture, write_qc_table
-from ..slide.qc import ARTIFACT_FLAGS, VALUE_NAMES, QCSettings, TileQC, slide_verdict
+from ..slide.qc import ARTIFACT_FLAGS, QCSettings, TileQC, slide_verdict
 from .discovery import find_slides
 from .results import cohort_output_names, output_name
 
@@ -138,8 +136,6 @@ def qc_slide(
             )
         meter = qc_meter(slide, kept, tissue, settings.qc)
         assert meter is not None
-        values = np.empty((len(kept), len(VALUE_NAMES)), np.float32)
-        flags = np.empty(len(kept), np.uint16)
         t_tiles = time.perf_counter()
         from tqdm.auto import tqdm
 
@@ -151,11 +147,10 @@ def qc_slide(
             slide, kept, 256, settings.read_workers, on_decoded=meter.measure
         )
         for start, tiles in batches:
-            values[start : start + len(tiles)], flags[start : start + len(tiles)] = meter(
-                start, tiles
-            )
+            meter.ensure_measured(start, tiles)
             bar.update(len(tiles))
         bar.close()
+        values, flags = meter.results()  # flagged once, for the whole slide
         tiles_s = time.perf_counter() - t_tiles
         qc = TileQC(values, flags, settings.qc)
         fractions = tissue_fractions(qc, kept.tissue_fraction)

@@ -283,8 +283,10 @@ def _tile_and_score(
         )
         skip: dict[int, np.ndarray] = {}
         if meter is not None:
-            shards = _measured(shards, meter, writer, skip if settings.qc == "exclude" else None)
+            shards = _measured(shards, meter, skip if settings.qc == "exclude" else None)
         _score_shards(scorer, shards, writer, settings, timing, skip, len(kept), slide.name)
+        if meter is not None:  # every tile's QC row, at once (a write per shard costs more)
+            writer.write_qc(0, *meter.results())
         writer.close({"model": scorer.identity, "tile_score": scorer.family.tile_score})
     return len(kept) - sum(int(m.sum()) for m in skip.values())
 
@@ -292,16 +294,15 @@ def _tile_and_score(
 def _measured(
     shards: Iterable[tuple[int, np.ndarray]],
     meter: TileQCMeter,
-    sink: TileStore | TileStoreWriter,
     skip: dict[int, np.ndarray] | None,
 ) -> Iterator[tuple[int, np.ndarray]]:
-    """Pass shards through, measuring each one's QC and writing it to ``sink``; with ``skip``,
-    record there which of the shard's tiles are flagged (not to be scored)."""
+    """Pass shards through, measuring each one's QC (kept in ``meter``); with ``skip``, record
+    there which of the shard's tiles are flagged (not to be scored)."""
     for start, tiles in shards:
-        values, flags = meter(start, tiles)
-        sink.write_qc(start, values, flags)
         if skip is not None:
-            skip[start] = flags != 0
+            skip[start] = meter(start, tiles)[1] != 0
+        else:
+            meter.ensure_measured(start, tiles)
         yield start, tiles
 
 
@@ -338,8 +339,10 @@ def _score_store(
     with ThreadPoolExecutor(max_workers=2, thread_name_prefix="store-read") as pool:
         source: Iterable[tuple[int, np.ndarray]] = shards(pool)
         if meter is not None:
-            source = _measured(source, meter, store, skip if settings.qc == "exclude" else None)
+            source = _measured(source, meter, skip if settings.qc == "exclude" else None)
         _score_shards(scorer, source, store, settings, timing, skip, n, name)
+    if meter is not None:
+        store.write_qc(0, *meter.results())
     store.set_model(scorer.identity, scorer.family.tile_score)
     return n - sum(int(m.sum()) for m in skip.values())
 

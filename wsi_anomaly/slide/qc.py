@@ -43,7 +43,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from scipy import ndimage, sparse
+from scipy import ndimage, sparse, spatial
 
 from ..errors import InputNotFoundError, InvalidInputError
 
@@ -382,7 +382,8 @@ def arc_lengths(
     flat = labels.ravel()
     # The line pixels only (a small part of the image), found on the 1-byte map.
     on = np.flatnonzero(lines)
-    size_all = np.bincount(flat[on], minlength=n_all + 1)
+    label_on = flat[on]
+    size_all = np.bincount(label_on, minlength=n_all + 1)
     # A line shorter than fill × min_length image sides cannot cover an arc that long.
     fit_all = size_all >= size * max(0.25, fill * min_length)
     fit_all[0] = False
@@ -393,10 +394,13 @@ def arc_lengths(
     # unchanged at half the arithmetic (counts are doubled back below).
     h, w = lines.shape[1:]
     renumber = np.where(fit_all, np.cumsum(fit_all), 0)
-    lab = renumber[flat[on]]
+    lab = renumber[label_on]
+    # Fitted lines first (a small part of the line pixels on H&E), then the checkerboard.
+    fitted = np.flatnonzero(lab)
+    on, lab = on[fitted], lab[fitted]
     zr, rest = np.divmod(on, h * w)
     yi, xi = np.divmod(rest, w)
-    keep = (lab > 0) & ((yi + xi) & 1 == 0)
+    keep = np.flatnonzero((yi + xi) & 1 == 0)
     z, yi, xi, lab = zr[keep], yi[keep], xi[keep], lab[keep]
     n_lab = int(fit_all.sum())
     count = 2 * np.bincount(lab, minlength=n_lab + 1).astype(np.float64)
@@ -650,18 +654,30 @@ def border_distance_um(
     rows, cols = np.flatnonzero(mask.any(axis=1)), np.flatnonzero(mask.any(axis=0))
     if len(rows) == 0:
         return np.zeros(len(coords), np.float32)
-    # Everything outside the tissue's bounding box is background, so the transform of the box
-    # padded with one ring of background (which also makes the slide's own edge a border) is
-    # exact, and costs what the box's area costs rather than the slide's.
+    # Everything outside the tissue's bounding box is background, so the box padded with one
+    # ring of background (which also makes the slide's own edge a border) gives the exact
+    # distances. Only the tile centres need one, so rather than a distance transform of every
+    # mask pixel (a whole-mask pass per slide), each centre on tissue asks a k-d tree of the
+    # background pixels beside tissue: the background pixel nearest to a tissue pixel always
+    # has a tissue pixel as a 4-neighbour (a step towards the tissue pixel would be nearer
+    # otherwise), so the distances are those of the transform, to the bit.
     top, left = int(rows[0]), int(cols[0])
-    box = mask[top : int(rows[-1]) + 1, left : int(cols[-1]) + 1]
-    dist = ndimage.distance_transform_edt(np.pad(box, 1))
+    box = np.pad(mask[top : int(rows[-1]) + 1, left : int(cols[-1]) + 1], 1)
     centre = (coords + tile_l0 / 2) / downsample
     j = np.clip(centre[:, 0].astype(np.int64), 0, mask.shape[1] - 1) - left + 1
     i = np.clip(centre[:, 1].astype(np.int64), 0, mask.shape[0] - 1) - top + 1
-    inside = (i >= 1) & (i <= box.shape[0]) & (j >= 1) & (j <= box.shape[1])
+    inside = (i >= 1) & (i < box.shape[0] - 1) & (j >= 1) & (j < box.shape[1] - 1)
+    inside[inside] = box[i[inside], j[inside]]
     out = np.zeros(len(coords), np.float64)
-    out[inside] = dist[i[inside], j[inside]]
+    if inside.any():
+        near = np.zeros_like(box)
+        near[1:] |= box[:-1]
+        near[:-1] |= box[1:]
+        near[:, 1:] |= box[:, :-1]
+        near[:, :-1] |= box[:, 1:]
+        shore = np.argwhere(near & ~box).astype(np.float64)
+        query = np.stack([i[inside], j[inside]], axis=1).astype(np.float64)
+        out[inside] = spatial.cKDTree(shore).query(query)[0]
     return (out * downsample * level0_mpp).astype(np.float32)
 
 
@@ -943,10 +959,29 @@ class TileQCMeter:
         """The store's QC record of this meter (:func:`qc_record`)."""
         return qc_record(self.settings, self.reference, self.colour_reference)
 
-    def __call__(self, start: int, tiles: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        stop = start + len(tiles)
-        if not self._measured[start:stop].all():
+    def ensure_measured(self, start: int, tiles: np.ndarray) -> None:
+        """Measure tiles ``start…start+len(tiles)`` unless :meth:`measure` already did."""
+        if not self._measured[start : start + len(tiles)].all():
             self.measure(start, tiles)
+
+    def __call__(self, start: int, tiles: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """This shard's ``(values, flags)``, measuring its tiles first when needed."""
+        self.ensure_measured(start, tiles)
+        return self._flagged(start, start + len(tiles))
+
+    def results(self) -> tuple[np.ndarray, np.ndarray]:
+        """Every tile's ``(values, flags)`` at once, (N, K) float32 and (N,) uint16: one pass
+        for a whole slide instead of one per shard.
+
+        Raises:
+            RuntimeError when some tile was never measured (a caller's bug, not a user's).
+        """
+        if not self._measured.all():
+            missing = int((~self._measured).sum())
+            raise RuntimeError(f"{missing} of {len(self._measured)} tiles were never measured")
+        return self._flagged(0, len(self._measured))
+
+    def _flagged(self, start: int, stop: int) -> tuple[np.ndarray, np.ndarray]:
         t0, c0 = time.perf_counter(), time.thread_time()
         values = self.values[start:stop].copy()
         values[:, _COL["border_um"]] = self.border_um[start:stop]

@@ -218,6 +218,7 @@ class TileStoreWriter:
         self.n_tiles = n_tiles
         self.tile_px = tile_px
         self._aborted = False
+        self._qc_pending = False
         try:
             self._create(n_tiles, tile_px, coords, grid_index, tissue_fraction, attrs)
         except BaseException:  # Ctrl-C included: nothing half-made stays behind
@@ -296,12 +297,19 @@ class TileStoreWriter:
         write_score_arrays(self.root, start, mean, peak, maps)
 
     def create_qc(self, qc: dict[str, Any]) -> None:
-        """Add the QC arrays (see :func:`create_qc_arrays`); ``qc`` is recorded in the attrs."""
-        create_qc_arrays(self.root, self.n_tiles, self.shard_tiles, qc)
+        """Give the store QC arrays (see :func:`create_qc_arrays`); ``qc`` is recorded in the
+        attrs. The arrays are made by the first :meth:`write_qc` — all rows in one call, as
+        the tiler writes them, cost one write per array — or NaN-filled by :meth:`close`."""
         self.attrs["qc"] = qc
-        self.root.attrs[ATTRS_KEY] = self.attrs
+        self._qc_pending = True
 
     def write_qc(self, start: int, values: np.ndarray, flags: np.ndarray) -> None:
+        if self._qc_pending:
+            self._qc_pending = False
+            if start == 0 and len(flags) == self.n_tiles:
+                create_qc_arrays(self.root, self.n_tiles, self.attrs["qc"], values, flags)
+                return
+            create_qc_arrays(self.root, self.n_tiles, self.attrs["qc"])
         write_qc_arrays(self.root, start, values, flags)
 
     def write(self, start: int, tiles: np.ndarray) -> None:
@@ -337,6 +345,9 @@ class TileStoreWriter:
             raise
 
     def close(self, extra_attrs: dict[str, Any] | None = None) -> None:
+        if self._qc_pending:  # QC asked for, no row written: the arrays, NaN
+            self._qc_pending = False
+            create_qc_arrays(self.root, self.n_tiles, self.attrs["qc"])
         attrs = {**self.attrs, **(extra_attrs or {}), "complete": True}
         self.root.attrs[ATTRS_KEY] = attrs
         commit_dir(self.tmp, self.path)
@@ -397,21 +408,28 @@ def write_score_arrays(
         zarr_array(root, "maps")[start:stop] = np.asarray(maps, np.float16)
 
 
-def create_qc_arrays(root: zarr.Group, n_tiles: int, chunk: int, qc: dict[str, Any]) -> None:
-    """(Re)create ``qc_values`` (N, K) float32 (NaN until measured) and ``qc_flags`` (N,)
-    uint16; ``qc["names"]`` names the K columns."""
-    chunk = max(1, min(chunk, n_tiles))
-    root.create_array(
-        "qc_values",
-        shape=(n_tiles, len(qc["names"])),
-        dtype="float32",
-        chunks=(chunk, len(qc["names"])),
-        fill_value=float("nan"),
-        overwrite=True,
-    )
-    root.create_array(
-        "qc_flags", shape=(n_tiles,), dtype="uint16", chunks=(chunk,), fill_value=0, overwrite=True
-    )
+def create_qc_arrays(
+    root: zarr.Group,
+    n_tiles: int,
+    qc: dict[str, Any],
+    values: np.ndarray | None = None,
+    flags: np.ndarray | None = None,
+) -> None:
+    """(Re)create ``qc_values`` (N, K) float32 and ``qc_flags`` (N,) uint16 — holding
+    ``values`` and ``flags`` when given, else NaN and 0 until measured; ``qc["names"]`` names
+    the K columns. One chunk each (N × K floats are small): they are written once for the
+    whole slide and read whole."""
+    chunk, k = max(1, n_tiles), len(qc["names"])
+    if values is None or flags is None:
+        values = np.full((n_tiles, k), np.nan, np.float32)
+        flags = np.zeros(n_tiles, np.uint16)
+    values = np.asarray(values, np.float32).reshape(n_tiles, k)
+    flags = np.asarray(flags, np.uint16).reshape(n_tiles)
+    for name, data in (("qc_values", values), ("qc_flags", flags)):
+        fill = float("nan") if name == "qc_values" else 0
+        root.create_array(
+            name, data=data, chunks=(chunk, *data.shape[1:]), fill_value=fill, overwrite=True
+        )
 
 
 def write_qc_arrays(root: zarr.Group, start: int, values: np.ndarray, flags: np.ndarray) -> None:
@@ -505,7 +523,7 @@ class TileStore:
 
     def reset_qc(self, qc: dict[str, Any]) -> None:
         """(Re)create the QC arrays to measure this store again (opened with ``mode="r+"``)."""
-        create_qc_arrays(self.root, len(self), self.shard_tiles, qc)
+        create_qc_arrays(self.root, len(self), qc)
         self.attrs = {**self.attrs, "qc": qc}
         self.root.attrs[ATTRS_KEY] = self.attrs
 

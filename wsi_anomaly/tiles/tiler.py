@@ -449,8 +449,8 @@ def _tile_slide(
         meter = qc_meter(slide, kept, tissue, settings.qc)
 
         def export(start: int, tiles: np.ndarray) -> None:
-            if meter is not None:
-                writer.write_qc(start, *meter(start, tiles))
+            if meter is not None:  # the decoding threads measured it already, as a rule
+                meter.ensure_measured(start, tiles)
             if png_tmp is not None:
                 _export_png(tiles, kept.coords[start : start + len(tiles)], png_tmp, stem)
 
@@ -468,6 +468,11 @@ def _tile_slide(
                 # QC measures each part of a shard in the thread that decoded it.
                 on_decoded=meter.measure if meter is not None else None,
             )
+            if meter is not None:
+                # Flagged and written once for the whole slide (N × K floats): per shard, the
+                # small writes cost more than measuring. The store is complete, and so open
+                # to reuse, only once closed below, so no store holds tiles without their QC.
+                writer.write_qc(0, *meter.results())
             seconds = time.perf_counter() - t_start
             writer.close(
                 {
