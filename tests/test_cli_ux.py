@@ -274,6 +274,53 @@ def test_interrupted_tile_says_nothing_was_kept(capsys, tmp_path, monkeypatch, s
     )
 
 
+_ABANDONED_IO = """
+import asyncio, gc, sys
+import wsi_anomaly.tiles as tiles
+from wsi_anomaly.cli import Terminated, main
+
+held = []
+
+def stopped_mid_write(*args, **kwargs):
+    # What a stopped zarr write leaves: a task on an event loop that will never finish.
+    loop = asyncio.new_event_loop()
+    loop.run_until_complete(asyncio.sleep(0))
+    never = loop.create_future()
+    held.append(loop.create_task(asyncio.wait_for(never, None)))
+    loop.run_until_complete(asyncio.sleep(0))
+    held.append(loop)
+    raise {error}
+
+tiles.tile_slide = stopped_mid_write
+code = main(["tile", sys.argv[1], "--out", sys.argv[2]])
+held.clear()
+gc.collect()  # the pending task is destroyed here, as at interpreter exit
+sys.exit(code)
+"""
+
+
+@pytest.mark.parametrize("error, status", [("Terminated()", 143), ("KeyboardInterrupt", 130)])
+def test_io_abandoned_by_an_interruption_is_not_reported_at_exit(
+    tmp_path, small_slide, error, status
+):
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-c",
+            _ABANDONED_IO.format(error=error),
+            str(small_slide.path),
+            str(tmp_path / "t.zarr"),
+        ],
+        env={**os.environ, "PYTHONPATH": str(REPO)},
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert proc.returncode == status, proc.stderr
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and "partial outputs were not kept" in lines[0], proc.stderr
+
+
 # -- a preset belongs to its family -----------------------------------------------------------------
 def test_a_preset_picks_its_family_and_another_family_is_refused(tmp_path, capsys):
     import argparse

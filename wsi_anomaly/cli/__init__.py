@@ -187,12 +187,21 @@ def _quiet_stdout() -> None:
         pass
 
 
+def _quiet_abandoned_io() -> None:
+    """After an interruption, the I/O it cut short (zarr's pending writes on its own event loop)
+    is reported by asyncio as "Task was destroyed but it is pending!" when the interpreter
+    exits. The run's one line already says that its partial outputs were removed, so those
+    reports are dropped."""
+    logging.getLogger("asyncio").setLevel(logging.CRITICAL + 1)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     with _sigterm_unwinds():
         try:
             return _main(argv)
         except KeyboardInterrupt as exc:
             # Ctrl-C or SIGTERM before a command started (while the modules load).
+            _quiet_abandoned_io()
             stopped = "terminated" if isinstance(exc, Terminated) else "interrupted"
             print(f"wsi-anomaly: {stopped}", file=sys.stderr)
             return EXIT_TERMINATED if isinstance(exc, Terminated) else 130
@@ -252,6 +261,7 @@ def _run(args: argparse.Namespace) -> int:
     except KeyboardInterrupt as exc:
         if args.debug:
             raise
+        _quiet_abandoned_io()
         from .options import nothing_kept
 
         stopped = "terminated" if isinstance(exc, Terminated) else "interrupted"
