@@ -221,6 +221,33 @@ def test_a_dense_texture_is_no_arc_but_a_rim_inside_one_is():
     assert arc_lengths(speckled_ring[None], 1.5, 0.1, 0.7)[0] > 1.5
 
 
+def test_a_rim_joined_to_fibres_is_found_by_narrowing_in_small_steps(monkeypatch):
+    """A ring whose right side is crossed by 40 fibre-like streaks is one line with them; its
+    first circle is pulled towards the fibres. Refits that narrow from 8 × fit_px reach the
+    ring; refits that start at 8/3 × fit_px stay on the fibres, which alone are
+    no arc."""
+    from skimage.draw import line
+
+    import wsi_anomaly.slide.qc as qc
+
+    rng = np.random.default_rng(5)
+    yy, xx = np.mgrid[0:128, 0:128]
+    ring = np.abs(np.hypot(yy - 64, xx - 50) - 36) < 1.2
+    fibres = np.zeros((128, 128), bool)
+    for _ in range(40):
+        y0, x0 = rng.integers(0, 128), rng.integers(60, 128)
+        angle, length = np.pi / 2 + rng.uniform(-0.3, 0.3), rng.integers(15, 40)
+        y1 = int(np.clip(y0 + length * np.sin(angle), 0, 127))
+        x1 = int(np.clip(x0 + length * np.cos(angle), 0, 127))
+        rows, cols = line(y0, x0, y1, x1)
+        fibres[rows, cols] = fibres[rows, np.minimum(cols + 1, 127)] = True
+    limit = QCSettings().max_bubble
+    assert arc_lengths((ring | fibres)[None], 1.5, 0.1, 0.5)[0] > 1.0  # of 1.77 for the ring
+    assert arc_lengths(fibres[None], 1.5, 0.1, 0.5)[0] < limit
+    monkeypatch.setattr(qc, "_REFITS", (8 / 3, 4 / 3, 1.0))
+    assert arc_lengths((ring | fibres)[None], 1.5, 0.1, 0.5)[0] < limit
+
+
 def test_fold_edge_is_a_density_step_across_a_straight_line():
     rng = np.random.default_rng(3)
     tile, density = flat_tissue(rng)

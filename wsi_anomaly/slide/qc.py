@@ -137,7 +137,7 @@ class QCSettings:
     bubble_min_grey: float = 0.6
     bubble_fit_px: float = 1.5
     bubble_inliers: float = 0.1
-    bubble_fill: float = 0.7
+    bubble_fill: float = 0.5
     max_bubble: float = 0.55
     #: exposure: mean grey level of the tile above / below these.
     max_brightness: float = 0.92
@@ -340,6 +340,12 @@ _PLANE[1] = True
 _SQUARE = np.ones((3, 3), bool)
 
 
+#: The refits of a line's circle: on its pixels within these multiples of ``fit_px`` of the
+#: previous circle, in turn. Narrowing in small steps from a wide band lets the circle move
+#: onto a rim that fibre gaps have joined into a larger line, before the band is too narrow to
+#: reach it.
+_REFITS = (8.0, 4.0, 8 / 3, 4 / 3, 1.0)
+
 #: Angular bins of an arc's coverage of its circle.
 _ARC_BINS = 32
 
@@ -348,7 +354,7 @@ def arc_lengths(
     lines: np.ndarray,
     fit_px: float,
     min_inliers: float,
-    fill: float = 0.7,
+    fill: float = 0.5,
     min_length: float = 0.0,
 ) -> np.ndarray:
     """Longest circular arc among the line pixels of each (n, h, w) bool image, in image sides
@@ -357,13 +363,14 @@ def arc_lengths(
 
     Each connected line (8-connected, at least a quarter of the image side and ``fill`` ×
     ``min_length`` sides in pixels) gets a circle fitted by algebraic least squares (Kåsa),
-    refitted three times on the pixels ever closer to
-    the previous circle (within 8/3, 4/3 and 1 × ``fit_px`` in turn), so that a rim joined to
-    other lines (gaps between fibres crossing it) still finds its own circle. The circle is
-    split into 32 sectors; a sector is covered when its pixels within ``fit_px`` of the circle
-    are at least ``fill`` × what a continuous 1-px line through the sector would leave (short,
-    broken lines that happen to touch a circle do not cover it) and outnumber the line's pixels
-    in the twice-as-wide band beside the ring (a blob or a dense texture fills both alike). A line is an arc when at least
+    refitted five times on the pixels ever closer to the previous circle (within 8, 4, 8/3, 4/3
+    and 1 × ``fit_px`` in turn), so that a rim joined to other lines (gaps between fibres
+    crossing it) still finds its own circle. The circle is split into 32 sectors; a sector is
+    covered when its pixels within ``fit_px`` of the circle are at least ``fill`` × what a
+    continuous 1-px line through the sector would leave (short, broken lines that happen to
+    touch a circle do not cover it) and at least two thirds of the line's pixels in the
+    twice-as-wide band beside the ring (a blob or a dense texture puts twice as many there as
+    on the ring). A line is an arc when at least
     ``min_inliers`` of its pixels lie within ``fit_px`` of its circle and the radius is between
     a tenth of the image side and three sides; its length is the covered angle × the radius.
     All components of all images are fitted at once (sums by ``np.bincount``).
@@ -417,7 +424,7 @@ def arc_lengths(
     )
     cx = cy = radius = np.zeros(n_lab + 1)
     dist = np.zeros_like(x)
-    for tolerance in (None, 8 / 3 * fit_px, 4 / 3 * fit_px, fit_px):
+    for tolerance in (None, *(t * fit_px for t in _REFITS)):
         weighted = moments if tolerance is None else moments * (dist < tolerance)[:, None]
         sxx, sxy, syy, sx, sy, sn, sxr, syr, sr = (members @ weighted).T
         normal = np.stack(
@@ -450,7 +457,7 @@ def arc_lengths(
     per_beside = np.bincount(bins[beside], minlength=(n_lab + 1) * _ARC_BINS)
     need = np.maximum(fill * np.pi * radius / _ARC_BINS, 1)  # half: on the checkerboard
     covered = (per_sector.reshape(n_lab + 1, _ARC_BINS) >= need[:, None]) & (
-        per_beside <= per_sector
+        2 * per_beside <= 3 * per_sector
     ).reshape(n_lab + 1, _ARC_BINS)
     coverage = covered.sum(axis=1) / _ARC_BINS
     arc = fit & (n_in >= min_inliers * count) & (radius > size / 10) & (radius < 3 * size)
