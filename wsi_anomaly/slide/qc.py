@@ -451,8 +451,11 @@ def arc_lengths(
         coef[fit] = coef_fit
         cx, cy = -coef[:, 0] / 2, -coef[:, 1] / 2
         radius = np.sqrt(np.maximum(cx * cx + cy * cy - coef[:, 2], 0))
-        dx, dy = x - cx[lab], y - cy[lab]
-        dist = np.abs(np.sqrt(dx * dx + dy * dy) - radius[lab])  # (np.hypot is 4× slower)
+        # Each line's circle repeated over its run of pixels (faster than indexing by label).
+        dx, dy = x - np.repeat(cx, per_line), y - np.repeat(cy, per_line)
+        dist = np.sqrt(dx * dx + dy * dy)  # (np.hypot is 4× slower)
+        dist -= np.repeat(radius, per_line)
+        np.abs(dist, out=dist)
     # Angles only of the pixels on the ring or in the band on either side of it (fit_px to
     # 3·fit_px away: twice the ring's width): a rim stands out from the band; a blob or a
     # dense texture fills it as much as the ring.
