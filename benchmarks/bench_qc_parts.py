@@ -7,6 +7,12 @@ differences are each part's cost, the last run what the rest costs (ink colours,
 staining, focus). CPU time of the measuring thread (``time.thread_time``), best of five rounds,
 the three settings alternated in each.
 
+With ``--against FILE`` (another version of ``wsi_anomaly/slide/qc.py``, e.g. from
+``git show REV:wsi_anomaly/slide/qc.py > old_qc.py``) it also times that version's
+``measure_tiles`` against the current one on the same tiles, alternated in each round (so the
+machine's drift falls on both alike), and says whether their values are identical on the clean
+tiles and on bubble-injected copies.
+
 With ``--slide-work SLIDE`` it also times, on that slide's tissue tiles at 0.5 µm/px, the QC
 work done once per slide outside ``measure_tiles`` — the tiles' distances to the tissue border,
 their flags and writing the QC arrays into the store — each as it is done now and as it was done
@@ -14,7 +20,7 @@ before (a distance transform of the tissue's bounding box; flags and a store wri
 256 tiles), the process's CPU time (zarr writes from its own thread), best of ``--rounds``.
 
     python benchmarks/bench_qc_parts.py [--slide CMU-1-Small-Region.svs] [--json out.json]
-        [--slide-work /tmp/wsi-bench-qc/synthetic-0.25mpp-16384.tif]
+        [--slide-work /tmp/wsi-bench-qc/synthetic-0.25mpp-16384.tif] [--against old_qc.py]
 """
 
 from __future__ import annotations
@@ -40,6 +46,7 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--json", help="also write the results here")
     ap.add_argument("--slide-work", help="also time the per-slide QC work on this slide")
+    ap.add_argument("--against", help="also time measure_tiles of this other version of qc.py")
     args = ap.parse_args()
     from wsi_anomaly.slide.qc import QCSettings, measure_tiles, stored_colour_reference
     from wsi_anomaly.tiles import TileStore, TilingSettings, tile_slide
@@ -82,6 +89,15 @@ def main() -> None:
     for name, v in parts.items():
         print(f"| {name} | {v:.3f} | {v / ms['all']:.0%} |")
     result: dict = {"n_tiles": len(tiles), "ms_per_tile": parts}
+    if args.against:
+        versus = against(Path(args.against), tiles, every, reference, colour_reference, args)
+        result["against"] = versus
+        print(
+            f"\nmeasure_tiles, CPU ms/tile, best of {args.rounds}: {versus['other']:.3f} "
+            f"({Path(args.against).name}) -> {versus['current']:.3f} (current, "
+            f"{versus['current'] / versus['other'] - 1:+.0%}); values identical: "
+            f"{versus['identical']}"
+        )
     if args.slide_work:
         work = slide_work(Path(args.slide_work), args.rounds)
         result["slide_work"] = work
@@ -92,6 +108,48 @@ def main() -> None:
             print(f"| {step} | {now:.1f} | {before:.1f} |")
     if args.json:
         Path(args.json).write_text(json.dumps(result, indent=2), encoding="utf-8")
+
+
+def against(path: Path, tiles, settings, reference, colour_reference, args) -> dict:
+    """``measure_tiles`` of the qc module at ``path`` against the current one: CPU ms/tile
+    (best of ``args.rounds``, the two alternated) and whether their values are identical."""
+    import importlib.util
+    import sys
+
+    import numpy as np
+
+    from wsi_anomaly.slide import artifacts
+    from wsi_anomaly.slide import qc as current
+
+    # Loaded inside the package, so that its relative imports resolve as the current one's.
+    spec = importlib.util.spec_from_file_location("wsi_anomaly.slide._qc_against", path)
+    if spec is None or spec.loader is None:
+        raise SystemExit(f"not a Python file: {path}")
+    other = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = other
+    spec.loader.exec_module(other)
+    rng = np.random.default_rng(0)
+    bubbles = np.stack([artifacts.bubble(t, rng) for t in tiles])
+    identical = all(
+        np.array_equal(
+            other.measure_tiles(batch[i : i + args.batch], settings, reference, colour_reference),
+            current.measure_tiles(batch[i : i + args.batch], settings, reference, colour_reference),
+            equal_nan=True,
+        )
+        for batch in (tiles, bubbles)
+        for i in range(0, len(batch), args.batch)
+    )
+    best = {"other": float("inf"), "current": float("inf")}
+    for _ in range(args.rounds):
+        for name, module in (("other", other), ("current", current)):
+            c0 = time.thread_time()
+            for i in range(0, len(tiles), args.batch):
+                module.measure_tiles(
+                    tiles[i : i + args.batch], settings, reference, colour_reference
+                )
+            best[name] = min(best[name], time.thread_time() - c0)
+    ms = {k: 1e3 * v / len(tiles) for k, v in best.items()}
+    return {**ms, "identical": identical}
 
 
 def best_ms(fn, rounds: int) -> float:
