@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 import json
 import platform
 import tempfile
@@ -65,14 +66,16 @@ def main() -> None:
     no_bubble = dataclasses.replace(every, max_bubble=0.0)
     rest = dataclasses.replace(no_bubble, max_fold=0.0, max_fold_step=0.0)
     variants = {"all": every, "no bubble": no_bubble, "rest": rest}
-    best = dict.fromkeys(variants, float("inf"))
-    for _ in range(args.rounds):
-        for name, settings in variants.items():
-            c0 = time.thread_time()
-            for i in range(0, len(tiles), args.batch):
-                measure_tiles(tiles[i : i + args.batch], settings, reference, colour_reference)
-            best[name] = min(best[name], time.thread_time() - c0)
-    ms = {k: 1e3 * v / len(tiles) for k, v in best.items()}
+    ms = alternated_ms(
+        {
+            name: functools.partial(
+                measure_tiles, settings=s, reference=reference, colour_reference=colour_reference
+            )
+            for name, s in variants.items()
+        },
+        tiles,
+        args,
+    )
     parts = {
         "bubble rims (line map, labelling, circle fits)": ms["all"] - ms["no bubble"],
         "folds (block sums, doubled fraction, edge steps)": ms["no bubble"] - ms["rest"],
@@ -139,17 +142,34 @@ def against(path: Path, tiles, settings, reference, colour_reference, args) -> d
         for batch in (tiles, bubbles)
         for i in range(0, len(batch), args.batch)
     )
-    best = {"other": float("inf"), "current": float("inf")}
+    ms = alternated_ms(
+        {
+            name: functools.partial(
+                module.measure_tiles,
+                settings=settings,
+                reference=reference,
+                colour_reference=colour_reference,
+            )
+            for name, module in (("other", other), ("current", current))
+        },
+        tiles,
+        args,
+    )
+    return {**ms, "identical": identical}
+
+
+def alternated_ms(measures: dict, tiles, args) -> dict[str, float]:
+    """CPU ms per tile of each of ``measures`` (called on ``args.batch``-tile batches of
+    ``tiles``) in the measuring thread, best of ``args.rounds``, all of them alternated in
+    each round so that the machine's drift falls on each alike."""
+    best = dict.fromkeys(measures, float("inf"))
     for _ in range(args.rounds):
-        for name, module in (("other", other), ("current", current)):
+        for name, measure in measures.items():
             c0 = time.thread_time()
             for i in range(0, len(tiles), args.batch):
-                module.measure_tiles(
-                    tiles[i : i + args.batch], settings, reference, colour_reference
-                )
+                measure(tiles[i : i + args.batch])
             best[name] = min(best[name], time.thread_time() - c0)
-    ms = {k: 1e3 * v / len(tiles) for k, v in best.items()}
-    return {**ms, "identical": identical}
+    return {k: 1e3 * v / len(tiles) for k, v in best.items()}
 
 
 def best_ms(fn, rounds: int) -> float:
