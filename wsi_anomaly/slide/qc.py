@@ -373,7 +373,8 @@ def arc_lengths(
     on the ring). A line is an arc when at least
     ``min_inliers`` of its pixels lie within ``fit_px`` of its circle and the radius is between
     a tenth of the image side and three sides; its length is the covered angle × the radius.
-    All components of all images are fitted at once (sums by ``np.bincount``).
+    All components of all images are fitted at once (per-line sums by one sparse product per
+    fit, and ``np.bincount``).
     """
     n, size = len(lines), lines.shape[-1]
     out = np.zeros(n, np.float32)
